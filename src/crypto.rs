@@ -1,0 +1,596 @@
+//! Cryptographic primitives: the only module that calls `sodiumoxide`.
+//!
+//! Everything the protocol needs from NaCl/libsodium is here, behind small typed wrappers, so
+//! that the binding can be replaced (sodiumoxide is no longer maintained upstream) without
+//! touching protocol code:
+//!
+//! - curve25519 box key pairs ([`BoxKeyPair`], [`BoxPublicKey`]) and the precomputed shared key
+//!   of `crypto_box_beforenm` ([`SharedKey`]), sealing and opening in place in the compact
+//!   wire form (16-byte Poly1305 tag, then the ciphertext), exactly what libsodium's
+//!   `crypto_box_easy_afternm` produces;
+//! - secret-key boxes (`crypto_secretbox`, [`SecretBoxKey`]) with the same layout;
+//! - ed25519 signing keys ([`SignKeyPair`], [`SignPublicKey`]) and their conversion to
+//!   curve25519 box keys;
+//! - random bytes.
+//!
+//! Secret material is wiped from memory when its owner is dropped.
+
+use std::fmt;
+use std::sync::Once;
+
+use sodiumoxide::crypto::box_::curve25519xsalsa20poly1305 as nacl_box;
+use sodiumoxide::crypto::scalarmult::curve25519 as nacl_scalarmult;
+use sodiumoxide::crypto::secretbox::xsalsa20poly1305 as nacl_secretbox;
+use sodiumoxide::crypto::sign::ed25519 as nacl_sign;
+
+/// Length of every public and secret curve25519 key, and of a secretbox key.
+pub const KEY_LEN: usize = 32;
+/// Length of a Poly1305 authentication tag: a box is this much longer than its plaintext.
+pub const TAG_LEN: usize = 16;
+/// Length of a box or secretbox nonce.
+pub const NONCE_LEN: usize = 24;
+/// Length of an ed25519 secret key in libsodium's form (seed followed by public key).
+pub const SIGN_SECRET_LEN: usize = 64;
+/// Length of an ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
+
+/// A 24-byte nonce.
+pub type Nonce = [u8; NONCE_LEN];
+
+static INIT: Once = Once::new();
+
+/// Initialises libsodium once per process. Every constructor here calls it; calling it again is
+/// cheap.
+pub fn init() {
+    INIT.call_once(|| {
+        // sodium_init only fails when the system has no usable source of randomness; nothing in
+        // this library can work then, and silently continuing would produce predictable keys.
+        sodiumoxide::init().expect("libsodium initialisation failed (no system randomness?)");
+    });
+}
+
+/// The error of every failed authentication: a box or signature that does not verify, or a
+/// key that cannot be converted. It carries no detail on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CryptoError;
+
+impl fmt::Display for CryptoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("authentication failed")
+    }
+}
+
+impl std::error::Error for CryptoError {}
+
+/// Overwrites `buf` with zeros in a way the optimiser does not remove.
+pub fn wipe(buf: &mut [u8]) {
+    for b in buf.iter_mut() {
+        // SAFETY: `b` is a valid, aligned, exclusive reference to a byte.
+        unsafe { std::ptr::write_volatile(b, 0) };
+    }
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Fills `buf` with cryptographically secure random bytes.
+pub fn random_bytes(buf: &mut [u8]) {
+    init();
+    sodiumoxide::randombytes::randombytes_into(buf);
+}
+
+/// A cryptographically secure random `u64`.
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    random_bytes(&mut b);
+    u64::from_le_bytes(b)
+}
+
+/// A uniformly distributed random number in `[0, upper)`; `0` when `upper` is 0.
+pub fn random_below(upper: u64) -> u64 {
+    if upper == 0 {
+        return 0;
+    }
+    // Rejection sampling: draw from the largest multiple of `upper` that fits in u64.
+    let zone = u64::MAX - (u64::MAX % upper);
+    loop {
+        let v = random_u64();
+        if v < zone {
+            return v % upper;
+        }
+    }
+}
+
+/// A curve25519 public key (a CurveCP long-term or short-term key, or a node's `boxId`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BoxPublicKey(pub [u8; KEY_LEN]);
+
+impl BoxPublicKey {
+    /// The key's 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    /// Reads a key from exactly 32 bytes.
+    pub fn from_slice(bytes: &[u8]) -> Option<BoxPublicKey> {
+        bytes.try_into().ok().map(BoxPublicKey)
+    }
+
+    /// The key as 64 lowercase hexadecimal digits (the form `curvecpprintkey` prints).
+    pub fn to_hex(&self) -> String {
+        to_hex(&self.0)
+    }
+
+    /// Parses 64 hexadecimal digits, either case.
+    pub fn from_hex(s: &str) -> Option<BoxPublicKey> {
+        let mut out = [0u8; KEY_LEN];
+        from_hex_into(s, &mut out).then_some(BoxPublicKey(out))
+    }
+}
+
+impl fmt::Debug for BoxPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BoxPublicKey({})", &self.to_hex()[..16])
+    }
+}
+
+/// A curve25519 key pair. The secret half is wiped on drop and never printed.
+#[derive(Clone)]
+pub struct BoxKeyPair {
+    /// The public key.
+    pub public: BoxPublicKey,
+    secret: [u8; KEY_LEN],
+}
+
+impl BoxKeyPair {
+    /// A fresh random key pair.
+    pub fn generate() -> BoxKeyPair {
+        init();
+        let (pk, sk) = nacl_box::gen_keypair();
+        BoxKeyPair {
+            public: BoxPublicKey(pk.0),
+            secret: sk.0,
+        }
+    }
+
+    /// The key pair whose secret key is `secret` (the public key is derived from it).
+    pub fn from_secret(secret: [u8; KEY_LEN]) -> BoxKeyPair {
+        init();
+        let sk = nacl_scalarmult::Scalar(secret);
+        let pk = nacl_scalarmult::scalarmult_base(&sk);
+        BoxKeyPair {
+            public: BoxPublicKey(pk.0),
+            secret,
+        }
+    }
+
+    /// The raw secret key, for storing it (for example in a CurveCP key directory).
+    pub fn secret_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.secret
+    }
+
+    /// Precomputes the key shared with `their_public` (`crypto_box_beforenm`).
+    pub fn shared_key(&self, their_public: &BoxPublicKey) -> SharedKey {
+        SharedKey::new(their_public, self)
+    }
+}
+
+impl Drop for BoxKeyPair {
+    fn drop(&mut self) {
+        wipe(&mut self.secret);
+    }
+}
+
+impl fmt::Debug for BoxKeyPair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BoxKeyPair")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A precomputed box key (`crypto_box_beforenm(their_public, my_secret)`), used with a nonce
+/// for every box between two key pairs. Computing it costs a scalar multiplication (tens of
+/// microseconds): do it once per pair, not per packet.
+#[derive(Clone)]
+pub struct SharedKey(nacl_box::PrecomputedKey);
+
+impl SharedKey {
+    /// Precomputes the key between `their_public` and `mine`.
+    pub fn new(their_public: &BoxPublicKey, mine: &BoxKeyPair) -> SharedKey {
+        init();
+        let pk = nacl_box::PublicKey(their_public.0);
+        let sk = nacl_box::SecretKey(mine.secret);
+        SharedKey(nacl_box::precompute(&pk, &sk))
+    }
+
+    /// Seals `buf[TAG_LEN..]` in place: on return `buf` holds the tag then the ciphertext, the
+    /// compact wire form. `buf` must be at least `TAG_LEN` long.
+    pub fn seal_in_place(&self, nonce: &Nonce, buf: &mut [u8]) {
+        let (tag, body) = buf.split_at_mut(TAG_LEN);
+        let t = nacl_box::seal_detached_precomputed(body, &nacl_box::Nonce(*nonce), &self.0);
+        tag.copy_from_slice(&t.0);
+    }
+
+    /// Opens a compact box in place: on success `buf[TAG_LEN..]` holds the plaintext. On
+    /// failure `buf` is unspecified (the caller must treat it as garbage).
+    pub fn open_in_place(&self, nonce: &Nonce, buf: &mut [u8]) -> Result<(), CryptoError> {
+        if buf.len() < TAG_LEN {
+            return Err(CryptoError);
+        }
+        let (tag, body) = buf.split_at_mut(TAG_LEN);
+        let tag = nacl_box::Tag(tag.try_into().expect("tag length"));
+        nacl_box::open_detached_precomputed(body, &tag, &nacl_box::Nonce(*nonce), &self.0)
+            .map_err(|_| CryptoError)
+    }
+
+    /// Seals `plaintext` into `out`, which must be exactly `plaintext.len() + TAG_LEN` long.
+    pub fn seal_into(&self, nonce: &Nonce, plaintext: &[u8], out: &mut [u8]) {
+        assert_eq!(out.len(), plaintext.len() + TAG_LEN, "box output length");
+        out[TAG_LEN..].copy_from_slice(plaintext);
+        self.seal_in_place(nonce, out);
+    }
+
+    /// Opens the compact box `boxed` into `out`, which must be exactly `boxed.len() - TAG_LEN`
+    /// long. On failure `out` is zeroed.
+    pub fn open_into(&self, nonce: &Nonce, boxed: &[u8], out: &mut [u8]) -> Result<(), CryptoError> {
+        if boxed.len() < TAG_LEN || out.len() != boxed.len() - TAG_LEN {
+            return Err(CryptoError);
+        }
+        out.copy_from_slice(&boxed[TAG_LEN..]);
+        let tag = nacl_box::Tag(boxed[..TAG_LEN].try_into().expect("tag length"));
+        let r = nacl_box::open_detached_precomputed(out, &tag, &nacl_box::Nonce(*nonce), &self.0);
+        if r.is_err() {
+            wipe(out);
+            return Err(CryptoError);
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for SharedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SharedKey(..)")
+    }
+}
+
+/// A `crypto_secretbox` key (XSalsa20-Poly1305), such as a CurveCP minute key.
+#[derive(Clone)]
+pub struct SecretBoxKey([u8; KEY_LEN]);
+
+impl SecretBoxKey {
+    /// A fresh random key.
+    pub fn generate() -> SecretBoxKey {
+        let mut k = [0u8; KEY_LEN];
+        random_bytes(&mut k);
+        SecretBoxKey(k)
+    }
+
+    /// A key with the given bytes (known-answer tests, stored keys).
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> SecretBoxKey {
+        SecretBoxKey(bytes)
+    }
+
+    /// Seals `buf[TAG_LEN..]` in place into the compact form (tag, then ciphertext).
+    pub fn seal_in_place(&self, nonce: &Nonce, buf: &mut [u8]) {
+        init();
+        let (tag, body) = buf.split_at_mut(TAG_LEN);
+        let t = nacl_secretbox::seal_detached(
+            body,
+            &nacl_secretbox::Nonce(*nonce),
+            &nacl_secretbox::Key(self.0),
+        );
+        tag.copy_from_slice(&t.0);
+    }
+
+    /// Opens a compact secretbox in place; on success `buf[TAG_LEN..]` is the plaintext.
+    pub fn open_in_place(&self, nonce: &Nonce, buf: &mut [u8]) -> Result<(), CryptoError> {
+        init();
+        if buf.len() < TAG_LEN {
+            return Err(CryptoError);
+        }
+        let (tag, body) = buf.split_at_mut(TAG_LEN);
+        let tag = nacl_secretbox::Tag(tag.try_into().expect("tag length"));
+        nacl_secretbox::open_detached(
+            body,
+            &tag,
+            &nacl_secretbox::Nonce(*nonce),
+            &nacl_secretbox::Key(self.0),
+        )
+        .map_err(|_| CryptoError)
+    }
+}
+
+impl Drop for SecretBoxKey {
+    fn drop(&mut self) {
+        wipe(&mut self.0);
+    }
+}
+
+impl fmt::Debug for SecretBoxKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretBoxKey(..)")
+    }
+}
+
+/// An ed25519 public key (a node's `signId` is its base64 form).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SignPublicKey(pub [u8; KEY_LEN]);
+
+impl SignPublicKey {
+    /// The key's 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    /// Reads a key from exactly 32 bytes.
+    pub fn from_slice(bytes: &[u8]) -> Option<SignPublicKey> {
+        bytes.try_into().ok().map(SignPublicKey)
+    }
+
+    /// The curve25519 public key this ed25519 key converts to
+    /// (`crypto_sign_ed25519_pk_to_curve25519`). Fails for bytes that are not a valid point.
+    /// This costs tens of microseconds: cache the result.
+    pub fn to_box_public(&self) -> Result<BoxPublicKey, CryptoError> {
+        init();
+        nacl_sign::to_curve25519_pk(&nacl_sign::PublicKey(self.0))
+            .map(|pk| BoxPublicKey(pk.0))
+            .map_err(|_| CryptoError)
+    }
+
+    /// Checks a detached signature of `message`.
+    pub fn verify(&self, message: &[u8], signature: &[u8; SIGNATURE_LEN]) -> bool {
+        init();
+        let sig = nacl_sign::Signature::new(*signature);
+        nacl_sign::verify_detached(&sig, message, &nacl_sign::PublicKey(self.0))
+    }
+}
+
+impl fmt::Debug for SignPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SignPublicKey({})", &to_hex(&self.0)[..16])
+    }
+}
+
+/// An ed25519 key pair. The secret half (libsodium's 64-byte form: seed then public key) is
+/// wiped on drop and never printed.
+#[derive(Clone)]
+pub struct SignKeyPair {
+    /// The public key.
+    pub public: SignPublicKey,
+    secret: [u8; SIGN_SECRET_LEN],
+}
+
+impl SignKeyPair {
+    /// A fresh random key pair.
+    pub fn generate() -> SignKeyPair {
+        init();
+        let (pk, sk) = nacl_sign::gen_keypair();
+        SignKeyPair {
+            public: SignPublicKey(pk.0),
+            secret: sk.0,
+        }
+    }
+
+    /// The key pair of a 64-byte libsodium secret key (seed followed by public key). The
+    /// public key is re-derived from the seed and must match the stored half.
+    pub fn from_secret_bytes(secret: &[u8]) -> Result<SignKeyPair, CryptoError> {
+        init();
+        let secret: [u8; SIGN_SECRET_LEN] = secret.try_into().map_err(|_| CryptoError)?;
+        let seed = nacl_sign::Seed::from_slice(&secret[..32]).ok_or(CryptoError)?;
+        let (pk, sk) = nacl_sign::keypair_from_seed(&seed);
+        if sk.0 != secret {
+            return Err(CryptoError);
+        }
+        Ok(SignKeyPair {
+            public: SignPublicKey(pk.0),
+            secret,
+        })
+    }
+
+    /// The 64-byte secret key, for storing it.
+    pub fn secret_bytes(&self) -> &[u8; SIGN_SECRET_LEN] {
+        &self.secret
+    }
+
+    /// A detached signature of `message`.
+    pub fn sign(&self, message: &[u8]) -> [u8; SIGNATURE_LEN] {
+        init();
+        let sk = nacl_sign::SecretKey(self.secret);
+        nacl_sign::sign_detached(message, &sk).to_bytes()
+    }
+
+    /// The curve25519 box key pair derived from this signing key pair (the node's `boxId`).
+    pub fn to_box_keypair(&self) -> BoxKeyPair {
+        init();
+        let sk = nacl_sign::to_curve25519_sk(&nacl_sign::SecretKey(self.secret))
+            .expect("a valid ed25519 secret key always converts");
+        BoxKeyPair::from_secret(sk.0)
+    }
+}
+
+impl Drop for SignKeyPair {
+    fn drop(&mut self) {
+        wipe(&mut self.secret);
+    }
+}
+
+impl fmt::Debug for SignKeyPair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignKeyPair")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Lowercase hexadecimal of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// Parses exactly `2 * out.len()` hexadecimal digits (either case) into `out`; returns whether
+/// it succeeded (on failure `out` is unspecified).
+pub fn from_hex_into(s: &str, out: &mut [u8]) -> bool {
+    let s = s.as_bytes();
+    if s.len() != out.len() * 2 {
+        return false;
+    }
+    fn digit(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        match (digit(s[2 * i]), digit(s[2 * i + 1])) {
+            (Some(h), Some(l)) => *o = (h << 4) | l,
+            _ => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        let mut v = vec![0u8; s.len() / 2];
+        assert!(from_hex_into(s, &mut v));
+        v
+    }
+
+    // The NaCl test vectors (tests/box.c and tests/secretbox.c of NaCl 20110221, the same as
+    // libsodium's): Alice's secret key, Bob's public key, the nonce, the 131-byte message and
+    // the expected box, given here in the compact form (tag then ciphertext).
+    const ALICE_SK: &str = "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a";
+    const BOB_PK: &str = "de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f";
+    const BOB_SK: &str = "5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb";
+    const NONCE: &str = "69696ee955b62b73cd62bda875fc73d68219e0036b7a0b37";
+    const MSG: &str = "be075fc53c81f2d5cf141316ebeb0c7b5228c52a4c62cbd44b66849b64244ffce5ecbaaf33bd751a1ac728d45e6c61296cdc3c01233561f41db66cce314adb310e3be8250c46f06dceea3a7fa1348057e2f6556ad6b1318a024a838f21af1fde048977eb48f59ffd4924ca1c60902e52f0a089bc76897040e082f937763848645e0705";
+    const BOXED: &str = "f3ffc7703f9400e52a7dfb4b3d3305d98e993b9f48681273c29650ba32fc76ce48332ea7164d96a4476fb8c531a1186ac0dfc17c98dce87b4da7f011ec48c97271d2c20f9b928fe2270d6fb863d51738b48eeee314a7cc8ab932164548e526ae90224368517acfeabd6bb3732bc0e9da99832b61ca01b6de56244a9e88d5f9b37973f622a43d14a6599b1f654cb45a74e355a5";
+
+    fn key(s: &str) -> [u8; 32] {
+        hex(s).try_into().unwrap()
+    }
+
+    #[test]
+    fn box_known_answer() {
+        let alice = BoxKeyPair::from_secret(key(ALICE_SK));
+        assert_eq!(
+            alice.public.to_hex(),
+            "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
+        );
+        let k = alice.shared_key(&BoxPublicKey(key(BOB_PK)));
+        let nonce: Nonce = hex(NONCE).try_into().unwrap();
+        let msg = hex(MSG);
+        let mut out = vec![0u8; msg.len() + TAG_LEN];
+        k.seal_into(&nonce, &msg, &mut out);
+        assert_eq!(to_hex(&out), BOXED);
+
+        // Bob opens it with his own precomputed key.
+        let bob = BoxKeyPair::from_secret(key(BOB_SK));
+        let kb = bob.shared_key(&alice.public);
+        let mut plain = vec![0u8; msg.len()];
+        kb.open_into(&nonce, &out, &mut plain).unwrap();
+        assert_eq!(plain, msg);
+
+        // In place.
+        let mut buf = out.clone();
+        kb.open_in_place(&nonce, &mut buf).unwrap();
+        assert_eq!(&buf[TAG_LEN..], &msg[..]);
+    }
+
+    #[test]
+    fn box_rejects_any_flipped_bit() {
+        let a = BoxKeyPair::generate();
+        let b = BoxKeyPair::generate();
+        let k = a.shared_key(&b.public);
+        let nonce = [7u8; 24];
+        let mut sealed = [0u8; 16 + 40];
+        k.seal_into(&nonce, &[1u8; 40], &mut sealed);
+        for i in 0..sealed.len() * 8 {
+            let mut bad = sealed;
+            bad[i / 8] ^= 1 << (i % 8);
+            let mut out = [0u8; 40];
+            assert!(k.open_into(&nonce, &bad, &mut out).is_err());
+            assert_eq!(out, [0u8; 40]);
+        }
+        let mut other_nonce = nonce;
+        other_nonce[23] ^= 1;
+        let mut out = [0u8; 40];
+        assert!(k.open_into(&other_nonce, &sealed, &mut out).is_err());
+        assert!(k.open_into(&nonce, &sealed[..10], &mut [0u8; 0]).is_err());
+    }
+
+    #[test]
+    fn secretbox_known_answer() {
+        // NaCl's secretbox test uses the box test's shared key as its key.
+        let firstkey = "1b27556473e985d462cd51197a9a46c76009549eac6474f206c4ee0844f68389";
+        let k = SecretBoxKey::from_bytes(key(firstkey));
+        let nonce: Nonce = hex(NONCE).try_into().unwrap();
+        let msg = hex(MSG);
+        let mut buf = vec![0u8; TAG_LEN];
+        buf.extend_from_slice(&msg);
+        k.seal_in_place(&nonce, &mut buf);
+        assert_eq!(to_hex(&buf), BOXED);
+        k.open_in_place(&nonce, &mut buf).unwrap();
+        assert_eq!(&buf[TAG_LEN..], &msg[..]);
+        buf[3] ^= 1;
+        assert!(k.open_in_place(&nonce, &mut buf).is_err());
+    }
+
+    #[test]
+    fn ed25519_roundtrip_and_conversion() {
+        let kp = SignKeyPair::generate();
+        let again = SignKeyPair::from_secret_bytes(kp.secret_bytes()).unwrap();
+        assert_eq!(again.public, kp.public);
+        let sig = kp.sign(b"hello");
+        assert!(kp.public.verify(b"hello", &sig));
+        assert!(!kp.public.verify(b"hellp", &sig));
+        // The converted secret key's public key is the converted public key.
+        let bx = kp.to_box_keypair();
+        assert_eq!(bx.public, kp.public.to_box_public().unwrap());
+        // A 64-byte secret whose public half does not match is refused.
+        let mut bad = *kp.secret_bytes();
+        bad[40] ^= 1;
+        assert!(SignKeyPair::from_secret_bytes(&bad).is_err());
+        assert!(SignKeyPair::from_secret_bytes(&bad[..63]).is_err());
+    }
+
+    #[test]
+    fn ed25519_known_answer() {
+        // RFC 8032 test 1.
+        let seed = key("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60");
+        let mut secret = [0u8; 64];
+        secret[..32].copy_from_slice(&seed);
+        secret[32..].copy_from_slice(&key(
+            "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+        ));
+        let kp = SignKeyPair::from_secret_bytes(&secret).unwrap();
+        let sig = kp.sign(b"");
+        assert_eq!(to_hex(&sig), "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b");
+    }
+
+    #[test]
+    fn hex_and_random() {
+        let pk = BoxPublicKey([0xab; 32]);
+        assert_eq!(BoxPublicKey::from_hex(&pk.to_hex()), Some(pk));
+        assert_eq!(BoxPublicKey::from_hex(&pk.to_hex().to_uppercase()), Some(pk));
+        assert_eq!(BoxPublicKey::from_hex("abc"), None);
+        assert_eq!(BoxPublicKey::from_hex(&"g".repeat(64)), None);
+        for _ in 0..1000 {
+            assert!(random_below(10) < 10);
+        }
+        assert_eq!(random_below(0), 0);
+        let mut a = [0u8; 32];
+        random_bytes(&mut a);
+        assert_ne!(a, [0u8; 32]);
+    }
+}

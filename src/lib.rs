@@ -1,0 +1,3 @@
+//! mm-platform
+#![deny(missing_docs)]
+pub mod crypto;
