@@ -1,3 +1,4 @@
 //! mm-platform
 #![deny(missing_docs)]
 pub mod crypto;
+pub mod curvecp;

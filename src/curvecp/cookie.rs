@@ -1,0 +1,1 @@
+//! CONTRACT SKELETON: minute keys and cookies (owned by the handshake helper).

@@ -1,0 +1,1 @@
+//! CONTRACT SKELETON: message-layer codec (owned by the stream helper).
