@@ -339,7 +339,7 @@ impl SignPublicKey {
     /// Checks a detached signature of `message`.
     pub fn verify(&self, message: &[u8], signature: &[u8; SIGNATURE_LEN]) -> bool {
         init();
-        let sig = nacl_sign::Signature::new(*signature);
+        let sig = nacl_sign::Signature::from_bytes(signature).expect("64-byte signature");
         nacl_sign::verify_detached(&sig, message, &nacl_sign::PublicKey(self.0))
     }
 }

@@ -1,0 +1,604 @@
+//! Drivers that run the sans-IO CurveCP state machines over mio sockets.
+//!
+//! A driver owns its sockets and reads the clock; the caller owns the `mio::Poll`, hands each
+//! event to the driver whose token it is ([`ServerDriver::owns`]), then calls `flush` and
+//! sleeps until the earliest `next_deadline`. That keeps several drivers (and other sources:
+//! pipes, wakers) in one loop:
+//!
+//! ```no_run
+//! use std::time::Instant;
+//! use mio::{Events, Poll, Token};
+//! use mm_platform::crypto::BoxKeyPair;
+//! use mm_platform::curvecp::server::ServerConfig;
+//! use mm_platform::transport::ServerDriver;
+//!
+//! let mut poll = Poll::new()?;
+//! let config = ServerConfig::new(BoxKeyPair::generate());
+//! let mut server = ServerDriver::bind(
+//!     poll.registry(), Token(0), config,
+//!     Some("127.0.0.1:0".parse().unwrap()), Some("127.0.0.1:0".parse().unwrap()),
+//!     Instant::now(),
+//! )?;
+//! let mut events = Events::with_capacity(256);
+//! loop {
+//!     let now = Instant::now();
+//!     let timeout = server.next_deadline().map(|d| d.saturating_duration_since(now));
+//!     poll.poll(&mut events, timeout)?;
+//!     for event in events.iter() {
+//!         server.handle_event(poll.registry(), event, Instant::now())?;
+//!     }
+//!     while let Some(_event) = server.poll_event() { /* read and write streams */ }
+//!     server.flush(poll.registry(), Instant::now())?;
+//! }
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
+//! Paths: a server connection replies on the path its Initiate came on, a UDP address or one
+//! TCP stream ([`Path`]). A TCP stream that closes, or sends bytes that are not netstrings,
+//! is dropped alone; the CurveCP connection it carried then times out in the state machine.
+//! When a CurveCP connection ends, the TCP stream that carried it is closed.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use log::debug;
+use mio::event::Event;
+use mio::net::TcpListener;
+use mio::{Interest, Registry, Token};
+use slab::Slab;
+
+use super::tcp::{FramedStream, ReadStatus};
+use super::udp::UdpEndpoint;
+use crate::curvecp::client::{Client, ClientConfig};
+use crate::curvecp::server::{ConnectionId, Server, ServerConfig, ServerEvent};
+use crate::curvecp::MAX_PACKET;
+
+/// Which transport carries the packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    /// One datagram per packet.
+    Udp,
+    /// One netstring per packet on a TCP stream.
+    Tcp,
+}
+
+/// Datagrams read from one socket per event before the driver yields to the rest of the loop
+/// (edge-triggered readiness is then re-armed by the driver itself on the next `flush`).
+const READ_BATCH: usize = 4096;
+
+/// Where a server connection's packets go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// A UDP peer address.
+    Udp(SocketAddr),
+    /// One accepted TCP stream (slot and generation, so a reused slot is not confused).
+    Tcp {
+        /// The stream's slot.
+        slot: usize,
+        /// The slot's generation when the stream was accepted.
+        generation: u64,
+    },
+}
+
+enum ClientLink {
+    Udp(UdpEndpoint),
+    Tcp(FramedStream),
+}
+
+/// Runs one [`Client`] over UDP or TCP.
+pub struct ClientDriver {
+    client: Client,
+    link: ClientLink,
+    token: Token,
+    peer: SocketAddr,
+    buf: Box<[u8; MAX_PACKET]>,
+    more_to_read: bool,
+    closed: Option<String>,
+}
+
+impl ClientDriver {
+    /// Opens a socket (UDP bound to an ephemeral port of the same family, or a TCP
+    /// connection) to `peer`, registers it under `token`, and starts `client`.
+    pub fn connect(
+        registry: &Registry,
+        token: Token,
+        kind: TransportKind,
+        peer: SocketAddr,
+        config: ClientConfig,
+        now: Instant,
+    ) -> io::Result<ClientDriver> {
+        let link = match kind {
+            TransportKind::Udp => {
+                let local: SocketAddr = if peer.is_ipv4() {
+                    "0.0.0.0:0".parse().expect("literal")
+                } else {
+                    "[::]:0".parse().expect("literal")
+                };
+                let local = if peer.ip().is_loopback() {
+                    SocketAddr::new(peer.ip(), 0)
+                } else {
+                    local
+                };
+                ClientLink::Udp(UdpEndpoint::bind(registry, token, local)?)
+            }
+            TransportKind::Tcp => {
+                ClientLink::Tcp(FramedStream::connect(registry, token, peer, MAX_PACKET)?)
+            }
+        };
+        Ok(ClientDriver {
+            client: Client::new(config, now),
+            link,
+            token,
+            peer,
+            buf: Box::new([0; MAX_PACKET]),
+            more_to_read: false,
+            closed: None,
+        })
+    }
+
+    /// The token the driver's socket is registered under.
+    pub fn token(&self) -> Token {
+        self.token
+    }
+
+    /// The state machine.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The state machine, to use its stream.
+    pub fn client_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    /// Why the transport under the client failed (TCP closed or broken), if it did.
+    pub fn transport_error(&self) -> Option<&str> {
+        self.closed.as_deref()
+    }
+
+    /// Handles readiness of the driver's socket: reads every packet and feeds the client.
+    pub fn handle_event(&mut self, registry: &Registry, event: &Event, now: Instant) {
+        if event.token() != self.token {
+            return;
+        }
+        if event.is_writable() {
+            if let ClientLink::Tcp(s) = &mut self.link {
+                if let Ok(Some(e)) | Err(e) = s.take_error() {
+                    self.closed = Some(format!("tcp connection failed: {e}"));
+                    return;
+                }
+                if let Err(e) = s.flush(registry, self.token) {
+                    self.closed = Some(format!("tcp write failed: {e}"));
+                }
+            }
+        }
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            self.read(now);
+        }
+    }
+
+    fn read(&mut self, now: Instant) {
+        let client = &mut self.client;
+        let peer = self.peer;
+        match &mut self.link {
+            ClientLink::Udp(u) => match u.recv_all(READ_BATCH, |pkt, from| {
+                if from == peer {
+                    client.handle_packet(pkt, now);
+                } else {
+                    debug!("client: dropped a datagram from {from}, not the server");
+                }
+            }) {
+                Ok(n) => self.more_to_read = n == READ_BATCH,
+                Err(e) => self.closed = Some(format!("udp receive failed: {e}")),
+            },
+            ClientLink::Tcp(s) => match s.read_frames(|pkt| client.handle_packet(pkt, now)) {
+                Ok(ReadStatus::Open) => {}
+                Ok(ReadStatus::Closed) => {
+                    self.closed = Some("tcp connection closed by the server".into())
+                }
+                Ok(ReadStatus::Invalid(e)) => self.closed = Some(format!("tcp framing: {e}")),
+                Err(e) => self.closed = Some(format!("tcp receive failed: {e}")),
+            },
+        }
+    }
+
+    /// Sends every packet the client has due at `now`.
+    pub fn flush(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
+        if self.more_to_read {
+            self.read(now);
+        }
+        if self.closed.is_some() {
+            return Ok(());
+        }
+        while let Some(n) = self.client.poll_transmit(now, &mut self.buf[..]) {
+            let pkt = &self.buf[..n];
+            match &mut self.link {
+                ClientLink::Udp(u) => u.send_to(pkt, self.peer)?,
+                ClientLink::Tcp(s) => {
+                    if let Err(e) = s.send_frame(registry, self.token, pkt) {
+                        self.closed = Some(format!("tcp write failed: {e}"));
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// When the driver next needs `flush` without any socket event.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.more_to_read {
+            return Some(Instant::now());
+        }
+        self.client.poll_timeout()
+    }
+}
+
+/// Limits of a [`ServerDriver`] beyond those of the state machine.
+#[derive(Debug, Clone)]
+pub struct ServerDriverLimits {
+    /// Most TCP streams open at once; further ones are closed on accept.
+    pub max_tcp_streams: usize,
+    /// A TCP stream that carries no valid packet for this long is closed.
+    pub tcp_idle: Duration,
+}
+
+impl Default for ServerDriverLimits {
+    fn default() -> Self {
+        ServerDriverLimits {
+            max_tcp_streams: 1024,
+            tcp_idle: Duration::from_secs(120),
+        }
+    }
+}
+
+struct TcpSlot {
+    stream: FramedStream,
+    generation: u64,
+    last_active: Instant,
+}
+
+/// Runs one [`Server`] over a UDP socket and a TCP listener (either may be absent).
+///
+/// Tokens: `base` is the UDP socket, `base + 1` the TCP listener, `base + 2 + slot` each TCP
+/// stream; [`ServerDriver::owns`] tells whether an event is the driver's.
+pub struct ServerDriver {
+    server: Server<Path>,
+    udp: Option<UdpEndpoint>,
+    listener: Option<TcpListener>,
+    tcp: Slab<TcpSlot>,
+    generation: u64,
+    base: usize,
+    limits: ServerDriverLimits,
+    idle_checks: VecDeque<(Instant, usize, u64)>,
+    paths: HashMap<ConnectionId, Path>,
+    events: VecDeque<ServerEvent>,
+    buf: Box<[u8; MAX_PACKET]>,
+    reply: Box<[u8; MAX_PACKET]>,
+    udp_more: bool,
+}
+
+impl ServerDriver {
+    /// Binds the listeners (at least one must be given) and starts the server.
+    pub fn bind(
+        registry: &Registry,
+        base: Token,
+        config: ServerConfig,
+        udp: Option<SocketAddr>,
+        tcp: Option<SocketAddr>,
+        now: Instant,
+    ) -> io::Result<ServerDriver> {
+        Self::bind_with_limits(
+            registry,
+            base,
+            config,
+            udp,
+            tcp,
+            ServerDriverLimits::default(),
+            now,
+        )
+    }
+
+    /// [`ServerDriver::bind`] with explicit limits.
+    pub fn bind_with_limits(
+        registry: &Registry,
+        base: Token,
+        config: ServerConfig,
+        udp: Option<SocketAddr>,
+        tcp: Option<SocketAddr>,
+        limits: ServerDriverLimits,
+        now: Instant,
+    ) -> io::Result<ServerDriver> {
+        if udp.is_none() && tcp.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a server needs a UDP or a TCP address",
+            ));
+        }
+        let udp = match udp {
+            Some(a) => Some(UdpEndpoint::bind(registry, base, a)?),
+            None => None,
+        };
+        let listener = match tcp {
+            Some(a) => {
+                let mut l = TcpListener::bind(a)?;
+                registry.register(&mut l, Token(base.0 + 1), Interest::READABLE)?;
+                Some(l)
+            }
+            None => None,
+        };
+        Ok(ServerDriver {
+            server: Server::new(config, now),
+            udp,
+            listener,
+            tcp: Slab::new(),
+            generation: 0,
+            base: base.0,
+            limits,
+            idle_checks: VecDeque::new(),
+            paths: HashMap::new(),
+            events: VecDeque::new(),
+            buf: Box::new([0; MAX_PACKET]),
+            reply: Box::new([0; MAX_PACKET]),
+            udp_more: false,
+        })
+    }
+
+    /// The UDP listener's address.
+    pub fn udp_addr(&self) -> Option<SocketAddr> {
+        self.udp.as_ref().and_then(|u| u.local_addr().ok())
+    }
+
+    /// The TCP listener's address.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Whether `token` belongs to this driver.
+    pub fn owns(&self, token: Token) -> bool {
+        token.0 >= self.base && token.0 < self.base + 2 + self.tcp.capacity().max(1)
+    }
+
+    /// The state machine.
+    pub fn server(&self) -> &Server<Path> {
+        &self.server
+    }
+
+    /// The state machine, to read and write connection streams.
+    pub fn server_mut(&mut self) -> &mut Server<Path> {
+        &mut self.server
+    }
+
+    /// TCP streams open now.
+    pub fn tcp_streams(&self) -> usize {
+        self.tcp.len()
+    }
+
+    /// The next server event (accepted, readable, writable, closed connections).
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.pump_events();
+        self.events.pop_front()
+    }
+
+    fn pump_events(&mut self) {
+        while let Some(ev) = self.server.poll_event() {
+            match ev {
+                ServerEvent::Accepted(id) => {
+                    if let Some(p) = self.server.path(id) {
+                        self.paths.insert(id, p);
+                    }
+                }
+                ServerEvent::Closed(id) => {
+                    if let Some(Path::Tcp { slot, generation }) = self.paths.remove(&id) {
+                        // The stream carried that one connection: close it.
+                        if self.tcp.get(slot).map(|s| s.generation) == Some(generation) {
+                            self.tcp.remove(slot);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            self.events.push_back(ev);
+        }
+    }
+
+    /// Handles one readiness event of the driver's sockets.
+    pub fn handle_event(
+        &mut self,
+        registry: &Registry,
+        event: &Event,
+        now: Instant,
+    ) -> io::Result<()> {
+        let t = event.token().0;
+        if t == self.base {
+            self.read_udp(now)?;
+        } else if t == self.base + 1 {
+            self.accept(registry, now)?;
+        } else if t >= self.base + 2 {
+            let slot = t - self.base - 2;
+            self.tcp_event(registry, slot, event, now);
+        }
+        Ok(())
+    }
+
+    fn read_udp(&mut self, now: Instant) -> io::Result<()> {
+        let Some(udp) = self.udp.as_mut() else {
+            return Ok(());
+        };
+        let mut read = 0;
+        while read < READ_BATCH {
+            let Some((pkt, from)) = udp.recv_one()? else {
+                break;
+            };
+            read += 1;
+            let reply = self
+                .server
+                .handle_packet(pkt, Path::Udp(from), now, &mut self.reply[..]);
+            if let Some(len) = reply {
+                udp.send_to(&self.reply[..len], from)?;
+            }
+        }
+        self.udp_more = read >= READ_BATCH;
+        Ok(())
+    }
+
+    fn accept(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
+        let Some(listener) = self.listener.as_ref() else {
+            return Ok(());
+        };
+        loop {
+            match listener.accept() {
+                Ok((stream, from)) => {
+                    if self.tcp.len() >= self.limits.max_tcp_streams {
+                        debug!("server: refused a TCP stream from {from}: too many open");
+                        drop(stream);
+                        continue;
+                    }
+                    let entry = self.tcp.vacant_entry();
+                    let slot = entry.key();
+                    let token = Token(self.base + 2 + slot);
+                    match FramedStream::new(registry, token, stream, MAX_PACKET) {
+                        Ok(stream) => {
+                            self.generation += 1;
+                            entry.insert(TcpSlot {
+                                stream,
+                                generation: self.generation,
+                                last_active: now,
+                            });
+                            self.idle_checks.push_back((
+                                now + self.limits.tcp_idle,
+                                slot,
+                                self.generation,
+                            ));
+                        }
+                        Err(e) => debug!("server: could not register a TCP stream: {e}"),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // A connection reset before accept, or out of descriptors: skip this one.
+                Err(e) => {
+                    debug!("server: accept failed: {e}");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn tcp_event(&mut self, registry: &Registry, slot: usize, event: &Event, now: Instant) {
+        let Some(entry) = self.tcp.get_mut(slot) else {
+            return;
+        };
+        let token = Token(self.base + 2 + slot);
+        let generation = entry.generation;
+        let mut close = false;
+        if event.is_writable() {
+            close |= entry.stream.flush(registry, token).is_err();
+        }
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            let server = &mut self.server;
+            let reply = &mut self.reply;
+            let mut reply_len = None;
+            let mut valid = false;
+            let status = entry.stream.read_frames(|pkt| {
+                valid = true;
+                let path = Path::Tcp { slot, generation };
+                // A reply is a Cookie, one per Hello. Should one read hold several Hellos
+                // (retransmissions), answering the last is enough: any valid Cookie will do.
+                if let Some(len) = server.handle_packet(pkt, path, now, &mut reply[..]) {
+                    reply_len = Some(len);
+                }
+            });
+            if valid {
+                entry.last_active = now;
+            }
+            if let Some(len) = reply_len {
+                close |= entry
+                    .stream
+                    .send_frame(registry, token, &self.reply[..len])
+                    .is_err();
+            }
+            match status {
+                Ok(ReadStatus::Open) => {}
+                Ok(ReadStatus::Closed) => close = true,
+                Ok(ReadStatus::Invalid(e)) => {
+                    debug!("server: closing a TCP stream: {e}");
+                    close = true;
+                }
+                Err(e) => {
+                    debug!("server: TCP read failed: {e}");
+                    close = true;
+                }
+            }
+        }
+        if close {
+            let mut s = self.tcp.remove(slot);
+            let _ = s.stream.deregister(registry);
+        }
+    }
+
+    /// Sends every packet due at `now`, closes idle TCP streams, and returns; call it after
+    /// handling a batch of events and whenever `next_deadline` passes.
+    pub fn flush(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
+        if self.udp_more {
+            self.read_udp(now)?;
+        }
+        while let Some((path, n)) = self.server.poll_transmit(now, &mut self.buf[..]) {
+            let pkt = &self.buf[..n];
+            match path {
+                Path::Udp(to) => {
+                    if let Some(u) = self.udp.as_mut() {
+                        u.send_to(pkt, to)?;
+                    }
+                }
+                Path::Tcp { slot, generation } => {
+                    let token = Token(self.base + 2 + slot);
+                    let failed = match self.tcp.get_mut(slot) {
+                        Some(s) if s.generation == generation => {
+                            s.stream.send_frame(registry, token, pkt).is_err()
+                        }
+                        _ => false,
+                    };
+                    if failed {
+                        let mut s = self.tcp.remove(slot);
+                        let _ = s.stream.deregister(registry);
+                    }
+                }
+            }
+        }
+        self.pump_events();
+        while let Some(&(when, slot, generation)) = self.idle_checks.front() {
+            if when > now {
+                break;
+            }
+            self.idle_checks.pop_front();
+            let Some(s) = self.tcp.get(slot) else { continue };
+            if s.generation != generation {
+                continue;
+            }
+            let due = s.last_active + self.limits.tcp_idle;
+            if due <= now {
+                debug!("server: closing an idle TCP stream");
+                let mut s = self.tcp.remove(slot);
+                let _ = s.stream.deregister(registry);
+            } else {
+                self.idle_checks.push_back((due, slot, generation));
+            }
+        }
+        Ok(())
+    }
+
+    /// When the driver next needs `flush` without any socket event.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.udp_more {
+            return Some(Instant::now());
+        }
+        let idle = self.idle_checks.front().map(|c| c.0);
+        match (self.server.poll_timeout(), idle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}

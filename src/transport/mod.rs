@@ -1,0 +1,20 @@
+//! Transports: the sockets under CurveCP, in mio, and the drivers that connect them to the
+//! sans-IO state machines of [`crate::curvecp`].
+//!
+//! - [`udp`]: one datagram is one CurveCP packet, byte for byte (what the reference tools
+//!   speak).
+//! - [`tcp`]: one netstring is one CurveCP packet, over a non-blocking stream with bounded
+//!   buffers.
+//! - [`driver`]: [`driver::ClientDriver`] and [`driver::ServerDriver`], which own sockets and
+//!   the clock and move packets between them and a [`crate::curvecp::client::Client`] or
+//!   [`crate::curvecp::server::Server`]. They are registered into a `mio::Poll` the caller owns,
+//!   so an application (or the platform's reactor) can drive several of them in one loop.
+//!
+//! This is the only layer, with the platform's reactor, that reads the clock or touches a
+//! socket.
+
+pub mod driver;
+pub mod tcp;
+pub mod udp;
+
+pub use driver::{ClientDriver, ServerDriver, TransportKind};

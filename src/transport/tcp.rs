@@ -1,0 +1,224 @@
+//! TCP: one netstring is one CurveCP packet.
+//!
+//! [`FramedStream`] is a non-blocking `mio::net::TcpStream` with a bounded read buffer (one
+//! maximal frame plus its prefix) and a bounded write buffer. Reading goes until `WouldBlock`
+//! and hands out every whole frame; a frame that announces more than the maximum, or bytes that
+//! are not a netstring, end the stream (the caller closes it). When the write buffer is full a
+//! new packet is dropped, as a congested UDP socket would drop it: CurveCP retransmits, and
+//! memory stays bounded.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use crate::netstring::{self, NetstringError};
+
+/// Default bound of the write buffer.
+pub const DEFAULT_WRITE_BUFFER: usize = 256 * 1024;
+
+/// What reading found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadStatus {
+    /// The socket is drained; the stream stays open.
+    Open,
+    /// The peer closed its side (or reset).
+    Closed,
+    /// The peer sent bytes that are not a valid frame: close the stream.
+    Invalid(NetstringError),
+}
+
+/// A TCP stream carrying netstring frames.
+#[derive(Debug)]
+pub struct FramedStream {
+    stream: TcpStream,
+    max_frame: usize,
+    rbuf: Vec<u8>,
+    rlen: usize,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    max_write: usize,
+    dropped: u64,
+    interest_writable: bool,
+}
+
+impl FramedStream {
+    /// Wraps `stream` (already connected or connecting) and registers it under `token`.
+    /// Frames up to `max_frame` bytes are accepted.
+    pub fn new(
+        registry: &Registry,
+        token: Token,
+        mut stream: TcpStream,
+        max_frame: usize,
+    ) -> io::Result<FramedStream> {
+        registry.register(&mut stream, token, Interest::READABLE)?;
+        let _ = stream.set_nodelay(true);
+        Ok(FramedStream {
+            stream,
+            max_frame,
+            // The read buffer is allocated on the first read: an idle stream stays small.
+            rbuf: Vec::new(),
+            rlen: 0,
+            wbuf: Vec::new(),
+            wpos: 0,
+            max_write: DEFAULT_WRITE_BUFFER,
+            dropped: 0,
+            interest_writable: false,
+        })
+    }
+
+    /// Starts a non-blocking connection to `addr`; frames sent before it is established are
+    /// buffered.
+    pub fn connect(
+        registry: &Registry,
+        token: Token,
+        addr: SocketAddr,
+        max_frame: usize,
+    ) -> io::Result<FramedStream> {
+        let stream = TcpStream::connect(addr)?;
+        let mut s = FramedStream::new(registry, token, stream, max_frame)?;
+        // Writable tells when the connection is established.
+        s.set_writable_interest(registry, token, true)?;
+        Ok(s)
+    }
+
+    fn set_writable_interest(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        on: bool,
+    ) -> io::Result<()> {
+        if self.interest_writable != on {
+            let interest = if on {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            registry.reregister(&mut self.stream, token, interest)?;
+            self.interest_writable = on;
+        }
+        Ok(())
+    }
+
+    /// Reads until `WouldBlock`, calling `f` with each whole frame's payload.
+    pub fn read_frames(&mut self, mut f: impl FnMut(&[u8])) -> io::Result<ReadStatus> {
+        let cap = netstring::encoded_len(self.max_frame);
+        if self.rbuf.len() < cap {
+            self.rbuf.resize(cap, 0);
+        }
+        loop {
+            if self.rlen == self.rbuf.len() {
+                // Cannot happen with a valid peer: a maximal frame fits the buffer and a longer
+                // one is refused from its length digits. Treat it as invalid rather than spin.
+                return Ok(ReadStatus::Invalid(NetstringError::TooLong));
+            }
+            match self.stream.read(&mut self.rbuf[self.rlen..]) {
+                Ok(0) => return Ok(ReadStatus::Closed),
+                Ok(n) => {
+                    self.rlen += n;
+                    let mut at = 0;
+                    loop {
+                        match netstring::decode(&self.rbuf[at..self.rlen], self.max_frame) {
+                            Ok(Some(frame)) => {
+                                f(&self.rbuf[at + frame.payload.start..at + frame.payload.end]);
+                                at += frame.consumed;
+                            }
+                            Ok(None) => break,
+                            Err(e) => return Ok(ReadStatus::Invalid(e)),
+                        }
+                    }
+                    self.rbuf.copy_within(at..self.rlen, 0);
+                    self.rlen -= at;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                    ) =>
+                {
+                    return Ok(ReadStatus::Closed)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if self.rlen == 0 {
+            // Give the buffer back while idle.
+            self.rbuf = Vec::new();
+        }
+        Ok(ReadStatus::Open)
+    }
+
+    /// Queues one frame and tries to write it. Returns `Ok(false)` when the write buffer is
+    /// full and the frame was dropped.
+    pub fn send_frame(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        payload: &[u8],
+    ) -> io::Result<bool> {
+        let need = netstring::encoded_len(payload.len());
+        if self.wbuf.len() - self.wpos + need > self.max_write {
+            self.dropped += 1;
+            return Ok(false);
+        }
+        netstring::encode_into(payload, &mut self.wbuf);
+        self.flush(registry, token)?;
+        Ok(true)
+    }
+
+    /// Writes as much of the write buffer as the socket takes, and asks for writability while
+    /// bytes remain.
+    pub fn flush(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        while self.wpos < self.wbuf.len() {
+            match self.stream.write(&self.wbuf[self.wpos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.wpos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // Not connected yet: the writable event will come.
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.wpos == self.wbuf.len() {
+            self.wbuf.clear();
+            self.wpos = 0;
+            if self.wbuf.capacity() > 64 * 1024 {
+                self.wbuf = Vec::new();
+            }
+        } else if self.wpos > self.wbuf.len() / 2 {
+            self.wbuf.drain(..self.wpos);
+            self.wpos = 0;
+        }
+        let pending = self.wpos < self.wbuf.len();
+        self.set_writable_interest(registry, token, pending)
+    }
+
+    /// Bytes waiting to be written.
+    pub fn pending_write(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
+    /// Frames dropped because the write buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// The connection's error, if it failed (for example a refused connect).
+    pub fn take_error(&self) -> io::Result<Option<io::Error>> {
+        self.stream.take_error()
+    }
+
+    /// The peer's address, once connected.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.stream.peer_addr()
+    }
+
+    /// Removes the stream from `registry` (closing happens on drop).
+    pub fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        registry.deregister(&mut self.stream)
+    }
+}

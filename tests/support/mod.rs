@@ -1,0 +1,262 @@
+//! Helpers for the process-level tests: locating our `curvecp` example binary and the reference
+//! tools, temporary directories, free loopback ports, and child processes that are killed when
+//! a test fails.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Read;
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// The reference tools the interoperability tests use.
+pub const REFERENCE_TOOLS: [&str; 5] = [
+    "curvecpserver",
+    "curvecpclient",
+    "curvecpmessage",
+    "curvecpmakekey",
+    "curvecpprintkey",
+];
+
+/// An extension used by the tests (any 32 hex digits do).
+pub const EXT: &str = "0123456789abcdef0123456789abcdef";
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// Whether the reference tools are installed. When they are not: with
+/// `MM_REQUIRE_REFERENCE=1` (CI) the test fails; otherwise it prints a loud skip message and the
+/// caller returns.
+pub fn reference_available(test: &str) -> bool {
+    let missing: Vec<&str> = REFERENCE_TOOLS
+        .iter()
+        .copied()
+        .filter(|t| !on_path(t))
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("MM_REQUIRE_REFERENCE").as_deref() == Ok("1") {
+        panic!("{test}: reference tools missing ({missing:?}) and MM_REQUIRE_REFERENCE=1: install nacl-tools");
+    }
+    eprintln!(
+        "\n*** SKIPPING {test}: reference CurveCP tools not installed ({missing:?}).\n\
+         *** Install them with `apt-get install nacl-tools`; CI sets MM_REQUIRE_REFERENCE=1.\n"
+    );
+    false
+}
+
+/// Our `curvecp` example binary (`cargo test` builds the examples next to the test binaries).
+pub fn curvecp_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("examples").join("curvecp");
+    assert!(
+        bin.is_file(),
+        "{} not found: build it with `cargo build --examples` (cargo test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A fresh directory under the system's temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates it, named after `tag`, the process id and a counter.
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "mm-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    /// A path inside it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A loopback port that is free for UDP (and, with `tcp`, for TCP) right now.
+pub fn free_port(tcp: bool) -> u16 {
+    for _ in 0..100 {
+        let u = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let port = u.local_addr().unwrap().port();
+        if !tcp || TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+/// `n` pseudo-random bytes from a seed (xorshift; the content only has to be incompressible
+/// and reproducible).
+pub fn random_data(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A child process killed (and reaped) when dropped, so a failing test leaves no server behind.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub name: String,
+}
+
+impl Proc {
+    /// Spawns `cmd`, naming it for messages.
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("unable to start {name}: {e}"));
+        Proc {
+            child: Some(child),
+            name: name.to_string(),
+        }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Waits at most `limit` for the process to exit; panics (killing it) if it does not.
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.child = None;
+                panic!("{} did not finish within {limit:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits at most `limit` and collects stdout/stderr (the command must have piped them).
+    pub fn output(mut self, limit: Duration) -> Output {
+        let mut child = self.child.take().expect("running");
+        let mut out = child.stdout.take();
+        let mut err = child.stderr.take();
+        let t_out = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(o) = out.as_mut() {
+                let _ = o.read_to_end(&mut v);
+            }
+            v
+        });
+        let t_err = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(e) = err.as_mut() {
+                let _ = e.read_to_end(&mut v);
+            }
+            v
+        });
+        self.child = Some(child);
+        let status = self.wait(limit);
+        Output {
+            status,
+            stdout: t_out.join().unwrap(),
+            stderr: t_err.join().unwrap(),
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `curvecpmakekey DIR` (reference) and returns the public key's hex.
+pub fn reference_makekey(dir: &Path) -> String {
+    let st = Command::new("curvecpmakekey").arg(dir).status().unwrap();
+    assert!(st.success(), "curvecpmakekey failed");
+    let out = Command::new("curvecpprintkey").arg(dir).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Runs `curvecp makekey DIR` (ours) and returns the public key's hex.
+pub fn our_makekey(dir: &Path) -> String {
+    let st = Command::new(curvecp_bin()).arg("makekey").arg(dir).status().unwrap();
+    assert!(st.success(), "curvecp makekey failed");
+    let out = Command::new(curvecp_bin())
+        .arg("printkey")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Waits until a UDP server bound to `port` (it cannot be probed without a handshake) has had
+/// time to start: polls for the process being alive and the port being taken.
+pub fn wait_for_udp_bind(port: u16, server: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(st) = server.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("{} exited early: {st}", server.name);
+        }
+        if UdpSocket::bind(("127.0.0.1", port)).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{} did not bind UDP port {port}", server.name);
+}
+
+/// Waits until a TCP server listens on `port`.
+pub fn wait_for_tcp_listen(port: u16, server: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(st) = server.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("{} exited early: {st}", server.name);
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{} did not listen on TCP port {port}", server.name);
+}
+
+/// Standard streams for a child: stdin from a file (or nothing), stdout and stderr piped.
+pub fn stdin_file(path: Option<&Path>) -> Stdio {
+    match path {
+        Some(p) => Stdio::from(fs::File::open(p).expect("open input")),
+        None => Stdio::null(),
+    }
+}
