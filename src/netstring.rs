@@ -69,10 +69,13 @@ pub fn decode(buf: &[u8], max_len: usize) -> Result<Option<Frame>, NetstringErro
                 if digits > MAX_DIGITS || (digits == 2 && len == 0) {
                     return Err(NetstringError::BadLength);
                 }
-                len = len * 10 + u64::from(b - b'0');
-                if len > max_len as u64 {
-                    return Err(NetstringError::TooLong);
-                }
+                len = match len
+                    .checked_mul(10)
+                    .and_then(|l| l.checked_add(u64::from(b - b'0')))
+                {
+                    Some(l) if l <= max_len as u64 => l,
+                    _ => return Err(NetstringError::TooLong),
+                };
             }
             b':' if digits > 0 => {
                 let start = i + 1;
@@ -162,7 +165,7 @@ mod tests {
         assert_eq!(decode(b"101", 100), Err(NetstringError::TooLong));
         assert_eq!(
             decode(b"99999999999999999999999", usize::MAX),
-            Err(NetstringError::BadLength)
+            Err(NetstringError::TooLong)
         );
     }
 
