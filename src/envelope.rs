@@ -1,0 +1,381 @@
+//! Envelopes: how platform messages travel on a CurveCP stream.
+//!
+//! Each message is one frame `netstring(protobuf Message)`, with
+//! `Message { topic: string = 1, protocol: string = 2, payload: bytes = 3, id: bytes = 4 }` as
+//! in the JavaScript original (field 4, optional, carries a message id for de-duplication; the
+//! original never sends it). The protobuf codec is written out here because the message is
+//! tiny and fixed: fields are encoded in field order with varint lengths, and the decoder skips
+//! unknown fields of every wire type, accepts fields in any order (the last occurrence wins, as
+//! protobuf specifies), and refuses invalid UTF-8 in the string fields, groups, and lengths
+//! beyond the frame.
+//!
+//! [`FrameReader`] cuts frames out of the stream's bytes with a bounded buffer: a frame
+//! announcing more than the configured maximum (default [`DEFAULT_MAX_FRAME`]) is a protocol
+//! error of that connection, detected from the length digits before the bytes arrive.
+
+use std::fmt;
+
+use crate::netstring::{self, NetstringError};
+
+/// Default largest frame (the protobuf bytes of one message): 16 MiB.
+pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
+
+/// One platform message as it travels between nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Envelope {
+    /// Topic, without the scope prefix.
+    pub topic: String,
+    /// Protocol code (`ms`, `bt`, `mm`, ...).
+    pub protocol: String,
+    /// The payload, as the protocol encodes it.
+    pub payload: Vec<u8>,
+    /// Message id for de-duplication (field 4), if any.
+    pub id: Option<Vec<u8>>,
+}
+
+/// Why bytes are not a valid envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvelopeError {
+    /// A varint longer than 10 bytes or a length beyond the input.
+    Truncated,
+    /// Wire type 3 or 4 (groups), or 6 and 7.
+    BadWireType,
+    /// Field number 0.
+    BadField,
+    /// Topic or protocol is not UTF-8.
+    NotUtf8,
+    /// A field that must be length-delimited came with another wire type.
+    WrongType,
+    /// The frame around it is invalid.
+    Frame(NetstringError),
+}
+
+impl fmt::Display for EnvelopeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EnvelopeError::Truncated => f.write_str("truncated protobuf"),
+            EnvelopeError::BadWireType => f.write_str("unsupported protobuf wire type"),
+            EnvelopeError::BadField => f.write_str("protobuf field number 0"),
+            EnvelopeError::NotUtf8 => f.write_str("topic or protocol is not UTF-8"),
+            EnvelopeError::WrongType => f.write_str("known field with the wrong wire type"),
+            EnvelopeError::Frame(e) => write!(f, "frame: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for EnvelopeError {}
+
+fn put_varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn varint_len(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+fn get_varint(buf: &[u8], at: &mut usize) -> Result<u64, EnvelopeError> {
+    let mut v: u64 = 0;
+    for i in 0..10 {
+        let b = *buf.get(*at).ok_or(EnvelopeError::Truncated)?;
+        *at += 1;
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(EnvelopeError::Truncated)
+}
+
+impl Envelope {
+    /// A message without id.
+    pub fn new(topic: impl Into<String>, protocol: impl Into<String>, payload: Vec<u8>) -> Self {
+        Envelope {
+            topic: topic.into(),
+            protocol: protocol.into(),
+            payload,
+            id: None,
+        }
+    }
+
+    /// The length of the protobuf encoding.
+    pub fn encoded_len(&self) -> usize {
+        let field = |len: usize| 1 + varint_len(len as u64) + len;
+        field(self.topic.len())
+            + field(self.protocol.len())
+            + field(self.payload.len())
+            + self.id.as_ref().map_or(0, |id| field(id.len()))
+    }
+
+    /// Appends the protobuf encoding (fields 1, 2, 3 and, with an id, 4) to `out`.
+    pub fn encode_protobuf(&self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
+        let mut field = |tag: u8, bytes: &[u8]| {
+            out.push(tag);
+            put_varint(bytes.len() as u64, out);
+            out.extend_from_slice(bytes);
+        };
+        field(0x0a, self.topic.as_bytes());
+        field(0x12, self.protocol.as_bytes());
+        field(0x1a, &self.payload);
+        if let Some(id) = &self.id {
+            field(0x22, id);
+        }
+    }
+
+    /// Appends the whole frame, `netstring(protobuf)`, to `out`.
+    ///
+    /// ```
+    /// use mm_platform::envelope::Envelope;
+    /// let mut out = Vec::new();
+    /// Envelope::new("test.hello", "ms", br#"{"hello":"world","n":42}"#.to_vec()).encode_frame(&mut out);
+    /// // The bytes the JavaScript original puts on the stream for this message:
+    /// assert!(out.starts_with(b"42:\x0a\x0atest.hello\x12\x02ms\x1a\x18{"));
+    /// assert!(out.ends_with(b"42},"));
+    /// ```
+    pub fn encode_frame(&self, out: &mut Vec<u8>) {
+        let len = self.encoded_len();
+        let mut h = [0u8; 21];
+        let n = netstring::write_header(len, &mut h);
+        out.reserve(n + len + 1);
+        out.extend_from_slice(&h[..n]);
+        self.encode_protobuf(out);
+        out.push(b',');
+    }
+
+    /// Decodes the protobuf bytes of one message.
+    pub fn decode_protobuf(buf: &[u8]) -> Result<Envelope, EnvelopeError> {
+        let mut env = Envelope::default();
+        let mut at = 0;
+        while at < buf.len() {
+            let key = get_varint(buf, &mut at)?;
+            let field = key >> 3;
+            let wire = (key & 7) as u8;
+            if field == 0 {
+                return Err(EnvelopeError::BadField);
+            }
+            let bytes = match wire {
+                0 => {
+                    get_varint(buf, &mut at)?;
+                    None
+                }
+                1 | 5 => {
+                    let n = if wire == 1 { 8 } else { 4 };
+                    if buf.len() - at < n {
+                        return Err(EnvelopeError::Truncated);
+                    }
+                    at += n;
+                    None
+                }
+                2 => {
+                    let len = get_varint(buf, &mut at)?;
+                    if len > (buf.len() - at) as u64 {
+                        return Err(EnvelopeError::Truncated);
+                    }
+                    let s = &buf[at..at + len as usize];
+                    at += len as usize;
+                    Some(s)
+                }
+                _ => return Err(EnvelopeError::BadWireType),
+            };
+            if (1..=4).contains(&field) {
+                let b = bytes.ok_or(EnvelopeError::WrongType)?;
+                match field {
+                    1 => {
+                        env.topic = std::str::from_utf8(b)
+                            .map_err(|_| EnvelopeError::NotUtf8)?
+                            .to_owned()
+                    }
+                    2 => {
+                        env.protocol = std::str::from_utf8(b)
+                            .map_err(|_| EnvelopeError::NotUtf8)?
+                            .to_owned()
+                    }
+                    3 => env.payload = b.to_vec(),
+                    _ => env.id = Some(b.to_vec()),
+                }
+            }
+        }
+        Ok(env)
+    }
+}
+
+/// Cuts envelopes out of the bytes a stream delivers, with a bounded buffer.
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+    max_frame: usize,
+}
+
+impl FrameReader {
+    /// A reader accepting frames of at most `max_frame` protobuf bytes.
+    pub fn new(max_frame: usize) -> FrameReader {
+        FrameReader {
+            buf: Vec::new(),
+            start: 0,
+            max_frame,
+        }
+    }
+
+    /// Room for more input before a frame must be completed: the most bytes worth reading from
+    /// the stream now. Reading no more than this keeps the buffer bounded by one maximal frame.
+    pub fn room(&self) -> usize {
+        netstring::encoded_len(self.max_frame).saturating_sub(self.buf.len() - self.start)
+    }
+
+    /// Appends bytes read from the stream (at most [`FrameReader::room`] of them; the excess is
+    /// refused and the number taken returned).
+    pub fn push(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.room());
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(&bytes[..n]);
+        n
+    }
+
+    /// The next complete envelope, `Ok(None)` when more bytes are needed, or an error after
+    /// which the connection must be closed.
+    pub fn next_envelope(&mut self) -> Result<Option<Envelope>, EnvelopeError> {
+        match netstring::decode(&self.buf[self.start..], self.max_frame) {
+            Ok(Some(f)) => {
+                let body = &self.buf[self.start + f.payload.start..self.start + f.payload.end];
+                let env = Envelope::decode_protobuf(body);
+                self.start += f.consumed;
+                if self.start > 64 * 1024 && self.start * 2 > self.buf.len() {
+                    self.buf.drain(..self.start);
+                    self.start = 0;
+                }
+                env.map(Some)
+            }
+            Ok(None) => {
+                if self.start == self.buf.len() && self.buf.capacity() > 64 * 1024 {
+                    // Idle: give the memory back.
+                    self.buf = Vec::new();
+                    self.start = 0;
+                }
+                Ok(None)
+            }
+            Err(e) => Err(EnvelopeError::Frame(e)),
+        }
+    }
+
+    /// Bytes buffered and not yet returned as envelopes.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_js_example_bytes() {
+        let mut out = Vec::new();
+        Envelope::new("test.hello", "ms", br#"{"hello":"world","n":42}"#.to_vec())
+            .encode_frame(&mut out);
+        let mut want = b"42:".to_vec();
+        want.extend_from_slice(b"\x0a\x0atest.hello\x12\x02ms\x1a\x18");
+        want.extend_from_slice(br#"{"hello":"world","n":42}"#);
+        want.push(b',');
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn unknown_fields_skipped_and_order_free() {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"\x1a\x01X"); // payload first
+        b.extend_from_slice(b"\x28\x96\x01"); // field 5 varint
+        b.extend_from_slice(b"\x31\x01\x02\x03\x04\x05\x06\x07\x08"); // field 6 fixed64
+        b.extend_from_slice(b"\x3d\x01\x02\x03\x04"); // field 7 fixed32
+        b.extend_from_slice(b"\x42\x02zz"); // field 8 bytes
+        b.extend_from_slice(b"\x0a\x01t\x12\x02ms\x22\x03abc");
+        let e = Envelope::decode_protobuf(&b).unwrap();
+        assert_eq!(e.topic, "t");
+        assert_eq!(e.protocol, "ms");
+        assert_eq!(e.payload, b"X");
+        assert_eq!(e.id.as_deref(), Some(&b"abc"[..]));
+    }
+
+    #[test]
+    fn malformed_protobuf() {
+        assert_eq!(Envelope::decode_protobuf(b"\x0a\x05ab"), Err(EnvelopeError::Truncated));
+        assert_eq!(Envelope::decode_protobuf(b"\x0a"), Err(EnvelopeError::Truncated));
+        assert_eq!(Envelope::decode_protobuf(b"\x0b"), Err(EnvelopeError::BadWireType));
+        assert_eq!(Envelope::decode_protobuf(b"\x02\x00"), Err(EnvelopeError::BadField));
+        assert_eq!(Envelope::decode_protobuf(b"\x08\x01"), Err(EnvelopeError::WrongType));
+        assert_eq!(Envelope::decode_protobuf(b"\x0a\x01\xff"), Err(EnvelopeError::NotUtf8));
+        assert_eq!(
+            Envelope::decode_protobuf(b"\x28\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"),
+            Err(EnvelopeError::Truncated)
+        );
+        assert_eq!(Envelope::decode_protobuf(b""), Ok(Envelope::default()));
+    }
+
+    #[test]
+    fn reader_bounds_frames() {
+        let mut r = FrameReader::new(10);
+        assert_eq!(r.push(b"11:"), 3);
+        assert_eq!(
+            r.next_envelope(),
+            Err(EnvelopeError::Frame(NetstringError::TooLong))
+        );
+        let mut r = FrameReader::new(10);
+        // The buffer never takes more than one maximal frame.
+        assert_eq!(r.room(), netstring::encoded_len(10));
+        assert_eq!(r.push(&[b'1'; 100]), netstring::encoded_len(10));
+    }
+
+    proptest! {
+        #[test]
+        fn roundtrip_through_split_stream(
+            msgs in proptest::collection::vec(("[a-z.]{0,20}", "[a-z]{0,3}", proptest::collection::vec(any::<u8>(), 0..200), proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16))), 0..6),
+            cut in 1usize..50,
+        ) {
+            let mut stream = Vec::new();
+            let envs: Vec<Envelope> = msgs.into_iter().map(|(t, p, pl, id)| Envelope { topic: t, protocol: p, payload: pl, id }).collect();
+            for e in &envs {
+                e.encode_frame(&mut stream);
+            }
+            let mut r = FrameReader::new(1000);
+            let mut got = Vec::new();
+            for chunk in stream.chunks(cut) {
+                let mut c = chunk;
+                while !c.is_empty() {
+                    let n = r.push(c);
+                    c = &c[n..];
+                    while let Some(e) = r.next_envelope().unwrap() {
+                        got.push(e);
+                    }
+                }
+            }
+            prop_assert_eq!(got, envs);
+            prop_assert_eq!(r.buffered(), 0);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Envelope::decode_protobuf(&bytes);
+            let mut r = FrameReader::new(256);
+            r.push(&bytes);
+            for _ in 0..300 {
+                match r.next_envelope() {
+                    Ok(Some(_)) => {}
+                    _ => break,
+                }
+            }
+        }
+    }
+}
