@@ -56,7 +56,7 @@ pub const MAX_RTO: Duration = Duration::from_secs(4);
 /// The largest stream position the protocol allows (2^60).
 const MAX_STREAM: u64 = 1 << 60;
 /// Rings and send buffers larger than this are released when they become empty.
-const KEEP_CAPACITY: usize = 16 * 1024;
+const KEEP_CAPACITY: usize = 8 * 1024;
 
 /// How a stream ends: the STOP flag of the message layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -436,7 +436,7 @@ impl Stream {
             log::debug!("stream: EOF at {end} before data already received");
             return None;
         }
-        if end > self.read_pos + self.recv_window as u64 {
+        if end > self.read_pos.saturating_add(self.recv_window as u64) {
             log::debug!("stream: data up to {end} beyond the receive window, dropped");
             return None;
         }
@@ -656,7 +656,9 @@ impl Stream {
             return None;
         }
         let unsent = self.write_pos - self.next_pos;
-        let room = (self.peer_ack + SEND_WINDOW).saturating_sub(self.next_pos);
+        // Everything below `sbuf_start` is acknowledged (by any range), so it is a safe base too.
+        let base = self.peer_ack.max(self.sbuf_start);
+        let room = (base + SEND_WINDOW).saturating_sub(self.next_pos);
         if unsent > 0 {
             let want = unsent.min(limit as u64);
             if room < want {
@@ -856,6 +858,33 @@ impl Stream {
     /// Set once the stream has failed; it then sends nothing more.
     pub fn error(&self) -> Option<StreamError> {
         self.error
+    }
+
+    /// Releases every buffer that is currently empty (a driver may call this on an idle
+    /// connection; buffers are allocated again on demand). Buffers above 8 KiB are already
+    /// released automatically when they empty.
+    pub fn shrink_to_fit(&mut self) {
+        if self.read_pos == self.recv_max {
+            self.rbuf = Vec::new();
+            self.rhead = 0;
+        }
+        if self.sbuf.is_empty() {
+            self.sbuf = VecDeque::new();
+        }
+        if self.blocks.is_empty() {
+            self.blocks = VecDeque::new();
+        }
+        if self.holes.is_empty() {
+            self.holes = Vec::new();
+        }
+    }
+
+    /// Bytes of heap memory held by this stream's buffers (for memory budgets and tests).
+    pub fn buffer_bytes(&self) -> usize {
+        self.rbuf.capacity()
+            + self.sbuf.capacity()
+            + self.blocks.capacity() * std::mem::size_of::<Block>()
+            + self.holes.capacity() * std::mem::size_of::<(u64, u64)>()
     }
 
     /// Counters.
