@@ -410,7 +410,7 @@ impl Stream {
         }
         if ack {
             self.ack_pending.get_or_insert(now);
-            if h.id != 0 {
+            if h.id != 0 && data.is_some() {
                 self.ack_id = h.id;
             }
         }
@@ -1072,6 +1072,71 @@ mod tests {
         assert!(now >= t + Duration::from_secs(10));
         assert_eq!(poll(&mut s, now + Duration::from_secs(100)), None);
         assert_eq!(s.write(b"x"), 0);
+    }
+
+    #[test]
+    fn selective_ranges_trigger_a_prompt_retransmission_of_the_hole() {
+        let t = Instant::now();
+        let mut s = Stream::new(&StreamConfig::server(), t);
+        s.write(&[9u8; 5000]);
+        let mut ids = Vec::new();
+        while let Some(m) = poll(&mut s, t) {
+            let h = Message::parse(&m).unwrap().header;
+            ids.push((h.id, h.pos, h.data_len()));
+        }
+        assert_eq!(ids.len(), 5);
+        assert_eq!(ids[4], (5, 4096, 904));
+        // The peer got blocks 2..5 but not block 1.
+        let mut ack = [0u8; 64];
+        MessageHeader {
+            ack_id: 5,
+            ack_end: 0,
+            gap2: 1024,
+            len2: 5000 - 1024,
+            ..Default::default()
+        }
+        .encode(&[], 64, &mut ack)
+        .unwrap();
+        let t1 = t + Duration::from_millis(10);
+        assert!(s.handle_message(&ack, t1));
+        assert_eq!(s.stats().srtt, Some(Duration::from_millis(10)));
+        // Due at once (the pacing interval since the last block has passed).
+        assert!(s.poll_timeout().unwrap() <= t1);
+        let h = Message::parse(&poll(&mut s, t1).unwrap()).unwrap().header;
+        assert_eq!((h.pos, h.data_len()), (0, 1024));
+        assert_eq!(h.id, 6);
+        assert_eq!(s.stats().retransmissions, 1);
+        // Only the hole was resent; nothing else is due before its timeout.
+        assert_eq!(poll(&mut s, t1), None);
+        assert!(s.poll_timeout().unwrap() > t1);
+        assert!(!s.all_acked());
+        let mut ack = [0u8; 64];
+        MessageHeader {
+            ack_id: 6,
+            ack_end: 5000,
+            ..Default::default()
+        }
+        .encode(&[], 64, &mut ack)
+        .unwrap();
+        assert!(s.handle_message(&ack, t1 + Duration::from_millis(10)));
+        assert!(s.all_acked());
+        assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn duplicates_are_acknowledged_and_delivered_once() {
+        let t = Instant::now();
+        let mut s = Stream::new(&StreamConfig::server(), t);
+        let m = data_msg(1, 0, b"abc", None);
+        assert!(s.handle_message(&m, t));
+        assert!(poll(&mut s, t).is_some());
+        let m2 = data_msg(2, 0, b"abc", None);
+        assert!(s.handle_message(&m2, t));
+        let h = Message::parse(&poll(&mut s, t).unwrap()).unwrap().header;
+        assert_eq!((h.ack_id, h.ack_end), (2, 3));
+        let mut buf = [0u8; 10];
+        assert_eq!(s.read(&mut buf), 3);
+        assert_eq!(s.read(&mut buf), 0);
     }
 
     #[test]
