@@ -1140,6 +1140,32 @@ mod tests {
     }
 
     #[test]
+    fn oversized_data_part_is_ignored_but_its_acknowledgement_counts() {
+        let t = Instant::now();
+        let mut s = Stream::new(&StreamConfig::server(), t);
+        // The first message is always answered; get that out of the way.
+        assert!(s.handle_message(&[0u8; 48], t));
+        assert!(poll(&mut s, t).is_some());
+        s.write(b"xyz");
+        assert!(poll(&mut s, t).is_some());
+        let mut m = [0u8; 1088];
+        m[0..4].copy_from_slice(&9u32.to_le_bytes());
+        m[8..16].copy_from_slice(&3u64.to_le_bytes());
+        m[38..40].copy_from_slice(&1025u16.to_le_bytes());
+        assert!(s.handle_message(&m, t));
+        assert!(s.all_acked());
+        assert_eq!(s.readable(), 0);
+        // Not acknowledged: the data part was rejected.
+        assert_eq!(poll(&mut s, t), None);
+        // 48 + D > length: same.
+        m[0..4].copy_from_slice(&10u32.to_le_bytes());
+        m[38..40].copy_from_slice(&100u16.to_le_bytes());
+        assert!(s.handle_message(&m[..128], t));
+        assert_eq!(s.readable(), 0);
+        assert_eq!(poll(&mut s, t), None);
+    }
+
+    #[test]
     fn send_buffer_gives_backpressure_and_receive_window_drops() {
         let t = Instant::now();
         let cfg = StreamConfig {
