@@ -146,6 +146,7 @@ impl<T> Bus<T> {
     }
 
     /// Whether `id` is a current subscription.
+    #[cfg(test)]
     pub(crate) fn contains(&self, id: SubscriptionId) -> bool {
         self.live(id).is_some()
     }
