@@ -241,3 +241,15 @@ fn callbacks_can_shut_the_loop_down() {
     p.run().unwrap();
     assert!(p.is_shut_down());
 }
+
+#[test]
+fn handles_messages_and_events_cross_threads() {
+    fn send_clone<T: Send + Clone + 'static>() {}
+    send_clone::<mm_platform::Handle>();
+    send_clone::<mm_platform::Message>();
+    send_clone::<Event>();
+    let p = started();
+    let h = p.handle();
+    let id = std::thread::spawn(move || h.sign_id()).join().unwrap();
+    assert_eq!(id, p.sign_id());
+}
