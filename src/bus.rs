@@ -360,3 +360,73 @@ mod tests {
         assert_eq!(bus.take(id), Some((8, false)));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The specification, written the slow and obvious way.
+    fn naive(pattern: &[&str], topic: &[&str]) -> bool {
+        match (pattern.split_first(), topic.split_first()) {
+            (None, None) => true,
+            (None, Some(_)) | (Some(_), None) => false,
+            (Some((&"*", [])), Some(_)) => true,
+            (Some((&"*", prest)), Some((_, trest))) => naive(prest, trest),
+            (Some((p, prest)), Some((t, trest))) => p == t && naive(prest, trest),
+        }
+    }
+
+    fn segs(
+        alphabet: &'static [&'static str],
+        max: usize,
+    ) -> impl Strategy<Value = Vec<&'static str>> {
+        prop::collection::vec(prop::sample::select(alphabet), 1..=max)
+    }
+
+    proptest! {
+        #[test]
+        fn trie_matches_the_naive_definition(
+            patterns in prop::collection::vec(segs(&["a", "b", "*", ""], 4), 1..12),
+            topics in prop::collection::vec(segs(&["a", "b", "", "*"], 6), 1..12),
+            removed in prop::collection::vec(any::<bool>(), 12),
+        ) {
+            let mut bus: Bus<usize> = Bus::default();
+            let mut live = Vec::new();
+            for (i, p) in patterns.iter().enumerate() {
+                let id = bus.insert(&p.join("."), None, false, i);
+                live.push((id, i));
+            }
+            // Remove some, to exercise pruning.
+            live.retain(|(id, _)| {
+                let remove = removed[id.key as usize % removed.len()];
+                if remove {
+                    assert!(bus.remove(*id));
+                }
+                !remove
+            });
+            for t in &topics {
+                let topic = t.join(".");
+                let mut out = Vec::new();
+                bus.collect(topic.split('.'), "ms", &mut out);
+                let mut got: Vec<usize> = out
+                    .iter()
+                    .map(|(_, id)| *bus.live(*id).unwrap().target.as_ref().unwrap())
+                    .collect();
+                got.sort_unstable();
+                let topic_segs: Vec<&str> = topic.split('.').collect();
+                let mut want: Vec<usize> = live
+                    .iter()
+                    .filter(|(_, i)| {
+                        let p = patterns[*i].join(".");
+                        let p: Vec<&str> = p.split('.').collect();
+                        naive(&p, &topic_segs)
+                    })
+                    .map(|(_, i)| *i)
+                    .collect();
+                want.sort_unstable();
+                prop_assert_eq!(got, want, "topic {:?}", topic);
+            }
+        }
+    }
+}
