@@ -687,7 +687,17 @@ macro_rules! shared_methods {
             ProtocolApi::new(self.core_mut(), codec)
         }
 
-        /// Runs `callback` on the reactor's thread once `delay` has passed.
+        /// Runs `callback` on the reactor's thread once `delay` has passed (in the first turn at
+        /// or after that time).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// use mm_platform::Platform;
+        ///
+        /// let mut platform = Platform::builder().build().unwrap();
+        /// platform.after(Duration::from_millis(1), |ctx| ctx.shutdown());
+        /// platform.run().unwrap(); // returns once the timer fired
+        /// ```
         pub fn after<F>(&mut self, delay: Duration, callback: F) -> TimerId
         where
             F: FnOnce(&mut Context<'_>) + 'static,
@@ -912,6 +922,29 @@ impl Platform {
     }
 
     /// Calls `callback` for every event, on the reactor's thread, at the end of each turn.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use mm_platform::{Event, Platform};
+    ///
+    /// let mut platform = Platform::builder().build().unwrap();
+    /// platform.on_event(|ctx, event| {
+    ///     if *event == Event::Ready {
+    ///         let _ = ctx.messaging().send("app.started", "local", &true);
+    ///     }
+    /// });
+    /// let events = platform.event_channel(64);
+    /// platform.poll(Some(Duration::ZERO)).unwrap();
+    /// platform.poll(Some(Duration::ZERO)).unwrap();
+    /// let topics: Vec<String> = events
+    ///     .try_iter()
+    ///     .filter_map(|e| match e {
+    ///         Event::Message(m) => Some(m.topic),
+    ///         _ => None,
+    ///     })
+    ///     .collect();
+    /// assert!(topics.contains(&"app.started".to_string()));
+    /// ```
     pub fn on_event<F>(&mut self, callback: F)
     where
         F: FnMut(&mut Context<'_>, &Event) + 'static,
@@ -931,6 +964,21 @@ impl Platform {
     /// application with its own transport may call it once it has authenticated `sender`). Its
     /// scope comes from the circles. Returns `false` (and drops the message) if the local queue
     /// is full or `sender` is not a valid key.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use mm_platform::identity::Identity;
+    /// use mm_platform::{Platform, Scope};
+    ///
+    /// let friend = Identity::generate();
+    /// let mut platform = Platform::builder().friends([friend.sign_id()]).build().unwrap();
+    /// let (_, rx) = platform.on_channel("friends.chat.*", 8);
+    /// assert!(platform.receive_from_peer(friend.sign_id(), "ms", "chat.say", b"\"hi\"".to_vec()));
+    /// platform.poll(Some(Duration::ZERO)).unwrap();
+    /// let msg = rx.try_recv().unwrap();
+    /// assert_eq!(msg.scope, Scope::Friends);
+    /// assert_eq!(msg.sender, friend.sign_id().into());
+    /// ```
     pub fn receive_from_peer(
         &mut self,
         sender: SignId,
