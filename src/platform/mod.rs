@@ -269,6 +269,8 @@ impl PlatformBuilder {
 
     /// Loads or creates the identity, creates the poll and queues the start-up messages.
     pub fn build(self) -> Result<Platform, BuildError> {
+        let mut limits = self.limits;
+        limits.local_queue = limits.local_queue.max(1);
         let mut storage = self.storage.unwrap_or_else(|| Box::new(MemStore::new()));
         let identity = match self.identity {
             Some(id) => id,
@@ -295,7 +297,7 @@ impl PlatformBuilder {
             storage,
             bus: Bus::default(),
             queue: VecDeque::new(),
-            limits: self.limits,
+            limits,
             timers: Timers::default(),
             circles,
             keys,
@@ -1044,5 +1046,41 @@ impl fmt::Debug for Platform {
             .field("queued", &self.core.queue.len())
             .field("timers", &self.core.timers.len())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_events_reach_every_consumer() {
+        let mut p = Platform::builder().build().unwrap();
+        let rx = p.event_channel(8);
+        p.poll(Some(Duration::ZERO)).unwrap();
+        let _ = p.drain_events().count();
+        let _ = rx.try_iter().count();
+        let peer = Identity::generate().sign_id();
+        p.connected(peer);
+        p.disconnected(peer);
+        assert!(p.next_deadline().unwrap() <= Instant::now());
+        p.poll(Some(Duration::ZERO)).unwrap();
+        let batch: Vec<Event> = p.drain_events().collect();
+        assert_eq!(
+            batch,
+            vec![Event::Connection(peer), Event::Disconnected(peer)]
+        );
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), batch);
+        // The transports register their sockets in the reserved token range.
+        let mut sock = mio::net::UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        p.registry()
+            .register(
+                &mut sock,
+                Token(LISTENER_TOKEN_BASE),
+                mio::Interest::READABLE,
+            )
+            .unwrap();
+        p.poll(Some(Duration::ZERO)).unwrap();
+        p.registry().deregister(&mut sock).unwrap();
     }
 }
