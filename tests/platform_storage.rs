@@ -149,3 +149,53 @@ fn any_key_is_a_safe_file_name_and_round_trips() {
         Err(StorageError::InvalidKey(_))
     ));
 }
+
+/// A real crash: a child process (this test binary, re-run in writer mode) replaces one key
+/// with 64 KiB values as fast as it can and is killed with SIGKILL at an arbitrary moment. The
+/// key must then hold one complete value, and no temporary file may show up as a key.
+#[test]
+fn sigkill_during_writes_leaves_a_complete_value() {
+    const VALUE_LEN: usize = 64 * 1024;
+    if let Ok(dir) = std::env::var("MM_FILESTORE_CRASH_DIR") {
+        // Writer mode (child): bounded, but far longer than the parent waits.
+        let mut store = FileStore::open(&dir).unwrap();
+        for i in 0..1_000_000u32 {
+            store.put("k", &vec![(i % 251) as u8; VALUE_LEN]).unwrap();
+        }
+        return;
+    }
+    let dir = TempDir::new("sigkill");
+    for round in 0..3u64 {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "sigkill_during_writes_leaves_a_complete_value",
+                "--nocapture",
+            ])
+            .env("MM_FILESTORE_CRASH_DIR", &dir.0)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait (bounded) until the writer has written at least once, then let it run a little.
+        for _ in 0..1000 {
+            if dir.0.join("k").exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(
+            5 + mm_platform::crypto::random_below(40) + round,
+        ));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let store = FileStore::open(&dir.0).unwrap();
+        let value = store.get("k").unwrap().expect("a value survives");
+        assert_eq!(value.len(), VALUE_LEN);
+        assert!(
+            value.iter().all(|b| *b == value[0]),
+            "never a mix of two writes"
+        );
+        assert_eq!(store.keys().unwrap(), vec!["k".to_string()]);
+    }
+}
