@@ -1,0 +1,155 @@
+//! The project's benchmarks: one JSON line per figure, `{"name":..,"value":..,"unit":..}`.
+//!
+//! Run: `cargo run --release --example bench [FILTER]`. FILTER (optional) is a substring of the
+//! figure names to run (e.g. `local_dispatch`, `wildcard`, `channel`). Each figure group is one
+//! function registered in `GROUPS`; figure names start with the group's name. The figures are
+//! measured here, in this program, never asserted in tests.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use mm_platform::{Limits, Platform};
+
+/// Which figures to run.
+struct Bench {
+    filter: Option<String>,
+}
+
+impl Bench {
+    fn wants(&self, name: &str) -> bool {
+        match self.filter.as_deref() {
+            None => true,
+            Some(f) => name.contains(f),
+        }
+    }
+
+    fn emit(&self, name: &str, value: f64, unit: &str) {
+        let line =
+            serde_json::json!({"name": name, "value": (value * 10.0).round() / 10.0, "unit": unit});
+        println!("{line}");
+    }
+}
+
+/// Figure groups, one function each, run in this order. Each checks `Bench::wants` for its
+/// figures. Others add theirs here (curvecp_*, remote_*).
+const GROUPS: &[fn(&Bench)] = &[local_dispatch, local_dispatch_handle];
+
+fn main() {
+    let bench = Bench {
+        filter: std::env::args().nth(1),
+    };
+    for run in GROUPS {
+        run(&bench);
+    }
+}
+
+const MESSAGES: usize = 2_000_000;
+const BATCH: usize = 50_000;
+
+fn dispatch_platform() -> Platform {
+    let mut p = Platform::builder()
+        .limits(Limits {
+            event_batch: 0,
+            local_queue: BATCH,
+            ..Limits::default()
+        })
+        .build()
+        .expect("platform");
+    // Unrelated subscriptions, so the trie is not trivially small.
+    for i in 0..100 {
+        p.on(&format!("self.other{i}.*"), |_ctx, _msg| {});
+        p.on(&format!("public.app.topic{i}"), |_ctx, _msg| {});
+    }
+    p.poll(Some(Duration::ZERO)).expect("poll");
+    p
+}
+
+/// Sends MESSAGES local messages on `topic` in batches, turning the reactor after each batch;
+/// `drain` runs after every turn. Returns messages per second.
+fn run_dispatch(p: &mut Platform, topic: &str, mut drain: impl FnMut() -> usize) -> (f64, usize) {
+    let start = Instant::now();
+    let mut received = 0;
+    let mut sent = 0;
+    while sent < MESSAGES {
+        for _ in 0..BATCH.min(MESSAGES - sent) {
+            let status = p.send("local", "ms", topic, &b"12345678"[..]);
+            debug_assert!(status.is_queued());
+            sent += 1;
+        }
+        p.poll(Some(Duration::ZERO)).expect("poll");
+        received += drain();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    (sent as f64 / secs, received)
+}
+
+/// Local dispatch: messages per second from `send` to a subscriber, callback or channel,
+/// subscribed to the exact topic or through a wildcard.
+fn local_dispatch(bench: &Bench) {
+    for (kind, pattern, topic) in [
+        ("exact", "self.bench.exact", "bench.exact"),
+        ("wildcard", "self.bench.*", "bench.wild.card"),
+    ] {
+        let name = format!("local_dispatch_callback_{kind}");
+        if bench.wants(&name) {
+            let mut p = dispatch_platform();
+            let count = Rc::new(Cell::new(0usize));
+            let c = count.clone();
+            p.on(pattern, move |_ctx, msg| {
+                c.set(c.get() + msg.payload.len() / 8)
+            });
+            let (rate, _) = run_dispatch(&mut p, topic, || 0);
+            assert_eq!(count.get(), MESSAGES, "every message delivered");
+            bench.emit(&name, rate, "messages/s");
+        }
+        let name = format!("local_dispatch_channel_{kind}");
+        if bench.wants(&name) {
+            let mut p = dispatch_platform();
+            let (_, rx) = p.on_channel(pattern, BATCH);
+            let (rate, received) = run_dispatch(&mut p, topic, || rx.try_iter().count());
+            assert_eq!(received, MESSAGES, "every message delivered");
+            bench.emit(&name, rate, "messages/s");
+        }
+    }
+}
+
+/// Local dispatch from another thread: messages per second sent through a `Handle` (retrying
+/// when its bounded channel is full) to a callback subscriber, the reactor blocking in `poll`.
+fn local_dispatch_handle(bench: &Bench) {
+    let name = "local_dispatch_handle_callback_exact";
+    if !bench.wants(name) {
+        return;
+    }
+    const N: usize = 1_000_000;
+    let mut p = dispatch_platform();
+    let count = Rc::new(Cell::new(0usize));
+    let c = count.clone();
+    p.on("self.bench.exact", move |_ctx, _msg| c.set(c.get() + 1));
+    let handle = p.handle();
+    let start = Instant::now();
+    let sender = std::thread::spawn(move || {
+        let mut full = 0u64;
+        for _ in 0..N {
+            loop {
+                match handle.send("local", "ms", "bench.exact", &b"12345678"[..]) {
+                    mm_platform::SendStatus::Queued => break,
+                    mm_platform::SendStatus::BufferFull => {
+                        full += 1;
+                        std::thread::yield_now();
+                    }
+                    other => panic!("unexpected send status {other}"),
+                }
+            }
+        }
+        full
+    });
+    // Bounded: stop after N deliveries or a minute.
+    while count.get() < N && start.elapsed() < Duration::from_secs(60) {
+        p.poll(Some(Duration::from_millis(100))).expect("poll");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = sender.join();
+    assert_eq!(count.get(), N, "every message delivered");
+    bench.emit(name, N as f64 / secs, "messages/s");
+}

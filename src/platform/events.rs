@@ -1,0 +1,25 @@
+//! Platform events, the original's `ready` / `connection` / `disconnected` / `message`.
+//!
+//! Events are owned values (`Send`), available three ways: callbacks
+//! ([`crate::Platform::on_event`]), bounded channels ([`crate::Platform::event_channel`]) and a
+//! bounded batch drained after a turn ([`crate::Platform::drain_events`]). When a channel or the
+//! batch is full, the event is dropped for that consumer and counted in
+//! [`crate::Stats::events_dropped`]: a slow consumer never blocks the reactor or grows memory.
+
+use crate::identity::SignId;
+use crate::platform::message::Message;
+
+/// Something that happened on the platform.
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// The identity is loaded (and, once transports exist, the listeners are up). Fires once,
+    /// in the first turn.
+    Ready,
+    /// A connection to this peer was established (incoming or outgoing).
+    Connection(SignId),
+    /// The connection to this peer is gone.
+    Disconnected(SignId),
+    /// A message was delivered on the bus (local or remote).
+    Message(Message),
+}

@@ -1,0 +1,1086 @@
+//! The platform: one reactor owning a `mio::Poll`, the bus and its subscribers, the local send
+//! queue, timers, circles, events and the [`Handle`] other threads use.
+//!
+//! # A turn
+//!
+//! [`Platform::poll`] does one turn:
+//!
+//! 1. waits for readiness, a [`Handle`] wake-up or the next timer, never longer than the
+//!    timeout (and not at all when work is already pending, or when the timeout is zero);
+//! 2. takes the commands queued by handles (only as many as the local queue has room for: the
+//!    rest wait in the handle channel, whose senders see `BufferFull` when it fills up);
+//! 3. fires due timers (a timer scheduled while timers fire waits for the next turn);
+//! 4. delivers the messages that were queued when delivery began, in send order; what the
+//!    callbacks send is queued and delivered in a later turn, so a callback never runs inside
+//!    `send` and two callbacks that answer each other cannot starve the loop;
+//! 5. hands the turn's events to event callbacks, event channels and the event batch.
+//!
+//! # Callbacks and their context
+//!
+//! Callbacks run on the reactor's thread and receive a [`Context`], through which they can do
+//! what the platform itself can: send, subscribe, unsubscribe, set timers, stop the loop. A
+//! subscription made during a delivery does not receive the message being delivered; an `off`
+//! takes effect as soon as the callback returns (an unsubscribed callback is never called
+//! again, not even for the rest of the current message's subscribers). A `once` subscription is
+//! removed before its callback runs. Subscribers of one message are called in the order they
+//! subscribed.
+//!
+//! # Channel subscribers
+//!
+//! [`Platform::on_channel`] returns a bounded `crossbeam_channel::Receiver`. The reactor never
+//! blocks on it: a message for a full channel is dropped for that subscriber and counted in
+//! [`Stats::channel_drops`]; a subscription whose receiver was dropped is removed.
+//!
+//! # Built-in local messages
+//!
+//! At start the platform queues `friends.updateRequest` and `devices.updateRequest` (payload
+//! `{}`) and `transports.myNodeInfo` (our nodeInfo), all protocol `ms`, sender `local`, scope
+//! `self`; it republishes myNodeInfo every 5 minutes and on `self.transports.requestMyNodeInfo`,
+//! and replaces its circles on `self.friends.update` / `self.devices.update` (see
+//! [`Circles`]).
+//!
+//! # Tokens (for the transports)
+//!
+//! The `mio::Poll` uses [`WAKER_TOKEN`] for handle wake-ups; tokens
+//! `LISTENER_TOKEN_BASE..CONNECTION_TOKEN_BASE` are reserved for listeners (UDP, TCP) and tokens
+//! from [`CONNECTION_TOKEN_BASE`] up for connections (slab key + base). Incoming messages from
+//! authenticated peers enter the bus through [`Platform::receive_from_peer`], which assigns
+//! their scope from the circles.
+//!
+//! ```
+//! use mm_platform::{Platform, Event};
+//! use serde_json::json;
+//! use std::time::Duration;
+//!
+//! let mut platform = Platform::builder().build().unwrap();
+//! let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+//! let s = seen.clone();
+//! platform
+//!     .messaging()
+//!     .on("self.test.*", move |_ctx, msg, value: serde_json::Value| {
+//!         s.borrow_mut().push((msg.scoped_topic(), value));
+//!     });
+//! let status = platform
+//!     .messaging()
+//!     .send("test.testMessage", "local", &json!({"test": "Test String"}));
+//! assert!(status.is_queued());
+//! assert!(seen.borrow().is_empty()); // never delivered inside send
+//! platform.poll(Some(Duration::ZERO)).unwrap();
+//! assert_eq!(seen.borrow()[0].0, "self.test.testMessage");
+//! assert_eq!(seen.borrow()[0].1["test"], "Test String");
+//! assert!(platform.drain_events().any(|e| e == Event::Ready));
+//! ```
+
+mod circles;
+mod events;
+mod handle;
+mod message;
+mod timers;
+
+pub use circles::Circles;
+pub use events::Event;
+pub use handle::Handle;
+pub use message::{Address, Message, Scope, SendOptions, SendStatus, ToAddress};
+pub use timers::TimerId;
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use mio::{Poll, Token, Waker};
+
+use crate::api::{Codec, Messaging, ProtocolApi, RawCodec};
+use crate::bus::{Bus, Match, SubscriptionId};
+use crate::identity::{BoxId, Identity, IdentityError, KeyCache, SignId};
+use crate::storage::{MemStore, Storage};
+use circles::Circle;
+use handle::{Command, Outgoing, Shared};
+use timers::Timers;
+
+/// The token of the handles' `mio::Waker`.
+pub const WAKER_TOKEN: Token = Token(0);
+/// First token reserved for listeners (UDP and TCP sockets accepting peers).
+pub const LISTENER_TOKEN_BASE: usize = 1;
+/// First token of connections: connection `k` of the transports' slab uses `Token(k + base)`.
+pub const CONNECTION_TOKEN_BASE: usize = 16;
+
+/// How often our nodeInfo is republished on the local bus.
+pub const NODE_INFO_INTERVAL: Duration = Duration::from_secs(5 * 60);
+
+/// A message callback.
+pub(crate) type Callback = Box<dyn FnMut(&mut Context<'_>, &Message)>;
+type EventCallback = Box<dyn FnMut(&mut Context<'_>, &Event)>;
+type TimerCallback = Box<dyn FnOnce(&mut Context<'_>)>;
+
+/// What a subscription delivers to.
+pub(crate) enum Target {
+    Callback(Callback),
+    Channel(Sender<Message>),
+}
+
+enum TimerAction {
+    User(TimerCallback),
+    PublishNodeInfo,
+}
+
+/// Bounds on the platform's memory. Every queue is bounded; sends beyond a bound return a
+/// [`SendStatus`] instead of growing memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest message (protocol + topic + payload bytes) accepted by a send. Default 16 MiB.
+    pub max_message_size: usize,
+    /// Messages waiting for local delivery. Default 65,536.
+    pub local_queue: usize,
+    /// Commands waiting in the handles' channel. Default 65,536.
+    pub handle_queue: usize,
+    /// Events kept for [`Platform::drain_events`]; 0 disables the batch. Default 1,024.
+    pub event_batch: usize,
+    /// Cached signId-to-boxId conversions. Default 4,096.
+    pub key_cache: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 16 << 20,
+            local_queue: 65_536,
+            handle_queue: 65_536,
+            event_batch: 1_024,
+            key_cache: 4_096,
+        }
+    }
+}
+
+/// Counters of what the platform did and dropped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Turns of the reactor.
+    pub turns: u64,
+    /// Messages dispatched on the bus.
+    pub messages: u64,
+    /// Deliveries to subscribers (callbacks run and channel sends that succeeded).
+    pub deliveries: u64,
+    /// Deliveries dropped because a subscriber's channel was full.
+    pub channel_drops: u64,
+    /// Events dropped because an event channel or the event batch was full.
+    pub events_dropped: u64,
+    /// Payloads a protocol API could not decode, and refused built-in messages.
+    pub malformed: u64,
+    /// Messages from peers dropped (queue full or invalid sender key).
+    pub peer_drops: u64,
+}
+
+/// Why a platform could not be built.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The identity could not be loaded or stored.
+    Identity(IdentityError),
+    /// Creating the poll or its waker failed.
+    Io(io::Error),
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BuildError::Identity(e) => write!(f, "{e}"),
+            BuildError::Io(e) => write!(f, "reactor setup: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BuildError::Identity(e) => Some(e),
+            BuildError::Io(e) => Some(e),
+        }
+    }
+}
+
+/// Builds a [`Platform`]; every option has a default (the original's constructor options).
+///
+/// ```
+/// use mm_platform::{Limits, Platform};
+/// use mm_platform::identity::Identity;
+/// use mm_platform::storage::MemStore;
+///
+/// let friend = Identity::generate();
+/// let platform = Platform::builder()
+///     .storage(MemStore::new())
+///     .friends([friend.sign_id()])
+///     .limits(Limits { local_queue: 1_000, ..Limits::default() })
+///     .build()
+///     .unwrap();
+/// assert!(platform.circles().is_friend(&friend.box_id()));
+/// ```
+pub struct PlatformBuilder {
+    storage: Option<Box<dyn Storage>>,
+    identity: Option<Identity>,
+    friends: Vec<SignId>,
+    devices: Vec<SignId>,
+    connection_info: serde_json::Value,
+    limits: Limits,
+}
+
+impl PlatformBuilder {
+    /// The store for the identity and (later) the offline buffer. Default: a [`MemStore`].
+    pub fn storage(mut self, storage: impl Storage + 'static) -> Self {
+        self.storage = Some(Box::new(storage));
+        self
+    }
+
+    /// Uses this identity instead of the one in storage (it is not written to storage).
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// The initial friends circle (default empty; replaced by `self.friends.update`).
+    pub fn friends(mut self, ids: impl IntoIterator<Item = SignId>) -> Self {
+        self.friends = ids.into_iter().collect();
+        self
+    }
+
+    /// The initial devices circle (default empty; replaced by `self.devices.update`).
+    pub fn devices(mut self, ids: impl IntoIterator<Item = SignId>) -> Self {
+        self.devices = ids.into_iter().collect();
+        self
+    }
+
+    /// The connectionInfo published in our nodeInfo (the original's JSON form, an array).
+    /// Default: empty, until transports are configured.
+    pub fn connection_info(mut self, info: serde_json::Value) -> Self {
+        self.connection_info = info;
+        self
+    }
+
+    /// Memory bounds.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Loads or creates the identity, creates the poll and queues the start-up messages.
+    pub fn build(self) -> Result<Platform, BuildError> {
+        let mut limits = self.limits;
+        limits.local_queue = limits.local_queue.max(1);
+        let mut storage = self.storage.unwrap_or_else(|| Box::new(MemStore::new()));
+        let identity = match self.identity {
+            Some(id) => id,
+            None => Identity::load_or_create(&mut *storage).map_err(BuildError::Identity)?,
+        };
+        let poll = Poll::new().map_err(BuildError::Io)?;
+        let waker = Waker::new(poll.registry(), WAKER_TOKEN).map_err(BuildError::Io)?;
+        let shared = Arc::new(Shared {
+            waker,
+            wake_pending: AtomicBool::new(false),
+            stop_requested: AtomicBool::new(false),
+        });
+        let (handle_tx, handle_rx) = crossbeam_channel::bounded(self.limits.handle_queue.max(1));
+        let mut keys = KeyCache::new(self.limits.key_cache);
+        let mut circles = Circles::default();
+        if !circles.replace(Circle::Friends, &self.friends, &mut keys)
+            || !circles.replace(Circle::Devices, &self.devices, &mut keys)
+        {
+            log::debug!("an initial circle member is not a valid key; circle left empty");
+        }
+        let now = Instant::now();
+        let mut core = Core {
+            identity,
+            storage,
+            bus: Bus::default(),
+            queue: VecDeque::new(),
+            limits,
+            timers: Timers::default(),
+            circles,
+            keys,
+            pending_events: VecDeque::new(),
+            event_batch: Vec::new(),
+            event_callbacks: Vec::new(),
+            event_channels: Vec::new(),
+            stats: Stats::default(),
+            shutdown: false,
+            now,
+            connection_info: self.connection_info,
+            match_buf: Vec::new(),
+        };
+        core.pending_events.push_back(Event::Ready);
+        core.publish_local("friends.updateRequest", &serde_json::json!({}));
+        core.publish_local("devices.updateRequest", &serde_json::json!({}));
+        core.publish_local("transports.myNodeInfo", &core.node_info());
+        core.timers
+            .schedule(now + NODE_INFO_INTERVAL, TimerAction::PublishNodeInfo);
+        Ok(Platform {
+            poll,
+            events: mio::Events::with_capacity(256),
+            shared,
+            handle_tx,
+            handle_rx,
+            core,
+        })
+    }
+}
+
+/// Everything callbacks may touch through a [`Context`].
+pub(crate) struct Core {
+    identity: Identity,
+    storage: Box<dyn Storage>,
+    bus: Bus<Target>,
+    queue: VecDeque<Message>,
+    limits: Limits,
+    timers: Timers<TimerAction>,
+    circles: Circles,
+    keys: KeyCache,
+    pending_events: VecDeque<Event>,
+    event_batch: Vec<Event>,
+    event_callbacks: Vec<EventCallback>,
+    event_channels: Vec<Sender<Event>>,
+    pub(crate) stats: Stats,
+    shutdown: bool,
+    now: Instant,
+    connection_info: serde_json::Value,
+    match_buf: Vec<Match>,
+}
+
+impl Core {
+    /// The low-level send every API ends in.
+    pub(crate) fn send(
+        &mut self,
+        dest: Option<Address>,
+        protocol: Cow<'static, str>,
+        topic: String,
+        payload: Vec<u8>,
+        _options: SendOptions,
+    ) -> SendStatus {
+        let Some(dest) = dest else {
+            return SendStatus::InvalidDestination;
+        };
+        if protocol.len() + topic.len() + payload.len() > self.limits.max_message_size {
+            return SendStatus::TooLarge;
+        }
+        match dest {
+            Address::Local => {}
+            Address::Node(id) if id == self.identity.sign_id() => {}
+            // The remote path (directory, connections, offline buffer) plugs in here.
+            Address::Node(_) => return SendStatus::NoTransport,
+        }
+        if self.queue.len() >= self.limits.local_queue {
+            return SendStatus::BufferFull;
+        }
+        self.queue.push_back(Message {
+            sender: Address::Local,
+            protocol,
+            topic,
+            scope: Scope::Own,
+            payload,
+        });
+        SendStatus::Queued
+    }
+
+    fn publish_local(&mut self, topic: &str, value: &serde_json::Value) {
+        let payload = serde_json::to_vec(value).unwrap_or_default();
+        let status = self.send(
+            Some(Address::Local),
+            Cow::Borrowed("ms"),
+            topic.to_owned(),
+            payload,
+            SendOptions::default(),
+        );
+        if !status.is_queued() {
+            log::debug!("built-in message {topic} not queued: {status}");
+        }
+    }
+
+    fn node_info(&self) -> serde_json::Value {
+        serde_json::json!({
+            "signId": self.identity.sign_id().to_string(),
+            "boxId": self.identity.box_id().to_string(),
+            "connectionInfo": self.connection_info,
+        })
+    }
+
+    pub(crate) fn subscribe(
+        &mut self,
+        pattern: &str,
+        protocol: Option<Cow<'static, str>>,
+        once: bool,
+        target: Target,
+    ) -> SubscriptionId {
+        self.bus.insert(pattern, protocol, once, target)
+    }
+
+    pub(crate) fn subscribe_channel(
+        &mut self,
+        pattern: &str,
+        protocol: Option<Cow<'static, str>>,
+        capacity: usize,
+    ) -> (SubscriptionId, Receiver<Message>) {
+        let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+        let id = self.subscribe(pattern, protocol, false, Target::Channel(tx));
+        (id, rx)
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.pending_events.push_back(event);
+    }
+
+    fn wants_message_events(&self) -> bool {
+        self.limits.event_batch > 0
+            || !self.event_callbacks.is_empty()
+            || !self.event_channels.is_empty()
+    }
+
+    /// The platform's own handling of `self` messages of protocol `ms`.
+    fn builtin(&mut self, msg: &Message) {
+        match msg.topic.as_str() {
+            "friends.update" | "devices.update" => {
+                let which = if msg.topic.starts_with('f') {
+                    Circle::Friends
+                } else {
+                    Circle::Devices
+                };
+                if !self
+                    .circles
+                    .apply_update(which, &msg.payload, &mut self.keys)
+                {
+                    self.stats.malformed += 1;
+                }
+            }
+            "transports.requestMyNodeInfo" => {
+                let info = self.node_info();
+                self.publish_local("transports.myNodeInfo", &info);
+            }
+            _ => {}
+        }
+    }
+
+    /// Delivers one message to the built-ins and every matching subscriber.
+    fn dispatch(&mut self, msg: Message) {
+        self.stats.messages += 1;
+        if msg.scope == Scope::Own && msg.protocol == "ms" {
+            self.builtin(&msg);
+        }
+        let mut matches = std::mem::take(&mut self.match_buf);
+        matches.clear();
+        let segments = std::iter::once(msg.scope.as_str()).chain(msg.topic.split('.'));
+        self.bus.collect(segments, &msg.protocol, &mut matches);
+        if matches.len() > 1 {
+            matches.sort_unstable();
+        }
+        for &(_, id) in &matches {
+            let Some((target, once)) = self.bus.take(id) else {
+                continue;
+            };
+            match target {
+                Target::Callback(mut cb) => {
+                    self.stats.deliveries += 1;
+                    let now = self.now;
+                    cb(&mut Context { core: self, now }, &msg);
+                    if !once {
+                        self.bus.restore(id, Target::Callback(cb));
+                    }
+                }
+                Target::Channel(tx) => {
+                    match tx.try_send(msg.clone()) {
+                        Ok(()) => self.stats.deliveries += 1,
+                        Err(TrySendError::Full(_)) => {
+                            self.stats.channel_drops += 1;
+                            log::debug!("subscriber channel full: message dropped for it");
+                        }
+                        Err(TrySendError::Disconnected(_)) => {
+                            self.bus.remove(id);
+                            continue;
+                        }
+                    }
+                    if !once {
+                        self.bus.restore(id, Target::Channel(tx));
+                    }
+                }
+            }
+        }
+        self.match_buf = matches;
+        if self.wants_message_events() {
+            self.emit(Event::Message(msg));
+        }
+    }
+
+    /// Hands pending events to callbacks, channels and the batch.
+    fn flush_events(&mut self) {
+        let n = self.pending_events.len();
+        for _ in 0..n {
+            let Some(event) = self.pending_events.pop_front() else {
+                break;
+            };
+            if !self.event_callbacks.is_empty() {
+                let mut callbacks = std::mem::take(&mut self.event_callbacks);
+                let now = self.now;
+                for cb in callbacks.iter_mut() {
+                    cb(&mut Context { core: self, now }, &event);
+                }
+                // Callbacks registered meanwhile go after the existing ones.
+                let added = std::mem::replace(&mut self.event_callbacks, callbacks);
+                self.event_callbacks.extend(added);
+            }
+            let mut dropped = 0;
+            self.event_channels
+                .retain(|tx| match tx.try_send(event.clone()) {
+                    Ok(()) => true,
+                    Err(TrySendError::Full(_)) => {
+                        dropped += 1;
+                        true
+                    }
+                    Err(TrySendError::Disconnected(_)) => false,
+                });
+            if self.limits.event_batch > 0 {
+                if self.event_batch.len() < self.limits.event_batch {
+                    self.event_batch.push(event);
+                } else {
+                    dropped += 1;
+                }
+            }
+            if dropped > 0 {
+                log::debug!("event dropped for {dropped} full consumer(s)");
+                self.stats.events_dropped += dropped;
+            }
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let limit = self.timers.next_seq();
+        while let Some(action) = self.timers.pop_due(self.now, limit) {
+            match action {
+                TimerAction::User(cb) => {
+                    let now = self.now;
+                    cb(&mut Context { core: self, now });
+                }
+                TimerAction::PublishNodeInfo => {
+                    let info = self.node_info();
+                    self.publish_local("transports.myNodeInfo", &info);
+                    self.timers
+                        .schedule(self.now + NODE_INFO_INTERVAL, TimerAction::PublishNodeInfo);
+                }
+            }
+        }
+    }
+}
+
+/// Generates the methods [`Platform`] and [`Context`] share.
+macro_rules! shared_methods {
+    () => {
+        /// Our node id (base64 ed25519 public key).
+        pub fn sign_id(&self) -> SignId {
+            self.core_ref().identity.sign_id()
+        }
+
+        /// Our box key (base64 curve25519 public key derived from the signing key).
+        pub fn box_id(&self) -> BoxId {
+            self.core_ref().identity.box_id()
+        }
+
+        /// Our identity (both key pairs).
+        pub fn identity(&self) -> &Identity {
+            &self.core_ref().identity
+        }
+
+        /// The trust circles.
+        pub fn circles(&self) -> &Circles {
+            &self.core_ref().circles
+        }
+
+        /// The scope a message from `sender` gets now; `None` if `sender` is not a valid key.
+        pub fn scope_of(&mut self, sender: &SignId) -> Option<Scope> {
+            let core = self.core_mut();
+            let b = core.keys.box_id(sender)?;
+            Some(core.circles.scope_of(&b))
+        }
+
+        /// Sends a message of any protocol (the original's low-level `send`). Local messages
+        /// (`"local"` or our own signId) are delivered in a later turn, never inside this call.
+        pub fn send(
+            &mut self,
+            dest: impl ToAddress,
+            protocol: impl Into<Cow<'static, str>>,
+            topic: impl Into<String>,
+            payload: impl Into<Vec<u8>>,
+        ) -> SendStatus {
+            self.send_with(dest, protocol, topic, payload, SendOptions::default())
+        }
+
+        /// [`Self::send`] with options.
+        pub fn send_with(
+            &mut self,
+            dest: impl ToAddress,
+            protocol: impl Into<Cow<'static, str>>,
+            topic: impl Into<String>,
+            payload: impl Into<Vec<u8>>,
+            options: SendOptions,
+        ) -> SendStatus {
+            self.core_mut().send(
+                dest.to_address(),
+                protocol.into(),
+                topic.into(),
+                payload.into(),
+                options,
+            )
+        }
+
+        /// Subscribes a callback to every message (any protocol) whose scoped topic matches
+        /// `pattern`.
+        pub fn on<F>(&mut self, pattern: &str, callback: F) -> SubscriptionId
+        where
+            F: FnMut(&mut Context<'_>, &Message) + 'static,
+        {
+            self.core_mut()
+                .subscribe(pattern, None, false, Target::Callback(Box::new(callback)))
+        }
+
+        /// Like [`Self::on`], for the first matching message only.
+        pub fn once<F>(&mut self, pattern: &str, callback: F) -> SubscriptionId
+        where
+            F: FnMut(&mut Context<'_>, &Message) + 'static,
+        {
+            self.core_mut()
+                .subscribe(pattern, None, true, Target::Callback(Box::new(callback)))
+        }
+
+        /// Subscribes a bounded channel (`capacity` messages, at least 1) to `pattern`. The
+        /// reactor never blocks on it: when full, messages are dropped for this subscriber.
+        pub fn on_channel(
+            &mut self,
+            pattern: &str,
+            capacity: usize,
+        ) -> (SubscriptionId, Receiver<Message>) {
+            self.core_mut().subscribe_channel(pattern, None, capacity)
+        }
+
+        /// Every message delivered on the bus, any protocol (the original's
+        /// `platform.on('message')`).
+        pub fn on_message<F>(&mut self, callback: F) -> SubscriptionId
+        where
+            F: FnMut(&mut Context<'_>, &Message) + 'static,
+        {
+            self.on("*", callback)
+        }
+
+        /// Removes a subscription; `false` if it was already gone.
+        pub fn off(&mut self, id: SubscriptionId) -> bool {
+            self.core_mut().bus.remove(id)
+        }
+
+        /// The JSON messaging API (protocol `ms`).
+        pub fn messaging(&mut self) -> Messaging<'_> {
+            Messaging::new(self.core_mut())
+        }
+
+        /// The torrenting API (protocol `bt`, raw bytes).
+        pub fn torrenting(&mut self) -> ProtocolApi<'_, RawCodec> {
+            ProtocolApi::new(self.core_mut(), RawCodec::new("bt"))
+        }
+
+        /// A user-defined protocol API with its own codec.
+        pub fn api<C: Codec + Clone>(&mut self, codec: C) -> ProtocolApi<'_, C> {
+            ProtocolApi::new(self.core_mut(), codec)
+        }
+
+        /// Runs `callback` on the reactor's thread once `delay` has passed (in the first turn at
+        /// or after that time).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// use mm_platform::Platform;
+        ///
+        /// let mut platform = Platform::builder().build().unwrap();
+        /// platform.after(Duration::from_millis(1), |ctx| ctx.shutdown());
+        /// platform.run().unwrap(); // returns once the timer fired
+        /// ```
+        pub fn after<F>(&mut self, delay: Duration, callback: F) -> TimerId
+        where
+            F: FnOnce(&mut Context<'_>) + 'static,
+        {
+            let at = self.clock() + delay;
+            self.core_mut()
+                .timers
+                .schedule(at, TimerAction::User(Box::new(callback)))
+        }
+
+        /// Cancels a timer; `false` if it already fired or was cancelled.
+        pub fn cancel_timer(&mut self, id: TimerId) -> bool {
+            self.core_mut().timers.cancel(id).is_some()
+        }
+
+        /// The store.
+        pub fn storage(&mut self) -> &mut dyn Storage {
+            &mut *self.core_mut().storage
+        }
+
+        /// Counters of what the platform did and dropped.
+        pub fn stats(&self) -> Stats {
+            self.core_ref().stats
+        }
+    };
+}
+
+/// What a callback gets: the platform's API, usable from inside the reactor. Effects (sends,
+/// subscriptions, timers) take effect after the callback returns: sends are delivered in a
+/// later turn.
+pub struct Context<'a> {
+    core: &'a mut Core,
+    now: Instant,
+}
+
+impl Context<'_> {
+    fn core_ref(&self) -> &Core {
+        self.core
+    }
+
+    fn core_mut(&mut self) -> &mut Core {
+        self.core
+    }
+
+    fn clock(&self) -> Instant {
+        self.now
+    }
+
+    pub(crate) fn core_stats(&mut self) -> &mut Stats {
+        &mut self.core.stats
+    }
+
+    /// The time this turn started.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// Stops the loop: [`Platform::run`] returns after this turn.
+    pub fn shutdown(&mut self) {
+        self.core.shutdown = true;
+    }
+
+    shared_methods!();
+}
+
+/// The platform: a reactor owning one `mio::Poll`, the bus, timers and (later) every socket.
+/// See the [module docs](crate::platform) for what a turn does.
+pub struct Platform {
+    poll: Poll,
+    events: mio::Events,
+    shared: Arc<Shared>,
+    handle_tx: Sender<Command>,
+    handle_rx: Receiver<Command>,
+    core: Core,
+}
+
+impl Platform {
+    /// A builder with every default.
+    pub fn builder() -> PlatformBuilder {
+        PlatformBuilder {
+            storage: None,
+            identity: None,
+            friends: Vec::new(),
+            devices: Vec::new(),
+            connection_info: serde_json::Value::Array(Vec::new()),
+            limits: Limits::default(),
+        }
+    }
+
+    fn core_ref(&self) -> &Core {
+        &self.core
+    }
+
+    fn core_mut(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    fn clock(&self) -> Instant {
+        Instant::now()
+    }
+
+    shared_methods!();
+
+    /// A handle for other threads: send messages and stop the loop.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            tx: self.handle_tx.clone(),
+            shared: self.shared.clone(),
+            own: self.core.identity.sign_id(),
+            max_message_size: self.core.limits.max_message_size,
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        !self.core.queue.is_empty()
+            || !self.core.pending_events.is_empty()
+            || (!self.handle_rx.is_empty() && self.core.queue.len() < self.core.limits.local_queue)
+            || self.shared.stop_requested.load(Ordering::SeqCst)
+    }
+
+    /// When the reactor next needs a turn: now if work is pending, else the next timer.
+    /// `None` means only I/O or a handle can create work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.has_work() {
+            return Some(Instant::now());
+        }
+        self.core.timers.next_deadline()
+    }
+
+    /// One turn of the reactor (see the module docs). Waits at most `timeout` (`None`: until
+    /// something happens); `Some(Duration::ZERO)` never blocks.
+    pub fn poll(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let now = Instant::now();
+        let mut wait = timeout;
+        if self.has_work() {
+            wait = Some(Duration::ZERO);
+        } else if let Some(at) = self.core.timers.next_deadline() {
+            let until = at.saturating_duration_since(now);
+            wait = Some(wait.map_or(until, |w| w.min(until)));
+        }
+        match self.poll.poll(&mut self.events, wait) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        for event in self.events.iter() {
+            if event.token() == WAKER_TOKEN {
+                continue; // handled below, whatever woke us
+            }
+            // Listener and connection tokens belong to the transports (next layer).
+            log::debug!("readiness for unknown token {:?}", event.token());
+        }
+        self.core.now = Instant::now();
+        self.core.stats.turns += 1;
+        self.take_commands();
+        self.core.fire_timers();
+        let n = self.core.queue.len();
+        for _ in 0..n {
+            let Some(msg) = self.core.queue.pop_front() else {
+                break;
+            };
+            self.core.dispatch(msg);
+        }
+        self.core.flush_events();
+        Ok(())
+    }
+
+    fn take_commands(&mut self) {
+        if self.shared.stop_requested.swap(false, Ordering::SeqCst) {
+            self.core.shutdown = true;
+        }
+        self.shared.wake_pending.store(false, Ordering::SeqCst);
+        while self.core.queue.len() < self.core.limits.local_queue {
+            let Ok(cmd) = self.handle_rx.try_recv() else {
+                break;
+            };
+            match cmd {
+                Command::Send(Outgoing {
+                    dest,
+                    protocol,
+                    topic,
+                    payload,
+                    options,
+                }) => {
+                    let status = self
+                        .core
+                        .send(Some(dest), protocol, topic, payload, options);
+                    if !status.is_queued() {
+                        log::debug!("message from a handle not queued: {status}");
+                    }
+                }
+            }
+        }
+        if !self.handle_rx.is_empty() {
+            // Left for the next turn: make sure that turn does not wait.
+            self.shared.wake_pending.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Runs turns until [`Platform::shutdown`] (or a handle's or callback's shutdown).
+    pub fn run(&mut self) -> io::Result<()> {
+        while !self.core.shutdown {
+            self.poll(None)?;
+        }
+        Ok(())
+    }
+
+    /// Stops [`Platform::run`] after the current turn.
+    pub fn shutdown(&mut self) {
+        self.core.shutdown = true;
+    }
+
+    /// Whether shutdown was requested.
+    pub fn is_shut_down(&self) -> bool {
+        self.core.shutdown || self.shared.stop_requested.load(Ordering::SeqCst)
+    }
+
+    /// Takes the events collected since the last call (at most [`Limits::event_batch`]; the
+    /// excess is counted in [`Stats::events_dropped`]).
+    pub fn drain_events(&mut self) -> std::vec::Drain<'_, Event> {
+        self.core.event_batch.drain(..)
+    }
+
+    /// Calls `callback` for every event, on the reactor's thread, at the end of each turn.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use mm_platform::{Event, Platform};
+    ///
+    /// let mut platform = Platform::builder().build().unwrap();
+    /// platform.on_event(|ctx, event| {
+    ///     if *event == Event::Ready {
+    ///         let _ = ctx.messaging().send("app.started", "local", &true);
+    ///     }
+    /// });
+    /// let events = platform.event_channel(64);
+    /// platform.poll(Some(Duration::ZERO)).unwrap();
+    /// platform.poll(Some(Duration::ZERO)).unwrap();
+    /// let topics: Vec<String> = events
+    ///     .try_iter()
+    ///     .filter_map(|e| match e {
+    ///         Event::Message(m) => Some(m.topic),
+    ///         _ => None,
+    ///     })
+    ///     .collect();
+    /// assert!(topics.contains(&"app.started".to_string()));
+    /// ```
+    pub fn on_event<F>(&mut self, callback: F)
+    where
+        F: FnMut(&mut Context<'_>, &Event) + 'static,
+    {
+        self.core.event_callbacks.push(Box::new(callback));
+    }
+
+    /// A bounded channel (`capacity` events, at least 1) receiving every event; full means
+    /// dropped for this channel, never blocking the reactor.
+    pub fn event_channel(&mut self, capacity: usize) -> Receiver<Event> {
+        let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+        self.core.event_channels.push(tx);
+        rx
+    }
+
+    /// Queues a message received from an authenticated peer (the transports' entry point; an
+    /// application with its own transport may call it once it has authenticated `sender`). Its
+    /// scope comes from the circles. Returns `false` (and drops the message) if the local queue
+    /// is full or `sender` is not a valid key.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use mm_platform::identity::Identity;
+    /// use mm_platform::{Platform, Scope};
+    ///
+    /// let friend = Identity::generate();
+    /// let mut platform = Platform::builder().friends([friend.sign_id()]).build().unwrap();
+    /// let (_, rx) = platform.on_channel("friends.chat.*", 8);
+    /// assert!(platform.receive_from_peer(friend.sign_id(), "ms", "chat.say", b"\"hi\"".to_vec()));
+    /// platform.poll(Some(Duration::ZERO)).unwrap();
+    /// let msg = rx.try_recv().unwrap();
+    /// assert_eq!(msg.scope, Scope::Friends);
+    /// assert_eq!(msg.sender, friend.sign_id().into());
+    /// ```
+    pub fn receive_from_peer(
+        &mut self,
+        sender: SignId,
+        protocol: impl Into<Cow<'static, str>>,
+        topic: impl Into<String>,
+        payload: Vec<u8>,
+    ) -> bool {
+        let core = &mut self.core;
+        let Some(b) = core.keys.box_id(&sender) else {
+            log::debug!("message from an invalid key dropped");
+            core.stats.peer_drops += 1;
+            return false;
+        };
+        if core.queue.len() >= core.limits.local_queue {
+            core.stats.peer_drops += 1;
+            return false;
+        }
+        let scope = core.circles.scope_of(&b);
+        core.queue.push_back(Message {
+            sender: Address::Node(sender),
+            protocol: protocol.into(),
+            topic: topic.into(),
+            scope,
+            payload,
+        });
+        true
+    }
+
+    // The three methods below are the transports' hooks (next layer); unused until then.
+    #[allow(dead_code)]
+    /// Records a new connection (for the transports): emits [`Event::Connection`].
+    pub(crate) fn connected(&mut self, peer: SignId) {
+        self.core.emit(Event::Connection(peer));
+    }
+
+    #[allow(dead_code)]
+    /// Records a lost connection (for the transports): emits [`Event::Disconnected`].
+    pub(crate) fn disconnected(&mut self, peer: SignId) {
+        self.core.emit(Event::Disconnected(peer));
+    }
+
+    #[allow(dead_code)]
+    /// The poll's registry, where the transports register their sockets.
+    pub(crate) fn registry(&self) -> &mio::Registry {
+        self.poll.registry()
+    }
+}
+
+impl AsRawFd for Platform {
+    /// The `mio::Poll` file descriptor (epoll), for hosts that embed the reactor in their own
+    /// event loop: when it is readable (or at [`Platform::next_deadline`]), call
+    /// `poll(Some(Duration::ZERO))`.
+    fn as_raw_fd(&self) -> RawFd {
+        self.poll.as_raw_fd()
+    }
+}
+
+impl fmt::Debug for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Platform")
+            .field("sign_id", &self.core.identity.sign_id())
+            .field("subscriptions", &self.core.bus.len())
+            .field("queued", &self.core.queue.len())
+            .field("timers", &self.core.timers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_events_reach_every_consumer() {
+        let mut p = Platform::builder().build().unwrap();
+        let rx = p.event_channel(8);
+        p.poll(Some(Duration::ZERO)).unwrap();
+        let _ = p.drain_events().count();
+        let _ = rx.try_iter().count();
+        let peer = Identity::generate().sign_id();
+        p.connected(peer);
+        p.disconnected(peer);
+        assert!(p.next_deadline().unwrap() <= Instant::now());
+        p.poll(Some(Duration::ZERO)).unwrap();
+        let batch: Vec<Event> = p.drain_events().collect();
+        assert_eq!(
+            batch,
+            vec![Event::Connection(peer), Event::Disconnected(peer)]
+        );
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), batch);
+        // The transports register their sockets in the reserved token range.
+        let mut sock = mio::net::UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        p.registry()
+            .register(
+                &mut sock,
+                Token(LISTENER_TOKEN_BASE),
+                mio::Interest::READABLE,
+            )
+            .unwrap();
+        p.poll(Some(Duration::ZERO)).unwrap();
+        p.registry().deregister(&mut sock).unwrap();
+    }
+}

@@ -1,0 +1,232 @@
+//! The file store: one file per key in a directory, every write atomic.
+//!
+//! Layout and guarantees:
+//!
+//! - A key becomes a file name by escaping: ASCII letters, digits, `-` and `_` stand for
+//!   themselves, every other byte of the key's UTF-8 form becomes `%XX` (two upper-case hex
+//!   digits). The empty key is the file `%`. So any string is a safe file name (no `/`, no `.`
+//!   or `..`, no hidden files) and [`Storage::keys`] gives back exactly the keys that were put.
+//!   A key whose escaped form is longer than 240 bytes is refused with
+//!   [`StorageError::InvalidKey`].
+//! - `put` writes a temporary file (`.tmp-<name>-<random>`) created with mode 0600, fsyncs it,
+//!   renames it over the target and fsyncs the directory, so after a crash a key holds either
+//!   its old or its new value, never a mix. Every file is created with mode 0600: the store
+//!   holds the node's secret key and its queued messages, none of which other users should read.
+//! - Names starting with `.` (temporary files left by a crash) and names that are not valid
+//!   escapes are ignored by `get` and `keys`; a later `put` of the same key simply replaces the
+//!   target.
+//! - `del` removes the file and fsyncs the directory.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use super::{Storage, StorageError};
+
+/// Longest escaped key accepted (file systems commonly allow 255 bytes; the temp-file prefix and
+/// suffix need the rest).
+const MAX_NAME: usize = 240;
+
+/// A [`Storage`] that keeps one file per key in a directory. See the module docs for the layout
+/// and the crash guarantees.
+///
+/// ```
+/// use mm_platform::storage::{FileStore, Storage};
+///
+/// let dir = std::env::temp_dir().join(format!("mm-doc-filestore-{}", std::process::id()));
+/// let mut store = FileStore::open(&dir).unwrap();
+/// store.put("a/b c", b"value").unwrap();
+/// let reopened = FileStore::open(&dir).unwrap();
+/// assert_eq!(reopened.get("a/b c").unwrap().as_deref(), Some(&b"value"[..]));
+/// std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+#[derive(Debug)]
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+impl FileStore {
+    /// Opens the store in `dir`, creating the directory (mode 0700) if it does not exist.
+    pub fn open(dir: impl AsRef<Path>) -> Result<FileStore, StorageError> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            let mut builder = fs::DirBuilder::new();
+            builder.recursive(true);
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder.create(&dir)?;
+        }
+        Ok(FileStore { dir })
+    }
+
+    /// The directory this store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path_of(&self, key: &str) -> Result<(String, PathBuf), StorageError> {
+        let name = escape_key(key);
+        if name.len() > MAX_NAME {
+            return Err(StorageError::InvalidKey(key.to_owned()));
+        }
+        let path = self.dir.join(&name);
+        Ok((name, path))
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
+}
+
+impl Storage for FileStore {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let (_, path) = self.path_of(key)?;
+        match fs::read(&path) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn put(&mut self, key: &str, value: &[u8]) -> Result<(), StorageError> {
+        let (name, path) = self.path_of(key)?;
+        let tmp = self
+            .dir
+            .join(format!(".tmp-{name}-{:016x}", crate::crypto::random_u64()));
+        let result = (|| -> io::Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(value)?;
+            f.sync_all()?;
+            drop(f);
+            fs::rename(&tmp, &path)?;
+            self.sync_dir()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(Into::into)
+    }
+
+    fn del(&mut self, key: &str) -> Result<(), StorageError> {
+        let (_, path) = self.path_of(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(self.sync_dir()?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn keys(&self) -> Result<Vec<String>, StorageError> {
+        let mut keys = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') {
+                continue;
+            }
+            if !entry.file_type()?.is_file() {
+                continue;
+            }
+            if let Some(key) = unescape_key(name) {
+                keys.push(key);
+            }
+        }
+        Ok(keys)
+    }
+}
+
+fn is_plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+/// The file name of `key` (see the module docs).
+pub(crate) fn escape_key(key: &str) -> String {
+    if key.is_empty() {
+        return "%".to_owned();
+    }
+    let mut out = String::with_capacity(key.len());
+    for &b in key.as_bytes() {
+        if is_plain(b) {
+            out.push(b as char);
+        } else {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.push('%');
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 15) as usize] as char);
+        }
+    }
+    out
+}
+
+/// The key of a file name, or `None` when the name is not a canonical escape.
+pub(crate) fn unescape_key(name: &str) -> Option<String> {
+    if name == "%" {
+        return Some(String::new());
+    }
+    let bytes = name.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if is_plain(b) {
+            out.push(b);
+            i += 1;
+        } else if b == b'%' && i + 2 < bytes.len() {
+            let hex = |c: u8| match c {
+                b'0'..=b'9' => Some(c - b'0'),
+                b'A'..=b'F' => Some(c - b'A' + 10),
+                _ => None,
+            };
+            let v = hex(bytes[i + 1])? << 4 | hex(bytes[i + 2])?;
+            if is_plain(v) {
+                return None; // not canonical
+            }
+            out.push(v);
+            i += 3;
+        } else {
+            return None;
+        }
+    }
+    let key = String::from_utf8(out).ok()?;
+    (!key.is_empty()).then_some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_round_trips() {
+        for key in [
+            "",
+            "identity",
+            "a/b",
+            "..",
+            ".",
+            "%41",
+            "offline.1234",
+            "héllo wörld",
+            "\u{0}\n",
+            "-_",
+        ] {
+            let name = escape_key(key);
+            assert!(!name.contains('/') && !name.starts_with('.'), "{name}");
+            assert_eq!(unescape_key(&name).as_deref(), Some(key), "{name}");
+        }
+    }
+
+    #[test]
+    fn non_canonical_names_are_rejected() {
+        for name in ["%41", "%4", "%", "a%zz", "a.b", "%2e", "%FF"] {
+            if name == "%" {
+                continue;
+            }
+            assert_eq!(unescape_key(name), None, "{name}");
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The bus through the platform: wildcard semantics, once/off/subscribe during dispatch,
+//! re-entrant sends, ordering, channels, protocol filters and send statuses.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use mm_platform::identity::Identity;
+use mm_platform::{Limits, Platform, SendStatus, SubscriptionId};
+
+type Log = Rc<RefCell<Vec<String>>>;
+
+fn platform() -> Platform {
+    let mut p = Platform::builder().build().unwrap();
+    // Deliver the start-up messages so tests see only their own.
+    p.poll(Some(Duration::ZERO)).unwrap();
+    p
+}
+
+fn turn(p: &mut Platform) {
+    p.poll(Some(Duration::ZERO)).unwrap();
+}
+
+fn recorder(p: &mut Platform, pattern: &str, name: &'static str, log: &Log) -> SubscriptionId {
+    let log = log.clone();
+    p.on(pattern, move |_ctx, msg| {
+        log.borrow_mut()
+            .push(format!("{name}:{}", msg.scoped_topic()));
+    })
+}
+
+fn send(p: &mut Platform, topic: &str) {
+    assert_eq!(
+        p.send("local", "ms", topic, b"{}".to_vec()),
+        SendStatus::Queued
+    );
+}
+
+#[test]
+fn wildcard_semantics_of_the_original() {
+    let mut p = platform();
+    let log: Log = Default::default();
+    recorder(&mut p, "self.room.*", "room*", &log);
+    recorder(&mut p, "self.a.*.c", "a*c", &log);
+    recorder(&mut p, "self.room", "room", &log);
+    for t in [
+        "room.a", "room.a.b", "room", "a.b.c", "a.c", "a.b.b.c", "rooms.x",
+    ] {
+        send(&mut p, t);
+    }
+    turn(&mut p);
+    assert_eq!(
+        *log.borrow(),
+        vec![
+            "room*:self.room.a",
+            "room*:self.room.a.b",
+            "room:self.room",
+            "a*c:self.a.b.c",
+        ]
+    );
+}
+
+#[test]
+fn once_fires_exactly_once_even_for_its_own_resend() {
+    let mut p = platform();
+    let count = Rc::new(RefCell::new(0));
+    let c = count.clone();
+    p.once("self.ping", move |ctx, _msg| {
+        *c.borrow_mut() += 1;
+        let _ = ctx.send("local", "ms", "ping", b"1".to_vec());
+    });
+    send(&mut p, "ping");
+    send(&mut p, "ping");
+    for _ in 0..3 {
+        turn(&mut p);
+    }
+    assert_eq!(*count.borrow(), 1);
+}
+
+#[test]
+fn off_during_dispatch_takes_effect_when_the_callback_returns() {
+    let mut p = platform();
+    let log: Log = Default::default();
+    let victim: Rc<RefCell<Option<SubscriptionId>>> = Default::default();
+    let v = victim.clone();
+    let l = log.clone();
+    let killer = p.on("self.t", move |ctx, _msg| {
+        l.borrow_mut().push("killer".into());
+        if let Some(id) = v.borrow_mut().take() {
+            assert!(ctx.off(id));
+        }
+    });
+    *victim.borrow_mut() = Some(recorder(&mut p, "self.t", "victim", &log));
+    // A subscription that removes itself.
+    let me: Rc<RefCell<Option<SubscriptionId>>> = Default::default();
+    let m = me.clone();
+    let l = log.clone();
+    *me.borrow_mut() = Some(p.on("self.*", move |ctx, _msg| {
+        l.borrow_mut().push("self-remover".into());
+        let id = m.borrow().unwrap();
+        ctx.off(id);
+    }));
+    send(&mut p, "t");
+    send(&mut p, "t");
+    turn(&mut p);
+    assert_eq!(*log.borrow(), vec!["killer", "self-remover", "killer"]);
+    assert!(p.off(killer));
+    assert!(!p.off(killer));
+}
+
+#[test]
+fn subscribe_during_dispatch_sees_only_later_messages() {
+    let mut p = platform();
+    let log: Log = Default::default();
+    let l = log.clone();
+    let mut added = false;
+    p.on("self.t", move |ctx, msg| {
+        l.borrow_mut().push(format!("first:{}", msg.payload[0]));
+        if !added {
+            added = true;
+            let l2 = l.clone();
+            ctx.on("self.t", move |_ctx, msg| {
+                l2.borrow_mut().push(format!("late:{}", msg.payload[0]));
+            });
+        }
+    });
+    let _ = p.send("local", "ms", "t", vec![1]);
+    let _ = p.send("local", "ms", "t", vec![2]);
+    turn(&mut p);
+    assert_eq!(*log.borrow(), vec!["first:1", "first:2", "late:2"]);
+}
+
+#[test]
+fn reentrant_sends_are_delivered_in_later_turns() {
+    let mut p = platform();
+    let log: Log = Default::default();
+    for (me, other) in [("ping", "pong"), ("pong", "ping")] {
+        let l = log.clone();
+        p.on(&format!("self.{me}"), move |ctx, msg| {
+            let n = msg.payload[0];
+            l.borrow_mut().push(format!("{me}{n}"));
+            if n < 5 {
+                assert!(ctx.send("local", "ms", other, vec![n + 1]).is_queued());
+            }
+        });
+    }
+    let _ = p.send("local", "ms", "ping", vec![0]);
+    assert!(log.borrow().is_empty(), "never delivered inside send");
+    let mut per_turn = Vec::new();
+    for _ in 0..10 {
+        let before = log.borrow().len();
+        turn(&mut p);
+        per_turn.push(log.borrow().len() - before);
+    }
+    assert_eq!(
+        *log.borrow(),
+        vec!["ping0", "pong1", "ping2", "pong3", "ping4", "pong5"]
+    );
+    assert_eq!(&per_turn[..7], &[1, 1, 1, 1, 1, 1, 0]);
+}
+
+#[test]
+fn delivery_order_is_send_order_and_subscription_order() {
+    let mut p = platform();
+    let log: Log = Default::default();
+    recorder(&mut p, "self.*", "b", &log);
+    recorder(&mut p, "self.x.*", "c", &log);
+    recorder(&mut p, "self.x.1", "a", &log);
+    let (_, rx) = p.on_channel("self.x.*", 1000);
+    for i in 0..500 {
+        let _ = p.send(
+            "local",
+            "ms",
+            format!("x.{}", i % 3),
+            (i as u32).to_le_bytes().to_vec(),
+        );
+    }
+    turn(&mut p);
+    let got: Vec<u32> = rx
+        .try_iter()
+        .map(|m| u32::from_le_bytes(m.payload[..4].try_into().unwrap()))
+        .collect();
+    assert_eq!(got, (0..500).collect::<Vec<u32>>());
+    let log = log.borrow();
+    assert_eq!(
+        &log[..4],
+        &["b:self.x.0", "c:self.x.0", "b:self.x.1", "c:self.x.1"]
+    );
+    assert_eq!(log[4], "a:self.x.1");
+}
+
+#[test]
+fn channel_delivery_to_another_thread() {
+    let mut p = platform();
+    let (_, rx) = p.messaging().on_channel("self.work.*", 256);
+    let consumer = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        while got.len() < 200 {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(m) => got.push(m.json::<u64>().unwrap()),
+                Err(_) => break,
+            }
+        }
+        got
+    });
+    for i in 0..200u64 {
+        let _ = p.messaging().send("work.item", "local", &i);
+        if i % 50 == 49 {
+            turn(&mut p);
+        }
+    }
+    let got = consumer.join().unwrap();
+    assert_eq!(p.stats().channel_drops, 0);
+    assert_eq!(got, (0..200).collect::<Vec<u64>>());
+}
+
+#[test]
+fn a_full_channel_never_blocks_and_a_dropped_receiver_unsubscribes() {
+    let mut p = platform();
+    let (_, rx) = p.on_channel("self.*", 2);
+    for _ in 0..10 {
+        send(&mut p, "flood");
+    }
+    turn(&mut p);
+    assert_eq!(rx.try_iter().count(), 2);
+    assert_eq!(p.stats().channel_drops, 8);
+    let (id, rx2) = p.on_channel("self.*", 2);
+    drop(rx2);
+    send(&mut p, "flood");
+    turn(&mut p);
+    assert!(!p.off(id), "removed when its receiver was dropped");
+}
+
+#[test]
+fn protocol_apis_see_only_their_protocol() {
+    let mut p = platform();
+    let log: Log = Default::default();
+    let l = log.clone();
+    p.messaging()
+        .on("self.t.*", move |_c, m, v: serde_json::Value| {
+            l.borrow_mut().push(format!("ms:{}:{v}", m.topic))
+        });
+    let l = log.clone();
+    p.torrenting().on("self.t.*", move |_c, m, v| {
+        l.borrow_mut().push(format!("bt:{}:{}", m.topic, v.len()))
+    });
+    let _ = p
+        .messaging()
+        .send("t.json", "local", &serde_json::json!({"a": 1}));
+    let _ = p.torrenting().send("t.hash", "local", &vec![0u8; 20]);
+    let _ = p.send("local", "ms", "t.broken", b"{not json".to_vec());
+    turn(&mut p);
+    assert_eq!(*log.borrow(), vec!["ms:t.json:{\"a\":1}", "bt:t.hash:20"]);
+    assert_eq!(p.stats().malformed, 1);
+}
+
+#[test]
+fn typed_messaging_round_trip() {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Move {
+        x: i32,
+        y: i32,
+    }
+    let mut p = platform();
+    let got = Rc::new(RefCell::new(None));
+    let g = got.clone();
+    p.messaging()
+        .once("self.game.move", move |_c, _m, mv: Move| {
+            *g.borrow_mut() = Some(mv)
+        });
+    let _ = p
+        .messaging()
+        .send("game.move", "local", &Move { x: 1, y: -2 });
+    turn(&mut p);
+    assert_eq!(*got.borrow(), Some(Move { x: 1, y: -2 }));
+}
+
+#[test]
+fn send_statuses() {
+    let mut p = Platform::builder()
+        .limits(Limits {
+            local_queue: 4,
+            max_message_size: 100,
+            ..Limits::default()
+        })
+        .build()
+        .unwrap();
+    turn(&mut p); // start-up messages
+    let stranger = Identity::generate().sign_id();
+    assert_eq!(
+        p.send("local", "ms", "t", vec![0; 200]),
+        SendStatus::TooLarge
+    );
+    assert_eq!(
+        p.send("nobody", "ms", "t", vec![]),
+        SendStatus::InvalidDestination
+    );
+    assert_eq!(p.send(stranger, "ms", "t", vec![]), SendStatus::NoTransport);
+    let me = p.sign_id().to_string();
+    assert_eq!(p.send(me.as_str(), "ms", "t", vec![]), SendStatus::Queued);
+    for _ in 0..3 {
+        assert_eq!(p.send("local", "ms", "t", vec![]), SendStatus::Queued);
+    }
+    assert_eq!(p.send("local", "ms", "t", vec![]), SendStatus::BufferFull);
+    let (_, rx) = p.on_channel("self.t", 8);
+    turn(&mut p);
+    let msgs: Vec<_> = rx.try_iter().collect();
+    assert_eq!(msgs.len(), 4);
+    assert!(msgs.iter().all(|m| m.sender == mm_platform::Address::Local));
+    assert_eq!(p.send("local", "ms", "t", vec![]), SendStatus::Queued);
+}
