@@ -1,8 +1,8 @@
 //! CONTRACT SKELETON (owned by the handshake helper).
 use std::time::Instant;
 
-use super::stream::{Stream, StreamConfig, StreamError};
 use super::packet::ServerName;
+use super::stream::{Stream, StreamConfig, StreamError};
 use super::Extension;
 use crate::crypto::{BoxKeyPair, BoxPublicKey};
 
@@ -54,20 +54,36 @@ pub struct Client {}
 
 impl Client {
     /// A new connection; the first Hello is due at `now`.
-    pub fn new(config: ClientConfig, now: Instant) -> Client { todo!() }
+    pub fn new(config: ClientConfig, now: Instant) -> Client {
+        todo!()
+    }
     /// Feeds one packet that came from the server's address (the driver checks the address).
-    pub fn handle_packet(&mut self, packet: &[u8], now: Instant) { todo!() }
+    pub fn handle_packet(&mut self, packet: &[u8], now: Instant) {
+        todo!()
+    }
     /// Writes the next packet due at `now` into `out` (at least `MAX_PACKET` bytes) and returns
     /// its length.
-    pub fn poll_transmit(&mut self, now: Instant, out: &mut [u8]) -> Option<usize> { todo!() }
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut [u8]) -> Option<usize> {
+        todo!()
+    }
     /// When `poll_transmit` may next produce something, if ever.
-    pub fn poll_timeout(&self) -> Option<Instant> { todo!() }
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        todo!()
+    }
     /// Where the connection is.
-    pub fn state(&self) -> ClientState { todo!() }
+    pub fn state(&self) -> ClientState {
+        todo!()
+    }
     /// The stream.
-    pub fn stream(&self) -> &Stream { todo!() }
+    pub fn stream(&self) -> &Stream {
+        todo!()
+    }
     /// The stream, to write to or read from.
-    pub fn stream_mut(&mut self) -> &mut Stream { todo!() }
+    pub fn stream_mut(&mut self) -> &mut Stream {
+        todo!()
+    }
     /// Our long-term public key C.
-    pub fn long_term_key(&self) -> BoxPublicKey { todo!() }
+    pub fn long_term_key(&self) -> BoxPublicKey {
+        todo!()
+    }
 }

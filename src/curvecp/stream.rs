@@ -60,34 +60,62 @@ pub struct Stream {}
 
 impl Stream {
     /// A new stream (`now` starts its clocks).
-    pub fn new(config: &StreamConfig, now: Instant) -> Stream { todo!() }
+    pub fn new(config: &StreamConfig, now: Instant) -> Stream {
+        todo!()
+    }
     /// Queues bytes for sending; returns how many were taken (0 when the send buffer is full or
     /// the stream was finished: backpressure).
-    pub fn write(&mut self, data: &[u8]) -> usize { todo!() }
+    pub fn write(&mut self, data: &[u8]) -> usize {
+        todo!()
+    }
     /// Room left in the send buffer.
-    pub fn writable(&self) -> usize { todo!() }
+    pub fn writable(&self) -> usize {
+        todo!()
+    }
     /// Ends our side of the stream after the queued bytes.
-    pub fn finish(&mut self, eof: Eof) { todo!() }
+    pub fn finish(&mut self, eof: Eof) {
+        todo!()
+    }
     /// Copies received in-order bytes into `buf`; returns how many (0 when none are ready).
-    pub fn read(&mut self, buf: &mut [u8]) -> usize { todo!() }
+    pub fn read(&mut self, buf: &mut [u8]) -> usize {
+        todo!()
+    }
     /// In-order bytes ready to read.
-    pub fn readable(&self) -> usize { todo!() }
+    pub fn readable(&self) -> usize {
+        todo!()
+    }
     /// The peer's EOF, once every byte before it has been read.
-    pub fn peer_eof(&self) -> Option<Eof> { todo!() }
+    pub fn peer_eof(&self) -> Option<Eof> {
+        todo!()
+    }
     /// Feeds one decrypted message (16..1088 bytes) from the peer. A malformed one is dropped
     /// with no state change; returns whether it was accepted.
-    pub fn handle_message(&mut self, msg: &[u8], now: Instant) -> bool { todo!() }
+    pub fn handle_message(&mut self, msg: &[u8], now: Instant) -> bool {
+        todo!()
+    }
     /// Writes the next message to send at `now` into `out` (at most `max_len` bytes, a multiple
     /// of 16, at most 1088) and returns its length, or `None` when nothing is due.
-    pub fn poll_message(&mut self, now: Instant, max_len: usize, out: &mut [u8]) -> Option<usize> { todo!() }
+    pub fn poll_message(&mut self, now: Instant, max_len: usize, out: &mut [u8]) -> Option<usize> {
+        todo!()
+    }
     /// When `poll_message` may next produce something, if ever.
-    pub fn poll_timeout(&self) -> Option<Instant> { todo!() }
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        todo!()
+    }
     /// Our EOF acknowledged, and the peer's EOF received and every byte before it read.
-    pub fn is_done(&self) -> bool { todo!() }
+    pub fn is_done(&self) -> bool {
+        todo!()
+    }
     /// Every byte written (and our EOF, if finished) has been acknowledged.
-    pub fn all_acked(&self) -> bool { todo!() }
+    pub fn all_acked(&self) -> bool {
+        todo!()
+    }
     /// Set once the stream has failed; it then sends nothing more.
-    pub fn error(&self) -> Option<StreamError> { todo!() }
+    pub fn error(&self) -> Option<StreamError> {
+        todo!()
+    }
     /// Counters.
-    pub fn stats(&self) -> StreamStats { todo!() }
+    pub fn stats(&self) -> StreamStats {
+        todo!()
+    }
 }
