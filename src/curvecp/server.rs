@@ -552,6 +552,11 @@ impl<A: Copy + Eq + Hash + Debug> Server<A> {
             conn.client_long
         );
         self.remember_ended(conn.client_short);
+        if self.conns.is_empty() {
+            // Nothing left to wake up for: drop the stale entries at once.
+            self.timers.clear();
+            self.send_queue.clear();
+        }
         self.push_event(ServerEvent::Closed(ConnectionId {
             index: idx,
             generation: conn.generation,
