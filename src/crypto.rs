@@ -231,12 +231,7 @@ impl SharedKey {
 
     /// Opens the compact box `boxed` into `out`, which must be exactly `boxed.len() - TAG_LEN`
     /// long. On failure `out` is zeroed.
-    pub fn open_into(
-        &self,
-        nonce: &Nonce,
-        boxed: &[u8],
-        out: &mut [u8],
-    ) -> Result<(), CryptoError> {
+    pub fn open_into(&self, nonce: &Nonce, boxed: &[u8], out: &mut [u8]) -> Result<(), CryptoError> {
         if boxed.len() < TAG_LEN || out.len() != boxed.len() - TAG_LEN {
             return Err(CryptoError);
         }
@@ -587,10 +582,7 @@ mod tests {
     fn hex_and_random() {
         let pk = BoxPublicKey([0xab; 32]);
         assert_eq!(BoxPublicKey::from_hex(&pk.to_hex()), Some(pk));
-        assert_eq!(
-            BoxPublicKey::from_hex(&pk.to_hex().to_uppercase()),
-            Some(pk)
-        );
+        assert_eq!(BoxPublicKey::from_hex(&pk.to_hex().to_uppercase()), Some(pk));
         assert_eq!(BoxPublicKey::from_hex("abc"), None);
         assert_eq!(BoxPublicKey::from_hex(&"g".repeat(64)), None);
         for _ in 0..1000 {

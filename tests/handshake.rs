@@ -319,7 +319,10 @@ fn row14_identical_initiate_resent_dropped() {
     let d = rig.dropped();
     rig.feed(&i, 0);
     assert_eq!(rig.dropped(), d + 1);
-    assert!(rig.messages_for(&mut raw).is_empty(), "no answer to a replay");
+    assert!(
+        rig.messages_for(&mut raw).is_empty(),
+        "no answer to a replay"
+    );
     assert_eq!(rig.server.connection_count(), 1);
     assert_eq!(rig.server.stats().accepted, 1);
 }
@@ -394,7 +397,10 @@ fn row19_client_message_truncated_or_misaligned_dropped() {
     assert!(rig.messages_for(&mut raw).is_empty());
     // The untouched packet still works: the failures changed no state.
     rig.feed(&m, 0);
-    assert_eq!(ack_fields(rig.messages_for(&mut raw).last().unwrap()), (2, 6));
+    assert_eq!(
+        ack_fields(rig.messages_for(&mut raw).last().unwrap()),
+        (2, 6)
+    );
 }
 
 #[test]
@@ -634,6 +640,8 @@ fn transfer(n_clients: usize, up: usize, down: usize) {
     let uploads: Vec<Vec<u8>> = (0..n_clients).map(|i| pattern(i, up + i)).collect();
     let downloads: Vec<Vec<u8>> = (0..n_clients).map(|i| pattern(100 + i, down + i)).collect();
     let mut up_pos = vec![0usize; n_clients];
+    let mut up_done = vec![false; n_clients];
+    let mut down_done = vec![false; n_clients];
     let mut got_down: Vec<Vec<u8>> = vec![Vec::new(); n_clients];
     // Server side, by path (= client index).
     let mut ids: Vec<Option<ConnectionId>> = vec![None; n_clients];
@@ -646,10 +654,11 @@ fn transfer(n_clients: usize, up: usize, down: usize) {
         // Client applications.
         for (i, c) in net.clients.iter_mut().enumerate() {
             let s = c.stream_mut();
-            if up_pos[i] < uploads[i].len() {
+            if !up_done[i] {
                 up_pos[i] += s.write(&uploads[i][up_pos[i]..]);
                 if up_pos[i] == uploads[i].len() {
                     s.finish(Eof::Success);
+                    up_done[i] = true;
                 }
             }
             loop {
@@ -677,10 +686,11 @@ fn transfer(n_clients: usize, up: usize, down: usize) {
             let Some(s) = net.server.stream_mut(id) else {
                 continue;
             };
-            if down_pos[p] < downloads[p].len() {
+            if !down_done[p] {
                 down_pos[p] += s.write(&downloads[p][down_pos[p]..]);
                 if down_pos[p] == downloads[p].len() {
                     s.finish(Eof::Success);
+                    down_done[p] = true;
                 }
             }
             loop {
@@ -694,9 +704,7 @@ fn transfer(n_clients: usize, up: usize, down: usize) {
                 up_eof[p] = true;
             }
         }
-        if closed == n_clients
-            && net.clients.iter().all(|c| c.state() == ClientState::Closed)
-        {
+        if closed == n_clients && net.clients.iter().all(|c| c.state() == ClientState::Closed) {
             break;
         }
         net.tick();
@@ -709,7 +717,10 @@ fn transfer(n_clients: usize, up: usize, down: usize) {
         assert_eq!(net.clients[i].stream().peer_eof(), Some(Eof::Success));
         assert_eq!(net.clients[i].state(), ClientState::Closed);
     }
-    assert_eq!(closed, n_clients, "the server removed every finished connection");
+    assert_eq!(
+        closed, n_clients,
+        "the server removed every finished connection"
+    );
     assert_eq!(net.server.connection_count(), 0);
     let q = net.server.queues();
     assert_eq!((q.send_queue, q.events), (0, 0));
@@ -776,14 +787,20 @@ fn client_hello_schedule_then_no_response() {
     assert!(sends[0].1 < 1 << 48);
     let mut w = Duration::from_secs(1);
     for k in 1..8 {
-        assert_eq!(sends[k].1, sends[k - 1].1 + 1, "one counter, new nonce each");
+        assert_eq!(
+            sends[k].1,
+            sends[k - 1].1 + 1,
+            "one counter, new nonce each"
+        );
         let gap = sends[k].0 - sends[k - 1].0;
         assert!(gap >= w && gap < w * 2, "gap {k}: {gap:?} vs {w:?}");
         w = w * 3 / 2;
     }
     assert_eq!(sends[0].0, t0, "first Hello at once");
     let mut buf = [0u8; MAX_PACKET];
-    assert!(c.poll_transmit(now + Duration::from_secs(100), &mut buf).is_none());
+    assert!(c
+        .poll_transmit(now + Duration::from_secs(100), &mut buf)
+        .is_none());
 }
 
 /// The client accepts a Cookie only at exactly 200 bytes, with the magic, both extensions and
@@ -882,7 +899,10 @@ fn flood_of_hellos_and_garbage_leaves_no_state_and_a_client_gets_through() {
         let now = net.now;
         // A valid Hello.
         let h = raws[k % 16].hello();
-        assert!(net.server.handle_packet(&h, 1000, now, &mut reply).is_some());
+        assert!(net
+            .server
+            .handle_packet(&h, 1000, now, &mut reply)
+            .is_some());
         // Garbage: random length and bytes, a third of it with a valid prefix and extension.
         let len = (next() % 1300) as usize;
         for b in garbage[..len].iter_mut() {
@@ -922,7 +942,10 @@ fn flood_of_hellos_and_garbage_leaves_no_state_and_a_client_gets_through() {
         }
     }
     assert!(client_done, "the client finished during the flood");
-    assert_eq!(net.server.stats().cookies_sent as usize, N + net.clients[0].stats().hellos_sent as usize);
+    assert_eq!(
+        net.server.stats().cookies_sent as usize,
+        N + net.clients[0].stats().hellos_sent as usize
+    );
     // Run out the linger; then nothing is left.
     for _ in 0..1000 {
         if net.server.connection_count() == 0 {

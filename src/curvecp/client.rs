@@ -55,6 +55,12 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
+    /// Settings for a server with long-term key `server_key`: the empty name, zero extensions,
+    /// a fresh long-term key, [`StreamConfig::client`].
+    pub fn new(server_key: BoxPublicKey) -> ClientConfig {
+        ClientConfig::with_stream(server_key, StreamConfig::client())
+    }
+
     /// Settings for a server with long-term key `server_key` and the given stream settings:
     /// the empty name, zero extensions, a fresh long-term key.
     pub fn with_stream(server_key: BoxPublicKey, stream: StreamConfig) -> ClientConfig {

@@ -1,6 +1,490 @@
-//! CONTRACT SKELETON
+//! Congestion control for the CurveCP message layer, behind the [`Congestion`] trait.
+//!
+//! The stream ([`super::stream`]) asks its controller three things before each transmission:
+//! how many blocks may be in flight ([`Congestion::window`]), how long to wait between two
+//! blocks ([`Congestion::pacing_interval`]) and when an unacknowledged block counts as timed out
+//! ([`Congestion::rto`]). It reports RTT samples, acknowledged blocks, losses detected from
+//! acknowledgements and retransmission timeouts. A window *and* pacing are both available, so a
+//! rate-based (BBR-like) controller can replace the ones here without touching the stream.
+//!
+//! Two controllers:
+//! - [`Chicago`]: the reference `curvecpmessage` controller (curvecp.md §7.6), one block every
+//!   `nsecperblock`, faithful to the reference's integer arithmetic. The comparison baseline.
+//! - [`FastStart`]: a window-based controller with slow start, additive increase,
+//!   multiplicative decrease on loss and pacing at 1.25 × window / smoothed RTT. The default.
+//!
+//! Controllers are made per stream by a [`CongestionFactory`]; see [`chicago`], [`fast`] and
+//! [`default_factory`].
+
 use std::sync::Arc;
-/// Congestion controller (see the stream helper's design).
-pub trait Congestion: Send {}
+use std::time::{Duration, Instant};
+
+/// A congestion controller consulted by one stream. All methods are sans-IO: `now` comes from
+/// the caller.
+pub trait Congestion: Send {
+    /// A short name for logs and benchmarks.
+    fn name(&self) -> &'static str;
+    /// Called once when the stream is created.
+    fn init(&mut self, now: Instant);
+    /// A round-trip sample: an acknowledgement named the latest transmission of a block that
+    /// was still unacknowledged (Karn's rule is applied by the stream).
+    fn on_rtt_sample(&mut self, rtt: Duration, now: Instant);
+    /// Blocks newly acknowledged by byte ranges (`blocks` > 0), `bytes` of data among them.
+    fn on_ack(&mut self, blocks: usize, bytes: usize, now: Instant);
+    /// A block was found lost from acknowledgements (later blocks arrived, it did not) and is
+    /// about to be retransmitted.
+    fn on_loss(&mut self, now: Instant);
+    /// The retransmission timer fired for the oldest unacknowledged block.
+    fn on_timeout(&mut self, now: Instant);
+    /// Minimum time between two transmitted blocks (zero: no pacing).
+    fn pacing_interval(&self) -> Duration;
+    /// Maximum number of unacknowledged blocks in flight (the stream applies its own cap too).
+    fn window(&self) -> usize;
+    /// Retransmission timeout before any backoff applied by the stream.
+    fn rto(&self) -> Duration;
+    /// Smoothed round-trip time, once sampled.
+    fn srtt(&self) -> Option<Duration>;
+}
+
 /// Makes one controller per stream.
 pub type CongestionFactory = Arc<dyn Fn() -> Box<dyn Congestion> + Send + Sync>;
+
+/// A factory of reference-faithful [`Chicago`] controllers.
+pub fn chicago() -> CongestionFactory {
+    Arc::new(|| Box::new(Chicago::new(crate::crypto::random_u64())) as Box<dyn Congestion>)
+}
+
+/// A factory of [`FastStart`] controllers.
+pub fn fast() -> CongestionFactory {
+    Arc::new(|| Box::new(FastStart::new()) as Box<dyn Congestion>)
+}
+
+/// The default controller factory ([`FastStart`]).
+pub fn default_factory() -> CongestionFactory {
+    fast()
+}
+
+const SECOND_NS: i64 = 1_000_000_000;
+/// Chicago never paces slower than this (the reference has no cap; this only avoids overflow).
+const CHICAGO_MAX_NSECPERBLOCK: i64 = 8 * SECOND_NS;
+
+/// The reference controller of `curvecpmessage` (curvecp.md §7.5-§7.6): it sends one block every
+/// `nsecperblock` nanoseconds, starting at 1 s, and adapts that interval to the RTT samples.
+#[derive(Debug, Clone)]
+pub struct Chicago {
+    epoch: Option<Instant>,
+    rng: u64,
+    nsecperblock: i64,
+    rtt_timeout: i64,
+    rtt_average: i64,
+    rtt_deviation: i64,
+    rtt_highwater: i64,
+    rtt_lowwater: i64,
+    seen_recent_high: bool,
+    seen_recent_low: bool,
+    seen_older_high: bool,
+    seen_older_low: bool,
+    phase: u8,
+    last_speed_adjustment: i64,
+    last_edge: Option<i64>,
+    last_doubling: Option<i64>,
+    last_panic: Option<i64>,
+}
+
+impl Chicago {
+    /// A fresh controller; `seed` feeds its small internal PRNG (the random back-offs).
+    pub fn new(seed: u64) -> Chicago {
+        Chicago {
+            epoch: None,
+            rng: seed | 1,
+            nsecperblock: SECOND_NS,
+            rtt_timeout: SECOND_NS,
+            rtt_average: 0,
+            rtt_deviation: 0,
+            rtt_highwater: 0,
+            rtt_lowwater: 0,
+            seen_recent_high: false,
+            seen_recent_low: false,
+            seen_older_high: false,
+            seen_older_low: false,
+            phase: 0,
+            last_speed_adjustment: 0,
+            last_edge: None,
+            last_doubling: None,
+            last_panic: None,
+        }
+    }
+
+    /// The current interval between blocks, in nanoseconds.
+    pub fn nsecperblock(&self) -> i64 {
+        self.nsecperblock
+    }
+
+    /// The current retransmission timeout, in nanoseconds.
+    pub fn rtt_timeout(&self) -> i64 {
+        self.rtt_timeout
+    }
+
+    fn rand_below(&mut self, n: i64) -> i64 {
+        if n <= 0 {
+            return 0;
+        }
+        // xorshift64*
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) % n as u64) as i64
+    }
+
+    fn ns(&mut self, now: Instant) -> i64 {
+        let epoch = *self.epoch.get_or_insert(now);
+        let d = now.saturating_duration_since(epoch);
+        i64::try_from(d.as_nanos()).unwrap_or(i64::MAX / 4)
+    }
+}
+
+impl Congestion for Chicago {
+    fn name(&self) -> &'static str {
+        "chicago"
+    }
+
+    fn init(&mut self, now: Instant) {
+        let t = self.ns(now);
+        self.last_speed_adjustment = t;
+    }
+
+    fn on_rtt_sample(&mut self, rtt: Duration, now: Instant) {
+        let recent = self.ns(now);
+        let rtt = i64::try_from(rtt.as_nanos())
+            .unwrap_or(i64::MAX / 4)
+            .clamp(1, 60 * SECOND_NS);
+        if self.rtt_average == 0 {
+            self.nsecperblock = rtt;
+            self.rtt_average = rtt;
+            self.rtt_deviation = rtt / 2;
+            self.rtt_highwater = rtt;
+            self.rtt_lowwater = rtt;
+        }
+        // Jacobson/Karels.
+        let mut delta = rtt - self.rtt_average;
+        self.rtt_average += delta / 8;
+        delta = delta.abs() - self.rtt_deviation;
+        self.rtt_deviation += delta / 4;
+        self.rtt_timeout = self.rtt_average + 4 * self.rtt_deviation + 8 * self.nsecperblock;
+        // Top and bottom of the congestion cycle.
+        self.rtt_highwater += (rtt - self.rtt_highwater) / 1024;
+        let d = rtt - self.rtt_lowwater;
+        if d > 0 {
+            self.rtt_lowwater += d / 8192;
+        } else {
+            self.rtt_lowwater += d / 256;
+        }
+        if self.rtt_average > self.rtt_highwater + 5_000_000 {
+            self.seen_recent_high = true;
+        } else if self.rtt_average < self.rtt_lowwater {
+            self.seen_recent_low = true;
+        }
+        // Periodic adjustment.
+        if recent >= self.last_speed_adjustment + 16 * self.nsecperblock {
+            if recent - self.last_speed_adjustment > 10 * SECOND_NS {
+                self.nsecperblock = SECOND_NS + self.rand_below(SECOND_NS / 8);
+            }
+            self.last_speed_adjustment = recent;
+            if self.nsecperblock >= 131_072 {
+                if self.nsecperblock < 16_777_216 {
+                    let u = self.nsecperblock / 131_072;
+                    self.nsecperblock -= u * u * u;
+                } else {
+                    let d = self.nsecperblock as f64;
+                    self.nsecperblock = (d / (1.0 + d * d / 2_251_799_813_685_248.0)) as i64;
+                }
+            }
+            if self.phase == 0 {
+                if self.seen_older_high {
+                    self.phase = 1;
+                    self.last_edge = Some(recent);
+                    let r = self.rand_below(self.nsecperblock / 4);
+                    self.nsecperblock += r;
+                }
+            } else if self.seen_older_low {
+                self.phase = 0;
+            }
+            self.seen_older_high = self.seen_recent_high;
+            self.seen_older_low = self.seen_recent_low;
+            self.seen_recent_high = false;
+            self.seen_recent_low = false;
+        }
+        // Doubling (halving nsecperblock).
+        let ready = match (self.last_edge, self.last_doubling) {
+            (_, None) => true,
+            (Some(edge), Some(ld)) if recent - edge < 60 * SECOND_NS => {
+                recent >= ld + 4 * self.nsecperblock + 64 * self.rtt_timeout + 5 * SECOND_NS
+            }
+            (_, Some(ld)) => recent >= ld + 4 * self.nsecperblock + 2 * self.rtt_timeout,
+        };
+        if ready && self.nsecperblock > 65_535 {
+            self.nsecperblock /= 2;
+            self.last_doubling = Some(recent);
+            if self.last_edge.is_some() {
+                self.last_edge = Some(recent);
+            }
+        }
+        self.nsecperblock = self.nsecperblock.clamp(1, CHICAGO_MAX_NSECPERBLOCK);
+    }
+
+    fn on_ack(&mut self, _blocks: usize, _bytes: usize, _now: Instant) {}
+
+    fn on_loss(&mut self, _now: Instant) {}
+
+    fn on_timeout(&mut self, now: Instant) {
+        let recent = self.ns(now);
+        let first = match self.last_panic {
+            None => true,
+            Some(p) => recent > p + 4 * self.rtt_timeout,
+        };
+        if first {
+            self.nsecperblock = (self.nsecperblock * 2).min(CHICAGO_MAX_NSECPERBLOCK);
+            self.last_panic = Some(recent);
+            self.last_edge = Some(recent);
+        }
+    }
+
+    fn pacing_interval(&self) -> Duration {
+        Duration::from_nanos(self.nsecperblock.max(0) as u64)
+    }
+
+    fn window(&self) -> usize {
+        usize::MAX
+    }
+
+    fn rto(&self) -> Duration {
+        Duration::from_nanos(self.rtt_timeout.max(1) as u64)
+    }
+
+    fn srtt(&self) -> Option<Duration> {
+        (self.rtt_average > 0).then(|| Duration::from_nanos(self.rtt_average as u64))
+    }
+}
+
+/// Initial window of [`FastStart`], in blocks.
+const FAST_INITIAL_WINDOW: f64 = 16.0;
+/// Smallest window of [`FastStart`], in blocks.
+const FAST_MIN_WINDOW: f64 = 2.0;
+/// Largest window of [`FastStart`], in blocks (the stream caps in-flight blocks lower anyway).
+const FAST_MAX_WINDOW: f64 = 4096.0;
+/// Retransmission timeout before the first RTT sample (the reference's).
+const FAST_INITIAL_RTO: Duration = Duration::from_secs(1);
+/// Lower bound of the retransmission timeout (room for a slow peer's delayed acknowledgements).
+const FAST_MIN_RTO: Duration = Duration::from_millis(25);
+
+/// A window-based controller: slow start from 16 blocks, then one block more per window per
+/// RTT; on a loss the window halves (at most once per RTT), on a timeout it drops to 2 blocks.
+/// Blocks are paced at 1.25 × window / smoothed RTT so that a window is not sent as one burst.
+#[derive(Debug, Clone)]
+pub struct FastStart {
+    cwnd: f64,
+    ssthresh: f64,
+    srtt_ns: f64,
+    rttvar_ns: f64,
+    sampled: bool,
+    recovery_until: Option<Instant>,
+}
+
+impl Default for FastStart {
+    fn default() -> Self {
+        FastStart::new()
+    }
+}
+
+impl FastStart {
+    /// A fresh controller.
+    pub fn new() -> FastStart {
+        FastStart {
+            cwnd: FAST_INITIAL_WINDOW,
+            ssthresh: f64::INFINITY,
+            srtt_ns: 0.0,
+            rttvar_ns: 0.0,
+            sampled: false,
+            recovery_until: None,
+        }
+    }
+
+    /// The current window in blocks (fractional).
+    pub fn cwnd(&self) -> f64 {
+        self.cwnd
+    }
+
+    fn in_recovery(&self, now: Instant) -> bool {
+        self.recovery_until.is_some_and(|t| now < t)
+    }
+
+    fn reduce(&mut self, now: Instant, to_min: bool) {
+        self.ssthresh = (self.cwnd / 2.0).max(FAST_MIN_WINDOW);
+        self.cwnd = if to_min {
+            FAST_MIN_WINDOW
+        } else {
+            self.ssthresh
+        };
+        let srtt = self.srtt().unwrap_or(FAST_MIN_RTO);
+        self.recovery_until = Some(now + srtt);
+    }
+}
+
+impl Congestion for FastStart {
+    fn name(&self) -> &'static str {
+        "faststart"
+    }
+
+    fn init(&mut self, _now: Instant) {}
+
+    fn on_rtt_sample(&mut self, rtt: Duration, _now: Instant) {
+        let r = rtt.as_nanos().min(60_000_000_000) as f64;
+        if !self.sampled {
+            self.sampled = true;
+            self.srtt_ns = r;
+            self.rttvar_ns = r / 2.0;
+        } else {
+            let delta = (r - self.srtt_ns).abs();
+            self.rttvar_ns += (delta - self.rttvar_ns) / 4.0;
+            self.srtt_ns += (r - self.srtt_ns) / 8.0;
+        }
+    }
+
+    fn on_ack(&mut self, blocks: usize, _bytes: usize, now: Instant) {
+        if self.in_recovery(now) {
+            return;
+        }
+        let b = blocks as f64;
+        if self.cwnd < self.ssthresh {
+            self.cwnd += b;
+        } else {
+            self.cwnd += b / self.cwnd;
+        }
+        self.cwnd = self.cwnd.min(FAST_MAX_WINDOW);
+    }
+
+    fn on_loss(&mut self, now: Instant) {
+        if !self.in_recovery(now) {
+            self.reduce(now, false);
+        }
+    }
+
+    fn on_timeout(&mut self, now: Instant) {
+        if !self.in_recovery(now) {
+            self.reduce(now, true);
+        }
+    }
+
+    fn pacing_interval(&self) -> Duration {
+        if !self.sampled {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos((self.srtt_ns / (1.25 * self.cwnd)) as u64)
+    }
+
+    fn window(&self) -> usize {
+        self.cwnd as usize
+    }
+
+    fn rto(&self) -> Duration {
+        if !self.sampled {
+            return FAST_INITIAL_RTO;
+        }
+        let ns = self.srtt_ns + 4.0 * self.rttvar_ns;
+        Duration::from_nanos(ns as u64).max(FAST_MIN_RTO)
+    }
+
+    fn srtt(&self) -> Option<Duration> {
+        self.sampled
+            .then(|| Duration::from_nanos(self.srtt_ns as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn chicago_first_sample_sets_rate_then_halves() {
+        let t0 = Instant::now();
+        let mut c = Chicago::new(7);
+        c.init(t0);
+        assert_eq!(c.nsecperblock(), SECOND_NS);
+        assert_eq!(c.rto(), Duration::from_secs(1));
+        c.on_rtt_sample(10 * MS, t0 + 10 * MS);
+        // First sample: nsecperblock = rtt, and the first doubling is allowed at once.
+        assert_eq!(c.nsecperblock(), 5_000_000);
+        assert_eq!(c.srtt(), Some(10 * MS));
+        // avg = 10 ms, dev = 5 ms - 5/4 ms = 3.75 ms, and rtt_timeout = avg + 4 dev
+        // + 8 * nsecperblock (before the halving) = 10 + 15 + 80 ms.
+        assert_eq!(c.rtt_timeout(), 105_000_000);
+    }
+
+    #[test]
+    fn chicago_timeout_doubles_once_per_four_rto() {
+        let t0 = Instant::now();
+        let mut c = Chicago::new(7);
+        c.init(t0);
+        c.on_rtt_sample(10 * MS, t0 + 10 * MS);
+        let npb = c.nsecperblock();
+        c.on_timeout(t0 + 200 * MS);
+        assert_eq!(c.nsecperblock(), 2 * npb);
+        // A second timeout soon after does not double again.
+        c.on_timeout(t0 + 300 * MS);
+        assert_eq!(c.nsecperblock(), 2 * npb);
+        // After 4 * rtt_timeout it does.
+        let later = t0 + 200 * MS + Duration::from_nanos(4 * c.rtt_timeout() as u64) + MS;
+        c.on_timeout(later);
+        assert_eq!(c.nsecperblock(), 4 * npb);
+    }
+
+    #[test]
+    fn chicago_speeds_up_with_steady_rtt() {
+        let t0 = Instant::now();
+        let mut c = Chicago::new(1);
+        c.init(t0);
+        let mut t = t0;
+        for _ in 0..2000 {
+            t += 2 * MS;
+            c.on_rtt_sample(2 * MS, t);
+        }
+        assert!(c.nsecperblock() < 1_000_000, "{}", c.nsecperblock());
+        assert!(c.nsecperblock() > 65_535 / 2);
+    }
+
+    #[test]
+    fn fast_slow_start_then_halving_on_loss() {
+        let t0 = Instant::now();
+        let mut f = FastStart::new();
+        f.init(t0);
+        assert_eq!(f.window(), 16);
+        assert_eq!(f.rto(), FAST_INITIAL_RTO);
+        f.on_rtt_sample(10 * MS, t0);
+        f.on_ack(16, 16 * 1024, t0 + 10 * MS);
+        assert_eq!(f.window(), 32);
+        f.on_loss(t0 + 20 * MS);
+        assert_eq!(f.window(), 16);
+        // Losses within one RTT count once.
+        f.on_loss(t0 + 21 * MS);
+        assert_eq!(f.window(), 16);
+        // Congestion avoidance: one block per window.
+        f.on_ack(16, 16 * 1024, t0 + 40 * MS);
+        assert_eq!(f.window(), 17);
+        f.on_timeout(t0 + 100 * MS);
+        assert_eq!(f.window(), 2);
+        assert!(f.rto() >= FAST_MIN_RTO);
+        // Pacing spreads the window over the RTT.
+        assert!(f.pacing_interval() > Duration::ZERO);
+        assert!(f.pacing_interval() < 10 * MS);
+    }
+
+    #[test]
+    fn factories_make_fresh_controllers() {
+        assert_eq!(chicago()().name(), "chicago");
+        assert_eq!(default_factory()().name(), "faststart");
+    }
+}

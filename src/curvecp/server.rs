@@ -91,6 +91,12 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// Settings with the given key pair: the empty name, the zero extension,
+    /// [`DEFAULT_MAX_CONNECTIONS`], every client accepted, [`StreamConfig::server`].
+    pub fn new(keypair: BoxKeyPair) -> ServerConfig {
+        ServerConfig::with_stream(keypair, StreamConfig::server())
+    }
+
     /// Settings with the given key pair and stream settings: the empty name, the zero
     /// extension, [`DEFAULT_MAX_CONNECTIONS`], every client accepted.
     pub fn with_stream(keypair: BoxKeyPair, stream: StreamConfig) -> ServerConfig {

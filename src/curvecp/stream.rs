@@ -1,7 +1,62 @@
-//! CONTRACT SKELETON (replace bodies; keep signatures unless agreed).
+//! The CurveCP message layer of one connection: a reliable, ordered byte stream each way, built
+//! from the messages of [`super::message`] (curvecp.md §7), sans-IO.
+//!
+//! The crypto layer feeds every decrypted message to [`Stream::handle_message`], asks
+//! [`Stream::poll_message`] for messages to box and send (written straight into its packet
+//! buffer), and sleeps until [`Stream::poll_timeout`]. The application side is
+//! [`Stream::write`] / [`Stream::finish`] and [`Stream::read`] / [`Stream::peer_eof`].
+//!
+//! Sending: bytes are queued in a send buffer bounded by [`StreamConfig::send_buffer`] (grown on
+//! demand, released when empty), cut into blocks of up to 1024 bytes (`initial_block` until the
+//! peer has spoken, and never more than fits the caller's `max_len`), at most [`MAX_BLOCKS`]
+//! blocks queued and never beyond the peer's range 1 + [`SEND_WINDOW`] (the reference drops
+//! anything further). Every transmission gets a new message ID. RTT samples come only from an
+//! acknowledgement naming the latest transmission of a still-unacknowledged block (Karn). A
+//! block is retransmitted when a block sent at least [`DUP_THRESHOLD`] transmissions after it
+//! is known to have arrived (from ranges or from the acknowledged ID), or when its
+//! retransmission timeout expires (doubled on each timeout until progress, at most
+//! [`MAX_RTO`] unless the controller asks for more). The congestion controller
+//! ([`super::congestion`]) sets the window and the pacing. EOF rides on the last block or in an
+//! empty STOP block and counts as acknowledged only when range 1 reaches N + 1. If blocks are
+//! outstanding and nothing has been acknowledged for [`StreamConfig::dead_after`], the stream
+//! fails with [`StreamError::PeerUnresponsive`] and sends nothing more.
+//!
+//! Receiving: data is accepted up to [`StreamConfig::recv_window`] bytes beyond the read
+//! position (further data is dropped and not acknowledged), kept out of order in a ring buffer
+//! grown on demand (at most [`MAX_HOLES`] separate ranges), delivered in order, duplicates
+//! ignored. Every accepted message with a non-zero ID is acknowledged promptly (one
+//! acknowledgement covers all messages handled before the next `poll_message`), and so is the
+//! very first message from the peer even with ID 0. Acknowledgements ride on data when data is
+//! due anyway, carry ranges 2..6 when there are holes, and otherwise go out as 64-byte messages
+//! with ID 0.
+//!
+//! Hostile input: a message of the wrong size, or whose range 1 acknowledges bytes we never
+//! sent, is dropped whole with no state change. A data part that is malformed, contradicts an
+//! earlier EOF, or lies beyond the window is ignored (its acknowledgement fields still count,
+//! as in the reference).
+
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::congestion::CongestionFactory;
+use super::congestion::{self, Congestion, CongestionFactory};
+use super::message::{self, Message, MessageHeader, Stop, ACK_LEN, MAX_DATA};
+
+/// The most blocks (sent and not yet removed from the head of the queue) a stream keeps.
+pub const MAX_BLOCKS: usize = 128;
+/// Never send data past the peer's range 1 plus this many bytes (the reference's receive
+/// buffer: it drops anything further).
+pub const SEND_WINDOW: u64 = 131_072;
+/// The most separate out-of-order ranges kept by the receiver (further data is dropped).
+pub const MAX_HOLES: usize = 128;
+/// A block is deemed lost when a block sent this many transmissions later has arrived.
+pub const DUP_THRESHOLD: u64 = 3;
+/// The retransmission timeout backoff stops growing here (unless the controller's own timeout
+/// is longer).
+pub const MAX_RTO: Duration = Duration::from_secs(4);
+/// The largest stream position the protocol allows (2^60).
+const MAX_STREAM: u64 = 1 << 60;
+/// Rings and send buffers larger than this are released when they become empty.
+const KEEP_CAPACITY: usize = 8 * 1024;
 
 /// How a stream ends: the STOP flag of the message layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,12 +67,40 @@ pub enum Eof {
     Failure,
 }
 
+impl From<Eof> for Stop {
+    fn from(e: Eof) -> Stop {
+        match e {
+            Eof::Success => Stop::Success,
+            Eof::Failure => Stop::Failure,
+        }
+    }
+}
+
+impl From<Stop> for Eof {
+    fn from(s: Stop) -> Eof {
+        match s {
+            Stop::Success => Eof::Success,
+            Stop::Failure => Eof::Failure,
+        }
+    }
+}
+
 /// Why a stream failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamError {
     /// Nothing from the peer acknowledged our data for `StreamConfig::dead_after`.
     PeerUnresponsive,
 }
+
+impl std::fmt::Display for StreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamError::PeerUnresponsive => f.write_str("peer unresponsive"),
+        }
+    }
+}
+
+impl std::error::Error for StreamError {}
 
 /// Settings of one stream.
 #[derive(Clone)]
@@ -38,6 +121,49 @@ pub struct StreamConfig {
     pub congestion: CongestionFactory,
 }
 
+impl StreamConfig {
+    /// Client defaults: an immediate ping, 512-byte first blocks, 128 KiB send buffer, 256 KiB
+    /// receive window, 30 s dead-peer timeout, the default congestion controller.
+    pub fn client() -> StreamConfig {
+        StreamConfig {
+            send_buffer: 131_072,
+            recv_window: 262_144,
+            initial_ping: true,
+            initial_block: 512,
+            dead_after: Duration::from_secs(30),
+            congestion: congestion::default_factory(),
+        }
+    }
+
+    /// Server defaults: as [`StreamConfig::client`] but no ping and 1024-byte blocks at once.
+    pub fn server() -> StreamConfig {
+        StreamConfig {
+            initial_ping: false,
+            initial_block: MAX_DATA,
+            ..StreamConfig::client()
+        }
+    }
+}
+
+impl Default for StreamConfig {
+    /// The server defaults.
+    fn default() -> Self {
+        StreamConfig::server()
+    }
+}
+
+impl std::fmt::Debug for StreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamConfig")
+            .field("send_buffer", &self.send_buffer)
+            .field("recv_window", &self.recv_window)
+            .field("initial_ping", &self.initial_ping)
+            .field("initial_block", &self.initial_block)
+            .field("dead_after", &self.dead_after)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Counters of one stream.
 #[derive(Debug, Clone, Default)]
 pub struct StreamStats {
@@ -55,67 +181,1011 @@ pub struct StreamStats {
     pub retransmissions: u64,
 }
 
+/// One block of our stream that has been sent and not yet removed from the queue.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    /// Stream position of its first byte.
+    pos: u64,
+    /// Data bytes.
+    len: u16,
+    /// Carries our EOF (then it ends at the end of the stream).
+    eof: bool,
+    /// Message ID of the latest transmission.
+    id: u32,
+    /// Time of the latest transmission.
+    sent_at: Instant,
+    /// Transmission sequence number of the latest transmission.
+    seq: u64,
+    /// Acknowledged by the peer's ranges.
+    acked: bool,
+}
+
+impl Block {
+    fn end(&self) -> u64 {
+        self.pos + u64::from(self.len)
+    }
+}
+
 /// The message layer of one connection: a reliable, ordered byte stream each way.
-pub struct Stream {}
+pub struct Stream {
+    // Settings.
+    send_buffer: usize,
+    recv_window: usize,
+    dead_after: Duration,
+    cc: Box<dyn Congestion>,
+    error: Option<StreamError>,
+    /// Latest `now` seen (what "immediately" means for `poll_timeout`).
+    last_now: Instant,
+    /// Latest `max_len` passed to `poll_message`.
+    last_max_len: usize,
+    /// Largest block now (`initial_block`, then 1024 once the peer has spoken).
+    max_block: usize,
+    heard_from_peer: bool,
+
+    // Send side.
+    /// Bytes `[sbuf_start, write_pos)` of our stream.
+    sbuf: VecDeque<u8>,
+    sbuf_start: u64,
+    write_pos: u64,
+    /// First byte not yet cut into a block.
+    next_pos: u64,
+    eof: Option<Eof>,
+    eof_cut: bool,
+    eof_acked: bool,
+    ping_pending: bool,
+    blocks: VecDeque<Block>,
+    in_flight: usize,
+    next_id: u32,
+    next_seq: u64,
+    /// Highest transmission sequence number known to have arrived.
+    delivered_seq: u64,
+    /// Highest range-1 end the peer reported (excluding the EOF's +1).
+    peer_ack: u64,
+    last_block_time: Option<Instant>,
+    backoff: u32,
+    last_progress: Instant,
+
+    // Receive side.
+    /// Ring buffer (length 0 or a power of two) holding stream bytes from `read_pos`.
+    rbuf: Vec<u8>,
+    rhead: usize,
+    read_pos: u64,
+    /// All bytes below this have arrived.
+    recv_contig: u64,
+    /// Out-of-order ranges above `recv_contig`: sorted, disjoint, not adjacent.
+    holes: Vec<(u64, u64)>,
+    /// Largest end of any data received.
+    recv_max: u64,
+    peer_eof: Option<(Eof, u64)>,
+    /// Since when an acknowledgement is due.
+    ack_pending: Option<Instant>,
+    /// Latest non-zero ID to name in the next acknowledgement.
+    ack_id: u32,
+
+    stats: StreamStats,
+}
 
 impl Stream {
     /// A new stream (`now` starts its clocks).
     pub fn new(config: &StreamConfig, now: Instant) -> Stream {
-        todo!()
+        let mut cc = (config.congestion)();
+        cc.init(now);
+        Stream {
+            send_buffer: config.send_buffer,
+            recv_window: config.recv_window.max(1),
+            dead_after: config.dead_after,
+            cc,
+            error: None,
+            last_now: now,
+            last_max_len: message::MAX_MESSAGE,
+            max_block: config.initial_block.clamp(1, MAX_DATA),
+            heard_from_peer: false,
+            sbuf: VecDeque::new(),
+            sbuf_start: 0,
+            write_pos: 0,
+            next_pos: 0,
+            eof: None,
+            eof_cut: false,
+            eof_acked: false,
+            ping_pending: config.initial_ping,
+            blocks: VecDeque::new(),
+            in_flight: 0,
+            next_id: 1,
+            next_seq: 1,
+            delivered_seq: 0,
+            peer_ack: 0,
+            last_block_time: None,
+            backoff: 0,
+            last_progress: now,
+            rbuf: Vec::new(),
+            rhead: 0,
+            read_pos: 0,
+            recv_contig: 0,
+            holes: Vec::new(),
+            recv_max: 0,
+            peer_eof: None,
+            ack_pending: None,
+            ack_id: 0,
+            stats: StreamStats::default(),
+        }
     }
+
     /// Queues bytes for sending; returns how many were taken (0 when the send buffer is full or
     /// the stream was finished: backpressure).
     pub fn write(&mut self, data: &[u8]) -> usize {
-        todo!()
+        let n = data.len().min(self.writable());
+        self.sbuf.extend(&data[..n]);
+        self.write_pos += n as u64;
+        n
     }
+
     /// Room left in the send buffer.
     pub fn writable(&self) -> usize {
-        todo!()
+        if self.eof.is_some() || self.error.is_some() {
+            return 0;
+        }
+        let room = self.send_buffer.saturating_sub(self.sbuf.len());
+        let max_more = MAX_STREAM.saturating_sub(self.write_pos);
+        room.min(usize::try_from(max_more).unwrap_or(usize::MAX))
     }
+
     /// Ends our side of the stream after the queued bytes.
     pub fn finish(&mut self, eof: Eof) {
-        todo!()
+        if self.eof.is_none() {
+            self.eof = Some(eof);
+        }
     }
+
     /// Copies received in-order bytes into `buf`; returns how many (0 when none are ready).
     pub fn read(&mut self, buf: &mut [u8]) -> usize {
-        todo!()
+        let n = buf.len().min(self.readable());
+        if n == 0 {
+            return 0;
+        }
+        let cap = self.rbuf.len();
+        let first = n.min(cap - self.rhead);
+        buf[..first].copy_from_slice(&self.rbuf[self.rhead..self.rhead + first]);
+        buf[first..n].copy_from_slice(&self.rbuf[..n - first]);
+        self.rhead = (self.rhead + n) & (cap - 1);
+        self.read_pos += n as u64;
+        self.stats.bytes_received += n as u64;
+        if self.read_pos == self.recv_max && cap > KEEP_CAPACITY {
+            self.rbuf = Vec::new();
+            self.rhead = 0;
+        }
+        n
     }
+
     /// In-order bytes ready to read.
     pub fn readable(&self) -> usize {
-        todo!()
+        (self.recv_contig - self.read_pos) as usize
     }
+
     /// The peer's EOF, once every byte before it has been read.
     pub fn peer_eof(&self) -> Option<Eof> {
-        todo!()
+        match self.peer_eof {
+            Some((e, total)) if self.read_pos == total => Some(e),
+            _ => None,
+        }
     }
+
     /// Feeds one decrypted message (16..1088 bytes) from the peer. A malformed one is dropped
     /// with no state change; returns whether it was accepted.
     pub fn handle_message(&mut self, msg: &[u8], now: Instant) -> bool {
-        todo!()
+        if now > self.last_now {
+            self.last_now = now;
+        }
+        if self.error.is_some() {
+            return false;
+        }
+        let Some(m) = Message::parse(msg) else {
+            log::debug!("stream: dropped a message of {} bytes", msg.len());
+            return false;
+        };
+        let h = m.header;
+        let sent_end = self.next_pos + u64::from(self.eof_cut);
+        if h.ack_end > sent_end {
+            log::debug!(
+                "stream: dropped a message acknowledging {} of {} bytes sent",
+                h.ack_end,
+                sent_end
+            );
+            return false;
+        }
+        // Validate the data part before changing anything.
+        let data = m.data.and_then(|d| self.check_data(&h, d));
+
+        // Acknowledgement fields.
+        self.apply_acks(&h, sent_end, now);
+
+        // Data.
+        let mut ack = h.id != 0 && data.is_some();
+        if let Some(d) = data {
+            self.store(&h, d);
+        }
+        if !self.heard_from_peer {
+            self.heard_from_peer = true;
+            self.max_block = MAX_DATA;
+            ack = true;
+        }
+        if ack {
+            self.ack_pending.get_or_insert(now);
+            if h.id != 0 && data.is_some() {
+                self.ack_id = h.id;
+            }
+        }
+        self.stats.messages_received += 1;
+        true
     }
+
+    /// Checks a message's data part; returns it when it may be stored.
+    fn check_data<'a>(&self, h: &MessageHeader, d: &'a [u8]) -> Option<&'a [u8]> {
+        let end = h.pos.checked_add(d.len() as u64)?;
+        if end > MAX_STREAM {
+            log::debug!("stream: data beyond 2^60");
+            return None;
+        }
+        if let Some((kind, total)) = self.peer_eof {
+            if end > total
+                || (h.stop().is_some() && (end != total || Some(kind) != h.stop().map(Eof::from)))
+            {
+                log::debug!("stream: data contradicting the peer's EOF at {total}");
+                return None;
+            }
+        } else if h.stop().is_some() && end < self.recv_max {
+            log::debug!("stream: EOF at {end} before data already received");
+            return None;
+        }
+        if end > self.read_pos.saturating_add(self.recv_window as u64) {
+            log::debug!("stream: data up to {end} beyond the receive window, dropped");
+            return None;
+        }
+        if end > self.recv_contig && !self.hole_fits(h.pos.max(self.recv_contig), end) {
+            log::debug!("stream: too many out-of-order ranges, data dropped");
+            return None;
+        }
+        Some(d)
+    }
+
+    /// Whether recording `[start, end)` (start ≥ recv_contig) keeps at most MAX_HOLES ranges.
+    fn hole_fits(&self, start: u64, end: u64) -> bool {
+        if start == self.recv_contig || self.holes.len() < MAX_HOLES {
+            return true;
+        }
+        // Full: fits only if it touches an existing range.
+        self.holes.iter().any(|&(s, e)| start <= e && end >= s)
+    }
+
+    fn apply_acks(&mut self, h: &MessageHeader, sent_end: u64, now: Instant) {
+        // RTT sample from the acknowledged ID (only the latest transmission of a block that is
+        // still unacknowledged).
+        if h.ack_id != 0 {
+            if let Some(b) = self.blocks.iter().find(|b| b.id == h.ack_id) {
+                if !b.acked {
+                    let rtt = now.saturating_duration_since(b.sent_at);
+                    self.cc.on_rtt_sample(rtt, now);
+                    self.last_progress = now;
+                }
+                self.delivered_seq = self.delivered_seq.max(b.seq);
+            }
+        }
+        let ranges = h.ranges();
+        let range1 = ranges[0].stop;
+        self.peer_ack = self.peer_ack.max(range1.min(self.next_pos));
+        let mut blocks = 0;
+        let mut bytes = 0;
+        for b in self.blocks.iter_mut().filter(|b| !b.acked) {
+            let hit = if b.eof {
+                range1 > b.end()
+            } else {
+                ranges
+                    .iter()
+                    .map(|r| (r.start, r.stop.min(sent_end)))
+                    .any(|(s, e)| s <= b.pos && b.end() <= e)
+            };
+            if hit {
+                b.acked = true;
+                blocks += 1;
+                bytes += usize::from(b.len);
+                self.delivered_seq = self.delivered_seq.max(b.seq);
+            }
+        }
+        if blocks > 0 {
+            self.in_flight -= blocks;
+            self.cc.on_ack(blocks, bytes, now);
+            self.backoff = 0;
+            self.last_progress = now;
+            while self.blocks.front().is_some_and(|b| b.acked) {
+                let b = self.blocks.pop_front().expect("front exists");
+                if b.eof {
+                    self.eof_acked = true;
+                }
+            }
+            let new_start = self.blocks.front().map_or(self.next_pos, |b| b.pos);
+            if new_start > self.sbuf_start {
+                let n = (new_start - self.sbuf_start) as usize;
+                self.sbuf.drain(..n);
+                self.sbuf_start = new_start;
+                if self.sbuf.is_empty() && self.sbuf.capacity() > KEEP_CAPACITY {
+                    self.sbuf = VecDeque::new();
+                }
+            }
+        }
+    }
+
+    /// Stores a validated data part.
+    fn store(&mut self, h: &MessageHeader, d: &[u8]) {
+        let end = h.pos + d.len() as u64;
+        if let Some(stop) = h.stop() {
+            self.peer_eof = Some((stop.into(), end));
+        }
+        if end <= self.recv_contig {
+            return; // duplicate
+        }
+        let start = h.pos.max(self.recv_contig);
+        let data = &d[(start - h.pos) as usize..];
+        self.ring_write(start, data);
+        self.recv_max = self.recv_max.max(end);
+        self.add_range(start, end);
+    }
+
+    fn ring_write(&mut self, start: u64, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let need = (start + data.len() as u64 - self.read_pos) as usize;
+        if need > self.rbuf.len() {
+            let new_cap = need.next_power_of_two().max(4096);
+            let mut nb = vec![0u8; new_cap];
+            let old = self.rbuf.len();
+            if old > 0 {
+                let first = old - self.rhead;
+                nb[..first].copy_from_slice(&self.rbuf[self.rhead..]);
+                nb[first..old].copy_from_slice(&self.rbuf[..self.rhead]);
+            }
+            self.rbuf = nb;
+            self.rhead = 0;
+        }
+        let cap = self.rbuf.len();
+        let at = (self.rhead + (start - self.read_pos) as usize) & (cap - 1);
+        let first = data.len().min(cap - at);
+        self.rbuf[at..at + first].copy_from_slice(&data[..first]);
+        self.rbuf[..data.len() - first].copy_from_slice(&data[first..]);
+    }
+
+    fn add_range(&mut self, start: u64, end: u64) {
+        if start <= self.recv_contig {
+            self.recv_contig = self.recv_contig.max(end);
+        } else {
+            // Merge into the sorted, disjoint list.
+            let i = self.holes.partition_point(|&(_, e)| e < start);
+            let mut s = start;
+            let mut e = end;
+            let mut j = i;
+            while j < self.holes.len() && self.holes[j].0 <= e {
+                s = s.min(self.holes[j].0);
+                e = e.max(self.holes[j].1);
+                j += 1;
+            }
+            self.holes.splice(i..j, std::iter::once((s, e)));
+        }
+        while let Some(&(s, e)) = self.holes.first() {
+            if s > self.recv_contig {
+                break;
+            }
+            self.recv_contig = self.recv_contig.max(e);
+            self.holes.remove(0);
+        }
+    }
+
+    /// Range 1 as we report it: bytes received in order, +1 once the peer's EOF and every byte
+    /// before it have arrived.
+    fn our_ack_end(&self) -> u64 {
+        match self.peer_eof {
+            Some((_, total)) if self.recv_contig == total => total + 1,
+            _ => self.recv_contig,
+        }
+    }
+
+    /// Fills the acknowledgement fields of an outgoing message.
+    fn ack_header(&self) -> MessageHeader {
+        let mut h = MessageHeader {
+            ack_id: if self.ack_pending.is_some() {
+                self.ack_id
+            } else {
+                0
+            },
+            ack_end: self.our_ack_end(),
+            ..Default::default()
+        };
+        let mut stop = h.ack_end;
+        for (k, &(s, e)) in self.holes.iter().take(5).enumerate() {
+            let gap = s - stop;
+            let len = (e - s).min(u64::from(u16::MAX));
+            if k == 0 {
+                let Ok(g) = u32::try_from(gap) else { break };
+                h.gap2 = g;
+                h.len2 = len as u16;
+            } else {
+                let Ok(g) = u16::try_from(gap) else { break };
+                h.more[k - 1] = (g, len as u16);
+            }
+            stop = s + len;
+        }
+        h
+    }
+
+    fn rto(&self) -> Duration {
+        let base = self.cc.rto();
+        let backed = base.saturating_mul(1u32 << self.backoff.min(16));
+        backed.min(MAX_RTO.max(base))
+    }
+
+    fn fits(max_len: usize, b: &Block) -> bool {
+        message::data_message_len(usize::from(b.len)).is_some_and(|l| l <= max_len)
+    }
+
+    /// A block found lost from later deliveries.
+    fn lost_block(&self, max_len: usize) -> Option<usize> {
+        self.blocks.iter().position(|b| {
+            !b.acked && b.seq + DUP_THRESHOLD <= self.delivered_seq && Self::fits(max_len, b)
+        })
+    }
+
+    /// The unacknowledged block sent longest ago.
+    fn oldest_block(&self, max_len: usize) -> Option<usize> {
+        let mut best: Option<usize> = None;
+        for (i, b) in self.blocks.iter().enumerate() {
+            if b.acked || !Self::fits(max_len, b) {
+                continue;
+            }
+            if best.map_or(true, |j| b.sent_at < self.blocks[j].sent_at) {
+                best = Some(i);
+            }
+        }
+        best
+    }
+
+    /// The next new block: (data length, carries EOF), if one may be sent.
+    fn new_block(&self, max_len: usize) -> Option<(usize, bool)> {
+        if self.blocks.len() >= MAX_BLOCKS || self.in_flight >= self.cc.window().max(1) {
+            return None;
+        }
+        let limit = self.max_block.min(message::max_data_for(max_len));
+        if limit == 0 {
+            return None;
+        }
+        let unsent = self.write_pos - self.next_pos;
+        // Everything below `sbuf_start` is acknowledged (by any range), so it is a safe base too.
+        let base = self.peer_ack.max(self.sbuf_start);
+        let room = (base + SEND_WINDOW).saturating_sub(self.next_pos);
+        if unsent > 0 {
+            let want = unsent.min(limit as u64);
+            if room < want {
+                return None;
+            }
+            let eof = self.eof.is_some() && self.next_pos + want == self.write_pos;
+            return Some((want as usize, eof));
+        }
+        if self.eof.is_some() && !self.eof_cut {
+            return Some((0, true));
+        }
+        if self.ping_pending {
+            return Some((0, false));
+        }
+        None
+    }
+
+    fn take_id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        if self.next_id == 0 {
+            self.next_id = 1;
+        }
+        id
+    }
+
+    /// Encodes block `b` into `out` with the current acknowledgement fields.
+    fn encode_block(&mut self, b: &Block, out: &mut [u8]) -> Option<usize> {
+        let mut h = self.ack_header();
+        h.id = b.id;
+        h.pos = b.pos;
+        let len = usize::from(b.len);
+        h.set_data(
+            len,
+            if b.eof {
+                self.eof.map(Stop::from)
+            } else {
+                None
+            },
+        );
+        let msg_len = message::data_message_len(len)?;
+        if out.len() < msg_len {
+            return None;
+        }
+        let data_at = msg_len - len;
+        // Copy the data straight from the send buffer to the end of the message.
+        let off = (b.pos - self.sbuf_start) as usize;
+        let (a, c) = self.sbuf.as_slices();
+        let dst = &mut out[data_at..msg_len];
+        if off + len <= a.len() {
+            dst.copy_from_slice(&a[off..off + len]);
+        } else if off >= a.len() {
+            dst.copy_from_slice(&c[off - a.len()..off - a.len() + len]);
+        } else {
+            let k = a.len() - off;
+            dst[..k].copy_from_slice(&a[off..]);
+            dst[k..].copy_from_slice(&c[..len - k]);
+        }
+        // Header and padding around the data already in place.
+        h.encode_in_place(msg_len, out)
+    }
+
+    fn sent_block(&mut self, now: Instant) {
+        self.last_block_time = Some(now);
+        self.ack_pending = None;
+        self.stats.messages_sent += 1;
+    }
+
     /// Writes the next message to send at `now` into `out` (at most `max_len` bytes, a multiple
     /// of 16, at most 1088) and returns its length, or `None` when nothing is due.
     pub fn poll_message(&mut self, now: Instant, max_len: usize, out: &mut [u8]) -> Option<usize> {
-        todo!()
+        if now > self.last_now {
+            self.last_now = now;
+        }
+        if self.error.is_some() {
+            return None;
+        }
+        let max_len = max_len.min(out.len()).min(message::MAX_MESSAGE);
+        self.last_max_len = max_len;
+        if self.in_flight > 0 && now >= self.last_progress + self.dead_after {
+            log::debug!("stream: peer unresponsive for {:?}", self.dead_after);
+            self.error = Some(StreamError::PeerUnresponsive);
+            self.ack_pending = None;
+            return None;
+        }
+        let pace_ok = self
+            .last_block_time
+            .map_or(true, |t| now >= t + self.cc.pacing_interval());
+        if pace_ok {
+            let resend = if let Some(i) = self.lost_block(max_len) {
+                self.cc.on_loss(now);
+                Some(i)
+            } else if let Some(i) = self
+                .oldest_block(max_len)
+                .filter(|&i| now >= self.blocks[i].sent_at + self.rto())
+            {
+                self.cc.on_timeout(now);
+                self.backoff = (self.backoff + 1).min(16);
+                Some(i)
+            } else {
+                None
+            };
+            if let Some(i) = resend {
+                let id = self.take_id();
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let b = &mut self.blocks[i];
+                b.id = id;
+                b.sent_at = now;
+                b.seq = seq;
+                let b = *b;
+                let n = self.encode_block(&b, out)?;
+                self.stats.retransmissions += 1;
+                self.sent_block(now);
+                return Some(n);
+            }
+            if let Some((len, eof)) = self.new_block(max_len) {
+                let b = Block {
+                    pos: self.next_pos,
+                    len: len as u16,
+                    eof,
+                    id: self.take_id(),
+                    sent_at: now,
+                    seq: self.next_seq,
+                    acked: false,
+                };
+                let n = self.encode_block(&b, out)?;
+                self.next_seq += 1;
+                if self.in_flight == 0 {
+                    self.last_progress = now;
+                }
+                self.in_flight += 1;
+                self.blocks.push_back(b);
+                self.next_pos += len as u64;
+                self.stats.bytes_sent += len as u64;
+                if eof {
+                    self.eof_cut = true;
+                }
+                // Any block does what the ping is for.
+                self.ping_pending = false;
+                self.sent_block(now);
+                return Some(n);
+            }
+        }
+        if self.ack_pending.is_some() && max_len >= ACK_LEN {
+            let h = self.ack_header();
+            let n = h.encode(&[], ACK_LEN, out)?;
+            self.ack_pending = None;
+            self.stats.messages_sent += 1;
+            return Some(n);
+        }
+        None
     }
+
     /// When `poll_message` may next produce something, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        todo!()
+        if self.error.is_some() {
+            return None;
+        }
+        let mut t: Option<Instant> = None;
+        let mut at = |x: Instant| {
+            t = Some(t.map_or(x, |y| y.min(x)));
+        };
+        if let Some(a) = self.ack_pending {
+            if self.last_max_len >= ACK_LEN {
+                at(a);
+            }
+        }
+        let pace_at = self
+            .last_block_time
+            .map_or(self.last_now, |l| l + self.cc.pacing_interval());
+        let max_len = self.last_max_len;
+        if self.lost_block(max_len).is_some() || self.new_block(max_len).is_some() {
+            at(pace_at);
+        }
+        if let Some(i) = self.oldest_block(max_len) {
+            at(pace_at.max(self.blocks[i].sent_at + self.rto()));
+        }
+        if self.in_flight > 0 {
+            at(self.last_progress + self.dead_after);
+        }
+        t
     }
+
     /// Our EOF acknowledged, and the peer's EOF received and every byte before it read.
     pub fn is_done(&self) -> bool {
-        todo!()
+        self.eof_acked && self.peer_eof().is_some()
     }
+
     /// Every byte written (and our EOF, if finished) has been acknowledged.
     pub fn all_acked(&self) -> bool {
-        todo!()
+        self.blocks.is_empty()
+            && self.next_pos == self.write_pos
+            && (self.eof.is_none() || self.eof_acked)
     }
+
     /// Set once the stream has failed; it then sends nothing more.
     pub fn error(&self) -> Option<StreamError> {
-        todo!()
+        self.error
     }
+
+    /// Releases every buffer that is currently empty (a driver may call this on an idle
+    /// connection; buffers are allocated again on demand). Buffers above 8 KiB are already
+    /// released automatically when they empty.
+    pub fn shrink_to_fit(&mut self) {
+        if self.read_pos == self.recv_max {
+            self.rbuf = Vec::new();
+            self.rhead = 0;
+        }
+        if self.sbuf.is_empty() {
+            self.sbuf = VecDeque::new();
+        }
+        if self.blocks.is_empty() {
+            self.blocks = VecDeque::new();
+        }
+        if self.holes.is_empty() {
+            self.holes = Vec::new();
+        }
+    }
+
+    /// Bytes of heap memory held by this stream's buffers (for memory budgets and tests).
+    pub fn buffer_bytes(&self) -> usize {
+        self.rbuf.capacity()
+            + self.sbuf.capacity()
+            + self.blocks.capacity() * std::mem::size_of::<Block>()
+            + self.holes.capacity() * std::mem::size_of::<(u64, u64)>()
+    }
+
     /// Counters.
     pub fn stats(&self) -> StreamStats {
-        todo!()
+        StreamStats {
+            srtt: self.cc.srtt(),
+            ..self.stats.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::curvecp::message::{data_message_len, FLAG_SUCCESS};
+
+    fn data_msg(id: u32, pos: u64, data: &[u8], stop: Option<Stop>) -> Vec<u8> {
+        let mut h = MessageHeader {
+            id,
+            pos,
+            ..Default::default()
+        };
+        h.set_data(data.len(), stop);
+        let len = data_message_len(data.len()).unwrap();
+        let mut out = vec![0u8; len];
+        h.encode(data, len, &mut out).unwrap();
+        out
+    }
+
+    fn poll(s: &mut Stream, now: Instant) -> Option<Vec<u8>> {
+        let mut out = [0u8; 1088];
+        s.poll_message(now, 1088, &mut out)
+            .map(|n| out[..n].to_vec())
+    }
+
+    #[test]
+    fn hello_world_with_stop_is_acknowledged_with_a1_13() {
+        let t = Instant::now();
+        let mut s = Stream::new(&StreamConfig::server(), t);
+        let msg = data_msg(1, 0, b"hello world\n", Some(Stop::Success));
+        assert_eq!(msg.len(), 192);
+        assert!(s.handle_message(&msg, t));
+        assert_eq!(s.poll_timeout(), Some(t));
+        let ack = poll(&mut s, t).unwrap();
+        let h = Message::parse(&ack).unwrap().header;
+        assert_eq!(h.id, 0);
+        assert_eq!(h.ack_id, 1);
+        assert_eq!(h.ack_end, 13);
+        assert_eq!((h.gap2, h.len2), (0, 0));
+        let mut buf = [0u8; 64];
+        assert_eq!(s.read(&mut buf), 12);
+        assert_eq!(&buf[..12], b"hello world\n");
+        assert_eq!(s.peer_eof(), Some(Eof::Success));
+        // Nothing more to send: no busy loop.
+        assert_eq!(poll(&mut s, t), None);
+        assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn data_beyond_a_gap_leaves_a1_and_sends_a_range() {
+        let t = Instant::now();
+        let mut s = Stream::new(&StreamConfig::server(), t);
+        assert!(s.handle_message(&data_msg(1, 0, b"0123456789", None), t));
+        assert!(s.handle_message(&data_msg(2, 30, b"abc", None), t));
+        let h = Message::parse(&poll(&mut s, t).unwrap()).unwrap().header;
+        assert_eq!(h.ack_end, 10);
+        assert_eq!(h.ack_id, 2);
+        assert_eq!((h.gap2, h.len2), (20, 3));
+        assert_eq!(s.readable(), 10);
+        // Filling the gap delivers everything in order.
+        assert!(s.handle_message(&data_msg(3, 10, &[b'x'; 20], None), t));
+        assert_eq!(s.readable(), 33);
+        let h = Message::parse(&poll(&mut s, t).unwrap()).unwrap().header;
+        assert_eq!(h.ack_end, 33);
+        assert_eq!((h.gap2, h.len2), (0, 0));
+    }
+
+    #[test]
+    fn pure_acks_are_not_acknowledged_but_the_first_message_is() {
+        let t = Instant::now();
+        let mut s = Stream::new(&StreamConfig::server(), t);
+        // A JavaScript client's Initiate carries 64 zero bytes: ID 0, but the server must speak.
+        assert!(s.handle_message(&[0u8; 64], t));
+        let m = poll(&mut s, t).unwrap();
+        assert_eq!(m.len(), ACK_LEN);
+        assert!(s.handle_message(&[0u8; 64], t));
+        assert_eq!(poll(&mut s, t), None);
+        assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn first_client_block_fits_an_initiate_then_grows() {
+        let t = Instant::now();
+        let mut s = Stream::new(&StreamConfig::client(), t);
+        let mut out = [0u8; 1088];
+        // The ping goes at once.
+        assert_eq!(s.poll_timeout(), Some(t));
+        let n = s.poll_message(t, 640, &mut out).unwrap();
+        let h = Message::parse(&out[..n]).unwrap().header;
+        assert_eq!((n, h.data_len(), h.id), (192, 0, 1));
+        // Then 512-byte blocks in 576-byte messages.
+        assert_eq!(s.write(&[7u8; 5000]), 5000);
+        let n = s.poll_message(t, 640, &mut out).unwrap();
+        assert_eq!(n, 576);
+        let h = Message::parse(&out[..n]).unwrap().header;
+        assert_eq!((h.data_len(), h.pos, h.id), (512, 0, 2));
+        // The server speaks (acknowledging the ping): blocks become 1024 bytes.
+        let mut ack = [0u8; 64];
+        MessageHeader {
+            ack_id: 1,
+            ..Default::default()
+        }
+        .encode(&[], 64, &mut ack)
+        .unwrap();
+        assert!(s.handle_message(&ack, t));
+        let n = s.poll_message(t, 1088, &mut out).unwrap();
+        assert_eq!(n, 1088);
+        let h = Message::parse(&out[..n]).unwrap().header;
+        assert_eq!((h.data_len(), h.pos), (1024, 512));
+    }
+
+    #[test]
+    fn eof_is_acknowledged_only_through_range_one() {
+        let t = Instant::now();
+        let mut s = Stream::new(&StreamConfig::server(), t);
+        s.write(b"hello");
+        s.finish(Eof::Success);
+        let m = poll(&mut s, t).unwrap();
+        let h = Message::parse(&m).unwrap().header;
+        assert_eq!(h.flags, 5 | FLAG_SUCCESS);
+        let ack = |end: u64, len2: u16| {
+            let mut b = [0u8; 64];
+            MessageHeader {
+                ack_end: end,
+                gap2: 0,
+                len2,
+                ..Default::default()
+            }
+            .encode(&[], 64, &mut b)
+            .unwrap();
+            b
+        };
+        // A range 2 covering the EOF position does not count; range 1 = 5 neither.
+        assert!(s.handle_message(&ack(5, 1), t));
+        assert!(!s.all_acked());
+        // Range 1 beyond what we sent is forged: dropped.
+        assert!(!s.handle_message(&ack(7, 0), t));
+        assert!(!s.all_acked());
+        assert!(s.handle_message(&ack(6, 0), t));
+        assert!(s.all_acked());
+    }
+
+    #[test]
+    fn retransmits_with_a_new_id_after_the_timeout_and_fails_when_dead() {
+        let t = Instant::now();
+        let cfg = StreamConfig {
+            dead_after: Duration::from_secs(10),
+            ..StreamConfig::server()
+        };
+        let mut s = Stream::new(&cfg, t);
+        s.write(b"abc");
+        let first = Message::parse(&poll(&mut s, t).unwrap()).unwrap().header.id;
+        let due = s.poll_timeout().unwrap();
+        assert_eq!(due, t + Duration::from_secs(1));
+        assert_eq!(poll(&mut s, due - Duration::from_millis(1)), None);
+        let m = poll(&mut s, due).unwrap();
+        let h = Message::parse(&m).unwrap().header;
+        assert_ne!(h.id, first);
+        assert_eq!(h.pos, 0);
+        assert_eq!(s.stats().retransmissions, 1);
+        // Backoff: the next one is 2 s later.
+        assert_eq!(s.poll_timeout(), Some(due + Duration::from_secs(2)));
+        let mut now = due;
+        for _ in 0..100 {
+            match s.poll_timeout() {
+                Some(next) => {
+                    assert!(next >= now);
+                    now = next;
+                    poll(&mut s, now);
+                }
+                None => break,
+            }
+        }
+        assert_eq!(s.error(), Some(StreamError::PeerUnresponsive));
+        assert!(now >= t + Duration::from_secs(10));
+        assert_eq!(poll(&mut s, now + Duration::from_secs(100)), None);
+        assert_eq!(s.write(b"x"), 0);
+    }
+
+    #[test]
+    fn selective_ranges_trigger_a_prompt_retransmission_of_the_hole() {
+        let t = Instant::now();
+        let mut s = Stream::new(&StreamConfig::server(), t);
+        s.write(&[9u8; 5000]);
+        let mut ids = Vec::new();
+        while let Some(m) = poll(&mut s, t) {
+            let h = Message::parse(&m).unwrap().header;
+            ids.push((h.id, h.pos, h.data_len()));
+        }
+        assert_eq!(ids.len(), 5);
+        assert_eq!(ids[4], (5, 4096, 904));
+        // The peer got blocks 2..5 but not block 1.
+        let mut ack = [0u8; 64];
+        MessageHeader {
+            ack_id: 5,
+            ack_end: 0,
+            gap2: 1024,
+            len2: 5000 - 1024,
+            ..Default::default()
+        }
+        .encode(&[], 64, &mut ack)
+        .unwrap();
+        let t1 = t + Duration::from_millis(10);
+        assert!(s.handle_message(&ack, t1));
+        assert_eq!(s.stats().srtt, Some(Duration::from_millis(10)));
+        // Due at once (the pacing interval since the last block has passed).
+        assert!(s.poll_timeout().unwrap() <= t1);
+        let h = Message::parse(&poll(&mut s, t1).unwrap()).unwrap().header;
+        assert_eq!((h.pos, h.data_len()), (0, 1024));
+        assert_eq!(h.id, 6);
+        assert_eq!(s.stats().retransmissions, 1);
+        // Only the hole was resent; nothing else is due before its timeout.
+        assert_eq!(poll(&mut s, t1), None);
+        assert!(s.poll_timeout().unwrap() > t1);
+        assert!(!s.all_acked());
+        let mut ack = [0u8; 64];
+        MessageHeader {
+            ack_id: 6,
+            ack_end: 5000,
+            ..Default::default()
+        }
+        .encode(&[], 64, &mut ack)
+        .unwrap();
+        assert!(s.handle_message(&ack, t1 + Duration::from_millis(10)));
+        assert!(s.all_acked());
+        assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn duplicates_are_acknowledged_and_delivered_once() {
+        let t = Instant::now();
+        let mut s = Stream::new(&StreamConfig::server(), t);
+        let m = data_msg(1, 0, b"abc", None);
+        assert!(s.handle_message(&m, t));
+        assert!(poll(&mut s, t).is_some());
+        let m2 = data_msg(2, 0, b"abc", None);
+        assert!(s.handle_message(&m2, t));
+        let h = Message::parse(&poll(&mut s, t).unwrap()).unwrap().header;
+        assert_eq!((h.ack_id, h.ack_end), (2, 3));
+        let mut buf = [0u8; 10];
+        assert_eq!(s.read(&mut buf), 3);
+        assert_eq!(s.read(&mut buf), 0);
+    }
+
+    #[test]
+    fn oversized_data_part_is_ignored_but_its_acknowledgement_counts() {
+        let t = Instant::now();
+        let mut s = Stream::new(&StreamConfig::server(), t);
+        // The first message is always answered; get that out of the way.
+        assert!(s.handle_message(&[0u8; 48], t));
+        assert!(poll(&mut s, t).is_some());
+        s.write(b"xyz");
+        assert!(poll(&mut s, t).is_some());
+        let mut m = [0u8; 1088];
+        m[0..4].copy_from_slice(&9u32.to_le_bytes());
+        m[8..16].copy_from_slice(&3u64.to_le_bytes());
+        m[38..40].copy_from_slice(&1025u16.to_le_bytes());
+        assert!(s.handle_message(&m, t));
+        assert!(s.all_acked());
+        assert_eq!(s.readable(), 0);
+        // Not acknowledged: the data part was rejected.
+        assert_eq!(poll(&mut s, t), None);
+        // 48 + D > length: same.
+        m[0..4].copy_from_slice(&10u32.to_le_bytes());
+        m[38..40].copy_from_slice(&100u16.to_le_bytes());
+        assert!(s.handle_message(&m[..128], t));
+        assert_eq!(s.readable(), 0);
+        assert_eq!(poll(&mut s, t), None);
+    }
+
+    #[test]
+    fn send_buffer_gives_backpressure_and_receive_window_drops() {
+        let t = Instant::now();
+        let cfg = StreamConfig {
+            send_buffer: 1000,
+            recv_window: 2048,
+            ..StreamConfig::server()
+        };
+        let mut s = Stream::new(&cfg, t);
+        assert_eq!(s.write(&[1u8; 1500]), 1000);
+        assert_eq!(s.write(&[1u8; 10]), 0);
+        assert_eq!(s.writable(), 0);
+        // Data beyond the window: dropped and not acknowledged.
+        assert!(s.handle_message(&data_msg(1, 2000, &[5u8; 100], None), t));
+        let _first_answer = poll(&mut s, t); // the first message is always answered
+        assert!(s.handle_message(&data_msg(2, 2000, &[5u8; 100], None), t));
+        assert_eq!(s.readable(), 0);
+        assert!(s.holes.is_empty());
+        while let Some(m) = poll(&mut s, t) {
+            let h = Message::parse(&m).unwrap().header;
+            assert_ne!(h.ack_id, 2);
+        }
     }
 }

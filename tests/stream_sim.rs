@@ -1,0 +1,725 @@
+//! Two CurveCP message-layer streams over a deterministic simulated network with a fake clock:
+//! loss, duplication, reordering and jitter over many seeds, slow readers, vanishing peers,
+//! hostile messages and a peer that behaves like the reference `curvecpmessage`.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::time::{Duration, Instant};
+
+use mm_platform::curvecp::congestion;
+use mm_platform::curvecp::message::{data_message_len, Message, MessageHeader, Stop};
+use mm_platform::curvecp::stream::{Eof, Stream, StreamConfig, StreamError};
+
+/// splitmix64: a small deterministic PRNG.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Network conditions.
+#[derive(Clone, Copy)]
+struct Net {
+    loss: u64,
+    dup: u64,
+    delay: Duration,
+    jitter: Duration,
+}
+
+const LOSSY: Net = Net {
+    loss: 10,
+    dup: 5,
+    delay: Duration::from_millis(5),
+    jitter: Duration::from_millis(5),
+};
+
+/// One packet in flight: (delivery time, sequence, destination, bytes).
+type InFlight = Reverse<(Instant, u64, usize, Vec<u8>)>;
+
+struct Wire {
+    rng: Rng,
+    net: Net,
+    queue: BinaryHeap<InFlight>,
+    seq: u64,
+    /// Drop everything sent to these endpoints' peers (a vanished endpoint).
+    cut: [bool; 2],
+}
+
+impl Wire {
+    fn new(seed: u64, net: Net) -> Wire {
+        Wire {
+            rng: Rng(seed),
+            net,
+            queue: BinaryHeap::new(),
+            seq: 0,
+            cut: [false, false],
+        }
+    }
+
+    fn send(&mut self, from: usize, bytes: Vec<u8>, now: Instant) {
+        if self.cut[from] || self.rng.chance(self.net.loss) {
+            return;
+        }
+        let copies = if self.rng.chance(self.net.dup) { 2 } else { 1 };
+        for _ in 0..copies {
+            let jitter = self.rng.below(self.net.jitter.as_nanos() as u64 + 1);
+            let at = now + self.net.delay + Duration::from_nanos(jitter);
+            self.seq += 1;
+            self.queue
+                .push(Reverse((at, self.seq, 1 - from, bytes.clone())));
+        }
+    }
+
+    fn next_time(&self) -> Option<Instant> {
+        self.queue.peek().map(|Reverse((t, ..))| *t)
+    }
+
+    fn pop_due(&mut self, now: Instant) -> Option<(usize, Vec<u8>)> {
+        if self.next_time()? <= now {
+            let Reverse((_, _, to, b)) = self.queue.pop().expect("peeked");
+            Some((to, b))
+        } else {
+            None
+        }
+    }
+}
+
+/// The application on one side: bytes to send, then an EOF; everything read is kept.
+struct App {
+    out: Vec<u8>,
+    written: usize,
+    eof: Eof,
+    got: Vec<u8>,
+    reading: bool,
+}
+
+impl App {
+    fn new(out: Vec<u8>, eof: Eof) -> App {
+        App {
+            out,
+            written: 0,
+            eof,
+            got: Vec::new(),
+            reading: true,
+        }
+    }
+
+    fn run(&mut self, s: &mut Stream) {
+        if self.written < self.out.len() {
+            self.written += s.write(&self.out[self.written..]);
+            if self.written == self.out.len() {
+                s.finish(self.eof);
+            }
+        } else if self.written == 0 {
+            s.finish(self.eof);
+        }
+        if self.reading {
+            let mut buf = [0u8; 4096];
+            for _ in 0..1000 {
+                let n = s.read(&mut buf);
+                if n == 0 {
+                    break;
+                }
+                self.got.extend_from_slice(&buf[..n]);
+            }
+        }
+    }
+}
+
+struct Sim {
+    t0: Instant,
+    now: Instant,
+    streams: [Stream; 2],
+    apps: [App; 2],
+    wire: Wire,
+    heard: [bool; 2],
+    steps: usize,
+}
+
+impl Sim {
+    fn new(seed: u64, net: Net, cfgs: [StreamConfig; 2], apps: [App; 2]) -> Sim {
+        let t0 = Instant::now();
+        Sim {
+            t0,
+            now: t0,
+            streams: [Stream::new(&cfgs[0], t0), Stream::new(&cfgs[1], t0)],
+            apps,
+            wire: Wire::new(seed, net),
+            heard: [false, false],
+            steps: 0,
+        }
+    }
+
+    /// One event: applications act, streams send what is due, the clock jumps to the next event,
+    /// due packets are delivered. Returns false when nothing can ever happen again.
+    fn step(&mut self) -> bool {
+        self.steps += 1;
+        for i in 0..2 {
+            self.apps[i].run(&mut self.streams[i]);
+            // Endpoint 0 is the client: 640-byte messages until the server has spoken.
+            let max_len = if i == 0 && !self.heard[0] { 640 } else { 1088 };
+            let mut out = [0u8; 1088];
+            for _ in 0..10_000 {
+                let Some(n) = self.streams[i].poll_message(self.now, max_len, &mut out) else {
+                    break;
+                };
+                assert!(
+                    n <= max_len && n % 16 == 0 && n >= 48,
+                    "bad message size {n}"
+                );
+                self.wire.send(i, out[..n].to_vec(), self.now);
+            }
+            // Memory stays bounded: receive ring (window rounded up to a power of two), send
+            // buffer, block queue and hole list.
+            assert!(self.streams[i].buffer_bytes() <= 2 * 262_144 + 65_536);
+            // poll_timeout is exact: once poll_message has nothing, nothing is due now.
+            if let Some(t) = self.streams[i].poll_timeout() {
+                assert!(
+                    t > self.now,
+                    "busy loop: due {:?} at {:?}",
+                    t - self.t0,
+                    self.now - self.t0
+                );
+            }
+        }
+        let next = [
+            self.wire.next_time(),
+            self.streams[0].poll_timeout(),
+            self.streams[1].poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let Some(next) = next else { return false };
+        if next > self.now {
+            self.now = next;
+        }
+        while let Some((to, bytes)) = self.wire.pop_due(self.now) {
+            if self.streams[to].handle_message(&bytes, self.now) {
+                self.heard[to] = true;
+            }
+        }
+        true
+    }
+
+    fn done(&self) -> bool {
+        self.streams.iter().all(|s| s.is_done())
+    }
+
+    fn run_until_done(&mut self, max_steps: usize) {
+        while !self.done() {
+            assert!(
+                self.steps < max_steps,
+                "no completion after {max_steps} steps"
+            );
+            assert!(self.step(), "stalled: nothing scheduled");
+            for s in &self.streams {
+                assert_eq!(s.error(), None);
+            }
+        }
+        for _ in 0..10 {
+            self.apps[0].run(&mut self.streams[0]);
+            self.apps[1].run(&mut self.streams[1]);
+        }
+    }
+
+    fn check_delivery(&self) {
+        for i in 0..2 {
+            let j = 1 - i;
+            assert_eq!(
+                self.apps[j].got.len(),
+                self.apps[i].out.len(),
+                "length {i}->{j}"
+            );
+            assert!(self.apps[j].got == self.apps[i].out, "bytes {i}->{j}");
+            assert_eq!(self.streams[j].peer_eof(), Some(self.apps[i].eof));
+            assert!(self.streams[i].all_acked());
+        }
+    }
+}
+
+fn configs(factory: congestion::CongestionFactory) -> [StreamConfig; 2] {
+    let mut c = StreamConfig::client();
+    let mut s = StreamConfig::server();
+    c.congestion = factory.clone();
+    s.congestion = factory;
+    [c, s]
+}
+
+fn lossy_transfer(seed: u64, factory: congestion::CongestionFactory, max_size: u64) -> Sim {
+    let mut rng = Rng(seed ^ 0xABCD);
+    let size = |rng: &mut Rng| match rng.below(5) {
+        0 => 0,
+        1 => rng.below(3) as usize,
+        2 => rng.below(5000) as usize,
+        _ => rng.below(max_size) as usize,
+    };
+    let eof = |rng: &mut Rng| {
+        if rng.chance(50) {
+            Eof::Success
+        } else {
+            Eof::Failure
+        }
+    };
+    let (na, nb) = (size(&mut rng), size(&mut rng));
+    let apps = [
+        App::new(rng.bytes(na), eof(&mut rng)),
+        App::new(rng.bytes(nb), eof(&mut rng)),
+    ];
+    let mut sim = Sim::new(seed, LOSSY, configs(factory), apps);
+    sim.run_until_done(2_000_000);
+    sim.check_delivery();
+    sim
+}
+
+#[test]
+fn lossy_network_many_seeds_default_controller() {
+    for seed in 0..200 {
+        lossy_transfer(seed, congestion::default_factory(), 400_000);
+    }
+}
+
+#[test]
+fn lossy_network_many_seeds_chicago() {
+    for seed in 1000..1060 {
+        lossy_transfer(seed, congestion::chicago(), 100_000);
+    }
+}
+
+#[test]
+fn clean_network_transfer_is_exact_and_takes_few_retransmissions() {
+    let net = Net {
+        loss: 0,
+        dup: 0,
+        delay: Duration::from_millis(2),
+        jitter: Duration::ZERO,
+    };
+    let mut rng = Rng(5);
+    let apps = [
+        App::new(rng.bytes(200_000), Eof::Success),
+        App::new(rng.bytes(150_000), Eof::Success),
+    ];
+    let mut sim = Sim::new(5, net, configs(congestion::default_factory()), apps);
+    sim.run_until_done(200_000);
+    sim.check_delivery();
+    for s in &sim.streams {
+        let st = s.stats();
+        assert_eq!(st.retransmissions, 0);
+        assert!(st.srtt.is_some());
+    }
+}
+
+#[test]
+fn slow_reader_fills_the_window_then_catches_up() {
+    for seed in 0..5 {
+        let mut rng = Rng(seed + 77);
+        let apps = [
+            App::new(rng.bytes(600_000), Eof::Success),
+            App::new(Vec::new(), Eof::Success),
+        ];
+        let mut sim = Sim::new(seed, LOSSY, configs(congestion::default_factory()), apps);
+        sim.apps[1].reading = false;
+        let stop_at = sim.t0 + Duration::from_secs(5);
+        while sim.now < stop_at {
+            assert!(sim.steps < 500_000);
+            assert!(sim.step());
+        }
+        // The receiver holds at most its window; the sender is blocked, not failed.
+        assert!(sim.streams[1].readable() <= StreamConfig::server().recv_window);
+        assert!(sim.streams[1].readable() > 0);
+        assert_eq!(sim.streams[0].error(), None);
+        assert!(sim.streams[0].writable() == 0 || sim.apps[0].written == 600_000);
+        sim.apps[1].reading = true;
+        sim.run_until_done(2_000_000);
+        sim.check_delivery();
+    }
+}
+
+#[test]
+fn vanished_peer_makes_the_stream_fail() {
+    let mut rng = Rng(9);
+    let apps = [
+        App::new(rng.bytes(100_000), Eof::Success),
+        App::new(Vec::new(), Eof::Success),
+    ];
+    let mut cfgs = configs(congestion::default_factory());
+    cfgs[0].dead_after = Duration::from_secs(20);
+    let mut sim = Sim::new(9, LOSSY, cfgs, apps);
+    for _ in 0..200 {
+        assert!(sim.step());
+    }
+    sim.wire.cut[1] = true; // endpoint 1 vanishes: nothing it sends arrives
+    let cut_at = sim.now;
+    while sim.streams[0].error().is_none() {
+        assert!(sim.steps < 100_000, "never failed");
+        sim.step();
+    }
+    assert_eq!(sim.streams[0].error(), Some(StreamError::PeerUnresponsive));
+    assert!(sim.now >= cut_at + Duration::from_secs(20) - Duration::from_secs(1));
+    assert_eq!(sim.streams[0].poll_timeout(), None);
+    let mut out = [0u8; 1088];
+    assert_eq!(
+        sim.streams[0].poll_message(sim.now + Duration::from_secs(1), 1088, &mut out),
+        None
+    );
+}
+
+/// What can be observed of a stream from outside.
+fn snapshot(s: &Stream) -> String {
+    let st = s.stats();
+    format!(
+        "{} {} {} {} {:?} {:?} {:?} {} {} {} {}",
+        s.readable(),
+        s.writable(),
+        s.all_acked(),
+        s.is_done(),
+        s.peer_eof(),
+        s.poll_timeout(),
+        s.error(),
+        st.bytes_sent,
+        st.bytes_received,
+        st.messages_sent,
+        st.messages_received
+    )
+}
+
+#[test]
+fn garbage_truncated_and_forged_messages_change_nothing() {
+    let mut rng = Rng(42);
+    let apps = [
+        App::new(rng.bytes(50_000), Eof::Success),
+        App::new(rng.bytes(30_000), Eof::Failure),
+    ];
+    let mut sim = Sim::new(42, LOSSY, configs(congestion::default_factory()), apps);
+    let mut fed = 0;
+    while !sim.done() {
+        assert!(sim.steps < 1_000_000);
+        assert!(sim.step());
+        if sim.steps % 7 != 0 {
+            continue;
+        }
+        for i in 0..2 {
+            let s = &mut sim.streams[i];
+            let before = snapshot(s);
+            // Garbage of a wrong length.
+            let mut len = rng.below(1200) as usize;
+            if (48..=1088).contains(&len) && len % 16 == 0 {
+                len += 1;
+            }
+            assert!(!s.handle_message(&rng.bytes(len), sim.now));
+            // A valid-looking message truncated to a length that is not a multiple of 16.
+            let mut h = MessageHeader {
+                id: 5,
+                ..Default::default()
+            };
+            h.set_data(10, None);
+            let mut buf = [0u8; 192];
+            h.encode(b"0123456789", 192, &mut buf).unwrap();
+            let cut = 48 + rng.below(143) as usize;
+            let cut = if cut % 16 == 0 { cut + 1 } else { cut };
+            assert!(!s.handle_message(&buf[..cut], sim.now));
+            assert!(!s.handle_message(&buf[..32], sim.now));
+            // A forged acknowledgement of far more than was ever sent, with data.
+            let mut f = MessageHeader {
+                id: rng.next() as u32 | 1,
+                ack_id: rng.next() as u32,
+                ack_end: 1 << 40,
+                pos: rng.below(1000),
+                ..Default::default()
+            };
+            f.set_data(10, Some(Stop::Success));
+            let mut fb = [0u8; 192];
+            f.encode(b"forgedxxxx", 192, &mut fb).unwrap();
+            assert!(!s.handle_message(&fb, sim.now));
+            assert_eq!(snapshot(s), before);
+            fed += 4;
+        }
+    }
+    assert!(fed > 100);
+    sim.run_until_done(1_000_000);
+    sim.check_delivery();
+}
+
+#[test]
+fn hostile_but_well_formed_messages_never_panic_or_corrupt_bounds() {
+    // Well-formed messages with arbitrary fields (what a buggy or malicious authenticated peer
+    // could send): the stream must not panic, and must stay within its bounds.
+    let t0 = Instant::now();
+    let mut rng = Rng(3);
+    for round in 0..200u64 {
+        let mut s = Stream::new(&StreamConfig::client(), t0);
+        let n = rng.below(20_000) as usize;
+        s.write(&rng.bytes(n));
+        let mut now = t0;
+        let mut out = [0u8; 1088];
+        for k in 0..200 {
+            now += Duration::from_millis(rng.below(50));
+            while s.poll_message(now, 1088, &mut out).is_some() {}
+            let d = rng.below(1100) as usize;
+            let len = (48 + d).div_ceil(16) * 16;
+            let len = len.min(1088);
+            let mut m = rng.bytes(len);
+            if rng.chance(50) {
+                // Plausible positions and acks.
+                m[8..16].copy_from_slice(&rng.below(30_000).to_le_bytes());
+                m[40..48].copy_from_slice(&rng.below(300_000).to_le_bytes());
+                let dl = (rng.below(1025) as u16).min((len - 48) as u16);
+                let fl = dl | [0u16, 2048, 4096][rng.below(3) as usize];
+                m[38..40].copy_from_slice(&fl.to_le_bytes());
+            }
+            s.handle_message(&m, now);
+            assert!(
+                s.readable() <= StreamConfig::client().recv_window,
+                "round {round} {k}"
+            );
+            let mut buf = [0u8; 2048];
+            s.read(&mut buf);
+        }
+    }
+}
+
+/// A peer that behaves like the reference `curvecpmessage`: it handles at most one message per
+/// millisecond (64 queued at most, the rest dropped), acknowledges every message with a nonzero
+/// ID separately with a 192-byte acknowledgement and never sends ranges, drops data beyond its
+/// 128 KiB window, and sends one 5-byte block with the success STOP, retransmitted every second
+/// until acknowledged.
+struct RefPeer {
+    queue: VecDeque<Vec<u8>>,
+    next_process: Instant,
+    received: Vec<u8>,
+    valid: Vec<bool>,
+    contiguous: u64,
+    eof_total: Option<u64>,
+    acks: VecDeque<Vec<u8>>,
+    hello_acked: bool,
+    hello_sent: Option<Instant>,
+    next_id: u32,
+}
+
+impl RefPeer {
+    const WINDOW: u64 = 131_072;
+
+    fn new(now: Instant) -> RefPeer {
+        RefPeer {
+            queue: VecDeque::new(),
+            next_process: now,
+            received: Vec::new(),
+            valid: Vec::new(),
+            contiguous: 0,
+            eof_total: None,
+            acks: VecDeque::new(),
+            hello_acked: false,
+            hello_sent: None,
+            next_id: 1,
+        }
+    }
+
+    fn deliver(&mut self, m: Vec<u8>) {
+        if self.queue.len() < 64 {
+            self.queue.push_back(m);
+        }
+    }
+
+    fn process(&mut self, now: Instant) {
+        if now < self.next_process {
+            return;
+        }
+        let Some(m) = self.queue.pop_front() else {
+            return;
+        };
+        self.next_process = now + Duration::from_millis(1);
+        let Some(msg) = Message::parse(&m) else {
+            return;
+        };
+        let h = msg.header;
+        if h.ack_end >= 6 {
+            self.hello_acked = true;
+        }
+        let Some(d) = msg.data else { return };
+        let end = h.pos + d.len() as u64;
+        if end > self.contiguous + Self::WINDOW {
+            return;
+        }
+        if h.stop().is_some() {
+            self.eof_total = Some(end);
+        }
+        let need = end as usize;
+        if self.received.len() < need {
+            self.received.resize(need, 0);
+            self.valid.resize(need, false);
+        }
+        for (k, &b) in d.iter().enumerate() {
+            let at = h.pos as usize + k;
+            self.received[at] = b;
+            self.valid[at] = true;
+        }
+        while (self.contiguous as usize) < self.valid.len() && self.valid[self.contiguous as usize]
+        {
+            self.contiguous += 1;
+        }
+        if h.id == 0 {
+            return;
+        }
+        let a1 = match self.eof_total {
+            Some(t) if t == self.contiguous => t + 1,
+            _ => self.contiguous,
+        };
+        let ack = MessageHeader {
+            ack_id: h.id,
+            ack_end: a1,
+            ..Default::default()
+        };
+        let mut b = vec![0u8; 192];
+        ack.encode(&[], 192, &mut b).unwrap();
+        self.acks.push_back(b);
+    }
+
+    fn poll(&mut self, now: Instant) -> Option<Vec<u8>> {
+        if let Some(a) = self.acks.pop_front() {
+            return Some(a);
+        }
+        let due = self
+            .hello_sent
+            .map_or(true, |t| now >= t + Duration::from_secs(1));
+        if !self.hello_acked && due {
+            self.hello_sent = Some(now);
+            let mut h = MessageHeader {
+                id: self.next_id,
+                ..Default::default()
+            };
+            self.next_id += 1;
+            h.set_data(5, Some(Stop::Success));
+            let len = data_message_len(5).unwrap();
+            let mut b = vec![0u8; len];
+            h.encode(b"HELLO", len, &mut b).unwrap();
+            return Some(b);
+        }
+        None
+    }
+
+    fn next_time(&self) -> Option<Instant> {
+        let mut t = None;
+        if !self.queue.is_empty() || !self.acks.is_empty() {
+            t = Some(self.next_process);
+        }
+        if !self.hello_acked {
+            let h = self
+                .hello_sent
+                .map_or(self.next_process, |s| s + Duration::from_secs(1));
+            t = Some(t.map_or(h, |x: Instant| x.min(h)));
+        }
+        t
+    }
+}
+
+fn against_reference_peer(seed: u64, net: Net, factory: congestion::CongestionFactory) {
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut rng = Rng(seed);
+    let data = rng.bytes(300_000);
+    let mut cfg = StreamConfig::client();
+    cfg.congestion = factory;
+    let mut ours = Stream::new(&cfg, t0);
+    let mut peer = RefPeer::new(t0);
+    let mut wire = Wire::new(seed, net);
+    let mut written = 0;
+    let mut got = Vec::new();
+    let mut heard = false;
+    let mut steps = 0;
+    while !(ours.is_done() && peer.eof_total == Some(peer.contiguous)) {
+        steps += 1;
+        assert!(steps < 3_000_000, "no completion");
+        assert_eq!(ours.error(), None);
+        if written < data.len() {
+            written += ours.write(&data[written..]);
+            if written == data.len() {
+                ours.finish(Eof::Success);
+            }
+        }
+        let mut buf = [0u8; 64];
+        let n = ours.read(&mut buf);
+        got.extend_from_slice(&buf[..n]);
+        let mut out = [0u8; 1088];
+        let max_len = if heard { 1088 } else { 640 };
+        while let Some(n) = ours.poll_message(now, max_len, &mut out) {
+            wire.send(0, out[..n].to_vec(), now);
+        }
+        peer.process(now);
+        while let Some(m) = peer.poll(now) {
+            wire.send(1, m, now);
+        }
+        let next = [wire.next_time(), ours.poll_timeout(), peer.next_time()]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("something scheduled");
+        now = now.max(next);
+        while let Some((to, b)) = wire.pop_due(now) {
+            if to == 0 {
+                heard |= ours.handle_message(&b, now);
+            } else {
+                peer.deliver(b);
+            }
+        }
+    }
+    assert_eq!(&peer.received[..], &data[..]);
+    assert_eq!(got, b"HELLO");
+    assert_eq!(ours.peer_eof(), Some(Eof::Success));
+}
+
+#[test]
+fn reference_like_peer_without_ranges() {
+    let clean = Net {
+        loss: 0,
+        dup: 0,
+        delay: Duration::from_micros(100),
+        jitter: Duration::from_micros(50),
+    };
+    against_reference_peer(1, clean, congestion::default_factory());
+    against_reference_peer(2, clean, congestion::chicago());
+    for seed in 10..16 {
+        against_reference_peer(seed, LOSSY, congestion::default_factory());
+    }
+}
+
+#[test]
+fn an_idle_stream_is_small() {
+    let mut rng = Rng(11);
+    let apps = [
+        App::new(rng.bytes(300_000), Eof::Success),
+        App::new(rng.bytes(300_000), Eof::Success),
+    ];
+    let mut sim = Sim::new(11, LOSSY, configs(congestion::default_factory()), apps);
+    sim.run_until_done(1_000_000);
+    sim.check_delivery();
+    for s in &mut sim.streams {
+        // Large buffers were released as they emptied; the rest goes on request.
+        assert!(s.buffer_bytes() <= 3 * 8192 + 8192, "{}", s.buffer_bytes());
+        s.shrink_to_fit();
+        assert_eq!(s.buffer_bytes(), 0);
+    }
+    assert!(
+        std::mem::size_of::<Stream>() < 1024,
+        "{}",
+        std::mem::size_of::<Stream>()
+    );
+}
