@@ -38,6 +38,7 @@ fn client_config(server: BoxPublicKey) -> ClientConfig {
 /// A server under test plus a fake clock and buffers.
 struct Rig {
     server: Server<usize>,
+    start: Instant,
     now: Instant,
     reply: Vec<u8>,
     out: Vec<u8>,
@@ -48,10 +49,15 @@ impl Rig {
         let now = Instant::now();
         Rig {
             server: Server::new(config, now),
+            start: now,
             now,
             reply: vec![0; MAX_PACKET],
             out: vec![0; MAX_PACKET],
         }
+    }
+
+    fn server_start(&self) -> Instant {
+        self.start
     }
 
     fn raw(&self) -> Raw {
@@ -560,6 +566,9 @@ struct Net {
     sent: Vec<Vec<Vec<u8>>>,
     /// Rounds run.
     steps: usize,
+    /// Drop one packet in `loss` (each direction) when nonzero, by a deterministic PRNG.
+    loss: u64,
+    rng: u64,
 }
 
 impl Net {
@@ -577,7 +586,19 @@ impl Net {
             reply: vec![0; MAX_PACKET],
             sent: vec![Vec::new(); n],
             steps: 0,
+            loss: 0,
+            rng: 0x2545f4914f6cdd1d,
         }
+    }
+
+    fn lost(&mut self) -> bool {
+        if self.loss == 0 {
+            return false;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % self.loss == 0
     }
 
     /// One round: every client's packets to the server, the server's packets to the clients.
@@ -585,18 +606,25 @@ impl Net {
     fn round(&mut self) -> bool {
         let now = self.now;
         let mut moved = false;
-        for (i, c) in self.clients.iter_mut().enumerate() {
+        for i in 0..self.clients.len() {
             for _ in 0..1000 {
-                let Some(n) = c.poll_transmit(now, &mut self.buf) else {
+                let Some(n) = self.clients[i].poll_transmit(now, &mut self.buf) else {
                     break;
                 };
                 moved = true;
-                self.sent[i].push(self.buf[..n].to_vec());
+                if self.sent[i].len() < 64 {
+                    self.sent[i].push(self.buf[..n].to_vec());
+                }
+                if self.lost() {
+                    continue;
+                }
                 if let Some(r) = self
                     .server
                     .handle_packet(&self.buf[..n], i, now, &mut self.reply)
                 {
-                    c.handle_packet(&self.reply[..r], now);
+                    if !self.lost() {
+                        self.clients[i].handle_packet(&self.reply[..r], now);
+                    }
                 }
             }
         }
@@ -605,7 +633,9 @@ impl Net {
                 break;
             };
             moved = true;
-            self.clients[p].handle_packet(&self.buf[..n], now);
+            if !self.lost() {
+                self.clients[p].handle_packet(&self.buf[..n], now);
+            }
         }
         moved
     }
@@ -635,8 +665,16 @@ fn pattern(seed: usize, len: usize) -> Vec<u8> {
 
 /// Clients upload, the server sends a different download to each, both sides finish.
 fn transfer(n_clients: usize, up: usize, down: usize) {
+    transfer_lossy(n_clients, up, down, 0, 0);
+}
+
+/// [`transfer`] over a network losing one packet in `loss` (0: none), PRNG seeded by `seed`.
+fn transfer_lossy(n_clients: usize, up: usize, down: usize, loss: u64, seed: u64) {
     let t0 = Instant::now();
     let mut net = Net::new(server_config(), n_clients, t0);
+    net.loss = loss;
+    net.rng ^= seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+    let (mut readable_events, mut writable_events) = (0, 0);
     let uploads: Vec<Vec<u8>> = (0..n_clients).map(|i| pattern(i, up + i)).collect();
     let downloads: Vec<Vec<u8>> = (0..n_clients).map(|i| pattern(100 + i, down + i)).collect();
     let mut up_pos = vec![0usize; n_clients];
@@ -678,7 +716,8 @@ fn transfer(n_clients: usize, up: usize, down: usize) {
                     ids[p] = Some(id);
                 }
                 ServerEvent::Closed(_) => closed += 1,
-                _ => {}
+                ServerEvent::Readable(_) => readable_events += 1,
+                ServerEvent::Writable(_) => writable_events += 1,
             }
         }
         for p in 0..n_clients {
@@ -740,6 +779,88 @@ fn transfer(n_clients: usize, up: usize, down: usize) {
     }
     assert_eq!(net.server.connection_count(), 0);
     assert_eq!(net.server.stats().replays_refused, n_clients as u64);
+}
+
+#[test]
+fn end_to_end_through_loss() {
+    for seed in 0..6 {
+        transfer_lossy(2, 20_000, 30_000, 10, seed);
+    }
+}
+
+#[test]
+fn silent_client_removed_after_idle_timeout() {
+    let mut rig = Rig::new(server_config());
+    rig.server.set_idle_timeout(Duration::from_secs(10));
+    let (mut raw, id) = rig.connected(0);
+    let _ = rig.messages_for(&mut raw);
+    let mut closed = false;
+    for _ in 0..100 {
+        let t = rig.server.poll_timeout().unwrap();
+        assert!(t >= rig.now);
+        rig.now = t;
+        let _ = rig.drain();
+        if rig.server.connection_count() == 0 {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed);
+    assert!(rig.now >= rig.server_start() + Duration::from_secs(10));
+    assert_eq!(rig.server.poll_event(), Some(ServerEvent::Closed(id)));
+    assert_eq!(rig.server.queues().send_queue, 0);
+}
+
+#[test]
+fn unresponsive_client_fails_the_stream_and_is_removed() {
+    let mut rig = Rig::new(server_config());
+    let (mut raw, id) = rig.connected(0);
+    let _ = rig.messages_for(&mut raw);
+    rig.server.stream_mut(id).unwrap().write(&[1u8; 5000]);
+    let mut sent = 0;
+    for _ in 0..10_000 {
+        sent += rig.drain().len();
+        if rig.server.connection_count() == 0 {
+            break;
+        }
+        let t = rig.server.poll_timeout().unwrap();
+        rig.now = t.max(rig.now);
+    }
+    assert!(sent > 0);
+    assert_eq!(rig.server.connection_count(), 0);
+    let mut evs = Vec::new();
+    while let Some(e) = rig.server.poll_event() {
+        evs.push(e);
+    }
+    assert!(evs.contains(&ServerEvent::Closed(id)));
+}
+
+#[test]
+fn client_fails_when_server_vanishes() {
+    let t0 = Instant::now();
+    let mut net = Net::new(server_config(), 1, t0);
+    for _ in 0..1000 {
+        if net.clients[0].state() == ClientState::Established {
+            break;
+        }
+        net.tick();
+    }
+    assert_eq!(net.clients[0].state(), ClientState::Established);
+    net.clients[0].stream_mut().write(&[7u8; 3000]);
+    let mut out = vec![0u8; MAX_PACKET];
+    let mut now = net.now;
+    for _ in 0..10_000 {
+        while net.clients[0].poll_transmit(now, &mut out).is_some() {}
+        match net.clients[0].poll_timeout() {
+            Some(t) => now = t.max(now),
+            None => break,
+        }
+    }
+    assert!(matches!(
+        net.clients[0].state(),
+        ClientState::Failed(ClientError::Stream(_))
+    ));
+    assert!(net.clients[0].poll_timeout().is_none());
 }
 
 #[test]

@@ -432,3 +432,21 @@ impl std::fmt::Debug for Client {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonce_counter_never_wraps() {
+        let now = Instant::now();
+        let server = BoxKeyPair::generate();
+        let mut c = Client::new(ClientConfig::new(server.public), now);
+        assert!(c.nonce_counter() < 1 << 48);
+        c.counter = u64::MAX;
+        let mut out = vec![0u8; super::super::MAX_PACKET];
+        assert!(c.poll_transmit(now, &mut out).is_none());
+        assert_eq!(c.state(), ClientState::Failed(ClientError::NonceExhausted));
+        assert!(c.poll_timeout().is_none());
+    }
+}
