@@ -36,6 +36,7 @@ pub mod curvecp;
 pub mod envelope;
 pub mod identity;
 pub mod netstring;
+pub mod offline;
 pub mod platform;
 pub mod storage;
 pub mod transport;
@@ -43,6 +44,6 @@ pub mod transport;
 pub use bus::SubscriptionId;
 pub use identity::{BoxId, SignId};
 pub use platform::{
-    Address, BuildError, Context, Event, Handle, Limits, Message, Platform, PlatformBuilder, Scope,
-    SendOptions, SendStatus, Stats,
+    Address, BuildError, ConnectionStats, Context, DeliveryError, Event, Handle, Limits, Message,
+    NetConfig, NodeInfo, Platform, PlatformBuilder, Scope, SendOptions, SendStatus, Stats,
 };

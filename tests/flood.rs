@@ -109,12 +109,18 @@ fn flood_leaves_memory_flat_and_a_client_gets_through() {
     fs::write(&input, &data).unwrap();
     // Warm up: one whole connection, so that whatever the server allocates once is allocated.
     let out = echo_client(&key, port, &input);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout, data);
     let before = rss_kib(server.id());
 
     // A pool of distinct Hellos (each a fresh short-term key), cycled through.
-    let pool: Vec<Vec<u8>> = (0..2000).map(|i| hello(&server_pk, &ext, i as u64 + 1)).collect();
+    let pool: Vec<Vec<u8>> = (0..2000)
+        .map(|i| hello(&server_pk, &ext, i as u64 + 1))
+        .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let flooder = {
         let stop = stop.clone();
@@ -169,6 +175,10 @@ fn flood_leaves_memory_flat_and_a_client_gets_through() {
     );
     // And it still serves.
     let out = echo_client(&key, port, &input);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout, data);
 }

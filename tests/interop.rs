@@ -147,7 +147,13 @@ fn reference_client_downloads_from_our_server() {
     let data_path = dir.path("data");
     fs::write(&data_path, &data).unwrap();
     let port = free_port(false);
-    let _server = our_server(&dir, "serverkey", port, false, &["cat", data_path.to_str().unwrap()]);
+    let _server = our_server(
+        &dir,
+        "serverkey",
+        port,
+        false,
+        &["cat", data_path.to_str().unwrap()],
+    );
     let out = dir.path("download");
     let client = reference_client(&key, port, &format!("cat <&6 > '{}'", out.display()));
     let o = client.output(LIMIT);

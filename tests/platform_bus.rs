@@ -278,6 +278,7 @@ fn typed_messaging_round_trip() {
 #[test]
 fn send_statuses() {
     let mut p = Platform::builder()
+        .transports(false)
         .limits(Limits {
             local_queue: 4,
             max_message_size: 100,

@@ -81,6 +81,7 @@ fn handle_shutdown_stops_run_and_messages_from_many_threads_arrive() {
 #[test]
 fn handle_reports_full_queue_remote_destinations_and_a_closed_platform() {
     let mut p = Platform::builder()
+        .transports(false)
         .limits(Limits {
             handle_queue: 3,
             ..Limits::default()

@@ -855,6 +855,13 @@ impl Stream {
             && (self.eof.is_none() || self.eof_acked)
     }
 
+    /// How many bytes from the start of our stream the peer has acknowledged without a gap
+    /// (every byte below this offset arrived). Compare with the running total of bytes passed
+    /// to [`Stream::write`] to know when one message has been received whole.
+    pub fn acked_bytes(&self) -> u64 {
+        self.peer_ack.max(self.sbuf_start)
+    }
+
     /// Set once the stream has failed; it then sends nothing more.
     pub fn error(&self) -> Option<StreamError> {
         self.error

@@ -51,8 +51,10 @@ impl Shared {
 /// Local messages sent through a handle are delivered in the reactor's next turn, after the
 /// messages the reactor itself queued earlier. The channel to the reactor is bounded
 /// ([`crate::Limits::handle_queue`]); when it is full the send returns
-/// [`SendStatus::BufferFull`]. A remote destination gets [`SendStatus::NoTransport`] while the
-/// platform has no transports.
+/// [`SendStatus::BufferFull`]. A remote destination gets [`SendStatus::NoTransport`] when the
+/// platform has no transports; otherwise the reactor takes the message and the outcome of the
+/// remote send (queue full, unknown destination, ...) is only logged: use
+/// [`crate::Platform::send_with_callback`] on the reactor's thread to learn it.
 ///
 /// ```
 /// use std::time::Duration;
@@ -74,6 +76,7 @@ pub struct Handle {
     pub(crate) shared: Arc<Shared>,
     pub(crate) own: SignId,
     pub(crate) max_message_size: usize,
+    pub(crate) remote: bool,
 }
 
 impl Handle {
@@ -104,7 +107,7 @@ impl Handle {
             Address::Node(id) if id == self.own => Address::Local,
             other => other,
         };
-        if dest != Address::Local {
+        if dest != Address::Local && !self.remote {
             return SendStatus::NoTransport;
         }
         let (protocol, topic, payload) = (protocol.into(), topic.into(), payload.into());

@@ -181,6 +181,8 @@ pub enum SendStatus {
     UnknownDestination,
     /// The platform this [`crate::Handle`] belongs to is gone.
     Closed,
+    /// A not-real-time message could not be written to storage.
+    StorageFailed,
 }
 
 impl SendStatus {
@@ -201,6 +203,7 @@ impl fmt::Display for SendStatus {
             SendStatus::NoTransport => "no transport to reach remote nodes",
             SendStatus::UnknownDestination => "unknown destination",
             SendStatus::Closed => "platform closed",
+            SendStatus::StorageFailed => "offline buffer storage failed",
         })
     }
 }

@@ -42,10 +42,18 @@
 //! # Tokens (for the transports)
 //!
 //! The `mio::Poll` uses [`WAKER_TOKEN`] for handle wake-ups; tokens
-//! `LISTENER_TOKEN_BASE..CONNECTION_TOKEN_BASE` are reserved for listeners (UDP, TCP) and tokens
-//! from [`CONNECTION_TOKEN_BASE`] up for connections (slab key + base). Incoming messages from
-//! authenticated peers enter the bus through [`Platform::receive_from_peer`], which assigns
-//! their scope from the circles.
+//! `LISTENER_TOKEN_BASE..CONNECTION_TOKEN_BASE` are the listeners' (UDP, TCP listener, accepted
+//! TCP streams) and tokens from [`CONNECTION_TOKEN_BASE`] up outgoing connections (slab key +
+//! base). Incoming messages from authenticated peers enter the bus with their scope from the
+//! circles (see [`connections`]; an application with its own transport uses
+//! [`Platform::receive_from_peer`]).
+//!
+//! # Remote messages
+//!
+//! Sends to another node go through the connection manager ([`connections`]): per-destination
+//! queues, directory lookups ([`directory`]), CurveCP connections over UDP and TCP, and the
+//! persistent offline buffer ([`crate::offline`]) for messages sent with `realtime: false`.
+//! [`Platform::send_with_callback`] reports delivery (every byte acknowledged) or failure once.
 //!
 //! ```
 //! use mm_platform::{Platform, Event};
@@ -72,12 +80,16 @@
 //! ```
 
 mod circles;
+pub mod connections;
+pub mod directory;
 mod events;
 mod handle;
 mod message;
 mod timers;
 
 pub use circles::Circles;
+pub use connections::{ConnectionStats, DeliveryCallback, DeliveryError, NetConfig};
+pub use directory::{Directory, NodeInfo};
 pub use events::Event;
 pub use handle::Handle;
 pub use message::{Address, Message, Scope, SendOptions, SendStatus, ToAddress};
@@ -105,10 +117,12 @@ use timers::Timers;
 
 /// The token of the handles' `mio::Waker`.
 pub const WAKER_TOKEN: Token = Token(0);
-/// First token reserved for listeners (UDP and TCP sockets accepting peers).
+/// First token of the listeners: the UDP socket, then the TCP listener, then one token per
+/// accepted TCP stream (see [`crate::transport::ServerDriver`]).
 pub const LISTENER_TOKEN_BASE: usize = 1;
-/// First token of connections: connection `k` of the transports' slab uses `Token(k + base)`.
-pub const CONNECTION_TOKEN_BASE: usize = 16;
+/// First token of outgoing connections: connection `k` uses `Token(k + base)`. High enough
+/// that the listener's TCP streams below it never reach it.
+pub const CONNECTION_TOKEN_BASE: usize = 1 << 30;
 
 /// How often our nodeInfo is republished on the local bus.
 pub const NODE_INFO_INTERVAL: Duration = Duration::from_secs(5 * 60);
@@ -227,6 +241,8 @@ pub struct PlatformBuilder {
     devices: Vec<SignId>,
     connection_info: serde_json::Value,
     limits: Limits,
+    net: NetConfig,
+    directory: Option<Box<dyn Directory>>,
 }
 
 impl PlatformBuilder {
@@ -254,10 +270,32 @@ impl PlatformBuilder {
         self
     }
 
-    /// The connectionInfo published in our nodeInfo (the original's JSON form, an array).
-    /// Default: empty, until transports are configured.
+    /// Where to listen, in the original's connectionInfo JSON form (an array; the first UDP
+    /// and the first TCP entry are used; port 0 lets the OS choose). Default: the addresses of
+    /// the last run (storage key `connectionInfo`), else UDP and TCP on `127.0.0.1` with
+    /// OS-chosen ports. The nodeInfo we publish lists the addresses actually bound. Without
+    /// transports ([`NetConfig::enabled`] false) this is published as given.
     pub fn connection_info(mut self, info: serde_json::Value) -> Self {
         self.connection_info = info;
+        self
+    }
+
+    /// Timeouts and bounds of the connection manager (see [`NetConfig`]).
+    pub fn net(mut self, config: NetConfig) -> Self {
+        self.net = config;
+        self
+    }
+
+    /// Enables or disables the transports (default enabled): without them nothing listens
+    /// and remote sends return [`SendStatus::NoTransport`].
+    pub fn transports(mut self, enabled: bool) -> Self {
+        self.net.enabled = enabled;
+        self
+    }
+
+    /// A directory the platform asks before looking a destination up on the bus.
+    pub fn directory(mut self, directory: impl Directory + 'static) -> Self {
+        self.directory = Some(Box::new(directory));
         self
     }
 
@@ -292,6 +330,46 @@ impl PlatformBuilder {
             log::debug!("an initial circle member is not a valid key; circle left empty");
         }
         let now = Instant::now();
+        let mut connection_info = self.connection_info;
+        let net = if self.net.enabled {
+            let mut listen = crate::transport::connection_info::parse(&connection_info);
+            if listen.is_empty() {
+                if let Ok(Some(v)) = storage.get(connections::CONNECTION_INFO_KEY) {
+                    let stored = serde_json::from_slice(&v).unwrap_or_default();
+                    listen = crate::transport::connection_info::parse(&stored);
+                }
+            }
+            if listen.is_empty() {
+                let lo: std::net::SocketAddr = "127.0.0.1:0".parse().expect("literal");
+                listen = vec![
+                    crate::transport::connection_info::Endpoint::native(
+                        crate::transport::TransportKind::Udp,
+                        lo,
+                    ),
+                    crate::transport::connection_info::Endpoint::native(
+                        crate::transport::TransportKind::Tcp,
+                        lo,
+                    ),
+                ];
+            }
+            let registry = poll.registry().try_clone().map_err(BuildError::Io)?;
+            let net = connections::Net::bind(
+                self.net,
+                registry,
+                Token(LISTENER_TOKEN_BASE),
+                identity.box_keypair().clone(),
+                identity.sign_id(),
+                &listen,
+                &mut *storage,
+                self.directory,
+                now,
+            )
+            .map_err(BuildError::Io)?;
+            connection_info = crate::transport::connection_info::to_json(net.endpoints());
+            Some(net)
+        } else {
+            None
+        };
         let mut core = Core {
             identity,
             storage,
@@ -308,8 +386,9 @@ impl PlatformBuilder {
             stats: Stats::default(),
             shutdown: false,
             now,
-            connection_info: self.connection_info,
+            connection_info,
             match_buf: Vec::new(),
+            net,
         };
         core.pending_events.push_back(Event::Ready);
         core.publish_local("friends.updateRequest", &serde_json::json!({}));
@@ -347,6 +426,7 @@ pub(crate) struct Core {
     now: Instant,
     connection_info: serde_json::Value,
     match_buf: Vec<Match>,
+    net: Option<connections::Net>,
 }
 
 impl Core {
@@ -357,7 +437,21 @@ impl Core {
         protocol: Cow<'static, str>,
         topic: String,
         payload: Vec<u8>,
-        _options: SendOptions,
+        options: SendOptions,
+    ) -> SendStatus {
+        self.send_tracked(dest, protocol, topic, payload, options, None)
+    }
+
+    /// [`Core::send`] with an optional delivery callback (called once, in a later turn, unless
+    /// the returned status is not `Queued`).
+    pub(crate) fn send_tracked(
+        &mut self,
+        dest: Option<Address>,
+        protocol: Cow<'static, str>,
+        topic: String,
+        payload: Vec<u8>,
+        options: SendOptions,
+        callback: Option<DeliveryCallback>,
     ) -> SendStatus {
         let Some(dest) = dest else {
             return SendStatus::InvalidDestination;
@@ -368,11 +462,15 @@ impl Core {
         match dest {
             Address::Local => {}
             Address::Node(id) if id == self.identity.sign_id() => {}
-            // The remote path (directory, connections, offline buffer) plugs in here.
-            Address::Node(_) => return SendStatus::NoTransport,
+            Address::Node(id) => {
+                return self.send_remote(id, protocol, topic, payload, options, callback)
+            }
         }
         if self.queue.len() >= self.limits.local_queue {
             return SendStatus::BufferFull;
+        }
+        if let Some(cb) = callback {
+            self.fire_local(cb);
         }
         self.queue.push_back(Message {
             sender: Address::Local,
@@ -456,6 +554,16 @@ impl Core {
             "transports.requestMyNodeInfo" => {
                 let info = self.node_info();
                 self.publish_local("transports.myNodeInfo", &info);
+            }
+            "transports.nodeInfo" => {
+                if !self.on_node_info(&msg.payload) {
+                    self.stats.malformed += 1;
+                }
+            }
+            "directory.getReply" => {
+                if !self.on_directory_reply(&msg.payload) {
+                    self.stats.malformed += 1;
+                }
             }
             _ => {}
         }
@@ -631,6 +739,73 @@ macro_rules! shared_methods {
             )
         }
 
+        /// [`Self::send_with`] with a delivery callback, called exactly once in a later turn: `Ok`
+        /// once the peer's CurveCP stream acknowledged every byte of the message (for a local
+        /// destination: once it is queued for delivery), or the [`DeliveryError`]. When the
+        /// returned status is not `Queued`, the callback is dropped without being called.
+        pub fn send_with_callback<F>(
+            &mut self,
+            dest: impl ToAddress,
+            protocol: impl Into<Cow<'static, str>>,
+            topic: impl Into<String>,
+            payload: impl Into<Vec<u8>>,
+            options: SendOptions,
+            callback: F,
+        ) -> SendStatus
+        where
+            F: FnOnce(&mut Context<'_>, Result<(), DeliveryError>) + 'static,
+        {
+            self.core_mut().send_tracked(
+                dest.to_address(),
+                protocol.into(),
+                topic.into(),
+                payload.into(),
+                options,
+                Some(Box::new(callback)),
+            )
+        }
+
+        /// The signId of a box key, if the directory knows it; otherwise `None`, and
+        /// `self.directory.get` is published (its answer, `self.directory.getReply`, is
+        /// checked and remembered).
+        pub fn sign_id_of(&mut self, box_id: &BoxId) -> Option<SignId> {
+            self.core_mut().resolve_box_id(box_id)
+        }
+
+        /// Statistics of every connection to other nodes (RTT, bytes and messages each way,
+        /// retransmissions).
+        pub fn connections(&self) -> Vec<ConnectionStats> {
+            self.core_ref()
+                .net
+                .as_ref()
+                .map(|n| n.connections())
+                .unwrap_or_default()
+        }
+
+        /// Messages waiting in the offline buffer (persisted, not yet acknowledged).
+        pub fn offline_pending(&self) -> usize {
+            self.core_ref().net.as_ref().map_or(0, |n| n.offline_len())
+        }
+
+        /// Real-time messages waiting in memory for `dest`.
+        pub fn queued_for(&mut self, dest: &SignId) -> usize {
+            let core = self.core_mut();
+            let Some(b) = core.keys.box_id(dest) else {
+                return 0;
+            };
+            core.net.as_ref().map_or(0, |n| n.queued_for(&b))
+        }
+
+        /// Our endpoints, in connectionInfo JSON form (as bound).
+        pub fn connection_info(&self) -> serde_json::Value {
+            self.core_ref().connection_info.clone()
+        }
+
+        /// Our nodeInfo (`signId`, `boxId`, `connectionInfo`), as published.
+        pub fn node_info(&self) -> serde_json::Value {
+            self.core_ref().node_info()
+        }
+
         /// Subscribes a callback to every message (any protocol) whose scoped topic matches
         /// `pattern`.
         pub fn on<F>(&mut self, pattern: &str, callback: F) -> SubscriptionId
@@ -786,6 +961,8 @@ impl Platform {
             devices: Vec::new(),
             connection_info: serde_json::Value::Array(Vec::new()),
             limits: Limits::default(),
+            net: NetConfig::default(),
+            directory: None,
         }
     }
 
@@ -810,6 +987,7 @@ impl Platform {
             shared: self.shared.clone(),
             own: self.core.identity.sign_id(),
             max_message_size: self.core.limits.max_message_size,
+            remote: self.core.net.is_some(),
         }
     }
 
@@ -818,6 +996,16 @@ impl Platform {
             || !self.core.pending_events.is_empty()
             || (!self.handle_rx.is_empty() && self.core.queue.len() < self.core.limits.local_queue)
             || self.shared.stop_requested.load(Ordering::SeqCst)
+            || self.core.net.as_ref().is_some_and(|n| n.has_fired())
+    }
+
+    fn earliest_deadline(&self) -> Option<Instant> {
+        let t = self.core.timers.next_deadline();
+        let n = self.core.net.as_ref().and_then(|n| n.next_deadline());
+        match (t, n) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// When the reactor next needs a turn: now if work is pending, else the next timer.
@@ -826,7 +1014,7 @@ impl Platform {
         if self.has_work() {
             return Some(Instant::now());
         }
-        self.core.timers.next_deadline()
+        self.earliest_deadline()
     }
 
     /// One turn of the reactor (see the module docs). Waits at most `timeout` (`None`: until
@@ -836,7 +1024,7 @@ impl Platform {
         let mut wait = timeout;
         if self.has_work() {
             wait = Some(Duration::ZERO);
-        } else if let Some(at) = self.core.timers.next_deadline() {
+        } else if let Some(at) = self.earliest_deadline() {
             let until = at.saturating_duration_since(now);
             wait = Some(wait.map_or(until, |w| w.min(until)));
         }
@@ -845,12 +1033,15 @@ impl Platform {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
+        let io_now = Instant::now();
         for event in self.events.iter() {
             if event.token() == WAKER_TOKEN {
                 continue; // handled below, whatever woke us
             }
-            // Listener and connection tokens belong to the transports (next layer).
-            log::debug!("readiness for unknown token {:?}", event.token());
+            match self.core.net.as_mut() {
+                Some(net) => net.handle_event(event, io_now),
+                None => log::debug!("readiness for unknown token {:?}", event.token()),
+            }
         }
         self.core.now = Instant::now();
         self.core.stats.turns += 1;
@@ -863,6 +1054,7 @@ impl Platform {
             };
             self.core.dispatch(msg);
         }
+        self.core.net_pump();
         self.core.flush_events();
         Ok(())
     }

@@ -13,6 +13,7 @@
 //! This is the only layer, with the platform's reactor, that reads the clock or touches a
 //! socket.
 
+pub mod connection_info;
 pub mod driver;
 pub mod tcp;
 pub mod udp;

@@ -1,0 +1,440 @@
+//! The offline buffer (DESIGN §6): persistent store-and-forward for messages that are not
+//! real-time, and the receiver's de-duplication memory.
+//!
+//! Sending side ([`OfflineBuffer`]): each message is one storage record, written (durably, for
+//! a [`crate::storage::FileStore`]) before the send returns, under the key
+//! `offline-<32 hex digits of its id>`. A record holds the destination, the wall-clock expiry
+//! (milliseconds since the Unix epoch, so it survives restarts), a creation sequence (records
+//! to one destination are sent in that order, also after a restart) and the envelope with its
+//! 16-byte random id (field 4). The platform takes the idle records of a destination when a
+//! connection to it is up, writes them to the CurveCP stream, and deletes a record only once
+//! the stream has acknowledged its last byte; if the connection dies first, the record becomes
+//! idle again and is retried (every 10 s and whenever the destination comes online). Expired
+//! records are deleted and reported. The buffer is bounded in records and bytes: a send beyond
+//! either bound is refused ([`AddError::Full`]).
+//!
+//! Record layout: `MMO1` (4 bytes), destination ed25519 key (32), expiry ms (8, big-endian),
+//! sequence (8, big-endian), then the protobuf envelope. Records that do not decode are
+//! deleted at load.
+//!
+//! Receiving side ([`Dedup`]): a bounded memory of the ids of the latest messages delivered
+//! (65,536 by default), so a message retried after a lost acknowledgement is not delivered
+//! twice. It lives in memory: a receiver that itself restarts forgets it (a message whose
+//! acknowledgement was lost exactly at the receiver's crash may then be delivered twice).
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+
+use crate::crypto::{random_bytes, to_hex, SignPublicKey};
+use crate::envelope::Envelope;
+use crate::identity::SignId;
+use crate::storage::{Storage, StorageError};
+
+/// Prefix of the storage keys of offline records.
+pub const KEY_PREFIX: &str = "offline-";
+const MAGIC: &[u8; 4] = b"MMO1";
+const HEADER: usize = 4 + 32 + 8 + 8;
+
+/// Identifies a record: creation sequence and id (records sort in sending order).
+pub type RecordKey = (u64, [u8; 16]);
+
+/// Bounds of the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OfflineLimits {
+    /// Most records. Default 10,000.
+    pub max_records: usize,
+    /// Most bytes of envelopes. Default 64 MiB.
+    pub max_bytes: usize,
+}
+
+impl Default for OfflineLimits {
+    fn default() -> Self {
+        OfflineLimits {
+            max_records: 10_000,
+            max_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Why a message could not be buffered.
+#[derive(Debug)]
+pub enum AddError {
+    /// The buffer is at one of its bounds.
+    Full,
+    /// Writing the record failed.
+    Storage(StorageError),
+}
+
+struct Entry {
+    dest: SignId,
+    expires_ms: u64,
+    /// The envelope's netstring frame, ready to write to a stream.
+    frame: Vec<u8>,
+    busy: bool,
+}
+
+/// The storage key of a record id.
+pub fn storage_key(id: &[u8; 16]) -> String {
+    format!("{KEY_PREFIX}{}", to_hex(id))
+}
+
+/// Encodes a record.
+pub fn encode_record(dest: &SignId, expires_ms: u64, seq: u64, env: &Envelope) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + env.encoded_len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(dest.as_bytes());
+    out.extend_from_slice(&expires_ms.to_be_bytes());
+    out.extend_from_slice(&seq.to_be_bytes());
+    env.encode_protobuf(&mut out);
+    out
+}
+
+/// Decodes a record: destination, expiry, sequence, envelope (with a 16-byte id).
+pub fn decode_record(bytes: &[u8]) -> Option<(SignId, u64, u64, Envelope)> {
+    if bytes.len() < HEADER || &bytes[..4] != MAGIC {
+        return None;
+    }
+    let dest = SignId(SignPublicKey::from_slice(&bytes[4..36])?);
+    let expires = u64::from_be_bytes(bytes[36..44].try_into().ok()?);
+    let seq = u64::from_be_bytes(bytes[44..52].try_into().ok()?);
+    let env = Envelope::decode_protobuf(&bytes[HEADER..]).ok()?;
+    if env.id.as_ref().map(Vec::len) != Some(16) {
+        return None;
+    }
+    Some((dest, expires, seq, env))
+}
+
+/// The persistent buffer's in-memory index (the records themselves are in storage).
+pub struct OfflineBuffer {
+    entries: BTreeMap<RecordKey, Entry>,
+    bytes: usize,
+    limits: OfflineLimits,
+    next_seq: u64,
+}
+
+impl OfflineBuffer {
+    /// Loads every record from `storage`, deleting expired and undecodable ones. Returns the
+    /// buffer and how many records were dropped.
+    pub fn load(
+        storage: &mut dyn Storage,
+        limits: OfflineLimits,
+        now_ms: u64,
+    ) -> Result<(OfflineBuffer, usize), StorageError> {
+        let mut buf = OfflineBuffer {
+            entries: BTreeMap::new(),
+            bytes: 0,
+            limits,
+            next_seq: now_ms.saturating_mul(1000),
+        };
+        let mut dropped = 0;
+        for key in storage.keys()? {
+            if !key.starts_with(KEY_PREFIX) {
+                continue;
+            }
+            let keep = match storage.get(&key)? {
+                Some(v) => match decode_record(&v) {
+                    Some((dest, exp, seq, env)) if exp > now_ms => {
+                        let mut id = [0u8; 16];
+                        id.copy_from_slice(env.id.as_deref().unwrap_or(&[0; 16]));
+                        if storage_key(&id) == key {
+                            let mut frame = Vec::new();
+                            env.encode_frame(&mut frame);
+                            buf.bytes += frame.len();
+                            buf.next_seq = buf.next_seq.max(seq + 1);
+                            buf.entries.insert(
+                                (seq, id),
+                                Entry {
+                                    dest,
+                                    expires_ms: exp,
+                                    frame,
+                                    busy: false,
+                                },
+                            );
+                            true
+                        } else {
+                            false
+                        }
+                    }
+                    _ => false,
+                },
+                None => true,
+            };
+            if !keep {
+                log::debug!("offline buffer: dropping expired or invalid record {key}");
+                dropped += 1;
+                storage.del(&key)?;
+            }
+        }
+        Ok((buf, dropped))
+    }
+
+    /// An empty buffer (nothing persisted yet).
+    pub fn new(limits: OfflineLimits, now_ms: u64) -> OfflineBuffer {
+        OfflineBuffer {
+            entries: BTreeMap::new(),
+            bytes: 0,
+            limits,
+            next_seq: now_ms.saturating_mul(1000),
+        }
+    }
+
+    /// Writes a new record for `dest` (a fresh id is put into `env`) and indexes it.
+    pub fn add(
+        &mut self,
+        storage: &mut dyn Storage,
+        dest: SignId,
+        mut env: Envelope,
+        expires_ms: u64,
+    ) -> Result<RecordKey, AddError> {
+        let mut id = [0u8; 16];
+        random_bytes(&mut id);
+        env.id = Some(id.to_vec());
+        let mut frame = Vec::new();
+        env.encode_frame(&mut frame);
+        if self.entries.len() >= self.limits.max_records
+            || self.bytes + frame.len() > self.limits.max_bytes
+        {
+            return Err(AddError::Full);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        storage
+            .put(
+                &storage_key(&id),
+                &encode_record(&dest, expires_ms, seq, &env),
+            )
+            .map_err(AddError::Storage)?;
+        self.bytes += frame.len();
+        self.entries.insert(
+            (seq, id),
+            Entry {
+                dest,
+                expires_ms,
+                frame,
+                busy: false,
+            },
+        );
+        Ok((seq, id))
+    }
+
+    /// Marks every idle record of `dest` busy and returns them in sending order, each with a
+    /// copy of its frame.
+    pub fn take_idle(&mut self, dest: &SignId) -> Vec<(RecordKey, Vec<u8>)> {
+        let mut out = Vec::new();
+        for (k, e) in self.entries.iter_mut() {
+            if !e.busy && e.dest == *dest {
+                e.busy = true;
+                out.push((*k, e.frame.clone()));
+            }
+        }
+        out
+    }
+
+    /// A busy record goes back to idle (its connection died before the acknowledgement).
+    pub fn release(&mut self, key: &RecordKey) {
+        if let Some(e) = self.entries.get_mut(key) {
+            e.busy = false;
+        }
+    }
+
+    /// Deletes a delivered record; `false` if it was already gone.
+    pub fn delivered(&mut self, storage: &mut dyn Storage, key: &RecordKey) -> bool {
+        let Some(e) = self.entries.remove(key) else {
+            return false;
+        };
+        self.bytes -= e.frame.len();
+        if let Err(e) = storage.del(&storage_key(&key.1)) {
+            log::debug!("offline buffer: deleting a delivered record failed: {e}");
+        }
+        true
+    }
+
+    /// Deletes the idle records that expired at `now_ms`; returns their keys and destinations.
+    pub fn expire(&mut self, storage: &mut dyn Storage, now_ms: u64) -> Vec<(RecordKey, SignId)> {
+        let gone: Vec<(RecordKey, SignId)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.busy && e.expires_ms <= now_ms)
+            .map(|(k, e)| (*k, e.dest))
+            .collect();
+        for (k, _) in &gone {
+            self.delivered(storage, k);
+        }
+        gone
+    }
+
+    /// Destinations that have idle records.
+    pub fn idle_destinations(&self) -> Vec<SignId> {
+        let mut v: Vec<SignId> = self
+            .entries
+            .values()
+            .filter(|e| !e.busy)
+            .map(|e| e.dest)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Records held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Frame bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// Bounded memory of delivered message ids (oldest forgotten first).
+pub struct Dedup {
+    seen: HashSet<Vec<u8>>,
+    order: VecDeque<Vec<u8>>,
+    capacity: usize,
+}
+
+/// Longest id remembered; longer ids are not de-duplicated.
+pub const MAX_ID_LEN: usize = 64;
+
+impl Dedup {
+    /// Remembers at most `capacity` ids (at least 1).
+    pub fn new(capacity: usize) -> Dedup {
+        Dedup {
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// `true` if `id` is new (and remembers it), `false` for a duplicate.
+    pub fn first_time(&mut self, id: &[u8]) -> bool {
+        if id.len() > MAX_ID_LEN {
+            return true;
+        }
+        if self.seen.contains(id) {
+            return false;
+        }
+        if self.order.len() >= self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        self.seen.insert(id.to_vec());
+        self.order.push_back(id.to_vec());
+        true
+    }
+
+    /// Ids remembered.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+    use crate::storage::MemStore;
+
+    #[test]
+    fn records_survive_reload_in_order_and_are_deleted_once_delivered() {
+        let mut store = MemStore::new();
+        let dest = Identity::generate().sign_id();
+        let other = Identity::generate().sign_id();
+        let mut b = OfflineBuffer::new(OfflineLimits::default(), 1_000);
+        let k1 = b
+            .add(
+                &mut store,
+                dest,
+                Envelope::new("a", "ms", b"1".to_vec()),
+                5_000,
+            )
+            .unwrap();
+        let k2 = b
+            .add(
+                &mut store,
+                dest,
+                Envelope::new("b", "ms", b"2".to_vec()),
+                9_000,
+            )
+            .unwrap();
+        b.add(
+            &mut store,
+            other,
+            Envelope::new("c", "ms", b"3".to_vec()),
+            9_000,
+        )
+        .unwrap();
+        store.put("unrelated", b"x").unwrap();
+        store.put("offline-garbage", b"MMO1 not a record").unwrap();
+        let (mut r, dropped) =
+            OfflineBuffer::load(&mut store, OfflineLimits::default(), 2_000).unwrap();
+        assert_eq!(dropped, 1);
+        assert_eq!(r.len(), 3);
+        let taken = r.take_idle(&dest);
+        assert_eq!(taken.iter().map(|t| t.0).collect::<Vec<_>>(), vec![k1, k2]);
+        assert!(r.take_idle(&dest).is_empty());
+        r.release(&k2);
+        assert!(r.delivered(&mut store, &k1));
+        assert!(!r.delivered(&mut store, &k1));
+        assert_eq!(r.idle_destinations().len(), 2);
+        // k2 expires at 9000; k1 is gone.
+        let gone = r.expire(&mut store, 9_000);
+        assert_eq!(gone.len(), 2);
+        assert!(r.is_empty());
+        assert_eq!(store.keys().unwrap(), vec!["unrelated".to_string()]);
+    }
+
+    #[test]
+    fn bounds_refuse_instead_of_growing() {
+        let mut store = MemStore::new();
+        let dest = Identity::generate().sign_id();
+        let limits = OfflineLimits {
+            max_records: 2,
+            max_bytes: 1 << 20,
+        };
+        let mut b = OfflineBuffer::new(limits, 0);
+        for _ in 0..2 {
+            b.add(&mut store, dest, Envelope::new("t", "ms", vec![]), 10)
+                .unwrap();
+        }
+        assert!(matches!(
+            b.add(&mut store, dest, Envelope::new("t", "ms", vec![]), 10),
+            Err(AddError::Full)
+        ));
+        let mut small = OfflineBuffer::new(
+            OfflineLimits {
+                max_records: 10,
+                max_bytes: 10,
+            },
+            0,
+        );
+        assert!(matches!(
+            small.add(&mut store, dest, Envelope::new("t", "ms", vec![0; 100]), 10),
+            Err(AddError::Full)
+        ));
+    }
+
+    #[test]
+    fn dedup_is_bounded() {
+        let mut d = Dedup::new(2);
+        assert!(d.first_time(b"a"));
+        assert!(!d.first_time(b"a"));
+        assert!(d.first_time(b"b"));
+        assert!(d.first_time(b"c"));
+        assert_eq!(d.len(), 2);
+        assert!(d.first_time(b"a"), "oldest forgotten");
+        assert!(d.first_time(&[0; 100]));
+        assert!(d.first_time(&[0; 100]), "over-long ids are not remembered");
+    }
+}

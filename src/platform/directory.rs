@@ -1,0 +1,289 @@
+//! The directory (DESIGN §5): where a destination's nodeInfo comes from.
+//!
+//! - [`NodeInfo`]: `{"signId", "boxId", "connectionInfo"}`, parsed with the poisoning check: a
+//!   nodeInfo whose `boxId` is not the curve25519 conversion of its `signId` is refused.
+//! - A bounded cache of nodeInfo with an expiry ([`crate::NetConfig::node_info_ttl`]); when full,
+//!   the entry closest to expiry is evicted.
+//! - Pending lookups, coalesced per signId: the first send to an unknown destination publishes
+//!   `self.transports.requestNodeInfo` (payload the signId) once; every later send waits for the
+//!   same answer (`self.transports.nodeInfo`) or the same timeout
+//!   ([`crate::NetConfig::lookup_timeout`], 10 s by default).
+//! - The reverse map boxId -> signId that `self.directory.getReply` feeds (each reply is
+//!   checked: the signId must convert to the boxId).
+//! - The [`Directory`] trait: an application that knows its peers answers lookups itself,
+//!   synchronously; when it answers `None` the bus-based lookup runs as above.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::identity::{BoxId, KeyCache, SignId};
+use crate::transport::connection_info::{self, Endpoint};
+
+/// Most nodeInfo entries cached, and most lookups pending at once.
+pub const MAX_CACHED: usize = 4096;
+
+/// A node's published description: ids and endpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInfo {
+    /// Its id.
+    pub sign_id: SignId,
+    /// Its box key (checked to be the conversion of `sign_id`).
+    pub box_id: BoxId,
+    /// The endpoints parsed from `connectionInfo` (invalid entries skipped).
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Why a nodeInfo was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeInfoError {
+    /// Not an object with string `signId` and `boxId` that are valid keys.
+    Malformed,
+    /// `boxId` is not the conversion of `signId` (directory poisoning).
+    KeyMismatch,
+}
+
+impl std::fmt::Display for NodeInfoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeInfoError::Malformed => "malformed nodeInfo",
+            NodeInfoError::KeyMismatch => "nodeInfo boxId is not the conversion of its signId",
+        })
+    }
+}
+
+impl std::error::Error for NodeInfoError {}
+
+impl NodeInfo {
+    /// Parses and checks a nodeInfo (the conversion is cached in `keys`).
+    pub fn from_json(v: &Value, keys: &mut KeyCache) -> Result<NodeInfo, NodeInfoError> {
+        let sign_id: SignId = v
+            .get("signId")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+            .ok_or(NodeInfoError::Malformed)?;
+        let box_id: BoxId = v
+            .get("boxId")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+            .ok_or(NodeInfoError::Malformed)?;
+        let converted = keys.box_id(&sign_id).ok_or(NodeInfoError::Malformed)?;
+        if converted != box_id {
+            return Err(NodeInfoError::KeyMismatch);
+        }
+        let endpoints = v
+            .get("connectionInfo")
+            .map(connection_info::parse)
+            .unwrap_or_default();
+        Ok(NodeInfo {
+            sign_id,
+            box_id,
+            endpoints,
+        })
+    }
+
+    /// The JSON form (endpoints written back in their canonical form).
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "signId": self.sign_id.to_string(),
+            "boxId": self.box_id.to_string(),
+            "connectionInfo": connection_info::to_json(&self.endpoints),
+        })
+    }
+}
+
+/// A source of nodeInfo the application controls. The platform asks it first; `None` means
+/// "ask the bus" (`self.transports.requestNodeInfo`).
+///
+/// ```
+/// use std::collections::HashMap;
+/// use mm_platform::platform::{Directory, NodeInfo};
+/// use mm_platform::SignId;
+///
+/// struct Static(HashMap<SignId, NodeInfo>);
+/// impl Directory for Static {
+///     fn lookup(&mut self, id: &SignId) -> Option<NodeInfo> {
+///         self.0.get(id).cloned()
+///     }
+/// }
+/// let _d: Box<dyn Directory> = Box::new(Static(HashMap::new()));
+/// ```
+pub trait Directory {
+    /// The nodeInfo of `id`, if this directory knows it now.
+    fn lookup(&mut self, id: &SignId) -> Option<NodeInfo>;
+}
+
+/// What a lookup in the cache found.
+pub(crate) enum Lookup {
+    /// Known.
+    Found(NodeInfo),
+    /// A lookup for this id is already pending.
+    Pending,
+    /// Nothing known and nothing pending: the caller must start a lookup.
+    Unknown,
+}
+
+/// The cache, the pending lookups and the reverse map.
+pub(crate) struct DirectoryCache {
+    entries: HashMap<SignId, (NodeInfo, Instant)>,
+    pending: HashMap<SignId, Instant>,
+    reverse: HashMap<BoxId, SignId>,
+    ttl: Duration,
+    timeout: Duration,
+}
+
+impl DirectoryCache {
+    pub(crate) fn new(ttl: Duration, timeout: Duration) -> DirectoryCache {
+        DirectoryCache {
+            entries: HashMap::new(),
+            pending: HashMap::new(),
+            reverse: HashMap::new(),
+            ttl,
+            timeout,
+        }
+    }
+
+    /// Looks `id` up (expired entries are forgotten).
+    pub(crate) fn lookup(&mut self, id: &SignId, now: Instant) -> Lookup {
+        if let Some((info, exp)) = self.entries.get(id) {
+            if *exp > now {
+                return Lookup::Found(info.clone());
+            }
+            self.entries.remove(id);
+        }
+        if self.pending.contains_key(id) {
+            Lookup::Pending
+        } else {
+            Lookup::Unknown
+        }
+    }
+
+    /// Records that a lookup for `id` started; `false` if too many are pending (then the
+    /// destination fails at once).
+    pub(crate) fn start_lookup(&mut self, id: SignId, now: Instant) -> bool {
+        if self.pending.len() >= MAX_CACHED {
+            return false;
+        }
+        self.pending.insert(id, now + self.timeout);
+        true
+    }
+
+    /// Stores a checked nodeInfo; ends the pending lookup for it. Returns whether a lookup was
+    /// pending.
+    pub(crate) fn insert(&mut self, info: NodeInfo, now: Instant) -> bool {
+        if self.entries.len() >= MAX_CACHED && !self.entries.contains_key(&info.sign_id) {
+            self.entries.retain(|_, (_, exp)| *exp > now);
+            if self.entries.len() >= MAX_CACHED {
+                if let Some(k) = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, (_, exp))| *exp)
+                    .map(|(k, _)| *k)
+                {
+                    self.entries.remove(&k);
+                }
+            }
+        }
+        self.learn_reverse(info.box_id, info.sign_id);
+        let id = info.sign_id;
+        self.entries.insert(id, (info, now + self.ttl));
+        self.pending.remove(&id).is_some()
+    }
+
+    /// Lookups whose time is up (removed).
+    pub(crate) fn expired_lookups(&mut self, now: Instant) -> Vec<SignId> {
+        let done: Vec<SignId> = self
+            .pending
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &done {
+            self.pending.remove(k);
+        }
+        done
+    }
+
+    /// Records a checked boxId -> signId pair.
+    pub(crate) fn learn_reverse(&mut self, b: BoxId, s: SignId) {
+        if self.reverse.len() >= MAX_CACHED && !self.reverse.contains_key(&b) {
+            self.reverse.clear();
+        }
+        self.reverse.insert(b, s);
+    }
+
+    /// The signId of a box key, if known.
+    pub(crate) fn reverse(&self, b: &BoxId) -> Option<SignId> {
+        self.reverse.get(b).copied()
+    }
+
+    /// Number of cached entries.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+    use serde_json::json;
+
+    #[test]
+    fn poisoned_node_info_is_refused() {
+        let mut keys = KeyCache::new(16);
+        let a = Identity::generate();
+        let b = Identity::generate();
+        let good = json!({"signId": a.sign_id().to_string(), "boxId": a.box_id().to_string(),
+            "connectionInfo": [{"transportType": "udp", "transportInfo": {"address": "127.0.0.1", "port": 9}}]});
+        let info = NodeInfo::from_json(&good, &mut keys).unwrap();
+        assert_eq!(info.endpoints.len(), 1);
+        let poisoned = json!({"signId": a.sign_id().to_string(), "boxId": b.box_id().to_string(),
+            "connectionInfo": []});
+        assert_eq!(
+            NodeInfo::from_json(&poisoned, &mut keys),
+            Err(NodeInfoError::KeyMismatch)
+        );
+        for bad in [
+            json!(null),
+            json!({"signId": 3}),
+            json!({"signId": "x", "boxId": "y"}),
+        ] {
+            assert_eq!(
+                NodeInfo::from_json(&bad, &mut keys),
+                Err(NodeInfoError::Malformed)
+            );
+        }
+    }
+
+    #[test]
+    fn lookups_coalesce_expire_and_cache_expires() {
+        let t0 = Instant::now();
+        let mut d = DirectoryCache::new(Duration::from_secs(60), Duration::from_secs(10));
+        let a = Identity::generate();
+        assert!(matches!(d.lookup(&a.sign_id(), t0), Lookup::Unknown));
+        assert!(d.start_lookup(a.sign_id(), t0));
+        assert!(matches!(d.lookup(&a.sign_id(), t0), Lookup::Pending));
+        assert!(d.expired_lookups(t0 + Duration::from_secs(9)).is_empty());
+        assert_eq!(
+            d.expired_lookups(t0 + Duration::from_secs(10)),
+            vec![a.sign_id()]
+        );
+        let info = NodeInfo {
+            sign_id: a.sign_id(),
+            box_id: a.box_id(),
+            endpoints: vec![],
+        };
+        assert!(d.start_lookup(a.sign_id(), t0));
+        assert!(d.insert(info, t0));
+        assert_eq!(d.reverse(&a.box_id()), Some(a.sign_id()));
+        assert!(matches!(d.lookup(&a.sign_id(), t0), Lookup::Found(_)));
+        assert!(matches!(
+            d.lookup(&a.sign_id(), t0 + Duration::from_secs(61)),
+            Lookup::Unknown
+        ));
+        assert_eq!(d.len(), 0);
+    }
+}

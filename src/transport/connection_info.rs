@@ -1,0 +1,146 @@
+//! `connectionInfo`: the JSON list of endpoints a node publishes in its nodeInfo (DESIGN §4),
+//! parsed into typed [`Endpoint`]s and written back.
+//!
+//! The form is the original's:
+//! `[{"transportType":"udp","transportInfo":{"address":"127.0.0.1","port":20000,"framing":"native"}}, ...]`.
+//! The extra `"framing": "native"` field of `transportInfo` marks an endpoint that speaks the
+//! native framing of DESIGN §4 (one datagram or one netstring per CurveCP packet); JS nodes
+//! ignore it. Endpoints without the mark use the JS compatibility framing, which this crate does
+//! not implement yet: they are still parsed (with `native: false`) and tried last, natively.
+//!
+//! Parsing input from the network is bounded: at most [`MAX_ENDPOINTS`] entries are kept,
+//! entries of unknown transport types or with invalid addresses are skipped.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde_json::{json, Value};
+
+use super::TransportKind;
+
+/// Most endpoints kept from one connectionInfo.
+pub const MAX_ENDPOINTS: usize = 16;
+
+/// One way to reach a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// UDP or TCP.
+    pub kind: TransportKind,
+    /// Address and port.
+    pub addr: SocketAddr,
+    /// Whether the endpoint advertises the native framing.
+    pub native: bool,
+}
+
+impl Endpoint {
+    /// A native-framing endpoint.
+    pub fn native(kind: TransportKind, addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            kind,
+            addr,
+            native: true,
+        }
+    }
+
+    /// The JSON form of this endpoint.
+    pub fn to_json(&self) -> Value {
+        let kind = match self.kind {
+            TransportKind::Udp => "udp",
+            TransportKind::Tcp => "tcp",
+        };
+        let mut info = json!({
+            "address": self.addr.ip().to_string(),
+            "port": self.addr.port(),
+        });
+        if self.native {
+            info["framing"] = json!("native");
+        }
+        json!({"transportType": kind, "transportInfo": info})
+    }
+
+    /// Parses one entry; `None` if it is not a UDP or TCP endpoint with a valid address.
+    pub fn from_json(v: &Value) -> Option<Endpoint> {
+        let kind = match v.get("transportType")?.as_str()? {
+            "udp" => TransportKind::Udp,
+            "tcp" => TransportKind::Tcp,
+            _ => return None,
+        };
+        let info = v.get("transportInfo")?;
+        let ip: IpAddr = info.get("address")?.as_str()?.parse().ok()?;
+        let port = u16::try_from(info.get("port")?.as_u64()?).ok()?;
+        let native = info.get("framing").and_then(Value::as_str) == Some("native");
+        Some(Endpoint {
+            kind,
+            addr: SocketAddr::new(ip, port),
+            native,
+        })
+    }
+}
+
+/// Parses a connectionInfo array (anything else gives an empty list). Invalid entries are
+/// skipped; at most [`MAX_ENDPOINTS`] are kept, in their order.
+pub fn parse(v: &Value) -> Vec<Endpoint> {
+    let Some(list) = v.as_array() else {
+        return Vec::new();
+    };
+    list.iter()
+        .take(MAX_ENDPOINTS)
+        .filter_map(Endpoint::from_json)
+        .collect()
+}
+
+/// The JSON array of `endpoints`.
+pub fn to_json(endpoints: &[Endpoint]) -> Value {
+    Value::Array(endpoints.iter().map(Endpoint::to_json).collect())
+}
+
+/// The order in which a client tries endpoints: native ones first, UDP before TCP within each
+/// group (stable otherwise).
+pub fn connect_order(endpoints: &[Endpoint]) -> Vec<Endpoint> {
+    let mut v = endpoints.to_vec();
+    v.sort_by_key(|e| (!e.native, e.kind == TransportKind::Tcp));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_order() {
+        let eps = vec![
+            Endpoint::native(TransportKind::Tcp, "127.0.0.1:2".parse().unwrap()),
+            Endpoint {
+                kind: TransportKind::Udp,
+                addr: "10.0.0.1:3".parse().unwrap(),
+                native: false,
+            },
+            Endpoint::native(TransportKind::Udp, "[::1]:1".parse().unwrap()),
+        ];
+        let j = to_json(&eps);
+        assert_eq!(j[0]["transportInfo"]["framing"], "native");
+        assert!(j[1]["transportInfo"].get("framing").is_none());
+        assert_eq!(parse(&j), eps);
+        let order = connect_order(&eps);
+        assert_eq!(order[0].kind, TransportKind::Udp);
+        assert!(order[0].native);
+        assert_eq!(order[1].kind, TransportKind::Tcp);
+        assert!(!order[2].native);
+    }
+
+    #[test]
+    fn hostile_input_is_skipped_and_bounded() {
+        assert!(parse(&json!({"not": "a list"})).is_empty());
+        let bad = json!([
+            {"transportType": "udp", "transportInfo": {"address": "nope", "port": 1}},
+            {"transportType": "udp", "transportInfo": {"address": "1.2.3.4", "port": 70000}},
+            {"transportType": "carrier-pigeon", "transportInfo": {"address": "1.2.3.4", "port": 1}},
+            {"transportType": "tcp"},
+            7
+        ]);
+        assert!(parse(&bad).is_empty());
+        let many: Vec<Value> = (0..100)
+            .map(|i| json!({"transportType": "udp", "transportInfo": {"address": "127.0.0.1", "port": i}}))
+            .collect();
+        assert_eq!(parse(&Value::Array(many)).len(), MAX_ENDPOINTS);
+    }
+}
