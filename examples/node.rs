@@ -1,0 +1,225 @@
+//! A node driven by JSON lines, so that any language can script the platform.
+//!
+//! ```text
+//! cargo run --example node -- --data DIR [--udp ADDR:PORT|off] [--tcp ADDR:PORT|off]
+//! ```
+//!
+//! `DIR` is a [`FileStore`] (created if missing) holding the identity, the listen addresses of
+//! the last run and the offline buffer. Without `--udp`/`--tcp` the node listens where it did
+//! last time, else on 127.0.0.1 with OS-chosen ports.
+//!
+//! stdout, one JSON object per line (flushed):
+//! - `{"event":"ready","nodeInfo":{...}}`
+//! - `{"event":"message","topic":"public.test.hello","sender":"<signId>|local","protocol":"ms","payload":<json>}`
+//!   for every delivery except the platform's own `self.transports.*`, `self.directory.*`,
+//!   `self.friends.*`, `self.devices.*` (a payload that is not JSON is given as a string)
+//! - `{"event":"connection","peer":"<signId>"}`, `{"event":"disconnected","peer":"<signId>"}`
+//! - `{"event":"sent","id":ID,"ok":true}` or `{"event":"sent","id":ID,"ok":false,"error":"..."}`
+//!   once per send that carried an id
+//! - `{"event":"error","error":"..."}` for a bad command (the node keeps running)
+//!
+//! stdin, one JSON command per line:
+//! - `{"cmd":"nodeInfo","nodeInfo":{...}}`
+//! - `{"cmd":"send","id":ID,"topic":"test.hello","to":"<signId>"|"local","payload":<json>,"realtime":true|false,"expireAfter":MS}`
+//! - `{"cmd":"friends","keys":[...]}`, `{"cmd":"devices","keys":[...]}`
+//! - `{"cmd":"quit"}`; end of input also quits.
+
+use std::io::{self, BufRead, Write};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use mm_platform::storage::FileStore;
+use mm_platform::{Address, Context, Event, Platform, SendOptions};
+
+/// The internal topic on which stdin lines reach the reactor (never printed).
+const STDIN_TOPIC: &str = "node-example.stdin";
+/// Its protocol.
+const STDIN_PROTOCOL: &str = "node-example";
+
+fn emit(v: Value) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+fn usage() -> ! {
+    eprintln!("usage: node --data DIR [--udp ADDR:PORT|off] [--tcp ADDR:PORT|off]");
+    std::process::exit(2);
+}
+
+fn main() {
+    let mut data = None;
+    let mut udp: Option<String> = None;
+    let mut tcp: Option<String> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--data" => data = args.next(),
+            "--udp" => udp = args.next(),
+            "--tcp" => tcp = args.next(),
+            _ => usage(),
+        }
+    }
+    let Some(data) = data else { usage() };
+    let store = match FileStore::open(&data) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot open {data}: {e}");
+            std::process::exit(1);
+        }
+    };
+    let mut builder = Platform::builder().storage(store);
+    if udp.is_some() || tcp.is_some() {
+        let mut listen = Vec::new();
+        for (kind, arg, default) in [("udp", &udp, "127.0.0.1:0"), ("tcp", &tcp, "127.0.0.1:0")] {
+            let a = arg.as_deref().unwrap_or(default);
+            if a == "off" {
+                continue;
+            }
+            let Ok(addr) = a.parse::<std::net::SocketAddr>() else {
+                eprintln!("invalid address {a}");
+                std::process::exit(2);
+            };
+            listen.push(json!({"transportType": kind,
+                "transportInfo": {"address": addr.ip().to_string(), "port": addr.port()}}));
+        }
+        if listen.is_empty() {
+            builder = builder.transports(false);
+        }
+        builder = builder.connection_info(Value::Array(listen));
+    }
+    let mut platform = match builder.build() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("cannot start: {e}");
+            std::process::exit(1);
+        }
+    };
+
+    platform.on_message(|_ctx, msg| {
+        if msg.protocol == STDIN_PROTOCOL {
+            return;
+        }
+        let topic = msg.scoped_topic();
+        for own in [
+            "self.transports.",
+            "self.directory.",
+            "self.friends.",
+            "self.devices.",
+        ] {
+            if topic.starts_with(own) {
+                return;
+            }
+        }
+        let payload = serde_json::from_slice::<Value>(&msg.payload)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&msg.payload).into()));
+        emit(
+            json!({"event": "message", "topic": topic, "sender": msg.sender.to_string(),
+            "protocol": msg.protocol, "payload": payload}),
+        );
+    });
+    platform.on(&format!("self.{STDIN_TOPIC}"), |ctx, msg| {
+        if msg.protocol != STDIN_PROTOCOL || msg.sender != Address::Local {
+            return;
+        }
+        if let Err(e) = command(ctx, &msg.payload) {
+            emit(json!({"event": "error", "error": e}));
+        }
+    });
+    let info = platform.node_info();
+    platform.on_event(move |_ctx, event| match event {
+        Event::Ready => emit(json!({"event": "ready", "nodeInfo": info})),
+        Event::Connection(p) => emit(json!({"event": "connection", "peer": p.to_string()})),
+        Event::Disconnected(p) => emit(json!({"event": "disconnected", "peer": p.to_string()})),
+        _ => {}
+    });
+
+    let handle = platform.handle();
+    std::thread::spawn(move || {
+        for line in io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if line.trim().is_empty() {
+                continue;
+            }
+            // A full channel: wait for the reactor to make room (bounded retries per line).
+            for _ in 0..100_000 {
+                match handle.send("local", STDIN_PROTOCOL, STDIN_TOPIC, line.as_bytes()) {
+                    mm_platform::SendStatus::BufferFull => {
+                        std::thread::sleep(Duration::from_millis(1))
+                    }
+                    _ => break,
+                }
+            }
+        }
+        handle.shutdown();
+    });
+    if let Err(e) = platform.run() {
+        eprintln!("reactor failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Runs one command line on the reactor's thread.
+fn command(ctx: &mut Context<'_>, line: &[u8]) -> Result<(), String> {
+    let v: Value = serde_json::from_slice(line).map_err(|e| format!("not JSON: {e}"))?;
+    match v.get("cmd").and_then(Value::as_str) {
+        Some("nodeInfo") => {
+            let info = v.get("nodeInfo").ok_or("nodeInfo missing")?;
+            let _ = ctx.messaging().send("transports.nodeInfo", "local", info);
+            Ok(())
+        }
+        Some(which @ ("friends" | "devices")) => {
+            let keys = v
+                .get("keys")
+                .filter(|k| k.is_array())
+                .ok_or("keys missing")?;
+            let _ = ctx
+                .messaging()
+                .send(&format!("{which}.update"), "local", keys);
+            Ok(())
+        }
+        Some("quit") => {
+            ctx.shutdown();
+            Ok(())
+        }
+        Some("send") => send(ctx, &v),
+        Some(other) => Err(format!("unknown command {other:?}")),
+        None => Err("cmd missing".into()),
+    }
+}
+
+fn send(ctx: &mut Context<'_>, v: &Value) -> Result<(), String> {
+    let id = v.get("id").cloned();
+    let topic = v
+        .get("topic")
+        .and_then(Value::as_str)
+        .ok_or("topic missing")?;
+    let to = v.get("to").and_then(Value::as_str).ok_or("to missing")?;
+    let payload =
+        serde_json::to_vec(v.get("payload").unwrap_or(&Value::Null)).map_err(|e| e.to_string())?;
+    let options = SendOptions {
+        realtime: v.get("realtime").and_then(Value::as_bool).unwrap_or(true),
+        expire_after: v
+            .get("expireAfter")
+            .and_then(Value::as_u64)
+            .map(Duration::from_millis),
+    };
+    let cb_id = id.clone();
+    let status = ctx.send_with_callback(to, "ms", topic, payload, options, move |_ctx, r| {
+        if let Some(id) = cb_id {
+            match r {
+                Ok(()) => emit(json!({"event": "sent", "id": id, "ok": true})),
+                Err(e) => {
+                    emit(json!({"event": "sent", "id": id, "ok": false, "error": e.to_string()}))
+                }
+            }
+        }
+    });
+    if !status.is_queued() {
+        if let Some(id) = id {
+            emit(json!({"event": "sent", "id": id, "ok": false, "error": status.to_string()}));
+        }
+    }
+    Ok(())
+}
