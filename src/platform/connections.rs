@@ -310,6 +310,7 @@ fn stream_ref<'a>(server: &'a ServerDriver, link: &'a Link) -> Option<&'a Stream
 
 impl Net {
     /// Binds the listeners. `listen` are the requested endpoints (first UDP and first TCP used).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn bind(
         cfg: NetConfig,
         registry: Registry,

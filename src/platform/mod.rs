@@ -555,13 +555,13 @@ impl Core {
                 let info = self.node_info();
                 self.publish_local("transports.myNodeInfo", &info);
             }
-            "transports.nodeInfo" => {
-                if !self.on_node_info(&msg.payload) {
-                    self.stats.malformed += 1;
-                }
-            }
-            "directory.getReply" => {
-                if !self.on_directory_reply(&msg.payload) {
+            "transports.nodeInfo" | "directory.getReply" => {
+                let ok = if msg.topic.starts_with('t') {
+                    self.on_node_info(&msg.payload)
+                } else {
+                    self.on_directory_reply(&msg.payload)
+                };
+                if !ok {
                     self.stats.malformed += 1;
                 }
             }
