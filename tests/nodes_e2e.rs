@@ -224,3 +224,25 @@ fn poisoned_node_info_is_refused() {
     a.poll(Some(Duration::ZERO)).unwrap();
     assert_eq!(a.stats().malformed, before + 1);
 }
+
+#[test]
+fn a_handle_on_another_thread_sends_to_a_remote_node() {
+    let mut a = Platform::builder().build().unwrap();
+    let mut b = Platform::builder().build().unwrap();
+    tell(&mut a, &b);
+    let (_, rx) = b.messaging().on_channel("public.thread.*", 64);
+    let h = a.handle();
+    let bid = b.sign_id();
+    let t = std::thread::spawn(move || {
+        for i in 0..10 {
+            assert!(h.send_json("thread.msg", bid, &i).is_queued());
+        }
+    });
+    t.join().unwrap();
+    let mut got = Vec::new();
+    pump(&mut a, &mut b, Duration::from_secs(10), || {
+        got.extend(rx.try_iter().map(|m| m.json::<i64>().unwrap()));
+        got.len() == 10
+    });
+    assert_eq!(got, (0..10).collect::<Vec<i64>>());
+}

@@ -231,7 +231,8 @@ struct Conn {
     peer: Option<SignId>,
     outbound: bool,
     active: bool,
-    closing: bool,
+    /// Since when it is winding down (no new frames; closed once the streams are done).
+    closing: Option<Instant>,
     opened: Instant,
     last_write: Instant,
     reader: FrameReader,
@@ -745,7 +746,7 @@ impl Core {
             peer: None,
             outbound: false,
             active: false,
-            closing: false,
+            closing: None,
             opened: now,
             last_write: now,
             reader: FrameReader::new(net.cfg.max_frame),
@@ -892,14 +893,15 @@ impl Core {
             .filter(|(_, c)| {
                 let age = now.saturating_duration_since(c.opened);
                 (c.peer.is_none() && age >= net.cfg.connect_timeout)
-                    || (c.closing && age >= net.cfg.dead_after + net.cfg.connect_timeout)
+                    || c.closing
+                        .is_some_and(|t| now.saturating_duration_since(t) >= net.cfg.dead_after)
             })
             .map(|(k, _)| k)
             .collect();
         // Keepalives.
         for (_, c) in net.conns.iter_mut() {
             if c.active
-                && !c.closing
+                && c.closing.is_none()
                 && c.partial_pos >= c.partial.len()
                 && now.saturating_duration_since(c.last_write) >= net.cfg.keepalive
             {
@@ -1076,7 +1078,7 @@ impl Core {
                     peer: None,
                     outbound: true,
                     active: false,
-                    closing: false,
+                    closing: None,
                     opened: now,
                     last_write: now,
                     reader: FrameReader::new(net.cfg.max_frame),
@@ -1134,6 +1136,15 @@ impl Core {
             };
             let n = stream.read(&mut net.scratch[..room]);
             if n == 0 {
+                if stream.peer_eof().is_some() && c.closing.is_none() {
+                    // The peer winds this connection down (it lost the simultaneous-connect
+                    // tie-break, or it is leaving): finish ours too.
+                    stream.finish(Eof::Success);
+                    c.closing = Some(self.now);
+                    if c.active {
+                        self.conn_lost(k, "peer closed the connection");
+                    }
+                }
                 return;
             }
             c.reader.push(&net.scratch[..n]);
@@ -1221,9 +1232,10 @@ impl Core {
             }
             _ => {}
         }
+        let now = self.now;
         if demote == Some(k) {
             let c = &mut net.conns[k];
-            c.closing = true;
+            c.closing = Some(now);
             if let Some(s) = stream_of(&mut net.server, &mut c.link) {
                 s.finish(Eof::Success);
             }
@@ -1241,7 +1253,7 @@ impl Core {
             if identified {
                 let c = &mut net.conns[o];
                 c.active = false;
-                c.closing = true;
+                c.closing = Some(now);
                 if let Some(s) = stream_of(&mut net.server, &mut c.link) {
                     s.finish(Eof::Success);
                 }
@@ -1304,7 +1316,7 @@ impl Core {
                 }
                 c.partial_track = Track::default();
             }
-            if !c.active || c.closing {
+            if !c.active || c.closing.is_some() {
                 break;
             }
             let Some(p) = net.peers.get_mut(&c.peer_box) else {
