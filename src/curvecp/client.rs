@@ -15,8 +15,10 @@
 //! and change nothing.
 //!
 //! Once the connection is established, the cookie and the vouch are wiped. [`ClientState::Closed`]
-//! is reported once the stream is done; the client still answers packets after that (so a lost
-//! final acknowledgement can be repeated) for as long as the driver keeps it.
+//! is reported once the stream is done and `poll_transmit` has handed out everything due (the
+//! final acknowledgement included). The client still answers packets after that, so a driver
+//! that keeps it a few more seconds re-acknowledges a peer whose copy of that last
+//! acknowledgement was lost (the reference peer then exits cleanly instead of timing out).
 
 use std::time::{Duration, Instant};
 
@@ -327,9 +329,17 @@ impl Client {
         } else {
             (CLIENT_MESSAGE_OFFSET, MAX_MESSAGE)
         };
-        let m = self
+        let Some(m) = self
             .stream
-            .poll_message(now, max_len, &mut out[offset..offset + max_len])?;
+            .poll_message(now, max_len, &mut out[offset..offset + max_len])
+        else {
+            if self.state == ClientState::Established && self.stream.is_done() {
+                // Everything, the last acknowledgement included, has been handed out.
+                self.state = ClientState::Closed;
+                log::debug!("curvecp client: closed");
+            }
+            return None;
+        };
         if !(16..=max_len).contains(&m) || m % 16 != 0 {
             // The stream's contract rules this out; never put a malformed packet on the wire.
             log::debug!("curvecp client: stream produced a {m}-byte message, not sent");
@@ -382,8 +392,6 @@ impl Client {
             ClientState::Initiate | ClientState::Established | ClientState::Closed => {
                 if let Some(e) = self.stream.error() {
                     ClientState::Failed(ClientError::Stream(e))
-                } else if self.state == ClientState::Established && self.stream.is_done() {
-                    ClientState::Closed
                 } else {
                     self.state
                 }
