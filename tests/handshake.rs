@@ -1081,3 +1081,23 @@ fn flood_of_hellos_and_garbage_leaves_no_state_and_a_client_gets_through() {
     assert_eq!(q.events, 0);
     assert_eq!(q.timers, 0);
 }
+
+/// A JS node's Initiate carries a 64-byte all-zero message (ID 0); the server must still speak
+/// first so that such a client proceeds.
+#[test]
+fn js_style_initiate_with_zero_message_gets_an_answer() {
+    let mut rig = Rig::new(server_config());
+    let mut raw = rig.cookied();
+    let i = raw.initiate(&[0u8; 64]);
+    rig.feed(&i, 0);
+    assert_eq!(rig.server.connection_count(), 1);
+    let mut msgs = rig.messages_for(&mut raw);
+    for _ in 0..100 {
+        if !msgs.is_empty() {
+            break;
+        }
+        rig.now = rig.server.poll_timeout().unwrap().max(rig.now);
+        msgs = rig.messages_for(&mut raw);
+    }
+    assert!(!msgs.is_empty(), "the server spoke first");
+}

@@ -457,4 +457,29 @@ mod tests {
         assert_eq!(c.state(), ClientState::Failed(ClientError::NonceExhausted));
         assert!(c.poll_timeout().is_none());
     }
+
+    #[test]
+    fn cookie_and_vouch_wiped_once_established() {
+        use crate::curvecp::server::{Server, ServerConfig};
+        let now = Instant::now();
+        let mut server: Server<u8> = Server::new(ServerConfig::new(BoxKeyPair::generate()), now);
+        let mut c = Client::new(ClientConfig::new(server.public_key()), now);
+        let mut out = vec![0u8; super::super::MAX_PACKET];
+        let mut reply = vec![0u8; super::super::MAX_PACKET];
+        let n = c.poll_transmit(now, &mut out).unwrap();
+        let r = server.handle_packet(&out[..n], 0, now, &mut reply).unwrap();
+        c.handle_packet(&reply[..r], now);
+        assert_eq!(c.state(), ClientState::Initiate);
+        assert!(c.cookie.iter().any(|&b| b != 0));
+        assert!(c.vouch.iter().any(|&b| b != 0));
+        let n = c.poll_transmit(now, &mut out).unwrap();
+        assert!(server
+            .handle_packet(&out[..n], 0, now, &mut reply)
+            .is_none());
+        let (_, r) = server.poll_transmit(now, &mut reply).unwrap();
+        c.handle_packet(&reply[..r], now);
+        assert_eq!(c.state(), ClientState::Established);
+        assert_eq!(c.cookie, [0u8; COOKIE_LEN]);
+        assert_eq!(c.vouch, [0u8; VOUCH_LEN]);
+    }
 }
