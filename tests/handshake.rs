@@ -760,6 +760,12 @@ fn transfer_lossy(n_clients: usize, up: usize, down: usize, loss: u64, seed: u64
         closed, n_clients,
         "the server removed every finished connection"
     );
+    if up > 0 {
+        assert!(readable_events > 0);
+    }
+    if down > 131_072 && loss == 0 {
+        assert!(writable_events > 0, "Writable after the send buffer was full");
+    }
     assert_eq!(net.server.connection_count(), 0);
     let q = net.server.queues();
     assert_eq!((q.send_queue, q.events), (0, 0));
