@@ -125,8 +125,8 @@ fn makekey(dir: &Path) -> Result<(), Failure> {
 }
 
 fn read_key(path: &Path) -> Result<[u8; 32], Failure> {
-    let bytes =
-        fs::read(path).map_err(|e| Failure::Fatal(format!("unable to read {}: {e}", path.display())))?;
+    let bytes = fs::read(path)
+        .map_err(|e| Failure::Fatal(format!("unable to read {}: {e}", path.display())))?;
     bytes
         .try_into()
         .map_err(|_| Failure::Fatal(format!("{} is not a 32-byte key", path.display())))
@@ -216,9 +216,20 @@ fn server(args: &[String]) -> Result<(), Failure> {
     config.max_connections = max_connections;
 
     let mut poll = Poll::new()?;
-    let (udp, tcp_addr) = if tcp { (None, Some(addr)) } else { (Some(addr), None) };
-    let mut driver = ServerDriver::bind(poll.registry(), Token(0), config, udp, tcp_addr, Instant::now())
-        .map_err(|e| Failure::Fatal(format!("unable to bind {addr}: {e}")))?;
+    let (udp, tcp_addr) = if tcp {
+        (None, Some(addr))
+    } else {
+        (Some(addr), None)
+    };
+    let mut driver = ServerDriver::bind(
+        poll.registry(),
+        Token(0),
+        config,
+        udp,
+        tcp_addr,
+        Instant::now(),
+    )
+    .map_err(|e| Failure::Fatal(format!("unable to bind {addr}: {e}")))?;
     let mut handlers: Slab<Handler> = Slab::new();
     let mut reaping: Vec<Child> = Vec::new();
     let mut events = Events::with_capacity(1024);
@@ -230,7 +241,9 @@ fn server(args: &[String]) -> Result<(), Failure> {
             .map(|d| d.saturating_duration_since(now));
         if !reaping.is_empty() {
             // Exited handlers are collected on a short timer (SIGCHLD is not wired in).
-            timeout = Some(timeout.map_or(Duration::from_millis(50), |t| t.min(Duration::from_millis(50))));
+            timeout = Some(timeout.map_or(Duration::from_millis(50), |t| {
+                t.min(Duration::from_millis(50))
+            }));
         }
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() != io::ErrorKind::Interrupted {
@@ -246,15 +259,13 @@ fn server(args: &[String]) -> Result<(), Failure> {
         }
         while let Some(ev) = driver.poll_event() {
             match ev {
-                ServerEvent::Accepted(id) => {
-                    match spawn_handler(&poll, &mut handlers, id, prog) {
-                        Ok(()) => {}
-                        Err(e) => {
-                            eprintln!("curvecp: unable to run {}: {e}", prog[0]);
-                            driver.server_mut().remove(id);
-                        }
+                ServerEvent::Accepted(id) => match spawn_handler(&poll, &mut handlers, id, prog) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        eprintln!("curvecp: unable to run {}: {e}", prog[0]);
+                        driver.server_mut().remove(id);
                     }
-                }
+                },
                 ServerEvent::Closed(id) => {
                     if let Some(k) = handlers.iter().find(|(_, h)| h.conn == id).map(|(k, _)| k) {
                         let mut h = handlers.remove(k);
@@ -298,8 +309,11 @@ fn spawn_handler(
     let k = entry.key();
     poll.registry()
         .register(&mut stdin, Token(CHILD_TOKENS + 2 * k), Interest::WRITABLE)?;
-    poll.registry()
-        .register(&mut stdout, Token(CHILD_TOKENS + 2 * k + 1), Interest::READABLE)?;
+    poll.registry().register(
+        &mut stdout,
+        Token(CHILD_TOKENS + 2 * k + 1),
+        Interest::READABLE,
+    )?;
     entry.insert(Handler {
         conn,
         child,
@@ -440,9 +454,14 @@ fn client(args: &[String]) -> Result<(), Failure> {
 
     let mut poll = Poll::new()?;
     let waker = Waker::new(poll.registry(), WAKER)?;
-    let kind = if tcp { TransportKind::Tcp } else { TransportKind::Udp };
-    let mut driver = ClientDriver::connect(poll.registry(), SOCKET, kind, addr, config, Instant::now())
-        .map_err(|e| Failure::Fatal(format!("unable to reach {addr}: {e}")))?;
+    let kind = if tcp {
+        TransportKind::Tcp
+    } else {
+        TransportKind::Udp
+    };
+    let mut driver =
+        ClientDriver::connect(poll.registry(), SOCKET, kind, addr, config, Instant::now())
+            .map_err(|e| Failure::Fatal(format!("unable to reach {addr}: {e}")))?;
     let input = spawn_stdin_reader(waker);
     let mut pending: Vec<u8> = Vec::new();
     let mut pending_pos = 0;

@@ -63,7 +63,10 @@ fn run(kind: TransportKind, server_key: &BoxKeyPair) -> io::Result<()> {
         ClientConfig::new(server_key.public),
         start,
     )?;
-    println!("[{kind:?}] client connecting with a fresh key {}", &client.client().long_term_key().to_hex()[..16]);
+    println!(
+        "[{kind:?}] client connecting with a fresh key {}",
+        &client.client().long_term_key().to_hex()[..16]
+    );
 
     let mut sent = 0;
     let mut echoed = Vec::with_capacity(SIZE);
@@ -75,13 +78,20 @@ fn run(kind: TransportKind, server_key: &BoxKeyPair) -> io::Result<()> {
     loop {
         let now = Instant::now();
         if now > deadline {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "demo did not finish in 120 s"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "demo did not finish in 120 s",
+            ));
         }
-        let next = [server.next_deadline(), client.next_deadline(), Some(deadline)]
-            .into_iter()
-            .flatten()
-            .min()
-            .expect("deadline");
+        let next = [
+            server.next_deadline(),
+            client.next_deadline(),
+            Some(deadline),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .expect("deadline");
         poll.poll(&mut events, Some(next.saturating_duration_since(now)))?;
         let now = Instant::now();
         for ev in events.iter() {
@@ -99,7 +109,10 @@ fn run(kind: TransportKind, server_key: &BoxKeyPair) -> io::Result<()> {
             match ev {
                 ServerEvent::Accepted(id) => {
                     let key = server.server().client_key(id).expect("accepted");
-                    println!("[{kind:?}] server accepted a connection from {}", &key.to_hex()[..16]);
+                    println!(
+                        "[{kind:?}] server accepted a connection from {}",
+                        &key.to_hex()[..16]
+                    );
                     conns.push(id);
                 }
                 ServerEvent::Closed(id) => conns.retain(|c| *c != id),
@@ -125,7 +138,10 @@ fn run(kind: TransportKind, server_key: &BoxKeyPair) -> io::Result<()> {
         if established_at.is_none() && c.state() == ClientState::Established {
             let t = start.elapsed();
             established_at = Some(t);
-            println!("[{kind:?}] handshake done after {:.2} ms", t.as_secs_f64() * 1e3);
+            println!(
+                "[{kind:?}] handshake done after {:.2} ms",
+                t.as_secs_f64() * 1e3
+            );
         }
         let stream = c.stream_mut();
         if sent < SIZE {

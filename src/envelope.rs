@@ -311,12 +311,30 @@ mod tests {
 
     #[test]
     fn malformed_protobuf() {
-        assert_eq!(Envelope::decode_protobuf(b"\x0a\x05ab"), Err(EnvelopeError::Truncated));
-        assert_eq!(Envelope::decode_protobuf(b"\x0a"), Err(EnvelopeError::Truncated));
-        assert_eq!(Envelope::decode_protobuf(b"\x0b"), Err(EnvelopeError::BadWireType));
-        assert_eq!(Envelope::decode_protobuf(b"\x02\x00"), Err(EnvelopeError::BadField));
-        assert_eq!(Envelope::decode_protobuf(b"\x08\x01"), Err(EnvelopeError::WrongType));
-        assert_eq!(Envelope::decode_protobuf(b"\x0a\x01\xff"), Err(EnvelopeError::NotUtf8));
+        assert_eq!(
+            Envelope::decode_protobuf(b"\x0a\x05ab"),
+            Err(EnvelopeError::Truncated)
+        );
+        assert_eq!(
+            Envelope::decode_protobuf(b"\x0a"),
+            Err(EnvelopeError::Truncated)
+        );
+        assert_eq!(
+            Envelope::decode_protobuf(b"\x0b"),
+            Err(EnvelopeError::BadWireType)
+        );
+        assert_eq!(
+            Envelope::decode_protobuf(b"\x02\x00"),
+            Err(EnvelopeError::BadField)
+        );
+        assert_eq!(
+            Envelope::decode_protobuf(b"\x08\x01"),
+            Err(EnvelopeError::WrongType)
+        );
+        assert_eq!(
+            Envelope::decode_protobuf(b"\x0a\x01\xff"),
+            Err(EnvelopeError::NotUtf8)
+        );
         assert_eq!(
             Envelope::decode_protobuf(b"\x28\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"),
             Err(EnvelopeError::Truncated)

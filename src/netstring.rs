@@ -175,7 +175,10 @@ mod tests {
             let mut h = [0u8; 21];
             let k = write_header(n, &mut h);
             assert_eq!(&h[..k], format!("{n}:").as_bytes());
-            assert_eq!(encoded_len(n.min(10_000)), format!("{}:", n.min(10_000)).len() + n.min(10_000) + 1);
+            assert_eq!(
+                encoded_len(n.min(10_000)),
+                format!("{}:", n.min(10_000)).len() + n.min(10_000) + 1
+            );
         }
     }
 

@@ -147,7 +147,13 @@ fn reference_client_downloads_from_our_server() {
     let data_path = dir.path("data");
     fs::write(&data_path, &data).unwrap();
     let port = free_port(false);
-    let _server = our_server(&dir, "serverkey", port, false, &["cat", data_path.to_str().unwrap()]);
+    let _server = our_server(
+        &dir,
+        "serverkey",
+        port,
+        false,
+        &["cat", data_path.to_str().unwrap()],
+    );
     let out = dir.path("download");
     let client = reference_client(&key, port, &format!("cat <&6 > '{}'", out.display()));
     let o = client.output(LIMIT);
@@ -206,9 +212,10 @@ fn several_reference_clients_at_once_against_our_server() {
         let input = dir.path(&format!("in{i}"));
         let output = dir.path(&format!("out{i}"));
         fs::write(&input, &data).unwrap();
-        // Each client uploads its file and reads the echo at the same time.
+        // Each client uploads its file and reads the echo at the same time. The shell closes
+        // its own copy of fd 7 so that the upload's end is the stream's EOF.
         let prog = format!(
-            "cat '{}' >&7 & cat <&6 > '{}'; wait",
+            "cat '{}' >&7 & exec 7>&-; cat <&6 > '{}'; wait",
             input.display(),
             output.display()
         );

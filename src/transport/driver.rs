@@ -574,7 +574,9 @@ impl ServerDriver {
                 break;
             }
             self.idle_checks.pop_front();
-            let Some(s) = self.tcp.get(slot) else { continue };
+            let Some(s) = self.tcp.get(slot) else {
+                continue;
+            };
             if s.generation != generation {
                 continue;
             }

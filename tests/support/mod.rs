@@ -211,7 +211,11 @@ pub fn reference_makekey(dir: &Path) -> String {
 
 /// Runs `curvecp makekey DIR` (ours) and returns the public key's hex.
 pub fn our_makekey(dir: &Path) -> String {
-    let st = Command::new(curvecp_bin()).arg("makekey").arg(dir).status().unwrap();
+    let st = Command::new(curvecp_bin())
+        .arg("makekey")
+        .arg(dir)
+        .status()
+        .unwrap();
     assert!(st.success(), "curvecp makekey failed");
     let out = Command::new(curvecp_bin())
         .arg("printkey")
