@@ -843,9 +843,12 @@ impl Stream {
         t
     }
 
-    /// Our EOF acknowledged, and the peer's EOF received and every byte before it read.
+    /// Our EOF acknowledged, the peer's EOF received and every byte before it read, and no
+    /// acknowledgement left to send (so a driver that stops once this holds has sent its last
+    /// acknowledgement; it should still linger a little to answer retransmissions, since that
+    /// acknowledgement may be lost).
     pub fn is_done(&self) -> bool {
-        self.eof_acked && self.peer_eof().is_some()
+        self.eof_acked && self.peer_eof().is_some() && self.ack_pending.is_none()
     }
 
     /// Every byte written (and our EOF, if finished) has been acknowledged.
