@@ -909,3 +909,61 @@ fn interop_with_reference_curvecpmessage_over_pipes() {
     against_curvecpmessage("-s", 0, congestion::default_factory());
     against_curvecpmessage("-c", 50_000, congestion::chicago());
 }
+
+#[test]
+fn default_controller_backs_off_under_loss_and_recovers() {
+    // One endless bulk stream from 0 to 1 over a 10 ms RTT path: clean, then 5% loss, then
+    // clean again. The rate (bytes acknowledged per fake second) must drop under loss and rise
+    // again afterwards.
+    let clean = Net {
+        loss: 0,
+        dup: 0,
+        delay: Duration::from_millis(5),
+        jitter: Duration::from_micros(200),
+    };
+    let cfgs = configs(congestion::default_factory());
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut streams = [Stream::new(&cfgs[0], t0), Stream::new(&cfgs[1], t0)];
+    let mut wire = Wire::new(17, clean);
+    let chunk = [0x5Au8; 65536];
+    let mut sink = [0u8; 65536];
+    let mut rates = Vec::new();
+    let mut steps = 0u64;
+    for (phase, loss, secs) in [(0, 0, 2u64), (1, 5, 2), (2, 0, 4)] {
+        wire.net.loss = loss;
+        let start_acked = streams[0].bytes_acked();
+        let end = now + Duration::from_secs(secs);
+        while now < end {
+            steps += 1;
+            assert!(steps < 3_000_000, "too many steps in phase {phase}");
+            streams[0].write(&chunk);
+            while streams[1].read(&mut sink) > 0 {}
+            for (i, s) in streams.iter_mut().enumerate() {
+                let mut out = [0u8; 1088];
+                while let Some(n) = s.poll_message(now, 1088, &mut out) {
+                    wire.send(i, out[..n].to_vec(), now);
+                }
+            }
+            let next = [
+                wire.next_time(),
+                streams[0].poll_timeout(),
+                streams[1].poll_timeout(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("something scheduled");
+            now = now.max(next);
+            while let Some((to, b)) = wire.pop_due(now) {
+                streams[to].handle_message(&b, now);
+            }
+            assert_eq!(streams[0].error(), None);
+        }
+        // Rate of the last second of the phase would be nicer, but the whole phase is enough
+        // to show the trend.
+        rates.push((streams[0].bytes_acked() - start_acked) / secs);
+    }
+    assert!(rates[1] * 2 < rates[0], "no back-off under loss: {rates:?}");
+    assert!(rates[2] > rates[1] * 2, "no recovery after loss: {rates:?}");
+}

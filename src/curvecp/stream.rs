@@ -858,6 +858,17 @@ impl Stream {
             && (self.eof.is_none() || self.eof_acked)
     }
 
+    /// Stream position below which every byte we wrote has been acknowledged by the peer (a
+    /// platform can release stored messages up to here).
+    pub fn bytes_acked(&self) -> u64 {
+        self.sbuf_start
+    }
+
+    /// Bytes written so far (the stream position of the next byte `write` takes).
+    pub fn bytes_written(&self) -> u64 {
+        self.write_pos
+    }
+
     /// Set once the stream has failed; it then sends nothing more.
     pub fn error(&self) -> Option<StreamError> {
         self.error
@@ -1121,8 +1132,10 @@ mod tests {
         }
         .encode(&[], 64, &mut ack)
         .unwrap();
+        assert_eq!(s.bytes_acked(), 0);
         assert!(s.handle_message(&ack, t1 + Duration::from_millis(10)));
         assert!(s.all_acked());
+        assert_eq!((s.bytes_acked(), s.bytes_written()), (5000, 5000));
         assert_eq!(s.poll_timeout(), None);
     }
 
