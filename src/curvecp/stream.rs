@@ -108,7 +108,7 @@ pub struct StreamConfig {
     /// Bytes the application may queue for sending before `write` accepts no more.
     pub send_buffer: usize,
     /// Bytes beyond the application's read position we accept from the peer (the reference
-    /// uses 131072 and its peers never send beyond that).
+    /// uses 131072 and its peers never send beyond that). At least 1024 is used.
     pub recv_window: usize,
     /// Send an empty block at once (the client does, so that its Initiate leaves promptly).
     pub initial_ping: bool,
@@ -272,7 +272,8 @@ impl Stream {
         cc.init(now);
         Stream {
             send_buffer: config.send_buffer,
-            recv_window: config.recv_window.max(1),
+            // At least one full block, or a block could never be accepted.
+            recv_window: config.recv_window.max(MAX_DATA),
             dead_after: config.dead_after,
             cc,
             error: None,
