@@ -241,7 +241,10 @@ pub struct Stream {
     delivered_seq: u64,
     /// Highest range-1 end the peer reported (excluding the EOF's +1).
     peer_ack: u64,
-    last_block_time: Option<Instant>,
+    /// Virtual time of the latest block on the pacing schedule: the next block may go at
+    /// `pace_v + pacing`; after a pause it is pulled forward so that at most `burst` blocks go
+    /// at once.
+    pace_v: Option<Instant>,
     backoff: u32,
     last_progress: Instant,
 
@@ -295,7 +298,7 @@ impl Stream {
             next_seq: 1,
             delivered_seq: 0,
             peer_ack: 0,
-            last_block_time: None,
+            pace_v: None,
             backoff: 0,
             last_progress: now,
             rbuf: Vec::new(),
@@ -723,7 +726,10 @@ impl Stream {
     }
 
     fn sent_block(&mut self, now: Instant) {
-        self.last_block_time = Some(now);
+        let p = self.cc.pacing_interval();
+        let b = self.cc.burst().max(1);
+        let floor = now.checked_sub(p.saturating_mul(b - 1)).unwrap_or(now);
+        self.pace_v = Some(self.pace_v.map_or(floor, |v| (v + p).max(floor)));
         self.ack_pending = None;
         self.stats.messages_sent += 1;
     }
@@ -746,8 +752,8 @@ impl Stream {
             return None;
         }
         let pace_ok = self
-            .last_block_time
-            .map_or(true, |t| now >= t + self.cc.pacing_interval());
+            .pace_v
+            .map_or(true, |v| now >= v + self.cc.pacing_interval());
         if pace_ok {
             let resend = if let Some(i) = self.lost_block(max_len) {
                 self.cc.on_loss(now);
@@ -829,8 +835,8 @@ impl Stream {
             }
         }
         let pace_at = self
-            .last_block_time
-            .map_or(self.last_now, |l| l + self.cc.pacing_interval());
+            .pace_v
+            .map_or(self.last_now, |v| v + self.cc.pacing_interval());
         let max_len = self.last_max_len;
         if self.lost_block(max_len).is_some() || self.new_block(max_len).is_some() {
             at(pace_at);
