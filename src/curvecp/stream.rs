@@ -402,8 +402,13 @@ impl Stream {
         // Acknowledgement fields.
         self.apply_acks(&h, sent_end, now);
 
-        // Data.
-        let mut ack = h.id != 0 && data.is_some();
+        // Data. A message with an ID is acknowledged, except an acknowledgement that carries
+        // an ID itself (no data, no STOP, a non-zero acknowledged ID: the JavaScript
+        // implementation's acknowledgements look like this; answering them could start an
+        // endless exchange of acknowledgements). The reference's acknowledgements have ID 0 and
+        // its blocks never carry an acknowledged ID, so this changes nothing for it.
+        let id_ack = h.ack_id != 0 && h.data_len() == 0 && h.stop().is_none();
+        let mut ack = h.id != 0 && data.is_some() && !id_ack;
         if let Some(d) = data {
             self.store(&h, d);
         }
@@ -1144,6 +1149,41 @@ mod tests {
         assert!(s.all_acked());
         assert_eq!((s.bytes_acked(), s.bytes_written()), (5000, 5000));
         assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn acknowledgements_carrying_an_id_are_not_acknowledged() {
+        let t = Instant::now();
+        let mut s = Stream::new(&StreamConfig::server(), t);
+        s.write(b"hello");
+        assert!(poll(&mut s, t).is_some());
+        // A JavaScript-style acknowledgement: ID 7, acknowledging ID 1 and 5 bytes.
+        let mut m = [0u8; 64];
+        MessageHeader {
+            id: 7,
+            ack_id: 1,
+            ack_end: 5,
+            ..Default::default()
+        }
+        .encode(&[], 64, &mut m)
+        .unwrap();
+        assert!(s.handle_message(&m, t));
+        assert!(s.all_acked());
+        // Answered only because it is the first message from the peer.
+        assert!(poll(&mut s, t).is_some());
+        assert!(s.handle_message(&m, t));
+        assert_eq!(poll(&mut s, t), None);
+        // An empty block with an ID and no acknowledged ID (the reference's ping) is answered.
+        let mut ping = [0u8; 192];
+        MessageHeader {
+            id: 8,
+            ..Default::default()
+        }
+        .encode(&[], 192, &mut ping)
+        .unwrap();
+        assert!(s.handle_message(&ping, t));
+        let h = Message::parse(&poll(&mut s, t).unwrap()).unwrap().header;
+        assert_eq!(h.ack_id, 8);
     }
 
     #[test]
