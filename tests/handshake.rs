@@ -760,6 +760,15 @@ fn transfer_lossy(n_clients: usize, up: usize, down: usize, loss: u64, seed: u64
         closed, n_clients,
         "the server removed every finished connection"
     );
+    if up > 0 {
+        assert!(readable_events > 0);
+    }
+    if down > 131_072 && loss == 0 {
+        assert!(
+            writable_events > 0,
+            "Writable after the send buffer was full"
+        );
+    }
     assert_eq!(net.server.connection_count(), 0);
     let q = net.server.queues();
     assert_eq!((q.send_queue, q.events), (0, 0));
@@ -1080,4 +1089,91 @@ fn flood_of_hellos_and_garbage_leaves_no_state_and_a_client_gets_through() {
     assert_eq!(q.send_queue, 0);
     assert_eq!(q.events, 0);
     assert_eq!(q.timers, 0);
+}
+
+/// A JS node's Initiate carries a 64-byte all-zero message (ID 0); the server must still speak
+/// first so that such a client proceeds.
+#[test]
+fn js_style_initiate_with_zero_message_gets_an_answer() {
+    let mut rig = Rig::new(server_config());
+    let mut raw = rig.cookied();
+    let i = raw.initiate(&[0u8; 64]);
+    rig.feed(&i, 0);
+    assert_eq!(rig.server.connection_count(), 1);
+    let mut msgs = rig.messages_for(&mut raw);
+    for _ in 0..100 {
+        if !msgs.is_empty() {
+            break;
+        }
+        rig.now = rig.server.poll_timeout().unwrap().max(rig.now);
+        msgs = rig.messages_for(&mut raw);
+    }
+    assert!(!msgs.is_empty(), "the server spoke first");
+}
+
+/// Every single-bit change of a valid Initiate is dropped, except in the client extension
+/// (24..40), which is not authenticated by CurveCP and is only echoed back.
+#[test]
+fn every_byte_of_initiate_and_message_is_checked() {
+    let mut rig = Rig::new(server_config());
+    let mut raw = rig.cookied();
+    let i = raw.initiate(&data_msg(1, 0, b"abc", false));
+    for pos in (0..i.len()).filter(|p| !(24..40).contains(p)) {
+        let mut t = i.clone();
+        t[pos] ^= 0x10;
+        assert!(rig.feed(&t, 0).is_none());
+        assert_eq!(rig.server.connection_count(), 0, "flip at {pos} accepted");
+    }
+    rig.feed(&i, 0);
+    assert_eq!(rig.server.connection_count(), 1);
+    let _ = rig.messages_for(&mut raw);
+    let m = raw.message(&data_msg(2, 3, b"def", false));
+    let before = rig.dropped();
+    let mut tried = 0;
+    for pos in (0..m.len()).filter(|p| !(24..40).contains(p)) {
+        let mut t = m.clone();
+        t[pos] ^= 0x10;
+        rig.feed(&t, 0);
+        tried += 1;
+    }
+    assert_eq!(rig.dropped(), before + tried);
+    assert!(rig.messages_for(&mut raw).is_empty());
+    rig.feed(&m, 0);
+    assert_eq!(
+        ack_fields(rig.messages_for(&mut raw).last().unwrap()),
+        (2, 6)
+    );
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+        /// Arbitrary datagrams, raw or behind a valid client prefix and our extension, never
+        /// panic, never get an answer and never create state.
+        #[test]
+        fn arbitrary_packets_leave_no_trace(
+            packets in proptest::collection::vec(
+                (any::<bool>(), prop::sample::select(vec![b'H', b'I', b'M', b'Z']),
+                 proptest::collection::vec(any::<u8>(), 0..1300)),
+                1..20,
+            )
+        ) {
+            let mut rig = Rig::new(server_config());
+            for (prefixed, kind, mut p) in packets {
+                if prefixed && p.len() >= 24 {
+                    p[..7].copy_from_slice(b"QvnQ5Xl");
+                    p[7] = kind;
+                    p[8..24].copy_from_slice(&SEXT);
+                }
+                prop_assert!(rig.feed(&p, 0).is_none());
+            }
+            prop_assert!(rig.drain().is_empty());
+            prop_assert_eq!(rig.server.queues(), Default::default());
+            prop_assert_eq!(rig.server.stats().cookies_sent, 0);
+        }
+    }
 }

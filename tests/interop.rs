@@ -212,9 +212,10 @@ fn several_reference_clients_at_once_against_our_server() {
         let input = dir.path(&format!("in{i}"));
         let output = dir.path(&format!("out{i}"));
         fs::write(&input, &data).unwrap();
-        // Each client uploads its file and reads the echo at the same time.
+        // Each client uploads its file and reads the echo at the same time. The shell closes
+        // its own copy of fd 7 so that the upload's end is the stream's EOF.
         let prog = format!(
-            "cat '{}' >&7 & cat <&6 > '{}'; wait",
+            "cat '{}' >&7 & exec 7>&-; cat <&6 > '{}'; wait",
             input.display(),
             output.display()
         );

@@ -15,8 +15,10 @@
 //! and change nothing.
 //!
 //! Once the connection is established, the cookie and the vouch are wiped. [`ClientState::Closed`]
-//! is reported once the stream is done; the client still answers packets after that (so a lost
-//! final acknowledgement can be repeated) for as long as the driver keeps it.
+//! is reported once the stream is done and `poll_transmit` has handed out everything due (the
+//! final acknowledgement included). The client still answers packets after that, so a driver
+//! that keeps it a few more seconds re-acknowledges a peer whose copy of that last
+//! acknowledgement was lost (the reference peer then exits cleanly instead of timing out).
 
 use std::time::{Duration, Instant};
 
@@ -327,9 +329,17 @@ impl Client {
         } else {
             (CLIENT_MESSAGE_OFFSET, MAX_MESSAGE)
         };
-        let m = self
+        let Some(m) = self
             .stream
-            .poll_message(now, max_len, &mut out[offset..offset + max_len])?;
+            .poll_message(now, max_len, &mut out[offset..offset + max_len])
+        else {
+            if self.state == ClientState::Established && self.stream.is_done() {
+                // Everything, the last acknowledgement included, has been handed out.
+                self.state = ClientState::Closed;
+                log::debug!("curvecp client: closed");
+            }
+            return None;
+        };
         if !(16..=max_len).contains(&m) || m % 16 != 0 {
             // The stream's contract rules this out; never put a malformed packet on the wire.
             log::debug!("curvecp client: stream produced a {m}-byte message, not sent");
@@ -382,8 +392,6 @@ impl Client {
             ClientState::Initiate | ClientState::Established | ClientState::Closed => {
                 if let Some(e) = self.stream.error() {
                     ClientState::Failed(ClientError::Stream(e))
-                } else if self.state == ClientState::Established && self.stream.is_done() {
-                    ClientState::Closed
                 } else {
                     self.state
                 }
@@ -448,5 +456,30 @@ mod tests {
         assert!(c.poll_transmit(now, &mut out).is_none());
         assert_eq!(c.state(), ClientState::Failed(ClientError::NonceExhausted));
         assert!(c.poll_timeout().is_none());
+    }
+
+    #[test]
+    fn cookie_and_vouch_wiped_once_established() {
+        use crate::curvecp::server::{Server, ServerConfig};
+        let now = Instant::now();
+        let mut server: Server<u8> = Server::new(ServerConfig::new(BoxKeyPair::generate()), now);
+        let mut c = Client::new(ClientConfig::new(server.public_key()), now);
+        let mut out = vec![0u8; super::super::MAX_PACKET];
+        let mut reply = vec![0u8; super::super::MAX_PACKET];
+        let n = c.poll_transmit(now, &mut out).unwrap();
+        let r = server.handle_packet(&out[..n], 0, now, &mut reply).unwrap();
+        c.handle_packet(&reply[..r], now);
+        assert_eq!(c.state(), ClientState::Initiate);
+        assert!(c.cookie.iter().any(|&b| b != 0));
+        assert!(c.vouch.iter().any(|&b| b != 0));
+        let n = c.poll_transmit(now, &mut out).unwrap();
+        assert!(server
+            .handle_packet(&out[..n], 0, now, &mut reply)
+            .is_none());
+        let (_, r) = server.poll_transmit(now, &mut reply).unwrap();
+        c.handle_packet(&reply[..r], now);
+        assert_eq!(c.state(), ClientState::Established);
+        assert_eq!(c.cookie, [0u8; COOKIE_LEN]);
+        assert_eq!(c.vouch, [0u8; VOUCH_LEN]);
     }
 }

@@ -1,8 +1,9 @@
 //! Congestion control for the CurveCP message layer, behind the [`Congestion`] trait.
 //!
-//! The stream ([`super::stream`]) asks its controller three things before each transmission:
-//! how many blocks may be in flight ([`Congestion::window`]), how long to wait between two
-//! blocks ([`Congestion::pacing_interval`]) and when an unacknowledged block counts as timed out
+//! The stream ([`super::stream`]) asks its controller before each transmission: how many
+//! blocks may be in flight ([`Congestion::window`]), how long to wait between two blocks on
+//! average ([`Congestion::pacing_interval`]) and how many may go back to back after a pause
+//! ([`Congestion::burst`]), and when an unacknowledged block counts as timed out
 //! ([`Congestion::rto`]). It reports RTT samples, acknowledged blocks, losses detected from
 //! acknowledgements and retransmission timeouts. A window *and* pacing are both available, so a
 //! rate-based (BBR-like) controller can replace the ones here without touching the stream.
@@ -36,8 +37,11 @@ pub trait Congestion: Send {
     fn on_loss(&mut self, now: Instant);
     /// The retransmission timer fired for the oldest unacknowledged block.
     fn on_timeout(&mut self, now: Instant);
-    /// Minimum time between two transmitted blocks (zero: no pacing).
+    /// Minimum time between two transmitted blocks on average (zero: no pacing).
     fn pacing_interval(&self) -> Duration;
+    /// How many blocks may go back to back (at one `now`) after a pause, on the pacing
+    /// schedule; 1 means strictly one block per interval.
+    fn burst(&self) -> u32;
     /// Maximum number of unacknowledged blocks in flight (the stream applies its own cap too).
     fn window(&self) -> usize;
     /// Retransmission timeout before any backoff applied by the stream.
@@ -255,6 +259,10 @@ impl Congestion for Chicago {
         Duration::from_nanos(self.nsecperblock.max(0) as u64)
     }
 
+    fn burst(&self) -> u32 {
+        1
+    }
+
     fn window(&self) -> usize {
         usize::MAX
     }
@@ -274,6 +282,8 @@ const FAST_INITIAL_WINDOW: f64 = 16.0;
 const FAST_MIN_WINDOW: f64 = 2.0;
 /// Largest window of [`FastStart`], in blocks (the stream caps in-flight blocks lower anyway).
 const FAST_MAX_WINDOW: f64 = 4096.0;
+/// Blocks [`FastStart`] lets go back to back (a driver turn sends several blocks at one `now`).
+const FAST_BURST: u32 = 16;
 /// Retransmission timeout before the first RTT sample (the reference's).
 const FAST_INITIAL_RTO: Duration = Duration::from_secs(1);
 /// Lower bound of the retransmission timeout (room for a slow peer's delayed acknowledgements).
@@ -281,7 +291,8 @@ const FAST_MIN_RTO: Duration = Duration::from_millis(25);
 
 /// A window-based controller: slow start from 16 blocks, then one block more per window per
 /// RTT; on a loss the window halves (at most once per RTT), on a timeout it drops to 2 blocks.
-/// Blocks are paced at 1.25 × window / smoothed RTT so that a window is not sent as one burst.
+/// Blocks are paced at 1.25 × window / smoothed RTT, at most 16 back to back, so that a window
+/// is not sent as one burst.
 #[derive(Debug, Clone)]
 pub struct FastStart {
     cwnd: f64,
@@ -382,6 +393,10 @@ impl Congestion for FastStart {
             return Duration::ZERO;
         }
         Duration::from_nanos((self.srtt_ns / (1.25 * self.cwnd)) as u64)
+    }
+
+    fn burst(&self) -> u32 {
+        FAST_BURST
     }
 
     fn window(&self) -> usize {

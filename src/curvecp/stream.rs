@@ -108,7 +108,7 @@ pub struct StreamConfig {
     /// Bytes the application may queue for sending before `write` accepts no more.
     pub send_buffer: usize,
     /// Bytes beyond the application's read position we accept from the peer (the reference
-    /// uses 131072 and its peers never send beyond that).
+    /// uses 131072 and its peers never send beyond that). At least 1024 is used.
     pub recv_window: usize,
     /// Send an empty block at once (the client does, so that its Initiate leaves promptly).
     pub initial_ping: bool,
@@ -241,7 +241,10 @@ pub struct Stream {
     delivered_seq: u64,
     /// Highest range-1 end the peer reported (excluding the EOF's +1).
     peer_ack: u64,
-    last_block_time: Option<Instant>,
+    /// Virtual time of the latest block on the pacing schedule: the next block may go at
+    /// `pace_v + pacing`; after a pause it is pulled forward so that at most `burst` blocks go
+    /// at once.
+    pace_v: Option<Instant>,
     backoff: u32,
     last_progress: Instant,
 
@@ -272,7 +275,8 @@ impl Stream {
         cc.init(now);
         Stream {
             send_buffer: config.send_buffer,
-            recv_window: config.recv_window.max(1),
+            // At least one full block, or a block could never be accepted.
+            recv_window: config.recv_window.max(MAX_DATA),
             dead_after: config.dead_after,
             cc,
             error: None,
@@ -294,7 +298,7 @@ impl Stream {
             next_seq: 1,
             delivered_seq: 0,
             peer_ack: 0,
-            last_block_time: None,
+            pace_v: None,
             backoff: 0,
             last_progress: now,
             rbuf: Vec::new(),
@@ -398,8 +402,13 @@ impl Stream {
         // Acknowledgement fields.
         self.apply_acks(&h, sent_end, now);
 
-        // Data.
-        let mut ack = h.id != 0 && data.is_some();
+        // Data. A message with an ID is acknowledged, except an acknowledgement that carries
+        // an ID itself (no data, no STOP, a non-zero acknowledged ID: the JavaScript
+        // implementation's acknowledgements look like this; answering them could start an
+        // endless exchange of acknowledgements). The reference's acknowledgements have ID 0 and
+        // its blocks never carry an acknowledged ID, so this changes nothing for it.
+        let id_ack = h.ack_id != 0 && h.data_len() == 0 && h.stop().is_none();
+        let mut ack = h.id != 0 && data.is_some() && !id_ack;
         if let Some(d) = data {
             self.store(&h, d);
         }
@@ -722,7 +731,10 @@ impl Stream {
     }
 
     fn sent_block(&mut self, now: Instant) {
-        self.last_block_time = Some(now);
+        let p = self.cc.pacing_interval();
+        let b = self.cc.burst().max(1);
+        let floor = now.checked_sub(p.saturating_mul(b - 1)).unwrap_or(now);
+        self.pace_v = Some(self.pace_v.map_or(floor, |v| (v + p).max(floor)));
         self.ack_pending = None;
         self.stats.messages_sent += 1;
     }
@@ -745,8 +757,8 @@ impl Stream {
             return None;
         }
         let pace_ok = self
-            .last_block_time
-            .map_or(true, |t| now >= t + self.cc.pacing_interval());
+            .pace_v
+            .map_or(true, |v| now >= v + self.cc.pacing_interval());
         if pace_ok {
             let resend = if let Some(i) = self.lost_block(max_len) {
                 self.cc.on_loss(now);
@@ -828,8 +840,8 @@ impl Stream {
             }
         }
         let pace_at = self
-            .last_block_time
-            .map_or(self.last_now, |l| l + self.cc.pacing_interval());
+            .pace_v
+            .map_or(self.last_now, |v| v + self.cc.pacing_interval());
         let max_len = self.last_max_len;
         if self.lost_block(max_len).is_some() || self.new_block(max_len).is_some() {
             at(pace_at);
@@ -843,9 +855,12 @@ impl Stream {
         t
     }
 
-    /// Our EOF acknowledged, and the peer's EOF received and every byte before it read.
+    /// Our EOF acknowledged, the peer's EOF received and every byte before it read, and no
+    /// acknowledgement left to send (so a driver that stops once this holds has sent its last
+    /// acknowledgement; it should still linger a little to answer retransmissions, since that
+    /// acknowledgement may be lost).
     pub fn is_done(&self) -> bool {
-        self.eof_acked && self.peer_eof().is_some()
+        self.eof_acked && self.peer_eof().is_some() && self.ack_pending.is_none()
     }
 
     /// Every byte written (and our EOF, if finished) has been acknowledged.
@@ -855,11 +870,15 @@ impl Stream {
             && (self.eof.is_none() || self.eof_acked)
     }
 
-    /// How many bytes from the start of our stream the peer has acknowledged without a gap
-    /// (every byte below this offset arrived). Compare with the running total of bytes passed
-    /// to [`Stream::write`] to know when one message has been received whole.
-    pub fn acked_bytes(&self) -> u64 {
-        self.peer_ack.max(self.sbuf_start)
+    /// Stream position below which every byte we wrote has been acknowledged by the peer (a
+    /// platform can release stored messages up to here).
+    pub fn bytes_acked(&self) -> u64 {
+        self.sbuf_start
+    }
+
+    /// Bytes written so far (the stream position of the next byte `write` takes).
+    pub fn bytes_written(&self) -> u64 {
+        self.write_pos
     }
 
     /// Set once the stream has failed; it then sends nothing more.
@@ -1125,9 +1144,46 @@ mod tests {
         }
         .encode(&[], 64, &mut ack)
         .unwrap();
+        assert_eq!(s.bytes_acked(), 0);
         assert!(s.handle_message(&ack, t1 + Duration::from_millis(10)));
         assert!(s.all_acked());
+        assert_eq!((s.bytes_acked(), s.bytes_written()), (5000, 5000));
         assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn acknowledgements_carrying_an_id_are_not_acknowledged() {
+        let t = Instant::now();
+        let mut s = Stream::new(&StreamConfig::server(), t);
+        s.write(b"hello");
+        assert!(poll(&mut s, t).is_some());
+        // A JavaScript-style acknowledgement: ID 7, acknowledging ID 1 and 5 bytes.
+        let mut m = [0u8; 64];
+        MessageHeader {
+            id: 7,
+            ack_id: 1,
+            ack_end: 5,
+            ..Default::default()
+        }
+        .encode(&[], 64, &mut m)
+        .unwrap();
+        assert!(s.handle_message(&m, t));
+        assert!(s.all_acked());
+        // Answered only because it is the first message from the peer.
+        assert!(poll(&mut s, t).is_some());
+        assert!(s.handle_message(&m, t));
+        assert_eq!(poll(&mut s, t), None);
+        // An empty block with an ID and no acknowledged ID (the reference's ping) is answered.
+        let mut ping = [0u8; 192];
+        MessageHeader {
+            id: 8,
+            ..Default::default()
+        }
+        .encode(&[], 192, &mut ping)
+        .unwrap();
+        assert!(s.handle_message(&ping, t));
+        let h = Message::parse(&poll(&mut s, t).unwrap()).unwrap().header;
+        assert_eq!(h.ack_id, 8);
     }
 
     #[test]

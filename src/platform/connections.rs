@@ -41,7 +41,7 @@
 //!
 //! Each connection counts the bytes written to its stream; a message that needs a report (a
 //! delivery callback or an offline record) is remembered with the stream offset of its last
-//! byte, and completes when [`crate::curvecp::stream::Stream::acked_bytes`] reaches it. If
+//! byte, and completes when [`crate::curvecp::stream::Stream::bytes_acked`] reaches it. If
 //! the connection ends first, a real-time message fails with [`DeliveryError::ConnectionLost`]
 //! (its bytes may or may not have arrived) and an offline record becomes idle again.
 //!
@@ -1350,7 +1350,7 @@ impl Core {
         if c.inflight.is_empty() {
             return;
         }
-        let Some(acked) = stream_ref(&net.server, &c.link).map(Stream::acked_bytes) else {
+        let Some(acked) = stream_ref(&net.server, &c.link).map(Stream::bytes_acked) else {
             return;
         };
         let mut done = Vec::new();
