@@ -33,7 +33,7 @@ impl Bench {
 
 /// Figure groups, one function each, run in this order. Each checks `Bench::wants` for its
 /// figures. Others add theirs here (curvecp_*, remote_*).
-const GROUPS: &[fn(&Bench)] = &[local_dispatch, local_dispatch_handle];
+const GROUPS: &[fn(&Bench)] = &[local_dispatch, local_dispatch_handle, nodes];
 
 fn main() {
     let bench = Bench {
@@ -152,4 +152,117 @@ fn local_dispatch_handle(bench: &Bench) {
     let _ = sender.join();
     assert_eq!(count.get(), N, "every message delivered");
     bench.emit(name, N as f64 / secs, "messages/s");
+}
+
+/// Two nodes in this process over real sockets on 127.0.0.1 (UDP, then TCP): connection set-up
+/// (first send to first delivery on a fresh pair), messages per second of 100-byte JSON
+/// messages, round trip of a small message (ping answered from a callback) against a raw UDP
+/// round trip measured in the same run.
+fn nodes(bench: &Bench) {
+    if !bench.wants("nodes") {
+        return;
+    }
+    const BURST: usize = 200_000;
+    const PINGS: usize = 2_000;
+    fn pair(kind: &str) -> (Platform, Platform) {
+        let listen = serde_json::json!([{"transportType": kind,
+            "transportInfo": {"address": "127.0.0.1", "port": 0}}]);
+        let mk = || {
+            Platform::builder()
+                .connection_info(listen.clone())
+                .limits(Limits {
+                    event_batch: 0,
+                    ..Limits::default()
+                })
+                .build()
+                .expect("platform")
+        };
+        let (mut a, mut b) = (mk(), mk());
+        let (ia, ib) = (a.node_info(), b.node_info());
+        let _ = a.messaging().send("transports.nodeInfo", "local", &ib);
+        let _ = b.messaging().send("transports.nodeInfo", "local", &ia);
+        (a, b)
+    }
+    fn turn(a: &mut Platform, b: &mut Platform) {
+        a.poll(Some(Duration::ZERO)).expect("poll");
+        b.poll(Some(Duration::ZERO)).expect("poll");
+    }
+    fn pct(v: &mut [Duration], p: usize) -> f64 {
+        v.sort();
+        v[(v.len() * p / 100).min(v.len() - 1)].as_secs_f64() * 1e6
+    }
+    // Raw UDP round trip, one thread, blocking sockets.
+    let s1 = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let s2 = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let (a1, a2) = (
+        s1.local_addr().expect("addr"),
+        s2.local_addr().expect("addr"),
+    );
+    let mut raw = Vec::with_capacity(PINGS);
+    let mut buf = [0u8; 64];
+    for _ in 0..PINGS {
+        let t = Instant::now();
+        s1.send_to(b"ping", a2).expect("send");
+        let _ = s2.recv_from(&mut buf).expect("recv");
+        s2.send_to(b"pong", a1).expect("send");
+        let _ = s1.recv_from(&mut buf).expect("recv");
+        raw.push(t.elapsed());
+    }
+    bench.emit("nodes_raw_udp_rtt_p50", pct(&mut raw, 50), "us");
+    for kind in ["udp", "tcp"] {
+        let (mut a, mut b) = pair(kind);
+        turn(&mut a, &mut b);
+        let got = Rc::new(Cell::new(0usize));
+        let g = got.clone();
+        b.on("public.bench.*", move |_ctx, _msg| g.set(g.get() + 1));
+        let bid = b.sign_id();
+        let t = Instant::now();
+        let _ = a.send(bid, "ms", "bench.first", &b"1"[..]);
+        let end = t + Duration::from_secs(10);
+        while got.get() == 0 && Instant::now() < end {
+            turn(&mut a, &mut b);
+        }
+        bench.emit(
+            &format!("nodes_{kind}_connect"),
+            t.elapsed().as_secs_f64() * 1e3,
+            "ms",
+        );
+        let pad = "x".repeat(100 - r#"{"n":000000,"pad":""}"#.len());
+        let payloads: Vec<Vec<u8>> = (0..1000)
+            .map(|i| format!(r#"{{"n":{:06},"pad":"{pad}"}}"#, 100_000 + i).into_bytes())
+            .collect();
+        got.set(0);
+        let (mut sent, t) = (0, Instant::now());
+        let end = t + Duration::from_secs(60);
+        while got.get() < BURST && Instant::now() < end {
+            while sent < BURST {
+                let st = a.send(bid, "ms", "bench.burst", payloads[sent % 1000].clone());
+                if !st.is_queued() {
+                    break;
+                }
+                sent += 1;
+            }
+            turn(&mut a, &mut b);
+        }
+        let rate = got.get() as f64 / t.elapsed().as_secs_f64();
+        bench.emit(&format!("nodes_{kind}_messages_per_s"), rate, "msg/s");
+        b.on("public.ping", |ctx, msg| {
+            let _ = ctx.send(msg.sender, "ms", "pong", msg.payload.clone());
+        });
+        let pongs = Rc::new(Cell::new(0usize));
+        let p2 = pongs.clone();
+        a.on("public.pong", move |_ctx, _msg| p2.set(p2.get() + 1));
+        let mut rtts = Vec::with_capacity(PINGS);
+        for i in 0..PINGS {
+            let t = Instant::now();
+            let _ = a.send(bid, "ms", "ping", &b"1"[..]);
+            let end = t + Duration::from_secs(5);
+            while pongs.get() <= i && Instant::now() < end {
+                turn(&mut a, &mut b);
+            }
+            rtts.push(t.elapsed());
+        }
+        bench.emit(&format!("nodes_{kind}_rtt_p50"), pct(&mut rtts, 50), "us");
+        bench.emit(&format!("nodes_{kind}_rtt_p99"), pct(&mut rtts, 99), "us");
+    }
 }

@@ -218,8 +218,8 @@ fn exchange(kind: &'static str) -> Result<Figures, String> {
 fn offline_buffer() -> Result<(), String> {
     println!("\n== OFFLINE BUFFER ==");
     let quick = NetConfig {
-        connect_timeout: Duration::from_millis(300),
-        offline_retry: Duration::from_millis(500),
+        connect_timeout: Duration::from_millis(200),
+        offline_retry: Duration::from_millis(300),
         ..NetConfig::default()
     };
     let dave_id = Identity::generate();
