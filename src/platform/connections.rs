@@ -647,6 +647,24 @@ impl Core {
         self.publish_local(topic, &serde_json::json!(sign.to_string()));
     }
 
+    /// The receiving half, run before the turn's deliveries so that what arrived is delivered
+    /// in the same turn: listener events, ended connections, frames read into the queue.
+    pub(crate) fn net_receive(&mut self) {
+        if self.net.is_none() {
+            return;
+        }
+        self.server_events();
+        self.client_states();
+        let keys: Vec<usize> = self
+            .net
+            .as_ref()
+            .map(|n| n.conns.iter().map(|(k, _)| k).collect())
+            .unwrap_or_default();
+        for k in keys {
+            self.read_conn(k);
+        }
+    }
+
     /// One turn of the connection manager: listener events, timeouts, connection set-up,
     /// reading, writing, acknowledgements, driver flushes, then delivery callbacks.
     pub(crate) fn net_pump(&mut self) {

@@ -9,11 +9,15 @@
 //!    timeout (and not at all when work is already pending, or when the timeout is zero);
 //! 2. takes the commands queued by handles (only as many as the local queue has room for: the
 //!    rest wait in the handle channel, whose senders see `BufferFull` when it fills up);
-//! 3. fires due timers (a timer scheduled while timers fire waits for the next turn);
+//! 3. fires due timers (a timer scheduled while timers fire waits for the next turn), and reads
+//!    the frames that arrived from other nodes into the delivery queue;
 //! 4. delivers the messages that were queued when delivery began, in send order; what the
 //!    callbacks send is queued and delivered in a later turn, so a callback never runs inside
 //!    `send` and two callbacks that answer each other cannot starve the loop;
-//! 5. hands the turn's events to event callbacks, event channels and the event batch.
+//! 5. runs the connection manager: connection set-up, writes what was sent to other nodes into
+//!    their CurveCP streams, settles acknowledged messages, sends packets, runs delivery
+//!    callbacks (see [`connections`]);
+//! 6. hands the turn's events to event callbacks, event channels and the event batch.
 //!
 //! # Callbacks and their context
 //!
@@ -1047,6 +1051,7 @@ impl Platform {
         self.core.stats.turns += 1;
         self.take_commands();
         self.core.fire_timers();
+        self.core.net_receive();
         let n = self.core.queue.len();
         for _ in 0..n {
             let Some(msg) = self.core.queue.pop_front() else {
