@@ -2,7 +2,10 @@
 //!
 //! ```text
 //! cargo run --example node -- --data DIR [--udp ADDR:PORT|off] [--tcp ADDR:PORT|off]
+//!     [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS]
 //! ```
+//!
+//! The optional timings set the [`NetConfig`] fields of the same names (tests use short ones).
 //!
 //! `DIR` is a [`FileStore`] (created if missing) holding the identity, the listen addresses of
 //! the last run and the offline buffer. Without `--udp`/`--tcp` the node listens where it did
@@ -30,7 +33,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use mm_platform::storage::FileStore;
-use mm_platform::{Address, Context, Event, Platform, SendOptions};
+use mm_platform::{Address, Context, Event, NetConfig, Platform, SendOptions};
 
 /// The internal topic on which stdin lines reach the reactor (never printed).
 const STDIN_TOPIC: &str = "node-example.stdin";
@@ -44,7 +47,10 @@ fn emit(v: Value) {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: node --data DIR [--udp ADDR:PORT|off] [--tcp ADDR:PORT|off]");
+    eprintln!(
+        "usage: node --data DIR [--udp ADDR:PORT|off] [--tcp ADDR:PORT|off] \
+         [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS]"
+    );
     std::process::exit(2);
 }
 
@@ -52,12 +58,23 @@ fn main() {
     let mut data = None;
     let mut udp: Option<String> = None;
     let mut tcp: Option<String> = None;
+    let mut net = NetConfig::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        let mut ms = || -> Duration {
+            match args.next().and_then(|v| v.parse().ok()) {
+                Some(n) => Duration::from_millis(n),
+                None => usage(),
+            }
+        };
         match a.as_str() {
             "--data" => data = args.next(),
             "--udp" => udp = args.next(),
             "--tcp" => tcp = args.next(),
+            "--connect-timeout" => net.connect_timeout = ms(),
+            "--retry" => net.offline_retry = ms(),
+            "--keepalive" => net.keepalive = ms(),
+            "--dead-after" => net.dead_after = ms(),
             _ => usage(),
         }
     }
@@ -69,7 +86,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let mut builder = Platform::builder().storage(store);
+    let mut builder = Platform::builder().storage(store).net(net);
     if udp.is_some() || tcp.is_some() {
         let mut listen = Vec::new();
         for (kind, arg, default) in [("udp", &udp, "127.0.0.1:0"), ("tcp", &tcp, "127.0.0.1:0")] {

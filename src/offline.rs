@@ -19,8 +19,11 @@
 //!
 //! Receiving side ([`Dedup`]): a bounded memory of the ids of the latest messages delivered
 //! (65,536 by default), so a message retried after a lost acknowledgement is not delivered
-//! twice. It lives in memory: a receiver that itself restarts forgets it (a message whose
-//! acknowledgement was lost exactly at the receiver's crash may then be delivered twice).
+//! twice. It is persisted too, so a receiver that restarts still recognises retries: ids are
+//! written in chunks of [`DEDUP_CHUNK`] under the keys `dedup-<n>` (a ring of as many chunks as
+//! the capacity needs), the current chunk at most every half second while messages arrive and
+//! when the platform is dropped. Only ids that arrived in the last half second before a crash
+//! can be forgotten.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
@@ -296,7 +299,17 @@ pub struct Dedup {
     seen: HashSet<Vec<u8>>,
     order: VecDeque<Vec<u8>>,
     capacity: usize,
+    /// Sequence number of the chunk being filled.
+    chunk_seq: u64,
+    /// Ids of the chunk being filled.
+    chunk: Vec<Vec<u8>>,
+    dirty: bool,
 }
+
+/// Ids per persisted chunk of the de-duplication memory.
+pub const DEDUP_CHUNK: usize = 1024;
+/// Prefix of the storage keys of the de-duplication memory.
+pub const DEDUP_PREFIX: &str = "dedup-";
 
 /// Longest id remembered; longer ids are not de-duplicated.
 pub const MAX_ID_LEN: usize = 64;
@@ -308,7 +321,90 @@ impl Dedup {
             seen: HashSet::new(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
+            chunk_seq: 0,
+            chunk: Vec::new(),
+            dirty: false,
         }
+    }
+
+    fn chunks(&self) -> u64 {
+        self.capacity.div_ceil(DEDUP_CHUNK) as u64
+    }
+
+    /// Loads the persisted ids (malformed chunks are ignored).
+    pub fn load(capacity: usize, storage: &dyn Storage) -> Result<Dedup, StorageError> {
+        let mut d = Dedup::new(capacity);
+        let mut chunks = Vec::new();
+        for key in storage.keys()? {
+            if !key.starts_with(DEDUP_PREFIX) {
+                continue;
+            }
+            let Some(v) = storage.get(&key)? else {
+                continue;
+            };
+            if v.len() < 8 {
+                continue;
+            }
+            let seq = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+            let mut ids = Vec::new();
+            let mut at = 8;
+            while at < v.len() {
+                let n = usize::from(v[at]);
+                if n > MAX_ID_LEN || at + 1 + n > v.len() {
+                    break;
+                }
+                ids.push(v[at + 1..at + 1 + n].to_vec());
+                at += 1 + n;
+            }
+            chunks.push((seq, ids));
+        }
+        chunks.sort_by_key(|c| c.0);
+        for (seq, ids) in chunks {
+            for id in ids {
+                d.remember(id);
+            }
+            d.chunk_seq = d.chunk_seq.max(seq + 1);
+        }
+        Ok(d)
+    }
+
+    /// Writes the chunk being filled, if it changed; starts a new chunk once it is full.
+    pub fn flush(&mut self, storage: &mut dyn Storage) -> Result<(), StorageError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let mut v = Vec::with_capacity(8 + self.chunk.len() * 17);
+        v.extend_from_slice(&self.chunk_seq.to_be_bytes());
+        for id in &self.chunk {
+            v.push(id.len() as u8);
+            v.extend_from_slice(id);
+        }
+        let key = format!("{DEDUP_PREFIX}{}", self.chunk_seq % self.chunks());
+        storage.put(&key, &v)?;
+        self.dirty = false;
+        if self.chunk.len() >= DEDUP_CHUNK {
+            self.chunk.clear();
+            self.chunk_seq += 1;
+        }
+        Ok(())
+    }
+
+    /// Whether ids arrived since the last flush.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    fn remember(&mut self, id: Vec<u8>) {
+        if self.seen.contains(&id) {
+            return;
+        }
+        if self.order.len() >= self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        self.seen.insert(id.clone());
+        self.order.push_back(id);
     }
 
     /// `true` if `id` is new (and remembers it), `false` for a duplicate.
@@ -319,13 +415,15 @@ impl Dedup {
         if self.seen.contains(id) {
             return false;
         }
-        if self.order.len() >= self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.seen.remove(&old);
-            }
+        self.remember(id.to_vec());
+        if self.chunk.len() >= self.capacity {
+            // Never flushed (no storage at hand): keep it bounded anyway. A chunk may otherwise
+            // grow past DEDUP_CHUNK until the next flush writes it whole and starts another.
+            self.chunk.clear();
+            self.chunk_seq += 1;
         }
-        self.seen.insert(id.to_vec());
-        self.order.push_back(id.to_vec());
+        self.chunk.push(id.to_vec());
+        self.dirty = true;
         true
     }
 
@@ -423,6 +521,35 @@ mod tests {
             small.add(&mut store, dest, Envelope::new("t", "ms", vec![0; 100]), 10),
             Err(AddError::Full)
         ));
+    }
+
+    #[test]
+    fn dedup_memory_survives_a_restart() {
+        let mut store = MemStore::new();
+        let mut d = Dedup::new(3000);
+        for i in 0u32..2500 {
+            assert!(d.first_time(&i.to_be_bytes()));
+            if i % 100 == 0 {
+                d.flush(&mut store).unwrap();
+            }
+        }
+        d.flush(&mut store).unwrap();
+        assert!(!d.is_dirty());
+        let keys = store.keys().unwrap();
+        assert!(keys.len() <= 3, "a ring of chunks: {keys:?}");
+        let mut r = Dedup::load(3000, &store).unwrap();
+        for i in 0u32..2500 {
+            assert!(!r.first_time(&i.to_be_bytes()), "id {i} remembered");
+        }
+        assert!(r.first_time(&9999u32.to_be_bytes()));
+        store.put("dedup-1", b"short").unwrap();
+        store
+            .put("dedup-2", &[0, 0, 0, 0, 0, 0, 0, 9, 200, 1])
+            .unwrap();
+        assert!(
+            Dedup::load(3000, &store).is_ok(),
+            "malformed chunks are skipped"
+        );
     }
 
     #[test]

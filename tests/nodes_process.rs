@@ -34,9 +34,14 @@ struct Node {
 
 impl Node {
     fn start(bin: &PathBuf, dir: &PathBuf) -> Node {
+        Node::start_with(bin, dir, &[])
+    }
+
+    fn start_with(bin: &PathBuf, dir: &PathBuf, extra: &[&str]) -> Node {
         let mut child = Command::new(bin)
             .arg("--data")
             .arg(dir)
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -93,16 +98,24 @@ impl Node {
         self.child.wait().unwrap();
     }
 
-    fn quit(mut self) {
+    /// Asks the node to quit; returns the lines it printed until it exited.
+    fn quit(mut self) -> Vec<Value> {
         self.cmd(json!({"cmd": "quit"}));
+        let mut rest = Vec::new();
         let end = Instant::now() + Duration::from_secs(10);
         while Instant::now() < end {
-            if self.child.try_wait().unwrap().is_some() {
-                return;
+            match self.lines.recv_timeout(Duration::from_millis(20)) {
+                Ok(v) => rest.push(v),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(_) => {}
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        self.kill();
+        if self.child.try_wait().unwrap().is_none() {
+            self.kill();
+        } else {
+            let _ = self.child.wait();
+        }
+        rest
     }
 }
 
@@ -205,12 +218,94 @@ fn sigkill_after_queuing_then_restart_delivers_everything_exactly_once() {
     assert_eq!(counts.len(), N as usize, "every message delivered");
     let dups: Vec<(&u64, &u32)> = counts.iter().filter(|(_, c)| **c != 1).collect();
     assert!(dups.is_empty(), "delivered more than once: {dups:?}");
-    a2.quit();
-    b.quit();
+    let _ = a2.quit();
+    let _ = b.quit();
     assert_eq!(
         records(&dir_a),
         0,
         "the restarted sender deleted every delivered record"
     );
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+fn count_messages(counts: &mut HashMap<u64, u32>, lines: &[Value], topic: &str) {
+    for v in lines {
+        if v["event"] == "message" && v["topic"] == topic {
+            *counts
+                .entry(v["payload"]["n"].as_u64().unwrap())
+                .or_default() += 1;
+        }
+    }
+}
+
+#[test]
+fn a_receiver_that_restarts_mid_stream_still_gets_everything_exactly_once() {
+    let bin = node_binary();
+    let base = std::env::temp_dir().join(format!("mm-nodes-process-rx-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (dir_a, dir_b) = (base.join("a"), base.join("b"));
+    const N: u64 = 2000;
+    let fast = [
+        "--connect-timeout",
+        "300",
+        "--retry",
+        "300",
+        "--keepalive",
+        "100",
+        "--dead-after",
+        "800",
+    ];
+    let b = Node::start_with(&bin, &dir_b, &fast);
+    let b_info = ready(&b);
+    let mut a = Node::start_with(&bin, &dir_a, &fast);
+    ready(&a);
+    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
+    let to = b_info["signId"].as_str().unwrap().to_string();
+    for i in 0..N {
+        a.cmd(json!({"cmd": "send", "id": i, "topic": "test.rx", "to": to,
+            "payload": {"n": i, "pad": "0123456789".repeat(20)}, "realtime": false}));
+    }
+    // b leaves (cleanly) while messages are arriving.
+    let mut seen_b = Vec::new();
+    b.wait_for(Duration::from_secs(20), &mut seen_b, |v| {
+        v["event"] == "message" && v["topic"] == "public.test.rx"
+    });
+    seen_b.extend(b.quit());
+    let mut counts: HashMap<u64, u32> = HashMap::new();
+    count_messages(&mut counts, &seen_b, "public.test.rx");
+    let before = counts.len();
+    // b comes back on the same directory (same identity, same ports, same memory of ids).
+    let b2 = Node::start_with(&bin, &dir_b, &fast);
+    let b2_info = ready(&b2);
+    assert_eq!(
+        b2_info["connectionInfo"], b_info["connectionInfo"],
+        "same ports"
+    );
+    let mut oks = 0;
+    let end = Instant::now() + Duration::from_secs(60);
+    while (counts.len() < N as usize || oks < N) && Instant::now() < end {
+        if let Ok(v) = b2.lines.recv_timeout(Duration::from_millis(10)) {
+            count_messages(&mut counts, &[v], "public.test.rx");
+        }
+        while let Ok(v) = a.lines.try_recv() {
+            if v["event"] == "sent" {
+                assert_eq!(v["ok"], true, "{v}");
+                oks += 1;
+            }
+        }
+    }
+    let settle = Instant::now() + Duration::from_millis(1000);
+    while Instant::now() < settle {
+        if let Ok(v) = b2.lines.recv_timeout(Duration::from_millis(50)) {
+            count_messages(&mut counts, &[v], "public.test.rx");
+        }
+    }
+    eprintln!("b had {before} messages before it left");
+    assert_eq!(counts.len(), N as usize, "every message delivered");
+    let dups: Vec<(&u64, &u32)> = counts.iter().filter(|(_, c)| **c != 1).collect();
+    assert!(dups.is_empty(), "delivered more than once: {dups:?}");
+    assert_eq!(oks, N, "one successful delivery report per message");
+    let _ = a.quit();
+    let _ = b2.quit();
     std::fs::remove_dir_all(&base).unwrap();
 }

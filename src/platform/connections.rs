@@ -279,6 +279,7 @@ pub(crate) struct Net {
     ping: Vec<u8>,
     next_tick: Instant,
     next_retry: Instant,
+    next_dedup_flush: Instant,
     scratch: Vec<u8>,
     pub(crate) duplicates: u64,
 }
@@ -379,7 +380,10 @@ impl Net {
         let ping = frame_of(&Envelope::new("ping", "mm", Vec::new()));
         Ok(Net {
             dir: DirectoryCache::new(cfg.node_info_ttl, cfg.lookup_timeout),
-            dedup: Dedup::new(cfg.dedup),
+            dedup: Dedup::load(cfg.dedup, storage).unwrap_or_else(|e| {
+                log::debug!("de-duplication memory could not be loaded: {e}");
+                Dedup::new(cfg.dedup)
+            }),
             cfg,
             registry,
             server,
@@ -397,6 +401,7 @@ impl Net {
             ping,
             next_tick: now,
             next_retry: now,
+            next_dedup_flush: now,
             scratch: vec![0; 64 * 1024],
             duplicates: 0,
         })
@@ -929,6 +934,13 @@ impl Core {
                 c.partial_track = Track::default();
             }
         }
+        // The de-duplication memory, at most every half second.
+        if net.dedup.is_dirty() && now >= net.next_dedup_flush {
+            net.next_dedup_flush = now + Duration::from_millis(500);
+            if let Err(e) = net.dedup.flush(storage) {
+                log::debug!("de-duplication memory could not be stored: {e}");
+            }
+        }
         // Offline retries and expiry.
         let retry = now >= net.next_retry;
         let mut expired_keys = Vec::new();
@@ -1379,6 +1391,15 @@ impl Core {
         }
         for t in done {
             complete(net, storage, t, Ok(()));
+        }
+    }
+}
+
+impl Net {
+    /// Persists what must survive (called when the platform is dropped).
+    pub(crate) fn save(&mut self, storage: &mut dyn Storage) {
+        if let Err(e) = self.dedup.flush(storage) {
+            log::debug!("de-duplication memory could not be stored: {e}");
         }
     }
 }

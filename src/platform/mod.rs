@@ -1226,6 +1226,14 @@ impl Platform {
     }
 }
 
+impl Drop for Core {
+    fn drop(&mut self) {
+        if let Some(net) = self.net.as_mut() {
+            net.save(&mut *self.storage);
+        }
+    }
+}
+
 impl AsRawFd for Platform {
     /// The `mio::Poll` file descriptor (epoll), for hosts that embed the reactor in their own
     /// event loop: when it is readable (or at [`Platform::next_deadline`]), call
