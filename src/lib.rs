@@ -10,10 +10,12 @@
 //!   application polls from its own loop, with callbacks or crossbeam channels.
 //! - `messaging` (JSON) and `torrenting` (raw bytes) APIs, and room for more ([`api`]).
 //!
-//! Layers (each knows only the one below): [`api`] over [`platform`] (reactor, bus, scopes,
-//! timers, events, [`Handle`]) over [`envelope`] (frames on a stream) over [`curvecp`] (sans-IO
-//! packets, handshakes and reliable stream) over [`transport`] (mio UDP and TCP). Beside them:
-//! [`identity`], [`storage`] and [`crypto`] (the only module that calls libsodium).
+//! Layers (each knows only the one below): [`api`] over [`offline`] (the persistent buffer of
+//! non-real-time messages) and [`platform`] (reactor, bus, scopes, timers, events, [`Handle`],
+//! connection manager and directory) over [`envelope`] (frames on a stream) over [`curvecp`]
+//! (sans-IO packets, handshakes and reliable stream) over [`transport`] (mio UDP and TCP).
+//! Beside them: [`identity`], [`storage`] and [`crypto`] (the only module that calls
+//! libsodium).
 //!
 //! ```
 //! use mm_platform::Platform;

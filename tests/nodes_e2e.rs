@@ -246,3 +246,34 @@ fn a_handle_on_another_thread_sends_to_a_remote_node() {
     });
     assert_eq!(got, (0..10).collect::<Vec<i64>>());
 }
+
+#[test]
+fn an_application_directory_answers_lookups_without_the_bus() {
+    use mm_platform::platform::{Directory, NodeInfo};
+    use std::collections::HashMap;
+    struct Static(HashMap<mm_platform::SignId, NodeInfo>);
+    impl Directory for Static {
+        fn lookup(&mut self, id: &mm_platform::SignId) -> Option<NodeInfo> {
+            self.0.get(id).cloned()
+        }
+    }
+    let mut b = Platform::builder().build().unwrap();
+    let mut keys = mm_platform::identity::KeyCache::new(4);
+    let info = NodeInfo::from_json(&b.node_info(), &mut keys).unwrap();
+    let mut a = Platform::builder()
+        .directory(Static(HashMap::from([(b.sign_id(), info)])))
+        .build()
+        .unwrap();
+    let (_, req) = a
+        .messaging()
+        .on_channel("self.transports.requestNodeInfo", 4);
+    let (_, rx) = b.messaging().on_channel("public.dir.*", 4);
+    assert!(a.messaging().send("dir.hi", b.sign_id(), &1).is_queued());
+    let mut got = Vec::new();
+    pump(&mut a, &mut b, Duration::from_secs(10), || {
+        got.extend(rx.try_iter());
+        !got.is_empty()
+    });
+    assert_eq!(got.len(), 1);
+    assert!(req.try_iter().next().is_none(), "no bus lookup was needed");
+}

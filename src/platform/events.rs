@@ -13,8 +13,7 @@ use crate::platform::message::Message;
 #[derive(Clone, PartialEq, Eq, Debug)]
 #[non_exhaustive]
 pub enum Event {
-    /// The identity is loaded (and, once transports exist, the listeners are up). Fires once,
-    /// in the first turn.
+    /// The identity is loaded and the listeners are up. Fires once, in the first turn.
     Ready,
     /// A connection to this peer was established (incoming or outgoing).
     Connection(SignId),

@@ -146,7 +146,9 @@ pub struct SendOptions {
     /// the others go through the persistent offline buffer (remote destinations only: local
     /// delivery is immediate in the next turn either way).
     pub realtime: bool,
-    /// How long a remote message may wait for delivery; `None` for the platform's default.
+    /// How long a remote message may wait for delivery; `None` for the platform's default
+    /// ([`crate::NetConfig::realtime_expiry`], 60 s, or [`crate::NetConfig::offline_expiry`],
+    /// 7 days, the most an offline message may wait).
     pub expire_after: Option<Duration>,
 }
 
