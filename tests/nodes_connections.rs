@@ -256,3 +256,71 @@ fn an_oversized_frame_closes_only_its_connection() {
     }
     assert_eq!(after.len(), 1);
 }
+
+#[test]
+fn a_peer_that_restarts_and_reconnects_replaces_the_dead_connection() {
+    let cfg = NetConfig {
+        connect_timeout: Duration::from_millis(200),
+        ..NetConfig::default()
+    };
+    // Both key orders: the tie-break rule must not keep the dead connection in either.
+    for a_smaller in [true, false] {
+        let (ia, ib) = loop {
+            let (x, y) = (Identity::generate(), Identity::generate());
+            if (x.box_id() < y.box_id()) == a_smaller {
+                break (x, y);
+            }
+        };
+        let mut a = Platform::builder().identity(ia).net(cfg).build().unwrap();
+        let b = Platform::builder()
+            .identity(ib.clone())
+            .net(cfg)
+            .build()
+            .unwrap();
+        let (b_info, b_listen) = (b.node_info(), b.connection_info());
+        let mut b = b;
+        introduce(&mut a, &b);
+        let (_, rb) = b.messaging().on_channel("public.r.*", 64);
+        assert!(a.messaging().send("r.one", b.sign_id(), &1).is_queued());
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut n = 0;
+        while n == 0 && Instant::now() < end {
+            poll_all(&mut [&mut a, &mut b]);
+            n += rb.try_iter().count();
+        }
+        assert_eq!(n, 1);
+        drop(b);
+        let pause = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < pause {
+            a.poll(Some(Duration::from_millis(5))).unwrap();
+        }
+        // b is back (same key, same ports) and speaks first.
+        let mut b2 = Platform::builder()
+            .identity(ib)
+            .net(cfg)
+            .connection_info(b_listen)
+            .build()
+            .unwrap();
+        assert_eq!(b2.node_info(), b_info);
+        introduce(&mut b2, &a);
+        let (_, ra) = a.messaging().on_channel("public.r.*", 64);
+        let (_, rb2) = b2.messaging().on_channel("public.r.*", 64);
+        assert!(b2.messaging().send("r.back", a.sign_id(), &2).is_queued());
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut n = 0;
+        while n == 0 && Instant::now() < end {
+            poll_all(&mut [&mut a, &mut b2]);
+            n += ra.try_iter().count();
+        }
+        assert_eq!(n, 1);
+        // a answers well before its old connection could be declared dead (30 s).
+        assert!(a.messaging().send("r.again", b2.sign_id(), &3).is_queued());
+        let end = Instant::now() + Duration::from_secs(5);
+        let mut n = 0;
+        while n == 0 && Instant::now() < end {
+            poll_all(&mut [&mut a, &mut b2]);
+            n += rb2.try_iter().count();
+        }
+        assert_eq!(n, 1, "a_smaller = {a_smaller}");
+    }
+}

@@ -19,10 +19,13 @@
 //! Each side's first frame is `mm`/`identify` with its signId; the receiver checks that the
 //! signId converts to the long-term key CurveCP authenticated and closes the connection
 //! otherwise. Only then is the connection *active*: `Connection` fires, `transports.online` is
-//! published and queued messages flow. When two connections to one peer become active (both
-//! sides connected at once), both sides keep the one initiated by the node with the smaller box
-//! key (two incoming ones: the newer); the other finishes what it was writing and closes
-//! gracefully. Frames on non-active connections are still delivered.
+//! published and queued messages flow. When two connections to one peer become active and were
+//! opened within [`NetConfig::connect_timeout`] of each other (both sides connected at once),
+//! both sides keep the one initiated by the node with the smaller box key; otherwise (the peer
+//! restarted, the old connection died silently) the newer one wins. The other finishes what it
+//! was writing and closes gracefully (a connection whose peer ends it is ended too, so two sides
+//! that disagree settle on a fresh connection). Frames on non-active connections are still
+//! delivered.
 //!
 //! Outgoing connections try the peer's endpoints in [`connection_info::connect_order`]
 //! (native UDP, native TCP, then unmarked ones), one per attempt, each given
@@ -1249,7 +1252,14 @@ impl Core {
         match peer.conn {
             Some(o) if o != k && net.conns.contains(o) => {
                 let (co, ck) = (&net.conns[o], &net.conns[k]);
-                let keep_new = if co.outbound == ck.outbound {
+                // Opened close together: a simultaneous connect, settled by the key rule.
+                // Otherwise the newer one wins (the peer restarted, or the old one died).
+                let gap = if ck.opened > co.opened {
+                    ck.opened - co.opened
+                } else {
+                    co.opened - ck.opened
+                };
+                let keep_new = if co.outbound == ck.outbound || gap >= net.cfg.connect_timeout {
                     true
                 } else {
                     initiator(ck) < initiator(co)
