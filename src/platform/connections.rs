@@ -489,6 +489,32 @@ impl Net {
         self.peers.get(dest).map_or(0, |p| p.queue.len())
     }
 
+    /// When the next check of timeouts is due: soon while something is pending (queued
+    /// messages that may expire, lookups, handshakes, closing connections), otherwise only as
+    /// often as keepalives and offline retries need.
+    fn schedule_tick(&mut self, now: Instant) {
+        let busy = self
+            .peers
+            .values()
+            .any(|p| !p.queue.is_empty() || p.waiting_lookup)
+            || self
+                .conns
+                .iter()
+                .any(|(_, c)| c.peer.is_none() || c.closing.is_some())
+            || self.dedup.is_dirty();
+        let idle = (self.cfg.keepalive / 2).clamp(TICK, Duration::from_secs(1));
+        let mut next = now + if busy { TICK } else { idle };
+        if !self.offline.is_empty() {
+            next = next.min(self.next_retry.max(now + TICK));
+        }
+        self.next_tick = next;
+    }
+
+    /// Makes the next timeout check come soon (new work that may time out).
+    fn tick_soon(&mut self, now: Instant) {
+        self.next_tick = self.next_tick.min(now + TICK);
+    }
+
     fn is_online(&self, b: &BoxId) -> bool {
         self.peers.get(b).is_some_and(|p| p.online)
     }
@@ -541,6 +567,7 @@ impl Core {
                 expires: Some(expires),
                 track: Track { cb, offline: None },
             });
+            net.tick_soon(now);
             return SendStatus::Queued;
         }
         let after = options
@@ -560,6 +587,7 @@ impl Core {
             let id = net.callbacks.insert(c);
             net.offline_cbs.insert(key, id);
         }
+        net.tick_soon(now);
         let online = net.is_online(&b);
         let peer = net.peers.entry(b).or_default();
         peer.sign.get_or_insert(dest);
@@ -785,6 +813,7 @@ impl Core {
             msgs_out: 0,
         });
         net.by_server.insert(id, k);
+        net.tick_soon(now);
     }
 
     fn client_states(&mut self) {
@@ -993,6 +1022,9 @@ impl Core {
                 self.fail_peer(b, "nodeInfo lookup timed out", now);
             }
         }
+        if let Some(net) = self.net.as_mut() {
+            net.schedule_tick(now);
+        }
     }
 
     fn ensure_connections(&mut self, now: Instant) {
@@ -1124,6 +1156,7 @@ impl Core {
                     msgs_out: 0,
                 });
                 p.conn = Some(k);
+                net.tick_soon(now);
                 log::debug!("connecting to {sign} over {:?} at {}", ep.kind, ep.addr);
             }
             Err(e) => {
@@ -1222,6 +1255,7 @@ impl Core {
                 log::debug!("duplicate message from {sign} dropped");
                 return true;
             }
+            net.next_tick = net.next_tick.min(self.now + TICK);
         }
         let scope = self.circles.scope_of(&c.peer_box);
         let protocol: Cow<'static, str> = match env.protocol.as_str() {
