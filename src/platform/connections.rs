@@ -284,7 +284,6 @@ pub(crate) struct Net {
     next_retry: Instant,
     next_dedup_flush: Instant,
     scratch: Vec<u8>,
-    pub(crate) duplicates: u64,
 }
 
 fn wall_ms() -> u64 {
@@ -406,7 +405,6 @@ impl Net {
             next_retry: now,
             next_dedup_flush: now,
             scratch: vec![0; 64 * 1024],
-            duplicates: 0,
         })
     }
 
@@ -1251,7 +1249,7 @@ impl Core {
         }
         if let Some(id) = &env.id {
             if !net.dedup.first_time(id) {
-                net.duplicates += 1;
+                self.stats.duplicates += 1;
                 log::debug!("duplicate message from {sign} dropped");
                 return true;
             }

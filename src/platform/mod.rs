@@ -192,6 +192,9 @@ pub struct Stats {
     pub malformed: u64,
     /// Messages from peers dropped (queue full or invalid sender key).
     pub peer_drops: u64,
+    /// Messages from peers dropped as duplicates (same message id, a retry of the offline
+    /// buffer after a lost acknowledgement).
+    pub duplicates: u64,
 }
 
 /// Why a platform could not be built.
