@@ -79,6 +79,8 @@ fn echo_client(key: &str, port: u16, input: &std::path::Path) -> std::process::O
             .args(["client", "test.example.org", key, "127.0.0.1"])
             .arg(port.to_string())
             .arg(EXT)
+            // Its debug log is shown if it ever hangs.
+            .env("RUST_LOG", "mm_platform=debug")
             .stdin(stdin_file(Some(input)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),

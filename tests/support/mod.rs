@@ -145,18 +145,26 @@ impl Proc {
 
     /// Waits at most `limit` for the process to exit; panics (killing it) if it does not.
     pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        match self.try_wait_for(limit) {
+            Some(st) => st,
+            None => panic!("{} did not finish within {limit:?}", self.name),
+        }
+    }
+
+    /// Waits at most `limit`; on time-out kills the process and returns `None`.
+    pub fn try_wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
         let child = self.child.as_mut().expect("running");
         loop {
             if let Some(st) = child.try_wait().expect("try_wait") {
                 self.child = None;
-                return st;
+                return Some(st);
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
                 self.child = None;
-                panic!("{} did not finish within {limit:?}", self.name);
+                return None;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -182,11 +190,25 @@ impl Proc {
             v
         });
         self.child = Some(child);
-        let status = self.wait(limit);
-        Output {
-            status,
-            stdout: t_out.join().unwrap(),
-            stderr: t_err.join().unwrap(),
+        let status = self.try_wait_for(limit);
+        let stdout = t_out.join().unwrap();
+        let stderr = t_err.join().unwrap();
+        match status {
+            Some(status) => Output {
+                status,
+                stdout,
+                stderr,
+            },
+            None => {
+                let err = String::from_utf8_lossy(&stderr);
+                let tail: Vec<&str> = err.lines().rev().take(40).collect();
+                panic!(
+                    "{} did not finish within {limit:?}; {} bytes of stdout; last lines of stderr:\n{}",
+                    self.name,
+                    stdout.len(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
         }
     }
 }
