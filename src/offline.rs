@@ -25,7 +25,7 @@
 //! when the platform is dropped. Only ids that arrived in the last half second before a crash
 //! can be forgotten.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use crate::crypto::{random_bytes, to_hex, SignPublicKey};
 use crate::envelope::Envelope;
@@ -109,6 +109,8 @@ pub fn decode_record(bytes: &[u8]) -> Option<(SignId, u64, u64, Envelope)> {
 /// The persistent buffer's in-memory index (the records themselves are in storage).
 pub struct OfflineBuffer {
     entries: BTreeMap<RecordKey, Entry>,
+    /// Idle records per destination (so "does `dest` have records to send" costs O(1)).
+    idle: HashMap<SignId, usize>,
     bytes: usize,
     limits: OfflineLimits,
     next_seq: u64,
@@ -124,6 +126,7 @@ impl OfflineBuffer {
     ) -> Result<(OfflineBuffer, usize), StorageError> {
         let mut buf = OfflineBuffer {
             entries: BTreeMap::new(),
+            idle: HashMap::new(),
             bytes: 0,
             limits,
             next_seq: now_ms.saturating_mul(1000),
@@ -143,6 +146,7 @@ impl OfflineBuffer {
                             env.encode_frame(&mut frame);
                             buf.bytes += frame.len();
                             buf.next_seq = buf.next_seq.max(seq + 1);
+                            *buf.idle.entry(dest).or_default() += 1;
                             buf.entries.insert(
                                 (seq, id),
                                 Entry {
@@ -174,6 +178,7 @@ impl OfflineBuffer {
     pub fn new(limits: OfflineLimits, now_ms: u64) -> OfflineBuffer {
         OfflineBuffer {
             entries: BTreeMap::new(),
+            idle: HashMap::new(),
             bytes: 0,
             limits,
             next_seq: now_ms.saturating_mul(1000),
@@ -207,6 +212,7 @@ impl OfflineBuffer {
             )
             .map_err(AddError::Storage)?;
         self.bytes += frame.len();
+        *self.idle.entry(dest).or_default() += 1;
         self.entries.insert(
             (seq, id),
             Entry {
@@ -223,6 +229,9 @@ impl OfflineBuffer {
     /// copy of its frame.
     pub fn take_idle(&mut self, dest: &SignId) -> Vec<(RecordKey, Vec<u8>)> {
         let mut out = Vec::new();
+        if self.idle.remove(dest).is_none() {
+            return out;
+        }
         for (k, e) in self.entries.iter_mut() {
             if !e.busy && e.dest == *dest {
                 e.busy = true;
@@ -233,10 +242,14 @@ impl OfflineBuffer {
     }
 
     /// A busy record goes back to idle (its connection died before the acknowledgement).
-    pub fn release(&mut self, key: &RecordKey) {
-        if let Some(e) = self.entries.get_mut(key) {
+    /// Returns the record's destination (`None` if the record is gone).
+    pub fn release(&mut self, key: &RecordKey) -> Option<SignId> {
+        let e = self.entries.get_mut(key)?;
+        if e.busy {
             e.busy = false;
+            *self.idle.entry(e.dest).or_default() += 1;
         }
+        Some(e.dest)
     }
 
     /// Deletes a delivered record; `false` if it was already gone.
@@ -245,6 +258,14 @@ impl OfflineBuffer {
             return false;
         };
         self.bytes -= e.frame.len();
+        if !e.busy {
+            if let Some(n) = self.idle.get_mut(&e.dest) {
+                *n -= 1;
+                if *n == 0 {
+                    self.idle.remove(&e.dest);
+                }
+            }
+        }
         if let Err(e) = storage.del(&storage_key(&key.1)) {
             log::debug!("offline buffer: deleting a delivered record failed: {e}");
         }
@@ -265,17 +286,16 @@ impl OfflineBuffer {
         gone
     }
 
-    /// Destinations that have idle records.
+    /// Destinations that have idle records (sorted).
     pub fn idle_destinations(&self) -> Vec<SignId> {
-        let mut v: Vec<SignId> = self
-            .entries
-            .values()
-            .filter(|e| !e.busy)
-            .map(|e| e.dest)
-            .collect();
+        let mut v: Vec<SignId> = self.idle.keys().copied().collect();
         v.sort_unstable();
-        v.dedup();
         v
+    }
+
+    /// Whether `dest` has idle records (to send once a connection is up). O(1).
+    pub fn has_idle(&self, dest: &SignId) -> bool {
+        self.idle.contains_key(dest)
     }
 
     /// Records held.
@@ -479,10 +499,14 @@ mod tests {
             OfflineBuffer::load(&mut store, OfflineLimits::default(), 2_000).unwrap();
         assert_eq!(dropped, 1);
         assert_eq!(r.len(), 3);
+        assert!(r.has_idle(&dest) && r.has_idle(&other));
         let taken = r.take_idle(&dest);
         assert_eq!(taken.iter().map(|t| t.0).collect::<Vec<_>>(), vec![k1, k2]);
+        assert!(!r.has_idle(&dest));
+        assert_eq!(r.idle_destinations(), vec![other]);
         assert!(r.take_idle(&dest).is_empty());
-        r.release(&k2);
+        assert_eq!(r.release(&k2), Some(dest));
+        assert!(r.has_idle(&dest));
         assert!(r.delivered(&mut store, &k1));
         assert!(!r.delivered(&mut store, &k1));
         assert_eq!(r.idle_destinations().len(), 2);
@@ -490,6 +514,8 @@ mod tests {
         let gone = r.expire(&mut store, 9_000);
         assert_eq!(gone.len(), 2);
         assert!(r.is_empty());
+        assert!(!r.has_idle(&dest) && !r.has_idle(&other));
+        assert!(r.idle_destinations().is_empty());
         assert_eq!(store.keys().unwrap(), vec!["unrelated".to_string()]);
     }
 

@@ -68,6 +68,7 @@ use mio::{Registry, Token};
 use slab::Slab;
 
 use super::directory::{Directory, DirectoryCache, Lookup, NodeInfo};
+use super::timers::{TimerId, Timers};
 use super::{
     Address, Context, Core, Event, Message, SendOptions, SendStatus, CONNECTION_TOKEN_BASE,
 };
@@ -86,8 +87,11 @@ use crate::transport::{ClientDriver, ServerDriver, TransportKind};
 pub const MAX_OFFLINE_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The storage key of the listen addresses of the last run.
 pub const CONNECTION_INFO_KEY: &str = "connectionInfo";
-/// How often the connection manager checks its timeouts.
-const TICK: Duration = Duration::from_millis(100);
+/// The de-duplication memory is written at most this often while messages arrive.
+const DEDUP_FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// Known peers beyond which idle ones (no connection, nothing queued, no lookup, no offline
+/// record) are forgotten as soon as they become idle.
+const KEEP_IDLE_PEERS: usize = 64;
 
 /// Settings of the connection manager (timeouts and bounds); every field has a default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,8 +231,42 @@ enum Link {
     Server(ConnectionId),
 }
 
+/// What a deadline of the connection manager's timer heap is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NetTimer {
+    /// A connection: its driver's deadline, connect timeout, closing linger or keepalive.
+    Conn(usize),
+    /// A failed destination may be tried again.
+    Retry(BoxId),
+    /// The earliest expiry of a destination's queued real-time messages.
+    Expiry(BoxId),
+    /// A directory lookup times out.
+    Lookup(SignId),
+    /// The offline buffer's periodic retry and expiry.
+    OfflineRetry,
+    /// The de-duplication memory is written.
+    DedupFlush,
+}
+
+/// How far [`Core::read_conn`] got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadOutcome {
+    /// Everything readable was read (or the connection ended).
+    Done,
+    /// The local delivery queue is full: read the rest once it has room.
+    Blocked,
+    /// The per-visit budget ran out with more to read: visit again next turn.
+    More,
+}
+
 struct Conn {
     link: Link,
+    /// In [`Net::dirty`] (visited this turn).
+    dirty: bool,
+    /// In [`Net::watch`] (unacknowledged tracked messages on a server-side stream).
+    watched: bool,
+    /// Its entry in the timer heap and the deadline it is for.
+    timer: Option<(TimerId, Instant)>,
     kind: TransportKind,
     peer_box: BoxId,
     peer: Option<SignId>,
@@ -259,6 +297,11 @@ struct Peer {
     online: bool,
     waiting_lookup: bool,
     retry_at: Option<Instant>,
+    /// In [`Net::want`] (ensure_connections looks at it this turn).
+    wanted: bool,
+    retry_timer: Option<TimerId>,
+    /// The timer of the earliest expiry of `queue`, and that expiry.
+    expiry_timer: Option<(TimerId, Instant)>,
 }
 
 /// The connection manager's state (owned by the platform's core).
@@ -280,8 +323,25 @@ pub(crate) struct Net {
     fired: Vec<(usize, Result<(), DeliveryError>)>,
     identify: Vec<u8>,
     ping: Vec<u8>,
-    next_tick: Instant,
-    next_retry: Instant,
+    /// Every deadline: connections, peers, lookups, offline retry, dedup flush.
+    timers: Timers<NetTimer>,
+    /// Connections to visit in this turn's pump (socket events, application writes, timers).
+    dirty: Vec<usize>,
+    /// Server-side connections with unacknowledged tracked messages (checked when the
+    /// listeners had input: the server reports no event for a bare acknowledgement).
+    watch: Vec<usize>,
+    /// Connections that stopped reading because the local delivery queue was full.
+    read_blocked: Vec<usize>,
+    /// Peers to look at in `ensure_connections` (something to send, retry due, ...).
+    want: Vec<BoxId>,
+    /// Destinations whose offline records went back to idle (become `want`).
+    released: Vec<SignId>,
+    /// Peers that could not connect because of `max_connections`.
+    conn_waiters: Vec<BoxId>,
+    /// The listeners had socket input (or work left over) since the last pump.
+    server_io: bool,
+    offline_timer: Option<TimerId>,
+    dedup_timer: Option<TimerId>,
     next_dedup_flush: Instant,
     scratch: Vec<u8>,
 }
@@ -380,6 +440,10 @@ impl Net {
             our_sign.to_string().into_bytes(),
         ));
         let ping = frame_of(&Envelope::new("ping", "mm", Vec::new()));
+        let mut timers = Timers::default();
+        // Records of the last run: retried (and expired) at once.
+        let offline_timer =
+            (!offline.is_empty()).then(|| timers.schedule(now, NetTimer::OfflineRetry));
         Ok(Net {
             dir: DirectoryCache::new(cfg.node_info_ttl, cfg.lookup_timeout),
             dedup: Dedup::load(cfg.dedup, storage).unwrap_or_else(|e| {
@@ -401,8 +465,16 @@ impl Net {
             fired: Vec::new(),
             identify,
             ping,
-            next_tick: now,
-            next_retry: now,
+            timers,
+            dirty: Vec::new(),
+            watch: Vec::new(),
+            read_blocked: Vec::new(),
+            want: Vec::new(),
+            released: Vec::new(),
+            conn_waiters: Vec::new(),
+            server_io: false,
+            offline_timer,
+            dedup_timer: None,
             next_dedup_flush: now,
             scratch: vec![0; 64 * 1024],
         })
@@ -413,47 +485,190 @@ impl Net {
         &self.endpoints
     }
 
-    /// Hands a readiness event to the driver it belongs to.
+    /// Hands a readiness event to the driver it belongs to; an outgoing connection's event
+    /// makes it dirty (visited in this turn's pump).
     pub(crate) fn handle_event(&mut self, event: &mio::event::Event, now: Instant) {
         let t = event.token();
         if t.0 >= CONNECTION_TOKEN_BASE {
-            if let Some(c) = self.conns.get_mut(t.0 - CONNECTION_TOKEN_BASE) {
+            let k = t.0 - CONNECTION_TOKEN_BASE;
+            if let Some(c) = self.conns.get_mut(k) {
                 if let Link::Client(d) = &mut c.link {
                     d.handle_event(&self.registry, event, now);
+                    if !c.dirty {
+                        c.dirty = true;
+                        self.dirty.push(k);
+                    }
                 }
             }
         } else if self.server.owns(t) {
+            self.server_io = true;
             if let Err(e) = self.server.handle_event(&self.registry, event, now) {
                 log::debug!("listener error: {e}");
             }
         }
     }
 
-    /// When the manager next needs a turn.
+    /// When the manager next needs a turn: the earliest of the timer heap and the server's
+    /// own deadline (exact: no periodic tick). Pending work is reported by [`Net::has_work`].
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        let mut d = self.server.next_deadline();
-        let mut at = |x: Option<Instant>| {
-            if let Some(x) = x {
-                d = Some(d.map_or(x, |y: Instant| y.min(x)));
-            }
-        };
-        for (_, c) in self.conns.iter() {
-            if let Link::Client(drv) = &c.link {
-                at(drv.next_deadline());
-            }
+        match (self.server.next_deadline(), self.timers.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
-        if !self.fired.is_empty() {
-            at(Some(Instant::now()));
-        }
-        if !self.conns.is_empty() || !self.peers.is_empty() || !self.offline.is_empty() {
-            at(Some(self.next_tick));
-        }
-        d
     }
 
-    /// Whether completed deliveries wait for their callbacks.
-    pub(crate) fn has_fired(&self) -> bool {
+    /// Whether the next turn has work at once: dirty connections, wanted peers, completed
+    /// deliveries waiting for their callbacks.
+    pub(crate) fn has_work(&self) -> bool {
         !self.fired.is_empty()
+            || !self.dirty.is_empty()
+            || !self.want.is_empty()
+            || !self.released.is_empty()
+    }
+
+    /// Queues connection `k` for this turn's pump (once).
+    fn mark_dirty(&mut self, k: usize) {
+        if let Some(c) = self.conns.get_mut(k) {
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(k);
+            }
+        }
+    }
+
+    /// Queues peer `b` for `ensure_connections` (once).
+    fn want_peer(&mut self, b: BoxId) {
+        if let Some(p) = self.peers.get_mut(&b) {
+            if !p.wanted {
+                p.wanted = true;
+                self.want.push(b);
+            }
+        }
+    }
+
+    /// The peer has work: its active connection is visited, or it is wanted (connect).
+    fn kick_peer(&mut self, b: BoxId) {
+        let conn = self
+            .peers
+            .get(&b)
+            .and_then(|p| if p.online { p.conn } else { None });
+        match conn {
+            Some(k) => self.mark_dirty(k),
+            None => self.want_peer(b),
+        }
+    }
+
+    /// Puts connection `k`'s timer at its current deadline (a no-op when unchanged).
+    fn reschedule_conn(&mut self, k: usize, now: Instant) {
+        let Some(c) = self.conns.get_mut(k) else {
+            return;
+        };
+        let cfg = &self.cfg;
+        let mut d = match &c.link {
+            Link::Client(drv) => drv.next_deadline(),
+            Link::Server(_) => None,
+        };
+        let mut at = |x: Instant| d = Some(d.map_or(x, |y| y.min(x)));
+        if c.peer.is_none() {
+            at(c.opened + cfg.connect_timeout);
+        }
+        match c.closing {
+            Some(t) => at(t + cfg.dead_after),
+            None => {
+                if c.active && c.partial_pos >= c.partial.len() {
+                    at((c.last_write + cfg.keepalive).max(now));
+                }
+            }
+        }
+        if c.timer.map(|t| t.1) == d {
+            return;
+        }
+        if let Some((id, _)) = c.timer.take() {
+            self.timers.cancel(id);
+        }
+        if let Some(d) = d {
+            c.timer = Some((self.timers.schedule(d, NetTimer::Conn(k)), d));
+        }
+    }
+
+    /// Makes the earliest expiry of peer `b`'s queue (at least `expires`) have a timer.
+    fn expiry_at(&mut self, b: BoxId, expires: Instant) {
+        let Some(p) = self.peers.get_mut(&b) else {
+            return;
+        };
+        if p.expiry_timer.is_some_and(|(_, at)| at <= expires) {
+            return;
+        }
+        if let Some((id, _)) = p.expiry_timer.take() {
+            self.timers.cancel(id);
+        }
+        p.expiry_timer = Some((self.timers.schedule(expires, NetTimer::Expiry(b)), expires));
+    }
+
+    /// Peer `b` may be tried again at `at` (after a failure).
+    fn retry_peer_at(&mut self, b: BoxId, at: Instant) {
+        let Some(p) = self.peers.get_mut(&b) else {
+            return;
+        };
+        if let Some(id) = p.retry_timer.take() {
+            self.timers.cancel(id);
+        }
+        p.retry_at = Some(at);
+        p.retry_timer = Some(self.timers.schedule(at, NetTimer::Retry(b)));
+    }
+
+    /// Forgets a failure of peer `b` (a new send, a retry): it may connect at once.
+    fn clear_retry(&mut self, b: BoxId) {
+        let Some(p) = self.peers.get_mut(&b) else {
+            return;
+        };
+        p.retry_at = None;
+        if let Some(id) = p.retry_timer.take() {
+            self.timers.cancel(id);
+        }
+    }
+
+    /// Peer `b`'s queue is empty: its expiry timer goes.
+    fn queue_drained(&mut self, b: &BoxId) {
+        if let Some(p) = self.peers.get_mut(b) {
+            if p.queue.is_empty() {
+                if let Some((id, _)) = p.expiry_timer.take() {
+                    self.timers.cancel(id);
+                }
+            }
+        }
+    }
+
+    /// The offline buffer holds records: make sure its periodic retry is scheduled.
+    fn offline_retry_soon(&mut self, now: Instant) {
+        if self.offline_timer.is_none() && !self.offline.is_empty() {
+            let at = now + self.cfg.offline_retry;
+            self.offline_timer = Some(self.timers.schedule(at, NetTimer::OfflineRetry));
+        }
+    }
+
+    /// Forgets peer `b` if many are known and it is idle (see [`KEEP_IDLE_PEERS`]).
+    fn maybe_forget(&mut self, b: &BoxId) {
+        if self.peers.len() <= KEEP_IDLE_PEERS {
+            return;
+        }
+        let Some(p) = self.peers.get(b) else { return };
+        let idle = p.conn.is_none()
+            && p.queue.is_empty()
+            && !p.waiting_lookup
+            && !p.wanted
+            && !p.sign.is_some_and(|s| self.offline.has_idle(&s));
+        if !idle {
+            return;
+        }
+        if let Some(p) = self.peers.remove(b) {
+            if let Some(id) = p.retry_timer {
+                self.timers.cancel(id);
+            }
+            if let Some((id, _)) = p.expiry_timer {
+                self.timers.cancel(id);
+            }
+        }
     }
 
     fn conn_stats(&self, c: &Conn) -> ConnectionStats {
@@ -487,34 +702,27 @@ impl Net {
         self.peers.get(dest).map_or(0, |p| p.queue.len())
     }
 
-    /// When the next check of timeouts is due: soon while something is pending (queued
-    /// messages that may expire, lookups, handshakes, closing connections), otherwise only as
-    /// often as keepalives and offline retries need.
-    fn schedule_tick(&mut self, now: Instant) {
-        let busy = self
-            .peers
-            .values()
-            .any(|p| !p.queue.is_empty() || p.waiting_lookup)
-            || self
-                .conns
-                .iter()
-                .any(|(_, c)| c.peer.is_none() || c.closing.is_some())
-            || self.dedup.is_dirty();
-        let idle = (self.cfg.keepalive / 2).clamp(TICK, Duration::from_secs(1));
-        let mut next = now + if busy { TICK } else { idle };
-        if !self.offline.is_empty() {
-            next = next.min(self.next_retry.max(now + TICK));
-        }
-        self.next_tick = next;
-    }
-
-    /// Makes the next timeout check come soon (new work that may time out).
-    fn tick_soon(&mut self, now: Instant) {
-        self.next_tick = self.next_tick.min(now + TICK);
-    }
-
     fn is_online(&self, b: &BoxId) -> bool {
         self.peers.get(b).is_some_and(|p| p.online)
+    }
+
+    /// Moves the idle offline records of `dest` (box key `b`) into its queue.
+    fn take_offline(&mut self, b: BoxId, dest: &SignId) {
+        if !self.offline.has_idle(dest) {
+            return;
+        }
+        for (key, frame) in self.offline.take_idle(dest) {
+            let p = self.peers.entry(b).or_default();
+            p.queued_bytes += frame.len();
+            p.queue.push_back(Pending {
+                frame,
+                expires: None,
+                track: Track {
+                    cb: None,
+                    offline: Some(key),
+                },
+            });
+        }
     }
 }
 
@@ -556,7 +764,6 @@ impl Core {
                 return SendStatus::BufferFull;
             }
             peer.sign.get_or_insert(dest);
-            peer.retry_at = None;
             peer.queued_bytes += frame.len();
             let cb = callback.map(|c| net.callbacks.insert(c));
             let expires = now + options.expire_after.unwrap_or(net.cfg.realtime_expiry);
@@ -565,7 +772,9 @@ impl Core {
                 expires: Some(expires),
                 track: Track { cb, offline: None },
             });
-            net.tick_soon(now);
+            net.clear_retry(b);
+            net.expiry_at(b, expires);
+            net.kick_peer(b);
             return SendStatus::Queued;
         }
         let after = options
@@ -585,25 +794,15 @@ impl Core {
             let id = net.callbacks.insert(c);
             net.offline_cbs.insert(key, id);
         }
-        net.tick_soon(now);
+        net.offline_retry_soon(now);
         let online = net.is_online(&b);
         let peer = net.peers.entry(b).or_default();
         peer.sign.get_or_insert(dest);
-        peer.retry_at = None;
+        net.clear_retry(b);
         if online {
-            for (k, frame) in net.offline.take_idle(&dest) {
-                let peer = net.peers.entry(b).or_default();
-                peer.queued_bytes += frame.len();
-                peer.queue.push_back(Pending {
-                    frame,
-                    expires: None,
-                    track: Track {
-                        cb: None,
-                        offline: Some(k),
-                    },
-                });
-            }
+            net.take_offline(b, &dest);
         }
+        net.kick_peer(b);
         SendStatus::Queued
     }
 
@@ -642,6 +841,7 @@ impl Core {
             net.dir.insert(info, now);
             if let Some(p) = net.peers.get_mut(&b) {
                 p.waiting_lookup = false;
+                net.want_peer(b);
             }
         }
         true
@@ -682,62 +882,119 @@ impl Core {
     }
 
     /// The receiving half, run before the turn's deliveries so that what arrived is delivered
-    /// in the same turn: listener events, ended connections, frames read into the queue.
+    /// in the same turn: listener events, ended connections, frames read from the connections
+    /// that had input (the dirty ones).
     pub(crate) fn net_receive(&mut self) {
         if self.net.is_none() {
             return;
         }
         self.server_events();
-        self.client_states();
-        let keys: Vec<usize> = self
+        let dirty: Vec<usize> = self
             .net
             .as_ref()
-            .map(|n| n.conns.iter().map(|(k, _)| k).collect())
+            .map(|n| n.dirty.clone())
             .unwrap_or_default();
-        for k in keys {
-            self.read_conn(k);
+        for k in dirty {
+            if !self.client_alive(k) {
+                continue;
+            }
+            if self.read_conn(k) == ReadOutcome::Blocked {
+                break;
+            }
         }
     }
 
-    /// One turn of the connection manager: listener events, timeouts, connection set-up,
-    /// reading, writing, acknowledgements, driver flushes, then delivery callbacks.
+    /// One turn of the connection manager (see the module docs): listener events, due
+    /// timers, wanted peers, then a visit of each dirty connection (read, write,
+    /// acknowledgements, flush, next deadline), the listeners' flush, delivery callbacks.
     pub(crate) fn net_pump(&mut self) {
         if self.net.is_none() {
             return;
         }
         let now = self.now;
         self.server_events();
-        self.client_states();
-        let tick = self.net.as_ref().is_some_and(|n| now >= n.next_tick);
-        if tick {
-            self.net_tick(now);
-        }
+        self.fire_net_timers(now);
         self.ensure_connections(now);
-        let keys: Vec<usize> = self
-            .net
-            .as_ref()
-            .map(|n| n.conns.iter().map(|(k, _)| k).collect())
-            .unwrap_or_default();
-        for k in keys {
-            self.read_conn(k);
-            self.write_conn(k, now);
-            self.check_acks(k);
-        }
-        if let Some(net) = self.net.as_mut() {
-            if let Err(e) = net.server.flush(&net.registry, now) {
-                log::debug!("listener flush failed: {e}");
+        let Some(net) = self.net.as_mut() else { return };
+        if !net.read_blocked.is_empty() && self.queue.len() < self.limits.local_queue {
+            for k in std::mem::take(&mut net.read_blocked) {
+                net.mark_dirty(k);
             }
-            for (_, c) in net.conns.iter_mut() {
-                if let Link::Client(d) = &mut c.link {
-                    if let Err(e) = d.flush(&net.registry, now) {
-                        log::debug!("connection flush failed: {e}");
+        }
+        let batch = std::mem::take(&mut net.dirty);
+        for &k in &batch {
+            if let Some(c) = net.conns.get_mut(k) {
+                c.dirty = false;
+            }
+        }
+        for k in batch {
+            self.visit(k, now);
+        }
+        let Some(net) = self.net.as_mut() else { return };
+        if std::mem::take(&mut net.server_io) && !net.watch.is_empty() {
+            let watch = std::mem::take(&mut net.watch);
+            for &k in &watch {
+                if let Some(c) = net.conns.get_mut(k) {
+                    c.watched = false;
+                }
+            }
+            for k in watch {
+                self.check_acks(k);
+            }
+        }
+        let Some(net) = self.net.as_mut() else { return };
+        if let Err(e) = net.server.flush(&net.registry, now) {
+            log::debug!("listener flush failed: {e}");
+        }
+        // Packets left unread (a full batch) or due at once: look again next turn.
+        if net.server.next_deadline().is_some_and(|d| d <= now) {
+            net.server_io = true;
+        }
+        self.server_events();
+        self.run_fired();
+    }
+
+    /// One connection's share of the turn.
+    fn visit(&mut self, k: usize, now: Instant) {
+        let Some(net) = self.net.as_mut() else { return };
+        if !net.conns.contains(k) {
+            return;
+        }
+        self.stats.conn_visits += 1;
+        if !self.client_alive(k) {
+            return;
+        }
+        match self.read_conn(k) {
+            ReadOutcome::Done => {}
+            ReadOutcome::More => {
+                if let Some(net) = self.net.as_mut() {
+                    net.mark_dirty(k);
+                }
+            }
+            ReadOutcome::Blocked => {
+                if let Some(net) = self.net.as_mut() {
+                    if net.conns.contains(k) && !net.read_blocked.contains(&k) {
+                        net.read_blocked.push(k);
                     }
                 }
             }
         }
-        self.server_events();
-        self.client_states();
-        self.run_fired();
+        self.write_conn(k, now);
+        self.check_acks(k);
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(c) = net.conns.get_mut(k) else {
+            return;
+        };
+        if let Link::Client(d) = &mut c.link {
+            if let Err(e) = d.flush(&net.registry, now) {
+                log::debug!("connection flush failed: {e}");
+            }
+        }
+        if self.client_alive(k) {
+            if let Some(net) = self.net.as_mut() {
+                net.reschedule_conn(k, now);
+            }
+        }
     }
 
     fn run_fired(&mut self) {
@@ -758,6 +1015,8 @@ impl Core {
         }
     }
 
+    /// Takes the server's events: accepted and closed connections, and the ones with
+    /// something to read or room to write (made dirty).
     fn server_events(&mut self) {
         loop {
             let Some(net) = self.net.as_mut() else { return };
@@ -767,11 +1026,15 @@ impl Core {
             match ev {
                 ServerEvent::Accepted(id) => self.on_accept(id),
                 ServerEvent::Closed(id) => {
-                    if let Some(k) = self.net.as_mut().and_then(|n| n.by_server.remove(&id)) {
+                    if let Some(k) = net.by_server.remove(&id) {
                         self.conn_lost(k, "closed");
                     }
                 }
-                _ => {}
+                ServerEvent::Readable(id) | ServerEvent::Writable(id) => {
+                    if let Some(&k) = net.by_server.get(&id) {
+                        net.mark_dirty(k);
+                    }
+                }
             }
         }
     }
@@ -793,6 +1056,9 @@ impl Core {
         };
         let k = net.conns.insert(Conn {
             link: Link::Server(id),
+            dirty: false,
+            watched: false,
+            timer: None,
             kind,
             peer_box: BoxId(key),
             peer: None,
@@ -811,30 +1077,30 @@ impl Core {
             msgs_out: 0,
         });
         net.by_server.insert(id, k);
-        net.tick_soon(now);
+        net.mark_dirty(k);
     }
 
-    fn client_states(&mut self) {
-        let Some(net) = self.net.as_ref() else { return };
-        let dead: Vec<(usize, String)> = net
-            .conns
-            .iter()
-            .filter_map(|(k, c)| match &c.link {
-                Link::Client(d) => {
-                    if let Some(e) = d.transport_error() {
-                        return Some((k, e.to_owned()));
-                    }
-                    match d.client().state() {
-                        ClientState::Failed(e) => Some((k, format!("{e:?}"))),
-                        ClientState::Closed => Some((k, "closed".into())),
-                        _ => None,
-                    }
-                }
-                Link::Server(_) => None,
-            })
-            .collect();
-        for (k, why) in dead {
-            self.conn_lost(k, &why);
+    /// Whether connection `k` still exists; an outgoing one whose transport or handshake
+    /// failed, or that closed, is ended here.
+    fn client_alive(&mut self, k: usize) -> bool {
+        let Some(c) = self.net.as_ref().and_then(|n| n.conns.get(k)) else {
+            return false;
+        };
+        let why = match &c.link {
+            Link::Client(d) => match (d.transport_error(), d.client().state()) {
+                (Some(e), _) => Some(e.to_owned()),
+                (None, ClientState::Failed(e)) => Some(format!("{e:?}")),
+                (None, ClientState::Closed) => Some("closed".into()),
+                _ => None,
+            },
+            Link::Server(_) => None,
+        };
+        match why {
+            Some(why) => {
+                self.conn_lost(k, &why);
+                false
+            }
+            None => true,
         }
     }
 
@@ -847,6 +1113,13 @@ impl Core {
             return;
         };
         log::debug!("connection {k} to {:?} ended: {why}", c.peer);
+        if let Some((id, _)) = c.timer.take() {
+            net.timers.cancel(id);
+        }
+        if c.watched {
+            net.watch.retain(|&w| w != k);
+        }
+        net.read_blocked.retain(|&w| w != k);
         if let Link::Server(id) = c.link {
             net.by_server.remove(&id);
             net.server.server_mut().remove(id);
@@ -858,8 +1131,13 @@ impl Core {
         for t in lost {
             complete(net, storage, t, Err(DeliveryError::ConnectionLost));
         }
+        // A slot is free: peers that hit max_connections may try again.
+        for b in std::mem::take(&mut net.conn_waiters) {
+            net.want_peer(b);
+        }
+        let b = c.peer_box;
         let mut offline_sign = None;
-        if let Some(p) = net.peers.get_mut(&c.peer_box) {
+        if let Some(p) = net.peers.get_mut(&b) {
             if p.conn == Some(k) {
                 p.conn = None;
                 if c.outbound && c.peer.is_none() {
@@ -881,6 +1159,9 @@ impl Core {
                     }
                     p.queue = keep;
                 }
+                // Whatever is still queued (or buffered offline) wants a new connection.
+                net.want_peer(b);
+                net.queue_drained(&b);
             }
         }
         if let Some(s) = offline_sign {
@@ -900,170 +1181,198 @@ impl Core {
         p.attempts = 0;
         p.endpoint = 0;
         p.waiting_lookup = false;
-        p.retry_at = Some(now + net.cfg.offline_retry);
         p.queued_bytes = 0;
         let msgs: Vec<Pending> = p.queue.drain(..).collect();
+        let retry = now + net.cfg.offline_retry;
+        net.retry_peer_at(b, retry);
+        net.queue_drained(&b);
         for m in msgs {
             let r = Err(DeliveryError::Unreachable(why.to_owned()));
             complete(net, storage, m.track, r);
         }
         log::debug!("destination {sign:?} failed: {why}");
+        net.maybe_forget(&b);
         if let Some(s) = sign {
             self.emit_peer("transports.failed", s);
         }
     }
 
-    fn net_tick(&mut self, now: Instant) {
-        let storage = &mut *self.storage;
+    /// Fires the connection manager's due timers (those scheduled while firing wait for the
+    /// next turn).
+    fn fire_net_timers(&mut self, now: Instant) {
         let Some(net) = self.net.as_mut() else { return };
-        net.next_tick = now + TICK;
-        // Real-time messages past their expiry.
-        for p in net.peers.values_mut() {
-            if p.queue.iter().all(|m| m.expires.map_or(true, |e| e > now)) {
-                continue;
+        let limit = net.timers.next_seq();
+        loop {
+            let Some(net) = self.net.as_mut() else { return };
+            let Some(t) = net.timers.pop_due(now, limit) else {
+                return;
+            };
+            match t {
+                NetTimer::Conn(k) => self.conn_timer(k, now),
+                NetTimer::Retry(b) => {
+                    if let Some(p) = net.peers.get_mut(&b) {
+                        p.retry_timer = None;
+                        net.want_peer(b);
+                    }
+                }
+                NetTimer::Expiry(b) => self.expire_queue(b, now),
+                NetTimer::Lookup(sign) => {
+                    if !net.dir.lookup_expired(&sign, now) {
+                        continue;
+                    }
+                    let Some(b) = self.keys.box_id(&sign) else {
+                        continue;
+                    };
+                    let waiting = self
+                        .net
+                        .as_ref()
+                        .and_then(|n| n.peers.get(&b))
+                        .is_some_and(|p| p.waiting_lookup);
+                    if waiting {
+                        self.fail_peer(b, "nodeInfo lookup timed out", now);
+                    }
+                }
+                NetTimer::OfflineRetry => {
+                    net.offline_timer = None;
+                    self.offline_retry(now);
+                }
+                NetTimer::DedupFlush => {
+                    net.dedup_timer = None;
+                    net.next_dedup_flush = now + DEDUP_FLUSH_EVERY;
+                    if let Err(e) = net.dedup.flush(&mut *self.storage) {
+                        log::debug!("de-duplication memory could not be stored: {e}");
+                    }
+                }
             }
-            let mut keep = VecDeque::with_capacity(p.queue.len());
-            let mut expired = Vec::new();
-            for m in p.queue.drain(..) {
-                if m.expires.is_some_and(|e| e <= now) {
+        }
+    }
+
+    /// Connection `k`'s deadline: a handshake or identify that took too long, a closing
+    /// connection that lingers, a keepalive; in any case a visit (the driver's timers).
+    fn conn_timer(&mut self, k: usize, now: Instant) {
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(c) = net.conns.get_mut(k) else {
+            return;
+        };
+        c.timer = None;
+        let age = now.saturating_duration_since(c.opened);
+        let slow = (c.peer.is_none() && age >= net.cfg.connect_timeout)
+            || c.closing
+                .is_some_and(|t| now.saturating_duration_since(t) >= net.cfg.dead_after);
+        if slow {
+            self.conn_lost(k, "timed out");
+            return;
+        }
+        if c.active
+            && c.closing.is_none()
+            && c.partial_pos >= c.partial.len()
+            && now.saturating_duration_since(c.last_write) >= net.cfg.keepalive
+        {
+            c.partial.clear();
+            c.partial.extend_from_slice(&net.ping);
+            c.partial_pos = 0;
+            c.partial_track = Track::default();
+        }
+        net.mark_dirty(k);
+    }
+
+    /// Fails the real-time messages of peer `b` whose expiry passed; the timer moves to the
+    /// next expiry.
+    fn expire_queue(&mut self, b: BoxId, now: Instant) {
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(p) = net.peers.get_mut(&b) else {
+            return;
+        };
+        p.expiry_timer = None;
+        let mut keep = VecDeque::with_capacity(p.queue.len());
+        let mut next: Option<Instant> = None;
+        for m in p.queue.drain(..) {
+            match m.expires {
+                Some(e) if e <= now => {
                     p.queued_bytes -= m.frame.len();
-                    expired.push(m.track);
-                } else {
+                    if let Some(cb) = m.track.cb {
+                        net.fired.push((cb, Err(DeliveryError::Expired)));
+                    }
+                }
+                e => {
+                    if let Some(e) = e {
+                        next = Some(next.map_or(e, |n| n.min(e)));
+                    }
                     keep.push_back(m);
                 }
             }
-            p.queue = keep;
-            for t in expired {
-                if let Some(cb) = t.cb {
-                    net.fired.push((cb, Err(DeliveryError::Expired)));
-                }
-            }
         }
-        // Connections that did not identify in time, and closing ones that linger.
-        let slow: Vec<usize> = net
-            .conns
-            .iter()
-            .filter(|(_, c)| {
-                let age = now.saturating_duration_since(c.opened);
-                (c.peer.is_none() && age >= net.cfg.connect_timeout)
-                    || c.closing
-                        .is_some_and(|t| now.saturating_duration_since(t) >= net.cfg.dead_after)
-            })
-            .map(|(k, _)| k)
-            .collect();
-        // Keepalives.
-        for (_, c) in net.conns.iter_mut() {
-            if c.active
-                && c.closing.is_none()
-                && c.partial_pos >= c.partial.len()
-                && now.saturating_duration_since(c.last_write) >= net.cfg.keepalive
-            {
-                c.partial.clear();
-                c.partial.extend_from_slice(&net.ping);
-                c.partial_pos = 0;
-                c.partial_track = Track::default();
-            }
+        p.queue = keep;
+        if let Some(e) = next {
+            net.expiry_at(b, e);
         }
-        // The de-duplication memory, at most every half second.
-        if net.dedup.is_dirty() && now >= net.next_dedup_flush {
-            net.next_dedup_flush = now + Duration::from_millis(500);
-            if let Err(e) = net.dedup.flush(storage) {
-                log::debug!("de-duplication memory could not be stored: {e}");
-            }
-        }
-        // Offline retries and expiry.
-        let retry = now >= net.next_retry;
-        let mut expired_keys = Vec::new();
-        if retry {
-            net.next_retry = now + net.cfg.offline_retry;
-            expired_keys = net.offline.expire(storage, wall_ms());
-            for dest in net.offline.idle_destinations() {
-                let Ok(b) = dest.to_box_id() else { continue };
-                let p = net.peers.entry(b).or_default();
-                p.sign.get_or_insert(dest);
-                if p.retry_at.is_some_and(|t| t <= now) {
-                    p.retry_at = None;
-                }
-            }
-        }
-        for (key, _) in expired_keys {
+        net.maybe_forget(&b);
+    }
+
+    /// The offline buffer's periodic work: expired records are deleted (their callbacks
+    /// fail), destinations with idle records are tried again.
+    fn offline_retry(&mut self, now: Instant) {
+        let storage = &mut *self.storage;
+        let Some(net) = self.net.as_mut() else { return };
+        for (key, _) in net.offline.expire(storage, wall_ms()) {
             if let Some(cb) = net.offline_cbs.remove(&key) {
                 net.fired.push((cb, Err(DeliveryError::Expired)));
             }
         }
-        let lookups = net.dir.expired_lookups(now);
-        // Forget idle peers.
-        let offline_dests: Vec<SignId> = if net.peers.len() > 64 {
-            net.offline.idle_destinations()
-        } else {
-            Vec::new()
-        };
-        if !offline_dests.is_empty() || net.peers.len() > 64 {
-            net.peers.retain(|_, p| {
-                p.conn.is_some()
-                    || !p.queue.is_empty()
-                    || p.waiting_lookup
-                    || p.sign.is_some_and(|s| offline_dests.contains(&s))
-            });
-        }
-        for k in slow {
-            self.conn_lost(k, "timed out");
-        }
-        for s in lookups {
-            let Ok(b) = s.to_box_id() else { continue };
-            let waiting = self
-                .net
-                .as_ref()
-                .and_then(|n| n.peers.get(&b))
-                .is_some_and(|p| p.waiting_lookup);
-            if waiting {
-                self.fail_peer(b, "nodeInfo lookup timed out", now);
+        let dests = net.offline.idle_destinations();
+        for dest in dests {
+            let Some(b) = self.keys.box_id(&dest) else {
+                continue;
+            };
+            let Some(net) = self.net.as_mut() else { return };
+            self.stats.peer_visits += 1;
+            let p = net.peers.entry(b).or_default();
+            p.sign.get_or_insert(dest);
+            if p.retry_at.is_some_and(|t| t <= now) {
+                net.clear_retry(b);
             }
+            net.want_peer(b);
         }
         if let Some(net) = self.net.as_mut() {
-            net.schedule_tick(now);
+            net.offline_retry_soon(now);
         }
     }
 
+    /// Looks at the wanted peers only: one without a connection that has something to send
+    /// (and no failure to wait out) connects; an online one takes its idle offline records.
     fn ensure_connections(&mut self, now: Instant) {
-        let Some(net) = self.net.as_ref() else { return };
-        let offline_dests = if net.offline.is_empty() {
-            Vec::new()
-        } else {
-            net.offline.idle_destinations()
-        };
-        let wanted: Vec<BoxId> = net
-            .peers
-            .iter()
-            .filter(|(_, p)| {
-                p.conn.is_none()
-                    && !p.waiting_lookup
-                    && p.retry_at.map_or(true, |t| t <= now)
-                    && (!p.queue.is_empty() || p.sign.is_some_and(|s| offline_dests.contains(&s)))
-            })
-            .map(|(b, _)| *b)
-            .collect();
-        for b in wanted {
-            self.connect_peer(b, now);
-        }
-        // Online peers with idle offline records (retry after a failed attempt).
         let Some(net) = self.net.as_mut() else { return };
-        for dest in offline_dests {
-            let Ok(b) = dest.to_box_id() else { continue };
-            if !net.is_online(&b) {
-                continue;
+        for s in std::mem::take(&mut net.released) {
+            if let Some(b) = self.keys.box_id(&s) {
+                if let Some(net) = self.net.as_mut() {
+                    net.want_peer(b);
+                }
             }
-            for (k, frame) in net.offline.take_idle(&dest) {
-                let p = net.peers.entry(b).or_default();
-                p.queued_bytes += frame.len();
-                p.queue.push_back(Pending {
-                    frame,
-                    expires: None,
-                    track: Track {
-                        cb: None,
-                        offline: Some(k),
-                    },
-                });
+        }
+        let Some(net) = self.net.as_mut() else { return };
+        let want = std::mem::take(&mut net.want);
+        for b in want {
+            let Some(net) = self.net.as_mut() else { return };
+            let Some(p) = net.peers.get_mut(&b) else {
+                continue;
+            };
+            p.wanted = false;
+            self.stats.peer_visits += 1;
+            let idle = p.sign.is_some_and(|s| net.offline.has_idle(&s));
+            if p.conn.is_none() {
+                if !p.waiting_lookup
+                    && p.retry_at.map_or(true, |t| t <= now)
+                    && (!p.queue.is_empty() || idle)
+                {
+                    self.connect_peer(b, now);
+                } else {
+                    net.maybe_forget(&b);
+                }
+            } else if p.online && idle {
+                if let (Some(s), Some(k)) = (p.sign, p.conn) {
+                    net.take_offline(b, &s);
+                    net.mark_dirty(k);
+                }
             }
         }
     }
@@ -1095,6 +1404,8 @@ impl Core {
                         self.fail_peer(b, "too many lookups pending", now);
                         return;
                     }
+                    let at = now + net.cfg.lookup_timeout;
+                    net.timers.schedule(at, NetTimer::Lookup(sign));
                     if let Some(p) = net.peers.get_mut(&b) {
                         p.waiting_lookup = true;
                     }
@@ -1117,7 +1428,11 @@ impl Core {
             return;
         }
         if net.conns.len() >= net.cfg.max_connections {
-            return; // retried next turn
+            // Tried again when a connection ends.
+            if !net.conn_waiters.contains(&b) {
+                net.conn_waiters.push(b);
+            }
+            return;
         }
         p.attempts += 1;
         let ep = order[p.endpoint % order.len()];
@@ -1136,6 +1451,9 @@ impl Core {
             Ok(d) => {
                 entry.insert(Conn {
                     link: Link::Client(Box::new(d)),
+                    dirty: true,
+                    watched: false,
+                    timer: None,
                     kind: ep.kind,
                     peer_box: b,
                     peer: None,
@@ -1154,49 +1472,54 @@ impl Core {
                     msgs_out: 0,
                 });
                 p.conn = Some(k);
-                net.tick_soon(now);
+                net.dirty.push(k);
                 log::debug!("connecting to {sign} over {:?} at {}", ep.kind, ep.addr);
             }
             Err(e) => {
                 log::debug!("connecting to {} failed: {e}", ep.addr);
                 p.endpoint += 1;
+                net.want_peer(b);
             }
         }
     }
 
     /// Reads complete frames from connection `k` into the local queue.
-    fn read_conn(&mut self, k: usize) {
+    fn read_conn(&mut self, k: usize) -> ReadOutcome {
         for _ in 0..1024 {
             // Frames already buffered first.
             loop {
                 if self.queue.len() >= self.limits.local_queue {
-                    return;
+                    return ReadOutcome::Blocked;
                 }
-                let Some(net) = self.net.as_mut() else { return };
+                let Some(net) = self.net.as_mut() else {
+                    return ReadOutcome::Done;
+                };
                 let Some(c) = net.conns.get_mut(k) else {
-                    return;
+                    return ReadOutcome::Done;
                 };
                 match c.reader.next_envelope() {
                     Ok(Some(env)) => {
                         if !self.handle_envelope(k, env) {
-                            return;
+                            return ReadOutcome::Done;
                         }
                     }
                     Ok(None) => break,
                     Err(e) => {
                         log::debug!("connection {k}: bad frame ({e}); closing it");
                         self.conn_lost(k, "protocol error");
-                        return;
+                        return ReadOutcome::Done;
                     }
                 }
             }
-            let Some(net) = self.net.as_mut() else { return };
+            let Some(net) = self.net.as_mut() else {
+                return ReadOutcome::Done;
+            };
             let Some(c) = net.conns.get_mut(k) else {
-                return;
+                return ReadOutcome::Done;
             };
             let room = c.reader.room().min(net.scratch.len());
             let Some(stream) = stream_of(&mut net.server, &mut c.link) else {
-                return;
+                return ReadOutcome::Done;
             };
             let n = stream.read(&mut net.scratch[..room]);
             if n == 0 {
@@ -1209,10 +1532,11 @@ impl Core {
                         self.conn_lost(k, "peer closed the connection");
                     }
                 }
-                return;
+                return ReadOutcome::Done;
             }
             c.reader.push(&net.scratch[..n]);
         }
+        ReadOutcome::More
     }
 
     /// Handles one frame; `false` if the connection was closed.
@@ -1253,7 +1577,10 @@ impl Core {
                 log::debug!("duplicate message from {sign} dropped");
                 return true;
             }
-            net.next_tick = net.next_tick.min(self.now + TICK);
+            if net.dedup_timer.is_none() {
+                let at = net.next_dedup_flush.max(self.now);
+                net.dedup_timer = Some(net.timers.schedule(at, NetTimer::DedupFlush));
+            }
         }
         let scope = self.circles.scope_of(&c.peer_box);
         let protocol: Cow<'static, str> = match env.protocol.as_str() {
@@ -1319,7 +1646,6 @@ impl Core {
         peer.online = true;
         peer.attempts = 0;
         peer.endpoint = 0;
-        peer.retry_at = None;
         if let Some(o) = demote {
             let identified = net.conns[o].peer.is_some();
             if identified {
@@ -1329,12 +1655,20 @@ impl Core {
                 if let Some(s) = stream_of(&mut net.server, &mut c.link) {
                     s.finish(Eof::Success);
                 }
+                net.mark_dirty(o);
             } else {
                 // An attempt still in its handshake: drop it (it was not active, so no event).
                 if let Some(p) = net.peers.get_mut(&b) {
                     p.conn = Some(k);
                 }
                 let c = net.conns.remove(o);
+                if let Some((id, _)) = c.timer {
+                    net.timers.cancel(id);
+                }
+                if c.watched {
+                    net.watch.retain(|&w| w != o);
+                }
+                net.read_blocked.retain(|&w| w != o);
                 if let Link::Server(id) = c.link {
                     net.by_server.remove(&id);
                     net.server.server_mut().remove(id);
@@ -1342,18 +1676,9 @@ impl Core {
             }
         }
         // Offline records for this peer join its queue.
-        for (key, frame) in net.offline.take_idle(&sign) {
-            let p = net.peers.entry(b).or_default();
-            p.queued_bytes += frame.len();
-            p.queue.push_back(Pending {
-                frame,
-                expires: None,
-                track: Track {
-                    cb: None,
-                    offline: Some(key),
-                },
-            });
-        }
+        net.take_offline(b, &sign);
+        net.clear_retry(b);
+        net.mark_dirty(k);
         if !was_online {
             self.emit(Event::Connection(sign));
             self.emit_peer("transports.online", sign);
@@ -1408,6 +1733,8 @@ impl Core {
             c.partial = Vec::new();
             c.partial_pos = 0;
         }
+        let b = c.peer_box;
+        net.queue_drained(&b);
         for t in expired {
             complete(net, storage, t, Err(DeliveryError::Expired));
         }
@@ -1430,6 +1757,11 @@ impl Core {
             if let Some((_, t)) = c.inflight.pop_front() {
                 done.push(t);
             }
+        }
+        // A server-side stream reports no event for a bare acknowledgement: watch it.
+        if !c.inflight.is_empty() && !c.watched && matches!(c.link, Link::Server(_)) {
+            c.watched = true;
+            net.watch.push(k);
         }
         for t in done {
             complete(net, storage, t, Ok(()));
@@ -1455,8 +1787,9 @@ fn complete(net: &mut Net, storage: &mut dyn Storage, t: Track, result: Result<(
             if let Some(cb) = net.offline_cbs.remove(&key) {
                 net.fired.push((cb, Ok(())));
             }
-        } else {
-            net.offline.release(&key);
+        } else if let Some(dest) = net.offline.release(&key) {
+            // Tried again (now if the peer is still online, else when it connects).
+            net.released.push(dest);
         }
     }
     if let Some(cb) = t.cb {

@@ -191,18 +191,16 @@ impl DirectoryCache {
         self.pending.remove(&id).is_some()
     }
 
-    /// Lookups whose time is up (removed).
-    pub(crate) fn expired_lookups(&mut self, now: Instant) -> Vec<SignId> {
-        let done: Vec<SignId> = self
-            .pending
-            .iter()
-            .filter(|(_, d)| **d <= now)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in &done {
-            self.pending.remove(k);
+    /// Ends the lookup for `id` if its time is up at `now`; `true` if it did (a lookup
+    /// answered in time, or restarted later, is left alone).
+    pub(crate) fn lookup_expired(&mut self, id: &SignId, now: Instant) -> bool {
+        match self.pending.get(id) {
+            Some(d) if *d <= now => {
+                self.pending.remove(id);
+                true
+            }
+            _ => false,
         }
-        done
     }
 
     /// Records a checked boxId -> signId pair.
@@ -266,11 +264,10 @@ mod tests {
         assert!(matches!(d.lookup(&a.sign_id(), t0), Lookup::Unknown));
         assert!(d.start_lookup(a.sign_id(), t0));
         assert!(matches!(d.lookup(&a.sign_id(), t0), Lookup::Pending));
-        assert!(d.expired_lookups(t0 + Duration::from_secs(9)).is_empty());
-        assert_eq!(
-            d.expired_lookups(t0 + Duration::from_secs(10)),
-            vec![a.sign_id()]
-        );
+        assert!(!d.lookup_expired(&a.sign_id(), t0 + Duration::from_secs(9)));
+        assert!(d.lookup_expired(&a.sign_id(), t0 + Duration::from_secs(10)));
+        assert!(!d.lookup_expired(&a.sign_id(), t0 + Duration::from_secs(11)));
+        assert!(matches!(d.lookup(&a.sign_id(), t0), Lookup::Unknown));
         let info = NodeInfo {
             sign_id: a.sign_id(),
             box_id: a.box_id(),

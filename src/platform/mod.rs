@@ -195,6 +195,12 @@ pub struct Stats {
     /// Messages from peers dropped as duplicates (same message id, a retry of the offline
     /// buffer after a lost acknowledgement).
     pub duplicates: u64,
+    /// Connection visits of the connection manager (one per connection a turn handled:
+    /// socket event, queued frames or due timer; idle connections cost none).
+    pub conn_visits: u64,
+    /// Peers the connection manager looked at (wanted ones: something to send, a retry due,
+    /// offline records; peers with nothing to do cost none).
+    pub peer_visits: u64,
 }
 
 /// Why a platform could not be built.
@@ -1003,7 +1009,7 @@ impl Platform {
             || !self.core.pending_events.is_empty()
             || (!self.handle_rx.is_empty() && self.core.queue.len() < self.core.limits.local_queue)
             || self.shared.stop_requested.load(Ordering::SeqCst)
-            || self.core.net.as_ref().is_some_and(|n| n.has_fired())
+            || self.core.net.as_ref().is_some_and(|n| n.has_work())
     }
 
     fn earliest_deadline(&self) -> Option<Instant> {
