@@ -74,7 +74,7 @@ use super::{
 };
 use crate::crypto::BoxKeyPair;
 use crate::curvecp::client::{ClientConfig, ClientState};
-use crate::curvecp::server::{ConnectionId, ServerConfig, ServerEvent};
+use crate::curvecp::server::{ClientPolicy, ConnectionId, ServerConfig, ServerEvent};
 use crate::curvecp::stream::{Eof, Stream, StreamConfig};
 use crate::envelope::{Envelope, FrameReader, DEFAULT_MAX_FRAME};
 use crate::identity::{BoxId, SignId};
@@ -384,6 +384,7 @@ impl Net {
         listen: &[Endpoint],
         storage: &mut dyn Storage,
         custom_dir: Option<Box<dyn Directory>>,
+        accept: Option<ClientPolicy>,
         now: Instant,
     ) -> io::Result<Net> {
         let udp = listen
@@ -398,7 +399,8 @@ impl Net {
             dead_after: cfg.dead_after,
             ..StreamConfig::server()
         };
-        let config = ServerConfig::with_stream(our_box.clone(), stream);
+        let mut config = ServerConfig::with_stream(our_box.clone(), stream);
+        config.accept_client = accept;
         let server = match ServerDriver::bind(&registry, base, config.clone(), udp, tcp, now) {
             Ok(s) => s,
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => {

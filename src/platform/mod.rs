@@ -100,7 +100,7 @@ pub use message::{Address, Message, Scope, SendOptions, SendStatus, ToAddress};
 pub use timers::TimerId;
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -256,6 +256,7 @@ pub struct PlatformBuilder {
     limits: Limits,
     net: NetConfig,
     directory: Option<Box<dyn Directory>>,
+    accept: Option<Vec<SignId>>,
 }
 
 impl PlatformBuilder {
@@ -309,6 +310,15 @@ impl PlatformBuilder {
     /// A directory the platform asks before looking a destination up on the bus.
     pub fn directory(mut self, directory: impl Directory + 'static) -> Self {
         self.directory = Some(Box::new(directory));
+        self
+    }
+
+    /// Accepts incoming connections only from these nodes (default: from anyone). The
+    /// signIds are converted to box keys once, at build; the listeners' CurveCP server then
+    /// refuses any other client's Initiate (no connection is created, nothing is delivered).
+    /// Outgoing connections are not restricted.
+    pub fn accept_peers(mut self, ids: impl IntoIterator<Item = SignId>) -> Self {
+        self.accept = Some(ids.into_iter().collect());
         self
     }
 
@@ -366,6 +376,12 @@ impl PlatformBuilder {
                 ];
             }
             let registry = poll.registry().try_clone().map_err(BuildError::Io)?;
+            let accept = self.accept.map(|ids| {
+                let allowed: HashSet<BoxId> = ids.iter().filter_map(|s| keys.box_id(s)).collect();
+                let policy: crate::curvecp::server::ClientPolicy =
+                    Arc::new(move |k| allowed.contains(&BoxId(*k)));
+                policy
+            });
             let net = connections::Net::bind(
                 self.net,
                 registry,
@@ -375,6 +391,7 @@ impl PlatformBuilder {
                 &listen,
                 &mut *storage,
                 self.directory,
+                accept,
                 now,
             )
             .map_err(BuildError::Io)?;
@@ -976,6 +993,7 @@ impl Platform {
             limits: Limits::default(),
             net: NetConfig::default(),
             directory: None,
+            accept: None,
         }
     }
 
