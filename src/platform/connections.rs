@@ -40,6 +40,48 @@
 //! frame; a peer that acknowledges nothing for [`NetConfig::dead_after`] fails the CurveCP
 //! stream, which ends the connection (`Disconnected`, `transports.offline`).
 //!
+//! # Which peers may connect
+//!
+//! [`super::PlatformBuilder::accept_peers`] restricts incoming connections to listed nodes:
+//! their signIds are converted to box keys once and the listeners' CurveCP server refuses any
+//! other client's Initiate (`ServerConfig::accept_client`).
+//!
+//! Known peers are forgotten as they become idle (no connection, nothing queued, no lookup,
+//! no offline record) once more than 64 are known.
+//!
+//! # The event-driven turn
+//!
+//! A turn does work in proportion to what happened, never a scan of every connection or peer
+//! (DESIGN §9); idle connections and peers cost nothing, and an idle node sleeps until its
+//! nearest real deadline.
+//!
+//! - *Dirty connections.* A connection is queued (once: a flag dedups it) for this turn's
+//!   visit when its socket had a readiness event (outgoing connections: their token), when
+//!   the listeners' server names it (`ServerEvent::Accepted`, `Readable`, `Writable`), when
+//!   the application queued frames for its peer, when it was demoted or closed by the
+//!   simultaneous-connect rule, or when its timer fired. A visit reads frames, writes the
+//!   partial frame and the peer's queue, settles acknowledged messages, flushes the driver,
+//!   ends it if its handshake or transport failed, and moves its timer to its next deadline.
+//!   `net_receive` reads the dirty connections before the turn's deliveries; `net_pump`
+//!   visits them after. A connection that stopped reading because the local delivery queue
+//!   is full waits in a list until the queue has room; one whose read budget ran out stays
+//!   dirty for the next turn. Server-side connections with unacknowledged tracked messages
+//!   are also checked when the listeners had input, because the server reports no event for
+//!   a bare acknowledgement.
+//! - *Deadlines* sit in one timer heap (`timers::Timers`; cancelled entries are invalidated
+//!   lazily): per connection the earliest of its client driver's deadline, the connect
+//!   timeout (until identified), the closing linger and the keepalive; per peer the retry
+//!   time after a failure and the earliest expiry of its queued real-time messages; each
+//!   directory lookup's timeout; the offline buffer's retry (only while it holds records);
+//!   the de-duplication memory's flush. Server-side stream timers are the listeners' own
+//!   (`ServerDriver::next_deadline`). The manager's next deadline is the earliest of both, exact
+//!   ([`super::Platform::next_deadline`]); there is no periodic tick.
+//! - *Wanted peers.* `ensure_connections` looks only at peers flagged (once) as wanting
+//!   attention: a message queued for a peer without a connection, a retry time reached,
+//!   offline records that became idle again or are due for their periodic retry, a nodeInfo
+//!   that answered a lookup, a connection that ended, a connection slot that freed up.
+//! - [`super::Stats::conn_visits`] and [`super::Stats::peer_visits`] count this work.
+//!
 //! # Delivery accounting
 //!
 //! Each connection counts the bytes written to its stream; a message that needs a report (a
