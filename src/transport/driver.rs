@@ -217,11 +217,13 @@ impl ClientDriver {
             match &mut self.link {
                 ClientLink::Udp(u) => u.send_to(pkt, self.peer)?,
                 ClientLink::Tcp(s) => {
-                    if let Err(e) = s.send_frame(registry, self.token, pkt) {
-                        self.closed = Some(format!("tcp write failed: {e}"));
-                        return Ok(());
-                    }
+                    s.queue_frame(pkt);
                 }
+            }
+        }
+        if let ClientLink::Tcp(s) = &mut self.link {
+            if let Err(e) = s.flush(registry, self.token) {
+                self.closed = Some(format!("tcp write failed: {e}"));
             }
         }
         Ok(())
@@ -278,6 +280,8 @@ pub struct ServerDriver {
     buf: Box<[u8; MAX_PACKET]>,
     reply: Box<[u8; MAX_PACKET]>,
     udp_more: bool,
+    /// TCP slots with frames queued in this `flush`.
+    dirty: Vec<usize>,
 }
 
 impl ServerDriver {
@@ -343,6 +347,7 @@ impl ServerDriver {
             buf: Box::new([0; MAX_PACKET]),
             reply: Box::new([0; MAX_PACKET]),
             udp_more: false,
+            dirty: Vec::new(),
         })
     }
 
@@ -553,19 +558,27 @@ impl ServerDriver {
                         u.send_to(pkt, to)?;
                     }
                 }
-                Path::Tcp { slot, generation } => {
-                    let token = Token(self.base + 2 + slot);
-                    let failed = match self.tcp.get_mut(slot) {
-                        Some(s) if s.generation == generation => {
-                            s.stream.send_frame(registry, token, pkt).is_err()
+                Path::Tcp { slot, generation } => match self.tcp.get_mut(slot) {
+                    Some(s) if s.generation == generation => {
+                        if s.stream.pending_write() == 0 {
+                            self.dirty.push(slot);
                         }
-                        _ => false,
-                    };
-                    if failed {
-                        let mut s = self.tcp.remove(slot);
-                        let _ = s.stream.deregister(registry);
+                        s.stream.queue_frame(pkt);
                     }
-                }
+                    _ => {}
+                },
+            }
+        }
+        // One write per TCP stream for everything queued above.
+        for slot in std::mem::take(&mut self.dirty) {
+            let token = Token(self.base + 2 + slot);
+            let failed = match self.tcp.get_mut(slot) {
+                Some(s) => s.stream.flush(registry, token).is_err(),
+                None => false,
+            };
+            if failed {
+                let mut s = self.tcp.remove(slot);
+                let _ = s.stream.deregister(registry);
             }
         }
         self.pump_events();
