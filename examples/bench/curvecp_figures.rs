@@ -309,6 +309,14 @@ fn bulk_once(kind: TransportKind, total: u64) -> f64 {
         });
     }
     let report = server.finish();
+    let st = client.driver.client().stream().stats();
+    eprintln!(
+        "bulk {}: {} messages sent, {} retransmissions, srtt {:?}",
+        kind_name(kind),
+        st.messages_sent,
+        st.retransmissions,
+        st.srtt.unwrap_or_default()
+    );
     assert_eq!(report.received, total, "every byte delivered");
     let end = report.eof_at.expect("EOF arrived");
     total as f64 / (end - start).as_secs_f64() / MB
@@ -623,13 +631,13 @@ pub fn curvecp_handshake(bench: &Bench) {
         let t = delivered.expect("first message delivered");
         if i >= 20 {
             // The first few warm caches up.
-            samples.push((t - start).as_secs_f64() * 1e3);
+            samples.push((t - start).as_secs_f64() * 1e6);
         }
         drop(client);
     }
     samples.sort_by(f64::total_cmp);
-    bench.emit(names[0], percentile(&samples, 0.5), "ms");
-    bench.emit(names[1], percentile(&samples, 0.99), "ms");
+    bench.emit(names[0], percentile(&samples, 0.5), "us");
+    bench.emit(names[1], percentile(&samples, 0.99), "us");
 }
 
 /// New connections per second against one server thread: a client thread keeps 64 handshakes
