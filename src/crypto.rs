@@ -200,6 +200,16 @@ impl SharedKey {
         SharedKey(nacl_box::precompute(&pk, &sk))
     }
 
+    /// Precomputes the key between `their_public` and a raw secret key `my_secret`, without
+    /// deriving the public half (a server restoring its short-term secret from a cookie saves a
+    /// scalar multiplication this way).
+    pub fn from_secret(their_public: &BoxPublicKey, my_secret: &[u8; KEY_LEN]) -> SharedKey {
+        init();
+        let pk = nacl_box::PublicKey(their_public.0);
+        let sk = nacl_box::SecretKey(*my_secret);
+        SharedKey(nacl_box::precompute(&pk, &sk))
+    }
+
     /// Seals `buf[TAG_LEN..]` in place: on return `buf` holds the tag then the ciphertext, the
     /// compact wire form. `buf` must be at least `TAG_LEN` long.
     pub fn seal_in_place(&self, nonce: &Nonce, buf: &mut [u8]) {
