@@ -311,9 +311,10 @@ fn bulk_once(kind: TransportKind, total: u64) -> f64 {
     let report = server.finish();
     let st = client.driver.client().stream().stats();
     eprintln!(
-        "bulk {}: {} messages sent, {} retransmissions, srtt {:?}",
+        "bulk {}: {} messages sent, {} received, {} retransmissions, srtt {:?}",
         kind_name(kind),
         st.messages_sent,
+        client.driver.client().stats().messages_received,
         st.retransmissions,
         st.srtt.unwrap_or_default()
     );

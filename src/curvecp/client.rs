@@ -39,8 +39,9 @@ use crate::crypto::{
 /// beforenm(S, c) for recent (client long-term key, server key) pairs, shared by all clients
 /// of the process: a node connecting again to the same server saves a scalar multiplication
 /// (tens of microseconds) on its handshake. Bounded; emptied when full.
-static VOUCH_KEYS: Mutex<Option<HashMap<([u8; KEY_LEN], [u8; KEY_LEN]), SharedKey>>> =
-    Mutex::new(None);
+static VOUCH_KEYS: Mutex<Option<VouchKeys>> = Mutex::new(None);
+/// (client long-term public key, server public key) → beforenm(S, c).
+type VouchKeys = HashMap<([u8; KEY_LEN], [u8; KEY_LEN]), SharedKey>;
 /// Entries of [`VOUCH_KEYS`].
 const VOUCH_KEY_CACHE: usize = 64;
 

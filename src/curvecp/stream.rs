@@ -179,6 +179,10 @@ pub struct StreamStats {
     pub messages_received: u64,
     /// Blocks sent again.
     pub retransmissions: u64,
+    /// The congestion controller's window now, in blocks.
+    pub window: usize,
+    /// The controller's pacing interval now (zero: no pacing).
+    pub pacing: Duration,
 }
 
 /// One block of our stream that has been sent and not yet removed from the queue.
@@ -239,6 +243,8 @@ pub struct Stream {
     next_seq: u64,
     /// Highest transmission sequence number known to have arrived.
     delivered_seq: u64,
+    /// Latest send time of any block known to have arrived (for the reordering window).
+    delivered_sent: Option<Instant>,
     /// Highest range-1 end the peer reported (excluding the EOF's +1).
     peer_ack: u64,
     /// Virtual time of the latest block on the pacing schedule: the next block may go at
@@ -301,6 +307,7 @@ impl Stream {
             next_id: 1,
             next_seq: 1,
             delivered_seq: 0,
+            delivered_sent: None,
             peer_ack: 0,
             pace_v: None,
             backoff: 0,
@@ -481,6 +488,7 @@ impl Stream {
                     self.last_progress = now;
                 }
                 self.delivered_seq = self.delivered_seq.max(b.seq);
+                self.delivered_sent = self.delivered_sent.max(Some(b.sent_at));
             }
         }
         let ranges = h.ranges();
@@ -488,6 +496,7 @@ impl Stream {
         self.peer_ack = self.peer_ack.max(range1.min(self.next_pos));
         let mut blocks = 0;
         let mut bytes = 0;
+        let mut latest: Option<Instant> = None;
         for b in self.blocks.iter_mut().filter(|b| !b.acked) {
             let hit = if b.eof {
                 range1 > b.end()
@@ -502,8 +511,10 @@ impl Stream {
                 blocks += 1;
                 bytes += usize::from(b.len);
                 self.delivered_seq = self.delivered_seq.max(b.seq);
+                latest = latest.max(Some(b.sent_at));
             }
         }
+        self.delivered_sent = self.delivered_sent.max(latest);
         if blocks > 0 {
             self.in_flight -= blocks;
             if self.in_flight == 0 {
@@ -673,11 +684,38 @@ impl Stream {
         self.oldest_lb.is_some_and(|(t, _)| now >= t + self.rto())
     }
 
-    /// A block found lost from later deliveries.
-    fn lost_block(&self, max_len: usize) -> Option<usize> {
-        self.blocks.iter().position(|b| {
-            !b.acked && b.seq + DUP_THRESHOLD <= self.delivered_seq && Self::fits(max_len, b)
-        })
+    /// When block `b` counts as lost, if a block sent at least [`DUP_THRESHOLD`] transmissions
+    /// after it has arrived: at once when a block sent more than a reordering window (a quarter
+    /// of the smoothed RTT) after it has arrived, otherwise once it has been out for a smoothed
+    /// RTT plus that window (so blocks merely reordered, such as blocks of one burst, are not
+    /// resent, yet a loss inside a burst is found well before the retransmission timeout).
+    fn loss_time(&self, b: &Block) -> Option<Instant> {
+        if b.acked || b.seq + DUP_THRESHOLD > self.delivered_seq {
+            return None;
+        }
+        let srtt = self.cc.srtt().unwrap_or(Duration::ZERO);
+        let reorder = srtt / 4;
+        if self.delivered_sent.is_some_and(|d| b.sent_at + reorder < d) {
+            Some(b.sent_at)
+        } else {
+            Some(b.sent_at + srtt + reorder)
+        }
+    }
+
+    /// A block found lost from later deliveries by `now` ([`Stream::loss_time`]).
+    fn lost_block(&self, max_len: usize, now: Instant) -> Option<usize> {
+        self.blocks
+            .iter()
+            .position(|b| Self::fits(max_len, b) && self.loss_time(b).is_some_and(|t| t <= now))
+    }
+
+    /// The earliest time a block counts as lost.
+    fn next_loss_time(&self, max_len: usize) -> Option<Instant> {
+        self.blocks
+            .iter()
+            .filter(|b| Self::fits(max_len, b))
+            .filter_map(|b| self.loss_time(b))
+            .min()
     }
 
     /// The unacknowledged block sent longest ago.
@@ -804,7 +842,7 @@ impl Stream {
             }
             let resend = if let Some(i) = self
                 .maybe_lost()
-                .then(|| self.lost_block(max_len))
+                .then(|| self.lost_block(max_len, now))
                 .flatten()
             {
                 self.cc.on_loss(now);
@@ -894,9 +932,13 @@ impl Stream {
             .pace_v
             .map_or(self.last_now, |v| v + self.cc.pacing_interval());
         let max_len = self.last_max_len;
-        let lost = self.maybe_lost() && self.lost_block(max_len).is_some();
-        if lost || self.new_block(max_len).is_some() {
+        if self.new_block(max_len).is_some() {
             at(pace_at);
+        }
+        if self.maybe_lost() {
+            if let Some(l) = self.next_loss_time(max_len) {
+                at(pace_at.max(l));
+            }
         }
         if let Some((t, _)) = self.oldest_lb {
             let due = t + self.rto();
@@ -975,6 +1017,8 @@ impl Stream {
     pub fn stats(&self) -> StreamStats {
         StreamStats {
             srtt: self.cc.srtt(),
+            window: self.cc.window(),
+            pacing: self.cc.pacing_interval(),
             ..self.stats.clone()
         }
     }
@@ -1181,11 +1225,17 @@ mod tests {
         }
         .encode(&[], 64, &mut ack)
         .unwrap();
-        let t1 = t + Duration::from_millis(10);
-        assert!(s.handle_message(&ack, t1));
+        let t0 = t + Duration::from_millis(10);
+        assert!(s.handle_message(&ack, t0));
         assert_eq!(s.stats().srtt, Some(Duration::from_millis(10)));
-        // Due at once (the pacing interval since the last block has passed).
-        assert!(s.poll_timeout().unwrap() <= t1);
+        // Block 1 went in the same burst as the others, so it may merely be late: it counts as
+        // lost once out for an RTT plus a quarter (long before the retransmission timeout).
+        // (First the acknowledgement every first message from a peer gets.)
+        let first = Message::parse(&poll(&mut s, t0).unwrap()).unwrap().header;
+        assert_eq!((first.id, first.data_len()), (0, 0));
+        let t1 = s.poll_timeout().unwrap();
+        assert_eq!(t1, t + Duration::from_micros(12_500));
+        assert_eq!(poll(&mut s, t1 - Duration::from_micros(1)), None);
         let h = Message::parse(&poll(&mut s, t1).unwrap()).unwrap().header;
         assert_eq!((h.pos, h.data_len()), (0, 1024));
         assert_eq!(h.id, 6);
