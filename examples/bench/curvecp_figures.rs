@@ -282,7 +282,19 @@ impl BenchClient {
 
 /// Sends `total` bytes then EOF to a sink server; returns MB/s from connect to the server
 /// having read everything and the EOF.
+/// CPU seconds this process has used (user + system), from /proc (0 when unavailable).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which ends with ')'): utime and stime are the 12th and
+    // 13th of them, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
 fn bulk_once(kind: TransportKind, total: u64) -> f64 {
+    let cpu0 = cpu_seconds();
     let server = BenchServer::spawn(kind, Mode::Sink);
     let mut pattern = vec![0u8; 64 * 1024];
     crypto::random_bytes(&mut pattern);
@@ -311,8 +323,9 @@ fn bulk_once(kind: TransportKind, total: u64) -> f64 {
     let report = server.finish();
     let st = client.driver.client().stream().stats();
     eprintln!(
-        "bulk {}: {} messages sent, {} received, {} retransmissions, srtt {:?}",
+        "bulk {}: {:.2} CPU s, {} messages sent, {} received, {} retransmissions, srtt {:?}",
         kind_name(kind),
+        cpu_seconds() - cpu0,
         st.messages_sent,
         client.driver.client().stats().messages_received,
         st.retransmissions,

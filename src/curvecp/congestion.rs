@@ -12,7 +12,9 @@
 //! - [`Chicago`]: the reference `curvecpmessage` controller (curvecp.md §7.6), one block every
 //!   `nsecperblock`, faithful to the reference's integer arithmetic. The comparison baseline.
 //! - [`FastStart`]: a window-based controller with slow start, additive increase,
-//!   multiplicative decrease on loss and pacing at 1.25 × window / smoothed RTT. The default.
+//!   multiplicative decrease on loss, a gentler decrease while the RTT stands well above its
+//!   minimum (a queue is building), and pacing at 1.25 × window / smoothed RTT. The default:
+//!   on loopback it is at full speed within a few round trips.
 //!
 //! Controllers are made per stream by a [`CongestionFactory`]; see [`chicago`], [`fast`] and
 //! [`default_factory`].

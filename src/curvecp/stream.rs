@@ -13,8 +13,10 @@
 //! anything further). Every transmission gets a new message ID. RTT samples come only from an
 //! acknowledgement naming the latest transmission of a still-unacknowledged block (Karn). A
 //! block is retransmitted when a block sent at least [`DUP_THRESHOLD`] transmissions after it
-//! is known to have arrived (from ranges or from the acknowledged ID), or when its
-//! retransmission timeout expires (doubled on each timeout until progress, at most
+//! is known to have arrived (from ranges or from the acknowledged ID) and either a block sent
+//! more than a quarter of the smoothed RTT after it has arrived too or it has been out for
+//! 1.25 smoothed RTTs (a time-based reordering window, so reordered blocks are not resent), or
+//! when its retransmission timeout expires (doubled on each timeout until progress, at most
 //! [`MAX_RTO`] unless the controller asks for more). The congestion controller
 //! ([`super::congestion`]) sets the window and the pacing. EOF rides on the last block or in an
 //! empty STOP block and counts as acknowledged only when range 1 reaches N + 1. If blocks are
