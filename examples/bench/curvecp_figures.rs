@@ -226,6 +226,10 @@ fn serve(
             .flush(poll.registry(), Instant::now())
             .expect("server flush");
     }
+    let st = server.server().stats();
+    if st.dropped > 0 {
+        eprintln!("bench server: {} packets dropped", st.dropped);
+    }
     report
 }
 

@@ -65,8 +65,14 @@ pub enum TransportKind {
 }
 
 /// Datagrams read from one socket per event before the driver yields to the rest of the loop
-/// (edge-triggered readiness is then re-armed by the driver itself on the next `flush`).
-const READ_BATCH: usize = 4096;
+/// (edge-triggered readiness is then re-armed by the driver itself on the next `flush`). A
+/// window's worth (128 blocks): the application then gets to read before more arrives, or a
+/// fast sender (whose blocks are acknowledged during the batch) would overrun the receive
+/// window while the application waits for its turn.
+const READ_BATCH: usize = 128;
+/// While draining a socket, due packets (acknowledgements above all) are sent after every this
+/// many datagrams read, so that a long read batch does not hold the peer's window shut.
+const TRANSMIT_EVERY: usize = 32;
 
 /// Where a server connection's packets go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -183,16 +189,36 @@ impl ClientDriver {
         let client = &mut self.client;
         let peer = self.peer;
         match &mut self.link {
-            ClientLink::Udp(u) => match u.recv_all(READ_BATCH, |pkt, from| {
-                if from == peer {
-                    client.handle_packet(pkt, now);
-                } else {
-                    debug!("client: dropped a datagram from {from}, not the server");
+            ClientLink::Udp(u) => {
+                let mut total = 0;
+                loop {
+                    let read = u.recv_all(TRANSMIT_EVERY, |pkt, from| {
+                        if from == peer {
+                            client.handle_packet(pkt, now);
+                        } else {
+                            debug!("client: dropped a datagram from {from}, not the server");
+                        }
+                    });
+                    let n = match read {
+                        Ok(n) => n,
+                        Err(e) => {
+                            self.closed = Some(format!("udp receive failed: {e}"));
+                            break;
+                        }
+                    };
+                    total += n;
+                    if n < TRANSMIT_EVERY || total >= READ_BATCH {
+                        // Drained (or a batch's worth read: `more_to_read`).
+                        break;
+                    }
+                    // More may be waiting: answer what arrived so far first.
+                    if let Err(e) = Self::transmit_udp(client, u, peer, now) {
+                        self.closed = Some(format!("udp send failed: {e}"));
+                        break;
+                    }
                 }
-            }) {
-                Ok(n) => self.more_to_read = n == READ_BATCH,
-                Err(e) => self.closed = Some(format!("udp receive failed: {e}")),
-            },
+                self.more_to_read = total >= READ_BATCH;
+            }
             ClientLink::Tcp(s) => match s.read_frames(|pkt| client.handle_packet(pkt, now)) {
                 Ok(ReadStatus::Open) => {}
                 Ok(ReadStatus::Closed) => {
@@ -212,21 +238,31 @@ impl ClientDriver {
         if self.closed.is_some() {
             return Ok(());
         }
-        while let Some(n) = self.client.poll_transmit(now, &mut self.buf[..]) {
-            let pkt = &self.buf[..n];
-            match &mut self.link {
-                ClientLink::Udp(u) => u.send_to(pkt, self.peer)?,
-                ClientLink::Tcp(s) => {
-                    s.queue_frame(pkt);
+        match &mut self.link {
+            ClientLink::Udp(u) => Self::transmit_udp(&mut self.client, u, self.peer, now)?,
+            ClientLink::Tcp(s) => {
+                while let Some(n) = self.client.poll_transmit(now, &mut self.buf[..]) {
+                    s.queue_frame(&self.buf[..n]);
+                }
+                if let Err(e) = s.flush(registry, self.token) {
+                    self.closed = Some(format!("tcp write failed: {e}"));
                 }
             }
         }
-        if let ClientLink::Tcp(s) = &mut self.link {
-            if let Err(e) = s.flush(registry, self.token) {
-                self.closed = Some(format!("tcp write failed: {e}"));
-            }
-        }
         Ok(())
+    }
+
+    /// Sends every packet the client has due at `now` over UDP, batched.
+    fn transmit_udp(
+        client: &mut Client,
+        u: &mut UdpEndpoint,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> io::Result<()> {
+        while let Some(n) = client.poll_transmit(now, u.batch_slot()) {
+            u.batch_commit(n, peer)?;
+        }
+        u.batch_flush()
     }
 
     /// When the driver next needs `flush` without any socket event.
@@ -418,7 +454,7 @@ impl ServerDriver {
     ) -> io::Result<()> {
         let t = event.token().0;
         if t == self.base {
-            self.read_udp(now)?;
+            self.read_udp(registry, now)?;
         } else if t == self.base + 1 {
             self.accept(registry, now)?;
         } else if t >= self.base + 2 {
@@ -428,12 +464,12 @@ impl ServerDriver {
         Ok(())
     }
 
-    fn read_udp(&mut self, now: Instant) -> io::Result<()> {
-        let Some(udp) = self.udp.as_mut() else {
-            return Ok(());
-        };
+    fn read_udp(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
         let mut read = 0;
         while read < READ_BATCH {
+            let Some(udp) = self.udp.as_mut() else {
+                return Ok(());
+            };
             let Some((pkt, from)) = udp.recv_one()? else {
                 break;
             };
@@ -443,6 +479,10 @@ impl ServerDriver {
                 .handle_packet(pkt, Path::Udp(from), now, &mut self.reply[..]);
             if let Some(len) = reply {
                 udp.send_to(&self.reply[..len], from)?;
+            }
+            if read % TRANSMIT_EVERY == 0 {
+                // More may be waiting: answer what arrived so far first.
+                self.transmit(registry, now)?;
             }
         }
         self.udp_more = read >= READ_BATCH;
@@ -548,14 +588,29 @@ impl ServerDriver {
     /// handling a batch of events and whenever `next_deadline` passes.
     pub fn flush(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
         if self.udp_more {
-            self.read_udp(now)?;
+            self.read_udp(registry, now)?;
         }
-        while let Some((path, n)) = self.server.poll_transmit(now, &mut self.buf[..]) {
-            let pkt = &self.buf[..n];
+        self.transmit(registry, now)?;
+        self.pump_events();
+        self.close_idle(registry, now);
+        Ok(())
+    }
+
+    /// Sends every packet the server has due at `now`: UDP ones batched, TCP ones queued per
+    /// stream and written once per stream.
+    fn transmit(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
+        loop {
+            let buf = match self.udp.as_mut().map(|u| u.batch_slot()) {
+                Some(slot) => slot,
+                None => &mut self.buf[..],
+            };
+            let Some((path, n)) = self.server.poll_transmit(now, buf) else {
+                break;
+            };
             match path {
                 Path::Udp(to) => {
                     if let Some(u) = self.udp.as_mut() {
-                        u.send_to(pkt, to)?;
+                        u.batch_commit(n, to)?;
                     }
                 }
                 Path::Tcp { slot, generation } => match self.tcp.get_mut(slot) {
@@ -563,11 +618,18 @@ impl ServerDriver {
                         if s.stream.pending_write() == 0 {
                             self.dirty.push(slot);
                         }
+                        let pkt = match self.udp.as_mut().map(|u| u.batch_slot()) {
+                            Some(slot) => &slot[..n],
+                            None => &self.buf[..n],
+                        };
                         s.stream.queue_frame(pkt);
                     }
                     _ => {}
                 },
             }
+        }
+        if let Some(u) = self.udp.as_mut() {
+            u.batch_flush()?;
         }
         // One write per TCP stream for everything queued above.
         for slot in std::mem::take(&mut self.dirty) {
@@ -581,7 +643,11 @@ impl ServerDriver {
                 let _ = s.stream.deregister(registry);
             }
         }
-        self.pump_events();
+        Ok(())
+    }
+
+    /// Closes TCP streams idle for too long.
+    fn close_idle(&mut self, registry: &Registry, now: Instant) {
         while let Some(&(when, slot, generation)) = self.idle_checks.front() {
             if when > now {
                 break;
@@ -602,7 +668,6 @@ impl ServerDriver {
                 self.idle_checks.push_back((due, slot, generation));
             }
         }
-        Ok(())
     }
 
     /// When the driver next needs `flush` without any socket event.
