@@ -10,8 +10,8 @@
 //! one `sendmsg` with UDP generic segmentation offload (`UDP_SEGMENT`), and the rest in one
 //! `sendmmsg`; if the kernel refuses GSO the endpoint falls back to `sendmmsg` for good, and
 //! elsewhere to one `send_to` per datagram. The batch buffer (at most [`SEND_BATCH`] packets) is
-//! allocated once a turn has two packets and released after a batch of one, so an idle
-//! endpoint stays small. On Linux the receive buffer limit is raised to 1 MiB (capped by
+//! allocated once a turn has two packets and released after a batch of fewer than eight, so
+//! an idle endpoint stays small. On Linux the receive buffer limit is raised to 1 MiB (capped by
 //! `net.core.rmem_max`), since the kernel charges a whole GSO burst against it.
 
 use std::io;
@@ -24,6 +24,8 @@ use crate::curvecp::MAX_PACKET;
 
 /// Datagrams queued for one batched send at most.
 pub const SEND_BATCH: usize = 32;
+/// A batch of fewer packets releases the batch buffer once sent (only bulk traffic keeps it).
+const KEEP_BATCH: usize = 8;
 /// Bytes of the batch buffer.
 const BATCH_BYTES: usize = SEND_BATCH * MAX_PACKET;
 
@@ -54,7 +56,7 @@ pub struct UdpEndpoint {
     /// nothing more).
     first: Box<[u8; MAX_PACKET]>,
     /// Packets of the current batch, back to back, once it holds two or more (released after a
-    /// batch of one, so an idle endpoint stays small).
+    /// small batch, so an idle endpoint stays small).
     batch: Vec<u8>,
     /// Bytes of `batch` in use.
     batch_used: usize,
@@ -208,9 +210,15 @@ impl UdpEndpoint {
                 None => Ok(()),
             }
         } else {
+            let small = self.batch_entries.len() < KEEP_BATCH;
             let r = self.send_batch();
             self.batch_entries.clear();
             self.batch_used = 0;
+            if small {
+                // Not bulk traffic: do not hold the buffer.
+                self.batch = Vec::new();
+                self.batch_entries = Vec::new();
+            }
             r
         };
         result
