@@ -55,6 +55,9 @@ pub struct UdpEndpoint {
     /// The first packet of a batch (a batch of one, the common case off the bulk path, needs
     /// nothing more).
     first: Box<[u8; MAX_PACKET]>,
+    /// The slot offered for a second packet (a turn often asks for one more slot and then has
+    /// nothing to put in it: that must not allocate the batch buffer).
+    second: Box<[u8; MAX_PACKET]>,
     /// Packets of the current batch, back to back, once it holds two or more (released after a
     /// small batch, so an idle endpoint stays small).
     batch: Vec<u8>,
@@ -78,6 +81,7 @@ impl UdpEndpoint {
             buf: Box::new([0; RECV_BUFFER]),
             stats: UdpStats::default(),
             first: Box::new([0; MAX_PACKET]),
+            second: Box::new([0; MAX_PACKET]),
             batch: Vec::new(),
             batch_used: 0,
             batch_entries: Vec::new(),
@@ -151,23 +155,13 @@ impl UdpEndpoint {
 
     /// The buffer for the next packet of the batch ([`MAX_PACKET`] bytes): write a packet at its
     /// start, then [`UdpEndpoint::batch_commit`] it (or leave it: an uncommitted slot is
-    /// reused).
+    /// reused). Call it before every commit: a commit sends what the latest slot holds.
     pub fn batch_slot(&mut self) -> &mut [u8] {
         match self.batch_entries.len() {
-            0 => return &mut self.first[..],
-            1 if self.batch_used == 0 => {
-                // A second packet: move the first into the batch buffer.
-                if self.batch.is_empty() {
-                    self.batch = vec![0u8; BATCH_BYTES];
-                    self.batch_entries.reserve_exact(SEND_BATCH);
-                }
-                let len = self.batch_entries[0].1;
-                self.batch[..len].copy_from_slice(&self.first[..len]);
-                self.batch_used = len;
-            }
-            _ => {}
+            0 => &mut self.first[..],
+            1 if self.batch_used == 0 => &mut self.second[..],
+            _ => &mut self.batch[self.batch_used..self.batch_used + MAX_PACKET],
         }
-        &mut self.batch[self.batch_used..self.batch_used + MAX_PACKET]
     }
 
     /// Queues the `len` bytes written at the start of the current slot for `to`; a full batch
@@ -177,12 +171,21 @@ impl UdpEndpoint {
             return Ok(());
         }
         if self.batch_entries.is_empty() {
-            // In `first`; moved to the batch buffer if a second packet follows.
+            // In `first`; moved to the batch buffer if two more packets follow.
             self.batch_entries.push((0, len, to));
             return Ok(());
         }
         if self.batch_used == 0 {
-            // The caller skipped `batch_slot` for this packet: nothing valid to send.
+            // In `second`: a batch of two or more, so both move to the batch buffer.
+            if self.batch.is_empty() {
+                self.batch = vec![0u8; BATCH_BYTES];
+                self.batch_entries.reserve_exact(SEND_BATCH);
+            }
+            let first = self.batch_entries[0].1;
+            self.batch[..first].copy_from_slice(&self.first[..first]);
+            self.batch[first..first + len].copy_from_slice(&self.second[..len]);
+            self.batch_entries.push((first, len, to));
+            self.batch_used = first + len;
             return Ok(());
         }
         self.batch_entries.push((self.batch_used, len, to));
@@ -592,6 +595,38 @@ mod tests {
     #[test]
     fn batched_sends_with_sendmmsg_arrive_intact() {
         batch_round_trip(false);
+    }
+
+    #[test]
+    fn a_batch_of_one_or_two_needs_no_batch_buffer_and_keeps_order() {
+        let mut poll = Poll::new().unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut tx = UdpEndpoint::bind(poll.registry(), Token(0), any).unwrap();
+        let mut rx = UdpEndpoint::bind(poll.registry(), Token(1), any).unwrap();
+        let to = rx.local_addr().unwrap();
+        // One packet, then a slot asked for and left unused (what a driver turn does).
+        tx.batch_slot()[..3].copy_from_slice(b"one");
+        tx.batch_commit(3, to).unwrap();
+        tx.batch_slot();
+        tx.batch_flush().unwrap();
+        assert!(tx.batch.is_empty());
+        // Two packets: they move to the batch buffer, which a small batch then releases.
+        tx.batch_slot()[..3].copy_from_slice(b"two");
+        tx.batch_commit(3, to).unwrap();
+        tx.batch_slot()[..5].copy_from_slice(b"three");
+        tx.batch_commit(5, to).unwrap();
+        assert!(!tx.batch.is_empty());
+        tx.batch_flush().unwrap();
+        assert!(tx.batch.is_empty());
+        let mut got = Vec::new();
+        let mut events = Events::with_capacity(8);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.len() < 3 && Instant::now() < deadline {
+            rx.recv_all(10, |p, _| got.push(p.to_vec())).unwrap();
+            poll.poll(&mut events, Some(Duration::from_millis(10)))
+                .unwrap();
+        }
+        assert_eq!(got, [&b"one"[..], b"two", b"three"]);
     }
 
     #[test]
