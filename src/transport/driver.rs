@@ -101,6 +101,10 @@ pub struct ClientDriver {
     peer: SocketAddr,
     buf: Box<[u8; MAX_PACKET]>,
     more_to_read: bool,
+    /// The latest read delivered at least one packet.
+    read_some: bool,
+    /// `flush` read packets (the application has not had a turn since).
+    read_in_flush: bool,
     closed: Option<String>,
 }
 
@@ -140,6 +144,8 @@ impl ClientDriver {
             peer,
             buf: Box::new([0; MAX_PACKET]),
             more_to_read: false,
+            read_some: false,
+            read_in_flush: false,
             closed: None,
         })
     }
@@ -218,6 +224,7 @@ impl ClientDriver {
                     }
                 }
                 self.more_to_read = total >= READ_BATCH;
+                self.read_some = total > 0;
             }
             ClientLink::Tcp(s) => match s.read_frames(|pkt| client.handle_packet(pkt, now)) {
                 Ok(ReadStatus::Open) => {}
@@ -232,8 +239,12 @@ impl ClientDriver {
 
     /// Sends every packet the client has due at `now`.
     pub fn flush(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
+        // Packets read here may carry data the application has not seen yet: `read_in_flush`
+        // makes `next_deadline` ask for one more turn.
+        self.read_in_flush = false;
         if self.more_to_read {
             self.read(now);
+            self.read_in_flush = self.read_some;
         }
         if self.closed.is_some() {
             return Ok(());
@@ -267,7 +278,7 @@ impl ClientDriver {
 
     /// When the driver next needs `flush` without any socket event.
     pub fn next_deadline(&self) -> Option<Instant> {
-        if self.more_to_read {
+        if self.more_to_read || self.read_in_flush {
             return Some(Instant::now());
         }
         self.client.poll_timeout()
@@ -316,6 +327,8 @@ pub struct ServerDriver {
     buf: Box<[u8; MAX_PACKET]>,
     reply: Box<[u8; MAX_PACKET]>,
     udp_more: bool,
+    /// `flush` read packets (the application has not had a turn since).
+    read_in_flush: bool,
     /// TCP slots with frames queued in this `flush`.
     dirty: Vec<usize>,
 }
@@ -383,6 +396,7 @@ impl ServerDriver {
             buf: Box::new([0; MAX_PACKET]),
             reply: Box::new([0; MAX_PACKET]),
             udp_more: false,
+            read_in_flush: false,
             dirty: Vec::new(),
         })
     }
@@ -455,6 +469,7 @@ impl ServerDriver {
         let t = event.token().0;
         if t == self.base {
             self.read_udp(registry, now)?;
+            self.read_in_flush = false;
         } else if t == self.base + 1 {
             self.accept(registry, now)?;
         } else if t >= self.base + 2 {
@@ -464,11 +479,12 @@ impl ServerDriver {
         Ok(())
     }
 
-    fn read_udp(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
+    /// Reads up to a batch of datagrams; returns how many.
+    fn read_udp(&mut self, registry: &Registry, now: Instant) -> io::Result<usize> {
         let mut read = 0;
         while read < READ_BATCH {
             let Some(udp) = self.udp.as_mut() else {
-                return Ok(());
+                return Ok(0);
             };
             let Some((pkt, from)) = udp.recv_one()? else {
                 break;
@@ -486,7 +502,7 @@ impl ServerDriver {
             }
         }
         self.udp_more = read >= READ_BATCH;
-        Ok(())
+        Ok(read)
     }
 
     fn accept(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
@@ -587,8 +603,9 @@ impl ServerDriver {
     /// Sends every packet due at `now`, closes idle TCP streams, and returns; call it after
     /// handling a batch of events and whenever `next_deadline` passes.
     pub fn flush(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
+        self.read_in_flush = false;
         if self.udp_more {
-            self.read_udp(registry, now)?;
+            self.read_in_flush = self.read_udp(registry, now)? > 0;
         }
         self.transmit(registry, now)?;
         self.pump_events();
@@ -672,7 +689,8 @@ impl ServerDriver {
 
     /// When the driver next needs `flush` without any socket event.
     pub fn next_deadline(&self) -> Option<Instant> {
-        if self.udp_more {
+        // Packets `flush` read may have raised events the application has not had a turn for.
+        if self.udp_more || self.read_in_flush {
             return Some(Instant::now());
         }
         let idle = self.idle_checks.front().map(|c| c.0);
