@@ -33,6 +33,13 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 //!
+//! Batching: a driver turn's packets go out together (UDP through
+//! [`UdpEndpoint::batch_commit`]: GSO or `sendmmsg`; TCP as one write per stream). Reading
+//! stops after 128 datagrams so the application gets its turn (`next_deadline` then asks for
+//! an immediate one), and while a socket is drained the packets due (acknowledgements above
+//! all) go out after every 32 datagrams. After a `flush` that read packets, `next_deadline`
+//! also asks for an immediate turn, so data read there reaches the application at once.
+//!
 //! Paths: a server connection replies on the path its Initiate came on, a UDP address or one
 //! TCP stream ([`Path`]). A TCP stream that closes, or sends bytes that are not netstrings,
 //! is dropped alone; the CurveCP connection it carried then times out in the state machine.
@@ -649,7 +656,8 @@ impl ServerDriver {
             u.batch_flush()?;
         }
         // One write per TCP stream for everything queued above.
-        for slot in std::mem::take(&mut self.dirty) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &slot in &dirty {
             let token = Token(self.base + 2 + slot);
             let failed = match self.tcp.get_mut(slot) {
                 Some(s) => s.stream.flush(registry, token).is_err(),
@@ -660,6 +668,8 @@ impl ServerDriver {
                 let _ = s.stream.deregister(registry);
             }
         }
+        dirty.clear();
+        self.dirty = dirty;
         Ok(())
     }
 
