@@ -16,11 +16,13 @@ struct CountingAlloc;
 
 static ALLOCATED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static ALLOC_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 // SAFETY: forwards every call to the system allocator unchanged; only counts sizes.
 unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         let p = std::alloc::System.alloc(layout);
+        ALLOC_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if !p.is_null() {
             let now = ALLOCATED.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed)
                 + layout.size();

@@ -39,9 +39,12 @@ fn a_flush_that_reads_asks_for_another_turn() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut handled = false;
     while !handled && Instant::now() < deadline {
-        poll.poll(&mut events, Some(Duration::from_millis(100))).unwrap();
+        poll.poll(&mut events, Some(Duration::from_millis(100)))
+            .unwrap();
         for ev in events.iter() {
-            server.handle_event(poll.registry(), ev, Instant::now()).unwrap();
+            server
+                .handle_event(poll.registry(), ev, Instant::now())
+                .unwrap();
             handled = true;
         }
     }

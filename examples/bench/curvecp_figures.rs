@@ -23,7 +23,7 @@ use mm_platform::curvecp::server::{ConnectionId, ServerConfig, ServerEvent};
 use mm_platform::curvecp::stream::Eof;
 use mm_platform::transport::{ClientDriver, ServerDriver, TransportKind};
 
-use super::{Bench, ALLOCATED, PEAK};
+use super::{Bench, ALLOCATED, ALLOC_CALLS, PEAK};
 
 const MB: f64 = 1e6;
 /// Longest wait of any loop here.
@@ -299,6 +299,7 @@ fn cpu_seconds() -> f64 {
 
 fn bulk_once(kind: TransportKind, total: u64) -> f64 {
     let cpu0 = cpu_seconds();
+    let allocs0 = ALLOC_CALLS.load(Ordering::Relaxed);
     let server = BenchServer::spawn(kind, Mode::Sink);
     let mut pattern = vec![0u8; 64 * 1024];
     crypto::random_bytes(&mut pattern);
@@ -327,9 +328,11 @@ fn bulk_once(kind: TransportKind, total: u64) -> f64 {
     let report = server.finish();
     let st = client.driver.client().stream().stats();
     eprintln!(
-        "bulk {}: {:.2} CPU s, {} messages sent, {} received, {} retransmissions, srtt {:?}",
+        "bulk {}: {:.2} CPU s, {} allocations, {} messages sent, {} received, {} retransmissions, \
+         srtt {:?}",
         kind_name(kind),
         cpu_seconds() - cpu0,
+        ALLOC_CALLS.load(Ordering::Relaxed) - allocs0,
         st.messages_sent,
         client.driver.client().stats().messages_received,
         st.retransmissions,
