@@ -11,6 +11,35 @@ use std::time::{Duration, Instant};
 
 use mm_platform::{Limits, Platform};
 
+/// Counts heap bytes in use and their peak (for the memory figures).
+struct CountingAlloc;
+
+static ALLOCATED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static ALLOC_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts sizes.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = std::alloc::System.alloc(layout);
+        ALLOC_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !p.is_null() {
+            let now = ALLOCATED.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed)
+                + layout.size();
+            PEAK.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        std::alloc::System.dealloc(ptr, layout);
+        ALLOCATED.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
 /// Which figures to run.
 struct Bench {
     filter: Option<String>,
@@ -25,15 +54,60 @@ impl Bench {
     }
 
     fn emit(&self, name: &str, value: f64, unit: &str) {
-        let line =
-            serde_json::json!({"name": name, "value": (value * 10.0).round() / 10.0, "unit": unit});
+        let line = serde_json::json!({
+            "name": name,
+            "value": (value * 10.0).round() / 10.0,
+            "unit": unit,
+            "host": machine().0,
+            "cpu": machine().1,
+            "commit": machine().2,
+        });
         println!("{line}");
     }
 }
 
+/// (hostname, CPU model and count, commit), read once.
+fn machine() -> &'static (String, String, String) {
+    static M: std::sync::OnceLock<(String, String, String)> = std::sync::OnceLock::new();
+    M.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let model = info
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .map_or("unknown", str::trim)
+            .to_string();
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let commit = std::process::Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        (host, format!("{model} x{cores}"), commit)
+    })
+}
+
 /// Figure groups, one function each, run in this order. Each checks `Bench::wants` for its
 /// figures. Others add theirs here (curvecp_*, remote_*).
-const GROUPS: &[fn(&Bench)] = &[local_dispatch, local_dispatch_handle, nodes];
+const GROUPS: &[fn(&Bench)] = &[
+    local_dispatch,
+    local_dispatch_handle,
+    nodes,
+    cc::curvecp_bulk,
+    cc::curvecp_reference,
+    cc::curvecp_handshake,
+    cc::curvecp_connections,
+    cc::curvecp_round_trip,
+    cc::curvecp_idle_memory,
+];
+
+#[path = "bench/curvecp_figures.rs"]
+mod cc;
 
 fn main() {
     let bench = Bench {

@@ -1032,3 +1032,147 @@ fn harsh_networks_and_tiny_buffers() {
         }
     }
 }
+
+#[test]
+fn default_controller_backs_off_when_the_rtt_rises_and_recovers() {
+    // One endless bulk stream from 0 to 1: a 10 ms RTT path, then the same path with up to
+    // 40 ms more delay each way (a queue elsewhere: rising RTT, no loss), then 10 ms again. The
+    // controller's window (simulated time only) must shrink while the RTT stands high and grow
+    // back afterwards; every byte still arrives in order.
+    let base = Net {
+        loss: 0,
+        dup: 0,
+        delay: Duration::from_millis(5),
+        jitter: Duration::from_micros(200),
+    };
+    let cfgs = configs(congestion::default_factory());
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut streams = [Stream::new(&cfgs[0], t0), Stream::new(&cfgs[1], t0)];
+    let mut wire = Wire::new(23, base);
+    let chunk = [0x33u8; 65536];
+    let mut sink = [0u8; 65536];
+    let mut windows = Vec::new();
+    let mut lowest = Vec::new();
+    let mut steps = 0u64;
+    for (phase, delay_ms, secs) in [(0, 5u64, 2u64), (1, 45, 3), (2, 5, 3)] {
+        let from = wire.net.delay;
+        let to = Duration::from_millis(delay_ms);
+        let start = now;
+        let end = now + Duration::from_secs(secs);
+        let mut low = usize::MAX;
+        while now < end {
+            // The delay moves to its new value over the first second of the phase.
+            let f = (now - start).as_secs_f64().min(1.0);
+            wire.net.delay = from.mul_f64(1.0 - f) + to.mul_f64(f);
+            steps += 1;
+            assert!(steps < 3_000_000, "too many steps in phase {phase}");
+            streams[0].write(&chunk);
+            while streams[1].read(&mut sink) > 0 {}
+            for (i, s) in streams.iter_mut().enumerate() {
+                let mut out = [0u8; 1088];
+                while let Some(n) = s.poll_message(now, 1088, &mut out) {
+                    wire.send(i, out[..n].to_vec(), now);
+                }
+            }
+            let next = [
+                wire.next_time(),
+                streams[0].poll_timeout(),
+                streams[1].poll_timeout(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("something scheduled");
+            now = now.max(next);
+            while let Some((to, b)) = wire.pop_due(now) {
+                streams[to].handle_message(&b, now);
+            }
+            assert_eq!(streams[0].error(), None);
+            low = low.min(streams[0].stats().window);
+        }
+        windows.push(streams[0].stats().window);
+        lowest.push(low);
+    }
+    let st = streams[0].stats();
+    assert!(
+        st.retransmissions * 100 < st.messages_sent,
+        "few retransmissions on a path without loss: {st:?}"
+    );
+    assert!(
+        lowest[1] * 4 < windows[0],
+        "no back-off when the RTT rose: end of phases {windows:?}, lowest {lowest:?}"
+    );
+    assert!(
+        windows[2] > lowest[1] * 4,
+        "no recovery once the RTT fell: end of phases {windows:?}, lowest {lowest:?}"
+    );
+    // In order and complete: everything acknowledged was read as the same bytes.
+    assert!(streams[1].stats().bytes_received >= streams[0].bytes_acked());
+}
+
+#[test]
+fn default_controller_reaches_full_speed_within_tens_of_milliseconds() {
+    // A clean LAN-like path (2 ms RTT): bytes acknowledged per 10 ms of simulated time. From
+    // the third slot on (20 ms) the rate must be within 80% of the best slot, that is full
+    // speed (128 KiB per RTT, the window the reference's receiver allows) after a few round
+    // trips of slow start.
+    let lan = Net {
+        loss: 0,
+        dup: 0,
+        delay: Duration::from_millis(1),
+        jitter: Duration::from_micros(20),
+    };
+    let cfgs = configs(congestion::default_factory());
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut streams = [Stream::new(&cfgs[0], t0), Stream::new(&cfgs[1], t0)];
+    let mut wire = Wire::new(5, lan);
+    let chunk = [0x77u8; 65536];
+    let mut sink = [0u8; 65536];
+    let slot = Duration::from_millis(10);
+    let mut per_slot = Vec::new();
+    let mut steps = 0u64;
+    for _ in 0..20 {
+        let start_acked = streams[0].bytes_acked();
+        let end = now + slot;
+        while now < end {
+            steps += 1;
+            assert!(steps < 2_000_000, "too many steps");
+            streams[0].write(&chunk);
+            while streams[1].read(&mut sink) > 0 {}
+            for (i, s) in streams.iter_mut().enumerate() {
+                let mut out = [0u8; 1088];
+                while let Some(n) = s.poll_message(now, 1088, &mut out) {
+                    wire.send(i, out[..n].to_vec(), now);
+                }
+            }
+            let next = [
+                wire.next_time(),
+                streams[0].poll_timeout(),
+                streams[1].poll_timeout(),
+                Some(end),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("something scheduled");
+            now = now.max(next);
+            while let Some((to, b)) = wire.pop_due(now) {
+                streams[to].handle_message(&b, now);
+            }
+        }
+        per_slot.push(streams[0].bytes_acked() - start_acked);
+    }
+    let best = *per_slot.iter().max().unwrap();
+    // Full speed is the window per RTT: 128 KiB per 2 ms is 640 KiB per slot; allow for the
+    // time acknowledgements take.
+    assert!(best > 400 * 1024, "slow even at best: {per_slot:?}");
+    for (i, &b) in per_slot.iter().enumerate().skip(2) {
+        assert!(
+            b * 10 >= best * 8,
+            "slot {i} below 80% of full speed: {per_slot:?}"
+        );
+    }
+    assert_eq!(streams[0].stats().retransmissions, 0);
+}

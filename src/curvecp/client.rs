@@ -20,6 +20,8 @@
 //! that keeps it a few more seconds re-acknowledges a peer whose copy of that last
 //! acknowledgement was lost (the reference peer then exits cleanly instead of timing out).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::packet::{
@@ -33,6 +35,33 @@ use super::{Extension, MAX_INITIATE_MESSAGE, MAX_MESSAGE};
 use crate::crypto::{
     random_below, random_bytes, wipe, BoxKeyPair, BoxPublicKey, SharedKey, KEY_LEN, TAG_LEN,
 };
+
+/// beforenm(S, c) for recent (client long-term key, server key) pairs, shared by all clients
+/// of the process: a node connecting again to the same server saves a scalar multiplication
+/// (tens of microseconds) on its handshake. Bounded; emptied when full.
+static VOUCH_KEYS: Mutex<Option<VouchKeys>> = Mutex::new(None);
+/// (client long-term public key, server public key) → beforenm(S, c).
+type VouchKeys = HashMap<([u8; KEY_LEN], [u8; KEY_LEN]), SharedKey>;
+/// Entries of [`VOUCH_KEYS`].
+const VOUCH_KEY_CACHE: usize = 64;
+
+/// The vouch key between a configured long-term key `c` and the server key `s`, cached.
+fn vouch_key(c: &BoxKeyPair, s: &BoxPublicKey) -> SharedKey {
+    let id = (c.public.0, s.0);
+    if let Ok(mut guard) = VOUCH_KEYS.lock() {
+        let map = guard.get_or_insert_with(HashMap::new);
+        if let Some(k) = map.get(&id) {
+            return k.clone();
+        }
+        let k = c.shared_key(s);
+        if map.len() >= VOUCH_KEY_CACHE {
+            map.clear();
+        }
+        map.insert(id, k.clone());
+        return k;
+    }
+    c.shared_key(s)
+}
 
 /// How many Hellos are sent before giving up.
 pub const HELLO_ATTEMPTS: u32 = 8;
@@ -148,10 +177,14 @@ pub struct Client {
 impl Client {
     /// A new connection; the first Hello is due at `now`.
     pub fn new(config: ClientConfig, now: Instant) -> Client {
+        let key_vouch = config
+            .long_term
+            .as_ref()
+            .map(|c| vouch_key(c, &config.server_key));
         let long_term = config.long_term.unwrap_or_else(BoxKeyPair::generate);
+        let key_vouch = key_vouch.unwrap_or_else(|| long_term.shared_key(&config.server_key));
         let short_term = BoxKeyPair::generate();
         let key_hello = short_term.shared_key(&config.server_key);
-        let key_vouch = long_term.shared_key(&config.server_key);
         Client {
             server_extension: config.server_extension,
             client_extension: config.client_extension,

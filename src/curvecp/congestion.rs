@@ -12,7 +12,9 @@
 //! - [`Chicago`]: the reference `curvecpmessage` controller (curvecp.md §7.6), one block every
 //!   `nsecperblock`, faithful to the reference's integer arithmetic. The comparison baseline.
 //! - [`FastStart`]: a window-based controller with slow start, additive increase,
-//!   multiplicative decrease on loss and pacing at 1.25 × window / smoothed RTT. The default.
+//!   multiplicative decrease on loss, a gentler decrease while the RTT stands well above its
+//!   minimum (a queue is building), and pacing at 1.25 × window / smoothed RTT. The default:
+//!   on loopback it is at full speed within a few round trips.
 //!
 //! Controllers are made per stream by a [`CongestionFactory`]; see [`chicago`], [`fast`] and
 //! [`default_factory`].
@@ -280,19 +282,34 @@ impl Congestion for Chicago {
 const FAST_INITIAL_WINDOW: f64 = 16.0;
 /// Smallest window of [`FastStart`], in blocks.
 const FAST_MIN_WINDOW: f64 = 2.0;
-/// Largest window of [`FastStart`], in blocks (the stream caps in-flight blocks lower anyway).
-const FAST_MAX_WINDOW: f64 = 4096.0;
+/// Largest window of [`FastStart`], in blocks: twice the stream's cap on blocks in flight
+/// ([`super::stream::MAX_BLOCKS`]), so that a window the stream cannot use does not inflate
+/// without bound (and take many round trips to come down when the path congests).
+const FAST_MAX_WINDOW: f64 = 2.0 * super::stream::MAX_BLOCKS as f64;
 /// Blocks [`FastStart`] lets go back to back (a driver turn sends several blocks at one `now`).
 const FAST_BURST: u32 = 16;
 /// Retransmission timeout before the first RTT sample (the reference's).
 const FAST_INITIAL_RTO: Duration = Duration::from_secs(1);
 /// Lower bound of the retransmission timeout (room for a slow peer's delayed acknowledgements).
 const FAST_MIN_RTO: Duration = Duration::from_millis(25);
+/// Queueing delay (smoothed RTT above the minimum) that counts as congestion is the larger of
+/// the minimum RTT itself and this floor (so scheduler noise on a 50 µs loopback path does not
+/// count).
+const FAST_DELAY_FLOOR: Duration = Duration::from_millis(4);
+/// The minimum RTT is forgotten after this long without a new minimum (the path changed).
+const FAST_MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+/// Smallest window a delay signal alone brings [`FastStart`] to, in blocks.
+const FAST_DELAY_MIN_WINDOW: f64 = 8.0;
+/// Window factor on a delay signal (gentler than the halving on a loss).
+const FAST_DELAY_BACKOFF: f64 = 0.85;
 
 /// A window-based controller: slow start from 16 blocks, then one block more per window per
-/// RTT; on a loss the window halves (at most once per RTT), on a timeout it drops to 2 blocks.
-/// Blocks are paced at 1.25 × window / smoothed RTT, at most 16 back to back, so that a window
-/// is not sent as one burst.
+/// RTT; on a loss the window halves (at most once per RTT), on a timeout it drops to 2 blocks,
+/// and while the smoothed RTT stands above the minimum RTT by more than max(minimum RTT, 4 ms)
+/// (a queue is building: rising RTT) it shrinks by 15% per RTT. Blocks are paced at
+/// 1.25 × window / smoothed RTT, at most 16 back to back, so that a window is not sent as one
+/// burst. On loopback it is at full speed after a few round trips (well under a millisecond);
+/// at 10 ms RTT, slow start reaches the stream's 128-block cap in three round trips.
 #[derive(Debug, Clone)]
 pub struct FastStart {
     cwnd: f64,
@@ -301,6 +318,10 @@ pub struct FastStart {
     rttvar_ns: f64,
     sampled: bool,
     recovery_until: Option<Instant>,
+    min_rtt_ns: f64,
+    min_rtt_at: Option<Instant>,
+    delay_backoffs: u64,
+    loss_backoffs: u64,
 }
 
 impl Default for FastStart {
@@ -319,7 +340,27 @@ impl FastStart {
             rttvar_ns: 0.0,
             sampled: false,
             recovery_until: None,
+            min_rtt_ns: 0.0,
+            min_rtt_at: None,
+            delay_backoffs: 0,
+            loss_backoffs: 0,
         }
+    }
+
+    /// The smallest recent RTT sample, once sampled.
+    pub fn min_rtt(&self) -> Option<Duration> {
+        self.min_rtt_at
+            .map(|_| Duration::from_nanos(self.min_rtt_ns as u64))
+    }
+
+    /// How many times the window shrank because the RTT rose.
+    pub fn delay_backoffs(&self) -> u64 {
+        self.delay_backoffs
+    }
+
+    /// How many times the window shrank on a loss or a timeout.
+    pub fn loss_backoffs(&self) -> u64 {
+        self.loss_backoffs
     }
 
     /// The current window in blocks (fractional).
@@ -332,6 +373,7 @@ impl FastStart {
     }
 
     fn reduce(&mut self, now: Instant, to_min: bool) {
+        self.loss_backoffs += 1;
         self.ssthresh = (self.cwnd / 2.0).max(FAST_MIN_WINDOW);
         self.cwnd = if to_min {
             FAST_MIN_WINDOW
@@ -350,7 +392,7 @@ impl Congestion for FastStart {
 
     fn init(&mut self, _now: Instant) {}
 
-    fn on_rtt_sample(&mut self, rtt: Duration, _now: Instant) {
+    fn on_rtt_sample(&mut self, rtt: Duration, now: Instant) {
         let r = rtt.as_nanos().min(60_000_000_000) as f64;
         if !self.sampled {
             self.sampled = true;
@@ -360,6 +402,25 @@ impl Congestion for FastStart {
             let delta = (r - self.srtt_ns).abs();
             self.rttvar_ns += (delta - self.rttvar_ns) / 4.0;
             self.srtt_ns += (r - self.srtt_ns) / 8.0;
+        }
+        let expired = self.min_rtt_at.map_or(true, |at| {
+            now.saturating_duration_since(at) > FAST_MIN_RTT_WINDOW
+        });
+        if expired || r <= self.min_rtt_ns {
+            self.min_rtt_ns = r;
+            self.min_rtt_at = Some(now);
+        }
+        // Rising RTT: a queue builds up somewhere on the path.
+        let queue = self.srtt_ns - self.min_rtt_ns;
+        let threshold = self.min_rtt_ns.max(FAST_DELAY_FLOOR.as_nanos() as f64);
+        if queue > threshold && !self.in_recovery(now) {
+            self.delay_backoffs += 1;
+            // Never below a few blocks for delay alone: the RTT may have risen for reasons
+            // this flow cannot fix (another flow's queue, a longer route).
+            self.cwnd = (self.cwnd * FAST_DELAY_BACKOFF).max(FAST_DELAY_MIN_WINDOW.min(self.cwnd));
+            self.ssthresh = self.cwnd;
+            let srtt = Duration::from_nanos(self.srtt_ns as u64);
+            self.recovery_until = Some(now + srtt);
         }
     }
 
@@ -495,6 +556,58 @@ mod tests {
         // Pacing spreads the window over the RTT.
         assert!(f.pacing_interval() > Duration::ZERO);
         assert!(f.pacing_interval() < 10 * MS);
+    }
+
+    #[test]
+    fn fast_backs_off_while_the_rtt_stands_high_and_grows_again() {
+        let t0 = Instant::now();
+        let mut f = FastStart::new();
+        f.init(t0);
+        let mut t = t0;
+        // A steady 10 ms path: the window grows.
+        for _ in 0..50 {
+            t += 10 * MS;
+            f.on_rtt_sample(10 * MS, t);
+            f.on_ack(8, 8 * 1024, t);
+        }
+        let before = f.window();
+        assert_eq!(before, 2 * super::super::stream::MAX_BLOCKS);
+        assert_eq!(f.delay_backoffs(), 0);
+        assert_eq!(f.min_rtt(), Some(10 * MS));
+        // The RTT rises to 40 ms (a queue of 30 ms > max(10 ms, 4 ms)): the window shrinks,
+        // once per RTT.
+        for _ in 0..40 {
+            t += 40 * MS;
+            f.on_rtt_sample(40 * MS, t);
+            f.on_ack(4, 4 * 1024, t);
+        }
+        let during = f.window();
+        assert!(during * 4 < before, "{before} -> {during}");
+        assert!(f.delay_backoffs() >= 5);
+        assert!(f.delay_backoffs() <= 40);
+        assert_eq!(f.loss_backoffs(), 0);
+        // Back to 10 ms: no more back-off, the window grows again.
+        let backoffs = f.delay_backoffs();
+        for _ in 0..200 {
+            t += 10 * MS;
+            f.on_rtt_sample(10 * MS, t);
+            f.on_ack(8, 8 * 1024, t);
+        }
+        assert!(f.delay_backoffs() <= backoffs + 2);
+        assert!(f.window() > during * 2, "{during} -> {}", f.window());
+        // Jitter on a fast path (50 us base, spikes to 2 ms) is not a delay signal.
+        let mut g = FastStart::new();
+        for i in 0..1000u32 {
+            t += MS;
+            let r = if i % 10 == 0 {
+                2 * MS
+            } else {
+                Duration::from_micros(50)
+            };
+            g.on_rtt_sample(r, t);
+            g.on_ack(1, 1024, t);
+        }
+        assert_eq!(g.delay_backoffs(), 0);
     }
 
     #[test]

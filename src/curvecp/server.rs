@@ -67,6 +67,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(4);
 /// Default idle timeout.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+/// Clients' long-term vouch keys a server keeps precomputed.
+const VOUCH_KEY_CACHE: usize = 256;
 /// Default capacity of the ended-connection (replay) set.
 pub const DEFAULT_REPLAY_CAPACITY: usize = 65536;
 
@@ -204,6 +206,9 @@ pub struct Server<A> {
     linger: Duration,
     last_now: Instant,
     scratch: Box<[u8]>,
+    /// beforenm(C, s) of recent clients' long-term keys (a reconnecting client's vouch then
+    /// costs no scalar multiplication).
+    vouch_keys: HashMap<[u8; KEY_LEN], SharedKey>,
     stats: ServerStats,
 }
 
@@ -225,6 +230,7 @@ impl<A: Copy + Eq + Hash + Debug> Server<A> {
             linger: DEFAULT_LINGER,
             last_now: now,
             scratch: vec![0u8; MAX_PACKET].into_boxed_slice(),
+            vouch_keys: HashMap::new(),
             stats: ServerStats::default(),
             config,
         }
@@ -407,10 +413,8 @@ impl<A: Copy + Eq + Hash + Debug> Server<A> {
             return;
         }
         let client_short = BoxPublicKey(*v.client_short);
-        let short = BoxKeyPair::from_secret(contents.server_short_secret);
+        let key = SharedKey::from_secret(&client_short, &contents.server_short_secret);
         drop(contents);
-        let key = short.shared_key(&client_short);
-        drop(short);
         let plain_len = v.boxed.len() - TAG_LEN;
         if key
             .open_into(
@@ -430,10 +434,11 @@ impl<A: Copy + Eq + Hash + Debug> Server<A> {
         let client_long = BoxPublicKey(self.scratch[..32].try_into().expect("32 bytes"));
         let vouch_nonce: [u8; 16] = self.scratch[32..48].try_into().expect("16 bytes");
         let mut vouched = [0u8; KEY_LEN];
-        let vouch_ok = self
-            .config
-            .keypair
-            .shared_key(&client_long)
+        let cached = self.vouch_keys.get(&client_long.0).cloned();
+        let vouch_key = cached
+            .clone()
+            .unwrap_or_else(|| self.config.keypair.shared_key(&client_long));
+        let vouch_ok = vouch_key
             .open_into(
                 &long_nonce(VOUCH_NONCE, &vouch_nonce),
                 &self.scratch[48..96],
@@ -443,6 +448,14 @@ impl<A: Copy + Eq + Hash + Debug> Server<A> {
         if !vouch_ok || &vouched != v.client_short {
             self.drop_packet("vouch does not open or names another C'");
             return;
+        }
+        if cached.is_none() {
+            // Only keys that opened a vouch are kept; the table is bounded and simply emptied
+            // when full.
+            if self.vouch_keys.len() >= VOUCH_KEY_CACHE {
+                self.vouch_keys.clear();
+            }
+            self.vouch_keys.insert(client_long.0, vouch_key);
         }
         if let Some(policy) = &self.config.accept_client {
             if !policy(&client_long) {

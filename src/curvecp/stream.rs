@@ -13,8 +13,10 @@
 //! anything further). Every transmission gets a new message ID. RTT samples come only from an
 //! acknowledgement naming the latest transmission of a still-unacknowledged block (Karn). A
 //! block is retransmitted when a block sent at least [`DUP_THRESHOLD`] transmissions after it
-//! is known to have arrived (from ranges or from the acknowledged ID), or when its
-//! retransmission timeout expires (doubled on each timeout until progress, at most
+//! is known to have arrived (from ranges or from the acknowledged ID) and either a block sent
+//! more than a quarter of the smoothed RTT after it has arrived too or it has been out for
+//! 1.25 smoothed RTTs (a time-based reordering window, so reordered blocks are not resent), or
+//! when its retransmission timeout expires (doubled on each timeout until progress, at most
 //! [`MAX_RTO`] unless the controller asks for more). The congestion controller
 //! ([`super::congestion`]) sets the window and the pacing. EOF rides on the last block or in an
 //! empty STOP block and counts as acknowledged only when range 1 reaches N + 1. If blocks are
@@ -179,6 +181,10 @@ pub struct StreamStats {
     pub messages_received: u64,
     /// Blocks sent again.
     pub retransmissions: u64,
+    /// The congestion controller's window now, in blocks.
+    pub window: usize,
+    /// The controller's pacing interval now (zero: no pacing).
+    pub pacing: Duration,
 }
 
 /// One block of our stream that has been sent and not yet removed from the queue.
@@ -239,6 +245,8 @@ pub struct Stream {
     next_seq: u64,
     /// Highest transmission sequence number known to have arrived.
     delivered_seq: u64,
+    /// Latest send time of any block known to have arrived (for the reordering window).
+    delivered_sent: Option<Instant>,
     /// Highest range-1 end the peer reported (excluding the EOF's +1).
     peer_ack: u64,
     /// Virtual time of the latest block on the pacing schedule: the next block may go at
@@ -247,6 +255,10 @@ pub struct Stream {
     pace_v: Option<Instant>,
     backoff: u32,
     last_progress: Instant,
+    /// Lower bounds of the send time and the transmission sequence number of every
+    /// unacknowledged block (exact right after [`Stream::refresh_oldest`]); they let
+    /// `poll_message` skip scanning the queue for losses and timeouts when none can be due.
+    oldest_lb: Option<(Instant, u64)>,
 
     // Receive side.
     /// Ring buffer (length 0 or a power of two) holding stream bytes from `read_pos`.
@@ -297,10 +309,12 @@ impl Stream {
             next_id: 1,
             next_seq: 1,
             delivered_seq: 0,
+            delivered_sent: None,
             peer_ack: 0,
             pace_v: None,
             backoff: 0,
             last_progress: now,
+            oldest_lb: None,
             rbuf: Vec::new(),
             rhead: 0,
             read_pos: 0,
@@ -476,6 +490,7 @@ impl Stream {
                     self.last_progress = now;
                 }
                 self.delivered_seq = self.delivered_seq.max(b.seq);
+                self.delivered_sent = self.delivered_sent.max(Some(b.sent_at));
             }
         }
         let ranges = h.ranges();
@@ -483,6 +498,7 @@ impl Stream {
         self.peer_ack = self.peer_ack.max(range1.min(self.next_pos));
         let mut blocks = 0;
         let mut bytes = 0;
+        let mut latest: Option<Instant> = None;
         for b in self.blocks.iter_mut().filter(|b| !b.acked) {
             let hit = if b.eof {
                 range1 > b.end()
@@ -497,10 +513,15 @@ impl Stream {
                 blocks += 1;
                 bytes += usize::from(b.len);
                 self.delivered_seq = self.delivered_seq.max(b.seq);
+                latest = latest.max(Some(b.sent_at));
             }
         }
+        self.delivered_sent = self.delivered_sent.max(latest);
         if blocks > 0 {
             self.in_flight -= blocks;
+            if self.in_flight == 0 {
+                self.oldest_lb = None;
+            }
             self.cc.on_ack(blocks, bytes, now);
             self.backoff = 0;
             self.last_progress = now;
@@ -634,11 +655,69 @@ impl Stream {
         message::data_message_len(usize::from(b.len)).is_some_and(|l| l <= max_len)
     }
 
-    /// A block found lost from later deliveries.
-    fn lost_block(&self, max_len: usize) -> Option<usize> {
-        self.blocks.iter().position(|b| {
-            !b.acked && b.seq + DUP_THRESHOLD <= self.delivered_seq && Self::fits(max_len, b)
-        })
+    /// Recomputes `oldest_lb` exactly from the queue.
+    fn refresh_oldest(&mut self) {
+        self.oldest_lb =
+            self.blocks
+                .iter()
+                .filter(|b| !b.acked)
+                .fold(None, |acc: Option<(Instant, u64)>, b| match acc {
+                    None => Some((b.sent_at, b.seq)),
+                    Some((t, q)) => Some((t.min(b.sent_at), q.min(b.seq))),
+                });
+    }
+
+    /// Lowers `oldest_lb` for a block sent at `now` as transmission `seq`.
+    fn note_sent(&mut self, now: Instant, seq: u64) {
+        self.oldest_lb = Some(match self.oldest_lb {
+            None => (now, seq),
+            Some((t, q)) => (t.min(now), q.min(seq)),
+        });
+    }
+
+    /// Whether a lost block may exist (from the lower bounds: may say yes wrongly, never no).
+    fn maybe_lost(&self) -> bool {
+        self.oldest_lb
+            .is_some_and(|(_, q)| q + DUP_THRESHOLD <= self.delivered_seq)
+    }
+
+    /// Whether a block may have timed out at `now` (may say yes wrongly, never no).
+    fn maybe_timed_out(&self, now: Instant) -> bool {
+        self.oldest_lb.is_some_and(|(t, _)| now >= t + self.rto())
+    }
+
+    /// When block `b` counts as lost, if a block sent at least [`DUP_THRESHOLD`] transmissions
+    /// after it has arrived: at once when a block sent more than a reordering window (a quarter
+    /// of the smoothed RTT) after it has arrived, otherwise once it has been out for a smoothed
+    /// RTT plus that window (so blocks merely reordered, such as blocks of one burst, are not
+    /// resent, yet a loss inside a burst is found well before the retransmission timeout).
+    fn loss_time(&self, b: &Block) -> Option<Instant> {
+        if b.acked || b.seq + DUP_THRESHOLD > self.delivered_seq {
+            return None;
+        }
+        let srtt = self.cc.srtt().unwrap_or(Duration::ZERO);
+        let reorder = srtt / 4;
+        if self.delivered_sent.is_some_and(|d| b.sent_at + reorder < d) {
+            Some(b.sent_at)
+        } else {
+            Some(b.sent_at + srtt + reorder)
+        }
+    }
+
+    /// A block found lost from later deliveries by `now` ([`Stream::loss_time`]).
+    fn lost_block(&self, max_len: usize, now: Instant) -> Option<usize> {
+        self.blocks
+            .iter()
+            .position(|b| Self::fits(max_len, b) && self.loss_time(b).is_some_and(|t| t <= now))
+    }
+
+    /// The earliest time a block counts as lost.
+    fn next_loss_time(&self, max_len: usize) -> Option<Instant> {
+        self.blocks
+            .iter()
+            .filter(|b| Self::fits(max_len, b))
+            .filter_map(|b| self.loss_time(b))
+            .min()
     }
 
     /// The unacknowledged block sent longest ago.
@@ -760,11 +839,20 @@ impl Stream {
             .pace_v
             .map_or(true, |v| now >= v + self.cc.pacing_interval());
         if pace_ok {
-            let resend = if let Some(i) = self.lost_block(max_len) {
+            if self.maybe_lost() || self.maybe_timed_out(now) {
+                self.refresh_oldest();
+            }
+            let resend = if let Some(i) = self
+                .maybe_lost()
+                .then(|| self.lost_block(max_len, now))
+                .flatten()
+            {
                 self.cc.on_loss(now);
                 Some(i)
             } else if let Some(i) = self
-                .oldest_block(max_len)
+                .maybe_timed_out(now)
+                .then(|| self.oldest_block(max_len))
+                .flatten()
                 .filter(|&i| now >= self.blocks[i].sent_at + self.rto())
             {
                 self.cc.on_timeout(now);
@@ -782,6 +870,8 @@ impl Stream {
                 b.sent_at = now;
                 b.seq = seq;
                 let b = *b;
+                // Retransmissions are rare: keep the bounds exact.
+                self.refresh_oldest();
                 let n = self.encode_block(&b, out)?;
                 self.stats.retransmissions += 1;
                 self.sent_block(now);
@@ -798,6 +888,7 @@ impl Stream {
                     acked: false,
                 };
                 let n = self.encode_block(&b, out)?;
+                self.note_sent(now, b.seq);
                 self.next_seq += 1;
                 if self.in_flight == 0 {
                     self.last_progress = now;
@@ -843,11 +934,22 @@ impl Stream {
             .pace_v
             .map_or(self.last_now, |v| v + self.cc.pacing_interval());
         let max_len = self.last_max_len;
-        if self.lost_block(max_len).is_some() || self.new_block(max_len).is_some() {
+        if self.new_block(max_len).is_some() {
             at(pace_at);
         }
-        if let Some(i) = self.oldest_block(max_len) {
-            at(pace_at.max(self.blocks[i].sent_at + self.rto()));
+        if self.maybe_lost() {
+            if let Some(l) = self.next_loss_time(max_len) {
+                at(pace_at.max(l));
+            }
+        }
+        if let Some((t, _)) = self.oldest_lb {
+            let due = t + self.rto();
+            if due > self.last_now {
+                // A lower bound: at worst one early turn, which makes the bound exact.
+                at(pace_at.max(due));
+            } else if let Some(i) = self.oldest_block(max_len) {
+                at(pace_at.max(self.blocks[i].sent_at + self.rto()));
+            }
         }
         if self.in_flight > 0 {
             at(self.last_progress + self.dead_after);
@@ -917,6 +1019,8 @@ impl Stream {
     pub fn stats(&self) -> StreamStats {
         StreamStats {
             srtt: self.cc.srtt(),
+            window: self.cc.window(),
+            pacing: self.cc.pacing_interval(),
             ..self.stats.clone()
         }
     }
@@ -1123,11 +1227,17 @@ mod tests {
         }
         .encode(&[], 64, &mut ack)
         .unwrap();
-        let t1 = t + Duration::from_millis(10);
-        assert!(s.handle_message(&ack, t1));
+        let t0 = t + Duration::from_millis(10);
+        assert!(s.handle_message(&ack, t0));
         assert_eq!(s.stats().srtt, Some(Duration::from_millis(10)));
-        // Due at once (the pacing interval since the last block has passed).
-        assert!(s.poll_timeout().unwrap() <= t1);
+        // Block 1 went in the same burst as the others, so it may merely be late: it counts as
+        // lost once out for an RTT plus a quarter (long before the retransmission timeout).
+        // (First the acknowledgement every first message from a peer gets.)
+        let first = Message::parse(&poll(&mut s, t0).unwrap()).unwrap().header;
+        assert_eq!((first.id, first.data_len()), (0, 0));
+        let t1 = s.poll_timeout().unwrap();
+        assert_eq!(t1, t + Duration::from_micros(12_500));
+        assert_eq!(poll(&mut s, t1 - Duration::from_micros(1)), None);
         let h = Message::parse(&poll(&mut s, t1).unwrap()).unwrap().header;
         assert_eq!((h.pos, h.data_len()), (0, 1024));
         assert_eq!(h.id, 6);

@@ -33,6 +33,13 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 //!
+//! Batching: a driver turn's packets go out together (UDP through
+//! [`UdpEndpoint::batch_commit`]: GSO or `sendmmsg`; TCP as one write per stream). Reading
+//! stops after 128 datagrams so the application gets its turn (`next_deadline` then asks for
+//! an immediate one), and while a socket is drained the packets due (acknowledgements above
+//! all) go out after every 32 datagrams. After a `flush` that read packets, `next_deadline`
+//! also asks for an immediate turn, so data read there reaches the application at once.
+//!
 //! Paths: a server connection replies on the path its Initiate came on, a UDP address or one
 //! TCP stream ([`Path`]). A TCP stream that closes, or sends bytes that are not netstrings,
 //! is dropped alone; the CurveCP connection it carried then times out in the state machine.
@@ -65,8 +72,14 @@ pub enum TransportKind {
 }
 
 /// Datagrams read from one socket per event before the driver yields to the rest of the loop
-/// (edge-triggered readiness is then re-armed by the driver itself on the next `flush`).
-const READ_BATCH: usize = 4096;
+/// (edge-triggered readiness is then re-armed by the driver itself on the next `flush`). A
+/// window's worth (128 blocks): the application then gets to read before more arrives, or a
+/// fast sender (whose blocks are acknowledged during the batch) would overrun the receive
+/// window while the application waits for its turn.
+const READ_BATCH: usize = 128;
+/// While draining a socket, due packets (acknowledgements above all) are sent after every this
+/// many datagrams read, so that a long read batch does not hold the peer's window shut.
+const TRANSMIT_EVERY: usize = 32;
 
 /// Where a server connection's packets go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -95,6 +108,10 @@ pub struct ClientDriver {
     peer: SocketAddr,
     buf: Box<[u8; MAX_PACKET]>,
     more_to_read: bool,
+    /// The latest read delivered at least one packet.
+    read_some: bool,
+    /// `flush` read packets (the application has not had a turn since).
+    read_in_flush: bool,
     closed: Option<String>,
 }
 
@@ -134,6 +151,8 @@ impl ClientDriver {
             peer,
             buf: Box::new([0; MAX_PACKET]),
             more_to_read: false,
+            read_some: false,
+            read_in_flush: false,
             closed: None,
         })
     }
@@ -183,16 +202,37 @@ impl ClientDriver {
         let client = &mut self.client;
         let peer = self.peer;
         match &mut self.link {
-            ClientLink::Udp(u) => match u.recv_all(READ_BATCH, |pkt, from| {
-                if from == peer {
-                    client.handle_packet(pkt, now);
-                } else {
-                    debug!("client: dropped a datagram from {from}, not the server");
+            ClientLink::Udp(u) => {
+                let mut total = 0;
+                loop {
+                    let read = u.recv_all(TRANSMIT_EVERY, |pkt, from| {
+                        if from == peer {
+                            client.handle_packet(pkt, now);
+                        } else {
+                            debug!("client: dropped a datagram from {from}, not the server");
+                        }
+                    });
+                    let n = match read {
+                        Ok(n) => n,
+                        Err(e) => {
+                            self.closed = Some(format!("udp receive failed: {e}"));
+                            break;
+                        }
+                    };
+                    total += n;
+                    if n < TRANSMIT_EVERY || total >= READ_BATCH {
+                        // Drained (or a batch's worth read: `more_to_read`).
+                        break;
+                    }
+                    // More may be waiting: answer what arrived so far first.
+                    if let Err(e) = Self::transmit_udp(client, u, peer, now) {
+                        self.closed = Some(format!("udp send failed: {e}"));
+                        break;
+                    }
                 }
-            }) {
-                Ok(n) => self.more_to_read = n == READ_BATCH,
-                Err(e) => self.closed = Some(format!("udp receive failed: {e}")),
-            },
+                self.more_to_read = total >= READ_BATCH;
+                self.read_some = total > 0;
+            }
             ClientLink::Tcp(s) => match s.read_frames(|pkt| client.handle_packet(pkt, now)) {
                 Ok(ReadStatus::Open) => {}
                 Ok(ReadStatus::Closed) => {
@@ -206,30 +246,46 @@ impl ClientDriver {
 
     /// Sends every packet the client has due at `now`.
     pub fn flush(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
+        // Packets read here may carry data the application has not seen yet: `read_in_flush`
+        // makes `next_deadline` ask for one more turn.
+        self.read_in_flush = false;
         if self.more_to_read {
             self.read(now);
+            self.read_in_flush = self.read_some;
         }
         if self.closed.is_some() {
             return Ok(());
         }
-        while let Some(n) = self.client.poll_transmit(now, &mut self.buf[..]) {
-            let pkt = &self.buf[..n];
-            match &mut self.link {
-                ClientLink::Udp(u) => u.send_to(pkt, self.peer)?,
-                ClientLink::Tcp(s) => {
-                    if let Err(e) = s.send_frame(registry, self.token, pkt) {
-                        self.closed = Some(format!("tcp write failed: {e}"));
-                        return Ok(());
-                    }
+        match &mut self.link {
+            ClientLink::Udp(u) => Self::transmit_udp(&mut self.client, u, self.peer, now)?,
+            ClientLink::Tcp(s) => {
+                while let Some(n) = self.client.poll_transmit(now, &mut self.buf[..]) {
+                    s.queue_frame(&self.buf[..n]);
+                }
+                if let Err(e) = s.flush(registry, self.token) {
+                    self.closed = Some(format!("tcp write failed: {e}"));
                 }
             }
         }
         Ok(())
     }
 
+    /// Sends every packet the client has due at `now` over UDP, batched.
+    fn transmit_udp(
+        client: &mut Client,
+        u: &mut UdpEndpoint,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> io::Result<()> {
+        while let Some(n) = client.poll_transmit(now, u.batch_slot()) {
+            u.batch_commit(n, peer)?;
+        }
+        u.batch_flush()
+    }
+
     /// When the driver next needs `flush` without any socket event.
     pub fn next_deadline(&self) -> Option<Instant> {
-        if self.more_to_read {
+        if self.more_to_read || self.read_in_flush {
             return Some(Instant::now());
         }
         self.client.poll_timeout()
@@ -278,6 +334,10 @@ pub struct ServerDriver {
     buf: Box<[u8; MAX_PACKET]>,
     reply: Box<[u8; MAX_PACKET]>,
     udp_more: bool,
+    /// `flush` read packets (the application has not had a turn since).
+    read_in_flush: bool,
+    /// TCP slots with frames queued in this `flush`.
+    dirty: Vec<usize>,
 }
 
 impl ServerDriver {
@@ -343,6 +403,8 @@ impl ServerDriver {
             buf: Box::new([0; MAX_PACKET]),
             reply: Box::new([0; MAX_PACKET]),
             udp_more: false,
+            read_in_flush: false,
+            dirty: Vec::new(),
         })
     }
 
@@ -413,7 +475,8 @@ impl ServerDriver {
     ) -> io::Result<()> {
         let t = event.token().0;
         if t == self.base {
-            self.read_udp(now)?;
+            self.read_udp(registry, now)?;
+            self.read_in_flush = false;
         } else if t == self.base + 1 {
             self.accept(registry, now)?;
         } else if t >= self.base + 2 {
@@ -423,12 +486,13 @@ impl ServerDriver {
         Ok(())
     }
 
-    fn read_udp(&mut self, now: Instant) -> io::Result<()> {
-        let Some(udp) = self.udp.as_mut() else {
-            return Ok(());
-        };
+    /// Reads up to a batch of datagrams; returns how many.
+    fn read_udp(&mut self, registry: &Registry, now: Instant) -> io::Result<usize> {
         let mut read = 0;
         while read < READ_BATCH {
+            let Some(udp) = self.udp.as_mut() else {
+                return Ok(0);
+            };
             let Some((pkt, from)) = udp.recv_one()? else {
                 break;
             };
@@ -439,9 +503,13 @@ impl ServerDriver {
             if let Some(len) = reply {
                 udp.send_to(&self.reply[..len], from)?;
             }
+            if read % TRANSMIT_EVERY == 0 {
+                // More may be waiting: answer what arrived so far first.
+                self.transmit(registry, now)?;
+            }
         }
         self.udp_more = read >= READ_BATCH;
-        Ok(())
+        Ok(read)
     }
 
     fn accept(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
@@ -542,33 +610,71 @@ impl ServerDriver {
     /// Sends every packet due at `now`, closes idle TCP streams, and returns; call it after
     /// handling a batch of events and whenever `next_deadline` passes.
     pub fn flush(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
+        self.read_in_flush = false;
         if self.udp_more {
-            self.read_udp(now)?;
+            self.read_in_flush = self.read_udp(registry, now)? > 0;
         }
-        while let Some((path, n)) = self.server.poll_transmit(now, &mut self.buf[..]) {
-            let pkt = &self.buf[..n];
+        self.transmit(registry, now)?;
+        self.pump_events();
+        self.close_idle(registry, now);
+        Ok(())
+    }
+
+    /// Sends every packet the server has due at `now`: UDP ones batched, TCP ones queued per
+    /// stream and written once per stream.
+    fn transmit(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
+        loop {
+            let buf = match self.udp.as_mut().map(|u| u.batch_slot()) {
+                Some(slot) => slot,
+                None => &mut self.buf[..],
+            };
+            let Some((path, n)) = self.server.poll_transmit(now, buf) else {
+                break;
+            };
             match path {
                 Path::Udp(to) => {
                     if let Some(u) = self.udp.as_mut() {
-                        u.send_to(pkt, to)?;
+                        u.batch_commit(n, to)?;
                     }
                 }
-                Path::Tcp { slot, generation } => {
-                    let token = Token(self.base + 2 + slot);
-                    let failed = match self.tcp.get_mut(slot) {
-                        Some(s) if s.generation == generation => {
-                            s.stream.send_frame(registry, token, pkt).is_err()
+                Path::Tcp { slot, generation } => match self.tcp.get_mut(slot) {
+                    Some(s) if s.generation == generation => {
+                        if s.stream.pending_write() == 0 {
+                            self.dirty.push(slot);
                         }
-                        _ => false,
-                    };
-                    if failed {
-                        let mut s = self.tcp.remove(slot);
-                        let _ = s.stream.deregister(registry);
+                        let pkt = match self.udp.as_mut().map(|u| u.batch_slot()) {
+                            Some(slot) => &slot[..n],
+                            None => &self.buf[..n],
+                        };
+                        s.stream.queue_frame(pkt);
                     }
-                }
+                    _ => {}
+                },
             }
         }
-        self.pump_events();
+        if let Some(u) = self.udp.as_mut() {
+            u.batch_flush()?;
+        }
+        // One write per TCP stream for everything queued above.
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &slot in &dirty {
+            let token = Token(self.base + 2 + slot);
+            let failed = match self.tcp.get_mut(slot) {
+                Some(s) => s.stream.flush(registry, token).is_err(),
+                None => false,
+            };
+            if failed {
+                let mut s = self.tcp.remove(slot);
+                let _ = s.stream.deregister(registry);
+            }
+        }
+        dirty.clear();
+        self.dirty = dirty;
+        Ok(())
+    }
+
+    /// Closes TCP streams idle for too long.
+    fn close_idle(&mut self, registry: &Registry, now: Instant) {
         while let Some(&(when, slot, generation)) = self.idle_checks.front() {
             if when > now {
                 break;
@@ -589,12 +695,12 @@ impl ServerDriver {
                 self.idle_checks.push_back((due, slot, generation));
             }
         }
-        Ok(())
     }
 
     /// When the driver next needs `flush` without any socket event.
     pub fn next_deadline(&self) -> Option<Instant> {
-        if self.udp_more {
+        // Packets `flush` read may have raised events the application has not had a turn for.
+        if self.udp_more || self.read_in_flush {
             return Some(Instant::now());
         }
         let idle = self.idle_checks.front().map(|c| c.0);

@@ -1,7 +1,8 @@
 //! TCP: one netstring is one CurveCP packet.
 //!
 //! [`FramedStream`] is a non-blocking `mio::net::TcpStream` with a bounded read buffer (one
-//! maximal frame plus its prefix) and a bounded write buffer. Reading goes until `WouldBlock`
+//! maximal frame plus its prefix, at least [`READ_CHUNK`] so one read takes many frames) and a
+//! bounded write buffer (frames queued during a turn go out in one write). Reading goes until `WouldBlock`
 //! and hands out every whole frame; a frame that announces more than the maximum, or bytes that
 //! are not a netstring, end the stream (the caller closes it). When the write buffer is full a
 //! new packet is dropped, as a congested UDP socket would drop it: CurveCP retransmits, and
@@ -14,6 +15,9 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use crate::netstring::{self, NetstringError};
+
+/// Size of the read buffer while a stream has bytes to read (released when drained).
+pub const READ_CHUNK: usize = 64 * 1024;
 
 /// Default bound of the write buffer.
 pub const DEFAULT_WRITE_BUFFER: usize = 256 * 1024;
@@ -103,7 +107,8 @@ impl FramedStream {
 
     /// Reads until `WouldBlock`, calling `f` with each whole frame's payload.
     pub fn read_frames(&mut self, mut f: impl FnMut(&[u8])) -> io::Result<ReadStatus> {
-        let cap = netstring::encoded_len(self.max_frame);
+        // Room for many frames per read system call; at least one maximal frame.
+        let cap = netstring::encoded_len(self.max_frame).max(READ_CHUNK);
         if self.rbuf.len() < cap {
             self.rbuf.resize(cap, 0);
         }
@@ -159,14 +164,24 @@ impl FramedStream {
         token: Token,
         payload: &[u8],
     ) -> io::Result<bool> {
+        if !self.queue_frame(payload) {
+            return Ok(false);
+        }
+        self.flush(registry, token)?;
+        Ok(true)
+    }
+
+    /// Queues one frame without writing (a driver queues a whole turn's packets, then calls
+    /// [`FramedStream::flush`] once: one system call for many packets). Returns `false` when
+    /// the write buffer is full and the frame was dropped.
+    pub fn queue_frame(&mut self, payload: &[u8]) -> bool {
         let need = netstring::encoded_len(payload.len());
         if self.wbuf.len() - self.wpos + need > self.max_write {
             self.dropped += 1;
-            return Ok(false);
+            return false;
         }
         netstring::encode_into(payload, &mut self.wbuf);
-        self.flush(registry, token)?;
-        Ok(true)
+        true
     }
 
     /// Writes as much of the write buffer as the socket takes, and asks for writability while
