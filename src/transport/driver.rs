@@ -571,13 +571,16 @@ impl ServerDriver {
             let mut reply_len = None;
             let mut valid = false;
             let status = entry.stream.read_frames(|pkt| {
-                valid = true;
                 let path = Path::Tcp { slot, generation };
+                let dropped = server.stats().dropped;
                 // A reply is a Cookie, one per Hello. Should one read hold several Hellos
                 // (retransmissions), answering the last is enough: any valid Cookie will do.
                 if let Some(len) = server.handle_packet(pkt, path, now, &mut reply[..]) {
                     reply_len = Some(len);
                 }
+                // Only a packet the server did not drop keeps the stream from the idle close:
+                // junk frames must not hold a stream slot open.
+                valid |= server.stats().dropped == dropped;
             });
             if valid {
                 entry.last_active = now;
