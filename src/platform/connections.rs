@@ -810,7 +810,11 @@ impl Core {
             peer.sign.get_or_insert(dest);
             peer.queued_bytes += frame.len();
             let cb = callback.map(|c| net.callbacks.insert(c));
-            let expires = now + options.expire_after.unwrap_or(net.cfg.realtime_expiry);
+            let after = options.expire_after.unwrap_or(net.cfg.realtime_expiry);
+            // `Duration::MAX` ("never") must not overflow the clock: about 136 years will do.
+            let expires = now
+                .checked_add(after)
+                .unwrap_or_else(|| now + Duration::from_secs(1 << 32));
             peer.queue.push_back(Pending {
                 frame,
                 expires: Some(expires),
