@@ -501,7 +501,12 @@ impl ServerDriver {
                 .server
                 .handle_packet(pkt, Path::Udp(from), now, &mut self.reply[..]);
             if let Some(len) = reply {
-                udp.send_to(&self.reply[..len], from)?;
+                // The Cookie goes to whatever address the Hello claimed: failing to reach it
+                // (no route, refused by a firewall) loses that Cookie only and must not stop
+                // reading the datagrams behind it.
+                if let Err(e) = udp.send_to(&self.reply[..len], from) {
+                    debug!("server: Cookie to {from} not sent: {e}");
+                }
             }
             if read % TRANSMIT_EVERY == 0 {
                 // More may be waiting: answer what arrived so far first.
