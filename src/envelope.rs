@@ -226,6 +226,12 @@ impl FrameReader {
         }
     }
 
+    /// Changes the largest frame accepted from now on (e.g. raised once a peer has identified
+    /// itself, so an unidentified peer cannot make the reader buffer a large frame).
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+
     /// Room for more input before a frame must be completed: the most bytes worth reading from
     /// the stream now. Reading no more than this keeps the buffer bounded by one maximal frame.
     pub fn room(&self) -> usize {

@@ -79,7 +79,10 @@ pub fn decode(buf: &[u8], max_len: usize) -> Result<Option<Frame>, NetstringErro
             }
             b':' if digits > 0 => {
                 let start = i + 1;
-                let end = start + len as usize;
+                // `len <= max_len`, but with a huge `max_len` the end may not be addressable.
+                let Some(end) = start.checked_add(len as usize) else {
+                    return Err(NetstringError::TooLong);
+                };
                 if buf.len() <= end {
                     return Ok(None);
                 }
@@ -135,7 +138,7 @@ pub fn encode_into(payload: &[u8], out: &mut Vec<u8>) {
 /// The encoded size of a netstring with a payload of `len` bytes.
 pub fn encoded_len(len: usize) -> usize {
     let mut h = [0u8; 21];
-    write_header(len, &mut h) + len + 1
+    (write_header(len, &mut h) + 1).saturating_add(len)
 }
 
 #[cfg(test)]
@@ -167,6 +170,18 @@ mod tests {
             decode(b"99999999999999999999999", usize::MAX),
             Err(NetstringError::TooLong)
         );
+    }
+
+    #[test]
+    fn lengths_near_the_address_space_do_not_overflow() {
+        let max = usize::MAX.to_string();
+        let header = format!("{max}:");
+        assert_eq!(
+            decode(format!("{header}x,").as_bytes(), usize::MAX),
+            Err(NetstringError::TooLong)
+        );
+        assert_eq!(encoded_len(usize::MAX), usize::MAX);
+        assert_eq!(decode(b"5:", usize::MAX), Ok(None));
     }
 
     #[test]

@@ -145,7 +145,7 @@ impl OfflineBuffer {
                             let mut frame = Vec::new();
                             env.encode_frame(&mut frame);
                             buf.bytes += frame.len();
-                            buf.next_seq = buf.next_seq.max(seq + 1);
+                            buf.next_seq = buf.next_seq.max(seq.saturating_add(1));
                             *buf.idle.entry(dest).or_default() += 1;
                             buf.entries.insert(
                                 (seq, id),
@@ -204,7 +204,7 @@ impl OfflineBuffer {
             return Err(AddError::Full);
         }
         let seq = self.next_seq;
-        self.next_seq += 1;
+        self.next_seq = self.next_seq.saturating_add(1);
         storage
             .put(
                 &storage_key(&id),
@@ -383,7 +383,7 @@ impl Dedup {
             for id in ids {
                 d.remember(id);
             }
-            d.chunk_seq = d.chunk_seq.max(seq + 1);
+            d.chunk_seq = d.chunk_seq.max(seq.saturating_add(1));
         }
         Ok(d)
     }
@@ -404,7 +404,7 @@ impl Dedup {
         self.dirty = false;
         if self.chunk.len() >= DEDUP_CHUNK {
             self.chunk.clear();
-            self.chunk_seq += 1;
+            self.chunk_seq = self.chunk_seq.wrapping_add(1);
         }
         Ok(())
     }
@@ -440,7 +440,7 @@ impl Dedup {
             // Never flushed (no storage at hand): keep it bounded anyway. A chunk may otherwise
             // grow past DEDUP_CHUNK until the next flush writes it whole and starts another.
             self.chunk.clear();
-            self.chunk_seq += 1;
+            self.chunk_seq = self.chunk_seq.wrapping_add(1);
         }
         self.chunk.push(id.to_vec());
         self.dirty = true;
@@ -589,5 +589,36 @@ mod tests {
         assert!(d.first_time(b"a"), "oldest forgotten");
         assert!(d.first_time(&[0; 100]));
         assert!(d.first_time(&[0; 100]), "over-long ids are not remembered");
+    }
+
+    #[test]
+    fn corrupted_sequence_numbers_do_not_crash_the_load() {
+        let mut store = MemStore::new();
+        let dest = Identity::generate().sign_id();
+        let mut env = Envelope::new("a", "ms", b"1".to_vec());
+        let id = [7u8; 16];
+        env.id = Some(id.to_vec());
+        store
+            .put(
+                &storage_key(&id),
+                &encode_record(&dest, 9_000, u64::MAX, &env),
+            )
+            .unwrap();
+        let mut chunk = u64::MAX.to_be_bytes().to_vec();
+        chunk.extend_from_slice(&[1, 42]);
+        store.put("dedup-0", &chunk).unwrap();
+        let (mut b, dropped) =
+            OfflineBuffer::load(&mut store, OfflineLimits::default(), 1_000).unwrap();
+        assert_eq!((b.len(), dropped), (1, 0));
+        b.add(&mut store, dest, Envelope::new("b", "ms", vec![]), 9_000)
+            .unwrap();
+        assert_eq!(b.len(), 2);
+        let mut d = Dedup::load(16, &store).unwrap();
+        assert!(!d.first_time(&[42]));
+        assert!(d.first_time(&[43]));
+        for i in 0u32..DEDUP_CHUNK as u32 {
+            d.first_time(&i.to_be_bytes());
+        }
+        d.flush(&mut store).unwrap();
     }
 }

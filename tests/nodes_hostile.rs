@@ -1,6 +1,7 @@
 //! A peer that completes the CurveCP handshake with its own key but lies in its identify frame
 //! (or skips it) is disconnected and none of its frames is delivered; directory replies that do
-//! not check out are refused.
+//! not check out are refused; a peer that has not identified itself cannot make the node buffer
+//! a large frame.
 
 use std::time::{Duration, Instant};
 
@@ -9,11 +10,21 @@ use mm_platform::curvecp::client::ClientConfig;
 use mm_platform::envelope::Envelope;
 use mm_platform::identity::Identity;
 use mm_platform::transport::{ClientDriver, TransportKind};
-use mm_platform::{BoxId, Platform};
+use mm_platform::{BoxId, NetConfig, Platform};
 use serde_json::json;
 
 /// Connects to `target` over UDP as `me`, writes `frames`, and drives both sides for a second.
 fn raw_peer(target: &mut Platform, me: &Identity, frames: &[Envelope]) {
+    let mut bytes = Vec::new();
+    for f in frames {
+        f.encode_frame(&mut bytes);
+    }
+    raw_peer_bytes(target, me, &bytes, Duration::from_secs(1));
+}
+
+/// Connects to `target` over UDP as `me`, writes `bytes` on the stream, and drives both sides
+/// for `time`; returns how many of the bytes the target's side acknowledged.
+fn raw_peer_bytes(target: &mut Platform, me: &Identity, bytes: &[u8], time: Duration) -> u64 {
     let info = target.node_info();
     let port = info["connectionInfo"]
         .as_array()
@@ -36,14 +47,10 @@ fn raw_peer(target: &mut Platform, me: &Identity, frames: &[Envelope]) {
         Instant::now(),
     )
     .unwrap();
-    let mut bytes = Vec::new();
-    for f in frames {
-        f.encode_frame(&mut bytes);
-    }
     let mut written = 0;
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; 4096];
-    let end = Instant::now() + Duration::from_secs(1);
+    let end = Instant::now() + time;
     while Instant::now() < end {
         poll.poll(&mut events, Some(Duration::from_millis(1)))
             .unwrap();
@@ -57,6 +64,7 @@ fn raw_peer(target: &mut Platform, me: &Identity, frames: &[Envelope]) {
         client.flush(poll.registry(), now).unwrap();
         target.poll(Some(Duration::from_millis(1))).unwrap();
     }
+    client.client_mut().stream_mut().bytes_acked()
 }
 
 #[test]
@@ -139,4 +147,27 @@ fn directory_replies_are_checked() {
     let _ = a.messaging().send("directory.getReply", "local", &truth);
     a.poll(Some(Duration::ZERO)).unwrap();
     assert_eq!(a.sign_id_of(&bx), Some(x.sign_id()));
+}
+
+#[test]
+fn an_unidentified_peer_cannot_announce_a_large_frame() {
+    let mallory = Identity::generate();
+    let mut b = Platform::builder()
+        .net(NetConfig {
+            // Long enough that only the frame limit can end the connection during the test.
+            connect_timeout: Duration::from_secs(120),
+            ..NetConfig::default()
+        })
+        .build()
+        .unwrap();
+    // A frame announcing 1 MB (allowed after identify), then the first bytes of it: closed at
+    // once, not buffered until the identify timeout.
+    let mut bytes = b"1000000:".to_vec();
+    bytes.resize(64 * 1024, b'x');
+    let acked = raw_peer_bytes(&mut b, &mallory, &bytes, Duration::from_secs(3));
+    assert!(
+        acked < bytes.len() as u64,
+        "the connection was closed on the oversized first frame, not fed ({acked} bytes taken)"
+    );
+    assert!(b.connections().is_empty());
 }

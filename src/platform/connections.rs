@@ -96,7 +96,8 @@
 //! [`NetConfig::peer_queue_bytes`] bytes wait in memory (sends beyond return
 //! [`SendStatus::BufferFull`]); the offline buffer has its own bounds; connections are capped
 //! by [`NetConfig::max_connections`]; incoming frames are limited to [`NetConfig::max_frame`]
-//! bytes (a larger one closes that connection only); a connection stops reading while the
+//! bytes (a larger one closes that connection only), and to 1 KiB until the peer has
+//! identified itself; a connection stops reading while the
 //! local delivery queue is full (the peer is then flow-controlled by CurveCP).
 
 use std::borrow::Cow;
@@ -129,6 +130,10 @@ use crate::transport::{ClientDriver, ServerDriver, TransportKind};
 pub const MAX_OFFLINE_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The storage key of the listen addresses of the last run.
 pub const CONNECTION_INFO_KEY: &str = "connectionInfo";
+
+/// The largest frame read before the peer has identified itself (its identify frame is about
+/// 60 bytes): an unidentified peer must not make a connection buffer up to `max_frame` bytes.
+const IDENTIFY_MAX_FRAME: usize = 1024;
 /// The de-duplication memory is written at most this often while messages arrive.
 const DEDUP_FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// Known peers beyond which idle ones (no connection, nothing queued, no lookup, no offline
@@ -810,7 +815,11 @@ impl Core {
             peer.sign.get_or_insert(dest);
             peer.queued_bytes += frame.len();
             let cb = callback.map(|c| net.callbacks.insert(c));
-            let expires = now + options.expire_after.unwrap_or(net.cfg.realtime_expiry);
+            let after = options.expire_after.unwrap_or(net.cfg.realtime_expiry);
+            // `Duration::MAX` ("never") must not overflow the clock: about 136 years will do.
+            let expires = now
+                .checked_add(after)
+                .unwrap_or_else(|| now + Duration::from_secs(1 << 32));
             peer.queue.push_back(Pending {
                 frame,
                 expires: Some(expires),
@@ -1111,7 +1120,7 @@ impl Core {
             closing: None,
             opened: now,
             last_write: now,
-            reader: FrameReader::new(net.cfg.max_frame),
+            reader: FrameReader::new(IDENTIFY_MAX_FRAME.min(net.cfg.max_frame)),
             partial: net.identify.clone(),
             partial_pos: 0,
             partial_track: Track::default(),
@@ -1506,7 +1515,7 @@ impl Core {
                     closing: None,
                     opened: now,
                     last_write: now,
-                    reader: FrameReader::new(net.cfg.max_frame),
+                    reader: FrameReader::new(IDENTIFY_MAX_FRAME.min(net.cfg.max_frame)),
                     partial: net.identify.clone(),
                     partial_pos: 0,
                     partial_track: Track::default(),
@@ -1601,6 +1610,7 @@ impl Core {
             match sign {
                 Some(s) if ok && self.keys.box_id(&s) == Some(peer_box) => {
                     c.peer = Some(s);
+                    c.reader.set_max_frame(net.cfg.max_frame);
                     net.dir.learn_reverse(peer_box, s);
                     self.activate(k);
                     return true;

@@ -359,7 +359,13 @@ impl PlatformBuilder {
             if listen.is_empty() {
                 if let Ok(Some(v)) = storage.get(connections::CONNECTION_INFO_KEY) {
                     let stored = serde_json::from_slice(&v).unwrap_or_default();
+                    // A stored address this machine no longer has (or a corrupted record) must
+                    // not keep the node from starting: only addresses that can be bound count.
                     listen = crate::transport::connection_info::parse(&stored);
+                    listen.retain(|e| {
+                        let any_port = std::net::SocketAddr::new(e.addr.ip(), 0);
+                        std::net::UdpSocket::bind(any_port).is_ok()
+                    });
                 }
             }
             if listen.is_empty() {

@@ -501,7 +501,12 @@ impl ServerDriver {
                 .server
                 .handle_packet(pkt, Path::Udp(from), now, &mut self.reply[..]);
             if let Some(len) = reply {
-                udp.send_to(&self.reply[..len], from)?;
+                // The Cookie goes to whatever address the Hello claimed: failing to reach it
+                // (no route, refused by a firewall) loses that Cookie only and must not stop
+                // reading the datagrams behind it.
+                if let Err(e) = udp.send_to(&self.reply[..len], from) {
+                    debug!("server: Cookie to {from} not sent: {e}");
+                }
             }
             if read % TRANSMIT_EVERY == 0 {
                 // More may be waiting: answer what arrived so far first.
@@ -571,13 +576,16 @@ impl ServerDriver {
             let mut reply_len = None;
             let mut valid = false;
             let status = entry.stream.read_frames(|pkt| {
-                valid = true;
                 let path = Path::Tcp { slot, generation };
+                let dropped = server.stats().dropped;
                 // A reply is a Cookie, one per Hello. Should one read hold several Hellos
                 // (retransmissions), answering the last is enough: any valid Cookie will do.
                 if let Some(len) = server.handle_packet(pkt, path, now, &mut reply[..]) {
                     reply_len = Some(len);
                 }
+                // Only a packet the server did not drop keeps the stream from the idle close:
+                // junk frames must not hold a stream slot open.
+                valid |= server.stats().dropped == dropped;
             });
             if valid {
                 entry.last_active = now;
