@@ -99,6 +99,16 @@
 //! bytes (a larger one closes that connection only), and to 1 KiB until the peer has
 //! identified itself; a connection stops reading while the
 //! local delivery queue is full (the peer is then flow-controlled by CurveCP).
+//!
+//! Partly received frames share one memory budget, [`NetConfig::frame_budget`] (64 MiB by
+//! default, at least one maximal frame): each connection may buffer 64 KiB (`FRAME_FLOOR`)
+//! outside it, so small frames always flow; a larger frame reserves its whole size (learnt
+//! from its length prefix) from the budget before its bytes beyond the floor are read, so
+//! partial frames can never hold the budget in a deadlock. A connection whose frame does not
+//! fit stops reading (the bytes stay in the CurveCP receive window and the peer is
+//! flow-controlled) and waits in a list; every release of reserved bytes (a frame completed,
+//! a connection ended) makes the waiting connections dirty, so none misses its wake-up.
+//! [`super::Stats::frame_bytes_peak`] reports the most bytes ever reserved at once.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
@@ -136,6 +146,9 @@ pub const CONNECTION_INFO_KEY: &str = "connectionInfo";
 const IDENTIFY_MAX_FRAME: usize = 1024;
 /// The de-duplication memory is written at most this often while messages arrive.
 const DEDUP_FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// Bytes of a partly received frame every connection may buffer outside
+/// [`NetConfig::frame_budget`] (so small frames always flow, whatever large ones are pending).
+const FRAME_FLOOR: usize = 64 * 1024;
 /// Known peers beyond which idle ones (no connection, nothing queued, no lookup, no offline
 /// record) are forgotten as soon as they become idle.
 const KEEP_IDLE_PEERS: usize = 64;
@@ -176,6 +189,12 @@ pub struct NetConfig {
     pub offline: OfflineLimits,
     /// Message ids remembered for de-duplication. Default 65,536.
     pub dedup: usize,
+    /// Bytes of partly received frames buffered across all connections, beyond the first
+    /// 64 KiB of each connection. A connection whose frame in progress
+    /// does not fit stops reading its stream (the peer is flow-controlled by CurveCP) until
+    /// other frames complete or connections end. Raised to at least one maximal frame
+    /// ([`NetConfig::max_frame`]) so that any frame can be received. Default 64 MiB.
+    pub frame_budget: usize,
 }
 
 impl Default for NetConfig {
@@ -197,6 +216,7 @@ impl Default for NetConfig {
             max_connections: 1024,
             offline: OfflineLimits::default(),
             dedup: 65_536,
+            frame_budget: 64 << 20,
         }
     }
 }
@@ -304,6 +324,9 @@ enum ReadOutcome {
     Blocked,
     /// The per-visit budget ran out with more to read: visit again next turn.
     More,
+    /// The frame in progress does not fit in [`NetConfig::frame_budget`]: read again once
+    /// reserved frame bytes are released (the connection waits in [`Net::budget_waiters`]).
+    Starved,
 }
 
 struct Conn {
@@ -324,6 +347,10 @@ struct Conn {
     opened: Instant,
     last_write: Instant,
     reader: FrameReader,
+    /// Bytes of [`Net::frame_used`] reserved for the frame in progress (beyond the floor).
+    reserved: usize,
+    /// In [`Net::budget_waiters`].
+    budget_wait: bool,
     partial: Vec<u8>,
     partial_pos: usize,
     partial_track: Track,
@@ -379,6 +406,12 @@ pub(crate) struct Net {
     watch: Vec<usize>,
     /// Connections that stopped reading because the local delivery queue was full.
     read_blocked: Vec<usize>,
+    /// Frame bytes reserved by all connections (at most `frame_budget`).
+    frame_used: usize,
+    /// `cfg.frame_budget`, raised to at least one maximal frame.
+    frame_budget: usize,
+    /// Connections waiting for room in the frame budget (made dirty when some is released).
+    budget_waiters: Vec<usize>,
     /// Peers to look at in `ensure_connections` (something to send, retry due, ...).
     want: Vec<BoxId>,
     /// Destinations whose offline records went back to idle (become `want`).
@@ -518,6 +551,11 @@ impl Net {
             dirty: Vec::new(),
             watch: Vec::new(),
             read_blocked: Vec::new(),
+            frame_used: 0,
+            frame_budget: cfg
+                .frame_budget
+                .max(crate::netstring::encoded_len(cfg.max_frame).saturating_sub(FRAME_FLOOR)),
+            budget_waiters: Vec::new(),
             want: Vec::new(),
             released: Vec::new(),
             conn_waiters: Vec::new(),
@@ -583,6 +621,28 @@ impl Net {
                 self.dirty.push(k);
             }
         }
+    }
+
+    /// Gives `bytes` of the frame budget back and wakes the connections waiting for it.
+    fn release_frame_bytes(&mut self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        self.frame_used -= bytes;
+        for k in std::mem::take(&mut self.budget_waiters) {
+            if let Some(c) = self.conns.get_mut(k) {
+                c.budget_wait = false;
+            }
+            self.mark_dirty(k);
+        }
+    }
+
+    /// Connection `k` (already out of `conns`) ends: its share of the frame budget goes back.
+    fn drop_frame_share(&mut self, k: usize, c: &Conn) {
+        if c.budget_wait {
+            self.budget_waiters.retain(|&w| w != k);
+        }
+        self.release_frame_bytes(c.reserved);
     }
 
     /// Queues peer `b` for `ensure_connections` (once).
@@ -954,6 +1014,7 @@ impl Core {
             if self.read_conn(k) == ReadOutcome::Blocked {
                 break;
             }
+            // Starved: it waits in `budget_waiters`; the others read on.
         }
     }
 
@@ -1018,7 +1079,7 @@ impl Core {
             return;
         }
         match self.read_conn(k) {
-            ReadOutcome::Done => {}
+            ReadOutcome::Done | ReadOutcome::Starved => {}
             ReadOutcome::More => {
                 if let Some(net) = self.net.as_mut() {
                     net.mark_dirty(k);
@@ -1121,6 +1182,8 @@ impl Core {
             opened: now,
             last_write: now,
             reader: FrameReader::new(IDENTIFY_MAX_FRAME.min(net.cfg.max_frame)),
+            reserved: 0,
+            budget_wait: false,
             partial: net.identify.clone(),
             partial_pos: 0,
             partial_track: Track::default(),
@@ -1173,6 +1236,7 @@ impl Core {
             net.watch.retain(|&w| w != k);
         }
         net.read_blocked.retain(|&w| w != k);
+        net.drop_frame_share(k, &c);
         if let Link::Server(id) = c.link {
             net.by_server.remove(&id);
             net.server.server_mut().remove(id);
@@ -1516,6 +1580,8 @@ impl Core {
                     opened: now,
                     last_write: now,
                     reader: FrameReader::new(IDENTIFY_MAX_FRAME.min(net.cfg.max_frame)),
+                    reserved: 0,
+                    budget_wait: false,
                     partial: net.identify.clone(),
                     partial_pos: 0,
                     partial_track: Track::default(),
@@ -1564,13 +1630,48 @@ impl Core {
                     }
                 }
             }
+            // The frame in progress: beyond the floor, its whole size is reserved from the
+            // frame budget before its bytes are read (no deadlock between partial frames).
             let Some(net) = self.net.as_mut() else {
                 return ReadOutcome::Done;
             };
             let Some(c) = net.conns.get_mut(k) else {
                 return ReadOutcome::Done;
             };
-            let room = c.reader.room().min(net.scratch.len());
+            let buffered = c.reader.buffered();
+            let want = buffered
+                .max(c.reader.frame_len().unwrap_or(0))
+                .saturating_sub(FRAME_FLOOR);
+            if want < c.reserved {
+                let give = c.reserved - want;
+                c.reserved = want;
+                net.release_frame_bytes(give);
+            } else if want > c.reserved {
+                let more = want - c.reserved;
+                if net.frame_used + more > net.frame_budget {
+                    log::debug!("connection {k}: frame budget exhausted; reading paused");
+                    if !c.budget_wait {
+                        c.budget_wait = true;
+                        net.budget_waiters.push(k);
+                    }
+                    return ReadOutcome::Starved;
+                }
+                c.reserved = want;
+                net.frame_used += more;
+                let used = net.frame_used as u64;
+                self.stats.frame_bytes_peak = self.stats.frame_bytes_peak.max(used);
+            }
+            let Some(net) = self.net.as_mut() else {
+                return ReadOutcome::Done;
+            };
+            let Some(c) = net.conns.get_mut(k) else {
+                return ReadOutcome::Done;
+            };
+            let limit = (FRAME_FLOOR + c.reserved).saturating_sub(c.reader.buffered());
+            let room = c.reader.room().min(net.scratch.len()).min(limit);
+            if room == 0 {
+                return ReadOutcome::Done;
+            }
             let Some(stream) = stream_of(&mut net.server, &mut c.link) else {
                 return ReadOutcome::Done;
             };
@@ -1723,6 +1824,7 @@ impl Core {
                     net.watch.retain(|&w| w != o);
                 }
                 net.read_blocked.retain(|&w| w != o);
+                net.drop_frame_share(o, &c);
                 if let Link::Server(id) = c.link {
                     net.by_server.remove(&id);
                     net.server.server_mut().remove(id);
