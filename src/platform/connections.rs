@@ -131,7 +131,9 @@ use crate::curvecp::server::{ClientPolicy, ConnectionId, ServerConfig, ServerEve
 use crate::curvecp::stream::{Eof, Stream, StreamConfig};
 use crate::envelope::{Envelope, FrameReader, DEFAULT_MAX_FRAME};
 use crate::identity::{BoxId, SignId};
-use crate::offline::{AddError, Dedup, OfflineBuffer, OfflineLimits, RecordKey};
+use crate::offline::{
+    AddError, Dedup, OfflineBuffer, OfflineLimits, RecordKey, DEFAULT_DEDUP_PER_PEER,
+};
 use crate::storage::Storage;
 use crate::transport::connection_info::{self, Endpoint};
 use crate::transport::{ClientDriver, ServerDriver, TransportKind};
@@ -187,8 +189,12 @@ pub struct NetConfig {
     pub max_connections: usize,
     /// Bounds of the offline buffer.
     pub offline: OfflineLimits,
-    /// Message ids remembered for de-duplication. Default 65,536.
+    /// Message ids remembered for de-duplication, all senders together. Past it, the least
+    /// recently active sender's ids are forgotten. Default 65,536.
     pub dedup: usize,
+    /// Message ids remembered per sender (its latest ones; a sender flooding ids only evicts
+    /// its own). Default 4,096.
+    pub dedup_per_peer: usize,
     /// Bytes of partly received frames buffered across all connections, beyond the first
     /// 64 KiB of each connection. A connection whose frame in progress
     /// does not fit stops reading its stream (the peer is flow-controlled by CurveCP) until
@@ -216,6 +222,7 @@ impl Default for NetConfig {
             max_connections: 1024,
             offline: OfflineLimits::default(),
             dedup: 65_536,
+            dedup_per_peer: DEFAULT_DEDUP_PER_PEER,
             frame_budget: 64 << 20,
         }
     }
@@ -528,10 +535,11 @@ impl Net {
             (!offline.is_empty()).then(|| timers.schedule(now, NetTimer::OfflineRetry));
         Ok(Net {
             dir: DirectoryCache::new(cfg.node_info_ttl, cfg.lookup_timeout),
-            dedup: Dedup::load(cfg.dedup, storage).unwrap_or_else(|e| {
-                log::debug!("de-duplication memory could not be loaded: {e}");
-                Dedup::new(cfg.dedup)
-            }),
+            dedup: Dedup::load_with_per_peer(cfg.dedup, cfg.dedup_per_peer, storage)
+                .unwrap_or_else(|e| {
+                    log::debug!("de-duplication memory could not be loaded: {e}");
+                    Dedup::with_per_peer(cfg.dedup, cfg.dedup_per_peer)
+                }),
             cfg,
             registry,
             server,
@@ -1727,7 +1735,7 @@ impl Core {
             return true; // identify repeated, ping
         }
         if let Some(id) = &env.id {
-            if !net.dedup.first_time(id) {
+            if !net.dedup.first_time_from(c.peer_box.0.as_bytes(), id) {
                 self.stats.duplicates += 1;
                 log::debug!("duplicate message from {sign} dropped");
                 return true;
