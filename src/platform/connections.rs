@@ -95,7 +95,12 @@
 //! Per destination at most [`NetConfig::peer_queue_messages`] messages and
 //! [`NetConfig::peer_queue_bytes`] bytes wait in memory (sends beyond return
 //! [`SendStatus::BufferFull`]); the offline buffer has its own bounds; connections are capped
-//! by [`NetConfig::max_connections`]; incoming frames are limited to [`NetConfig::max_frame`]
+//! by [`NetConfig::max_connections`], of which [`NetConfig::reserved_outbound`] slots are
+//! kept from incoming connections of peers outside our friends and devices circles (any
+//! identity costs nothing to make, so strangers must not be able to fill the table and block
+//! our own connections), and strangers' incoming connections are capped per source address
+//! ([`NetConfig::max_inbound_per_ip`]; IPv6 per /64) — refused ones are dropped from the
+//! CurveCP server at once; incoming frames are limited to [`NetConfig::max_frame`]
 //! bytes (a larger one closes that connection only), and to 1 KiB until the peer has
 //! identified itself; a connection stops reading while the
 //! local delivery queue is full (the peer is then flow-controlled by CurveCP).
@@ -114,7 +119,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::{Registry, Token};
@@ -155,6 +160,30 @@ const FRAME_FLOOR: usize = 64 * 1024;
 /// record) are forgotten as soon as they become idle.
 const KEEP_IDLE_PEERS: usize = 64;
 
+/// The source of an incoming connection, as counted for [`NetConfig::max_inbound_per_ip`]: an
+/// IPv4 address, or the /64 prefix of an IPv6 one (one host usually owns a whole /64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum IpKey {
+    V4([u8; 4]),
+    V6([u8; 8]),
+}
+
+impl IpKey {
+    fn of(ip: IpAddr) -> IpKey {
+        match ip {
+            IpAddr::V4(a) => IpKey::V4(a.octets()),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => IpKey::V4(v4.octets()),
+                None => {
+                    let mut p = [0; 8];
+                    p.copy_from_slice(&a.octets()[..8]);
+                    IpKey::V6(p)
+                }
+            },
+        }
+    }
+}
+
 /// Settings of the connection manager (timeouts and bounds); every field has a default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NetConfig {
@@ -187,6 +216,14 @@ pub struct NetConfig {
     pub peer_queue_bytes: usize,
     /// Most connections (both directions). Default 1,024.
     pub max_connections: usize,
+    /// Slots of `max_connections` that incoming connections from peers outside our friends
+    /// and devices circles cannot take: kept for our outgoing connections (and for incoming
+    /// ones from our circles). Default 128.
+    pub reserved_outbound: usize,
+    /// Incoming connections from one source address (IPv6: one /64 prefix) at once, not
+    /// counting peers in our friends and devices circles. Default 64 (tests running many
+    /// nodes on 127.0.0.1 raise it).
+    pub max_inbound_per_ip: usize,
     /// Bounds of the offline buffer.
     pub offline: OfflineLimits,
     /// Message ids remembered for de-duplication, all senders together. Past it, the least
@@ -220,6 +257,8 @@ impl Default for NetConfig {
             peer_queue_messages: 65_536,
             peer_queue_bytes: 64 << 20,
             max_connections: 1024,
+            reserved_outbound: 128,
+            max_inbound_per_ip: 64,
             offline: OfflineLimits::default(),
             dedup: 65_536,
             dedup_per_peer: DEFAULT_DEDUP_PER_PEER,
@@ -358,6 +397,8 @@ struct Conn {
     reserved: usize,
     /// In [`Net::budget_waiters`].
     budget_wait: bool,
+    /// Counted in [`Net::inbound_per_ip`] under this source.
+    inbound_from: Option<IpKey>,
     partial: Vec<u8>,
     partial_pos: usize,
     partial_track: Track,
@@ -419,6 +460,8 @@ pub(crate) struct Net {
     frame_budget: usize,
     /// Connections waiting for room in the frame budget (made dirty when some is released).
     budget_waiters: Vec<usize>,
+    /// Incoming connections from strangers per source address (see `max_inbound_per_ip`).
+    inbound_per_ip: HashMap<IpKey, usize>,
     /// Peers to look at in `ensure_connections` (something to send, retry due, ...).
     want: Vec<BoxId>,
     /// Destinations whose offline records went back to idle (become `want`).
@@ -564,6 +607,7 @@ impl Net {
                 .frame_budget
                 .max(crate::netstring::encoded_len(cfg.max_frame).saturating_sub(FRAME_FLOOR)),
             budget_waiters: Vec::new(),
+            inbound_per_ip: HashMap::new(),
             want: Vec::new(),
             released: Vec::new(),
             conn_waiters: Vec::new(),
@@ -645,8 +689,17 @@ impl Net {
         }
     }
 
-    /// Connection `k` (already out of `conns`) ends: its share of the frame budget goes back.
-    fn drop_frame_share(&mut self, k: usize, c: &Conn) {
+    /// Connection `k` (already out of `conns`) ends: its share of the frame budget and its
+    /// count in the per-source table go back.
+    fn drop_shares(&mut self, k: usize, c: &Conn) {
+        if let Some(ip) = c.inbound_from {
+            if let Some(n) = self.inbound_per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.inbound_per_ip.remove(&ip);
+                }
+            }
+        }
         if c.budget_wait {
             self.budget_waiters.retain(|&w| w != k);
         }
@@ -1167,12 +1220,31 @@ impl Core {
         let Some(key) = net.server.server().client_key(id) else {
             return;
         };
-        if net.conns.len() >= net.cfg.max_connections {
-            log::debug!("too many connections: incoming one refused");
+        // Peers in our circles may take any slot; strangers leave `reserved_outbound` free
+        // and are capped per source address.
+        let circle = self.circles.is_friend(&BoxId(key)) || self.circles.is_device(&BoxId(key));
+        let path = net.server.server().path(id);
+        let source = match (circle, path) {
+            (false, Some(p)) => net.server.peer_ip(p).map(IpKey::of),
+            _ => None,
+        };
+        let limit = if circle {
+            net.cfg.max_connections
+        } else {
+            net.cfg
+                .max_connections
+                .saturating_sub(net.cfg.reserved_outbound)
+        };
+        let from_source = source.map_or(0, |s| net.inbound_per_ip.get(&s).copied().unwrap_or(0));
+        if net.conns.len() >= limit || (!circle && from_source >= net.cfg.max_inbound_per_ip) {
+            log::debug!("too many connections (or from {source:?}): incoming one refused");
             net.server.server_mut().remove(id);
             return;
         }
-        let kind = match net.server.server().path(id) {
+        if let Some(s) = source {
+            *net.inbound_per_ip.entry(s).or_insert(0) += 1;
+        }
+        let kind = match path {
             Some(crate::transport::driver::Path::Tcp { .. }) => TransportKind::Tcp,
             _ => TransportKind::Udp,
         };
@@ -1192,6 +1264,7 @@ impl Core {
             reader: FrameReader::new(IDENTIFY_MAX_FRAME.min(net.cfg.max_frame)),
             reserved: 0,
             budget_wait: false,
+            inbound_from: source,
             partial: net.identify.clone(),
             partial_pos: 0,
             partial_track: Track::default(),
@@ -1244,7 +1317,7 @@ impl Core {
             net.watch.retain(|&w| w != k);
         }
         net.read_blocked.retain(|&w| w != k);
-        net.drop_frame_share(k, &c);
+        net.drop_shares(k, &c);
         if let Link::Server(id) = c.link {
             net.by_server.remove(&id);
             net.server.server_mut().remove(id);
@@ -1590,6 +1663,7 @@ impl Core {
                     reader: FrameReader::new(IDENTIFY_MAX_FRAME.min(net.cfg.max_frame)),
                     reserved: 0,
                     budget_wait: false,
+                    inbound_from: None,
                     partial: net.identify.clone(),
                     partial_pos: 0,
                     partial_track: Track::default(),
@@ -1832,7 +1906,7 @@ impl Core {
                     net.watch.retain(|&w| w != o);
                 }
                 net.read_blocked.retain(|&w| w != o);
-                net.drop_frame_share(o, &c);
+                net.drop_shares(o, &c);
                 if let Link::Server(id) = c.link {
                     net.by_server.remove(&id);
                     net.server.server_mut().remove(id);
