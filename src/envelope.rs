@@ -280,12 +280,49 @@ impl FrameReader {
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start
     }
+
+    /// The whole encoded size (prefix, payload and comma) of the frame at the front of the
+    /// buffer, once its length prefix has arrived and is valid (at most the reader's maximum);
+    /// `None` before that, or when the prefix is invalid ([`FrameReader::next_envelope`] then
+    /// reports the error). Lets a caller reserve memory for the whole frame before reading it.
+    pub fn frame_len(&self) -> Option<usize> {
+        let head = &self.buf[self.start..];
+        let colon = head.iter().take(21).position(|&b| b == b':')?;
+        let digits = &head[..colon];
+        if digits.is_empty() || digits.len() > 20 || (digits.len() > 1 && digits[0] == b'0') {
+            return None;
+        }
+        let mut len: usize = 0;
+        for &d in digits {
+            if !d.is_ascii_digit() {
+                return None;
+            }
+            len = len.checked_mul(10)?.checked_add(usize::from(d - b'0'))?;
+        }
+        (len <= self.max_frame).then(|| netstring::encoded_len(len))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn frame_len_is_known_once_the_prefix_arrived() {
+        let mut r = FrameReader::new(100);
+        assert_eq!(r.frame_len(), None);
+        r.push(b"4");
+        assert_eq!(r.frame_len(), None);
+        r.push(b"2:");
+        assert_eq!(r.frame_len(), Some(46));
+        let mut big = FrameReader::new(10);
+        big.push(b"42:");
+        assert_eq!(big.frame_len(), None, "over the maximum");
+        let mut bad = FrameReader::new(100);
+        bad.push(b"0x:");
+        assert_eq!(bad.frame_len(), None);
+    }
 
     #[test]
     fn the_js_example_bytes() {

@@ -17,13 +17,21 @@
 //! sequence (8, big-endian), then the protobuf envelope. Records that do not decode are
 //! deleted at load.
 //!
-//! Receiving side ([`Dedup`]): a bounded memory of the ids of the latest messages delivered
-//! (65,536 by default), so a message retried after a lost acknowledgement is not delivered
-//! twice. It is persisted too, so a receiver that restarts still recognises retries: ids are
-//! written in chunks of [`DEDUP_CHUNK`] under the keys `dedup-<n>` (a ring of as many chunks as
-//! the capacity needs), the current chunk at most every half second while messages arrive and
-//! when the platform is dropped. Only ids that arrived in the last half second before a crash
-//! can be forgotten.
+//! Receiving side ([`Dedup`]): a bounded memory of the ids of the latest messages delivered,
+//! kept per sender (box key), so a message retried after a lost acknowledgement is not
+//! delivered twice. Each sender keeps its latest `per_peer` ids (4,096 by default,
+//! [`crate::NetConfig::dedup_per_peer`]) and all senders together at most `capacity` (65,536
+//! by default, [`crate::NetConfig::dedup`]); past that the least recently active sender is
+//! forgotten whole (so the number of senders tracked is bounded too). A peer flooding ids
+//! therefore only evicts its own, never another sender's latest ids. The memory is persisted,
+//! so a receiver that restarts still recognises retries: (sender, id) pairs are written in
+//! chunks of [`DEDUP_CHUNK`] under the keys `dedup2-<n>` (a ring of as many chunks as the
+//! capacity needs), the current chunk at most every half second while messages arrive and when
+//! the platform is dropped. Only ids that arrived in the last half second before a crash can be
+//! forgotten. Chunk layout: sequence (8, big-endian), then per id the sender (32), the id's
+//! length (1) and the id. Chunks of the first format (`dedup-<n>`: ids without sender) are
+//! still read, as ids recognised from any sender, and deleted at the next flush; malformed
+//! chunks are skipped.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -314,33 +322,70 @@ impl OfflineBuffer {
     }
 }
 
-/// Bounded memory of delivered message ids (oldest forgotten first).
+/// Bounded memory of delivered message ids, kept per sender (see the module docs).
 pub struct Dedup {
-    seen: HashSet<Vec<u8>>,
-    order: VecDeque<Vec<u8>>,
+    peers: HashMap<[u8; 32], PeerIds>,
+    /// Senders by last activity (oldest first): the key is the sender's activity tick.
+    lru: BTreeMap<u64, [u8; 32]>,
+    tick: u64,
+    /// Ids remembered across all senders.
+    total: usize,
     capacity: usize,
+    per_peer: usize,
+    /// Ids read from the unversioned format (no sender): recognised from any sender.
+    legacy: HashSet<Vec<u8>>,
+    /// Storage keys of that format, deleted at the next flush.
+    legacy_keys: Vec<String>,
     /// Sequence number of the chunk being filled.
     chunk_seq: u64,
-    /// Ids of the chunk being filled.
-    chunk: Vec<Vec<u8>>,
+    /// Ids of the chunk being filled, with their senders.
+    chunk: Vec<([u8; 32], Vec<u8>)>,
     dirty: bool,
+}
+
+/// The ids remembered for one sender (oldest first in `order`).
+#[derive(Default)]
+struct PeerIds {
+    seen: HashSet<Vec<u8>>,
+    order: VecDeque<Vec<u8>>,
+    tick: u64,
 }
 
 /// Ids per persisted chunk of the de-duplication memory.
 pub const DEDUP_CHUNK: usize = 1024;
-/// Prefix of the storage keys of the de-duplication memory.
-pub const DEDUP_PREFIX: &str = "dedup-";
+/// Prefix of the storage keys of the de-duplication memory (format 2: ids with their sender).
+pub const DEDUP_PREFIX: &str = "dedup2-";
+/// Prefix of the storage keys of the first format (ids without sender), still read.
+pub const DEDUP_LEGACY_PREFIX: &str = "dedup-";
+/// Default number of the latest ids remembered per sender.
+pub const DEFAULT_DEDUP_PER_PEER: usize = 4096;
 
 /// Longest id remembered; longer ids are not de-duplicated.
 pub const MAX_ID_LEN: usize = 64;
 
+/// The sender [`Dedup::first_time`] files ids under (no sender known).
+const NO_SENDER: [u8; 32] = [0; 32];
+
 impl Dedup {
-    /// Remembers at most `capacity` ids (at least 1).
+    /// Remembers at most `capacity` ids (at least 1), at most [`DEFAULT_DEDUP_PER_PEER`] per
+    /// sender.
     pub fn new(capacity: usize) -> Dedup {
+        Dedup::with_per_peer(capacity, DEFAULT_DEDUP_PER_PEER)
+    }
+
+    /// Remembers at most `capacity` ids (at least 1) in all, and the latest `per_peer` ids of
+    /// each sender (at least 1, at most `capacity`).
+    pub fn with_per_peer(capacity: usize, per_peer: usize) -> Dedup {
+        let capacity = capacity.max(1);
         Dedup {
-            seen: HashSet::new(),
-            order: VecDeque::new(),
-            capacity: capacity.max(1),
+            peers: HashMap::new(),
+            lru: BTreeMap::new(),
+            tick: 0,
+            total: 0,
+            capacity,
+            per_peer: per_peer.clamp(1, capacity),
+            legacy: HashSet::new(),
+            legacy_keys: Vec::new(),
             chunk_seq: 0,
             chunk: Vec::new(),
             dirty: false,
@@ -351,40 +396,70 @@ impl Dedup {
         self.capacity.div_ceil(DEDUP_CHUNK) as u64
     }
 
-    /// Loads the persisted ids (malformed chunks are ignored).
+    /// Loads the persisted ids with the default per-sender quota (malformed chunks are
+    /// ignored).
     pub fn load(capacity: usize, storage: &dyn Storage) -> Result<Dedup, StorageError> {
-        let mut d = Dedup::new(capacity);
+        Dedup::load_with_per_peer(capacity, DEFAULT_DEDUP_PER_PEER, storage)
+    }
+
+    /// Loads the persisted ids (malformed chunks are ignored; chunks of the first format are
+    /// read as ids recognised from any sender, and their keys deleted at the next flush).
+    pub fn load_with_per_peer(
+        capacity: usize,
+        per_peer: usize,
+        storage: &dyn Storage,
+    ) -> Result<Dedup, StorageError> {
+        let mut d = Dedup::with_per_peer(capacity, per_peer);
         let mut chunks = Vec::new();
+        let mut legacy = Vec::new();
         for key in storage.keys()? {
-            if !key.starts_with(DEDUP_PREFIX) {
+            let current = key.starts_with(DEDUP_PREFIX);
+            if !current && !key.starts_with(DEDUP_LEGACY_PREFIX) {
                 continue;
             }
             let Some(v) = storage.get(&key)? else {
                 continue;
             };
+            if !current {
+                d.legacy_keys.push(key);
+            }
             if v.len() < 8 {
                 continue;
             }
             let seq = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
             let mut ids = Vec::new();
             let mut at = 8;
-            while at < v.len() {
-                let n = usize::from(v[at]);
-                if n > MAX_ID_LEN || at + 1 + n > v.len() {
+            let head = if current { 32 } else { 0 };
+            while at + head < v.len() {
+                let mut sender = NO_SENDER;
+                sender[..head].copy_from_slice(&v[at..at + head]);
+                let n = usize::from(v[at + head]);
+                let from = at + head + 1;
+                if n > MAX_ID_LEN || from + n > v.len() {
                     break;
                 }
-                ids.push(v[at + 1..at + 1 + n].to_vec());
-                at += 1 + n;
+                ids.push((sender, v[from..from + n].to_vec()));
+                at = from + n;
             }
-            chunks.push((seq, ids));
+            if current {
+                chunks.push((seq, ids));
+            } else {
+                legacy.push((seq, ids));
+            }
         }
+        // Legacy ids: the latest `capacity` of them.
+        legacy.sort_by_key(|c| c.0);
+        let old: Vec<Vec<u8>> = legacy.into_iter().flat_map(|c| c.1).map(|e| e.1).collect();
+        let skip = old.len().saturating_sub(d.capacity);
+        d.legacy.extend(old.into_iter().skip(skip));
         chunks.sort_by_key(|c| c.0);
         for (seq, ids) in chunks {
-            for id in ids {
-                d.remember(id);
+            for (sender, id) in ids {
+                d.remember(sender, id);
             }
             d.chunk_seq = d.chunk_seq.max(seq.saturating_add(1));
         }
+        d.dirty = !d.legacy_keys.is_empty();
         Ok(d)
     }
 
@@ -393,14 +468,19 @@ impl Dedup {
         if !self.dirty {
             return Ok(());
         }
-        let mut v = Vec::with_capacity(8 + self.chunk.len() * 17);
+        let mut v = Vec::with_capacity(8 + self.chunk.len() * 50);
         v.extend_from_slice(&self.chunk_seq.to_be_bytes());
-        for id in &self.chunk {
+        for (sender, id) in &self.chunk {
+            v.extend_from_slice(sender);
             v.push(id.len() as u8);
             v.extend_from_slice(id);
         }
         let key = format!("{DEDUP_PREFIX}{}", self.chunk_seq % self.chunks());
         storage.put(&key, &v)?;
+        while let Some(k) = self.legacy_keys.last() {
+            storage.del(k)?;
+            self.legacy_keys.pop();
+        }
         self.dirty = false;
         if self.chunk.len() >= DEDUP_CHUNK {
             self.chunk.clear();
@@ -414,47 +494,94 @@ impl Dedup {
         self.dirty
     }
 
-    fn remember(&mut self, id: Vec<u8>) {
-        if self.seen.contains(&id) {
-            return;
+    /// Marks `sender` as the most recently active one.
+    fn touch(&mut self, sender: [u8; 32]) {
+        self.tick += 1;
+        let tick = self.tick;
+        let p = self.peers.entry(sender).or_default();
+        if p.tick != 0 {
+            self.lru.remove(&p.tick);
         }
-        if self.order.len() >= self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.seen.remove(&old);
-            }
-        }
-        self.seen.insert(id.clone());
-        self.order.push_back(id);
+        p.tick = tick;
+        self.lru.insert(tick, sender);
     }
 
-    /// `true` if `id` is new (and remembers it), `false` for a duplicate.
-    pub fn first_time(&mut self, id: &[u8]) -> bool {
+    /// Remembers `id` from `sender`; `false` if it was already remembered.
+    fn remember(&mut self, sender: [u8; 32], id: Vec<u8>) -> bool {
+        self.touch(sender);
+        let per_peer = self.per_peer;
+        let p = self.peers.entry(sender).or_default();
+        if p.seen.contains(&id) {
+            return false;
+        }
+        if p.order.len() >= per_peer {
+            if let Some(old) = p.order.pop_front() {
+                p.seen.remove(&old);
+                self.total -= 1;
+            }
+        }
+        p.seen.insert(id.clone());
+        p.order.push_back(id);
+        self.total += 1;
+        // Over the global bound: the least recently active other sender is forgotten (the
+        // sender just touched is the newest, and holds at most `per_peer <= capacity` ids).
+        while self.total > self.capacity {
+            let Some((&t, &old)) = self.lru.iter().next() else {
+                break;
+            };
+            if old == sender {
+                break;
+            }
+            self.lru.remove(&t);
+            if let Some(gone) = self.peers.remove(&old) {
+                self.total -= gone.order.len();
+            }
+        }
+        true
+    }
+
+    /// `true` if `id` from `sender` (its 32-byte key) is new (and remembers it), `false` for
+    /// a duplicate. Each sender's ids are kept apart: one sender's ids never evict another's
+    /// beyond the least-recently-active rule.
+    pub fn first_time_from(&mut self, sender: &[u8; 32], id: &[u8]) -> bool {
         if id.len() > MAX_ID_LEN {
             return true;
         }
-        if self.seen.contains(id) {
+        if self.legacy.contains(id) {
             return false;
         }
-        self.remember(id.to_vec());
+        if !self.remember(*sender, id.to_vec()) {
+            return false;
+        }
         if self.chunk.len() >= self.capacity {
             // Never flushed (no storage at hand): keep it bounded anyway. A chunk may otherwise
             // grow past DEDUP_CHUNK until the next flush writes it whole and starts another.
             self.chunk.clear();
             self.chunk_seq = self.chunk_seq.wrapping_add(1);
         }
-        self.chunk.push(id.to_vec());
+        self.chunk.push((*sender, id.to_vec()));
         self.dirty = true;
         true
     }
 
-    /// Ids remembered.
+    /// [`Dedup::first_time_from`] for an unknown sender (all such ids share one quota).
+    pub fn first_time(&mut self, id: &[u8]) -> bool {
+        self.first_time_from(&NO_SENDER, id)
+    }
+
+    /// Ids remembered (all senders).
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.total
     }
 
     /// Whether nothing is remembered.
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.total == 0
+    }
+
+    /// Senders whose ids are remembered.
+    pub fn senders(&self) -> usize {
+        self.peers.len()
     }
 }
 
@@ -589,6 +716,71 @@ mod tests {
         assert!(d.first_time(b"a"), "oldest forgotten");
         assert!(d.first_time(&[0; 100]));
         assert!(d.first_time(&[0; 100]), "over-long ids are not remembered");
+    }
+
+    #[test]
+    fn one_sender_flooding_ids_does_not_evict_another_senders_ids() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let mut d = Dedup::with_per_peer(100, 20);
+        assert!(d.first_time_from(&b, b"retried"));
+        for i in 0u32..10_000 {
+            d.first_time_from(&a, &i.to_be_bytes());
+        }
+        assert!(
+            !d.first_time_from(&b, b"retried"),
+            "b's id survived a's flood"
+        );
+        assert!(d.len() <= 100 && d.senders() == 2);
+        // The flood only evicted a's own oldest ids.
+        assert!(d.first_time_from(&a, &0u32.to_be_bytes()));
+        assert!(!d.first_time_from(&a, &9_999u32.to_be_bytes()));
+        // The same id from another sender is a different message.
+        assert!(d.first_time_from(&a, b"retried"));
+    }
+
+    #[test]
+    fn the_least_recently_active_sender_goes_first_and_the_bound_holds() {
+        let mut d = Dedup::with_per_peer(10, 5);
+        let (a, b, c) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        for i in 0u8..5 {
+            assert!(d.first_time_from(&a, &[i]));
+            assert!(d.first_time_from(&b, &[i]));
+        }
+        assert!(!d.first_time_from(&a, &[0]), "a active again");
+        assert!(d.first_time_from(&c, &[0]));
+        assert_eq!((d.len(), d.senders()), (6, 2), "b (least recent) forgotten");
+        assert!(d.first_time_from(&b, &[1]));
+        for s in 10u8..200 {
+            d.first_time_from(&[s; 32], &[s]);
+        }
+        assert!(d.len() <= 10 && d.senders() <= 10);
+    }
+
+    #[test]
+    fn per_sender_memory_survives_a_restart_and_old_data_is_read() {
+        let mut store = MemStore::new();
+        // First format: `seq | (len id)*` under `dedup-<n>`.
+        let mut old = 3u64.to_be_bytes().to_vec();
+        old.extend_from_slice(&[2, 7, 7]);
+        store.put("dedup-0", &old).unwrap();
+        store.put("dedup-1", b"junk").unwrap();
+        let mut d = Dedup::load_with_per_peer(100, 10, &store).unwrap();
+        assert!(
+            !d.first_time_from(&[5; 32], &[7, 7]),
+            "old ids still recognised"
+        );
+        assert!(d.first_time_from(&[5; 32], b"new"));
+        d.flush(&mut store).unwrap();
+        let keys = store.keys().unwrap();
+        assert!(keys.iter().all(|k| !k.starts_with("dedup-")), "{keys:?}");
+        let mut r = Dedup::load_with_per_peer(100, 10, &store).unwrap();
+        assert!(!r.first_time_from(&[5; 32], b"new"));
+        assert!(r.first_time_from(&[6; 32], b"new"), "kept per sender");
+        store.put("dedup2-0", &[0, 0, 0, 0, 0, 0, 0, 1, 9]).unwrap();
+        assert!(
+            Dedup::load(100, &store).is_ok(),
+            "malformed chunks are skipped"
+        );
     }
 
     #[test]

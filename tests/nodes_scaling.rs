@@ -17,6 +17,8 @@ fn quiet() -> NetConfig {
     NetConfig {
         keepalive: Duration::from_secs(600),
         dead_after: Duration::from_secs(1800),
+        // Every node here connects from 127.0.0.1.
+        max_inbound_per_ip: 1024,
         ..NetConfig::default()
     }
 }

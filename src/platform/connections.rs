@@ -95,16 +95,31 @@
 //! Per destination at most [`NetConfig::peer_queue_messages`] messages and
 //! [`NetConfig::peer_queue_bytes`] bytes wait in memory (sends beyond return
 //! [`SendStatus::BufferFull`]); the offline buffer has its own bounds; connections are capped
-//! by [`NetConfig::max_connections`]; incoming frames are limited to [`NetConfig::max_frame`]
+//! by [`NetConfig::max_connections`], of which [`NetConfig::reserved_outbound`] slots are
+//! kept from incoming connections of peers outside our friends and devices circles (any
+//! identity costs nothing to make, so strangers must not be able to fill the table and block
+//! our own connections), and strangers' incoming connections are capped per source address
+//! ([`NetConfig::max_inbound_per_ip`]; IPv6 per /64) — refused ones are dropped from the
+//! CurveCP server at once; incoming frames are limited to [`NetConfig::max_frame`]
 //! bytes (a larger one closes that connection only), and to 1 KiB until the peer has
 //! identified itself; a connection stops reading while the
 //! local delivery queue is full (the peer is then flow-controlled by CurveCP).
+//!
+//! Partly received frames share one memory budget, [`NetConfig::frame_budget`] (64 MiB by
+//! default, at least one maximal frame): each connection may buffer 64 KiB (`FRAME_FLOOR`)
+//! outside it, so small frames always flow; a larger frame reserves its whole size (learnt
+//! from its length prefix) from the budget before its bytes beyond the floor are read, so
+//! partial frames can never hold the budget in a deadlock. A connection whose frame does not
+//! fit stops reading (the bytes stay in the CurveCP receive window and the peer is
+//! flow-controlled) and waits in a list; every release of reserved bytes (a frame completed,
+//! a connection ended) makes the waiting connections dirty, so none misses its wake-up.
+//! [`super::Stats::frame_bytes_peak`] reports the most bytes ever reserved at once.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::{Registry, Token};
@@ -121,7 +136,9 @@ use crate::curvecp::server::{ClientPolicy, ConnectionId, ServerConfig, ServerEve
 use crate::curvecp::stream::{Eof, Stream, StreamConfig};
 use crate::envelope::{Envelope, FrameReader, DEFAULT_MAX_FRAME};
 use crate::identity::{BoxId, SignId};
-use crate::offline::{AddError, Dedup, OfflineBuffer, OfflineLimits, RecordKey};
+use crate::offline::{
+    AddError, Dedup, OfflineBuffer, OfflineLimits, RecordKey, DEFAULT_DEDUP_PER_PEER,
+};
 use crate::storage::Storage;
 use crate::transport::connection_info::{self, Endpoint};
 use crate::transport::{ClientDriver, ServerDriver, TransportKind};
@@ -136,9 +153,36 @@ pub const CONNECTION_INFO_KEY: &str = "connectionInfo";
 const IDENTIFY_MAX_FRAME: usize = 1024;
 /// The de-duplication memory is written at most this often while messages arrive.
 const DEDUP_FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// Bytes of a partly received frame every connection may buffer outside
+/// [`NetConfig::frame_budget`] (so small frames always flow, whatever large ones are pending).
+const FRAME_FLOOR: usize = 64 * 1024;
 /// Known peers beyond which idle ones (no connection, nothing queued, no lookup, no offline
 /// record) are forgotten as soon as they become idle.
 const KEEP_IDLE_PEERS: usize = 64;
+
+/// The source of an incoming connection, as counted for [`NetConfig::max_inbound_per_ip`]: an
+/// IPv4 address, or the /64 prefix of an IPv6 one (one host usually owns a whole /64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum IpKey {
+    V4([u8; 4]),
+    V6([u8; 8]),
+}
+
+impl IpKey {
+    fn of(ip: IpAddr) -> IpKey {
+        match ip {
+            IpAddr::V4(a) => IpKey::V4(a.octets()),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => IpKey::V4(v4.octets()),
+                None => {
+                    let mut p = [0; 8];
+                    p.copy_from_slice(&a.octets()[..8]);
+                    IpKey::V6(p)
+                }
+            },
+        }
+    }
+}
 
 /// Settings of the connection manager (timeouts and bounds); every field has a default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,10 +216,28 @@ pub struct NetConfig {
     pub peer_queue_bytes: usize,
     /// Most connections (both directions). Default 1,024.
     pub max_connections: usize,
+    /// Slots of `max_connections` that incoming connections from peers outside our friends
+    /// and devices circles cannot take: kept for our outgoing connections (and for incoming
+    /// ones from our circles). Default 128.
+    pub reserved_outbound: usize,
+    /// Incoming connections from one source address (IPv6: one /64 prefix) at once, not
+    /// counting peers in our friends and devices circles. Default 64 (tests running many
+    /// nodes on 127.0.0.1 raise it).
+    pub max_inbound_per_ip: usize,
     /// Bounds of the offline buffer.
     pub offline: OfflineLimits,
-    /// Message ids remembered for de-duplication. Default 65,536.
+    /// Message ids remembered for de-duplication, all senders together. Past it, the least
+    /// recently active sender's ids are forgotten. Default 65,536.
     pub dedup: usize,
+    /// Message ids remembered per sender (its latest ones; a sender flooding ids only evicts
+    /// its own). Default 4,096.
+    pub dedup_per_peer: usize,
+    /// Bytes of partly received frames buffered across all connections, beyond the first
+    /// 64 KiB of each connection. A connection whose frame in progress
+    /// does not fit stops reading its stream (the peer is flow-controlled by CurveCP) until
+    /// other frames complete or connections end. Raised to at least one maximal frame
+    /// ([`NetConfig::max_frame`]) so that any frame can be received. Default 64 MiB.
+    pub frame_budget: usize,
 }
 
 impl Default for NetConfig {
@@ -195,8 +257,12 @@ impl Default for NetConfig {
             peer_queue_messages: 65_536,
             peer_queue_bytes: 64 << 20,
             max_connections: 1024,
+            reserved_outbound: 128,
+            max_inbound_per_ip: 64,
             offline: OfflineLimits::default(),
             dedup: 65_536,
+            dedup_per_peer: DEFAULT_DEDUP_PER_PEER,
+            frame_budget: 64 << 20,
         }
     }
 }
@@ -304,6 +370,9 @@ enum ReadOutcome {
     Blocked,
     /// The per-visit budget ran out with more to read: visit again next turn.
     More,
+    /// The frame in progress does not fit in [`NetConfig::frame_budget`]: read again once
+    /// reserved frame bytes are released (the connection waits in [`Net::budget_waiters`]).
+    Starved,
 }
 
 struct Conn {
@@ -324,6 +393,12 @@ struct Conn {
     opened: Instant,
     last_write: Instant,
     reader: FrameReader,
+    /// Bytes of [`Net::frame_used`] reserved for the frame in progress (beyond the floor).
+    reserved: usize,
+    /// In [`Net::budget_waiters`].
+    budget_wait: bool,
+    /// Counted in [`Net::inbound_per_ip`] under this source.
+    inbound_from: Option<IpKey>,
     partial: Vec<u8>,
     partial_pos: usize,
     partial_track: Track,
@@ -379,6 +454,14 @@ pub(crate) struct Net {
     watch: Vec<usize>,
     /// Connections that stopped reading because the local delivery queue was full.
     read_blocked: Vec<usize>,
+    /// Frame bytes reserved by all connections (at most `frame_budget`).
+    frame_used: usize,
+    /// `cfg.frame_budget`, raised to at least one maximal frame.
+    frame_budget: usize,
+    /// Connections waiting for room in the frame budget (made dirty when some is released).
+    budget_waiters: Vec<usize>,
+    /// Incoming connections from strangers per source address (see `max_inbound_per_ip`).
+    inbound_per_ip: HashMap<IpKey, usize>,
     /// Peers to look at in `ensure_connections` (something to send, retry due, ...).
     want: Vec<BoxId>,
     /// Destinations whose offline records went back to idle (become `want`).
@@ -495,10 +578,11 @@ impl Net {
             (!offline.is_empty()).then(|| timers.schedule(now, NetTimer::OfflineRetry));
         Ok(Net {
             dir: DirectoryCache::new(cfg.node_info_ttl, cfg.lookup_timeout),
-            dedup: Dedup::load(cfg.dedup, storage).unwrap_or_else(|e| {
-                log::debug!("de-duplication memory could not be loaded: {e}");
-                Dedup::new(cfg.dedup)
-            }),
+            dedup: Dedup::load_with_per_peer(cfg.dedup, cfg.dedup_per_peer, storage)
+                .unwrap_or_else(|e| {
+                    log::debug!("de-duplication memory could not be loaded: {e}");
+                    Dedup::with_per_peer(cfg.dedup, cfg.dedup_per_peer)
+                }),
             cfg,
             registry,
             server,
@@ -518,6 +602,12 @@ impl Net {
             dirty: Vec::new(),
             watch: Vec::new(),
             read_blocked: Vec::new(),
+            frame_used: 0,
+            frame_budget: cfg
+                .frame_budget
+                .max(crate::netstring::encoded_len(cfg.max_frame).saturating_sub(FRAME_FLOOR)),
+            budget_waiters: Vec::new(),
+            inbound_per_ip: HashMap::new(),
             want: Vec::new(),
             released: Vec::new(),
             conn_waiters: Vec::new(),
@@ -583,6 +673,37 @@ impl Net {
                 self.dirty.push(k);
             }
         }
+    }
+
+    /// Gives `bytes` of the frame budget back and wakes the connections waiting for it.
+    fn release_frame_bytes(&mut self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        self.frame_used -= bytes;
+        for k in std::mem::take(&mut self.budget_waiters) {
+            if let Some(c) = self.conns.get_mut(k) {
+                c.budget_wait = false;
+            }
+            self.mark_dirty(k);
+        }
+    }
+
+    /// Connection `k` (already out of `conns`) ends: its share of the frame budget and its
+    /// count in the per-source table go back.
+    fn drop_shares(&mut self, k: usize, c: &Conn) {
+        if let Some(ip) = c.inbound_from {
+            if let Some(n) = self.inbound_per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.inbound_per_ip.remove(&ip);
+                }
+            }
+        }
+        if c.budget_wait {
+            self.budget_waiters.retain(|&w| w != k);
+        }
+        self.release_frame_bytes(c.reserved);
     }
 
     /// Queues peer `b` for `ensure_connections` (once).
@@ -954,6 +1075,7 @@ impl Core {
             if self.read_conn(k) == ReadOutcome::Blocked {
                 break;
             }
+            // Starved: it waits in `budget_waiters`; the others read on.
         }
     }
 
@@ -1018,7 +1140,7 @@ impl Core {
             return;
         }
         match self.read_conn(k) {
-            ReadOutcome::Done => {}
+            ReadOutcome::Done | ReadOutcome::Starved => {}
             ReadOutcome::More => {
                 if let Some(net) = self.net.as_mut() {
                     net.mark_dirty(k);
@@ -1098,12 +1220,31 @@ impl Core {
         let Some(key) = net.server.server().client_key(id) else {
             return;
         };
-        if net.conns.len() >= net.cfg.max_connections {
-            log::debug!("too many connections: incoming one refused");
+        // Peers in our circles may take any slot; strangers leave `reserved_outbound` free
+        // and are capped per source address.
+        let circle = self.circles.is_friend(&BoxId(key)) || self.circles.is_device(&BoxId(key));
+        let path = net.server.server().path(id);
+        let source = match (circle, path) {
+            (false, Some(p)) => net.server.peer_ip(p).map(IpKey::of),
+            _ => None,
+        };
+        let limit = if circle {
+            net.cfg.max_connections
+        } else {
+            net.cfg
+                .max_connections
+                .saturating_sub(net.cfg.reserved_outbound)
+        };
+        let from_source = source.map_or(0, |s| net.inbound_per_ip.get(&s).copied().unwrap_or(0));
+        if net.conns.len() >= limit || (!circle && from_source >= net.cfg.max_inbound_per_ip) {
+            log::debug!("too many connections (or from {source:?}): incoming one refused");
             net.server.server_mut().remove(id);
             return;
         }
-        let kind = match net.server.server().path(id) {
+        if let Some(s) = source {
+            *net.inbound_per_ip.entry(s).or_insert(0) += 1;
+        }
+        let kind = match path {
             Some(crate::transport::driver::Path::Tcp { .. }) => TransportKind::Tcp,
             _ => TransportKind::Udp,
         };
@@ -1121,6 +1262,9 @@ impl Core {
             opened: now,
             last_write: now,
             reader: FrameReader::new(IDENTIFY_MAX_FRAME.min(net.cfg.max_frame)),
+            reserved: 0,
+            budget_wait: false,
+            inbound_from: source,
             partial: net.identify.clone(),
             partial_pos: 0,
             partial_track: Track::default(),
@@ -1173,6 +1317,7 @@ impl Core {
             net.watch.retain(|&w| w != k);
         }
         net.read_blocked.retain(|&w| w != k);
+        net.drop_shares(k, &c);
         if let Link::Server(id) = c.link {
             net.by_server.remove(&id);
             net.server.server_mut().remove(id);
@@ -1516,6 +1661,9 @@ impl Core {
                     opened: now,
                     last_write: now,
                     reader: FrameReader::new(IDENTIFY_MAX_FRAME.min(net.cfg.max_frame)),
+                    reserved: 0,
+                    budget_wait: false,
+                    inbound_from: None,
                     partial: net.identify.clone(),
                     partial_pos: 0,
                     partial_track: Track::default(),
@@ -1564,13 +1712,48 @@ impl Core {
                     }
                 }
             }
+            // The frame in progress: beyond the floor, its whole size is reserved from the
+            // frame budget before its bytes are read (no deadlock between partial frames).
             let Some(net) = self.net.as_mut() else {
                 return ReadOutcome::Done;
             };
             let Some(c) = net.conns.get_mut(k) else {
                 return ReadOutcome::Done;
             };
-            let room = c.reader.room().min(net.scratch.len());
+            let buffered = c.reader.buffered();
+            let want = buffered
+                .max(c.reader.frame_len().unwrap_or(0))
+                .saturating_sub(FRAME_FLOOR);
+            if want < c.reserved {
+                let give = c.reserved - want;
+                c.reserved = want;
+                net.release_frame_bytes(give);
+            } else if want > c.reserved {
+                let more = want - c.reserved;
+                if net.frame_used + more > net.frame_budget {
+                    log::debug!("connection {k}: frame budget exhausted; reading paused");
+                    if !c.budget_wait {
+                        c.budget_wait = true;
+                        net.budget_waiters.push(k);
+                    }
+                    return ReadOutcome::Starved;
+                }
+                c.reserved = want;
+                net.frame_used += more;
+                let used = net.frame_used as u64;
+                self.stats.frame_bytes_peak = self.stats.frame_bytes_peak.max(used);
+            }
+            let Some(net) = self.net.as_mut() else {
+                return ReadOutcome::Done;
+            };
+            let Some(c) = net.conns.get_mut(k) else {
+                return ReadOutcome::Done;
+            };
+            let limit = (FRAME_FLOOR + c.reserved).saturating_sub(c.reader.buffered());
+            let room = c.reader.room().min(net.scratch.len()).min(limit);
+            if room == 0 {
+                return ReadOutcome::Done;
+            }
             let Some(stream) = stream_of(&mut net.server, &mut c.link) else {
                 return ReadOutcome::Done;
             };
@@ -1626,7 +1809,7 @@ impl Core {
             return true; // identify repeated, ping
         }
         if let Some(id) = &env.id {
-            if !net.dedup.first_time(id) {
+            if !net.dedup.first_time_from(c.peer_box.0.as_bytes(), id) {
                 self.stats.duplicates += 1;
                 log::debug!("duplicate message from {sign} dropped");
                 return true;
@@ -1723,6 +1906,7 @@ impl Core {
                     net.watch.retain(|&w| w != o);
                 }
                 net.read_blocked.retain(|&w| w != o);
+                net.drop_shares(o, &c);
                 if let Link::Server(id) = c.link {
                     net.by_server.remove(&id);
                     net.server.server_mut().remove(id);

@@ -201,6 +201,9 @@ pub struct Stats {
     /// Peers the connection manager looked at (wanted ones: something to send, a retry due,
     /// offline records; peers with nothing to do cost none).
     pub peer_visits: u64,
+    /// The most bytes of partly received frames reserved at once from
+    /// [`NetConfig::frame_budget`] (beyond each connection's 64 KiB floor).
+    pub frame_bytes_peak: u64,
 }
 
 /// Why a platform could not be built.

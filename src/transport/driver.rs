@@ -433,6 +433,20 @@ impl ServerDriver {
         &mut self.server
     }
 
+    /// The remote IP address of a connection's path: the UDP peer's, or the accepted TCP
+    /// stream's (`None` once that stream is gone).
+    pub fn peer_ip(&self, path: Path) -> Option<std::net::IpAddr> {
+        match path {
+            Path::Udp(a) => Some(a.ip()),
+            Path::Tcp { slot, generation } => self
+                .tcp
+                .get(slot)
+                .filter(|t| t.generation == generation)
+                .and_then(|t| t.stream.peer_addr().ok())
+                .map(|a| a.ip()),
+        }
+    }
+
     /// TCP streams open now.
     pub fn tcp_streams(&self) -> usize {
         self.tcp.len()
