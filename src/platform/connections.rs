@@ -689,6 +689,24 @@ impl Net {
         }
     }
 
+    /// Undoes everything that refers to connection `k` outside the slab, once it has been
+    /// taken out of it: its timer, its places in the watch and read-blocked lists, its shares
+    /// of the per-address and frame budgets, and its CurveCP server connection.
+    fn unlink(&mut self, k: usize, c: &mut Conn) {
+        if let Some((id, _)) = c.timer.take() {
+            self.timers.cancel(id);
+        }
+        if c.watched {
+            self.watch.retain(|&w| w != k);
+        }
+        self.read_blocked.retain(|&w| w != k);
+        self.drop_shares(k, c);
+        if let Link::Server(id) = c.link {
+            self.by_server.remove(&id);
+            self.server.server_mut().remove(id);
+        }
+    }
+
     /// Connection `k` (already out of `conns`) ends: its share of the frame budget and its
     /// count in the per-source table go back.
     fn drop_shares(&mut self, k: usize, c: &Conn) {
@@ -1310,18 +1328,7 @@ impl Core {
             return;
         };
         log::debug!("connection {k} to {:?} ended: {why}", c.peer);
-        if let Some((id, _)) = c.timer.take() {
-            net.timers.cancel(id);
-        }
-        if c.watched {
-            net.watch.retain(|&w| w != k);
-        }
-        net.read_blocked.retain(|&w| w != k);
-        net.drop_shares(k, &c);
-        if let Link::Server(id) = c.link {
-            net.by_server.remove(&id);
-            net.server.server_mut().remove(id);
-        }
+        net.unlink(k, &mut c);
         let mut lost: Vec<Track> = c.inflight.drain(..).map(|(_, t)| t).collect();
         if c.partial_pos > 0 || !c.partial_track.is_none() {
             lost.push(c.partial_track);
@@ -1898,19 +1905,8 @@ impl Core {
                 if let Some(p) = net.peers.get_mut(&b) {
                     p.conn = Some(k);
                 }
-                let c = net.conns.remove(o);
-                if let Some((id, _)) = c.timer {
-                    net.timers.cancel(id);
-                }
-                if c.watched {
-                    net.watch.retain(|&w| w != o);
-                }
-                net.read_blocked.retain(|&w| w != o);
-                net.drop_shares(o, &c);
-                if let Link::Server(id) = c.link {
-                    net.by_server.remove(&id);
-                    net.server.server_mut().remove(id);
-                }
+                let mut c = net.conns.remove(o);
+                net.unlink(o, &mut c);
             }
         }
         // Offline records for this peer join its queue.
