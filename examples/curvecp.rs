@@ -18,6 +18,8 @@
 //! - `client` sends its stdin then EOF, writes the server's stream to stdout until the server's
 //!   EOF, and exits 0. On failure (no answer after the Hello schedule, connection lost, a failure
 //!   EOF from the server) it exits 1 with a one-line reason on stderr. Usage errors exit 100.
+//!   While it waits for a silent server it probes it every 5 s, so a server that vanished is
+//!   detected (after the stream's 30 s `dead_after`) rather than waited for forever.
 //!
 //! NAME is a DNS name (the empty name `""` allowed), EXT 32 hex digits, keys 64 hex digits.
 //! `--tcp` carries the packets as netstrings over TCP instead of UDP datagrams. Logging goes to
@@ -405,6 +407,8 @@ fn pump_handler(poll: &Poll, driver: &mut ServerDriver, h: &mut Handler, buf: &m
 // client
 
 const WAKER: Token = Token(1);
+/// How long the client waits in silence before probing the server.
+const CLIENT_KEEPALIVE: Duration = Duration::from_secs(5);
 const SOCKET: Token = Token(0);
 
 /// Reads stdin on its own thread (stdin may be a file, which epoll cannot watch) and hands
@@ -451,6 +455,10 @@ fn client(args: &[String]) -> Result<(), Failure> {
     let mut config = ClientConfig::new(server_key);
     config.server_name = name;
     config.server_extension = extension;
+    // Probe a server that has gone quiet while we wait for its stream, so that a server that
+    // vanished (CurveCP has no close packet) ends the client with an error after
+    // `dead_after` instead of a wait without end.
+    config.stream.keepalive = Some(CLIENT_KEEPALIVE);
 
     let mut poll = Poll::new()?;
     let waker = Waker::new(poll.registry(), WAKER)?;
@@ -526,7 +534,7 @@ fn client(args: &[String]) -> Result<(), Failure> {
         let done = stream.is_done();
         driver.flush(poll.registry(), Instant::now())?;
         match driver.client().state() {
-            ClientState::Failed(e) => return fatal(format!("connection failed: {e:?}")),
+            ClientState::Failed(e) => return fatal(format!("connection failed: {e}")),
             _ if peer_eof == Some(Eof::Failure) && done => {
                 return fatal("the server ended its stream with failure")
             }

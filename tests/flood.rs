@@ -102,6 +102,11 @@ fn flood_leaves_memory_flat_and_a_client_gets_through() {
             .args(["server", "test.example.org"])
             .arg(dir.path("serverkey"))
             .args(["127.0.0.1", &port.to_string(), EXT, "--", "cat"])
+            // Connection starts and ends (not the flood's dropped packets) for diagnosis.
+            .env(
+                "RUST_LOG",
+                "mm_platform=debug/(accepted|removed|unresponsive)",
+            )
             .stderr(Stdio::inherit()),
     );
     wait_for_udp_bind(port, &mut server);

@@ -282,3 +282,30 @@ fn our_client_reports_no_response() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "one-line reason: {err}");
 }
+
+#[test]
+fn our_client_fails_when_the_server_vanishes() {
+    // CurveCP has no close packet: a client whose server disappears while it waits for the
+    // server's stream must notice (keepalive probes, then the stream's dead-peer timeout) and
+    // exit non-zero with a reason, not wait forever.
+    let dir = TempDir::new("vanish");
+    let key = our_makekey(&dir.path("serverkey"));
+    let port = free_port(false);
+    // A handler that never answers (and ends by itself, so nothing is left behind).
+    let server = our_server(&dir, "serverkey", port, false, &["sleep", "45"]);
+    let mut cmd = Command::new(curvecp_bin());
+    cmd.args(["client", "test.example.org", &key, "127.0.0.1"])
+        .arg(port.to_string())
+        .arg(EXT)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let client = Proc::spawn("our client", &mut cmd);
+    std::thread::sleep(Duration::from_secs(1));
+    drop(server); // SIGKILL: the server vanishes without a word
+    let out = client.output(Duration::from_secs(120));
+    assert!(!out.status.success(), "the client must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "one-line reason: {err}");
+    assert!(err.contains("unresponsive"), "reason: {err}");
+}

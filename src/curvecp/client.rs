@@ -117,6 +117,18 @@ pub enum ClientError {
     NonceExhausted,
 }
 
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::NoResponse => f.write_str("no response from the server"),
+            ClientError::Stream(e) => write!(f, "connection lost: {e}"),
+            ClientError::NonceExhausted => f.write_str("nonce counter exhausted"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
 /// Where a client connection is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientState {

@@ -119,6 +119,12 @@ pub struct StreamConfig {
     pub initial_block: usize,
     /// Fail the stream when data is outstanding and nothing has been acknowledged for this long.
     pub dead_after: Duration,
+    /// While we wait for the peer (its EOF has not arrived) with nothing of ours in flight,
+    /// send an empty block that the peer must acknowledge after this long without hearing from
+    /// it, so that `dead_after` also catches a peer that vanished while we only wait for it
+    /// (CurveCP has no close packet). `None` (the default) sends no such probes: the platform
+    /// has keepalives of its own, and JavaScript peers never acknowledge empty blocks.
+    pub keepalive: Option<Duration>,
     /// Makes the congestion controller of each new stream.
     pub congestion: CongestionFactory,
 }
@@ -133,6 +139,7 @@ impl StreamConfig {
             initial_ping: true,
             initial_block: 512,
             dead_after: Duration::from_secs(30),
+            keepalive: None,
             congestion: congestion::default_factory(),
         }
     }
@@ -162,6 +169,7 @@ impl std::fmt::Debug for StreamConfig {
             .field("initial_ping", &self.initial_ping)
             .field("initial_block", &self.initial_block)
             .field("dead_after", &self.dead_after)
+            .field("keepalive", &self.keepalive)
             .finish_non_exhaustive()
     }
 }
@@ -218,6 +226,9 @@ pub struct Stream {
     send_buffer: usize,
     recv_window: usize,
     dead_after: Duration,
+    keepalive: Option<Duration>,
+    /// When the latest valid message from the peer arrived.
+    last_heard: Instant,
     cc: Box<dyn Congestion>,
     error: Option<StreamError>,
     /// Latest `now` seen (what "immediately" means for `poll_timeout`).
@@ -290,6 +301,8 @@ impl Stream {
             // At least one full block, or a block could never be accepted.
             recv_window: config.recv_window.max(MAX_DATA),
             dead_after: config.dead_after,
+            keepalive: config.keepalive,
+            last_heard: now,
             cc,
             error: None,
             last_now: now,
@@ -426,6 +439,7 @@ impl Stream {
         if let Some(d) = data {
             self.store(&h, d);
         }
+        self.last_heard = self.last_heard.max(now);
         if !self.heard_from_peer {
             self.heard_from_peer = true;
             self.max_block = MAX_DATA;
@@ -759,9 +773,27 @@ impl Stream {
             return Some((0, true));
         }
         if self.ping_pending {
-            return Some((0, false));
+            // After our EOF, a probe repeats the EOF (an empty STOP block at the end), which
+            // every peer acknowledges; before it, an empty block.
+            return Some((0, self.eof_cut));
         }
         None
+    }
+
+    /// When a keepalive probe is due: we wait for the peer (no EOF from it yet), nothing of
+    /// ours is in flight or waiting to be cut, and the peer has been silent for `keepalive`.
+    fn keepalive_due(&self) -> Option<Instant> {
+        let k = self.keepalive?;
+        if self.error.is_some()
+            || self.peer_eof.is_some()
+            || self.in_flight > 0
+            || self.ping_pending
+            || self.write_pos > self.next_pos
+            || (self.eof.is_some() && !self.eof_cut)
+        {
+            return None;
+        }
+        Some(self.last_heard + k)
     }
 
     fn take_id(&mut self) -> u32 {
@@ -779,6 +811,11 @@ impl Stream {
         h.id = b.id;
         h.pos = b.pos;
         let len = usize::from(b.len);
+        if len == 0 && !b.eof {
+            // An empty block naming an acknowledged ID looks like a JavaScript peer's
+            // acknowledgement, which receivers do not acknowledge; a ping must not.
+            h.ack_id = 0;
+        }
         h.set_data(
             len,
             if b.eof {
@@ -834,6 +871,9 @@ impl Stream {
             self.error = Some(StreamError::PeerUnresponsive);
             self.ack_pending = None;
             return None;
+        }
+        if self.keepalive_due().is_some_and(|due| now >= due) {
+            self.ping_pending = true;
         }
         let pace_ok = self
             .pace_v
@@ -951,6 +991,9 @@ impl Stream {
                 at(pace_at.max(self.blocks[i].sent_at + self.rto()));
             }
         }
+        if let Some(due) = self.keepalive_due() {
+            at(due);
+        }
         if self.in_flight > 0 {
             at(self.last_progress + self.dead_after);
         }
@@ -1048,6 +1091,101 @@ mod tests {
         let mut out = [0u8; 1088];
         s.poll_message(now, 1088, &mut out)
             .map(|n| out[..n].to_vec())
+    }
+
+    /// Moves every message `from` has due at `now` to `to`; returns how many.
+    fn exchange(from: &mut Stream, to: &mut Stream, now: Instant) -> usize {
+        let mut n = 0;
+        while let Some(m) = poll(from, now) {
+            to.handle_message(&m, now);
+            n += 1;
+            assert!(n < 1000, "poll_message does not settle");
+        }
+        n
+    }
+
+    #[test]
+    fn keepalive_probes_a_silent_peer_and_detects_that_it_vanished() {
+        let t = Instant::now();
+        let cfg = StreamConfig {
+            keepalive: Some(Duration::from_secs(5)),
+            dead_after: Duration::from_secs(20),
+            ..StreamConfig::client()
+        };
+        let mut a = Stream::new(&cfg, t);
+        let mut b = Stream::new(&StreamConfig::server(), t);
+        a.write(b"request");
+        a.finish(Eof::Success);
+        // Everything of A's arrives and is acknowledged; B never answers with data or EOF.
+        for _ in 0..4 {
+            exchange(&mut a, &mut b, t);
+            exchange(&mut b, &mut a, t);
+        }
+        assert!(a.all_acked());
+        let mut buf = [0u8; 16];
+        assert_eq!(b.read(&mut buf), 7);
+        // A waits for B: a probe is due 5 s after B was last heard, not before.
+        let due = a.poll_timeout().expect("a keepalive deadline");
+        assert_eq!(due, t + Duration::from_secs(5));
+        assert_eq!(poll(&mut a, due - Duration::from_millis(1)), None);
+        // The probe repeats A's EOF (an empty STOP block) and B acknowledges it.
+        let probe = poll(&mut a, due).expect("a probe");
+        let h = Message::parse(&probe).unwrap().header;
+        assert_ne!(h.id, 0);
+        assert_eq!(h.data_len(), 0);
+        assert!(h.stop().is_some());
+        assert!(b.handle_message(&probe, due));
+        exchange(&mut b, &mut a, due);
+        assert!(a.error().is_none());
+        assert_eq!(a.poll_timeout(), Some(due + Duration::from_secs(5)));
+        // B vanishes: the next probes go unanswered and A fails after `dead_after`.
+        let mut now = due;
+        for _ in 0..100 {
+            now = match a.poll_timeout() {
+                Some(next) => next.max(now),
+                None => break,
+            };
+            while poll(&mut a, now).is_some() {}
+        }
+        assert_eq!(a.error(), Some(StreamError::PeerUnresponsive));
+        assert!(
+            now <= due + Duration::from_secs(5) + Duration::from_secs(20) + Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn keepalive_before_our_eof_is_an_empty_block_the_peer_acknowledges() {
+        let t = Instant::now();
+        let cfg = StreamConfig {
+            keepalive: Some(Duration::from_secs(1)),
+            ..StreamConfig::client()
+        };
+        let mut a = Stream::new(&cfg, t);
+        let mut b = Stream::new(&StreamConfig::server(), t);
+        a.write(b"x");
+        for _ in 0..4 {
+            exchange(&mut a, &mut b, t);
+            exchange(&mut b, &mut a, t);
+        }
+        let due = a.poll_timeout().expect("keepalive");
+        let probe = poll(&mut a, due).expect("probe");
+        let h = Message::parse(&probe).unwrap().header;
+        // No acknowledged ID, or the peer would take it for a JavaScript acknowledgement.
+        assert_eq!((h.data_len(), h.stop(), h.ack_id), (0, None, 0));
+        assert!(b.handle_message(&probe, due));
+        assert!(
+            exchange(&mut b, &mut a, due) > 0,
+            "the probe is acknowledged"
+        );
+        assert!(a.error().is_none());
+        // Without a keepalive, a stream that only waits has no deadline at all.
+        let mut c = Stream::new(&StreamConfig::client(), t);
+        let mut d = Stream::new(&StreamConfig::server(), t);
+        for _ in 0..4 {
+            exchange(&mut c, &mut d, t);
+            exchange(&mut d, &mut c, t);
+        }
+        assert_eq!(c.poll_timeout(), None);
     }
 
     #[test]
