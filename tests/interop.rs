@@ -36,6 +36,14 @@ fn our_client(
     Proc::spawn("our client", &mut cmd).output(LIMIT)
 }
 
+fn assert_success(out: &std::process::Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn assert_same(name: &str, got: &[u8], want: &[u8]) {
     assert_eq!(got.len(), want.len(), "{name}: length differs");
     assert!(got == want, "{name}: content differs");
@@ -63,11 +71,7 @@ fn our_client_downloads_from_reference_server() {
     );
     wait_for_udp_bind(port, &mut server);
     let out = our_client(&key, port, false, None);
-    assert!(
-        out.status.success(),
-        "our client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "our client failed");
     assert_same("download", &out.stdout, &data);
 }
 
@@ -94,11 +98,7 @@ fn our_client_uploads_to_reference_server() {
     );
     wait_for_udp_bind(port, &mut server);
     let out = our_client(&key, port, false, Some(&dir.path("data")));
-    assert!(
-        out.status.success(),
-        "our client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "our client failed");
     // Our client exits once the server's EOF arrived, which the reference sends only after its
     // handler (`cat > upload`) has exited: the file is complete.
     assert!(out.stdout.is_empty());
@@ -157,11 +157,7 @@ fn reference_client_downloads_from_our_server() {
     let out = dir.path("download");
     let client = reference_client(&key, port, &format!("cat <&6 > '{}'", out.display()));
     let o = client.output(LIMIT);
-    assert!(
-        o.status.success(),
-        "curvecpclient failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert_success(&o, "curvecpclient failed");
     assert_same("download", &fs::read(&out).unwrap(), &data);
 }
 
@@ -186,11 +182,7 @@ fn reference_client_uploads_to_our_server() {
     );
     let client = reference_client(&key, port, &format!("cat '{}' >&7", data_path.display()));
     let o = client.output(LIMIT);
-    assert!(
-        o.status.success(),
-        "curvecpclient failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert_success(&o, "curvecpclient failed");
     // The reference client ends once our EOF arrived, which our server sends when its handler
     // (`cat > upload`) closed its stdout, i.e. after it wrote everything.
     assert_same("upload", &fs::read(&upload).unwrap(), &data);
@@ -223,11 +215,7 @@ fn several_reference_clients_at_once_against_our_server() {
     }
     for (i, (client, data, output)) in clients.into_iter().enumerate() {
         let o = client.output(LIMIT);
-        assert!(
-            o.status.success(),
-            "curvecpclient {i} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert_success(&o, &format!("curvecpclient {i} failed"));
         assert_same(&format!("echo {i}"), &fs::read(&output).unwrap(), &data);
     }
 }
@@ -251,11 +239,7 @@ fn ours_against_ours(tcp: bool, clients: u64) {
     }
     for (i, t) in running.into_iter().enumerate() {
         let (out, data) = t.join().unwrap();
-        assert!(
-            out.status.success(),
-            "client {i} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out, &format!("client {i} failed"));
         assert_same(&format!("echo {i}"), &out.stdout, &data);
     }
 }

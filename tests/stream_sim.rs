@@ -918,6 +918,36 @@ fn interop_with_reference_curvecpmessage_over_pipes() {
     against_curvecpmessage("-c", 50_000, congestion::chicago());
 }
 
+/// One step of an endless bulk transfer from stream 0 to stream 1: top up the sender, drain
+/// the receiver, put every due message on the wire, advance to the next event and deliver what
+/// is due. Returns the new time.
+fn bulk_step(streams: &mut [Stream; 2], wire: &mut Wire, now: Instant) -> Instant {
+    let chunk = [0x5Au8; 65536];
+    let mut sink = [0u8; 65536];
+    streams[0].write(&chunk);
+    while streams[1].read(&mut sink) > 0 {}
+    for (i, s) in streams.iter_mut().enumerate() {
+        let mut out = [0u8; 1088];
+        while let Some(n) = s.poll_message(now, 1088, &mut out) {
+            wire.send(i, out[..n].to_vec(), now);
+        }
+    }
+    let next = [
+        wire.next_time(),
+        streams[0].poll_timeout(),
+        streams[1].poll_timeout(),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .expect("something scheduled");
+    let now = now.max(next);
+    while let Some((to, b)) = wire.pop_due(now) {
+        streams[to].handle_message(&b, now);
+    }
+    now
+}
+
 #[test]
 fn default_controller_backs_off_under_loss_and_recovers() {
     // One endless bulk stream from 0 to 1 over a 10 ms RTT path: clean, then 5% loss, then
@@ -934,8 +964,6 @@ fn default_controller_backs_off_under_loss_and_recovers() {
     let mut now = t0;
     let mut streams = [Stream::new(&cfgs[0], t0), Stream::new(&cfgs[1], t0)];
     let mut wire = Wire::new(17, clean);
-    let chunk = [0x5Au8; 65536];
-    let mut sink = [0u8; 65536];
     let mut rates = Vec::new();
     let mut steps = 0u64;
     for (phase, loss, secs) in [(0, 0, 2u64), (1, 5, 2), (2, 0, 4)] {
@@ -945,27 +973,7 @@ fn default_controller_backs_off_under_loss_and_recovers() {
         while now < end {
             steps += 1;
             assert!(steps < 3_000_000, "too many steps in phase {phase}");
-            streams[0].write(&chunk);
-            while streams[1].read(&mut sink) > 0 {}
-            for (i, s) in streams.iter_mut().enumerate() {
-                let mut out = [0u8; 1088];
-                while let Some(n) = s.poll_message(now, 1088, &mut out) {
-                    wire.send(i, out[..n].to_vec(), now);
-                }
-            }
-            let next = [
-                wire.next_time(),
-                streams[0].poll_timeout(),
-                streams[1].poll_timeout(),
-            ]
-            .into_iter()
-            .flatten()
-            .min()
-            .expect("something scheduled");
-            now = now.max(next);
-            while let Some((to, b)) = wire.pop_due(now) {
-                streams[to].handle_message(&b, now);
-            }
+            now = bulk_step(&mut streams, &mut wire, now);
             assert_eq!(streams[0].error(), None);
         }
         // Rate of the last second of the phase would be nicer, but the whole phase is enough
@@ -1056,8 +1064,6 @@ fn default_controller_backs_off_when_the_rtt_rises_and_recovers() {
     let mut now = t0;
     let mut streams = [Stream::new(&cfgs[0], t0), Stream::new(&cfgs[1], t0)];
     let mut wire = Wire::new(23, base);
-    let chunk = [0x33u8; 65536];
-    let mut sink = [0u8; 65536];
     let mut windows = Vec::new();
     let mut lowest = Vec::new();
     let mut steps = 0u64;
@@ -1073,27 +1079,7 @@ fn default_controller_backs_off_when_the_rtt_rises_and_recovers() {
             wire.net.delay = from.mul_f64(1.0 - f) + to.mul_f64(f);
             steps += 1;
             assert!(steps < 3_000_000, "too many steps in phase {phase}");
-            streams[0].write(&chunk);
-            while streams[1].read(&mut sink) > 0 {}
-            for (i, s) in streams.iter_mut().enumerate() {
-                let mut out = [0u8; 1088];
-                while let Some(n) = s.poll_message(now, 1088, &mut out) {
-                    wire.send(i, out[..n].to_vec(), now);
-                }
-            }
-            let next = [
-                wire.next_time(),
-                streams[0].poll_timeout(),
-                streams[1].poll_timeout(),
-            ]
-            .into_iter()
-            .flatten()
-            .min()
-            .expect("something scheduled");
-            now = now.max(next);
-            while let Some((to, b)) = wire.pop_due(now) {
-                streams[to].handle_message(&b, now);
-            }
+            now = bulk_step(&mut streams, &mut wire, now);
             assert_eq!(streams[0].error(), None);
             low = low.min(streams[0].stats().window);
         }

@@ -408,6 +408,45 @@ struct Conn {
     msgs_out: u64,
 }
 
+impl Conn {
+    /// A connection that has not identified yet: it sends our identify frame first and accepts
+    /// only small frames until the peer's arrives. Outgoing when `link` is a client driver.
+    fn new(
+        link: Link,
+        kind: TransportKind,
+        peer_box: BoxId,
+        inbound_from: Option<IpKey>,
+        (max_frame, identify): (usize, &[u8]),
+        now: Instant,
+    ) -> Conn {
+        Conn {
+            outbound: matches!(link, Link::Client(_)),
+            link,
+            dirty: false,
+            watched: false,
+            timer: None,
+            kind,
+            peer_box,
+            peer: None,
+            active: false,
+            closing: None,
+            opened: now,
+            last_write: now,
+            reader: FrameReader::new(IDENTIFY_MAX_FRAME.min(max_frame)),
+            reserved: 0,
+            budget_wait: false,
+            inbound_from,
+            partial: identify.to_vec(),
+            partial_pos: 0,
+            partial_track: Track::default(),
+            written: 0,
+            inflight: VecDeque::new(),
+            msgs_in: 0,
+            msgs_out: 0,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Peer {
     sign: Option<SignId>,
@@ -1266,31 +1305,9 @@ impl Core {
             Some(crate::transport::driver::Path::Tcp { .. }) => TransportKind::Tcp,
             _ => TransportKind::Udp,
         };
-        let k = net.conns.insert(Conn {
-            link: Link::Server(id),
-            dirty: false,
-            watched: false,
-            timer: None,
-            kind,
-            peer_box: BoxId(key),
-            peer: None,
-            outbound: false,
-            active: false,
-            closing: None,
-            opened: now,
-            last_write: now,
-            reader: FrameReader::new(IDENTIFY_MAX_FRAME.min(net.cfg.max_frame)),
-            reserved: 0,
-            budget_wait: false,
-            inbound_from: source,
-            partial: net.identify.clone(),
-            partial_pos: 0,
-            partial_track: Track::default(),
-            written: 0,
-            inflight: VecDeque::new(),
-            msgs_in: 0,
-            msgs_out: 0,
-        });
+        let frames = (net.cfg.max_frame, &net.identify[..]);
+        let conn = Conn::new(Link::Server(id), kind, BoxId(key), source, frames, now);
+        let k = net.conns.insert(conn);
         net.by_server.insert(id, k);
         net.mark_dirty(k);
     }
@@ -1654,31 +1671,11 @@ impl Core {
         let token = Token(CONNECTION_TOKEN_BASE + k);
         match ClientDriver::connect(&net.registry, token, ep.kind, ep.addr, config, now) {
             Ok(d) => {
-                entry.insert(Conn {
-                    link: Link::Client(Box::new(d)),
-                    dirty: true,
-                    watched: false,
-                    timer: None,
-                    kind: ep.kind,
-                    peer_box: b,
-                    peer: None,
-                    outbound: true,
-                    active: false,
-                    closing: None,
-                    opened: now,
-                    last_write: now,
-                    reader: FrameReader::new(IDENTIFY_MAX_FRAME.min(net.cfg.max_frame)),
-                    reserved: 0,
-                    budget_wait: false,
-                    inbound_from: None,
-                    partial: net.identify.clone(),
-                    partial_pos: 0,
-                    partial_track: Track::default(),
-                    written: 0,
-                    inflight: VecDeque::new(),
-                    msgs_in: 0,
-                    msgs_out: 0,
-                });
+                let frames = (net.cfg.max_frame, &net.identify[..]);
+                let link = Link::Client(Box::new(d));
+                let mut conn = Conn::new(link, ep.kind, b, None, frames, now);
+                conn.dirty = true;
+                entry.insert(conn);
                 p.conn = Some(k);
                 net.dirty.push(k);
                 log::debug!("connecting to {sign} over {:?} at {}", ep.kind, ep.addr);
