@@ -1,4 +1,4 @@
-//! Audit: state stored by an earlier run is read back at start and must never keep the node
+//! State stored by an earlier run is read back at start and must never keep the node
 //! from starting. A stored listen address this machine does not have (moved machine, changed
 //! DHCP lease, corrupted record) is ignored, and the node binds its default addresses.
 

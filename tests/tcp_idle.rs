@@ -1,4 +1,4 @@
-//! Audit: a TCP stream on the listener that carries only frames the CurveCP server drops
+//! A TCP stream on the listener that carries only frames the CurveCP server drops
 //! (garbage, forged packets) is still closed after the idle time, so an unauthenticated peer
 //! cannot hold the listener's stream slots open by trickling junk. Real sockets on 127.0.0.1,
 //! a fake clock for the idle time; every loop is bounded.

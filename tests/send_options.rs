@@ -1,4 +1,4 @@
-//! Audit: a send option the application may reasonably pass (`expire_after: Duration::MAX`,
+//! A send option the application may reasonably pass (`expire_after: Duration::MAX`,
 //! "never expire") must not panic the reactor by overflowing the clock.
 
 use std::time::Duration;
