@@ -1,0 +1,139 @@
+//! The connection manager's settings ([`NetConfig`]) and what it reports to the application:
+//! delivery outcomes ([`DeliveryError`]) and per-connection statistics ([`ConnectionStats`]).
+
+use super::*;
+
+/// Settings of the connection manager (timeouts and bounds); every field has a default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Run listeners and connect to other nodes (default `true`). Without, remote sends return
+    /// [`SendStatus::NoTransport`].
+    pub enabled: bool,
+    /// A lookup with no answer fails after this long. Default 10 s.
+    pub lookup_timeout: Duration,
+    /// A cached nodeInfo is used for this long. Default 1 hour.
+    pub node_info_ttl: Duration,
+    /// One connection attempt (handshake and identify) may take this long. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Attempts before a destination fails. Default 5 (the original's cap).
+    pub max_attempts: u32,
+    /// An idle active connection sends a ping after this long. Default 10 s.
+    pub keepalive: Duration,
+    /// A connection whose peer acknowledges nothing for this long is dead. Default 30 s.
+    pub dead_after: Duration,
+    /// Default `expire_after` of real-time messages. Default 60 s.
+    pub realtime_expiry: Duration,
+    /// Default `expire_after` of offline messages (at most 7 days). Default 7 days.
+    pub offline_expiry: Duration,
+    /// Offline messages are retried this often. Default 10 s.
+    pub offline_retry: Duration,
+    /// Largest incoming frame. Default 16 MiB.
+    pub max_frame: usize,
+    /// Messages waiting in memory per destination. Default 65,536.
+    pub peer_queue_messages: usize,
+    /// Bytes waiting in memory per destination. Default 64 MiB.
+    pub peer_queue_bytes: usize,
+    /// Most connections (both directions). Default 1,024.
+    pub max_connections: usize,
+    /// Slots of `max_connections` that incoming connections from peers outside our friends
+    /// and devices circles cannot take: kept for our outgoing connections (and for incoming
+    /// ones from our circles). Default 128.
+    pub reserved_outbound: usize,
+    /// Incoming connections from one source address (IPv6: one /64 prefix) at once, not
+    /// counting peers in our friends and devices circles. Default 64 (tests running many
+    /// nodes on 127.0.0.1 raise it).
+    pub max_inbound_per_ip: usize,
+    /// Bounds of the offline buffer.
+    pub offline: OfflineLimits,
+    /// Message ids remembered for de-duplication, all senders together. Past it, the least
+    /// recently active sender's ids are forgotten. Default 65,536.
+    pub dedup: usize,
+    /// Message ids remembered per sender (its latest ones; a sender flooding ids only evicts
+    /// its own). Default 4,096.
+    pub dedup_per_peer: usize,
+    /// Bytes of partly received frames buffered across all connections, beyond the first
+    /// 64 KiB of each connection. A connection whose frame in progress
+    /// does not fit stops reading its stream (the peer is flow-controlled by CurveCP) until
+    /// other frames complete or connections end. Raised to at least one maximal frame
+    /// ([`NetConfig::max_frame`]) so that any frame can be received. Default 64 MiB.
+    pub frame_budget: usize,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            enabled: true,
+            lookup_timeout: Duration::from_secs(10),
+            node_info_ttl: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(5),
+            max_attempts: 5,
+            keepalive: Duration::from_secs(10),
+            dead_after: Duration::from_secs(30),
+            realtime_expiry: Duration::from_secs(60),
+            offline_expiry: MAX_OFFLINE_EXPIRY,
+            offline_retry: Duration::from_secs(10),
+            max_frame: DEFAULT_MAX_FRAME,
+            peer_queue_messages: 65_536,
+            peer_queue_bytes: 64 << 20,
+            max_connections: 1024,
+            reserved_outbound: 128,
+            max_inbound_per_ip: 64,
+            offline: OfflineLimits::default(),
+            dedup: 65_536,
+            dedup_per_peer: DEFAULT_DEDUP_PER_PEER,
+            frame_budget: 64 << 20,
+        }
+    }
+}
+
+/// Why a message was not delivered (what a delivery callback gets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeliveryError {
+    /// Its `expire_after` passed before delivery.
+    Expired,
+    /// The destination could not be reached (lookup timeout or attempts exhausted).
+    Unreachable(String),
+    /// The connection ended before every byte was acknowledged (the peer may have it).
+    ConnectionLost,
+}
+
+impl fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeliveryError::Expired => f.write_str("expired before delivery"),
+            DeliveryError::Unreachable(why) => write!(f, "destination unreachable: {why}"),
+            DeliveryError::ConnectionLost => f.write_str("connection lost before acknowledgement"),
+        }
+    }
+}
+
+impl std::error::Error for DeliveryError {}
+
+/// A delivery callback: called once, on the reactor's thread, with the outcome.
+pub type DeliveryCallback = Box<dyn FnOnce(&mut Context<'_>, Result<(), DeliveryError>)>;
+
+/// Statistics of one connection, from [`crate::platform::Platform::connections`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionStats {
+    /// The peer (once identified).
+    pub peer: Option<SignId>,
+    /// UDP or TCP.
+    pub transport: TransportKind,
+    /// We initiated it.
+    pub outbound: bool,
+    /// It is the peer's active connection.
+    pub active: bool,
+    /// Smoothed round-trip time, once measured.
+    pub rtt: Option<Duration>,
+    /// Stream bytes written by us (first transmissions).
+    pub bytes_sent: u64,
+    /// Stream bytes received.
+    pub bytes_received: u64,
+    /// Frames written.
+    pub messages_sent: u64,
+    /// Frames received.
+    pub messages_received: u64,
+    /// CurveCP blocks sent again.
+    pub retransmissions: u64,
+}

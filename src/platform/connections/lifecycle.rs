@@ -1,0 +1,360 @@
+//! Connections coming and going: incoming ones accepted (or refused by the connection limits),
+//! outgoing ones opened toward a peer's endpoints, identified peers made active (the
+//! one-connection-per-peer rule), ended connections and failed destinations.
+
+use super::*;
+
+impl Core {
+    pub(super) fn on_accept(&mut self, id: ConnectionId) {
+        let now = self.now;
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(key) = net.server.server().client_key(id) else {
+            return;
+        };
+        // Peers in our circles may take any slot; strangers leave `reserved_outbound` free
+        // and are capped per source address.
+        let circle = self.circles.is_friend(&BoxId(key)) || self.circles.is_device(&BoxId(key));
+        let path = net.server.server().path(id);
+        let source = match (circle, path) {
+            (false, Some(p)) => net.server.peer_ip(p).map(IpKey::of),
+            _ => None,
+        };
+        let limit = if circle {
+            net.cfg.max_connections
+        } else {
+            net.cfg
+                .max_connections
+                .saturating_sub(net.cfg.reserved_outbound)
+        };
+        let from_source = source.map_or(0, |s| net.inbound_per_ip.get(&s).copied().unwrap_or(0));
+        if net.conns.len() >= limit || (!circle && from_source >= net.cfg.max_inbound_per_ip) {
+            log::debug!("too many connections (or from {source:?}): incoming one refused");
+            net.server.server_mut().remove(id);
+            return;
+        }
+        if let Some(s) = source {
+            *net.inbound_per_ip.entry(s).or_insert(0) += 1;
+        }
+        let kind = match path {
+            Some(crate::transport::driver::Path::Tcp { .. }) => TransportKind::Tcp,
+            _ => TransportKind::Udp,
+        };
+        let frames = (net.cfg.max_frame, &net.identify[..]);
+        let conn = Conn::new(Link::Server(id), kind, BoxId(key), source, frames, now);
+        let k = net.conns.insert(conn);
+        net.by_server.insert(id, k);
+        net.mark_dirty(k);
+    }
+
+    /// Whether connection `k` still exists; an outgoing one whose transport or handshake
+    /// failed, or that closed, is ended here.
+    pub(super) fn client_alive(&mut self, k: usize) -> bool {
+        let Some(c) = self.net.as_ref().and_then(|n| n.conns.get(k)) else {
+            return false;
+        };
+        let why = match &c.link {
+            Link::Client(d) => match (d.transport_error(), d.client().state()) {
+                (Some(e), _) => Some(e.to_owned()),
+                (None, ClientState::Failed(e)) => Some(format!("{e:?}")),
+                (None, ClientState::Closed) => Some("closed".into()),
+                _ => None,
+            },
+            Link::Server(_) => None,
+        };
+        match why {
+            Some(why) => {
+                self.conn_lost(k, &why);
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// Ends connection `k`: reports its unacknowledged messages, and if it was the peer's
+    /// active one, `Disconnected` and `transports.offline`.
+    pub(super) fn conn_lost(&mut self, k: usize, why: &str) {
+        let storage = &mut *self.storage;
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(mut c) = net.conns.try_remove(k) else {
+            return;
+        };
+        log::debug!("connection {k} to {:?} ended: {why}", c.peer);
+        net.unlink(k, &mut c);
+        let mut lost: Vec<Track> = c.inflight.drain(..).map(|(_, t)| t).collect();
+        if c.partial_pos > 0 || !c.partial_track.is_none() {
+            lost.push(c.partial_track);
+        }
+        for t in lost {
+            complete(net, storage, t, Err(DeliveryError::ConnectionLost));
+        }
+        // A slot is free: peers that hit max_connections may try again.
+        for b in std::mem::take(&mut net.conn_waiters) {
+            net.want_peer(b);
+        }
+        let b = c.peer_box;
+        let mut offline_sign = None;
+        if let Some(p) = net.peers.get_mut(&b) {
+            if p.conn == Some(k) {
+                p.conn = None;
+                if c.outbound && c.peer.is_none() {
+                    p.endpoint += 1;
+                }
+                if p.online {
+                    p.online = false;
+                    offline_sign = p.sign;
+                    // Offline records waiting in memory go back to the buffer.
+                    let mut keep = VecDeque::with_capacity(p.queue.len());
+                    for m in p.queue.drain(..) {
+                        match m.track.offline {
+                            Some(key) => {
+                                p.queued_bytes -= m.frame.len();
+                                net.offline.release(&key);
+                            }
+                            None => keep.push_back(m),
+                        }
+                    }
+                    p.queue = keep;
+                }
+                // Whatever is still queued (or buffered offline) wants a new connection.
+                net.want_peer(b);
+                net.queue_drained(&b);
+            }
+        }
+        if let Some(s) = offline_sign {
+            self.emit(Event::Disconnected(s));
+            self.emit_peer("transports.offline", s);
+        }
+    }
+
+    /// Fails a destination: its real-time messages fail, offline ones wait for the retry.
+    pub(super) fn fail_peer(&mut self, b: BoxId, why: &str, now: Instant) {
+        let storage = &mut *self.storage;
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(p) = net.peers.get_mut(&b) else {
+            return;
+        };
+        let sign = p.sign;
+        p.attempts = 0;
+        p.endpoint = 0;
+        p.waiting_lookup = false;
+        p.queued_bytes = 0;
+        let msgs: Vec<Pending> = p.queue.drain(..).collect();
+        let retry = now + net.cfg.offline_retry;
+        net.retry_peer_at(b, retry);
+        net.queue_drained(&b);
+        for m in msgs {
+            let r = Err(DeliveryError::Unreachable(why.to_owned()));
+            complete(net, storage, m.track, r);
+        }
+        log::debug!("destination {sign:?} failed: {why}");
+        net.maybe_forget(&b);
+        if let Some(s) = sign {
+            self.emit_peer("transports.failed", s);
+        }
+    }
+
+    /// Looks at the wanted peers only: one without a connection that has something to send
+    /// (and no failure to wait out) connects; an online one takes its idle offline records.
+    pub(super) fn ensure_connections(&mut self, now: Instant) {
+        let Some(net) = self.net.as_mut() else { return };
+        for s in std::mem::take(&mut net.released) {
+            if let Some(b) = self.keys.box_id(&s) {
+                if let Some(net) = self.net.as_mut() {
+                    net.want_peer(b);
+                }
+            }
+        }
+        let Some(net) = self.net.as_mut() else { return };
+        let want = std::mem::take(&mut net.want);
+        for b in want {
+            let Some(net) = self.net.as_mut() else { return };
+            let Some(p) = net.peers.get_mut(&b) else {
+                continue;
+            };
+            p.wanted = false;
+            self.stats.peer_visits += 1;
+            let idle = p.sign.is_some_and(|s| net.offline.has_idle(&s));
+            if p.conn.is_none() {
+                if !p.waiting_lookup
+                    && p.retry_at.map_or(true, |t| t <= now)
+                    && (!p.queue.is_empty() || idle)
+                {
+                    self.connect_peer(b, now);
+                } else {
+                    net.maybe_forget(&b);
+                }
+            } else if p.online && idle {
+                if let (Some(s), Some(k)) = (p.sign, p.conn) {
+                    net.take_offline(b, &s);
+                    net.mark_dirty(k);
+                }
+            }
+        }
+    }
+
+    pub(super) fn connect_peer(&mut self, b: BoxId, now: Instant) {
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(sign) = net.peers.get(&b).and_then(|p| p.sign) else {
+            return;
+        };
+        let mut info = net.custom_dir.as_mut().and_then(|d| d.lookup(&sign));
+        if let Some(i) = &info {
+            if i.box_id != b {
+                log::debug!("custom directory answered a mismatched nodeInfo");
+                info = None;
+            }
+        }
+        let info = match info {
+            Some(i) => i,
+            None => match net.dir.lookup(&sign, now) {
+                Lookup::Found(i) => i,
+                Lookup::Pending => {
+                    if let Some(p) = net.peers.get_mut(&b) {
+                        p.waiting_lookup = true;
+                    }
+                    return;
+                }
+                Lookup::Unknown => {
+                    if !net.dir.start_lookup(sign, now) {
+                        self.fail_peer(b, "too many lookups pending", now);
+                        return;
+                    }
+                    let at = now + net.cfg.lookup_timeout;
+                    net.timers.schedule(at, NetTimer::Lookup(sign));
+                    if let Some(p) = net.peers.get_mut(&b) {
+                        p.waiting_lookup = true;
+                    }
+                    self.emit_peer("transports.requestNodeInfo", sign);
+                    return;
+                }
+            },
+        };
+        let order = connection_info::connect_order(&info.endpoints);
+        let Some(p) = net.peers.get_mut(&b) else {
+            return;
+        };
+        if order.is_empty() {
+            self.fail_peer(b, "nodeInfo lists no usable endpoint", now);
+            return;
+        }
+        if p.attempts >= net.cfg.max_attempts {
+            let why = format!("{} connection attempts failed", p.attempts);
+            self.fail_peer(b, &why, now);
+            return;
+        }
+        if net.conns.len() >= net.cfg.max_connections {
+            // Tried again when a connection ends.
+            if !net.conn_waiters.contains(&b) {
+                net.conn_waiters.push(b);
+            }
+            return;
+        }
+        p.attempts += 1;
+        let ep = order[p.endpoint % order.len()];
+        let entry = net.conns.vacant_entry();
+        let k = entry.key();
+        let mut config = ClientConfig::with_stream(
+            b.0,
+            StreamConfig {
+                dead_after: net.cfg.dead_after,
+                ..StreamConfig::client()
+            },
+        );
+        config.long_term = Some(net.our_box.clone());
+        let token = Token(CONNECTION_TOKEN_BASE + k);
+        match ClientDriver::connect(&net.registry, token, ep.kind, ep.addr, config, now) {
+            Ok(d) => {
+                let frames = (net.cfg.max_frame, &net.identify[..]);
+                let link = Link::Client(Box::new(d));
+                let mut conn = Conn::new(link, ep.kind, b, None, frames, now);
+                conn.dirty = true;
+                entry.insert(conn);
+                p.conn = Some(k);
+                net.dirty.push(k);
+                log::debug!("connecting to {sign} over {:?} at {}", ep.kind, ep.addr);
+            }
+            Err(e) => {
+                log::debug!("connecting to {} failed: {e}", ep.addr);
+                p.endpoint += 1;
+                net.want_peer(b);
+            }
+        }
+    }
+
+    /// Connection `k` identified its peer: make it the active one (or not, see module docs).
+    pub(super) fn activate(&mut self, k: usize) {
+        let Some(net) = self.net.as_mut() else { return };
+        let c = &net.conns[k];
+        let (b, sign) = (c.peer_box, c.peer.expect("identified"));
+        let ours = net.our_box.public;
+        let initiator = |c: &Conn| if c.outbound { ours } else { b.0 };
+        let peer = net.peers.entry(b).or_default();
+        peer.sign = Some(sign);
+        let mut demote = None;
+        match peer.conn {
+            Some(o) if o != k && net.conns.contains(o) => {
+                let (co, ck) = (&net.conns[o], &net.conns[k]);
+                // Opened close together: a simultaneous connect, settled by the key rule.
+                // Otherwise the newer one wins (the peer restarted, or the old one died).
+                let gap = if ck.opened > co.opened {
+                    ck.opened - co.opened
+                } else {
+                    co.opened - ck.opened
+                };
+                let keep_new = if co.outbound == ck.outbound || gap >= net.cfg.connect_timeout {
+                    true
+                } else {
+                    initiator(ck) < initiator(co)
+                };
+                if keep_new {
+                    demote = Some(o);
+                } else {
+                    demote = Some(k);
+                }
+            }
+            _ => {}
+        }
+        let now = self.now;
+        if demote == Some(k) {
+            let c = &mut net.conns[k];
+            c.closing = Some(now);
+            if let Some(s) = stream_of(&mut net.server, &mut c.link) {
+                s.finish(Eof::Success);
+            }
+            return;
+        }
+        peer.conn = Some(k);
+        net.conns[k].active = true;
+        let was_online = peer.online;
+        peer.online = true;
+        peer.attempts = 0;
+        peer.endpoint = 0;
+        if let Some(o) = demote {
+            let identified = net.conns[o].peer.is_some();
+            if identified {
+                let c = &mut net.conns[o];
+                c.active = false;
+                c.closing = Some(now);
+                if let Some(s) = stream_of(&mut net.server, &mut c.link) {
+                    s.finish(Eof::Success);
+                }
+                net.mark_dirty(o);
+            } else {
+                // An attempt still in its handshake: drop it (it was not active, so no event).
+                if let Some(p) = net.peers.get_mut(&b) {
+                    p.conn = Some(k);
+                }
+                let mut c = net.conns.remove(o);
+                net.unlink(o, &mut c);
+            }
+        }
+        // Offline records for this peer join its queue.
+        net.take_offline(b, &sign);
+        net.clear_retry(b);
+        net.mark_dirty(k);
+        if !was_online {
+            self.emit(Event::Connection(sign));
+            self.emit_peer("transports.online", sign);
+        }
+    }
+}

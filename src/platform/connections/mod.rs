@@ -1,0 +1,850 @@
+//! The connection manager: CurveCP connections to other nodes, per-destination send queues,
+//! the directory's lookups and the offline buffer, driven by the platform's reactor.
+//!
+//! # Files
+//!
+//! This module holds the state (`Net`, `Conn`, `Peer`) and its bookkeeping; the work is split
+//! by what it is about: `config` (settings and reports), `lifecycle` (connections coming
+//! and going), `sending` (queues, writes, acknowledgements), `receiving` (frames in, the
+//! directory's bus messages) and `turn` (the event-driven turn tying them together).
+//!
+//! # Listeners and connections
+//!
+//! One [`ServerDriver`] listens on UDP and TCP (native framing, DESIGN §4) with the node's box
+//! key pair as CurveCP long-term key (server name: 256 zero bytes, zero extensions). Its
+//! sockets use the tokens from [`super::LISTENER_TOKEN_BASE`] (UDP, then the TCP listener,
+//! then one per accepted TCP stream); outgoing connections ([`ClientDriver`]s, also keyed by
+//! our box key pair) use `Token(CONNECTION_TOKEN_BASE + slot)`. Listen addresses come from
+//! [`super::PlatformBuilder::connection_info`], else from the storage key `connectionInfo`
+//! (written with the addresses actually bound, so a restarted node keeps its ports), else
+//! `127.0.0.1` with OS-chosen ports for both UDP and TCP. The default address is the loopback
+//! one on purpose: a node is only reachable from other machines when the application says on
+//! which address (e.g. `0.0.0.0:4000`).
+//!
+//! # One connection per peer, identify
+//!
+//! Each side's first frame is `mm`/`identify` with its signId; the receiver checks that the
+//! signId converts to the long-term key CurveCP authenticated and closes the connection
+//! otherwise. Only then is the connection *active*: `Connection` fires, `transports.online` is
+//! published and queued messages flow. When two connections to one peer become active and were
+//! opened within [`NetConfig::connect_timeout`] of each other (both sides connected at once),
+//! both sides keep the one initiated by the node with the smaller box key; otherwise (the peer
+//! restarted, the old connection died silently) the newer one wins. The other finishes what it
+//! was writing and closes gracefully (a connection whose peer ends it is ended too, so two sides
+//! that disagree settle on a fresh connection). Frames on non-active connections are still
+//! delivered.
+//!
+//! Outgoing connections try the peer's endpoints in [`connection_info::connect_order`]
+//! (native UDP, native TCP, then unmarked ones), one per attempt, each given
+//! [`NetConfig::connect_timeout`] to become active. After [`NetConfig::max_attempts`] attempts
+//! (or a lookup timeout) the destination *fails*: its queued real-time messages fail with
+//! [`DeliveryError::Unreachable`] and `self.transports.failed` (payload the signId) is
+//! published. Offline messages stay and are retried.
+//!
+//! # Liveness
+//!
+//! An active connection that wrote nothing for [`NetConfig::keepalive`] sends an `mm`/`ping`
+//! frame; a peer that acknowledges nothing for [`NetConfig::dead_after`] fails the CurveCP
+//! stream, which ends the connection (`Disconnected`, `transports.offline`).
+//!
+//! # Which peers may connect
+//!
+//! [`super::PlatformBuilder::accept_peers`] restricts incoming connections to listed nodes:
+//! their signIds are converted to box keys once and the listeners' CurveCP server refuses any
+//! other client's Initiate (`ServerConfig::accept_client`).
+//!
+//! Known peers are forgotten as they become idle (no connection, nothing queued, no lookup,
+//! no offline record) once more than 64 are known.
+//!
+//! # The event-driven turn
+//!
+//! A turn does work in proportion to what happened, never a scan of every connection or peer
+//! (DESIGN §9); idle connections and peers cost nothing, and an idle node sleeps until its
+//! nearest real deadline.
+//!
+//! - *Dirty connections.* A connection is queued (once: a flag dedups it) for this turn's
+//!   visit when its socket had a readiness event (outgoing connections: their token), when
+//!   the listeners' server names it (`ServerEvent::Accepted`, `Readable`, `Writable`), when
+//!   the application queued frames for its peer, when it was demoted or closed by the
+//!   simultaneous-connect rule, or when its timer fired. A visit reads frames, writes the
+//!   partial frame and the peer's queue, settles acknowledged messages, flushes the driver,
+//!   ends it if its handshake or transport failed, and moves its timer to its next deadline.
+//!   `net_receive` reads the dirty connections before the turn's deliveries; `net_pump`
+//!   visits them after. A connection that stopped reading because the local delivery queue
+//!   is full waits in a list until the queue has room; one whose read budget ran out stays
+//!   dirty for the next turn. Server-side connections with unacknowledged tracked messages
+//!   are also checked when the listeners had input, because the server reports no event for
+//!   a bare acknowledgement.
+//! - *Deadlines* sit in one timer heap (`timers::Timers`; cancelled entries are invalidated
+//!   lazily): per connection the earliest of its client driver's deadline, the connect
+//!   timeout (until identified), the closing linger and the keepalive; per peer the retry
+//!   time after a failure and the earliest expiry of its queued real-time messages; each
+//!   directory lookup's timeout; the offline buffer's retry (only while it holds records);
+//!   the de-duplication memory's flush. Server-side stream timers are the listeners' own
+//!   (`ServerDriver::next_deadline`). The manager's next deadline is the earliest of both, exact
+//!   ([`super::Platform::next_deadline`]); there is no periodic tick.
+//! - *Wanted peers.* `ensure_connections` looks only at peers flagged (once) as wanting
+//!   attention: a message queued for a peer without a connection, a retry time reached,
+//!   offline records that became idle again or are due for their periodic retry, a nodeInfo
+//!   that answered a lookup, a connection that ended, a connection slot that freed up.
+//! - [`super::Stats::conn_visits`] and [`super::Stats::peer_visits`] count this work.
+//!
+//! # Delivery accounting
+//!
+//! Each connection counts the bytes written to its stream; a message that needs a report (a
+//! delivery callback or an offline record) is remembered with the stream offset of its last
+//! byte, and completes when [`crate::curvecp::stream::Stream::bytes_acked`] reaches it. If
+//! the connection ends first, a real-time message fails with [`DeliveryError::ConnectionLost`]
+//! (its bytes may or may not have arrived) and an offline record becomes idle again.
+//!
+//! # Bounds
+//!
+//! Per destination at most [`NetConfig::peer_queue_messages`] messages and
+//! [`NetConfig::peer_queue_bytes`] bytes wait in memory (sends beyond return
+//! [`SendStatus::BufferFull`]); the offline buffer has its own bounds; connections are capped
+//! by [`NetConfig::max_connections`], of which [`NetConfig::reserved_outbound`] slots are
+//! kept from incoming connections of peers outside our friends and devices circles (any
+//! identity costs nothing to make, so strangers must not be able to fill the table and block
+//! our own connections), and strangers' incoming connections are capped per source address
+//! ([`NetConfig::max_inbound_per_ip`]; IPv6 per /64) — refused ones are dropped from the
+//! CurveCP server at once; incoming frames are limited to [`NetConfig::max_frame`]
+//! bytes (a larger one closes that connection only), and to 1 KiB until the peer has
+//! identified itself; a connection stops reading while the
+//! local delivery queue is full (the peer is then flow-controlled by CurveCP).
+//!
+//! Partly received frames share one memory budget, [`NetConfig::frame_budget`] (64 MiB by
+//! default, at least one maximal frame): each connection may buffer 64 KiB (`FRAME_FLOOR`)
+//! outside it, so small frames always flow; a larger frame reserves its whole size (learnt
+//! from its length prefix) from the budget before its bytes beyond the floor are read, so
+//! partial frames can never hold the budget in a deadlock. A connection whose frame does not
+//! fit stops reading (the bytes stay in the CurveCP receive window and the peer is
+//! flow-controlled) and waits in a list; every release of reserved bytes (a frame completed,
+//! a connection ended) makes the waiting connections dirty, so none misses its wake-up.
+//! [`super::Stats::frame_bytes_peak`] reports the most bytes ever reserved at once.
+
+mod config;
+mod lifecycle;
+mod receiving;
+mod sending;
+mod turn;
+
+pub use config::{ConnectionStats, DeliveryCallback, DeliveryError, NetConfig};
+use sending::complete;
+
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mio::{Registry, Token};
+use slab::Slab;
+
+use super::directory::{Directory, DirectoryCache, Lookup, NodeInfo};
+use super::timers::{TimerId, Timers};
+use super::{
+    Address, Context, Core, Event, Message, SendOptions, SendStatus, CONNECTION_TOKEN_BASE,
+};
+use crate::crypto::BoxKeyPair;
+use crate::curvecp::client::{ClientConfig, ClientState};
+use crate::curvecp::server::{ClientPolicy, ConnectionId, ServerConfig, ServerEvent};
+use crate::curvecp::stream::{Eof, Stream, StreamConfig};
+use crate::envelope::{Envelope, FrameReader, DEFAULT_MAX_FRAME};
+use crate::identity::{BoxId, SignId};
+use crate::offline::{
+    AddError, Dedup, OfflineBuffer, OfflineLimits, RecordKey, DEFAULT_DEDUP_PER_PEER,
+};
+use crate::storage::Storage;
+use crate::transport::connection_info::{self, Endpoint};
+use crate::transport::{ClientDriver, ServerDriver, TransportKind};
+
+/// The longest an offline message may wait (DESIGN §6).
+pub const MAX_OFFLINE_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The storage key of the listen addresses of the last run.
+pub const CONNECTION_INFO_KEY: &str = "connectionInfo";
+
+/// The largest frame read before the peer has identified itself (its identify frame is about
+/// 60 bytes): an unidentified peer must not make a connection buffer up to `max_frame` bytes.
+const IDENTIFY_MAX_FRAME: usize = 1024;
+/// The de-duplication memory is written at most this often while messages arrive.
+const DEDUP_FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// Bytes of a partly received frame every connection may buffer outside
+/// [`NetConfig::frame_budget`] (so small frames always flow, whatever large ones are pending).
+const FRAME_FLOOR: usize = 64 * 1024;
+/// Known peers beyond which idle ones (no connection, nothing queued, no lookup, no offline
+/// record) are forgotten as soon as they become idle.
+const KEEP_IDLE_PEERS: usize = 64;
+
+/// The source of an incoming connection, as counted for [`NetConfig::max_inbound_per_ip`]: an
+/// IPv4 address, or the /64 prefix of an IPv6 one (one host usually owns a whole /64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum IpKey {
+    V4([u8; 4]),
+    V6([u8; 8]),
+}
+
+impl IpKey {
+    fn of(ip: IpAddr) -> IpKey {
+        match ip {
+            IpAddr::V4(a) => IpKey::V4(a.octets()),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => IpKey::V4(v4.octets()),
+                None => {
+                    let mut p = [0; 8];
+                    p.copy_from_slice(&a.octets()[..8]);
+                    IpKey::V6(p)
+                }
+            },
+        }
+    }
+}
+
+/// What to report when a message's bytes are acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Track {
+    cb: Option<usize>,
+    offline: Option<RecordKey>,
+}
+
+impl Track {
+    fn is_none(&self) -> bool {
+        self.cb.is_none() && self.offline.is_none()
+    }
+}
+
+struct Pending {
+    frame: Vec<u8>,
+    /// `None` for offline records (their expiry is the buffer's business).
+    expires: Option<Instant>,
+    track: Track,
+}
+
+enum Link {
+    Client(Box<ClientDriver>),
+    Server(ConnectionId),
+}
+
+/// What a deadline of the connection manager's timer heap is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NetTimer {
+    /// A connection: its driver's deadline, connect timeout, closing linger or keepalive.
+    Conn(usize),
+    /// A failed destination may be tried again.
+    Retry(BoxId),
+    /// The earliest expiry of a destination's queued real-time messages.
+    Expiry(BoxId),
+    /// A directory lookup times out.
+    Lookup(SignId),
+    /// The offline buffer's periodic retry and expiry.
+    OfflineRetry,
+    /// The de-duplication memory is written.
+    DedupFlush,
+}
+
+/// How far [`Core::read_conn`] got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadOutcome {
+    /// Everything readable was read (or the connection ended).
+    Done,
+    /// The local delivery queue is full: read the rest once it has room.
+    Blocked,
+    /// The per-visit budget ran out with more to read: visit again next turn.
+    More,
+    /// The frame in progress does not fit in [`NetConfig::frame_budget`]: read again once
+    /// reserved frame bytes are released (the connection waits in [`Net::budget_waiters`]).
+    Starved,
+}
+
+struct Conn {
+    link: Link,
+    /// In [`Net::dirty`] (visited this turn).
+    dirty: bool,
+    /// In [`Net::watch`] (unacknowledged tracked messages on a server-side stream).
+    watched: bool,
+    /// Its entry in the timer heap and the deadline it is for.
+    timer: Option<(TimerId, Instant)>,
+    kind: TransportKind,
+    peer_box: BoxId,
+    peer: Option<SignId>,
+    outbound: bool,
+    active: bool,
+    /// Since when it is winding down (no new frames; closed once the streams are done).
+    closing: Option<Instant>,
+    opened: Instant,
+    last_write: Instant,
+    reader: FrameReader,
+    /// Bytes of [`Net::frame_used`] reserved for the frame in progress (beyond the floor).
+    reserved: usize,
+    /// In [`Net::budget_waiters`].
+    budget_wait: bool,
+    /// Counted in [`Net::inbound_per_ip`] under this source.
+    inbound_from: Option<IpKey>,
+    partial: Vec<u8>,
+    partial_pos: usize,
+    partial_track: Track,
+    written: u64,
+    inflight: VecDeque<(u64, Track)>,
+    msgs_in: u64,
+    msgs_out: u64,
+}
+
+impl Conn {
+    /// A connection that has not identified yet: it sends our identify frame first and accepts
+    /// only small frames until the peer's arrives. Outgoing when `link` is a client driver.
+    fn new(
+        link: Link,
+        kind: TransportKind,
+        peer_box: BoxId,
+        inbound_from: Option<IpKey>,
+        (max_frame, identify): (usize, &[u8]),
+        now: Instant,
+    ) -> Conn {
+        Conn {
+            outbound: matches!(link, Link::Client(_)),
+            link,
+            dirty: false,
+            watched: false,
+            timer: None,
+            kind,
+            peer_box,
+            peer: None,
+            active: false,
+            closing: None,
+            opened: now,
+            last_write: now,
+            reader: FrameReader::new(IDENTIFY_MAX_FRAME.min(max_frame)),
+            reserved: 0,
+            budget_wait: false,
+            inbound_from,
+            partial: identify.to_vec(),
+            partial_pos: 0,
+            partial_track: Track::default(),
+            written: 0,
+            inflight: VecDeque::new(),
+            msgs_in: 0,
+            msgs_out: 0,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Peer {
+    sign: Option<SignId>,
+    conn: Option<usize>,
+    queue: VecDeque<Pending>,
+    queued_bytes: usize,
+    attempts: u32,
+    endpoint: usize,
+    online: bool,
+    waiting_lookup: bool,
+    retry_at: Option<Instant>,
+    /// In [`Net::want`] (ensure_connections looks at it this turn).
+    wanted: bool,
+    retry_timer: Option<TimerId>,
+    /// The timer of the earliest expiry of `queue`, and that expiry.
+    expiry_timer: Option<(TimerId, Instant)>,
+}
+
+/// The connection manager's state (owned by the platform's core).
+pub(crate) struct Net {
+    cfg: NetConfig,
+    registry: Registry,
+    server: ServerDriver,
+    endpoints: Vec<Endpoint>,
+    our_box: BoxKeyPair,
+    conns: Slab<Conn>,
+    by_server: HashMap<ConnectionId, usize>,
+    peers: HashMap<BoxId, Peer>,
+    dir: DirectoryCache,
+    custom_dir: Option<Box<dyn Directory>>,
+    offline: OfflineBuffer,
+    offline_cbs: HashMap<RecordKey, usize>,
+    dedup: Dedup,
+    callbacks: Slab<DeliveryCallback>,
+    fired: Vec<(usize, Result<(), DeliveryError>)>,
+    identify: Vec<u8>,
+    ping: Vec<u8>,
+    /// Every deadline: connections, peers, lookups, offline retry, dedup flush.
+    timers: Timers<NetTimer>,
+    /// Connections to visit in this turn's pump (socket events, application writes, timers).
+    dirty: Vec<usize>,
+    /// Server-side connections with unacknowledged tracked messages (checked when the
+    /// listeners had input: the server reports no event for a bare acknowledgement).
+    watch: Vec<usize>,
+    /// Connections that stopped reading because the local delivery queue was full.
+    read_blocked: Vec<usize>,
+    /// Frame bytes reserved by all connections (at most `frame_budget`).
+    frame_used: usize,
+    /// `cfg.frame_budget`, raised to at least one maximal frame.
+    frame_budget: usize,
+    /// Connections waiting for room in the frame budget (made dirty when some is released).
+    budget_waiters: Vec<usize>,
+    /// Incoming connections from strangers per source address (see `max_inbound_per_ip`).
+    inbound_per_ip: HashMap<IpKey, usize>,
+    /// Peers to look at in `ensure_connections` (something to send, retry due, ...).
+    want: Vec<BoxId>,
+    /// Destinations whose offline records went back to idle (become `want`).
+    released: Vec<SignId>,
+    /// Peers that could not connect because of `max_connections`.
+    conn_waiters: Vec<BoxId>,
+    /// The listeners had socket input (or work left over) since the last pump.
+    server_io: bool,
+    offline_timer: Option<TimerId>,
+    dedup_timer: Option<TimerId>,
+    next_dedup_flush: Instant,
+    scratch: Vec<u8>,
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn frame_of(env: &Envelope) -> Vec<u8> {
+    let mut out = Vec::with_capacity(env.encoded_len() + 12);
+    env.encode_frame(&mut out);
+    out
+}
+
+fn stream_of<'a>(server: &'a mut ServerDriver, link: &'a mut Link) -> Option<&'a mut Stream> {
+    match link {
+        Link::Client(d) => Some(d.client_mut().stream_mut()),
+        Link::Server(id) => server.server_mut().stream_mut(*id),
+    }
+}
+
+fn stream_ref<'a>(server: &'a ServerDriver, link: &'a Link) -> Option<&'a Stream> {
+    match link {
+        Link::Client(d) => Some(d.client().stream()),
+        Link::Server(id) => server.server().stream(*id),
+    }
+}
+
+impl Net {
+    /// Binds the listeners. `listen` are the requested endpoints (first UDP and first TCP used).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn bind(
+        cfg: NetConfig,
+        registry: Registry,
+        base: Token,
+        our_box: BoxKeyPair,
+        our_sign: SignId,
+        listen: &[Endpoint],
+        storage: &mut dyn Storage,
+        custom_dir: Option<Box<dyn Directory>>,
+        accept: Option<ClientPolicy>,
+        now: Instant,
+    ) -> io::Result<Net> {
+        let udp = listen
+            .iter()
+            .find(|e| e.kind == TransportKind::Udp)
+            .map(|e| e.addr);
+        let tcp = listen
+            .iter()
+            .find(|e| e.kind == TransportKind::Tcp)
+            .map(|e| e.addr);
+        let stream = StreamConfig {
+            dead_after: cfg.dead_after,
+            ..StreamConfig::server()
+        };
+        let mut config = ServerConfig::with_stream(our_box.clone(), stream);
+        config.accept_client = accept;
+        let server = match ServerDriver::bind(&registry, base, config.clone(), udp, tcp, now) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                // A stored port may be taken now: take any port on the same addresses.
+                log::debug!("listen addresses in use ({e}); binding OS-chosen ports");
+                let any = |a: Option<SocketAddr>| a.map(|a| SocketAddr::new(a.ip(), 0));
+                ServerDriver::bind(&registry, base, config, any(udp), any(tcp), now)?
+            }
+            Err(e) => return Err(e),
+        };
+        let mut endpoints = Vec::new();
+        if let Some(a) = server.udp_addr() {
+            endpoints.push(Endpoint::native(TransportKind::Udp, a));
+        }
+        if let Some(a) = server.tcp_addr() {
+            endpoints.push(Endpoint::native(TransportKind::Tcp, a));
+        }
+        let stored = serde_json::to_vec(&connection_info::to_json(&endpoints)).unwrap_or_default();
+        if storage.get(CONNECTION_INFO_KEY).ok().flatten().as_deref() != Some(&stored[..]) {
+            if let Err(e) = storage.put(CONNECTION_INFO_KEY, &stored) {
+                log::debug!("could not store the listen addresses: {e}");
+            }
+        }
+        let offline = match OfflineBuffer::load(storage, cfg.offline, wall_ms()) {
+            Ok((b, dropped)) => {
+                if dropped > 0 {
+                    log::debug!("offline buffer: {dropped} expired or invalid records dropped");
+                }
+                b
+            }
+            Err(e) => {
+                log::debug!("offline buffer could not be loaded: {e}");
+                OfflineBuffer::new(cfg.offline, wall_ms())
+            }
+        };
+        let identify = frame_of(&Envelope::new(
+            "identify",
+            "mm",
+            our_sign.to_string().into_bytes(),
+        ));
+        let ping = frame_of(&Envelope::new("ping", "mm", Vec::new()));
+        let mut timers = Timers::default();
+        // Records of the last run: retried (and expired) at once.
+        let offline_timer =
+            (!offline.is_empty()).then(|| timers.schedule(now, NetTimer::OfflineRetry));
+        Ok(Net {
+            dir: DirectoryCache::new(cfg.node_info_ttl, cfg.lookup_timeout),
+            dedup: Dedup::load_with_per_peer(cfg.dedup, cfg.dedup_per_peer, storage)
+                .unwrap_or_else(|e| {
+                    log::debug!("de-duplication memory could not be loaded: {e}");
+                    Dedup::with_per_peer(cfg.dedup, cfg.dedup_per_peer)
+                }),
+            cfg,
+            registry,
+            server,
+            endpoints,
+            our_box,
+            conns: Slab::new(),
+            by_server: HashMap::new(),
+            peers: HashMap::new(),
+            custom_dir,
+            offline,
+            offline_cbs: HashMap::new(),
+            callbacks: Slab::new(),
+            fired: Vec::new(),
+            identify,
+            ping,
+            timers,
+            dirty: Vec::new(),
+            watch: Vec::new(),
+            read_blocked: Vec::new(),
+            frame_used: 0,
+            frame_budget: cfg
+                .frame_budget
+                .max(crate::netstring::encoded_len(cfg.max_frame).saturating_sub(FRAME_FLOOR)),
+            budget_waiters: Vec::new(),
+            inbound_per_ip: HashMap::new(),
+            want: Vec::new(),
+            released: Vec::new(),
+            conn_waiters: Vec::new(),
+            server_io: false,
+            offline_timer,
+            dedup_timer: None,
+            next_dedup_flush: now,
+            scratch: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Our endpoints (as bound).
+    pub(crate) fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// Hands a readiness event to the driver it belongs to; an outgoing connection's event
+    /// makes it dirty (visited in this turn's pump).
+    pub(crate) fn handle_event(&mut self, event: &mio::event::Event, now: Instant) {
+        let t = event.token();
+        if t.0 >= CONNECTION_TOKEN_BASE {
+            let k = t.0 - CONNECTION_TOKEN_BASE;
+            if let Some(c) = self.conns.get_mut(k) {
+                if let Link::Client(d) = &mut c.link {
+                    d.handle_event(&self.registry, event, now);
+                    if !c.dirty {
+                        c.dirty = true;
+                        self.dirty.push(k);
+                    }
+                }
+            }
+        } else if self.server.owns(t) {
+            self.server_io = true;
+            if let Err(e) = self.server.handle_event(&self.registry, event, now) {
+                log::debug!("listener error: {e}");
+            }
+        }
+    }
+
+    /// When the manager next needs a turn: the earliest of the timer heap and the server's
+    /// own deadline (exact: no periodic tick). Pending work is reported by [`Net::has_work`].
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        match (self.server.next_deadline(), self.timers.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether the next turn has work at once: dirty connections, wanted peers, completed
+    /// deliveries waiting for their callbacks.
+    pub(crate) fn has_work(&self) -> bool {
+        !self.fired.is_empty()
+            || !self.dirty.is_empty()
+            || !self.want.is_empty()
+            || !self.released.is_empty()
+    }
+
+    /// Queues connection `k` for this turn's pump (once).
+    fn mark_dirty(&mut self, k: usize) {
+        if let Some(c) = self.conns.get_mut(k) {
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(k);
+            }
+        }
+    }
+
+    /// Gives `bytes` of the frame budget back and wakes the connections waiting for it.
+    fn release_frame_bytes(&mut self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        self.frame_used -= bytes;
+        for k in std::mem::take(&mut self.budget_waiters) {
+            if let Some(c) = self.conns.get_mut(k) {
+                c.budget_wait = false;
+            }
+            self.mark_dirty(k);
+        }
+    }
+
+    /// Undoes everything that refers to connection `k` outside the slab, once it has been
+    /// taken out of it: its timer, its places in the watch and read-blocked lists, its shares
+    /// of the per-address and frame budgets, and its CurveCP server connection.
+    fn unlink(&mut self, k: usize, c: &mut Conn) {
+        if let Some((id, _)) = c.timer.take() {
+            self.timers.cancel(id);
+        }
+        if c.watched {
+            self.watch.retain(|&w| w != k);
+        }
+        self.read_blocked.retain(|&w| w != k);
+        self.drop_shares(k, c);
+        if let Link::Server(id) = c.link {
+            self.by_server.remove(&id);
+            self.server.server_mut().remove(id);
+        }
+    }
+
+    /// Connection `k` (already out of `conns`) ends: its share of the frame budget and its
+    /// count in the per-source table go back.
+    fn drop_shares(&mut self, k: usize, c: &Conn) {
+        if let Some(ip) = c.inbound_from {
+            if let Some(n) = self.inbound_per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.inbound_per_ip.remove(&ip);
+                }
+            }
+        }
+        if c.budget_wait {
+            self.budget_waiters.retain(|&w| w != k);
+        }
+        self.release_frame_bytes(c.reserved);
+    }
+
+    /// Queues peer `b` for `ensure_connections` (once).
+    fn want_peer(&mut self, b: BoxId) {
+        if let Some(p) = self.peers.get_mut(&b) {
+            if !p.wanted {
+                p.wanted = true;
+                self.want.push(b);
+            }
+        }
+    }
+
+    /// The peer has work: its active connection is visited, or it is wanted (connect).
+    fn kick_peer(&mut self, b: BoxId) {
+        let conn = self
+            .peers
+            .get(&b)
+            .and_then(|p| if p.online { p.conn } else { None });
+        match conn {
+            Some(k) => self.mark_dirty(k),
+            None => self.want_peer(b),
+        }
+    }
+
+    /// Puts connection `k`'s timer at its current deadline (a no-op when unchanged).
+    fn reschedule_conn(&mut self, k: usize, now: Instant) {
+        let Some(c) = self.conns.get_mut(k) else {
+            return;
+        };
+        let cfg = &self.cfg;
+        let mut d = match &c.link {
+            Link::Client(drv) => drv.next_deadline(),
+            Link::Server(_) => None,
+        };
+        let mut at = |x: Instant| d = Some(d.map_or(x, |y| y.min(x)));
+        if c.peer.is_none() {
+            at(c.opened + cfg.connect_timeout);
+        }
+        match c.closing {
+            Some(t) => at(t + cfg.dead_after),
+            None => {
+                if c.active && c.partial_pos >= c.partial.len() {
+                    at((c.last_write + cfg.keepalive).max(now));
+                }
+            }
+        }
+        if c.timer.map(|t| t.1) == d {
+            return;
+        }
+        if let Some((id, _)) = c.timer.take() {
+            self.timers.cancel(id);
+        }
+        if let Some(d) = d {
+            c.timer = Some((self.timers.schedule(d, NetTimer::Conn(k)), d));
+        }
+    }
+
+    /// Makes the earliest expiry of peer `b`'s queue (at least `expires`) have a timer.
+    fn expiry_at(&mut self, b: BoxId, expires: Instant) {
+        let Some(p) = self.peers.get_mut(&b) else {
+            return;
+        };
+        if p.expiry_timer.is_some_and(|(_, at)| at <= expires) {
+            return;
+        }
+        if let Some((id, _)) = p.expiry_timer.take() {
+            self.timers.cancel(id);
+        }
+        p.expiry_timer = Some((self.timers.schedule(expires, NetTimer::Expiry(b)), expires));
+    }
+
+    /// Peer `b` may be tried again at `at` (after a failure).
+    fn retry_peer_at(&mut self, b: BoxId, at: Instant) {
+        let Some(p) = self.peers.get_mut(&b) else {
+            return;
+        };
+        if let Some(id) = p.retry_timer.take() {
+            self.timers.cancel(id);
+        }
+        p.retry_at = Some(at);
+        p.retry_timer = Some(self.timers.schedule(at, NetTimer::Retry(b)));
+    }
+
+    /// Forgets a failure of peer `b` (a new send, a retry): it may connect at once.
+    fn clear_retry(&mut self, b: BoxId) {
+        let Some(p) = self.peers.get_mut(&b) else {
+            return;
+        };
+        p.retry_at = None;
+        if let Some(id) = p.retry_timer.take() {
+            self.timers.cancel(id);
+        }
+    }
+
+    /// Peer `b`'s queue is empty: its expiry timer goes.
+    fn queue_drained(&mut self, b: &BoxId) {
+        if let Some(p) = self.peers.get_mut(b) {
+            if p.queue.is_empty() {
+                if let Some((id, _)) = p.expiry_timer.take() {
+                    self.timers.cancel(id);
+                }
+            }
+        }
+    }
+
+    /// The offline buffer holds records: make sure its periodic retry is scheduled.
+    fn offline_retry_soon(&mut self, now: Instant) {
+        if self.offline_timer.is_none() && !self.offline.is_empty() {
+            let at = now + self.cfg.offline_retry;
+            self.offline_timer = Some(self.timers.schedule(at, NetTimer::OfflineRetry));
+        }
+    }
+
+    /// Forgets peer `b` if many are known and it is idle (see [`KEEP_IDLE_PEERS`]).
+    fn maybe_forget(&mut self, b: &BoxId) {
+        if self.peers.len() <= KEEP_IDLE_PEERS {
+            return;
+        }
+        let Some(p) = self.peers.get(b) else { return };
+        let idle = p.conn.is_none()
+            && p.queue.is_empty()
+            && !p.waiting_lookup
+            && !p.wanted
+            && !p.sign.is_some_and(|s| self.offline.has_idle(&s));
+        if !idle {
+            return;
+        }
+        if let Some(p) = self.peers.remove(b) {
+            if let Some(id) = p.retry_timer {
+                self.timers.cancel(id);
+            }
+            if let Some((id, _)) = p.expiry_timer {
+                self.timers.cancel(id);
+            }
+        }
+    }
+
+    fn conn_stats(&self, c: &Conn) -> ConnectionStats {
+        let s = stream_ref(&self.server, &c.link).map(Stream::stats);
+        ConnectionStats {
+            peer: c.peer,
+            transport: c.kind,
+            outbound: c.outbound,
+            active: c.active,
+            rtt: s.as_ref().and_then(|s| s.srtt),
+            bytes_sent: s.as_ref().map_or(0, |s| s.bytes_sent),
+            bytes_received: s.as_ref().map_or(0, |s| s.bytes_received),
+            messages_sent: c.msgs_out,
+            messages_received: c.msgs_in,
+            retransmissions: s.as_ref().map_or(0, |s| s.retransmissions),
+        }
+    }
+
+    /// Statistics of every connection.
+    pub(crate) fn connections(&self) -> Vec<ConnectionStats> {
+        self.conns.iter().map(|(_, c)| self.conn_stats(c)).collect()
+    }
+
+    /// Records waiting in the offline buffer.
+    pub(crate) fn offline_len(&self) -> usize {
+        self.offline.len()
+    }
+
+    /// Messages waiting in memory for `dest`.
+    pub(crate) fn queued_for(&self, dest: &BoxId) -> usize {
+        self.peers.get(dest).map_or(0, |p| p.queue.len())
+    }
+
+    fn is_online(&self, b: &BoxId) -> bool {
+        self.peers.get(b).is_some_and(|p| p.online)
+    }
+
+    /// Moves the idle offline records of `dest` (box key `b`) into its queue.
+    fn take_offline(&mut self, b: BoxId, dest: &SignId) {
+        if !self.offline.has_idle(dest) {
+            return;
+        }
+        for (key, frame) in self.offline.take_idle(dest) {
+            let p = self.peers.entry(b).or_default();
+            p.queued_bytes += frame.len();
+            p.queue.push_back(Pending {
+                frame,
+                expires: None,
+                track: Track {
+                    cb: None,
+                    offline: Some(key),
+                },
+            });
+        }
+    }
+}
+
+impl Core {
+    fn net_mut(&mut self) -> Option<&mut Net> {
+        self.net.as_mut()
+    }
+}
+
+impl Net {
+    /// Persists what must survive (called when the platform is dropped).
+    pub(crate) fn save(&mut self, storage: &mut dyn Storage) {
+        if let Err(e) = self.dedup.flush(storage) {
+            log::debug!("de-duplication memory could not be stored: {e}");
+        }
+    }
+}

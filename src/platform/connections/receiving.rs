@@ -1,0 +1,219 @@
+//! The receiving half: frames read from connection streams (within the frame budget),
+//! identify, de-duplication, scopes; and the directory messages of the bus (nodeInfo,
+//! directory replies).
+
+use super::*;
+
+impl Core {
+    /// Reads complete frames from connection `k` into the local queue.
+    pub(super) fn read_conn(&mut self, k: usize) -> ReadOutcome {
+        for _ in 0..1024 {
+            // Frames already buffered first.
+            loop {
+                if self.queue.len() >= self.limits.local_queue {
+                    return ReadOutcome::Blocked;
+                }
+                let Some(net) = self.net.as_mut() else {
+                    return ReadOutcome::Done;
+                };
+                let Some(c) = net.conns.get_mut(k) else {
+                    return ReadOutcome::Done;
+                };
+                match c.reader.next_envelope() {
+                    Ok(Some(env)) => {
+                        if !self.handle_envelope(k, env) {
+                            return ReadOutcome::Done;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        log::debug!("connection {k}: bad frame ({e}); closing it");
+                        self.conn_lost(k, "protocol error");
+                        return ReadOutcome::Done;
+                    }
+                }
+            }
+            // The frame in progress: beyond the floor, its whole size is reserved from the
+            // frame budget before its bytes are read (no deadlock between partial frames).
+            let Some(net) = self.net.as_mut() else {
+                return ReadOutcome::Done;
+            };
+            let Some(c) = net.conns.get_mut(k) else {
+                return ReadOutcome::Done;
+            };
+            let buffered = c.reader.buffered();
+            let want = buffered
+                .max(c.reader.frame_len().unwrap_or(0))
+                .saturating_sub(FRAME_FLOOR);
+            if want < c.reserved {
+                let give = c.reserved - want;
+                c.reserved = want;
+                net.release_frame_bytes(give);
+            } else if want > c.reserved {
+                let more = want - c.reserved;
+                if net.frame_used + more > net.frame_budget {
+                    log::debug!("connection {k}: frame budget exhausted; reading paused");
+                    if !c.budget_wait {
+                        c.budget_wait = true;
+                        net.budget_waiters.push(k);
+                    }
+                    return ReadOutcome::Starved;
+                }
+                c.reserved = want;
+                net.frame_used += more;
+                let used = net.frame_used as u64;
+                self.stats.frame_bytes_peak = self.stats.frame_bytes_peak.max(used);
+            }
+            let Some(net) = self.net.as_mut() else {
+                return ReadOutcome::Done;
+            };
+            let Some(c) = net.conns.get_mut(k) else {
+                return ReadOutcome::Done;
+            };
+            let limit = (FRAME_FLOOR + c.reserved).saturating_sub(c.reader.buffered());
+            let room = c.reader.room().min(net.scratch.len()).min(limit);
+            if room == 0 {
+                return ReadOutcome::Done;
+            }
+            let Some(stream) = stream_of(&mut net.server, &mut c.link) else {
+                return ReadOutcome::Done;
+            };
+            let n = stream.read(&mut net.scratch[..room]);
+            if n == 0 {
+                if stream.peer_eof().is_some() && c.closing.is_none() {
+                    // The peer winds this connection down (it lost the simultaneous-connect
+                    // tie-break, or it is leaving): finish ours too.
+                    stream.finish(Eof::Success);
+                    c.closing = Some(self.now);
+                    if c.active {
+                        self.conn_lost(k, "peer closed the connection");
+                    }
+                }
+                return ReadOutcome::Done;
+            }
+            c.reader.push(&net.scratch[..n]);
+        }
+        ReadOutcome::More
+    }
+
+    /// Handles one frame; `false` if the connection was closed.
+    pub(super) fn handle_envelope(&mut self, k: usize, env: Envelope) -> bool {
+        let Some(net) = self.net.as_mut() else {
+            return false;
+        };
+        let Some(c) = net.conns.get_mut(k) else {
+            return false;
+        };
+        c.msgs_in += 1;
+        let Some(sign) = c.peer else {
+            let ok = env.protocol == "mm" && env.topic == "identify";
+            let sign = std::str::from_utf8(&env.payload)
+                .ok()
+                .and_then(|s| s.parse::<SignId>().ok());
+            let peer_box = c.peer_box;
+            match sign {
+                Some(s) if ok && self.keys.box_id(&s) == Some(peer_box) => {
+                    c.peer = Some(s);
+                    c.reader.set_max_frame(net.cfg.max_frame);
+                    net.dir.learn_reverse(peer_box, s);
+                    self.activate(k);
+                    return true;
+                }
+                _ => {
+                    log::debug!("connection {k}: missing or forged identify; closing it");
+                    self.conn_lost(k, "identify failed");
+                    return false;
+                }
+            }
+        };
+        if env.protocol == "mm" {
+            return true; // identify repeated, ping
+        }
+        if let Some(id) = &env.id {
+            if !net.dedup.first_time_from(c.peer_box.0.as_bytes(), id) {
+                self.stats.duplicates += 1;
+                log::debug!("duplicate message from {sign} dropped");
+                return true;
+            }
+            if net.dedup_timer.is_none() {
+                let at = net.next_dedup_flush.max(self.now);
+                net.dedup_timer = Some(net.timers.schedule(at, NetTimer::DedupFlush));
+            }
+        }
+        let scope = self.circles.scope_of(&c.peer_box);
+        let protocol: Cow<'static, str> = match env.protocol.as_str() {
+            "ms" => Cow::Borrowed("ms"),
+            "bt" => Cow::Borrowed("bt"),
+            _ => Cow::Owned(env.protocol),
+        };
+        self.queue.push_back(Message {
+            sender: Address::Node(sign),
+            protocol,
+            topic: env.topic,
+            scope,
+            payload: env.payload,
+        });
+        true
+    }
+
+    /// A `self.transports.nodeInfo` message.
+    pub(crate) fn on_node_info(&mut self, payload: &[u8]) -> bool {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return false;
+        };
+        let info = match NodeInfo::from_json(&v, &mut self.keys) {
+            Ok(i) => i,
+            Err(e) => {
+                log::debug!("nodeInfo refused: {e}");
+                return false;
+            }
+        };
+        if info.sign_id == self.identity.sign_id() {
+            return true;
+        }
+        let now = self.now;
+        if let Some(net) = self.net_mut() {
+            let b = info.box_id;
+            net.dir.insert(info, now);
+            if let Some(p) = net.peers.get_mut(&b) {
+                p.waiting_lookup = false;
+                net.want_peer(b);
+            }
+        }
+        true
+    }
+
+    /// A `self.directory.getReply` message: `{"key": boxId, "value": signId}`.
+    pub(crate) fn on_directory_reply(&mut self, payload: &[u8]) -> bool {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return false;
+        };
+        let key: Option<BoxId> = v.get("key").and_then(|k| k.as_str()?.parse().ok());
+        let value: Option<SignId> = v.get("value").and_then(|k| k.as_str()?.parse().ok());
+        let (Some(b), Some(s)) = (key, value) else {
+            return false;
+        };
+        if self.keys.box_id(&s) != Some(b) {
+            log::debug!("directory.getReply refused: signId does not convert to boxId");
+            return false;
+        }
+        if let Some(net) = self.net_mut() {
+            net.dir.learn_reverse(b, s);
+        }
+        true
+    }
+
+    /// The signId of a box key if known; otherwise publishes `self.directory.get` (the answer,
+    /// `self.directory.getReply`, is remembered).
+    pub(crate) fn resolve_box_id(&mut self, b: &BoxId) -> Option<SignId> {
+        let known = self.net.as_ref().and_then(|n| n.dir.reverse(b));
+        if known.is_none() && self.net.is_some() {
+            self.publish_local("directory.get", &serde_json::json!(b.to_string()));
+        }
+        known
+    }
+
+    pub(super) fn emit_peer(&mut self, topic: &str, sign: SignId) {
+        self.publish_local(topic, &serde_json::json!(sign.to_string()));
+    }
+}

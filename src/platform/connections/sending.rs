@@ -1,0 +1,268 @@
+//! The sending half: messages queued per destination (real-time ones in memory, others in the
+//! offline buffer), written into connection streams, settled when acknowledged or expired.
+
+use super::*;
+
+impl Core {
+    /// Sends a message to another node (the remote half of [`Core::send`]).
+    pub(crate) fn send_remote(
+        &mut self,
+        dest: SignId,
+        protocol: Cow<'static, str>,
+        topic: String,
+        payload: Vec<u8>,
+        options: SendOptions,
+        callback: Option<DeliveryCallback>,
+    ) -> SendStatus {
+        let Some(b) = self.keys.box_id(&dest) else {
+            return SendStatus::InvalidDestination;
+        };
+        let storage = &mut *self.storage;
+        let Some(net) = self.net.as_mut() else {
+            return SendStatus::NoTransport;
+        };
+        let now = Instant::now();
+        let env = Envelope {
+            topic,
+            protocol: protocol.into_owned(),
+            payload,
+            id: None,
+        };
+        if options.realtime {
+            let frame = frame_of(&env);
+            let peer = net.peers.entry(b).or_default();
+            if peer.queue.len() >= net.cfg.peer_queue_messages
+                || peer.queued_bytes + frame.len() > net.cfg.peer_queue_bytes
+            {
+                return SendStatus::BufferFull;
+            }
+            peer.sign.get_or_insert(dest);
+            peer.queued_bytes += frame.len();
+            let cb = callback.map(|c| net.callbacks.insert(c));
+            let after = options.expire_after.unwrap_or(net.cfg.realtime_expiry);
+            // `Duration::MAX` ("never") must not overflow the clock: about 136 years will do.
+            let expires = now
+                .checked_add(after)
+                .unwrap_or_else(|| now + Duration::from_secs(1 << 32));
+            peer.queue.push_back(Pending {
+                frame,
+                expires: Some(expires),
+                track: Track { cb, offline: None },
+            });
+            net.clear_retry(b);
+            net.expiry_at(b, expires);
+            net.kick_peer(b);
+            return SendStatus::Queued;
+        }
+        let after = options
+            .expire_after
+            .unwrap_or(net.cfg.offline_expiry)
+            .min(MAX_OFFLINE_EXPIRY);
+        let expires_ms = wall_ms().saturating_add(after.as_millis() as u64);
+        let key = match net.offline.add(storage, dest, env, expires_ms) {
+            Ok(k) => k,
+            Err(AddError::Full) => return SendStatus::BufferFull,
+            Err(AddError::Storage(e)) => {
+                log::debug!("offline buffer: storing a message failed: {e}");
+                return SendStatus::StorageFailed;
+            }
+        };
+        if let Some(c) = callback {
+            let id = net.callbacks.insert(c);
+            net.offline_cbs.insert(key, id);
+        }
+        net.offline_retry_soon(now);
+        let online = net.is_online(&b);
+        let peer = net.peers.entry(b).or_default();
+        peer.sign.get_or_insert(dest);
+        net.clear_retry(b);
+        if online {
+            net.take_offline(b, &dest);
+        }
+        net.kick_peer(b);
+        SendStatus::Queued
+    }
+
+    /// Registers a callback to run (with `Ok`) after the current turn's deliveries.
+    pub(crate) fn fire_local(&mut self, callback: DeliveryCallback) {
+        match self.net.as_mut() {
+            Some(net) => {
+                let id = net.callbacks.insert(callback);
+                net.fired.push((id, Ok(())));
+            }
+            None => {
+                let now = self.now;
+                callback(&mut Context { core: self, now }, Ok(()));
+            }
+        }
+    }
+
+    /// Fails the real-time messages of peer `b` whose expiry passed; the timer moves to the
+    /// next expiry.
+    pub(super) fn expire_queue(&mut self, b: BoxId, now: Instant) {
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(p) = net.peers.get_mut(&b) else {
+            return;
+        };
+        p.expiry_timer = None;
+        let mut keep = VecDeque::with_capacity(p.queue.len());
+        let mut next: Option<Instant> = None;
+        for m in p.queue.drain(..) {
+            match m.expires {
+                Some(e) if e <= now => {
+                    p.queued_bytes -= m.frame.len();
+                    if let Some(cb) = m.track.cb {
+                        net.fired.push((cb, Err(DeliveryError::Expired)));
+                    }
+                }
+                e => {
+                    if let Some(e) = e {
+                        next = Some(next.map_or(e, |n| n.min(e)));
+                    }
+                    keep.push_back(m);
+                }
+            }
+        }
+        p.queue = keep;
+        if let Some(e) = next {
+            net.expiry_at(b, e);
+        }
+        net.maybe_forget(&b);
+    }
+
+    /// The offline buffer's periodic work: expired records are deleted (their callbacks
+    /// fail), destinations with idle records are tried again.
+    pub(super) fn offline_retry(&mut self, now: Instant) {
+        let storage = &mut *self.storage;
+        let Some(net) = self.net.as_mut() else { return };
+        for (key, _) in net.offline.expire(storage, wall_ms()) {
+            if let Some(cb) = net.offline_cbs.remove(&key) {
+                net.fired.push((cb, Err(DeliveryError::Expired)));
+            }
+        }
+        let dests = net.offline.idle_destinations();
+        for dest in dests {
+            let Some(b) = self.keys.box_id(&dest) else {
+                continue;
+            };
+            let Some(net) = self.net.as_mut() else { return };
+            self.stats.peer_visits += 1;
+            let p = net.peers.entry(b).or_default();
+            p.sign.get_or_insert(dest);
+            if p.retry_at.is_some_and(|t| t <= now) {
+                net.clear_retry(b);
+            }
+            net.want_peer(b);
+        }
+        if let Some(net) = self.net.as_mut() {
+            net.offline_retry_soon(now);
+        }
+    }
+
+    /// Writes the partial frame and queued messages of connection `k` into its stream.
+    pub(super) fn write_conn(&mut self, k: usize, now: Instant) {
+        let storage = &mut *self.storage;
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(c) = net.conns.get_mut(k) else {
+            return;
+        };
+        let Some(stream) = stream_of(&mut net.server, &mut c.link) else {
+            return;
+        };
+        let mut expired = Vec::new();
+        loop {
+            if c.partial_pos < c.partial.len() {
+                let n = stream.write(&c.partial[c.partial_pos..]);
+                if n > 0 {
+                    c.last_write = now;
+                }
+                c.partial_pos += n;
+                c.written += n as u64;
+                if c.partial_pos < c.partial.len() {
+                    break;
+                }
+                c.msgs_out += 1;
+                if !c.partial_track.is_none() {
+                    c.inflight.push_back((c.written, c.partial_track));
+                }
+                c.partial_track = Track::default();
+            }
+            if !c.active || c.closing.is_some() {
+                break;
+            }
+            let Some(p) = net.peers.get_mut(&c.peer_box) else {
+                break;
+            };
+            let Some(m) = p.queue.pop_front() else { break };
+            p.queued_bytes -= m.frame.len();
+            if m.expires.is_some_and(|e| e <= now) {
+                expired.push(m.track);
+                continue;
+            }
+            c.partial = m.frame;
+            c.partial_pos = 0;
+            c.partial_track = m.track;
+        }
+        if c.partial_pos >= c.partial.len() && c.partial.capacity() > 4096 {
+            c.partial = Vec::new();
+            c.partial_pos = 0;
+        }
+        let b = c.peer_box;
+        net.queue_drained(&b);
+        for t in expired {
+            complete(net, storage, t, Err(DeliveryError::Expired));
+        }
+    }
+
+    pub(super) fn check_acks(&mut self, k: usize) {
+        let storage = &mut *self.storage;
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(c) = net.conns.get_mut(k) else {
+            return;
+        };
+        if c.inflight.is_empty() {
+            return;
+        }
+        let Some(acked) = stream_ref(&net.server, &c.link).map(Stream::bytes_acked) else {
+            return;
+        };
+        let mut done = Vec::new();
+        while c.inflight.front().is_some_and(|(end, _)| *end <= acked) {
+            if let Some((_, t)) = c.inflight.pop_front() {
+                done.push(t);
+            }
+        }
+        // A server-side stream reports no event for a bare acknowledgement: watch it.
+        if !c.inflight.is_empty() && !c.watched && matches!(c.link, Link::Server(_)) {
+            c.watched = true;
+            net.watch.push(k);
+        }
+        for t in done {
+            complete(net, storage, t, Ok(()));
+        }
+    }
+}
+
+/// Settles one tracked message: offline records are deleted (delivered) or released (lost),
+/// callbacks are queued with the outcome.
+pub(super) fn complete(
+    net: &mut Net,
+    storage: &mut dyn Storage,
+    t: Track,
+    result: Result<(), DeliveryError>,
+) {
+    if let Some(key) = t.offline {
+        if result.is_ok() {
+            net.offline.delivered(storage, &key);
+            if let Some(cb) = net.offline_cbs.remove(&key) {
+                net.fired.push((cb, Ok(())));
+            }
+        } else if let Some(dest) = net.offline.release(&key) {
+            // Tried again (now if the peer is still online, else when it connects).
+            net.released.push(dest);
+        }
+    }
+    if let Some(cb) = t.cb {
+        net.fired.push((cb, result));
+    }
+}
