@@ -125,6 +125,13 @@ pub struct StreamConfig {
     /// (CurveCP has no close packet). `None` (the default) sends no such probes: the platform
     /// has keepalives of its own, and JavaScript peers never acknowledge empty blocks.
     pub keepalive: Option<Duration>,
+    /// Never send a data block of exactly one byte (default `false`). The JavaScript
+    /// implementation (curvecp 1.2.1) never acknowledges such a block, so its sender would
+    /// retransmit it until the stream dies, and it drops every later block as out of order. With
+    /// this set, a lone unsent byte waits for more (a frame is never one byte, so more comes),
+    /// and a block that would leave exactly one byte behind carries one byte less. A final byte
+    /// with the EOF still goes.
+    pub no_one_byte_blocks: bool,
     /// Makes the congestion controller of each new stream.
     pub congestion: CongestionFactory,
 }
@@ -140,6 +147,7 @@ impl StreamConfig {
             initial_block: 512,
             dead_after: Duration::from_secs(30),
             keepalive: None,
+            no_one_byte_blocks: false,
             congestion: congestion::default_factory(),
         }
     }
@@ -170,6 +178,7 @@ impl std::fmt::Debug for StreamConfig {
             .field("initial_block", &self.initial_block)
             .field("dead_after", &self.dead_after)
             .field("keepalive", &self.keepalive)
+            .field("no_one_byte_blocks", &self.no_one_byte_blocks)
             .finish_non_exhaustive()
     }
 }
@@ -227,6 +236,7 @@ pub struct Stream {
     recv_window: usize,
     dead_after: Duration,
     keepalive: Option<Duration>,
+    no_one_byte_blocks: bool,
     /// When the latest valid message from the peer arrived.
     last_heard: Instant,
     cc: Box<dyn Congestion>,
@@ -302,6 +312,7 @@ impl Stream {
             recv_window: config.recv_window.max(MAX_DATA),
             dead_after: config.dead_after,
             keepalive: config.keepalive,
+            no_one_byte_blocks: config.no_one_byte_blocks,
             last_heard: now,
             cc,
             error: None,
@@ -762,7 +773,16 @@ impl Stream {
         let base = self.peer_ack.max(self.sbuf_start);
         let room = (base + SEND_WINDOW).saturating_sub(self.next_pos);
         if unsent > 0 {
-            let want = unsent.min(limit as u64);
+            let mut want = unsent.min(limit as u64);
+            if self.no_one_byte_blocks && self.eof.is_none() {
+                if unsent - want == 1 {
+                    // Leave two bytes behind rather than one.
+                    want -= 1;
+                }
+                if want < 2 {
+                    return None;
+                }
+            }
             if room < want {
                 return None;
             }
@@ -1102,6 +1122,49 @@ mod tests {
             assert!(n < 1000, "poll_message does not settle");
         }
         n
+    }
+
+    #[test]
+    fn no_one_byte_blocks_for_javascript_peers() {
+        let t = Instant::now();
+        let cfg = StreamConfig {
+            no_one_byte_blocks: true,
+            ..StreamConfig::server()
+        };
+        let mut a = Stream::new(&cfg, t);
+        let mut b = Stream::new(&StreamConfig::client(), t);
+        let lens = |a: &mut Stream, now| {
+            let mut v = Vec::new();
+            while let Some(m) = poll(a, now) {
+                let h = Message::parse(&m).unwrap().header;
+                if h.data_len() > 0 || h.id != 0 {
+                    v.push(h.data_len());
+                }
+                assert!(v.len() < 100);
+            }
+            v
+        };
+        // A lone byte waits for more.
+        assert_eq!(a.write(b"x"), 1);
+        assert!(lens(&mut a, t).is_empty());
+        assert!(
+            a.poll_timeout().is_none(),
+            "no busy deadline for a withheld byte"
+        );
+        // 1,025 bytes in all: not 1,024 + 1 but 1,023 + 2.
+        a.write(&[7u8; 1024]);
+        assert_eq!(lens(&mut a, t), vec![1023, 2]);
+        // Everything arrives in order.
+        let mut a2 = Stream::new(&cfg, t);
+        a2.write(&[1u8; 1025]);
+        exchange(&mut a2, &mut b, t);
+        let mut buf = [0u8; 2048];
+        assert_eq!(b.read(&mut buf), 1025);
+        // With the EOF, a final single byte goes.
+        let mut c = Stream::new(&cfg, t);
+        c.write(b"y");
+        c.finish(Eof::Success);
+        assert_eq!(lens(&mut c, t), vec![1]);
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //!   nodeInfo whose `boxId` is not the curve25519 conversion of its `signId` is refused.
 //! - A bounded cache of nodeInfo with an expiry ([`crate::NetConfig::node_info_ttl`]); when full,
 //!   the entry closest to expiry is evicted.
-//! - Pending lookups, coalesced per signId: the first send to an unknown destination publishes
-//!   `self.transports.requestNodeInfo` (payload the signId) once; every later send waits for the
-//!   same answer (`self.transports.nodeInfo`) or the same timeout
+//! - Entries and pending lookups are keyed by box key, which every node has (JavaScript
+//!   nodes name each other by boxId; a signId converts to its box key), and coalesced: the
+//!   first send to an unknown destination publishes `self.transports.requestNodeInfo` once
+//!   (payload the signId when known, else the boxId, as the JavaScript nodes ask); every later
+//!   send waits for the same answer (`self.transports.nodeInfo`) or the same timeout
 //!   ([`crate::NetConfig::lookup_timeout`], 10 s by default).
 //! - The reverse map boxId -> signId that `self.directory.getReply` feeds (each reply is
 //!   checked: the signId must convert to the boxId).
@@ -126,8 +128,8 @@ pub(crate) enum Lookup {
 
 /// The cache, the pending lookups and the reverse map.
 pub(crate) struct DirectoryCache {
-    entries: HashMap<SignId, (NodeInfo, Instant)>,
-    pending: HashMap<SignId, Instant>,
+    entries: HashMap<BoxId, (NodeInfo, Instant)>,
+    pending: HashMap<BoxId, Instant>,
     reverse: HashMap<BoxId, SignId>,
     ttl: Duration,
     timeout: Duration,
@@ -144,8 +146,8 @@ impl DirectoryCache {
         }
     }
 
-    /// Looks `id` up (expired entries are forgotten).
-    pub(crate) fn lookup(&mut self, id: &SignId, now: Instant) -> Lookup {
+    /// Looks the node with box key `id` up (expired entries are forgotten).
+    pub(crate) fn lookup(&mut self, id: &BoxId, now: Instant) -> Lookup {
         if let Some((info, exp)) = self.entries.get(id) {
             if *exp > now {
                 return Lookup::Found(info.clone());
@@ -161,7 +163,7 @@ impl DirectoryCache {
 
     /// Records that a lookup for `id` started; `false` if too many are pending (then the
     /// destination fails at once).
-    pub(crate) fn start_lookup(&mut self, id: SignId, now: Instant) -> bool {
+    pub(crate) fn start_lookup(&mut self, id: BoxId, now: Instant) -> bool {
         if self.pending.len() >= MAX_CACHED {
             return false;
         }
@@ -172,7 +174,7 @@ impl DirectoryCache {
     /// Stores a checked nodeInfo; ends the pending lookup for it. Returns whether a lookup was
     /// pending.
     pub(crate) fn insert(&mut self, info: NodeInfo, now: Instant) -> bool {
-        if self.entries.len() >= MAX_CACHED && !self.entries.contains_key(&info.sign_id) {
+        if self.entries.len() >= MAX_CACHED && !self.entries.contains_key(&info.box_id) {
             self.entries.retain(|_, (_, exp)| *exp > now);
             if self.entries.len() >= MAX_CACHED {
                 if let Some(k) = self
@@ -186,14 +188,14 @@ impl DirectoryCache {
             }
         }
         self.learn_reverse(info.box_id, info.sign_id);
-        let id = info.sign_id;
+        let id = info.box_id;
         self.entries.insert(id, (info, now + self.ttl));
         self.pending.remove(&id).is_some()
     }
 
     /// Ends the lookup for `id` if its time is up at `now`; `true` if it did (a lookup
     /// answered in time, or restarted later, is left alone).
-    pub(crate) fn lookup_expired(&mut self, id: &SignId, now: Instant) -> bool {
+    pub(crate) fn lookup_expired(&mut self, id: &BoxId, now: Instant) -> bool {
         match self.pending.get(id) {
             Some(d) if *d <= now => {
                 self.pending.remove(id);
@@ -214,6 +216,16 @@ impl DirectoryCache {
     /// The signId of a box key, if known.
     pub(crate) fn reverse(&self, b: &BoxId) -> Option<SignId> {
         self.reverse.get(b).copied()
+    }
+
+    /// Whether `b` is known as a node's box key (a cached nodeInfo or a checked mapping).
+    pub(crate) fn knows_box(&self, b: &BoxId) -> bool {
+        self.entries.contains_key(b) || self.reverse.contains_key(b)
+    }
+
+    /// Forgets a pending lookup (its peer was re-keyed).
+    pub(crate) fn cancel_lookup(&mut self, id: &BoxId) {
+        self.pending.remove(id);
     }
 
     /// Number of cached entries.
@@ -261,24 +273,24 @@ mod tests {
         let t0 = Instant::now();
         let mut d = DirectoryCache::new(Duration::from_secs(60), Duration::from_secs(10));
         let a = Identity::generate();
-        assert!(matches!(d.lookup(&a.sign_id(), t0), Lookup::Unknown));
-        assert!(d.start_lookup(a.sign_id(), t0));
-        assert!(matches!(d.lookup(&a.sign_id(), t0), Lookup::Pending));
-        assert!(!d.lookup_expired(&a.sign_id(), t0 + Duration::from_secs(9)));
-        assert!(d.lookup_expired(&a.sign_id(), t0 + Duration::from_secs(10)));
-        assert!(!d.lookup_expired(&a.sign_id(), t0 + Duration::from_secs(11)));
-        assert!(matches!(d.lookup(&a.sign_id(), t0), Lookup::Unknown));
+        assert!(matches!(d.lookup(&a.box_id(), t0), Lookup::Unknown));
+        assert!(d.start_lookup(a.box_id(), t0));
+        assert!(matches!(d.lookup(&a.box_id(), t0), Lookup::Pending));
+        assert!(!d.lookup_expired(&a.box_id(), t0 + Duration::from_secs(9)));
+        assert!(d.lookup_expired(&a.box_id(), t0 + Duration::from_secs(10)));
+        assert!(!d.lookup_expired(&a.box_id(), t0 + Duration::from_secs(11)));
+        assert!(matches!(d.lookup(&a.box_id(), t0), Lookup::Unknown));
         let info = NodeInfo {
             sign_id: a.sign_id(),
             box_id: a.box_id(),
             endpoints: vec![],
         };
-        assert!(d.start_lookup(a.sign_id(), t0));
+        assert!(d.start_lookup(a.box_id(), t0));
         assert!(d.insert(info, t0));
         assert_eq!(d.reverse(&a.box_id()), Some(a.sign_id()));
-        assert!(matches!(d.lookup(&a.sign_id(), t0), Lookup::Found(_)));
+        assert!(matches!(d.lookup(&a.box_id(), t0), Lookup::Found(_)));
         assert!(matches!(
-            d.lookup(&a.sign_id(), t0 + Duration::from_secs(61)),
+            d.lookup(&a.box_id(), t0 + Duration::from_secs(61)),
             Lookup::Unknown
         ));
         assert_eq!(d.len(), 0);

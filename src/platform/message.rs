@@ -6,7 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::identity::{ParseIdError, SignId};
+use crate::identity::{BoxId, ParseIdError, SignId};
 
 /// The trust level of a message's sender, the first segment of the topic subscribers see.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -37,12 +37,22 @@ impl fmt::Display for Scope {
 }
 
 /// Where a message comes from or goes to: this node (`local`) or a node id.
+///
+/// Nodes are named by their signId. The original JavaScript nodes name each other by boxId
+/// instead, and send no signId of their own: a message from such a node is reported with its
+/// signId when a known nodeInfo (or a `directory.getReply`) maps its box key, and as
+/// [`Address::Box`] otherwise. As a destination, a key given as text is resolved by the
+/// connection manager: a box key of a node it knows (by nodeInfo or connection) is taken as a
+/// boxId, any other key as a signId (or as a boxId when it is not a valid ed25519 key).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Address {
     /// This node: written `local`, as in the original API.
     Local,
     /// Another node (or, as a destination, our own id, which is delivered locally).
     Node(SignId),
+    /// Another node known only by its box key (curve25519, the CurveCP long-term key): a
+    /// JavaScript node whose signId is not known (yet). Written as the base64 boxId.
+    Box(BoxId),
 }
 
 impl fmt::Display for Address {
@@ -50,6 +60,7 @@ impl fmt::Display for Address {
         match self {
             Address::Local => f.write_str("local"),
             Address::Node(id) => id.fmt(f),
+            Address::Box(id) => id.fmt(f),
         }
     }
 }
@@ -71,8 +82,8 @@ impl From<SignId> for Address {
     }
 }
 
-/// Anything usable as a destination: an [`Address`], a [`SignId`], or text (`"local"` or a
-/// base64 signId). Text that is neither makes the send return
+/// Anything usable as a destination: an [`Address`], a [`SignId`], a [`BoxId`], or text
+/// (`"local"`, or a base64 signId or boxId: see [`Address`] for how a key is resolved). Text that is neither makes the send return
 /// [`SendStatus::InvalidDestination`].
 pub trait ToAddress {
     /// The address, or `None` if this is not a valid one.
@@ -88,6 +99,12 @@ impl ToAddress for Address {
 impl ToAddress for SignId {
     fn to_address(&self) -> Option<Address> {
         Some(Address::Node(*self))
+    }
+}
+
+impl ToAddress for BoxId {
+    fn to_address(&self) -> Option<Address> {
+        Some(Address::Box(*self))
     }
 }
 

@@ -501,9 +501,9 @@ impl Core {
         match dest {
             Address::Local => {}
             Address::Node(id) if id == self.identity.sign_id() => {}
-            Address::Node(id) => {
-                return self.send_remote(id, protocol, topic, payload, options, callback)
-            }
+            Address::Node(id) if id.0 .0 == self.identity.box_id().0 .0 => {}
+            Address::Box(id) if id == self.identity.box_id() => {}
+            remote => return self.send_remote(remote, protocol, topic, payload, options, callback),
         }
         if self.queue.len() >= self.limits.local_queue {
             return SendStatus::BufferFull;

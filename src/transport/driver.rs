@@ -81,6 +81,15 @@ const READ_BATCH: usize = 128;
 /// many datagrams read, so that a long read batch does not hold the peer's window shut.
 const TRANSMIT_EVERY: usize = 32;
 
+/// How CurveCP packets are framed on a transport (placeholder until the compat framing lands).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Framing {
+    /// One datagram or netstring per packet.
+    Native,
+    /// The JavaScript nodes' 1tp framing.
+    Compat,
+}
+
 /// Where a server connection's packets go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Path {
@@ -155,6 +164,22 @@ impl ClientDriver {
             read_in_flush: false,
             closed: None,
         })
+    }
+
+    /// [`ClientDriver::connect`] with a framing (placeholder: only native for now).
+    pub fn connect_with(
+        registry: &Registry,
+        token: Token,
+        kind: TransportKind,
+        peer: SocketAddr,
+        config: ClientConfig,
+        framing: Framing,
+        now: Instant,
+    ) -> io::Result<ClientDriver> {
+        if framing == Framing::Compat {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "compat framing"));
+        }
+        Self::connect(registry, token, kind, peer, config, now)
     }
 
     /// The token the driver's socket is registered under.
@@ -445,6 +470,11 @@ impl ServerDriver {
                 .and_then(|t| t.stream.peer_addr().ok())
                 .map(|a| a.ip()),
         }
+    }
+
+    /// The framing of a connection's path (placeholder: native).
+    pub fn framing(&self, _path: Path) -> Framing {
+        Framing::Native
     }
 
     /// TCP streams open now.

@@ -18,4 +18,4 @@ pub mod driver;
 pub mod tcp;
 pub mod udp;
 
-pub use driver::{ClientDriver, ServerDriver, TransportKind};
+pub use driver::{ClientDriver, Framing, ServerDriver, TransportKind};

@@ -39,11 +39,60 @@ impl Core {
             Some(crate::transport::driver::Path::Tcp { .. }) => TransportKind::Tcp,
             _ => TransportKind::Udp,
         };
+        let compat = path.is_some_and(|p| net.server.framing(p) == Framing::Compat);
         let frames = (net.cfg.max_frame, &net.identify[..]);
-        let conn = Conn::new(Link::Server(id), kind, BoxId(key), source, frames, now);
+        let conn = Conn::new(
+            Link::Server(id),
+            (kind, compat),
+            BoxId(key),
+            source,
+            frames,
+            now,
+        );
         let k = net.conns.insert(conn);
         net.by_server.insert(id, k);
         net.mark_dirty(k);
+        if compat {
+            // A JavaScript peer sends no identify: the Initiate CurveCP just accepted proved
+            // its box key, which is all it names itself by.
+            self.identify_compat(k);
+        }
+    }
+
+    /// A compat connection's peer is authenticated (its CurveCP handshake is done): it becomes
+    /// identified by its box key, with its signId if the directory knows it (else
+    /// `directory.get` is asked), and is activated.
+    pub(super) fn identify_compat(&mut self, k: usize) {
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(c) = net.conns.get_mut(k) else {
+            return;
+        };
+        if c.identified {
+            return;
+        }
+        c.identified = true;
+        let b = c.peer_box;
+        c.peer = net.dir.reverse(&b);
+        if c.peer.is_none() {
+            c.asked_sign = true;
+            self.resolve_box_id(&b);
+        }
+        self.activate(k);
+    }
+
+    /// Reports `Connection` and `transports.online` for peer `b` if it is online, known by
+    /// its signId and not reported yet (a JavaScript peer whose signId was learnt late).
+    pub(super) fn announce(&mut self, b: BoxId) {
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(p) = net.peers.get_mut(&b) else {
+            return;
+        };
+        let Some(sign) = p.sign.filter(|_| p.online && !p.announced) else {
+            return;
+        };
+        p.announced = true;
+        self.emit(Event::Connection(sign));
+        self.emit_peer("transports.online", sign);
     }
 
     /// Whether connection `k` still exists; an outgoing one whose transport or handshake
@@ -96,12 +145,14 @@ impl Core {
         if let Some(p) = net.peers.get_mut(&b) {
             if p.conn == Some(k) {
                 p.conn = None;
-                if c.outbound && c.peer.is_none() {
+                if c.outbound && !c.identified {
                     p.endpoint += 1;
                 }
                 if p.online {
                     p.online = false;
-                    offline_sign = p.sign;
+                    if std::mem::take(&mut p.announced) {
+                        offline_sign = p.sign;
+                    }
                     // Offline records waiting in memory go back to the buffer.
                     let mut keep = VecDeque::with_capacity(p.queue.len());
                     for m in p.queue.drain(..) {
@@ -194,10 +245,14 @@ impl Core {
 
     pub(super) fn connect_peer(&mut self, b: BoxId, now: Instant) {
         let Some(net) = self.net.as_mut() else { return };
-        let Some(sign) = net.peers.get(&b).and_then(|p| p.sign) else {
+        let Some(p) = net.peers.get(&b) else {
             return;
         };
-        let mut info = net.custom_dir.as_mut().and_then(|d| d.lookup(&sign));
+        let sign = p.sign;
+        let mut info = match (sign, net.custom_dir.as_mut()) {
+            (Some(s), Some(d)) => d.lookup(&s),
+            _ => None,
+        };
         if let Some(i) = &info {
             if i.box_id != b {
                 log::debug!("custom directory answered a mismatched nodeInfo");
@@ -206,7 +261,7 @@ impl Core {
         }
         let info = match info {
             Some(i) => i,
-            None => match net.dir.lookup(&sign, now) {
+            None => match net.dir.lookup(&b, now) {
                 Lookup::Found(i) => i,
                 Lookup::Pending => {
                     if let Some(p) = net.peers.get_mut(&b) {
@@ -215,16 +270,33 @@ impl Core {
                     return;
                 }
                 Lookup::Unknown => {
-                    if !net.dir.start_lookup(sign, now) {
+                    if !net.dir.start_lookup(b, now) {
                         self.fail_peer(b, "too many lookups pending", now);
                         return;
                     }
                     let at = now + net.cfg.lookup_timeout;
-                    net.timers.schedule(at, NetTimer::Lookup(sign));
+                    net.timers.schedule(at, NetTimer::Lookup(b));
                     if let Some(p) = net.peers.get_mut(&b) {
                         p.waiting_lookup = true;
                     }
-                    self.emit_peer("transports.requestNodeInfo", sign);
+                    // Asked by signId when we know it (our own services answer both), else
+                    // by boxId, as the JavaScript nodes ask.
+                    match sign {
+                        Some(s) => {
+                            if s.0 .0 != b.0 .0 {
+                                // The key may have been a JavaScript node's boxId given as
+                                // a destination: an answer for it re-keys this entry.
+                                if let Some(n) = self.net.as_mut() {
+                                    if n.aliases.len() < crate::platform::directory::MAX_CACHED {
+                                        n.aliases
+                                            .insert(BoxId(crate::crypto::BoxPublicKey(s.0 .0)), b);
+                                    }
+                                }
+                            }
+                            self.emit_peer("transports.requestNodeInfo", s)
+                        }
+                        None => self.emit_peer("transports.requestNodeInfo", b),
+                    }
                     return;
                 }
             },
@@ -253,25 +325,40 @@ impl Core {
         let ep = order[p.endpoint % order.len()];
         let entry = net.conns.vacant_entry();
         let k = entry.key();
+        // An endpoint without the native mark is a JavaScript node's: its 1tp framing, and
+        // a stream that never sends it one-byte blocks.
+        let compat = !ep.native;
         let mut config = ClientConfig::with_stream(
             b.0,
             StreamConfig {
                 dead_after: net.cfg.dead_after,
+                no_one_byte_blocks: compat,
                 ..StreamConfig::client()
             },
         );
         config.long_term = Some(net.our_box.clone());
         let token = Token(CONNECTION_TOKEN_BASE + k);
-        match ClientDriver::connect(&net.registry, token, ep.kind, ep.addr, config, now) {
+        let framing = if compat {
+            Framing::Compat
+        } else {
+            Framing::Native
+        };
+        let (registry, kind, addr) = (&net.registry, ep.kind, ep.addr);
+        match ClientDriver::connect_with(registry, token, kind, addr, config, framing, now) {
             Ok(d) => {
                 let frames = (net.cfg.max_frame, &net.identify[..]);
                 let link = Link::Client(Box::new(d));
-                let mut conn = Conn::new(link, ep.kind, b, None, frames, now);
+                let mut conn = Conn::new(link, (ep.kind, compat), b, None, frames, now);
                 conn.dirty = true;
                 entry.insert(conn);
                 p.conn = Some(k);
                 net.dirty.push(k);
-                log::debug!("connecting to {sign} over {:?} at {}", ep.kind, ep.addr);
+                log::debug!(
+                    "connecting to {} over {:?} at {} ({framing:?} framing)",
+                    sign.map_or_else(|| b.to_string(), |s| s.to_string()),
+                    ep.kind,
+                    ep.addr
+                );
             }
             Err(e) => {
                 log::debug!("connecting to {} failed: {e}", ep.addr);
@@ -285,13 +372,22 @@ impl Core {
     pub(super) fn activate(&mut self, k: usize) {
         let Some(net) = self.net.as_mut() else { return };
         let c = &net.conns[k];
-        let (b, sign) = (c.peer_box, c.peer.expect("identified"));
+        let (b, sign, compat) = (c.peer_box, c.peer, c.compat);
         let ours = net.our_box.public;
         let initiator = |c: &Conn| if c.outbound { ours } else { b.0 };
         let peer = net.peers.entry(b).or_default();
-        peer.sign = Some(sign);
+        if sign.is_some() {
+            peer.sign = sign;
+        }
         let mut demote = None;
         match peer.conn {
+            Some(o) if o != k && compat && net.conns.get(o).is_some_and(|c| c.identified) => {
+                // A JavaScript node opens a connection of its own to send (it does not reply
+                // on ours) and knows nothing of closing one of two: both stay open, frames
+                // arrive on both, ours to it go on the one already active.
+                return;
+            }
+            Some(o) if o != k && compat => demote = Some(o),
             Some(o) if o != k && net.conns.contains(o) => {
                 let (co, ck) = (&net.conns[o], &net.conns[k]);
                 // Opened close together: a simultaneous connect, settled by the key rule.
@@ -330,7 +426,7 @@ impl Core {
         peer.attempts = 0;
         peer.endpoint = 0;
         if let Some(o) = demote {
-            let identified = net.conns[o].peer.is_some();
+            let identified = net.conns[o].identified;
             if identified {
                 let c = &mut net.conns[o];
                 c.active = false;
@@ -349,12 +445,13 @@ impl Core {
             }
         }
         // Offline records for this peer join its queue.
-        net.take_offline(b, &sign);
+        if let Some(s) = net.peers.get(&b).and_then(|p| p.sign) {
+            net.take_offline(b, &s);
+        }
         net.clear_retry(b);
         net.mark_dirty(k);
         if !was_online {
-            self.emit(Event::Connection(sign));
-            self.emit_peer("transports.online", sign);
+            self.announce(b);
         }
     }
 }

@@ -157,7 +157,7 @@ use crate::offline::{
 };
 use crate::storage::Storage;
 use crate::transport::connection_info::{self, Endpoint};
-use crate::transport::{ClientDriver, ServerDriver, TransportKind};
+use crate::transport::{ClientDriver, Framing, ServerDriver, TransportKind};
 
 /// The longest an offline message may wait (DESIGN §6).
 pub const MAX_OFFLINE_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -234,8 +234,8 @@ enum NetTimer {
     Retry(BoxId),
     /// The earliest expiry of a destination's queued real-time messages.
     Expiry(BoxId),
-    /// A directory lookup times out.
-    Lookup(SignId),
+    /// A directory lookup (keyed by the box key it is for) times out.
+    Lookup(BoxId),
     /// The offline buffer's periodic retry and expiry.
     OfflineRetry,
     /// The de-duplication memory is written.
@@ -265,6 +265,14 @@ struct Conn {
     /// Its entry in the timer heap and the deadline it is for.
     timer: Option<(TimerId, Instant)>,
     kind: TransportKind,
+    /// The peer speaks the JavaScript nodes' compatibility framing (1tp): it sends and expects
+    /// no `mm` frames and no message ids, and is authenticated by CurveCP alone.
+    compat: bool,
+    /// The peer is authenticated: its identify frame checked (native), or its CurveCP
+    /// handshake done (compat).
+    identified: bool,
+    /// `directory.get` was asked for this (compat) peer's signId.
+    asked_sign: bool,
     peer_box: BoxId,
     peer: Option<SignId>,
     outbound: bool,
@@ -290,17 +298,26 @@ struct Conn {
 }
 
 impl Conn {
-    /// A connection that has not identified yet: it sends our identify frame first and accepts
-    /// only small frames until the peer's arrives. Outgoing when `link` is a client driver.
+    /// A connection that has not identified yet: a native one sends our identify frame first
+    /// and accepts only small frames until the peer's arrives; a compat one (a JavaScript
+    /// peer) sends nothing of the kind. Outgoing when `link` is a client driver.
     fn new(
         link: Link,
-        kind: TransportKind,
+        (kind, compat): (TransportKind, bool),
         peer_box: BoxId,
         inbound_from: Option<IpKey>,
         (max_frame, identify): (usize, &[u8]),
         now: Instant,
     ) -> Conn {
+        let (first_max, identify) = if compat {
+            (max_frame, &[][..])
+        } else {
+            (IDENTIFY_MAX_FRAME.min(max_frame), identify)
+        };
         Conn {
+            compat,
+            identified: false,
+            asked_sign: false,
             outbound: matches!(link, Link::Client(_)),
             link,
             dirty: false,
@@ -313,7 +330,7 @@ impl Conn {
             closing: None,
             opened: now,
             last_write: now,
-            reader: FrameReader::new(IDENTIFY_MAX_FRAME.min(max_frame)),
+            reader: FrameReader::new(first_max),
             reserved: 0,
             budget_wait: false,
             inbound_from,
@@ -341,6 +358,9 @@ struct Peer {
     retry_at: Option<Instant>,
     /// In [`Net::want`] (ensure_connections looks at it this turn).
     wanted: bool,
+    /// `Connection` and `transports.online` were reported for it (a JavaScript peer is
+    /// reported once its signId is known).
+    announced: bool,
     retry_timer: Option<TimerId>,
     /// The timer of the earliest expiry of `queue`, and that expiry.
     expiry_timer: Option<(TimerId, Instant)>,
@@ -388,6 +408,10 @@ pub(crate) struct Net {
     released: Vec<SignId>,
     /// Peers that could not connect because of `max_connections`.
     conn_waiters: Vec<BoxId>,
+    /// Lookups started for a destination key taken as a signId: the key, as a box key, to the
+    /// peer entry waiting (a nodeInfo whose boxId is that key re-keys the entry: the key was a
+    /// JavaScript node's boxId). Bounded by the pending lookups.
+    aliases: HashMap<BoxId, BoxId>,
     /// The listeners had socket input (or work left over) since the last pump.
     server_io: bool,
     offline_timer: Option<TimerId>,
@@ -531,6 +555,7 @@ impl Net {
             want: Vec::new(),
             released: Vec::new(),
             conn_waiters: Vec::new(),
+            aliases: HashMap::new(),
             server_io: false,
             offline_timer,
             dedup_timer: None,
@@ -677,13 +702,13 @@ impl Net {
             Link::Server(_) => None,
         };
         let mut at = |x: Instant| d = Some(d.map_or(x, |y| y.min(x)));
-        if c.peer.is_none() {
+        if !c.identified {
             at(c.opened + cfg.connect_timeout);
         }
         match c.closing {
             Some(t) => at(t + cfg.dead_after),
             None => {
-                if c.active && c.partial_pos >= c.partial.len() {
+                if c.active && !c.compat && c.partial_pos >= c.partial.len() {
                     at((c.last_write + cfg.keepalive).max(now));
                 }
             }
@@ -812,6 +837,36 @@ impl Net {
 
     fn is_online(&self, b: &BoxId) -> bool {
         self.peers.get(b).is_some_and(|p| p.online)
+    }
+
+    /// Moves what waits for peer entry `from` (a destination key first taken as a signId) to
+    /// the entry of box key `to` (the key was that JavaScript node's boxId): its queued
+    /// messages, with their expiry timer. Nothing else of `from` is kept.
+    fn rekey_peer(&mut self, from: BoxId, to: BoxId, now: Instant) {
+        let Some(old) = self.peers.get(&from) else {
+            return;
+        };
+        if old.conn.is_some() {
+            return;
+        }
+        let Some(old) = self.peers.remove(&from) else {
+            return;
+        };
+        self.dir.cancel_lookup(&from);
+        if let Some(id) = old.retry_timer {
+            self.timers.cancel(id);
+        }
+        if let Some((id, _)) = old.expiry_timer {
+            self.timers.cancel(id);
+        }
+        let earliest = old.queue.iter().filter_map(|m| m.expires).min();
+        let p = self.peers.entry(to).or_default();
+        p.queued_bytes += old.queued_bytes;
+        p.queue.extend(old.queue);
+        if let Some(e) = earliest {
+            self.expiry_at(to, e.max(now));
+        }
+        log::debug!("destination {from} was the boxId of {to}: its messages follow");
     }
 
     /// Moves the idle offline records of `dest` (box key `b`) into its queue.

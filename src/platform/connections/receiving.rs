@@ -105,7 +105,13 @@ impl Core {
             return false;
         };
         c.msgs_in += 1;
-        let Some(sign) = c.peer else {
+        if c.compat && !c.identified {
+            // An outgoing connection to a JavaScript node: data from it means its CurveCP
+            // handshake is done (the server spoke), which is all the identification it gives.
+            self.identify_compat(k);
+            return self.handle_envelope_identified(k, env);
+        }
+        if !c.identified {
             let ok = env.protocol == "mm" && env.topic == "identify";
             let sign = std::str::from_utf8(&env.payload)
                 .ok()
@@ -114,6 +120,7 @@ impl Core {
             match sign {
                 Some(s) if ok && self.keys.box_id(&s) == Some(peer_box) => {
                     c.peer = Some(s);
+                    c.identified = true;
                     c.reader.set_max_frame(net.cfg.max_frame);
                     net.dir.learn_reverse(peer_box, s);
                     self.activate(k);
@@ -125,6 +132,17 @@ impl Core {
                     return false;
                 }
             }
+        }
+        self.handle_envelope_identified(k, env)
+    }
+
+    /// Handles one frame of an identified connection; `false` if the connection was closed.
+    fn handle_envelope_identified(&mut self, k: usize, env: Envelope) -> bool {
+        let Some(net) = self.net.as_mut() else {
+            return false;
+        };
+        let Some(c) = net.conns.get_mut(k) else {
+            return false;
         };
         if env.protocol == "mm" {
             return true; // identify repeated, ping
@@ -132,7 +150,7 @@ impl Core {
         if let Some(id) = &env.id {
             if !net.dedup.first_time_from(c.peer_box.0.as_bytes(), id) {
                 self.stats.duplicates += 1;
-                log::debug!("duplicate message from {sign} dropped");
+                log::debug!("duplicate message from {} dropped", c.peer_box);
                 return true;
             }
             if net.dedup_timer.is_none() {
@@ -140,14 +158,27 @@ impl Core {
                 net.dedup_timer = Some(net.timers.schedule(at, NetTimer::DedupFlush));
             }
         }
-        let scope = self.circles.scope_of(&c.peer_box);
+        // A JavaScript peer names itself by box key only: reported by signId once known.
+        if c.peer.is_none() {
+            c.peer = net.dir.reverse(&c.peer_box);
+        }
+        let sender = match c.peer {
+            Some(s) => Address::Node(s),
+            None => Address::Box(c.peer_box),
+        };
+        let ask = c.peer.is_none() && !std::mem::replace(&mut c.asked_sign, true);
+        let peer_box = c.peer_box;
+        let scope = self.circles.scope_of(&peer_box);
         let protocol: Cow<'static, str> = match env.protocol.as_str() {
             "ms" => Cow::Borrowed("ms"),
             "bt" => Cow::Borrowed("bt"),
             _ => Cow::Owned(env.protocol),
         };
+        if ask {
+            self.resolve_box_id(&peer_box);
+        }
         self.queue.push_back(Message {
-            sender: Address::Node(sign),
+            sender,
             protocol,
             topic: env.topic,
             scope,
@@ -172,13 +203,23 @@ impl Core {
             return true;
         }
         let now = self.now;
-        if let Some(net) = self.net_mut() {
-            let b = info.box_id;
-            net.dir.insert(info, now);
-            if let Some(p) = net.peers.get_mut(&b) {
-                p.waiting_lookup = false;
-                net.want_peer(b);
+        let Some(net) = self.net_mut() else {
+            return true;
+        };
+        let (b, sign) = (info.box_id, info.sign_id);
+        net.dir.insert(info, now);
+        // A lookup for a destination key taken as a signId was answered by the node whose
+        // boxId it is: its waiting messages move to that node.
+        if let Some(from) = net.aliases.remove(&b) {
+            if from != b {
+                net.rekey_peer(from, b, now);
             }
+        }
+        if let Some(p) = net.peers.get_mut(&b) {
+            p.sign.get_or_insert(sign);
+            p.waiting_lookup = false;
+            net.want_peer(b);
+            self.announce(b);
         }
         true
     }
@@ -199,6 +240,10 @@ impl Core {
         }
         if let Some(net) = self.net_mut() {
             net.dir.learn_reverse(b, s);
+            if let Some(p) = net.peers.get_mut(&b) {
+                p.sign.get_or_insert(s);
+                self.announce(b);
+            }
         }
         true
     }
@@ -213,7 +258,7 @@ impl Core {
         known
     }
 
-    pub(super) fn emit_peer(&mut self, topic: &str, sign: SignId) {
-        self.publish_local(topic, &serde_json::json!(sign.to_string()));
+    pub(super) fn emit_peer(&mut self, topic: &str, key: impl std::fmt::Display) {
+        self.publish_local(topic, &serde_json::json!(key.to_string()));
     }
 }

@@ -7,14 +7,14 @@ impl Core {
     /// Sends a message to another node (the remote half of [`Core::send`]).
     pub(crate) fn send_remote(
         &mut self,
-        dest: SignId,
+        dest: Address,
         protocol: Cow<'static, str>,
         topic: String,
         payload: Vec<u8>,
         options: SendOptions,
         callback: Option<DeliveryCallback>,
     ) -> SendStatus {
-        let Some(b) = self.keys.box_id(&dest) else {
+        let Some((b, sign)) = self.resolve_destination(dest) else {
             return SendStatus::InvalidDestination;
         };
         let storage = &mut *self.storage;
@@ -36,7 +36,9 @@ impl Core {
             {
                 return SendStatus::BufferFull;
             }
-            peer.sign.get_or_insert(dest);
+            if let Some(s) = sign {
+                peer.sign.get_or_insert(s);
+            }
             peer.queued_bytes += frame.len();
             let cb = callback.map(|c| net.callbacks.insert(c));
             let after = options.expire_after.unwrap_or(net.cfg.realtime_expiry);
@@ -59,6 +61,11 @@ impl Core {
             .unwrap_or(net.cfg.offline_expiry)
             .min(MAX_OFFLINE_EXPIRY);
         let expires_ms = wall_ms().saturating_add(after.as_millis() as u64);
+        // The offline buffer keeps destinations by signId (what survives a restart): a node
+        // known only by its boxId must become known first (its nodeInfo).
+        let Some(dest) = sign else {
+            return SendStatus::UnknownDestination;
+        };
         let key = match net.offline.add(storage, dest, env, expires_ms) {
             Ok(k) => k,
             Err(AddError::Full) => return SendStatus::BufferFull,
@@ -81,6 +88,38 @@ impl Core {
         }
         net.kick_peer(b);
         SendStatus::Queued
+    }
+
+    /// The box key and (if known) signId of a remote destination. A key given as a signId
+    /// that is the box key of a node we know (its nodeInfo, a mapping, a connection or queued
+    /// messages) is that node's boxId, as JavaScript nodes name each other; any other key is a
+    /// signId, or a boxId when it is not a valid ed25519 key.
+    fn resolve_destination(&mut self, dest: Address) -> Option<(BoxId, Option<SignId>)> {
+        let known_sign = |net: Option<&Net>, b: &BoxId| {
+            net.and_then(|n| {
+                n.dir
+                    .reverse(b)
+                    .or_else(|| n.peers.get(b).and_then(|p| p.sign))
+            })
+        };
+        match dest {
+            Address::Local => None,
+            Address::Box(b) => Some((b, known_sign(self.net.as_ref(), &b))),
+            Address::Node(s) => {
+                let as_box = BoxId(crate::crypto::BoxPublicKey(s.0 .0));
+                let known_box = self
+                    .net
+                    .as_ref()
+                    .is_some_and(|n| n.dir.knows_box(&as_box) || n.peers.contains_key(&as_box));
+                if known_box {
+                    return Some((as_box, known_sign(self.net.as_ref(), &as_box)));
+                }
+                match self.keys.box_id(&s) {
+                    Some(b) => Some((b, Some(s))),
+                    None => Some((as_box, None)),
+                }
+            }
+        }
     }
 
     /// Registers a callback to run (with `Ok`) after the current turn's deliveries.

@@ -89,6 +89,21 @@ impl Core {
         if !self.client_alive(k) {
             return;
         }
+        let handshake_done = self
+            .net
+            .as_ref()
+            .and_then(|n| n.conns.get(k))
+            .is_some_and(|c| {
+                c.compat
+                    && !c.identified
+                    && matches!(&c.link, Link::Client(d)
+                    if matches!(d.client().state(), ClientState::Established))
+            });
+        if handshake_done {
+            // A JavaScript server spoke first (its all-zero message): the handshake is done,
+            // and that is all the identification a JavaScript node gives.
+            self.identify_compat(k);
+        }
         match self.read_conn(k) {
             ReadOutcome::Done | ReadOutcome::Starved => {}
             ReadOutcome::More => {
@@ -183,13 +198,13 @@ impl Core {
                     }
                 }
                 NetTimer::Expiry(b) => self.expire_queue(b, now),
-                NetTimer::Lookup(sign) => {
-                    if !net.dir.lookup_expired(&sign, now) {
+                NetTimer::Lookup(b) => {
+                    if !net.dir.lookup_expired(&b, now) {
                         continue;
                     }
-                    let Some(b) = self.keys.box_id(&sign) else {
-                        continue;
-                    };
+                    if !net.aliases.is_empty() {
+                        net.aliases.retain(|_, waiting| *waiting != b);
+                    }
                     let waiting = self
                         .net
                         .as_ref()
@@ -223,7 +238,7 @@ impl Core {
         };
         c.timer = None;
         let age = now.saturating_duration_since(c.opened);
-        let slow = (c.peer.is_none() && age >= net.cfg.connect_timeout)
+        let slow = (!c.identified && age >= net.cfg.connect_timeout)
             || c.closing
                 .is_some_and(|t| now.saturating_duration_since(t) >= net.cfg.dead_after);
         if slow {
@@ -231,6 +246,7 @@ impl Core {
             return;
         }
         if c.active
+            && !c.compat
             && c.closing.is_none()
             && c.partial_pos >= c.partial.len()
             && now.saturating_duration_since(c.last_write) >= net.cfg.keepalive
