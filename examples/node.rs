@@ -13,7 +13,8 @@
 //!
 //! stdout, one JSON object per line (flushed):
 //! - `{"event":"ready","nodeInfo":{...}}`
-//! - `{"event":"message","topic":"public.test.hello","sender":"<signId>|local","protocol":"ms","payload":<json>}`
+//! - `{"event":"message","topic":"public.test.hello","sender":"<signId>|<boxId>|local","protocol":"ms","payload":<json>}`
+//!   (a JavaScript node's messages carry its boxId until its signId is known)
 //!   for every delivery except the platform's own `self.transports.*`, `self.directory.*`,
 //!   `self.friends.*`, `self.devices.*` (a payload that is not JSON is given as a string)
 //! - `{"event":"connection","peer":"<signId>"}`, `{"event":"disconnected","peer":"<signId>"}`
@@ -23,7 +24,9 @@
 //!
 //! stdin, one JSON command per line:
 //! - `{"cmd":"nodeInfo","nodeInfo":{...}}`
-//! - `{"cmd":"send","id":ID,"topic":"test.hello","to":"<signId>"|"local","payload":<json>,"realtime":true|false,"expireAfter":MS}`
+//! - `{"cmd":"send","id":ID,"topic":"test.hello","to":"<signId>"|"<boxId>"|"local","payload":<json>,"realtime":true|false,"expireAfter":MS}`
+//!   (a boxId names a node whose nodeInfo or connection is known, as JavaScript nodes address
+//!   each other)
 //! - `{"cmd":"friends","keys":[...]}`, `{"cmd":"devices","keys":[...]}`
 //! - `{"cmd":"quit"}`; end of input also quits.
 

@@ -352,6 +352,12 @@ impl Stream {
         }
     }
 
+    /// Sets [`StreamConfig::no_one_byte_blocks`] on a running stream (a server learns that its
+    /// peer is a JavaScript node from the framing its packets came in).
+    pub fn set_no_one_byte_blocks(&mut self, on: bool) {
+        self.no_one_byte_blocks = on;
+    }
+
     /// Queues bytes for sending; returns how many were taken (0 when the send buffer is full or
     /// the stream was finished: backpressure).
     pub fn write(&mut self, data: &[u8]) -> usize {

@@ -53,6 +53,9 @@ impl Core {
         net.by_server.insert(id, k);
         net.mark_dirty(k);
         if compat {
+            if let Some(s) = net.server.server_mut().stream_mut(id) {
+                s.set_no_one_byte_blocks(true);
+            }
             // A JavaScript peer sends no identify: the Initiate CurveCP just accepted proved
             // its box key, which is all it names itself by.
             self.identify_compat(k);
