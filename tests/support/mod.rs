@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod js;
+
 use std::fs;
 use std::io::Read;
 use std::net::{TcpListener, UdpSocket};

@@ -169,6 +169,13 @@ impl Core {
         let ask = c.peer.is_none() && !std::mem::replace(&mut c.asked_sign, true);
         let peer_box = c.peer_box;
         let scope = self.circles.scope_of(&peer_box);
+        let mut env = env;
+        if c.compat && env.protocol == "bt" {
+            // A JavaScript node's `bt` payload is a string of one character per byte.
+            if let Some(bytes) = crate::envelope::js_string_to_bytes(&env.payload) {
+                env.payload = bytes;
+            }
+        }
         let protocol: Cow<'static, str> = match env.protocol.as_str() {
             "ms" => Cow::Borrowed("ms"),
             "bt" => Cow::Borrowed("bt"),

@@ -238,7 +238,11 @@ impl Core {
                 expired.push(m.track);
                 continue;
             }
-            c.partial = m.frame;
+            c.partial = if c.compat {
+                crate::envelope::frame_for_js(m.frame)
+            } else {
+                m.frame
+            };
             c.partial_pos = 0;
             c.partial_track = m.track;
         }

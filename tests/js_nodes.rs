@@ -1,0 +1,529 @@
+//! Talking to the original JavaScript nodes: a Rust platform and `tests/js/peer.js` (a node
+//! wired like mm-platform 0.7.5 on the genuine 1tp 0.21.0, curvecp 1.2.1 and protobufjs 5.0.1)
+//! exchange `ms` and `bt` messages in both directions over UDP and over TCP, with the senders,
+//! scopes and order each side expects; one Rust node serves a JavaScript peer and a Rust peer on
+//! the same ports at once while Rust-to-Rust traffic keeps the native framing; a data directory
+//! written by a JavaScript node opens as its identity. Everything runs on 127.0.0.1; every wait
+//! is bounded. Skipped loudly without node and `tests/js/node_modules` (CI sets MM_REQUIRE_JS=1).
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use crossbeam_channel::Receiver;
+use serde_json::{json, Value};
+
+use mm_platform::identity::Identity;
+use mm_platform::storage::{FileStore, MemStore};
+use mm_platform::{Address, Message, Platform, Scope};
+use support::js::{js_available, JsPeer};
+use support::{random_data, TempDir};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn rust_node(identity: Identity, friends: &[&str]) -> Platform {
+    Platform::builder()
+        .identity(identity)
+        .storage(MemStore::new())
+        .friends(friends.iter().map(|s| s.parse().expect("signId")))
+        .build()
+        .expect("platform")
+}
+
+/// `info` with only the endpoints of one transport type ("udp" or "tcp").
+fn only(info: &Value, transport: &str) -> Value {
+    let mut info = info.clone();
+    let list: Vec<Value> = info["connectionInfo"]
+        .as_array()
+        .expect("connectionInfo")
+        .iter()
+        .filter(|e| e["transportType"] == transport)
+        .cloned()
+        .collect();
+    assert!(!list.is_empty(), "no {transport} endpoint in {info}");
+    info["connectionInfo"] = Value::Array(list);
+    info
+}
+
+fn tell_rust(p: &mut Platform, info: &Value) {
+    assert!(p
+        .messaging()
+        .send("transports.nodeInfo", "local", info)
+        .is_queued());
+}
+
+fn tell_js(js: &mut JsPeer, info: &Value) {
+    js.cmd(json!({"cmd": "nodeInfo", "nodeInfo": info}));
+    js.wait_for(
+        Duration::from_secs(5),
+        || {},
+        |v| v["event"] == "ok" && v["cmd"] == "nodeInfo",
+    );
+}
+
+fn poll(p: &mut Platform) {
+    p.poll(Some(Duration::from_millis(1))).expect("poll");
+}
+
+/// Polls `p` until `done` (at most `limit`; panics with `what` on time-out).
+fn pump_until(p: &mut Platform, limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        poll(p);
+    }
+}
+
+/// Both sides know each other; the JavaScript side only the Rust node's `transport` endpoint.
+fn introduce(rust: &mut Platform, js: &mut JsPeer, transport: &str) {
+    tell_rust(rust, &js.node_info.clone());
+    let info = only(&rust.node_info(), transport);
+    tell_js(js, &info);
+}
+
+fn js_flags(transport: &str) -> &'static [&'static str] {
+    match transport {
+        "udp" => &["--no-tcp"],
+        _ => &["--no-udp"],
+    }
+}
+
+fn ms_both_ways(transport: &str) {
+    let mut js = JsPeer::spawn(js_flags(transport));
+    let mut rust = rust_node(Identity::generate(), &[&js.sign_id()]);
+    introduce(&mut rust, &mut js, transport);
+    let (_, rx) = rust.on_channel("*.test.*", 64);
+
+    // Rust to JS: the JavaScript node names us by our boxId; we are a stranger to it.
+    let js_box = js.box_id();
+    assert!(rust
+        .messaging()
+        .send(
+            "test.fromRust",
+            js_box.as_str(),
+            &json!({"hello": "js", "n": 1})
+        )
+        .is_queued());
+    let our_box = rust.box_id().to_string();
+    let got = {
+        let r = &mut rust;
+        js.wait_for(
+            Duration::from_secs(20),
+            || poll(r),
+            |v| v["event"] == "message" && v["topic"] == "test.fromRust",
+        )
+    };
+    assert_eq!(got["sender"], our_box.as_str());
+    assert_eq!(got["scope"], "public");
+    assert_eq!(got["protocol"], "ms");
+    assert_eq!(got["payload"], json!({"hello": "js", "n": 1}));
+
+    // JS to Rust: reported with its signId (its nodeInfo is known), in the friends scope.
+    js.cmd(
+        json!({"cmd": "send", "id": 1, "to": our_box, "topic": "test.fromJs",
+        "protocol": "ms", "payload": {"hello": "rust"}}),
+    );
+    let mut msg: Option<Message> = None;
+    pump_until(&mut rust, Duration::from_secs(20), "the JS message", || {
+        js.drain();
+        msg = rx.try_recv().ok();
+        msg.is_some()
+    });
+    let msg = msg.unwrap();
+    assert_eq!(msg.sender, Address::Node(js.sign_id().parse().unwrap()));
+    assert_eq!(msg.scope, Scope::Friends);
+    assert_eq!(msg.topic, "test.fromJs");
+    assert_eq!(msg.json::<Value>().unwrap(), json!({"hello": "rust"}));
+    {
+        let r = &mut rust;
+        js.wait_for(
+            Duration::from_secs(20),
+            || poll(r),
+            |v| v["event"] == "sent" && v["id"] == 1,
+        );
+    }
+    // Every connection of ours to or from it used the requested transport.
+    let kinds: HashSet<String> = rust
+        .connections()
+        .iter()
+        .map(|c| format!("{:?}", c.transport).to_lowercase())
+        .collect();
+    assert_eq!(kinds, HashSet::from([transport.to_owned()]));
+    assert!(js.alive());
+}
+
+#[test]
+fn ms_messages_both_ways_over_udp() {
+    if js_available("ms_messages_both_ways_over_udp") {
+        ms_both_ways("udp");
+    }
+}
+
+#[test]
+fn ms_messages_both_ways_over_tcp() {
+    if js_available("ms_messages_both_ways_over_tcp") {
+        ms_both_ways("tcp");
+    }
+}
+
+/// `bt` payloads of arbitrary bytes, 0 to 1 MiB, both ways. (The original carries a `bt`
+/// payload as a protobuf string; see `envelope` for how bytes cross to a JavaScript node.)
+fn bt_both_ways(transport: &str) {
+    let mut js = JsPeer::spawn(js_flags(transport));
+    let mut rust = rust_node(Identity::generate(), &[]);
+    introduce(&mut rust, &mut js, transport);
+    let (_, rx) = rust.on_channel("public.*", 64);
+    let js_box = js.box_id();
+    let our_box = rust.box_id().to_string();
+    let sizes = [0usize, 1, 2, 1023, 1025, 70_000, 1 << 20];
+    for (i, &n) in sizes.iter().enumerate() {
+        let data = random_data(n, 7 + i as u64);
+        let topic = format!("torrent{i}");
+        assert!(rust
+            .torrenting()
+            .send(&topic, js_box.as_str(), &data)
+            .is_queued());
+        let got = {
+            let r = &mut rust;
+            js.wait_for(
+                Duration::from_secs(60),
+                || poll(r),
+                |v| v["event"] == "message" && v["topic"] == topic.as_str(),
+            )
+        };
+        assert_eq!(got["protocol"], "bt");
+        let bytes = B64
+            .decode(got["payloadBase64"].as_str().expect("payloadBase64"))
+            .unwrap();
+        assert!(bytes == data, "{n} bytes Rust to JS arrived changed");
+
+        js.cmd(
+            json!({"cmd": "send", "id": 100 + i, "to": our_box, "topic": topic,
+            "protocol": "bt", "payloadBase64": B64.encode(&data)}),
+        );
+        let mut msg: Option<Message> = None;
+        pump_until(&mut rust, Duration::from_secs(60), "a bt payload", || {
+            js.drain();
+            msg = rx.try_recv().ok();
+            msg.is_some()
+        });
+        let msg = msg.unwrap();
+        assert_eq!(msg.protocol, "bt");
+        assert_eq!(msg.topic, topic);
+        assert!(msg.payload == data, "{n} bytes JS to Rust arrived changed");
+    }
+    assert!(js.alive());
+}
+
+#[test]
+fn bt_payloads_both_ways_over_udp() {
+    if js_available("bt_payloads_both_ways_over_udp") {
+        bt_both_ways("udp");
+    }
+}
+
+#[test]
+fn bt_payloads_both_ways_over_tcp() {
+    if js_available("bt_payloads_both_ways_over_tcp") {
+        bt_both_ways("tcp");
+    }
+}
+
+/// 1,000 messages each way arrive complete and in order.
+#[test]
+fn a_thousand_messages_each_way_in_order() {
+    if !js_available("a_thousand_messages_each_way_in_order") {
+        return;
+    }
+    const N: u64 = 1000;
+    let mut js = JsPeer::spawn(&["--no-tcp"]);
+    let mut rust = rust_node(Identity::generate(), &[]);
+    introduce(&mut rust, &mut js, "udp");
+    let (_, rx) = rust.on_channel("public.seq.*", 2 * N as usize);
+    let js_box = js.box_id();
+    for i in 0..N {
+        assert!(rust
+            .messaging()
+            .send("seq.r2j", js_box.as_str(), &json!({"n": i}))
+            .is_queued());
+    }
+    let mut next = 0;
+    let end = Instant::now() + Duration::from_secs(120);
+    while next < N {
+        assert!(
+            Instant::now() < end,
+            "Rust to JS: only {next} of {N} arrived"
+        );
+        let v = {
+            let r = &mut rust;
+            js.wait_for(
+                Duration::from_secs(60),
+                || poll(r),
+                |v| v["event"] == "message" && v["topic"] == "seq.r2j",
+            )
+        };
+        assert_eq!(v["payload"]["n"], next, "Rust to JS out of order");
+        next += 1;
+    }
+    let our_box = rust.box_id().to_string();
+    js.cmd(
+        json!({"cmd": "flood", "id": 9, "to": our_box, "count": N, "size": 10,
+        "topic": "seq.j2r"}),
+    );
+    let mut next = 0;
+    pump_until(
+        &mut rust,
+        Duration::from_secs(120),
+        "1,000 JS messages",
+        || {
+            js.drain();
+            while let Ok(m) = rx.try_recv() {
+                assert_eq!(m.topic, "seq.j2r");
+                assert_eq!(
+                    m.json::<Value>().unwrap()["n"],
+                    next,
+                    "JS to Rust out of order"
+                );
+                next += 1;
+            }
+            next == N
+        },
+    );
+    assert!(js.alive());
+}
+
+/// A UDP relay between a Rust client and a Rust node that records the first byte of every
+/// datagram the client sends (a CurveCP client packet starts with `Q`, a 1tp one with 0..=5).
+struct Recorder {
+    addr: SocketAddr,
+    first_bytes: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Recorder {
+    fn start(target: SocketAddr) -> Recorder {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let first_bytes = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (fb, st) = (first_bytes.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let upstream = UdpSocket::bind("127.0.0.1:0").unwrap();
+            upstream
+                .set_read_timeout(Some(Duration::from_millis(1)))
+                .unwrap();
+            let mut client: Option<SocketAddr> = None;
+            let mut buf = [0u8; 2048];
+            let end = Instant::now() + Duration::from_secs(60);
+            while !st.load(Ordering::Relaxed) && Instant::now() < end {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    client = Some(from);
+                    fb.lock().unwrap().push(buf[0]);
+                    let _ = upstream.send_to(&buf[..n], target);
+                }
+                while let Ok((n, _)) = upstream.recv_from(&mut buf) {
+                    if let Some(c) = client {
+                        let _ = sock.send_to(&buf[..n], c);
+                    }
+                }
+            }
+        });
+        Recorder {
+            addr,
+            first_bytes,
+            stop,
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One Rust node serves a JavaScript peer and a Rust peer on the same ports at once; the Rust
+/// peer's packets are native CurveCP (checked on the wire), the JavaScript peer's are 1tp.
+#[test]
+fn one_port_serves_js_and_rust_peers_at_once() {
+    if !js_available("one_port_serves_js_and_rust_peers_at_once") {
+        return;
+    }
+    let mut js = JsPeer::spawn(&["--no-tcp"]);
+    let mut server = rust_node(Identity::generate(), &[]);
+    let mut other = Platform::builder()
+        .storage(MemStore::new())
+        .connection_info(json!([{"transportType": "udp",
+            "transportInfo": {"address": "127.0.0.1", "port": 0}}]))
+        .build()
+        .unwrap();
+    let server_info = only(&server.node_info(), "udp");
+    tell_js(&mut js, &server_info);
+    tell_rust(&mut server, &js.node_info.clone());
+    // The Rust peer reaches the server through the recorder.
+    let udp: SocketAddr = format!(
+        "{}:{}",
+        server_info["connectionInfo"][0]["transportInfo"]["address"]
+            .as_str()
+            .unwrap(),
+        server_info["connectionInfo"][0]["transportInfo"]["port"]
+    )
+    .parse()
+    .unwrap();
+    let rec = Recorder::start(udp);
+    let mut via = server_info.clone();
+    via["connectionInfo"][0]["transportInfo"]["port"] = json!(rec.addr.port());
+    tell_rust(&mut other, &via);
+    let (_, rx) = server.on_channel("public.both.*", 16);
+    let server_box = server.box_id().to_string();
+    let server_sign = server.sign_id();
+    // Both send at once.
+    js.cmd(
+        json!({"cmd": "send", "id": 1, "to": server_box, "topic": "both.js",
+        "protocol": "ms", "payload": "from js"}),
+    );
+    assert!(other
+        .messaging()
+        .send("both.rust", server_sign, &"from rust")
+        .is_queued());
+    let mut seen = HashSet::new();
+    let end = Instant::now() + Duration::from_secs(20);
+    while seen.len() < 2 {
+        assert!(Instant::now() < end, "only {seen:?} arrived");
+        poll(&mut server);
+        poll(&mut other);
+        js.drain();
+        while let Ok(m) = rx.try_recv() {
+            let who = match m.sender {
+                Address::Node(s) if s == other.sign_id() => "rust",
+                Address::Node(s) if s.to_string() == js.sign_id() => "js",
+                ref s => panic!("unexpected sender {s}"),
+            };
+            assert_eq!(m.topic, format!("both.{who}"));
+            seen.insert(who);
+        }
+    }
+    // And replies go back on each peer's own framing.
+    let (_, back) = other.on_channel("public.back", 4);
+    assert!(server
+        .messaging()
+        .send("back", other.sign_id(), &1)
+        .is_queued());
+    assert!(server
+        .messaging()
+        .send("back", js.box_id().as_str(), &2)
+        .is_queued());
+    let mut got_rust = false;
+    let end = Instant::now() + Duration::from_secs(20);
+    while !got_rust {
+        assert!(
+            Instant::now() < end,
+            "the reply to the Rust peer did not arrive"
+        );
+        poll(&mut server);
+        poll(&mut other);
+        js.drain();
+        got_rust |= back.try_recv().is_ok();
+    }
+    {
+        let s = &mut server;
+        js.wait_for(
+            Duration::from_secs(20),
+            || poll(s),
+            |v| v["event"] == "message" && v["topic"] == "back",
+        );
+    }
+    let bytes = rec.first_bytes.lock().unwrap().clone();
+    assert!(!bytes.is_empty());
+    assert!(
+        bytes.iter().all(|&b| b == b'Q'),
+        "Rust-to-Rust datagrams must be native CurveCP client packets: {bytes:?}"
+    );
+    assert!(js.alive());
+}
+
+/// A JavaScript node we have no nodeInfo of is reported by its boxId (and `directory.get` is
+/// asked); once the directory maps it, by its signId.
+#[test]
+fn unknown_js_sender_is_reported_by_box_id_until_mapped() {
+    if !js_available("unknown_js_sender_is_reported_by_box_id_until_mapped") {
+        return;
+    }
+    let mut js = JsPeer::spawn(&["--no-tcp"]);
+    let mut rust = rust_node(Identity::generate(), &[]);
+    tell_js(&mut js, &only(&rust.node_info(), "udp"));
+    let (_, rx) = rust.on_channel("public.who.*", 8);
+    let (_, asks) = rust.on_channel("self.directory.get", 8);
+    let our_box = rust.box_id().to_string();
+    js.cmd(
+        json!({"cmd": "send", "id": 1, "to": our_box, "topic": "who.first",
+        "protocol": "ms", "payload": 1}),
+    );
+    let first = recv(&mut rust, &mut js, &rx);
+    let js_box: mm_platform::identity::BoxId = js.box_id().parse().unwrap();
+    assert_eq!(first.sender, Address::Box(js_box));
+    assert_eq!(first.sender.to_string(), js.box_id());
+    let ask = asks.try_recv().expect("directory.get asked");
+    assert_eq!(ask.json::<String>().unwrap(), js.box_id());
+    // A reply to the boxId goes out on what we know (its connection to us).
+    assert!(rust
+        .messaging()
+        .send(
+            "directory.getReply",
+            "local",
+            &json!({"key": js.box_id(), "value": js.sign_id()})
+        )
+        .is_queued());
+    js.cmd(
+        json!({"cmd": "send", "id": 2, "to": our_box, "topic": "who.second",
+        "protocol": "ms", "payload": 2}),
+    );
+    let second = recv(&mut rust, &mut js, &rx);
+    assert_eq!(second.sender, Address::Node(js.sign_id().parse().unwrap()));
+}
+
+fn recv(rust: &mut Platform, js: &mut JsPeer, rx: &Receiver<Message>) -> Message {
+    let mut msg = None;
+    pump_until(rust, Duration::from_secs(20), "a message", || {
+        js.drain();
+        msg = rx.try_recv().ok();
+        msg.is_some()
+    });
+    msg.unwrap()
+}
+
+/// A data directory written by a JavaScript node (kad-fs: one file per key, `identity` the
+/// base64 of the 64-byte secret key) opens as that node's identity.
+#[test]
+fn js_data_directory_opens_as_its_identity() {
+    if !js_available("js_data_directory_opens_as_its_identity") {
+        return;
+    }
+    let dir = TempDir::new("js-data");
+    let data = dir.path("node");
+    let sign = {
+        let mut js = JsPeer::spawn(&["--data", data.to_str().unwrap(), "--no-tcp"]);
+        let s = js.sign_id();
+        js.cmd(json!({"cmd": "quit"}));
+        s
+    };
+    assert!(data.join("identity").is_file());
+    let p = Platform::builder()
+        .storage(FileStore::open(&data).unwrap())
+        .transports(false)
+        .build()
+        .unwrap();
+    assert_eq!(p.sign_id().to_string(), sign);
+    // And the JavaScript node still opens it after we did.
+    drop(p);
+    let mut js = JsPeer::spawn(&["--data", data.to_str().unwrap(), "--no-tcp"]);
+    assert_eq!(js.sign_id(), sign);
+    assert!(js.alive());
+}
