@@ -15,6 +15,7 @@
 
 pub mod connection_info;
 pub mod driver;
+pub mod onetp;
 pub mod tcp;
 pub mod udp;
 
