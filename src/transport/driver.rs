@@ -674,6 +674,11 @@ impl ServerDriver {
         self.tcp.len()
     }
 
+    /// Counters of the UDP socket (`None` without one).
+    pub fn udp_stats(&self) -> Option<super::udp::UdpStats> {
+        self.udp.as_ref().map(UdpEndpoint::stats)
+    }
+
     /// Counters of the compatibility framing.
     pub fn compat_stats(&self) -> CompatStats {
         self.compat
@@ -697,18 +702,14 @@ impl ServerDriver {
                     }
                 }
                 ServerEvent::Closed(id) => match self.paths.remove(&id) {
+                    // The stream carried that one connection: close it.
                     Some(Path::Tcp {
                         slot, generation, ..
-                    }) => {
-                        // The stream carried that one connection: close it.
-                        if self.tcp.get(slot).map(|s| s.generation) == Some(generation) {
-                            self.tcp.remove(slot);
-                        }
+                    }) if self.tcp.get(slot).map(|s| s.generation) == Some(generation) => {
+                        self.tcp.remove(slot);
                     }
-                    Some(p @ Path::UdpCompat { .. }) => {
-                        if self.sessions.get(&p) == Some(&id) {
-                            self.sessions.remove(&p);
-                        }
+                    Some(p @ Path::UdpCompat { .. }) if self.sessions.get(&p) == Some(&id) => {
+                        self.sessions.remove(&p);
                     }
                     _ => {}
                 },
