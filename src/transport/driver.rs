@@ -528,7 +528,9 @@ pub struct CompatStats {
     pub tcp_refused: u64,
 }
 
-/// Runs one [`Server`] over a UDP socket and a TCP listener (either may be absent).
+/// Runs one [`Server`] over a UDP socket and a TCP listener (either may be absent), serving
+/// the native and the compatibility framing on both at once (see the module docs); a
+/// connection's framing is [`Path::framing`] of [`Server::path`].
 ///
 /// Tokens: `base` is the UDP socket, `base + 1` the TCP listener, `base + 2 + slot` each TCP
 /// stream; [`ServerDriver::owns`] tells whether an event is the driver's.
