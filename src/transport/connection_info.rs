@@ -5,8 +5,8 @@
 //! `[{"transportType":"udp","transportInfo":{"address":"127.0.0.1","port":20000,"framing":"native"}}, ...]`.
 //! The extra `"framing": "native"` field of `transportInfo` marks an endpoint that speaks the
 //! native framing of DESIGN §4 (one datagram or one netstring per CurveCP packet); JS nodes
-//! ignore it. Endpoints without the mark use the JS compatibility framing, which this crate does
-//! not implement yet: they are still parsed (with `native: false`) and tried last, natively.
+//! ignore it. Endpoints without the mark (`native: false`) are reached with the JS
+//! compatibility framing ([`Endpoint::framing`], [`super::onetp`]) and tried last.
 //!
 //! Parsing input from the network is bounded: at most [`MAX_ENDPOINTS`] entries are kept,
 //! entries of unknown transport types or with invalid addresses are skipped.
@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde_json::{json, Value};
 
-use super::TransportKind;
+use super::{Framing, TransportKind};
 
 /// Most endpoints kept from one connectionInfo.
 pub const MAX_ENDPOINTS: usize = 16;
@@ -38,6 +38,16 @@ impl Endpoint {
             kind,
             addr,
             native: true,
+        }
+    }
+
+    /// The framing a client uses to reach this endpoint: native if it carries the mark, the
+    /// compatibility framing otherwise.
+    pub fn framing(&self) -> Framing {
+        if self.native {
+            Framing::Native
+        } else {
+            Framing::Compat
         }
     }
 
@@ -125,6 +135,8 @@ mod tests {
         assert!(order[0].native);
         assert_eq!(order[1].kind, TransportKind::Tcp);
         assert!(!order[2].native);
+        assert_eq!(order[0].framing(), Framing::Native);
+        assert_eq!(order[2].framing(), Framing::Compat);
     }
 
     #[test]

@@ -40,10 +40,35 @@
 //! all) go out after every 32 datagrams. After a `flush` that read packets, `next_deadline`
 //! also asks for an immediate turn, so data read there reaches the application at once.
 //!
-//! Paths: a server connection replies on the path its Initiate came on, a UDP address or one
-//! TCP stream ([`Path`]). A TCP stream that closes, or sends bytes that are not netstrings,
-//! is dropped alone; the CurveCP connection it carried then times out in the state machine.
-//! When a CurveCP connection ends, the TCP stream that carried it is closed.
+//! Paths: a server connection replies on the path its Initiate came on, a UDP address, a 1tp
+//! session on the UDP socket, or one TCP stream ([`Path`]). A TCP stream that closes, or sends
+//! bytes that are not netstrings, is dropped alone; the CurveCP connection it carried then
+//! times out in the state machine. When a CurveCP connection ends, the TCP stream that carried
+//! it is closed.
+//!
+//! Framings ([`Framing`], DESIGN §4): the native one (one datagram or one netstring per CurveCP
+//! packet) and the 1tp compatibility framing of the original JS nodes ([`super::onetp`]).
+//! - A [`ServerDriver`] serves both on the same ports. UDP: a datagram whose first byte is a
+//!   1tp session type (0x00-0x05) goes to the stateless 1tp accepting side (SYN answered by
+//!   SYN_ACK, PING by PONG, FIN and RST by ACK; an RST also removes the connection its session
+//!   carried), and the CurveCP packets it carries get the path [`Path::UdpCompat`] (source
+//!   address and session id); anything else is a native CurveCP packet. TCP: each stream
+//!   decides by the first byte of its first frame (`Q`: native; PING 0x08 or DATA 0x02:
+//!   compatibility; anything else: the stream is closed) and keeps that framing. A compat
+//!   stream answers PING with PONG, unwraps DATA, wraps what it sends and writes one frame
+//!   per write (the JS reader takes one netstring per read). A connection's framing is
+//!   [`Path::framing`] of its path.
+//! - A [`ClientDriver`] made with [`ClientDriver::connect_with_framing`] and
+//!   [`Framing::Compat`] runs a [`Dialer`] first (UDP: SYN, SYN_ACK, ACK, then PING, PONG;
+//!   TCP: PING, PONG) and holds its CurveCP client back until the dialer is open; then every
+//!   packet is wrapped and unwrapped. A dialer that gives up is the driver's
+//!   [`ClientDriver::transport_error`].
+//!
+//! Wrapped packets are up to [`onetp::MAX_DATAGRAM`] bytes, more than a [`MAX_PACKET`] batch
+//! slot: compatibility packets on UDP bypass the send batch and go out with one `send_to`
+//! each (the JS peers, which take about one block a second at first, set the pace there
+//! anyway). TCP streams that may carry compat frames accept frames up to
+//! [`onetp::MAX_SOCKET_PACKET`] bytes.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -56,6 +81,7 @@ use mio::net::TcpListener;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
+use super::onetp::{self, Dialer, Inbound, SessionId, SocketPacket, MAX_DATAGRAM};
 use super::tcp::{FramedStream, ReadStatus};
 use super::udp::UdpEndpoint;
 use crate::curvecp::client::{Client, ClientConfig};
@@ -81,27 +107,58 @@ const READ_BATCH: usize = 128;
 /// many datagrams read, so that a long read batch does not hold the peer's window shut.
 const TRANSMIT_EVERY: usize = 32;
 
-/// How CurveCP packets are framed on a transport (placeholder until the compat framing lands).
+/// How CurveCP packets are put on a transport (DESIGN §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Framing {
-    /// One datagram or netstring per packet.
+    /// One datagram, or one netstring on TCP, per CurveCP packet (Rust nodes, the reference
+    /// tools).
     Native,
-    /// The JavaScript nodes' 1tp framing.
+    /// The 1tp compatibility framing of the original JS nodes ([`super::onetp`]).
     Compat,
 }
 
 /// Where a server connection's packets go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Path {
-    /// A UDP peer address.
+    /// A UDP peer address (native framing).
     Udp(SocketAddr),
-    /// One accepted TCP stream (slot and generation, so a reused slot is not confused).
+    /// A 1tp session on the UDP socket (compatibility framing): the peer's address and the
+    /// session id its datagrams carry.
+    UdpCompat {
+        /// The peer's address.
+        addr: SocketAddr,
+        /// The 1tp session id.
+        session: SessionId,
+    },
+    /// One accepted TCP stream (slot and generation, so a reused slot is not confused), with
+    /// the framing its first frame chose.
     Tcp {
         /// The stream's slot.
         slot: usize,
         /// The slot's generation when the stream was accepted.
         generation: u64,
+        /// The stream's framing.
+        framing: Framing,
     },
+}
+
+impl Path {
+    /// The framing packets on this path use.
+    pub fn framing(&self) -> Framing {
+        match self {
+            Path::Udp(_) => Framing::Native,
+            Path::UdpCompat { .. } => Framing::Compat,
+            Path::Tcp { framing, .. } => *framing,
+        }
+    }
+
+    /// The transport under this path.
+    pub fn kind(&self) -> TransportKind {
+        match self {
+            Path::Udp(_) | Path::UdpCompat { .. } => TransportKind::Udp,
+            Path::Tcp { .. } => TransportKind::Tcp,
+        }
+    }
 }
 
 enum ClientLink {
@@ -109,13 +166,18 @@ enum ClientLink {
     Tcp(FramedStream),
 }
 
-/// Runs one [`Client`] over UDP or TCP.
+/// Runs one [`Client`] over UDP or TCP, in the native or the compatibility framing.
 pub struct ClientDriver {
     client: Client,
     link: ClientLink,
     token: Token,
     peer: SocketAddr,
     buf: Box<[u8; MAX_PACKET]>,
+    /// The compatibility framing's connecting side (`None`: native framing).
+    dialer: Option<Dialer>,
+    /// Wrapped packets and the dialer's control packets ([`MAX_DATAGRAM`] bytes; empty for
+    /// the native framing).
+    wrapped: Vec<u8>,
     more_to_read: bool,
     /// The latest read delivered at least one packet.
     read_some: bool,
@@ -126,7 +188,8 @@ pub struct ClientDriver {
 
 impl ClientDriver {
     /// Opens a socket (UDP bound to an ephemeral port of the same family, or a TCP
-    /// connection) to `peer`, registers it under `token`, and starts `client`.
+    /// connection) to `peer`, registers it under `token`, and starts `client`, in the native
+    /// framing.
     pub fn connect(
         registry: &Registry,
         token: Token,
@@ -135,6 +198,27 @@ impl ClientDriver {
         config: ClientConfig,
         now: Instant,
     ) -> io::Result<ClientDriver> {
+        Self::connect_with_framing(registry, token, kind, Framing::Native, peer, config, now)
+    }
+
+    /// [`ClientDriver::connect`] in the given framing. With [`Framing::Compat`] the driver
+    /// first runs a 1tp [`Dialer`] on its own ephemeral socket (UDP) or stream (TCP), and the
+    /// CurveCP client sends nothing until the dialer is open.
+    pub fn connect_with_framing(
+        registry: &Registry,
+        token: Token,
+        kind: TransportKind,
+        framing: Framing,
+        peer: SocketAddr,
+        config: ClientConfig,
+        now: Instant,
+    ) -> io::Result<ClientDriver> {
+        let compat = framing == Framing::Compat;
+        let max_frame = if compat {
+            onetp::MAX_SOCKET_PACKET
+        } else {
+            MAX_PACKET
+        };
         let link = match kind {
             TransportKind::Udp => {
                 let local: SocketAddr = if peer.is_ipv4() {
@@ -150,8 +234,15 @@ impl ClientDriver {
                 ClientLink::Udp(UdpEndpoint::bind(registry, token, local)?)
             }
             TransportKind::Tcp => {
-                ClientLink::Tcp(FramedStream::connect(registry, token, peer, MAX_PACKET)?)
+                let mut s = FramedStream::connect(registry, token, peer, max_frame)?;
+                s.set_frame_per_write(compat);
+                ClientLink::Tcp(s)
             }
+        };
+        let dialer = match (framing, kind) {
+            (Framing::Native, _) => None,
+            (Framing::Compat, TransportKind::Udp) => Some(Dialer::udp(now)),
+            (Framing::Compat, TransportKind::Tcp) => Some(Dialer::tcp(now)),
         };
         Ok(ClientDriver {
             client: Client::new(config, now),
@@ -159,27 +250,17 @@ impl ClientDriver {
             token,
             peer,
             buf: Box::new([0; MAX_PACKET]),
+            dialer,
+            wrapped: if compat {
+                vec![0; MAX_DATAGRAM]
+            } else {
+                Vec::new()
+            },
             more_to_read: false,
             read_some: false,
             read_in_flush: false,
             closed: None,
         })
-    }
-
-    /// [`ClientDriver::connect`] with a framing (placeholder: only native for now).
-    pub fn connect_with(
-        registry: &Registry,
-        token: Token,
-        kind: TransportKind,
-        peer: SocketAddr,
-        config: ClientConfig,
-        framing: Framing,
-        now: Instant,
-    ) -> io::Result<ClientDriver> {
-        if framing == Framing::Compat {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, "compat framing"));
-        }
-        Self::connect(registry, token, kind, peer, config, now)
     }
 
     /// The token the driver's socket is registered under.
@@ -197,9 +278,36 @@ impl ClientDriver {
         &mut self.client
     }
 
-    /// Why the transport under the client failed (TCP closed or broken), if it did.
+    /// Why the transport under the client failed (TCP closed or broken, or the 1tp dialer
+    /// gave up or was reset), if it did.
     pub fn transport_error(&self) -> Option<&str> {
         self.closed.as_deref()
+    }
+
+    /// The framing the driver speaks.
+    pub fn framing(&self) -> Framing {
+        if self.dialer.is_some() {
+            Framing::Compat
+        } else {
+            Framing::Native
+        }
+    }
+
+    /// The 1tp dialer of the compatibility framing (`None` for the native one).
+    pub fn dialer(&self) -> Option<&Dialer> {
+        self.dialer.as_ref()
+    }
+
+    /// Hands one datagram or frame from the server to the client, through the dialer if any.
+    fn deliver(client: &mut Client, dialer: &mut Option<Dialer>, input: &[u8], now: Instant) {
+        match dialer {
+            None => client.handle_packet(input, now),
+            Some(d) => {
+                if let Some(pkt) = d.handle(input, now) {
+                    client.handle_packet(pkt, now);
+                }
+            }
+        }
     }
 
     /// Handles readiness of the driver's socket: reads every packet and feeds the client.
@@ -225,6 +333,7 @@ impl ClientDriver {
 
     fn read(&mut self, now: Instant) {
         let client = &mut self.client;
+        let dialer = &mut self.dialer;
         let peer = self.peer;
         match &mut self.link {
             ClientLink::Udp(u) => {
@@ -232,7 +341,7 @@ impl ClientDriver {
                 loop {
                     let read = u.recv_all(TRANSMIT_EVERY, |pkt, from| {
                         if from == peer {
-                            client.handle_packet(pkt, now);
+                            Self::deliver(client, dialer, pkt, now);
                         } else {
                             debug!("client: dropped a datagram from {from}, not the server");
                         }
@@ -250,7 +359,8 @@ impl ClientDriver {
                         break;
                     }
                     // More may be waiting: answer what arrived so far first.
-                    if let Err(e) = Self::transmit_udp(client, u, peer, now) {
+                    let bufs = (&mut self.buf[..], &mut self.wrapped[..]);
+                    if let Err(e) = Self::transmit_udp(client, dialer, u, peer, bufs, now) {
                         self.closed = Some(format!("udp send failed: {e}"));
                         break;
                     }
@@ -258,7 +368,7 @@ impl ClientDriver {
                 self.more_to_read = total >= READ_BATCH;
                 self.read_some = total > 0;
             }
-            ClientLink::Tcp(s) => match s.read_frames(|pkt| client.handle_packet(pkt, now)) {
+            ClientLink::Tcp(s) => match s.read_frames(|f| Self::deliver(client, dialer, f, now)) {
                 Ok(ReadStatus::Open) => {}
                 Ok(ReadStatus::Closed) => {
                     self.closed = Some("tcp connection closed by the server".into())
@@ -281,39 +391,97 @@ impl ClientDriver {
         if self.closed.is_some() {
             return Ok(());
         }
+        let client = &mut self.client;
+        let dialer = &mut self.dialer;
         match &mut self.link {
-            ClientLink::Udp(u) => Self::transmit_udp(&mut self.client, u, self.peer, now)?,
+            ClientLink::Udp(u) => {
+                let bufs = (&mut self.buf[..], &mut self.wrapped[..]);
+                Self::transmit_udp(client, dialer, u, self.peer, bufs, now)?
+            }
             ClientLink::Tcp(s) => {
-                while let Some(n) = self.client.poll_transmit(now, &mut self.buf[..]) {
-                    s.queue_frame(&self.buf[..n]);
+                let wrapped = &mut self.wrapped[..];
+                if let Some(d) = dialer.as_mut() {
+                    while let Some(n) = d.poll_transmit(now, wrapped) {
+                        s.queue_frame(&wrapped[..n]);
+                    }
+                }
+                // The client waits for an open dialer.
+                if dialer.as_ref().map_or(true, Dialer::is_open) {
+                    while let Some(n) = client.poll_transmit(now, &mut self.buf[..]) {
+                        match dialer.as_ref() {
+                            None => {
+                                s.queue_frame(&self.buf[..n]);
+                            }
+                            Some(d) => match d.wrap(&self.buf[..n], wrapped) {
+                                Some(m) => {
+                                    s.queue_frame(&wrapped[..m]);
+                                }
+                                None => debug!("client: a {n}-byte packet cannot be wrapped"),
+                            },
+                        }
+                    }
                 }
                 if let Err(e) = s.flush(registry, self.token) {
                     self.closed = Some(format!("tcp write failed: {e}"));
                 }
             }
         }
+        if let Some(e) = self.dialer.as_ref().and_then(Dialer::failed) {
+            if self.closed.is_none() {
+                self.closed = Some(e.to_string());
+            }
+        }
         Ok(())
     }
 
-    /// Sends every packet the client has due at `now` over UDP, batched.
+    /// Sends every packet due at `now` over UDP: native ones batched; with the compatibility
+    /// framing the dialer's control datagrams, then (once it is open) the client's packets
+    /// wrapped, one `send_to` each. `bufs` are the packet and wrapping buffers.
     fn transmit_udp(
         client: &mut Client,
+        dialer: &mut Option<Dialer>,
         u: &mut UdpEndpoint,
         peer: SocketAddr,
+        bufs: (&mut [u8], &mut [u8]),
         now: Instant,
     ) -> io::Result<()> {
-        while let Some(n) = client.poll_transmit(now, u.batch_slot()) {
-            u.batch_commit(n, peer)?;
+        let Some(d) = dialer.as_mut() else {
+            while let Some(n) = client.poll_transmit(now, u.batch_slot()) {
+                u.batch_commit(n, peer)?;
+            }
+            return u.batch_flush();
+        };
+        let (buf, wrapped) = bufs;
+        while let Some(n) = d.poll_transmit(now, wrapped) {
+            u.send_to(&wrapped[..n], peer)?;
         }
-        u.batch_flush()
+        if !d.is_open() {
+            return Ok(());
+        }
+        while let Some(n) = client.poll_transmit(now, buf) {
+            match d.wrap(&buf[..n], wrapped) {
+                Some(m) => u.send_to(&wrapped[..m], peer)?,
+                None => debug!("client: a {n}-byte packet cannot be wrapped"),
+            }
+        }
+        Ok(())
     }
 
-    /// When the driver next needs `flush` without any socket event.
+    /// When the driver next needs `flush` without any socket event. With the compatibility
+    /// framing, until the dialer is open this is the dialer's deadline alone (`None` once it
+    /// has given up).
     pub fn next_deadline(&self) -> Option<Instant> {
         if self.more_to_read || self.read_in_flush {
             return Some(Instant::now());
         }
-        self.client.poll_timeout()
+        match &self.dialer {
+            None => self.client.poll_timeout(),
+            Some(d) if !d.is_open() => d.next_deadline(),
+            Some(d) => match (d.next_deadline(), self.client.poll_timeout()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+        }
     }
 }
 
@@ -339,9 +507,30 @@ struct TcpSlot {
     stream: FramedStream,
     generation: u64,
     last_active: Instant,
+    /// Chosen by the stream's first frame.
+    framing: Option<Framing>,
 }
 
-/// Runs one [`Server`] over a UDP socket and a TCP listener (either may be absent).
+/// Counters of a [`ServerDriver`]'s compatibility framing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompatStats {
+    /// 1tp session datagrams received (first byte 0x00-0x05).
+    pub datagrams: u64,
+    /// Compatibility datagrams and TCP frames dropped as malformed.
+    pub dropped: u64,
+    /// Replies of the accepting side sent (SYN_ACK, PONG, ACK) on UDP and TCP.
+    pub replies: u64,
+    /// Sessions reset by their peer (RST).
+    pub resets: u64,
+    /// TCP streams that chose the compatibility framing.
+    pub tcp_streams: u64,
+    /// TCP streams closed because their first frame chose no framing.
+    pub tcp_refused: u64,
+}
+
+/// Runs one [`Server`] over a UDP socket and a TCP listener (either may be absent), serving
+/// the native and the compatibility framing on both at once (see the module docs); a
+/// connection's framing is [`Path::framing`] of [`Server::path`].
 ///
 /// Tokens: `base` is the UDP socket, `base + 1` the TCP listener, `base + 2 + slot` each TCP
 /// stream; [`ServerDriver::owns`] tells whether an event is the driver's.
@@ -355,9 +544,14 @@ pub struct ServerDriver {
     limits: ServerDriverLimits,
     idle_checks: VecDeque<(Instant, usize, u64)>,
     paths: HashMap<ConnectionId, Path>,
+    /// The connection each 1tp UDP session carries (for an RST).
+    sessions: HashMap<Path, ConnectionId>,
+    compat: CompatStats,
     events: VecDeque<ServerEvent>,
     buf: Box<[u8; MAX_PACKET]>,
     reply: Box<[u8; MAX_PACKET]>,
+    /// Wrapped packets and replies of the compatibility framing.
+    wrap: Box<[u8; MAX_DATAGRAM]>,
     udp_more: bool,
     /// `flush` read packets (the application has not had a turn since).
     read_in_flush: bool,
@@ -424,9 +618,12 @@ impl ServerDriver {
             limits,
             idle_checks: VecDeque::new(),
             paths: HashMap::new(),
+            sessions: HashMap::new(),
+            compat: CompatStats::default(),
             events: VecDeque::new(),
             buf: Box::new([0; MAX_PACKET]),
             reply: Box::new([0; MAX_PACKET]),
+            wrap: Box::new([0; MAX_DATAGRAM]),
             udp_more: false,
             read_in_flush: false,
             dirty: Vec::new(),
@@ -462,8 +659,10 @@ impl ServerDriver {
     /// stream's (`None` once that stream is gone).
     pub fn peer_ip(&self, path: Path) -> Option<std::net::IpAddr> {
         match path {
-            Path::Udp(a) => Some(a.ip()),
-            Path::Tcp { slot, generation } => self
+            Path::Udp(a) | Path::UdpCompat { addr: a, .. } => Some(a.ip()),
+            Path::Tcp {
+                slot, generation, ..
+            } => self
                 .tcp
                 .get(slot)
                 .filter(|t| t.generation == generation)
@@ -472,14 +671,19 @@ impl ServerDriver {
         }
     }
 
-    /// The framing of a connection's path (placeholder: native).
-    pub fn framing(&self, _path: Path) -> Framing {
-        Framing::Native
-    }
-
     /// TCP streams open now.
     pub fn tcp_streams(&self) -> usize {
         self.tcp.len()
+    }
+
+    /// Counters of the UDP socket (`None` without one).
+    pub fn udp_stats(&self) -> Option<super::udp::UdpStats> {
+        self.udp.as_ref().map(UdpEndpoint::stats)
+    }
+
+    /// Counters of the compatibility framing.
+    pub fn compat_stats(&self) -> CompatStats {
+        self.compat
     }
 
     /// The next server event (accepted, readable, writable, closed connections).
@@ -494,16 +698,23 @@ impl ServerDriver {
                 ServerEvent::Accepted(id) => {
                     if let Some(p) = self.server.path(id) {
                         self.paths.insert(id, p);
-                    }
-                }
-                ServerEvent::Closed(id) => {
-                    if let Some(Path::Tcp { slot, generation }) = self.paths.remove(&id) {
-                        // The stream carried that one connection: close it.
-                        if self.tcp.get(slot).map(|s| s.generation) == Some(generation) {
-                            self.tcp.remove(slot);
+                        if let Path::UdpCompat { .. } = p {
+                            self.sessions.insert(p, id);
                         }
                     }
                 }
+                ServerEvent::Closed(id) => match self.paths.remove(&id) {
+                    // The stream carried that one connection: close it.
+                    Some(Path::Tcp {
+                        slot, generation, ..
+                    }) if self.tcp.get(slot).map(|s| s.generation) == Some(generation) => {
+                        self.tcp.remove(slot);
+                    }
+                    Some(p @ Path::UdpCompat { .. }) if self.sessions.get(&p) == Some(&id) => {
+                        self.sessions.remove(&p);
+                    }
+                    _ => {}
+                },
                 _ => {}
             }
             self.events.push_back(ev);
@@ -541,6 +752,61 @@ impl ServerDriver {
                 break;
             };
             read += 1;
+            if pkt.first().is_some_and(|&b| onetp::is_session_datagram(b)) {
+                self.compat.datagrams += 1;
+                match onetp::accept_datagram(pkt, &mut self.wrap[..]) {
+                    Err(e) => {
+                        self.compat.dropped += 1;
+                        debug!("server: dropped a 1tp datagram from {from}: {e}");
+                    }
+                    Ok(Inbound::Nothing) => {}
+                    Ok(Inbound::Reply(n)) => {
+                        self.compat.replies += 1;
+                        if let Err(e) = udp.send_to(&self.wrap[..n], from) {
+                            debug!("server: 1tp reply to {from} not sent: {e}");
+                        }
+                    }
+                    Ok(Inbound::Reset { session, ack }) => {
+                        self.compat.replies += 1;
+                        self.compat.resets += 1;
+                        if let Err(e) = udp.send_to(&self.wrap[..ack], from) {
+                            debug!("server: 1tp ACK to {from} not sent: {e}");
+                        }
+                        let path = Path::UdpCompat {
+                            addr: from,
+                            session,
+                        };
+                        if let Some(&id) = self.sessions.get(&path) {
+                            debug!("server: 1tp session reset by {from}: its connection ends");
+                            self.server.remove(id);
+                        }
+                    }
+                    Ok(Inbound::Packet { session, packet }) => {
+                        let path = Path::UdpCompat {
+                            addr: from,
+                            session,
+                        };
+                        let reply =
+                            self.server
+                                .handle_packet(packet, path, now, &mut self.reply[..]);
+                        if let Some(len) = reply {
+                            match onetp::wrap_udp(&session, &self.reply[..len], &mut self.wrap[..])
+                            {
+                                Some(m) => {
+                                    if let Err(e) = udp.send_to(&self.wrap[..m], from) {
+                                        debug!("server: Cookie to {from} not sent: {e}");
+                                    }
+                                }
+                                None => debug!("server: a {len}-byte reply cannot be wrapped"),
+                            }
+                        }
+                    }
+                }
+                if read % TRANSMIT_EVERY == 0 {
+                    self.transmit(registry, now)?;
+                }
+                continue;
+            }
             let reply = self
                 .server
                 .handle_packet(pkt, Path::Udp(from), now, &mut self.reply[..]);
@@ -576,13 +842,15 @@ impl ServerDriver {
                     let entry = self.tcp.vacant_entry();
                     let slot = entry.key();
                     let token = Token(self.base + 2 + slot);
-                    match FramedStream::new(registry, token, stream, MAX_PACKET) {
+                    // Either framing: room for a wrapped packet.
+                    match FramedStream::new(registry, token, stream, onetp::MAX_SOCKET_PACKET) {
                         Ok(stream) => {
                             self.generation += 1;
                             entry.insert(TcpSlot {
                                 stream,
                                 generation: self.generation,
                                 last_active: now,
+                                framing: None,
                             });
                             self.idle_checks.push_back((
                                 now + self.limits.tcp_idle,
@@ -619,8 +887,52 @@ impl ServerDriver {
             let reply = &mut self.reply;
             let mut reply_len = None;
             let mut valid = false;
-            let status = entry.stream.read_frames(|pkt| {
-                let path = Path::Tcp { slot, generation };
+            let chosen_before = entry.framing;
+            let mut chosen = entry.framing;
+            let mut refused = false;
+            let mut pong = false;
+            let mut dropped_frames = 0;
+            let status = entry.stream.read_frames(|frame| {
+                if refused {
+                    return;
+                }
+                let framing = match chosen {
+                    Some(f) => f,
+                    None => {
+                        let f = match frame.first() {
+                            Some(b'Q') => Framing::Native,
+                            Some(&onetp::PING) | Some(&onetp::DATA) => Framing::Compat,
+                            _ => {
+                                refused = true;
+                                return;
+                            }
+                        };
+                        chosen = Some(f);
+                        f
+                    }
+                };
+                let pkt = match framing {
+                    Framing::Native => frame,
+                    Framing::Compat => match SocketPacket::parse(frame) {
+                        Ok(SocketPacket::Data(p)) => p,
+                        // Not activity: a peer trickling PINGs must not hold the slot open.
+                        Ok(SocketPacket::Ping) => {
+                            pong = true;
+                            return;
+                        }
+                        Ok(SocketPacket::Pong) => return,
+                        Err(e) => {
+                            debug!("server: dropped a 1tp frame: {e}");
+                            dropped_frames += 1;
+                            return;
+                        }
+                    },
+                };
+                let path = Path::Tcp {
+                    slot,
+                    generation,
+                    framing,
+                };
                 let dropped = server.stats().dropped;
                 // A reply is a Cookie, one per Hello. Should one read hold several Hellos
                 // (retransmissions), answering the last is enough: any valid Cookie will do.
@@ -634,11 +946,35 @@ impl ServerDriver {
             if valid {
                 entry.last_active = now;
             }
+            entry.framing = chosen;
+            self.compat.dropped += dropped_frames;
+            if chosen == Some(Framing::Compat) && chosen_before.is_none() {
+                self.compat.tcp_streams += 1;
+                entry.stream.set_frame_per_write(true);
+            }
+            if pong {
+                self.compat.replies += 1;
+                entry.stream.queue_frame(&[onetp::PONG]);
+            }
             if let Some(len) = reply_len {
-                close |= entry
-                    .stream
-                    .send_frame(registry, token, &self.reply[..len])
-                    .is_err();
+                let frame = match chosen {
+                    Some(Framing::Compat) => {
+                        onetp::wrap_tcp(&self.reply[..len], &mut self.wrap[..])
+                            .map(|m| &self.wrap[..m])
+                    }
+                    _ => Some(&self.reply[..len]),
+                };
+                if let Some(frame) = frame {
+                    entry.stream.queue_frame(frame);
+                }
+            }
+            if pong || reply_len.is_some() {
+                close |= entry.stream.flush(registry, token).is_err();
+            }
+            if refused {
+                debug!("server: closing a TCP stream whose first frame is neither framing");
+                self.compat.tcp_refused += 1;
+                close = true;
             }
             match status {
                 Ok(ReadStatus::Open) => {}
@@ -689,7 +1025,21 @@ impl ServerDriver {
                         u.batch_commit(n, to)?;
                     }
                 }
-                Path::Tcp { slot, generation } => match self.tcp.get_mut(slot) {
+                Path::UdpCompat { addr, session } => {
+                    // Wrapped, it outgrows a batch slot: sent alone (the slot is reused).
+                    let Some(u) = self.udp.as_mut() else {
+                        continue;
+                    };
+                    match onetp::wrap_udp(&session, &u.batch_slot()[..n], &mut self.wrap[..]) {
+                        Some(m) => u.send_to(&self.wrap[..m], addr)?,
+                        None => debug!("server: a {n}-byte packet cannot be wrapped"),
+                    }
+                }
+                Path::Tcp {
+                    slot,
+                    generation,
+                    framing,
+                } => match self.tcp.get_mut(slot) {
                     Some(s) if s.generation == generation => {
                         if s.stream.pending_write() == 0 {
                             self.dirty.push(slot);
@@ -698,7 +1048,17 @@ impl ServerDriver {
                             Some(slot) => &slot[..n],
                             None => &self.buf[..n],
                         };
-                        s.stream.queue_frame(pkt);
+                        match framing {
+                            Framing::Native => {
+                                s.stream.queue_frame(pkt);
+                            }
+                            Framing::Compat => match onetp::wrap_tcp(pkt, &mut self.wrap[..]) {
+                                Some(m) => {
+                                    s.stream.queue_frame(&self.wrap[..m]);
+                                }
+                                None => debug!("server: a {n}-byte packet cannot be wrapped"),
+                            },
+                        }
                     }
                     _ => {}
                 },

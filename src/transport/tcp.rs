@@ -7,7 +7,13 @@
 //! are not a netstring, end the stream (the caller closes it). When the write buffer is full a
 //! new packet is dropped, as a congested UDP socket would drop it: CurveCP retransmits, and
 //! memory stays bounded.
+//!
+//! One frame per write ([`FramedStream::set_frame_per_write`]): the 1tp compatibility framing
+//! talks to a JS reader that takes one netstring per read, so two frames glued in one write
+//! reach it as garbage. A stream in that mode keeps the queued frames' boundaries and writes
+//! each frame with its own system call (as far as the socket takes it), never two at once.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 
@@ -45,6 +51,13 @@ pub struct FramedStream {
     max_write: usize,
     dropped: u64,
     interest_writable: bool,
+    /// Whether each frame goes out in a write of its own.
+    frame_per_write: bool,
+    /// In that mode, the lengths of the frames queued from `wpos` on (the first may be partly
+    /// written already).
+    frames: VecDeque<usize>,
+    /// Successful write system calls.
+    writes: u64,
 }
 
 impl FramedStream {
@@ -69,6 +82,9 @@ impl FramedStream {
             max_write: DEFAULT_WRITE_BUFFER,
             dropped: 0,
             interest_writable: false,
+            frame_per_write: false,
+            frames: VecDeque::new(),
+            writes: 0,
         })
     }
 
@@ -172,7 +188,8 @@ impl FramedStream {
     }
 
     /// Queues one frame without writing (a driver queues a whole turn's packets, then calls
-    /// [`FramedStream::flush`] once: one system call for many packets). Returns `false` when
+    /// [`FramedStream::flush`] once: one system call for many packets, or one per frame in
+    /// one-frame-per-write mode). Returns `false` when
     /// the write buffer is full and the frame was dropped.
     pub fn queue_frame(&mut self, payload: &[u8]) -> bool {
         let need = netstring::encoded_len(payload.len());
@@ -181,16 +198,49 @@ impl FramedStream {
             return false;
         }
         netstring::encode_into(payload, &mut self.wbuf);
+        if self.frame_per_write {
+            self.frames.push_back(need);
+        }
         true
+    }
+
+    /// Turns one-frame-per-write on or off (see the module docs). Bytes already queued when it
+    /// is turned on count as one frame.
+    pub fn set_frame_per_write(&mut self, on: bool) {
+        if on && !self.frame_per_write && self.pending_write() > 0 {
+            self.frames.push_back(self.pending_write());
+        }
+        if !on {
+            self.frames.clear();
+        }
+        self.frame_per_write = on;
+    }
+
+    /// Whether each frame goes out in a write of its own.
+    pub fn frame_per_write(&self) -> bool {
+        self.frame_per_write
     }
 
     /// Writes as much of the write buffer as the socket takes, and asks for writability while
     /// bytes remain.
     pub fn flush(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
         while self.wpos < self.wbuf.len() {
-            match self.stream.write(&self.wbuf[self.wpos..]) {
+            let end = match self.frames.front() {
+                Some(&len) if self.frame_per_write => self.wpos + len,
+                _ => self.wbuf.len(),
+            };
+            match self.stream.write(&self.wbuf[self.wpos..end]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.wpos += n,
+                Ok(n) => {
+                    self.wpos += n;
+                    self.writes += 1;
+                    if let Some(front) = self.frames.front_mut().filter(|_| self.frame_per_write) {
+                        *front -= n.min(*front);
+                        if *front == 0 {
+                            self.frames.pop_front();
+                        }
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // Not connected yet: the writable event will come.
@@ -217,6 +267,11 @@ impl FramedStream {
         self.wbuf.len() - self.wpos
     }
 
+    /// Successful write system calls so far.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
     /// Frames dropped because the write buffer was full.
     pub fn dropped(&self) -> u64 {
         self.dropped
@@ -235,5 +290,63 @@ impl FramedStream {
     /// Removes the stream from `registry` (closing happens on drop).
     pub fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
         registry.deregister(&mut self.stream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mio::Poll;
+    use std::time::{Duration, Instant};
+
+    /// Connects a framed stream to a plain listener and returns both ends once connected.
+    fn pair(poll: &Poll) -> (FramedStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let s = FramedStream::connect(poll.registry(), Token(0), addr, 2000).unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        (s, peer)
+    }
+
+    fn read_all(peer: &mut std::net::TcpStream, want: usize) -> Vec<u8> {
+        peer.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = [0u8; 4096];
+        while got.len() < want && Instant::now() < deadline {
+            if let Ok(n) = peer.read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn frame_per_write_writes_each_frame_alone() {
+        let poll = Poll::new().unwrap();
+        let (mut s, mut peer) = pair(&poll);
+        // Normal mode: three frames, one write (retried until the connect completes).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for p in [&b"a"[..], b"bb", b"ccc"] {
+            assert!(s.queue_frame(p));
+        }
+        while s.pending_write() > 0 && Instant::now() < deadline {
+            s.flush(poll.registry(), Token(0)).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(s.writes(), 1);
+        assert_eq!(read_all(&mut peer, 15), b"1:a,2:bb,3:ccc,");
+        // One frame per write: three frames, three writes, same bytes.
+        s.set_frame_per_write(true);
+        assert!(s.frame_per_write());
+        for p in [&b"\x08"[..], b"\x09", b"\x024:QvnQ,"] {
+            assert!(s.queue_frame(p));
+        }
+        s.flush(poll.registry(), Token(0)).unwrap();
+        assert_eq!(s.pending_write(), 0);
+        assert_eq!(s.writes(), 4);
+        assert_eq!(read_all(&mut peer, 19), b"1:\x08,1:\x09,8:\x024:QvnQ,,");
+        assert!(s.frames.is_empty());
     }
 }

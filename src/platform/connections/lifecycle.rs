@@ -39,7 +39,7 @@ impl Core {
             Some(crate::transport::driver::Path::Tcp { .. }) => TransportKind::Tcp,
             _ => TransportKind::Udp,
         };
-        let compat = path.is_some_and(|p| net.server.framing(p) == Framing::Compat);
+        let compat = path.is_some_and(|p| p.framing() == Framing::Compat);
         let frames = (net.cfg.max_frame, &net.identify[..]);
         let conn = Conn::new(
             Link::Server(id),
@@ -347,7 +347,8 @@ impl Core {
             Framing::Native
         };
         let (registry, kind, addr) = (&net.registry, ep.kind, ep.addr);
-        match ClientDriver::connect_with(registry, token, kind, addr, config, framing, now) {
+        match ClientDriver::connect_with_framing(registry, token, kind, framing, addr, config, now)
+        {
             Ok(d) => {
                 let frames = (net.cfg.max_frame, &net.identify[..]);
                 let link = Link::Client(Box::new(d));
