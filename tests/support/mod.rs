@@ -392,8 +392,15 @@ pub fn js_dir(test: &str) -> Option<PathBuf> {
     None
 }
 
-/// Our `node` example binary (`cargo test` builds the examples next to the test binaries).
+/// Our `node` example binary, built first (`cargo test --test NAME` alone does not build the
+/// examples; this is a no-op when it is fresh).
 pub fn node_bin() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["build", "--quiet", "--example", "node"])
+        .status()
+        .expect("cargo build");
+    assert!(st.success(), "building examples/node.rs failed");
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join("examples").join("node");

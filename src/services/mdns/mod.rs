@@ -11,7 +11,8 @@
 //!   ([`MdnsConfig::interface`], default 127.0.0.1: by default nothing leaves the machine),
 //!   multicast loop on (nodes on one host hear each other), TTL 255, and
 //!   `IP_MULTICAST_ALL` off (only the groups this socket joined, on its interface). With a
-//!   loopback interface, datagrams from non-loopback sources are dropped too.
+//!   loopback interface, datagrams from sources other than 127.0.0.0/8 and 0.0.0.0 (what a
+//!   socket without a multicast interface sends from over `lo`) are dropped too.
 //! - Bus: subscribes to `self.transports.myNodeInfo` (what we answer with),
 //!   `self.transports.requestBootstrapNodeInfo` and `self.transports.requestNodeInfo` (start
 //!   querying), from `local` only; publishes what others answer as `transports.nodeInfo` and
@@ -111,9 +112,12 @@ impl Mdns {
     }
 
     /// Whether a datagram from `from` may be read: with a loopback interface, only from this
-    /// machine.
+    /// machine. That includes source 0.0.0.0: a process whose socket has no multicast
+    /// interface (the original's) sends through a route on `lo` with no source address.
     fn source_ok(&self, from: SocketAddr) -> bool {
-        !self.config.interface.is_loopback() || from.ip().is_loopback()
+        !self.config.interface.is_loopback()
+            || from.ip().is_loopback()
+            || from.ip().is_unspecified()
     }
 
     /// Reads up to [`READ_BUDGET`] datagrams; `true` if more may be waiting.
