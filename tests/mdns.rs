@@ -173,7 +173,7 @@ fn hostile_packets_on_the_socket_publish_nothing_and_memory_stays_bounded() {
             vec![0u8; 9500],
         ];
         let mut events = Vec::new();
-        let mut turn = |p: &mut Platform, events: &mut Vec<Event>| {
+        let turn = |p: &mut Platform, events: &mut Vec<Event>| {
             p.poll(Some(Duration::from_millis(20))).unwrap();
             events.extend(p.drain_events());
         };
