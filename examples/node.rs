@@ -3,9 +3,13 @@
 //! ```text
 //! cargo run --example node -- --data DIR [--udp ADDR:PORT|off] [--tcp ADDR:PORT|off]
 //!     [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS]
+//!     [--mdns] [--mdns-interface ADDR] [--bootstrap FILE]
 //! ```
 //!
 //! The optional timings set the [`NetConfig`] fields of the same names (tests use short ones).
+//! `--mdns` adds the mDNS discovery service (on 127.0.0.1 unless `--mdns-interface` gives the
+//! IPv4 address of another interface); `--bootstrap FILE` adds the static bootstrap service
+//! with the nodeInfos of FILE (a JSON array).
 //!
 //! `DIR` is a [`FileStore`] (created if missing) holding the identity, the listen addresses of
 //! the last run and the offline buffer. Without `--udp`/`--tcp` the node listens where it did
@@ -18,6 +22,8 @@
 //!   for every delivery except the platform's own `self.transports.*`, `self.directory.*`,
 //!   `self.friends.*`, `self.devices.*` (a payload that is not JSON is given as a string)
 //! - `{"event":"connection","peer":"<signId>"}`, `{"event":"disconnected","peer":"<signId>"}`
+//! - `{"event":"peer","nodeInfo":{...},"source":"mdns"|"bootstrap"|...}` when a service
+//!   publishes a nodeInfo that is new or changed (not for our own; at most 4,096 remembered)
 //! - `{"event":"sent","id":ID,"ok":true}` or `{"event":"sent","id":ID,"ok":false,"error":"..."}`
 //!   once per send that carried an id
 //! - `{"event":"error","error":"..."}` for a bad command (the node keeps running)
@@ -30,11 +36,14 @@
 //! - `{"cmd":"friends","keys":[...]}`, `{"cmd":"devices","keys":[...]}`
 //! - `{"cmd":"quit"}`; end of input also quits.
 
+use std::collections::HashMap;
 use std::io::{self, BufRead, Write};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use mm_platform::services::bootstrap::Bootstrap;
+use mm_platform::services::mdns::{Mdns, MdnsConfig};
 use mm_platform::storage::FileStore;
 use mm_platform::{Address, Context, Event, NetConfig, Platform, SendOptions};
 
@@ -52,7 +61,8 @@ fn emit(v: Value) {
 fn usage() -> ! {
     eprintln!(
         "usage: node --data DIR [--udp ADDR:PORT|off] [--tcp ADDR:PORT|off] \
-         [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS]"
+         [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS] \
+         [--mdns] [--mdns-interface ADDR] [--bootstrap FILE]"
     );
     std::process::exit(2);
 }
@@ -62,6 +72,8 @@ fn main() {
     let mut udp: Option<String> = None;
     let mut tcp: Option<String> = None;
     let mut net = NetConfig::default();
+    let mut mdns: Option<MdnsConfig> = None;
+    let mut bootstrap: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut ms = || -> Duration {
@@ -78,6 +90,16 @@ fn main() {
             "--retry" => net.offline_retry = ms(),
             "--keepalive" => net.keepalive = ms(),
             "--dead-after" => net.dead_after = ms(),
+            "--mdns" => {
+                mdns.get_or_insert_with(MdnsConfig::default);
+            }
+            "--mdns-interface" => {
+                let Some(addr) = args.next().and_then(|a| a.parse().ok()) else {
+                    usage()
+                };
+                mdns.get_or_insert_with(MdnsConfig::default).interface = addr;
+            }
+            "--bootstrap" => bootstrap = args.next(),
             _ => usage(),
         }
     }
@@ -108,6 +130,21 @@ fn main() {
             builder = builder.transports(false);
         }
         builder = builder.connection_info(Value::Array(listen));
+    }
+    if let Some(file) = bootstrap {
+        let list = std::fs::read(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|text| Bootstrap::from_json(&text));
+        match list {
+            Ok(service) => builder = builder.service(service),
+            Err(e) => {
+                eprintln!("cannot use bootstrap list {file}: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
+    if let Some(config) = mdns {
+        builder = builder.service(Mdns::new(config));
     }
     let mut platform = match builder.build() {
         Ok(p) => p,
@@ -148,8 +185,23 @@ fn main() {
         }
     });
     let info = platform.node_info();
+    let own = platform.sign_id().to_string();
+    let mut peers: HashMap<String, Value> = HashMap::new();
     platform.on_event(move |_ctx, event| match event {
         Event::Ready => emit(json!({"event": "ready", "nodeInfo": info})),
+        Event::NodeInfo { node_info, source } => {
+            let Some(id) = node_info.get("signId").and_then(Value::as_str) else {
+                return;
+            };
+            if id == own || peers.get(id) == Some(node_info) {
+                return;
+            }
+            if peers.len() >= 4096 && !peers.contains_key(id) {
+                peers.clear();
+            }
+            peers.insert(id.to_owned(), node_info.clone());
+            emit(json!({"event": "peer", "nodeInfo": node_info, "source": source}));
+        }
         Event::Connection(p) => emit(json!({"event": "connection", "peer": p.to_string()})),
         Event::Disconnected(p) => emit(json!({"event": "disconnected", "peer": p.to_string()})),
         _ => {}

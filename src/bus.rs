@@ -163,6 +163,24 @@ impl<T> Bus<T> {
         true
     }
 
+    /// Removes every subscription whose target satisfies `pred` (targets taken out for
+    /// delivery are not seen). Returns how many were removed.
+    pub(crate) fn remove_where(&mut self, mut pred: impl FnMut(&T) -> bool) -> usize {
+        let ids: Vec<SubscriptionId> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.target.as_ref().is_some_and(&mut pred))
+            .map(|(k, e)| SubscriptionId {
+                key: k as u32,
+                gen: e.gen,
+            })
+            .collect();
+        for id in &ids {
+            self.remove(*id);
+        }
+        ids.len()
+    }
+
     /// Number of subscriptions.
     pub(crate) fn len(&self) -> usize {
         self.entries.len()

@@ -203,17 +203,18 @@ fn events_by_batch_channel_and_callback() {
     p.poll(Some(Duration::ZERO)).unwrap();
     let batch: Vec<Event> = p.drain_events().collect();
     assert_eq!(batch[0], Event::Ready);
-    assert_eq!(batch.len(), 4); // Ready + 3 start-up messages
+    assert_eq!(batch.len(), 5); // Ready + 4 start-up messages
     assert_eq!(
         *seen.borrow(),
         vec![
             "ready",
             "self.friends.updateRequest",
             "self.devices.updateRequest",
-            "self.transports.myNodeInfo"
+            "self.transports.myNodeInfo",
+            "self.transports.requestBootstrapNodeInfo"
         ]
     );
-    assert_eq!(rx.try_iter().count(), 4);
+    assert_eq!(rx.try_iter().count(), 5);
     for _ in 0..10 {
         let _ = p.send("local", "bt", "hash", vec![1]);
     }
@@ -223,7 +224,7 @@ fn events_by_batch_channel_and_callback() {
     p.poll(Some(Duration::ZERO)).unwrap();
     assert_eq!(p.drain_events().count(), 0);
     assert!(
-        !seen.borrow().iter().skip(4).any(|e| e == "ready"),
+        !seen.borrow().iter().skip(5).any(|e| e == "ready"),
         "Ready fires once"
     );
 }

@@ -21,4 +21,13 @@ pub enum Event {
     Disconnected(SignId),
     /// A message was delivered on the bus (local or remote).
     Message(Message),
+    /// A service published a nodeInfo it found (`transports.nodeInfo`, see
+    /// [`crate::services::ServiceContext::publish_node_info`]). Raised on every publication,
+    /// changed or not; the platform checks the nodeInfo itself when it is delivered.
+    NodeInfo {
+        /// The nodeInfo as published.
+        node_info: serde_json::Value,
+        /// The publishing service's [`crate::services::Service::name`] (`mdns`, `bootstrap`).
+        source: String,
+    },
 }

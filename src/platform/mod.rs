@@ -38,17 +38,30 @@
 //! # Built-in local messages
 //!
 //! At start the platform queues `friends.updateRequest` and `devices.updateRequest` (payload
-//! `{}`) and `transports.myNodeInfo` (our nodeInfo), all protocol `ms`, sender `local`, scope
-//! `self`; it republishes myNodeInfo every 5 minutes and on `self.transports.requestMyNodeInfo`,
-//! and replaces its circles on `self.friends.update` / `self.devices.update` (see
-//! [`Circles`]).
+//! `{}`), `transports.myNodeInfo` (our nodeInfo) and `transports.requestBootstrapNodeInfo`
+//! (payload `{}`: discovery services answer it with `transports.nodeInfoBootstrap`), all
+//! protocol `ms`, sender `local`, scope `self`; it republishes myNodeInfo every 5 minutes and on
+//! `self.transports.requestMyNodeInfo`, asks for bootstrap nodes again every
+//! [`BOOTSTRAP_INTERVAL`] while it has no connection, and replaces its circles on
+//! `self.friends.update` / `self.devices.update` (see [`Circles`]). (The original platform
+//! never asked for bootstrap nodes itself: its Kademlia service did, once at start. Asking from
+//! the platform lets any discovery service, mDNS alone included, find peers.)
 //!
-//! # Tokens (for the transports)
+//! # Services
+//!
+//! [`PlatformBuilder::service`] and [`Platform::add_service`] host a
+//! [`crate::services::Service`]: a bus client whose sockets and timer are this reactor's (see
+//! [`crate::services`]). Their socket events and timers run after the platform's own timers,
+//! before the turn's deliveries.
+//!
+//! # Tokens
 //!
 //! The `mio::Poll` uses [`WAKER_TOKEN`] for handle wake-ups; tokens
-//! `LISTENER_TOKEN_BASE..CONNECTION_TOKEN_BASE` are the listeners' (UDP, TCP listener, accepted
-//! TCP streams) and tokens from [`CONNECTION_TOKEN_BASE`] up outgoing connections (slab key +
-//! base). Incoming messages from authenticated peers enter the bus with their scope from the
+//! `LISTENER_TOKEN_BASE..SERVICE_TOKEN_BASE` are the listeners' (UDP, TCP listener, accepted
+//! TCP streams, at most [`crate::transport::driver::ServerDriverLimits::max_tcp_streams`]), tokens
+//! `SERVICE_TOKEN_BASE..CONNECTION_TOKEN_BASE` the services' (a block of
+//! [`SERVICE_TOKEN_BLOCK`] per service, in the order they were added) and tokens from
+//! [`CONNECTION_TOKEN_BASE`] up outgoing connections (slab key + base). Incoming messages from authenticated peers enter the bus with their scope from the
 //! circles (see [`connections`]; an application with its own transport uses
 //! [`Platform::receive_from_peer`]).
 //!
@@ -88,6 +101,7 @@ pub mod connections;
 pub mod directory;
 mod events;
 mod handle;
+mod host;
 mod message;
 mod timers;
 
@@ -96,6 +110,7 @@ pub use connections::{ConnectionStats, DeliveryCallback, DeliveryError, NetConfi
 pub use directory::{Directory, NodeInfo};
 pub use events::Event;
 pub use handle::Handle;
+pub use host::{ServiceContext, ServiceId, MAX_SERVICES, SERVICE_TOKEN_BASE, SERVICE_TOKEN_BLOCK};
 pub use message::{Address, Message, Scope, SendOptions, SendStatus, ToAddress};
 pub use timers::TimerId;
 
@@ -114,6 +129,7 @@ use mio::{Poll, Token, Waker};
 use crate::api::{Codec, Messaging, ProtocolApi, RawCodec};
 use crate::bus::{Bus, Match, SubscriptionId};
 use crate::identity::{BoxId, Identity, IdentityError, KeyCache, SignId};
+use crate::services::Service;
 use crate::storage::{MemStore, Storage};
 use circles::Circle;
 use handle::{Command, Outgoing, Shared};
@@ -130,6 +146,9 @@ pub const CONNECTION_TOKEN_BASE: usize = 1 << 30;
 
 /// How often our nodeInfo is republished on the local bus.
 pub const NODE_INFO_INTERVAL: Duration = Duration::from_secs(5 * 60);
+/// How often `transports.requestBootstrapNodeInfo` is published again while the platform has
+/// no connection.
+pub const BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(5 * 60);
 
 /// A message callback.
 pub(crate) type Callback = Box<dyn FnMut(&mut Context<'_>, &Message)>;
@@ -140,11 +159,16 @@ type TimerCallback = Box<dyn FnOnce(&mut Context<'_>)>;
 pub(crate) enum Target {
     Callback(Callback),
     Channel(Sender<Message>),
+    /// A hosted service (its slot).
+    Service(usize),
 }
 
 enum TimerAction {
     User(TimerCallback),
     PublishNodeInfo,
+    RequestBootstrap,
+    /// A hosted service's wake-up (its slot).
+    Service(usize),
 }
 
 /// Bounds on the platform's memory. Every queue is bounded; sends beyond a bound return a
@@ -214,6 +238,13 @@ pub enum BuildError {
     Identity(IdentityError),
     /// Creating the poll or its waker failed.
     Io(io::Error),
+    /// A service added on the builder failed to start.
+    Service {
+        /// Its name.
+        name: String,
+        /// Why.
+        error: io::Error,
+    },
 }
 
 impl fmt::Display for BuildError {
@@ -221,6 +252,7 @@ impl fmt::Display for BuildError {
         match self {
             BuildError::Identity(e) => write!(f, "{e}"),
             BuildError::Io(e) => write!(f, "reactor setup: {e}"),
+            BuildError::Service { name, error } => write!(f, "service {name}: {error}"),
         }
     }
 }
@@ -230,6 +262,7 @@ impl std::error::Error for BuildError {
         match self {
             BuildError::Identity(e) => Some(e),
             BuildError::Io(e) => Some(e),
+            BuildError::Service { error, .. } => Some(error),
         }
     }
 }
@@ -260,9 +293,18 @@ pub struct PlatformBuilder {
     net: NetConfig,
     directory: Option<Box<dyn Directory>>,
     accept: Option<Vec<SignId>>,
+    services: Vec<Box<dyn Service>>,
 }
 
 impl PlatformBuilder {
+    /// Adds a service (see [`crate::services`]), started at build in the order added; it sees
+    /// the start-up messages. A service that fails to start fails the build
+    /// ([`BuildError::Service`]).
+    pub fn service(mut self, service: impl Service + 'static) -> Self {
+        self.services.push(Box::new(service));
+        self
+    }
+
     /// The store for the identity and (later) the offline buffer. Default: a [`MemStore`].
     pub fn storage(mut self, storage: impl Storage + 'static) -> Self {
         self.storage = Some(Box::new(storage));
@@ -342,6 +384,7 @@ impl PlatformBuilder {
         };
         let poll = Poll::new().map_err(BuildError::Io)?;
         let waker = Waker::new(poll.registry(), WAKER_TOKEN).map_err(BuildError::Io)?;
+        let service_registry = poll.registry().try_clone().map_err(BuildError::Io)?;
         let shared = Arc::new(Shared {
             waker,
             wake_pending: AtomicBool::new(false),
@@ -428,13 +471,26 @@ impl PlatformBuilder {
             connection_info,
             match_buf: Vec::new(),
             net,
+            registry: service_registry,
+            services: Vec::new(),
         };
         core.pending_events.push_back(Event::Ready);
         core.publish_local("friends.updateRequest", &serde_json::json!({}));
         core.publish_local("devices.updateRequest", &serde_json::json!({}));
         core.publish_local("transports.myNodeInfo", &core.node_info());
+        core.publish_local(
+            "transports.requestBootstrapNodeInfo",
+            &serde_json::json!({}),
+        );
         core.timers
             .schedule(now + NODE_INFO_INTERVAL, TimerAction::PublishNodeInfo);
+        core.timers
+            .schedule(now + BOOTSTRAP_INTERVAL, TimerAction::RequestBootstrap);
+        for service in self.services {
+            let name = service.name().to_owned();
+            core.add_service(service)
+                .map_err(|error| BuildError::Service { name, error })?;
+        }
         Ok(Platform {
             poll,
             events: mio::Events::with_capacity(256),
@@ -466,6 +522,9 @@ pub(crate) struct Core {
     connection_info: serde_json::Value,
     match_buf: Vec<Match>,
     net: Option<connections::Net>,
+    /// Where services register their sockets (a clone of the poll's registry).
+    registry: mio::Registry,
+    services: Vec<host::ServiceSlot>,
 }
 
 impl Core {
@@ -634,6 +693,13 @@ impl Core {
                         self.bus.restore(id, Target::Callback(cb));
                     }
                 }
+                Target::Service(slot) => {
+                    self.stats.deliveries += 1;
+                    self.with_service(slot, |s, ctx| s.on_message(ctx, &msg));
+                    if !once {
+                        self.bus.restore(id, Target::Service(slot));
+                    }
+                }
                 Target::Channel(tx) => {
                     match tx.try_send(msg.clone()) {
                         Ok(()) => self.stats.deliveries += 1,
@@ -713,6 +779,21 @@ impl Core {
                     self.timers
                         .schedule(self.now + NODE_INFO_INTERVAL, TimerAction::PublishNodeInfo);
                 }
+                TimerAction::RequestBootstrap => {
+                    let connected = self
+                        .net
+                        .as_ref()
+                        .is_some_and(|n| !n.connections().is_empty());
+                    if !connected {
+                        self.publish_local(
+                            "transports.requestBootstrapNodeInfo",
+                            &serde_json::json!({}),
+                        );
+                    }
+                    self.timers
+                        .schedule(self.now + BOOTSTRAP_INTERVAL, TimerAction::RequestBootstrap);
+                }
+                TimerAction::Service(slot) => self.service_timer(slot),
             }
         }
     }
@@ -1003,6 +1084,7 @@ impl Platform {
             net: NetConfig::default(),
             directory: None,
             accept: None,
+            services: Vec::new(),
         }
     }
 
@@ -1074,9 +1156,14 @@ impl Platform {
             Err(e) => return Err(e),
         }
         let io_now = Instant::now();
+        let mut service_events = false;
         for event in self.events.iter() {
             if event.token() == WAKER_TOKEN {
                 continue; // handled below, whatever woke us
+            }
+            if host::service_of(event.token()).is_some() {
+                service_events = true;
+                continue; // after the timers, below
             }
             match self.core.net.as_mut() {
                 Some(net) => net.handle_event(event, io_now),
@@ -1087,6 +1174,9 @@ impl Platform {
         self.core.stats.turns += 1;
         self.take_commands();
         self.core.fire_timers();
+        if service_events {
+            self.core.service_io(&self.events);
+        }
         self.core.net_receive();
         let n = self.core.queue.len();
         for _ in 0..n {
@@ -1130,6 +1220,15 @@ impl Platform {
             // Left for the next turn: make sure that turn does not wait.
             self.shared.wake_pending.store(true, Ordering::SeqCst);
         }
+    }
+
+    /// Adds and starts a service (see [`crate::services`]). Added after the first turn, it
+    /// does not see the start-up messages (it can read `ctx.node_info()` in
+    /// [`Service::start`]). If it fails to start, the error is returned and nothing of it
+    /// remains.
+    pub fn add_service(&mut self, service: impl Service + 'static) -> io::Result<ServiceId> {
+        self.core.now = Instant::now();
+        self.core.add_service(Box::new(service))
     }
 
     /// Runs turns until [`Platform::shutdown`] (or a handle's or callback's shutdown).
@@ -1264,6 +1363,7 @@ impl Platform {
 
 impl Drop for Core {
     fn drop(&mut self) {
+        self.stop_services();
         if let Some(net) = self.net.as_mut() {
             net.save(&mut *self.storage);
         }

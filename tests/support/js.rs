@@ -13,37 +13,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// `tests/js` of this crate.
-pub fn js_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("js")
-}
-
-/// Whether `node` and the installed test packages are there. Without them: with
-/// `MM_REQUIRE_JS=1` (CI) the test fails; otherwise it prints a loud skip message and the caller
-/// returns.
+/// Whether `node` and the installed test packages are there (see [`super::js_dir`]: a loud
+/// skip without them, a failure with `MM_REQUIRE_JS=1`).
 pub fn js_available(test: &str) -> bool {
-    let node = Command::new("node")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    let modules = js_dir().join("node_modules").join("1tp").is_dir();
-    if node && modules {
-        return true;
-    }
-    let why = if node {
-        "tests/js/node_modules missing (run `cd tests/js && npm ci --ignore-scripts`)"
-    } else {
-        "node not found"
-    };
-    if std::env::var("MM_REQUIRE_JS").as_deref() == Ok("1") {
-        panic!("{test}: {why}, and MM_REQUIRE_JS=1");
-    }
-    eprintln!("\n*** SKIPPING {test}: {why}. CI sets MM_REQUIRE_JS=1.\n");
-    false
+    super::js_dir(test).is_some()
 }
 
 /// A running `tests/js/peer.js`, killed when dropped.
@@ -61,7 +34,12 @@ impl JsPeer {
     /// Starts `peer.js` with `args` and waits (at most 20 s) for its `ready` event.
     pub fn spawn(args: &[&str]) -> JsPeer {
         let mut child = Command::new("node")
-            .arg(js_dir().join("peer.js"))
+            .arg(
+                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests")
+                    .join("js")
+                    .join("peer.js"),
+            )
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -288,3 +288,224 @@ pub fn stdin_file(path: Option<&Path>) -> Stdio {
         None => Stdio::null(),
     }
 }
+
+/// Whether an environment flag that turns a skip into a failure is set to `1`.
+fn required(var: &str) -> bool {
+    std::env::var(var).as_deref() == Ok("1")
+}
+
+/// A private network namespace with only `lo` (up, multicast on, 224.0.0.0/4 routed to it),
+/// so multicast tests never send a packet off the machine. Deleted when dropped, pass or fail.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates one. Without root or `ip` it prints a loud SKIPPING line and returns `None`
+    /// (the caller returns), unless `MM_REQUIRE_NETNS=1` (CI), where it panics.
+    pub fn create(test: &str) -> Option<Netns> {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "mmtest-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let ip = |args: &[&str]| -> Result<(), String> {
+            match Command::new("ip")
+                .args(args)
+                .stderr(Stdio::piped())
+                .output()
+            {
+                Ok(o) if o.status.success() => Ok(()),
+                Ok(o) => Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )),
+                Err(e) => Err(format!("ip: {e}")),
+            }
+        };
+        let made = ip(&["netns", "add", &name]);
+        let ns = Netns { name: name.clone() };
+        let setup = made.and_then(|()| {
+            ip(&["-n", &name, "link", "set", "lo", "up"])?;
+            ip(&["-n", &name, "link", "set", "lo", "multicast", "on"])?;
+            ip(&["-n", &name, "route", "add", "224.0.0.0/4", "dev", "lo"])
+        });
+        match setup {
+            Ok(()) => Some(ns),
+            Err(e) => {
+                drop(ns);
+                if required("MM_REQUIRE_NETNS") {
+                    panic!(
+                        "{test}: cannot create a network namespace ({e}) and MM_REQUIRE_NETNS=1"
+                    );
+                }
+                eprintln!(
+                    "\n*** SKIPPING {test}: cannot create a network namespace ({e}).\n\
+                     *** Multicast tests need root and iproute2; CI sets MM_REQUIRE_NETNS=1.\n"
+                );
+                None
+            }
+        }
+    }
+
+    /// `program` to be run inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The JS test peers' directory (`tests/js`), if `node` and its `node_modules` are there.
+/// Otherwise a loud SKIPPING line and `None`, unless `MM_REQUIRE_JS=1` (CI): then a panic.
+pub fn js_dir(test: &str) -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("js");
+    let node = Command::new("node")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let modules = ["mm-services-mdns", "1tp", "curvecp", "kad-fs"]
+        .iter()
+        .all(|m| dir.join("node_modules").join(m).is_dir());
+    if node && modules {
+        return Some(dir);
+    }
+    let why = if node {
+        "tests/js/node_modules missing (run `cd tests/js && npm ci --ignore-scripts`)"
+    } else {
+        "`node` not found"
+    };
+    if required("MM_REQUIRE_JS") {
+        panic!("{test}: {why} and MM_REQUIRE_JS=1");
+    }
+    eprintln!("\n*** SKIPPING {test}: {why}.\n*** CI installs them and sets MM_REQUIRE_JS=1.\n");
+    None
+}
+
+/// Our `node` example binary, built first (`cargo test --test NAME` alone does not build the
+/// examples; this is a no-op when it is fresh).
+pub fn node_bin() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["build", "--quiet", "--example", "node"])
+        .status()
+        .expect("cargo build");
+    assert!(st.success(), "building examples/node.rs failed");
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("examples").join("node");
+    assert!(
+        bin.is_file(),
+        "{} not found: build it with `cargo build --examples` (cargo test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A child process speaking JSON lines: commands on stdin, events read from stdout by a
+/// thread (lines that are not JSON objects are ignored). Killed when dropped.
+pub struct JsonProc {
+    pub proc: Proc,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+    /// Every event read so far.
+    pub seen: Vec<serde_json::Value>,
+}
+
+impl JsonProc {
+    /// Spawns `cmd` with piped stdin and stdout.
+    pub fn spawn(name: &str, cmd: &mut Command) -> JsonProc {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut proc = Proc::spawn(name, cmd);
+        let child = proc.child.as_mut().expect("running");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v.is_object() && tx.send(v).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        JsonProc {
+            proc,
+            stdin,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Writes one command line.
+    pub fn cmd(&mut self, v: serde_json::Value) {
+        use std::io::Write;
+        if let Some(stdin) = self.stdin.as_mut() {
+            let _ = writeln!(stdin, "{v}");
+            let _ = stdin.flush();
+        }
+    }
+
+    /// Waits at most `limit` for an event matching `pred` (every event read is kept in
+    /// `seen`); panics with what was seen if none comes.
+    pub fn wait_for(
+        &mut self,
+        limit: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
+        let end = Instant::now() + limit;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+                Err(_) => panic!(
+                    "{}: no matching event within {limit:?}; seen {:?}",
+                    self.proc.name, self.seen
+                ),
+            }
+        }
+    }
+
+    /// Collects the events that arrive within `period`.
+    pub fn collect_for(&mut self, period: Duration) {
+        let end = Instant::now() + period;
+        while let Ok(v) = self
+            .lines
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(v);
+        }
+    }
+
+    /// Closes stdin (the node quits at end of input) and waits at most `limit` for the exit.
+    pub fn quit(mut self, limit: Duration) {
+        self.cmd(serde_json::json!({"cmd": "quit"}));
+        self.stdin = None;
+        let _ = self.proc.try_wait_for(limit);
+    }
+}

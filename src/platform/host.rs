@@ -1,0 +1,279 @@
+//! The platform's side of [`crate::services`]: the table of hosted services, their token
+//! blocks, their single wake-up timer, their bus subscriptions, and the [`ServiceContext`] they
+//! are called with. The platform knows services only through the [`Service`] trait.
+
+use std::io;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::time::Instant;
+
+use mio::{Interest, Token};
+
+use super::{
+    Context, Core, Event, SendStatus, SubscriptionId, Target, TimerAction, TimerId,
+    CONNECTION_TOKEN_BASE,
+};
+use crate::services::Service;
+
+/// First token of the services: service `i` owns tokens
+/// `SERVICE_TOKEN_BASE + i * SERVICE_TOKEN_BLOCK ..` (one block each), below
+/// [`CONNECTION_TOKEN_BASE`] and far above the listeners' accepted TCP streams.
+pub const SERVICE_TOKEN_BASE: usize = 1 << 29;
+/// Tokens per service.
+pub const SERVICE_TOKEN_BLOCK: usize = 1 << 16;
+/// Most services one platform hosts (the token blocks that fit below the connections').
+pub const MAX_SERVICES: usize = (CONNECTION_TOKEN_BASE - SERVICE_TOKEN_BASE) / SERVICE_TOKEN_BLOCK;
+
+/// Identifies a hosted service (its index in the platform's table).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct ServiceId(pub(crate) usize);
+
+pub(crate) struct ServiceSlot {
+    /// Out of the slot while one of its methods runs.
+    service: Option<Box<dyn Service>>,
+    name: Arc<str>,
+    timer: Option<TimerId>,
+}
+
+/// Which service a poll token belongs to, and the local index within its block.
+pub(crate) fn service_of(token: Token) -> Option<(usize, usize)> {
+    let t = token.0;
+    if !(SERVICE_TOKEN_BASE..CONNECTION_TOKEN_BASE).contains(&t) {
+        return None;
+    }
+    let off = t - SERVICE_TOKEN_BASE;
+    Some((off / SERVICE_TOKEN_BLOCK, off % SERVICE_TOKEN_BLOCK))
+}
+
+/// What a service's methods get: the platform's [`Context`] (through `Deref`: send, our
+/// nodeInfo, storage, `now`) plus what only services do: register sockets in their token
+/// block, subscribe the service itself to topics, set its wake-up, publish nodeInfo with its
+/// source tag.
+pub struct ServiceContext<'a> {
+    ctx: Context<'a>,
+    slot: usize,
+}
+
+impl<'a> Deref for ServiceContext<'a> {
+    type Target = Context<'a>;
+    fn deref(&self) -> &Context<'a> {
+        &self.ctx
+    }
+}
+
+impl DerefMut for ServiceContext<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.ctx
+    }
+}
+
+impl ServiceContext<'_> {
+    /// This service's id.
+    pub fn id(&self) -> ServiceId {
+        ServiceId(self.slot)
+    }
+
+    /// This service's name (its source tag).
+    pub fn name(&self) -> &str {
+        &self.ctx.core.services[self.slot].name
+    }
+
+    /// The poll token of this service's source number `local` (< [`SERVICE_TOKEN_BLOCK`]).
+    pub fn token(&self, local: usize) -> io::Result<Token> {
+        if local >= SERVICE_TOKEN_BLOCK {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "service token index out of its block",
+            ));
+        }
+        Ok(Token(
+            SERVICE_TOKEN_BASE + self.slot * SERVICE_TOKEN_BLOCK + local,
+        ))
+    }
+
+    /// Registers a socket (any `mio` source) with the platform's poll as this service's source
+    /// number `local`; its readiness arrives in [`Service::on_io`] with that number.
+    pub fn register<S>(
+        &mut self,
+        source: &mut S,
+        local: usize,
+        interest: Interest,
+    ) -> io::Result<()>
+    where
+        S: mio::event::Source + ?Sized,
+    {
+        let token = self.token(local)?;
+        self.ctx.core.registry.register(source, token, interest)
+    }
+
+    /// Changes the interest of a registered source.
+    pub fn reregister<S>(
+        &mut self,
+        source: &mut S,
+        local: usize,
+        interest: Interest,
+    ) -> io::Result<()>
+    where
+        S: mio::event::Source + ?Sized,
+    {
+        let token = self.token(local)?;
+        self.ctx.core.registry.reregister(source, token, interest)
+    }
+
+    /// Removes a source from the poll (dropping a socket also does).
+    pub fn deregister<S>(&mut self, source: &mut S) -> io::Result<()>
+    where
+        S: mio::event::Source + ?Sized,
+    {
+        self.ctx.core.registry.deregister(source)
+    }
+
+    /// Subscribes this service to every message (any protocol) whose scoped topic matches
+    /// `pattern`; they arrive in [`Service::on_message`]. Remove with
+    /// [`Context::off`].
+    pub fn subscribe(&mut self, pattern: &str) -> SubscriptionId {
+        self.ctx
+            .core
+            .subscribe(pattern, None, false, Target::Service(self.slot))
+    }
+
+    /// Sets the instant [`Service::on_timer`] runs (`None`: no wake-up), replacing the previous
+    /// one. An instant already past runs in the next turn.
+    pub fn set_wake(&mut self, at: Option<Instant>) {
+        let core = &mut *self.ctx.core;
+        if let Some(old) = core.services[self.slot].timer.take() {
+            core.timers.cancel(old);
+        }
+        if let Some(at) = at {
+            let id = core.timers.schedule(at, TimerAction::Service(self.slot));
+            core.services[self.slot].timer = Some(id);
+        }
+    }
+
+    /// Publishes a nodeInfo found by this service: `transports.nodeInfo` and, if `bootstrap`,
+    /// `transports.nodeInfoBootstrap` (protocol `ms`, destination `local`), and raises
+    /// [`Event::NodeInfo`] with this service's name as the source. The platform checks the
+    /// nodeInfo itself when it arrives (a poisoned one is refused there). Returns the status of
+    /// the `transports.nodeInfo` send.
+    pub fn publish_node_info(&mut self, info: &serde_json::Value, bootstrap: bool) -> SendStatus {
+        let payload = serde_json::to_vec(info).unwrap_or_default();
+        let status = self
+            .ctx
+            .send("local", "ms", "transports.nodeInfo", payload.clone());
+        if bootstrap {
+            let b = self
+                .ctx
+                .send("local", "ms", "transports.nodeInfoBootstrap", payload);
+            if !b.is_queued() {
+                log::debug!("transports.nodeInfoBootstrap not queued: {b}");
+            }
+        }
+        if status.is_queued() {
+            let source = self.name().to_owned();
+            self.ctx.core.emit(Event::NodeInfo {
+                node_info: info.clone(),
+                source,
+            });
+        }
+        status
+    }
+}
+
+impl Core {
+    /// Adds and starts a service.
+    pub(crate) fn add_service(&mut self, mut service: Box<dyn Service>) -> io::Result<ServiceId> {
+        if self.services.len() >= MAX_SERVICES {
+            return Err(io::Error::other("too many services"));
+        }
+        let slot = self.services.len();
+        self.services.push(ServiceSlot {
+            service: None,
+            name: service.name().into(),
+            timer: None,
+        });
+        let now = self.now;
+        let result = service.start(&mut ServiceContext {
+            ctx: Context { core: self, now },
+            slot,
+        });
+        match result {
+            Ok(()) => {
+                self.services[slot].service = Some(service);
+                Ok(ServiceId(slot))
+            }
+            Err(e) => {
+                // Leave no trace: its subscriptions and timer go with it. The slot stays
+                // (empty) so ids are never reused.
+                if let Some(t) = self.services[slot].timer.take() {
+                    self.timers.cancel(t);
+                }
+                self.bus
+                    .remove_where(|t| matches!(t, Target::Service(s) if *s == slot));
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `f` with the service in `slot` taken out of its slot (absent or busy: skipped).
+    pub(crate) fn with_service<F>(&mut self, slot: usize, f: F)
+    where
+        F: FnOnce(&mut dyn Service, &mut ServiceContext<'_>),
+    {
+        let Some(mut service) = self.services.get_mut(slot).and_then(|s| s.service.take()) else {
+            return;
+        };
+        let now = self.now;
+        f(
+            &mut *service,
+            &mut ServiceContext {
+                ctx: Context { core: self, now },
+                slot,
+            },
+        );
+        self.services[slot].service = Some(service);
+    }
+
+    /// A service's timer fired.
+    pub(crate) fn service_timer(&mut self, slot: usize) {
+        if let Some(s) = self.services.get_mut(slot) {
+            s.timer = None;
+        }
+        self.with_service(slot, |s, ctx| s.on_timer(ctx));
+    }
+
+    /// Hands the readiness events of this turn to their services.
+    pub(crate) fn service_io(&mut self, events: &mio::Events) {
+        for event in events.iter() {
+            if let Some((slot, local)) = service_of(event.token()) {
+                self.with_service(slot, |s, ctx| s.on_io(ctx, local, event));
+            }
+        }
+    }
+
+    /// Stops every service (the platform is going away).
+    pub(crate) fn stop_services(&mut self) {
+        for slot in 0..self.services.len() {
+            self.with_service(slot, |s, ctx| s.stop(ctx));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_blocks_partition_the_service_range() {
+        assert_eq!(service_of(Token(SERVICE_TOKEN_BASE)), Some((0, 0)));
+        assert_eq!(
+            service_of(Token(SERVICE_TOKEN_BASE + SERVICE_TOKEN_BLOCK + 3)),
+            Some((1, 3))
+        );
+        assert_eq!(service_of(Token(SERVICE_TOKEN_BASE - 1)), None);
+        assert_eq!(service_of(Token(CONNECTION_TOKEN_BASE)), None);
+        assert_eq!(
+            service_of(Token(CONNECTION_TOKEN_BASE - 1)),
+            Some((MAX_SERVICES - 1, SERVICE_TOKEN_BLOCK - 1))
+        );
+    }
+}
