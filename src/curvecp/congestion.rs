@@ -70,6 +70,70 @@ pub fn default_factory() -> CongestionFactory {
     fast()
 }
 
+/// A factory of [`Gentle`] controllers: [`FastStart`] never faster than one block per
+/// `min_interval`, never more than `max_window` blocks in flight, never two blocks back to
+/// back.
+pub fn gentle(min_interval: Duration, max_window: usize) -> CongestionFactory {
+    Arc::new(move || Box::new(Gentle::new(min_interval, max_window)) as Box<dyn Congestion>)
+}
+
+/// [`FastStart`] held to a floor on the time between blocks and a cap on blocks in flight, for
+/// a peer that loses what arrives in bursts: the JavaScript nodes' TCP reader takes one
+/// netstring per read and drops two frames that arrive in one read, so blocks to them must
+/// never be sent back to back.
+pub struct Gentle {
+    inner: FastStart,
+    min_interval: Duration,
+    max_window: usize,
+}
+
+impl Gentle {
+    /// A controller with these bounds.
+    pub fn new(min_interval: Duration, max_window: usize) -> Gentle {
+        Gentle {
+            inner: FastStart::new(),
+            min_interval,
+            max_window: max_window.max(1),
+        }
+    }
+}
+
+impl Congestion for Gentle {
+    fn name(&self) -> &'static str {
+        "gentle"
+    }
+    fn init(&mut self, now: Instant) {
+        self.inner.init(now);
+    }
+    fn on_rtt_sample(&mut self, rtt: Duration, now: Instant) {
+        self.inner.on_rtt_sample(rtt, now);
+    }
+    fn on_ack(&mut self, blocks: usize, bytes: usize, now: Instant) {
+        self.inner.on_ack(blocks, bytes, now);
+    }
+    fn on_loss(&mut self, now: Instant) {
+        self.inner.on_loss(now);
+    }
+    fn on_timeout(&mut self, now: Instant) {
+        self.inner.on_timeout(now);
+    }
+    fn pacing_interval(&self) -> Duration {
+        self.inner.pacing_interval().max(self.min_interval)
+    }
+    fn burst(&self) -> u32 {
+        1
+    }
+    fn window(&self) -> usize {
+        self.inner.window().min(self.max_window)
+    }
+    fn rto(&self) -> Duration {
+        self.inner.rto()
+    }
+    fn srtt(&self) -> Option<Duration> {
+        self.inner.srtt()
+    }
+}
+
 const SECOND_NS: i64 = 1_000_000_000;
 /// Chicago never paces slower than this (the reference has no cap; this only avoids overflow).
 const CHICAGO_MAX_NSECPERBLOCK: i64 = 8 * SECOND_NS;

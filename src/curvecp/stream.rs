@@ -358,6 +358,14 @@ impl Stream {
         self.no_one_byte_blocks = on;
     }
 
+    /// Replaces the congestion controller (before anything was sent: a server learns from the
+    /// framing of its peer's packets what kind of peer it serves).
+    pub fn set_congestion(&mut self, factory: &CongestionFactory, now: Instant) {
+        let mut cc = factory();
+        cc.init(now);
+        self.cc = cc;
+    }
+
     /// Queues bytes for sending; returns how many were taken (0 when the send buffer is full or
     /// the stream was finished: backpressure).
     pub fn write(&mut self, data: &[u8]) -> usize {

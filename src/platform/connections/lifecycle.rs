@@ -55,6 +55,10 @@ impl Core {
         if compat {
             if let Some(s) = net.server.server_mut().stream_mut(id) {
                 s.set_no_one_byte_blocks(true);
+                if kind == TransportKind::Tcp {
+                    let gentle = congestion::gentle(JS_TCP_BLOCK_INTERVAL, JS_TCP_WINDOW);
+                    s.set_congestion(&gentle, now);
+                }
             }
             // A JavaScript peer sends no identify: the Initiate CurveCP just accepted proved
             // its box key, which is all it names itself by.
@@ -336,6 +340,11 @@ impl Core {
             StreamConfig {
                 dead_after: net.cfg.dead_after,
                 no_one_byte_blocks: compat,
+                congestion: if compat && ep.kind == TransportKind::Tcp {
+                    congestion::gentle(JS_TCP_BLOCK_INTERVAL, JS_TCP_WINDOW)
+                } else {
+                    congestion::default_factory()
+                },
                 ..StreamConfig::client()
             },
         );

@@ -148,6 +148,7 @@ use super::{
 };
 use crate::crypto::BoxKeyPair;
 use crate::curvecp::client::{ClientConfig, ClientState};
+use crate::curvecp::congestion;
 use crate::curvecp::server::{ClientPolicy, ConnectionId, ServerConfig, ServerEvent};
 use crate::curvecp::stream::{Eof, Stream, StreamConfig};
 use crate::envelope::{Envelope, FrameReader, DEFAULT_MAX_FRAME};
@@ -167,6 +168,12 @@ pub const CONNECTION_INFO_KEY: &str = "connectionInfo";
 /// The largest frame read before the peer has identified itself (its identify frame is about
 /// 60 bytes): an unidentified peer must not make a connection buffer up to `max_frame` bytes.
 const IDENTIFY_MAX_FRAME: usize = 1024;
+/// Blocks to a JavaScript node over TCP go at least this far apart, at most
+/// [`JS_TCP_WINDOW`] in flight: its TCP reader takes one netstring per read and drops frames
+/// that arrive together (see `congestion::Gentle`).
+const JS_TCP_BLOCK_INTERVAL: Duration = Duration::from_millis(1);
+/// Blocks in flight to a JavaScript node over TCP.
+const JS_TCP_WINDOW: usize = 8;
 /// The de-duplication memory is written at most this often while messages arrive.
 const DEDUP_FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// Bytes of a partly received frame every connection may buffer outside
