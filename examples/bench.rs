@@ -104,10 +104,13 @@ const GROUPS: &[fn(&Bench)] = &[
     cc::curvecp_connections,
     cc::curvecp_round_trip,
     cc::curvecp_idle_memory,
+    js::js_messages,
 ];
 
 #[path = "bench/curvecp_figures.rs"]
 mod cc;
+#[path = "bench/js_figures.rs"]
+mod js;
 
 fn main() {
     let bench = Bench {
