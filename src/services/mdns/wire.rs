@@ -95,7 +95,7 @@ pub fn txt_text(rdata: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     if serde_json::from_slice::<serde_json::Value>(rdata).is_ok_and(|v| v.is_object()) {
-        return Some(rdata.to_vec());
+        return (rdata.len() <= MAX_NODE_INFO).then(|| rdata.to_vec());
     }
     let txt = Txt::from_slice(rdata).ok()?;
     let mut text = Vec::with_capacity(rdata.len());
