@@ -598,7 +598,7 @@ impl Net {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
-        self.rng % self.loss == 0
+        self.rng.is_multiple_of(self.loss)
     }
 
     /// One round: every client's packets to the server, the server's packets to the clients.

@@ -211,14 +211,14 @@ fn garbage_on_the_listeners_disturbs_nothing() {
     let mut round = 0u32;
     while seen.len() < 200 && Instant::now() < end {
         round += 1;
-        if sent < 200 && round % 2 == 0 {
+        if sent < 200 && round.is_multiple_of(2) {
             assert!(a.messaging().send("test.n", bid, &json!(sent)).is_queued());
             sent += 1;
         }
         // Random bytes, truncated and mutated CurveCP-looking packets, huge netstrings.
         mm_platform::crypto::random_bytes(&mut garbage);
         let len = (round as usize * 37) % garbage.len();
-        if round % 3 == 0 {
+        if round.is_multiple_of(3) {
             garbage[..8].copy_from_slice(b"QvnQ5XlH");
         }
         let _ = udp.send_to(&garbage[..len], ("127.0.0.1", port("udp")));

@@ -416,7 +416,7 @@ fn garbage_truncated_and_forged_messages_change_nothing() {
     while !sim.done() {
         assert!(sim.steps < 1_000_000);
         assert!(sim.step());
-        if sim.steps % 7 != 0 {
+        if !sim.steps.is_multiple_of(7) {
             continue;
         }
         for i in 0..2 {
@@ -424,7 +424,7 @@ fn garbage_truncated_and_forged_messages_change_nothing() {
             let before = snapshot(s);
             // Garbage of a wrong length.
             let mut len = rng.below(1200) as usize;
-            if (48..=1088).contains(&len) && len % 16 == 0 {
+            if (48..=1088).contains(&len) && len.is_multiple_of(16) {
                 len += 1;
             }
             assert!(!s.handle_message(&rng.bytes(len), sim.now));
@@ -437,7 +437,7 @@ fn garbage_truncated_and_forged_messages_change_nothing() {
             let mut buf = [0u8; 192];
             h.encode(b"0123456789", 192, &mut buf).unwrap();
             let cut = 48 + rng.below(143) as usize;
-            let cut = if cut % 16 == 0 { cut + 1 } else { cut };
+            let cut = if cut.is_multiple_of(16) { cut + 1 } else { cut };
             assert!(!s.handle_message(&buf[..cut], sim.now));
             assert!(!s.handle_message(&buf[..32], sim.now));
             // A forged acknowledgement of far more than was ever sent, with data.
@@ -601,7 +601,7 @@ impl RefPeer {
         }
         let due = self
             .hello_sent
-            .map_or(true, |t| now >= t + Duration::from_secs(1));
+            .is_none_or(|t| now >= t + Duration::from_secs(1));
         if !self.hello_acked && due {
             self.hello_sent = Some(now);
             let mut h = MessageHeader {

@@ -467,9 +467,9 @@ impl Congestion for FastStart {
             self.rttvar_ns += (delta - self.rttvar_ns) / 4.0;
             self.srtt_ns += (r - self.srtt_ns) / 8.0;
         }
-        let expired = self.min_rtt_at.map_or(true, |at| {
-            now.saturating_duration_since(at) > FAST_MIN_RTT_WINDOW
-        });
+        let expired = self
+            .min_rtt_at
+            .is_none_or(|at| now.saturating_duration_since(at) > FAST_MIN_RTT_WINDOW);
         if expired || r <= self.min_rtt_ns {
             self.min_rtt_ns = r;
             self.min_rtt_at = Some(now);

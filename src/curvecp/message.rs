@@ -127,7 +127,7 @@ impl MessageHeader {
     /// not fit after the header, or the flags disagree with `data.len()`.
     pub fn encode(&self, data: &[u8], len: usize, out: &mut [u8]) -> Option<usize> {
         if !(MIN_MESSAGE..=MAX_MESSAGE).contains(&len)
-            || len % 16 != 0
+            || !len.is_multiple_of(16)
             || out.len() < len
             || data.len() > MAX_DATA
             || MIN_MESSAGE + data.len() > len
@@ -149,7 +149,7 @@ impl MessageHeader {
     pub fn encode_in_place(&self, len: usize, out: &mut [u8]) -> Option<usize> {
         let d = self.data_len();
         if !(MIN_MESSAGE..=MAX_MESSAGE).contains(&len)
-            || len % 16 != 0
+            || !len.is_multiple_of(16)
             || out.len() < len
             || d > MAX_DATA
             || MIN_MESSAGE + d > len
@@ -188,7 +188,7 @@ impl<'a> Message<'a> {
     /// of 16 (the whole message is skipped then).
     pub fn parse(msg: &'a [u8]) -> Option<Message<'a>> {
         let len = msg.len();
-        if !(MIN_MESSAGE..=MAX_MESSAGE).contains(&len) || len % 16 != 0 {
+        if !(MIN_MESSAGE..=MAX_MESSAGE).contains(&len) || !len.is_multiple_of(16) {
             return None;
         }
         let u16_at = |o: usize| u16::from_le_bytes([msg[o], msg[o + 1]]);

@@ -172,7 +172,7 @@ pub fn parse_client_packet<'a>(
     server_extension: &Extension,
 ) -> Result<ClientPacket<'a>, ParseError> {
     let r = p.len();
-    if !(PREFILTER_MIN_LEN..=super::MAX_PACKET).contains(&r) || r % 16 != 0 {
+    if !(PREFILTER_MIN_LEN..=super::MAX_PACKET).contains(&r) || !r.is_multiple_of(16) {
         return Err(ParseError::Length);
     }
     if &p[..7] != CLIENT_PREFIX {
@@ -270,7 +270,7 @@ pub fn parse_server_message<'a>(
     server_extension: &Extension,
 ) -> Result<ServerMessageView<'a>, ParseError> {
     let r = p.len();
-    if !(SERVER_MESSAGE_MIN_LEN..=SERVER_MESSAGE_MAX_LEN).contains(&r) || r % 16 != 0 {
+    if !(SERVER_MESSAGE_MIN_LEN..=SERVER_MESSAGE_MAX_LEN).contains(&r) || !r.is_multiple_of(16) {
         return Err(ParseError::Length);
     }
     if &p[..8] != SERVER_MESSAGE_MAGIC {
@@ -357,7 +357,7 @@ pub fn seal_initiate(
     key: &SharedKey,
     message_len: usize,
 ) -> usize {
-    debug_assert!(message_len >= MIN_MESSAGE && message_len % 16 == 0);
+    debug_assert!(message_len >= MIN_MESSAGE && message_len.is_multiple_of(16));
     debug_assert!(message_len <= super::MAX_INITIATE_MESSAGE);
     let len = INITIATE_MESSAGE_OFFSET + message_len;
     let out = &mut out[..len];
@@ -385,7 +385,7 @@ pub fn seal_client_message(
     key: &SharedKey,
     message_len: usize,
 ) -> usize {
-    debug_assert!(message_len >= MIN_MESSAGE && message_len % 16 == 0);
+    debug_assert!(message_len >= MIN_MESSAGE && message_len.is_multiple_of(16));
     debug_assert!(message_len <= super::MAX_MESSAGE);
     let len = CLIENT_MESSAGE_OFFSET + message_len;
     let out = &mut out[..len];
@@ -411,7 +411,7 @@ pub fn seal_server_message(
     key: &SharedKey,
     message_len: usize,
 ) -> usize {
-    debug_assert!(message_len >= MIN_MESSAGE && message_len % 16 == 0);
+    debug_assert!(message_len >= MIN_MESSAGE && message_len.is_multiple_of(16));
     debug_assert!(message_len <= super::MAX_MESSAGE);
     let len = SERVER_MESSAGE_OFFSET + message_len;
     let out = &mut out[..len];

@@ -766,7 +766,7 @@ impl Stream {
             if b.acked || !Self::fits(max_len, b) {
                 continue;
             }
-            if best.map_or(true, |j| b.sent_at < self.blocks[j].sent_at) {
+            if best.is_none_or(|j| b.sent_at < self.blocks[j].sent_at) {
                 best = Some(i);
             }
         }
@@ -911,7 +911,7 @@ impl Stream {
         }
         let pace_ok = self
             .pace_v
-            .map_or(true, |v| now >= v + self.cc.pacing_interval());
+            .is_none_or(|v| now >= v + self.cc.pacing_interval());
         if pace_ok {
             if self.maybe_lost() || self.maybe_timed_out(now) {
                 self.refresh_oldest();

@@ -406,7 +406,7 @@ impl ClientDriver {
                     }
                 }
                 // The client waits for an open dialer.
-                if dialer.as_ref().map_or(true, Dialer::is_open) {
+                if dialer.as_ref().is_none_or(Dialer::is_open) {
                     while let Some(n) = client.poll_transmit(now, &mut self.buf[..]) {
                         match dialer.as_ref() {
                             None => {

@@ -234,7 +234,7 @@ impl Core {
             let idle = p.sign.is_some_and(|s| net.offline.has_idle(&s));
             if p.conn.is_none() {
                 if !p.waiting_lookup
-                    && p.retry_at.map_or(true, |t| t <= now)
+                    && p.retry_at.is_none_or(|t| t <= now)
                     && (!p.queue.is_empty() || idle)
                 {
                     self.connect_peer(b, now);

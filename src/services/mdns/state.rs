@@ -304,7 +304,7 @@ impl MdnsState {
                 }
                 changed
                     || requested
-                    || s.published.map_or(true, |t| {
+                    || s.published.is_none_or(|t| {
                         now.saturating_duration_since(t) >= self.timing.republish_after
                     })
             }
@@ -432,7 +432,7 @@ impl MdnsState {
                 self.next_query = Some(next);
             }
         }
-        if self.answer_pending && self.next_answer_at.map_or(true, |t| t <= now) {
+        if self.answer_pending && self.next_answer_at.is_none_or(|t| t <= now) {
             self.answer(now);
         }
     }
