@@ -18,20 +18,9 @@ use serde_json::{json, Value};
 use mm_platform::identity::Identity;
 use mm_platform::services::mdns::{wire, Mdns, MdnsConfig};
 use mm_platform::{Event, Platform};
-use support::{node_bin, JsonProc, Netns, TempDir};
+use support::{start_mdns_node, JsonProc, Netns, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn start(ns: &Netns, dir: &TempDir, name: &str) -> (JsonProc, Value) {
-    let mut cmd = ns.command(node_bin());
-    cmd.arg("--data")
-        .arg(dir.path(name))
-        .arg("--mdns")
-        .stderr(std::process::Stdio::null());
-    let mut p = JsonProc::spawn(name, &mut cmd);
-    let info = p.wait_for(LIMIT, |v| v["event"] == "ready")["nodeInfo"].clone();
-    (p, info)
-}
 
 fn is_peer(id: &Value) -> impl Fn(&Value) -> bool + '_ {
     move |v: &Value| v["event"] == "peer" && v["nodeInfo"]["signId"] == *id
@@ -47,8 +36,8 @@ fn nodes_with_only_mdns_find_each_other_talk_find_a_newcomer_and_forget_a_leaver
         return;
     };
     let dir = TempDir::new("mdns-nodes");
-    let (mut a, a_info) = start(&ns, &dir, "a");
-    let (mut b, b_info) = start(&ns, &dir, "b");
+    let (mut a, a_info) = start_mdns_node(&ns, &dir, "a");
+    let (mut b, b_info) = start_mdns_node(&ns, &dir, "b");
     let (a_id, b_id) = (a_info["signId"].clone(), b_info["signId"].clone());
 
     let found = a.wait_for(LIMIT, is_peer(&b_id));
@@ -71,7 +60,7 @@ fn nodes_with_only_mdns_find_each_other_talk_find_a_newcomer_and_forget_a_leaver
     assert_eq!(got["payload"]["from"], "b");
 
     // A third node joining later is found by both, and finds both.
-    let (mut c, c_info) = start(&ns, &dir, "c");
+    let (mut c, c_info) = start_mdns_node(&ns, &dir, "c");
     let c_id = c_info["signId"].clone();
     a.wait_for(LIMIT, is_peer(&c_id));
     b.wait_for(LIMIT, is_peer(&c_id));
@@ -80,7 +69,7 @@ fn nodes_with_only_mdns_find_each_other_talk_find_a_newcomer_and_forget_a_leaver
 
     // B leaves. A fourth node's queries are answered by A and C only: nobody reports B again.
     b.quit(LIMIT);
-    let (mut d, _) = start(&ns, &dir, "d");
+    let (mut d, _) = start_mdns_node(&ns, &dir, "d");
     d.wait_for(LIMIT, is_peer(&a_id));
     d.wait_for(LIMIT, is_peer(&c_id));
     let before = (peer_events_for(&a, &b_id), peer_events_for(&c, &b_id));

@@ -15,20 +15,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use support::{js_dir, node_bin, JsonProc, Netns, TempDir};
+use support::{js_dir, start_mdns_node, JsonProc, Netns, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn start_node(ns: &Netns, dir: &TempDir, name: &str) -> (JsonProc, Value) {
-    let mut cmd = ns.command(node_bin());
-    cmd.arg("--data")
-        .arg(dir.path(name))
-        .arg("--mdns")
-        .stderr(std::process::Stdio::null());
-    let mut p = JsonProc::spawn(name, &mut cmd);
-    let info = p.wait_for(LIMIT, |v| v["event"] == "ready")["nodeInfo"].clone();
-    (p, info)
-}
 
 fn js_found<'a>(id: &'a Value, topic: &'static str) -> impl Fn(&Value) -> bool + 'a {
     move |v: &Value| {
@@ -48,7 +37,7 @@ fn the_original_mdns_service_and_rust_nodes_find_each_other_both_ways() {
         return;
     };
     let dir = TempDir::new("mdns-js");
-    let (mut early, early_info) = start_node(&ns, &dir, "early");
+    let (mut early, early_info) = start_mdns_node(&ns, &dir, "early");
     let early_id = early_info["signId"].clone();
 
     let mut cmd = ns.command("node");
@@ -73,7 +62,7 @@ fn the_original_mdns_service_and_rust_nodes_find_each_other_both_ways() {
 
     // A Rust node started later: its queries are answered by the JS node, and the JS node
     // hears its announcement.
-    let (mut late, late_info) = start_node(&ns, &dir, "late");
+    let (mut late, late_info) = start_mdns_node(&ns, &dir, "late");
     let late_id = late_info["signId"].clone();
     let found = late.wait_for(LIMIT, |v| {
         v["event"] == "peer" && v["nodeInfo"]["signId"] == js_id

@@ -2,6 +2,8 @@
 //! queued non-real-time messages is restarted on the same data directory, and the receiver
 //! gets every message exactly once.
 
+mod support;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -10,21 +12,6 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-
-fn node_binary() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "--quiet", "--example", "node"])
-        .status()
-        .expect("cargo build");
-    assert!(st.success(), "building examples/node.rs failed");
-    let mut p = std::env::current_exe().unwrap();
-    p.pop();
-    if p.ends_with("deps") {
-        p.pop();
-    }
-    p.join("examples").join("node")
-}
 
 struct Node {
     child: Child,
@@ -129,7 +116,7 @@ fn ready(n: &Node) -> Value {
 
 #[test]
 fn sigkill_after_queuing_then_restart_delivers_everything_exactly_once() {
-    let bin = node_binary();
+    let bin = support::node_bin();
     let base = std::env::temp_dir().join(format!("mm-nodes-process-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     let (dir_a, dir_b) = (base.join("a"), base.join("b"));
@@ -240,7 +227,7 @@ fn count_messages(counts: &mut HashMap<u64, u32>, lines: &[Value], topic: &str) 
 
 #[test]
 fn a_receiver_that_restarts_mid_stream_still_gets_everything_exactly_once() {
-    let bin = node_binary();
+    let bin = support::node_bin();
     let base = std::env::temp_dir().join(format!("mm-nodes-process-rx-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     let (dir_a, dir_b) = (base.join("a"), base.join("b"));

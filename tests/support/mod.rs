@@ -416,6 +416,19 @@ pub fn node_bin() -> PathBuf {
     bin
 }
 
+/// Starts `examples/node.rs` with `--mdns` inside `ns`, its data in `dir/name`; returns it
+/// and its nodeInfo (from its `ready` event, within 30 s).
+pub fn start_mdns_node(ns: &Netns, dir: &TempDir, name: &str) -> (JsonProc, serde_json::Value) {
+    let mut cmd = ns.command(node_bin());
+    cmd.arg("--data")
+        .arg(dir.path(name))
+        .arg("--mdns")
+        .stderr(Stdio::null());
+    let mut p = JsonProc::spawn(name, &mut cmd);
+    let info = p.wait_for(Duration::from_secs(30), |v| v["event"] == "ready")["nodeInfo"].clone();
+    (p, info)
+}
+
 /// A child process speaking JSON lines: commands on stdin, events read from stdout by a
 /// thread (lines that are not JSON objects are ignored). Killed when dropped.
 pub struct JsonProc {
