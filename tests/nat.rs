@@ -474,3 +474,95 @@ fn random_port_nats_stay_relayed_both_ways_relay_sees_no_plaintext_and_is_replac
     a.quit(Duration::from_secs(5));
     b.quit(Duration::from_secs(5));
 }
+
+/// Sends `n` messages of `size` bytes from `a` to `b_id` and returns how long until `b` had
+/// them all (checked in order).
+fn transfer(a: &mut JsonProc, b: &mut JsonProc, b_id: &Value, topic: &str, n: usize) -> Duration {
+    let blob = "x".repeat(32 * 1024);
+    let t = Instant::now();
+    for i in 0..n {
+        a.cmd(
+            json!({"cmd": "send", "topic": topic, "to": b_id, "payload": {"n": i, "blob": blob}}),
+        );
+    }
+    let full = format!("public.{topic}");
+    let end = Instant::now() + Duration::from_secs(120);
+    while count_messages(b, &full) < n && Instant::now() < end {
+        b.collect_for(Duration::from_millis(50));
+    }
+    let took = t.elapsed();
+    let got: Vec<i64> = b
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "message" && v["topic"] == full.as_str())
+        .map(|v| v["payload"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        (0..n as i64).collect::<Vec<_>>(),
+        "all, once, in order"
+    );
+    // Drop the big events kept so far.
+    b.seen.retain(|v| v["topic"] != full.as_str());
+    took
+}
+
+/// Figures, not a timed assertion: `cargo test --release --test nat -- --ignored --nocapture`.
+/// Time to the first message through a relay (connection set-up included), time until the
+/// path is direct, and relayed throughput as a fraction of direct (1,000 messages of 32 KiB).
+#[test]
+#[ignore]
+fn bench_relayed_and_direct_paths() {
+    let Some(nat) = Nat::build("nat: bench", false) else {
+        return;
+    };
+    let dir = TempDir::new("nat-bench");
+    let r1 = node(&nat.r1, &dir, "r1", "203.0.113.10:4000", &["--relay"]);
+    let boot = bootstrap(&dir, &[ready_info(&r1)]);
+    let mut b = node(&nat.hb, &dir, "b", "0.0.0.0:4000", &["--bootstrap", &boot]);
+    let b_info = wait_relayed(&mut b, "203.0.113.10:4000");
+    let b_id = b_info["signId"].clone();
+    let n = 1000;
+    let bytes = (n * 32 * 1024) as f64;
+
+    // Relayed: A never punches.
+    let mut a = node(
+        &nat.ha,
+        &dir,
+        "a",
+        "0.0.0.0:4000",
+        &["--bootstrap", &boot, "--no-punch"],
+    );
+    wait_relayed(&mut a, "203.0.113.10:4000");
+    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
+    let t = Instant::now();
+    a.cmd(json!({"cmd": "send", "topic": "bench.first", "to": b_id, "payload": 0}));
+    b.wait_for(LIMIT, |v| {
+        v["event"] == "message" && v["topic"] == "public.bench.first"
+    });
+    let first = t.elapsed();
+    let relayed = transfer(&mut a, &mut b, &b_id, "bench.relayed", n);
+    a.quit(Duration::from_secs(5));
+
+    // Direct: the same node, punching.
+    let mut a = node(&nat.ha, &dir, "a", "0.0.0.0:4000", &["--bootstrap", &boot]);
+    wait_relayed(&mut a, "203.0.113.10:4000");
+    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
+    let t = Instant::now();
+    a.cmd(json!({"cmd": "send", "topic": "bench.first2", "to": b_id, "payload": 0}));
+    a.wait_for(LIMIT, |v| {
+        v["event"] == "path" && v["peer"] == b_id && v["path"] == "direct"
+    });
+    let to_direct = t.elapsed();
+    let direct = transfer(&mut a, &mut b, &b_id, "bench.direct", n);
+    let mbps = |d: Duration| bytes / d.as_secs_f64() / 1e6;
+    eprintln!(
+        "NAT bench: first message through the relay {first:?}; direct path {to_direct:?} after \
+         the first send; relayed {:.1} MB/s, direct {:.1} MB/s, relayed/direct {:.2}",
+        mbps(relayed),
+        mbps(direct),
+        direct.as_secs_f64() / relayed.as_secs_f64()
+    );
+    a.quit(Duration::from_secs(5));
+    b.quit(Duration::from_secs(5));
+}
