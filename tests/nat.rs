@@ -517,7 +517,15 @@ fn bench_relayed_and_direct_paths() {
         return;
     };
     let dir = TempDir::new("nat-bench");
-    let r1 = node(&nat.r1, &dir, "r1", "203.0.113.10:4000", &["--relay"]);
+    // The relay's bandwidth limit (4 MiB/s per reservation by default) lifted: the path's own
+    // throughput is measured.
+    let r1 = node(
+        &nat.r1,
+        &dir,
+        "r1",
+        "203.0.113.10:4000",
+        &["--relay-bps", "1000000000"],
+    );
     let boot = bootstrap(&dir, &[ready_info(&r1)]);
     let mut b = node(&nat.hb, &dir, "b", "0.0.0.0:4000", &["--bootstrap", &boot]);
     let b_info = wait_relayed(&mut b, "203.0.113.10:4000");
