@@ -4,12 +4,15 @@
 //! cargo run --example node -- --data DIR [--udp ADDR:PORT|off] [--tcp ADDR:PORT|off]
 //!     [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS]
 //!     [--mdns] [--mdns-interface ADDR] [--bootstrap FILE]
+//!     [--relay] [--relay-bps BYTES] [--no-relays] [--no-punch]
 //! ```
 //!
 //! The optional timings set the [`NetConfig`] fields of the same names (tests use short ones).
 //! `--mdns` adds the mDNS discovery service (on 127.0.0.1 unless `--mdns-interface` gives the
 //! IPv4 address of another interface); `--bootstrap FILE` adds the static bootstrap service
-//! with the nodeInfos of FILE (a JSON array).
+//! with the nodeInfos of FILE (a JSON array). `--relay` offers relaying to nodes behind NATs
+//! (`--relay-bps` sets its per-reservation bandwidth); `--no-relays` never uses a relay,
+//! `--no-punch` never punches a direct path (NetConfig `relay`, `use_relays`, `hole_punching`).
 //!
 //! `DIR` is a [`FileStore`] (created if missing) holding the identity, the listen addresses of
 //! the last run and the offline buffer. Without `--udp`/`--tcp` the node listens where it did
@@ -26,6 +29,11 @@
 //!   publishes a nodeInfo that is new or changed (not for our own; at most 4,096 remembered)
 //! - `{"event":"sent","id":ID,"ok":true}` or `{"event":"sent","id":ID,"ok":false,"error":"..."}`
 //!   once per send that carried an id
+//! - `{"event":"nodeInfo","nodeInfo":{...}}` whenever our published nodeInfo changes
+//! - `{"event":"path","peer":"<signId>","path":"direct"|"relayed","remote":"ADDR:PORT"}`
+//!   when a connection's path is first known and whenever it changes
+//! - `{"event":"connections","list":[{"peer":...,"path":...,"remote":...,"rttUs":...,"active":...}]}`
+//!   answering `{"cmd":"connections"}`
 //! - `{"event":"error","error":"..."}` for a bad command (the node keeps running)
 //!
 //! stdin, one JSON command per line:
@@ -34,6 +42,7 @@
 //!   (a boxId names a node whose nodeInfo or connection is known, as JavaScript nodes address
 //!   each other)
 //! - `{"cmd":"friends","keys":[...]}`, `{"cmd":"devices","keys":[...]}`
+//! - `{"cmd":"connections"}`
 //! - `{"cmd":"quit"}`; end of input also quits.
 
 use std::collections::HashMap;
@@ -62,7 +71,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: node --data DIR [--udp ADDR:PORT|off] [--tcp ADDR:PORT|off] \
          [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS] \
-         [--mdns] [--mdns-interface ADDR] [--bootstrap FILE]"
+         [--mdns] [--mdns-interface ADDR] [--bootstrap FILE] \
+         [--relay] [--relay-bps BYTES] [--no-relays] [--no-punch]"
     );
     std::process::exit(2);
 }
@@ -100,6 +110,17 @@ fn main() {
                 mdns.get_or_insert_with(MdnsConfig::default).interface = addr;
             }
             "--bootstrap" => bootstrap = args.next(),
+            "--relay" => {
+                net.relay.get_or_insert_with(Default::default);
+            }
+            "--relay-bps" => {
+                let Some(bps) = args.next().and_then(|v| v.parse().ok()) else {
+                    usage()
+                };
+                net.relay.get_or_insert_with(Default::default).bytes_per_sec = bps;
+            }
+            "--no-relays" => net.use_relays = false,
+            "--no-punch" => net.hole_punching = false,
             _ => usage(),
         }
     }
@@ -204,6 +225,13 @@ fn main() {
         }
         Event::Connection(p) => emit(json!({"event": "connection", "peer": p.to_string()})),
         Event::Disconnected(p) => emit(json!({"event": "disconnected", "peer": p.to_string()})),
+        Event::MyNodeInfo(info) => emit(json!({"event": "nodeInfo", "nodeInfo": info})),
+        Event::Path {
+            peer,
+            relayed,
+            remote,
+        } => emit(json!({"event": "path", "peer": peer.to_string(),
+            "path": if *relayed { "relayed" } else { "direct" }, "remote": remote.to_string()})),
         _ => {}
     });
 
@@ -256,6 +284,21 @@ fn command(ctx: &mut Context<'_>, line: &[u8]) -> Result<(), String> {
             Ok(())
         }
         Some("send") => send(ctx, &v),
+        Some("connections") => {
+            let list: Vec<Value> = ctx
+                .connections()
+                .iter()
+                .map(|c| {
+                    json!({"peer": c.peer.map(|p| p.to_string()),
+                        "path": if c.relayed { "relayed" } else { "direct" },
+                        "remote": c.remote.map(|r| r.to_string()),
+                        "rttUs": c.rtt.map(|r| r.as_micros() as u64),
+                        "active": c.active})
+                })
+                .collect();
+            emit(json!({"event": "connections", "list": list}));
+            Ok(())
+        }
         Some(other) => Err(format!("unknown command {other:?}")),
         None => Err("cmd missing".into()),
     }

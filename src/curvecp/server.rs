@@ -33,7 +33,8 @@
 //!
 //! Strictness: a Hello whose padding (bytes 72..136) or boxed zeros are not all zero is
 //! dropped (the reference answers it; honest clients always send zeros). Replies of a
-//! connection go to the path of the Initiate that created it (like the reference, no roaming).
+//! connection go to the path of the Initiate that created it (like the reference), unless the
+//! application allows roaming ([`Server::set_roaming`]).
 //!
 //! Events ([`ServerEvent`]) are coalesced: at most one pending `Readable` and one pending
 //! `Writable` per connection, plus `Accepted` and `Closed`. The queue is capped at
@@ -150,6 +151,8 @@ pub struct ServerStats {
     pub policy_refused: u64,
     /// Events dropped because the event queue was full.
     pub events_dropped: u64,
+    /// Connections moved to another path by an authenticated Message (roaming).
+    pub roamed: u64,
     /// Connections removed.
     pub closed: u64,
 }
@@ -210,6 +213,8 @@ pub struct Server<A> {
     /// costs no scalar multiplication).
     vouch_keys: HashMap<[u8; KEY_LEN], SharedKey>,
     stats: ServerStats,
+    /// Which path changes an authenticated client Message may make (`None`: none).
+    roam: Option<fn(&A, &A) -> bool>,
 }
 
 impl<A: Copy + Eq + Hash + Debug> Server<A> {
@@ -232,6 +237,7 @@ impl<A: Copy + Eq + Hash + Debug> Server<A> {
             scratch: vec![0u8; MAX_PACKET].into_boxed_slice(),
             vouch_keys: HashMap::new(),
             stats: ServerStats::default(),
+            roam: None,
             config,
         }
     }
@@ -244,6 +250,13 @@ impl<A: Copy + Eq + Hash + Debug> Server<A> {
     /// Sets after how long without a valid packet from its client a connection is removed.
     pub fn set_idle_timeout(&mut self, idle: Duration) {
         self.idle_timeout = idle;
+    }
+
+    /// Lets clients change address (curvecp.org's roaming): an authenticated Message (box
+    /// opened, nonce above every earlier one) that comes on another path moves the connection's
+    /// replies there when `allow(old, new)` says so. Off by default (like the reference).
+    pub fn set_roaming(&mut self, allow: fn(&A, &A) -> bool) {
+        self.roam = Some(allow);
     }
 
     /// Sets how many ended connections' C' are remembered (at least 1).
@@ -386,6 +399,12 @@ impl<A: Copy + Eq + Hash + Debug> Server<A> {
                     .is_err()
                 {
                     return self.drop_packet("Message box does not open");
+                }
+                let path = self.conns[idx].path;
+                if path != from && self.roam.is_some_and(|allow| allow(&path, &from)) {
+                    log::debug!("curvecp server: a client moved from {path:?} to {from:?}");
+                    self.conns[idx].path = from;
+                    self.stats.roamed += 1;
                 }
                 self.deliver(idx, v.nonce, 0, plain_len, now);
                 None

@@ -30,4 +30,17 @@ pub enum Event {
         /// The publishing service's [`crate::services::Service::name`] (`mdns`, `bootstrap`).
         source: String,
     },
+    /// Our published nodeInfo changed (its endpoints: a relay bound or lost); also published
+    /// as `self.transports.myNodeInfo`.
+    MyNodeInfo(serde_json::Value),
+    /// The path of the active connection to `peer` changed (or was first known): its packets
+    /// now go to `remote`, a relay's address when `relayed`.
+    Path {
+        /// The peer.
+        peer: SignId,
+        /// Through a relay.
+        relayed: bool,
+        /// The peer's address, or the relay's.
+        remote: std::net::SocketAddr,
+    },
 }

@@ -447,7 +447,7 @@ impl PlatformBuilder {
                 now,
             )
             .map_err(BuildError::Io)?;
-            connection_info = crate::transport::connection_info::to_json(net.endpoints());
+            connection_info = crate::transport::connection_info::to_json(net.published_endpoints());
             Some(net)
         } else {
             None

@@ -8,6 +8,15 @@
 //! ignore it. Endpoints without the mark (`native: false`) are reached with the JS
 //! compatibility framing ([`Endpoint::framing`], [`super::onetp`]) and tried last.
 //!
+//! Two more shapes for reaching nodes behind NATs ([`super::relay`]):
+//! - `{"transportType":"mm-relay","transportInfo":{"address":...,"port":...}}`: the node is
+//!   reached through the relay listening (UDP, native framing) at that address, which forwards
+//!   packets addressed to the node's box key ([`Endpoint::relayed`]). JS nodes skip endpoints
+//!   whose transportType none of their transports has (1tp's `Socket.connect` matches
+//!   `transportType` against its registered transports), so they ignore these; tried last.
+//! - `"relay": true` in a native UDP endpoint's `transportInfo`: the node offers relaying
+//!   there ([`Endpoint::offers_relay`]).
+//!
 //! Parsing input from the network is bounded: at most [`MAX_ENDPOINTS`] entries are kept,
 //! entries of unknown transport types or with invalid addresses are skipped.
 
@@ -29,6 +38,10 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// Whether the endpoint advertises the native framing.
     pub native: bool,
+    /// `addr` is a relay that forwards to the node (`mm-relay`).
+    pub relayed: bool,
+    /// The node offers relaying at this (native UDP) endpoint.
+    pub offers_relay: bool,
 }
 
 impl Endpoint {
@@ -38,6 +51,19 @@ impl Endpoint {
             kind,
             addr,
             native: true,
+            relayed: false,
+            offers_relay: false,
+        }
+    }
+
+    /// A relayed endpoint: the node is reached through the relay at `relay`.
+    pub fn relayed(relay: SocketAddr) -> Endpoint {
+        Endpoint {
+            kind: TransportKind::Udp,
+            addr: relay,
+            native: true,
+            relayed: true,
+            offers_relay: false,
         }
     }
 
@@ -53,35 +79,46 @@ impl Endpoint {
 
     /// The JSON form of this endpoint.
     pub fn to_json(&self) -> Value {
-        let kind = match self.kind {
-            TransportKind::Udp => "udp",
-            TransportKind::Tcp => "tcp",
+        let kind = match (self.kind, self.relayed) {
+            (_, true) => "mm-relay",
+            (TransportKind::Udp, _) => "udp",
+            (TransportKind::Tcp, _) => "tcp",
         };
         let mut info = json!({
             "address": self.addr.ip().to_string(),
             "port": self.addr.port(),
         });
-        if self.native {
+        if self.native && !self.relayed {
             info["framing"] = json!("native");
+        }
+        if self.offers_relay {
+            info["relay"] = json!(true);
         }
         json!({"transportType": kind, "transportInfo": info})
     }
 
     /// Parses one entry; `None` if it is not a UDP or TCP endpoint with a valid address.
     pub fn from_json(v: &Value) -> Option<Endpoint> {
-        let kind = match v.get("transportType")?.as_str()? {
-            "udp" => TransportKind::Udp,
-            "tcp" => TransportKind::Tcp,
+        let (kind, relayed) = match v.get("transportType")?.as_str()? {
+            "udp" => (TransportKind::Udp, false),
+            "tcp" => (TransportKind::Tcp, false),
+            "mm-relay" => (TransportKind::Udp, true),
             _ => return None,
         };
         let info = v.get("transportInfo")?;
         let ip: IpAddr = info.get("address")?.as_str()?.parse().ok()?;
         let port = u16::try_from(info.get("port")?.as_u64()?).ok()?;
-        let native = info.get("framing").and_then(Value::as_str) == Some("native");
+        let native = relayed || info.get("framing").and_then(Value::as_str) == Some("native");
+        let offers_relay = native
+            && !relayed
+            && kind == TransportKind::Udp
+            && info.get("relay").and_then(Value::as_bool) == Some(true);
         Some(Endpoint {
             kind,
             addr: SocketAddr::new(ip, port),
             native,
+            relayed,
+            offers_relay,
         })
     }
 }
@@ -103,11 +140,12 @@ pub fn to_json(endpoints: &[Endpoint]) -> Value {
     Value::Array(endpoints.iter().map(Endpoint::to_json).collect())
 }
 
-/// The order in which a client tries endpoints: native ones first, UDP before TCP within each
-/// group (stable otherwise).
+/// The order in which a client tries endpoints: direct native ones first, UDP before TCP
+/// within each group, then unmarked (compatibility) ones, relayed ones last (stable
+/// otherwise).
 pub fn connect_order(endpoints: &[Endpoint]) -> Vec<Endpoint> {
     let mut v = endpoints.to_vec();
-    v.sort_by_key(|e| (!e.native, e.kind == TransportKind::Tcp));
+    v.sort_by_key(|e| (e.relayed, !e.native, e.kind == TransportKind::Tcp));
     v
 }
 
@@ -123,6 +161,8 @@ mod tests {
                 kind: TransportKind::Udp,
                 addr: "10.0.0.1:3".parse().unwrap(),
                 native: false,
+                relayed: false,
+                offers_relay: false,
             },
             Endpoint::native(TransportKind::Udp, "[::1]:1".parse().unwrap()),
         ];
@@ -137,6 +177,34 @@ mod tests {
         assert!(!order[2].native);
         assert_eq!(order[0].framing(), Framing::Native);
         assert_eq!(order[2].framing(), Framing::Compat);
+    }
+
+    #[test]
+    fn relayed_and_relay_offering_endpoints() {
+        let relay: SocketAddr = "203.0.113.10:4000".parse().unwrap();
+        let mut offer = Endpoint::native(TransportKind::Udp, relay);
+        offer.offers_relay = true;
+        let eps = vec![
+            Endpoint::relayed(relay),
+            offer,
+            Endpoint::native(TransportKind::Tcp, relay),
+        ];
+        let j = to_json(&eps);
+        assert_eq!(j[0]["transportType"], "mm-relay");
+        assert!(j[0]["transportInfo"].get("framing").is_none());
+        assert_eq!(j[1]["transportInfo"]["relay"], true);
+        assert_eq!(parse(&j), eps);
+        let order = connect_order(&eps);
+        assert!(order[2].relayed, "relayed endpoints are tried last");
+        // "relay" on an unmarked or TCP endpoint means nothing.
+        let odd = json!([
+            {"transportType": "udp", "transportInfo": {"address": "1.2.3.4", "port": 1, "relay": true}},
+            {"transportType": "tcp", "transportInfo": {"address": "1.2.3.4", "port": 1, "framing": "native", "relay": true}},
+            {"transportType": "mm-relay", "transportInfo": {"address": "1.2.3.4"}}
+        ]);
+        let p = parse(&odd);
+        assert_eq!(p.len(), 2);
+        assert!(p.iter().all(|e| !e.offers_relay));
     }
 
     #[test]

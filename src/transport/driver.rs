@@ -70,7 +70,7 @@
 //! anyway). TCP streams that may carry compat frames accept frames up to
 //! [`onetp::MAX_SOCKET_PACKET`] bytes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -82,6 +82,7 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 
 use super::onetp::{self, Dialer, Inbound, SessionId, SocketPacket, MAX_DATAGRAM};
+use super::relay::{self, Datagram, ProbeInput, Prober, Relay, RelayLimits};
 use super::tcp::{FramedStream, ReadStatus};
 use super::udp::UdpEndpoint;
 use crate::curvecp::client::{Client, ClientConfig};
@@ -130,6 +131,14 @@ pub enum Path {
         /// The 1tp session id.
         session: SessionId,
     },
+    /// A client reached through a relay ([`super::relay`], native framing): the relay's
+    /// address and the client's address as the relay sees it.
+    Relayed {
+        /// The relay's UDP address.
+        relay: SocketAddr,
+        /// The client's address as the relay sees it.
+        peer: SocketAddr,
+    },
     /// One accepted TCP stream (slot and generation, so a reused slot is not confused), with
     /// the framing its first frame chose.
     Tcp {
@@ -146,7 +155,7 @@ impl Path {
     /// The framing packets on this path use.
     pub fn framing(&self) -> Framing {
         match self {
-            Path::Udp(_) => Framing::Native,
+            Path::Udp(_) | Path::Relayed { .. } => Framing::Native,
             Path::UdpCompat { .. } => Framing::Compat,
             Path::Tcp { framing, .. } => *framing,
         }
@@ -155,10 +164,42 @@ impl Path {
     /// The transport under this path.
     pub fn kind(&self) -> TransportKind {
         match self {
-            Path::Udp(_) | Path::UdpCompat { .. } => TransportKind::Udp,
+            Path::Udp(_) | Path::UdpCompat { .. } | Path::Relayed { .. } => TransportKind::Udp,
             Path::Tcp { .. } => TransportKind::Tcp,
         }
     }
+
+    /// Where packets on this path go and whether through a relay: the relay's address, or
+    /// the peer's own (`None` for a TCP stream, whose address the driver knows).
+    pub fn remote(&self) -> Option<(SocketAddr, bool)> {
+        match self {
+            Path::Udp(a) | Path::UdpCompat { addr: a, .. } => Some((*a, false)),
+            Path::Relayed { relay, .. } => Some((*relay, true)),
+            Path::Tcp { .. } => None,
+        }
+    }
+}
+
+/// The path changes a server connection's client may make (roaming): from a relayed path or a
+/// native UDP address to a native UDP address (a punched path, a NAT that re-mapped), never
+/// back to a relay and never across framings or onto TCP.
+fn may_roam(old: &Path, new: &Path) -> bool {
+    matches!(
+        (old, new),
+        (Path::Relayed { .. } | Path::Udp(_), Path::Udp(_))
+    )
+}
+
+/// What a [`ServerDriver`] learnt from relay datagrams for the connection manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatEvent {
+    /// A relay confirmed our reservation's bind and saw our listening socket from `observed`.
+    Bound {
+        /// The relay's UDP address.
+        relay: SocketAddr,
+        /// Our listening socket's address as the relay sees it.
+        observed: SocketAddr,
+    },
 }
 
 enum ClientLink {
@@ -184,9 +225,55 @@ pub struct ClientDriver {
     /// `flush` read packets (the application has not had a turn since).
     read_in_flush: bool,
     closed: Option<String>,
+    /// Through a relay (`peer` is the relay): the server's box key, the relay's target.
+    via: Option<[u8; 32]>,
+    /// The relay this connection started on (its stragglers are still accepted after a move
+    /// to a direct path).
+    relay: Option<SocketAddr>,
+    /// A hole punch in progress.
+    prober: Option<Prober>,
 }
 
 impl ClientDriver {
+    /// Like [`ClientDriver::connect`] over UDP, through the relay at `relay`
+    /// ([`super::relay`]): every packet goes to the relay addressed to the server's box key
+    /// (`config.server_key`); replies come from the relay.
+    pub fn connect_relayed(
+        registry: &Registry,
+        token: Token,
+        relay: SocketAddr,
+        config: ClientConfig,
+        now: Instant,
+    ) -> io::Result<ClientDriver> {
+        let target = config.server_key.0;
+        let mut d = Self::connect(registry, token, TransportKind::Udp, relay, config, now)?;
+        d.via = Some(target);
+        d.relay = Some(relay);
+        d.wrapped = vec![0; MAX_PACKET + relay::OVERHEAD];
+        Ok(d)
+    }
+
+    /// Where packets go now (the relay's address while relayed) and whether through a relay.
+    pub fn path(&self) -> (SocketAddr, bool) {
+        (self.peer, self.via.is_some())
+    }
+
+    /// Starts a hole punch towards `target` (the server's address as its relay sees it): the
+    /// driver probes it from its socket ([`Prober`]); when the target answers, packets go to
+    /// it directly and no longer through the relay. Only for a relayed connection; a punch
+    /// already running is replaced.
+    pub fn start_punch(&mut self, target: SocketAddr, now: Instant) {
+        if self.via.is_some() && matches!(self.link, ClientLink::Udp(_)) {
+            self.prober = Some(Prober::new(target, now));
+        }
+    }
+
+    /// A hole punch is running.
+    pub fn punching(&self) -> bool {
+        self.prober
+            .as_ref()
+            .is_some_and(|p| !p.gave_up() && !p.is_open())
+    }
     /// Opens a socket (UDP bound to an ephemeral port of the same family, or a TCP
     /// connection) to `peer`, registers it under `token`, and starts `client`, in the native
     /// framing.
@@ -260,6 +347,9 @@ impl ClientDriver {
             read_some: false,
             read_in_flush: false,
             closed: None,
+            via: None,
+            relay: None,
+            prober: None,
         })
     }
 
@@ -335,12 +425,27 @@ impl ClientDriver {
         let client = &mut self.client;
         let dialer = &mut self.dialer;
         let peer = self.peer;
+        let relay = self.relay;
+        let prober = &mut self.prober;
+        let mut answers: Vec<(SocketAddr, [u8; 16])> = Vec::new();
+        let mut opened = None;
         match &mut self.link {
             ClientLink::Udp(u) => {
                 let mut total = 0;
                 loop {
                     let read = u.recv_all(TRANSMIT_EVERY, |pkt, from| {
-                        if from == peer {
+                        if pkt.first().is_some_and(|&b| relay::is_relay_datagram(b)) {
+                            // Hole punching (nothing else of that kind is for a client).
+                            if let Some(p) = prober.as_mut() {
+                                match p.handle(pkt, from) {
+                                    ProbeInput::Answer(a) if answers.len() < 16 => {
+                                        answers.push((from, a))
+                                    }
+                                    ProbeInput::Open => opened = Some(from),
+                                    _ => {}
+                                }
+                            }
+                        } else if from == peer || Some(from) == relay {
                             Self::deliver(client, dialer, pkt, now);
                         } else {
                             debug!("client: dropped a datagram from {from}, not the server");
@@ -367,6 +472,16 @@ impl ClientDriver {
                 }
                 self.more_to_read = total >= READ_BATCH;
                 self.read_some = total > 0;
+                for (to, a) in answers {
+                    if let Err(e) = u.send_to(&a, to) {
+                        debug!("client: probe answer to {to} not sent: {e}");
+                    }
+                }
+                if let Some(direct) = opened {
+                    debug!("client: punched a direct path to {direct}; leaving the relay");
+                    self.peer = direct;
+                    self.via = None;
+                }
             }
             ClientLink::Tcp(s) => match s.read_frames(|f| Self::deliver(client, dialer, f, now)) {
                 Ok(ReadStatus::Open) => {}
@@ -395,8 +510,25 @@ impl ClientDriver {
         let dialer = &mut self.dialer;
         match &mut self.link {
             ClientLink::Udp(u) => {
-                let bufs = (&mut self.buf[..], &mut self.wrapped[..]);
-                Self::transmit_udp(client, dialer, u, self.peer, bufs, now)?
+                if let Some(p) = self.prober.as_mut() {
+                    while let Some(d) = p.poll_transmit(now) {
+                        if let Err(e) = u.send_to(&d, p.target()) {
+                            debug!("client: probe to {} not sent: {e}", p.target());
+                        }
+                    }
+                }
+                if let Some(target) = self.via {
+                    // Through the relay: each packet wrapped, one `send_to` each.
+                    while let Some(n) = client.poll_transmit(now, &mut self.buf[..]) {
+                        match relay::wrap_to(&target, &self.buf[..n], &mut self.wrapped[..]) {
+                            Some(m) => u.send_to(&self.wrapped[..m], self.peer)?,
+                            None => debug!("client: a {n}-byte packet cannot be relayed"),
+                        }
+                    }
+                } else {
+                    let bufs = (&mut self.buf[..], &mut self.wrapped[..]);
+                    Self::transmit_udp(client, dialer, u, self.peer, bufs, now)?
+                }
             }
             ClientLink::Tcp(s) => {
                 let wrapped = &mut self.wrapped[..];
@@ -474,8 +606,12 @@ impl ClientDriver {
         if self.more_to_read || self.read_in_flush {
             return Some(Instant::now());
         }
+        let probe = self.prober.as_ref().and_then(Prober::next_deadline);
         match &self.dialer {
-            None => self.client.poll_timeout(),
+            None => match (self.client.poll_timeout(), probe) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
             Some(d) if !d.is_open() => d.next_deadline(),
             Some(d) => match (d.next_deadline(), self.client.poll_timeout()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -557,7 +693,23 @@ pub struct ServerDriver {
     read_in_flush: bool,
     /// TCP slots with frames queued in this `flush`.
     dirty: Vec<usize>,
+    /// The relay role ([`ServerDriver::enable_relay`]).
+    relay: Option<Relay>,
+    /// Relays we hold a reservation with: their relayed packets are accepted.
+    bound_relays: HashSet<SocketAddr>,
+    /// Hole punches from the listening socket, by target (at most [`MAX_PUNCHES`]).
+    probers: HashMap<SocketAddr, Prober>,
+    nat_events: VecDeque<NatEvent>,
+    /// Relay datagrams (a packet and a relay header).
+    rbuf: Box<[u8; MAX_PACKET + relay::OVERHEAD]>,
 }
+
+/// Hole punches a [`ServerDriver`] runs at once (further ones are refused).
+pub const MAX_PUNCHES: usize = 64;
+/// Reservations one node may hold with relays at once.
+pub const MAX_BOUND_RELAYS: usize = 8;
+/// [`NatEvent`]s kept for the application (older ones are dropped).
+const MAX_NAT_EVENTS: usize = 64;
 
 impl ServerDriver {
     /// Binds the listeners (at least one must be given) and starts the server.
@@ -627,7 +779,77 @@ impl ServerDriver {
             udp_more: false,
             read_in_flush: false,
             dirty: Vec::new(),
+            relay: None,
+            bound_relays: HashSet::new(),
+            probers: HashMap::new(),
+            nat_events: VecDeque::new(),
+            rbuf: Box::new([0; MAX_PACKET + relay::OVERHEAD]),
         })
+        .map(|mut d| {
+            d.server.set_roaming(may_roam);
+            d
+        })
+    }
+
+    /// Offers relaying on the UDP socket ([`super::relay`]) within `limits`.
+    pub fn enable_relay(&mut self, limits: RelayLimits) {
+        self.relay = Some(Relay::new(limits));
+    }
+
+    /// The relay role's table (`None` unless [`ServerDriver::enable_relay`]).
+    pub fn relay(&self) -> Option<&Relay> {
+        self.relay.as_ref()
+    }
+
+    /// The relay role's table, to reserve and release.
+    pub fn relay_mut(&mut self) -> Option<&mut Relay> {
+        self.relay.as_mut()
+    }
+
+    /// Binds our reservation at the relay `relay` (sends one bind datagram from the listening
+    /// socket, which also keeps our NAT's mapping towards it open) and from now on accepts the
+    /// packets it relays. `false` if there is no UDP socket or too many relays are bound.
+    pub fn bind_relay(&mut self, relay: SocketAddr, token: &[u8; relay::TOKEN_LEN]) -> bool {
+        if !self.bound_relays.contains(&relay) && self.bound_relays.len() >= MAX_BOUND_RELAYS {
+            return false;
+        }
+        let Some(u) = self.udp.as_mut() else {
+            return false;
+        };
+        self.bound_relays.insert(relay);
+        if let Err(e) = u.send_to(&relay::bind_datagram(token), relay) {
+            debug!("server: bind to relay {relay} not sent: {e}");
+        }
+        true
+    }
+
+    /// Stops accepting packets relayed by `relay`.
+    pub fn unbind_relay(&mut self, relay: SocketAddr) {
+        self.bound_relays.remove(&relay);
+    }
+
+    /// Starts punching from the listening socket towards `target` (a client reaching us
+    /// through a relay), and answers its probes. `false` when too many punches run.
+    pub fn start_punch(&mut self, target: SocketAddr, now: Instant) -> bool {
+        self.probers.retain(|_, p| p.next_deadline().is_some());
+        if !self.probers.contains_key(&target) && self.probers.len() >= MAX_PUNCHES {
+            return false;
+        }
+        self.probers.insert(target, Prober::new(target, now));
+        true
+    }
+
+    /// The next thing learnt from relay datagrams.
+    pub fn poll_nat_event(&mut self) -> Option<NatEvent> {
+        self.nat_events.pop_front()
+    }
+
+    /// Sends `datagram` from the listening UDP socket (a dial-back probe and the like).
+    pub fn send_datagram(&mut self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
+        match self.udp.as_mut() {
+            Some(u) => u.send_to(datagram, to),
+            None => Ok(()),
+        }
     }
 
     /// The UDP listener's address.
@@ -660,6 +882,7 @@ impl ServerDriver {
     pub fn peer_ip(&self, path: Path) -> Option<std::net::IpAddr> {
         match path {
             Path::Udp(a) | Path::UdpCompat { addr: a, .. } => Some(a.ip()),
+            Path::Relayed { peer, .. } => Some(peer.ip()),
             Path::Tcp {
                 slot, generation, ..
             } => self
@@ -752,6 +975,54 @@ impl ServerDriver {
                 break;
             };
             read += 1;
+            if pkt.first().is_some_and(|&b| relay::is_relay_datagram(b)) {
+                match relay::parse(pkt) {
+                    Some(Datagram::From { peer, packet }) if self.bound_relays.contains(&from) => {
+                        let path = Path::Relayed { relay: from, peer };
+                        let reply =
+                            self.server
+                                .handle_packet(packet, path, now, &mut self.reply[..]);
+                        if let Some(len) = reply {
+                            match relay::wrap_back(peer, &self.reply[..len], &mut self.rbuf[..]) {
+                                Some(m) => {
+                                    if let Err(e) = udp.send_to(&self.rbuf[..m], from) {
+                                        debug!("server: relayed Cookie via {from} not sent: {e}");
+                                    }
+                                }
+                                None => debug!("server: a {len}-byte reply cannot be relayed"),
+                            }
+                        }
+                    }
+                    Some(Datagram::Bound { observed, .. }) if self.bound_relays.contains(&from) => {
+                        if self.nat_events.len() >= MAX_NAT_EVENTS {
+                            self.nat_events.pop_front();
+                        }
+                        self.nat_events.push_back(NatEvent::Bound {
+                            relay: from,
+                            observed,
+                        });
+                    }
+                    Some(Datagram::Punch(_)) | Some(Datagram::PunchAck(_)) => {
+                        if let Some(p) = self.probers.get_mut(&from) {
+                            if let ProbeInput::Answer(a) = p.handle(pkt, from) {
+                                if let Err(e) = udp.send_to(&a, from) {
+                                    debug!("server: probe answer to {from} not sent: {e}");
+                                }
+                            }
+                        }
+                    }
+                    Some(_) if self.relay.is_some() => {
+                        let r = self.relay.as_mut().expect("checked");
+                        if let Some(f) = r.handle(pkt, from, now, &mut self.rbuf[..]) {
+                            if let Err(e) = udp.send_to(&self.rbuf[..f.len], f.to) {
+                                debug!("relay: datagram to {} not sent: {e}", f.to);
+                            }
+                        }
+                    }
+                    _ => debug!("server: dropped a relay datagram from {from}"),
+                }
+                continue;
+            }
             if pkt.first().is_some_and(|&b| onetp::is_session_datagram(b)) {
                 self.compat.datagrams += 1;
                 match onetp::accept_datagram(pkt, &mut self.wrap[..]) {
@@ -1003,6 +1274,15 @@ impl ServerDriver {
             self.read_in_flush = self.read_udp(registry, now)? > 0;
         }
         self.transmit(registry, now)?;
+        if let Some(u) = self.udp.as_mut() {
+            for p in self.probers.values_mut() {
+                while let Some(d) = p.poll_transmit(now) {
+                    if let Err(e) = u.send_to(&d, p.target()) {
+                        debug!("server: probe to {} not sent: {e}", p.target());
+                    }
+                }
+            }
+        }
         self.pump_events();
         self.close_idle(registry, now);
         Ok(())
@@ -1023,6 +1303,15 @@ impl ServerDriver {
                 Path::Udp(to) => {
                     if let Some(u) = self.udp.as_mut() {
                         u.batch_commit(n, to)?;
+                    }
+                }
+                Path::Relayed { relay, peer } => {
+                    let Some(u) = self.udp.as_mut() else {
+                        continue;
+                    };
+                    match relay::wrap_back(peer, &u.batch_slot()[..n], &mut self.rbuf[..]) {
+                        Some(m) => u.send_to(&self.rbuf[..m], relay)?,
+                        None => debug!("server: a {n}-byte packet cannot be relayed"),
                     }
                 }
                 Path::UdpCompat { addr, session } => {
@@ -1116,9 +1405,14 @@ impl ServerDriver {
             return Some(Instant::now());
         }
         let idle = self.idle_checks.front().map(|c| c.0);
-        match (self.server.poll_timeout(), idle) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let probe = self
+            .probers
+            .values()
+            .filter_map(Prober::next_deadline)
+            .min();
+        [self.server.poll_timeout(), idle, probe]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }

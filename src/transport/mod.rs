@@ -23,6 +23,7 @@
 pub mod connection_info;
 pub mod driver;
 pub mod onetp;
+pub mod relay;
 pub mod tcp;
 pub mod udp;
 

@@ -57,6 +57,18 @@ pub struct NetConfig {
     /// other frames complete or connections end. Raised to at least one maximal frame
     /// ([`NetConfig::max_frame`]) so that any frame can be received. Default 64 MiB.
     pub frame_budget: usize,
+    /// Offer relaying to nodes behind NATs, within these limits (`None`, the default: do
+    /// not). The node's UDP endpoint then says so in its nodeInfo.
+    pub relay: Option<crate::transport::relay::RelayLimits>,
+    /// A node that finds itself behind a NAT reserves a slot at a relay it knows of and
+    /// publishes the relayed endpoint (default `true`; never while offering relaying).
+    pub use_relays: bool,
+    /// A relay reservation is bound again this often (it keeps our NAT's mapping open).
+    /// Default 10 s.
+    pub relay_bind_interval: Duration,
+    /// Try to punch a direct UDP path for connections that go through a relay (default
+    /// `true`).
+    pub hole_punching: bool,
 }
 
 impl Default for NetConfig {
@@ -82,6 +94,10 @@ impl Default for NetConfig {
             dedup: 65_536,
             dedup_per_peer: DEFAULT_DEDUP_PER_PEER,
             frame_budget: 64 << 20,
+            relay: None,
+            use_relays: true,
+            relay_bind_interval: Duration::from_secs(10),
+            hole_punching: true,
         }
     }
 }
@@ -136,4 +152,8 @@ pub struct ConnectionStats {
     pub messages_received: u64,
     /// CurveCP blocks sent again.
     pub retransmissions: u64,
+    /// Where its packets go (a TCP connection's peer, a relay while relayed), when known.
+    pub remote: Option<std::net::SocketAddr>,
+    /// Its packets go through a relay.
+    pub relayed: bool,
 }

@@ -149,6 +149,12 @@ impl Core {
         }
         let b = c.peer_box;
         let mut offline_sign = None;
+        let was_active = net
+            .peers
+            .get(&b)
+            .is_some_and(|p| p.conn == Some(k) && p.online);
+        net.reach_conn_lost(b, was_active, self.now);
+        let Some(net) = self.net.as_mut() else { return };
         if let Some(p) = net.peers.get_mut(&b) {
             if p.conn == Some(k) {
                 p.conn = None;
@@ -356,8 +362,12 @@ impl Core {
             Framing::Native
         };
         let (registry, kind, addr) = (&net.registry, ep.kind, ep.addr);
-        match ClientDriver::connect_with_framing(registry, token, kind, framing, addr, config, now)
-        {
+        let driver = if ep.relayed {
+            ClientDriver::connect_relayed(registry, token, addr, config, now)
+        } else {
+            ClientDriver::connect_with_framing(registry, token, kind, framing, addr, config, now)
+        };
+        match driver {
             Ok(d) => {
                 let frames = (net.cfg.max_frame, &net.identify[..]);
                 let link = Link::Client(Box::new(d));
@@ -463,8 +473,10 @@ impl Core {
         }
         net.clear_retry(b);
         net.mark_dirty(k);
+        net.on_active(k, now);
         if !was_online {
             self.announce(b);
         }
+        self.check_path(k);
     }
 }

@@ -124,6 +124,7 @@
 
 mod config;
 mod lifecycle;
+mod reach;
 mod receiving;
 mod sending;
 mod turn;
@@ -158,6 +159,7 @@ use crate::offline::{
 };
 use crate::storage::Storage;
 use crate::transport::connection_info::{self, Endpoint};
+use crate::transport::driver::{NatEvent, Path};
 use crate::transport::{ClientDriver, Framing, ServerDriver, TransportKind};
 
 /// The longest an offline message may wait (DESIGN §6).
@@ -247,6 +249,8 @@ enum NetTimer {
     OfflineRetry,
     /// The de-duplication memory is written.
     DedupFlush,
+    /// Our relay reservation is bound (again).
+    RelayBind,
 }
 
 /// How far [`Core::read_conn`] got.
@@ -302,6 +306,10 @@ struct Conn {
     inflight: VecDeque<(u64, Track)>,
     msgs_in: u64,
     msgs_out: u64,
+    /// Where its packets go and whether through a relay, as last reported (`Event::Path`).
+    path: Option<(SocketAddr, bool)>,
+    /// A hole punch was started for it (one round per connection).
+    punched: bool,
 }
 
 impl Conn {
@@ -348,6 +356,8 @@ impl Conn {
             inflight: VecDeque::new(),
             msgs_in: 0,
             msgs_out: 0,
+            path: None,
+            punched: false,
         }
     }
 }
@@ -375,10 +385,11 @@ struct Peer {
 
 /// The connection manager's state (owned by the platform's core).
 pub(crate) struct Net {
+    /// Reachability: observed addresses, the relay we use, the endpoints we publish.
+    reach: reach::Reach,
     cfg: NetConfig,
     registry: Registry,
     server: ServerDriver,
-    endpoints: Vec<Endpoint>,
     our_box: BoxKeyPair,
     conns: Slab<Conn>,
     by_server: HashMap<ConnectionId, usize>,
@@ -493,8 +504,14 @@ impl Net {
             Err(e) => return Err(e),
         };
         let mut endpoints = Vec::new();
+        let mut server = server;
+        if let Some(limits) = cfg.relay {
+            server.enable_relay(limits);
+        }
         if let Some(a) = server.udp_addr() {
-            endpoints.push(Endpoint::native(TransportKind::Udp, a));
+            let mut e = Endpoint::native(TransportKind::Udp, a);
+            e.offers_relay = cfg.relay.is_some();
+            endpoints.push(e);
         }
         if let Some(a) = server.tcp_addr() {
             endpoints.push(Endpoint::native(TransportKind::Tcp, a));
@@ -528,6 +545,7 @@ impl Net {
         let offline_timer =
             (!offline.is_empty()).then(|| timers.schedule(now, NetTimer::OfflineRetry));
         Ok(Net {
+            reach: reach::Reach::new(&endpoints),
             dir: DirectoryCache::new(cfg.node_info_ttl, cfg.lookup_timeout),
             dedup: Dedup::load_with_per_peer(cfg.dedup, cfg.dedup_per_peer, storage)
                 .unwrap_or_else(|e| {
@@ -537,7 +555,6 @@ impl Net {
             cfg,
             registry,
             server,
-            endpoints,
             our_box,
             conns: Slab::new(),
             by_server: HashMap::new(),
@@ -569,11 +586,6 @@ impl Net {
             next_dedup_flush: now,
             scratch: vec![0; 64 * 1024],
         })
-    }
-
-    /// Our endpoints (as bound).
-    pub(crate) fn endpoints(&self) -> &[Endpoint] {
-        &self.endpoints
     }
 
     /// Hands a readiness event to the driver it belongs to; an outgoing connection's event
@@ -824,6 +836,8 @@ impl Net {
             messages_sent: c.msgs_out,
             messages_received: c.msgs_in,
             retransmissions: s.as_ref().map_or(0, |s| s.retransmissions),
+            remote: c.path.map(|p| p.0),
+            relayed: c.path.is_some_and(|p| p.1),
         }
     }
 

@@ -145,7 +145,11 @@ impl Core {
             return false;
         };
         if env.protocol == "mm" {
-            return true; // identify repeated, ping
+            // identify repeated, ping, and the reachability frames
+            if env.topic != "identify" && env.topic != "ping" {
+                self.on_mm(k, &env.topic, &env.payload);
+            }
+            return self.net.as_ref().is_some_and(|n| n.conns.contains(k));
         }
         if let Some(id) = &env.id {
             if !net.dedup.first_time_from(c.peer_box.0.as_bytes(), id) {
@@ -214,6 +218,7 @@ impl Core {
             return true;
         };
         let (b, sign) = (info.box_id, info.sign_id);
+        net.learn_relay(&info, now);
         net.dir.insert(info, now);
         // A lookup for a destination key taken as a signId was answered by the node whose
         // boxId it is: its waiting messages move to that node.

@@ -76,6 +76,10 @@ impl Core {
             net.server_io = true;
         }
         self.server_events();
+        if let Some(net) = self.net.as_mut() {
+            net.nat_events(now);
+        }
+        self.sync_node_info();
         self.run_fired();
     }
 
@@ -134,6 +138,7 @@ impl Core {
             if let Some(net) = self.net.as_mut() {
                 net.reschedule_conn(k, now);
             }
+            self.check_path(k);
         }
     }
 
@@ -218,6 +223,7 @@ impl Core {
                     net.offline_timer = None;
                     self.offline_retry(now);
                 }
+                NetTimer::RelayBind => net.relay_bind_due(now),
                 NetTimer::DedupFlush => {
                     net.dedup_timer = None;
                     net.next_dedup_flush = now + DEDUP_FLUSH_EVERY;

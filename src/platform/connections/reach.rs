@@ -1,0 +1,490 @@
+//! Reachability: what a node learns about how others can reach it, and what it does about it.
+//! The data paths themselves are transports ([`crate::transport::relay`], the drivers'
+//! relayed and punched paths); this is their control plane, `mm` frames between native nodes
+//! (never sent to JavaScript peers, which speak no `mm`).
+//!
+//! - *Observed addresses* (libp2p identify's idea): the accepting side of a native connection
+//!   tells its peer, once identified, the address it sees it from (`mm`/`observed`, payload
+//!   `ip:port`). The receiver compares the IP with the source address its own system picks
+//!   for that peer: different means a NAT is between them.
+//! - *Relays*: a node behind a NAT that knows a node offering relaying (its nodeInfo's UDP
+//!   endpoint says `"relay": true`; from the bootstrap list, a nodeInfo given to it,
+//!   discovery) connects to it, asks for a reservation (`mm`/`relay.reserve`; answered by
+//!   `mm`/`relay.ok` with a 16-byte token in hex, or `mm`/`relay.no`), binds it from its
+//!   listening socket every [`NetConfig::relay_bind_interval`] (retried every
+//!   [`BIND_RETRY`] until the relay confirms, at most [`BIND_TRIES`] times), and then
+//!   publishes the relayed endpoint in its nodeInfo instead of its unusable direct ones. The
+//!   relay keeps the reservation while the node's connection to it lives. A relay that goes
+//!   away (connection lost, binds unanswered) is replaced by another known one; with none
+//!   left, the node publishes its direct endpoints again. A node offering relaying never uses
+//!   one.
+//! - *Hole punching* (DCUtR's idea): when a connection reaches us through our relay, and the
+//!   relay told us our listening socket's public address, we send it to the peer
+//!   (`mm`/`punch`, payload `ip:port`) and probe the peer's address (as the relay sees it)
+//!   from our listening socket; the peer, on receiving it, probes ours from its connection's
+//!   socket. Both sides probe for the same few seconds, so each NAT sees outgoing traffic
+//!   before the other's probes arrive; when the peer's probe is answered its CurveCP client
+//!   sends straight to us and our server follows it (roaming). CurveCP's stream carries the
+//!   bytes across the move, so no message is lost or duplicated. One round per connection:
+//!   behind NATs that map a fresh port per destination the punch fails and the relayed path
+//!   stays.
+//!
+//! Published endpoints: the bound ones, minus those on an unspecified address (`0.0.0.0`,
+//! `::`, which nobody can dial) and, while a relay is bound, minus every direct one (a node
+//! behind a NAT cannot be dialled there); the relayed one while bound. A change makes the
+//! platform publish `transports.myNodeInfo` and raise [`crate::Event::MyNodeInfo`].
+
+use std::collections::HashSet;
+use std::net::UdpSocket;
+
+use super::*;
+use crate::transport::relay::TOKEN_LEN;
+
+/// How often an unconfirmed bind is sent again.
+pub const BIND_RETRY: Duration = Duration::from_millis(300);
+/// Unconfirmed binds before a relay is given up.
+pub const BIND_TRIES: u32 = 10;
+/// Relay candidates remembered.
+const MAX_CANDIDATES: usize = 16;
+
+/// The relay we use.
+struct RelayUse {
+    peer: BoxId,
+    addr: SocketAddr,
+    token: Option<[u8; TOKEN_LEN]>,
+    /// Our listening socket as the relay sees it, once a bind is confirmed.
+    observed: Option<SocketAddr>,
+    unanswered: u32,
+}
+
+/// The reachability state of a node (see the module docs).
+pub(super) struct Reach {
+    /// The endpoints as bound.
+    bound: Vec<Endpoint>,
+    /// What our nodeInfo lists.
+    published: Vec<Endpoint>,
+    /// `published` changed since the platform last looked.
+    changed: bool,
+    /// A NAT is between us and some peer (from `observed`).
+    behind_nat: bool,
+    relay: Option<RelayUse>,
+    /// Nodes offering relaying, with their relay address.
+    candidates: Vec<(BoxId, SocketAddr)>,
+    /// Candidates that refused or went away.
+    failed: HashSet<BoxId>,
+    /// The relay candidate a connection was opened to (to learn our observed address).
+    probing: Option<BoxId>,
+    bind_timer: Option<TimerId>,
+}
+
+impl Reach {
+    pub(super) fn new(bound: &[Endpoint]) -> Reach {
+        let mut r = Reach {
+            bound: bound.to_vec(),
+            published: Vec::new(),
+            changed: false,
+            behind_nat: false,
+            relay: None,
+            candidates: Vec::new(),
+            failed: HashSet::new(),
+            probing: None,
+            bind_timer: None,
+        };
+        r.published = r.compute();
+        r
+    }
+
+    fn compute(&self) -> Vec<Endpoint> {
+        if let Some(RelayUse {
+            addr,
+            observed: Some(_),
+            ..
+        }) = &self.relay
+        {
+            return vec![Endpoint::relayed(*addr)];
+        }
+        self.bound
+            .iter()
+            .filter(|e| !e.addr.ip().is_unspecified())
+            .copied()
+            .collect()
+    }
+
+    fn refresh(&mut self) {
+        let p = self.compute();
+        if p != self.published {
+            self.published = p;
+            self.changed = true;
+        }
+    }
+}
+
+impl Net {
+    /// The endpoints our nodeInfo lists.
+    pub(crate) fn published_endpoints(&self) -> &[Endpoint] {
+        &self.reach.published
+    }
+
+    /// Whether the published endpoints changed since the last call.
+    pub(crate) fn take_endpoints_changed(&mut self) -> bool {
+        std::mem::take(&mut self.reach.changed)
+    }
+
+    /// Queues an `mm` frame for native peer `b` (connecting if need be).
+    fn queue_mm(&mut self, b: BoxId, topic: &str, payload: Vec<u8>, now: Instant) {
+        let frame = frame_of(&Envelope::new(topic, "mm", payload));
+        let peer = self.peers.entry(b).or_default();
+        if peer.queue.len() >= self.cfg.peer_queue_messages {
+            return;
+        }
+        peer.queued_bytes += frame.len();
+        let expires = now + self.cfg.realtime_expiry;
+        peer.queue.push_back(Pending {
+            frame,
+            expires: Some(expires),
+            track: Track::default(),
+        });
+        self.expiry_at(b, expires);
+        self.kick_peer(b);
+    }
+
+    /// A nodeInfo arrived: a node offering relaying is a candidate; if we may need one and
+    /// use none, we connect to it (its `observed` answer tells whether we need it).
+    pub(super) fn learn_relay(&mut self, info: &NodeInfo, now: Instant) {
+        if self.cfg.relay.is_some() || !self.cfg.use_relays {
+            return;
+        }
+        let Some(e) = info.endpoints.iter().find(|e| e.offers_relay) else {
+            return;
+        };
+        let b = info.box_id;
+        if !self.reach.candidates.iter().any(|c| c.0 == b) {
+            if self.reach.candidates.len() >= MAX_CANDIDATES {
+                self.reach.candidates.remove(0);
+            }
+            self.reach.candidates.push((b, e.addr));
+        }
+        self.next_relay(now);
+    }
+
+    /// Uses (or probes) the next candidate relay when we have none.
+    fn next_relay(&mut self, now: Instant) {
+        if self.reach.relay.is_some() || self.reach.probing.is_some() {
+            return;
+        }
+        let Some(&(b, addr)) = self
+            .reach
+            .candidates
+            .iter()
+            .find(|c| !self.reach.failed.contains(&c.0))
+        else {
+            return;
+        };
+        if self.reach.behind_nat {
+            self.reach.relay = Some(RelayUse {
+                peer: b,
+                addr,
+                token: None,
+                observed: None,
+                unanswered: 0,
+            });
+            self.queue_mm(b, "relay.reserve", Vec::new(), now);
+        } else {
+            // Its `observed` answer tells whether we need it.
+            self.reach.probing = Some(b);
+            self.queue_mm(b, "reach.hello", Vec::new(), now);
+        }
+    }
+
+    /// Connection `k` became active: the accepting side of a native connection tells the
+    /// peer where it sees it from, and a connection that came through our relay starts a
+    /// hole punch.
+    pub(super) fn on_active(&mut self, k: usize, now: Instant) {
+        let Some(c) = self.conns.get(k) else { return };
+        if c.compat {
+            return;
+        }
+        let b = c.peer_box;
+        let path = match c.link {
+            Link::Server(id) => self.server.server().path(id),
+            Link::Client(_) => None,
+        };
+        let seen = match path {
+            Some(Path::Udp(a)) => Some(a),
+            Some(Path::Relayed { peer, .. }) => Some(peer),
+            _ => None,
+        };
+        if let Some(a) = seen {
+            self.queue_mm(b, "observed", a.to_string().into_bytes(), now);
+        }
+        let ours = self.reach.relay.as_ref().and_then(|r| r.observed);
+        if let (Some(Path::Relayed { peer, .. }), Some(ours), true) =
+            (path, ours, self.cfg.hole_punching)
+        {
+            if let Some(c) = self.conns.get_mut(k) {
+                c.punched = true;
+            }
+            if self.server.start_punch(peer, now) {
+                self.queue_mm(b, "punch", ours.to_string().into_bytes(), now);
+            }
+        }
+    }
+
+    /// Connection `k` of peer `b` ended (`k` already out of the slab): a relay reservation of
+    /// the peer goes, and if it was our relay we look for another.
+    pub(super) fn reach_conn_lost(&mut self, b: BoxId, was_active: bool, now: Instant) {
+        if !was_active {
+            return;
+        }
+        if let Some(r) = self.server.relay_mut() {
+            r.release(&b.0 .0);
+        }
+        if self.reach.probing == Some(b) {
+            self.reach.probing = None;
+        }
+        if self.reach.relay.as_ref().is_some_and(|r| r.peer == b) {
+            self.drop_relay(now);
+        }
+    }
+
+    /// Our relay is gone: its endpoint leaves the nodeInfo and another is tried.
+    fn drop_relay(&mut self, now: Instant) {
+        let Some(r) = self.reach.relay.take() else {
+            return;
+        };
+        log::debug!("relay {} at {} given up", r.peer, r.addr);
+        self.server.unbind_relay(r.addr);
+        self.reach.failed.insert(r.peer);
+        if let Some(id) = self.reach.bind_timer.take() {
+            self.timers.cancel(id);
+        }
+        self.reach.refresh();
+        self.next_relay(now);
+    }
+
+    /// The bind timer: bind again, or give the relay up after too many unanswered binds.
+    pub(super) fn relay_bind_due(&mut self, now: Instant) {
+        self.reach.bind_timer = None;
+        let Some(r) = self.reach.relay.as_mut() else {
+            return;
+        };
+        let Some(token) = r.token else { return };
+        if r.unanswered >= BIND_TRIES {
+            self.drop_relay(now);
+            return;
+        }
+        r.unanswered += 1;
+        let addr = r.addr;
+        let next = if r.observed.is_some() && r.unanswered == 1 {
+            now + self.cfg.relay_bind_interval
+        } else {
+            now + BIND_RETRY
+        };
+        if !self.server.bind_relay(addr, &token) {
+            self.drop_relay(now);
+            return;
+        }
+        self.reach.bind_timer = Some(self.timers.schedule(next, NetTimer::RelayBind));
+    }
+
+    /// Events of the listeners' relay datagrams.
+    pub(super) fn nat_events(&mut self, now: Instant) {
+        while let Some(ev) = self.server.poll_nat_event() {
+            match ev {
+                NatEvent::Bound { relay, observed } => {
+                    let Some(r) = self.reach.relay.as_mut() else {
+                        continue;
+                    };
+                    if r.addr != relay {
+                        continue;
+                    }
+                    r.unanswered = 0;
+                    if r.observed != Some(observed) {
+                        log::debug!("relay {relay} bound; it sees our listener at {observed}");
+                        r.observed = Some(observed);
+                        self.reach.refresh();
+                    }
+                    if self.reach.bind_timer.is_none() {
+                        let at = now + self.cfg.relay_bind_interval;
+                        self.reach.bind_timer = Some(self.timers.schedule(at, NetTimer::RelayBind));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Core {
+    /// An `mm` frame other than identify on connection `k` (identified, native).
+    pub(super) fn on_mm(&mut self, k: usize, topic: &str, payload: &[u8]) {
+        let now = self.now;
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(c) = net.conns.get(k) else { return };
+        if c.compat {
+            return;
+        }
+        let b = c.peer_box;
+        let text = std::str::from_utf8(payload).ok();
+        let addr: Option<SocketAddr> = text.and_then(|t| t.parse().ok());
+        match topic {
+            "observed" => {
+                let Some(seen) = addr else { return };
+                // The address our system sends from towards this peer.
+                let remote = match &c.link {
+                    Link::Client(d) => d.path().0,
+                    Link::Server(_) => return,
+                };
+                let local = UdpSocket::bind(if remote.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                })
+                .and_then(|s| {
+                    s.connect(remote)?;
+                    s.local_addr()
+                });
+                let Ok(local) = local else { return };
+                if local.ip() != seen.ip() && !net.reach.behind_nat {
+                    log::debug!("a NAT is between us and {b}: it sees us from {seen}");
+                    net.reach.behind_nat = true;
+                }
+                if net.reach.probing == Some(b) {
+                    net.reach.probing = None;
+                    net.next_relay(now);
+                }
+            }
+            "relay.reserve" => {
+                let token = net.server.relay_mut().and_then(|r| r.reserve(b.0 .0, now));
+                match token {
+                    Some(t) => net.queue_mm(b, "relay.ok", hex(&t).into_bytes(), now),
+                    None => net.queue_mm(b, "relay.no", Vec::new(), now),
+                }
+            }
+            "relay.ok" => {
+                let token = text.and_then(unhex);
+                let Some(r) = net.reach.relay.as_mut().filter(|r| r.peer == b) else {
+                    return;
+                };
+                if r.token.is_some() {
+                    return;
+                }
+                let Some(token) = token else { return };
+                r.token = Some(token);
+                net.relay_bind_due(now);
+            }
+            "relay.no" if net.reach.relay.as_ref().is_some_and(|r| r.peer == b) => {
+                net.drop_relay(now);
+            }
+            "punch" => {
+                let Some(target) = addr else { return };
+                if !net.cfg.hole_punching {
+                    return;
+                }
+                if let Some(c) = net.conns.get_mut(k) {
+                    if let Link::Client(d) = &mut c.link {
+                        if d.path().1 && !c.punched {
+                            c.punched = true;
+                            d.start_punch(target, now);
+                            net.mark_dirty(k);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Reports connection `k`'s path if it changed (`Event::Path`).
+    pub(super) fn check_path(&mut self, k: usize) {
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(c) = net.conns.get_mut(k) else {
+            return;
+        };
+        if !c.active {
+            return;
+        }
+        let now_path = match &c.link {
+            Link::Client(d) => Some(d.path()),
+            Link::Server(id) => net.server.server().path(*id).and_then(|p| p.remote()),
+        };
+        if now_path.is_none() || now_path == c.path {
+            return;
+        }
+        c.path = now_path;
+        let (Some(peer), Some((remote, relayed))) = (c.peer, now_path) else {
+            return;
+        };
+        self.emit(Event::Path {
+            peer,
+            relayed,
+            remote,
+        });
+    }
+
+    /// Publishes our nodeInfo if the endpoints changed.
+    pub(super) fn sync_node_info(&mut self) {
+        let Some(net) = self.net.as_mut() else { return };
+        if !net.take_endpoints_changed() {
+            return;
+        }
+        self.connection_info = connection_info::to_json(net.published_endpoints());
+        let info = self.node_info();
+        self.publish_local("transports.myNodeInfo", &info);
+        self.emit(Event::MyNodeInfo(info));
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; TOKEN_LEN]> {
+    let s = s.as_bytes();
+    if s.len() != 2 * TOKEN_LEN {
+        return None;
+    }
+    let mut out = [0u8; TOKEN_LEN];
+    for (i, o) in out.iter_mut().enumerate() {
+        let d = std::str::from_utf8(&s[2 * i..2 * i + 2]).ok()?;
+        *o = u8::from_str_radix(d, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_junk_is_refused() {
+        let t = [0xab; TOKEN_LEN];
+        assert_eq!(unhex(&hex(&t)), Some(t));
+        assert_eq!(unhex("zz"), None);
+        assert_eq!(unhex(&"g".repeat(32)), None);
+        assert_eq!(unhex(&"a".repeat(33)), None);
+    }
+
+    #[test]
+    fn published_endpoints_skip_unspecified_and_follow_the_relay() {
+        let bound = vec![
+            Endpoint::native(TransportKind::Udp, "0.0.0.0:4000".parse().unwrap()),
+            Endpoint::native(TransportKind::Tcp, "192.0.2.2:4001".parse().unwrap()),
+        ];
+        let mut r = Reach::new(&bound);
+        assert_eq!(r.published, vec![bound[1]]);
+        let relay: SocketAddr = "203.0.113.10:4000".parse().unwrap();
+        r.relay = Some(RelayUse {
+            peer: BoxId(crate::crypto::BoxPublicKey([1; 32])),
+            addr: relay,
+            token: Some([0; TOKEN_LEN]),
+            observed: None,
+            unanswered: 0,
+        });
+        r.refresh();
+        assert!(!r.changed, "not before the relay confirms a bind");
+        r.relay.as_mut().unwrap().observed = Some("203.0.113.2:4000".parse().unwrap());
+        r.refresh();
+        assert!(r.changed);
+        assert_eq!(r.published, vec![Endpoint::relayed(relay)]);
+    }
+}
