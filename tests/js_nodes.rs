@@ -26,6 +26,17 @@ use support::{random_data, TempDir};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
+/// One JavaScript test at a time: the JavaScript nodes do their cryptography in JavaScript and
+/// take a core each while moving a megabyte; two such tests side by side on a small machine
+/// (and whatever else it runs) make each other time out.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    // The platform's debug log is shown for a test that fails (RUST_LOG picks the level).
+    let _ = env_logger::builder().is_test(true).try_init();
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn rust_node(identity: Identity, friends: &[&str]) -> Platform {
     Platform::builder()
         .identity(identity)
@@ -160,6 +171,7 @@ fn ms_both_ways(transport: &str) {
 #[test]
 fn ms_messages_both_ways_over_udp() {
     if js_available("ms_messages_both_ways_over_udp") {
+        let _serial = serial();
         ms_both_ways("udp");
     }
 }
@@ -167,6 +179,7 @@ fn ms_messages_both_ways_over_udp() {
 #[test]
 fn ms_messages_both_ways_over_tcp() {
     if js_available("ms_messages_both_ways_over_tcp") {
+        let _serial = serial();
         ms_both_ways("tcp");
     }
 }
@@ -184,6 +197,7 @@ fn bt_both_ways(transport: &str) {
     for (i, &n) in sizes.iter().enumerate() {
         let data = random_data(n, 7 + i as u64);
         let topic = format!("torrent{i}");
+        let t = Instant::now();
         assert!(rust
             .torrenting()
             .send(&topic, js_box.as_str(), &data)
@@ -191,12 +205,16 @@ fn bt_both_ways(transport: &str) {
         let got = {
             let r = &mut rust;
             js.wait_for(
-                Duration::from_secs(60),
+                Duration::from_secs(180),
                 || poll(r),
                 |v| v["event"] == "message" && v["topic"] == topic.as_str(),
             )
         };
         assert_eq!(got["protocol"], "bt");
+        eprintln!(
+            "bt: {n} bytes Rust to JS over {transport} in {:?}",
+            t.elapsed()
+        );
         let bytes = B64
             .decode(got["payloadBase64"].as_str().expect("payloadBase64"))
             .unwrap();
@@ -207,12 +225,16 @@ fn bt_both_ways(transport: &str) {
             "protocol": "bt", "payloadBase64": B64.encode(&data)}),
         );
         let mut msg: Option<Message> = None;
-        pump_until(&mut rust, Duration::from_secs(60), "a bt payload", || {
+        pump_until(&mut rust, Duration::from_secs(180), "a bt payload", || {
             js.drain();
             msg = rx.try_recv().ok();
             msg.is_some()
         });
         let msg = msg.unwrap();
+        eprintln!(
+            "bt: {n} bytes JS to Rust over {transport} in {:?}",
+            t.elapsed()
+        );
         assert_eq!(msg.protocol, "bt");
         assert_eq!(msg.topic, topic);
         assert!(msg.payload == data, "{n} bytes JS to Rust arrived changed");
@@ -223,6 +245,7 @@ fn bt_both_ways(transport: &str) {
 #[test]
 fn bt_payloads_both_ways_over_udp() {
     if js_available("bt_payloads_both_ways_over_udp") {
+        let _serial = serial();
         bt_both_ways("udp");
     }
 }
@@ -230,6 +253,7 @@ fn bt_payloads_both_ways_over_udp() {
 #[test]
 fn bt_payloads_both_ways_over_tcp() {
     if js_available("bt_payloads_both_ways_over_tcp") {
+        let _serial = serial();
         bt_both_ways("tcp");
     }
 }
@@ -240,6 +264,7 @@ fn a_thousand_messages_each_way_in_order() {
     if !js_available("a_thousand_messages_each_way_in_order") {
         return;
     }
+    let _serial = serial();
     const N: u64 = 1000;
     let mut js = JsPeer::spawn(&["--no-tcp"]);
     let mut rust = rust_node(Identity::generate(), &[]);
@@ -356,6 +381,7 @@ fn one_port_serves_js_and_rust_peers_at_once() {
     if !js_available("one_port_serves_js_and_rust_peers_at_once") {
         return;
     }
+    let _serial = serial();
     let mut js = JsPeer::spawn(&["--no-tcp"]);
     let mut server = rust_node(Identity::generate(), &[]);
     let mut other = Platform::builder()
@@ -456,6 +482,7 @@ fn unknown_js_sender_is_reported_by_box_id_until_mapped() {
     if !js_available("unknown_js_sender_is_reported_by_box_id_until_mapped") {
         return;
     }
+    let _serial = serial();
     let mut js = JsPeer::spawn(&["--no-tcp"]);
     let mut rust = rust_node(Identity::generate(), &[]);
     tell_js(&mut js, &only(&rust.node_info(), "udp"));
@@ -506,6 +533,7 @@ fn js_data_directory_opens_as_its_identity() {
     if !js_available("js_data_directory_opens_as_its_identity") {
         return;
     }
+    let _serial = serial();
     let dir = TempDir::new("js-data");
     let data = dir.path("node");
     let sign = {
