@@ -74,6 +74,22 @@
  *  - A frame protocol "mm", topic "identify", payload a signId is decoded and emitted as a
  *    platform 'message' (scope public); neither the `ms` nor the `bt` API takes protocol "mm",
  *    so no application subscriber sees it. No crash. (Here: a "platformMessage" event.)
+ *  - Replies: a node needs the destination's nodeInfo even to answer a peer that is connected to
+ *    it (directory lookup first: requestNodeInfo, then after 10 s every queued send fails with
+ *    'Connection could not be established. Message sending failed.'). With the nodeInfo it sends
+ *    over ANY live stream for that key, inbound included (the newest one); it opens no new one.
+ *  - Transport choice: 1tp dials every endpoint of the nodeInfo it has a transport for, in
+ *    parallel (UDP SYN and TCP connect at once), keeps the first that completes and aborts the
+ *    others; on loopback TCP wins. --no-udp / --no-tcp leave that transport out on both ends.
+ *  - "sent" comes from curvecp 1.2.1's write callback, which fires once the acknowledged range
+ *    covers [bytes cut into blocks at write time, + length): for writes queued behind others that
+ *    start is too small, so in a burst the callbacks fire as soon as the first block is
+ *    acknowledged, long before delivery (flooded.ms is not a delivery time).
+ *  - TCP (1tp's netstring reader) loses frames that share a read or are split over two reads.
+ *    At a warmed-up rate in both directions at once this ends in "maximum retransmissions
+ *    reached": the stream is dropped, its unsent bytes are lost although reported sent, and the
+ *    peer's receive buffer (one per peer key, shared by all its streams) can be left mid-frame,
+ *    after which that peer's frames are never parsed again. UDP did not show this.
  *  - "bt": the original's payload is a protobuf string. Its API asserts the payload is a JS string
  *    and protobufjs writes it as UTF-8; received bytes are decoded as UTF-8 with invalid sequences
  *    replaced by U+FFFD. Arbitrary bytes therefore do not cross byte for byte. This peer maps
