@@ -35,7 +35,7 @@
  *    ...) without one, which makes fs.writeFile throw on Node >= 10.
  *  - an uncaught exception prints {"event":"fatal"} before exiting 1 (the original just died).
  *
- * stdin, one JSON object a line:
+ * stdin, one JSON object a line (lines that arrive before "ready" are held until then):
  *   {"cmd":"nodeInfo","nodeInfo":{...}}       as a `transports.nodeInfo` message on the local bus
  *                                              -> {"event":"ok","cmd":"nodeInfo"}
  *   {"cmd":"send","id":N,"to":BOXID,"topic":T,"protocol":"ms","payload":ANY}
@@ -86,8 +86,8 @@
  *    start is too small, so in a burst the callbacks fire as soon as the first block is
  *    acknowledged, long before delivery (flooded.ms is not a delivery time).
  *  - TCP (1tp's netstring reader) loses frames that share a read or are split over two reads.
- *    At a warmed-up rate in both directions at once this ends in "maximum retransmissions
- *    reached": the stream is dropped, its unsent bytes are lost although reported sent, and the
+ *    At a warmed-up rate with traffic both ways this sometimes (not every run) ends in "maximum
+ *    retransmissions reached": the stream is dropped, its unsent bytes are lost although reported sent, and the
  *    peer's receive buffer (one per peer key, shared by all its streams) can be left mid-frame,
  *    after which that peer's frames are never parsed again. UDP did not show this.
  *  - "bt": the original's payload is a protobuf string. Its API asserts the payload is a JS string
@@ -601,6 +601,9 @@ class Platform {
           this.connectionInfo = connectionInfo
           this.publishMyNodeInfo()
           emit({ event: 'ready', nodeInfo: this.nodeInfo })
+          const waiting = early || []
+          early = null
+          waiting.forEach(handle)
         })
         this.transports.listen(info)
       })
@@ -841,12 +844,15 @@ function handle (cmd) {
   }
 }
 
+// commands that arrive before "ready" wait for it (the original has no transport before then)
+let early = []
 const lines = readline.createInterface({ input: process.stdin })
 lines.on('line', (line) => {
   if (!line.trim()) return
   let cmd
   try { cmd = JSON.parse(line) } catch (err) { return emit({ event: 'error', error: 'bad JSON: ' + err.message }) }
-  handle(cmd)
+  if (early) early.push(cmd)
+  else handle(cmd)
 })
 lines.on('close', () => process.exit(0))
 
