@@ -35,7 +35,7 @@
  *    ...) without one, which makes fs.writeFile throw on Node >= 10.
  *  - an uncaught exception prints {"event":"fatal"} before exiting 1 (the original just died).
  *
- * stdin, one JSON object a line:
+ * stdin, one JSON object a line (lines that arrive before "ready" are held until then):
  *   {"cmd":"nodeInfo","nodeInfo":{...}}       as a `transports.nodeInfo` message on the local bus
  *                                              -> {"event":"ok","cmd":"nodeInfo"}
  *   {"cmd":"send","id":N,"to":BOXID,"topic":T,"protocol":"ms","payload":ANY}
@@ -74,6 +74,22 @@
  *  - A frame protocol "mm", topic "identify", payload a signId is decoded and emitted as a
  *    platform 'message' (scope public); neither the `ms` nor the `bt` API takes protocol "mm",
  *    so no application subscriber sees it. No crash. (Here: a "platformMessage" event.)
+ *  - Replies: a node needs the destination's nodeInfo even to answer a peer that is connected to
+ *    it (directory lookup first: requestNodeInfo, then after 10 s every queued send fails with
+ *    'Connection could not be established. Message sending failed.'). With the nodeInfo it sends
+ *    over ANY live stream for that key, inbound included (the newest one); it opens no new one.
+ *  - Transport choice: 1tp dials every endpoint of the nodeInfo it has a transport for, in
+ *    parallel (UDP SYN and TCP connect at once), keeps the first that completes and aborts the
+ *    others; on loopback TCP wins. --no-udp / --no-tcp leave that transport out on both ends.
+ *  - "sent" comes from curvecp 1.2.1's write callback, which fires once the acknowledged range
+ *    covers [bytes cut into blocks at write time, + length): for writes queued behind others that
+ *    start is too small, so in a burst the callbacks fire as soon as the first block is
+ *    acknowledged, long before delivery (flooded.ms is not a delivery time).
+ *  - TCP (1tp's netstring reader) loses frames that share a read or are split over two reads.
+ *    At a warmed-up rate with traffic both ways this sometimes (not every run) ends in "maximum
+ *    retransmissions reached": the stream is dropped, its unsent bytes are lost although reported sent, and the
+ *    peer's receive buffer (one per peer key, shared by all its streams) can be left mid-frame,
+ *    after which that peer's frames are never parsed again. UDP did not show this.
  *  - "bt": the original's payload is a protobuf string. Its API asserts the payload is a JS string
  *    and protobufjs writes it as UTF-8; received bytes are decoded as UTF-8 with invalid sequences
  *    replaced by U+FFFD. Arbitrary bytes therefore do not cross byte for byte. This peer maps
@@ -585,6 +601,9 @@ class Platform {
           this.connectionInfo = connectionInfo
           this.publishMyNodeInfo()
           emit({ event: 'ready', nodeInfo: this.nodeInfo })
+          const waiting = early || []
+          early = null
+          waiting.forEach(handle)
         })
         this.transports.listen(info)
       })
@@ -825,12 +844,15 @@ function handle (cmd) {
   }
 }
 
+// commands that arrive before "ready" wait for it (the original has no transport before then)
+let early = []
 const lines = readline.createInterface({ input: process.stdin })
 lines.on('line', (line) => {
   if (!line.trim()) return
   let cmd
   try { cmd = JSON.parse(line) } catch (err) { return emit({ event: 'error', error: 'bad JSON: ' + err.message }) }
-  handle(cmd)
+  if (early) early.push(cmd)
+  else handle(cmd)
 })
 lines.on('close', () => process.exit(0))
 
