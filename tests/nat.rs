@@ -15,6 +15,9 @@
 //! - Port-preserving NATs, knowing only a public relay: A's first message reaches B through the
 //!   relay, the connection moves to a punched direct path within seconds, and 10,000 messages
 //!   sent across the move arrive exactly once and in order.
+//! - Dial-back: a public node bound to 0.0.0.0 publishes its public address, a node behind a
+//!   NAT is found unreachable and takes a relay, a node behind a port forward publishes the
+//!   forwarded endpoint and takes none; A reaches both published endpoints directly.
 //! - Random-port NATs: the punch fails, messages go through the relay both ways, and the
 //!   relay's memory and output never hold the plaintext marker; the relay going away makes both
 //!   nodes move to the second relay, through which they talk again.
@@ -191,10 +194,103 @@ fn random_port_nats_stay_relayed_both_ways_relay_sees_no_plaintext_and_is_replac
     drop(gone);
     let b_info2 = wait_relayed(&mut b, other);
     a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info2}));
-    a.cmd(json!({"cmd": "send", "topic": "nat.after", "to": b_id, "payload": {"m": 1}}));
+    // A message written on A's old connection before A finds it dead fails with
+    // "connection lost" (real-time messages are not retried): A sends again then, at most 5
+    // times.
+    for id in 0..5 {
+        a.cmd(
+            json!({"cmd": "send", "id": id, "topic": "nat.after", "to": b_id, "payload": {"m": 1}}),
+        );
+        let sent = a.wait_for(Duration::from_secs(60), |v| {
+            v["event"] == "sent" && v["id"] == id
+        });
+        if sent["ok"] == true {
+            break;
+        }
+        eprintln!("nat.after: attempt {id} failed: {sent}");
+    }
     b.wait_for(Duration::from_secs(60), |v| {
         v["event"] == "message" && v["topic"] == "public.nat.after"
     });
     a.quit(Duration::from_secs(5));
     b.quit(Duration::from_secs(5));
+}
+
+/// The UDP endpoints (`ip:port`) of a nodeInfo.
+fn udp_endpoints(info: &Value) -> Vec<String> {
+    info["connectionInfo"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter(|e| e["transportType"] == "udp")
+                .map(|e| {
+                    format!(
+                        "{}:{}",
+                        e["transportInfo"]["address"].as_str().unwrap_or(""),
+                        e["transportInfo"]["port"]
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn dial_back_finds_public_natted_and_port_forwarded_nodes() {
+    // B's router forwards UDP 4000 to B; A's does not.
+    let Some(nat) = Nat::build_with("nat: dial-back", false, Some(4000)) else {
+        return;
+    };
+    let dir = TempDir::new("nat-dialback");
+    let r1 = node(&nat.r1, &dir, "r1", "203.0.113.10:4000", &["--relay"]);
+    let boot = bootstrap(&dir, &[ready_info(&r1)]);
+    // P: a public host (r2's namespace) bound to 0.0.0.0, which publishes no UDP endpoint
+    // until a dial-back tells it its address.
+    let mut p = node(&nat.r2, &dir, "p", "0.0.0.0:4000", &["--bootstrap", &boot]);
+    assert!(udp_endpoints(&ready_info(&p)).is_empty());
+    let mut a = node(&nat.ha, &dir, "a", "0.0.0.0:4000", &["--bootstrap", &boot]);
+    let mut b = node(&nat.hb, &dir, "b", "0.0.0.0:4000", &["--bootstrap", &boot]);
+
+    let published = |want: &'static str| {
+        move |v: &Value| v["event"] == "nodeInfo" && udp_endpoints(&v["nodeInfo"]) == [want]
+    };
+    let p_info = p.wait_for(LIMIT, published("203.0.113.11:4000"))["nodeInfo"].clone();
+    let b_info = b.wait_for(LIMIT, published("203.0.113.3:4000"))["nodeInfo"].clone();
+    // A, behind a NAT that drops new inbound flows, is found unreachable and takes the relay.
+    let a_info = wait_relayed(&mut a, "203.0.113.10:4000");
+    assert!(udp_endpoints(&a_info).is_empty(), "{a_info}");
+    // Neither reachable node takes a relay (give one time to show up).
+    p.collect_for(Duration::from_secs(2));
+    b.collect_for(Duration::from_millis(100));
+    for (x, info) in [(&p, &p_info), (&b, &b_info)] {
+        assert!(relayed_via(info).is_none(), "{info}");
+        assert!(
+            !x.seen
+                .iter()
+                .any(|v| v["event"] == "nodeInfo" && relayed_via(&v["nodeInfo"]).is_some()),
+            "{} took a relay",
+            x.proc.name
+        );
+    }
+    // The published endpoints work: A reaches P and B directly through them.
+    let (p_id, b_id) = (p_info["signId"].clone(), b_info["signId"].clone());
+    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": p_info}));
+    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
+    a.cmd(json!({"cmd": "send", "topic": "nat.p", "to": p_id, "payload": 1}));
+    a.cmd(json!({"cmd": "send", "topic": "nat.b", "to": b_id, "payload": 2}));
+    p.wait_for(LIMIT, |v| {
+        v["event"] == "message" && v["topic"] == "public.nat.p"
+    });
+    b.wait_for(LIMIT, |v| {
+        v["event"] == "message" && v["topic"] == "public.nat.b"
+    });
+    for (id, remote) in [(&p_id, "203.0.113.11:4000"), (&b_id, "203.0.113.3:4000")] {
+        let path = a.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == *id);
+        assert_eq!(path["path"], "direct", "{path}");
+        assert_eq!(path["remote"], remote, "{path}");
+    }
+    a.quit(Duration::from_secs(5));
+    b.quit(Duration::from_secs(5));
+    p.quit(Duration::from_secs(5));
+    r1.quit(Duration::from_secs(5));
 }

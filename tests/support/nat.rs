@@ -200,7 +200,7 @@ impl Nat {
             let (dnat, exempt) = match forward_b {
                 Some(port) if router.name == self.rb.name => (
                     format!(
-                        "table ip fwd {{\n chain pre {{\n type nat hook prerouting priority -100; policy accept;\n iifname \"wan0\" udp dport {port} dnat to {net}.2:{port}\n }}\n}}\n"
+                        "table ip portfwd {{\n chain pre {{\n type nat hook prerouting priority -100; policy accept;\n iifname \"wan0\" udp dport {port} dnat to {net}.2:{port}\n }}\n}}\n"
                     ),
                     format!(" iifname \"wan0\" udp dport {port} accept\n"),
                 ),
