@@ -348,6 +348,12 @@ impl Relay {
         self.by_target.len()
     }
 
+    /// Client sessions held, all reservations together (at most `max_reservations` times
+    /// `max_sessions`).
+    pub fn sessions(&self) -> usize {
+        self.by_target.values().map(|r| r.sessions.len()).sum()
+    }
+
     /// Reserves for `target` (a node authenticated by CurveCP) with a fresh token, or renews
     /// its reservation (same token). `None` when the table is full.
     pub fn reserve(&mut self, target: [u8; 32], now: Instant) -> Option<[u8; TOKEN_LEN]> {
