@@ -4,7 +4,9 @@
 //! scopes and order each side expects; one Rust node serves a JavaScript peer and a Rust peer on
 //! the same ports at once while Rust-to-Rust traffic keeps the native framing; a data directory
 //! written by a JavaScript node opens as its identity. Everything runs on 127.0.0.1; every wait
-//! is bounded. Skipped loudly without node and `tests/js/node_modules` (CI sets MM_REQUIRE_JS=1).
+//! is bounded. A JavaScript node given a nodeInfo with an `mm-relay` endpoint and
+//! `"relay": true` skips the one and ignores the other. Skipped loudly without node and
+//! `tests/js/node_modules` (CI sets MM_REQUIRE_JS=1).
 
 mod support;
 
@@ -553,5 +555,95 @@ fn js_data_directory_opens_as_its_identity() {
     drop(p);
     let mut js = JsPeer::spawn(&["--data", data.to_str().unwrap(), "--no-tcp"]);
     assert_eq!(js.sign_id(), sign);
+    assert!(js.alive());
+}
+
+/// A Rust node offering relaying (`"relay": true` on its UDP endpoint), described to a
+/// JavaScript node by a nodeInfo that lists an `mm-relay` endpoint first (a transport type no
+/// JS node knows) and then that UDP endpoint: the JS node neither crashes on it nor on the
+/// unknown field, and reaches the Rust node through the UDP endpoint; messages go both ways.
+#[test]
+fn js_node_skips_relayed_endpoints_and_uses_the_udp_one() {
+    if !js_available("js_node_skips_relayed_endpoints_and_uses_the_udp_one") {
+        return;
+    }
+    let mut js = JsPeer::spawn(js_flags("udp"));
+    let net = mm_platform::NetConfig {
+        relay: Some(Default::default()),
+        ..Default::default()
+    };
+    let mut rust = Platform::builder()
+        .identity(Identity::generate())
+        .storage(MemStore::new())
+        .friends([js.sign_id().parse().expect("signId")])
+        .net(net)
+        .build()
+        .expect("platform");
+    tell_rust(&mut rust, &js.node_info.clone());
+    let mut info = only(&rust.node_info(), "udp");
+    assert_eq!(
+        info["connectionInfo"][0]["transportInfo"]["relay"], true,
+        "{info}"
+    );
+    // A relayed endpoint through a "relay" that only counts what reaches it (nothing must).
+    let relay = UdpSocket::bind("127.0.0.1:0").unwrap();
+    relay.set_nonblocking(true).unwrap();
+    let relayed = json!({"transportType": "mm-relay",
+        "transportInfo": {"address": "127.0.0.1", "port": relay.local_addr().unwrap().port()}});
+    info["connectionInfo"]
+        .as_array_mut()
+        .unwrap()
+        .insert(0, relayed);
+    tell_js(&mut js, &info);
+    assert!(js.alive(), "the JS node survived the nodeInfo");
+    let (_, rx) = rust.on_channel("*.test.*", 64);
+
+    // JS to Rust: through the UDP endpoint.
+    let our_box = rust.box_id().to_string();
+    js.cmd(
+        json!({"cmd": "send", "id": 1, "to": our_box, "topic": "test.viaUdp",
+        "protocol": "ms", "payload": {"n": 1}}),
+    );
+    let mut msg: Option<Message> = None;
+    pump_until(&mut rust, Duration::from_secs(20), "the JS message", || {
+        js.drain();
+        msg = rx.try_recv().ok();
+        msg.is_some()
+    });
+    let msg = msg.unwrap();
+    assert_eq!(msg.sender, Address::Node(js.sign_id().parse().unwrap()));
+    assert_eq!(msg.json::<Value>().unwrap(), json!({"n": 1}));
+    {
+        let r = &mut rust;
+        js.wait_for(
+            Duration::from_secs(20),
+            || poll(r),
+            |v| v["event"] == "sent" && v["id"] == 1,
+        );
+    }
+    // Rust to JS.
+    let js_box = js.box_id();
+    assert!(rust
+        .messaging()
+        .send("test.back", js_box.as_str(), &json!({"n": 2}))
+        .is_queued());
+    {
+        let r = &mut rust;
+        js.wait_for(
+            Duration::from_secs(20),
+            || poll(r),
+            |v| v["event"] == "message" && v["topic"] == "test.back",
+        );
+    }
+    // Only the UDP endpoint was used: no connection went to the relayed one.
+    for c in rust.connections() {
+        assert_eq!(c.transport, mm_platform::transport::TransportKind::Udp);
+        assert!(!c.relayed, "{c:?}");
+    }
+    let mut buf = [0u8; 2048];
+    assert!(
+        relay.recv_from(&mut buf).is_err(),
+        "nothing was sent to the relayed endpoint"
+    );
     assert!(js.alive());
 }

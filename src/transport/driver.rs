@@ -200,6 +200,12 @@ pub enum NatEvent {
         /// Our listening socket's address as the relay sees it.
         observed: SocketAddr,
     },
+    /// The dial-back probe we expect ([`ServerDriver::expect_dial_back`]) reached our
+    /// listening UDP socket: strangers can dial us there.
+    DialedBack {
+        /// Where it came from (the dialling peer's fresh socket).
+        from: SocketAddr,
+    },
 }
 
 enum ClientLink {
@@ -700,6 +706,8 @@ pub struct ServerDriver {
     /// Hole punches from the listening socket, by target (at most [`MAX_PUNCHES`]).
     probers: HashMap<SocketAddr, Prober>,
     nat_events: VecDeque<NatEvent>,
+    /// The nonce of the dial-back probe we wait for.
+    dial_back: Option<[u8; relay::DIAL_BACK_NONCE_LEN]>,
     /// Relay datagrams (a packet and a relay header).
     rbuf: Box<[u8; MAX_PACKET + relay::OVERHEAD]>,
 }
@@ -783,6 +791,7 @@ impl ServerDriver {
             bound_relays: HashSet::new(),
             probers: HashMap::new(),
             nat_events: VecDeque::new(),
+            dial_back: None,
             rbuf: Box::new([0; MAX_PACKET + relay::OVERHEAD]),
         })
         .map(|mut d| {
@@ -842,6 +851,36 @@ impl ServerDriver {
     /// The next thing learnt from relay datagrams.
     pub fn poll_nat_event(&mut self) -> Option<NatEvent> {
         self.nat_events.pop_front()
+    }
+
+    /// Waits for a dial-back probe carrying `nonce` (replacing any awaited one; `None`: stop
+    /// waiting): when it reaches the listening UDP socket, [`NatEvent::DialedBack`] is raised
+    /// once. Probes with any other nonce are dropped.
+    pub fn expect_dial_back(&mut self, nonce: Option<[u8; relay::DIAL_BACK_NONCE_LEN]>) {
+        self.dial_back = nonce;
+    }
+
+    /// Dials `target` back for a peer that asked ([`relay::DialBackGuard`] is the caller's):
+    /// [`relay::DIAL_BACK_COPIES`] probes with `nonce` from a fresh UDP socket (not the
+    /// listening one, so no NAT mapping or conntrack entry of ours lets them through), which
+    /// is closed at once.
+    pub fn dial_back(
+        &mut self,
+        target: SocketAddr,
+        nonce: &[u8; relay::DIAL_BACK_NONCE_LEN],
+    ) -> io::Result<()> {
+        let local: SocketAddr = if target.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = std::net::UdpSocket::bind(local)?;
+        socket.set_nonblocking(true)?;
+        let d = relay::dial_back_datagram(nonce);
+        for _ in 0..relay::DIAL_BACK_COPIES {
+            socket.send_to(&d, target)?;
+        }
+        Ok(())
     }
 
     /// Sends `datagram` from the listening UDP socket (a dial-back probe and the like).
@@ -1001,6 +1040,13 @@ impl ServerDriver {
                             relay: from,
                             observed,
                         });
+                    }
+                    Some(Datagram::DialBack(nonce)) if self.dial_back == Some(nonce) => {
+                        self.dial_back = None;
+                        if self.nat_events.len() >= MAX_NAT_EVENTS {
+                            self.nat_events.pop_front();
+                        }
+                        self.nat_events.push_back(NatEvent::DialedBack { from });
                     }
                     Some(Datagram::Punch(_)) | Some(Datagram::PunchAck(_)) => {
                         if let Some(p) = self.probers.get_mut(&from) {

@@ -17,6 +17,7 @@
 //! | `MMrlyBK1` | reserving node → relay | client address (18), CurveCP packet (the relay sends it on bare) |
 //! | `MMpunch1` | either end of a punch | nonce (8) |
 //! | `MMpunchA` | answer to a probe | the probe's nonce (8) |
+//! | `MMdialB1` | a peer's fresh socket → a node's listener (dial-back) | the node's nonce (16) |
 //!
 //! A relay only ever moves CurveCP packets between the two ends: it has no key of their
 //! connection, so it can neither read nor forge them (the end points' CurveCP authenticates
@@ -40,6 +41,16 @@
 //! proves the path both ways: [`Prober::handle`] then reports success. Probes that NATs drop
 //! cost nothing; a NAT that maps a fresh port per destination never lets an answer through,
 //! and the prober gives up after its tries.
+//!
+//! # Dial-back ([`DialBackGuard`])
+//!
+//! A node learns whether it can be dialled by asking a connected peer (over their
+//! authenticated connection) to send a `MMdialB1` datagram with a random nonce to its listening
+//! port, from a fresh socket (so no NAT mapping or conntrack entry of theirs can let it in).
+//! The nonce arriving at the listener proves that strangers can reach it there. The serving
+//! side dials only the requester's own address as its connection shows it (never an address
+//! the request names: no reflection), sends [`DIAL_BACK_COPIES`] datagrams of 24 bytes, and
+//! is rate-limited per source address and overall by a [`DialBackGuard`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -61,6 +72,12 @@ pub const BACK: &[u8; 8] = b"MMrlyBK1";
 pub const PUNCH: &[u8; 8] = b"MMpunch1";
 /// The answer to a probe.
 pub const PUNCH_ACK: &[u8; 8] = b"MMpunchA";
+/// A dial-back probe.
+pub const DIAL_BACK: &[u8; 8] = b"MMdialB1";
+/// Length of a dial-back nonce.
+pub const DIAL_BACK_NONCE_LEN: usize = 16;
+/// Datagrams sent per dial-back (one lost datagram must not make a node look unreachable).
+pub const DIAL_BACK_COPIES: usize = 3;
 /// Length of an encoded address.
 pub const ADDR_LEN: usize = 18;
 /// Length of a reservation token.
@@ -142,6 +159,16 @@ pub fn probe_datagram(magic: &[u8; 8], nonce: &[u8; 8]) -> [u8; 16] {
     d
 }
 
+/// A dial-back probe carrying `nonce`.
+pub fn dial_back_datagram(
+    nonce: &[u8; DIAL_BACK_NONCE_LEN],
+) -> [u8; MAGIC_LEN + DIAL_BACK_NONCE_LEN] {
+    let mut d = [0u8; MAGIC_LEN + DIAL_BACK_NONCE_LEN];
+    d[..MAGIC_LEN].copy_from_slice(DIAL_BACK);
+    d[MAGIC_LEN..].copy_from_slice(nonce);
+    d
+}
+
 /// One datagram of this module, parsed (borrowing from the input).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Datagram<'a> {
@@ -182,6 +209,8 @@ pub enum Datagram<'a> {
     Punch([u8; 8]),
     /// A probe's answer.
     PunchAck([u8; 8]),
+    /// A dial-back probe.
+    DialBack([u8; DIAL_BACK_NONCE_LEN]),
 }
 
 /// Parses a datagram; `None` for anything malformed (unknown magic, short, empty packet).
@@ -218,6 +247,7 @@ pub fn parse(d: &[u8]) -> Option<Datagram<'_>> {
         },
         PUNCH => Datagram::Punch(fixed(8)?.try_into().ok()?),
         PUNCH_ACK => Datagram::PunchAck(fixed(8)?.try_into().ok()?),
+        DIAL_BACK => Datagram::DialBack(fixed(DIAL_BACK_NONCE_LEN)?.try_into().ok()?),
         _ => return None,
     })
 }
@@ -316,6 +346,12 @@ impl Relay {
     /// Reservations held.
     pub fn reservations(&self) -> usize {
         self.by_target.len()
+    }
+
+    /// Client sessions held, all reservations together (at most `max_reservations` times
+    /// `max_sessions`).
+    pub fn sessions(&self) -> usize {
+        self.by_target.values().map(|r| r.sessions.len()).sum()
     }
 
     /// Reserves for `target` (a node authenticated by CurveCP) with a fresh token, or renews
@@ -489,6 +525,73 @@ impl Relay {
             // Meant for the ends, not for a relay.
             _ => drop(&mut self.stats),
         }
+    }
+}
+
+/// The serving side's bound on dial-backs (see the module docs): at most one per source IP
+/// address per [`DialBackGuard::PER_IP_EVERY`], at most [`DialBackGuard::MAX_PER_WINDOW`] in
+/// any [`DialBackGuard::WINDOW`] overall; it remembers at most [`DialBackGuard::MAX_IPS`]
+/// addresses (forgetting the oldest), so its memory is bounded whatever asks.
+#[derive(Debug, Default)]
+pub struct DialBackGuard {
+    last_by_ip: HashMap<IpAddr, Instant>,
+    window: std::collections::VecDeque<Instant>,
+    refused: u64,
+}
+
+impl DialBackGuard {
+    /// One dial-back per source address this often.
+    pub const PER_IP_EVERY: Duration = Duration::from_secs(30);
+    /// The overall window.
+    pub const WINDOW: Duration = Duration::from_secs(10);
+    /// Dial-backs in one window.
+    pub const MAX_PER_WINDOW: usize = 16;
+    /// Source addresses remembered.
+    pub const MAX_IPS: usize = 1024;
+
+    /// An empty guard.
+    pub fn new() -> DialBackGuard {
+        DialBackGuard::default()
+    }
+
+    /// Whether a dial-back to `ip` may go at `now` (and counts it if so).
+    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        while self
+            .window
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= Self::WINDOW)
+        {
+            self.window.pop_front();
+        }
+        let recent = self
+            .last_by_ip
+            .get(&ip)
+            .is_some_and(|t| now.saturating_duration_since(*t) < Self::PER_IP_EVERY);
+        if recent || self.window.len() >= Self::MAX_PER_WINDOW {
+            self.refused += 1;
+            return false;
+        }
+        if self.last_by_ip.len() >= Self::MAX_IPS && !self.last_by_ip.contains_key(&ip) {
+            self.last_by_ip
+                .retain(|_, t| now.saturating_duration_since(*t) < Self::PER_IP_EVERY);
+            if self.last_by_ip.len() >= Self::MAX_IPS {
+                self.refused += 1;
+                return false;
+            }
+        }
+        self.last_by_ip.insert(ip, now);
+        self.window.push_back(now);
+        true
+    }
+
+    /// Dial-backs refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+
+    /// Source addresses remembered now.
+    pub fn remembered(&self) -> usize {
+        self.last_by_ip.len()
     }
 }
 
@@ -731,6 +834,52 @@ mod tests {
         assert!(r
             .handle(&d[..small], a("192.0.2.9:2"), stale, &mut out)
             .is_none());
+    }
+
+    #[test]
+    fn dial_back_datagrams_round_trip_and_junk_is_refused() {
+        let n = [7u8; DIAL_BACK_NONCE_LEN];
+        let d = dial_back_datagram(&n);
+        assert_eq!(parse(&d), Some(Datagram::DialBack(n)));
+        assert_eq!(parse(&d[..d.len() - 1]), None, "short nonce");
+        assert_eq!(parse(&[d.as_slice(), &[0]].concat()), None, "long nonce");
+        // A relay forwards nothing for a dial-back datagram.
+        let (mut r, _, now) = relay(RelayLimits::default());
+        let mut out = [0u8; 64];
+        let before = r.stats().dropped;
+        assert!(r.handle(&d, a("192.0.2.9:1"), now, &mut out).is_none());
+        assert_eq!(r.stats().dropped, before + 1);
+    }
+
+    #[test]
+    fn dial_back_guard_limits_per_address_and_overall_with_bounded_memory() {
+        let now = Instant::now();
+        let mut g = DialBackGuard::new();
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0xC000_0200 + i));
+        assert!(g.allow(ip(1), now));
+        assert!(
+            !g.allow(ip(1), now + Duration::from_secs(1)),
+            "one per address"
+        );
+        // The overall window: 16 at once, then nothing until it slides.
+        let mut passed = 1;
+        for i in 2..100 {
+            passed += g.allow(ip(i), now) as usize;
+        }
+        assert_eq!(passed, DialBackGuard::MAX_PER_WINDOW);
+        assert!(!g.allow(ip(200), now + Duration::from_secs(9)));
+        let later = now + DialBackGuard::WINDOW;
+        assert!(g.allow(ip(200), later));
+        assert!(!g.allow(ip(1), later), "still one per address");
+        assert!(g.allow(ip(1), now + DialBackGuard::PER_IP_EVERY));
+        // Memory: a flood of distinct addresses over a long time keeps at most MAX_IPS.
+        let mut t = later;
+        for i in 0..20_000u32 {
+            t += Duration::from_millis(700);
+            g.allow(ip(1000 + i), t);
+            assert!(g.remembered() <= DialBackGuard::MAX_IPS);
+        }
+        assert!(g.refused() > 0);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod js;
+pub mod nat;
 
 use std::fs;
 use std::io::Read;
@@ -397,16 +398,19 @@ pub fn js_dir(test: &str) -> Option<PathBuf> {
 }
 
 /// Our `node` example binary, built first (`cargo test --test NAME` alone does not build the
-/// examples; this is a no-op when it is fresh).
+/// examples; this is a no-op when it is fresh), in the profile of the running binary (release
+/// for `cargo bench`).
 pub fn node_bin() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "--quiet", "--example", "node"])
-        .status()
-        .expect("cargo build");
-    assert!(st.success(), "building examples/node.rs failed");
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "--quiet", "--example", "node"]);
+    if dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    let st = build.status().expect("cargo build");
+    assert!(st.success(), "building examples/node.rs failed");
     let bin = dir.join("examples").join("node");
     assert!(
         bin.is_file(),

@@ -251,6 +251,8 @@ enum NetTimer {
     DedupFlush,
     /// Our relay reservation is bound (again).
     RelayBind,
+    /// A dial-back check's time is up.
+    DialBack,
 }
 
 /// How far [`Core::read_conn`] got.

@@ -6,7 +6,22 @@
 //! - *Observed addresses* (libp2p identify's idea): the accepting side of a native connection
 //!   tells its peer, once identified, the address it sees it from (`mm`/`observed`, payload
 //!   `ip:port`). The receiver compares the IP with the source address its own system picks
-//!   for that peer: different means a NAT is between them.
+//!   for that peer: different hints that a NAT is between them.
+//! - *Dial-back* (libp2p autonat's idea, [`crate::transport::relay::DialBackGuard`]): a node
+//!   that got such a hint, or whose UDP listener is bound to an unspecified address (so it
+//!   does not know what to publish), asks the peer that told it (`mm`/`reach.dialback`,
+//!   payload `PORT NONCEHEX`: its listening UDP port and a fresh 16-byte nonce) to dial it
+//!   back. The peer, within its guard's limits, sends `MMdialB1` probes with the nonce from a
+//!   fresh socket to *the requester's IP address as its connection shows it* (never an address
+//!   from the request) and that port, and answers `mm`/`reach.dialing` (or `reach.refused`),
+//!   payload the nonce. The nonce reaching our listener within [`DIAL_BACK_TIMEOUT`] of the
+//!   request makes us *reachable*; a `reach.dialing` answer and no probe by then makes us
+//!   *unreachable*; anything else (refused, no answer: an older node) is inconclusive and the
+//!   hint decides. At most [`MAX_DIAL_BACK_ASKS`] checks per run; a conclusion is kept for
+//!   the run. A reachable node publishes its UDP endpoints with the observed IP address (so a
+//!   public node bound to `0.0.0.0`, or one behind a port forward, publishes an address others
+//!   can use) and takes no relay (it leaves one it took before the answer); an unreachable one
+//!   takes a relay even when the hint said nothing (a firewall that drops inbound flows).
 //! - *Relays*: a node behind a NAT that knows a node offering relaying (its nodeInfo's UDP
 //!   endpoint says `"relay": true`; from the bootstrap list, a nodeInfo given to it,
 //!   discovery) connects to it, asks for a reservation (`mm`/`relay.reserve`; answered by
@@ -31,14 +46,16 @@
 //!
 //! Published endpoints: the bound ones, minus those on an unspecified address (`0.0.0.0`,
 //! `::`, which nobody can dial) and, while a relay is bound, minus every direct one (a node
-//! behind a NAT cannot be dialled there); the relayed one while bound. A change makes the
+//! behind a NAT cannot be dialled there); the relayed one while bound. Once a dial-back
+//! proved us reachable, the UDP endpoints carry the IP address the dialling peer saw (the
+//! bound port kept); TCP endpoints are not checked and stay as bound. A change makes the
 //! platform publish `transports.myNodeInfo` and raise [`crate::Event::MyNodeInfo`].
 
 use std::collections::HashSet;
 use std::net::UdpSocket;
 
 use super::*;
-use crate::transport::relay::TOKEN_LEN;
+use crate::transport::relay::{DialBackGuard, DIAL_BACK_NONCE_LEN, TOKEN_LEN};
 
 /// How often an unconfirmed bind is sent again.
 pub const BIND_RETRY: Duration = Duration::from_millis(300);
@@ -46,6 +63,22 @@ pub const BIND_RETRY: Duration = Duration::from_millis(300);
 pub const BIND_TRIES: u32 = 10;
 /// Relay candidates remembered.
 const MAX_CANDIDATES: usize = 16;
+/// A dial-back we asked for must reach our listener this soon after the request.
+pub const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Dial-back checks a node asks for in one run at most.
+pub const MAX_DIAL_BACK_ASKS: u32 = 4;
+
+/// A dial-back check in flight.
+struct Check {
+    peer: BoxId,
+    nonce: [u8; DIAL_BACK_NONCE_LEN],
+    /// Our listening socket's IP address as the peer sees it (`observed`), with the port
+    /// it saw.
+    seen: SocketAddr,
+    /// The peer said it dialled.
+    acked: bool,
+    timer: TimerId,
+}
 
 /// The relay we use.
 struct RelayUse {
@@ -65,8 +98,16 @@ pub(super) struct Reach {
     published: Vec<Endpoint>,
     /// `published` changed since the platform last looked.
     changed: bool,
-    /// A NAT is between us and some peer (from `observed`).
-    behind_nat: bool,
+    /// A NAT seems to be between us and some peer (an `observed` address not ours).
+    nat_hint: bool,
+    /// What a dial-back check concluded (`None`: none did).
+    reachable: Option<bool>,
+    /// Our IP address as the peer whose dial-back reached us sees it.
+    public_ip: Option<std::net::IpAddr>,
+    check: Option<Check>,
+    asks: u32,
+    /// The serving side's limits on dialling back.
+    guard: DialBackGuard,
     relay: Option<RelayUse>,
     /// Nodes offering relaying, with their relay address.
     candidates: Vec<(BoxId, SocketAddr)>,
@@ -83,7 +124,12 @@ impl Reach {
             bound: bound.to_vec(),
             published: Vec::new(),
             changed: false,
-            behind_nat: false,
+            nat_hint: false,
+            reachable: None,
+            public_ip: None,
+            check: None,
+            asks: 0,
+            guard: DialBackGuard::new(),
             relay: None,
             candidates: Vec::new(),
             failed: HashSet::new(),
@@ -103,11 +149,28 @@ impl Reach {
         {
             return vec![Endpoint::relayed(*addr)];
         }
+        let public = self.public_ip.filter(|_| self.reachable == Some(true));
         self.bound
             .iter()
-            .filter(|e| !e.addr.ip().is_unspecified())
-            .copied()
+            .filter_map(|e| match public {
+                Some(ip)
+                    if e.kind == TransportKind::Udp
+                        && !e.relayed
+                        && (e.addr.ip().is_unspecified() || e.addr.is_ipv4() == ip.is_ipv4()) =>
+                {
+                    Some(Endpoint {
+                        addr: SocketAddr::new(ip, e.addr.port()),
+                        ..*e
+                    })
+                }
+                _ => (!e.addr.ip().is_unspecified()).then_some(*e),
+            })
             .collect()
+    }
+
+    /// Whether we should use a relay: what a dial-back concluded, else the hint.
+    fn behind_nat(&self) -> bool {
+        self.reachable.map_or(self.nat_hint, |r| !r)
     }
 
     fn refresh(&mut self) {
@@ -169,7 +232,8 @@ impl Net {
 
     /// Uses (or probes) the next candidate relay when we have none.
     fn next_relay(&mut self, now: Instant) {
-        if self.reach.relay.is_some() || self.reach.probing.is_some() {
+        if self.reach.relay.is_some() || self.reach.probing.is_some() || self.reach.check.is_some()
+        {
             return;
         }
         let Some(&(b, addr)) = self
@@ -180,7 +244,7 @@ impl Net {
         else {
             return;
         };
-        if self.reach.behind_nat {
+        if self.reach.behind_nat() {
             self.reach.relay = Some(RelayUse {
                 peer: b,
                 addr,
@@ -189,8 +253,8 @@ impl Net {
                 unanswered: 0,
             });
             self.queue_mm(b, "relay.reserve", Vec::new(), now);
-        } else {
-            // Its `observed` answer tells whether we need it.
+        } else if self.reach.reachable.is_none() {
+            // Its `observed` answer (and a dial-back) tell whether we need it.
             self.reach.probing = Some(b);
             self.queue_mm(b, "reach.hello", Vec::new(), now);
         }
@@ -249,12 +313,20 @@ impl Net {
 
     /// Our relay is gone: its endpoint leaves the nodeInfo and another is tried.
     fn drop_relay(&mut self, now: Instant) {
+        self.leave_relay(now, true);
+    }
+
+    /// Stops using our relay (`failed`: it refused or went away, so it is not tried again)
+    /// and looks for another if we still need one.
+    fn leave_relay(&mut self, now: Instant, failed: bool) {
         let Some(r) = self.reach.relay.take() else {
             return;
         };
         log::debug!("relay {} at {} given up", r.peer, r.addr);
         self.server.unbind_relay(r.addr);
-        self.reach.failed.insert(r.peer);
+        if failed {
+            self.reach.failed.insert(r.peer);
+        }
         if let Some(id) = self.reach.bind_timer.take() {
             self.timers.cancel(id);
         }
@@ -287,10 +359,71 @@ impl Net {
         self.reach.bind_timer = Some(self.timers.schedule(next, NetTimer::RelayBind));
     }
 
+    /// Asks native peer `b` (which sees us from `seen`) to dial our listening UDP port back;
+    /// `false` if we have no UDP listener.
+    fn ask_dial_back(&mut self, b: BoxId, seen: SocketAddr, now: Instant) -> bool {
+        let Some(port) = self.server.udp_addr().map(|a| a.port()) else {
+            return false;
+        };
+        let mut nonce = [0u8; DIAL_BACK_NONCE_LEN];
+        crate::crypto::random_bytes(&mut nonce);
+        self.reach.asks += 1;
+        self.server.expect_dial_back(Some(nonce));
+        let timer = self
+            .timers
+            .schedule(now + DIAL_BACK_TIMEOUT, NetTimer::DialBack);
+        self.reach.check = Some(Check {
+            peer: b,
+            nonce,
+            seen,
+            acked: false,
+            timer,
+        });
+        log::debug!("asking {b} to dial us back at {}:{port}", seen.ip());
+        let payload = format!("{port} {}", hex(&nonce)).into_bytes();
+        self.queue_mm(b, "reach.dialback", payload, now);
+        true
+    }
+
+    /// The dial-back check's time is up: a peer that said it dialled and whose probe did not
+    /// come makes us unreachable; no answer at all says nothing.
+    pub(super) fn dial_back_due(&mut self, now: Instant) {
+        let Some(c) = self.reach.check.take() else {
+            return;
+        };
+        if c.acked {
+            log::debug!("{} dialled us back and nothing came: not reachable", c.peer);
+            self.reach.reachable = Some(false);
+        } else {
+            log::debug!("{} did not answer our dial-back request", c.peer);
+        }
+        self.end_check(now);
+    }
+
+    /// A check ended (already taken out): act on what we know now.
+    fn end_check(&mut self, now: Instant) {
+        self.server.expect_dial_back(None);
+        if self.reach.reachable == Some(true) && self.reach.relay.is_some() {
+            self.leave_relay(now, false);
+        }
+        self.reach.refresh();
+        self.next_relay(now);
+    }
+
     /// Events of the listeners' relay datagrams.
     pub(super) fn nat_events(&mut self, now: Instant) {
         while let Some(ev) = self.server.poll_nat_event() {
             match ev {
+                NatEvent::DialedBack { from } => {
+                    let Some(c) = self.reach.check.take() else {
+                        continue;
+                    };
+                    self.timers.cancel(c.timer);
+                    log::debug!("dialled back from {from}: reachable at {}", c.seen.ip());
+                    self.reach.reachable = Some(true);
+                    self.reach.public_ip = Some(c.seen.ip());
+                    self.end_check(now);
+                }
                 NatEvent::Bound { relay, observed } => {
                     let Some(r) = self.reach.relay.as_mut() else {
                         continue;
@@ -344,13 +477,80 @@ impl Core {
                     s.local_addr()
                 });
                 let Ok(local) = local else { return };
-                if local.ip() != seen.ip() && !net.reach.behind_nat {
-                    log::debug!("a NAT is between us and {b}: it sees us from {seen}");
-                    net.reach.behind_nat = true;
+                let hint = local.ip() != seen.ip();
+                if hint && !net.reach.nat_hint {
+                    log::debug!("a NAT may be between us and {b}: it sees us from {seen}");
+                    net.reach.nat_hint = true;
+                }
+                let unspecified = net
+                    .reach
+                    .bound
+                    .iter()
+                    .any(|e| e.kind == TransportKind::Udp && e.addr.ip().is_unspecified());
+                if net.reach.reachable.is_none()
+                    && net.reach.check.is_none()
+                    && net.reach.asks < MAX_DIAL_BACK_ASKS
+                    && (hint || unspecified)
+                {
+                    net.ask_dial_back(b, seen, now);
                 }
                 if net.reach.probing == Some(b) {
                     net.reach.probing = None;
                     net.next_relay(now);
+                }
+            }
+            "reach.dialback" => {
+                let Some((port, nonce)) = text.and_then(parse_dial_back) else {
+                    return;
+                };
+                // Only the requester's own address as this connection shows it, never one
+                // its relay or the request claims.
+                let ip = match &c.link {
+                    Link::Client(d) => {
+                        let (a, relayed) = d.path();
+                        (!relayed).then_some(a.ip())
+                    }
+                    Link::Server(id) => match net.server.server().path(*id) {
+                        Some(p @ (Path::Udp(_) | Path::Tcp { .. })) => net.server.peer_ip(p),
+                        _ => None,
+                    },
+                };
+                let dialled = match ip {
+                    Some(ip) if net.reach.guard.allow(ip, now) => {
+                        let target = SocketAddr::new(ip, port);
+                        match net.server.dial_back(target, &nonce) {
+                            Ok(()) => true,
+                            Err(e) => {
+                                log::debug!("dial-back to {target} not sent: {e}");
+                                false
+                            }
+                        }
+                    }
+                    _ => false,
+                };
+                let topic = if dialled {
+                    "reach.dialing"
+                } else {
+                    "reach.refused"
+                };
+                net.queue_mm(b, topic, hex(&nonce).into_bytes(), now);
+            }
+            "reach.dialing" | "reach.refused" => {
+                let ours = net
+                    .reach
+                    .check
+                    .as_ref()
+                    .is_some_and(|c| c.peer == b && text.and_then(unhex) == Some(c.nonce));
+                if !ours {
+                    return;
+                }
+                if topic == "reach.dialing" {
+                    if let Some(c) = net.reach.check.as_mut() {
+                        c.acked = true;
+                    }
+                } else if let Some(c) = net.reach.check.take() {
+                    net.timers.cancel(c.timer);
+                    net.end_check(now);
                 }
             }
             "relay.reserve" => {
@@ -438,6 +638,13 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// `PORT NONCEHEX` of a dial-back request; `None` for anything else (port 0 included).
+fn parse_dial_back(s: &str) -> Option<(u16, [u8; DIAL_BACK_NONCE_LEN])> {
+    let (port, nonce) = s.split_once(' ')?;
+    let port: u16 = port.parse().ok().filter(|&p| p != 0)?;
+    Some((port, unhex(nonce)?))
+}
+
 fn unhex(s: &str) -> Option<[u8; TOKEN_LEN]> {
     let s = s.as_bytes();
     if s.len() != 2 * TOKEN_LEN {
@@ -462,6 +669,57 @@ mod tests {
         assert_eq!(unhex("zz"), None);
         assert_eq!(unhex(&"g".repeat(32)), None);
         assert_eq!(unhex(&"a".repeat(33)), None);
+    }
+
+    #[test]
+    fn dial_back_requests_parse_and_junk_is_refused() {
+        let n = [0x5a; DIAL_BACK_NONCE_LEN];
+        assert_eq!(
+            parse_dial_back(&format!("4000 {}", hex(&n))),
+            Some((4000, n))
+        );
+        for junk in [
+            "",
+            "4000",
+            &format!("0 {}", hex(&n)),
+            &format!("65536 {}", hex(&n)),
+            &format!("-1 {}", hex(&n)),
+            &format!("4000  {}", hex(&n)),
+            &format!("4000 {}00", hex(&n)),
+            "4000 zz",
+        ] {
+            assert_eq!(parse_dial_back(junk), None, "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn a_reachable_node_publishes_its_observed_address_on_udp() {
+        let bound = vec![
+            Endpoint::native(TransportKind::Udp, "0.0.0.0:4000".parse().unwrap()),
+            Endpoint::native(TransportKind::Tcp, "192.0.2.2:4001".parse().unwrap()),
+        ];
+        let mut r = Reach::new(&bound);
+        r.public_ip = Some("203.0.113.11".parse().unwrap());
+        r.refresh();
+        assert!(!r.changed, "not before a dial-back concluded");
+        r.reachable = Some(false);
+        r.refresh();
+        assert!(!r.changed, "nor when it found us unreachable");
+        r.reachable = Some(true);
+        r.refresh();
+        assert!(r.changed);
+        assert_eq!(
+            r.published,
+            vec![
+                Endpoint::native(TransportKind::Udp, "203.0.113.11:4000".parse().unwrap()),
+                bound[1]
+            ]
+        );
+        assert!(!r.behind_nat());
+        r.nat_hint = true;
+        assert!(!r.behind_nat(), "the dial-back outweighs the hint");
+        r.reachable = None;
+        assert!(r.behind_nat());
     }
 
     #[test]

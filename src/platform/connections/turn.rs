@@ -224,6 +224,7 @@ impl Core {
                     self.offline_retry(now);
                 }
                 NetTimer::RelayBind => net.relay_bind_due(now),
+                NetTimer::DialBack => net.dial_back_due(now),
                 NetTimer::DedupFlush => {
                     net.dedup_timer = None;
                     net.next_dedup_flush = now + DEDUP_FLUSH_EVERY;

@@ -1,0 +1,173 @@
+//! Figures of the NAT traversal paths, measured in the namespace lab of `tests/nat.rs`
+//! (`tests/support/nat.rs`: two port-preserving home NATs and public relays, documentation
+//! addresses only, removed at the end). One JSON line per figure on stdout, as
+//! `examples/bench.rs` prints them: `{"name":..,"value":..,"unit":..,"host":..,"cpu":..,"commit":..}`.
+//!
+//! Run (as root, with `ip` and `nft`): `cargo bench --bench nat`. Without them it prints a
+//! SKIPPING note on stderr and exits successfully (with `MM_REQUIRE_NETNS=1` it fails).
+//!
+//! Figures:
+//! - `nat_relay_first_message`: from A's send to B's delivery of its first message through a
+//!   relay, connection set-up (handshake through the relay, identify) included;
+//! - `nat_direct_path`: from A's first send until A's connection is on a punched direct path;
+//! - `nat_relayed_throughput`, `nat_direct_throughput`: 1,000 messages of 32 KiB from A to B
+//!   through a relay whose bandwidth limit is lifted (so the path itself is measured), and on
+//!   the punched direct path; `nat_relayed_fraction_of_direct`: the first over the second;
+//! - `nat_relayed_default_limit_throughput`: the same through a relay with the default limits
+//!   (`RelayLimits::default`, 4 MiB/s per reservation).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use support::nat::{bootstrap, node, ready_info, transfer, wait_relayed, Nat, LIMIT};
+use support::TempDir;
+
+/// Messages (of 32 KiB) per throughput figure.
+const N: usize = 1000;
+/// Messages through the relay with default limits (about 4 s at 4 MiB/s).
+const N_LIMITED: usize = 500;
+
+fn emit(name: &str, value: f64, unit: &str) {
+    let (host, cpu, commit) = machine();
+    let line = json!({
+        "name": name,
+        "value": (value * 10.0).round() / 10.0,
+        "unit": unit,
+        "host": host,
+        "cpu": cpu,
+        "commit": commit,
+    });
+    println!("{line}");
+}
+
+/// (hostname, CPU model and count, commit).
+fn machine() -> (String, String, String) {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map_or("unknown", str::trim)
+        .to_string();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    (host, format!("{model} x{cores}"), commit)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn mbps(n: usize, d: Duration) -> f64 {
+    (n * 32 * 1024) as f64 / d.as_secs_f64() / 1e6
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; any other run (`cargo test --benches`) measures nothing.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("benches/nat.rs: run it with `cargo bench --bench nat`");
+        return;
+    }
+    let Some(nat) = Nat::build("bench nat", false) else {
+        return;
+    };
+    let dir = TempDir::new("nat-bench");
+    // r1: the relay's bandwidth limit lifted, so the relayed path itself is measured.
+    let r1 = node(
+        &nat.r1,
+        &dir,
+        "r1",
+        "203.0.113.10:4000",
+        &["--relay", "--relay-bps", "1000000000"],
+    );
+    let boot = bootstrap(&dir, &[ready_info(&r1)]);
+    let mut b = node(&nat.hb, &dir, "b", "0.0.0.0:4000", &["--bootstrap", &boot]);
+    let b_info = wait_relayed(&mut b, "203.0.113.10:4000");
+    let b_id = b_info["signId"].clone();
+
+    // Relayed: A never punches.
+    let mut a = node(
+        &nat.ha,
+        &dir,
+        "a",
+        "0.0.0.0:4000",
+        &["--bootstrap", &boot, "--no-punch"],
+    );
+    wait_relayed(&mut a, "203.0.113.10:4000");
+    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
+    let t = Instant::now();
+    a.cmd(json!({"cmd": "send", "topic": "bench.first", "to": b_id, "payload": 0}));
+    b.wait_for(LIMIT, |v| {
+        v["event"] == "message" && v["topic"] == "public.bench.first"
+    });
+    emit("nat_relay_first_message", ms(t.elapsed()), "ms");
+    let relayed = transfer(&mut a, &mut b, &b_id, "bench.relayed", N);
+    a.quit(Duration::from_secs(5));
+
+    // Direct: the same node, punching.
+    let mut a = node(&nat.ha, &dir, "a", "0.0.0.0:4000", &["--bootstrap", &boot]);
+    wait_relayed(&mut a, "203.0.113.10:4000");
+    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
+    let t = Instant::now();
+    a.cmd(json!({"cmd": "send", "topic": "bench.first2", "to": b_id, "payload": 0}));
+    a.wait_for(LIMIT, |v| {
+        v["event"] == "path" && v["peer"] == b_id && v["path"] == "direct"
+    });
+    emit("nat_direct_path", ms(t.elapsed()), "ms");
+    let direct = transfer(&mut a, &mut b, &b_id, "bench.direct", N);
+    emit("nat_relayed_throughput", mbps(N, relayed), "MB/s");
+    emit("nat_direct_throughput", mbps(N, direct), "MB/s");
+    emit(
+        "nat_relayed_fraction_of_direct",
+        100.0 * direct.as_secs_f64() / relayed.as_secs_f64(),
+        "%",
+    );
+    a.quit(Duration::from_secs(5));
+    b.quit(Duration::from_secs(5));
+
+    // Through a relay with the default limits: a second pair of nodes (other ports on the
+    // same hosts) that knows only r2.
+    let r2 = node(&nat.r2, &dir, "r2", "203.0.113.11:4000", &["--relay"]);
+    let boot2 = bootstrap(&dir, &[ready_info(&r2)]);
+    let mut b2 = node(
+        &nat.hb,
+        &dir,
+        "b2",
+        "0.0.0.0:4001",
+        &["--bootstrap", &boot2],
+    );
+    let b2_info: Value = wait_relayed(&mut b2, "203.0.113.11:4000");
+    let b2_id = b2_info["signId"].clone();
+    let mut a2 = node(
+        &nat.ha,
+        &dir,
+        "a2",
+        "0.0.0.0:4001",
+        &["--bootstrap", &boot2, "--no-punch"],
+    );
+    wait_relayed(&mut a2, "203.0.113.11:4000");
+    a2.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b2_info}));
+    let limited = transfer(&mut a2, &mut b2, &b2_id, "bench.limited", N_LIMITED);
+    emit(
+        "nat_relayed_default_limit_throughput",
+        mbps(N_LIMITED, limited),
+        "MB/s",
+    );
+    a2.quit(Duration::from_secs(5));
+    b2.quit(Duration::from_secs(5));
+    r1.quit(Duration::from_secs(5));
+    r2.quit(Duration::from_secs(5));
+}

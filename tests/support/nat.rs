@@ -1,0 +1,355 @@
+//! The NAT lab of `tests/nat.rs` and `benches/nat.rs`: seven network namespaces wired as two
+//! home networks behind NAT routers and two public relay hosts (removed when dropped, pass or
+//! fail; addresses from the documentation ranges only, nothing routed off the machine):
+//!
+//! ```text
+//!   ha 192.0.2.2 ── ra (NAT) 203.0.113.2 ─┐                 ┌─ r1 203.0.113.10 (relay)
+//!                                          ├── br0 in "pub" ─┤
+//!   hb 198.51.100.2 ── rb (NAT) 203.0.113.3┘                 └─ r2 203.0.113.11 (relay)
+//! ```
+//!
+//! The routers masquerade (port-preserving, or `masquerade random`: a fresh port per
+//! destination) and drop new inbound flows before conntrack confirms them (prerouting filter
+//! at priority -150, `iifname "wan0" ct state new drop`), like a home router; B's router may
+//! also forward a UDP port to B ([`Nat::build_with`]). Also the helpers that drive
+//! `examples/node.rs` processes in it.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::{node_bin, JsonProc, Netns, TempDir};
+
+/// How long a test waits for one event.
+pub const LIMIT: Duration = Duration::from_secs(30);
+
+/// The namespaces of one topology (each removed on drop by [`Netns`]).
+pub struct Nat {
+    pub public: Netns,
+    pub ra: Netns,
+    pub rb: Netns,
+    pub ha: Netns,
+    pub hb: Netns,
+    pub r1: Netns,
+    pub r2: Netns,
+}
+
+/// Runs a command; its stderr in the error.
+pub fn run(args: &[&str]) -> Result<(), String> {
+    let o = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args[0]))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
+}
+
+/// Loads nftables `rules` inside `ns`.
+pub fn nft(ns: &Netns, rules: &str) -> Result<(), String> {
+    let mut c = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nft: {e}"))?;
+    c.stdin
+        .take()
+        .expect("piped")
+        .write_all(rules.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let o = c.wait_with_output().map_err(|e| e.to_string())?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
+}
+
+impl Nat {
+    /// Builds the topology; `None` (after a loud SKIPPING line) without root, `ip` or `nft`,
+    /// unless `MM_REQUIRE_NETNS=1`.
+    pub fn build(test: &str, random: bool) -> Option<Nat> {
+        Self::build_with(test, random, None)
+    }
+
+    /// [`Nat::build`], and with `forward_b = Some(port)` B's router forwards UDP `port` of its
+    /// public address to B's host (a DNAT rule, exempt from the drop of new inbound flows), like
+    /// a home router with a port forward.
+    pub fn build_with(test: &str, random: bool, forward_b: Option<u16>) -> Option<Nat> {
+        let have_nft = Command::new("nft")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !have_nft {
+            if std::env::var("MM_REQUIRE_NETNS").as_deref() == Ok("1") {
+                panic!("{test}: `nft` not found and MM_REQUIRE_NETNS=1");
+            }
+            eprintln!("\n*** SKIPPING {test}: `nft` (nftables) not found.\n");
+            return None;
+        }
+        let nat = Nat {
+            public: Netns::create(test)?,
+            ra: Netns::create(test)?,
+            rb: Netns::create(test)?,
+            ha: Netns::create(test)?,
+            hb: Netns::create(test)?,
+            r1: Netns::create(test)?,
+            r2: Netns::create(test)?,
+        };
+        if let Err(e) = nat.wire(random, forward_b) {
+            panic!("{test}: building the NAT topology failed: {e}");
+        }
+        Some(nat)
+    }
+
+    fn wire(&self, random: bool, forward_b: Option<u16>) -> Result<(), String> {
+        let p = &self.public.name;
+        run(&["ip", "-n", p, "link", "add", "br0", "type", "bridge"])?;
+        run(&["ip", "-n", p, "link", "set", "br0", "up"])?;
+        let publics = [
+            (&self.ra, "wan0", "203.0.113.2/24"),
+            (&self.rb, "wan0", "203.0.113.3/24"),
+            (&self.r1, "eth0", "203.0.113.10/24"),
+            (&self.r2, "eth0", "203.0.113.11/24"),
+        ];
+        for (i, (ns, ifname, addr)) in publics.iter().enumerate() {
+            let port = format!("p{i}");
+            run(&[
+                "ip", "-n", p, "link", "add", &port, "type", "veth", "peer", "name", ifname,
+                "netns", &ns.name,
+            ])?;
+            run(&["ip", "-n", p, "link", "set", &port, "master", "br0", "up"])?;
+            run(&["ip", "-n", &ns.name, "addr", "add", addr, "dev", ifname])?;
+            run(&["ip", "-n", &ns.name, "link", "set", ifname, "up"])?;
+        }
+        let lans = [
+            (&self.ra, &self.ha, "192.0.2"),
+            (&self.rb, &self.hb, "198.51.100"),
+        ];
+        for (router, host, net) in lans {
+            run(&[
+                "ip",
+                "-n",
+                &router.name,
+                "link",
+                "add",
+                "lan0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &host.name,
+            ])?;
+            run(&[
+                "ip",
+                "-n",
+                &router.name,
+                "addr",
+                "add",
+                &format!("{net}.1/24"),
+                "dev",
+                "lan0",
+            ])?;
+            run(&["ip", "-n", &router.name, "link", "set", "lan0", "up"])?;
+            run(&[
+                "ip",
+                "-n",
+                &host.name,
+                "addr",
+                "add",
+                &format!("{net}.2/24"),
+                "dev",
+                "eth0",
+            ])?;
+            run(&["ip", "-n", &host.name, "link", "set", "eth0", "up"])?;
+            run(&[
+                "ip",
+                "-n",
+                &host.name,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{net}.1"),
+            ])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &router.name,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])?;
+            let flags = if random { " random" } else { "" };
+            let (dnat, exempt) = match forward_b {
+                Some(port) if router.name == self.rb.name => (
+                    format!(
+                        "table ip portfwd {{\n chain pre {{\n type nat hook prerouting priority -100; policy accept;\n iifname \"wan0\" udp dport {port} dnat to {net}.2:{port}\n }}\n}}\n"
+                    ),
+                    format!(" iifname \"wan0\" udp dport {port} accept\n"),
+                ),
+                _ => (String::new(), String::new()),
+            };
+            nft(
+                router,
+                &format!(
+                    "table ip nat {{\n chain post {{\n type nat hook postrouting priority 100; policy accept;\n oifname \"wan0\" masquerade{flags}\n }}\n}}\n\
+                     table ip filter {{\n chain pre {{\n type filter hook prerouting priority -150; policy accept;\n{exempt} iifname \"wan0\" ct state new drop\n }}\n}}\n{dnat}"
+                ),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts a node in `ns` listening on UDP `udp` (no TCP) with short timings.
+pub fn node(ns: &Netns, dir: &TempDir, name: &str, udp: &str, extra: &[&str]) -> JsonProc {
+    let mut cmd = ns.command(node_bin());
+    cmd.arg("--data")
+        .arg(dir.path(name))
+        .args(["--udp", udp, "--tcp", "off"])
+        .args(["--keepalive", "1000", "--dead-after", "4000"])
+        .args(["--connect-timeout", "3000", "--retry", "1000"])
+        .args(extra)
+        .stderr(Stdio::null());
+    let mut p = JsonProc::spawn(name, &mut cmd);
+    p.wait_for(LIMIT, |v| v["event"] == "ready");
+    p
+}
+
+/// The relay address (`ip:port`) of a nodeInfo's `mm-relay` endpoint, if any.
+pub fn relayed_via(info: &Value) -> Option<String> {
+    info["connectionInfo"].as_array()?.iter().find_map(|e| {
+        (e["transportType"] == "mm-relay").then(|| {
+            format!(
+                "{}:{}",
+                e["transportInfo"]["address"].as_str().unwrap_or(""),
+                e["transportInfo"]["port"]
+            )
+        })
+    })
+}
+
+/// Waits for a nodeInfo event whose relayed endpoint is `relay`.
+pub fn wait_relayed(p: &mut JsonProc, relay: &str) -> Value {
+    let r = relay.to_owned();
+    p.wait_for(LIMIT, move |v| {
+        v["event"] == "nodeInfo" && relayed_via(&v["nodeInfo"]).as_deref() == Some(&r)
+    })["nodeInfo"]
+        .clone()
+}
+
+/// The nodeInfo of a node's `ready` event.
+pub fn ready_info(p: &JsonProc) -> Value {
+    p.seen
+        .iter()
+        .find(|v| v["event"] == "ready")
+        .expect("ready seen")["nodeInfo"]
+        .clone()
+}
+
+/// Writes a bootstrap file with `infos` and returns its path.
+pub fn bootstrap(dir: &TempDir, infos: &[Value]) -> String {
+    let f = dir.path("bootstrap.json");
+    std::fs::write(
+        &f,
+        serde_json::to_vec(&Value::Array(infos.to_vec())).unwrap(),
+    )
+    .unwrap();
+    f.to_string_lossy().into_owned()
+}
+
+/// Messages seen on `topic`.
+pub fn count_messages(p: &JsonProc, topic: &str) -> usize {
+    p.seen
+        .iter()
+        .filter(|v| v["event"] == "message" && v["topic"] == topic)
+        .count()
+}
+
+/// Whether the process's writable memory holds `needle` (read through /proc as root).
+pub fn memory_contains(pid: u32, needle: &[u8]) -> bool {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("mem");
+    let mut buf = Vec::new();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        if b - a > 1 << 30 {
+            continue;
+        }
+        buf.resize((b - a) as usize, 0);
+        if mem.seek(SeekFrom::Start(a)).is_err() || mem.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        if buf.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Sends `n` messages of 32 KiB from `a` to `b_id` and returns how long until `b` had
+/// them all (checked in order).
+pub fn transfer(
+    a: &mut JsonProc,
+    b: &mut JsonProc,
+    b_id: &Value,
+    topic: &str,
+    n: usize,
+) -> Duration {
+    let blob = "x".repeat(32 * 1024);
+    let t = Instant::now();
+    for i in 0..n {
+        a.cmd(
+            json!({"cmd": "send", "topic": topic, "to": b_id, "payload": {"n": i, "blob": blob}}),
+        );
+    }
+    let full = format!("public.{topic}");
+    let end = Instant::now() + Duration::from_secs(120);
+    while count_messages(b, &full) < n && Instant::now() < end {
+        b.collect_for(Duration::from_millis(50));
+    }
+    let took = t.elapsed();
+    let got: Vec<i64> = b
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "message" && v["topic"] == full.as_str())
+        .map(|v| v["payload"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        (0..n as i64).collect::<Vec<_>>(),
+        "all, once, in order"
+    );
+    // Drop the big events kept so far.
+    b.seen.retain(|v| v["topic"] != full.as_str());
+    took
+}
