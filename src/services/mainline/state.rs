@@ -30,7 +30,8 @@
 //! - **Read-only by default** (BEP 43): queries carry `ro=1` and incoming queries are ignored.
 //!   With `serve` on, it answers `ping`, `find_node`, `get_peers` (nodes only), `get` and
 //!   `put` of mutable items (tokens, signature, `cas`, `seq` checked; [`Timing::max_stored`]
-//!   items for [`ITEM_TTL`]), at most [`Timing::queries_per_sec`] queries a second.
+//!   items for [`ITEM_TTL`]), at most [`Timing::queries_per_sec`] queries a second; a node
+//!   that queries us is pinged (a few at a time) and enters the table if it answers.
 //! - **Hostile input.** Every datagram goes through [`krpc::decode`]; replies count only from
 //!   the address a matching outstanding query went to; everything is bounded: outstanding
 //!   queries ([`Timing::max_outstanding`]), candidates, lookups, cache, store, queues
@@ -45,7 +46,7 @@ use serde_json::Value;
 use super::item::{self, ItemError, MutableItem};
 use super::krpc::{self, CompactNode, Fields, Kind, Message, Method, NodeId, ID_LEN};
 use super::table::{distance, RoutingTable, Scope};
-use crate::crypto::{self, SignKeyPair, SignPublicKey};
+use crate::crypto::{self, SignKeyPair};
 use crate::identity::{KeyCache, SignId};
 
 /// Most datagrams, and most publications, waiting to be taken.
@@ -56,6 +57,8 @@ pub const MAX_CANDIDATES: usize = 32;
 pub const ITEM_TTL: Duration = Duration::from_secs(2 * 3600);
 /// How often the token secret changes (the previous one stays valid as long).
 pub const TOKEN_ROTATION: Duration = Duration::from_secs(300);
+/// Pings to nodes that queried us (serving), outstanding at once.
+const MAX_PINGS: usize = 8;
 /// Length of our tokens.
 const TOKEN_LEN: usize = 8;
 
@@ -246,6 +249,7 @@ struct Lookup {
 enum What {
     Lookup(u64),
     Put,
+    Ping,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -456,13 +460,11 @@ impl MainlineState {
             self.stats.requests_refused += 1;
             return;
         }
-        if let Some(c) = self.cache.get(&sign) {
-            if c.expires > now {
-                let v = c.value.clone();
-                self.publish(v);
-                return;
-            }
-            self.cache.remove(&sign);
+        // An expired entry stays (until evicted) as the floor of the seq accepted for it.
+        if let Some(c) = self.cache.get(&sign).filter(|c| c.expires > now) {
+            let v = c.value.clone();
+            self.publish(v);
+            return;
         }
         let running = self
             .lookups
@@ -545,6 +547,7 @@ impl MainlineState {
                     self.step(i, now);
                 }
             }
+            What::Ping => {}
         }
     }
 
@@ -898,6 +901,7 @@ impl MainlineState {
                         }
                     }
                 }
+                What::Ping => {}
             }
         }
         // Lookups that ran too long.
@@ -1011,6 +1015,22 @@ impl MainlineState {
         let Kind::Query(method) = &msg.kind else {
             return;
         };
+        // A node that queries us enters the table only once it answers a ping of ours, and
+        // only while few pings are out.
+        if let (false, Some(id)) = (msg.ro, msg.fields.id) {
+            let pings = self
+                .outstanding
+                .values()
+                .filter(|p| p.what == What::Ping)
+                .count();
+            if pings < MAX_PINGS && !self.table.contains(&id, &from) {
+                let f = Fields {
+                    id: Some(self.own),
+                    ..Fields::default()
+                };
+                self.send_query(from, Method::Ping, f, What::Ping, now);
+            }
+        }
         let a = &msg.fields;
         let mut r = Fields {
             id: Some(self.own),
@@ -1196,18 +1216,6 @@ pub fn target_of(sign: &SignId, salt: &[u8]) -> NodeId {
     item::target(sign.as_bytes(), salt)
 }
 
-/// The signId an item's key is.
-pub fn sign_id_of(item: &MutableItem) -> SignId {
-    SignId(SignPublicKey(item.k))
-}
-
-/// The compact nodes of a list, for building test responses.
-pub fn compact(nodes: &[(NodeId, SocketAddrV4)]) -> Vec<CompactNode> {
-    nodes
-        .iter()
-        .map(|(id, addr)| CompactNode {
-            id: *id,
-            addr: *addr,
-        })
-        .collect()
-}
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

@@ -2,8 +2,8 @@
 //! [`BUCKET_SIZE`] nodes by XOR distance from our id, and the caution of who gets in.
 //!
 //! - **Only nodes that answered us.** A node enters the table when it answered one of our
-//!   queries (never from a `nodes` list, never because it queried us), and only if it did not
-//!   say it is read-only (BEP 43). Nodes named in `nodes` lists are only lookup candidates.
+//!   queries (never from a `nodes` list, never just because it queried us: a serving node
+//!   pings it first), and only if it did not say it is read-only (BEP 43). Nodes named in `nodes` lists are only lookup candidates.
 //! - **Address scope** ([`Scope`]). A DHT bootstrapped from loopback addresses (a testnet on
 //!   this machine) only ever admits loopback addresses, and an Internet one never admits
 //!   loopback, unspecified, multicast, broadcast, link-local or reserved addresses: nodes
@@ -191,6 +191,11 @@ impl RoutingTable {
             return true;
         }
         false
+    }
+
+    /// Whether the node `id` at `addr` is in the table.
+    pub fn contains(&self, id: &NodeId, addr: &SocketAddrV4) -> bool {
+        self.nodes().any(|n| n.id == *id && n.addr == *addr)
     }
 
     /// A query to `addr` went unanswered.
