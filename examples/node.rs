@@ -4,12 +4,16 @@
 //! cargo run --example node -- --data DIR [--udp ADDR:PORT|off] [--tcp ADDR:PORT|off]
 //!     [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS]
 //!     [--mdns] [--mdns-interface ADDR] [--bootstrap FILE]
+//!     [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish]
 //! ```
 //!
 //! The optional timings set the [`NetConfig`] fields of the same names (tests use short ones).
 //! `--mdns` adds the mDNS discovery service (on 127.0.0.1 unless `--mdns-interface` gives the
 //! IPv4 address of another interface); `--bootstrap FILE` adds the static bootstrap service
-//! with the nodeInfos of FILE (a JSON array).
+//! with the nodeInfos of FILE (a JSON array). `--mainline HOST:PORT,...` adds the Mainline DHT
+//! service, joining the DHT at those nodes (there is no default list; pass public routers for
+//! the real DHT, a testnet's nodes for a test), resolving nodeInfos there;
+//! `--mainline-publish` also publishes ours.
 //!
 //! `DIR` is a [`FileStore`] (created if missing) holding the identity, the listen addresses of
 //! the last run and the offline buffer. Without `--udp`/`--tcp` the node listens where it did
@@ -43,6 +47,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use mm_platform::services::bootstrap::Bootstrap;
+use mm_platform::services::mainline::{Mainline, MainlineConfig};
 use mm_platform::services::mdns::{Mdns, MdnsConfig};
 use mm_platform::storage::FileStore;
 use mm_platform::{Address, Context, Event, NetConfig, Platform, SendOptions};
@@ -62,7 +67,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: node --data DIR [--udp ADDR:PORT|off] [--tcp ADDR:PORT|off] \
          [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS] \
-         [--mdns] [--mdns-interface ADDR] [--bootstrap FILE]"
+         [--mdns] [--mdns-interface ADDR] [--bootstrap FILE] \
+         [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish]"
     );
     std::process::exit(2);
 }
@@ -74,6 +80,8 @@ fn main() {
     let mut net = NetConfig::default();
     let mut mdns: Option<MdnsConfig> = None;
     let mut bootstrap: Option<String> = None;
+    let mut mainline: Option<String> = None;
+    let mut mainline_publish = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut ms = || -> Duration {
@@ -100,6 +108,8 @@ fn main() {
                 mdns.get_or_insert_with(MdnsConfig::default).interface = addr;
             }
             "--bootstrap" => bootstrap = args.next(),
+            "--mainline" => mainline = args.next(),
+            "--mainline-publish" => mainline_publish = true,
             _ => usage(),
         }
     }
@@ -145,6 +155,27 @@ fn main() {
     }
     if let Some(config) = mdns {
         builder = builder.service(Mdns::new(config));
+    }
+    match (mainline, mainline_publish) {
+        (Some(list), publish) => match MainlineConfig::parse_bootstrap(&list) {
+            Ok(addrs) if !addrs.is_empty() => {
+                let config = MainlineConfig::new(addrs).publish(publish);
+                builder = builder.service(Mainline::new(config));
+            }
+            Ok(_) => {
+                eprintln!("--mainline needs at least one bootstrap address");
+                std::process::exit(2);
+            }
+            Err(e) => {
+                eprintln!("--mainline: {e}");
+                std::process::exit(2);
+            }
+        },
+        (None, true) => {
+            eprintln!("--mainline-publish needs --mainline BOOTSTRAP_ADDR,...");
+            std::process::exit(2);
+        }
+        (None, false) => {}
     }
     let mut platform = match builder.build() {
         Ok(p) => p,

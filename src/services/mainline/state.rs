@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::item::{self, ItemError, MutableItem};
-use super::krpc::{self, CompactNode, Fields, Kind, Message, Method, NodeId, ID_LEN};
+use super::krpc::{self, Fields, Kind, Message, Method, NodeId, ID_LEN};
 use super::table::{distance, RoutingTable, Scope};
 use crate::crypto::{self, SignKeyPair};
 use crate::identity::{KeyCache, SignId};

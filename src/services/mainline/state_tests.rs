@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::identity::Identity;
+use crate::services::mainline::krpc::CompactNode;
 use serde_json::json;
 
 fn addr(port: u16) -> SocketAddrV4 {
