@@ -830,10 +830,9 @@ impl MainlineState {
         // An item already under our key with a higher seq (an earlier run whose seq we lost),
         // or another value under our seq: sign again above it.
         if let Some(b) = &l.best {
-            if b.seq > mine.seq || (b.seq == mine.seq && b.v != mine.v) {
-                if !self.sign(mine.v.clone(), b.seq + 1) {
-                    return;
-                }
+            let above = b.seq > mine.seq || (b.seq == mine.seq && b.v != mine.v);
+            if above && !self.sign(mine.v.clone(), b.seq + 1) {
+                return;
             }
         }
         let Some(mine) = self.my_item.clone() else {
