@@ -104,10 +104,13 @@ const GROUPS: &[fn(&Bench)] = &[
     cc::curvecp_connections,
     cc::curvecp_round_trip,
     cc::curvecp_idle_memory,
+    ml::mainline,
 ];
 
 #[path = "bench/curvecp_figures.rs"]
 mod cc;
+#[path = "bench/mainline_figures.rs"]
+mod ml;
 
 fn main() {
     let bench = Bench {
