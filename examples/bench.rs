@@ -105,12 +105,15 @@ const GROUPS: &[fn(&Bench)] = &[
     cc::curvecp_round_trip,
     cc::curvecp_idle_memory,
     js::js_messages,
+    ml::mainline,
 ];
 
 #[path = "bench/curvecp_figures.rs"]
 mod cc;
 #[path = "bench/js_figures.rs"]
 mod js;
+#[path = "bench/mainline_figures.rs"]
+mod ml;
 
 fn main() {
     let bench = Bench {

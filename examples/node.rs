@@ -5,6 +5,7 @@
 //!     [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS]
 //!     [--mdns] [--mdns-interface ADDR] [--bootstrap FILE]
 //!     [--relay] [--relay-bps BYTES] [--no-relays] [--no-punch]
+//!     [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish]
 //! ```
 //!
 //! The optional timings set the [`NetConfig`] fields of the same names (tests use short ones).
@@ -13,6 +14,10 @@
 //! with the nodeInfos of FILE (a JSON array). `--relay` offers relaying to nodes behind NATs
 //! (`--relay-bps` sets its per-reservation bandwidth); `--no-relays` never uses a relay,
 //! `--no-punch` never punches a direct path (NetConfig `relay`, `use_relays`, `hole_punching`).
+//! `--mainline HOST:PORT,...` adds the Mainline DHT
+//! service, joining the DHT at those nodes (there is no default list; pass public routers for
+//! the real DHT, a testnet's nodes for a test), resolving nodeInfos there;
+//! `--mainline-publish` also publishes ours.
 //!
 //! `DIR` is a [`FileStore`] (created if missing) holding the identity, the listen addresses of
 //! the last run and the offline buffer. Without `--udp`/`--tcp` the node listens where it did
@@ -52,6 +57,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use mm_platform::services::bootstrap::Bootstrap;
+use mm_platform::services::mainline::{Mainline, MainlineConfig};
 use mm_platform::services::mdns::{Mdns, MdnsConfig};
 use mm_platform::storage::FileStore;
 use mm_platform::{Address, Context, Event, NetConfig, Platform, SendOptions};
@@ -72,7 +78,8 @@ fn usage() -> ! {
         "usage: node --data DIR [--udp ADDR:PORT|off] [--tcp ADDR:PORT|off] \
          [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS] \
          [--mdns] [--mdns-interface ADDR] [--bootstrap FILE] \
-         [--relay] [--relay-bps BYTES] [--no-relays] [--no-punch]"
+         [--relay] [--relay-bps BYTES] [--no-relays] [--no-punch] \
+         [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish]"
     );
     std::process::exit(2);
 }
@@ -84,6 +91,8 @@ fn main() {
     let mut net = NetConfig::default();
     let mut mdns: Option<MdnsConfig> = None;
     let mut bootstrap: Option<String> = None;
+    let mut mainline: Option<String> = None;
+    let mut mainline_publish = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut ms = || -> Duration {
@@ -121,6 +130,8 @@ fn main() {
             }
             "--no-relays" => net.use_relays = false,
             "--no-punch" => net.hole_punching = false,
+            "--mainline" => mainline = args.next(),
+            "--mainline-publish" => mainline_publish = true,
             _ => usage(),
         }
     }
@@ -166,6 +177,27 @@ fn main() {
     }
     if let Some(config) = mdns {
         builder = builder.service(Mdns::new(config));
+    }
+    match (mainline, mainline_publish) {
+        (Some(list), publish) => match MainlineConfig::parse_bootstrap(&list) {
+            Ok(addrs) if !addrs.is_empty() => {
+                let config = MainlineConfig::new(addrs).publish(publish);
+                builder = builder.service(Mainline::new(config));
+            }
+            Ok(_) => {
+                eprintln!("--mainline needs at least one bootstrap address");
+                std::process::exit(2);
+            }
+            Err(e) => {
+                eprintln!("--mainline: {e}");
+                std::process::exit(2);
+            }
+        },
+        (None, true) => {
+            eprintln!("--mainline-publish needs --mainline BOOTSTRAP_ADDR,...");
+            std::process::exit(2);
+        }
+        (None, false) => {}
     }
     let mut platform = match builder.build() {
         Ok(p) => p,

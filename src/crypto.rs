@@ -11,7 +11,10 @@
 //! - secret-key boxes (`crypto_secretbox`, [`SecretBoxKey`]) with the same layout;
 //! - ed25519 signing keys ([`SignKeyPair`], [`SignPublicKey`]) and their conversion to
 //!   curve25519 box keys;
-//! - random bytes.
+//! - random bytes;
+//! - SHA-1 ([`sha1`], through `sha1_smol`), which the Mainline DHT uses for its 160-bit ids,
+//!   BEP 44 targets and tokens; the BEP 44 item signature itself is ed25519
+//!   ([`SignKeyPair::sign`], [`SignPublicKey::verify`]).
 //!
 //! Secret material is wiped from memory when its owner is dropped.
 
@@ -73,6 +76,19 @@ pub fn wipe(buf: &mut [u8]) {
 pub fn random_bytes(buf: &mut [u8]) {
     init();
     sodiumoxide::randombytes::randombytes_into(buf);
+}
+
+/// Length of a SHA-1 digest (a Mainline DHT node id or target).
+pub const SHA1_LEN: usize = 20;
+
+/// SHA-1 of the concatenation of `parts`. Only for the Mainline DHT's ids, targets and tokens,
+/// where the protocol fixes the hash; never for anything that needs collision resistance.
+pub fn sha1(parts: &[&[u8]]) -> [u8; SHA1_LEN] {
+    let mut h = sha1_smol::Sha1::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.digest().bytes()
 }
 
 /// A cryptographically secure random `u64`.
@@ -589,6 +605,19 @@ mod tests {
         let kp = SignKeyPair::from_secret_bytes(&secret).unwrap();
         let sig = kp.sign(b"");
         assert_eq!(to_hex(&sig), "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b");
+    }
+
+    #[test]
+    fn sha1_known_answer() {
+        // FIPS 180 "abc", split across parts.
+        assert_eq!(
+            to_hex(&sha1(&[b"a", b"bc"])),
+            "a9993e364706816aba3e25717850c26c9cd0d89d"
+        );
+        assert_eq!(
+            to_hex(&sha1(&[])),
+            "da39a3ee5e6b4b0d3255bfef95601890afd80709"
+        );
     }
 
     #[test]

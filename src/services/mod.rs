@@ -2,7 +2,8 @@
 //! drives, the way the original's `mm-services-*` packages were plain clients of its messaging
 //! object. This module owns the [`Service`] trait every service implements and the services
 //! that come with the crate: [`mdns`] (local network discovery, wire-compatible with
-//! `mm-services-mdns` 0.6.8) and [`bootstrap`] (a static list of nodeInfos).
+//! `mm-services-mdns` 0.6.8), [`bootstrap`] (a static list of nodeInfos) and [`mainline`]
+//! (nodeInfos published and resolved on the BitTorrent Mainline DHT as BEP 44 items).
 //!
 //! # What a service is
 //!
@@ -102,6 +103,7 @@
 //! ```
 
 pub mod bootstrap;
+pub mod mainline;
 pub mod mdns;
 
 use std::io;

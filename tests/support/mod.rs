@@ -379,9 +379,15 @@ pub fn js_dir(test: &str) -> Option<PathBuf> {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    let modules = ["mm-services-mdns", "1tp", "curvecp", "kad-fs"]
-        .iter()
-        .all(|m| dir.join("node_modules").join(m).is_dir());
+    let modules = [
+        "mm-services-mdns",
+        "1tp",
+        "curvecp",
+        "kad-fs",
+        "bittorrent-dht",
+    ]
+    .iter()
+    .all(|m| dir.join("node_modules").join(m).is_dir());
     if node && modules {
         return Some(dir);
     }

@@ -1,0 +1,292 @@
+//! Publishing and resolving nodeInfos on the BitTorrent Mainline DHT (BEP 5), as BEP 44
+//! mutable items signed with the node's own ed25519 key: its signId is the item's key, so
+//! anyone who knows a signId can find that node's endpoints, with no server of ours.
+//!
+//! This module owns the reactor-facing part: the UDP socket, the wall clock used for `seq`,
+//! the persisted `seq`, and the wiring to the bus. The protocol is sans-IO in [`state`] (the
+//! client: lookups, publication, resolution, serving when asked), [`table`] (the routing
+//! table), [`item`] (BEP 44 items and our nodeInfo as one) and [`krpc`] (the wire codec).
+//!
+//! - **Off unless added, and no default routers.** The application adds the service with the
+//!   bootstrap addresses it chooses ([`MainlineConfig::new`]; an empty list is refused when
+//!   the service starts). When every bootstrap address is a loopback one (a testnet on this
+//!   machine), the service only ever talks to loopback addresses, binds 127.0.0.1, and
+//!   publishes loopback endpoints; otherwise it never talks to loopback or other local-only
+//!   addresses ([`table::Scope`]).
+//! - **Socket:** one IPv4 UDP socket ([`MainlineConfig::bind`]), read at most
+//!   [`READ_BUDGET`] datagrams per turn.
+//! - **Bus:** subscribes to `self.transports.myNodeInfo` (what we publish, when
+//!   [`MainlineConfig::publish`] is on) and `self.transports.requestNodeInfo` (a signId to
+//!   resolve), from `local` only; publishes what it resolves as `transports.nodeInfo` with the
+//!   source tag `mainline`.
+//! - **Storage:** the last `seq` signed, under [`SEQ_KEY`], so that a restarted node's `seq`
+//!   keeps rising even if the clock went back.
+//!
+//! ```no_run
+//! use mm_platform::services::mainline::{Mainline, MainlineConfig};
+//! use mm_platform::Platform;
+//!
+//! // A testnet on this machine; real deployments pass routers of the public DHT.
+//! let config = MainlineConfig::new(vec!["127.0.0.1:6881".parse().unwrap()]).publish(true);
+//! let mut platform = Platform::builder()
+//!     .service(Mainline::new(config))
+//!     .build()
+//!     .unwrap();
+//! platform.run().unwrap();
+//! ```
+
+pub mod item;
+pub mod krpc;
+pub mod state;
+pub mod table;
+
+use std::cell::Cell;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::rc::Rc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use mio::Interest;
+
+use super::{Service, ServiceContext};
+use crate::platform::{Address, Message};
+pub use state::{MainlineState, MainlineStats, Options, Timing};
+pub use table::Scope;
+
+/// Datagrams read in one turn at most.
+pub const READ_BUDGET: usize = 64;
+/// The storage key of the last `seq` signed.
+pub const SEQ_KEY: &str = "mainline.seq";
+
+/// Options of the Mainline service.
+#[derive(Debug, Clone)]
+pub struct MainlineConfig {
+    /// Where to join the DHT: `host:port` of nodes (required; no default list).
+    pub bootstrap: Vec<SocketAddrV4>,
+    /// Publish our nodeInfo (off by default: resolve only).
+    pub publish: bool,
+    /// Answer other nodes' queries and store their items (off by default: read-only, BEP 43).
+    pub serve: bool,
+    /// The socket's address; default 127.0.0.1:0 for a loopback testnet, 0.0.0.0:0 otherwise.
+    pub bind: Option<SocketAddrV4>,
+    /// BEP 44 salt of the items we publish and look up (default none: the target is SHA-1 of
+    /// the signId; every node must use the same salt to find each other).
+    pub salt: Vec<u8>,
+    /// Timings and bounds.
+    pub timing: Timing,
+}
+
+impl MainlineConfig {
+    /// Options with these bootstrap addresses, resolving only, read-only.
+    pub fn new(bootstrap: Vec<SocketAddrV4>) -> MainlineConfig {
+        MainlineConfig {
+            bootstrap,
+            publish: false,
+            serve: false,
+            bind: None,
+            salt: Vec::new(),
+            timing: Timing::default(),
+        }
+    }
+
+    /// Publish our nodeInfo or not.
+    pub fn publish(mut self, on: bool) -> MainlineConfig {
+        self.publish = on;
+        self
+    }
+
+    /// Parses `host:port,host:port,...` (IPv4 addresses only).
+    pub fn parse_bootstrap(list: &str) -> Result<Vec<SocketAddrV4>, String> {
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<SocketAddrV4>()
+                    .map_err(|_| format!("not an IPv4 host:port: {s:?}"))
+            })
+            .collect()
+    }
+}
+
+/// The Mainline DHT service (see the [module docs](self)).
+pub struct Mainline {
+    config: MainlineConfig,
+    state: Option<MainlineState>,
+    socket: Option<mio::net::UdpSocket>,
+    buf: Vec<u8>,
+    stats: Rc<Cell<MainlineStats>>,
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Mainline {
+    /// A service with these options (the socket is opened when the platform starts it).
+    pub fn new(config: MainlineConfig) -> Mainline {
+        Mainline {
+            config,
+            state: None,
+            socket: None,
+            buf: vec![0; krpc::MAX_DATAGRAM + 1],
+            stats: Rc::new(Cell::new(MainlineStats::default())),
+        }
+    }
+
+    /// A view of the service's counters, updated after each of its turns.
+    pub fn stats_handle(&self) -> Rc<Cell<MainlineStats>> {
+        self.stats.clone()
+    }
+
+    /// Reads up to [`READ_BUDGET`] datagrams; `true` if more may be waiting.
+    fn read(&mut self, ctx: &mut ServiceContext<'_>) -> bool {
+        let now = ctx.now();
+        let (Some(sock), Some(state)) = (self.socket.as_ref(), self.state.as_mut()) else {
+            return false;
+        };
+        for _ in 0..READ_BUDGET {
+            match sock.recv_from(&mut self.buf) {
+                // A datagram filling the buffer was longer than MAX_DATAGRAM: the codec
+                // refuses it by its length.
+                Ok((n, from)) => state.handle_datagram(&self.buf[..n], from, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // ICMP errors surface here on Linux (port unreachable); keep reading.
+                    log::debug!("mainline: receive failed: {e}");
+                }
+            }
+        }
+        true
+    }
+
+    /// Runs the machine, sends, publishes, persists, sets the next wake-up.
+    fn flush(&mut self, ctx: &mut ServiceContext<'_>, more: bool) {
+        let now = ctx.now();
+        let Some(state) = self.state.as_mut() else {
+            return;
+        };
+        state.handle_timeout(now);
+        while let Some((to, bytes)) = state.poll_transmit() {
+            if let Some(sock) = self.socket.as_ref() {
+                if let Err(e) = sock.send_to(&bytes, SocketAddr::V4(to)) {
+                    log::debug!("mainline: send to {to} failed: {e}");
+                }
+            }
+        }
+        while let Some(info) = state.poll_publication() {
+            let status = ctx.publish_node_info(&info, false);
+            if !status.is_queued() {
+                log::debug!("mainline: nodeInfo not queued: {status}");
+            }
+        }
+        if let Some(seq) = state.take_seq_to_persist() {
+            if let Err(e) = ctx.storage().put(SEQ_KEY, seq.to_string().as_bytes()) {
+                log::warn!("mainline: cannot store seq: {e}");
+            }
+        }
+        let wake = if more {
+            Some(now)
+        } else {
+            state.next_deadline()
+        };
+        ctx.set_wake(wake);
+        self.stats.set(state.stats());
+    }
+}
+
+impl Service for Mainline {
+    fn name(&self) -> &str {
+        "mainline"
+    }
+
+    fn start(&mut self, ctx: &mut ServiceContext<'_>) -> io::Result<()> {
+        if self.config.bootstrap.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "mainline: no bootstrap addresses (there is no default list)",
+            ));
+        }
+        let scope = Scope::of(&self.config.bootstrap);
+        let bind = self.config.bind.unwrap_or(match scope {
+            Scope::Loopback => SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            Scope::Internet => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+        });
+        let mut sock = mio::net::UdpSocket::bind(SocketAddr::V4(bind))?;
+        ctx.register(&mut sock, 0, Interest::READABLE)?;
+        self.socket = Some(sock);
+        let now = ctx.now();
+        let signer = self
+            .config
+            .publish
+            .then(|| ctx.identity().sign_keypair().clone());
+        let mut state = MainlineState::new(
+            Options {
+                bootstrap: self.config.bootstrap.clone(),
+                salt: self.config.salt.clone(),
+                serve: self.config.serve,
+                timing: self.config.timing,
+            },
+            signer,
+            now,
+        );
+        if let Ok(Some(stored)) = ctx.storage().get(SEQ_KEY) {
+            if let Some(seq) = std::str::from_utf8(&stored)
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+            {
+                state.set_last_seq(seq);
+            }
+        }
+        if self.config.publish {
+            let info = ctx.node_info();
+            state.set_my_node_info(&info, unix_secs(), now);
+        }
+        self.state = Some(state);
+        ctx.subscribe("self.transports.requestNodeInfo");
+        if self.config.publish {
+            ctx.subscribe("self.transports.myNodeInfo");
+        }
+        self.flush(ctx, false);
+        Ok(())
+    }
+
+    fn on_message(&mut self, ctx: &mut ServiceContext<'_>, msg: &Message) {
+        if msg.sender != Address::Local || msg.protocol != "ms" {
+            return;
+        }
+        let Ok(value) = msg.json::<serde_json::Value>() else {
+            return;
+        };
+        let now = ctx.now();
+        let Some(state) = self.state.as_mut() else {
+            return;
+        };
+        match msg.topic.as_str() {
+            "transports.myNodeInfo" => {
+                state.set_my_node_info(&value, unix_secs(), now);
+            }
+            "transports.requestNodeInfo" => state.request_node_info(&value, now),
+            _ => return,
+        }
+        self.flush(ctx, false);
+    }
+
+    fn on_io(&mut self, ctx: &mut ServiceContext<'_>, _local: usize, _event: &mio::event::Event) {
+        let more = self.read(ctx);
+        self.flush(ctx, more);
+    }
+
+    fn on_timer(&mut self, ctx: &mut ServiceContext<'_>) {
+        let more = self.read(ctx);
+        self.flush(ctx, more);
+    }
+
+    fn stop(&mut self, ctx: &mut ServiceContext<'_>) {
+        if let Some(mut sock) = self.socket.take() {
+            let _ = ctx.deregister(&mut sock);
+        }
+    }
+}

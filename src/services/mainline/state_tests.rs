@@ -1,0 +1,585 @@
+//! Tests of the sans-IO client: a simulated DHT of serving machines (datagrams passed in
+//! memory, time advanced to the next deadline), and hand-made hostile replies.
+
+use super::*;
+use crate::identity::Identity;
+use crate::services::mainline::krpc::CompactNode;
+use serde_json::json;
+
+fn addr(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port)
+}
+
+fn info_of(id: &Identity, port: u16) -> Value {
+    json!({"signId": id.sign_id().to_string(), "boxId": id.box_id().to_string(),
+        "connectionInfo": [{"transportType": "udp",
+            "transportInfo": {"address": "127.0.0.1", "port": port, "framing": "native"}}]})
+}
+
+fn options(bootstrap: Vec<SocketAddrV4>, serve: bool) -> Options {
+    Options {
+        bootstrap,
+        salt: Vec::new(),
+        serve,
+        timing: Timing::default(),
+    }
+}
+
+/// Machines at loopback addresses exchanging datagrams in memory.
+struct Sim {
+    nodes: Vec<(SocketAddrV4, MainlineState)>,
+    now: Instant,
+    delivered: u64,
+}
+
+impl Sim {
+    /// `n` serving machines on ports 1000.., each bootstrapped from all the others.
+    fn new(n: u16) -> Sim {
+        let now = Instant::now();
+        let all: Vec<SocketAddrV4> = (0..n).map(|i| addr(1000 + i)).collect();
+        let nodes = all
+            .iter()
+            .map(|a| {
+                let others = all.iter().copied().filter(|b| b != a).collect();
+                (*a, MainlineState::new(options(others, true), None, now))
+            })
+            .collect();
+        Sim {
+            nodes,
+            now,
+            delivered: 0,
+        }
+    }
+
+    fn add(&mut self, port: u16, m: MainlineState) -> usize {
+        self.nodes.push((addr(port), m));
+        self.nodes.len() - 1
+    }
+
+    /// Delivers until quiet, then advances time to the next deadline; at most `turns` times,
+    /// or until `done` holds.
+    fn run(&mut self, turns: usize, mut done: impl FnMut(&mut Sim) -> bool) -> bool {
+        for _ in 0..turns {
+            for _ in 0..10_000 {
+                let mut moved = false;
+                for i in 0..self.nodes.len() {
+                    let now = self.now;
+                    self.nodes[i].1.handle_timeout(now);
+                    let from = self.nodes[i].0;
+                    while let Some((to, bytes)) = self.nodes[i].1.poll_transmit() {
+                        assert!(to.ip().is_loopback(), "sent to {to}");
+                        moved = true;
+                        if let Some(j) = self.nodes.iter().position(|(a, _)| *a == to) {
+                            self.nodes[j]
+                                .1
+                                .handle_datagram(&bytes, SocketAddr::V4(from), now);
+                            self.delivered += 1;
+                        }
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+            if done(self) {
+                return true;
+            }
+            let next = self
+                .nodes
+                .iter()
+                .filter_map(|(_, m)| m.next_deadline())
+                .min();
+            match next {
+                Some(t) if t > self.now => self.now = t,
+                Some(_) => {}
+                None => return done(self),
+            }
+        }
+        false
+    }
+}
+
+#[test]
+fn publish_and_resolve_through_a_simulated_dht() {
+    let mut sim = Sim::new(20);
+    assert!(sim.run(50, |s| s.nodes.iter().all(|(_, m)| m.stats().table >= 8)));
+    let a = Identity::generate();
+    let boot = vec![addr(1003), addr(1011)];
+    let mut pa = MainlineState::new(
+        options(boot.clone(), false),
+        Some(a.sign_keypair().clone()),
+        sim.now,
+    );
+    assert!(pa.set_my_node_info(&info_of(&a, 7000), 1_000, sim.now));
+    assert_eq!(pa.take_seq_to_persist(), Some(1_000));
+    let ia = sim.add(2000, pa);
+    assert!(sim.run(200, |s| s.nodes[ia].1.stats().publishes >= 1));
+    let st = sim.nodes[ia].1.stats();
+    assert_eq!(st.last_publish_stored, 8, "{st:?}");
+    assert_eq!(st.seq, 1_000);
+    // Servers do not put read-only nodes in their tables.
+    assert!(sim.nodes[..20].iter().all(|(_, m)| {
+        m.table
+            .closest(&[0; 20], 2000)
+            .iter()
+            .all(|n| n.addr != addr(2000))
+    }));
+    let stored = sim.nodes[..20]
+        .iter()
+        .filter(|(_, m)| m.stats().stored == 1)
+        .count();
+    assert_eq!(stored, 8);
+
+    // Another client that knows only two testnet nodes resolves it.
+    let mut pb = MainlineState::new(options(boot, false), None, sim.now);
+    pb.request_node_info(&json!(a.sign_id().to_string()), sim.now);
+    let ib = sim.add(2001, pb);
+    let mut got = Vec::new();
+    assert!(sim.run(200, |s| {
+        while let Some(v) = s.nodes[ib].1.poll_publication() {
+            got.push(v);
+        }
+        !got.is_empty()
+    }));
+    assert_eq!(got, vec![info_of(&a, 7000)]);
+
+    // A changed nodeInfo gets a higher seq; once B's cache expired, B finds the new one.
+    let now = sim.now;
+    assert!(sim.nodes[ia]
+        .1
+        .set_my_node_info(&info_of(&a, 7001), 900, now));
+    assert_eq!(sim.nodes[ia].1.stats().seq, 1_001);
+    assert!(sim.run(200, |s| s.nodes[ia].1.stats().publishes >= 2));
+    assert_eq!(sim.nodes[ia].1.stats().last_publish_stored, 8);
+    let now = sim.now;
+    sim.nodes[ib]
+        .1
+        .request_node_info(&json!(a.sign_id().to_string()), now);
+    assert_eq!(
+        sim.nodes[ib].1.poll_publication(),
+        Some(info_of(&a, 7000)),
+        "cached"
+    );
+    let later = now + Timing::default().cache_ttl;
+    sim.now = later;
+    sim.nodes[ib]
+        .1
+        .request_node_info(&json!(a.sign_id().to_string()), later);
+    let mut got = Vec::new();
+    assert!(sim.run(200, |s| {
+        while let Some(v) = s.nodes[ib].1.poll_publication() {
+            got.push(v);
+        }
+        !got.is_empty()
+    }));
+    assert_eq!(got, vec![info_of(&a, 7001)]);
+
+    // Unknown keys are not found, and the lookup ends.
+    let ghost = Identity::generate();
+    let now = sim.now;
+    sim.nodes[ib]
+        .1
+        .request_node_info(&json!(ghost.sign_id().to_string()), now);
+    assert!(sim.run(200, |s| s.nodes[ib].1.stats().not_found >= 1));
+    assert_eq!(sim.nodes[ib].1.stats().lookups, 0);
+
+    // Republished before items expire, without anything changing.
+    let before = sim.nodes[ia].1.stats().publishes;
+    let deadline = sim.now + Timing::default().republish + Duration::from_secs(60);
+    assert!(sim.run(10_000, |s| s.nodes[ia].1.stats().publishes > before
+        || s.now > deadline));
+    assert!(sim.nodes[ia].1.stats().publishes > before);
+    assert_eq!(sim.nodes[ia].1.stats().seq, 1_001);
+}
+
+#[test]
+fn a_lost_seq_is_overtaken_and_persisted_seq_rises() {
+    let mut sim = Sim::new(12);
+    assert!(sim.run(50, |s| s.nodes.iter().all(|(_, m)| m.stats().table >= 8)));
+    let a = Identity::generate();
+    let boot = vec![addr(1001)];
+    let mut first = MainlineState::new(
+        options(boot.clone(), false),
+        Some(a.sign_keypair().clone()),
+        sim.now,
+    );
+    first.set_last_seq(5_000);
+    first.set_my_node_info(&info_of(&a, 1), 10, sim.now);
+    assert_eq!(first.stats().seq, 5_001);
+    let i = sim.add(2000, first);
+    assert!(sim.run(200, |s| s.nodes[i].1.stats().publishes >= 1));
+    // The same identity restarted without its stored seq and with a clock far behind.
+    let mut again = MainlineState::new(
+        options(boot, false),
+        Some(a.sign_keypair().clone()),
+        sim.now,
+    );
+    again.set_my_node_info(&info_of(&a, 2), 10, sim.now);
+    assert_eq!(again.stats().seq, 10);
+    let j = sim.add(2001, again);
+    assert!(sim.run(200, |s| s.nodes[j].1.stats().publishes >= 1));
+    let st = sim.nodes[j].1.stats();
+    assert_eq!(st.seq, 5_002, "signed again above what the DHT held");
+    assert!(st.last_publish_stored >= 1);
+    assert_eq!(sim.nodes[j].1.take_seq_to_persist(), Some(5_002));
+}
+
+/// A client whose only bootstrap node is `fake`; returns it with its outgoing queries.
+fn client(fake: SocketAddrV4, now: Instant) -> MainlineState {
+    let mut m = MainlineState::new(options(vec![fake], false), None, now);
+    m.handle_timeout(now);
+    m
+}
+
+fn queries(m: &mut MainlineState) -> Vec<(SocketAddrV4, Message)> {
+    let mut out = Vec::new();
+    while let Some((to, b)) = m.poll_transmit() {
+        let msg = krpc::decode(&b).expect("our queries decode");
+        assert!(msg.ro, "read-only by default");
+        out.push((to, msg));
+    }
+    out
+}
+
+fn reply_to(q: &Message, fields: Fields) -> Vec<u8> {
+    krpc::encode(&Message::response(q.t.clone(), fields)).unwrap()
+}
+
+fn item_fields(signer: &Identity, info: &Value, seq: i64) -> Fields {
+    let v = item::string_value(&serde_json::to_vec(info).unwrap());
+    let it = MutableItem::sign(signer.sign_keypair(), b"", seq, v).unwrap();
+    let mut f = Fields {
+        id: Some([7; 20]),
+        token: Some(b"tk".to_vec()),
+        ..Fields::default()
+    };
+    it.fill(&mut f);
+    f
+}
+
+#[test]
+fn forged_items_are_refused_without_harm() {
+    let now = Instant::now();
+    let fake = addr(1500);
+    let a = Identity::generate();
+    let c = Identity::generate();
+    let good = info_of(&a, 9);
+    // Each forged answer to the get query: nothing is published, counters say why.
+    let mut bad_sig = item_fields(&a, &good, 3);
+    bad_sig.sig.as_mut().unwrap()[5] ^= 0x10;
+    let mut other_target = item_fields(&c, &info_of(&c, 9), 3);
+    other_target.id = Some([7; 20]);
+    let cases: Vec<(&str, Fields)> = vec![
+        ("bad signature", bad_sig),
+        (
+            "another key's nodeInfo",
+            item_fields(&a, &info_of(&c, 9), 3),
+        ),
+        ("another key's item", other_target),
+        (
+            "forged boxId",
+            item_fields(
+                &a,
+                &json!({"signId": a.sign_id().to_string(), "boxId": c.box_id().to_string(),
+                    "connectionInfo": []}),
+                3,
+            ),
+        ),
+    ];
+    for (what, fields) in cases {
+        let mut m = client(fake, now);
+        m.request_node_info(&json!(a.sign_id().to_string()), now);
+        m.handle_timeout(now);
+        let qs = queries(&mut m);
+        let (_, get) = qs
+            .iter()
+            .find(|(_, q)| q.kind == Kind::Query(Method::Get))
+            .expect("a get");
+        m.handle_datagram(&reply_to(get, fields), SocketAddr::V4(fake), now);
+        m.handle_timeout(now);
+        assert_eq!(m.poll_publication(), None, "{what}");
+        let s = m.stats();
+        assert_eq!(s.resolved, 0, "{what}");
+        assert_eq!(
+            s.items_bad_signature + s.wrong_key + s.items_wrong_target + s.not_node_info,
+            1,
+            "{what}: {s:?}"
+        );
+    }
+
+    // Malformed and oversized datagrams, from the right address, change nothing.
+    let mut m = client(fake, now);
+    m.request_node_info(&json!(a.sign_id().to_string()), now);
+    m.handle_timeout(now);
+    let qs = queries(&mut m);
+    let (_, get) = qs
+        .iter()
+        .find(|(_, q)| q.kind == Kind::Query(Method::Get))
+        .unwrap()
+        .clone();
+    let before = m.stats();
+    let mut big = get.clone();
+    big.kind = Kind::Response;
+    big.fields = item_fields(&a, &good, 3);
+    let mut oversized = krpc::encode(&big).unwrap();
+    oversized.extend(std::iter::repeat(b' ').take(krpc::MAX_DATAGRAM));
+    let huge_v = {
+        let mut s = format!("d1:rd2:id20:{}1:v1001:", "x".repeat(20)).into_bytes();
+        s.extend(std::iter::repeat(b'y').take(1001));
+        s.extend_from_slice(format!("e1:t2:{}1:y1:re", String::from_utf8_lossy(&get.t)).as_bytes());
+        s
+    };
+    for junk in [b"d1:t2:".to_vec(), b"\xff\xfe".to_vec(), oversized, huge_v] {
+        m.handle_datagram(&junk, SocketAddr::V4(fake), now);
+    }
+    let after = m.stats();
+    assert_eq!(after.malformed, before.malformed + 4);
+    assert_eq!(after.replies, before.replies);
+    assert_eq!(after.outstanding, before.outstanding);
+
+    // The genuine item is accepted; then a lower seq from another node is stale.
+    let mut first = item_fields(&a, &good, 10);
+    let second = addr(1501);
+    first.nodes = vec![CompactNode {
+        id: {
+            let mut t = target_of(&a.sign_id(), b"");
+            t[19] ^= 1;
+            t
+        },
+        addr: second,
+    }];
+    m.handle_datagram(&reply_to(&get, first), SocketAddr::V4(fake), now);
+    m.handle_timeout(now);
+    assert_eq!(m.poll_publication(), Some(good.clone()));
+    let qs = queries(&mut m);
+    let (_, get2) = qs
+        .iter()
+        .find(|(to, _)| *to == second)
+        .expect("asks the node it learnt");
+    m.handle_datagram(
+        &reply_to(get2, item_fields(&a, &info_of(&a, 99), 9)),
+        SocketAddr::V4(second),
+        now,
+    );
+    m.handle_timeout(now);
+    assert_eq!(m.poll_publication(), None);
+    assert_eq!(m.stats().stale, 1);
+    // The same reply again, and replies from an address never asked: unexpected.
+    m.handle_datagram(
+        &reply_to(get2, item_fields(&a, &good, 11)),
+        SocketAddr::V4(second),
+        now,
+    );
+    m.handle_datagram(
+        &reply_to(get2, item_fields(&a, &good, 11)),
+        SocketAddr::V4(addr(1502)),
+        now,
+    );
+    assert_eq!(m.poll_publication(), None);
+    assert!(m.stats().unexpected >= 2);
+}
+
+#[test]
+fn floods_cost_bounded_memory_and_bounded_queries() {
+    let now = Instant::now();
+    let fake = addr(1500);
+    let t = Timing::default();
+    let mut m = client(fake, now);
+    // 1,000 requests: 64 wait, the rest are refused; 8 of them start.
+    for _ in 0..1000 {
+        m.request_node_info(&json!(Identity::generate().sign_id().to_string()), now);
+    }
+    m.handle_timeout(now);
+    let s = m.stats();
+    assert_eq!(s.lookups, t.max_lookups + 1, "resolves and the bootstrap");
+    assert_eq!(s.waiting, t.max_waiting - t.max_lookups);
+    assert_eq!(s.requests_refused, 1000 - t.max_waiting as u64);
+    // Every query answered with 16 new nodes, some outside the scope, for many rounds: at
+    // most max_outstanding queries at once, never a packet outside 127.0.0.0/8.
+    let mut port = 3000u16;
+    let mut clock = now;
+    for _ in 0..300 {
+        let qs = queries(&mut m);
+        assert!(qs.len() <= t.max_outstanding);
+        for (to, q) in qs {
+            assert!(to.ip().is_loopback());
+            let nodes = (0..16)
+                .map(|i| {
+                    port = port.wrapping_add(1).max(3000);
+                    let ip = if i % 4 == 0 {
+                        std::net::Ipv4Addr::new(203, 0, 113, 9)
+                    } else {
+                        std::net::Ipv4Addr::LOCALHOST
+                    };
+                    let mut id = [0u8; 20];
+                    crypto::random_bytes(&mut id);
+                    CompactNode {
+                        id,
+                        addr: SocketAddrV4::new(ip, port),
+                    }
+                })
+                .collect();
+            let f = Fields {
+                id: Some([9; 20]),
+                nodes,
+                token: Some(b"t".to_vec()),
+                ..Fields::default()
+            };
+            m.handle_datagram(&reply_to(&q, f), SocketAddr::V4(to), clock);
+        }
+        m.handle_timeout(clock);
+        let s = m.stats();
+        assert!(s.outstanding <= t.max_outstanding);
+        assert!(s.lookups <= t.max_lookups + 1);
+        assert!(m.lookups.iter().all(|l| l.cands.len() <= MAX_CANDIDATES));
+        assert!(m.lookups.iter().all(|l| l.queries <= t.max_queries));
+        clock += Duration::from_millis(100);
+    }
+    // Everything ends: lookups time out, the table is bounded.
+    m.handle_timeout(clock + t.lookup_timeout + t.query_timeout);
+    m.handle_timeout(clock + 2 * (t.lookup_timeout + t.query_timeout));
+    let s = m.stats();
+    assert_eq!(s.waiting, 0);
+    assert!(s.table <= 160 * super::super::table::BUCKET_SIZE);
+    // 10,000 replies with unknown transaction ids: dropped.
+    let mut m = client(fake, now);
+    assert_eq!(queries(&mut m).len(), 1, "the bootstrap query");
+    let before = m.stats();
+    for i in 0..10_000u32 {
+        let f = Fields {
+            id: Some([3; 20]),
+            nodes: vec![CompactNode {
+                id: [4; 20],
+                addr: addr(4000),
+            }],
+            ..Fields::default()
+        };
+        let bytes = krpc::encode(&Message::response(i.to_be_bytes().to_vec(), f)).unwrap();
+        m.handle_datagram(&bytes, SocketAddr::V4(fake), now);
+    }
+    let s = m.stats();
+    assert_eq!(s.unexpected, 10_000);
+    assert_eq!(s.table, before.table);
+    assert_eq!(s.outstanding, before.outstanding);
+    // Queries to a read-only node are ignored.
+    let q = Message::query(
+        b"xy".to_vec(),
+        Method::Ping,
+        Fields {
+            id: Some([5; 20]),
+            ..Fields::default()
+        },
+        false,
+    );
+    m.handle_datagram(&krpc::encode(&q).unwrap(), SocketAddr::V4(fake), now);
+    assert_eq!(m.stats().queries_ignored, 1);
+    assert!(queries(&mut m).is_empty());
+    // Datagrams from outside the scope are dropped before decoding.
+    m.handle_datagram(b"junk", "203.0.113.1:5".parse().unwrap(), now);
+    m.handle_datagram(b"junk", "[::1]:5".parse().unwrap(), now);
+    assert_eq!(m.stats().foreign, 2);
+}
+
+#[test]
+fn serving_checks_tokens_signatures_cas_and_seq_and_is_rate_limited() {
+    let now = Instant::now();
+    let mut srv = MainlineState::new(options(vec![addr(1)], true), None, now);
+    let peer = addr(5000);
+    let a = Identity::generate();
+    let ask = |srv: &mut MainlineState, method: Method, f: Fields| -> Message {
+        let q = Message::query(b"qq".to_vec(), method, f, true);
+        srv.handle_datagram(&krpc::encode(&q).unwrap(), SocketAddr::V4(peer), now);
+        let mut replies: Vec<Message> = Vec::new();
+        while let Some((to, b)) = srv.poll_transmit() {
+            if to == peer {
+                replies.push(krpc::decode(&b).unwrap());
+            }
+        }
+        assert_eq!(replies.len(), 1);
+        replies.remove(0)
+    };
+    let target = target_of(&a.sign_id(), b"");
+    let r = ask(
+        &mut srv,
+        Method::Get,
+        Fields {
+            id: Some([1; 20]),
+            target: Some(target),
+            ..Fields::default()
+        },
+    );
+    let token = r.fields.token.clone().expect("a token");
+    let put = |seq: i64, token: &[u8], cas: Option<i64>| {
+        let mut f = item_fields(&a, &info_of(&a, seq as u16), seq);
+        f.token = Some(token.to_vec());
+        f.cas = cas;
+        f
+    };
+    let code = |m: &Message| match m.kind {
+        Kind::Error(c, _) => c,
+        Kind::Response => 0,
+        _ => -1,
+    };
+    assert_eq!(
+        code(&ask(&mut srv, Method::Put, put(5, b"wrong", None))),
+        203
+    );
+    assert_eq!(code(&ask(&mut srv, Method::Put, put(5, &token, None))), 0);
+    assert_eq!(srv.stats().stored, 1);
+    assert_eq!(code(&ask(&mut srv, Method::Put, put(4, &token, None))), 302);
+    assert_eq!(
+        code(&ask(&mut srv, Method::Put, put(6, &token, Some(4)))),
+        301
+    );
+    let mut forged = put(7, &token, None);
+    forged.sig.as_mut().unwrap()[0] ^= 1;
+    assert_eq!(code(&ask(&mut srv, Method::Put, forged)), 206);
+    assert_eq!(
+        code(&ask(&mut srv, Method::Put, put(6, &token, Some(5)))),
+        0
+    );
+    let r = ask(
+        &mut srv,
+        Method::Get,
+        Fields {
+            id: Some([1; 20]),
+            target: Some(target),
+            ..Fields::default()
+        },
+    );
+    let got = MutableItem::from_fields(&r.fields, b"", Some(&target)).unwrap();
+    assert_eq!(got.seq, 6);
+    assert_eq!(
+        code(&ask(
+            &mut srv,
+            Method::AnnouncePeer,
+            Fields {
+                id: Some([1; 20]),
+                ..Fields::default()
+            }
+        )),
+        204
+    );
+    // A flood of queries: answered up to the burst, then dropped.
+    let mut answered = 0;
+    for i in 0..1000u32 {
+        let q = Message::query(
+            i.to_be_bytes().to_vec(),
+            Method::Ping,
+            Fields {
+                id: Some([2; 20]),
+                ..Fields::default()
+            },
+            true,
+        );
+        srv.handle_datagram(&krpc::encode(&q).unwrap(), SocketAddr::V4(peer), now);
+        while srv.poll_transmit().is_some() {
+            answered += 1;
+        }
+    }
+    assert!(
+        answered <= 2 * Timing::default().queries_per_sec as usize,
+        "{answered}"
+    );
+    assert!(srv.stats().queries_dropped >= 1000 - 200);
+}
