@@ -28,7 +28,9 @@ fn pct_ms(v: &mut [Duration], p: usize) -> f64 {
 
 /// Starts the testnet; `None` (with a note) when it cannot run here.
 fn testnet() -> Option<(std::process::Child, Vec<SocketAddrV4>)> {
-    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("js");
+    let js = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("js");
     if !js.join("node_modules").join("bittorrent-dht").is_dir() {
         eprintln!(
             "mainline: skipped (tests/js/node_modules missing: cd tests/js && npm ci --ignore-scripts)"
@@ -69,7 +71,11 @@ fn testnet() -> Option<(std::process::Child, Vec<SocketAddrV4>)> {
     let nodes: Vec<SocketAddrV4> = ready["nodes"]
         .as_array()?
         .iter()
-        .filter_map(|n| format!("{}:{}", n["host"].as_str()?, n["port"]).parse().ok())
+        .filter_map(|n| {
+            format!("{}:{}", n["host"].as_str()?, n["port"])
+                .parse()
+                .ok()
+        })
         .collect();
     if nodes.len() != 20 {
         eprintln!("mainline: skipped (testnet did not start: {line})");
@@ -128,7 +134,9 @@ pub fn mainline(bench: &Bench) {
     for id in &ids {
         let _ = r.drain_events().count();
         let start = Instant::now();
-        let _ = r.messaging().send("transports.requestNodeInfo", "local", id);
+        let _ = r
+            .messaging()
+            .send("transports.requestNodeInfo", "local", id);
         let end = start + LIMIT;
         let mut found = false;
         while !found && Instant::now() < end {

@@ -265,7 +265,7 @@ pub fn encode_bytes(b: &[u8]) -> Vec<u8> {
 
 /// Parses compact IPv4 nodes (`nodes`): a multiple of 26 bytes, at most [`MAX_NODES`] kept.
 pub fn parse_nodes(b: &[u8]) -> Result<Vec<CompactNode>, DecodeError> {
-    if b.len() % COMPACT_NODE_LEN != 0 {
+    if !b.len().is_multiple_of(COMPACT_NODE_LEN) {
         return Err(DecodeError::Malformed);
     }
     Ok(b.chunks_exact(COMPACT_NODE_LEN)
@@ -584,8 +584,8 @@ mod tests {
         cases.push(good[..good.len() - 1].to_vec());
         cases.push(vec![b'l'; MAX_DATAGRAM + 1]);
         let mut deep = b"d1:rd2:id20:abcdefghij01234567891:v".to_vec();
-        deep.extend(std::iter::repeat(b'l').take(40));
-        deep.extend(std::iter::repeat(b'e').take(40));
+        deep.extend(std::iter::repeat_n(b'l', 40));
+        deep.extend(std::iter::repeat_n(b'e', 40));
         deep.extend_from_slice(b"e1:t1:x1:y1:re");
         cases.push(deep);
         let mut long = sample();

@@ -599,7 +599,7 @@ impl MainlineState {
         };
         self.stats.items_valid += 1;
         let l = &mut self.lookups[i];
-        if l.best.as_ref().map_or(true, |b| item.seq > b.seq) {
+        if l.best.as_ref().is_none_or(|b| item.seq > b.seq) {
             l.best = Some(item.clone());
         }
         let Purpose::Resolve(sign) = l.purpose else {
@@ -1058,7 +1058,7 @@ impl MainlineState {
                     match self.store.get(&t).filter(|s| s.expires > now) {
                         Some(s) => {
                             // BEP 44: a requester that has this seq already gets no value.
-                            if a.seq.map_or(true, |q| q < s.item.seq) {
+                            if a.seq.is_none_or(|q| q < s.item.seq) {
                                 let item = s.item.clone();
                                 item.fill(&mut r);
                                 r.salt = None;

@@ -322,10 +322,10 @@ fn forged_items_are_refused_without_harm() {
     big.kind = Kind::Response;
     big.fields = item_fields(&a, &good, 3);
     let mut oversized = krpc::encode(&big).unwrap();
-    oversized.extend(std::iter::repeat(b' ').take(krpc::MAX_DATAGRAM));
+    oversized.extend(std::iter::repeat_n(b' ', krpc::MAX_DATAGRAM));
     let huge_v = {
         let mut s = format!("d1:rd2:id20:{}1:v1001:", "x".repeat(20)).into_bytes();
-        s.extend(std::iter::repeat(b'y').take(1001));
+        s.extend(std::iter::repeat_n(b'y', 1001));
         s.extend_from_slice(format!("e1:t2:{}1:y1:re", String::from_utf8_lossy(&get.t)).as_bytes());
         s
     };
