@@ -1,5 +1,5 @@
 //! The Mainline DHT service against another implementation: a testnet of 20 `bittorrent-dht`
-//! 11 nodes on 127.0.0.1 (`tests/js/mainline_testnet.js`, no public bootstrap routers), and
+//! 11.0.9 nodes on 127.0.0.1 (`tests/js/mainline_testnet.js`, no public bootstrap routers), and
 //! `examples/node.rs` nodes given only testnet addresses (`--mainline`):
 //!
 //! - a Rust node publishes its nodeInfo (`--mainline-publish`); a JS client of the testnet

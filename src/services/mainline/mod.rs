@@ -95,16 +95,43 @@ impl MainlineConfig {
         self
     }
 
-    /// Parses `host:port,host:port,...` (IPv4 addresses only).
+    /// Parses `host:port,host:port,...`: IPv4 addresses as they are, host names (such as the
+    /// public routers named in the README) resolved here to their IPv4 addresses. Resolving
+    /// a name blocks on the system resolver, so call this while setting up, not from a turn.
+    ///
+    /// ```
+    /// use mm_platform::services::mainline::MainlineConfig;
+    ///
+    /// let list = MainlineConfig::parse_bootstrap("127.0.0.1:6881, 127.0.0.1:6882").unwrap();
+    /// assert_eq!(list.len(), 2);
+    /// assert!(MainlineConfig::parse_bootstrap("127.0.0.1").is_err());
+    /// ```
     pub fn parse_bootstrap(list: &str) -> Result<Vec<SocketAddrV4>, String> {
-        list.split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                s.parse::<SocketAddrV4>()
-                    .map_err(|_| format!("not an IPv4 host:port: {s:?}"))
-            })
-            .collect()
+        let mut out = Vec::new();
+        for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if let Ok(addr) = s.parse::<SocketAddrV4>() {
+                out.push(addr);
+                continue;
+            }
+            // Only something shaped like `name:port` goes to the resolver.
+            let Some((host, port)) = s.rsplit_once(':') else {
+                return Err(format!("not host:port: {s:?}"));
+            };
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(format!("not host:port: {s:?}"));
+            }
+            let resolved = std::net::ToSocketAddrs::to_socket_addrs(s)
+                .map_err(|e| format!("cannot resolve {s:?}: {e}"))?;
+            let before = out.len();
+            out.extend(resolved.filter_map(|a| match a {
+                SocketAddr::V4(v4) => Some(v4),
+                SocketAddr::V6(_) => None,
+            }));
+            if out.len() == before {
+                return Err(format!("{s:?} has no IPv4 address"));
+            }
+        }
+        Ok(out)
     }
 }
 
