@@ -144,7 +144,10 @@ fn poll(p: &mut Platform) {
 
 /// `js_*_messages_per_s`: Rust to JS, JS to Rust, JS to JS.
 pub fn js_messages(bench: &Bench) {
-    if !bench.wants("js_") {
+    if !["js_rust_to_js", "js_js_to_rust", "js_js_to_js"]
+        .iter()
+        .any(|n| bench.wants(n))
+    {
         return;
     }
     if !node_available() {

@@ -4,6 +4,14 @@
 //! `put` answered) and for a running node to resolve a signId (from `requestNodeInfo` to the
 //! nodeInfo published on the bus), median and p99 over [`ROUNDS`] nodes. Skipped with a note
 //! on stderr without `node` or the installed test packages.
+//!
+//! Reading the figures: `bittorrent-dht` 11 (through `k-rpc`) adds every node that queries it
+//! to its routing table, ignoring BEP 43's read-only flag, so each earlier round leaves a node
+//! that no longer answers in the testnet's tables (50 such against 20 live nodes by the end).
+//! Lookups then meet unanswered queries, each of which holds a slot for
+//! [`Timing::slow_after`](mm_platform::services::mainline::Timing) (1 s) before the lookup
+//! goes past it: seconds per publication, and a long tail on resolution. The public DHT has
+//! the same kind of churn.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddrV4;
@@ -86,7 +94,13 @@ fn testnet() -> Option<(std::process::Child, Vec<SocketAddrV4>)> {
 }
 
 pub fn mainline(bench: &Bench) {
-    if !bench.wants("mainline") {
+    const NAMES: [&str; 4] = [
+        "mainline_publish_median",
+        "mainline_publish_p99",
+        "mainline_resolve_median",
+        "mainline_resolve_p99",
+    ];
+    if !NAMES.iter().any(|n| bench.wants(n)) {
         return;
     }
     let Some((mut child, nodes)) = testnet() else {
@@ -155,8 +169,8 @@ pub fn mainline(bench: &Bench) {
     }
     let _ = child.kill();
     let _ = child.wait();
-    bench.emit("mainline_publish_median", pct_ms(&mut publish, 50), "ms");
-    bench.emit("mainline_publish_p99", pct_ms(&mut publish, 99), "ms");
-    bench.emit("mainline_resolve_median", pct_ms(&mut resolve, 50), "ms");
-    bench.emit("mainline_resolve_p99", pct_ms(&mut resolve, 99), "ms");
+    bench.emit(NAMES[0], pct_ms(&mut publish, 50), "ms");
+    bench.emit(NAMES[1], pct_ms(&mut publish, 99), "ms");
+    bench.emit(NAMES[2], pct_ms(&mut resolve, 50), "ms");
+    bench.emit(NAMES[3], pct_ms(&mut resolve, 99), "ms");
 }
