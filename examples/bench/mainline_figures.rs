@@ -8,10 +8,9 @@
 //! Reading the figures: `bittorrent-dht` 11 (through `k-rpc`) adds every node that queries it
 //! to its routing table, ignoring BEP 43's read-only flag, so each earlier round leaves a node
 //! that no longer answers in the testnet's tables (50 such against 20 live nodes by the end).
-//! Lookups then meet unanswered queries, each of which holds a slot for
-//! [`Timing::slow_after`](mm_platform::services::mainline::Timing) (1 s) before the lookup
-//! goes past it: seconds per publication, and a long tail on resolution. The public DHT has
-//! the same kind of churn.
+//! Lookups then meet unanswered queries, each of which holds a slot for a few smoothed round
+//! trips ([`MainlineState::slow_after`](mm_platform::services::mainline::MainlineState::slow_after),
+//! at least 100 ms) before the lookup goes past it. The public DHT has the same kind of churn.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddrV4;

@@ -12,8 +12,10 @@
 //!   answers' `nodes` become candidates (at most [`MAX_CANDIDATES`], closest kept, only
 //!   addresses of the table's [`Scope`]), and the lookup ends when the [`Timing::k`] closest
 //!   candidates that did not fail have all answered, after [`Timing::max_queries`] queries, or
-//!   after [`Timing::lookup_timeout`]. A query unanswered after [`Timing::slow_after`] stops
-//!   holding the lookup (it may still answer until [`Timing::query_timeout`]).
+//!   after [`Timing::lookup_timeout`]. A query unanswered after [`MainlineState::slow_after`]
+//!   (a few smoothed round trips, between [`Timing::min_slow_after`] and
+//!   [`Timing::slow_after`]) stops holding the lookup (it may still answer until
+//!   [`Timing::query_timeout`]), so nodes that left cost a lookup little time.
 //! - **Publish** (when given a signing key): our nodeInfo ([`super::item`]) signed as a BEP 44
 //!   mutable item with `seq` = max(wall-clock seconds, last `seq` + 1), so it rises across
 //!   restarts too (the caller persists `MainlineState::last_seq`); a `get` lookup toward its
@@ -69,8 +71,13 @@ pub struct Timing {
     pub alpha: usize,
     /// Nodes a lookup converges on and an item is put to (8).
     pub k: usize,
-    /// A query no longer holds its lookup after this (1 s).
+    /// A query no longer holds its lookup after this at most (1 s). Once replies have been
+    /// timed, the threshold follows them: the smoothed round trip plus four times its
+    /// deviation, as TCP's retransmission timer, within [`Timing::min_slow_after`] and this.
+    /// A query past it may still answer, until [`Timing::query_timeout`].
     pub slow_after: Duration,
+    /// The adaptive threshold's floor (100 ms).
+    pub min_slow_after: Duration,
     /// A query is given up after this (3 s).
     pub query_timeout: Duration,
     /// A lookup ends after this at most (20 s).
@@ -105,6 +112,7 @@ impl Default for Timing {
             alpha: 3,
             k: 8,
             slow_after: Duration::from_secs(1),
+            min_slow_after: Duration::from_millis(100),
             query_timeout: Duration::from_secs(3),
             lookup_timeout: Duration::from_secs(20),
             max_queries: 64,
@@ -313,6 +321,8 @@ pub struct MainlineState {
     transmit: VecDeque<(SocketAddrV4, Vec<u8>)>,
     publications: VecDeque<Value>,
     stats: MainlineStats,
+    /// Smoothed round trip of our queries and its mean deviation, once one was timed.
+    rtt: Option<(Duration, Duration)>,
 }
 
 fn random_id() -> NodeId {
@@ -357,6 +367,7 @@ impl MainlineState {
             next_tx: u16::from_be_bytes(tx),
             bootstrap_at: Some(now),
             backoff: Duration::from_secs(5),
+            rtt: None,
             store: HashMap::new(),
             secrets: [random_id(), random_id()],
             rotate_at: now + TOKEN_ROTATION,
@@ -521,6 +532,7 @@ impl MainlineState {
             return;
         };
         self.stats.replies += 1;
+        self.time_reply(now.saturating_duration_since(pending.sent));
         let ok = msg.kind == Kind::Response;
         if ok && !msg.ro {
             if let Some(id) = msg.fields.id {
@@ -755,7 +767,7 @@ impl MainlineState {
     fn step(&mut self, i: usize, now: Instant) {
         loop {
             let l = &self.lookups[i];
-            let (fresh, holding) = frontier(&l.cands, self.timing.k, self.timing.slow_after, now);
+            let (fresh, holding) = frontier(&l.cands, self.timing.k, self.slow_after(), now);
             let Some(c) = fresh else {
                 if holding == 0 {
                     self.finish(i, now);
@@ -961,16 +973,37 @@ impl MainlineState {
         }
     }
 
+    /// Folds a reply's round trip into the smoothed one (gains 1/8 and 1/4, as TCP).
+    fn time_reply(&mut self, sample: Duration) {
+        self.rtt = Some(match self.rtt {
+            None => (sample, sample / 2),
+            Some((srtt, var)) => {
+                let diff = srtt.abs_diff(sample);
+                (srtt - srtt / 8 + sample / 8, var - var / 4 + diff / 4)
+            }
+        });
+    }
+
+    /// How long an unanswered query holds its lookup now (see [`Timing::slow_after`]).
+    pub fn slow_after(&self) -> Duration {
+        let t = &self.timing;
+        match self.rtt {
+            None => t.slow_after,
+            Some((srtt, var)) => (srtt + var * 4).max(t.min_slow_after).min(t.slow_after),
+        }
+    }
+
     /// The next instant at which [`MainlineState::handle_timeout`] has work.
     pub fn next_deadline(&self) -> Option<Instant> {
         let t = &self.timing;
+        let slow_after = self.slow_after();
         let mut d: Vec<Instant> = Vec::new();
         d.extend(self.outstanding.values().map(|p| p.sent + t.query_timeout));
         for l in &self.lookups {
             d.push(l.started + t.lookup_timeout);
             for c in &l.cands {
                 if let CState::Asked(at) = c.state {
-                    d.push(at + t.slow_after);
+                    d.push(at + slow_after);
                 }
             }
         }

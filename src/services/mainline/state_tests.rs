@@ -583,3 +583,58 @@ fn serving_checks_tokens_signatures_cas_and_seq_and_is_rate_limited() {
     );
     assert!(srv.stats().queries_dropped >= 1000 - 200);
 }
+
+#[test]
+fn an_unanswered_query_holds_a_lookup_only_a_few_round_trips() {
+    let start = Instant::now();
+    let fake = addr(1500);
+    let mut m = client(fake, start);
+    assert_eq!(
+        m.slow_after(),
+        Timing::default().slow_after,
+        "untimed: the ceiling"
+    );
+    // The bootstrap node answers in 2 ms with ten nodes that will never answer.
+    let qs = queries(&mut m);
+    let (_, find) = qs
+        .iter()
+        .find(|(_, q)| q.kind == Kind::Query(Method::FindNode))
+        .expect("a find_node");
+    let dead: Vec<CompactNode> = (0..10)
+        .map(|i| CompactNode {
+            id: [0x40 + i as u8; 20],
+            addr: addr(1600 + i),
+        })
+        .collect();
+    let f = Fields {
+        id: Some([0x11; 20]),
+        nodes: dead.clone(),
+        ..Fields::default()
+    };
+    let now = start + Duration::from_millis(2);
+    m.handle_datagram(&reply_to(find, f), SocketAddr::V4(fake), now);
+    m.handle_timeout(now);
+    let floor = Timing::default().min_slow_after;
+    assert_eq!(m.slow_after(), floor, "a 2 ms round trip: the floor");
+    let first = queries(&mut m);
+    assert_eq!(first.len(), Timing::default().alpha, "{first:?}");
+    // Silence: the lookup goes past the dead nodes after the floor, not after a second.
+    let due = m.next_deadline().expect("a deadline");
+    assert!(due <= now + floor, "{:?}", due - now);
+    m.handle_timeout(now + floor);
+    let next = queries(&mut m);
+    assert_eq!(next.len(), Timing::default().alpha, "{next:?}");
+    assert!(next
+        .iter()
+        .all(|(to, _)| first.iter().all(|(f, _)| f != to)));
+
+    // Slow replies raise the threshold, never past the ceiling.
+    for i in 0..20 {
+        m.time_reply(Duration::from_millis(if i % 2 == 0 { 300 } else { 900 }));
+    }
+    let s = m.slow_after();
+    assert!(
+        s > Duration::from_millis(600) && s <= Timing::default().slow_after,
+        "{s:?}"
+    );
+}
