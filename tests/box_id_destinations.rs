@@ -99,3 +99,37 @@ fn known_box_id_is_sent_to_directly() {
     assert_eq!(got.unwrap().json::<i32>().unwrap(), 7);
     assert!(asks.try_recv().is_err(), "a known boxId needs no lookup");
 }
+
+/// The nodeInfo is handed over before the send but dispatched after it (both in one turn, as
+/// an application does at start-up): the first attempt finds the key is that node's boxId and
+/// sends, with no lookup for a key nobody would answer. Both kinds of key.
+fn node_info_dispatched_between_send_and_attempt(valid_point: bool) {
+    let mut a = node(Identity::generate());
+    let mut b = node(identity_whose_box_key_is_a_valid_sign_key(valid_point));
+    let (_, asks) = a.on_channel("self.transports.requestNodeInfo", 4);
+    let (_, rx) = b.on_channel("public.hi", 4);
+    let info = b.node_info();
+    assert!(a
+        .messaging()
+        .send("transports.nodeInfo", "local", &info)
+        .is_queued());
+    let b_box = b.box_id().to_string();
+    assert!(a.messaging().send("hi", b_box.as_str(), &7).is_queued());
+    let mut got = None;
+    pump(&mut a, &mut b, Duration::from_secs(10), || {
+        got = rx.try_recv().ok();
+        got.is_some()
+    });
+    assert_eq!(got.unwrap().json::<i32>().unwrap(), 7);
+    assert!(asks.try_recv().is_err(), "no lookup was needed");
+}
+
+#[test]
+fn node_info_dispatched_after_the_send_serves_a_box_id_that_is_a_valid_sign_key() {
+    node_info_dispatched_between_send_and_attempt(true);
+}
+
+#[test]
+fn node_info_dispatched_after_the_send_serves_a_box_id_that_is_no_sign_key() {
+    node_info_dispatched_between_send_and_attempt(false);
+}

@@ -141,13 +141,13 @@ fn ms_both_ways(transport: &str) {
         json!({"cmd": "send", "id": 1, "to": our_box, "topic": "test.fromJs",
         "protocol": "ms", "payload": {"hello": "rust"}}),
     );
-    let mut msg: Option<Message> = None;
-    pump_until(&mut rust, Duration::from_secs(20), "the JS message", || {
-        js.drain();
-        msg = rx.try_recv().ok();
-        msg.is_some()
-    });
-    let msg = msg.unwrap();
+    let msg = recv_within(
+        &mut rust,
+        &mut js,
+        &rx,
+        Duration::from_secs(20),
+        "the JS message",
+    );
     assert_eq!(msg.sender, Address::Node(js.sign_id().parse().unwrap()));
     assert_eq!(msg.scope, Scope::Friends);
     assert_eq!(msg.topic, "test.fromJs");
@@ -226,13 +226,13 @@ fn bt_both_ways(transport: &str) {
             json!({"cmd": "send", "id": 100 + i, "to": our_box, "topic": topic,
             "protocol": "bt", "payloadBase64": B64.encode(&data)}),
         );
-        let mut msg: Option<Message> = None;
-        pump_until(&mut rust, Duration::from_secs(180), "a bt payload", || {
-            js.drain();
-            msg = rx.try_recv().ok();
-            msg.is_some()
-        });
-        let msg = msg.unwrap();
+        let msg = recv_within(
+            &mut rust,
+            &mut js,
+            &rx,
+            Duration::from_secs(180),
+            "a bt payload",
+        );
         eprintln!(
             "bt: {n} bytes JS to Rust over {transport} in {:?}",
             t.elapsed()
@@ -519,8 +519,19 @@ fn unknown_js_sender_is_reported_by_box_id_until_mapped() {
 }
 
 fn recv(rust: &mut Platform, js: &mut JsPeer, rx: &Receiver<Message>) -> Message {
+    recv_within(rust, js, rx, Duration::from_secs(20), "a message")
+}
+
+/// The next message `rx` gets while the Rust node and the JS peer both run, within `limit`.
+fn recv_within(
+    rust: &mut Platform,
+    js: &mut JsPeer,
+    rx: &Receiver<Message>,
+    limit: Duration,
+    what: &str,
+) -> Message {
     let mut msg = None;
-    pump_until(rust, Duration::from_secs(20), "a message", || {
+    pump_until(rust, limit, what, || {
         js.drain();
         msg = rx.try_recv().ok();
         msg.is_some()
@@ -604,13 +615,13 @@ fn js_node_skips_relayed_endpoints_and_uses_the_udp_one() {
         json!({"cmd": "send", "id": 1, "to": our_box, "topic": "test.viaUdp",
         "protocol": "ms", "payload": {"n": 1}}),
     );
-    let mut msg: Option<Message> = None;
-    pump_until(&mut rust, Duration::from_secs(20), "the JS message", || {
-        js.drain();
-        msg = rx.try_recv().ok();
-        msg.is_some()
-    });
-    let msg = msg.unwrap();
+    let msg = recv_within(
+        &mut rust,
+        &mut js,
+        &rx,
+        Duration::from_secs(20),
+        "the JS message",
+    );
     assert_eq!(msg.sender, Address::Node(js.sign_id().parse().unwrap()));
     assert_eq!(msg.json::<Value>().unwrap(), json!({"n": 1}));
     {

@@ -283,6 +283,17 @@ impl Core {
                     return;
                 }
                 Lookup::Unknown => {
+                    // The key given as a destination was the boxId of a node whose nodeInfo
+                    // arrived after the send but before this attempt: its messages follow
+                    // it now (a lookup by that key would find nothing new).
+                    if let Some(s) = sign {
+                        let as_box = BoxId(crate::crypto::BoxPublicKey(s.0 .0));
+                        if as_box != b && net.dir.knows_box(&as_box) {
+                            net.rekey_peer(b, as_box, now);
+                            net.kick_peer(as_box);
+                            return;
+                        }
+                    }
                     if !net.dir.start_lookup(b, now) {
                         self.fail_peer(b, "too many lookups pending", now);
                         return;
