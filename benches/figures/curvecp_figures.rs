@@ -297,7 +297,7 @@ fn cpu_seconds() -> f64 {
     (tick(11) + tick(12)) / 100.0
 }
 
-fn bulk_once(kind: TransportKind, total: u64) -> f64 {
+pub fn bulk_once(kind: TransportKind, total: u64) -> f64 {
     let cpu0 = cpu_seconds();
     let allocs0 = ALLOC_CALLS.load(Ordering::Relaxed);
     let server = BenchServer::spawn(kind, Mode::Sink);
