@@ -60,11 +60,11 @@ impl Bench {
     fn emit(&self, name: &str, value: f64, unit: &str) {
         let line = serde_json::json!({
             "name": name,
-            // Ratios keep two decimals, everything else one.
-            "value": if unit == "x" {
-                (value * 100.0).round() / 100.0
-            } else {
-                (value * 10.0).round() / 10.0
+            // Ratios and small per-packet counts keep more decimals, everything else one.
+            "value": match unit {
+                "x" => (value * 100.0).round() / 100.0,
+                "calls" | "allocations" => (value * 1000.0).round() / 1000.0,
+                _ => (value * 10.0).round() / 10.0,
             },
             "unit": unit,
             "host": machine().0,
