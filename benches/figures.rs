@@ -115,9 +115,12 @@ const GROUPS: &[fn(&Bench)] = &[
     cc::curvecp_idle_memory,
     js::js_messages,
     ml::mainline,
+    bt::nodes_bt,
     qc::compare_quinn,
 ];
 
+#[path = "figures/bt_figures.rs"]
+mod bt;
 #[path = "figures/curvecp_figures.rs"]
 mod cc;
 #[path = "figures/js_figures.rs"]
