@@ -116,6 +116,7 @@ const GROUPS: &[fn(&Bench)] = &[
     js::js_messages,
     ml::mainline,
     bt::nodes_bt,
+    sc::curvecp_scale,
     qc::compare_quinn,
 ];
 
@@ -129,6 +130,8 @@ mod js;
 mod ml;
 #[path = "figures/quinn_figures.rs"]
 mod qc;
+#[path = "figures/scale_figures.rs"]
+mod sc;
 
 /// The bench's entry point. `cargo bench` passes `--bench`; `cargo test --benches` runs this
 /// binary without it, and it then measures nothing. (Unused when the example includes this file

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use mm_platform::transport::TransportKind;
 use mm_platform::{Limits, Platform};
 
-use super::cc::bulk_run;
+use super::cc::{bulk_run, thread_cpu};
 use super::qc::load;
 use super::Bench;
 
@@ -45,6 +45,7 @@ fn bt_once(kind: &str) -> f64 {
     let flag = stop.clone();
     let kind_b = kind.to_string();
     let b = thread::spawn(move || {
+        let cpu0 = thread_cpu();
         let mut b = node(&kind_b);
         info_tx
             .send((b.node_info(), b.sign_id()))
@@ -69,7 +70,7 @@ fn bt_once(kind: &str) -> f64 {
         while Instant::now() < linger {
             b.poll(Some(Duration::from_millis(1))).expect("poll");
         }
-        (got.get(), done)
+        (got.get(), done, thread_cpu() - cpu0)
     });
     let mut a = node(kind);
     let (b_info, bid) = info_rx.recv().expect("B's info");
@@ -79,9 +80,10 @@ fn bt_once(kind: &str) -> f64 {
     let mut payload = vec![0u8; PAYLOAD];
     mm_platform::crypto::random_bytes(&mut payload);
     let start = Instant::now();
+    let cpu0 = thread_cpu();
     let mut sent = 0;
     while sent < COUNT && start.elapsed() < LIMIT {
-        let st = a.torrenting().send("bench.bt", bid.clone(), &payload);
+        let st = a.torrenting().send("bench.bt", bid, &payload);
         if st.is_queued() {
             sent += 1;
         } else {
@@ -92,9 +94,16 @@ fn bt_once(kind: &str) -> f64 {
         a.poll(Some(Duration::from_millis(1))).expect("poll");
     }
     stop.store(true, Ordering::Relaxed);
-    let (got, done) = b.join().expect("node B");
+    let cpu_a = thread_cpu() - cpu0;
+    let (got, done, cpu_b) = b.join().expect("node B");
     assert_eq!(got, COUNT * PAYLOAD, "every payload delivered");
-    (COUNT * PAYLOAD) as f64 / (done - start).as_secs_f64() / 1e6
+    let secs = (done - start).as_secs_f64();
+    eprintln!(
+        "bt {kind}: {secs:.3} s, CPU of sender {:.3} s, of receiver {:.3} s",
+        cpu_a.as_secs_f64(),
+        cpu_b.as_secs_f64()
+    );
+    (COUNT * PAYLOAD) as f64 / secs / 1e6
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -36,7 +36,7 @@ fn loopback() -> SocketAddr {
 }
 
 /// Client settings for the bench servers (which all use the name `REF_NAME`).
-fn client_config(key: BoxPublicKey) -> ClientConfig {
+pub fn client_config(key: BoxPublicKey) -> ClientConfig {
     let mut config = ClientConfig::new(key);
     config.server_name = ServerName::from_dns(REF_NAME).expect("name");
     config
@@ -502,7 +502,7 @@ pub fn cipher_ns() -> (f64, f64) {
 }
 
 const REF_EXT: &str = "00000000000000000000000000000000";
-const REF_NAME: &str = "bench.example.org";
+pub const REF_NAME: &str = "bench.example.org";
 const REF_SIZE: usize = 5_000_000;
 
 fn reference_available() -> bool {
