@@ -308,6 +308,14 @@ impl FrameReader {
             self.start = 0;
         }
         self.buf.extend_from_slice(&bytes[..n]);
+        // Room for the whole frame in progress at once, once its length is known: a large
+        // frame then costs one allocation, not a chain of doublings each copying what came.
+        if let Some(len) = self.frame_len() {
+            let need = self.start + len;
+            if need > self.buf.capacity() {
+                self.buf.reserve_exact(need - self.buf.len());
+            }
+        }
         n
     }
 
