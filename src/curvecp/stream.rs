@@ -57,8 +57,13 @@ pub const DUP_THRESHOLD: u64 = 3;
 pub const MAX_RTO: Duration = Duration::from_secs(4);
 /// The largest stream position the protocol allows (2^60).
 const MAX_STREAM: u64 = 1 << 60;
-/// Rings and send buffers larger than this are released when they become empty.
+/// Rings and send buffers larger than this are released when they become empty (a receive
+/// ring only after [`RING_IDLE`] without new data).
 const KEEP_CAPACITY: usize = 8 * 1024;
+/// An emptied receive ring above [`KEEP_CAPACITY`] is kept this long for more data: a bulk
+/// receiver that reads everything each turn would otherwise free and zero-allocate (and grow by
+/// doubling) its ring every turn.
+pub const RING_IDLE: Duration = Duration::from_millis(200);
 
 /// How a stream ends: the STOP flag of the message layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,6 +289,8 @@ pub struct Stream {
     // Receive side.
     /// Ring buffer (length 0 or a power of two) holding stream bytes from `read_pos`.
     rbuf: Vec<u8>,
+    /// Since when a ring above `KEEP_CAPACITY` has been empty (released after `RING_IDLE`).
+    rbuf_idle_since: Option<Instant>,
     rhead: usize,
     read_pos: u64,
     /// All bytes below this have arrived.
@@ -340,6 +347,7 @@ impl Stream {
             last_progress: now,
             oldest_lb: None,
             rbuf: Vec::new(),
+            rbuf_idle_since: None,
             rhead: 0,
             read_pos: 0,
             recv_contig: 0,
@@ -406,10 +414,23 @@ impl Stream {
         self.read_pos += n as u64;
         self.stats.bytes_received += n as u64;
         if self.read_pos == self.recv_max && cap > KEEP_CAPACITY {
-            self.rbuf = Vec::new();
-            self.rhead = 0;
+            // Released by `poll_message` after `RING_IDLE` unless more data comes.
+            self.rbuf_idle_since.get_or_insert(self.last_now);
         }
         n
+    }
+
+    /// Releases a receive ring that has been empty for `RING_IDLE`.
+    fn release_idle_ring(&mut self, now: Instant) {
+        if let Some(t) = self.rbuf_idle_since {
+            if self.read_pos != self.recv_max {
+                self.rbuf_idle_since = None;
+            } else if now >= t + RING_IDLE {
+                self.rbuf = Vec::new();
+                self.rhead = 0;
+                self.rbuf_idle_since = None;
+            }
+        }
     }
 
     /// In-order bytes ready to read.
@@ -602,6 +623,7 @@ impl Stream {
         if data.is_empty() {
             return;
         }
+        self.rbuf_idle_since = None;
         let need = (start + data.len() as u64 - self.read_pos) as usize;
         if need > self.rbuf.len() {
             let new_cap = need.next_power_of_two().max(4096);
@@ -895,6 +917,7 @@ impl Stream {
         if now > self.last_now {
             self.last_now = now;
         }
+        self.release_idle_ring(now);
         if self.error.is_some() {
             return None;
         }
@@ -1028,6 +1051,9 @@ impl Stream {
         if let Some(due) = self.keepalive_due() {
             at(due);
         }
+        if let Some(idle) = self.rbuf_idle_since {
+            at(idle + RING_IDLE);
+        }
         if self.in_flight > 0 {
             at(self.last_progress + self.dead_after);
         }
@@ -1067,11 +1093,13 @@ impl Stream {
 
     /// Releases every buffer that is currently empty (a driver may call this on an idle
     /// connection; buffers are allocated again on demand). Buffers above 8 KiB are already
-    /// released automatically when they empty.
+    /// released automatically when they empty (the receive ring once it has stayed empty for
+    /// [`RING_IDLE`], at the next `poll_message`, which `poll_timeout` asks for).
     pub fn shrink_to_fit(&mut self) {
         if self.read_pos == self.recv_max {
             self.rbuf = Vec::new();
             self.rhead = 0;
+            self.rbuf_idle_since = None;
         }
         if self.sbuf.is_empty() {
             self.sbuf = VecDeque::new();
