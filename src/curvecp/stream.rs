@@ -60,7 +60,7 @@ const MAX_STREAM: u64 = 1 << 60;
 /// Rings and send buffers larger than this are released when they become empty (a receive
 /// ring only after [`RING_IDLE`] without new data).
 const KEEP_CAPACITY: usize = 8 * 1024;
-/// An emptied receive ring above [`KEEP_CAPACITY`] is kept this long for more data: a bulk
+/// An emptied receive ring above 8 KiB is kept this long for more data: a bulk
 /// receiver that reads everything each turn would otherwise free and zero-allocate (and grow by
 /// doubling) its ring every turn.
 pub const RING_IDLE: Duration = Duration::from_millis(200);
