@@ -53,7 +53,9 @@
 //! What went: per-datagram receive system calls, and on loopback the kernel's cutting of GSO
 //! bursts into datagrams (bulk receive with GRO, [`udp`]); one HSalsa20 per box
 //! ([`crate::crypto::SharedKey::cache_nonce_prefix`]); a receive ring freed and zero-allocated
-//! again every turn by a reader that drains it ([`crate::curvecp::stream::RING_IDLE`]). At the
+//! again every turn by a reader that drains it ([`crate::curvecp::stream::RING_IDLE`], which
+//! also lets an idle connection keep no ring: the server's heap per idle connection went from
+//! 5.3 to 1.8 KB, `curvecp_scale` and `curvecp_idle_memory`). At the
 //! platform level, a send refused for a full queue no longer copies the payload (twice)
 //! first, and the frame reader reserves a large frame once.
 
