@@ -1,7 +1,7 @@
 //! Figures of the NAT traversal paths, measured in the namespace lab of `tests/nat.rs`
 //! (`tests/support/nat.rs`: two port-preserving home NATs and public relays, documentation
 //! addresses only, removed at the end). One JSON line per figure on stdout, as
-//! `examples/bench.rs` prints them: `{"name":..,"value":..,"unit":..,"host":..,"cpu":..,"commit":..}`.
+//! `benches/figures.rs` prints them: `{"name":..,"value":..,"unit":..,"host":..,"cpu":..,"commit":..}`.
 //!
 //! Run (as root, with `ip` and `nft`): `cargo bench --bench nat`. Without them it prints a
 //! SKIPPING note on stderr and exits successfully (with `MM_REQUIRE_NETNS=1` it fails).

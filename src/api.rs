@@ -92,6 +92,11 @@ pub trait Codec: 'static {
     fn encode(&self, value: &Self::Value) -> Result<Vec<u8>, CodecError>;
     /// The value of a payload.
     fn decode(&self, bytes: &[u8]) -> Result<Self::Value, CodecError>;
+    /// The length of `encode(value)` if it is known without encoding (`None`, the default:
+    /// unknown). With it a send that a full queue would refuse is refused before encoding.
+    fn encoded_len(&self, _value: &Self::Value) -> Option<usize> {
+        None
+    }
 }
 
 /// Bytes as they are (the torrenting API's codec).
@@ -119,6 +124,9 @@ impl Codec for RawCodec {
     }
     fn decode(&self, bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
         Ok(bytes.to_vec())
+    }
+    fn encoded_len(&self, value: &Vec<u8>) -> Option<usize> {
+        Some(value.len())
     }
 }
 
@@ -279,11 +287,19 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
         value: &C::Value,
         options: SendOptions,
     ) -> SendStatus {
+        let dest = dest.to_address();
+        if let Some(len) = self.codec.encoded_len(value) {
+            let protocol = self.codec.protocol();
+            if let Some(refused) = self.core.refuses(dest, &protocol, topic, len, options) {
+                // Nothing copied for a send that would be dropped.
+                return refused;
+            }
+        }
         let Ok(payload) = self.codec.encode(value) else {
             return SendStatus::EncodeFailed;
         };
         self.core.send(
-            dest.to_address(),
+            dest,
             self.codec.protocol(),
             topic.to_owned(),
             payload,

@@ -164,6 +164,18 @@ impl Envelope {
             + self.id.as_ref().map_or(0, |id| field(id.len()))
     }
 
+    /// Bytes of the frame ([`Envelope::encode_frame`]) of an envelope without an id whose
+    /// topic, protocol and payload have these lengths.
+    pub fn frame_len(topic: usize, protocol: usize, payload: usize) -> usize {
+        let field = |len: usize| 1 + varint_len(len as u64) + len;
+        netstring::encoded_len(field(topic) + field(protocol) + field(payload))
+    }
+
+    /// [`Envelope::frame_len`] of this envelope (its id, if any, not counted).
+    pub fn frame_len_without_id(&self) -> usize {
+        Envelope::frame_len(self.topic.len(), self.protocol.len(), self.payload.len())
+    }
+
     /// Appends the protobuf encoding (fields 1, 2, 3 and, with an id, 4) to `out`.
     pub fn encode_protobuf(&self, out: &mut Vec<u8>) {
         out.reserve(self.encoded_len());
@@ -296,6 +308,14 @@ impl FrameReader {
             self.start = 0;
         }
         self.buf.extend_from_slice(&bytes[..n]);
+        // Room for the whole frame in progress at once, once its length is known: a large
+        // frame then costs one allocation, not a chain of doublings each copying what came.
+        if let Some(len) = self.frame_len() {
+            let need = self.start + len;
+            if need > self.buf.capacity() {
+                self.buf.reserve_exact(need - self.buf.len());
+            }
+        }
         n
     }
 
@@ -354,6 +374,27 @@ impl FrameReader {
 
 #[cfg(test)]
 mod tests {
+    use super::Envelope;
+
+    /// The length computed before a send builds its frame (to refuse it without copying) is
+    /// the frame's length, across the varint and netstring-digit boundaries.
+    #[test]
+    fn frame_len_matches_the_encoded_frame() {
+        for payload in [0, 1, 127, 128, 16_383, 16_384, 99_999, 100_000, 1 << 20] {
+            for topic in [0, 5, 200] {
+                let env = Envelope {
+                    topic: "t".repeat(topic),
+                    protocol: "bt".into(),
+                    payload: vec![7; payload],
+                    id: None,
+                };
+                let mut frame = Vec::new();
+                env.encode_frame(&mut frame);
+                assert_eq!(Envelope::frame_len(topic, 2, payload), frame.len());
+                assert_eq!(env.frame_len_without_id(), frame.len());
+            }
+        }
+    }
 
     #[test]
     fn bt_bytes_cross_to_javascript_as_one_char_per_byte() {

@@ -713,6 +713,14 @@ fn an_idle_stream_is_small() {
     let mut sim = Sim::new(11, LOSSY, configs(congestion::default_factory()), apps);
     sim.run_until_done(1_000_000);
     sim.check_delivery();
+    // An emptied large receive ring is kept `RING_IDLE` for more data, then released at the
+    // next poll (which `poll_timeout` asks for).
+    let later = sim.now + mm_platform::curvecp::stream::RING_IDLE;
+    for s in &mut sim.streams {
+        assert!(s.poll_timeout().is_some_and(|t| t <= later));
+        let mut out = [0u8; 1184];
+        while s.poll_message(later, 1088, &mut out).is_some() {}
+    }
     for s in &mut sim.streams {
         // Large buffers were released as they emptied; the rest goes on request.
         assert!(s.buffer_bytes() <= 3 * 8192 + 8192, "{}", s.buffer_bytes());

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use super::packet::{
     build_hello, counter_nonce, long_nonce, parse_cookie, parse_server_message,
     seal_client_message, seal_initiate, InitiateFields, ParseError, ServerName,
-    CLIENT_MESSAGE_OFFSET, COOKIE_LEN, COOKIE_NONCE, INITIATE_MESSAGE_OFFSET, SERVER_MESSAGE_NONCE,
-    VOUCH_LEN, VOUCH_NONCE,
+    CLIENT_MESSAGE_NONCE, CLIENT_MESSAGE_OFFSET, COOKIE_LEN, COOKIE_NONCE, INITIATE_MESSAGE_OFFSET,
+    SERVER_MESSAGE_NONCE, VOUCH_LEN, VOUCH_NONCE,
 };
 use super::stream::{Stream, StreamConfig, StreamError};
 use super::{Extension, MAX_INITIATE_MESSAGE, MAX_MESSAGE};
@@ -256,7 +256,11 @@ impl Client {
         self.cookie
             .copy_from_slice(&plain[KEY_LEN..KEY_LEN + COOKIE_LEN]);
         wipe(plain);
-        self.key_session = Some(self.short_term.shared_key(&server_short));
+        let mut key_session = self.short_term.shared_key(&server_short);
+        // Every Message box of the session uses one of these prefixes: their subkeys once.
+        key_session.cache_nonce_prefix(CLIENT_MESSAGE_NONCE);
+        key_session.cache_nonce_prefix(SERVER_MESSAGE_NONCE);
+        self.key_session = Some(key_session);
         // The vouch: Vn || box(K(C,S), "CurveCPV" || Vn, C').
         let mut vn = [0u8; 16];
         random_bytes(&mut vn);

@@ -386,6 +386,11 @@ pub struct FastStart {
     min_rtt_at: Option<Instant>,
     delay_backoffs: u64,
     loss_backoffs: u64,
+    /// `pacing_interval` and `rto`, recomputed whenever what they depend on changes (the
+    /// stream asks for them several times per packet; each computation is a float division
+    /// and a `Duration` conversion).
+    pacing: Duration,
+    rto: Duration,
 }
 
 impl Default for FastStart {
@@ -408,7 +413,30 @@ impl FastStart {
             min_rtt_at: None,
             delay_backoffs: 0,
             loss_backoffs: 0,
+            pacing: Duration::ZERO,
+            rto: FAST_INITIAL_RTO,
         }
+    }
+
+    fn pacing_now(&self) -> Duration {
+        if !self.sampled {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos((self.srtt_ns / (1.25 * self.cwnd)) as u64)
+    }
+
+    fn rto_now(&self) -> Duration {
+        if !self.sampled {
+            return FAST_INITIAL_RTO;
+        }
+        let ns = self.srtt_ns + 4.0 * self.rttvar_ns;
+        Duration::from_nanos(ns as u64).max(FAST_MIN_RTO)
+    }
+
+    /// Recomputes the cached pacing interval and timeout.
+    fn refresh(&mut self) {
+        self.pacing = self.pacing_now();
+        self.rto = self.rto_now();
     }
 
     /// The smallest recent RTT sample, once sampled.
@@ -486,6 +514,7 @@ impl Congestion for FastStart {
             let srtt = Duration::from_nanos(self.srtt_ns as u64);
             self.recovery_until = Some(now + srtt);
         }
+        self.refresh();
     }
 
     fn on_ack(&mut self, blocks: usize, _bytes: usize, now: Instant) {
@@ -499,25 +528,26 @@ impl Congestion for FastStart {
             self.cwnd += b / self.cwnd;
         }
         self.cwnd = self.cwnd.min(FAST_MAX_WINDOW);
+        self.refresh();
     }
 
     fn on_loss(&mut self, now: Instant) {
         if !self.in_recovery(now) {
             self.reduce(now, false);
         }
+        self.refresh();
     }
 
     fn on_timeout(&mut self, now: Instant) {
         if !self.in_recovery(now) {
             self.reduce(now, true);
         }
+        self.refresh();
     }
 
     fn pacing_interval(&self) -> Duration {
-        if !self.sampled {
-            return Duration::ZERO;
-        }
-        Duration::from_nanos((self.srtt_ns / (1.25 * self.cwnd)) as u64)
+        debug_assert_eq!(self.pacing, self.pacing_now());
+        self.pacing
     }
 
     fn burst(&self) -> u32 {
@@ -529,11 +559,8 @@ impl Congestion for FastStart {
     }
 
     fn rto(&self) -> Duration {
-        if !self.sampled {
-            return FAST_INITIAL_RTO;
-        }
-        let ns = self.srtt_ns + 4.0 * self.rttvar_ns;
-        Duration::from_nanos(ns as u64).max(FAST_MIN_RTO)
+        debug_assert_eq!(self.rto, self.rto_now());
+        self.rto
     }
 
     fn srtt(&self) -> Option<Duration> {

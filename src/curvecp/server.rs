@@ -54,7 +54,7 @@ use super::cookie::{MinuteKeys, MINUTE};
 use super::packet::{
     build_cookie, counter_nonce, long_nonce, parse_client_packet, seal_server_message,
     ClientPacket, ServerName, CLIENT_MESSAGE_NONCE, COOKIE_LEN, COOKIE_PACKET_LEN, HELLO_NONCE,
-    INITIATE_NONCE, SERVER_MESSAGE_OFFSET, VOUCH_NONCE,
+    INITIATE_NONCE, SERVER_MESSAGE_NONCE, SERVER_MESSAGE_OFFSET, VOUCH_NONCE,
 };
 use super::stream::{Stream, StreamConfig};
 use super::{Extension, MAX_MESSAGE, MAX_PACKET};
@@ -432,8 +432,11 @@ impl<A: Copy + Eq + Hash + Debug> Server<A> {
             return;
         }
         let client_short = BoxPublicKey(*v.client_short);
-        let key = SharedKey::from_secret(&client_short, &contents.server_short_secret);
+        let mut key = SharedKey::from_secret(&client_short, &contents.server_short_secret);
         drop(contents);
+        // Every Message box of the connection uses one of these prefixes: their subkeys once.
+        key.cache_nonce_prefix(CLIENT_MESSAGE_NONCE);
+        key.cache_nonce_prefix(SERVER_MESSAGE_NONCE);
         let plain_len = v.boxed.len() - TAG_LEN;
         if key
             .open_into(

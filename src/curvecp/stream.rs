@@ -25,8 +25,8 @@
 //!
 //! Receiving: data is accepted up to [`StreamConfig::recv_window`] bytes beyond the read
 //! position (further data is dropped and not acknowledged), kept out of order in a ring buffer
-//! grown on demand (at most [`MAX_HOLES`] separate ranges), delivered in order, duplicates
-//! ignored. Every accepted message with a non-zero ID is acknowledged promptly (one
+//! grown on demand and released once it has stayed empty for [`RING_IDLE`] (at most
+//! [`MAX_HOLES`] separate ranges), delivered in order, duplicates ignored. Every accepted message with a non-zero ID is acknowledged promptly (one
 //! acknowledgement covers all messages handled before the next `poll_message`), and so is the
 //! very first message from the peer even with ID 0. Acknowledgements ride on data when data is
 //! due anyway, carry ranges 2..6 when there are holes, and otherwise go out as 64-byte messages
@@ -57,8 +57,13 @@ pub const DUP_THRESHOLD: u64 = 3;
 pub const MAX_RTO: Duration = Duration::from_secs(4);
 /// The largest stream position the protocol allows (2^60).
 const MAX_STREAM: u64 = 1 << 60;
-/// Rings and send buffers larger than this are released when they become empty.
+/// Send buffers larger than this are released when they become empty.
 const KEEP_CAPACITY: usize = 8 * 1024;
+/// An emptied receive ring is kept this long for more data, then released (at the next
+/// `poll_message`, which `poll_timeout` asks for): a bulk receiver that reads everything each
+/// turn would otherwise free and zero-allocate (and grow by doubling) its ring every turn, and
+/// an idle connection keeps no ring at all.
+pub const RING_IDLE: Duration = Duration::from_millis(200);
 
 /// How a stream ends: the STOP flag of the message layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,6 +289,8 @@ pub struct Stream {
     // Receive side.
     /// Ring buffer (length 0 or a power of two) holding stream bytes from `read_pos`.
     rbuf: Vec<u8>,
+    /// Since when the ring has been empty (released after `RING_IDLE`).
+    rbuf_idle_since: Option<Instant>,
     rhead: usize,
     read_pos: u64,
     /// All bytes below this have arrived.
@@ -340,6 +347,7 @@ impl Stream {
             last_progress: now,
             oldest_lb: None,
             rbuf: Vec::new(),
+            rbuf_idle_since: None,
             rhead: 0,
             read_pos: 0,
             recv_contig: 0,
@@ -405,11 +413,24 @@ impl Stream {
         self.rhead = (self.rhead + n) & (cap - 1);
         self.read_pos += n as u64;
         self.stats.bytes_received += n as u64;
-        if self.read_pos == self.recv_max && cap > KEEP_CAPACITY {
-            self.rbuf = Vec::new();
-            self.rhead = 0;
+        if self.read_pos == self.recv_max {
+            // Released by `poll_message` after `RING_IDLE` unless more data comes.
+            self.rbuf_idle_since.get_or_insert(self.last_now);
         }
         n
+    }
+
+    /// Releases a receive ring that has been empty for `RING_IDLE`.
+    fn release_idle_ring(&mut self, now: Instant) {
+        if let Some(t) = self.rbuf_idle_since {
+            if self.read_pos != self.recv_max {
+                self.rbuf_idle_since = None;
+            } else if now >= t + RING_IDLE {
+                self.rbuf = Vec::new();
+                self.rhead = 0;
+                self.rbuf_idle_since = None;
+            }
+        }
     }
 
     /// In-order bytes ready to read.
@@ -602,6 +623,7 @@ impl Stream {
         if data.is_empty() {
             return;
         }
+        self.rbuf_idle_since = None;
         let need = (start + data.len() as u64 - self.read_pos) as usize;
         if need > self.rbuf.len() {
             let new_cap = need.next_power_of_two().max(4096);
@@ -895,6 +917,7 @@ impl Stream {
         if now > self.last_now {
             self.last_now = now;
         }
+        self.release_idle_ring(now);
         if self.error.is_some() {
             return None;
         }
@@ -1028,6 +1051,9 @@ impl Stream {
         if let Some(due) = self.keepalive_due() {
             at(due);
         }
+        if let Some(idle) = self.rbuf_idle_since {
+            at(idle + RING_IDLE);
+        }
         if self.in_flight > 0 {
             at(self.last_progress + self.dead_after);
         }
@@ -1066,12 +1092,14 @@ impl Stream {
     }
 
     /// Releases every buffer that is currently empty (a driver may call this on an idle
-    /// connection; buffers are allocated again on demand). Buffers above 8 KiB are already
-    /// released automatically when they empty.
+    /// connection; buffers are allocated again on demand). Send buffers above 8 KiB are
+    /// already released automatically when they empty, and the receive ring once it has stayed
+    /// empty for [`RING_IDLE`] (at the next `poll_message`, which `poll_timeout` asks for).
     pub fn shrink_to_fit(&mut self) {
         if self.read_pos == self.recv_max {
             self.rbuf = Vec::new();
             self.rhead = 0;
+            self.rbuf_idle_since = None;
         }
         if self.sbuf.is_empty() {
             self.sbuf = VecDeque::new();
@@ -1283,8 +1311,12 @@ mod tests {
         assert_eq!(s.read(&mut buf), 12);
         assert_eq!(&buf[..12], b"hello world\n");
         assert_eq!(s.peer_eof(), Some(Eof::Success));
-        // Nothing more to send: no busy loop.
+        // Nothing more to send: no busy loop; the emptied ring goes after `RING_IDLE`.
         assert_eq!(poll(&mut s, t), None);
+        assert_eq!(s.poll_timeout(), Some(t + RING_IDLE));
+        assert!(s.buffer_bytes() > 0);
+        assert_eq!(poll(&mut s, t + RING_IDLE), None);
+        assert_eq!(s.buffer_bytes(), 0);
         assert_eq!(s.poll_timeout(), None);
     }
 

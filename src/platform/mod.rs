@@ -540,6 +540,36 @@ impl Core {
         self.send_tracked(dest, protocol, topic, payload, options, None)
     }
 
+    /// The status a send of a `payload_len`-byte payload would get now if it is certain to be
+    /// refused: a real-time message to a remote destination whose queue is full. `None`: go
+    /// ahead (the send itself decides). Lets a codec skip encoding a value that would be
+    /// dropped.
+    pub(crate) fn refuses(
+        &mut self,
+        dest: Option<Address>,
+        protocol: &str,
+        topic: &str,
+        payload_len: usize,
+        options: SendOptions,
+    ) -> Option<SendStatus> {
+        let dest = dest?;
+        if !options.realtime {
+            return None;
+        }
+        match dest {
+            Address::Local => None,
+            Address::Node(id) if id == self.identity.sign_id() => None,
+            Address::Node(id) if id.0 .0 == self.identity.box_id().0 .0 => None,
+            Address::Box(id) if id == self.identity.box_id() => None,
+            remote => {
+                let frame_len =
+                    crate::envelope::Envelope::frame_len(topic.len(), protocol.len(), payload_len);
+                self.remote_queue_full(remote, frame_len)
+                    .then_some(SendStatus::BufferFull)
+            }
+        }
+    }
+
     /// [`Core::send`] with an optional delivery callback (called once, in a later turn, unless
     /// the returned status is not `Queued`).
     pub(crate) fn send_tracked(

@@ -364,6 +364,14 @@ impl ClientDriver {
         self.token
     }
 
+    /// Counters of the UDP socket (`None` over TCP).
+    pub fn udp_stats(&self) -> Option<super::udp::UdpStats> {
+        match &self.link {
+            ClientLink::Udp(u) => Some(u.stats()),
+            ClientLink::Tcp(_) => None,
+        }
+    }
+
     /// The state machine.
     pub fn client(&self) -> &Client {
         &self.client

@@ -13,6 +13,17 @@
 //! allocated once a turn has two packets and released after a batch of fewer than eight, so
 //! an idle endpoint stays small. On Linux the receive buffer limit is raised to 1 MiB (capped by
 //! `net.core.rmem_max`), since the kernel charges a whole GSO burst against it.
+//!
+//! Receiving is batched too, once traffic is heavy: after [`BULK_AFTER`] datagrams read in one
+//! drain, an endpoint on Linux switches to bulk receive. It asks the kernel for UDP generic
+//! receive offload (`UDP_GRO`): a GSO burst from a peer then arrives as one buffer (on loopback
+//! it is never cut up at all), read with one `recvmsg` into a 64 KiB buffer and split into its
+//! datagrams by the segment size the kernel reports. If the kernel refuses GRO, bulk receive
+//! reads up to [`RECV_BATCH`] datagrams per `recvmmsg` instead. Either way [`UdpEndpoint::recv_one`]
+//! and [`UdpEndpoint::recv_all`] still hand out one datagram at a time. After
+//! [`IDLE_DRAINS`] drains in a row that found at most one datagram, the endpoint turns GRO off,
+//! drains once more with the large buffer (datagrams coalesced before that are still queued)
+//! and releases it, so an idle endpoint keeps only its 2 KiB buffer.
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,6 +40,16 @@ const KEEP_BATCH: usize = 8;
 /// Bytes of the batch buffer.
 const BATCH_BYTES: usize = SEND_BATCH * MAX_PACKET;
 
+/// Datagrams read in one drain that switch an endpoint to bulk receive (Linux).
+pub const BULK_AFTER: usize = 16;
+/// Datagrams per `recvmmsg` when bulk receive runs without GRO.
+pub const RECV_BATCH: usize = 32;
+/// Drains in a row that found at most one datagram before bulk receive is left.
+pub const IDLE_DRAINS: u32 = 256;
+/// Bytes of the bulk receive buffer: one GRO buffer (at most 64 KiB), or `RECV_BATCH` slots of
+/// `RECV_BUFFER` bytes.
+const BULK_BYTES: usize = 65_536;
+
 /// Receive buffer size: larger than any valid packet, so that an oversized datagram is seen
 /// (and dropped by the protocol's length checks) rather than silently truncated to a valid size.
 pub const RECV_BUFFER: usize = 2048;
@@ -44,6 +65,27 @@ pub struct UdpStats {
     pub send_dropped: u64,
     /// System calls that sent datagrams (one per `send_to`, `sendmmsg` or GSO `sendmsg`).
     pub send_calls: u64,
+    /// System calls that returned datagrams (one per `recv_from`, GRO `recvmsg` or
+    /// `recvmmsg`).
+    pub recv_calls: u64,
+    /// Times the endpoint switched to bulk receive.
+    pub bulk_receives: u64,
+}
+
+/// Datagrams received in bulk and not handed out yet.
+#[derive(Debug)]
+struct RecvBatch {
+    buf: Vec<u8>,
+    /// (offset, length, source) of each datagram in `buf`.
+    datagrams: Vec<(usize, usize, SocketAddr)>,
+    /// The next one to hand out.
+    next: usize,
+    /// Datagrams read since the last drain ended.
+    drained: usize,
+    /// Drains in a row that found at most one datagram.
+    idle_drains: u32,
+    /// GRO was turned off: release this batch at the end of the next drain.
+    leaving: bool,
 }
 
 /// A UDP socket registered for reading, with its receive buffer.
@@ -67,6 +109,12 @@ pub struct UdpEndpoint {
     batch_entries: Vec<(usize, usize, SocketAddr)>,
     /// Whether UDP GSO is still tried.
     gso: bool,
+    /// Bulk receive, while traffic is heavy (Linux).
+    rx: Option<Box<RecvBatch>>,
+    /// Datagrams read one by one since the last drain ended (towards `BULK_AFTER`).
+    streak: usize,
+    /// Whether UDP GRO is on for the socket; `None` once the kernel refused it.
+    gro: Option<bool>,
 }
 
 impl UdpEndpoint {
@@ -86,6 +134,9 @@ impl UdpEndpoint {
             batch_used: 0,
             batch_entries: Vec::new(),
             gso: cfg!(target_os = "linux"),
+            rx: None,
+            streak: 0,
+            gro: Some(false),
         })
     }
 
@@ -104,18 +155,12 @@ impl UdpEndpoint {
     ) -> io::Result<usize> {
         let mut n = 0;
         while n < limit {
-            match self.socket.recv_from(&mut self.buf[..]) {
-                Ok((len, from)) => {
+            match self.recv_one()? {
+                Some((packet, from)) => {
                     n += 1;
-                    self.stats.received += 1;
-                    f(&self.buf[..len], from);
+                    f(packet, from);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // ICMP errors from earlier sends (port unreachable) surface here on Linux; they
-                // say nothing about the datagrams still waiting.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
-                Err(e) => return Err(e),
+                None => break,
             }
         }
         Ok(n)
@@ -123,18 +168,145 @@ impl UdpEndpoint {
 
     /// Reads one waiting datagram, if any: its bytes (valid until the next call) and source.
     pub fn recv_one(&mut self) -> io::Result<Option<(&[u8], SocketAddr)>> {
+        if self.rx.is_some() {
+            let Some((off, len, from)) = self.next_batched()? else {
+                return Ok(None);
+            };
+            self.stats.received += 1;
+            let rx = self.rx.as_ref().expect("bulk receive");
+            return Ok(Some((&rx.buf[off..off + len], from)));
+        }
         loop {
             match self.socket.recv_from(&mut self.buf[..]) {
                 Ok((len, from)) => {
                     self.stats.received += 1;
+                    self.stats.recv_calls += 1;
+                    self.streak += 1;
+                    if self.streak >= BULK_AFTER {
+                        self.start_bulk_receive();
+                    }
                     return Ok(Some((&self.buf[..len], from)));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.streak = 0;
+                    return Ok(None);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // ICMP errors from earlier sends (port unreachable) surface here on Linux; they
+                // say nothing about the datagrams still waiting.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Whether the endpoint is in bulk receive (and whether with GRO).
+    pub fn bulk_receive(&self) -> Option<bool> {
+        self.rx.as_ref().map(|_| self.gro == Some(true))
+    }
+
+    /// Switches to bulk receive (on Linux; elsewhere datagrams are read one by one).
+    fn start_bulk_receive(&mut self) {
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        if self.gro == Some(false) {
+            self.gro = match sys::set_gro(&self.socket, true) {
+                Ok(()) => Some(true),
+                Err(e) => {
+                    log::debug!("udp: GRO refused ({e}); bulk receive uses recvmmsg");
+                    None
+                }
+            };
+        }
+        self.stats.bulk_receives += 1;
+        self.rx = Some(Box::new(RecvBatch {
+            buf: vec![0u8; BULK_BYTES],
+            datagrams: Vec::with_capacity(RECV_BATCH.max(sys_gso_max())),
+            next: 0,
+            drained: 0,
+            idle_drains: 0,
+            leaving: false,
+        }));
+    }
+
+    /// The next datagram of the bulk batch, reading more when it is used up; `None` at the end
+    /// of a drain (which may leave bulk receive).
+    fn next_batched(&mut self) -> io::Result<Option<(usize, usize, SocketAddr)>> {
+        let rx = self.rx.as_mut().expect("bulk receive");
+        if rx.next == rx.datagrams.len() && !self.fill()? {
+            self.end_drain();
+            return Ok(None);
+        }
+        let rx = self.rx.as_mut().expect("bulk receive");
+        let d = rx.datagrams[rx.next];
+        rx.next += 1;
+        rx.drained += 1;
+        Ok(Some(d))
+    }
+
+    /// A drain of the bulk batch ended (`WouldBlock`): counts idle drains, leaves bulk receive
+    /// after `IDLE_DRAINS` of them (GRO off first, then one more drain, then the buffer goes).
+    fn end_drain(&mut self) {
+        let rx = self.rx.as_mut().expect("bulk receive");
+        if rx.leaving {
+            self.rx = None;
+            self.streak = 0;
+            return;
+        }
+        if rx.drained > 1 {
+            rx.idle_drains = 0;
+        } else {
+            rx.idle_drains += 1;
+        }
+        rx.drained = 0;
+        if rx.idle_drains >= IDLE_DRAINS {
+            #[cfg(target_os = "linux")]
+            if self.gro == Some(true) {
+                if let Err(e) = sys::set_gro(&self.socket, false) {
+                    // Keep the large buffer: coalesced datagrams may still come.
+                    log::debug!("udp: turning GRO off failed: {e}");
+                    rx.idle_drains = 0;
+                    return;
+                }
+                self.gro = Some(false);
+                rx.leaving = true;
+                return;
+            }
+            self.rx = None;
+            self.streak = 0;
+        }
+    }
+
+    /// Reads more datagrams into the bulk batch; `false` when none was waiting.
+    #[cfg(target_os = "linux")]
+    fn fill(&mut self) -> io::Result<bool> {
+        let rx = self.rx.as_mut().expect("bulk receive");
+        rx.datagrams.clear();
+        rx.next = 0;
+        loop {
+            let r = if self.gro == Some(true) {
+                sys::recv_gro(&self.socket, &mut rx.buf, &mut rx.datagrams)
+            } else {
+                sys::recv_mmsg(&self.socket, &mut rx.buf, &mut rx.datagrams)
+            };
+            match r {
+                Ok(()) => {
+                    self.stats.recv_calls += 1;
+                    return Ok(!rx.datagrams.is_empty());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn fill(&mut self) -> io::Result<bool> {
+        Ok(false)
     }
 
     /// Sends one datagram. A full send buffer drops it (counted); other errors are returned.
@@ -332,6 +504,14 @@ impl UdpEndpoint {
     }
 }
 
+/// Most datagrams one GRO buffer holds.
+fn sys_gso_max() -> usize {
+    #[cfg(target_os = "linux")]
+    return sys::GSO_MAX_SEGMENTS;
+    #[cfg(not(target_os = "linux"))]
+    return 0;
+}
+
 /// Sends one datagram; a full send buffer drops it (counted).
 fn send_one(
     socket: &UdpSocket,
@@ -395,6 +575,162 @@ mod sys {
         if r != 0 {
             log::debug!("udp: SO_RCVBUF failed: {}", io::Error::last_os_error());
         }
+    }
+
+    /// `UDP_GRO` from `<linux/udp.h>`.
+    const UDP_GRO: libc::c_int = 104;
+
+    /// Turns UDP generic receive offload on or off.
+    pub fn set_gro(socket: &UdpSocket, on: bool) -> io::Result<()> {
+        let v: libc::c_int = on.into();
+        // SAFETY: `v` is a valid c_int for the duration of the call.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_UDP,
+                UDP_GRO,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+        match ss.ss_family as libc::c_int {
+            libc::AF_INET => {
+                // SAFETY: the kernel wrote a sockaddr_in (family AF_INET).
+                let sin = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
+                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                Some(SocketAddr::new(ip.into(), u16::from_be(sin.sin_port)))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the kernel wrote a sockaddr_in6 (family AF_INET6).
+                let sin6 = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
+                Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                    sin6.sin6_addr.s6_addr.into(),
+                    u16::from_be(sin6.sin6_port),
+                    sin6.sin6_flowinfo,
+                    sin6.sin6_scope_id,
+                )))
+            }
+            _ => None,
+        }
+    }
+
+    /// Reads one (possibly coalesced) datagram into `buf` with GRO on and appends its
+    /// datagrams, cut at the segment size the kernel reports, to `out`. A datagram larger than
+    /// `buf` (impossible with GRO's 64 KiB limit) is dropped.
+    pub fn recv_gro(
+        socket: &UdpSocket,
+        buf: &mut [u8],
+        out: &mut Vec<(usize, usize, SocketAddr)>,
+    ) -> io::Result<()> {
+        // SAFETY: an all-zero sockaddr_storage and msghdr are valid values.
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // Room for one cmsghdr carrying a c_int, 8-byte aligned.
+        let mut control = [0u64; 8];
+        // SAFETY: as above.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = &mut addr as *mut _ as *mut libc::c_void;
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        // SAFETY: `msg` and everything it points to are valid and writable for the call.
+        let r = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, 0) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let len = r as usize;
+        let Some(from) = from_sockaddr(&addr) else {
+            return Ok(());
+        };
+        if msg.msg_flags & libc::MSG_TRUNC != 0 {
+            log::debug!("udp: dropped a datagram larger than {} bytes", buf.len());
+            return Ok(());
+        }
+        let mut segment = len;
+        // SAFETY: the kernel filled `control` up to msg_controllen with valid cmsghdrs;
+        // CMSG_FIRSTHDR/CMSG_NXTHDR stay within it.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
+                    let s = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int);
+                    if s > 0 {
+                        segment = s as usize;
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        let mut off = 0;
+        while off < len {
+            let n = segment.min(len - off);
+            out.push((off, n, from));
+            off += n;
+        }
+        if len == 0 {
+            out.push((0, 0, from));
+        }
+        Ok(())
+    }
+
+    /// Reads up to [`super::RECV_BATCH`] datagrams (GRO off) into slots of
+    /// [`super::RECV_BUFFER`] bytes of `buf` in one call and appends them to `out`.
+    pub fn recv_mmsg(
+        socket: &UdpSocket,
+        buf: &mut [u8],
+        out: &mut Vec<(usize, usize, SocketAddr)>,
+    ) -> io::Result<()> {
+        use super::{RECV_BATCH, RECV_BUFFER};
+        let m = RECV_BATCH.min(buf.len() / RECV_BUFFER);
+        // SAFETY: all-zero values of these C structs are valid.
+        let mut addrs: [libc::sockaddr_storage; RECV_BATCH] = unsafe { std::mem::zeroed() };
+        let mut iovs: [libc::iovec; RECV_BATCH] = unsafe { std::mem::zeroed() };
+        let mut hdrs: [libc::mmsghdr; RECV_BATCH] = unsafe { std::mem::zeroed() };
+        for k in 0..m {
+            iovs[k] = libc::iovec {
+                iov_base: buf[k * RECV_BUFFER..].as_mut_ptr() as *mut libc::c_void,
+                iov_len: RECV_BUFFER,
+            };
+            hdrs[k].msg_hdr.msg_name = &mut addrs[k] as *mut _ as *mut libc::c_void;
+            hdrs[k].msg_hdr.msg_namelen =
+                std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdrs[k].msg_hdr.msg_iov = &mut iovs[k];
+            hdrs[k].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: `hdrs[..m]` point into `addrs`, `iovs` and `buf`, all alive and writable for
+        // the call; a null timeout.
+        let r = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                m as _,
+                0,
+                std::ptr::null_mut(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        for (k, (h, a)) in hdrs.iter().zip(&addrs).take(r as usize).enumerate() {
+            // A datagram larger than a slot arrives truncated to a size the protocol drops.
+            if let Some(from) = from_sockaddr(a) {
+                out.push((k * RECV_BUFFER, h.msg_len as usize, from));
+            }
+        }
+        Ok(())
     }
 
     /// Whether `e` means the kernel or the device cannot do UDP GSO.
@@ -627,6 +963,98 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(got, [&b"one"[..], b"two", b"three"]);
+    }
+
+    /// Bulk receive: after a first burst read one by one, a sender's GSO bursts (with GRO) or
+    /// batches (with `recvmmsg`) are read in few calls, byte for byte; after enough idle drains
+    /// the endpoint leaves bulk receive and releases its buffer; datagrams sent then still
+    /// arrive. `gro`: whether the receiver may use GRO (else it uses `recvmmsg`).
+    fn bulk_receive(gso: bool, gro: bool) {
+        let mut poll = Poll::new().unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut tx = UdpEndpoint::bind(poll.registry(), Token(0), any).unwrap();
+        if !gso {
+            tx.disable_gso();
+        }
+        let mut rx = UdpEndpoint::bind(poll.registry(), Token(1), any).unwrap();
+        if !gro {
+            rx.gro = None;
+        }
+        let to = rx.local_addr().unwrap();
+        let from = tx.local_addr().unwrap();
+        let mut events = Events::with_capacity(8);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut read = |rx: &mut UdpEndpoint, n: usize| {
+            let mut got = Vec::new();
+            while got.len() < n && Instant::now() < deadline {
+                rx.recv_all(1000, |p, src| {
+                    assert_eq!(src, from);
+                    got.push(p.to_vec())
+                })
+                .unwrap();
+                poll.poll(&mut events, Some(Duration::from_millis(10)))
+                    .unwrap();
+            }
+            got
+        };
+        let send = |tx: &mut UdpEndpoint, n: usize| {
+            let mut sent = Vec::new();
+            for i in 0..n {
+                let len = if i % 50 == 49 { 100 } else { 1184 };
+                let slot = tx.batch_slot();
+                for (k, b) in slot[..len].iter_mut().enumerate() {
+                    *b = (i * 7 + k) as u8;
+                }
+                sent.push(slot[..len].to_vec());
+                tx.batch_commit(len, to).unwrap();
+                if i % 32 == 31 {
+                    tx.batch_flush().unwrap();
+                }
+            }
+            tx.batch_flush().unwrap();
+            sent
+        };
+        let first = send(&mut tx, BULK_AFTER + 4);
+        assert_eq!(read(&mut rx, first.len()), first);
+        assert_eq!(rx.stats().bulk_receives, 1);
+        assert_eq!(rx.bulk_receive(), Some(gro));
+        let calls = rx.stats().recv_calls;
+        let sent = send(&mut tx, 300);
+        assert_eq!(tx.stats().send_dropped, 0);
+        assert_eq!(read(&mut rx, sent.len()), sent);
+        let st = rx.stats();
+        eprintln!("bulk receive {:?}, {st:?}", rx.bulk_receive());
+        if gso == gro {
+            // GSO bursts kept whole by GRO, or sendmmsg batches read by recvmmsg.
+            assert!(st.recv_calls - calls < 100, "batched: {st:?}");
+        }
+        // Idle drains: bulk receive ends (GRO off, one more drain, buffer released).
+        for _ in 0..=IDLE_DRAINS {
+            assert!(rx.recv_one().unwrap().is_none());
+        }
+        assert!(rx.bulk_receive().is_none());
+        tx.send_to(b"after", to).unwrap();
+        assert_eq!(read(&mut rx, 1), [b"after".to_vec()]);
+    }
+
+    #[test]
+    fn bulk_receive_of_gso_bursts_with_gro() {
+        bulk_receive(true, true);
+    }
+
+    #[test]
+    fn bulk_receive_of_single_datagrams_with_recvmmsg() {
+        bulk_receive(false, false);
+    }
+
+    #[test]
+    fn bulk_receive_of_single_datagrams_with_gro() {
+        bulk_receive(false, true);
+    }
+
+    #[test]
+    fn bulk_receive_of_gso_bursts_without_gro() {
+        bulk_receive(true, false);
     }
 
     #[test]

@@ -29,13 +29,16 @@ impl Core {
             id: None,
         };
         if options.realtime {
-            let frame = frame_of(&env);
+            // Refused before the frame is built: a refused send copies nothing.
+            let frame_len = env.frame_len_without_id();
             let peer = net.peers.entry(b).or_default();
             if peer.queue.len() >= net.cfg.peer_queue_messages
-                || peer.queued_bytes + frame.len() > net.cfg.peer_queue_bytes
+                || peer.queued_bytes + frame_len > net.cfg.peer_queue_bytes
             {
                 return SendStatus::BufferFull;
             }
+            let frame = frame_of(&env);
+            debug_assert_eq!(frame.len(), frame_len);
             if let Some(s) = sign {
                 peer.sign.get_or_insert(s);
             }
@@ -88,6 +91,22 @@ impl Core {
         }
         net.kick_peer(b);
         SendStatus::Queued
+    }
+
+    /// Whether a real-time send to the remote `dest` of a frame of `frame_len` bytes would be
+    /// refused for a full peer queue (asked before a codec encodes a value, so that a refused
+    /// send copies nothing).
+    pub(crate) fn remote_queue_full(&mut self, dest: Address, frame_len: usize) -> bool {
+        let Some((b, _)) = self.resolve_destination(dest) else {
+            return false;
+        };
+        let Some(net) = self.net.as_ref() else {
+            return false;
+        };
+        net.peers.get(&b).is_some_and(|peer| {
+            peer.queue.len() >= net.cfg.peer_queue_messages
+                || peer.queued_bytes + frame_len > net.cfg.peer_queue_bytes
+        })
     }
 
     /// The box key and (if known) signId of a remote destination. A key given as a signId

@@ -18,9 +18,10 @@
 //!   [`Timing::query_timeout`]), so nodes that left cost a lookup little time.
 //! - **Publish** (when given a signing key): our nodeInfo ([`super::item`]) signed as a BEP 44
 //!   mutable item with `seq` = max(wall-clock seconds, last `seq` + 1), so it rises across
-//!   restarts too (the caller persists `MainlineState::last_seq`); a `get` lookup toward its
-//!   target collects tokens (and any item already stored: one with a higher `seq` than ours,
-//!   left by an earlier run, makes us sign again above it), then `put` to the `k` closest
+//!   restarts too (the caller persists it and hands it back with
+//!   [`MainlineState::set_last_seq`]); a `get` lookup toward its target collects tokens (and
+//!   any item already stored: one with a higher `seq` than ours, left by an earlier run, makes
+//!   us sign again above it), then `put` to the `k` closest
 //!   nodes that gave a token. Again every [`Timing::republish`] and whenever the value
 //!   changes.
 //! - **Resolve** (`self.transports.requestNodeInfo`): a `get` lookup for the signId's target.

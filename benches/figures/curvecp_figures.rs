@@ -36,7 +36,7 @@ fn loopback() -> SocketAddr {
 }
 
 /// Client settings for the bench servers (which all use the name `REF_NAME`).
-fn client_config(key: BoxPublicKey) -> ClientConfig {
+pub fn client_config(key: BoxPublicKey) -> ClientConfig {
     let mut config = ClientConfig::new(key);
     config.server_name = ServerName::from_dns(REF_NAME).expect("name");
     config
@@ -81,6 +81,19 @@ struct ServerReport {
     /// First bytes read per connection, in the order they arrived.
     first_data: Vec<Instant>,
     accepted: u64,
+    /// CPU time of the server thread.
+    cpu: Duration,
+    /// Counters of its UDP socket.
+    udp: Option<mm_platform::transport::udp::UdpStats>,
+}
+
+/// CPU time of the calling thread.
+pub fn thread_cpu() -> Duration {
+    // SAFETY: an all-zero timespec is valid; clock_gettime writes it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is valid for writing.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 struct BenchServer {
@@ -139,6 +152,7 @@ fn serve(
             .expect("bind");
     tx.send(server.udp_addr().or(server.tcp_addr()).expect("bound"))
         .expect("send address");
+    let cpu0 = thread_cpu();
     let mut report = ServerReport::default();
     let mut conns: HashMap<ConnectionId, ConnState> = HashMap::new();
     let mut touched = Vec::new();
@@ -230,6 +244,8 @@ fn serve(
     if st.dropped > 0 {
         eprintln!("bench server: {} packets dropped", st.dropped);
     }
+    report.cpu = thread_cpu() - cpu0;
+    report.udp = server.udp_stats();
     report
 }
 
@@ -297,13 +313,36 @@ fn cpu_seconds() -> f64 {
     (tick(11) + tick(12)) / 100.0
 }
 
-fn bulk_once(kind: TransportKind, total: u64) -> f64 {
+pub fn bulk_once(kind: TransportKind, total: u64) -> f64 {
+    bulk_run(kind, total).mbps
+}
+
+/// One bulk transfer: speed and where the time went.
+#[derive(Clone, Copy)]
+pub struct BulkRun {
+    /// MB/s from connect until the server read everything and the EOF.
+    pub mbps: f64,
+    /// CPU time of the sending (client) thread per data packet sent, in ns.
+    pub sender_ns: f64,
+    /// CPU time of the receiving (server) thread per data packet, in ns.
+    pub receiver_ns: f64,
+    /// Heap allocations (both threads) per data packet.
+    pub allocs: f64,
+    /// UDP: system calls that sent per packet sent (client), and that received per packet
+    /// received (server).
+    pub send_calls: f64,
+    pub recv_calls: f64,
+}
+
+/// Sends `total` bytes then EOF to a sink server and measures it.
+pub fn bulk_run(kind: TransportKind, total: u64) -> BulkRun {
     let cpu0 = cpu_seconds();
     let allocs0 = ALLOC_CALLS.load(Ordering::Relaxed);
     let server = BenchServer::spawn(kind, Mode::Sink);
     let mut pattern = vec![0u8; 64 * 1024];
     crypto::random_bytes(&mut pattern);
     let start = Instant::now();
+    let client_cpu0 = thread_cpu();
     let mut client = BenchClient::connect(kind, server.addr, client_config(server.key));
     let mut sent = 0u64;
     let mut done = false;
@@ -325,14 +364,16 @@ fn bulk_once(kind: TransportKind, total: u64) -> f64 {
             done = s.all_acked() && sent == total && s.peer_eof().is_some();
         });
     }
+    let client_cpu = thread_cpu() - client_cpu0;
     let report = server.finish();
+    let allocs = ALLOC_CALLS.load(Ordering::Relaxed) - allocs0;
     let st = client.driver.client().stream().stats();
     eprintln!(
         "bulk {}: {:.2} CPU s, {} allocations, {} messages sent, {} received, {} retransmissions, \
          srtt {:?}",
         kind_name(kind),
         cpu_seconds() - cpu0,
-        ALLOC_CALLS.load(Ordering::Relaxed) - allocs0,
+        allocs,
         st.messages_sent,
         client.driver.client().stats().messages_received,
         st.retransmissions,
@@ -340,30 +381,131 @@ fn bulk_once(kind: TransportKind, total: u64) -> f64 {
     );
     assert_eq!(report.received, total, "every byte delivered");
     let end = report.eof_at.expect("EOF arrived");
-    total as f64 / (end - start).as_secs_f64() / MB
+    let packets = st.messages_sent.max(1) as f64;
+    let (send_calls, recv_calls) = match (client.driver.udp_stats(), report.udp) {
+        (Some(c), Some(s)) => (
+            c.send_calls as f64 / c.sent.max(1) as f64,
+            s.recv_calls as f64 / s.received.max(1) as f64,
+        ),
+        _ => (0.0, 0.0),
+    };
+    BulkRun {
+        mbps: total as f64 / (end - start).as_secs_f64() / MB,
+        sender_ns: client_cpu.as_secs_f64() * 1e9 / packets,
+        receiver_ns: report.cpu.as_secs_f64() * 1e9 / packets,
+        allocs: allocs as f64 / packets,
+        send_calls,
+        recv_calls,
+    }
 }
 
 /// The median of three 100 MB transfers (other work on a small machine makes single runs
 /// noisy).
 fn bulk_median(kind: TransportKind) -> f64 {
-    let mut runs: Vec<f64> = (0..3).map(|_| bulk_once(kind, 100_000_000)).collect();
-    runs.sort_by(f64::total_cmp);
-    runs[1]
+    bulk_medians(kind).mbps
+}
+
+/// Three 100 MB transfers; each field the median of its three.
+fn bulk_medians(kind: TransportKind) -> BulkRun {
+    let runs: Vec<BulkRun> = (0..3).map(|_| bulk_run(kind, 100_000_000)).collect();
+    let med = |f: fn(&BulkRun) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[1]
+    };
+    BulkRun {
+        mbps: med(|r| r.mbps),
+        sender_ns: med(|r| r.sender_ns),
+        receiver_ns: med(|r| r.receiver_ns),
+        allocs: med(|r| r.allocs),
+        send_calls: med(|r| r.send_calls),
+        recv_calls: med(|r| r.recv_calls),
+    }
 }
 
 /// Bulk throughput of one stream, ours to ours, 100 MB (median of three runs), over UDP and
 /// over TCP.
+///
+/// With each, where the time per packet goes (medians of the same three runs): CPU time per
+/// data packet of the sending thread and of the receiving thread (`_sender_ns_per_packet`,
+/// `_receiver_ns_per_packet`; the sending thread also reads acknowledgements, the receiving
+/// one also sends them), heap allocations per packet, and over UDP the system calls per
+/// datagram sent and received. `curvecp_seal_1088B_ns` and `curvecp_open_1088B_ns` are the
+/// cipher alone (XSalsa20-Poly1305 with a precomputed key, in place, on a full block): the
+/// floor of each side's time per packet.
 pub fn curvecp_bulk(bench: &Bench) {
+    if bench.wants("curvecp_seal_1088B_ns") || bench.wants("curvecp_open_1088B_ns") {
+        let (seal, open) = cipher_ns();
+        bench.emit("curvecp_seal_1088B_ns", seal, "ns");
+        bench.emit("curvecp_open_1088B_ns", open, "ns");
+    }
     for kind in [TransportKind::Udp, TransportKind::Tcp] {
-        let name = format!("curvecp_bulk_{}_100MB", kind_name(kind));
+        let k = kind_name(kind);
+        let name = format!("curvecp_bulk_{k}_100MB");
         if bench.wants(&name) {
-            bench.emit(&name, bulk_median(kind), "MB/s");
+            let r = bulk_medians(kind);
+            bench.emit(&name, r.mbps, "MB/s");
+            bench.emit(&format!("{name}_sender_ns_per_packet"), r.sender_ns, "ns");
+            bench.emit(
+                &format!("{name}_receiver_ns_per_packet"),
+                r.receiver_ns,
+                "ns",
+            );
+            bench.emit(
+                &format!("{name}_allocations_per_packet"),
+                r.allocs,
+                "allocations",
+            );
+            if kind == TransportKind::Udp {
+                bench.emit(
+                    &format!("{name}_send_calls_per_packet"),
+                    r.send_calls,
+                    "calls",
+                );
+                bench.emit(
+                    &format!("{name}_recv_calls_per_packet"),
+                    r.recv_calls,
+                    "calls",
+                );
+            }
         }
     }
 }
 
+/// Nanoseconds to seal and to open one 1088-byte block in place with a connection's key (the
+/// median of 20 rounds of 2000; the open includes copying the box back first).
+pub fn cipher_ns() -> (f64, f64) {
+    let a = BoxKeyPair::generate();
+    let b = BoxKeyPair::generate();
+    let mut key = crypto::SharedKey::new(&b.public, &a);
+    // As a connection's key: the subkey of the Message nonce prefix computed once.
+    key.cache_nonce_prefix(b"CurveCP-client-M");
+    let mut buf = vec![7u8; 1088 + crypto::TAG_LEN];
+    let mut nonce = [0u8; 24];
+    nonce[..16].copy_from_slice(b"CurveCP-client-M");
+    let (mut seal, mut open) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        let t = Instant::now();
+        for _ in 0..2000 {
+            key.seal_in_place(&nonce, &mut buf);
+        }
+        seal.push(t.elapsed().as_secs_f64() * 1e9 / 2000.0);
+        key.seal_in_place(&nonce, &mut buf);
+        let sealed = buf.clone();
+        let t = Instant::now();
+        for _ in 0..2000 {
+            buf.copy_from_slice(&sealed);
+            key.open_in_place(&nonce, &mut buf).expect("opens");
+        }
+        open.push(t.elapsed().as_secs_f64() * 1e9 / 2000.0);
+    }
+    seal.sort_by(f64::total_cmp);
+    open.sort_by(f64::total_cmp);
+    (seal[10], open[10])
+}
+
 const REF_EXT: &str = "00000000000000000000000000000000";
-const REF_NAME: &str = "bench.example.org";
+pub const REF_NAME: &str = "bench.example.org";
 const REF_SIZE: usize = 5_000_000;
 
 fn reference_available() -> bool {

@@ -1,0 +1,138 @@
+//! The `nodes_bt` group: bulk through the platform, node to node. Node B (its own thread and
+//! reactor) subscribes to `bt` messages; node A (this thread) sends 100 payloads of 1 MiB
+//! through the torrenting API (retrying after a turn on `BufferFull`), timed from the first send
+//! until B's subscriber has all 100 MiB. Over UDP and over TCP, interleaved with the bare
+//! CurveCP bulk transfer of the same transport (`curvecp_bulk_*`: one stream, client and server
+//! in two threads), three rounds; each figure the median of its three, and the platform's
+//! figure as a percentage of the bare one.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mm_platform::transport::TransportKind;
+use mm_platform::{Limits, Platform};
+
+use super::cc::{bulk_run, thread_cpu};
+use super::qc::load;
+use super::Bench;
+
+const PAYLOAD: usize = 1 << 20;
+const COUNT: usize = 100;
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn node(kind: &str) -> Platform {
+    let listen = serde_json::json!([{"transportType": kind,
+        "transportInfo": {"address": "127.0.0.1", "port": 0}}]);
+    Platform::builder()
+        .connection_info(listen)
+        .limits(Limits {
+            event_batch: 0,
+            ..Limits::default()
+        })
+        .build()
+        .expect("platform")
+}
+
+/// One transfer of `COUNT` payloads of `PAYLOAD` bytes from A to B; MB/s.
+fn bt_once(kind: &str) -> f64 {
+    let (info_tx, info_rx) = crossbeam_channel::bounded(1);
+    let (a_tx, a_rx) = crossbeam_channel::bounded::<serde_json::Value>(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let kind_b = kind.to_string();
+    let b = thread::spawn(move || {
+        let cpu0 = thread_cpu();
+        let mut b = node(&kind_b);
+        info_tx
+            .send((b.node_info(), b.sign_id()))
+            .expect("send info");
+        let a_info = a_rx.recv().expect("A's info");
+        let _ = b.messaging().send("transports.nodeInfo", "local", &a_info);
+        let got = Rc::new(Cell::new(0usize));
+        let g = got.clone();
+        b.torrenting().on("public.bench.bt", move |_ctx, _msg, v| {
+            g.set(g.get() + v.len())
+        });
+        let start = Instant::now();
+        while got.get() < COUNT * PAYLOAD && !flag.load(Ordering::Relaxed) {
+            b.poll(Some(Duration::from_millis(10))).expect("poll");
+            if start.elapsed() > LIMIT {
+                break;
+            }
+        }
+        let done = Instant::now();
+        // Let the last acknowledgements go out.
+        let linger = Instant::now() + Duration::from_millis(20);
+        while Instant::now() < linger {
+            b.poll(Some(Duration::from_millis(1))).expect("poll");
+        }
+        (got.get(), done, thread_cpu() - cpu0)
+    });
+    let mut a = node(kind);
+    let (b_info, bid) = info_rx.recv().expect("B's info");
+    a_tx.send(a.node_info()).expect("send info");
+    let _ = a.messaging().send("transports.nodeInfo", "local", &b_info);
+    a.poll(Some(Duration::ZERO)).expect("poll");
+    let mut payload = vec![0u8; PAYLOAD];
+    mm_platform::crypto::random_bytes(&mut payload);
+    let start = Instant::now();
+    let cpu0 = thread_cpu();
+    let mut sent = 0;
+    while sent < COUNT && start.elapsed() < LIMIT {
+        let st = a.torrenting().send("bench.bt", bid, &payload);
+        if st.is_queued() {
+            sent += 1;
+        } else {
+            a.poll(Some(Duration::from_millis(1))).expect("poll");
+        }
+    }
+    while !b.is_finished() && start.elapsed() < LIMIT {
+        a.poll(Some(Duration::from_millis(1))).expect("poll");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let cpu_a = thread_cpu() - cpu0;
+    let (got, done, cpu_b) = b.join().expect("node B");
+    assert_eq!(got, COUNT * PAYLOAD, "every payload delivered");
+    let secs = (done - start).as_secs_f64();
+    eprintln!(
+        "bt {kind}: {secs:.3} s, CPU of sender {:.3} s, of receiver {:.3} s",
+        cpu_a.as_secs_f64(),
+        cpu_b.as_secs_f64()
+    );
+    (COUNT * PAYLOAD) as f64 / secs / 1e6
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `nodes_bt_{udp,tcp}_1MiB` (MB/s), the bare `curvecp_bulk` of the same rounds, and the
+/// platform's share of it in percent.
+pub fn nodes_bt(bench: &Bench) {
+    for (kind, tk) in [("udp", TransportKind::Udp), ("tcp", TransportKind::Tcp)] {
+        let name = format!("nodes_bt_{kind}_1MiB");
+        if !bench.wants(&name) {
+            continue;
+        }
+        let (mut bt, mut bare) = (Vec::new(), Vec::new());
+        for round in 0..3 {
+            let b = bt_once(kind);
+            let c = bulk_run(tk, 100_000_000).mbps;
+            eprintln!(
+                "nodes_bt {kind} round {round}: bt {b:.1} MB/s, bare {c:.1} MB/s (load {})",
+                load()
+            );
+            bt.push(b);
+            bare.push(c);
+        }
+        let (b, c) = (median(bt), median(bare));
+        bench.emit(&name, b, "MB/s");
+        bench.emit(&format!("{name}_bare_curvecp_bulk"), c, "MB/s");
+        bench.emit(&format!("{name}_percent_of_bare"), 100.0 * b / c, "%");
+    }
+}
