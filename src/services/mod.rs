@@ -103,6 +103,7 @@
 //! ```
 
 pub mod bootstrap;
+pub mod kademlia;
 pub mod mainline;
 pub mod mdns;
 
