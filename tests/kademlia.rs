@@ -734,3 +734,53 @@ fn a_restarted_node_rejoins_from_its_stored_table() {
         "its records were restored"
     );
 }
+
+#[test]
+fn the_node_example_puts_and_gets_with_dht() {
+    use support::{node_bin, JsonProc, TempDir};
+    const LIMIT: Duration = Duration::from_secs(30);
+    let dir = TempDir::new("kad-node");
+    let start = |name: &str, extra: &[&str]| {
+        let mut cmd = std::process::Command::new(node_bin());
+        cmd.arg("--data")
+            .arg(dir.path(name))
+            .arg("--dht")
+            .args(extra)
+            .stderr(std::process::Stdio::null());
+        let mut p = JsonProc::spawn(name, &mut cmd);
+        let info = p.wait_for(LIMIT, |v| v["event"] == "ready")["nodeInfo"].clone();
+        (p, info)
+    };
+    let (mut a, info_a) = start("a", &[]);
+    let list = dir.path("bootstrap.json");
+    std::fs::write(&list, serde_json::to_vec(&json!([info_a])).unwrap()).unwrap();
+    let (mut b, info_b) = start("b", &["--bootstrap", list.to_str().unwrap()]);
+    b.cmd(json!({"cmd": "put", "key": "k1", "value": {"x": [1, 2.5, "three"]}}));
+    let stored = b.wait_for(LIMIT, |v| v["event"] == "stored" && v["key"] == "k1");
+    assert!(stored["acks"].as_u64().unwrap() >= 1, "{stored}");
+    a.cmd(json!({"cmd": "get", "key": "k1"}));
+    let got = a.wait_for(LIMIT, |v| v["event"] == "value" && v["key"] == "k1");
+    assert_eq!(got["value"], json!({"x": [1, 2.5, "three"]}));
+    // The records every node stores: signId -> boxId.
+    a.cmd(json!({"cmd": "get", "key": info_b["signId"]}));
+    let got = a.wait_for(LIMIT, |v| {
+        v["event"] == "value" && v["key"] == info_b["signId"]
+    });
+    assert_eq!(got["value"], info_b["boxId"]);
+    a.cmd(json!({"cmd": "get", "key": "nobody stored this"}));
+    let got = a.wait_for(LIMIT, |v| {
+        v["event"] == "value" && v["key"] == "nobody stored this"
+    });
+    assert!(
+        got["error"].is_string() && got.get("value").is_none(),
+        "{got}"
+    );
+    // Each found the other through the DHT (a peer event with source kademlia).
+    a.wait_for(LIMIT, |v| {
+        v["event"] == "peer"
+            && v["source"] == "kademlia"
+            && v["nodeInfo"]["signId"] == info_b["signId"]
+    });
+    a.quit(LIMIT);
+    b.quit(LIMIT);
+}

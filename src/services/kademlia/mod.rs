@@ -5,7 +5,7 @@
 //!
 //! This module is the reactor-facing part (the bus, the wall clock, persistence); the protocol
 //! is sans-IO in [`state`] (lookups, handlers, store, timers), [`table`] (routing table),
-//! [`rpc`] (messages, signatures, contacts), [`id`] (160-bit ids) and [`json`] (JSON exactly as
+//! [`rpc`] (messages, signatures, contacts), [`id`] (160-bit ids) and [`json`](mod@json) (JSON exactly as
 //! the JavaScript side parses and writes it, which the signatures need).
 //!
 //! # On the bus

@@ -16,7 +16,7 @@
 //!   holding the lookup (it may still answer until [`Timing::query_timeout`]).
 //! - **Publish** (when given a signing key): our nodeInfo ([`super::item`]) signed as a BEP 44
 //!   mutable item with `seq` = max(wall-clock seconds, last `seq` + 1), so it rises across
-//!   restarts too (the caller persists [`MainlineState::last_seq`]); a `get` lookup toward its
+//!   restarts too (the caller persists `MainlineState::last_seq`); a `get` lookup toward its
 //!   target collects tokens (and any item already stored: one with a higher `seq` than ours,
 //!   left by an earlier run, makes us sign again above it), then `put` to the `k` closest
 //!   nodes that gave a token. Again every [`Timing::republish`] and whenever the value
