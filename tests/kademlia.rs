@@ -73,13 +73,14 @@ impl Node {
         std::iter::from_fn(|| self.st.poll_transmit()).collect()
     }
 
-    /// Responses among the messages to send (requests of its own, such as the records a node
-    /// stores once it has a first contact, left out).
+    /// Positive responses among the messages to send (requests of its own, such as the
+    /// records a node stores once it has a first contact, and error answers left out).
     fn responses(&mut self) -> usize {
         self.transmits()
             .iter()
             .filter(|t| {
-                JsValue::parse(t.payload.as_bytes()).is_some_and(|v| v.get("result").is_some())
+                JsValue::parse(t.payload.as_bytes())
+                    .is_some_and(|v| v.get("result").is_some() && v.get("error").is_none())
             })
             .count()
     }
@@ -98,6 +99,23 @@ impl Node {
             now_ms(),
         );
     }
+}
+
+/// Delivers `batch`, sent by node `from`, then everything that follows.
+fn deliver(nodes: &mut [Node], from: usize, batch: Vec<Transmit>) {
+    for t in batch {
+        if let Some(to) = nodes.iter().position(|x| x.box_id() == t.to.box_id) {
+            let (b, sgn) = (nodes[from].box_id(), nodes[from].sign_id());
+            nodes[to].st.handle_message(
+                b,
+                Some(sgn),
+                t.payload.as_bytes(),
+                Instant::now(),
+                now_ms(),
+            );
+        }
+    }
+    pump(nodes);
 }
 
 /// Delivers every message between `nodes` until none is left; returns how many.
@@ -755,6 +773,11 @@ fn the_node_example_puts_and_gets_with_dht() {
     let list = dir.path("bootstrap.json");
     std::fs::write(&list, serde_json::to_vec(&json!([info_a])).unwrap()).unwrap();
     let (mut b, info_b) = start("b", &["--bootstrap", list.to_str().unwrap()]);
+    // B joins through A (its bootstrap list); a put before it has any contact would stay local.
+    b.wait_for(LIMIT, |v| {
+        v["event"] == "peer" && v["nodeInfo"]["signId"] == info_a["signId"]
+    });
+    std::thread::sleep(Duration::from_secs(1));
     b.cmd(json!({"cmd": "put", "key": "k1", "value": {"x": [1, 2.5, "three"]}}));
     let stored = b.wait_for(LIMIT, |v| v["event"] == "stored" && v["key"] == "k1");
     assert!(stored["acks"].as_u64().unwrap() >= 1, "{stored}");
@@ -783,4 +806,56 @@ fn the_node_example_puts_and_gets_with_dht() {
     });
     a.quit(LIMIT);
     b.quit(LIMIT);
+}
+
+#[test]
+fn items_expire_are_replicated_and_buckets_refreshed_on_their_timers() {
+    let cfg = Config {
+        refresh: Duration::from_secs(10),
+        replicate: Duration::from_secs(5),
+        republish: Duration::from_secs(20),
+        expire: Duration::from_secs(30),
+        ..Config::default()
+    };
+    let mut nodes = small_net(6, cfg);
+    let t0 = Instant::now();
+    let ms0 = now_ms();
+    // Node 1 stores a value; node 4 holds a copy it did not publish.
+    nodes[1].st.put("timed", &json!("v"), t0, ms0);
+    pump(&mut nodes);
+    assert_eq!(nodes[4].st.local_value("timed"), Some(json!("v")));
+    // At the replication time node 4 stores its copy at the closest nodes again (kad's
+    // T_REPLICATE), and node 1 does not republish yet (younger than T_REPUBLISH).
+    nodes[4]
+        .st
+        .handle_timeout(t0 + Duration::from_secs(6), ms0 + 6000.0);
+    let sent = nodes[4].transmits();
+    assert!(sent.iter().any(|t| t.payload.contains("\"key\":\"timed\"")));
+    deliver(&mut nodes, 4, sent);
+    nodes[1]
+        .st
+        .handle_timeout(t0 + Duration::from_secs(6), ms0 + 6000.0);
+    let sent = nodes[1].transmits();
+    assert!(!sent.iter().any(|t| t.payload.contains("\"key\":\"timed\"")));
+    deliver(&mut nodes, 1, sent);
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n.st.pending_len() == 0 && n.st.table_len() == 5),
+        "replication cost no contact"
+    );
+    // After T_REPUBLISH, node 1 publishes its own item again.
+    nodes[1]
+        .st
+        .handle_timeout(t0 + Duration::from_secs(21), ms0 + 21_000.0);
+    let sent = nodes[1].transmits();
+    assert!(sent.iter().any(|t| t.payload.contains("\"key\":\"timed\"")));
+    // Past T_EXPIRE every copy goes, and a refresh looks up random ids in the buckets.
+    let n = nodes[4].st.items_len();
+    nodes[4]
+        .st
+        .handle_timeout(t0 + Duration::from_secs(31), ms0 + 31_000.0);
+    assert!(nodes[4].st.local_value("timed").is_none());
+    assert!(nodes[4].st.items_len() < n);
+    assert!(nodes[4].st.lookups_len() > 0, "refresh lookups started");
 }

@@ -674,7 +674,10 @@ impl KadState {
     }
 
     fn reply(&mut self, to: &Contact, id: &JsValue, result: JsValue, now_ms: f64) {
-        let msg = rpc::response(id, result);
+        self.reply_message(to, rpc::response(id, result), now_ms);
+    }
+
+    fn reply_message(&mut self, to: &Contact, msg: JsValue, now_ms: f64) {
         let payload = rpc::seal(msg, now_ms.floor(), &self.sign);
         self.stats.sent += 1;
         self.out.push_back(Transmit {
@@ -724,8 +727,16 @@ impl KadState {
                 if self.accept_store(&m, now_ms) {
                     self.reply(&from, &m.id, JsValue::obj().with("contact", me), now_ms);
                 } else {
-                    // kad sends no answer to a STORE it refuses; neither do we.
+                    // kad answers nothing to a STORE it refuses, and its sender then drops us
+                    // from its table as unresponsive. We answer with an error (kad's form,
+                    // which kad takes as an answer), so refusing a record costs nobody a contact.
                     self.stats.stores_refused += 1;
+                    let error = JsValue::obj()
+                        .with("code", JsValue::Num(-32603.0))
+                        .with("message", JsValue::Str("STORE refused".into()));
+                    let msg = rpc::response(&m.id, JsValue::obj().with("contact", me))
+                        .with("error", error);
+                    self.reply_message(&from, msg, now_ms);
                 }
             }
             _ => {}
@@ -1299,6 +1310,11 @@ impl KadState {
             .map(|(k, i)| (k.clone(), i.clone()))
             .collect();
         for (key, item) in all {
+            // Another node's nodeInfo record is only accepted from that node: not ours to
+            // replicate.
+            if item.publisher != me && key.starts_with(NODE_INFO_PREFIX) {
+                continue;
+            }
             if item.publisher != me {
                 self.put_js(
                     &key,
