@@ -106,12 +106,15 @@ const GROUPS: &[fn(&Bench)] = &[
     cc::curvecp_idle_memory,
     js::js_messages,
     ml::mainline,
+    kad::kad,
 ];
 
 #[path = "bench/curvecp_figures.rs"]
 mod cc;
 #[path = "bench/js_figures.rs"]
 mod js;
+#[path = "bench/kad_figures.rs"]
+mod kad;
 #[path = "bench/mainline_figures.rs"]
 mod ml;
 

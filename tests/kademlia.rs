@@ -490,6 +490,7 @@ fn a_flood_of_stores_keeps_memory_bounded() {
 fn sim_config(seed: Option<Value>) -> KademliaConfig {
     let mut c = KademliaConfig::new(seed.into_iter().collect());
     c.kad.rpc_timeout = Duration::from_millis(1500);
+    c.kad.stall = Duration::from_millis(500);
     c.kad.lookup_timeout = Duration::from_secs(20);
     c
 }

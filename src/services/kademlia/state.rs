@@ -16,6 +16,11 @@
 //! table, a value found is also stored at the closest node that answered without it, and a put
 //! stores at the `k` closest nodes and keeps a local copy.
 //!
+//! Two rules of ours keep lookups quick when nodes have gone: an RPC unanswered for
+//! [`Config::stall`] frees its `alpha` slot (the lookup asks another node meanwhile), and a
+//! node that timed out is left out of lookups for [`Config::dead_for`] even when others still
+//! list it (until it is heard from again).
+//!
 //! # Records and what is refused
 //!
 //! Any JSON value may be stored under any key, as with the original, except for the keys
@@ -67,6 +72,13 @@ pub struct Config {
     pub republish: Duration,
     /// Age after which items are dropped (`T_EXPIRE`, 86405 s).
     pub expire: Duration,
+    /// An RPC of a lookup unanswered for this long stops counting against `alpha`, so the
+    /// lookup goes on with other nodes while it waits (1 s; `kad` has no such rule and waits
+    /// for each round).
+    pub stall: Duration,
+    /// How long a node that did not answer is kept out of lookups (10 min; it comes back as
+    /// soon as it is heard from).
+    pub dead_for: Duration,
     /// RPCs awaiting an answer at most (256).
     pub max_pending: usize,
     /// Lookups running at most (64).
@@ -89,6 +101,8 @@ impl Default for Config {
             rpc_timeout: Duration::from_secs(5),
             lookup_timeout: Duration::from_secs(60),
             ping_ttl: Duration::from_secs(300),
+            stall: Duration::from_secs(1),
+            dead_for: Duration::from_secs(600),
             refresh: Duration::from_secs(3600),
             replicate: Duration::from_secs(3600),
             republish: Duration::from_secs(86_400),
@@ -246,6 +260,11 @@ struct Candidate {
     distance: [u8; 20],
     state: CandState,
     has_value: bool,
+    /// When its RPC went out.
+    sent: Option<Instant>,
+    /// Its RPC has been out longer than [`Config::stall`]: it no longer holds one of the
+    /// `alpha` slots.
+    stalled: bool,
 }
 
 #[derive(Debug)]
@@ -288,6 +307,7 @@ pub struct KadState {
     next_lookup: u64,
     items: HashMap<String, Item>,
     replay: HashMap<[u8; 32], f64>,
+    dead: HashMap<NodeId, Instant>,
     reported: HashMap<BoxId, Contact>,
     connected: Vec<BoxId>,
     out: VecDeque<Transmit>,
@@ -330,6 +350,7 @@ impl KadState {
             next_lookup: 0,
             items: HashMap::new(),
             replay: HashMap::new(),
+            dead: HashMap::new(),
             reported: HashMap::new(),
             connected: Vec::new(),
             out: VecDeque::new(),
@@ -346,6 +367,12 @@ impl KadState {
     /// Our node id.
     pub fn id(&self) -> NodeId {
         self.me.id
+    }
+
+    fn is_dead(&self, id: &NodeId, now: Instant) -> bool {
+        self.dead
+            .get(id)
+            .is_some_and(|t| now.saturating_duration_since(*t) < self.cfg.dead_for)
     }
 
     /// The box key of a signId (conversions cached).
@@ -626,6 +653,7 @@ impl KadState {
 
     /// A contact heard from directly: into the table, reported to the platform.
     fn seen(&mut self, c: Contact, now: Instant, now_ms: f64) {
+        self.dead.remove(&c.id);
         self.report(&c);
         match self.table.update(c, now_ms, ms(self.cfg.ping_ttl)) {
             Update::Added => {
@@ -922,7 +950,8 @@ impl KadState {
             started: now,
             found: None,
         };
-        let near = self.table.closest(&target, self.cfg.k, None);
+        let mut near = self.table.closest(&target, self.cfg.k, None);
+        near.retain(|c| !self.is_dead(&c.id, now));
         add_candidates(&mut l, near.into_iter(), self.me.id, 3 * self.cfg.k);
         self.lookups.insert(id, l);
         Some(id)
@@ -965,7 +994,9 @@ impl KadState {
                 let mut fresh = Vec::new();
                 for n in nodes.iter().take(2 * self.cfg.k) {
                     if let Some(c) = rpc::parse_contact(n, &mut self.keys) {
-                        fresh.push(c);
+                        if !self.is_dead(&c.id, now) {
+                            fresh.push(c);
+                        }
                     }
                 }
                 add_candidates(&mut l, fresh.into_iter(), self.me.id, 3 * self.cfg.k);
@@ -995,7 +1026,12 @@ impl KadState {
         };
         if !done {
             loop {
-                if l.in_flight >= self.cfg.alpha {
+                let active = l
+                    .shortlist
+                    .iter()
+                    .filter(|c| c.state == CandState::InFlight && !c.stalled)
+                    .count();
+                if active >= self.cfg.alpha {
                     break;
                 }
                 let next = l
@@ -1024,6 +1060,7 @@ impl KadState {
                 {
                     Some(_) => {
                         l.shortlist[idx].state = CandState::InFlight;
+                        l.shortlist[idx].sent = Some(now);
                         l.in_flight += 1;
                         l.rpcs += 1;
                     }
@@ -1235,6 +1272,15 @@ impl KadState {
                 continue;
             };
             self.stats.timeouts += 1;
+            if self.dead.len() >= 4096 {
+                let dead_for = self.cfg.dead_for;
+                self.dead
+                    .retain(|_, t| now.saturating_duration_since(*t) < dead_for);
+                if self.dead.len() >= 4096 {
+                    self.dead.clear();
+                }
+            }
+            self.dead.insert(p.to, now);
             // kad: a contact that does not answer leaves the table.
             if self.table.remove(&p.to) {
                 self.dirty = true;
@@ -1256,6 +1302,27 @@ impl KadState {
                 Purpose::Store(Some(l)) => self.store_answer(l, false, now),
                 Purpose::Store(None) => {}
             }
+        }
+        // Lookups whose RPCs stalled go on with other nodes.
+        let stall = self.cfg.stall;
+        let mut stalled = Vec::new();
+        for (id, l) in self.lookups.iter_mut() {
+            let mut any = false;
+            for c in l.shortlist.iter_mut() {
+                if c.state == CandState::InFlight
+                    && !c.stalled
+                    && c.sent.is_some_and(|t| t + stall <= now)
+                {
+                    c.stalled = true;
+                    any = true;
+                }
+            }
+            if any {
+                stalled.push(*id);
+            }
+        }
+        for id in stalled {
+            self.step(id, now, now_ms);
         }
         let overdue: Vec<u64> = self
             .lookups
@@ -1347,6 +1414,11 @@ impl KadState {
         }
         for l in self.lookups.values() {
             next = next.min(l.started + self.cfg.lookup_timeout);
+            for c in &l.shortlist {
+                if let (CandState::InFlight, false, Some(t)) = (c.state, c.stalled, c.sent) {
+                    next = next.min(t + self.cfg.stall);
+                }
+            }
         }
         Some(next)
     }
@@ -1455,6 +1527,8 @@ fn add_candidates(l: &mut Lookup, cs: impl Iterator<Item = Contact>, me: NodeId,
                 distance,
                 state: CandState::New,
                 has_value: false,
+                sent: None,
+                stalled: false,
             },
         );
         if l.shortlist.len() > cap {
