@@ -17,7 +17,8 @@
 //! stores at the `k` closest nodes and keeps a local copy.
 //!
 //! Two rules of ours keep lookups quick when nodes have gone: an RPC unanswered for
-//! [`Config::stall`] frees its `alpha` slot (the lookup asks another node meanwhile), and a
+//! [`Config::stall`] frees its `alpha` slot and its place among the `k` closest (the lookup
+//! asks other nodes meanwhile, and may end without it), and a
 //! node that timed out is left out of lookups for [`Config::dead_for`] even when others still
 //! list it (until it is heard from again).
 //!
@@ -72,9 +73,9 @@ pub struct Config {
     pub republish: Duration,
     /// Age after which items are dropped (`T_EXPIRE`, 86405 s).
     pub expire: Duration,
-    /// An RPC of a lookup unanswered for this long stops counting against `alpha`, so the
-    /// lookup goes on with other nodes while it waits (1 s; `kad` has no such rule and waits
-    /// for each round).
+    /// An RPC of a lookup unanswered for this long stops counting against `alpha` and among
+    /// the closest nodes, so the lookup goes on with others and may end without it (2 s, well
+    /// above a JS node's first answer; `kad` has no such rule and waits for each round).
     pub stall: Duration,
     /// How long a node that did not answer is kept out of lookups (10 min; it comes back as
     /// soon as it is heard from).
@@ -101,7 +102,7 @@ impl Default for Config {
             rpc_timeout: Duration::from_secs(5),
             lookup_timeout: Duration::from_secs(60),
             ping_ttl: Duration::from_secs(300),
-            stall: Duration::from_secs(1),
+            stall: Duration::from_secs(2),
             dead_for: Duration::from_secs(600),
             refresh: Duration::from_secs(3600),
             replicate: Duration::from_secs(3600),
@@ -1034,23 +1035,16 @@ impl KadState {
                 if active >= self.cfg.alpha {
                     break;
                 }
+                // The next unasked among the k closest that neither failed nor stalled.
                 let next = l
                     .shortlist
                     .iter()
-                    .filter(|c| c.state != CandState::Failed)
-                    .take(k)
-                    .position(|c| c.state == CandState::New);
-                let Some(_) = next else { break };
-                // position among the non-failed: find the actual index
-                let idx = l
-                    .shortlist
-                    .iter()
                     .enumerate()
-                    .filter(|(_, c)| c.state != CandState::Failed)
+                    .filter(|(_, c)| usable(c))
                     .take(k)
                     .find(|(_, c)| c.state == CandState::New)
-                    .map(|(i, _)| i)
-                    .expect("found above");
+                    .map(|(i, _)| i);
+                let Some(idx) = next else { break };
                 let contact = l.shortlist[idx].contact.clone();
                 let method = if l.value { "FIND_VALUE" } else { "FIND_NODE" };
                 let params = JsValue::obj()
@@ -1069,7 +1063,12 @@ impl KadState {
                     }
                 }
             }
-            if l.in_flight > 0 && now < l.started + self.cfg.lookup_timeout {
+            // Wait for the RPCs that did not stall; stalled ones may still answer meanwhile.
+            let waiting = l
+                .shortlist
+                .iter()
+                .any(|c| c.state == CandState::InFlight && !c.stalled);
+            if waiting && now < l.started + self.cfg.lookup_timeout {
                 self.lookups.insert(lid, l);
                 return;
             }
@@ -1088,7 +1087,7 @@ impl KadState {
         let closest: Vec<Contact> = l
             .shortlist
             .iter()
-            .filter(|c| c.state != CandState::Failed)
+            .filter(|c| usable(c))
             .take(k)
             .map(|c| c.contact.clone())
             .collect();
@@ -1502,6 +1501,12 @@ impl KadState {
     pub fn items_bytes(&self) -> usize {
         self.items.values().map(|i| i.bytes).sum()
     }
+}
+
+/// Whether a candidate counts among a lookup's closest: not failed, and not stalled unless it
+/// answered since.
+fn usable(c: &Candidate) -> bool {
+    c.state != CandState::Failed && !(c.stalled && c.state == CandState::InFlight)
 }
 
 /// Adds candidates to a lookup's shortlist (no duplicates, not us), keeping it sorted by
