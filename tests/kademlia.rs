@@ -120,22 +120,33 @@ fn deliver(nodes: &mut [Node], from: usize, batch: Vec<Transmit>) {
 
 /// Delivers every message between `nodes` until none is left; returns how many.
 fn pump(nodes: &mut [Node]) -> usize {
-    let mut n = 0;
+    pump_without(nodes, &[]).len()
+}
+
+/// [`pump`], with the nodes of `gone` silent: what is sent to them is lost, they send nothing.
+/// Returns every (sender, destination) of the messages sent.
+fn pump_without(nodes: &mut [Node], gone: &[usize]) -> Vec<(usize, usize)> {
+    let mut n = Vec::new();
     for _ in 0..10_000 {
         let mut batch = Vec::new();
         for (i, node) in nodes.iter_mut().enumerate() {
             for t in node.transmits() {
-                batch.push((i, t));
+                if !gone.contains(&i) {
+                    batch.push((i, t));
+                }
             }
         }
         if batch.is_empty() {
             return n;
         }
         for (from, t) in batch {
-            n += 1;
             let Some(to) = nodes.iter().position(|x| x.box_id() == t.to.box_id) else {
                 continue;
             };
+            n.push((from, to));
+            if gone.contains(&to) {
+                continue;
+            }
             let (sender_box, sender_sign) = (nodes[from].box_id(), nodes[from].sign_id());
             nodes[to].st.handle_message(
                 sender_box,
@@ -859,4 +870,59 @@ fn items_expire_are_replicated_and_buckets_refreshed_on_their_timers() {
     assert!(nodes[4].st.local_value("timed").is_none());
     assert!(nodes[4].st.items_len() < n);
     assert!(nodes[4].st.lookups_len() > 0, "refresh lookups started");
+}
+
+#[test]
+fn lookups_go_around_silent_nodes_and_then_leave_them_out() {
+    let cfg = Config {
+        rpc_timeout: Duration::from_secs(5),
+        stall: Duration::from_secs(1),
+        ..Config::default()
+    };
+    let mut nodes = small_net(12, cfg);
+    let gone: Vec<usize> = (1..12).filter(|i| i % 3 == 0).collect();
+    let t0 = Instant::now();
+    // A full walk (a key nobody stored): the silent nodes' RPCs stall after 1 s and the lookup
+    // ends with the others, long before the 5 s RPC timeout.
+    nodes[1].st.get("absent", Origin::Api, t0, now_ms());
+    pump_without(&mut nodes, &gone);
+    assert!(
+        values(&mut nodes[1]).is_empty(),
+        "still waiting for the silent ones"
+    );
+    nodes[1]
+        .st
+        .handle_timeout(t0 + Duration::from_millis(1100), now_ms());
+    pump_without(&mut nodes, &gone);
+    nodes[1]
+        .st
+        .handle_timeout(t0 + Duration::from_millis(2200), now_ms());
+    pump_without(&mut nodes, &gone);
+    let got = values(&mut nodes[1]);
+    assert!(
+        matches!(&got[..], [(_, Err(_))]),
+        "ended without them: {got:?}"
+    );
+    // At the RPC timeout they leave the table, and the next lookup does not ask them even
+    // though the others still list them.
+    nodes[1]
+        .st
+        .handle_timeout(t0 + Duration::from_secs(6), now_ms());
+    pump_without(&mut nodes, &gone);
+    nodes[1].st.get(
+        "absent too",
+        Origin::Api,
+        t0 + Duration::from_secs(7),
+        now_ms(),
+    );
+    let sent = pump_without(&mut nodes, &gone);
+    assert!(sent.iter().any(|(from, _)| *from == 1));
+    assert!(
+        !sent
+            .iter()
+            .any(|(from, to)| *from == 1 && gone.contains(to)),
+        "a silent node was asked again"
+    );
+    let got = values(&mut nodes[1]);
+    assert!(matches!(&got[..], [(_, Err(_))]), "{got:?}");
 }

@@ -952,7 +952,7 @@ impl KadState {
             found: None,
         };
         let mut near = self.table.closest(&target, self.cfg.k, None);
-        near.retain(|c| !self.is_dead(&c.id, now));
+        near.retain(|c| c.id == target || !self.is_dead(&c.id, now));
         add_candidates(&mut l, near.into_iter(), self.me.id, 3 * self.cfg.k);
         self.lookups.insert(id, l);
         Some(id)
@@ -995,7 +995,8 @@ impl KadState {
                 let mut fresh = Vec::new();
                 for n in nodes.iter().take(2 * self.cfg.k) {
                     if let Some(c) = rpc::parse_contact(n, &mut self.keys) {
-                        if !self.is_dead(&c.id, now) {
+                        // The node looked for is asked even if it failed to answer before.
+                        if c.id == l.target || !self.is_dead(&c.id, now) {
                             fresh.push(c);
                         }
                     }
