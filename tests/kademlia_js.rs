@@ -190,3 +190,81 @@ fn a_rust_node_joins_a_dht_of_genuine_js_nodes() {
     b.drain();
     assert!(a.alive() && b.alive());
 }
+
+/// The signatures depend on our JSON text being exactly what `JSON.stringify` writes for what
+/// `JSON.parse` read: numbers of every magnitude, strings with escapes and non-ASCII, keys that
+/// are array indices, repeated keys, nesting. Node itself is the reference here.
+#[test]
+fn our_json_text_is_javascripts() {
+    if !js_available("our_json_text_is_javascripts") {
+        return;
+    }
+    use mm_platform::services::kademlia::json::JsValue;
+    use std::io::{BufRead, BufReader, Write};
+    let mut corpus: Vec<String> = vec![
+        r#"{"b":1,"a":2,"10":3,"2":4,"b":5,"01":6,"4294967294":7,"4294967295":8,"-1":9}"#.into(),
+        r#"["\u0000\u001f\u007f\u2028\u2029\ud83d\ude00","\/\"\\\b\f\n\r\t","é漢"]"#.into(),
+        r#"[0,-0,0.0,1e0,1E+2,1e-7,123e-20,1.7976931348623157e308,5e-324,2.2250738585072014e-308]"#
+            .into(),
+        r#"[100000000000000000000,1000000000000000000000,0.000001,0.0000001,9007199254740993]"#
+            .into(),
+        r#"{"nested":{"deep":[{"x":[[[1.5]]]}],"empty":{},"arr":[]},"t":true,"f":false,"n":null}"#
+            .into(),
+    ];
+    // Pseudo-random doubles over the whole range of exponents.
+    let mut x = 0x1234_5678_9abc_def0u64;
+    for _ in 0..200 {
+        let mut line = String::from("[");
+        for i in 0..20 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let f = f64::from_bits(x);
+            if !f.is_finite() {
+                continue;
+            }
+            if i > 0 && !line.ends_with('[') {
+                line.push(',');
+            }
+            line.push_str(&format!("{f:e}"));
+            line.push(',');
+            // And integers and short decimals, which messages mostly carry.
+            line.push_str(&format!(
+                "{},{}.{}",
+                x % 10_000_000_000_000,
+                x % 1000,
+                x % 97
+            ));
+        }
+        line.push(']');
+        corpus.push(line);
+    }
+    let mut child = std::process::Command::new("node")
+        .arg("-e")
+        .arg(
+            "const rl=require('readline').createInterface({input:process.stdin});\
+             rl.on('line',l=>process.stdout.write(JSON.stringify(JSON.parse(l))+'\\n'))",
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("node");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = corpus.join("\n") + "\n";
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(input.as_bytes()).unwrap();
+    });
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let mut n = 0;
+    for (line, js) in corpus.iter().zip(out.lines()) {
+        let js = js.unwrap();
+        let ours = JsValue::parse(line.as_bytes())
+            .unwrap_or_else(|| panic!("we refused {line}"))
+            .stringify();
+        assert_eq!(ours, js, "for {line}");
+        n += 1;
+    }
+    writer.join().unwrap();
+    let _ = child.wait();
+    assert_eq!(n, corpus.len());
+}
