@@ -882,33 +882,52 @@ fn lookups_go_around_silent_nodes_and_then_leave_them_out() {
     let mut nodes = small_net(12, cfg);
     let gone: Vec<usize> = (1..12).filter(|i| i % 3 == 0).collect();
     let t0 = Instant::now();
-    // A full walk (a key nobody stored): the silent nodes' RPCs stall after 1 s and the lookup
-    // ends with the others, long before the 5 s RPC timeout.
+    // A node lookup (a node nobody has heard of): the silent nodes' RPCs stall after 1 s and
+    // the lookup ends with the others, long before the 5 s RPC timeout.
+    let unknown = Identity::generate().sign_id().to_string();
+    nodes[1].st.request_node_info(&unknown, t0, now_ms());
+    // A value lookup (a key nobody stored) at the same time: it asks others while its RPCs to
+    // the silent nodes stall, but waits for them (the closest nodes hold the values).
     nodes[1].st.get("absent", Origin::Api, t0, now_ms());
+    let not_found = |n: &mut Node| {
+        n.events()
+            .into_iter()
+            .filter(|e| matches!(e, KadEvent::NotFound(_)))
+            .count()
+    };
     pump_without(&mut nodes, &gone);
-    assert!(
-        values(&mut nodes[1]).is_empty(),
+    assert_eq!(
+        not_found(&mut nodes[1]),
+        0,
         "still waiting for the silent ones"
+    );
+    for ms in [1100, 2200] {
+        nodes[1]
+            .st
+            .handle_timeout(t0 + Duration::from_millis(ms), now_ms());
+        pump_without(&mut nodes, &gone);
+    }
+    let events = nodes[1].events();
+    let ended = events
+        .iter()
+        .filter(|e| matches!(e, KadEvent::NotFound(_)))
+        .count();
+    assert!(ended >= 1, "the node lookup ended without them: {events:?}");
+    assert!(
+        !events.iter().any(|e| matches!(e, KadEvent::Value { .. })),
+        "the value lookup waits"
     );
     nodes[1]
         .st
-        .handle_timeout(t0 + Duration::from_millis(1100), now_ms());
-    pump_without(&mut nodes, &gone);
-    nodes[1]
-        .st
-        .handle_timeout(t0 + Duration::from_millis(2200), now_ms());
+        .handle_timeout(t0 + Duration::from_millis(5100), now_ms());
     pump_without(&mut nodes, &gone);
     let got = values(&mut nodes[1]);
     assert!(
-        matches!(&got[..], [(_, Err(_))]),
-        "ended without them: {got:?}"
+        matches!(&got[..], [(k, Err(_))] if k == "absent"),
+        "{got:?}"
     );
-    // At the RPC timeout they leave the table, and the next lookup does not ask them even
+    // At the RPC timeout they left the table, and the next lookup does not ask them even
     // though the others still list them.
-    nodes[1]
-        .st
-        .handle_timeout(t0 + Duration::from_secs(6), now_ms());
-    pump_without(&mut nodes, &gone);
     nodes[1].st.get(
         "absent too",
         Origin::Api,

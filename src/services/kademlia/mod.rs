@@ -208,6 +208,7 @@ impl Kademlia {
                         let reply = json!({ "key": key, "error": e });
                         let _ = ctx.messaging().send("dht.value", "local", &reply);
                     }
+                    (Origin::Resolution, _) => {}
                 },
                 KadEvent::Stored { key, acks } => {
                     let reply = json!({ "key": key, "acks": acks });

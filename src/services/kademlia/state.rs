@@ -17,8 +17,9 @@
 //! stores at the `k` closest nodes and keeps a local copy.
 //!
 //! Two rules of ours keep lookups quick when nodes have gone: an RPC unanswered for
-//! [`Config::stall`] frees its `alpha` slot and its place among the `k` closest (the lookup
-//! asks other nodes meanwhile, and may end without it), and a
+//! [`Config::stall`] frees its `alpha` slot (the lookup asks other nodes meanwhile) and, in a
+//! node lookup, its place among the `k` closest (the lookup may end without it; a value
+//! lookup waits for it, since the closest nodes hold the value), and a
 //! node that timed out is left out of lookups for [`Config::dead_for`] even when others still
 //! list it (until it is heard from again).
 //!
@@ -73,9 +74,10 @@ pub struct Config {
     pub republish: Duration,
     /// Age after which items are dropped (`T_EXPIRE`, 86405 s).
     pub expire: Duration,
-    /// An RPC of a lookup unanswered for this long stops counting against `alpha` and among
-    /// the closest nodes, so the lookup goes on with others and may end without it (2 s, well
-    /// above a JS node's first answer; `kad` has no such rule and waits for each round).
+    /// An RPC of a lookup unanswered for this long stops counting against `alpha` and, in a
+    /// node lookup, among the closest nodes, so the lookup goes on with others and may end
+    /// without it (2 s, well above a JS node's first answer; `kad` has no such rule and waits
+    /// for each round).
     pub stall: Duration,
     /// How long a node that did not answer is kept out of lookups (10 min; it comes back as
     /// soon as it is heard from).
@@ -135,6 +137,10 @@ pub enum Origin {
     Directory,
     /// The service's own API (`dht.get`; answered either way).
     Api,
+    /// A resolution's fallback to a node's `nodeInfo:` record: a nodeInfo found is reported
+    /// as [`KadEvent::NodeInfo`], nothing found as [`KadEvent::NotFound`]; never a
+    /// [`KadEvent::Value`].
+    Resolution,
 }
 
 /// What the node tells its host.
@@ -1041,7 +1047,7 @@ impl KadState {
                     .shortlist
                     .iter()
                     .enumerate()
-                    .filter(|(_, c)| usable(c))
+                    .filter(|(_, c)| usable(c, l.value))
                     .take(k)
                     .find(|(_, c)| c.state == CandState::New)
                     .map(|(i, _)| i);
@@ -1064,11 +1070,12 @@ impl KadState {
                     }
                 }
             }
-            // Wait for the RPCs that did not stall; stalled ones may still answer meanwhile.
+            // Wait for the RPCs that did not stall (for a value lookup: all of them); stalled
+            // ones may still answer meanwhile.
             let waiting = l
                 .shortlist
                 .iter()
-                .any(|c| c.state == CandState::InFlight && !c.stalled);
+                .any(|c| c.state == CandState::InFlight && (l.value || !c.stalled));
             if waiting && now < l.started + self.cfg.lookup_timeout {
                 self.lookups.insert(lid, l);
                 return;
@@ -1088,7 +1095,7 @@ impl KadState {
         let closest: Vec<Contact> = l
             .shortlist
             .iter()
-            .filter(|c| usable(c))
+            .filter(|c| usable(c, l.value))
             .take(k)
             .map(|c| c.contact.clone())
             .collect();
@@ -1131,7 +1138,7 @@ impl KadState {
                         match sign {
                             Some(s) => self.get(
                                 &format!("{NODE_INFO_PREFIX}{s}"),
-                                Origin::Directory,
+                                Origin::Resolution,
                                 now,
                                 now_ms,
                             ),
@@ -1163,9 +1170,13 @@ impl KadState {
                     let c = c.contact.clone();
                     self.send_request(&c, "STORE", params, Purpose::Store(None), now, now_ms);
                 }
-                if let (Some(v), true) = (&value, l.key.starts_with(NODE_INFO_PREFIX)) {
-                    if let Some(c) = Contact::from_node_info(v, &mut self.keys, now_ms) {
-                        self.report(&c);
+                if origin == Origin::Resolution {
+                    match value.and_then(|v| Contact::from_node_info(&v, &mut self.keys, now_ms)) {
+                        Some(c) => {
+                            self.reported.remove(&c.box_id);
+                            self.report(&c);
+                        }
+                        None => self.events.push_back(KadEvent::NotFound(l.key.clone())),
                     }
                 } else {
                     self.events.push_back(KadEvent::Value {
@@ -1504,10 +1515,11 @@ impl KadState {
     }
 }
 
-/// Whether a candidate counts among a lookup's closest: not failed, and not stalled unless it
-/// answered since.
-fn usable(c: &Candidate) -> bool {
-    c.state != CandState::Failed && !(c.stalled && c.state == CandState::InFlight)
+/// Whether a candidate counts among a lookup's closest: not failed, and, for a node lookup,
+/// not stalled unless it answered since. A value lookup keeps waiting for its stalled RPCs
+/// (the nodes closest to a key are the ones holding its value), it only asks others meanwhile.
+fn usable(c: &Candidate, value_lookup: bool) -> bool {
+    c.state != CandState::Failed && (value_lookup || !(c.stalled && c.state == CandState::InFlight))
 }
 
 /// Adds candidates to a lookup's shortlist (no duplicates, not us), keeping it sorted by
