@@ -4,8 +4,10 @@
 //!
 //! - value lookups (`dht.get` of keys other nodes stored, from random nodes): the time from the
 //!   request to the answer on the bus, and the RPCs the lookup sent (`kad_get_*`);
-//! - full lookups: `dht.get` of keys nobody stored, which walk to the `k` nodes closest to the
-//!   key, as a node lookup does (`kad_walk_*`: time until the "not found" answer, RPCs);
+//! - value lookups of keys nobody stored (`kad_miss_*`: until the "not found" answer): every
+//!   node closest to the key is asked, and waited for;
+//! - node lookups of ids nobody has (`kad_walk_*`: resolutions of nodes that do not exist, as
+//!   the lookup records them): full walks to the `k` closest;
 //! - resolutions (`transports.requestNodeInfo` of random other nodes' signIds): the time until
 //!   the service publishes the nodeInfo, whether from its routing table or by a lookup, and the
 //!   RPCs of those that needed a lookup (`kad_resolve_*`);
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use mm_platform::identity::Identity;
 use mm_platform::services::kademlia::{Kademlia, KademliaConfig, KademliaInfo, LookupKindTag};
 use mm_platform::{Event, Message, NetConfig, Platform};
 
@@ -136,8 +139,9 @@ fn measure(bench: &Bench, nodes: &mut [Node], keys: &[String], rng: &mut Rng, pr
             get_rpcs.push(r.rpcs);
         }
     }
-    let (mut walk_t, mut walk_rpcs) = (Vec::new(), Vec::new());
-    for r in 0..ROUNDS {
+    // Value lookups of keys nobody stored: every node closest to the key is asked.
+    let (mut miss_t, mut miss_rpcs) = (Vec::new(), Vec::new());
+    for r in 0..ROUNDS / 2 {
         let i = rng.below(nodes.len());
         let key = format!("{prefix} absent key {r}");
         nodes[i].info.borrow_mut().lookups.clear();
@@ -150,10 +154,36 @@ fn measure(bench: &Bench, nodes: &mut [Node], keys: &[String], rng: &mut Rng, pr
             answer.is_some()
         });
         if answer.is_some() {
-            walk_t.push(start.elapsed());
+            miss_t.push(start.elapsed());
         }
         let info = nodes[i].info.borrow();
         if let Some(r) = info.lookups.iter().find(|r| r.kind == LookupKindTag::Get) {
+            miss_rpcs.push(r.rpcs);
+        }
+    }
+    // Node lookups of ids nobody has (a resolution of a node that does not exist): full walks.
+    let (mut walk_t, mut walk_rpcs) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let i = rng.below(nodes.len());
+        let unknown = Identity::generate().sign_id().to_string();
+        nodes[i].info.borrow_mut().lookups.clear();
+        let _ = nodes[i]
+            .p
+            .messaging()
+            .send("transports.requestNodeInfo", "local", &unknown);
+        let mut record = None;
+        run(nodes, LIMIT, |n| {
+            record = n[i]
+                .info
+                .borrow()
+                .lookups
+                .iter()
+                .find(|r| r.kind == LookupKindTag::Resolve)
+                .copied();
+            record.is_some()
+        });
+        if let Some(r) = record {
+            walk_t.push(r.duration);
             walk_rpcs.push(r.rpcs);
         }
     }

@@ -120,6 +120,18 @@ pub fn parse_contact(v: &JsValue, keys: &mut KeyCache) -> Option<Contact> {
     })
 }
 
+/// A contact listed in a `FIND_NODE` / `FIND_VALUE` answer: as [`parse_contact`], and also
+/// the original's doubly wrapped shape (`{"nodeInfo":{"nodeInfo":{...},"nodeID":..},..}`, which
+/// `kad`'s `aggressiveCache` produces among JavaScript nodes), unwrapped: the inner contact is
+/// checked the same way, so nothing unchecked gets through, and the node is not lost.
+pub fn parse_listed_contact(v: &JsValue, keys: &mut KeyCache) -> Option<Contact> {
+    parse_contact(v, keys).or_else(|| {
+        let inner = v.get("nodeInfo")?;
+        inner.get("nodeInfo")?;
+        parse_contact(inner, keys)
+    })
+}
+
 /// Why a received message was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -327,4 +339,36 @@ pub fn new_id() -> String {
     let mut b = [0u8; 20];
     crypto::random_bytes(&mut b);
     crypto::to_hex(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+
+    #[test]
+    fn doubly_wrapped_contacts_are_unwrapped_only_in_lists() {
+        let id = Identity::generate();
+        let info = JsValue::obj()
+            .with("signId", JsValue::Str(id.sign_id().to_string()))
+            .with("boxId", JsValue::Str(id.box_id().to_string()));
+        let mut keys = KeyCache::new(4);
+        let c = Contact::from_node_info(&info, &mut keys, 1.0).unwrap();
+        let wrapped = JsValue::obj()
+            .with("nodeInfo", c.to_js())
+            .with("nodeID", JsValue::Str(c.id.to_hex()))
+            .with("lastSeen", JsValue::Num(2.0));
+        assert!(parse_contact(&wrapped, &mut keys).is_none());
+        let un = parse_listed_contact(&wrapped, &mut keys).unwrap();
+        assert_eq!((un.id, un.sign_id), (c.id, c.sign_id));
+        // A wrapped contact whose inner nodeInfo is forged stays refused.
+        let mut forged = info.clone();
+        forged.set(
+            "boxId",
+            JsValue::Str(Identity::generate().box_id().to_string()),
+        );
+        let inner = JsValue::obj().with("nodeInfo", forged);
+        let wrapped = JsValue::obj().with("nodeInfo", inner);
+        assert!(parse_listed_contact(&wrapped, &mut keys).is_none());
+    }
 }

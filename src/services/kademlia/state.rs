@@ -1000,7 +1000,7 @@ impl KadState {
             if let Some(JsValue::Arr(nodes)) = m.body.get("nodes") {
                 let mut fresh = Vec::new();
                 for n in nodes.iter().take(2 * self.cfg.k) {
-                    if let Some(c) = rpc::parse_contact(n, &mut self.keys) {
+                    if let Some(c) = rpc::parse_listed_contact(n, &mut self.keys) {
                         // The node looked for is asked even if it failed to answer before.
                         if c.id == l.target || !self.is_dead(&c.id, now) {
                             fresh.push(c);
