@@ -18,8 +18,9 @@
 //!
 //! Two rules of ours keep lookups quick when nodes have gone: an RPC unanswered for
 //! [`Config::stall`] frees its `alpha` slot (the lookup asks other nodes meanwhile) and, in a
-//! node lookup, its place among the `k` closest (the lookup may end without it; a value
-//! lookup waits for it, since the closest nodes hold the value), and a
+//! node lookup that `k` nodes already answered, its place among the `k` closest (the lookup
+//! may end without it; a value lookup waits for it, since the closest nodes hold the value),
+//! and a
 //! node that timed out is left out of lookups for [`Config::dead_for`] even when others still
 //! list it (until it is heard from again).
 //!
@@ -75,8 +76,8 @@ pub struct Config {
     /// Age after which items are dropped (`T_EXPIRE`, 86405 s).
     pub expire: Duration,
     /// An RPC of a lookup unanswered for this long stops counting against `alpha` and, in a
-    /// node lookup, among the closest nodes, so the lookup goes on with others and may end
-    /// without it (2 s, well above a JS node's first answer; `kad` has no such rule and waits
+    /// node lookup that `k` nodes answered, among the closest nodes, so the lookup goes on
+    /// with others and may end without it (2 s, well above a JS node's first answer; `kad` has no such rule and waits
     /// for each round).
     pub stall: Duration,
     /// How long a node that did not answer is kept out of lookups (10 min; it comes back as
@@ -957,7 +958,8 @@ impl KadState {
             started: now,
             found: None,
         };
-        let mut near = self.table.closest(&target, self.cfg.k, None);
+        // Twice k from our own table: room to go around nodes that stall.
+        let mut near = self.table.closest(&target, 2 * self.cfg.k, None);
         near.retain(|c| c.id == target || !self.is_dead(&c.id, now));
         add_candidates(&mut l, near.into_iter(), self.me.id, 3 * self.cfg.k);
         self.lookups.insert(id, l);
@@ -1033,6 +1035,7 @@ impl KadState {
             false
         };
         if !done {
+            let wait_stalled = wait_stalled(&l, k);
             loop {
                 let active = l
                     .shortlist
@@ -1042,12 +1045,13 @@ impl KadState {
                 if active >= self.cfg.alpha {
                     break;
                 }
-                // The next unasked among the k closest that neither failed nor stalled.
+                // The next unasked among the k closest that neither failed nor stalled (a
+                // lookup keeps asking others while it waits for stalled RPCs).
                 let next = l
                     .shortlist
                     .iter()
                     .enumerate()
-                    .filter(|(_, c)| usable(c, l.value))
+                    .filter(|(_, c)| usable(c, false))
                     .take(k)
                     .find(|(_, c)| c.state == CandState::New)
                     .map(|(i, _)| i);
@@ -1075,7 +1079,7 @@ impl KadState {
             let waiting = l
                 .shortlist
                 .iter()
-                .any(|c| c.state == CandState::InFlight && (l.value || !c.stalled));
+                .any(|c| c.state == CandState::InFlight && (wait_stalled || !c.stalled));
             if waiting && now < l.started + self.cfg.lookup_timeout {
                 self.lookups.insert(lid, l);
                 return;
@@ -1095,7 +1099,7 @@ impl KadState {
         let closest: Vec<Contact> = l
             .shortlist
             .iter()
-            .filter(|c| usable(c, l.value))
+            .filter(|c| usable(c, wait_stalled(&l, k)))
             .take(k)
             .map(|c| c.contact.clone())
             .collect();
@@ -1515,11 +1519,22 @@ impl KadState {
     }
 }
 
-/// Whether a candidate counts among a lookup's closest: not failed, and, for a node lookup,
-/// not stalled unless it answered since. A value lookup keeps waiting for its stalled RPCs
-/// (the nodes closest to a key are the ones holding its value), it only asks others meanwhile.
-fn usable(c: &Candidate, value_lookup: bool) -> bool {
-    c.state != CandState::Failed && (value_lookup || !(c.stalled && c.state == CandState::InFlight))
+/// Whether a candidate counts among a lookup's closest: not failed, and not stalled (unless it
+/// answered since) when the lookup no longer waits for stalled RPCs ([`wait_stalled`]).
+fn usable(c: &Candidate, wait_stalled: bool) -> bool {
+    c.state != CandState::Failed && (wait_stalled || !(c.stalled && c.state == CandState::InFlight))
+}
+
+/// Whether a lookup still counts its stalled RPCs among the closest: a value lookup always
+/// (the closest nodes hold the value), a node lookup until `k` nodes have answered it (so a
+/// slow network, where many RPCs stall, does not end lookups with a handful of nodes).
+fn wait_stalled(l: &Lookup, k: usize) -> bool {
+    l.value
+        || l.shortlist
+            .iter()
+            .filter(|c| c.state == CandState::Answered)
+            .count()
+            < k
 }
 
 /// Adds candidates to a lookup's shortlist (no duplicates, not us), keeping it sorted by
