@@ -244,6 +244,17 @@ fn measure(bench: &Bench, nodes: &mut [Node], keys: &[String], rng: &mut Rng, pr
         "rpcs/lookup",
     );
     bench.emit(
+        &format!("{prefix}_miss_median"),
+        pct_ms(&mut miss_t, 50),
+        "ms",
+    );
+    bench.emit(&format!("{prefix}_miss_p99"), pct_ms(&mut miss_t, 99), "ms");
+    bench.emit(
+        &format!("{prefix}_miss_messages"),
+        mean(&miss_rpcs),
+        "rpcs/lookup",
+    );
+    bench.emit(
         &format!("{prefix}_walk_median"),
         pct_ms(&mut walk_t, 50),
         "ms",
