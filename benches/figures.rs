@@ -115,6 +115,7 @@ const GROUPS: &[fn(&Bench)] = &[
     cc::curvecp_idle_memory,
     js::js_messages,
     ml::mainline,
+    kad::kad,
     bt::nodes_bt,
     sc::curvecp_scale,
     qc::compare_quinn,
@@ -126,6 +127,8 @@ mod bt;
 mod cc;
 #[path = "figures/js_figures.rs"]
 mod js;
+#[path = "figures/kad_figures.rs"]
+mod kad;
 #[path = "figures/mainline_figures.rs"]
 mod ml;
 #[path = "figures/quinn_figures.rs"]

@@ -5,7 +5,7 @@
 //!     [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS]
 //!     [--mdns] [--mdns-interface ADDR] [--bootstrap FILE]
 //!     [--relay] [--relay-bps BYTES] [--no-relays] [--no-punch]
-//!     [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish]
+//!     [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish] [--dht]
 //! ```
 //!
 //! The optional timings set the [`NetConfig`] fields of the same names (tests use short ones).
@@ -18,6 +18,10 @@
 //! service, joining the DHT at those nodes (there is no default list; pass public routers for
 //! the real DHT, a testnet's nodes for a test), resolving nodeInfos there;
 //! `--mainline-publish` also publishes ours.
+//! `--dht` adds the Kademlia DHT service (wire-compatible with the original
+//! `mm-services-kademlia`); it has no seeds of its own and joins through the nodes that
+//! `--bootstrap` and `--mdns` find (or that join it); its routing table and records are kept in
+//! `DIR`.
 //!
 //! `DIR` is a [`FileStore`] (created if missing) holding the identity, the listen addresses of
 //! the last run and the offline buffer. Without `--udp`/`--tcp` the node listens where it did
@@ -39,6 +43,9 @@
 //!   when a connection's path is first known and whenever it changes
 //! - `{"event":"connections","list":[{"peer":...,"path":...,"remote":...,"rttUs":...,"active":...}]}`
 //!   answering `{"cmd":"connections"}`
+//! - `{"event":"value","key":K,"value":V}` or `{"event":"value","key":K,"error":"..."}`
+//!   answering `{"cmd":"get"}`, and `{"event":"stored","key":K,"acks":N}` (nodes that took
+//!   the value) answering `{"cmd":"put"}` (with `--dht`)
 //! - `{"event":"error","error":"..."}` for a bad command (the node keeps running)
 //!
 //! stdin, one JSON command per line:
@@ -48,6 +55,8 @@
 //!   each other)
 //! - `{"cmd":"friends","keys":[...]}`, `{"cmd":"devices","keys":[...]}`
 //! - `{"cmd":"connections"}`
+//! - `{"cmd":"put","key":K,"value":V}`, `{"cmd":"get","key":K}` (with `--dht`: K a string,
+//!   V any JSON)
 //! - `{"cmd":"quit"}`; end of input also quits.
 
 use std::collections::HashMap;
@@ -57,6 +66,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use mm_platform::services::bootstrap::Bootstrap;
+use mm_platform::services::kademlia::{Kademlia, KademliaConfig};
 use mm_platform::services::mainline::{Mainline, MainlineConfig};
 use mm_platform::services::mdns::{Mdns, MdnsConfig};
 use mm_platform::storage::FileStore;
@@ -79,7 +89,7 @@ fn usage() -> ! {
          [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS] \
          [--mdns] [--mdns-interface ADDR] [--bootstrap FILE] \
          [--relay] [--relay-bps BYTES] [--no-relays] [--no-punch] \
-         [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish]"
+         [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish] [--dht]"
     );
     std::process::exit(2);
 }
@@ -93,6 +103,7 @@ fn main() {
     let mut bootstrap: Option<String> = None;
     let mut mainline: Option<String> = None;
     let mut mainline_publish = false;
+    let mut dht = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut ms = || -> Duration {
@@ -132,6 +143,7 @@ fn main() {
             "--no-punch" => net.hole_punching = false,
             "--mainline" => mainline = args.next(),
             "--mainline-publish" => mainline_publish = true,
+            "--dht" => dht = true,
             _ => usage(),
         }
     }
@@ -199,6 +211,9 @@ fn main() {
         }
         (None, false) => {}
     }
+    if dht {
+        builder = builder.service(Kademlia::new(KademliaConfig::new(Vec::new())));
+    }
     let mut platform = match builder.build() {
         Ok(p) => p,
         Err(e) => {
@@ -217,6 +232,7 @@ fn main() {
             "self.directory.",
             "self.friends.",
             "self.devices.",
+            "self.dht.",
         ] {
             if topic.starts_with(own) {
                 return;
@@ -235,6 +251,25 @@ fn main() {
         }
         if let Err(e) = command(ctx, &msg.payload) {
             emit(json!({"event": "error", "error": e}));
+        }
+    });
+    platform.on("self.dht.*", |_ctx, msg| {
+        if msg.sender != Address::Local {
+            return;
+        }
+        let Ok(v) = msg.json::<Value>() else { return };
+        match msg.topic.as_str() {
+            "dht.value" => {
+                let mut out = json!({"event": "value", "key": v["key"]});
+                for field in ["value", "error"] {
+                    if let Some(x) = v.get(field) {
+                        out[field] = x.clone();
+                    }
+                }
+                emit(out);
+            }
+            "dht.stored" => emit(json!({"event": "stored", "key": v["key"], "acks": v["acks"]})),
+            _ => {}
         }
     });
     let info = platform.node_info();
@@ -316,6 +351,19 @@ fn command(ctx: &mut Context<'_>, line: &[u8]) -> Result<(), String> {
             Ok(())
         }
         Some("send") => send(ctx, &v),
+        Some("put") => {
+            let key = v.get("key").and_then(Value::as_str).ok_or("key missing")?;
+            let value = v.get("value").ok_or("value missing")?;
+            let _ = ctx
+                .messaging()
+                .send("dht.put", "local", &json!({"key": key, "value": value}));
+            Ok(())
+        }
+        Some("get") => {
+            let key = v.get("key").and_then(Value::as_str).ok_or("key missing")?;
+            let _ = ctx.messaging().send("dht.get", "local", &key);
+            Ok(())
+        }
         Some("connections") => {
             let list: Vec<Value> = ctx
                 .connections()

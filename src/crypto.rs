@@ -15,7 +15,11 @@
 //! - random bytes;
 //! - SHA-1 ([`sha1`], through `sha1_smol`), which the Mainline DHT uses for its 160-bit ids,
 //!   BEP 44 targets and tokens; the BEP 44 item signature itself is ed25519
-//!   ([`SignKeyPair::sign`], [`SignPublicKey::verify`]).
+//!   ([`SignKeyPair::sign`], [`SignPublicKey::verify`]);
+//! - SHA-256 and SHA-512 ([`sha256`], [`sha512`], libsodium's) and RIPEMD-160 ([`ripemd160`],
+//!   through `ripemd`), which the Kademlia service needs to be wire-compatible with the
+//!   original (node ids are RIPEMD-160 of SHA-256 of the boxId text; messages are signed over
+//!   SHA-512 of their JSON text).
 //!
 //! Secret material is wiped from memory when its owner is dropped.
 
@@ -92,6 +96,33 @@ pub fn sha1(parts: &[&[u8]]) -> [u8; SHA1_LEN] {
         h.update(p);
     }
     h.digest().bytes()
+}
+
+/// Length of a SHA-256 digest.
+pub const SHA256_LEN: usize = 32;
+/// Length of a SHA-512 digest.
+pub const SHA512_LEN: usize = 64;
+/// Length of a RIPEMD-160 digest (a Kademlia node id).
+pub const RIPEMD160_LEN: usize = 20;
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; SHA256_LEN] {
+    init();
+    sodiumoxide::crypto::hash::sha256::hash(data).0
+}
+
+/// SHA-512 of `data`.
+pub fn sha512(data: &[u8]) -> [u8; SHA512_LEN] {
+    init();
+    sodiumoxide::crypto::hash::sha512::hash(data).0
+}
+
+/// RIPEMD-160 of `data`. Only for the Kademlia node ids the original derives with it.
+pub fn ripemd160(data: &[u8]) -> [u8; RIPEMD160_LEN] {
+    use ripemd::Digest;
+    let mut h = ripemd::Ripemd160::new();
+    h.update(data);
+    h.finalize().into()
 }
 
 /// A cryptographically secure random `u64`.
@@ -623,6 +654,20 @@ pub fn from_hex_into(s: &str, out: &mut [u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hash_test_vectors() {
+        // FIPS 180-2 "abc" and the RIPEMD-160 paper's "abc".
+        assert_eq!(
+            to_hex(&sha256(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(to_hex(&sha512(b"abc")).starts_with("ddaf35a193617abacc417349ae204131"));
+        assert_eq!(
+            to_hex(&ripemd160(b"abc")),
+            "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc"
+        );
+    }
 
     fn hex(s: &str) -> Vec<u8> {
         let mut v = vec![0u8; s.len() / 2];

@@ -2,7 +2,8 @@
 //! drives, the way the original's `mm-services-*` packages were plain clients of its messaging
 //! object. This module owns the [`Service`] trait every service implements and the services
 //! that come with the crate: [`mdns`] (local network discovery, wire-compatible with
-//! `mm-services-mdns` 0.6.8), [`bootstrap`] (a static list of nodeInfos) and [`mainline`]
+//! `mm-services-mdns` 0.6.8), [`bootstrap`] (a static list of nodeInfos), [`kademlia`] (the
+//! original's Kademlia DHT, wire-compatible with `mm-services-kademlia` 0.6.5) and [`mainline`]
 //! (nodeInfos published and resolved on the BitTorrent Mainline DHT as BEP 44 items).
 //!
 //! # What a service is
@@ -103,6 +104,7 @@
 //! ```
 
 pub mod bootstrap;
+pub mod kademlia;
 pub mod mainline;
 pub mod mdns;
 

@@ -50,6 +50,14 @@
  *                                              -> {"event":"flooded","id":N,"ms":M,"ok":K,"failed":F}
  *   {"cmd":"stats"} -> {"event":"stats","received":N,"bytes":B,"firstMs":T0,"lastMs":T1}
  *   {"cmd":"quit"}  -> exit 0 (also when stdin closes)
+ *   with --kademlia (see "Kademlia" below):
+ *   {"cmd":"kadLookup","key":BOXID}            `self.transports.requestNodeInfo` on the local bus
+ *                                              -> {"event":"kadLookup","key":K,"found":[nodeInfo...]}
+ *                                                 (what the service answered synchronously)
+ *   {"cmd":"local","topic":T,"payload":ANY}    any local bus message (`self.` + T), e.g.
+ *                                              directory.get / directory.put
+ *   {"cmd":"kadContacts"}                      -> {"event":"kadContacts","contacts":[nodeInfo...],
+ *                                                 "drops":N}  N: messages kad's transport dropped
  * stdout events:
  *   {"event":"ready","nodeInfo":{"connectionInfo":[...],"boxId":...,"signId":...,"expireTime":...}}
  *   {"event":"message","sender":BOXID,"topic":T,"protocol":"ms","scope":"public","payload":JSON}
@@ -64,9 +72,25 @@
  *   {"event":"online","peer":BOXID} / {"event":"offline","peer":BOXID}  transports.online/offline
  *                                              (online only when it changes: the original repeats it)
  *   {"event":"fatal","error":E}
+ *   {"event":"local","topic":T,"payload":ANY}  a service sent a local message the platform does not
+ *                                              consume itself (e.g. directory.getReply)
+ *   {"event":"peer","nodeInfo":{...}}         a service sent transports.nodeInfo (with --kademlia)
+ *   {"event":"guarded","destination":D}       the guard below skipped a send
  * --quiet: no message/sent/online/connection events, only the counters (stats) and the rest.
  * Flags: --secret B64 (64-byte ed25519 secret key), --data DIR, --udp-port P, --tcp-port P,
- *        --no-udp, --no-tcp, --quiet. Diagnostics on stderr: MM_PEER_LOG=debug|info|warn|error.
+ *        --no-udp, --no-tcp, --quiet, --kademlia SEEDS (a JSON array of nodeInfos, "[]" for none).
+ *        Diagnostics on stderr: MM_PEER_LOG=debug|info|warn|error.
+ *
+ * Kademlia (--kademlia SEEDS): the genuine mm-services-kademlia 0.6.5 (on kad 1.6.5) from the npm
+ * registry runs on this peer, given what the original platform gave it: `messaging` (on/send over
+ * a local bus: remote `ms` messages arrive as `public.<topic>` with the sender's boxId, local
+ * sends of transports.nodeInfo feed the directory, requestMyNodeInfo is answered with our
+ * nodeInfo, the directory's lookups are published as self.transports.requestNodeInfo),
+ * `identity.sign`, `isReady()`, and kad's in-memory store as `storage`. SEEDS is always passed,
+ * so the package's public bootstrap hosts are never contacted.
+ * Guard (js-compat.md): the original sometimes wraps a contact twice and then throws
+ * "invalid destination" when it sends to it, killing the process; this peer skips such a send
+ * (an event "guarded" says so) instead of dying.
  *
  * Findings (tested by selftest.js against this code path, which is the original's):
  *  - A Message with an extra field 4 (bytes, e.g. a 16-byte id) is delivered normally:
@@ -539,7 +563,10 @@ class Directory {
       return
     }
     this.pending[boxId] = [callback]
-    process.nextTick(() => emit({ event: 'requestNodeInfo', key: boxId })) // a local bus message
+    process.nextTick(() => { // a local bus message
+      emit({ event: 'requestNodeInfo', key: boxId })
+      bus.deliver('self.transports.requestNodeInfo', 'local', boxId)
+    })
     setTimeout(() => {
       const waiting = this.pending[boxId]
       if (!waiting) return
@@ -601,6 +628,7 @@ class Platform {
           this.connectionInfo = connectionInfo
           this.publishMyNodeInfo()
           emit({ event: 'ready', nodeInfo: this.nodeInfo })
+          if (option('--kademlia') !== undefined) startKademlia(JSON.parse(option('--kademlia')))
           const waiting = early || []
           early = null
           waiting.forEach(handle)
@@ -751,7 +779,8 @@ class Platform {
       if (m.protocol === 'ms') {
         const payload = JSON.parse(m.payload) // throws inside the original's try as well
         this.count(m.payload)
-        noisy({ event: 'message', sender, topic: m.topic, protocol: 'ms', scope: m.scope, payload })
+        if (m.topic !== 'kademlia') noisy({ event: 'message', sender, topic: m.topic, protocol: 'ms', scope: m.scope, payload })
+        bus.deliver(m.scope + '.' + m.topic, sender, payload)
       } else if (m.protocol === 'bt') {
         this.count(m.payload)
         const event = { event: 'message', sender, topic: m.topic, protocol: 'bt', scope: m.scope, payload: m.payload }
@@ -775,6 +804,72 @@ class Platform {
     this.stats.lastMs = now
   }
 }
+
+// ---------------------------------------------------------------- local bus, messaging (--kademlia)
+
+// The original's messaging.on(topic, handler(topic, sender, payload)) with exact scoped topics
+// (all a service here subscribes to), and deliveries on the next tick as the original's bus.
+const bus = {
+  handlers: {},
+  on (topic, handler) { (this.handlers[topic] = this.handlers[topic] || []).push(handler) },
+  deliver (topic, sender, payload) {
+    for (const h of this.handlers[topic] || []) h(topic, sender, payload)
+  }
+}
+
+let capture = null // nodeInfos a service publishes during a synchronous call (kadLookup)
+
+const messaging = {
+  on: (topic, handler) => bus.on(topic, handler),
+  send (topic, destination, payload, options) {
+    if (destination === 'local') {
+      switch (topic) {
+        case 'transports.nodeInfo':
+          if (capture) capture.push(payload)
+          if (payload && typeof payload === 'object' && validKey(payload.boxId)) {
+            platform.directory.nodeInfo(payload)
+            noisy({ event: 'peer', nodeInfo: payload })
+          }
+          return
+        case 'transports.requestMyNodeInfo':
+          process.nextTick(() => bus.deliver('self.transports.myNodeInfo', 'local', platform.nodeInfo))
+          return
+        case 'transports.requestBootstrapNodeInfo':
+          return
+        default:
+          emit({ event: 'local', topic, payload })
+          process.nextTick(() => bus.deliver('self.' + topic, 'local', payload))
+          return
+      }
+    }
+    if (!validKey(destination)) {
+      emit({ event: 'guarded', destination: JSON.stringify(destination === undefined ? null : destination) })
+      return
+    }
+    platform.apiSend('ms', topic, destination, payload, () => {})
+  }
+}
+
+let kademlia = null
+
+function startKademlia (seeds) {
+  const KademliaService = require('mm-services-kademlia')
+  const MemStore = require('kad').storage.MemStore
+  const facade = new EventEmitter()
+  facade.messaging = messaging
+  facade.identity = { sign: platform.identity.sign }
+  facade.isReady = () => true
+  kademlia = new KademliaService({ platform: facade, storage: new MemStore(), seeds, logger })
+  // The service builds its kad node once it has our nodeInfo (next tick); count the messages its
+  // transport drops (failed signature or nonce checks, unknown methods, late responses).
+  const watch = () => {
+    if (!kademlia.dht) return setTimeout(watch, 10)
+    kademlia.dht._rpc.on('MESSAGE_DROP', () => { kadDrops += 1 })
+  }
+  watch()
+}
+
+let kadDrops = 0
 
 // ---------------------------------------------------------------- stdin commands
 
@@ -836,6 +931,23 @@ function handle (cmd) {
     case 'stats':
       emit(Object.assign({ event: 'stats' }, platform.stats))
       break
+    case 'kadLookup':
+      capture = []
+      bus.deliver('self.transports.requestNodeInfo', 'local', cmd.key)
+      emit({ event: 'kadLookup', key: cmd.key, found: capture })
+      capture = null
+      break
+    case 'local':
+      bus.deliver('self.' + cmd.topic, 'local', cmd.payload)
+      emit({ event: 'ok', cmd: 'local' })
+      break
+    case 'kadContacts': {
+      const contacts = []
+      const buckets = kademlia && kademlia.dht ? kademlia.dht._router._buckets : {}
+      for (const k in buckets) for (const c of buckets[k]._contacts) contacts.push(c.nodeInfo)
+      emit({ event: 'kadContacts', contacts, drops: kadDrops })
+      break
+    }
     case 'quit':
       process.exit(0)
       break

@@ -385,6 +385,7 @@ pub fn js_dir(test: &str) -> Option<PathBuf> {
         "curvecp",
         "kad-fs",
         "bittorrent-dht",
+        "mm-services-kademlia",
     ]
     .iter()
     .all(|m| dir.join("node_modules").join(m).is_dir());
