@@ -16,6 +16,8 @@
 //! - `nat_relayed_default_limit_throughput`: the same through a relay with the default limits
 //!   (`RelayLimits::default`, 4 MiB/s per reservation).
 
+#[path = "figures/machine.rs"]
+mod machine;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use machine::machine;
 use support::nat::{bootstrap, node, ready_info, transfer, wait_relayed, Nat, LIMIT};
 use support::TempDir;
 
@@ -42,29 +45,6 @@ fn emit(name: &str, value: f64, unit: &str) {
         "commit": commit,
     });
     println!("{line}");
-}
-
-/// (hostname, CPU model and count, commit).
-fn machine() -> (String, String, String) {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = info
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map_or("unknown", str::trim)
-        .to_string();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
-    (host, format!("{model} x{cores}"), commit)
 }
 
 fn ms(d: Duration) -> f64 {
