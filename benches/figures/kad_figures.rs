@@ -287,8 +287,28 @@ fn measure(bench: &Bench, nodes: &mut [Node], keys: &[String], rng: &mut Rng, pr
     );
 }
 
+/// The figure names after the prefix (`kad` or `kad_gone`).
+const FIGURES: [&str; 13] = [
+    "get_median",
+    "get_p99",
+    "get_messages",
+    "miss_median",
+    "miss_p99",
+    "miss_messages",
+    "walk_median",
+    "walk_p99",
+    "walk_messages",
+    "resolve_median",
+    "resolve_p99",
+    "resolve_lookup_share",
+    "resolve_messages",
+];
+
 pub fn kad(bench: &Bench) {
-    if !bench.wants("kad") {
+    let wanted = ["kad", "kad_gone"]
+        .iter()
+        .any(|p| FIGURES.iter().any(|f| bench.wants(&format!("{p}_{f}"))));
+    if !wanted {
         return;
     }
     let started = Instant::now();
