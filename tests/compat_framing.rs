@@ -328,6 +328,36 @@ impl Lone {
         }
     }
 
+    /// A client dialling a plain listener over TCP, and the accepted stream (reads time out
+    /// after 5 ms).
+    fn over_tcp(framing: Framing) -> (Lone, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let lone = Lone::new(TransportKind::Tcp, framing, listener.local_addr().unwrap());
+        let (peer, _) = listener.accept().unwrap();
+        peer.set_read_timeout(Some(Duration::from_millis(5)))
+            .unwrap();
+        (lone, peer)
+    }
+
+    /// Turns and collects what `peer` receives while `go` holds, within `limit`.
+    fn read_tcp_while(
+        &mut self,
+        peer: &mut TcpStream,
+        limit: Duration,
+        go: impl Fn(&Lone, &[u8]) -> bool,
+    ) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let end = Instant::now() + limit;
+        while go(self, &got) && Instant::now() < end {
+            self.turn();
+            if let Ok(n) = peer.read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        got
+    }
+
     fn turn(&mut self) {
         let now = Instant::now();
         let timeout = self
@@ -435,24 +465,10 @@ fn native_traffic_is_unchanged() {
     assert_eq!(&hello[..8], b"QvnQ5XlH");
 
     // TCP: the first bytes are the netstring of a bare Hello.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut lone = Lone::new(
-        TransportKind::Tcp,
-        Framing::Native,
-        listener.local_addr().unwrap(),
-    );
-    let (mut peer, _) = listener.accept().unwrap();
-    peer.set_read_timeout(Some(Duration::from_millis(10)))
-        .unwrap();
-    let mut got = Vec::new();
-    let end = Instant::now() + Duration::from_secs(2);
-    let mut buf = [0u8; 4096];
-    while got.len() < 229 && Instant::now() < end {
-        lone.turn();
-        if let Ok(n) = peer.read(&mut buf) {
-            got.extend_from_slice(&buf[..n]);
-        }
-    }
+    let (mut lone, mut peer) = Lone::over_tcp(Framing::Native);
+    let got = lone.read_tcp_while(&mut peer, Duration::from_secs(2), |l, got| {
+        got.len() < 229 && l.client.transport_error().is_none()
+    });
     assert_eq!(&got[..12], b"224:QvnQ5XlH");
 }
 
@@ -487,34 +503,16 @@ fn a_dialer_facing_silence_gives_up_and_stops_sending() {
     );
 
     // TCP: six PINGs (one frame each), then the error, then nothing.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut lone = Lone::new(
-        TransportKind::Tcp,
-        Framing::Compat,
-        listener.local_addr().unwrap(),
-    );
-    let (mut peer, _) = listener.accept().unwrap();
-    peer.set_read_timeout(Some(Duration::from_millis(5)))
-        .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 256];
-    let end = Instant::now() + Duration::from_secs(10);
-    while lone.client.transport_error().is_none() && Instant::now() < end {
-        lone.turn();
-        if let Ok(n) = peer.read(&mut buf) {
-            got.extend_from_slice(&buf[..n]);
-        }
-    }
+    let (mut lone, mut peer) = Lone::over_tcp(Framing::Compat);
+    let mut got = lone.read_tcp_while(&mut peer, Duration::from_secs(10), |l, _| {
+        l.client.transport_error().is_none()
+    });
     assert_eq!(
         lone.client.transport_error(),
         Some("1tp: no PONG after 6 PINGs")
     );
-    for _ in 0..20 {
-        lone.turn();
-        if let Ok(n) = peer.read(&mut buf) {
-            got.extend_from_slice(&buf[..n]);
-        }
-    }
+    // Nothing more while it keeps turning.
+    got.extend(lone.read_tcp_while(&mut peer, Duration::from_millis(150), |_, _| true));
     assert_eq!(got, b"1:\x08,".repeat(6));
     assert_eq!(lone.client.next_deadline(), None);
 }

@@ -33,10 +33,15 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
 /// (and whatever else it runs) make each other time out.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
+/// `None` when JavaScript is missing (a loud skip, or a failure under `MM_REQUIRE_JS=1`);
+/// else the turn of test `name`, held until it ends.
+fn js_turn(name: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    if !js_available(name) {
+        return None;
+    }
     // The platform's debug log is shown for a test that fails (RUST_LOG picks the level).
     let _ = env_logger::builder().is_test(true).try_init();
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+    Some(ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 fn rust_node(identity: Identity, friends: &[&str]) -> Platform {
@@ -172,16 +177,14 @@ fn ms_both_ways(transport: &str) {
 
 #[test]
 fn ms_messages_both_ways_over_udp() {
-    if js_available("ms_messages_both_ways_over_udp") {
-        let _serial = serial();
+    if let Some(_turn) = js_turn("ms_messages_both_ways_over_udp") {
         ms_both_ways("udp");
     }
 }
 
 #[test]
 fn ms_messages_both_ways_over_tcp() {
-    if js_available("ms_messages_both_ways_over_tcp") {
-        let _serial = serial();
+    if let Some(_turn) = js_turn("ms_messages_both_ways_over_tcp") {
         ms_both_ways("tcp");
     }
 }
@@ -246,16 +249,14 @@ fn bt_both_ways(transport: &str) {
 
 #[test]
 fn bt_payloads_both_ways_over_udp() {
-    if js_available("bt_payloads_both_ways_over_udp") {
-        let _serial = serial();
+    if let Some(_turn) = js_turn("bt_payloads_both_ways_over_udp") {
         bt_both_ways("udp");
     }
 }
 
 #[test]
 fn bt_payloads_both_ways_over_tcp() {
-    if js_available("bt_payloads_both_ways_over_tcp") {
-        let _serial = serial();
+    if let Some(_turn) = js_turn("bt_payloads_both_ways_over_tcp") {
         bt_both_ways("tcp");
     }
 }
@@ -263,10 +264,9 @@ fn bt_payloads_both_ways_over_tcp() {
 /// 1,000 messages each way arrive complete and in order.
 #[test]
 fn a_thousand_messages_each_way_in_order() {
-    if !js_available("a_thousand_messages_each_way_in_order") {
+    let Some(_turn) = js_turn("a_thousand_messages_each_way_in_order") else {
         return;
-    }
-    let _serial = serial();
+    };
     const N: u64 = 1000;
     let mut js = JsPeer::spawn(&["--no-tcp"]);
     let mut rust = rust_node(Identity::generate(), &[]);
@@ -380,10 +380,9 @@ impl Drop for Recorder {
 /// peer's packets are native CurveCP (checked on the wire), the JavaScript peer's are 1tp.
 #[test]
 fn one_port_serves_js_and_rust_peers_at_once() {
-    if !js_available("one_port_serves_js_and_rust_peers_at_once") {
+    let Some(_turn) = js_turn("one_port_serves_js_and_rust_peers_at_once") else {
         return;
-    }
-    let _serial = serial();
+    };
     let mut js = JsPeer::spawn(&["--no-tcp"]);
     let mut server = rust_node(Identity::generate(), &[]);
     let mut other = Platform::builder()
@@ -481,10 +480,9 @@ fn one_port_serves_js_and_rust_peers_at_once() {
 /// asked); once the directory maps it, by its signId.
 #[test]
 fn unknown_js_sender_is_reported_by_box_id_until_mapped() {
-    if !js_available("unknown_js_sender_is_reported_by_box_id_until_mapped") {
+    let Some(_turn) = js_turn("unknown_js_sender_is_reported_by_box_id_until_mapped") else {
         return;
-    }
-    let _serial = serial();
+    };
     let mut js = JsPeer::spawn(&["--no-tcp"]);
     let mut rust = rust_node(Identity::generate(), &[]);
     tell_js(&mut js, &only(&rust.node_info(), "udp"));
@@ -543,10 +541,9 @@ fn recv_within(
 /// base64 of the 64-byte secret key) opens as that node's identity.
 #[test]
 fn js_data_directory_opens_as_its_identity() {
-    if !js_available("js_data_directory_opens_as_its_identity") {
+    let Some(_turn) = js_turn("js_data_directory_opens_as_its_identity") else {
         return;
-    }
-    let _serial = serial();
+    };
     let dir = TempDir::new("js-data");
     let data = dir.path("node");
     let sign = {
@@ -575,9 +572,9 @@ fn js_data_directory_opens_as_its_identity() {
 /// unknown field, and reaches the Rust node through the UDP endpoint; messages go both ways.
 #[test]
 fn js_node_skips_relayed_endpoints_and_uses_the_udp_one() {
-    if !js_available("js_node_skips_relayed_endpoints_and_uses_the_udp_one") {
+    let Some(_turn) = js_turn("js_node_skips_relayed_endpoints_and_uses_the_udp_one") else {
         return;
-    }
+    };
     let mut js = JsPeer::spawn(js_flags("udp"));
     let net = mm_platform::NetConfig {
         relay: Some(Default::default()),

@@ -249,6 +249,19 @@ fn request_from(from: &Node, method: &str, params: JsValue, nonce: f64) -> Strin
     )
 }
 
+/// A PING signed by `from` whose contact is `contact`, whatever it claims.
+fn ping_claiming(from: &Node, contact: JsValue) -> String {
+    rpc::seal(
+        rpc::request(
+            &rpc::new_id(),
+            "PING",
+            JsValue::obj().with("contact", contact),
+        ),
+        now_ms(),
+        from.id.sign_keypair(),
+    )
+}
+
 fn ping(from: &Node) -> String {
     request_from(from, "PING", JsValue::obj(), now_ms().floor())
 }
@@ -314,43 +327,19 @@ fn forged_contacts_are_ignored() {
     let contact = JsValue::obj()
         .with("nodeInfo", JsValue::from_serde(&bad_info))
         .with("lastSeen", JsValue::Num(now_ms()));
-    let msg = rpc::seal(
-        rpc::request(
-            &rpc::new_id(),
-            "PING",
-            JsValue::obj().with("contact", contact),
-        ),
-        now_ms(),
-        b.id.sign_keypair(),
-    );
+    let msg = ping_claiming(&b, contact);
     a.receive(&b, &msg);
     // A genuine contact with a nodeID that is not derived from its boxId.
     let contact = JsValue::obj()
         .with("nodeInfo", JsValue::from_serde(&b.info))
         .with("nodeID", JsValue::Str("00".repeat(20)))
         .with("lastSeen", JsValue::Num(now_ms()));
-    let msg = rpc::seal(
-        rpc::request(
-            &rpc::new_id(),
-            "PING",
-            JsValue::obj().with("contact", contact),
-        ),
-        now_ms(),
-        b.id.sign_keypair(),
-    );
+    let msg = ping_claiming(&b, contact);
     a.receive(&b, &msg);
     // The original's doubly wrapped contact.
     let inner = JsValue::obj().with("nodeInfo", JsValue::from_serde(&b.info));
     let contact = JsValue::obj().with("nodeInfo", inner);
-    let msg = rpc::seal(
-        rpc::request(
-            &rpc::new_id(),
-            "PING",
-            JsValue::obj().with("contact", contact),
-        ),
-        now_ms(),
-        b.id.sign_keypair(),
-    );
+    let msg = ping_claiming(&b, contact);
     a.receive(&b, &msg);
     assert!(a.transmits().is_empty());
     assert_eq!(a.st.table_len(), 0);

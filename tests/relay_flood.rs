@@ -42,6 +42,13 @@ fn turn(poll: &mut Poll, events: &mut Events, server: &mut ServerDriver, wait: D
     while server.poll_event().is_some() {}
 }
 
+/// Twenty short turns: what was sent has arrived and been handled.
+fn settle(poll: &mut Poll, events: &mut Events, server: &mut ServerDriver) {
+    for _ in 0..20 {
+        turn(poll, events, server, Duration::from_millis(5));
+    }
+}
+
 fn socket() -> UdpSocket {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     s.set_nonblocking(true).unwrap();
@@ -220,14 +227,7 @@ fn a_dial_back_probe_counts_only_with_the_awaited_nonce_and_once() {
     let forger = socket();
     let probe = relay::dial_back_datagram(&nonce);
     forger.send_to(&probe, addr).unwrap();
-    for _ in 0..20 {
-        turn(
-            &mut poll,
-            &mut events,
-            &mut server,
-            Duration::from_millis(5),
-        );
-    }
+    settle(&mut poll, &mut events, &mut server);
     assert!(nat_events(&mut server).is_empty());
     // Awaited: forged nonces and malformed probes raise nothing.
     server.expect_dial_back(Some(nonce));
@@ -238,14 +238,7 @@ fn a_dial_back_probe_counts_only_with_the_awaited_nonce_and_once() {
     ] {
         forger.send_to(&junk, addr).unwrap();
     }
-    for _ in 0..20 {
-        turn(
-            &mut poll,
-            &mut events,
-            &mut server,
-            Duration::from_millis(5),
-        );
-    }
+    settle(&mut poll, &mut events, &mut server);
     assert!(nat_events(&mut server).is_empty());
     // The real one: DIAL_BACK_COPIES datagrams from a fresh socket (not the dialler's
     // listener), one event.
@@ -266,27 +259,13 @@ fn a_dial_back_probe_counts_only_with_the_awaited_nonce_and_once() {
         matches!(got[..], [NatEvent::DialedBack { from }] if from != listener),
         "{got:?}"
     );
-    for _ in 0..20 {
-        turn(
-            &mut poll,
-            &mut events,
-            &mut server,
-            Duration::from_millis(5),
-        );
-    }
+    settle(&mut poll, &mut events, &mut server);
     assert!(
         nat_events(&mut server).is_empty(),
         "the copies raise nothing more"
     );
     // Once seen, the nonce is spent: a replay raises nothing.
     forger.send_to(&probe, addr).unwrap();
-    for _ in 0..20 {
-        turn(
-            &mut poll,
-            &mut events,
-            &mut server,
-            Duration::from_millis(5),
-        );
-    }
+    settle(&mut poll, &mut events, &mut server);
     assert!(nat_events(&mut server).is_empty());
 }
