@@ -22,7 +22,7 @@
 //!   SHA-512 of their JSON text).
 //!
 //! The one primitive not left to libsodium is the Salsa20 keystream of message boxes, on CPUs
-//! with AVX-512 ([`salsa20x`], checked against libsodium byte for byte in tests): libsodium
+//! with AVX-512 (`crypto/salsa20x.rs`, checked against libsodium byte for byte in tests): libsodium
 //! 1.0.18 stops at AVX2 and one block at a time for a box's short tail, and that keystream was
 //! the largest single cost of a bulk transfer.
 //!
