@@ -436,8 +436,23 @@ fn bulk_medians(kind: TransportKind) -> BulkRun {
 pub fn curvecp_bulk(bench: &Bench) {
     if bench.wants("curvecp_seal_1088B_ns") || bench.wants("curvecp_open_1088B_ns") {
         let (seal, open) = cipher_ns();
+        eprintln!(
+            "curvecp cipher: {} (crypto::message_cipher_backend)",
+            crypto::message_cipher_backend()
+        );
         bench.emit("curvecp_seal_1088B_ns", seal, "ns");
         bench.emit("curvecp_open_1088B_ns", open, "ns");
+    }
+    if (bench.wants("curvecp_seal_1088B_libsodium_ns")
+        || bench.wants("curvecp_open_1088B_libsodium_ns"))
+        && crypto::message_cipher_backend() != "libsodium"
+    {
+        // The same figures from libsodium alone, in the same run: this binary again with the
+        // vector code switched off.
+        if let Some((seal, open)) = libsodium_cipher_ns() {
+            bench.emit("curvecp_seal_1088B_libsodium_ns", seal, "ns");
+            bench.emit("curvecp_open_1088B_libsodium_ns", open, "ns");
+        }
     }
     for kind in [TransportKind::Udp, TransportKind::Tcp] {
         let k = kind_name(kind);
@@ -502,6 +517,30 @@ pub fn cipher_ns() -> (f64, f64) {
     seal.sort_by(f64::total_cmp);
     open.sort_by(f64::total_cmp);
     (seal[10], open[10])
+}
+
+/// [`cipher_ns`] measured by this same binary run again with `MM_CRYPTO_LIBSODIUM=1`.
+fn libsodium_cipher_ns() -> Option<(f64, f64)> {
+    let exe = std::env::current_exe().ok()?;
+    // The bench binary takes `--bench FILTER`, the example front end its first argument.
+    let out = std::process::Command::new(exe)
+        .args(["_1088B_ns", "--bench"])
+        .env("MM_CRYPTO_LIBSODIUM", "1")
+        .output()
+        .ok()?;
+    let mut seal = None;
+    let mut open = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        match v["name"].as_str() {
+            Some("curvecp_seal_1088B_ns") => seal = v["value"].as_f64(),
+            Some("curvecp_open_1088B_ns") => open = v["value"].as_f64(),
+            _ => {}
+        }
+    }
+    Some((seal?, open?))
 }
 
 const REF_EXT: &str = "00000000000000000000000000000000";

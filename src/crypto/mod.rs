@@ -79,6 +79,18 @@ impl fmt::Display for CryptoError {
 
 impl std::error::Error for CryptoError {}
 
+/// Which code seals and opens CurveCP message boxes in this process: `"avx512"` (Salsa20
+/// keystream 16 blocks at a time, `crypto/salsa20x.rs`, with libsodium's Poly1305) on CPUs with
+/// AVX-512F and AVX-512VL, or `"libsodium"` (elsewhere, or when the environment variable
+/// `MM_CRYPTO_LIBSODIUM=1` was set when the first box was sealed). Both give the same bytes.
+pub fn message_cipher_backend() -> &'static str {
+    if salsa20x::available() {
+        "avx512"
+    } else {
+        "libsodium"
+    }
+}
+
 /// Overwrites `buf` with zeros in a way the optimiser does not remove (`sodium_memzero`, a
 /// word-wide `explicit_bzero`: on the per-packet path, a byte-wise volatile loop cost about 5%
 /// of a bulk transfer).
