@@ -16,7 +16,7 @@
 //! keystream with libsodium's byte for byte, for every length up to three chunks and for
 //! counters that carry into the high word.
 //!
-//! Poly1305 stays with libsodium; this module only produces and applies keystream.
+//! This module only produces and applies keystream; the tag is `poly1305x.rs`'s or libsodium's.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
