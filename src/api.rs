@@ -97,6 +97,14 @@ pub trait Codec: 'static {
     fn encoded_len(&self, _value: &Self::Value) -> Option<usize> {
         None
     }
+    /// Appends the payload of `value` (what [`Codec::encode`] returns) to `out`. The default
+    /// calls `encode`; a codec that can write in place overrides it (as [`RawCodec`] does):
+    /// with [`Codec::encoded_len`] known, a remote send then builds its frame around the
+    /// payload and copies it once.
+    fn encode_into(&self, value: &Self::Value, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        out.extend_from_slice(&self.encode(value)?);
+        Ok(())
+    }
 }
 
 /// Bytes as they are (the torrenting API's codec).
@@ -127,6 +135,10 @@ impl Codec for RawCodec {
     }
     fn encoded_len(&self, value: &Vec<u8>) -> Option<usize> {
         Some(value.len())
+    }
+    fn encode_into(&self, value: &Vec<u8>, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        out.extend_from_slice(value);
+        Ok(())
     }
 }
 
@@ -294,6 +306,13 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
                 // Nothing copied for a send that would be dropped.
                 return refused;
             }
+            // The payload is written where it goes (a remote frame, or the local message).
+            let codec = &self.codec;
+            return self
+                .core
+                .send_encoded(dest, protocol, topic, len, options, &mut |out| {
+                    codec.encode_into(value, out).is_ok()
+                });
         }
         let Ok(payload) = self.codec.encode(value) else {
             return SendStatus::EncodeFailed;

@@ -212,6 +212,52 @@ impl Envelope {
         out.push(b',');
     }
 
+    /// Appends the frame of an envelope without id (what [`Envelope::encode_frame`] writes)
+    /// whose payload `write` appends in place: exactly `payload_len` bytes, or the frame is
+    /// taken back and this returns `false` (as it does when `write` fails). A remote send builds
+    /// its frame around a payload this way, copying it once.
+    ///
+    /// ```
+    /// use mm_platform::envelope::Envelope;
+    /// let mut a = Vec::new();
+    /// Envelope::new("t", "bt", vec![1, 2, 3]).encode_frame(&mut a);
+    /// let mut b = Vec::new();
+    /// assert!(Envelope::encode_frame_with("t", "bt", 3, &mut b, |out| {
+    ///     out.extend_from_slice(&[1, 2, 3]);
+    ///     true
+    /// }));
+    /// assert_eq!(a, b);
+    /// ```
+    pub fn encode_frame_with(
+        topic: &str,
+        protocol: &str,
+        payload_len: usize,
+        out: &mut Vec<u8>,
+        write: impl FnOnce(&mut Vec<u8>) -> bool,
+    ) -> bool {
+        let field = |len: usize| 1 + varint_len(len as u64) + len;
+        let len = field(topic.len()) + field(protocol.len()) + field(payload_len);
+        let start = out.len();
+        let mut h = [0u8; 21];
+        let n = netstring::write_header(len, &mut h);
+        out.reserve(n + len + 1);
+        out.extend_from_slice(&h[..n]);
+        for (tag, bytes) in [(0x0a, topic.as_bytes()), (0x12, protocol.as_bytes())] {
+            out.push(tag);
+            put_varint(bytes.len() as u64, out);
+            out.extend_from_slice(bytes);
+        }
+        out.push(0x1a);
+        put_varint(payload_len as u64, out);
+        let before = out.len();
+        if !write(out) || out.len() - before != payload_len {
+            out.truncate(start);
+            return false;
+        }
+        out.push(b',');
+        true
+    }
+
     /// Decodes the protobuf bytes of one message.
     pub fn decode_protobuf(buf: &[u8]) -> Result<Envelope, EnvelopeError> {
         let mut env = Envelope::default();

@@ -540,6 +540,42 @@ impl Core {
         self.send_tracked(dest, protocol, topic, payload, options, None)
     }
 
+    /// [`Core::send`] of a payload of `len` bytes that `write` appends to a buffer (returning
+    /// `false` if it cannot): a real-time send to another node writes it straight into the
+    /// message's frame, one copy; any other send into the message's own payload.
+    pub(crate) fn send_encoded(
+        &mut self,
+        dest: Option<Address>,
+        protocol: Cow<'static, str>,
+        topic: &str,
+        len: usize,
+        options: SendOptions,
+        write: &mut dyn FnMut(&mut Vec<u8>) -> bool,
+    ) -> SendStatus {
+        if let Some(d) = dest.filter(|d| options.realtime && !self.is_own_address(d)) {
+            if protocol.len() + topic.len() + len > self.limits.max_message_size {
+                return SendStatus::TooLarge;
+            }
+            return self.send_remote_written(d, &protocol, topic, len, options, write);
+        }
+        let mut payload = Vec::with_capacity(len);
+        if !write(&mut payload) {
+            return SendStatus::EncodeFailed;
+        }
+        self.send(dest, protocol, topic.to_owned(), payload, options)
+    }
+
+    /// Whether `a` names this node (or the local bus).
+    fn is_own_address(&self, a: &Address) -> bool {
+        match *a {
+            Address::Local => true,
+            Address::Node(id) => {
+                id == self.identity.sign_id() || id.0 .0 == self.identity.box_id().0 .0
+            }
+            Address::Box(id) => id == self.identity.box_id(),
+        }
+    }
+
     /// The status a send of a `payload_len`-byte payload would get now if it is certain to be
     /// refused: a real-time message to a remote destination whose queue is full. `None`: go
     /// ahead (the send itself decides). Lets a codec skip encoding a value that would be
@@ -587,12 +623,8 @@ impl Core {
         if protocol.len() + topic.len() + payload.len() > self.limits.max_message_size {
             return SendStatus::TooLarge;
         }
-        match dest {
-            Address::Local => {}
-            Address::Node(id) if id == self.identity.sign_id() => {}
-            Address::Node(id) if id.0 .0 == self.identity.box_id().0 .0 => {}
-            Address::Box(id) if id == self.identity.box_id() => {}
-            remote => return self.send_remote(remote, protocol, topic, payload, options, callback),
+        if !self.is_own_address(&dest) {
+            return self.send_remote(dest, protocol, topic, payload, options, callback);
         }
         if self.queue.len() >= self.limits.local_queue {
             return SendStatus::BufferFull;

@@ -123,6 +123,7 @@
 //! [`super::Stats::frame_bytes_peak`] reports the most bytes ever reserved at once.
 
 mod config;
+mod frame_pool;
 mod lifecycle;
 mod reach;
 mod receiving;
@@ -253,6 +254,8 @@ enum NetTimer {
     RelayBind,
     /// A dial-back check's time is up.
     DialBack,
+    /// The spare frame buffers may be released.
+    FramePool,
 }
 
 /// How far [`Core::read_conn`] got.
@@ -436,6 +439,8 @@ pub(crate) struct Net {
     server_io: bool,
     offline_timer: Option<TimerId>,
     dedup_timer: Option<TimerId>,
+    /// Spare buffers for large outgoing frames.
+    frames: frame_pool::FramePool,
     next_dedup_flush: Instant,
     scratch: Vec<u8>,
 }
@@ -585,6 +590,7 @@ impl Net {
             server_io: false,
             offline_timer,
             dedup_timer: None,
+            frames: frame_pool::FramePool::default(),
             next_dedup_flush: now,
             scratch: vec![0; 64 * 1024],
         })

@@ -29,35 +29,11 @@ impl Core {
             id: None,
         };
         if options.realtime {
-            // Refused before the frame is built: a refused send copies nothing.
             let frame_len = env.frame_len_without_id();
-            let peer = net.peers.entry(b).or_default();
-            if peer.queue.len() >= net.cfg.peer_queue_messages
-                || peer.queued_bytes + frame_len > net.cfg.peer_queue_bytes
-            {
-                return SendStatus::BufferFull;
-            }
-            let frame = frame_of(&env);
-            debug_assert_eq!(frame.len(), frame_len);
-            if let Some(s) = sign {
-                peer.sign.get_or_insert(s);
-            }
-            peer.queued_bytes += frame.len();
-            let cb = callback.map(|c| net.callbacks.insert(c));
-            let after = options.expire_after.unwrap_or(net.cfg.realtime_expiry);
-            // `Duration::MAX` ("never") must not overflow the clock: about 136 years will do.
-            let expires = now
-                .checked_add(after)
-                .unwrap_or_else(|| now + Duration::from_secs(1 << 32));
-            peer.queue.push_back(Pending {
-                frame,
-                expires: Some(expires),
-                track: Track { cb, offline: None },
+            return net.queue_realtime(b, sign, frame_len, options, callback, now, |out| {
+                env.encode_frame(out);
+                true
             });
-            net.clear_retry(b);
-            net.expiry_at(b, expires);
-            net.kick_peer(b);
-            return SendStatus::Queued;
         }
         let after = options
             .expire_after
@@ -91,6 +67,29 @@ impl Core {
         }
         net.kick_peer(b);
         SendStatus::Queued
+    }
+
+    /// A real-time send to another node whose payload (`len` bytes) `write` appends straight
+    /// into the frame ([`Core::send_encoded`]).
+    pub(crate) fn send_remote_written(
+        &mut self,
+        dest: Address,
+        protocol: &str,
+        topic: &str,
+        len: usize,
+        options: SendOptions,
+        write: &mut dyn FnMut(&mut Vec<u8>) -> bool,
+    ) -> SendStatus {
+        let Some((b, sign)) = self.resolve_destination(dest) else {
+            return SendStatus::InvalidDestination;
+        };
+        let Some(net) = self.net.as_mut() else {
+            return SendStatus::NoTransport;
+        };
+        let frame_len = Envelope::frame_len(topic.len(), protocol.len(), len);
+        net.queue_realtime(b, sign, frame_len, options, None, Instant::now(), |out| {
+            Envelope::encode_frame_with(topic, protocol, len, out, write)
+        })
     }
 
     /// Whether a real-time send to the remote `dest` of a frame of `frame_len` bytes would be
@@ -257,16 +256,22 @@ impl Core {
                 expired.push(m.track);
                 continue;
             }
-            c.partial = if c.compat {
+            let next = if c.compat {
                 crate::envelope::frame_for_js(m.frame)
             } else {
                 m.frame
             };
+            let done = std::mem::replace(&mut c.partial, next);
+            if let Some(at) = net.frames.give(done, now) {
+                net.timers.schedule(at, NetTimer::FramePool);
+            }
             c.partial_pos = 0;
             c.partial_track = m.track;
         }
         if c.partial_pos >= c.partial.len() && c.partial.capacity() > 4096 {
-            c.partial = Vec::new();
+            if let Some(at) = net.frames.give(std::mem::take(&mut c.partial), now) {
+                net.timers.schedule(at, NetTimer::FramePool);
+            }
             c.partial_pos = 0;
         }
         let b = c.peer_box;
@@ -326,5 +331,53 @@ pub(super) fn complete(
     }
     if let Some(cb) = t.cb {
         net.fired.push((cb, result));
+    }
+}
+
+impl Net {
+    /// Queues a real-time frame of `frame_len` bytes for `b`, built by `build` (which returns
+    /// `false` when it cannot: nothing is queued then). Refused before the frame is built when
+    /// the peer's queue is full: a refused send copies nothing.
+    #[allow(clippy::too_many_arguments)]
+    fn queue_realtime(
+        &mut self,
+        b: BoxId,
+        sign: Option<SignId>,
+        frame_len: usize,
+        options: SendOptions,
+        callback: Option<DeliveryCallback>,
+        now: Instant,
+        build: impl FnOnce(&mut Vec<u8>) -> bool,
+    ) -> SendStatus {
+        let peer = self.peers.entry(b).or_default();
+        if peer.queue.len() >= self.cfg.peer_queue_messages
+            || peer.queued_bytes + frame_len > self.cfg.peer_queue_bytes
+        {
+            return SendStatus::BufferFull;
+        }
+        let mut frame = self.frames.take(frame_len, now);
+        if !build(&mut frame) {
+            return SendStatus::EncodeFailed;
+        }
+        debug_assert_eq!(frame.len(), frame_len);
+        if let Some(s) = sign {
+            peer.sign.get_or_insert(s);
+        }
+        peer.queued_bytes += frame.len();
+        let cb = callback.map(|c| self.callbacks.insert(c));
+        let after = options.expire_after.unwrap_or(self.cfg.realtime_expiry);
+        // `Duration::MAX` ("never") must not overflow the clock: about 136 years will do.
+        let expires = now
+            .checked_add(after)
+            .unwrap_or_else(|| now + Duration::from_secs(1 << 32));
+        peer.queue.push_back(Pending {
+            frame,
+            expires: Some(expires),
+            track: Track { cb, offline: None },
+        });
+        self.clear_retry(b);
+        self.expiry_at(b, expires);
+        self.kick_peer(b);
+        SendStatus::Queued
     }
 }

@@ -225,6 +225,11 @@ impl Core {
                 }
                 NetTimer::RelayBind => net.relay_bind_due(now),
                 NetTimer::DialBack => net.dial_back_due(now),
+                NetTimer::FramePool => {
+                    if let Some(at) = net.frames.release_due(now) {
+                        net.timers.schedule(at, NetTimer::FramePool);
+                    }
+                }
                 NetTimer::DedupFlush => {
                     net.dedup_timer = None;
                     net.next_dedup_flush = now + DEDUP_FLUSH_EVERY;
