@@ -23,10 +23,11 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-/// Messages shorter than this keep libsodium's Poly1305 (the powers of r, computed per message
-/// because every box has its own one-time key, cost more than the vector loop saves on a few
-/// blocks).
-pub(super) const MIN_LEN: usize = 256;
+/// Messages shorter than this keep libsodium's Poly1305 (below one group of eight blocks
+/// there is nothing to vectorise). Sealing a whole box here, against libsodium throughout:
+/// 64 bytes 246 against 327 ns, 240 bytes 368 against 805 ns, 1088 bytes 606 against 1126 ns
+/// (with this module's Salsa20 too; one run).
+pub(super) const MIN_LEN: usize = 128;
 
 const M44: u64 = (1 << 44) - 1;
 const M42: u64 = (1 << 42) - 1;
