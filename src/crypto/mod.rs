@@ -281,16 +281,19 @@ pub struct SharedKey {
 struct Subkey {
     prefix: [u8; 16],
     key: nacl_salsa20::Key,
+    /// Keystream tails of the next full message boxes (`salsa20x::TailCache`).
+    tail: salsa20x::TailSlot,
 }
 
 /// Seals `buf[TAG_LEN..]` in place with Salsa20 `key` and 8-byte nonce `n` (the second half
 /// of XSalsa20-Poly1305, as `crypto_secretbox_detached` does it after HSalsa20).
-fn seal_with_subkey(key: &nacl_salsa20::Key, n: &[u8], buf: &mut [u8]) {
+fn seal_with_subkey(sub: &Subkey, n: &[u8], buf: &mut [u8]) {
+    let key = &sub.key;
     let n = nacl_salsa20::Nonce(n.try_into().expect("8-byte nonce"));
     let (tag, body) = buf.split_at_mut(TAG_LEN);
     if salsa20x::available() {
         let mut poly_key = nacl_poly1305::Key([0; 32]);
-        salsa20x::xor_after_poly_key(&key.0, &n.0, body, |k, _| {
+        salsa20x::xor_after_poly_key_cached(&key.0, &n.0, body, &sub.tail, |k, _| {
             poly_key.0 = *k;
             true
         });
@@ -326,7 +329,7 @@ fn poly1305_tag(key: &[u8; 32], msg: &[u8]) -> [u8; 16] {
 
 /// Opens what [`seal_with_subkey`] sealed, in place; the tag is checked before anything is
 /// decrypted.
-fn open_with_subkey(key: &nacl_salsa20::Key, n: &[u8], buf: &mut [u8]) -> Result<(), CryptoError> {
+fn open_with_subkey(key: &Subkey, n: &[u8], buf: &mut [u8]) -> Result<(), CryptoError> {
     if buf.len() < TAG_LEN {
         return Err(CryptoError);
     }
@@ -336,17 +339,19 @@ fn open_with_subkey(key: &nacl_salsa20::Key, n: &[u8], buf: &mut [u8]) -> Result
 
 /// [`open_with_subkey`] with the tag apart from the ciphertext `body`.
 fn open_detached_with_subkey(
-    key: &nacl_salsa20::Key,
+    sub: &Subkey,
     n: &[u8],
     tag: &[u8],
     body: &mut [u8],
 ) -> Result<(), CryptoError> {
+    let key = &sub.key;
     let n = nacl_salsa20::Nonce(n.try_into().expect("8-byte nonce"));
     let tag = nacl_poly1305::Tag(tag.try_into().map_err(|_| CryptoError)?);
     if salsa20x::available() {
-        let opened = salsa20x::xor_after_poly_key(&key.0, &n.0, body, |k, ciphertext| {
-            sodiumoxide::utils::memcmp(&poly1305_tag(k, ciphertext), &tag.0)
-        });
+        let opened =
+            salsa20x::xor_after_poly_key_cached(&key.0, &n.0, body, &sub.tail, |k, ciphertext| {
+                sodiumoxide::utils::memcmp(&poly1305_tag(k, ciphertext), &tag.0)
+            });
         return if opened { Ok(()) } else { Err(CryptoError) };
     }
     let first = body.len().min(32);
@@ -404,18 +409,18 @@ impl SharedKey {
         let sub = Subkey {
             prefix: *prefix,
             key: nacl_salsa20::Key(out),
+            tail: salsa20x::TailSlot::default(),
         };
         wipe(&mut out);
         let slot = if self.subkeys[0].is_none() { 0 } else { 1 };
         self.subkeys[slot] = Some(sub);
     }
 
-    fn subkey(&self, prefix: &[u8]) -> Option<&nacl_salsa20::Key> {
+    fn subkey(&self, prefix: &[u8]) -> Option<&Subkey> {
         self.subkeys
             .iter()
             .flatten()
             .find(|s| s.prefix[..] == *prefix)
-            .map(|s| &s.key)
     }
 
     /// Precomputes the key between `their_public` and a raw secret key `my_secret`, without
@@ -816,6 +821,46 @@ mod tests {
                     assert!(fast.open_into(&nonce, &z, &mut out).is_err());
                 }
             }
+        }
+    }
+
+    /// A connection's boxes in a row (consecutive nonces, full and short messages mixed) seal
+    /// to libsodium's bytes with the cached prefix and its keystream tails, and open in any
+    /// order, replays included.
+    #[test]
+    fn consecutive_message_boxes_match_libsodium_in_any_order() {
+        let a = BoxKeyPair::generate();
+        let b = BoxKeyPair::generate();
+        let plain = SharedKey::new(&b.public, &a);
+        let mut fast = SharedKey::new(&a.public, &b);
+        fast.cache_nonce_prefix(b"CurveCP-client-M");
+        let mut opener = SharedKey::new(&a.public, &b);
+        opener.cache_nonce_prefix(b"CurveCP-client-M");
+        let nonce_of = |c: u64| {
+            let mut n = [0u8; NONCE_LEN];
+            n[..16].copy_from_slice(b"CurveCP-client-M");
+            n[16..].copy_from_slice(&c.to_le_bytes());
+            n
+        };
+        let mut boxes = Vec::new();
+        for c in 5000u64..5100 {
+            let len = if c % 13 == 0 { 160 } else { 1088 };
+            let msg: Vec<u8> = (0..len).map(|i| (i as u64 ^ c) as u8).collect();
+            let mut x = vec![0u8; TAG_LEN + len];
+            x[TAG_LEN..].copy_from_slice(&msg);
+            let mut y = x.clone();
+            plain.seal_in_place(&nonce_of(c), &mut x);
+            fast.seal_in_place(&nonce_of(c), &mut y);
+            assert_eq!(x, y, "nonce {c}");
+            boxes.push((c, x, msg));
+        }
+        // Open in a scrambled order, some twice.
+        let order: Vec<usize> = (0..150).map(|i| (i * 37 + i / 7) % boxes.len()).collect();
+        for i in order {
+            let (c, x, msg) = &boxes[i];
+            let mut z = x.clone();
+            opener.open_in_place(&nonce_of(*c), &mut z).unwrap();
+            assert_eq!(&z[TAG_LEN..], &msg[..], "nonce {c}");
         }
     }
 
