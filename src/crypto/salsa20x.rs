@@ -70,9 +70,10 @@ impl Drop for TailCache {
     }
 }
 
-/// A [`TailCache`] slot: empty until a full box is sealed or opened; a clone starts empty.
+/// A [`TailCache`] slot (one pointer): empty until a full box is sealed or opened; a clone
+/// starts empty.
 #[derive(Default)]
-pub(super) struct TailSlot(std::cell::RefCell<Option<Box<TailCache>>>);
+pub(super) struct TailSlot(std::cell::Cell<Option<Box<TailCache>>>);
 
 impl Clone for TailSlot {
     fn clone(&self) -> TailSlot {
@@ -84,7 +85,10 @@ impl TailSlot {
     /// Whether a cache is held (tests).
     #[cfg(test)]
     pub(super) fn is_held(&self) -> bool {
-        self.0.borrow().is_some()
+        let c = self.0.take();
+        let held = c.is_some();
+        self.0.set(c);
+        held
     }
 }
 
@@ -102,7 +106,7 @@ pub(super) fn xor_after_poly_key_cached(
     let blocks = (32 + body.len()).div_ceil(64);
     if !(17..=18).contains(&blocks) {
         if blocks <= 16 {
-            *tail.0.borrow_mut() = None;
+            drop(tail.0.take());
         }
         return xor_after_poly_key(key, n, body, first);
     }
@@ -126,8 +130,7 @@ pub(super) fn xor_after_poly_key_cached(
         super::wipe(&mut ks.0);
 
         let nonce = u64::from_le_bytes(*n);
-        let mut slot = tail.0.borrow_mut();
-        let cache = slot.get_or_insert_with(|| {
+        let mut cache = tail.0.take().unwrap_or_else(|| {
             Box::new(TailCache {
                 first: 0,
                 count: 0,
@@ -152,6 +155,7 @@ pub(super) fn xor_after_poly_key_cached(
         }
         let at = (nonce.wrapping_sub(cache.first) * 128) as usize;
         xor(rest, &cache.ks.0[at..at + rest.len()]);
+        tail.0.set(Some(cache));
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
