@@ -24,40 +24,50 @@
 //!
 //! Measured with `cargo bench --bench figures -- curvecp_bulk` (one 100 MB stream, client and
 //! server in two threads on 127.0.0.1; it prints the CPU time per data packet of each thread,
-//! allocations and system calls per packet, and the cipher alone) and `perf record` of the
-//! same run, on a 2-core Xeon VM shared with other work (load average about 2.5 while
-//! measuring: the CPU times, not the wall-clock speeds, are the figures to trust). "Before" is
-//! the code of issue 13's start, "after" this one; medians of three interleaved runs. A data
+//! allocations and system calls per packet, and the cipher alone beside libsodium's) and
+//! `perf record` of the same run, on a 2-core Xeon VM (Sapphire Rapids, AVX-512 with IFMA)
+//! shared with other work: its speed changes by a third from one minute to the next, so only
+//! interleaved runs are compared. "Before" is the code of issue 13's second session start
+//! (commit 921b7e4), "after" this one: medians of five interleaved runs of each binary. A data
 //! packet carries 1024 bytes of stream data in a 1088-byte message, 1184 bytes on the wire.
 //!
-//! | per data packet, UDP | sender (client thread) | receiver (server thread) |
-//! | --- | --- | --- |
-//! | CPU time before | 2.06 us | 2.28 us |
-//! | CPU time after | 1.54 us | 1.55 us |
-//! | of which the cipher (Salsa20 and Poly1305; XSalsa20's HSalsa20 is now once per connection) | about 70% | about 70% |
-//! | of which the kernel (UDP send or receive, loopback) | 12-14% (was 30%) | 10-13% (was 18-28%) |
-//! | of which `memcpy`/`memset` (packet into the send batch; box to plaintext, ring, application read) | 4-5% | 4-5% |
-//! | of which the message layer (stream, acknowledgements, pacing, congestion control) | 5-8% | 2% |
-//! | of which the packet layer and the driver | 2% | 6-8% |
-//! | system calls per datagram | 0.064 (GSO `sendmsg`, up to 32 packets each) | 0.064 (GRO `recvmsg`, a GSO burst each; was one `recvfrom` per datagram) |
-//! | heap allocations per packet (both threads) | 0.02 (was 0.05) | |
+//! | per data packet | UDP sender | UDP receiver | TCP sender | TCP receiver |
+//! | --- | --- | --- | --- | --- |
+//! | CPU time before | 1.83 us | 1.80 us | 2.13 us | 2.15 us |
+//! | CPU time after | 1.03 us | 1.03 us | 1.37 us | 1.23 us |
+//! | of which the cipher | 56% | 55% | 33% | 42% |
+//! | of which the kernel | 20% | 21% | 45% | 35% |
+//! | of which `memcpy`/`memset` | 8% | 6% | 9% | 11% |
+//! | of which the message layer (stream, acknowledgements, pacing, congestion control) | 10% | 3% | 8% | 3% |
+//! | of which the packet layer and the driver | 6% | 15% | 4% | 9% |
 //!
-//! Over TCP the CPU time per packet went from 1.68 / 1.78 us to 1.54 / 1.49 us (sender /
-//! receiver; about 0.3 system calls per packet in all: the netstrings of a turn go out in one
-//! write and are read 64 KiB at a time). The cipher alone (`curvecp_seal_1088B_ns`,
-//! `curvecp_open_1088B_ns`, with a connection's cached subkey) takes about 1.1 us to seal or
-//! open a full block on that machine, so one thread per side can never move more than about
-//! 900 MB/s whatever the rest costs; the rest is now about a quarter of each side's time. The
-//! wire format fixes the cipher.
+//! Bulk throughput in the same interleaved runs: UDP 462 -> 976 MB/s, TCP 364 -> 583 MB/s.
+//! System calls: over UDP 0.063 per datagram each way (GSO `sendmsg` and GRO `recvmsg`, a
+//! burst each); over TCP one write per turn and reads of 64 KiB.
 //!
-//! What went: per-datagram receive system calls, and on loopback the kernel's cutting of GSO
-//! bursts into datagrams (bulk receive with GRO, [`udp`]); one HSalsa20 per box
-//! ([`crate::crypto::SharedKey::cache_nonce_prefix`]); a receive ring freed and zero-allocated
+//! The cipher: XSalsa20-Poly1305, fixed by the wire format. libsodium 1.0.18 seals or opens a
+//! full message box in about 1.1 us here (`curvecp_seal_1088B_libsodium_ns`): AVX2 Salsa20
+//! that finishes a box's last blocks one at a time, and SSE2 Poly1305. On CPUs with AVX-512 the
+//! crate's own code does it in about 0.5 us (`curvecp_seal_1088B_ns`): Salsa20 16 blocks at a
+//! time in `zmm` lanes, the last two blocks of the next eight boxes of a connection in one
+//! shared pass (their nonces count up), and Poly1305 eight blocks at a time with IFMA
+//! (`crate::crypto`, tested byte for byte against libsodium).
+//!
+//! The kernel: over TCP most of the sender's kernel time is the copy into the socket (12% of
+//! its samples) and, in this VM, waking the receiving thread (11% at the IRQ-restoring unlock
+//! where the hypervisor's cost of the wake-up lands, 6% in the task switch); larger writes did
+//! not help (whole-window bursts overflowed the write buffer and halved the speed), nor did a
+//! larger window or finer pacing waits.
+//!
+//! Earlier: per-datagram receive system calls, and on loopback the kernel's cutting of GSO
+//! bursts into datagrams, went with bulk receive ([`udp`]); one HSalsa20 per box with
+//! [`crate::crypto::SharedKey::cache_nonce_prefix`]; a receive ring freed and zero-allocated
 //! again every turn by a reader that drains it ([`crate::curvecp::stream::RING_IDLE`], which
 //! also lets an idle connection keep no ring: the server's heap per idle connection went from
-//! 5.3 to 1.8 KB, `curvecp_scale` and `curvecp_idle_memory`). At the
-//! platform level, a send refused for a full queue no longer copies the payload (twice)
-//! first, and the frame reader reserves a large frame once.
+//! 5.3 to 1.8 KB, `curvecp_scale` and `curvecp_idle_memory`); a TCP read buffer zero-filled on
+//! every wake-up ([`tcp::FramedStream::read_frames`] reads into spare capacity). At the
+//! platform level, a send refused for a full queue copies nothing, a `bt` payload is copied
+//! once into its frame, and large frame buffers are reused.
 
 pub mod connection_info;
 pub mod driver;
