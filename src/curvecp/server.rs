@@ -215,6 +215,8 @@ pub struct Server<A> {
     stats: ServerStats,
     /// Which path changes an authenticated client Message may make (`None`: none).
     roam: Option<fn(&A, &A) -> bool>,
+    /// Burst cap of a connection's stream, by path ([`Server::set_path_burst`]).
+    path_burst: Option<fn(&A) -> Option<u32>>,
 }
 
 impl<A: Copy + Eq + Hash + Debug> Server<A> {
@@ -238,6 +240,7 @@ impl<A: Copy + Eq + Hash + Debug> Server<A> {
             vouch_keys: HashMap::new(),
             stats: ServerStats::default(),
             roam: None,
+            path_burst: None,
             config,
         }
     }
@@ -257,6 +260,13 @@ impl<A: Copy + Eq + Hash + Debug> Server<A> {
     /// replies there when `allow(old, new)` says so. Off by default (like the reference).
     pub fn set_roaming(&mut self, allow: fn(&A, &A) -> bool) {
         self.roam = Some(allow);
+    }
+
+    /// Caps the burst of each connection's stream by the path it replies on
+    /// ([`Stream::set_max_burst`]; `None`: no cap), when the connection is created and when it
+    /// roams.
+    pub fn set_path_burst(&mut self, burst: fn(&A) -> Option<u32>) {
+        self.path_burst = Some(burst);
     }
 
     /// Sets how many ended connections' C' are remembered (at least 1).
@@ -405,6 +415,10 @@ impl<A: Copy + Eq + Hash + Debug> Server<A> {
                     log::debug!("curvecp server: a client moved from {path:?} to {from:?}");
                     self.conns[idx].path = from;
                     self.stats.roamed += 1;
+                    if let Some(f) = self.path_burst {
+                        let cap = f(&from).unwrap_or(u32::MAX);
+                        self.conns[idx].stream.set_max_burst(cap);
+                    }
                 }
                 self.deliver(idx, v.nonce, 0, plain_len, now);
                 None
@@ -505,6 +519,9 @@ impl<A: Copy + Eq + Hash + Debug> Server<A> {
             readable_pending: false,
             writable_pending: false,
         });
+        if let Some(cap) = self.path_burst.and_then(|f| f(&from)) {
+            self.conns[idx].stream.set_max_burst(cap);
+        }
         self.by_key.insert(*v.client_short, idx);
         self.stats.accepted += 1;
         log::debug!("curvecp server: accepted {client_long:?} from {from:?}");

@@ -279,6 +279,8 @@ pub struct Stream {
     /// `pace_v + pacing`; after a pause it is pulled forward so that at most `burst` blocks go
     /// at once.
     pace_v: Option<Instant>,
+    /// Cap on the controller's burst ([`Stream::set_max_burst`]).
+    max_burst: u32,
     backoff: u32,
     last_progress: Instant,
     /// Lower bounds of the send time and the transmission sequence number of every
@@ -343,6 +345,7 @@ impl Stream {
             delivered_sent: None,
             peer_ack: 0,
             pace_v: None,
+            max_burst: u32::MAX,
             backoff: 0,
             last_progress: now,
             oldest_lb: None,
@@ -372,6 +375,13 @@ impl Stream {
         let mut cc = factory();
         cc.init(now);
         self.cc = cc;
+    }
+
+    /// Caps how many blocks go back to back after a pause, whatever the congestion controller
+    /// allows ([`Congestion::burst`]): the transport knows what its path likes (see
+    /// [`crate::transport::tcp::TCP_MAX_BURST`]).
+    pub fn set_max_burst(&mut self, blocks: u32) {
+        self.max_burst = blocks.max(1);
     }
 
     /// Queues bytes for sending; returns how many were taken (0 when the send buffer is full or
@@ -904,7 +914,7 @@ impl Stream {
 
     fn sent_block(&mut self, now: Instant) {
         let p = self.cc.pacing_interval();
-        let b = self.cc.burst().max(1);
+        let b = self.cc.burst().min(self.max_burst).max(1);
         let floor = now.checked_sub(p.saturating_mul(b - 1)).unwrap_or(now);
         self.pace_v = Some(self.pace_v.map_or(floor, |v| (v + p).max(floor)));
         self.ack_pending = None;

@@ -180,6 +180,12 @@ impl Path {
     }
 }
 
+/// The burst cap of a stream on `path`: [`super::tcp::TCP_MAX_BURST`] over TCP, none
+/// otherwise.
+fn path_burst(path: &Path) -> Option<u32> {
+    matches!(path, Path::Tcp { .. }).then_some(super::tcp::TCP_MAX_BURST)
+}
+
 /// The path changes a server connection's client may make (roaming): from a relayed path or a
 /// native UDP address to a native UDP address (a punched path, a NAT that re-mapped), never
 /// back to a relay and never across framings or onto TCP.
@@ -337,8 +343,12 @@ impl ClientDriver {
             (Framing::Compat, TransportKind::Udp) => Some(Dialer::udp(now)),
             (Framing::Compat, TransportKind::Tcp) => Some(Dialer::tcp(now)),
         };
+        let mut client = Client::new(config, now);
+        if kind == TransportKind::Tcp {
+            client.stream_mut().set_max_burst(super::tcp::TCP_MAX_BURST);
+        }
         Ok(ClientDriver {
-            client: Client::new(config, now),
+            client,
             link,
             token,
             peer,
@@ -804,6 +814,7 @@ impl ServerDriver {
         })
         .map(|mut d| {
             d.server.set_roaming(may_roam);
+            d.server.set_path_burst(path_burst);
             d
         })
     }
