@@ -33,17 +33,20 @@
 //!
 //! | per data packet | UDP sender | UDP receiver | TCP sender | TCP receiver |
 //! | --- | --- | --- | --- | --- |
-//! | CPU time before | 1.83 us | 1.80 us | 2.13 us | 2.15 us |
-//! | CPU time after | 1.03 us | 1.03 us | 1.37 us | 1.23 us |
+//! | CPU time before | 1.93 us | 1.73 us | 2.10 us | 2.06 us |
+//! | CPU time after | 1.19 us | 0.99 us | 1.38 us | 1.22 us |
 //! | of which the cipher | 56% | 55% | 33% | 42% |
 //! | of which the kernel | 20% | 21% | 45% | 35% |
 //! | of which `memcpy`/`memset` | 8% | 6% | 9% | 11% |
 //! | of which the message layer (stream, acknowledgements, pacing, congestion control) | 10% | 3% | 8% | 3% |
 //! | of which the packet layer and the driver | 6% | 15% | 4% | 9% |
 //!
-//! Bulk throughput in the same interleaved runs: UDP 462 -> 976 MB/s, TCP 364 -> 583 MB/s.
-//! System calls: over UDP 0.063 per datagram each way (GSO `sendmsg` and GRO `recvmsg`, a
-//! burst each); over TCP one write per turn and reads of 64 KiB.
+//! Bulk throughput in the same interleaved runs: UDP 513 -> 807 MB/s, TCP 361 -> 547 MB/s (in
+//! a faster minute of the machine, UDP 462 -> 976 and TCP 364 -> 583). The shares of each
+//! side's time are from `perf` of one run. System calls: over UDP 0.031 per datagram each way
+//! (GSO `sendmsg` and GRO `recvmsg`, a burst each, now up to 64 datagrams: the congestion
+//! controller's bursts hold about a millisecond at its rate); over TCP one write per turn of
+//! at most 16 blocks, and reads of 64 KiB.
 //!
 //! The cipher: XSalsa20-Poly1305, fixed by the wire format. libsodium 1.0.18 seals or opens a
 //! full message box in about 1.1 us here (`curvecp_seal_1088B_libsodium_ns`): AVX2 Salsa20
