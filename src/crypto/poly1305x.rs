@@ -128,24 +128,29 @@ fn mul(a: &Limbs, b: &Limbs) -> Limbs {
     h
 }
 
-/// h fully reduced mod 2¹³⁰ − 5, plus s, mod 2¹²⁸: the tag.
-fn finish(h: Limbs, s: &[u8; 16]) -> [u8; 16] {
-    let mut h = h;
-    // Full carry.
-    for _ in 0..2 {
-        let c = h[0] >> 44;
-        h[0] &= M44;
-        h[1] += c;
-        let c = h[1] >> 44;
-        h[1] &= M44;
-        h[2] += c;
-        let c = h[2] >> 42;
-        h[2] &= M42;
-        h[0] += c * 5;
-    }
+/// One carry pass: limb 0 into 1, 1 into 2, 2 folded into 0 (times 5, as 2¹³⁰ ≡ 5), and 0
+/// into 1 again. From limbs below 2⁶³ it leaves them within their widths but limb 1, which may
+/// be a few units over 2⁴⁴.
+fn carry(h: &mut Limbs) {
     let c = h[0] >> 44;
     h[0] &= M44;
     h[1] += c;
+    let c = h[1] >> 44;
+    h[1] &= M44;
+    h[2] += c;
+    let c = h[2] >> 42;
+    h[2] &= M42;
+    h[0] += c * 5;
+    let c = h[0] >> 44;
+    h[0] &= M44;
+    h[1] += c;
+}
+
+/// h fully reduced mod 2¹³⁰ − 5, plus s, mod 2¹²⁸: the tag.
+fn finish(h: Limbs, s: &[u8; 16]) -> [u8; 16] {
+    let mut h = h;
+    carry(&mut h);
+    carry(&mut h);
     let c = h[1] >> 44;
     h[1] &= M44;
     h[2] += c;
@@ -312,15 +317,10 @@ unsafe fn whole_blocks(r: &Limbs, msg: &[u8]) -> Limbs {
         _mm512_loadu_si512(p[i].as_ptr().cast())
     }));
     let acc = mul8(&acc, &f);
-    let d: [u64; 3] = std::array::from_fn(|i| _mm512_reduce_add_epi64(acc[i]) as u64);
+    let mut h: Limbs = std::array::from_fn(|i| _mm512_reduce_add_epi64(acc[i]) as u64);
     // Each lane's limb is below 2⁴⁵: the sums stay far below 2⁶⁴; one carry pass.
-    let c = d[0] >> 44;
-    let h1 = d[1] + c;
-    let c = h1 >> 44;
-    let h2 = d[2] + c;
-    let c = h2 >> 42;
-    let h0 = (d[0] & M44) + c * 5;
-    [h0 & M44, (h1 & M44) + (h0 >> 44), h2 & M42]
+    carry(&mut h);
+    h
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
