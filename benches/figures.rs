@@ -7,7 +7,8 @@
 //! figure group is one function registered in `GROUPS`; figure names start with the group's
 //! name. The figures are measured here, in this program, never asserted in tests. The quinn
 //! comparison (`compare_quinn`) runs only when asked for: `MM_BENCH_QUINN=1`, or a FILTER naming
-//! it.
+//! it. `RUST_LOG=mm_platform=debug` shows the library's log while the figures run (what was
+//! dropped and why, for one).
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -118,6 +119,7 @@ mod sc;
 /// as a module.)
 #[allow(dead_code)]
 fn main() {
+    let _ = env_logger::try_init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if !args.iter().any(|a| a == "--bench") {
         eprintln!("benches/figures.rs: run it with `cargo bench --bench figures [-- FILTER]`");

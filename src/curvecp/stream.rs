@@ -530,7 +530,10 @@ impl Stream {
             return None;
         }
         if end > self.read_pos.saturating_add(self.recv_window as u64) {
-            log::debug!("stream: data up to {end} beyond the receive window, dropped");
+            log::debug!(
+                "stream: data up to {end} beyond the receive window, dropped ({} bytes unread)",
+                self.recv_contig - self.read_pos
+            );
             return None;
         }
         if end > self.recv_contig && !self.hole_fits(h.pos.max(self.recv_contig), end) {

@@ -107,6 +107,12 @@ const READ_BATCH: usize = 128;
 /// While draining a socket, due packets (acknowledgements above all) are sent after every this
 /// many datagrams read, so that a long read batch does not hold the peer's window shut.
 const TRANSMIT_EVERY: usize = 32;
+/// Frames read from one TCP stream per event (or per `flush` that comes back to it) before
+/// the application gets a turn. Half of [`READ_BATCH`]: a stream's frames keep arriving while
+/// it is read, and `flush` may read a batch right after the event's batch, so up to two
+/// batches wait unread besides a sender's window in flight; two halves of a window and the
+/// window itself fit the default receive window (256 KiB), where two whole windows overran it.
+const TCP_READ_BATCH: usize = READ_BATCH / 2;
 
 /// How CurveCP packets are put on a transport (DESIGN §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -441,11 +447,11 @@ impl ClientDriver {
             }
         }
         if event.is_readable() || event.is_read_closed() || event.is_error() {
-            self.read(now);
+            self.read(registry, now);
         }
     }
 
-    fn read(&mut self, now: Instant) {
+    fn read(&mut self, registry: &Registry, now: Instant) {
         let client = &mut self.client;
         let dialer = &mut self.dialer;
         let peer = self.peer;
@@ -507,14 +513,46 @@ impl ClientDriver {
                     self.via = None;
                 }
             }
-            ClientLink::Tcp(s) => match s.read_frames(|f| Self::deliver(client, dialer, f, now)) {
-                Ok(ReadStatus::Open) => {}
-                Ok(ReadStatus::Closed) => {
-                    self.closed = Some("tcp connection closed by the server".into())
+            ClientLink::Tcp(s) => {
+                // As over UDP: what is due goes out after every `TRANSMIT_EVERY` frames, and a
+                // batch's worth leaves the rest for `flush` after the application's turn.
+                let mut total = 0;
+                let mut batches = 0;
+                loop {
+                    let status = s.read_frames_up_to(TRANSMIT_EVERY, |f| {
+                        total += 1;
+                        Self::deliver(client, dialer, f, now)
+                    });
+                    match status {
+                        Ok(ReadStatus::More) => batches += TRANSMIT_EVERY,
+                        Ok(ReadStatus::Open) => break,
+                        Ok(ReadStatus::Closed) => {
+                            self.closed = Some("tcp connection closed by the server".into());
+                            break;
+                        }
+                        Ok(ReadStatus::Invalid(e)) => {
+                            self.closed = Some(format!("tcp framing: {e}"));
+                            break;
+                        }
+                        Err(e) => {
+                            self.closed = Some(format!("tcp receive failed: {e}"));
+                            break;
+                        }
+                    }
+                    if batches >= TCP_READ_BATCH {
+                        break;
+                    }
+                    let bufs = (&mut self.buf[..], &mut self.wrapped[..]);
+                    if let Err(e) =
+                        Self::transmit_tcp(client, dialer, s, bufs, registry, self.token, now)
+                    {
+                        self.closed = Some(format!("tcp write failed: {e}"));
+                        break;
+                    }
                 }
-                Ok(ReadStatus::Invalid(e)) => self.closed = Some(format!("tcp framing: {e}")),
-                Err(e) => self.closed = Some(format!("tcp receive failed: {e}")),
-            },
+                self.more_to_read = batches >= TCP_READ_BATCH;
+                self.read_some = total > 0;
+            }
         }
     }
 
@@ -524,7 +562,7 @@ impl ClientDriver {
         // makes `next_deadline` ask for one more turn.
         self.read_in_flush = false;
         if self.more_to_read {
-            self.read(now);
+            self.read(registry, now);
             self.read_in_flush = self.read_some;
         }
         if self.closed.is_some() {
@@ -555,29 +593,10 @@ impl ClientDriver {
                 }
             }
             ClientLink::Tcp(s) => {
-                let wrapped = &mut self.wrapped[..];
-                if let Some(d) = dialer.as_mut() {
-                    while let Some(n) = d.poll_transmit(now, wrapped) {
-                        s.queue_frame(&wrapped[..n]);
-                    }
-                }
-                // The client waits for an open dialer.
-                if dialer.as_ref().is_none_or(Dialer::is_open) {
-                    while let Some(n) = client.poll_transmit(now, &mut self.buf[..]) {
-                        match dialer.as_ref() {
-                            None => {
-                                s.queue_frame(&self.buf[..n]);
-                            }
-                            Some(d) => match d.wrap(&self.buf[..n], wrapped) {
-                                Some(m) => {
-                                    s.queue_frame(&wrapped[..m]);
-                                }
-                                None => debug!("client: a {n}-byte packet cannot be wrapped"),
-                            },
-                        }
-                    }
-                }
-                if let Err(e) = s.flush(registry, self.token) {
+                let bufs = (&mut self.buf[..], &mut self.wrapped[..]);
+                if let Err(e) =
+                    Self::transmit_tcp(client, dialer, s, bufs, registry, self.token, now)
+                {
                     self.closed = Some(format!("tcp write failed: {e}"));
                 }
             }
@@ -588,6 +607,43 @@ impl ClientDriver {
             }
         }
         Ok(())
+    }
+
+    /// Queues every packet due at `now` on the TCP stream (with the compatibility framing the
+    /// dialer's frames first, then, once it is open, the client's packets wrapped) and writes
+    /// them. `bufs` are the packet and wrapping buffers.
+    fn transmit_tcp(
+        client: &mut Client,
+        dialer: &mut Option<Dialer>,
+        s: &mut FramedStream,
+        bufs: (&mut [u8], &mut [u8]),
+        registry: &Registry,
+        token: Token,
+        now: Instant,
+    ) -> io::Result<()> {
+        let (buf, wrapped) = bufs;
+        if let Some(d) = dialer.as_mut() {
+            while let Some(n) = d.poll_transmit(now, wrapped) {
+                s.queue_frame(&wrapped[..n]);
+            }
+        }
+        // The client waits for an open dialer.
+        if dialer.as_ref().is_none_or(Dialer::is_open) {
+            while let Some(n) = client.poll_transmit(now, buf) {
+                match dialer.as_ref() {
+                    None => {
+                        s.queue_frame(&buf[..n]);
+                    }
+                    Some(d) => match d.wrap(&buf[..n], wrapped) {
+                        Some(m) => {
+                            s.queue_frame(&wrapped[..m]);
+                        }
+                        None => debug!("client: a {n}-byte packet cannot be wrapped"),
+                    },
+                }
+            }
+        }
+        s.flush(registry, token)
     }
 
     /// Sends every packet due at `now` over UDP: native ones batched; with the compatibility
@@ -669,6 +725,8 @@ struct TcpSlot {
     last_active: Instant,
     /// Chosen by the stream's first frame.
     framing: Option<Framing>,
+    /// Listed in `tcp_more` (stopped at a batch with frames perhaps still waiting).
+    more: bool,
 }
 
 /// Counters of a [`ServerDriver`]'s compatibility framing.
@@ -713,6 +771,9 @@ pub struct ServerDriver {
     /// Wrapped packets and replies of the compatibility framing.
     wrap: Box<[u8; MAX_DATAGRAM]>,
     udp_more: bool,
+    /// TCP streams (slot, generation) that stopped at [`TCP_READ_BATCH`] frames: `flush` reads
+    /// on.
+    tcp_more: Vec<(usize, u64)>,
     /// `flush` read packets (the application has not had a turn since).
     read_in_flush: bool,
     /// TCP slots with frames queued in this `flush`.
@@ -803,6 +864,7 @@ impl ServerDriver {
             reply: Box::new([0; MAX_PACKET]),
             wrap: Box::new([0; MAX_DATAGRAM]),
             udp_more: false,
+            tcp_more: Vec::new(),
             read_in_flush: false,
             dirty: Vec::new(),
             relay: None,
@@ -1017,7 +1079,7 @@ impl ServerDriver {
             self.accept(registry, now)?;
         } else if t >= self.base + 2 {
             let slot = t - self.base - 2;
-            self.tcp_event(registry, slot, event, now);
+            self.tcp_event(registry, slot, event, now)?;
         }
         Ok(())
     }
@@ -1187,6 +1249,7 @@ impl ServerDriver {
                                 generation: self.generation,
                                 last_active: now,
                                 framing: None,
+                                more: false,
                             });
                             self.idle_checks.push_back((
                                 now + self.limits.tcp_idle,
@@ -1208,17 +1271,72 @@ impl ServerDriver {
         }
     }
 
-    fn tcp_event(&mut self, registry: &Registry, slot: usize, event: &Event, now: Instant) {
+    fn tcp_event(
+        &mut self,
+        registry: &Registry,
+        slot: usize,
+        event: &Event,
+        now: Instant,
+    ) -> io::Result<()> {
         let Some(entry) = self.tcp.get_mut(slot) else {
-            return;
+            return Ok(());
+        };
+        if event.is_writable()
+            && entry
+                .stream
+                .flush(registry, Token(self.base + 2 + slot))
+                .is_err()
+        {
+            let mut s = self.tcp.remove(slot);
+            let _ = s.stream.deregister(registry);
+            return Ok(());
+        }
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            self.tcp_read(registry, slot, now)?;
+        }
+        Ok(())
+    }
+
+    /// Reads a TCP stream's frames, up to [`TCP_READ_BATCH`] of them (then the slot is noted in
+    /// `tcp_more` and `flush` comes back to it), sending what is due after every
+    /// [`TRANSMIT_EVERY`]: a receiver that drained a fast sender's whole window before
+    /// acknowledging any of it kept that sender waiting about half the time.
+    fn tcp_read(&mut self, registry: &Registry, slot: usize, now: Instant) -> io::Result<()> {
+        let mut total = 0;
+        loop {
+            if !self.tcp_read_some(registry, slot, now, TRANSMIT_EVERY) {
+                return Ok(());
+            }
+            total += TRANSMIT_EVERY;
+            if total >= TCP_READ_BATCH {
+                // Listed once: an event and a `flush` may both stop at the batch in one turn.
+                if let Some(s) = self.tcp.get_mut(slot).filter(|s| !s.more) {
+                    s.more = true;
+                    self.tcp_more.push((slot, s.generation));
+                }
+                return Ok(());
+            }
+            self.transmit(registry, now)?;
+        }
+    }
+
+    /// Hands at most `max` frames of a TCP stream to the server; true when it stopped at
+    /// `max` (more may be waiting), false when drained or closed.
+    fn tcp_read_some(
+        &mut self,
+        registry: &Registry,
+        slot: usize,
+        now: Instant,
+        max: usize,
+    ) -> bool {
+        let Some(entry) = self.tcp.get_mut(slot) else {
+            return false;
         };
         let token = Token(self.base + 2 + slot);
         let generation = entry.generation;
         let mut close = false;
-        if event.is_writable() {
-            close |= entry.stream.flush(registry, token).is_err();
-        }
-        if event.is_readable() || event.is_read_closed() || event.is_error() {
+        let mut more = false;
+        {
             let server = &mut self.server;
             let reply = &mut self.reply;
             let mut reply_len = None;
@@ -1228,7 +1346,7 @@ impl ServerDriver {
             let mut refused = false;
             let mut pong = false;
             let mut dropped_frames = 0;
-            let status = entry.stream.read_frames(|frame| {
+            let status = entry.stream.read_frames_up_to(max, |frame| {
                 if refused {
                     return;
                 }
@@ -1314,6 +1432,7 @@ impl ServerDriver {
             }
             match status {
                 Ok(ReadStatus::Open) => {}
+                Ok(ReadStatus::More) => more = true,
                 Ok(ReadStatus::Closed) => close = true,
                 Ok(ReadStatus::Invalid(e)) => {
                     debug!("server: closing a TCP stream: {e}");
@@ -1328,7 +1447,9 @@ impl ServerDriver {
         if close {
             let mut s = self.tcp.remove(slot);
             let _ = s.stream.deregister(registry);
+            return false;
         }
+        more
     }
 
     /// Sends every packet due at `now`, closes idle TCP streams, and returns; call it after
@@ -1337,6 +1458,20 @@ impl ServerDriver {
         self.read_in_flush = false;
         if self.udp_more {
             self.read_in_flush = self.read_udp(registry, now)? > 0;
+        }
+        if !self.tcp_more.is_empty() {
+            let more = std::mem::take(&mut self.tcp_more);
+            for &(slot, generation) in &more {
+                if let Some(s) = self
+                    .tcp
+                    .get_mut(slot)
+                    .filter(|s| s.generation == generation)
+                {
+                    s.more = false;
+                    self.tcp_read(registry, slot, now)?;
+                    self.read_in_flush = true;
+                }
+            }
         }
         self.transmit(registry, now)?;
         if let Some(u) = self.udp.as_mut() {
@@ -1466,7 +1601,7 @@ impl ServerDriver {
     /// When the driver next needs `flush` without any socket event.
     pub fn next_deadline(&self) -> Option<Instant> {
         // Packets `flush` read may have raised events the application has not had a turn for.
-        if self.udp_more || self.read_in_flush {
+        if self.udp_more || self.read_in_flush || !self.tcp_more.is_empty() {
             return Some(Instant::now());
         }
         let idle = self.idle_checks.front().map(|c| c.0);

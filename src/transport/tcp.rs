@@ -2,9 +2,11 @@
 //!
 //! [`FramedStream`] is a non-blocking `mio::net::TcpStream` with a bounded read buffer (one
 //! maximal frame plus its prefix, at least [`READ_CHUNK`] so one read takes many frames) and a
-//! bounded write buffer (frames queued during a turn go out in one write). Reading goes until `WouldBlock`
-//! and hands out every whole frame; a frame that announces more than the maximum, or bytes that
-//! are not a netstring, end the stream (the caller closes it). When the write buffer is full a
+//! bounded write buffer (frames queued during a turn go out in one write). Reading goes until
+//! `WouldBlock` and hands out every whole frame, or stops after a given number of frames
+//! ([`FramedStream::read_frames_up_to`]) so that the caller can acknowledge what it has before
+//! reading on; a frame that announces more than the maximum, or bytes that are not a netstring,
+//! end the stream (the caller closes it). When the write buffer is full a
 //! new packet is dropped, as a congested UDP socket would drop it: CurveCP retransmits, and
 //! memory stays bounded.
 //!
@@ -46,6 +48,9 @@ pub enum ReadStatus {
     Closed,
     /// The peer sent bytes that are not a valid frame: close the stream.
     Invalid(NetstringError),
+    /// [`FramedStream::read_frames_up_to`] handed out its maximum; more may be buffered or
+    /// waiting in the socket. Call again.
+    More,
 }
 
 /// A TCP stream carrying netstring frames.
@@ -130,7 +135,19 @@ impl FramedStream {
     }
 
     /// Reads until `WouldBlock`, calling `f` with each whole frame's payload.
-    pub fn read_frames(&mut self, mut f: impl FnMut(&[u8])) -> io::Result<ReadStatus> {
+    pub fn read_frames(&mut self, f: impl FnMut(&[u8])) -> io::Result<ReadStatus> {
+        self.read_frames_up_to(usize::MAX, f)
+    }
+
+    /// Like [`FramedStream::read_frames`], but hands out at most `max` frames and then returns
+    /// [`ReadStatus::More`]: the caller answers what it was given (acknowledgements above all)
+    /// and calls again. Frames already read stay buffered for that call; readiness is
+    /// edge-triggered, so the caller must come back without waiting for an event.
+    pub fn read_frames_up_to(
+        &mut self,
+        max: usize,
+        mut f: impl FnMut(&[u8]),
+    ) -> io::Result<ReadStatus> {
         // Room for many frames per read system call; at least one maximal frame. `rbuf`'s
         // length is the bytes read and not yet handed out; the kernel writes into its spare
         // capacity, so a buffer taken again after a drain is not zero-filled first (64 KiB of
@@ -139,7 +156,30 @@ impl FramedStream {
         if self.rbuf.capacity() < cap {
             self.rbuf.reserve_exact(cap - self.rbuf.len());
         }
+        let mut handed = 0usize;
         loop {
+            // Whole frames already buffered go first (left over from a call that stopped at
+            // `max`, or just read).
+            let len = self.rbuf.len();
+            let mut at = 0;
+            while handed < max {
+                match netstring::decode(&self.rbuf[at..len], self.max_frame) {
+                    Ok(Some(frame)) => {
+                        f(&self.rbuf[at + frame.payload.start..at + frame.payload.end]);
+                        at += frame.consumed;
+                        handed += 1;
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Ok(ReadStatus::Invalid(e)),
+                }
+            }
+            if at > 0 {
+                self.rbuf.copy_within(at..len, 0);
+                self.rbuf.truncate(len - at);
+            }
+            if handed >= max {
+                return Ok(ReadStatus::More);
+            }
             if self.rbuf.len() >= cap {
                 // Cannot happen with a valid peer: a maximal frame fits the buffer and a longer
                 // one is refused from its length digits. Treat it as invalid rather than spin.
@@ -147,22 +187,7 @@ impl FramedStream {
             }
             match read_into_spare(&mut self.stream, &mut self.rbuf, cap) {
                 Ok(0) => return Ok(ReadStatus::Closed),
-                Ok(_) => {
-                    let len = self.rbuf.len();
-                    let mut at = 0;
-                    loop {
-                        match netstring::decode(&self.rbuf[at..len], self.max_frame) {
-                            Ok(Some(frame)) => {
-                                f(&self.rbuf[at + frame.payload.start..at + frame.payload.end]);
-                                at += frame.consumed;
-                            }
-                            Ok(None) => break,
-                            Err(e) => return Ok(ReadStatus::Invalid(e)),
-                        }
-                    }
-                    self.rbuf.copy_within(at..len, 0);
-                    self.rbuf.truncate(len - at);
-                }
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e)
@@ -392,5 +417,51 @@ mod tests {
         assert_eq!(s.writes(), 4);
         assert_eq!(read_all(&mut peer, 19), b"1:\x08,1:\x09,8:\x024:QvnQ,,");
         assert!(s.frames.is_empty());
+    }
+
+    #[test]
+    fn read_frames_up_to_hands_out_the_rest_on_the_next_call() {
+        use std::io::Write as _;
+        let poll = Poll::new().unwrap();
+        let (mut s, mut peer) = pair(&poll);
+        // Ten frames and half of an eleventh, in one write: one read takes them all.
+        let mut bytes = Vec::new();
+        for i in 0..10u8 {
+            bytes.extend_from_slice(format!("1:{},", char::from(b'0' + i)).as_bytes());
+        }
+        bytes.extend_from_slice(b"2:x");
+        peer.write_all(&bytes).unwrap();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut status = ReadStatus::Open;
+        // The bytes may arrive in pieces: call until the first four are out.
+        while got.len() < 4 && Instant::now() < deadline {
+            status = s.read_frames_up_to(4, |f| got.push(f.to_vec())).unwrap();
+        }
+        assert_eq!(status, ReadStatus::More);
+        assert_eq!(got.len(), 4);
+        // Whatever is buffered comes out without new bytes, four at a time, then the partial
+        // frame waits for its end.
+        while got.len() < 10 && Instant::now() < deadline {
+            let before = got.len();
+            let st = s.read_frames_up_to(4, |f| got.push(f.to_vec())).unwrap();
+            assert!(got.len() - before <= 4);
+            assert!(st == ReadStatus::More || st == ReadStatus::Open);
+        }
+        let want: Vec<Vec<u8>> = (0..10u8).map(|i| vec![b'0' + i]).collect();
+        assert_eq!(got, want);
+        peer.write_all(b"y,").unwrap();
+        while got.len() < 11 && Instant::now() < deadline {
+            s.read_frames_up_to(4, |f| got.push(f.to_vec())).unwrap();
+        }
+        assert_eq!(got.last().map(Vec::as_slice), Some(&b"xy"[..]));
+        // Junk after a frame: the frame is handed out, then the stream is invalid.
+        peer.write_all(b"1:z,zz").unwrap();
+        let mut st = ReadStatus::Open;
+        while !matches!(st, ReadStatus::Invalid(_)) && Instant::now() < deadline {
+            st = s.read_frames_up_to(4, |f| got.push(f.to_vec())).unwrap();
+        }
+        assert!(matches!(st, ReadStatus::Invalid(_)));
+        assert_eq!(got.last().map(Vec::as_slice), Some(&b"z"[..]));
     }
 }
