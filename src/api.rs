@@ -131,7 +131,10 @@ impl Codec for RawCodec {
         Ok(value.clone())
     }
     fn decode(&self, bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
-        Ok(bytes.to_vec())
+        // A large payload's fresh pages are faulted in with one system call, not one fault each.
+        let mut v = crate::platform::connections::frame_pool::with_capacity_prefaulted(bytes.len());
+        v.extend_from_slice(bytes);
+        Ok(v)
     }
     fn encoded_len(&self, value: &Vec<u8>) -> Option<usize> {
         Some(value.len())

@@ -260,6 +260,15 @@ impl Envelope {
 
     /// Decodes the protobuf bytes of one message.
     pub fn decode_protobuf(buf: &[u8]) -> Result<Envelope, EnvelopeError> {
+        Envelope::decode_protobuf_with(buf, Vec::with_capacity)
+    }
+
+    /// [`Envelope::decode_protobuf`], with the payload copied into `payload_buf(len)` (an empty
+    /// buffer with room for `len` bytes: a reused one, say).
+    pub fn decode_protobuf_with(
+        buf: &[u8],
+        mut payload_buf: impl FnMut(usize) -> Vec<u8>,
+    ) -> Result<Envelope, EnvelopeError> {
         let mut env = Envelope::default();
         let mut at = 0;
         while at < buf.len() {
@@ -306,7 +315,12 @@ impl Envelope {
                             .map_err(|_| EnvelopeError::NotUtf8)?
                             .to_owned()
                     }
-                    3 => env.payload = b.to_vec(),
+                    3 => {
+                        let mut v = payload_buf(b.len());
+                        v.clear();
+                        v.extend_from_slice(b);
+                        env.payload = v;
+                    }
                     _ => env.id = Some(b.to_vec()),
                 }
             }
@@ -348,30 +362,58 @@ impl FrameReader {
     /// Appends bytes read from the stream (at most [`FrameReader::room`] of them; the excess is
     /// refused and the number taken returned).
     pub fn push(&mut self, bytes: &[u8]) -> usize {
-        let n = bytes.len().min(self.room());
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        }
-        self.buf.extend_from_slice(&bytes[..n]);
+        let n = self.push_with(bytes.len(), |buf, n| {
+            buf.extend_from_slice(&bytes[..n]);
+            n
+        });
         // Room for the whole frame in progress at once, once its length is known: a large
         // frame then costs one allocation, not a chain of doublings each copying what came.
-        if let Some(len) = self.frame_len() {
-            let need = self.start + len;
-            if need > self.buf.capacity() {
-                self.buf.reserve_exact(need - self.buf.len());
-            }
+        if let Some(len) = self.short_of() {
+            self.buf.reserve_exact(self.start + len - self.buf.len());
         }
         n
     }
 
+    /// Appends bytes straight from their source: `fill(buf, n)` appends at most `n` bytes (the
+    /// smaller of `max` and [`FrameReader::room`]) to `buf` and returns how many it appended,
+    /// which this returns. Saves the copy through a caller's buffer (e.g. with
+    /// [`crate::curvecp::stream::Stream::read_append`]). Unlike [`FrameReader::push`] it does
+    /// not grow the buffer to the frame's length: the caller sees [`FrameReader::short_of`] and
+    /// provides one ([`FrameReader::replace_buffer`]), or the buffer grows as bytes come.
+    pub fn push_with(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut Vec<u8>, usize) -> usize,
+    ) -> usize {
+        let n = max.min(self.room());
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        let before = self.buf.len();
+        fill(&mut self.buf, n);
+        // Whatever `fill` did, no more than `n` bytes are kept.
+        self.buf.truncate(before + n);
+        self.buf.len() - before
+    }
+
     /// The next complete envelope, `Ok(None)` when more bytes are needed, or an error after
-    /// which the connection must be closed.
+    /// which the connection must be closed. The buffer is given back to the allocator when
+    /// nothing is left in it (see [`FrameReader::take_idle_buffer`] to keep it instead).
     pub fn next_envelope(&mut self) -> Result<Option<Envelope>, EnvelopeError> {
+        self.next_envelope_with(Vec::with_capacity)
+    }
+
+    /// [`FrameReader::next_envelope`], with the payload copied into `payload_buf(len)` (see
+    /// [`Envelope::decode_protobuf_with`]).
+    pub fn next_envelope_with(
+        &mut self,
+        payload_buf: impl FnMut(usize) -> Vec<u8>,
+    ) -> Result<Option<Envelope>, EnvelopeError> {
         match netstring::decode(&self.buf[self.start..], self.max_frame) {
             Ok(Some(f)) => {
                 let body = &self.buf[self.start + f.payload.start..self.start + f.payload.end];
-                let env = Envelope::decode_protobuf(body);
+                let env = Envelope::decode_protobuf_with(body, payload_buf);
                 self.start += f.consumed;
                 if self.start > 64 * 1024 && self.start * 2 > self.buf.len() {
                     self.buf.drain(..self.start);
@@ -389,6 +431,36 @@ impl FrameReader {
             }
             Err(e) => Err(EnvelopeError::Frame(e)),
         }
+    }
+
+    /// The buffer, when nothing is left in it and it is larger than 64 KiB (a large frame's),
+    /// for the caller to reuse or drop; the reader starts afresh. `None` otherwise.
+    pub fn take_idle_buffer(&mut self) -> Option<Vec<u8>> {
+        if self.start != self.buf.len() || self.buf.capacity() <= 64 * 1024 {
+            return None;
+        }
+        self.start = 0;
+        let mut v = std::mem::take(&mut self.buf);
+        v.clear();
+        Some(v)
+    }
+
+    /// The capacity the frame in progress needs, when its length is known and the buffer is
+    /// too small for it (the caller may then [`FrameReader::replace_buffer`]).
+    pub fn short_of(&self) -> Option<usize> {
+        let len = self.frame_len()?;
+        (self.start + len > self.buf.capacity()).then_some(len)
+    }
+
+    /// Moves the buffered bytes into `v` (its contents are discarded), which becomes the
+    /// buffer, and returns the old one, empty.
+    pub fn replace_buffer(&mut self, mut v: Vec<u8>) -> Vec<u8> {
+        v.clear();
+        v.extend_from_slice(&self.buf[self.start..]);
+        self.start = 0;
+        let mut old = std::mem::replace(&mut self.buf, v);
+        old.clear();
+        old
     }
 
     /// Bytes buffered and not yet returned as envelopes.
@@ -582,6 +654,62 @@ mod tests {
                     while let Some(e) = r.next_envelope().unwrap() {
                         got.push(e);
                     }
+                }
+            }
+            prop_assert_eq!(got, envs);
+            prop_assert_eq!(r.buffered(), 0);
+        }
+
+        /// The platform's way of reading (bytes appended in place, the whole frame's buffer
+        /// swapped in once its length is known, buffers taken back between frames, payloads
+        /// in reused buffers) yields exactly what plain pushes yield.
+        #[test]
+        fn reading_with_reused_buffers_yields_the_same_envelopes(
+            sizes in proptest::collection::vec(0usize..200_000, 1..6),
+            cut in 1usize..100_000,
+        ) {
+            let envs: Vec<Envelope> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| Envelope::new(format!("t{i}"), "bt", vec![i as u8; n]))
+                .collect();
+            let mut stream = Vec::new();
+            for e in &envs {
+                e.encode_frame(&mut stream);
+            }
+            let mut r = FrameReader::new(1 << 20);
+            let mut spares: Vec<Vec<u8>> = vec![vec![0xee; 7]];
+            let take = |len: usize, spares: &mut Vec<Vec<u8>>| {
+                let mut v = spares.pop().unwrap_or_default();
+                v.reserve(len);
+                v
+            };
+            let mut got = Vec::new();
+            let mut at = 0;
+            while at < stream.len() {
+                let n = r.push_with(cut, |buf, n| {
+                    let n = n.min(stream.len() - at);
+                    buf.extend_from_slice(&stream[at..at + n]);
+                    n
+                });
+                at += n;
+                if let Some(len) = r.short_of() {
+                    let v = take(len, &mut spares);
+                    let old = r.replace_buffer(v);
+                    prop_assert!(old.is_empty());
+                    spares.push(old);
+                    prop_assert!(r.short_of().is_none());
+                }
+                loop {
+                    let mut pool = std::mem::take(&mut spares);
+                    let e = r.next_envelope_with(|len| take(len, &mut pool)).unwrap();
+                    spares = pool;
+                    let Some(e) = e else { break };
+                    if let Some(b) = r.take_idle_buffer() {
+                        prop_assert!(b.is_empty() && b.capacity() > 64 * 1024);
+                        spares.push(b);
+                    }
+                    got.push(e);
                 }
             }
             prop_assert_eq!(got, envs);

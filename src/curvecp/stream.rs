@@ -420,6 +420,28 @@ impl Stream {
         let first = n.min(cap - self.rhead);
         buf[..first].copy_from_slice(&self.rbuf[self.rhead..self.rhead + first]);
         buf[first..n].copy_from_slice(&self.rbuf[..n - first]);
+        self.consumed(n);
+        n
+    }
+
+    /// Appends up to `max` received in-order bytes to `out` (no zero-filled buffer in between);
+    /// returns how many.
+    pub fn read_append(&mut self, out: &mut Vec<u8>, max: usize) -> usize {
+        let n = max.min(self.readable());
+        if n == 0 {
+            return 0;
+        }
+        let cap = self.rbuf.len();
+        let first = n.min(cap - self.rhead);
+        out.extend_from_slice(&self.rbuf[self.rhead..self.rhead + first]);
+        out.extend_from_slice(&self.rbuf[..n - first]);
+        self.consumed(n);
+        n
+    }
+
+    /// Moves the read position past `n` bytes taken from the ring.
+    fn consumed(&mut self, n: usize) {
+        let cap = self.rbuf.len();
         self.rhead = (self.rhead + n) & (cap - 1);
         self.read_pos += n as u64;
         self.stats.bytes_received += n as u64;
@@ -427,7 +449,6 @@ impl Stream {
             // Released by `poll_message` after `RING_IDLE` unless more data comes.
             self.rbuf_idle_since.get_or_insert(self.last_now);
         }
-        n
     }
 
     /// Releases a receive ring that has been empty for `RING_IDLE`.

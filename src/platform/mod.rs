@@ -783,6 +783,8 @@ impl Core {
         self.match_buf = matches;
         if self.wants_message_events() {
             self.emit(Event::Message(msg));
+        } else {
+            self.recycle_payload(msg.payload);
         }
     }
 

@@ -123,7 +123,7 @@
 //! [`super::Stats::frame_bytes_peak`] reports the most bytes ever reserved at once.
 
 mod config;
-mod frame_pool;
+pub(crate) mod frame_pool;
 mod lifecycle;
 mod reach;
 mod receiving;
@@ -182,6 +182,8 @@ const DEDUP_FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// Bytes of a partly received frame every connection may buffer outside
 /// [`NetConfig::frame_budget`] (so small frames always flow, whatever large ones are pending).
 const FRAME_FLOOR: usize = 64 * 1024;
+/// Most bytes moved from a connection's stream into its frame reader in one step.
+const READ_STEP: usize = 64 * 1024;
 /// Known peers beyond which idle ones (no connection, nothing queued, no lookup, no offline
 /// record) are forgotten as soon as they become idle.
 const KEEP_IDLE_PEERS: usize = 64;
@@ -442,7 +444,6 @@ pub(crate) struct Net {
     /// Spare buffers for large outgoing frames.
     frames: frame_pool::FramePool,
     next_dedup_flush: Instant,
-    scratch: Vec<u8>,
 }
 
 fn wall_ms() -> u64 {
@@ -592,7 +593,6 @@ impl Net {
             dedup_timer: None,
             frames: frame_pool::FramePool::default(),
             next_dedup_flush: now,
-            scratch: vec![0; 64 * 1024],
         })
     }
 

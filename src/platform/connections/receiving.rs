@@ -5,6 +5,18 @@
 use super::*;
 
 impl Core {
+    /// Takes back the payload buffer of a message that has been dispatched: a large one is
+    /// kept for the next large frame (see [`frame_pool`]).
+    pub(in crate::platform) fn recycle_payload(&mut self, payload: Vec<u8>) {
+        if payload.capacity() < frame_pool::MIN_POOLED {
+            return;
+        }
+        let now = self.now;
+        if let Some(net) = self.net.as_mut() {
+            net.frames.give_scheduled(payload, now, &mut net.timers);
+        }
+    }
+
     /// Reads complete frames from connection `k` into the local queue.
     pub(super) fn read_conn(&mut self, k: usize) -> ReadOutcome {
         for _ in 0..1024 {
@@ -19,8 +31,13 @@ impl Core {
                 let Some(c) = net.conns.get_mut(k) else {
                     return ReadOutcome::Done;
                 };
-                match c.reader.next_envelope() {
+                let (frames, now) = (&mut net.frames, self.now);
+                match c.reader.next_envelope_with(|len| frames.take(len, now)) {
                     Ok(Some(env)) => {
+                        // A large frame's buffer, done with, goes to the spares for the next.
+                        if let Some(b) = c.reader.take_idle_buffer() {
+                            net.frames.give_scheduled(b, now, &mut net.timers);
+                        }
                         if !self.handle_envelope(k, env) {
                             return ReadOutcome::Done;
                         }
@@ -71,14 +88,23 @@ impl Core {
                 return ReadOutcome::Done;
             };
             let limit = (FRAME_FLOOR + c.reserved).saturating_sub(c.reader.buffered());
-            let room = c.reader.room().min(net.scratch.len()).min(limit);
+            let room = c.reader.room().min(READ_STEP).min(limit);
             if room == 0 {
                 return ReadOutcome::Done;
             }
             let Some(stream) = stream_of(&mut net.server, &mut c.link) else {
                 return ReadOutcome::Done;
             };
-            let n = stream.read(&mut net.scratch[..room]);
+            // Straight from the stream's ring into the frame buffer.
+            let n = c
+                .reader
+                .push_with(room, |buf, n| stream.read_append(buf, n));
+            if let Some(len) = c.reader.short_of() {
+                // The whole frame's room at once, a spare buffer if one fits.
+                let spare = net.frames.take(len, self.now);
+                let old = c.reader.replace_buffer(spare);
+                net.frames.give_scheduled(old, self.now, &mut net.timers);
+            }
             if n == 0 {
                 if stream.peer_eof().is_some() && c.closing.is_none() {
                     // The peer winds this connection down (it lost the simultaneous-connect
@@ -91,7 +117,6 @@ impl Core {
                 }
                 return ReadOutcome::Done;
             }
-            c.reader.push(&net.scratch[..n]);
         }
         ReadOutcome::More
     }

@@ -262,16 +262,13 @@ impl Core {
                 m.frame
             };
             let done = std::mem::replace(&mut c.partial, next);
-            if let Some(at) = net.frames.give(done, now) {
-                net.timers.schedule(at, NetTimer::FramePool);
-            }
+            net.frames.give_scheduled(done, now, &mut net.timers);
             c.partial_pos = 0;
             c.partial_track = m.track;
         }
         if c.partial_pos >= c.partial.len() && c.partial.capacity() > 4096 {
-            if let Some(at) = net.frames.give(std::mem::take(&mut c.partial), now) {
-                net.timers.schedule(at, NetTimer::FramePool);
-            }
+            net.frames
+                .give_scheduled(std::mem::take(&mut c.partial), now, &mut net.timers);
             c.partial_pos = 0;
         }
         let b = c.peer_box;
