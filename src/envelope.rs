@@ -14,6 +14,7 @@
 //! error of that connection, detected from the length digits before the bytes arrive.
 
 use std::fmt;
+use std::ops::Range;
 
 use crate::netstring::{self, NetstringError};
 
@@ -267,9 +268,23 @@ impl Envelope {
     /// buffer with room for `len` bytes: a reused one, say).
     pub fn decode_protobuf_with(
         buf: &[u8],
-        mut payload_buf: impl FnMut(usize) -> Vec<u8>,
+        payload_buf: impl FnOnce(usize) -> Vec<u8>,
     ) -> Result<Envelope, EnvelopeError> {
+        let (mut env, payload) = Envelope::decode_fields(buf)?;
+        if let Some(r) = payload {
+            let mut v = payload_buf(r.len());
+            v.clear();
+            v.extend_from_slice(&buf[r]);
+            env.payload = v;
+        }
+        Ok(env)
+    }
+
+    /// Decodes every field but the payload, whose place in `buf` (the last field 3, as a
+    /// protobuf decoder keeps the last of a repeated field) it returns instead.
+    fn decode_fields(buf: &[u8]) -> Result<(Envelope, Option<Range<usize>>), EnvelopeError> {
         let mut env = Envelope::default();
+        let mut payload = None;
         let mut at = 0;
         while at < buf.len() {
             let key = get_varint(buf, &mut at)?;
@@ -315,19 +330,18 @@ impl Envelope {
                             .map_err(|_| EnvelopeError::NotUtf8)?
                             .to_owned()
                     }
-                    3 => {
-                        let mut v = payload_buf(b.len());
-                        v.clear();
-                        v.extend_from_slice(b);
-                        env.payload = v;
-                    }
+                    3 => payload = Some(at - b.len()..at),
                     _ => env.id = Some(b.to_vec()),
                 }
             }
         }
-        Ok(env)
+        Ok((env, payload))
     }
 }
+
+/// A payload at least this long, in a frame that fills the reader's buffer alone, takes the
+/// buffer over instead of being copied out of it.
+const STEAL_PAYLOAD: usize = 64 * 1024;
 
 /// Cuts envelopes out of the bytes a stream delivers, with a bounded buffer.
 #[derive(Debug)]
@@ -405,15 +419,43 @@ impl FrameReader {
     }
 
     /// [`FrameReader::next_envelope`], with the payload copied into `payload_buf(len)` (see
-    /// [`Envelope::decode_protobuf_with`]).
+    /// [`Envelope::decode_protobuf_with`]); but a payload of 64 KiB or more in a frame that
+    /// fills the buffer alone takes the buffer itself (moved down over the frame's head), and
+    /// the reader starts afresh.
     pub fn next_envelope_with(
         &mut self,
-        payload_buf: impl FnMut(usize) -> Vec<u8>,
+        payload_buf: impl FnOnce(usize) -> Vec<u8>,
     ) -> Result<Option<Envelope>, EnvelopeError> {
         match netstring::decode(&self.buf[self.start..], self.max_frame) {
             Ok(Some(f)) => {
-                let body = &self.buf[self.start + f.payload.start..self.start + f.payload.end];
-                let env = Envelope::decode_protobuf_with(body, payload_buf);
+                let body_at = self.start + f.payload.start;
+                let body = &self.buf[body_at..self.start + f.payload.end];
+                let env = match Envelope::decode_fields(body) {
+                    Ok((mut env, Some(r)))
+                        if self.start == 0
+                            && f.consumed == self.buf.len()
+                            && r.len() >= STEAL_PAYLOAD =>
+                    {
+                        // The buffer holds this frame alone: it becomes the payload, moved
+                        // down over the frame's head (a few dozen bytes) while it is likely
+                        // still in cache, rather than copied out into another buffer.
+                        let mut v = std::mem::take(&mut self.buf);
+                        v.truncate(body_at + r.end);
+                        v.drain(..body_at + r.start);
+                        env.payload = v;
+                        self.start = 0;
+                        return Ok(Some(env));
+                    }
+                    Ok((mut env, Some(r))) => {
+                        let mut v = payload_buf(r.len());
+                        v.clear();
+                        v.extend_from_slice(&body[r]);
+                        env.payload = v;
+                        Ok(env)
+                    }
+                    Ok((env, None)) => Ok(env),
+                    Err(e) => Err(e),
+                };
                 self.start += f.consumed;
                 if self.start > 64 * 1024 && self.start * 2 > self.buf.len() {
                     self.buf.drain(..self.start);
@@ -658,6 +700,53 @@ mod tests {
             }
             prop_assert_eq!(got, envs);
             prop_assert_eq!(r.buffered(), 0);
+        }
+
+        /// A large payload in a frame read alone takes over the reader's buffer; with an id
+        /// after it, or a repeated payload field (the last one counts), the result is what
+        /// the plain decoder gives.
+        #[test]
+        fn a_large_payload_read_alone_is_the_same_payload(
+            n in 65_536usize..200_000,
+            small in 0usize..100,
+            shape in 0u8..3,
+        ) {
+            let big: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            let field = |tag: u8, b: &[u8], out: &mut Vec<u8>| {
+                out.push(tag);
+                put_varint(b.len() as u64, out);
+                out.extend_from_slice(b);
+            };
+            let mut body = Vec::new();
+            field(0x0a, b"bench.bt", &mut body);
+            field(0x12, b"bt", &mut body);
+            match shape {
+                // The payload, then an id.
+                0 => {
+                    field(0x1a, &big, &mut body);
+                    field(0x22, b"an-id", &mut body);
+                }
+                // A small payload field, then the large one: the large one counts.
+                1 => {
+                    field(0x1a, &vec![7; small], &mut body);
+                    field(0x1a, &big, &mut body);
+                }
+                // The large one, then a small one: the small one counts.
+                _ => {
+                    field(0x1a, &big, &mut body);
+                    field(0x1a, &vec![7; small], &mut body);
+                }
+            }
+            let want = Envelope::decode_protobuf(&body).unwrap();
+            let mut frame = Vec::new();
+            netstring::encode_into(&body, &mut frame);
+            let mut r = FrameReader::new(1 << 20);
+            prop_assert_eq!(r.push(&frame), frame.len());
+            let got = r.next_envelope().unwrap().unwrap();
+            prop_assert_eq!(&got, &want);
+            prop_assert_eq!(got.payload.len(), if shape == 2 { small } else { n });
+            prop_assert_eq!(r.buffered(), 0);
+            prop_assert!(r.next_envelope().unwrap().is_none());
         }
 
         /// The platform's way of reading (bytes appended in place, the whole frame's buffer
