@@ -373,3 +373,28 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
             .subscribe_channel(pattern, Some(protocol), capacity)
     }
 }
+
+impl ProtocolApi<'_, RawCodec> {
+    /// Like [`ProtocolApi::on`], but the callback borrows the payload where it lies instead of
+    /// getting a copy of its own: for receivers that consume the bytes in the callback (write
+    /// them out, hash them, parse them). With 1 MiB payloads the copy and its fresh memory
+    /// were about a tenth of a bulk receiver's time.
+    ///
+    /// ```
+    /// # use mm_platform::Platform;
+    /// let mut p = Platform::builder().build().unwrap();
+    /// let mut total = 0usize;
+    /// p.torrenting().on_bytes("public.files.*", move |_ctx, _msg, bytes| {
+    ///     total += bytes.len();
+    /// });
+    /// ```
+    pub fn on_bytes<F>(&mut self, pattern: &str, mut f: F) -> SubscriptionId
+    where
+        F: FnMut(&mut Context<'_>, &Message, &[u8]) + 'static,
+    {
+        let cb: Callback = Box::new(move |ctx, msg| f(ctx, msg, &msg.payload));
+        let protocol = self.codec.protocol();
+        self.core
+            .subscribe(pattern, Some(protocol), false, Target::Callback(cb))
+    }
+}

@@ -244,13 +244,26 @@ fn protocol_apis_see_only_their_protocol() {
     p.torrenting().on("self.t.*", move |_c, m, v| {
         l.borrow_mut().push(format!("bt:{}:{}", m.topic, v.len()))
     });
+    // The borrowing subscription sees the same bytes, and only `bt` messages.
+    let l = log.clone();
+    p.torrenting().on_bytes("self.t.*", move |_c, m, b| {
+        assert_eq!(b, &m.payload[..]);
+        l.borrow_mut().push(format!(
+            "bt-bytes:{}:{}",
+            m.topic,
+            b.iter().map(|&x| x as usize).sum::<usize>()
+        ))
+    });
     let _ = p
         .messaging()
         .send("t.json", "local", &serde_json::json!({"a": 1}));
-    let _ = p.torrenting().send("t.hash", "local", &vec![0u8; 20]);
+    let _ = p.torrenting().send("t.hash", "local", &vec![1u8; 20]);
     let _ = p.send("local", "ms", "t.broken", b"{not json".to_vec());
     turn(&mut p);
-    assert_eq!(*log.borrow(), vec!["ms:t.json:{\"a\":1}", "bt:t.hash:20"]);
+    assert_eq!(
+        *log.borrow(),
+        vec!["ms:t.json:{\"a\":1}", "bt:t.hash:20", "bt-bytes:t.hash:20"]
+    );
     assert_eq!(p.stats().malformed, 1);
 }
 

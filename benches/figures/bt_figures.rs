@@ -5,6 +5,10 @@
 //! CurveCP bulk transfer of the same transport (`curvecp_bulk_*`: one stream, client and server
 //! in two threads), three rounds; each figure the median of its three, and the platform's
 //! figure as a percentage of the bare one.
+//!
+//! B subscribes with `torrenting().on_bytes` (the callback borrows each payload, as the bare
+//! receiver reads into a buffer it reuses): `nodes_bt_{udp,tcp}_1MiB`. The same transfer with
+//! `torrenting().on`, whose callback gets a copy of its own, is `..._owned`.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -38,7 +42,7 @@ fn node(kind: &str) -> Platform {
 }
 
 /// One transfer of `COUNT` payloads of `PAYLOAD` bytes from A to B; MB/s.
-fn bt_once(kind: &str) -> f64 {
+fn bt_once(kind: &str, owned: bool) -> f64 {
     let (info_tx, info_rx) = crossbeam_channel::bounded(1);
     let (a_tx, a_rx) = crossbeam_channel::bounded::<serde_json::Value>(1);
     let stop = Arc::new(AtomicBool::new(false));
@@ -54,9 +58,16 @@ fn bt_once(kind: &str) -> f64 {
         let _ = b.messaging().send("transports.nodeInfo", "local", &a_info);
         let got = Rc::new(Cell::new(0usize));
         let g = got.clone();
-        b.torrenting().on("public.bench.bt", move |_ctx, _msg, v| {
-            g.set(g.get() + v.len())
-        });
+        if owned {
+            b.torrenting().on("public.bench.bt", move |_ctx, _msg, v| {
+                g.set(g.get() + v.len())
+            });
+        } else {
+            b.torrenting()
+                .on_bytes("public.bench.bt", move |_ctx, _msg, v| {
+                    g.set(g.get() + v.len())
+                });
+        }
         let start = Instant::now();
         while got.get() < COUNT * PAYLOAD && !flag.load(Ordering::Relaxed) {
             b.poll(Some(Duration::from_millis(10))).expect("poll");
@@ -82,13 +93,23 @@ fn bt_once(kind: &str) -> f64 {
     let start = Instant::now();
     let cpu0 = thread_cpu();
     let mut sent = 0;
+    // The sends queued before the first turn (the queue's bound's worth) and how long their
+    // copies into fresh frames took: nothing goes on the wire meanwhile.
+    let mut first_burst = None;
     while sent < COUNT && start.elapsed() < LIMIT {
         let st = a.torrenting().send("bench.bt", bid, &payload);
         if st.is_queued() {
             sent += 1;
         } else {
+            first_burst.get_or_insert((sent, start.elapsed()));
             a.poll(Some(Duration::from_millis(1))).expect("poll");
         }
+    }
+    if let Some((n, t)) = first_burst {
+        eprintln!(
+            "bt {kind}: {n} payloads queued before the first turn, in {:.1} ms",
+            t.as_secs_f64() * 1e3
+        );
     }
     while !b.is_finished() && start.elapsed() < LIMIT {
         a.poll(Some(Duration::from_millis(1))).expect("poll");
@@ -99,7 +120,8 @@ fn bt_once(kind: &str) -> f64 {
     assert_eq!(got, COUNT * PAYLOAD, "every payload delivered");
     let secs = (done - start).as_secs_f64();
     eprintln!(
-        "bt {kind}: {secs:.3} s, CPU of sender {:.3} s, of receiver {:.3} s",
+        "bt {kind}{}: {secs:.3} s, CPU of sender {:.3} s, of receiver {:.3} s",
+        if owned { " owned" } else { "" },
         cpu_a.as_secs_f64(),
         cpu_b.as_secs_f64()
     );
@@ -119,20 +141,25 @@ pub fn nodes_bt(bench: &Bench) {
         if !bench.wants(&name) {
             continue;
         }
-        let (mut bt, mut bare) = (Vec::new(), Vec::new());
+        let (mut bt, mut bare, mut owned) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..3 {
-            let b = bt_once(kind);
+            let b = bt_once(kind, false);
             let c = bulk_run(tk, 100_000_000).mbps;
+            let o = bt_once(kind, true);
             eprintln!(
-                "nodes_bt {kind} round {round}: bt {b:.1} MB/s, bare {c:.1} MB/s (load {})",
+                "nodes_bt {kind} round {round}: bt {b:.1} MB/s, bare {c:.1} MB/s, bt with owned \
+                 payloads {o:.1} MB/s (load {})",
                 load()
             );
             bt.push(b);
             bare.push(c);
+            owned.push(o);
         }
-        let (b, c) = (median(bt), median(bare));
+        let (b, c, o) = (median(bt), median(bare), median(owned));
         bench.emit(&name, b, "MB/s");
         bench.emit(&format!("{name}_bare_curvecp_bulk"), c, "MB/s");
         bench.emit(&format!("{name}_percent_of_bare"), 100.0 * b / c, "%");
+        bench.emit(&format!("{name}_owned"), o, "MB/s");
+        bench.emit(&format!("{name}_owned_percent_of_bare"), 100.0 * o / c, "%");
     }
 }
