@@ -62,6 +62,16 @@
 //! not help (whole-window bursts overflowed the write buffer and halved the speed), nor did a
 //! larger window or finer pacing waits.
 //!
+//! What did help over TCP was overlap. A receiver drained its socket until `WouldBlock`
+//! before it sent anything back, so a fast sender's whole 128-block window was read before one
+//! acknowledgement left (about 100 blocks per acknowledgement): the two sides took turns, and
+//! about a third of the two cores sat idle. Both drivers now read TCP frames 32 at a time
+//! ([`tcp::FramedStream::read_frames_up_to`]), sending what is due between groups as over
+//! UDP, and at most 64 per turn before the application reads (two turns' worth and a window
+//! in flight fit the 256 KiB receive window). Five interleaved runs against the code before
+//! (commit 72ade0b): TCP 518 -> 752 MB/s, CPU per data packet 1.45 -> 1.33 us (sender) and
+//! 1.31 -> 1.13 us (receiver); UDP within the noise.
+//!
 //! Earlier: per-datagram receive system calls, and on loopback the kernel's cutting of GSO
 //! bursts into datagrams, went with bulk receive ([`udp`]); one HSalsa20 per box with
 //! [`crate::crypto::SharedKey::cache_nonce_prefix`]; a receive ring freed and zero-allocated
@@ -70,7 +80,10 @@
 //! 5.3 to 1.8 KB, `curvecp_scale` and `curvecp_idle_memory`); a TCP read buffer zero-filled on
 //! every wake-up ([`tcp::FramedStream::read_frames`] reads into spare capacity). At the
 //! platform level, a send refused for a full queue copies nothing, a `bt` payload is copied
-//! once into its frame, and large frame buffers are reused.
+//! once into its frame, large frame and payload buffers are reused both ways (fresh ones are
+//! faulted in with one system call), an incoming frame is read straight from the stream and a
+//! large payload takes over its frame's buffer, and `torrenting().on_bytes` lends the payload
+//! to the callback instead of copying it.
 
 pub mod connection_info;
 pub mod driver;
