@@ -101,7 +101,8 @@
 //!
 //! Per destination at most [`NetConfig::peer_queue_messages`] messages and
 //! [`NetConfig::peer_queue_bytes`] bytes wait in memory (sends beyond return
-//! [`SendStatus::BufferFull`]); the offline buffer has its own bounds; connections are capped
+//! [`SendStatus::BufferFull`]; an empty queue takes one message up to a maximal frame whatever
+//! the byte bound); the offline buffer has its own bounds; connections are capped
 //! by [`NetConfig::max_connections`], of which [`NetConfig::reserved_outbound`] slots are
 //! kept from incoming connections of peers outside our friends and devices circles (any
 //! identity costs nothing to make, so strangers must not be able to fill the table and block

@@ -102,10 +102,10 @@ impl Core {
         let Some(net) = self.net.as_ref() else {
             return false;
         };
-        net.peers.get(&b).is_some_and(|peer| {
-            peer.queue.len() >= net.cfg.peer_queue_messages
-                || peer.queued_bytes + frame_len > net.cfg.peer_queue_bytes
-        })
+        match net.peers.get(&b) {
+            Some(peer) => queue_refuses(&net.cfg, peer.queue.len(), peer.queued_bytes, frame_len),
+            None => queue_refuses(&net.cfg, 0, 0, frame_len),
+        }
     }
 
     /// The box key and (if known) signId of a remote destination. A key given as a signId
@@ -331,6 +331,24 @@ pub(super) fn complete(
     }
 }
 
+/// Whether a destination's queue of `len` frames and `bytes` bytes refuses one more frame of
+/// `frame_len` bytes: beyond [`NetConfig::peer_queue_messages`] frames, or beyond
+/// [`NetConfig::peer_queue_bytes`] bytes. An empty queue takes one frame up to a maximal one
+/// ([`NetConfig::max_frame`], which is what a peer with the same settings accepts) whatever the
+/// byte bound, so that the bound limits what waits, not what can be sent.
+fn queue_refuses(cfg: &NetConfig, len: usize, bytes: usize, frame_len: usize) -> bool {
+    if len >= cfg.peer_queue_messages {
+        return true;
+    }
+    if len == 0 {
+        return frame_len
+            > cfg
+                .peer_queue_bytes
+                .max(crate::netstring::encoded_len(cfg.max_frame));
+    }
+    bytes + frame_len > cfg.peer_queue_bytes
+}
+
 impl Net {
     /// Queues a real-time frame of `frame_len` bytes for `b`, built by `build` (which returns
     /// `false` when it cannot: nothing is queued then). Refused before the frame is built when
@@ -347,9 +365,7 @@ impl Net {
         build: impl FnOnce(&mut Vec<u8>) -> bool,
     ) -> SendStatus {
         let peer = self.peers.entry(b).or_default();
-        if peer.queue.len() >= self.cfg.peer_queue_messages
-            || peer.queued_bytes + frame_len > self.cfg.peer_queue_bytes
-        {
+        if queue_refuses(&self.cfg, peer.queue.len(), peer.queued_bytes, frame_len) {
             return SendStatus::BufferFull;
         }
         let mut frame = self.frames.take(frame_len, now);
@@ -376,5 +392,36 @@ impl Net {
         self.expiry_at(b, expires);
         self.kick_peer(b);
         SendStatus::Queued
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_byte_bound_limits_what_waits_not_what_can_be_sent() {
+        let cfg = NetConfig {
+            peer_queue_messages: 4,
+            peer_queue_bytes: 1000,
+            max_frame: 5000,
+            ..NetConfig::default()
+        };
+        let maximal = crate::netstring::encoded_len(5000);
+        // Within the bound: taken while it fits.
+        assert!(!queue_refuses(&cfg, 0, 0, 1000));
+        assert!(!queue_refuses(&cfg, 1, 600, 400));
+        assert!(queue_refuses(&cfg, 1, 600, 401));
+        // An empty queue takes one frame up to a maximal one, and nothing after it.
+        assert!(!queue_refuses(&cfg, 0, 0, maximal));
+        assert!(queue_refuses(&cfg, 0, 0, maximal + 1));
+        assert!(queue_refuses(&cfg, 1, maximal, 1));
+        // The frame count bound holds either way.
+        assert!(queue_refuses(&cfg, 4, 0, 1));
+        let none = NetConfig {
+            peer_queue_messages: 0,
+            ..cfg
+        };
+        assert!(queue_refuses(&none, 0, 0, 1));
     }
 }
