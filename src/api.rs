@@ -132,7 +132,7 @@ impl Codec for RawCodec {
     }
     fn decode(&self, bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
         // A large payload's fresh pages are faulted in with one system call, not one fault each.
-        let mut v = crate::platform::connections::frame_pool::with_capacity_prefaulted(bytes.len());
+        let mut v = crate::prefault::with_capacity(bytes.len());
         v.extend_from_slice(bytes);
         Ok(v)
     }

@@ -261,21 +261,9 @@ impl Envelope {
 
     /// Decodes the protobuf bytes of one message.
     pub fn decode_protobuf(buf: &[u8]) -> Result<Envelope, EnvelopeError> {
-        Envelope::decode_protobuf_with(buf, Vec::with_capacity)
-    }
-
-    /// [`Envelope::decode_protobuf`], with the payload copied into `payload_buf(len)` (an empty
-    /// buffer with room for `len` bytes: a reused one, say).
-    pub fn decode_protobuf_with(
-        buf: &[u8],
-        payload_buf: impl FnOnce(usize) -> Vec<u8>,
-    ) -> Result<Envelope, EnvelopeError> {
         let (mut env, payload) = Envelope::decode_fields(buf)?;
         if let Some(r) = payload {
-            let mut v = payload_buf(r.len());
-            v.clear();
-            v.extend_from_slice(&buf[r]);
-            env.payload = v;
+            env.payload = buf[r].to_vec();
         }
         Ok(env)
     }
@@ -418,8 +406,8 @@ impl FrameReader {
         self.next_envelope_with(Vec::with_capacity)
     }
 
-    /// [`FrameReader::next_envelope`], with the payload copied into `payload_buf(len)` (see
-    /// [`Envelope::decode_protobuf_with`]); but a payload of 64 KiB or more in a frame that
+    /// [`FrameReader::next_envelope`], with the payload copied into `payload_buf(len)` (an
+    /// empty buffer with room for `len` bytes: a reused one, say); but a payload of 64 KiB or more in a frame that
     /// fills the buffer alone takes the buffer itself (moved down over the frame's head), and
     /// the reader starts afresh.
     pub fn next_envelope_with(
@@ -747,6 +735,35 @@ mod tests {
             prop_assert_eq!(got.payload.len(), if shape == 2 { small } else { n });
             prop_assert_eq!(r.buffered(), 0);
             prop_assert!(r.next_envelope().unwrap().is_none());
+        }
+
+        /// A damaged large frame read alone (bytes overwritten anywhere in its body, a length
+        /// varint among them) gives what the plain decoder gives: the same envelope or an
+        /// error, never a panic; and an error leaves nothing buffered to misread later.
+        #[test]
+        fn a_damaged_large_frame_read_alone_decodes_as_the_plain_decoder_does(
+            n in 65_536usize..100_000,
+            hits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+        ) {
+            let mut body = Vec::new();
+            Envelope::new("bench.bt", "bt", vec![0x5a; n]).encode_protobuf(&mut body);
+            for (at, b) in hits {
+                // Mostly the head, where the fields' keys and lengths are.
+                let i = if at % 2 == 0 { at % 32 } else { at % body.len() };
+                body[i] = b;
+            }
+            let want = Envelope::decode_protobuf(&body);
+            let mut frame = Vec::new();
+            netstring::encode_into(&body, &mut frame);
+            let mut r = FrameReader::new(1 << 20);
+            prop_assert_eq!(r.push(&frame), frame.len());
+            match (r.next_envelope(), want) {
+                (Ok(Some(got)), Ok(want)) => prop_assert_eq!(got, want),
+                (Err(EnvelopeError::Frame(_)), _) => prop_assert!(false, "the frame is whole"),
+                (Err(_), Err(_)) => {}
+                (got, want) => prop_assert!(false, "reader {:?}, plain {:?}", got.map(|_| ()), want.map(|_| ())),
+            }
+            prop_assert_eq!(r.buffered(), 0);
         }
 
         /// The platform's way of reading (bytes appended in place, the whole frame's buffer

@@ -40,6 +40,7 @@ pub mod identity;
 pub mod netstring;
 pub mod offline;
 pub mod platform;
+pub(crate) mod prefault;
 pub mod services;
 pub mod storage;
 pub mod transport;

@@ -10,9 +10,8 @@
 //! for [`IDLE`]: an idle node keeps nothing.
 //!
 //! A fresh large buffer (none spare fits, as in a burst of sends that fills a peer's queue) is
-//! faulted in with one `madvise(MADV_POPULATE_WRITE)` rather than one page fault per 4 KiB page
-//! as it is first written (Linux 5.14 and later; elsewhere, or when refused, the pages fault in
-//! as before). In `nodes_bt` the sender's CPU per 100 MiB fell from 0.15-0.19 s to 0.13-0.15 s.
+//! faulted in at once ([`crate::prefault`]) rather than one page fault per 4 KiB page as it is
+//! first written. In `nodes_bt` the sender's CPU per 100 MiB fell from 0.15-0.19 s to 0.13-0.15 s.
 
 use std::time::{Duration, Instant};
 
@@ -46,7 +45,7 @@ impl FramePool {
                 return v;
             }
         }
-        with_capacity_prefaulted(len)
+        crate::prefault::with_capacity(len)
     }
 
     /// Takes back a buffer that is done with. Returns when to check for release if that check
@@ -93,43 +92,6 @@ impl FramePool {
     }
 }
 
-/// An empty buffer with room for `len` bytes whose pages, when it is large (at least
-/// [`MIN_POOLED`]), are faulted in at once ([`prefault`]): for large buffers about to be
-/// written whole (a frame, a payload handed to the application).
-pub(crate) fn with_capacity_prefaulted(len: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len);
-    if len >= MIN_POOLED {
-        let _ = prefault(&mut v);
-    }
-    v
-}
-
-/// Asks the kernel to back the whole capacity of `v` with pages now, in one system call, so
-/// that writing it does not take a page fault per page. A hint: without `MADV_POPULATE_WRITE`
-/// nothing happens.
-/// Returns whether the kernel did.
-#[cfg(target_os = "linux")]
-fn prefault(v: &mut Vec<u8>) -> bool {
-    /// `MADV_POPULATE_WRITE` (Linux 5.14), spelled out: not every libc crate names it.
-    const MADV_POPULATE_WRITE: libc::c_int = 23;
-    const PAGE: usize = 4096;
-    let spare = v.spare_capacity_mut();
-    let at = spare.as_mut_ptr() as usize;
-    let start = at.next_multiple_of(PAGE);
-    let end = (at + spare.len()) & !(PAGE - 1);
-    // SAFETY: [start, end) lies inside the allocation `v` owns (its spare capacity, rounded
-    // inward to whole pages); populating pages for writing changes no byte a program could
-    // observe, and the call's failure (an older kernel: EINVAL) is harmless.
-    end > start
-        && unsafe { libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE) }
-            == 0
-}
-
-#[cfg(not(target_os = "linux"))]
-fn prefault(_v: &mut Vec<u8>) -> bool {
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,34 +127,5 @@ mod tests {
         assert_eq!(next, Some(t + Duration::from_millis(1500)));
         assert_eq!(p.release_due(t + Duration::from_millis(1500)), None);
         assert!(p.spare.is_empty());
-    }
-
-    /// Minor page faults of this process so far.
-    #[cfg(target_os = "linux")]
-    fn minor_faults() -> i64 {
-        // SAFETY: getrusage writes the struct it is given.
-        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-        unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
-        u.ru_minflt
-    }
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn a_prefaulted_buffer_is_written_without_a_fault_per_page() {
-        let len = 8 << 20;
-        let mut v: Vec<u8> = Vec::with_capacity(len);
-        if !prefault(&mut v) {
-            eprintln!("SKIPPED: this kernel has no MADV_POPULATE_WRITE");
-            return;
-        }
-        let before = minor_faults();
-        v.resize(len, 0xa5);
-        let faults = minor_faults() - before;
-        assert!(v.iter().all(|&b| b == 0xa5));
-        // 2,048 pages were written; without the hint each would have faulted.
-        assert!(
-            faults < 64,
-            "{faults} page faults writing a prefaulted 8 MiB buffer"
-        );
     }
 }

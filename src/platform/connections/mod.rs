@@ -124,7 +124,7 @@
 //! [`super::Stats::frame_bytes_peak`] reports the most bytes ever reserved at once.
 
 mod config;
-pub(crate) mod frame_pool;
+mod frame_pool;
 mod lifecycle;
 mod reach;
 mod receiving;
