@@ -38,7 +38,12 @@ impl FramePool {
     /// An empty buffer with room for `len` bytes: a spare one when there is one that fits.
     pub(super) fn take(&mut self, len: usize, now: Instant) -> Vec<u8> {
         if len >= MIN_POOLED {
-            if let Some(i) = self.spare.iter().position(|v| v.capacity() >= len) {
+            // The smallest spare that fits, so that a large one stays for a large frame.
+            let fit = (self.spare.iter().enumerate())
+                .filter(|(_, v)| v.capacity() >= len)
+                .min_by_key(|(_, v)| v.capacity())
+                .map(|(i, _)| i);
+            if let Some(i) = fit {
                 self.last_used = Some(now);
                 let mut v = self.spare.swap_remove(i);
                 v.clear();
@@ -52,10 +57,24 @@ impl FramePool {
     /// is not scheduled yet (the caller schedules it and calls [`FramePool::release_due`]).
     pub(super) fn give(&mut self, v: Vec<u8>, now: Instant) -> Option<Instant> {
         let cap = v.capacity();
-        if !(MIN_POOLED..=MAX_POOLED).contains(&cap) || self.spare.len() >= SPARES {
+        if !(MIN_POOLED..=MAX_POOLED).contains(&cap) {
             return None;
         }
-        self.spare.push(v);
+        if self.spare.len() < SPARES {
+            self.spare.push(v);
+        } else {
+            // Full: a larger buffer takes the smallest one's place. Spares too small for the
+            // frames coming in (a frame reader's first 64 KiB) must not keep out the ones that
+            // fit: they did, and a 1 MiB `bt` receiver took fresh pages for most payloads.
+            let (i, smallest) = (self.spare.iter().enumerate())
+                .map(|(i, s)| (i, s.capacity()))
+                .min_by_key(|&(_, c)| c)
+                .expect("the pool is full");
+            if smallest >= cap {
+                return None;
+            }
+            self.spare[i] = v;
+        }
         self.last_used = Some(now);
         (!std::mem::replace(&mut self.armed, true)).then(|| now + IDLE)
     }
@@ -127,5 +146,27 @@ mod tests {
         assert_eq!(next, Some(t + Duration::from_millis(1500)));
         assert_eq!(p.release_due(t + Duration::from_millis(1500)), None);
         assert!(p.spare.is_empty());
+    }
+
+    #[test]
+    fn larger_buffers_displace_smaller_spares_and_the_best_fit_is_taken() {
+        let t = Instant::now();
+        let mut p = FramePool::default();
+        for _ in 0..SPARES {
+            p.give(Vec::with_capacity(MIN_POOLED), t);
+        }
+        // A full pool of reader-sized spares still takes a frame-sized one...
+        p.give(Vec::with_capacity(1 << 20), t);
+        assert_eq!(p.spare.len(), SPARES);
+        p.give(Vec::with_capacity(2 << 20), t);
+        // ...but not a smaller one than all it holds.
+        p.give(Vec::with_capacity(MIN_POOLED), t);
+        let mut caps: Vec<usize> = p.spare.iter().map(Vec::capacity).collect();
+        caps.sort_unstable();
+        assert_eq!(caps, [MIN_POOLED, MIN_POOLED, 1 << 20, 2 << 20]);
+        // The smallest that fits: the 1 MiB one for a 1 MiB frame, the 2 MiB one stays.
+        assert_eq!(p.take(1 << 20, t).capacity(), 1 << 20);
+        assert_eq!(p.take(1 << 20, t).capacity(), 2 << 20);
+        assert_eq!(p.take(MIN_POOLED, t).capacity(), MIN_POOLED);
     }
 }
