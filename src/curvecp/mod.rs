@@ -11,7 +11,8 @@
 //! - [`client`] / [`server`]: the crypto-layer state machines.
 //! - [`message`]: the message-layer codec (16..1088-byte messages inside the boxes).
 //! - [`stream`]: the reliable byte stream built from messages (acknowledgements,
-//!   retransmission, windows, EOF).
+//!   retransmission, windows, EOF); its unacknowledged bytes, copied or owned, live in
+//!   `sendbuf`.
 //! - [`congestion`]: congestion controllers behind the [`congestion::Congestion`] trait.
 
 pub mod client;
@@ -19,6 +20,7 @@ pub mod congestion;
 pub mod cookie;
 pub mod message;
 pub mod packet;
+mod sendbuf;
 pub mod server;
 pub mod stream;
 

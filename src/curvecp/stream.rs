@@ -6,8 +6,9 @@
 //! buffer), and sleeps until [`Stream::poll_timeout`]. The application side is
 //! [`Stream::write`] / [`Stream::finish`] and [`Stream::read`] / [`Stream::peer_eof`].
 //!
-//! Sending: bytes are queued in a send buffer bounded by [`StreamConfig::send_buffer`] (grown on
-//! demand, released when empty), cut into blocks of up to 1024 bytes (`initial_block` until the
+//! Sending: bytes are queued in a send buffer bounded by [`StreamConfig::send_buffer`] (copied
+//! into a ring grown on demand and released when empty, or whole buffers handed over with
+//! [`Stream::write_owned`]; see `sendbuf`), cut into blocks of up to 1024 bytes (`initial_block` until the
 //! peer has spoken, and never more than fits the caller's `max_len`), at most [`MAX_BLOCKS`]
 //! blocks queued and never beyond the peer's range 1 + [`SEND_WINDOW`] (the reference drops
 //! anything further). Every transmission gets a new message ID. RTT samples come only from an
@@ -42,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use super::congestion::{self, Congestion, CongestionFactory};
 use super::message::{self, Message, MessageHeader, Stop, ACK_LEN, MAX_DATA};
+use super::sendbuf::SendBuf;
 
 /// The most blocks (sent and not yet removed from the head of the queue) a stream keeps.
 pub const MAX_BLOCKS: usize = 128;
@@ -57,8 +59,6 @@ pub const DUP_THRESHOLD: u64 = 3;
 pub const MAX_RTO: Duration = Duration::from_secs(4);
 /// The largest stream position the protocol allows (2^60).
 const MAX_STREAM: u64 = 1 << 60;
-/// Send buffers larger than this are released when they become empty.
-const KEEP_CAPACITY: usize = 8 * 1024;
 /// An emptied receive ring is kept this long for more data, then released (at the next
 /// `poll_message`, which `poll_timeout` asks for): a bulk receiver that reads everything each
 /// turn would otherwise free and zero-allocate (and grow by doubling) its ring every turn, and
@@ -255,9 +255,8 @@ pub struct Stream {
     heard_from_peer: bool,
 
     // Send side.
-    /// Bytes `[sbuf_start, write_pos)` of our stream.
-    sbuf: VecDeque<u8>,
-    sbuf_start: u64,
+    /// Bytes `[sbuf.start(), write_pos)` of our stream.
+    sbuf: SendBuf,
     write_pos: u64,
     /// First byte not yet cut into a block.
     next_pos: u64,
@@ -329,8 +328,7 @@ impl Stream {
             last_max_len: message::MAX_MESSAGE,
             max_block: config.initial_block.clamp(1, MAX_DATA),
             heard_from_peer: false,
-            sbuf: VecDeque::new(),
-            sbuf_start: 0,
+            sbuf: SendBuf::default(),
             write_pos: 0,
             next_pos: 0,
             eof: None,
@@ -388,9 +386,33 @@ impl Stream {
     /// the stream was finished: backpressure).
     pub fn write(&mut self, data: &[u8]) -> usize {
         let n = data.len().min(self.writable());
-        self.sbuf.extend(&data[..n]);
+        self.sbuf.write(&data[..n]);
         self.write_pos += n as u64;
         n
+    }
+
+    /// Queues `buf[from..]` for sending without copying it, whole, when the send buffer has any
+    /// room (it then holds up to this buffer more than [`StreamConfig::send_buffer`]); gives it
+    /// back when there is none or the stream was finished. Once all of it is acknowledged the
+    /// buffer can be had back for reuse from [`Stream::take_spent`].
+    ///
+    /// Worth it for large buffers the caller is done with (a platform frame of a megabyte);
+    /// small writes are better copied with [`Stream::write`], which packs them together.
+    pub fn write_owned(&mut self, buf: Vec<u8>, from: usize) -> Result<usize, Vec<u8>> {
+        let n = buf.len().saturating_sub(from);
+        let max_more = MAX_STREAM.saturating_sub(self.write_pos);
+        if self.writable() == 0 || n as u64 > max_more {
+            return Err(buf);
+        }
+        self.sbuf.write_owned(buf, from);
+        self.write_pos += n as u64;
+        Ok(n)
+    }
+
+    /// A buffer given to [`Stream::write_owned`] whose bytes have all been acknowledged (its
+    /// contents unspecified), for the caller to reuse; the stream keeps at most two.
+    pub fn take_spent(&mut self) -> Option<Vec<u8>> {
+        self.sbuf.take_spent()
     }
 
     /// Room left in the send buffer.
@@ -626,13 +648,8 @@ impl Stream {
                 }
             }
             let new_start = self.blocks.front().map_or(self.next_pos, |b| b.pos);
-            if new_start > self.sbuf_start {
-                let n = (new_start - self.sbuf_start) as usize;
-                self.sbuf.drain(..n);
-                self.sbuf_start = new_start;
-                if self.sbuf.is_empty() && self.sbuf.capacity() > KEEP_CAPACITY {
-                    self.sbuf = VecDeque::new();
-                }
+            if new_start > self.sbuf.start() {
+                self.sbuf.release_to(new_start);
             }
         }
     }
@@ -840,7 +857,7 @@ impl Stream {
         }
         let unsent = self.write_pos - self.next_pos;
         // Everything below `sbuf_start` is acknowledged (by any range), so it is a safe base too.
-        let base = self.peer_ack.max(self.sbuf_start);
+        let base = self.peer_ack.max(self.sbuf.start());
         let room = (base + SEND_WINDOW).saturating_sub(self.next_pos);
         if unsent > 0 {
             let mut want = unsent.min(limit as u64);
@@ -920,18 +937,7 @@ impl Stream {
         }
         let data_at = msg_len - len;
         // Copy the data straight from the send buffer to the end of the message.
-        let off = (b.pos - self.sbuf_start) as usize;
-        let (a, c) = self.sbuf.as_slices();
-        let dst = &mut out[data_at..msg_len];
-        if off + len <= a.len() {
-            dst.copy_from_slice(&a[off..off + len]);
-        } else if off >= a.len() {
-            dst.copy_from_slice(&c[off - a.len()..off - a.len() + len]);
-        } else {
-            let k = a.len() - off;
-            dst[..k].copy_from_slice(&a[off..]);
-            dst[k..].copy_from_slice(&c[..len - k]);
-        }
+        self.sbuf.copy_out(b.pos, &mut out[data_at..msg_len]);
         // Header and padding around the data already in place.
         h.encode_in_place(msg_len, out)
     }
@@ -1112,7 +1118,7 @@ impl Stream {
     /// Stream position below which every byte we wrote has been acknowledged by the peer (a
     /// platform can release stored messages up to here).
     pub fn bytes_acked(&self) -> u64 {
-        self.sbuf_start
+        self.sbuf.start()
     }
 
     /// Bytes written so far (the stream position of the next byte `write` takes).
@@ -1135,9 +1141,7 @@ impl Stream {
             self.rhead = 0;
             self.rbuf_idle_since = None;
         }
-        if self.sbuf.is_empty() {
-            self.sbuf = VecDeque::new();
-        }
+        self.sbuf.shrink_to_fit();
         if self.blocks.is_empty() {
             self.blocks = VecDeque::new();
         }
@@ -1149,7 +1153,7 @@ impl Stream {
     /// Bytes of heap memory held by this stream's buffers (for memory budgets and tests).
     pub fn buffer_bytes(&self) -> usize {
         self.rbuf.capacity()
-            + self.sbuf.capacity()
+            + self.sbuf.buffer_bytes()
             + self.blocks.capacity() * std::mem::size_of::<Block>()
             + self.holes.capacity() * std::mem::size_of::<(u64, u64)>()
     }

@@ -3,6 +3,12 @@
 
 use super::*;
 
+/// Frames (or what is left of one) of at least this many bytes are given to the stream whole
+/// ([`Stream::write_owned`]) instead of copied into its send buffer as room appears: one copy
+/// fewer of every byte of a bulk sender, which took 6% of its time, and the buffer returns to the
+/// frame pool once acknowledged. Smaller frames are copied, packed together in the stream's ring.
+const OWNED_FRAME: usize = 16 * 1024;
+
 impl Core {
     /// Sends a message to another node (the remote half of [`Core::send`]).
     pub(crate) fn send_remote(
@@ -226,14 +232,33 @@ impl Core {
         let Some(stream) = stream_of(&mut net.server, &mut c.link) else {
             return;
         };
+        while let Some(v) = stream.take_spent() {
+            net.frames.give_scheduled(v, now, &mut net.timers);
+        }
         let mut expired = Vec::new();
         loop {
             if c.partial_pos < c.partial.len() {
-                let n = stream.write(&c.partial[c.partial_pos..]);
+                let left = c.partial.len() - c.partial_pos;
+                let n = if left >= OWNED_FRAME {
+                    // Handed over whole, not copied: see `OWNED_FRAME`.
+                    match stream.write_owned(std::mem::take(&mut c.partial), c.partial_pos) {
+                        Ok(n) => {
+                            c.partial_pos = 0;
+                            n
+                        }
+                        Err(v) => {
+                            c.partial = v;
+                            0
+                        }
+                    }
+                } else {
+                    let n = stream.write(&c.partial[c.partial_pos..]);
+                    c.partial_pos += n;
+                    n
+                };
                 if n > 0 {
                     c.last_write = now;
                 }
-                c.partial_pos += n;
                 c.written += n as u64;
                 if c.partial_pos < c.partial.len() {
                     break;
