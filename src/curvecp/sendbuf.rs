@@ -20,12 +20,10 @@ use std::collections::VecDeque;
 
 /// Ring buffers larger than this are released when they become empty.
 const KEEP_CAPACITY: usize = 8 * 1024;
-/// The most acknowledged owned buffers kept for [`SendBuf::take_spent`]; further ones are freed.
-const MAX_SPENT: usize = 2;
 
 /// Where a segment's bytes live.
 enum Data {
-    /// In the ring, from this count of ring bytes ever written.
+    /// In the ring, from this count of ring bytes ever removed or held ([`Mixed::ring_base`]).
     Ring { at: u64 },
     /// In this buffer, from this index.
     Owned { buf: Vec<u8>, off: usize },
@@ -38,20 +36,45 @@ struct Seg {
     data: Data,
 }
 
+/// The segment queue, kept only while an owned buffer is held or waits to be taken back.
+struct Mixed {
+    segs: VecDeque<Seg>,
+    /// Ring bytes removed from the front since this queue was made (the count of the ring's
+    /// first byte).
+    ring_base: u64,
+    /// An owned buffer whose bytes are all acknowledged, for the caller to reuse (one is kept:
+    /// a caller that reuses them takes each before the next megabyte is acknowledged).
+    spent: Option<Vec<u8>>,
+}
+
 /// Unacknowledged stream bytes: see the module docs.
+///
+/// Without owned buffers (`mixed` is `None`, the usual case and every idle connection) every
+/// byte held is in the ring, in order, and the structure is a ring and two positions.
 #[derive(Default)]
 pub(crate) struct SendBuf {
     /// Copied bytes of every ring segment, in order.
     ring: VecDeque<u8>,
-    /// Ring bytes ever removed from the front (the count of the ring's first byte).
-    ring_base: u64,
-    segs: VecDeque<Seg>,
     /// Stream position of the first byte held.
     start: u64,
     /// Stream position after the last byte held.
     end: u64,
-    /// Owned buffers whose bytes are all acknowledged, for the caller to reuse.
-    spent: Vec<Vec<u8>>,
+    mixed: Option<Box<Mixed>>,
+}
+
+/// Copies `out.len()` bytes of `ring` from index `from`.
+fn copy_from_ring(ring: &VecDeque<u8>, from: usize, out: &mut [u8]) {
+    let n = out.len();
+    let (a, b) = ring.as_slices();
+    if from + n <= a.len() {
+        out.copy_from_slice(&a[from..from + n]);
+    } else if from >= a.len() {
+        out.copy_from_slice(&b[from - a.len()..from - a.len() + n]);
+    } else {
+        let k = a.len() - from;
+        out[..k].copy_from_slice(&a[from..]);
+        out[k..].copy_from_slice(&b[..n - k]);
+    }
 }
 
 impl SendBuf {
@@ -65,20 +88,27 @@ impl SendBuf {
         self.start
     }
 
+    /// Stream position after the last byte held (where the next write goes).
+    pub(crate) fn end(&self) -> u64 {
+        self.end
+    }
+
     /// Copies `data` in at the end.
     pub(crate) fn write(&mut self, data: &[u8]) {
         if data.is_empty() {
             return;
         }
-        match self.segs.back_mut() {
-            Some(s) if matches!(s.data, Data::Ring { .. }) => s.len += data.len(),
-            _ => self.segs.push_back(Seg {
-                pos: self.end,
-                len: data.len(),
-                data: Data::Ring {
-                    at: self.ring_base + self.ring.len() as u64,
-                },
-            }),
+        if let Some(m) = self.mixed.as_deref_mut() {
+            match m.segs.back_mut() {
+                Some(s) if matches!(s.data, Data::Ring { .. }) => s.len += data.len(),
+                _ => m.segs.push_back(Seg {
+                    pos: self.end,
+                    len: data.len(),
+                    data: Data::Ring {
+                        at: m.ring_base + self.ring.len() as u64,
+                    },
+                }),
+            }
         }
         self.ring.extend(data);
         self.end += data.len() as u64;
@@ -88,11 +118,30 @@ impl SendBuf {
     /// [`SendBuf::take_spent`] once all of it is acknowledged.
     pub(crate) fn write_owned(&mut self, buf: Vec<u8>, off: usize) {
         let len = buf.len().saturating_sub(off);
-        if len == 0 {
-            self.keep_spent(buf);
+        if len == 0 && buf.capacity() == 0 {
             return;
         }
-        self.segs.push_back(Seg {
+        let m = self.mixed.get_or_insert_with(|| {
+            // The bytes held so far are all in the ring: one segment.
+            let mut segs = VecDeque::new();
+            if !self.ring.is_empty() {
+                segs.push_back(Seg {
+                    pos: self.start,
+                    len: self.ring.len(),
+                    data: Data::Ring { at: 0 },
+                });
+            }
+            Box::new(Mixed {
+                segs,
+                ring_base: 0,
+                spent: None,
+            })
+        });
+        if len == 0 {
+            m.spent.get_or_insert(buf);
+            return;
+        }
+        m.segs.push_back(Seg {
             pos: self.end,
             len,
             data: Data::Owned { buf, off },
@@ -104,15 +153,15 @@ impl SendBuf {
     /// `start() <= pos` and `pos + dst.len() <= start() + len()`.
     pub(crate) fn copy_out(&self, pos: u64, dst: &mut [u8]) {
         debug_assert!(pos >= self.start && pos + dst.len() as u64 <= self.end);
-        let mut i = if self.segs.len() == 1 {
-            0
-        } else {
-            self.segs.partition_point(|s| s.pos + s.len as u64 <= pos)
+        let Some(m) = self.mixed.as_deref() else {
+            copy_from_ring(&self.ring, (pos - self.start) as usize, dst);
+            return;
         };
+        let mut i = m.segs.partition_point(|s| s.pos + s.len as u64 <= pos);
         let mut pos = pos;
         let mut done = 0;
         while done < dst.len() {
-            let Some(s) = self.segs.get(i) else { return };
+            let Some(s) = m.segs.get(i) else { return };
             let skip = (pos - s.pos) as usize;
             let n = (s.len - skip).min(dst.len() - done);
             let out = &mut dst[done..done + n];
@@ -123,17 +172,7 @@ impl SendBuf {
                     prefetch(&buf[(at + n).min(buf.len())..]);
                 }
                 Data::Ring { at } => {
-                    let from = (at - self.ring_base) as usize + skip;
-                    let (a, b) = self.ring.as_slices();
-                    if from + n <= a.len() {
-                        out.copy_from_slice(&a[from..from + n]);
-                    } else if from >= a.len() {
-                        out.copy_from_slice(&b[from - a.len()..from - a.len() + n]);
-                    } else {
-                        let k = a.len() - from;
-                        out[..k].copy_from_slice(&a[from..]);
-                        out[k..].copy_from_slice(&b[..n - k]);
-                    }
+                    copy_from_ring(&self.ring, (at - m.ring_base) as usize + skip, out)
                 }
             }
             done += n;
@@ -146,29 +185,40 @@ impl SendBuf {
     /// way become spent.
     pub(crate) fn release_to(&mut self, to: u64) {
         let to = to.min(self.end);
-        while self.start < to {
-            let Some(s) = self.segs.front_mut() else {
-                break;
-            };
-            let n = ((to - self.start) as usize).min(s.len);
-            s.pos += n as u64;
-            s.len -= n;
-            match &mut s.data {
-                Data::Ring { at } => {
-                    self.ring.drain(..n);
-                    self.ring_base += n as u64;
-                    *at += n as u64;
+        if to > self.start {
+            match self.mixed.as_deref_mut() {
+                None => {
+                    self.ring.drain(..(to - self.start) as usize);
+                    self.start = to;
                 }
-                Data::Owned { off, .. } => *off += n,
-            }
-            self.start += n as u64;
-            if s.len == 0 {
-                if let Some(Seg {
-                    data: Data::Owned { buf, .. },
-                    ..
-                }) = self.segs.pop_front()
-                {
-                    self.keep_spent(buf);
+                Some(m) => {
+                    while self.start < to {
+                        let Some(s) = m.segs.front_mut() else { break };
+                        let n = ((to - self.start) as usize).min(s.len);
+                        s.pos += n as u64;
+                        s.len -= n;
+                        match &mut s.data {
+                            Data::Ring { at } => {
+                                self.ring.drain(..n);
+                                m.ring_base += n as u64;
+                                *at += n as u64;
+                            }
+                            Data::Owned { off, .. } => *off += n,
+                        }
+                        self.start += n as u64;
+                        if s.len == 0 {
+                            if let Some(Seg {
+                                data: Data::Owned { buf, .. },
+                                ..
+                            }) = m.segs.pop_front()
+                            {
+                                if buf.capacity() > 0 {
+                                    m.spent.get_or_insert(buf);
+                                }
+                            }
+                        }
+                    }
+                    self.maybe_unmix();
                 }
             }
         }
@@ -177,45 +227,51 @@ impl SendBuf {
         }
     }
 
-    fn keep_spent(&mut self, buf: Vec<u8>) {
-        if self.spent.len() < MAX_SPENT && buf.capacity() > 0 {
-            self.spent.push(buf);
+    /// Drops the segment queue once no owned buffer is held or waiting: every byte left is
+    /// then in the ring, in order.
+    fn maybe_unmix(&mut self) {
+        if let Some(m) = self.mixed.as_deref() {
+            let owned = m.segs.iter().any(|s| matches!(s.data, Data::Owned { .. }));
+            if !owned && m.spent.is_none() {
+                self.mixed = None;
+            }
         }
     }
 
     /// An owned buffer whose bytes have all been acknowledged (its contents unspecified), for
-    /// the caller to reuse; the buffer keeps at most two.
+    /// the caller to reuse; one is kept, further ones are freed.
     pub(crate) fn take_spent(&mut self) -> Option<Vec<u8>> {
-        self.spent.pop()
+        let v = self.mixed.as_deref_mut()?.spent.take();
+        self.maybe_unmix();
+        v
     }
 
-    /// Releases the ring and spent buffers if nothing is held in the ring.
+    /// Releases the ring if it is empty, and the spent buffer.
     pub(crate) fn shrink_to_fit(&mut self) {
         if self.ring.is_empty() {
             self.ring = VecDeque::new();
         }
-        self.spent = Vec::new();
-        if self.segs.is_empty() {
-            self.segs = VecDeque::new();
+        if let Some(m) = self.mixed.as_deref_mut() {
+            m.spent = None;
         }
+        self.maybe_unmix();
     }
 
     /// Bytes of heap memory held.
     pub(crate) fn buffer_bytes(&self) -> usize {
-        let owned: usize = self
-            .segs
-            .iter()
-            .map(|s| match &s.data {
-                Data::Owned { buf, .. } => buf.capacity(),
-                Data::Ring { .. } => 0,
-            })
-            .sum();
-        let spent: usize = self.spent.iter().map(Vec::capacity).sum();
-        self.ring.capacity()
-            + owned
-            + spent
-            + self.segs.capacity() * std::mem::size_of::<Seg>()
-            + self.spent.capacity() * std::mem::size_of::<Vec<u8>>()
+        let mixed = self.mixed.as_deref().map_or(0, |m| {
+            let owned: usize = (m.segs.iter())
+                .map(|s| match &s.data {
+                    Data::Owned { buf, .. } => buf.capacity(),
+                    Data::Ring { .. } => 0,
+                })
+                .sum();
+            std::mem::size_of::<Mixed>()
+                + m.segs.capacity() * std::mem::size_of::<Seg>()
+                + owned
+                + m.spent.as_ref().map_or(0, Vec::capacity)
+        });
+        self.ring.capacity() + mixed
     }
 }
 
@@ -325,24 +381,35 @@ mod tests {
         assert!(b.take_spent().is_none());
         b.release_to(20_100);
         assert_eq!(b.take_spent().map(|v| v.capacity()), Some(20_000));
+        b.write_owned(vec![5; 100], 0);
+        b.release_to(u64::MAX);
+        assert_eq!(b.take_spent().map(|v| v.len()), Some(30_000), "one is kept");
+        assert!(b.take_spent().is_none());
+        b.write_owned(vec![6; 100], 0);
         b.release_to(u64::MAX);
         assert_eq!(b.len(), 0);
-        assert_eq!(b.take_spent().map(|v| v.len()), Some(30_000));
         assert!(b.buffer_bytes() > 0);
         b.shrink_to_fit();
         assert_eq!(b.buffer_bytes(), 0);
     }
 
     #[test]
-    fn copied_writes_share_one_segment() {
+    fn copied_writes_share_one_segment_and_the_queue_goes_with_the_last_owned_buffer() {
         let mut b = SendBuf::default();
+        b.write(&[1; 10]);
+        assert!(b.mixed.is_none(), "copies alone need no segments");
+        b.write_owned(vec![2; 10], 0);
         for i in 0..1000u32 {
             b.write(&i.to_le_bytes());
         }
-        assert_eq!(b.segs.len(), 1);
-        b.release_to(4000);
-        assert!(b.segs.is_empty());
-        b.write(&[5]);
-        assert_eq!(b.segs.len(), 1);
+        let segs = |b: &SendBuf| b.mixed.as_ref().map(|m| m.segs.len());
+        assert_eq!(segs(&b), Some(3));
+        b.release_to(20);
+        assert_eq!(segs(&b), Some(1), "the spent buffer waits");
+        assert!(b.take_spent().is_some());
+        assert!(b.mixed.is_none());
+        let mut out = [0; 4];
+        b.copy_out(20 + 4 * 999, &mut out);
+        assert_eq!(out, 999u32.to_le_bytes());
     }
 }

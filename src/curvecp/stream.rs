@@ -255,9 +255,8 @@ pub struct Stream {
     heard_from_peer: bool,
 
     // Send side.
-    /// Bytes `[sbuf.start(), write_pos)` of our stream.
+    /// Bytes `[sbuf.start(), sbuf.end())` of our stream (`end` is where the next write goes).
     sbuf: SendBuf,
-    write_pos: u64,
     /// First byte not yet cut into a block.
     next_pos: u64,
     eof: Option<Eof>,
@@ -329,7 +328,6 @@ impl Stream {
             max_block: config.initial_block.clamp(1, MAX_DATA),
             heard_from_peer: false,
             sbuf: SendBuf::default(),
-            write_pos: 0,
             next_pos: 0,
             eof: None,
             eof_cut: false,
@@ -387,7 +385,6 @@ impl Stream {
     pub fn write(&mut self, data: &[u8]) -> usize {
         let n = data.len().min(self.writable());
         self.sbuf.write(&data[..n]);
-        self.write_pos += n as u64;
         n
     }
 
@@ -400,17 +397,17 @@ impl Stream {
     /// small writes are better copied with [`Stream::write`], which packs them together.
     pub fn write_owned(&mut self, buf: Vec<u8>, from: usize) -> Result<usize, Vec<u8>> {
         let n = buf.len().saturating_sub(from);
-        let max_more = MAX_STREAM.saturating_sub(self.write_pos);
+        let max_more = MAX_STREAM.saturating_sub(self.sbuf.end());
         if self.writable() == 0 || n as u64 > max_more {
             return Err(buf);
         }
         self.sbuf.write_owned(buf, from);
-        self.write_pos += n as u64;
         Ok(n)
     }
 
     /// A buffer given to [`Stream::write_owned`] whose bytes have all been acknowledged (its
-    /// contents unspecified), for the caller to reuse; the stream keeps at most two.
+    /// contents unspecified), for the caller to reuse; the stream keeps one (take each as it
+    /// comes, or the next is freed).
     pub fn take_spent(&mut self) -> Option<Vec<u8>> {
         self.sbuf.take_spent()
     }
@@ -421,7 +418,7 @@ impl Stream {
             return 0;
         }
         let room = self.send_buffer.saturating_sub(self.sbuf.len());
-        let max_more = MAX_STREAM.saturating_sub(self.write_pos);
+        let max_more = MAX_STREAM.saturating_sub(self.sbuf.end());
         room.min(usize::try_from(max_more).unwrap_or(usize::MAX))
     }
 
@@ -855,7 +852,7 @@ impl Stream {
         if limit == 0 {
             return None;
         }
-        let unsent = self.write_pos - self.next_pos;
+        let unsent = self.sbuf.end() - self.next_pos;
         // Everything below `sbuf_start` is acknowledged (by any range), so it is a safe base too.
         let base = self.peer_ack.max(self.sbuf.start());
         let room = (base + SEND_WINDOW).saturating_sub(self.next_pos);
@@ -873,7 +870,7 @@ impl Stream {
             if room < want {
                 return None;
             }
-            let eof = self.eof.is_some() && self.next_pos + want == self.write_pos;
+            let eof = self.eof.is_some() && self.next_pos + want == self.sbuf.end();
             return Some((want as usize, eof));
         }
         if self.eof.is_some() && !self.eof_cut {
@@ -895,7 +892,7 @@ impl Stream {
             || self.peer_eof.is_some()
             || self.in_flight > 0
             || self.ping_pending
-            || self.write_pos > self.next_pos
+            || self.sbuf.end() > self.next_pos
             || (self.eof.is_some() && !self.eof_cut)
         {
             return None;
@@ -1111,7 +1108,7 @@ impl Stream {
     /// Every byte written (and our EOF, if finished) has been acknowledged.
     pub fn all_acked(&self) -> bool {
         self.blocks.is_empty()
-            && self.next_pos == self.write_pos
+            && self.next_pos == self.sbuf.end()
             && (self.eof.is_none() || self.eof_acked)
     }
 
@@ -1123,7 +1120,7 @@ impl Stream {
 
     /// Bytes written so far (the stream position of the next byte `write` takes).
     pub fn bytes_written(&self) -> u64 {
-        self.write_pos
+        self.sbuf.end()
     }
 
     /// Set once the stream has failed; it then sends nothing more.
