@@ -173,6 +173,45 @@ fn a_dead_peer_is_detected_and_queued_realtime_messages_fail() {
 }
 
 #[test]
+fn the_bytes_waiting_for_all_destinations_together_are_bounded() {
+    let cfg = NetConfig {
+        peer_queue_bytes: 2_000,
+        send_queue_bytes: 3_000,
+        lookup_timeout: Duration::from_secs(30),
+        ..NetConfig::default()
+    };
+    let mut a = Platform::builder().net(cfg).build().unwrap();
+    // Unknown destinations: their messages wait in memory for a lookup.
+    let (one, two) = (
+        Identity::generate().sign_id(),
+        Identity::generate().sign_id(),
+    );
+    let soon = SendOptions {
+        realtime: true,
+        expire_after: Some(Duration::from_millis(100)),
+    };
+    assert!(a
+        .send_with(one, "bt", "t", vec![1; 1_500], soon)
+        .is_queued());
+    let first = a.queued_bytes();
+    assert!((1_500..2_000).contains(&first), "{first}");
+    // Within the destination's own bound, but not within what is left of the total.
+    let big = vec![2; 3_000 - first];
+    assert_eq!(a.send(two, "bt", "t", big.clone()), SendStatus::BufferFull);
+    assert_eq!(a.queued_for(&two), 0);
+    assert!(a.send_with(two, "bt", "t", vec![3; 500], soon).is_queued());
+    let both = a.queued_bytes();
+    assert!(both > first && both <= 3_000, "{both}");
+    // Once the messages expire the total is free again.
+    let end = Instant::now() + Duration::from_secs(5);
+    while a.queued_bytes() > 0 && Instant::now() < end {
+        a.poll(Some(Duration::from_millis(10))).unwrap();
+    }
+    assert_eq!(a.queued_bytes(), 0);
+    assert!(a.send(two, "bt", "t", big).is_queued());
+}
+
+#[test]
 fn realtime_messages_expire_and_queues_are_bounded() {
     let cfg = NetConfig {
         peer_queue_messages: 3,

@@ -980,6 +980,12 @@ macro_rules! shared_methods {
             core.net.as_ref().map_or(0, |n| n.queued_for(&b))
         }
 
+        /// Bytes of messages waiting in memory for all destinations together (bounded by
+        /// [`NetConfig::send_queue_bytes`]; sends beyond return [`SendStatus::BufferFull`]).
+        pub fn queued_bytes(&self) -> usize {
+            self.core_ref().net.as_ref().map_or(0, |n| n.queued_bytes())
+        }
+
         /// Our endpoints, in connectionInfo JSON form (as bound).
         pub fn connection_info(&self) -> serde_json::Value {
             self.core_ref().connection_info.clone()

@@ -41,6 +41,13 @@ pub struct NetConfig {
     /// with 64 MiB, 80% with 32 MiB, 90% with 8 MiB), and an application's loop stalls that
     /// long. Raise it for peers that must absorb long bursts while connecting.
     pub peer_queue_bytes: usize,
+    /// Bytes waiting in memory for all destinations together. Default 256 MiB. A real-time
+    /// send that would go beyond it returns `BufferFull`, as one beyond
+    /// [`NetConfig::peer_queue_bytes`] does, unless nothing waits at all (then one message up to
+    /// a maximal frame is taken). Offline records loaded for sending and the platform's own
+    /// messages count but are never refused for it. With the per-destination bound alone, an
+    /// application sending to many peers at once could queue 16 MiB for each.
+    pub send_queue_bytes: usize,
     /// Most connections (both directions). Default 1,024.
     pub max_connections: usize,
     /// Slots of `max_connections` that incoming connections from peers outside our friends
@@ -95,6 +102,7 @@ impl Default for NetConfig {
             max_frame: DEFAULT_MAX_FRAME,
             peer_queue_messages: 65_536,
             peer_queue_bytes: 16 << 20,
+            send_queue_bytes: 256 << 20,
             max_connections: 1024,
             reserved_outbound: 128,
             max_inbound_per_ip: 64,

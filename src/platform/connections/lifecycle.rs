@@ -172,6 +172,7 @@ impl Core {
                         match m.track.offline {
                             Some(key) => {
                                 p.queued_bytes -= m.frame.len();
+                                net.queued_total -= m.frame.len();
                                 net.offline.release(&key);
                             }
                             None => keep.push_back(m),
@@ -201,7 +202,7 @@ impl Core {
         p.attempts = 0;
         p.endpoint = 0;
         p.waiting_lookup = false;
-        p.queued_bytes = 0;
+        net.queued_total -= std::mem::take(&mut p.queued_bytes);
         let msgs: Vec<Pending> = p.queue.drain(..).collect();
         let retry = now + net.cfg.offline_retry;
         net.retry_peer_at(b, retry);

@@ -100,9 +100,9 @@
 //! # Bounds
 //!
 //! Per destination at most [`NetConfig::peer_queue_messages`] messages and
-//! [`NetConfig::peer_queue_bytes`] bytes wait in memory (sends beyond return
-//! [`SendStatus::BufferFull`]; an empty queue takes one message up to a maximal frame whatever
-//! the byte bound); the offline buffer has its own bounds; connections are capped
+//! [`NetConfig::peer_queue_bytes`] bytes wait in memory, and [`NetConfig::send_queue_bytes`]
+//! for all destinations together (sends beyond return [`SendStatus::BufferFull`]; an empty
+//! queue takes one message up to a maximal frame whatever the byte bounds); the offline buffer has its own bounds; connections are capped
 //! by [`NetConfig::max_connections`], of which [`NetConfig::reserved_outbound`] slots are
 //! kept from incoming connections of peers outside our friends and devices circles (any
 //! identity costs nothing to make, so strangers must not be able to fill the table and block
@@ -422,6 +422,9 @@ pub(crate) struct Net {
     read_blocked: Vec<usize>,
     /// Frame bytes reserved by all connections (at most `frame_budget`).
     frame_used: usize,
+    /// Bytes of frames waiting in all peers' queues (the sum of their `queued_bytes`; real-time
+    /// sends refused beyond `cfg.send_queue_bytes`).
+    queued_total: usize,
     /// `cfg.frame_budget`, raised to at least one maximal frame.
     frame_budget: usize,
     /// Connections waiting for room in the frame budget (made dirty when some is released).
@@ -580,6 +583,7 @@ impl Net {
             watch: Vec::new(),
             read_blocked: Vec::new(),
             frame_used: 0,
+            queued_total: 0,
             frame_budget: cfg
                 .frame_budget
                 .max(crate::netstring::encoded_len(cfg.max_frame).saturating_sub(FRAME_FLOOR)),
@@ -865,6 +869,15 @@ impl Net {
         self.peers.get(dest).map_or(0, |p| p.queue.len())
     }
 
+    /// Bytes of frames waiting in memory for all destinations.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        debug_assert_eq!(
+            self.queued_total,
+            self.peers.values().map(|p| p.queued_bytes).sum::<usize>()
+        );
+        self.queued_total
+    }
+
     fn is_online(&self, b: &BoxId) -> bool {
         self.peers.get(b).is_some_and(|p| p.online)
     }
@@ -907,6 +920,7 @@ impl Net {
         for (key, frame) in self.offline.take_idle(dest) {
             let p = self.peers.entry(b).or_default();
             p.queued_bytes += frame.len();
+            self.queued_total += frame.len();
             p.queue.push_back(Pending {
                 frame,
                 expires: None,

@@ -201,6 +201,7 @@ impl Net {
             return;
         }
         peer.queued_bytes += frame.len();
+        self.queued_total += frame.len();
         let expires = now + self.cfg.realtime_expiry;
         peer.queue.push_back(Pending {
             frame,

@@ -109,8 +109,14 @@ impl Core {
             return false;
         };
         match net.peers.get(&b) {
-            Some(peer) => queue_refuses(&net.cfg, peer.queue.len(), peer.queued_bytes, frame_len),
-            None => queue_refuses(&net.cfg, 0, 0, frame_len),
+            Some(peer) => queue_refuses(
+                &net.cfg,
+                peer.queue.len(),
+                peer.queued_bytes,
+                net.queued_total,
+                frame_len,
+            ),
+            None => queue_refuses(&net.cfg, 0, 0, net.queued_total, frame_len),
         }
     }
 
@@ -174,6 +180,7 @@ impl Core {
             match m.expires {
                 Some(e) if e <= now => {
                     p.queued_bytes -= m.frame.len();
+                    net.queued_total -= m.frame.len();
                     if let Some(cb) = m.track.cb {
                         net.fired.push((cb, Err(DeliveryError::Expired)));
                     }
@@ -277,6 +284,7 @@ impl Core {
             };
             let Some(m) = p.queue.pop_front() else { break };
             p.queued_bytes -= m.frame.len();
+            net.queued_total -= m.frame.len();
             if m.expires.is_some_and(|e| e <= now) {
                 expired.push(m.track);
                 continue;
@@ -361,17 +369,25 @@ pub(super) fn complete(
 /// [`NetConfig::peer_queue_bytes`] bytes. An empty queue takes one frame up to a maximal one
 /// ([`NetConfig::max_frame`], which is what a peer with the same settings accepts) whatever the
 /// byte bound, so that the bound limits what waits, not what can be sent.
-fn queue_refuses(cfg: &NetConfig, len: usize, bytes: usize, frame_len: usize) -> bool {
-    if len >= cfg.peer_queue_messages {
-        return true;
-    }
-    if len == 0 {
-        return frame_len
-            > cfg
-                .peer_queue_bytes
-                .max(crate::netstring::encoded_len(cfg.max_frame));
-    }
-    bytes + frame_len > cfg.peer_queue_bytes
+/// The same holds for [`NetConfig::send_queue_bytes`] against `total`, the bytes waiting for
+/// all destinations.
+fn queue_refuses(
+    cfg: &NetConfig,
+    len: usize,
+    bytes: usize,
+    total: usize,
+    frame_len: usize,
+) -> bool {
+    let bound = |queued: usize, limit: usize| {
+        if queued == 0 {
+            frame_len > limit.max(crate::netstring::encoded_len(cfg.max_frame))
+        } else {
+            queued + frame_len > limit
+        }
+    };
+    len >= cfg.peer_queue_messages
+        || bound(bytes, cfg.peer_queue_bytes)
+        || bound(total, cfg.send_queue_bytes)
 }
 
 impl Net {
@@ -390,7 +406,13 @@ impl Net {
         build: impl FnOnce(&mut Vec<u8>) -> bool,
     ) -> SendStatus {
         let peer = self.peers.entry(b).or_default();
-        if queue_refuses(&self.cfg, peer.queue.len(), peer.queued_bytes, frame_len) {
+        if queue_refuses(
+            &self.cfg,
+            peer.queue.len(),
+            peer.queued_bytes,
+            self.queued_total,
+            frame_len,
+        ) {
             return SendStatus::BufferFull;
         }
         let mut frame = self.frames.take(frame_len, now);
@@ -402,6 +424,7 @@ impl Net {
             peer.sign.get_or_insert(s);
         }
         peer.queued_bytes += frame.len();
+        self.queued_total += frame.len();
         let cb = callback.map(|c| self.callbacks.insert(c));
         let after = options.expire_after.unwrap_or(self.cfg.realtime_expiry);
         // `Duration::MAX` ("never") must not overflow the clock: about 136 years will do.
@@ -434,19 +457,37 @@ mod tests {
         };
         let maximal = crate::netstring::encoded_len(5000);
         // Within the bound: taken while it fits.
-        assert!(!queue_refuses(&cfg, 0, 0, 1000));
-        assert!(!queue_refuses(&cfg, 1, 600, 400));
-        assert!(queue_refuses(&cfg, 1, 600, 401));
+        assert!(!queue_refuses(&cfg, 0, 0, 0, 1000));
+        assert!(!queue_refuses(&cfg, 1, 600, 600, 400));
+        assert!(queue_refuses(&cfg, 1, 600, 600, 401));
         // An empty queue takes one frame up to a maximal one, and nothing after it.
-        assert!(!queue_refuses(&cfg, 0, 0, maximal));
-        assert!(queue_refuses(&cfg, 0, 0, maximal + 1));
-        assert!(queue_refuses(&cfg, 1, maximal, 1));
+        assert!(!queue_refuses(&cfg, 0, 0, 0, maximal));
+        assert!(queue_refuses(&cfg, 0, 0, 0, maximal + 1));
+        assert!(queue_refuses(&cfg, 1, maximal, maximal, 1));
         // The frame count bound holds either way.
-        assert!(queue_refuses(&cfg, 4, 0, 1));
+        assert!(queue_refuses(&cfg, 4, 0, 0, 1));
         let none = NetConfig {
             peer_queue_messages: 0,
             ..cfg
         };
-        assert!(queue_refuses(&none, 0, 0, 1));
+        assert!(queue_refuses(&none, 0, 0, 0, 1));
+    }
+
+    #[test]
+    fn the_total_bound_holds_across_destinations() {
+        let cfg = NetConfig {
+            peer_queue_bytes: 1000,
+            send_queue_bytes: 1500,
+            max_frame: 5000,
+            ..NetConfig::default()
+        };
+        // Another destination's 1000 bytes leave room for 500 more in all.
+        assert!(!queue_refuses(&cfg, 0, 0, 1000, 500));
+        assert!(queue_refuses(&cfg, 0, 0, 1000, 501));
+        assert!(queue_refuses(&cfg, 1, 100, 1400, 101));
+        // Nothing waiting anywhere: one maximal frame is still taken.
+        let maximal = crate::netstring::encoded_len(5000);
+        assert!(!queue_refuses(&cfg, 0, 0, 0, maximal));
+        assert!(queue_refuses(&cfg, 0, 0, 1, maximal));
     }
 }
