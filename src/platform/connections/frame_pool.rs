@@ -38,14 +38,15 @@ impl FramePool {
     /// An empty buffer with room for `len` bytes: a spare one when there is one that fits.
     pub(super) fn take(&mut self, len: usize, now: Instant) -> Vec<u8> {
         if len >= MIN_POOLED {
-            // The smallest spare that fits, so that a large one stays for a large frame.
-            let fit = (self.spare.iter().enumerate())
+            // The smallest spare that fits, so that a large one stays for a large frame; of
+            // equal ones the latest given back, whose bytes are likeliest still in the cache.
+            let fit = (self.spare.iter().enumerate().rev())
                 .filter(|(_, v)| v.capacity() >= len)
                 .min_by_key(|(_, v)| v.capacity())
                 .map(|(i, _)| i);
             if let Some(i) = fit {
                 self.last_used = Some(now);
-                let mut v = self.spare.swap_remove(i);
+                let mut v = self.spare.remove(i);
                 v.clear();
                 return v;
             }
