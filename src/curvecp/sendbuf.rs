@@ -10,7 +10,8 @@
 //!   megabyte is queued as it is instead of being copied into the ring a window at a time,
 //!   which took 6% of a bulk sender's time (one copy of every byte out of a frame that had gone
 //!   cold in the queue), and goes back to the caller once acknowledged
-//!   ([`SendBuf::take_spent`]) so that its pages are reused rather than faulted in anew.
+//!   ([`SendBuf::take_spent`]) so that its pages are reused rather than faulted in anew (while
+//!   the next one is being sent; the last of a burst is freed, so a quiet stream keeps none).
 //!
 //! The store is a queue of segments, each a run of the ring or one owned buffer; consecutive
 //! copied writes share one segment, so the usual queue holds one or a few segments and finding
@@ -42,8 +43,10 @@ struct Mixed {
     /// Ring bytes removed from the front since this queue was made (the count of the ring's
     /// first byte).
     ring_base: u64,
-    /// An owned buffer whose bytes are all acknowledged, for the caller to reuse (one is kept:
-    /// a caller that reuses them takes each before the next megabyte is acknowledged).
+    /// An owned buffer whose bytes are all acknowledged, for the caller to reuse. One is kept,
+    /// and only while another owned buffer is held (a caller that reuses them takes each
+    /// before the next is acknowledged): the last one of a burst is freed with the queue, so
+    /// a stream that has gone quiet holds no spent buffer whoever forgets to take it.
     spent: Option<Vec<u8>>,
 }
 
@@ -118,7 +121,7 @@ impl SendBuf {
     /// [`SendBuf::take_spent`] once all of it is acknowledged.
     pub(crate) fn write_owned(&mut self, buf: Vec<u8>, off: usize) {
         let len = buf.len().saturating_sub(off);
-        if len == 0 && buf.capacity() == 0 {
+        if len == 0 {
             return;
         }
         let m = self.mixed.get_or_insert_with(|| {
@@ -137,10 +140,6 @@ impl SendBuf {
                 spent: None,
             })
         });
-        if len == 0 {
-            m.spent.get_or_insert(buf);
-            return;
-        }
         m.segs.push_back(Seg {
             pos: self.end,
             len,
@@ -227,26 +226,24 @@ impl SendBuf {
         }
     }
 
-    /// Drops the segment queue once no owned buffer is held or waiting: every byte left is
-    /// then in the ring, in order.
+    /// Drops the segment queue, and a spent buffer with it, once no owned buffer is held:
+    /// every byte left is then in the ring, in order.
     fn maybe_unmix(&mut self) {
         if let Some(m) = self.mixed.as_deref() {
-            let owned = m.segs.iter().any(|s| matches!(s.data, Data::Owned { .. }));
-            if !owned && m.spent.is_none() {
+            if !m.segs.iter().any(|s| matches!(s.data, Data::Owned { .. })) {
                 self.mixed = None;
             }
         }
     }
 
     /// An owned buffer whose bytes have all been acknowledged (its contents unspecified), for
-    /// the caller to reuse; one is kept, further ones are freed.
+    /// the caller to reuse. One is kept while another owned buffer is held; further ones, and
+    /// the last of a burst, are freed.
     pub(crate) fn take_spent(&mut self) -> Option<Vec<u8>> {
-        let v = self.mixed.as_deref_mut()?.spent.take();
-        self.maybe_unmix();
-        v
+        self.mixed.as_deref_mut()?.spent.take()
     }
 
-    /// Releases the ring if it is empty, and the spent buffer.
+    /// Releases the ring if it is empty, and a spent buffer.
     pub(crate) fn shrink_to_fit(&mut self) {
         if self.ring.is_empty() {
             self.ring = VecDeque::new();
@@ -254,7 +251,6 @@ impl SendBuf {
         if let Some(m) = self.mixed.as_deref_mut() {
             m.spent = None;
         }
-        self.maybe_unmix();
     }
 
     /// Bytes of heap memory held.
@@ -381,14 +377,19 @@ mod tests {
         assert!(b.take_spent().is_none());
         b.release_to(20_100);
         assert_eq!(b.take_spent().map(|v| v.capacity()), Some(20_000));
+        // Two more spent while one is held: the first is kept, the second freed.
         b.write_owned(vec![5; 100], 0);
-        b.release_to(u64::MAX);
+        b.write_owned(vec![6; 100], 0);
+        b.release_to(b.start() + 20_050 + 100);
         assert_eq!(b.take_spent().map(|v| v.len()), Some(30_000), "one is kept");
         assert!(b.take_spent().is_none());
-        b.write_owned(vec![6; 100], 0);
+        // The last owned buffer of a burst goes with the queue: nothing is left behind.
+        b.write(&[7; 10]);
         b.release_to(u64::MAX);
         assert_eq!(b.len(), 0);
-        assert!(b.buffer_bytes() > 0);
+        assert!(b.take_spent().is_none());
+        assert!(b.mixed.is_none());
+        assert!(b.buffer_bytes() > 0, "the ring stays (it is small)");
         b.shrink_to_fit();
         assert_eq!(b.buffer_bytes(), 0);
     }
@@ -405,9 +406,11 @@ mod tests {
         let segs = |b: &SendBuf| b.mixed.as_ref().map(|m| m.segs.len());
         assert_eq!(segs(&b), Some(3));
         b.release_to(20);
-        assert_eq!(segs(&b), Some(1), "the spent buffer waits");
-        assert!(b.take_spent().is_some());
-        assert!(b.mixed.is_none());
+        assert!(
+            b.mixed.is_none(),
+            "no owned buffer left: no segments, no spent buffer"
+        );
+        assert!(b.take_spent().is_none());
         let mut out = [0; 4];
         b.copy_out(20 + 4 * 999, &mut out);
         assert_eq!(out, 999u32.to_le_bytes());

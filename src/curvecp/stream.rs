@@ -406,8 +406,9 @@ impl Stream {
     }
 
     /// A buffer given to [`Stream::write_owned`] whose bytes have all been acknowledged (its
-    /// contents unspecified), for the caller to reuse; the stream keeps one (take each as it
-    /// comes, or the next is freed).
+    /// contents unspecified), for the caller to reuse. The stream keeps one, and only while
+    /// another such buffer is still held: take each as it comes; the last of a burst is freed,
+    /// so a quiet stream holds none.
     pub fn take_spent(&mut self) -> Option<Vec<u8>> {
         self.sbuf.take_spent()
     }
