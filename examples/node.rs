@@ -30,7 +30,9 @@
 //! stdout, one JSON object per line (flushed):
 //! - `{"event":"ready","nodeInfo":{...}}`
 //! - `{"event":"message","topic":"public.test.hello","sender":"<signId>|<boxId>|local","protocol":"ms","payload":<json>}`
-//!   (a JavaScript node's messages carry its boxId until its signId is known)
+//!   (a JavaScript node's messages carry its boxId until its signId is known; a message sent
+//!   with `realtime:false` also carries `"messageId":"<32 hex digits>"`, the same in every
+//!   copy of it: see "Delivery guarantee" in the `offline` module docs)
 //!   for every delivery except the platform's own `self.transports.*`, `self.directory.*`,
 //!   `self.friends.*`, `self.devices.*` (a payload that is not JSON is given as a string)
 //! - `{"event":"connection","peer":"<signId>"}`, `{"event":"disconnected","peer":"<signId>"}`
@@ -95,6 +97,11 @@ fn usage() -> ! {
 }
 
 fn main() {
+    // Diagnostics on stderr with RUST_LOG (e.g. RUST_LOG=mm_platform=debug); stdout stays
+    // JSON lines.
+    let _ = env_logger::Builder::from_default_env()
+        .target(env_logger::Target::Stderr)
+        .try_init();
     let mut data = None;
     let mut udp: Option<String> = None;
     let mut tcp: Option<String> = None;
@@ -240,10 +247,13 @@ fn main() {
         }
         let payload = serde_json::from_slice::<Value>(&msg.payload)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&msg.payload).into()));
-        emit(
-            json!({"event": "message", "topic": topic, "sender": msg.sender.to_string(),
-            "protocol": msg.protocol, "payload": payload}),
-        );
+        let mut event = json!({"event": "message", "topic": topic,
+            "sender": msg.sender.to_string(), "protocol": msg.protocol, "payload": payload});
+        if let Some(id) = msg.id {
+            let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+            event["messageId"] = Value::String(hex);
+        }
+        emit(event);
     });
     platform.on(&format!("self.{STDIN_TOPIC}"), |ctx, msg| {
         if msg.protocol != STDIN_PROTOCOL || msg.sender != Address::Local {

@@ -49,5 +49,6 @@ pub use bus::SubscriptionId;
 pub use identity::{BoxId, SignId};
 pub use platform::{
     Address, BuildError, ConnectionStats, Context, DeliveryError, Event, Handle, Limits, Message,
-    NetConfig, NodeInfo, Platform, PlatformBuilder, Scope, SendOptions, SendStatus, Stats,
+    MessageId, NetConfig, NodeInfo, Platform, PlatformBuilder, Scope, SendOptions, SendStatus,
+    Stats,
 };

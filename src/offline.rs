@@ -8,14 +8,57 @@
 //! to one destination are sent in that order, also after a restart) and the envelope with its
 //! 16-byte random id (field 4). The platform takes the idle records of a destination when a
 //! connection to it is up, writes them to the CurveCP stream, and deletes a record only once
-//! the stream has acknowledged its last byte; if the connection dies first, the record becomes
-//! idle again and is retried (every 10 s and whenever the destination comes online). Expired
-//! records are deleted and reported. The buffer is bounded in records and bytes: a send beyond
+//! the receiving node has acknowledged its *delivery* (below); if the connection dies first,
+//! the record becomes idle again and is retried (whenever the destination comes online, and
+//! at least every [`crate::NetConfig::offline_retry`]). Expired records are deleted and
+//! reported. The buffer is bounded in records and bytes: a send beyond
 //! either bound is refused ([`AddError::Full`]).
 //!
 //! Record layout: `MMO1` (4 bytes), destination ed25519 key (32), expiry ms (8, big-endian),
 //! sequence (8, big-endian), then the protobuf envelope. Records that do not decode are
 //! deleted at load.
+//!
+//! # Delivery guarantee
+//!
+//! Between two nodes of this crate (each says so in its identify frame), a message sent with
+//! `realtime: false` is acknowledged end to end: the receiver sends `mm`/`delivered` with the
+//! message's id only after the message was handed to its subscribers (callbacks returned,
+//! channel sends done) *and* its id was written to the de-duplication memory (one write,
+//! durable with a [`crate::storage::FileStore`], per turn that delivered such messages). The
+//! sender deletes its record, and reports success to a delivery callback, only on that
+//! acknowledgement: the stream's acknowledgement of the bytes only says they arrived. A copy
+//! that arrives again (a retry) is dropped by the receiver and acknowledged again once its id
+//! is stored.
+//!
+//! What a crash (SIGKILL, power loss) at each step can cause:
+//!
+//! | who dies, and when | outcome |
+//! |---|---|
+//! | sender, before the send returned `Queued` | not sent (the send reported no success) |
+//! | sender, at any later point | sent after its restart; never lost; a receiver that already had it drops the copy |
+//! | receiver, before its subscribers saw the message | sent again, delivered once |
+//! | receiver, after its subscribers saw it, before its id was stored | **delivered again** after the restart, with the same [`crate::Message::id`] |
+//! | receiver, after its id was stored | the copy sent again is dropped and acknowledged |
+//!
+//! So a message is never lost while its record lives (until it expires), and the one place
+//! where it can be delivered twice is the receiver's window between handing it to its
+//! subscribers and the end of that turn's write of the ids (a few milliseconds per turn; all
+//! the messages delivered in that turn). An application that must not act twice on a message
+//! keeps the ids ([`crate::Message::id`]) of what it acted upon, durably with its effects.
+//! The other limits of the promise:
+//!
+//! - A subscriber channel that is full drops the message for that subscriber
+//!   ([`crate::Stats::channel_drops`]); the message still counts as delivered.
+//! - The receiver remembers the latest [`crate::NetConfig::dedup_per_peer`] ids per sender: a
+//!   retry of a message older than that is delivered again.
+//! - If the receiver cannot store ids (full or read-only disk), it delivers but does not
+//!   acknowledge: the sender keeps its records and retries, and the receiver drops the copies
+//!   it remembers in memory (until it restarts).
+//! - JavaScript nodes, and nodes of this crate from before end-to-end acknowledgements, send
+//!   none: to them a record is deleted when the stream acknowledged its bytes, so a crash of
+//!   such a receiver right after can lose the message.
+//! - The points of the table are exercised by `tests/delivery_crash.rs` through crash points
+//!   (`MM_CRASH_AT`, see the platform's `crash_points` module).
 //!
 //! Receiving side ([`Dedup`]): a bounded memory of the ids of the latest messages delivered,
 //! kept per sender (box key), so a message retried after a lost acknowledgement is not
@@ -122,6 +165,8 @@ pub struct OfflineBuffer {
     bytes: usize,
     limits: OfflineLimits,
     next_seq: u64,
+    /// The sequence number of each record by id (delivery acknowledgements name ids).
+    by_id: HashMap<[u8; 16], u64>,
 }
 
 impl OfflineBuffer {
@@ -138,6 +183,7 @@ impl OfflineBuffer {
             bytes: 0,
             limits,
             next_seq: now_ms.saturating_mul(1000),
+            by_id: HashMap::new(),
         };
         let mut dropped = 0;
         for key in storage.keys()? {
@@ -155,6 +201,7 @@ impl OfflineBuffer {
                             buf.bytes += frame.len();
                             buf.next_seq = buf.next_seq.max(seq.saturating_add(1));
                             *buf.idle.entry(dest).or_default() += 1;
+                            buf.by_id.insert(id, seq);
                             buf.entries.insert(
                                 (seq, id),
                                 Entry {
@@ -190,6 +237,7 @@ impl OfflineBuffer {
             bytes: 0,
             limits,
             next_seq: now_ms.saturating_mul(1000),
+            by_id: HashMap::new(),
         }
     }
 
@@ -221,6 +269,7 @@ impl OfflineBuffer {
             .map_err(AddError::Storage)?;
         self.bytes += frame.len();
         *self.idle.entry(dest).or_default() += 1;
+        self.by_id.insert(id, seq);
         self.entries.insert(
             (seq, id),
             Entry {
@@ -265,6 +314,7 @@ impl OfflineBuffer {
         let Some(e) = self.entries.remove(key) else {
             return false;
         };
+        self.by_id.remove(&key.1);
         self.bytes -= e.frame.len();
         if !e.busy {
             if let Some(n) = self.idle.get_mut(&e.dest) {
@@ -304,6 +354,17 @@ impl OfflineBuffer {
     /// Whether `dest` has idle records (to send once a connection is up). O(1).
     pub fn has_idle(&self, dest: &SignId) -> bool {
         self.idle.contains_key(dest)
+    }
+
+    /// The key and destination of the record with this id, if it is held.
+    pub fn find(&self, id: &[u8; 16]) -> Option<(RecordKey, SignId)> {
+        let key = (*self.by_id.get(id)?, *id);
+        self.entries.get(&key).map(|e| (key, e.dest))
+    }
+
+    /// Whether the record is held.
+    pub fn contains(&self, key: &RecordKey) -> bool {
+        self.entries.contains_key(key)
     }
 
     /// Records held.

@@ -171,3 +171,71 @@ fn an_unidentified_peer_cannot_announce_a_large_frame() {
     );
     assert!(b.connections().is_empty());
 }
+
+/// An `mm`/`delivered` frame deletes only records addressed to the peer that sends it:
+/// another node naming their ids, malformed frames and unknown ids change nothing.
+#[test]
+fn delivery_acknowledgements_settle_only_the_acknowledging_peers_records() {
+    use mm_platform::storage::{FileStore, Storage};
+    use mm_platform::SendOptions;
+    let dir = std::env::temp_dir().join(format!("mm-hostile-acks-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut alice = Platform::builder()
+        .storage(FileStore::open(&dir).unwrap())
+        .build()
+        .unwrap();
+    let bob = Identity::generate();
+    let later = SendOptions {
+        realtime: false,
+        expire_after: None,
+    };
+    for i in 0..3 {
+        alice
+            .messaging()
+            .send_with("t.note", bob.sign_id(), &i, later);
+    }
+    alice.poll(Some(Duration::from_millis(10))).unwrap();
+    assert_eq!(alice.offline_pending(), 3);
+    // The records' ids, from their storage keys (`offline-<hex id>`).
+    let store = FileStore::open(&dir).unwrap();
+    let mut ids = Vec::new();
+    for key in store.keys().unwrap() {
+        if let Some(hex) = key.strip_prefix("offline-") {
+            for i in 0..16 {
+                ids.push(u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap());
+            }
+        }
+    }
+    assert_eq!(ids.len(), 48);
+    let identify = |who: &Identity| Envelope {
+        id: Some(b"mm-delivery-acks/1".to_vec()),
+        ..Envelope::new("identify", "mm", who.sign_id().to_string().into_bytes())
+    };
+    let delivered = |p: Vec<u8>| Envelope::new("delivered", "mm", p);
+    let mallory = Identity::generate();
+    let frames = [
+        identify(&mallory),
+        delivered(ids.clone()),
+        delivered(ids[..15].to_vec()),
+        delivered(vec![7; 16 * 1025]),
+        delivered(vec![9; 32]),
+    ];
+    raw_peer(&mut alice, &mallory, &frames);
+    assert_eq!(
+        alice.offline_pending(),
+        3,
+        "another node's acknowledgement deletes nothing"
+    );
+    // Control: Bob, who announces delivery acknowledgements, takes the records; only his
+    // acknowledgement (not the stream's) settles them.
+    raw_peer(&mut alice, &bob, &[identify(&bob)]);
+    assert_eq!(alice.offline_pending(), 3, "received is not delivered");
+    raw_peer(&mut alice, &bob, &[identify(&bob), delivered(ids)]);
+    assert_eq!(
+        alice.offline_pending(),
+        0,
+        "Bob's acknowledgement settles them"
+    );
+    drop(alice);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -142,7 +142,19 @@ pub struct Message {
     pub scope: Scope,
     /// The payload bytes (for `ms`, JSON text).
     pub payload: Vec<u8>,
+    /// The message's id, for messages another node sent with `realtime: false` (through its
+    /// offline buffer); `None` for real-time and local messages.
+    ///
+    /// Such a message is delivered once in the normal case, but a receiver that crashes after
+    /// its subscribers saw the message and before the id was stored (see
+    /// [`crate::offline`], "Delivery guarantee") sees it again after the restart, with the
+    /// same id: an application that must not act twice keeps the ids it has acted upon.
+    pub id: Option<MessageId>,
 }
+
+/// The id of a message sent through the offline buffer: 16 random bytes chosen by the sender,
+/// the same in every retry of that message.
+pub type MessageId = [u8; 16];
 
 impl Message {
     /// `"<scope>.<topic>"`, the topic subscriptions are matched against.

@@ -70,7 +70,8 @@
 //! Sends to another node go through the connection manager ([`connections`]): per-destination
 //! queues, directory lookups ([`directory`]), CurveCP connections over UDP and TCP, and the
 //! persistent offline buffer ([`crate::offline`]) for messages sent with `realtime: false`.
-//! [`Platform::send_with_callback`] reports delivery (every byte acknowledged) or failure once.
+//! [`Platform::send_with_callback`] reports delivery (every byte acknowledged; for messages
+//! sent with `realtime: false`, delivered to the peer's subscribers) or failure once.
 //!
 //! ```
 //! use mm_platform::{Platform, Event};
@@ -98,6 +99,7 @@
 
 mod circles;
 pub mod connections;
+mod crash_points;
 pub mod directory;
 mod events;
 mod handle;
@@ -111,7 +113,7 @@ pub use directory::{Directory, NodeInfo};
 pub use events::Event;
 pub use handle::Handle;
 pub use host::{ServiceContext, ServiceId, MAX_SERVICES, SERVICE_TOKEN_BASE, SERVICE_TOKEN_BLOCK};
-pub use message::{Address, Message, Scope, SendOptions, SendStatus, ToAddress};
+pub use message::{Address, Message, MessageId, Scope, SendOptions, SendStatus, ToAddress};
 pub use timers::TimerId;
 
 use std::borrow::Cow;
@@ -638,6 +640,7 @@ impl Core {
             topic,
             scope: Scope::Own,
             payload,
+            id: None,
         });
         SendStatus::Queued
     }
@@ -781,6 +784,9 @@ impl Core {
             }
         }
         self.match_buf = matches;
+        if let Some(id) = msg.id {
+            self.message_dispatched(&msg.sender, id);
+        }
         if self.wants_message_events() {
             self.emit(Event::Message(msg));
         } else {
@@ -924,8 +930,10 @@ macro_rules! shared_methods {
         }
 
         /// [`Self::send_with`] with a delivery callback, called exactly once in a later turn: `Ok`
-        /// once the peer's CurveCP stream acknowledged every byte of the message (for a local
-        /// destination: once it is queued for delivery), or the [`DeliveryError`]. When the
+        /// once the peer's CurveCP stream acknowledged every byte of the message (real-time),
+        /// once the peer acknowledged its delivery to its subscribers with its id stored
+        /// (`realtime: false`, see "Delivery guarantee" in [`crate::offline`]), or once it is
+        /// queued for delivery (local destination); otherwise the [`DeliveryError`]. When the
         /// returned status is not `Queued`, the callback is dropped without being called.
         pub fn send_with_callback<F>(
             &mut self,
@@ -1255,6 +1263,7 @@ impl Platform {
             };
             self.core.dispatch(msg);
         }
+        self.core.settle_acks();
         self.core.net_pump();
         self.core.flush_events();
         Ok(())
@@ -1407,6 +1416,7 @@ impl Platform {
             topic: topic.into(),
             scope,
             payload,
+            id: None,
         });
         true
     }

@@ -453,6 +453,12 @@ pub struct JsonProc {
 impl JsonProc {
     /// Spawns `cmd` with piped stdin and stdout.
     pub fn spawn(name: &str, cmd: &mut Command) -> JsonProc {
+        JsonProc::spawn_paced(name, cmd, Duration::ZERO)
+    }
+
+    /// [`JsonProc::spawn`] with a reader that takes `per_line` for each line, as an
+    /// application's work would: once the pipe is full, the process blocks on its writes.
+    pub fn spawn_paced(name: &str, cmd: &mut Command, per_line: Duration) -> JsonProc {
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
         let mut proc = Proc::spawn(name, cmd);
         let child = proc.child.as_mut().expect("running");
@@ -463,6 +469,9 @@ impl JsonProc {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if !per_line.is_zero() {
+                    std::thread::sleep(per_line);
+                }
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                     if v.is_object() && tx.send(v).is_err() {
                         break;
@@ -512,6 +521,34 @@ impl JsonProc {
                     self.proc.name, self.seen
                 ),
             }
+        }
+    }
+
+    /// Kills the process with SIGKILL (no destructor runs) and keeps reading what it had
+    /// written before it died (bounded: at most `limit`).
+    pub fn kill_and_drain(&mut self, limit: Duration) {
+        if let Some(c) = self.proc.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.proc.child = None;
+        self.stdin = None;
+        let end = Instant::now() + limit;
+        loop {
+            match self
+                .lines
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+            {
+                Ok(v) => self.seen.push(v),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Events that arrived so far without waiting, added to `seen`.
+    pub fn poll_lines(&mut self) {
+        while let Ok(v) = self.lines.try_recv() {
+            self.seen.push(v);
         }
     }
 

@@ -19,13 +19,20 @@ pub struct NetConfig {
     pub max_attempts: u32,
     /// An idle active connection sends a ping after this long. Default 10 s.
     pub keepalive: Duration,
-    /// A connection whose peer acknowledges nothing for this long is dead. Default 30 s.
+    /// A connection whose peer acknowledges nothing of what we sent for this long is dead,
+    /// and is replaced by a new one if there is something to send. Default 5 s: this is also
+    /// how long a peer that restarted (and so silently dropped the old session) waits for what
+    /// was sent to it meanwhile; an idle connection is checked by its keepalive, so a dead idle
+    /// one is noticed within `keepalive + dead_after`.
     pub dead_after: Duration,
     /// Default `expire_after` of real-time messages. Default 60 s.
     pub realtime_expiry: Duration,
     /// Default `expire_after` of offline messages (at most 7 days). Default 7 days.
     pub offline_expiry: Duration,
-    /// Offline messages are retried this often. Default 10 s.
+    /// Offline messages are retried at least this often, and this is the longest wait before a
+    /// destination that failed is tried again: after its first failure it is tried again after
+    /// 1 s, then 2 s, 4 s, ... up to this (the wait starts over once it connects). Default 5 s,
+    /// so a peer that comes back is found within about 5 s plus a connection attempt.
     pub offline_retry: Duration,
     /// Largest incoming frame. Default 16 MiB.
     pub max_frame: usize,
@@ -95,10 +102,10 @@ impl Default for NetConfig {
             connect_timeout: Duration::from_secs(5),
             max_attempts: 5,
             keepalive: Duration::from_secs(10),
-            dead_after: Duration::from_secs(30),
+            dead_after: Duration::from_secs(5),
             realtime_expiry: Duration::from_secs(60),
             offline_expiry: MAX_OFFLINE_EXPIRY,
-            offline_retry: Duration::from_secs(10),
+            offline_retry: Duration::from_secs(5),
             max_frame: DEFAULT_MAX_FRAME,
             peer_queue_messages: 65_536,
             peer_queue_bytes: 16 << 20,

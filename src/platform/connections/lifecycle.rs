@@ -140,6 +140,12 @@ impl Core {
         if c.partial_pos > 0 || !c.partial_track.is_none() {
             lost.push(c.partial_track);
         }
+        // Arrived but not acknowledged as delivered: sent again (the peer drops the copy if it
+        // had delivered it, and acknowledges it).
+        lost.extend(c.awaiting.drain().map(|key| Track {
+            cb: None,
+            offline: Some(key),
+        }));
         for t in lost {
             complete(net, storage, t, Err(DeliveryError::ConnectionLost));
         }
@@ -204,7 +210,12 @@ impl Core {
         p.waiting_lookup = false;
         net.queued_total -= std::mem::take(&mut p.queued_bytes);
         let msgs: Vec<Pending> = p.queue.drain(..).collect();
-        let retry = now + net.cfg.offline_retry;
+        // 1 s, 2 s, 4 s, ... at most `offline_retry`: a peer that comes back is found soon.
+        let wait = Duration::from_secs(1)
+            .saturating_mul(1 << p.failures.min(16))
+            .min(net.cfg.offline_retry);
+        p.failures = p.failures.saturating_add(1);
+        let retry = now + wait;
         net.retry_peer_at(b, retry);
         net.queue_drained(&b);
         for m in msgs {
@@ -459,6 +470,7 @@ impl Core {
         let was_online = peer.online;
         peer.online = true;
         peer.attempts = 0;
+        peer.failures = 0;
         peer.endpoint = 0;
         if let Some(o) = demote {
             let identified = net.conns[o].identified;

@@ -93,9 +93,32 @@
 //!
 //! Each connection counts the bytes written to its stream; a message that needs a report (a
 //! delivery callback or an offline record) is remembered with the stream offset of its last
-//! byte, and completes when [`crate::curvecp::stream::Stream::bytes_acked`] reaches it. If
-//! the connection ends first, a real-time message fails with [`DeliveryError::ConnectionLost`]
-//! (its bytes may or may not have arrived) and an offline record becomes idle again.
+//! byte. A real-time message completes when [`crate::curvecp::stream::Stream::bytes_acked`]
+//! reaches it. An offline record then waits (in the connection's `awaiting` set) for the
+//! peer's `mm`/`delivered` frame naming its id, sent once the peer delivered the message and
+//! stored its id (see "Delivery guarantee" in [`crate::offline`]); a peer whose identify frame
+//! does not announce such acknowledgements (a JavaScript node, an older node) settles it at
+//! the stream's acknowledgement. If the connection ends first, a real-time message fails with
+//! [`DeliveryError::ConnectionLost`] (its bytes may or may not have arrived) and an offline
+//! record becomes idle again.
+//!
+//! On the receiving side, a message with an id from a peer that wants acknowledgements is
+//! noted when it is read; once dispatched, its acknowledgement is due; at the end of the turn's
+//! deliveries the de-duplication memory is written once and the due acknowledgements go out
+//! (grouped per peer, at most 1,024 ids a frame, ahead of that peer's queue, on a live
+//! connection only: a sender without one retries, and its retry is acknowledged as a
+//! duplicate). If the write fails, no acknowledgement is sent; it is tried again at the
+//! de-duplication timer.
+//!
+//! # A peer that restarted
+//!
+//! A peer that restarts loses its sessions without a word: over UDP our packets are ignored,
+//! over TCP the connection is reset. Data in flight and unacknowledged for
+//! [`NetConfig::dead_after`] (5 s by default; an idle connection's keepalive counts) ends the
+//! connection, which releases its records and opens a new one at once if anything waits. A
+//! destination whose attempts all failed is tried again after 1 s, 2 s, 4 s, ... at most
+//! [`NetConfig::offline_retry`] (5 s), so a peer that comes back is found within about that
+//! (`tests/peer_restart.rs`: UDP only, TCP only, both).
 //!
 //! # Bounds
 //!
@@ -135,7 +158,7 @@ pub use config::{ConnectionStats, DeliveryCallback, DeliveryError, NetConfig};
 use sending::complete;
 
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -147,7 +170,8 @@ use slab::Slab;
 use super::directory::{Directory, DirectoryCache, Lookup, NodeInfo};
 use super::timers::{TimerId, Timers};
 use super::{
-    Address, Context, Core, Event, Message, SendOptions, SendStatus, CONNECTION_TOKEN_BASE,
+    Address, Context, Core, Event, Message, MessageId, SendOptions, SendStatus,
+    CONNECTION_TOKEN_BASE,
 };
 use crate::crypto::BoxKeyPair;
 use crate::curvecp::client::{ClientConfig, ClientState};
@@ -178,8 +202,20 @@ const IDENTIFY_MAX_FRAME: usize = 1024;
 const JS_TCP_BLOCK_INTERVAL: Duration = Duration::from_millis(1);
 /// Blocks in flight to a JavaScript node over TCP.
 const JS_TCP_WINDOW: usize = 8;
-/// The de-duplication memory is written at most this often while messages arrive.
+/// The de-duplication memory is written at most this often while messages arrive (messages
+/// that wait for a delivery acknowledgement have their ids written at the end of the turn that
+/// delivered them).
 const DEDUP_FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// The id of our identify frame: says that we acknowledge the delivery of messages sent
+/// through an offline buffer (`mm`/`delivered`), and wait for that acknowledgement before
+/// deleting our own records. A peer whose identify has no such id gets neither.
+pub(crate) const DELIVERY_ACKS: &[u8] = b"mm-delivery-acks/1";
+/// Ids per `mm`/`delivered` frame (16 bytes each). A frame with more, or whose length is not a
+/// multiple of 16, is ignored whole.
+const ACKS_PER_FRAME: usize = 1024;
+/// Delivery acknowledgements waiting for the de-duplication memory to be stored, at most: past
+/// that (storage failing for a long time) the oldest are dropped, and their senders retry.
+const MAX_ACKS_DUE: usize = 65_536;
 /// Bytes of a partly received frame every connection may buffer outside
 /// [`NetConfig::frame_budget`] (so small frames always flow, whatever large ones are pending).
 const FRAME_FLOOR: usize = 64 * 1024;
@@ -290,6 +326,11 @@ struct Conn {
     /// The peer is authenticated: its identify frame checked (native), or its CurveCP
     /// handshake done (compat).
     identified: bool,
+    /// The peer's identify announced delivery acknowledgements ([`DELIVERY_ACKS`]).
+    peer_acks: bool,
+    /// Offline records whose bytes the peer's stream acknowledged and that wait for its
+    /// delivery acknowledgement (`peer_acks` only). Released if the connection ends first.
+    awaiting: HashSet<RecordKey>,
     /// `directory.get` was asked for this (compat) peer's signId.
     asked_sign: bool,
     peer_box: BoxId,
@@ -340,6 +381,8 @@ impl Conn {
         Conn {
             compat,
             identified: false,
+            peer_acks: false,
+            awaiting: HashSet::new(),
             asked_sign: false,
             outbound: matches!(link, Link::Client(_)),
             link,
@@ -383,6 +426,8 @@ struct Peer {
     retry_at: Option<Instant>,
     /// In [`Net::want`] (ensure_connections looks at it this turn).
     wanted: bool,
+    /// Failures since it was last connected (the retry wait doubles with each).
+    failures: u32,
     /// `Connection` and `transports.online` were reported for it (a JavaScript peer is
     /// reported once its signId is known).
     announced: bool,
@@ -448,6 +493,14 @@ pub(crate) struct Net {
     /// Spare buffers for large outgoing frames.
     frames: frame_pool::FramePool,
     next_dedup_flush: Instant,
+    /// Messages with a delivery acknowledgement to send once they are dispatched (sender, id).
+    /// Bounded by the local delivery queue.
+    ack_on_dispatch: HashSet<(BoxId, MessageId)>,
+    /// Delivery acknowledgements to send once the de-duplication memory is stored, in order.
+    acks_due: VecDeque<(BoxId, MessageId)>,
+    /// Storing the de-duplication memory failed: acknowledgements wait for the next try (at the
+    /// de-duplication timer), not for the next turn.
+    ack_store_failed: bool,
 }
 
 fn wall_ms() -> u64 {
@@ -546,11 +599,10 @@ impl Net {
                 OfflineBuffer::new(cfg.offline, wall_ms())
             }
         };
-        let identify = frame_of(&Envelope::new(
-            "identify",
-            "mm",
-            our_sign.to_string().into_bytes(),
-        ));
+        let identify = frame_of(&Envelope {
+            id: Some(DELIVERY_ACKS.to_vec()),
+            ..Envelope::new("identify", "mm", our_sign.to_string().into_bytes())
+        });
         let ping = frame_of(&Envelope::new("ping", "mm", Vec::new()));
         let mut timers = Timers::default();
         // Records of the last run: retried (and expired) at once.
@@ -598,6 +650,9 @@ impl Net {
             dedup_timer: None,
             frames: frame_pool::FramePool::default(),
             next_dedup_flush: now,
+            ack_on_dispatch: HashSet::new(),
+            acks_due: VecDeque::new(),
+            ack_store_failed: false,
         })
     }
 
@@ -640,6 +695,16 @@ impl Net {
             || !self.dirty.is_empty()
             || !self.want.is_empty()
             || !self.released.is_empty()
+            || (!self.acks_due.is_empty() && !self.ack_store_failed)
+    }
+
+    /// A delivery acknowledgement of message `id` to peer `b`, sent once the id is stored.
+    fn queue_ack(&mut self, b: BoxId, id: MessageId, _now: Instant) {
+        if self.acks_due.len() >= MAX_ACKS_DUE {
+            // Storage has failed for long: the oldest sender retries later.
+            self.acks_due.pop_front();
+        }
+        self.acks_due.push_back((b, id));
     }
 
     /// Queues connection `k` for this turn's pump (once).

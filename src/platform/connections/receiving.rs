@@ -150,6 +150,7 @@ impl Core {
                 Some(s) if ok && self.keys.box_id(&s) == Some(peer_box) => {
                     c.peer = Some(s);
                     c.identified = true;
+                    c.peer_acks = env.id.as_deref() == Some(DELIVERY_ACKS);
                     c.reader.set_max_frame(net.cfg.max_frame);
                     net.dir.learn_reverse(peer_box, s);
                     self.activate(k);
@@ -175,16 +176,35 @@ impl Core {
         };
         if env.protocol == "mm" {
             // identify repeated, ping, and the reachability frames
-            if env.topic != "identify" && env.topic != "ping" {
+            if env.topic == "delivered" {
+                self.on_delivered(k, &env.payload);
+            } else if env.topic != "identify" && env.topic != "ping" {
                 self.on_mm(k, &env.topic, &env.payload);
             }
             return self.net.as_ref().is_some_and(|n| n.conns.contains(k));
         }
+        // A message sent through the peer's offline buffer (16-byte id), from a peer that
+        // waits for our delivery acknowledgement before it deletes its record.
+        let acked = match (c.peer_acks, env.id.as_deref()) {
+            (true, Some(id)) => <[u8; 16]>::try_from(id).ok(),
+            _ => None,
+        };
         if let Some(id) = &env.id {
             if !net.dedup.first_time_from(c.peer_box.0.as_bytes(), id) {
                 self.stats.duplicates += 1;
                 log::debug!("duplicate message from {} dropped", c.peer_box);
+                if let Some(id) = acked {
+                    // Seen before: acknowledged again once its id is stored, unless the first
+                    // copy still waits for its delivery (then it is acknowledged after that).
+                    let b = c.peer_box;
+                    if !net.ack_on_dispatch.contains(&(b, id)) {
+                        net.queue_ack(b, id, self.now);
+                    }
+                }
                 return true;
+            }
+            if let Some(id) = acked {
+                net.ack_on_dispatch.insert((c.peer_box, id));
             }
             if net.dedup_timer.is_none() {
                 let at = net.next_dedup_flush.max(self.now);
@@ -223,8 +243,84 @@ impl Core {
             topic: env.topic,
             scope,
             payload: env.payload,
+            id: env.id.as_deref().and_then(|i| i.try_into().ok()),
         });
         true
+    }
+
+    /// A message from another node was handed to its subscribers: if its sender waits for a
+    /// delivery acknowledgement, that is sent once the message's id is stored.
+    pub(in crate::platform) fn message_dispatched(&mut self, sender: &Address, id: MessageId) {
+        let b = match sender {
+            Address::Node(s) => self.keys.box_id(s),
+            Address::Box(b) => Some(*b),
+            Address::Local => None,
+        };
+        let now = self.now;
+        let (Some(b), Some(net)) = (b, self.net.as_mut()) else {
+            return;
+        };
+        if net.ack_on_dispatch.remove(&(b, id)) {
+            net.queue_ack(b, id, now);
+            super::super::crash_points::reach("receiver.dispatched");
+        }
+    }
+
+    /// Sends the delivery acknowledgements that are due, once the ids they name are stored
+    /// (one write of the de-duplication memory for all of them). If storing fails, nothing is
+    /// acknowledged (the senders keep their records and retry); storing is tried again at the
+    /// de-duplication timer.
+    pub(in crate::platform) fn settle_acks(&mut self) {
+        let now = self.now;
+        let storage = &mut *self.storage;
+        let Some(net) = self.net.as_mut() else { return };
+        if net.acks_due.is_empty() || net.ack_store_failed {
+            return;
+        }
+        if let Err(e) = net.dedup.flush(storage) {
+            log::warn!(
+                "delivered message ids could not be stored ({e}): {} delivery acknowledgements held back",
+                net.acks_due.len()
+            );
+            net.ack_store_failed = true;
+            if net.dedup_timer.is_none() {
+                net.dedup_timer = Some(
+                    net.timers
+                        .schedule(now + DEDUP_FLUSH_EVERY, NetTimer::DedupFlush),
+                );
+            }
+            return;
+        }
+        net.next_dedup_flush = now + DEDUP_FLUSH_EVERY;
+        super::super::crash_points::reach("receiver.stored");
+        let mut by_peer: HashMap<BoxId, Vec<u8>> = HashMap::new();
+        for (b, id) in net.acks_due.drain(..) {
+            by_peer.entry(b).or_default().extend_from_slice(&id);
+        }
+        for (b, ids) in by_peer {
+            // Only on a live connection: a sender without one retries, and its retry is
+            // acknowledged as a duplicate.
+            let Some(k) = net.peers.get(&b).filter(|p| p.online).and_then(|p| p.conn) else {
+                continue;
+            };
+            let Some(p) = net.peers.get_mut(&b) else {
+                continue;
+            };
+            // Ahead of whatever else waits for that peer (acknowledgements have no order
+            // with other frames), outside the queue's message bound (they are bounded by
+            // `acks_due`).
+            for chunk in ids.chunks(ACKS_PER_FRAME * 16) {
+                let frame = frame_of(&Envelope::new("delivered", "mm", chunk.to_vec()));
+                p.queued_bytes += frame.len();
+                net.queued_total += frame.len();
+                p.queue.push_front(Pending {
+                    frame,
+                    expires: None,
+                    track: Track::default(),
+                });
+            }
+            net.mark_dirty(k);
+        }
     }
 
     /// A `self.transports.nodeInfo` message.

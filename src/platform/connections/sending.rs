@@ -335,7 +335,57 @@ impl Core {
             c.watched = true;
             net.watch.push(k);
         }
+        let peer_acks = c.peer_acks;
         for t in done {
+            match t.offline {
+                // The bytes arrived; the record is deleted when the peer says the message was
+                // delivered and its id stored (`mm`/`delivered`), not before.
+                Some(key) if peer_acks => {
+                    if net.offline.contains(&key) {
+                        if let Some(c) = net.conns.get_mut(k) {
+                            c.awaiting.insert(key);
+                        }
+                    }
+                    super::super::crash_points::reach("sender.stream_acked");
+                }
+                _ => complete(net, storage, t, Ok(())),
+            }
+        }
+    }
+
+    /// An `mm`/`delivered` frame on connection `k`: the peer delivered the messages with these
+    /// ids (16 bytes each) and stored their ids; their records are deleted and their callbacks
+    /// succeed. Only records addressed to that peer are touched; a malformed frame (length not
+    /// a multiple of 16, more than [`ACKS_PER_FRAME`] ids) is ignored whole, as are ids we do
+    /// not hold (acknowledged before, or never ours).
+    pub(super) fn on_delivered(&mut self, k: usize, payload: &[u8]) {
+        let storage = &mut *self.storage;
+        let Some(net) = self.net.as_mut() else { return };
+        let Some(c) = net.conns.get_mut(k) else {
+            return;
+        };
+        if payload.len() % 16 != 0 || payload.len() > ACKS_PER_FRAME * 16 {
+            log::debug!("connection {k}: malformed delivery acknowledgement ignored");
+            return;
+        }
+        let peer = c.peer_box;
+        for id in payload.chunks_exact(16) {
+            let id: MessageId = id.try_into().expect("16 bytes");
+            let Some((key, dest)) = net.offline.find(&id) else {
+                continue;
+            };
+            if self.keys.box_id(&dest) != Some(peer) {
+                log::debug!("connection {k}: acknowledgement of another node's message ignored");
+                continue;
+            }
+            if let Some(c) = net.conns.get_mut(k) {
+                c.awaiting.remove(&key);
+            }
+            super::super::crash_points::reach("sender.acked");
+            let t = Track {
+                cb: None,
+                offline: Some(key),
+            };
             complete(net, storage, t, Ok(()));
         }
     }

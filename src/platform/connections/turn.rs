@@ -233,8 +233,11 @@ impl Core {
                 NetTimer::DedupFlush => {
                     net.dedup_timer = None;
                     net.next_dedup_flush = now + DEDUP_FLUSH_EVERY;
-                    if let Err(e) = net.dedup.flush(&mut *self.storage) {
-                        log::debug!("de-duplication memory could not be stored: {e}");
+                    if !net.acks_due.is_empty() {
+                        // Stored (and acknowledged) by `settle_acks` at the end of this turn.
+                        net.ack_store_failed = false;
+                    } else if let Err(e) = net.dedup.flush(&mut *self.storage) {
+                        log::warn!("de-duplication memory could not be stored: {e}");
                     }
                 }
             }
