@@ -686,46 +686,42 @@ impl ServerDriver {
         let held = self.unauth_by_source.get(&source).map_or(0, VecDeque::len);
         if held >= per_source {
             if let Some(&oldest) = self.unauth_by_source.get(&source).and_then(|q| q.front()) {
-                if let Some(&slot) = self.unauth.get(&oldest) {
-                    debug!(
-                        "server: evicting the oldest TCP stream from {} for one from {from}: \
-                         {held} streams of that source without a CurveCP handshake",
-                        self.tcp[slot].peer
-                    );
-                    self.tcp_stats.evicted_per_source += 1;
-                    self.close_stream(Some(registry), slot, true);
+                match self.close_unauth(registry, oldest) {
+                    Some(peer) => {
+                        debug!(
+                            "server: evicted the oldest TCP stream from {peer} for one from \
+                             {from}: {held} streams of that source without a CurveCP handshake"
+                        );
+                        self.tcp_stats.evicted_per_source += 1;
+                    }
+                    None => {
+                        if let Some(q) = self.unauth_by_source.get_mut(&source) {
+                            q.pop_front();
+                        }
+                    }
                 }
             }
         }
-        if self.tcp.len() >= self.limits.max_tcp_streams {
-            match self.unauth.first_key_value().map(|(_, &slot)| slot) {
-                Some(slot) => {
-                    debug!(
-                        "server: evicting the oldest TCP stream without a CurveCP handshake \
-                         (from {}) for one from {from}: {} streams open",
-                        self.tcp[slot].peer,
-                        self.tcp.len()
-                    );
-                    self.tcp_stats.evicted_table_full += 1;
-                    self.close_stream(Some(registry), slot, true);
-                }
-                None => {
-                    debug!(
-                        "server: refused a TCP stream from {from}: {} streams open, all \
-                         authenticated",
-                        self.tcp.len()
-                    );
-                    self.tcp_stats.refused += 1;
-                    reset_on_close(&stream);
-                    return;
-                }
+        // Each turn takes a key out of `unauth`: bounded.
+        while self.tcp.len() >= self.limits.max_tcp_streams {
+            let Some(&oldest) = self.unauth.keys().next() else {
+                debug!(
+                    "server: refused a TCP stream from {from}: {} streams open, all \
+                     authenticated",
+                    self.tcp.len()
+                );
+                self.tcp_stats.refused += 1;
+                reset_on_close(&stream);
+                return;
+            };
+            if let Some(peer) = self.close_unauth(registry, oldest) {
+                debug!(
+                    "server: evicted the oldest TCP stream without a CurveCP handshake (from \
+                     {peer}) for one from {from}: {} streams were open",
+                    self.tcp.len() + 1
+                );
+                self.tcp_stats.evicted_table_full += 1;
             }
-        }
-        if self.tcp.len() >= self.limits.max_tcp_streams {
-            // `max_tcp_streams` is 0.
-            self.tcp_stats.refused += 1;
-            reset_on_close(&stream);
-            return;
         }
         let entry = self.tcp.vacant_entry();
         let slot = entry.key();
@@ -813,19 +809,27 @@ impl ServerDriver {
         }
     }
 
+    /// Closes the unauthenticated stream under `key` with a reset and returns its peer's
+    /// address. The key leaves `unauth` either way (`None`: no stream was under it, which
+    /// the bookkeeping rules out, but a caller looping over `unauth` must not spin on it).
+    fn close_unauth(&mut self, registry: &Registry, key: UnauthKey) -> Option<SocketAddr> {
+        let slot = self.unauth.remove(&key)?;
+        let peer = self.tcp.get(slot).filter(|s| s.unauth == Some(key))?.peer;
+        self.close_stream(Some(registry), slot, true);
+        Some(peer)
+    }
+
     /// Closes the unauthenticated streams whose handshake deadline has come.
     fn close_unauthenticated(&mut self, registry: &Registry, now: Instant) {
-        while let Some((&(deadline, _), &slot)) = self.unauth.first_key_value() {
-            if deadline > now {
+        let timeout = self.limits.tcp_handshake_timeout.min(self.limits.tcp_idle);
+        while let Some(&key) = self.unauth.keys().next() {
+            if key.0 > now {
                 break;
             }
-            debug!(
-                "server: closing a TCP stream from {}: no CurveCP handshake within {:?}",
-                self.tcp[slot].peer,
-                self.limits.tcp_handshake_timeout.min(self.limits.tcp_idle)
-            );
-            self.tcp_stats.handshake_timeouts += 1;
-            self.close_stream(Some(registry), slot, true);
+            if let Some(peer) = self.close_unauth(registry, key) {
+                debug!("server: closed the TCP stream from {peer}: no CurveCP handshake within {timeout:?}");
+                self.tcp_stats.handshake_timeouts += 1;
+            }
         }
     }
 
