@@ -25,7 +25,9 @@ pub struct ServerDriverLimits {
     pub tcp_handshake_timeout: Duration,
     /// Most TCP streams without a completed handshake from one source address (IPv6: one /64
     /// prefix) at once; a new one beyond evicts that source's oldest. At least 1 (0 is taken
-    /// as 1). Default 32.
+    /// as 1). Default 64, as many as the connection manager lets one address hold
+    /// (`NetConfig::max_inbound_per_ip`): a source may have that many handshakes in flight,
+    /// and 16 sources at their cap fill the default table (then the oldest goes).
     pub max_unauthenticated_tcp_per_source: usize,
 }
 
@@ -35,7 +37,7 @@ impl Default for ServerDriverLimits {
             max_tcp_streams: 1024,
             tcp_idle: Duration::from_secs(120),
             tcp_handshake_timeout: Duration::from_secs(5),
-            max_unauthenticated_tcp_per_source: 32,
+            max_unauthenticated_tcp_per_source: 64,
         }
     }
 }
