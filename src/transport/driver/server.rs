@@ -672,10 +672,10 @@ impl ServerDriver {
         Ok(())
     }
 
-    /// Takes an accepted stream into the table (see TCP admission in [`crate::transport::driver`]): makes
-    /// room by evicting the oldest unauthenticated stream of its source (at the per-source
-    /// limit) or of the whole table (when full), or refuses it when the table is full of
-    /// authenticated streams.
+    /// Takes an accepted stream into the table (TCP admission, see
+    /// [`crate::transport::driver`]): makes room by evicting the oldest unauthenticated stream
+    /// of its source (at the per-source limit) or of the whole table (when full), or refuses
+    /// it when the table is full of authenticated streams.
     fn admit(
         &mut self,
         registry: &Registry,
@@ -696,9 +696,13 @@ impl ServerDriver {
                         );
                         self.tcp_stats.evicted_per_source += 1;
                     }
+                    // No stream under it (ruled out by the bookkeeping): drop the entry.
                     None => {
                         if let Some(q) = self.unauth_by_source.get_mut(&source) {
                             q.pop_front();
+                            if q.is_empty() {
+                                self.unauth_by_source.remove(&source);
+                            }
                         }
                     }
                 }
