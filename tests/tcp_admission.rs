@@ -25,7 +25,7 @@ use mm_platform::{Message, Platform};
 
 /// Descriptors the flood test needs at once: the attacker's sockets, the node's accepted
 /// streams, the rest of the process.
-const FDS_NEEDED: u64 = 4096;
+const FDS_NEEDED: libc::rlim_t = 4096;
 
 /// Raises the soft limit of open files to what the test needs (up to the hard limit).
 fn raise_nofile() {
@@ -38,8 +38,8 @@ fn raise_nofile() {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return;
         }
-        if (lim.rlim_cur as u64) < FDS_NEEDED {
-            lim.rlim_cur = (FDS_NEEDED as libc::rlim_t).min(lim.rlim_max);
+        if lim.rlim_cur < FDS_NEEDED {
+            lim.rlim_cur = FDS_NEEDED.min(lim.rlim_max);
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
