@@ -49,6 +49,9 @@ fn junk_frames_do_not_keep_a_tcp_stream_alive() {
         ServerDriverLimits {
             max_tcp_streams: 4,
             tcp_idle: idle,
+            // Longer than the idle time: the idle time bounds an unauthenticated stream too.
+            tcp_handshake_timeout: idle * 2,
+            ..ServerDriverLimits::default()
         },
         t0,
     )

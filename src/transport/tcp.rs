@@ -323,6 +323,16 @@ impl FramedStream {
         self.stream.peer_addr()
     }
 
+    /// Makes closing the stream (on drop) send a reset instead of a FIN (`SO_LINGER` 0): a
+    /// server closing a stream it refuses leaves no `TIME_WAIT` behind that way.
+    pub fn reset_on_close(&self) {
+        if let Err(e) =
+            socket2::SockRef::from(&self.stream).set_linger(Some(std::time::Duration::ZERO))
+        {
+            log::debug!("tcp: SO_LINGER not set: {e}");
+        }
+    }
+
     /// Removes the stream from `registry` (closing happens on drop).
     pub fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
         registry.deregister(&mut self.stream)

@@ -65,6 +65,10 @@ pub struct NetConfig {
     /// counting peers in our friends and devices circles. Default 64 (tests running many
     /// nodes on 127.0.0.1 raise it).
     pub max_inbound_per_ip: usize,
+    /// Limits of the TCP listener's streams: how many, the idle time, and the admission of
+    /// streams whose CurveCP handshake has not completed (a per-source cap with eviction of
+    /// the oldest, a handshake deadline). Default [`ServerDriverLimits::default`].
+    pub listener_limits: ServerDriverLimits,
     /// Bounds of the offline buffer.
     pub offline: OfflineLimits,
     /// Message ids remembered for de-duplication, all senders together. Past it, the least
@@ -113,6 +117,7 @@ impl Default for NetConfig {
             max_connections: 1024,
             reserved_outbound: 128,
             max_inbound_per_ip: 64,
+            listener_limits: ServerDriverLimits::default(),
             offline: OfflineLimits::default(),
             dedup: 65_536,
             dedup_per_peer: DEFAULT_DEDUP_PER_PEER,

@@ -134,7 +134,10 @@
 //! CurveCP server at once; incoming frames are limited to [`NetConfig::max_frame`]
 //! bytes (a larger one closes that connection only), and to 1 KiB until the peer has
 //! identified itself; a connection stops reading while the
-//! local delivery queue is full (the peer is then flow-controlled by CurveCP).
+//! local delivery queue is full (the peer is then flow-controlled by CurveCP); TCP streams
+//! whose CurveCP handshake has not completed are capped per source address (the oldest is
+//! evicted) and closed after a few seconds ([`NetConfig::listener_limits`], see
+//! [`crate::transport::driver`]).
 //!
 //! Partly received frames share one memory budget, [`NetConfig::frame_budget`] (64 MiB by
 //! default, at least one maximal frame): each connection may buffer 64 KiB (`FRAME_FLOOR`)
@@ -185,7 +188,7 @@ use crate::offline::{
 };
 use crate::storage::Storage;
 use crate::transport::connection_info::{self, Endpoint};
-use crate::transport::driver::{NatEvent, Path};
+use crate::transport::driver::{NatEvent, Path, ServerDriverLimits};
 use crate::transport::{ClientDriver, Framing, ServerDriver, TransportKind};
 
 /// The longest an offline message may wait (DESIGN §6).
@@ -558,13 +561,17 @@ impl Net {
         };
         let mut config = ServerConfig::with_stream(our_box.clone(), stream);
         config.accept_client = accept;
-        let server = match ServerDriver::bind(&registry, base, config.clone(), udp, tcp, now) {
+        let limits = cfg.listener_limits;
+        let bind = |config, udp, tcp| {
+            ServerDriver::bind_with_limits(&registry, base, config, udp, tcp, limits, now)
+        };
+        let server = match bind(config.clone(), udp, tcp) {
             Ok(s) => s,
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
                 // A stored port may be taken now: take any port on the same addresses.
                 log::debug!("listen addresses in use ({e}); binding OS-chosen ports");
                 let any = |a: Option<SocketAddr>| a.map(|a| SocketAddr::new(a.ip(), 0));
-                ServerDriver::bind(&registry, base, config, any(udp), any(tcp), now)?
+                bind(config, any(udp), any(tcp))?
             }
             Err(e) => return Err(e),
         };

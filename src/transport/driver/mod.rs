@@ -46,6 +46,31 @@
 //! times out in the state machine. When a CurveCP connection ends, the TCP stream that carried
 //! it is closed.
 //!
+//! TCP admission: a UDP Hello costs the server no state (its Cookie is stateless), but an accepted TCP stream
+//! holds a descriptor and a slot of [`ServerDriverLimits::max_tcp_streams`] from its
+//! accept. So accepted streams are *unauthenticated* until the CurveCP handshake they carry
+//! completes (the server accepted an Initiate on them: [`ServerEvent::Accepted`]), and those
+//! are held on a short leash:
+//! - at most [`ServerDriverLimits::max_unauthenticated_tcp_per_source`] per source address
+//!   (an IPv4 address, or the /64 prefix of an IPv6 one, as the connection manager counts
+//!   its per-address limit); a new stream from a source at its limit evicts that source's
+//!   oldest unauthenticated stream, so one address can never hold more, and a legitimate peer
+//!   sharing it still gets in;
+//! - when the whole table is full, a new stream evicts the oldest unauthenticated stream of
+//!   any source (only a table full of authenticated streams refuses it): a flood from many
+//!   addresses slows handshakes down but never shuts newcomers out;
+//! - each must complete its handshake within [`ServerDriverLimits::tcp_handshake_timeout`]
+//!   of its accept (at most [`ServerDriverLimits::tcp_idle`]), or it is closed.
+//!
+//! Evicted, timed-out and refused streams are reset (`SO_LINGER` 0), so they leave no
+//! `TIME_WAIT` behind. The unauthenticated streams are kept in accept order with their
+//! deadlines, so evicting the oldest and closing the due ones cost a lookup per stream, and
+//! [`ServerDriver::next_deadline`] includes the earliest handshake deadline exactly: no scan of
+//! the streams, no periodic wake-up. Accepting stops after [`ACCEPT_BATCH`] streams per
+//! event and goes on in `flush` (a fast flood must not keep the application from its turn).
+//! [`ServerDriver::tcp_stats`] counts what admission did; each closing is logged (debug) with
+//! its cause.
+//!
 //! Framings ([`Framing`], DESIGN §4): the native one (one datagram or one netstring per CurveCP
 //! packet) and the 1tp compatibility framing of the original JS nodes ([`super::onetp`]).
 //! - A [`ServerDriver`] serves both on the same ports. UDP: a datagram whose first byte is a
@@ -224,4 +249,7 @@ mod client;
 mod server;
 
 pub use client::ClientDriver;
-pub use server::{CompatStats, ServerDriver, ServerDriverLimits, MAX_BOUND_RELAYS, MAX_PUNCHES};
+pub use server::{
+    CompatStats, ServerDriver, ServerDriverLimits, TcpStats, ACCEPT_BATCH, MAX_BOUND_RELAYS,
+    MAX_PUNCHES,
+};

@@ -1,15 +1,34 @@
 //! [`ServerDriver`]: one CurveCP server over a UDP socket and a TCP listener with its accepted
 //! streams, in either framing, with the relay role and the hole punches of a server.
+//!
+//! TCP admission (the per-source cap, eviction, the handshake deadline) is described in the
+//! [`super`] module docs.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use super::*;
 
-/// Limits of a [`ServerDriver`] beyond those of the state machine.
-#[derive(Debug, Clone)]
+/// Limits of a [`ServerDriver`] beyond those of the state machine: the TCP listener's streams
+/// (see TCP admission in [`crate::transport::driver`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerDriverLimits {
-    /// Most TCP streams open at once; further ones are closed on accept.
+    /// Most TCP streams open at once. When the table is full, a new stream evicts the oldest
+    /// stream whose CurveCP handshake has not completed; only a table full of authenticated
+    /// streams closes the new one on accept. Default 1,024.
     pub max_tcp_streams: usize,
-    /// A TCP stream that carries no valid packet for this long is closed.
+    /// A TCP stream that carries no valid packet for this long is closed. Default 120 s.
     pub tcp_idle: Duration,
+    /// A TCP stream must complete a CurveCP handshake (its Initiate accepted) within this long
+    /// of its accept, or it is closed (never later than [`ServerDriverLimits::tcp_idle`]).
+    /// Default 5 s (a handshake takes two round trips).
+    pub tcp_handshake_timeout: Duration,
+    /// Most TCP streams without a completed handshake from one source address (IPv6: one /64
+    /// prefix) at once; a new one beyond evicts that source's oldest. At least 1 (0 is taken
+    /// as 1). Default 64, as many as the connection manager lets one address hold
+    /// (`NetConfig::max_inbound_per_ip`): a source may have that many handshakes in flight,
+    /// and 16 sources at their cap fill the default table (then the oldest goes).
+    pub max_unauthenticated_tcp_per_source: usize,
 }
 
 impl Default for ServerDriverLimits {
@@ -17,9 +36,52 @@ impl Default for ServerDriverLimits {
         ServerDriverLimits {
             max_tcp_streams: 1024,
             tcp_idle: Duration::from_secs(120),
+            tcp_handshake_timeout: Duration::from_secs(5),
+            max_unauthenticated_tcp_per_source: 64,
         }
     }
 }
+
+/// Streams accepted per listener event (or per `flush` that goes on accepting) before the
+/// application gets a turn.
+pub const ACCEPT_BATCH: usize = 64;
+
+/// The source of a TCP stream for [`ServerDriverLimits::max_unauthenticated_tcp_per_source`]:
+/// an IPv4 address (IPv4-mapped IPv6 ones included), or the /64 prefix of an IPv6 one (one
+/// host usually owns a whole /64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum SourceKey {
+    V4([u8; 4]),
+    V6([u8; 8]),
+}
+
+impl SourceKey {
+    fn of(ip: IpAddr) -> SourceKey {
+        match ip {
+            IpAddr::V4(a) => SourceKey::V4(a.octets()),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => SourceKey::V4(v4.octets()),
+                None => {
+                    let mut p = [0; 8];
+                    p.copy_from_slice(&a.octets()[..8]);
+                    SourceKey::V6(p)
+                }
+            },
+        }
+    }
+}
+
+/// Makes closing `stream` send a reset (`SO_LINGER` 0): a refused or evicted stream leaves no
+/// `TIME_WAIT` behind.
+fn reset_on_close(stream: &mio::net::TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+        debug!("server: SO_LINGER not set: {e}");
+    }
+}
+
+/// Where an unauthenticated stream sits in the accept order: its handshake deadline, then its
+/// generation (unique).
+type UnauthKey = (Instant, u64);
 
 struct TcpSlot {
     stream: FramedStream,
@@ -29,6 +91,31 @@ struct TcpSlot {
     framing: Option<Framing>,
     /// Listed in `tcp_more` (stopped at a batch with frames perhaps still waiting).
     more: bool,
+    /// The peer's address, as accepted.
+    peer: SocketAddr,
+    source: SourceKey,
+    /// `Some` (its key in `unauth`) until the stream's CurveCP handshake completes.
+    unauth: Option<UnauthKey>,
+}
+
+/// Counters of a [`ServerDriver`]'s TCP admission (see [`crate::transport::driver`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpStats {
+    /// Streams accepted into the table.
+    pub accepted: u64,
+    /// Streams that completed a CurveCP handshake.
+    pub authenticated: u64,
+    /// Unauthenticated streams evicted because a newer one came from their source at
+    /// [`ServerDriverLimits::max_unauthenticated_tcp_per_source`].
+    pub evicted_per_source: u64,
+    /// Unauthenticated streams evicted because the table was full.
+    pub evicted_table_full: u64,
+    /// New streams closed on accept: the table was full of authenticated streams.
+    pub refused: u64,
+    /// Streams closed at [`ServerDriverLimits::tcp_handshake_timeout`].
+    pub handshake_timeouts: u64,
+    /// Streams closed after [`ServerDriverLimits::tcp_idle`] without a valid packet.
+    pub idle_closed: u64,
 }
 
 /// Counters of a [`ServerDriver`]'s compatibility framing.
@@ -62,7 +149,16 @@ pub struct ServerDriver {
     generation: u64,
     base: usize,
     limits: ServerDriverLimits,
+    /// Idle checks of authenticated streams: (when, slot, generation).
     idle_checks: VecDeque<(Instant, usize, u64)>,
+    /// Unauthenticated streams in accept order (their handshake deadlines), to their slots.
+    unauth: BTreeMap<UnauthKey, usize>,
+    /// Unauthenticated streams per source, oldest first (at most
+    /// `max_unauthenticated_tcp_per_source` each; sources without any are removed).
+    unauth_by_source: HashMap<SourceKey, VecDeque<UnauthKey>>,
+    /// The last accept stopped at [`ACCEPT_BATCH`]: `flush` accepts on.
+    accept_more: bool,
+    tcp_stats: TcpStats,
     paths: HashMap<ConnectionId, Path>,
     /// The connection each 1tp UDP session carries (for an RST).
     sessions: HashMap<Path, ConnectionId>,
@@ -158,6 +254,10 @@ impl ServerDriver {
             base: base.0,
             limits,
             idle_checks: VecDeque::new(),
+            unauth: BTreeMap::new(),
+            unauth_by_source: HashMap::new(),
+            accept_more: false,
+            tcp_stats: TcpStats::default(),
             paths: HashMap::new(),
             sessions: HashMap::new(),
             compat: CompatStats::default(),
@@ -311,14 +411,23 @@ impl ServerDriver {
                 .tcp
                 .get(slot)
                 .filter(|t| t.generation == generation)
-                .and_then(|t| t.stream.peer_addr().ok())
-                .map(|a| a.ip()),
+                .map(|t| t.peer.ip()),
         }
     }
 
     /// TCP streams open now.
     pub fn tcp_streams(&self) -> usize {
         self.tcp.len()
+    }
+
+    /// TCP streams open now whose CurveCP handshake has not completed.
+    pub fn tcp_unauthenticated(&self) -> usize {
+        self.unauth.len()
+    }
+
+    /// Counters of the TCP admission.
+    pub fn tcp_stats(&self) -> TcpStats {
+        self.tcp_stats
     }
 
     /// Counters of the UDP socket (`None` without one).
@@ -343,8 +452,14 @@ impl ServerDriver {
                 ServerEvent::Accepted(id) => {
                     if let Some(p) = self.server.path(id) {
                         self.paths.insert(id, p);
-                        if let Path::UdpCompat { .. } = p {
-                            self.sessions.insert(p, id);
+                        match p {
+                            Path::UdpCompat { .. } => {
+                                self.sessions.insert(p, id);
+                            }
+                            Path::Tcp {
+                                slot, generation, ..
+                            } => self.authenticate(slot, generation),
+                            _ => {}
                         }
                     }
                 }
@@ -353,7 +468,7 @@ impl ServerDriver {
                     Some(Path::Tcp {
                         slot, generation, ..
                     }) if self.tcp.get(slot).map(|s| s.generation) == Some(generation) => {
-                        self.tcp.remove(slot);
+                        self.close_stream(None, slot, false);
                     }
                     Some(p @ Path::UdpCompat { .. }) if self.sessions.get(&p) == Some(&id) => {
                         self.sessions.remove(&p);
@@ -527,40 +642,21 @@ impl ServerDriver {
         Ok(read)
     }
 
+    /// Accepts up to [`ACCEPT_BATCH`] streams (then `flush` accepts on), admitting each
+    /// ([`ServerDriver::admit`]).
     fn accept(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
-        let Some(listener) = self.listener.as_ref() else {
-            return Ok(());
-        };
-        loop {
+        // Handshakes the server completed count before anything is evicted.
+        self.pump_events();
+        self.accept_more = false;
+        let mut accepted = 0;
+        while accepted < ACCEPT_BATCH {
+            let Some(listener) = self.listener.as_ref() else {
+                return Ok(());
+            };
             match listener.accept() {
                 Ok((stream, from)) => {
-                    if self.tcp.len() >= self.limits.max_tcp_streams {
-                        debug!("server: refused a TCP stream from {from}: too many open");
-                        drop(stream);
-                        continue;
-                    }
-                    let entry = self.tcp.vacant_entry();
-                    let slot = entry.key();
-                    let token = Token(self.base + 2 + slot);
-                    // Either framing: room for a wrapped packet.
-                    match FramedStream::new(registry, token, stream, onetp::MAX_SOCKET_PACKET) {
-                        Ok(stream) => {
-                            self.generation += 1;
-                            entry.insert(TcpSlot {
-                                stream,
-                                generation: self.generation,
-                                last_active: now,
-                                framing: None,
-                                more: false,
-                            });
-                            self.idle_checks.push_back((
-                                now + self.limits.tcp_idle,
-                                slot,
-                                self.generation,
-                            ));
-                        }
-                        Err(e) => debug!("server: could not register a TCP stream: {e}"),
-                    }
+                    accepted += 1;
+                    self.admit(registry, stream, from, now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -569,6 +665,176 @@ impl ServerDriver {
                     debug!("server: accept failed: {e}");
                     return Ok(());
                 }
+            }
+        }
+        // More may be waiting (readiness is edge-triggered): `flush` comes back to them.
+        self.accept_more = true;
+        Ok(())
+    }
+
+    /// Takes an accepted stream into the table (TCP admission, see
+    /// [`crate::transport::driver`]): makes room by evicting the oldest unauthenticated stream
+    /// of its source (at the per-source limit) or of the whole table (when full), or refuses
+    /// it when the table is full of authenticated streams.
+    fn admit(
+        &mut self,
+        registry: &Registry,
+        stream: mio::net::TcpStream,
+        from: SocketAddr,
+        now: Instant,
+    ) {
+        let source = SourceKey::of(from.ip());
+        let per_source = self.limits.max_unauthenticated_tcp_per_source.max(1);
+        let held = self.unauth_by_source.get(&source).map_or(0, VecDeque::len);
+        if held >= per_source {
+            if let Some(&oldest) = self.unauth_by_source.get(&source).and_then(|q| q.front()) {
+                match self.close_unauth(registry, oldest) {
+                    Some(peer) => {
+                        debug!(
+                            "server: evicted the oldest TCP stream from {peer} for one from \
+                             {from}: {held} streams of that source without a CurveCP handshake"
+                        );
+                        self.tcp_stats.evicted_per_source += 1;
+                    }
+                    // No stream under it (ruled out by the bookkeeping): drop the entry.
+                    None => {
+                        if let Some(q) = self.unauth_by_source.get_mut(&source) {
+                            q.pop_front();
+                            if q.is_empty() {
+                                self.unauth_by_source.remove(&source);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Each turn takes a key out of `unauth`: bounded.
+        while self.tcp.len() >= self.limits.max_tcp_streams {
+            let Some(&oldest) = self.unauth.keys().next() else {
+                debug!(
+                    "server: refused a TCP stream from {from}: {} streams open, all \
+                     authenticated",
+                    self.tcp.len()
+                );
+                self.tcp_stats.refused += 1;
+                reset_on_close(&stream);
+                return;
+            };
+            if let Some(peer) = self.close_unauth(registry, oldest) {
+                debug!(
+                    "server: evicted the oldest TCP stream without a CurveCP handshake (from \
+                     {peer}) for one from {from}: {} streams were open",
+                    self.tcp.len() + 1
+                );
+                self.tcp_stats.evicted_table_full += 1;
+            }
+        }
+        let entry = self.tcp.vacant_entry();
+        let slot = entry.key();
+        let token = Token(self.base + 2 + slot);
+        // Either framing: room for a wrapped packet.
+        match FramedStream::new(registry, token, stream, onetp::MAX_SOCKET_PACKET) {
+            Ok(stream) => {
+                self.generation += 1;
+                let deadline = now + self.limits.tcp_handshake_timeout.min(self.limits.tcp_idle);
+                let key = (deadline, self.generation);
+                entry.insert(TcpSlot {
+                    stream,
+                    generation: self.generation,
+                    last_active: now,
+                    framing: None,
+                    more: false,
+                    peer: from,
+                    source,
+                    unauth: Some(key),
+                });
+                self.unauth.insert(key, slot);
+                self.unauth_by_source
+                    .entry(source)
+                    .or_default()
+                    .push_back(key);
+                self.tcp_stats.accepted += 1;
+            }
+            Err(e) => debug!("server: could not register a TCP stream from {from}: {e}"),
+        }
+    }
+
+    /// The stream in `slot` (of `generation`) completed a CurveCP handshake: it leaves the
+    /// unauthenticated ones, and its idle checks start.
+    fn authenticate(&mut self, slot: usize, generation: u64) {
+        let Some(s) = self.tcp.get(slot).filter(|s| s.generation == generation) else {
+            return;
+        };
+        if s.unauth.is_none() {
+            return;
+        }
+        let due = s.last_active + self.limits.tcp_idle;
+        self.forget_unauth(slot);
+        self.tcp_stats.authenticated += 1;
+        self.idle_checks.push_back((due, slot, generation));
+        // Checks of closed streams stay until due; keep them within a bound.
+        if self.idle_checks.len() > 2 * self.tcp.len().max(32) {
+            let tcp = &self.tcp;
+            self.idle_checks
+                .retain(|&(_, slot, g)| tcp.get(slot).is_some_and(|s| s.generation == g));
+        }
+    }
+
+    /// Takes the stream in `slot` out of the unauthenticated ones (if it is one).
+    fn forget_unauth(&mut self, slot: usize) {
+        let Some(s) = self.tcp.get_mut(slot) else {
+            return;
+        };
+        let Some(key) = s.unauth.take() else {
+            return;
+        };
+        self.unauth.remove(&key);
+        if let Some(q) = self.unauth_by_source.get_mut(&s.source) {
+            if let Some(i) = q.iter().position(|k| *k == key) {
+                q.remove(i);
+            }
+            if q.is_empty() {
+                self.unauth_by_source.remove(&s.source);
+            }
+        }
+    }
+
+    /// Closes the stream in `slot` (deregistered when `registry` is given; the descriptor
+    /// closes either way), with a reset when `reset` (no `TIME_WAIT` left behind).
+    fn close_stream(&mut self, registry: Option<&Registry>, slot: usize, reset: bool) {
+        if !self.tcp.contains(slot) {
+            return;
+        }
+        self.forget_unauth(slot);
+        let mut s = self.tcp.remove(slot);
+        if reset {
+            s.stream.reset_on_close();
+        }
+        if let Some(r) = registry {
+            let _ = s.stream.deregister(r);
+        }
+    }
+
+    /// Closes the unauthenticated stream under `key` with a reset and returns its peer's
+    /// address. The key leaves `unauth` either way (`None`: no stream was under it, which
+    /// the bookkeeping rules out, but a caller looping over `unauth` must not spin on it).
+    fn close_unauth(&mut self, registry: &Registry, key: UnauthKey) -> Option<SocketAddr> {
+        let slot = self.unauth.remove(&key)?;
+        let peer = self.tcp.get(slot).filter(|s| s.unauth == Some(key))?.peer;
+        self.close_stream(Some(registry), slot, true);
+        Some(peer)
+    }
+
+    /// Closes the unauthenticated streams whose handshake deadline has come.
+    fn close_unauthenticated(&mut self, registry: &Registry, now: Instant) {
+        let timeout = self.limits.tcp_handshake_timeout.min(self.limits.tcp_idle);
+        while let Some(&key) = self.unauth.keys().next() {
+            if key.0 > now {
+                break;
+            }
+            if let Some(peer) = self.close_unauth(registry, key) {
+                debug!("server: closed the TCP stream from {peer}: no CurveCP handshake within {timeout:?}");
+                self.tcp_stats.handshake_timeouts += 1;
             }
         }
     }
@@ -589,8 +855,7 @@ impl ServerDriver {
                 .flush(registry, Token(self.base + 2 + slot))
                 .is_err()
         {
-            let mut s = self.tcp.remove(slot);
-            let _ = s.stream.deregister(registry);
+            self.close_stream(Some(registry), slot, false);
             return Ok(());
         }
         if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -747,17 +1012,20 @@ impl ServerDriver {
             }
         }
         if close {
-            let mut s = self.tcp.remove(slot);
-            let _ = s.stream.deregister(registry);
+            self.close_stream(Some(registry), slot, false);
             return false;
         }
         more
     }
 
-    /// Sends every packet due at `now`, closes idle TCP streams, and returns; call it after
+    /// Sends every packet due at `now`, accepts on after a full accept batch, closes TCP
+    /// streams past their handshake deadline and idle ones, and returns; call it after
     /// handling a batch of events and whenever `next_deadline` passes.
     pub fn flush(&mut self, registry: &Registry, now: Instant) -> io::Result<()> {
         self.read_in_flush = false;
+        if self.accept_more {
+            self.accept(registry, now)?;
+        }
         if self.udp_more {
             self.read_in_flush = self.read_udp(registry, now)? > 0;
         }
@@ -786,6 +1054,7 @@ impl ServerDriver {
             }
         }
         self.pump_events();
+        self.close_unauthenticated(registry, now);
         self.close_idle(registry, now);
         Ok(())
     }
@@ -867,8 +1136,7 @@ impl ServerDriver {
                 None => false,
             };
             if failed {
-                let mut s = self.tcp.remove(slot);
-                let _ = s.stream.deregister(registry);
+                self.close_stream(Some(registry), slot, false);
             }
         }
         dirty.clear();
@@ -876,7 +1144,8 @@ impl ServerDriver {
         Ok(())
     }
 
-    /// Closes TCP streams idle for too long.
+    /// Closes authenticated TCP streams idle for too long (unauthenticated ones are closed by
+    /// their handshake deadline first).
     fn close_idle(&mut self, registry: &Registry, now: Instant) {
         while let Some(&(when, slot, generation)) = self.idle_checks.front() {
             if when > now {
@@ -891,9 +1160,12 @@ impl ServerDriver {
             }
             let due = s.last_active + self.limits.tcp_idle;
             if due <= now {
-                debug!("server: closing an idle TCP stream");
-                let mut s = self.tcp.remove(slot);
-                let _ = s.stream.deregister(registry);
+                debug!(
+                    "server: closing the TCP stream from {}: no valid packet for {:?}",
+                    s.peer, self.limits.tcp_idle
+                );
+                self.tcp_stats.idle_closed += 1;
+                self.close_stream(Some(registry), slot, false);
             } else {
                 self.idle_checks.push_back((due, slot, generation));
             }
@@ -903,16 +1175,17 @@ impl ServerDriver {
     /// When the driver next needs `flush` without any socket event.
     pub fn next_deadline(&self) -> Option<Instant> {
         // Packets `flush` read may have raised events the application has not had a turn for.
-        if self.udp_more || self.read_in_flush || !self.tcp_more.is_empty() {
+        if self.udp_more || self.read_in_flush || !self.tcp_more.is_empty() || self.accept_more {
             return Some(Instant::now());
         }
         let idle = self.idle_checks.front().map(|c| c.0);
+        let handshake = self.unauth.first_key_value().map(|(k, _)| k.0);
         let probe = self
             .probers
             .values()
             .filter_map(Prober::next_deadline)
             .min();
-        [self.server.poll_timeout(), idle, probe]
+        [self.server.poll_timeout(), idle, handshake, probe]
             .into_iter()
             .flatten()
             .min()
