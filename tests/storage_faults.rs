@@ -20,9 +20,11 @@ use std::process::Command;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use mm_platform::identity::Identity;
-use mm_platform::storage::{FileStore, MemStore, Storage, StorageError};
-use mm_platform::{Event, Message, NetConfig, Platform, SendOptions, SendStatus};
+use mm_platform::identity::{Identity, IdentityError, IDENTITY_KEY};
+use mm_platform::storage::{
+    FileStore, MemStore, Storage, StorageError, StorageFault, StorageFaultKind,
+};
+use mm_platform::{BuildError, Event, Message, NetConfig, Platform, SendOptions, SendStatus};
 use serde_json::Value;
 
 use support::TempDir;
@@ -233,13 +235,14 @@ fn exchange(
     got
 }
 
-/// The events of `p` so far whose description mentions `needle` (case-insensitive).
-fn events_mentioning(events: &[Event], needle: &str) -> Vec<String> {
-    let needle = needle.to_lowercase();
+/// The storage faults among `events`.
+fn storage_faults(events: &[Event]) -> Vec<StorageFault> {
     events
         .iter()
-        .map(|e| format!("{e:?}"))
-        .filter(|d| d.to_lowercase().contains(&needle))
+        .filter_map(|e| match e {
+            Event::StorageFault(f) => Some(f.clone()),
+            _ => None,
+        })
         .collect()
 }
 
@@ -265,7 +268,10 @@ fn a_send_on_a_full_disk_names_the_cause() {
     let st = a
         .messaging()
         .send_with("test.full", peer.id.sign_id(), &1, offline());
-    assert!(!st.is_queued());
+    assert!(
+        matches!(st, SendStatus::StorageFailed(c) if c.raw_os_error() == Some(ENOSPC)),
+        "{st:?}"
+    );
     let text = st.to_string().to_lowercase();
     assert!(
         text.contains("no space left on device"),
@@ -316,7 +322,10 @@ fn a_send_on_a_real_full_tmpfs_names_the_cause() {
     let st = a
         .messaging()
         .send_with("test.full", peer.id.sign_id(), &vec![7u8; 8192], offline());
-    assert!(!st.is_queued());
+    assert!(
+        matches!(st, SendStatus::StorageFailed(c) if c.raw_os_error() == Some(ENOSPC)),
+        "{st:?}"
+    );
     assert!(
         st.to_string()
             .to_lowercase()
@@ -374,8 +383,14 @@ fn a_delivered_record_that_cannot_be_deleted_is_reported() {
     let (_b, got, events) = deliver_offline(&mut a, &peer, 5, || faults.del.set(Some(EROFS)));
     assert_eq!(got, (0..5).collect::<Vec<i64>>(), "delivered once each");
     assert!(faults.refused.get() >= 5, "the deletes were tried");
-    let reported = events_mentioning(&events, "read-only file system");
+    let reported = storage_faults(&events);
     assert_eq!(reported.len(), 5, "one report per record: {events:?}");
+    for f in &reported {
+        assert_eq!(f.kind, StorageFaultKind::Delete, "{f}");
+        assert_eq!(f.os_error, Some(EROFS), "{f}");
+        assert!(f.key.starts_with("offline-"), "{f}");
+        assert!(f.to_string().contains("Read-only file system"), "{f}");
+    }
     let left = inner
         .borrow()
         .keys()
@@ -398,8 +413,16 @@ fn a_real_read_only_remount_after_delivery_is_reported() {
     let mut a = sender(FileStore::open(&tmp.dir).unwrap(), &peer);
     let (_b, got, events) = deliver_offline(&mut a, &peer, 5, || tmp.remount("ro"));
     assert_eq!(got, (0..5).collect::<Vec<i64>>());
-    let reported = events_mentioning(&events, "read-only file system");
+    let reported = storage_faults(&events);
     assert_eq!(reported.len(), 5, "{events:?}");
+    for f in &reported {
+        assert_eq!(
+            (f.kind, f.os_error),
+            (StorageFaultKind::Delete, Some(EROFS)),
+            "{f}"
+        );
+        assert!(f.cause.contains("Read-only file system"), "{f}");
+    }
     let left = file_names(&tmp.dir)
         .into_iter()
         .filter(|n| n.starts_with("offline-"))
@@ -516,19 +539,28 @@ fn emptied_truncated_and_garbled_records_are_reported_and_kept_aside() {
         .filter(|f| f.starts_with("damaged-offline-"))
         .collect();
     assert_eq!(kept.len(), 3, "kept aside: {files:?}");
-    let reported = events_mentioning(&events, "damaged-offline-");
+    let reported = storage_faults(&events);
     assert_eq!(
         reported.len(),
         3,
         "one report per damaged record: {events:?}"
     );
-    for k in &kept {
-        let original = k.trim_start_matches("damaged-");
-        assert!(
-            reported.iter().any(|r| r.contains(original)),
-            "the report names {original}: {reported:?}"
-        );
+    for f in &reported {
+        assert_eq!(f.kind, StorageFaultKind::Damaged, "{f}");
+        let aside = format!("damaged-{}", f.key);
+        assert_eq!(f.kept_as.as_deref(), Some(&aside[..]), "{f}");
+        assert!(kept.contains(&&aside), "{aside} in {kept:?}");
     }
+    let mut causes: Vec<&str> = reported.iter().map(|f| f.cause.as_str()).collect();
+    causes.sort();
+    assert_eq!(
+        causes,
+        [
+            "checksum mismatch (damaged or truncated record)",
+            "checksum mismatch (damaged or truncated record)",
+            "empty record"
+        ]
+    );
     assert!(
         !files.iter().any(|f| f.starts_with("offline-")),
         "no damaged record left in the buffer: {files:?}"
@@ -551,11 +583,10 @@ fn one_flipped_payload_bit_is_detected_and_never_delivered() {
         1,
         "{files:?}"
     );
-    assert_eq!(
-        events_mentioning(&events, "checksum").len(),
-        1,
-        "{events:?}"
-    );
+    let reported = storage_faults(&events);
+    assert_eq!(reported.len(), 1, "{events:?}");
+    assert_eq!(reported[0].kind, StorageFaultKind::Damaged);
+    assert!(reported[0].cause.contains("checksum"), "{}", reported[0]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -581,10 +612,61 @@ fn a_deleted_identity_is_refused_while_other_state_exists() {
         .build()
     {
         Ok(p) => panic!("a new identity {} replaced {first} in silence", p.sign_id()),
-        Err(e) => e.to_string(),
+        Err(e) => e,
     };
-    assert!(err.contains("identity"), "{err}");
+    assert!(
+        matches!(
+            &err,
+            BuildError::Identity(IdentityError::Missing { keys: 2, .. })
+        ),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("identity") && text.contains("connectionInfo") && text.contains("offline-"),
+        "{text}"
+    );
+    assert!(
+        text.contains("allow_new_identity"),
+        "says what to do: {text}"
+    );
     assert_eq!(file_names(&dir.0), before, "nothing written by the refusal");
+    // Asked for explicitly: a new node, which keeps the state (its queued message).
+    let p = Platform::builder()
+        .storage(FileStore::open(&dir.0).unwrap())
+        .allow_new_identity(true)
+        .build()
+        .unwrap();
+    assert_ne!(p.sign_id(), first);
+    assert_eq!(p.offline_pending(), 1);
+    assert!(
+        dir.0.join(IDENTITY_KEY).is_file(),
+        "the new identity is stored"
+    );
+    let new = p.sign_id();
+    drop(p);
+    // And it is the node's identity from now on.
+    let again = Platform::builder()
+        .storage(FileStore::open(&dir.0).unwrap())
+        .build()
+        .unwrap();
+    assert_eq!(again.sign_id(), new);
+}
+
+#[test]
+fn a_receiver_whose_identity_was_deleted_is_refused_too() {
+    let (mut store, _inner, _faults) = FaultStore::new();
+    store.put("dedup2-0", &[0; 8]).unwrap();
+    let err = Platform::builder().storage(store).build().err();
+    assert!(
+        matches!(
+            err,
+            Some(BuildError::Identity(IdentityError::Missing { keys: 1, .. }))
+        ),
+        "{err:?}"
+    );
+    // An empty storage is a new node: no question asked.
+    assert!(Platform::builder().storage(MemStore::new()).build().is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -612,43 +694,82 @@ fn a_failing_dedup_flush_is_reported_and_its_ids_are_written_later() {
     // The flush runs on a half-second timer.
     let end = Instant::now() + Duration::from_secs(3);
     let mut events = Vec::new();
-    while events_mentioning(&events, "no space left on device").is_empty() && Instant::now() < end {
+    while storage_faults(&events).is_empty() && Instant::now() < end {
         a.poll(Some(Duration::from_millis(5))).unwrap();
         b.poll(Some(Duration::from_millis(5))).unwrap();
         events.extend(b.drain_events());
     }
-    let reported = events_mentioning(&events, "no space left on device");
-    assert_eq!(reported.len(), 1, "reported once: {events:?}");
+    // A few more flush periods with messages arriving: still failing, not reported again.
+    let mut sent = 3;
+    let end = Instant::now() + Duration::from_millis(1200);
+    let mut next = Instant::now();
+    while Instant::now() < end && sent < 40 {
+        if Instant::now() >= next {
+            let st = a
+                .messaging()
+                .send_with("test.dedup", peer.id.sign_id(), &sent, offline());
+            assert!(st.is_queued(), "{st}");
+            sent += 1;
+            next += Duration::from_millis(50);
+        }
+        a.poll(Some(Duration::from_millis(5))).unwrap();
+        b.poll(Some(Duration::from_millis(5))).unwrap();
+        events.extend(b.drain_events());
+    }
+    let rest = exchange(&mut a, &mut b, &rx, Duration::from_secs(30), |got, a| {
+        got.len() + 3 >= sent && a.offline_pending() == 0
+    });
+    assert_eq!(rest.len() + 3, sent, "every message delivered once");
+    events.extend(b.drain_events());
+    let reported = storage_faults(&events);
+    assert_eq!(reported.len(), 1, "reported once: {reported:?}");
+    let f = &reported[0];
+    assert_eq!(
+        (f.kind, f.os_error),
+        (StorageFaultKind::Write, Some(ENOSPC)),
+        "{f}"
+    );
+    assert!(f.key.starts_with("dedup2-"), "names the key: {f}");
+    assert!(f.cause.contains("No space left on device"), "{f}");
     assert!(
-        reported[0].contains("dedup2-"),
-        "names the key: {reported:?}"
+        !inner
+            .borrow()
+            .keys()
+            .unwrap()
+            .iter()
+            .any(|k| k.starts_with("dedup2-")),
+        "nothing written yet"
     );
     // Room again: the next message's flush writes the earlier ids too.
     faults.put.set(None);
     let st = a
         .messaging()
-        .send_with("test.dedup", peer.id.sign_id(), &3, offline());
+        .send_with("test.dedup", peer.id.sign_id(), &sent, offline());
     assert!(st.is_queued());
+    sent += 1;
+    // Chunk layout: sequence (8), then per id: sender (32), length (1), id (16).
+    let ids_stored = || -> usize {
+        let store = inner.borrow();
+        store
+            .keys()
+            .unwrap()
+            .iter()
+            .filter(|k| k.starts_with("dedup2-"))
+            .map(|k| (store.get(k).unwrap().unwrap().len() - 8) / (32 + 1 + 16))
+            .sum()
+    };
     let end = Instant::now() + Duration::from_secs(10);
-    while !inner
-        .borrow()
-        .keys()
-        .unwrap()
-        .iter()
-        .any(|k| k.starts_with("dedup2-"))
-        && Instant::now() < end
-    {
+    while ids_stored() < sent && Instant::now() < end {
         a.poll(Some(Duration::from_millis(5))).unwrap();
         b.poll(Some(Duration::from_millis(5))).unwrap();
     }
-    let chunk = inner
-        .borrow()
-        .keys()
-        .unwrap()
-        .into_iter()
-        .find(|k| k.starts_with("dedup2-"))
-        .expect("a chunk written once the disk has room");
-    let v = inner.borrow().get(&chunk).unwrap().unwrap();
-    // Chunk layout: sequence (8), then per id: sender (32), length (1), id (16).
-    assert_eq!((v.len() - 8) / (32 + 1 + 16), 4, "all four ids, none lost");
+    assert_eq!(
+        ids_stored(),
+        sent,
+        "every id written, none lost to the failures"
+    );
+    assert_eq!(
+        storage_faults(&b.drain_events().collect::<Vec<_>>()).len(),
+        0
+    );
 }
