@@ -5,7 +5,7 @@
 //!     [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS]
 //!     [--mdns] [--mdns-interface ADDR] [--bootstrap FILE]
 //!     [--relay] [--relay-bps BYTES] [--no-relays] [--no-punch]
-//!     [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish] [--dht]
+//!     [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish] [--dht] [--new-identity]
 //! ```
 //!
 //! The optional timings set the [`NetConfig`] fields of the same names (tests use short ones).
@@ -25,7 +25,9 @@
 //!
 //! `DIR` is a [`FileStore`] (created if missing) holding the identity, the listen addresses of
 //! the last run and the offline buffer. Without `--udp`/`--tcp` the node listens where it did
-//! last time, else on 127.0.0.1 with OS-chosen ports.
+//! last time, else on 127.0.0.1 with OS-chosen ports. A `DIR` whose identity is gone but that
+//! holds other state is refused (exit 1) unless `--new-identity` allows a new identity there
+//! (PlatformBuilder `allow_new_identity`).
 //!
 //! stdout, one JSON object per line (flushed):
 //! - `{"event":"ready","nodeInfo":{...}}`
@@ -48,6 +50,9 @@
 //! - `{"event":"value","key":K,"value":V}` or `{"event":"value","key":K,"error":"..."}`
 //!   answering `{"cmd":"get"}`, and `{"event":"stored","key":K,"acks":N}` (nodes that took
 //!   the value) answering `{"cmd":"put"}` (with `--dht`)
+//! - `{"event":"storageFault","kind":"reading"|"writing"|"deleting"|"damaged record","key":K,"cause":"...","keptAs":K2|null}`
+//!   when the storage fails or holds a damaged record and the node goes on (a full or
+//!   read-only disk, a damaged offline record kept aside as `keptAs`)
 //! - `{"event":"error","error":"..."}` for a bad command (the node keeps running)
 //!
 //! stdin, one JSON command per line:
@@ -91,7 +96,7 @@ fn usage() -> ! {
          [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS] \
          [--mdns] [--mdns-interface ADDR] [--bootstrap FILE] \
          [--relay] [--relay-bps BYTES] [--no-relays] [--no-punch] \
-         [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish] [--dht]"
+         [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish] [--dht] [--new-identity]"
     );
     std::process::exit(2);
 }
@@ -111,6 +116,7 @@ fn main() {
     let mut mainline: Option<String> = None;
     let mut mainline_publish = false;
     let mut dht = false;
+    let mut new_identity = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut ms = || -> Duration {
@@ -147,6 +153,7 @@ fn main() {
                 net.relay.get_or_insert_with(Default::default).bytes_per_sec = bps;
             }
             "--no-relays" => net.use_relays = false,
+            "--new-identity" => new_identity = true,
             "--no-punch" => net.hole_punching = false,
             "--mainline" => mainline = args.next(),
             "--mainline-publish" => mainline_publish = true,
@@ -162,7 +169,10 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let mut builder = Platform::builder().storage(store).net(net);
+    let mut builder = Platform::builder()
+        .storage(store)
+        .net(net)
+        .allow_new_identity(new_identity);
     if udp.is_some() || tcp.is_some() {
         let mut listen = Vec::new();
         for (kind, arg, default) in [("udp", &udp, "127.0.0.1:0"), ("tcp", &tcp, "127.0.0.1:0")] {
@@ -309,6 +319,8 @@ fn main() {
             remote,
         } => emit(json!({"event": "path", "peer": peer.to_string(),
             "path": if *relayed { "relayed" } else { "direct" }, "remote": remote.to_string()})),
+        Event::StorageFault(f) => emit(json!({"event": "storageFault", "kind": f.kind.to_string(),
+            "key": f.key, "cause": f.cause, "keptAs": f.kept_as})),
         _ => {}
     });
 

@@ -4,7 +4,10 @@
 //!
 //! The identity is stored under the storage key [`IDENTITY_KEY`] as the standard base64 (with
 //! padding) of the 64-byte ed25519 secret key, as the original did with tweetnacl-util, so a data
-//! directory keeps its node id across restarts.
+//! directory keeps its node id across restarts. A storage that has no identity but holds other
+//! keys (queued offline messages, de-duplication memory, listen addresses: the state of a node
+//! whose identity was lost) does not get a new identity unless that is explicitly allowed
+//! ([`Identity::load_or_create_with`], [`IdentityError::Missing`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -136,6 +139,16 @@ pub enum IdentityError {
     /// The stored value is not base64 of a valid 64-byte ed25519 secret key. It is left
     /// untouched: replacing it silently would change the node's id.
     Corrupt,
+    /// There is no identity in the storage, but other keys are there: the state of a node
+    /// whose identity was lost (deleted, or never stored because it was given to the builder).
+    /// A new identity is not created in its place unless that is explicitly allowed
+    /// ([`crate::PlatformBuilder::allow_new_identity`]).
+    Missing {
+        /// How many other keys the storage holds.
+        keys: usize,
+        /// A few of them (sorted), for the message.
+        examples: Vec<String>,
+    },
 }
 
 impl fmt::Display for IdentityError {
@@ -143,6 +156,15 @@ impl fmt::Display for IdentityError {
         match self {
             IdentityError::Storage(e) => write!(f, "identity storage: {e}"),
             IdentityError::Corrupt => f.write_str("the stored identity is not a valid secret key"),
+            IdentityError::Missing { keys, examples } => write!(
+                f,
+                "the identity (storage key {IDENTITY_KEY:?}) is missing, but the storage holds \
+                 the state of a node ({keys} keys: {}{}); refusing to replace a lost identity \
+                 with a new one in silence: restore the identity, or allow a new one \
+                 (PlatformBuilder::allow_new_identity)",
+                examples.join(", "),
+                if *keys > examples.len() { ", ..." } else { "" }
+            ),
         }
     }
 }
@@ -151,7 +173,7 @@ impl std::error::Error for IdentityError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             IdentityError::Storage(e) => Some(e),
-            IdentityError::Corrupt => None,
+            IdentityError::Corrupt | IdentityError::Missing { .. } => None,
         }
     }
 }
@@ -224,10 +246,56 @@ impl Identity {
         STANDARD.encode(self.sign.secret_bytes())
     }
 
-    /// Loads the identity stored under [`IDENTITY_KEY`], or creates one and stores it.
+    /// Loads the identity stored under [`IDENTITY_KEY`], or creates one and stores it if the
+    /// storage is empty. A storage without identity that holds other keys is refused
+    /// ([`IdentityError::Missing`]); see [`Identity::load_or_create_with`].
     pub fn load_or_create<S: Storage + ?Sized>(storage: &mut S) -> Result<Identity, IdentityError> {
+        Identity::load_or_create_with(storage, false)
+    }
+
+    /// Loads the identity stored under [`IDENTITY_KEY`], or creates one and stores it. When
+    /// there is none but the storage holds other keys, a new identity is created only if
+    /// `allow_new` (logged at warn level: the node becomes another node, and its state, queued
+    /// offline messages included, is the new node's); otherwise [`IdentityError::Missing`].
+    ///
+    /// ```
+    /// use mm_platform::identity::{Identity, IdentityError};
+    /// use mm_platform::storage::{MemStore, Storage};
+    ///
+    /// let mut store = MemStore::new();
+    /// store.put("offline-00", b"a queued message").unwrap();
+    /// let refused = Identity::load_or_create(&mut store);
+    /// assert!(matches!(refused, Err(IdentityError::Missing { keys: 1, .. })));
+    /// let new = Identity::load_or_create_with(&mut store, true).unwrap();
+    /// assert_eq!(Identity::load_or_create(&mut store).unwrap().sign_id(), new.sign_id());
+    /// ```
+    pub fn load_or_create_with<S: Storage + ?Sized>(
+        storage: &mut S,
+        allow_new: bool,
+    ) -> Result<Identity, IdentityError> {
         if let Some(stored) = storage.get(IDENTITY_KEY)? {
             return Identity::from_stored(&stored);
+        }
+        let mut others: Vec<String> = storage
+            .keys()?
+            .into_iter()
+            .filter(|k| k != IDENTITY_KEY)
+            .collect();
+        if !others.is_empty() {
+            others.sort();
+            let keys = others.len();
+            others.truncate(4);
+            if !allow_new {
+                return Err(IdentityError::Missing {
+                    keys,
+                    examples: others,
+                });
+            }
+            log::warn!(
+                "no identity in a storage holding {keys} other keys ({}...): a new identity \
+                 is created as allowed, and that state is now the new node's",
+                others.join(", ")
+            );
         }
         let id = Identity::generate();
         let mut text = id.to_stored().into_bytes();

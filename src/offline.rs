@@ -11,12 +11,22 @@
 //! the receiving node has acknowledged its *delivery* (below); if the connection dies first,
 //! the record becomes idle again and is retried (whenever the destination comes online, and
 //! at least every [`crate::NetConfig::offline_retry`]). Expired records are deleted and
-//! reported. The buffer is bounded in records and bytes: a send beyond
-//! either bound is refused ([`AddError::Full`]).
+//! reported. The buffer is bounded in records and bytes: a send beyond either bound is refused
+//! ([`AddError::Full`]).
 //!
-//! Record layout: `MMO1` (4 bytes), destination ed25519 key (32), expiry ms (8, big-endian),
-//! sequence (8, big-endian), then the protobuf envelope. Records that do not decode are
-//! deleted at load.
+//! Record layout (format 2): `MMO2` (4 bytes), destination ed25519 key (32), expiry ms (8,
+//! big-endian), sequence (8, big-endian), the protobuf envelope, then a 16-byte checksum
+//! ([`crate::crypto::checksum`], BLAKE2b) of everything before it. Records of the first format
+//! (`MMO1`, the same without the checksum) are still read, so a buffer written by an older
+//! version is sent after an upgrade.
+//!
+//! Disk faults are reported, never passed in silence (see [`crate::storage::StorageFault`]):
+//! a record that is empty, truncated, garbled or fails its checksum is never delivered; it is
+//! moved aside to `damaged-<its key>` ([`DAMAGED_PREFIX`]), logged at warn level and reported
+//! (if it cannot even be moved, it stays where it is, unread, and is reported again at the next
+//! start). A delivered record that cannot be deleted (a read-only disk) is reported, and its
+//! deletion retried later. Faults wait in a bounded queue ([`OfflineBuffer::take_faults`],
+//! [`Dedup::take_faults`]) that the platform turns into [`crate::Event::StorageFault`].
 //!
 //! # Delivery guarantee
 //!
@@ -71,22 +81,68 @@
 //! chunks of [`DEDUP_CHUNK`] under the keys `dedup2-<n>` (a ring of as many chunks as the
 //! capacity needs), the current chunk at most every half second while messages arrive and when
 //! the platform is dropped. Only ids that arrived in the last half second before a crash can be
-//! forgotten. Chunk layout: sequence (8, big-endian), then per id the sender (32), the id's
+//! forgotten. A flush that fails (a full or read-only disk) keeps its ids for the next try, is
+//! logged at warn level and reported when it starts failing (not at every retry). Chunk layout: sequence (8, big-endian), then per id the sender (32), the id's
 //! length (1) and the id. Chunks of the first format (`dedup-<n>`: ids without sender) are
 //! still read, as ids recognised from any sender, and deleted at the next flush; malformed
 //! chunks are skipped.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
-use crate::crypto::{random_bytes, to_hex, SignPublicKey};
+use std::fmt;
+
+use crate::crypto::{checksum, random_bytes, to_hex, SignPublicKey, CHECKSUM_LEN};
 use crate::envelope::Envelope;
 use crate::identity::SignId;
-use crate::storage::{Storage, StorageError};
+use crate::storage::{Storage, StorageCause, StorageError, StorageFault, StorageFaultKind};
 
 /// Prefix of the storage keys of offline records.
 pub const KEY_PREFIX: &str = "offline-";
-const MAGIC: &[u8; 4] = b"MMO1";
+/// Prefix put before the key of a damaged record when it is kept aside
+/// (`damaged-offline-<id>`): such keys are never read as records.
+pub const DAMAGED_PREFIX: &str = "damaged-";
+/// The current record format (with a checksum).
+const MAGIC: &[u8; 4] = b"MMO2";
+/// The first record format (no checksum), still read.
+const MAGIC_V1: &[u8; 4] = b"MMO1";
 const HEADER: usize = 4 + 32 + 8 + 8;
+/// Most storage faults waiting to be reported; beyond, they are only logged and counted.
+const MAX_FAULTS: usize = 256;
+/// Most delivered records whose deletion failed that are remembered for another try.
+const MAX_UNDELETED: usize = 4096;
+
+/// Why a stored offline record cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// The record is empty.
+    Empty,
+    /// Shorter than its header and checksum.
+    Truncated,
+    /// Neither `MMO2` nor `MMO1` (a garbled header, or not a record).
+    UnknownFormat,
+    /// The checksum does not match: a bit flipped, or the record was garbled or truncated.
+    Checksum,
+    /// The envelope does not decode, or has no 16-byte id.
+    BadEnvelope,
+    /// The record's id is not the one its key names.
+    KeyMismatch,
+}
+
+impl fmt::Display for RecordError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RecordError::Empty => "empty record",
+            RecordError::Truncated => "truncated record",
+            RecordError::UnknownFormat => "unknown record format (garbled header)",
+            RecordError::Checksum => "checksum mismatch (damaged or truncated record)",
+            RecordError::BadEnvelope => "undecodable envelope",
+            RecordError::KeyMismatch => "record id does not match its key",
+        })
+    }
+}
+
+impl std::error::Error for RecordError {}
 
 /// Identifies a record: creation sequence and id (records sort in sending order).
 pub type RecordKey = (u64, [u8; 16]);
@@ -118,6 +174,55 @@ pub enum AddError {
     Storage(StorageError),
 }
 
+impl fmt::Display for AddError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AddError::Full => f.write_str("offline buffer full"),
+            AddError::Storage(e) => write!(f, "offline buffer storage failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for AddError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AddError::Full => None,
+            AddError::Storage(e) => Some(e),
+        }
+    }
+}
+
+/// A bounded queue of storage faults waiting to be reported (each is logged at warn level
+/// when it is queued; past [`MAX_FAULTS`], faults are logged at debug level and counted).
+#[derive(Default)]
+struct Faults {
+    queue: Vec<StorageFault>,
+    dropped: usize,
+}
+
+impl Faults {
+    fn report(&mut self, what: &str, fault: StorageFault) {
+        if self.queue.len() < MAX_FAULTS {
+            log::warn!("{what}: {fault}");
+            self.queue.push(fault);
+        } else {
+            log::debug!("{what}: {fault}");
+            self.dropped += 1;
+        }
+    }
+
+    fn take(&mut self) -> Vec<StorageFault> {
+        if self.dropped > 0 {
+            log::warn!(
+                "{} more storage faults were not reported (see the debug log)",
+                self.dropped
+            );
+            self.dropped = 0;
+        }
+        std::mem::take(&mut self.queue)
+    }
+}
+
 struct Entry {
     dest: SignId,
     expires_ms: u64,
@@ -131,30 +236,59 @@ pub fn storage_key(id: &[u8; 16]) -> String {
     format!("{KEY_PREFIX}{}", to_hex(id))
 }
 
-/// Encodes a record.
+/// Encodes a record (format 2, with its checksum).
 pub fn encode_record(dest: &SignId, expires_ms: u64, seq: u64, env: &Envelope) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + env.encoded_len());
+    let mut out = Vec::with_capacity(HEADER + env.encoded_len() + CHECKSUM_LEN);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(dest.as_bytes());
     out.extend_from_slice(&expires_ms.to_be_bytes());
     out.extend_from_slice(&seq.to_be_bytes());
     env.encode_protobuf(&mut out);
+    let sum = checksum(&[&out]);
+    out.extend_from_slice(&sum);
     out
 }
 
-/// Decodes a record: destination, expiry, sequence, envelope (with a 16-byte id).
-pub fn decode_record(bytes: &[u8]) -> Option<(SignId, u64, u64, Envelope)> {
-    if bytes.len() < HEADER || &bytes[..4] != MAGIC {
-        return None;
+/// Decodes a record of either format: destination, expiry, sequence, envelope (with a 16-byte
+/// id). A record of format 2 whose checksum does not match is refused
+/// ([`RecordError::Checksum`]).
+pub fn decode_record(bytes: &[u8]) -> Result<(SignId, u64, u64, Envelope), RecordError> {
+    if bytes.is_empty() {
+        return Err(RecordError::Empty);
     }
-    let dest = SignId(SignPublicKey::from_slice(&bytes[4..36])?);
-    let expires = u64::from_be_bytes(bytes[36..44].try_into().ok()?);
-    let seq = u64::from_be_bytes(bytes[44..52].try_into().ok()?);
-    let env = Envelope::decode_protobuf(&bytes[HEADER..]).ok()?;
+    if bytes.len() < 4 {
+        return Err(RecordError::Truncated);
+    }
+    let body = match &bytes[..4] {
+        m if m == MAGIC => {
+            if bytes.len() < HEADER + CHECKSUM_LEN {
+                return Err(RecordError::Truncated);
+            }
+            let (body, sum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
+            if checksum(&[body]) != sum {
+                return Err(RecordError::Checksum);
+            }
+            body
+        }
+        m if m == MAGIC_V1 => bytes,
+        _ => return Err(RecordError::UnknownFormat),
+    };
+    if body.len() < HEADER {
+        return Err(RecordError::Truncated);
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&body[4..36]);
+    let dest = SignId(SignPublicKey(key));
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&body[36..44]);
+    let expires = u64::from_be_bytes(n);
+    n.copy_from_slice(&body[44..52]);
+    let seq = u64::from_be_bytes(n);
+    let env = Envelope::decode_protobuf(&body[HEADER..]).map_err(|_| RecordError::BadEnvelope)?;
     if env.id.as_ref().map(Vec::len) != Some(16) {
-        return None;
+        return Err(RecordError::BadEnvelope);
     }
-    Some((dest, expires, seq, env))
+    Ok((dest, expires, seq, env))
 }
 
 /// The persistent buffer's in-memory index (the records themselves are in storage).
@@ -165,68 +299,149 @@ pub struct OfflineBuffer {
     bytes: usize,
     limits: OfflineLimits,
     next_seq: u64,
+    /// Keys of delivered records whose deletion failed, tried again later (oldest first).
+    undeleted: VecDeque<String>,
+    faults: Faults,
     /// The sequence number of each record by id (delivery acknowledgements name ids).
     by_id: HashMap<[u8; 16], u64>,
 }
 
 impl OfflineBuffer {
-    /// Loads every record from `storage`, deleting expired and undecodable ones. Returns the
-    /// buffer and how many records were dropped.
+    /// Loads every record from `storage`. Expired records are deleted; damaged ones (empty,
+    /// truncated, garbled, failing their checksum, not matching their key) are moved aside to
+    /// `damaged-<key>` and reported, never loaded; a record that cannot be read is reported
+    /// and left alone. Returns the buffer and how many records were not loaded. Fails only if
+    /// the keys cannot be listed.
     pub fn load(
         storage: &mut dyn Storage,
         limits: OfflineLimits,
         now_ms: u64,
     ) -> Result<(OfflineBuffer, usize), StorageError> {
-        let mut buf = OfflineBuffer {
-            entries: BTreeMap::new(),
-            idle: HashMap::new(),
-            bytes: 0,
-            limits,
-            next_seq: now_ms.saturating_mul(1000),
-            by_id: HashMap::new(),
-        };
+        let mut buf = OfflineBuffer::new(limits, now_ms);
         let mut dropped = 0;
         for key in storage.keys()? {
             if !key.starts_with(KEY_PREFIX) {
                 continue;
             }
-            let keep = match storage.get(&key)? {
-                Some(v) => match decode_record(&v) {
-                    Some((dest, exp, seq, env)) if exp > now_ms => {
-                        let mut id = [0u8; 16];
-                        id.copy_from_slice(env.id.as_deref().unwrap_or(&[0; 16]));
-                        if storage_key(&id) == key {
-                            let mut frame = Vec::new();
-                            env.encode_frame(&mut frame);
-                            buf.bytes += frame.len();
-                            buf.next_seq = buf.next_seq.max(seq.saturating_add(1));
-                            *buf.idle.entry(dest).or_default() += 1;
-                            buf.by_id.insert(id, seq);
-                            buf.entries.insert(
-                                (seq, id),
-                                Entry {
-                                    dest,
-                                    expires_ms: exp,
-                                    frame,
-                                    busy: false,
-                                },
-                            );
-                            true
-                        } else {
-                            false
-                        }
-                    }
-                    _ => false,
-                },
-                None => true,
+            let value = match storage.get(&key) {
+                Ok(Some(v)) => v,
+                Ok(None) => continue,
+                Err(e) => {
+                    let fault = StorageFault::failed(StorageFaultKind::Read, &key, &e);
+                    buf.faults
+                        .report("offline buffer: a record cannot be read", fault);
+                    dropped += 1;
+                    continue;
+                }
             };
-            if !keep {
-                log::debug!("offline buffer: dropping expired or invalid record {key}");
-                dropped += 1;
-                storage.del(&key)?;
+            let record = decode_record(&value).and_then(|r| {
+                let mut id = [0u8; 16];
+                id.copy_from_slice(r.3.id.as_deref().unwrap_or(&[0; 16]));
+                if storage_key(&id) == key {
+                    Ok((r, id))
+                } else {
+                    Err(RecordError::KeyMismatch)
+                }
+            });
+            match record {
+                Ok(((_, exp, _, _), _)) if exp <= now_ms => {
+                    log::debug!("offline buffer: dropping expired record {key}");
+                    dropped += 1;
+                    if let Err(e) = storage.del(&key) {
+                        let fault = StorageFault::failed(StorageFaultKind::Delete, &key, &e);
+                        buf.faults
+                            .report("offline buffer: an expired record stays on disk", fault);
+                    }
+                }
+                Ok(((dest, exp, seq, env), id)) => {
+                    let mut frame = Vec::new();
+                    env.encode_frame(&mut frame);
+                    buf.bytes += frame.len();
+                    buf.next_seq = buf.next_seq.max(seq.saturating_add(1));
+                    *buf.idle.entry(dest).or_default() += 1;
+                    buf.by_id.insert(id, seq);
+                    buf.entries.insert(
+                        (seq, id),
+                        Entry {
+                            dest,
+                            expires_ms: exp,
+                            frame,
+                            busy: false,
+                        },
+                    );
+                }
+                Err(why) => {
+                    dropped += 1;
+                    buf.quarantine(storage, &key, why);
+                }
             }
         }
         Ok((buf, dropped))
+    }
+
+    /// [`OfflineBuffer::load`] that always gives a buffer: if the records cannot be listed,
+    /// the failure is logged at warn level and reported, and the buffer starts empty (the
+    /// records stay on disk for the next start).
+    pub fn open(storage: &mut dyn Storage, limits: OfflineLimits, now_ms: u64) -> OfflineBuffer {
+        match OfflineBuffer::load(storage, limits, now_ms) {
+            Ok((b, dropped)) => {
+                if dropped > 0 {
+                    log::debug!("offline buffer: {dropped} expired or damaged records not loaded");
+                }
+                b
+            }
+            Err(e) => {
+                let mut b = OfflineBuffer::new(limits, now_ms);
+                let fault = StorageFault::failed(StorageFaultKind::Read, KEY_PREFIX, &e);
+                b.faults.report(
+                    "offline buffer: the records cannot be listed, none is sent",
+                    fault,
+                );
+                b
+            }
+        }
+    }
+
+    /// Moves the damaged record `key` aside (to `damaged-<key>`) and reports it; if it cannot
+    /// be moved, it stays (unloaded) and the report says why.
+    fn quarantine(&mut self, storage: &mut dyn Storage, key: &str, why: RecordError) {
+        let aside = format!("{DAMAGED_PREFIX}{key}");
+        let fault = match storage.rename(key, &aside) {
+            Ok(()) => StorageFault {
+                kind: StorageFaultKind::Damaged,
+                key: key.to_owned(),
+                cause: why.to_string(),
+                os_error: None,
+                kept_as: Some(aside),
+            },
+            Err(e) => StorageFault {
+                kind: StorageFaultKind::Damaged,
+                key: key.to_owned(),
+                cause: format!("{why}; it could not be moved aside: {}", e.cause()),
+                os_error: e.raw_os_error(),
+                kept_as: None,
+            },
+        };
+        self.faults
+            .report("offline buffer: a damaged record is not delivered", fault);
+    }
+
+    /// The storage faults met since the last call (each already logged at warn level), for
+    /// the platform to raise as [`crate::Event::StorageFault`].
+    pub fn take_faults(&mut self) -> Vec<StorageFault> {
+        self.faults.take()
+    }
+
+    /// Tries again to delete the delivered records whose deletion failed.
+    fn retry_deletes(&mut self, storage: &mut dyn Storage) {
+        while let Some(key) = self.undeleted.front() {
+            if let Err(e) = storage.del(key) {
+                log::debug!("offline buffer: {key} still cannot be deleted: {e}");
+                return;
+            }
+            log::info!("offline buffer: delivered record {key} deleted after all");
+            self.undeleted.pop_front();
+        }
     }
 
     /// An empty buffer (nothing persisted yet).
@@ -237,11 +452,15 @@ impl OfflineBuffer {
             bytes: 0,
             limits,
             next_seq: now_ms.saturating_mul(1000),
+            undeleted: VecDeque::new(),
+            faults: Faults::default(),
             by_id: HashMap::new(),
         }
     }
 
-    /// Writes a new record for `dest` (a fresh id is put into `env`) and indexes it.
+    /// Writes a new record for `dest` (a fresh id is put into `env`) and indexes it. A write
+    /// that fails is returned ([`AddError::Storage`], naming the OS cause); the caller reports
+    /// it to the sender.
     pub fn add(
         &mut self,
         storage: &mut dyn Storage,
@@ -267,6 +486,9 @@ impl OfflineBuffer {
                 &encode_record(&dest, expires_ms, seq, &env),
             )
             .map_err(AddError::Storage)?;
+        if !self.undeleted.is_empty() {
+            self.retry_deletes(storage);
+        }
         self.bytes += frame.len();
         *self.idle.entry(dest).or_default() += 1;
         self.by_id.insert(id, seq);
@@ -309,7 +531,11 @@ impl OfflineBuffer {
         Some(e.dest)
     }
 
-    /// Deletes a delivered record; `false` if it was already gone.
+    /// Deletes a delivered record; `false` if it was already gone. If the deletion fails (a
+    /// read-only disk), the fault is logged at warn level and reported
+    /// ([`OfflineBuffer::take_faults`]), and the deletion is tried again later; the record is
+    /// not sent again by this buffer (after a restart it would be, and the receiver's
+    /// de-duplication drops it).
     pub fn delivered(&mut self, storage: &mut dyn Storage, key: &RecordKey) -> bool {
         let Some(e) = self.entries.remove(key) else {
             return false;
@@ -324,14 +550,25 @@ impl OfflineBuffer {
                 }
             }
         }
-        if let Err(e) = storage.del(&storage_key(&key.1)) {
-            log::debug!("offline buffer: deleting a delivered record failed: {e}");
+        let k = storage_key(&key.1);
+        if let Err(e) = storage.del(&k) {
+            let fault = StorageFault::failed(StorageFaultKind::Delete, &k, &e);
+            self.faults.report(
+                "offline buffer: a delivered record cannot be deleted",
+                fault,
+            );
+            if self.undeleted.len() >= MAX_UNDELETED {
+                self.undeleted.pop_front();
+            }
+            self.undeleted.push_back(k);
         }
         true
     }
 
-    /// Deletes the idle records that expired at `now_ms`; returns their keys and destinations.
+    /// Deletes the idle records that expired at `now_ms` (and tries again the deletions that
+    /// failed); returns their keys and destinations.
     pub fn expire(&mut self, storage: &mut dyn Storage, now_ms: u64) -> Vec<(RecordKey, SignId)> {
+        self.retry_deletes(storage);
         let gone: Vec<(RecordKey, SignId)> = self
             .entries
             .iter()
@@ -402,6 +639,9 @@ pub struct Dedup {
     /// Ids of the chunk being filled, with their senders.
     chunk: Vec<([u8; 32], Vec<u8>)>,
     dirty: bool,
+    /// The cause of the failing flushes, while they fail (a fault is reported when it starts).
+    failing: Option<StorageCause>,
+    faults: Faults,
 }
 
 /// The ids remembered for one sender (oldest first in `order`).
@@ -450,6 +690,8 @@ impl Dedup {
             chunk_seq: 0,
             chunk: Vec::new(),
             dirty: false,
+            failing: None,
+            faults: Faults::default(),
         }
     }
 
@@ -464,7 +706,9 @@ impl Dedup {
     }
 
     /// Loads the persisted ids (malformed chunks are ignored; chunks of the first format are
-    /// read as ids recognised from any sender, and their keys deleted at the next flush).
+    /// read as ids recognised from any sender, and their keys deleted at the next flush; a
+    /// chunk that cannot be read is reported and skipped). Fails only if the keys cannot be
+    /// listed.
     pub fn load_with_per_peer(
         capacity: usize,
         per_peer: usize,
@@ -478,8 +722,17 @@ impl Dedup {
             if !current && !key.starts_with(DEDUP_LEGACY_PREFIX) {
                 continue;
             }
-            let Some(v) = storage.get(&key)? else {
-                continue;
+            let v = match storage.get(&key) {
+                Ok(Some(v)) => v,
+                Ok(None) => continue,
+                Err(e) => {
+                    let fault = StorageFault::failed(StorageFaultKind::Read, &key, &e);
+                    d.faults.report(
+                        "de-duplication memory: a chunk cannot be read (its ids are forgotten)",
+                        fault,
+                    );
+                    continue;
+                }
             };
             if !current {
                 d.legacy_keys.push(key);
@@ -524,8 +777,61 @@ impl Dedup {
         Ok(d)
     }
 
-    /// Writes the chunk being filled, if it changed; starts a new chunk once it is full.
+    /// [`Dedup::load_with_per_peer`] that always gives a memory: if the chunks cannot be
+    /// listed, the failure is logged at warn level and reported, and the memory starts empty.
+    pub fn open(capacity: usize, per_peer: usize, storage: &dyn Storage) -> Dedup {
+        Dedup::load_with_per_peer(capacity, per_peer, storage).unwrap_or_else(|e| {
+            let mut d = Dedup::with_per_peer(capacity, per_peer);
+            let fault = StorageFault::failed(StorageFaultKind::Read, DEDUP_PREFIX, &e);
+            d.faults.report(
+                "de-duplication memory cannot be loaded (retried messages may be delivered twice)",
+                fault,
+            );
+            d
+        })
+    }
+
+    /// The storage faults met since the last call (each already logged at warn level), for
+    /// the platform to raise as [`crate::Event::StorageFault`].
+    pub fn take_faults(&mut self) -> Vec<StorageFault> {
+        self.faults.take()
+    }
+
+    /// Writes the chunk being filled, if it changed; starts a new chunk once it is full. If
+    /// the write fails, the ids stay in the chunk for the next flush; the failure is logged at
+    /// warn level and reported ([`Dedup::take_faults`]) when flushes start failing (or fail
+    /// for another cause), at debug level while they go on failing.
     pub fn flush(&mut self, storage: &mut dyn Storage) -> Result<(), StorageError> {
+        let result = self.write(storage);
+        match &result {
+            Ok(()) => {
+                if self.failing.take().is_some() {
+                    log::info!("de-duplication memory written again");
+                }
+            }
+            Err((key, e)) => {
+                if self.failing != Some(e.cause()) {
+                    self.failing = Some(e.cause());
+                    let kind = if key.starts_with(DEDUP_PREFIX) {
+                        StorageFaultKind::Write
+                    } else {
+                        StorageFaultKind::Delete
+                    };
+                    let fault = StorageFault::failed(kind, key, e);
+                    self.faults.report(
+                        "de-duplication memory cannot be stored (kept for the next try)",
+                        fault,
+                    );
+                } else {
+                    log::debug!("de-duplication memory still cannot be stored ({key}): {e}");
+                }
+            }
+        }
+        result.map_err(|(_, e)| e)
+    }
+
+    /// The work of [`Dedup::flush`]; a failure names its key.
+    fn write(&mut self, storage: &mut dyn Storage) -> Result<(), (String, StorageError)> {
         if !self.dirty {
             return Ok(());
         }
@@ -537,9 +843,9 @@ impl Dedup {
             v.extend_from_slice(id);
         }
         let key = format!("{DEDUP_PREFIX}{}", self.chunk_seq % self.chunks());
-        storage.put(&key, &v)?;
+        storage.put(&key, &v).map_err(|e| (key, e))?;
         while let Some(k) = self.legacy_keys.last() {
-            storage.del(k)?;
+            storage.del(k).map_err(|e| (k.clone(), e))?;
             self.legacy_keys.pop();
         }
         self.dirty = false;
@@ -652,6 +958,268 @@ mod tests {
     use crate::identity::Identity;
     use crate::storage::MemStore;
 
+    const ENOSPC: i32 = 28;
+    const EROFS: i32 = 30;
+
+    /// A [`MemStore`] whose `put` / `del` fail with a raw OS error on demand.
+    #[derive(Default)]
+    struct FaultyStore {
+        inner: MemStore,
+        put_fails: Option<i32>,
+        del_fails: Option<i32>,
+    }
+
+    impl Storage for FaultyStore {
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+            self.inner.get(key)
+        }
+        fn put(&mut self, key: &str, value: &[u8]) -> Result<(), StorageError> {
+            match self.put_fails {
+                Some(code) => Err(std::io::Error::from_raw_os_error(code).into()),
+                None => self.inner.put(key, value),
+            }
+        }
+        fn del(&mut self, key: &str) -> Result<(), StorageError> {
+            match self.del_fails {
+                Some(code) => Err(std::io::Error::from_raw_os_error(code).into()),
+                None => self.inner.del(key),
+            }
+        }
+        fn keys(&self) -> Result<Vec<String>, StorageError> {
+            self.inner.keys()
+        }
+    }
+
+    fn record(payload: &[u8]) -> (SignId, [u8; 16], Vec<u8>) {
+        let dest = Identity::generate().sign_id();
+        let mut env = Envelope::new("topic", "ms", payload.to_vec());
+        let mut id = [0u8; 16];
+        random_bytes(&mut id);
+        env.id = Some(id.to_vec());
+        (dest, id, encode_record(&dest, 9_000, 5, &env))
+    }
+
+    #[test]
+    fn every_flipped_bit_and_every_truncation_of_a_record_is_detected() {
+        let (dest, id, rec) = record(b"the payload");
+        let (d, exp, seq, env) = decode_record(&rec).unwrap();
+        assert_eq!((d, exp, seq), (dest, 9_000, 5));
+        assert_eq!(
+            (env.payload.as_slice(), env.id.as_deref()),
+            (&b"the payload"[..], Some(&id[..]))
+        );
+        for bit in 0..rec.len() * 8 {
+            let mut bad = rec.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(decode_record(&bad).is_err(), "bit {bit} flipped");
+        }
+        for len in 0..rec.len() {
+            assert!(decode_record(&rec[..len]).is_err(), "truncated to {len}");
+        }
+        assert_eq!(decode_record(&[]), Err(RecordError::Empty));
+        let mut garbled = rec.clone();
+        garbled[..4].copy_from_slice(b"\x00\xffzz");
+        assert_eq!(decode_record(&garbled), Err(RecordError::UnknownFormat));
+        let mut flipped = rec.clone();
+        let at = rec.len() - CHECKSUM_LEN - 3;
+        flipped[at] ^= 0x10;
+        assert_eq!(decode_record(&flipped), Err(RecordError::Checksum));
+    }
+
+    #[test]
+    fn records_of_the_first_format_are_still_read() {
+        let dest = Identity::generate().sign_id();
+        let mut env = Envelope::new("old", "ms", b"from an older version".to_vec());
+        let id = [3u8; 16];
+        env.id = Some(id.to_vec());
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(MAGIC_V1);
+        v1.extend_from_slice(dest.as_bytes());
+        v1.extend_from_slice(&9_000u64.to_be_bytes());
+        v1.extend_from_slice(&4u64.to_be_bytes());
+        env.encode_protobuf(&mut v1);
+        let mut store = MemStore::new();
+        store.put(&storage_key(&id), &v1).unwrap();
+        let (mut b, dropped) =
+            OfflineBuffer::load(&mut store, OfflineLimits::default(), 1_000).unwrap();
+        assert_eq!((b.len(), dropped), (1, 0));
+        assert!(b.take_faults().is_empty());
+        let taken = b.take_idle(&dest);
+        assert_eq!(taken[0].0, (4, id));
+        let mut frame = Vec::new();
+        env.encode_frame(&mut frame);
+        assert_eq!(taken[0].1, frame);
+    }
+
+    #[test]
+    fn damaged_records_are_kept_aside_and_reported_and_the_others_load() {
+        let mut store = MemStore::new();
+        let mut b = OfflineBuffer::new(OfflineLimits::default(), 1_000);
+        let dest = Identity::generate().sign_id();
+        let keys: Vec<String> = (0..4u8)
+            .map(|i| {
+                let k = b
+                    .add(
+                        &mut store,
+                        dest,
+                        Envelope::new("t", "ms", vec![i; 40]),
+                        9_000,
+                    )
+                    .unwrap();
+                storage_key(&k.1)
+            })
+            .collect();
+        let damaged = |v: &[u8], i: usize| -> Vec<u8> {
+            let mut v = v.to_vec();
+            match i {
+                0 => v.clear(),
+                1 => v.truncate(v.len() - 5),
+                _ => v[60] ^= 0x80, // in the payload
+            }
+            v
+        };
+        for (i, k) in keys.iter().enumerate().take(3) {
+            let v = store.get(k).unwrap().unwrap();
+            store.put(k, &damaged(&v, i)).unwrap();
+        }
+        let (mut r, dropped) =
+            OfflineBuffer::load(&mut store, OfflineLimits::default(), 2_000).unwrap();
+        assert_eq!((r.len(), dropped), (1, 3));
+        let faults = r.take_faults();
+        assert_eq!(faults.len(), 3);
+        for f in &faults {
+            let i = keys.iter().position(|k| *k == f.key).unwrap();
+            assert!(i < 3);
+            assert_eq!(f.kind, StorageFaultKind::Damaged);
+            let aside = format!("damaged-{}", f.key);
+            assert_eq!(f.kept_as.as_deref(), Some(&aside[..]));
+            assert!(store.get(&f.key).unwrap().is_none());
+            assert!(store.get(&aside).unwrap().is_some());
+        }
+        assert_eq!(r.take_idle(&dest).len(), 1, "only the intact one is sent");
+        // At the next start, the kept-aside records are not records.
+        let (r, dropped) =
+            OfflineBuffer::load(&mut store, OfflineLimits::default(), 2_000).unwrap();
+        assert_eq!((r.len(), dropped), (1, 0));
+    }
+
+    #[test]
+    fn a_damaged_record_that_cannot_be_moved_stays_unread_and_is_reported() {
+        let mut store = FaultyStore::default();
+        let (_, id, mut rec) = record(b"x");
+        rec[10] ^= 1;
+        store.inner.put(&storage_key(&id), &rec).unwrap();
+        store.put_fails = Some(EROFS);
+        store.del_fails = Some(EROFS);
+        let (mut b, dropped) =
+            OfflineBuffer::load(&mut store, OfflineLimits::default(), 1_000).unwrap();
+        assert_eq!((b.len(), dropped), (0, 1));
+        let faults = b.take_faults();
+        assert_eq!(faults.len(), 1);
+        assert_eq!(faults[0].kept_as, None);
+        assert_eq!(faults[0].os_error, Some(EROFS));
+        assert!(
+            faults[0].cause.contains("checksum mismatch"),
+            "{}",
+            faults[0]
+        );
+        assert!(
+            faults[0].cause.contains("Read-only file system"),
+            "{}",
+            faults[0]
+        );
+        assert_eq!(
+            store.get(&storage_key(&id)).unwrap(),
+            Some(rec),
+            "left as it was"
+        );
+    }
+
+    #[test]
+    fn a_failed_write_names_its_cause_and_a_failed_delete_is_reported_and_retried() {
+        let mut store = FaultyStore::default();
+        let dest = Identity::generate().sign_id();
+        let mut b = OfflineBuffer::new(OfflineLimits::default(), 1_000);
+        store.put_fails = Some(ENOSPC);
+        let err = b
+            .add(&mut store, dest, Envelope::new("t", "ms", vec![1]), 9_000)
+            .unwrap_err();
+        assert!(matches!(&err, AddError::Storage(e) if e.raw_os_error() == Some(ENOSPC)));
+        assert!(err.to_string().contains("No space left on device"), "{err}");
+        assert!(b.is_empty());
+        store.put_fails = None;
+        let k = b
+            .add(&mut store, dest, Envelope::new("t", "ms", vec![1]), 9_000)
+            .unwrap();
+        store.del_fails = Some(EROFS);
+        assert!(b.delivered(&mut store, &k));
+        let faults = b.take_faults();
+        assert_eq!(faults.len(), 1);
+        assert_eq!(faults[0].kind, StorageFaultKind::Delete);
+        assert_eq!(faults[0].key, storage_key(&k.1));
+        assert_eq!(faults[0].os_error, Some(EROFS));
+        assert!(b.is_empty(), "not sent again");
+        b.expire(&mut store, 2_000);
+        assert!(store.get(&storage_key(&k.1)).unwrap().is_some());
+        assert!(
+            b.take_faults().is_empty(),
+            "a retry that fails is not reported again"
+        );
+        store.del_fails = None;
+        b.expire(&mut store, 2_000);
+        assert!(
+            store.get(&storage_key(&k.1)).unwrap().is_none(),
+            "deleted at the retry"
+        );
+    }
+
+    #[test]
+    fn a_failed_dedup_flush_keeps_its_ids_and_is_reported_once() {
+        let mut store = FaultyStore::default();
+        let mut d = Dedup::new(3000);
+        for i in 0u32..10 {
+            assert!(d.first_time_from(&[1; 32], &i.to_be_bytes()));
+        }
+        store.put_fails = Some(ENOSPC);
+        for _ in 0..3 {
+            let e = d.flush(&mut store).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(ENOSPC));
+            assert!(d.is_dirty(), "still to be written");
+        }
+        let faults = d.take_faults();
+        assert_eq!(
+            faults.len(),
+            1,
+            "reported when it starts failing: {faults:?}"
+        );
+        assert_eq!(faults[0].kind, StorageFaultKind::Write);
+        assert!(faults[0].key.starts_with(DEDUP_PREFIX));
+        assert!(faults[0].cause.contains("No space left on device"));
+        // Another cause is reported.
+        store.put_fails = Some(EROFS);
+        assert!(d.flush(&mut store).is_err());
+        assert_eq!(d.take_faults().len(), 1);
+        for i in 10u32..20 {
+            assert!(d.first_time_from(&[1; 32], &i.to_be_bytes()));
+        }
+        store.put_fails = None;
+        d.flush(&mut store).unwrap();
+        assert!(!d.is_dirty());
+        assert!(d.take_faults().is_empty());
+        let mut r = Dedup::load(3000, &store).unwrap();
+        for i in 0u32..20 {
+            assert!(
+                !r.first_time_from(&[1; 32], &i.to_be_bytes()),
+                "id {i} kept"
+            );
+        }
+        // Failing again after a success is a new fault.
+        store.put_fails = Some(ENOSPC);
+        assert!(d.first_time_from(&[1; 32], b"new"));
+        assert!(d.flush(&mut store).is_err());
+        assert_eq!(d.take_faults().len(), 1);
+    }
+
     #[test]
     fn records_survive_reload_in_order_and_are_deleted_once_delivered() {
         let mut store = MemStore::new();
@@ -686,6 +1254,19 @@ mod tests {
         let (mut r, dropped) =
             OfflineBuffer::load(&mut store, OfflineLimits::default(), 2_000).unwrap();
         assert_eq!(dropped, 1);
+        let faults = r.take_faults();
+        assert_eq!(faults.len(), 1, "{faults:?}");
+        assert_eq!(faults[0].key, "offline-garbage");
+        assert_eq!(faults[0].kind, StorageFaultKind::Damaged);
+        assert_eq!(
+            faults[0].kept_as.as_deref(),
+            Some("damaged-offline-garbage")
+        );
+        assert_eq!(
+            store.get("damaged-offline-garbage").unwrap().as_deref(),
+            Some(&b"MMO1 not a record"[..]),
+            "kept aside as it was"
+        );
         assert_eq!(r.len(), 3);
         assert!(r.has_idle(&dest) && r.has_idle(&other));
         let taken = r.take_idle(&dest);
@@ -704,7 +1285,14 @@ mod tests {
         assert!(r.is_empty());
         assert!(!r.has_idle(&dest) && !r.has_idle(&other));
         assert!(r.idle_destinations().is_empty());
-        assert_eq!(store.keys().unwrap(), vec!["unrelated".to_string()]);
+        assert_eq!(
+            store.keys().unwrap(),
+            vec![
+                "damaged-offline-garbage".to_string(),
+                "unrelated".to_string()
+            ]
+        );
+        assert!(r.take_faults().is_empty());
     }
 
     #[test]

@@ -8,6 +8,11 @@ use mm_platform::Platform;
 #[test]
 fn a_stored_listen_address_that_cannot_be_bound_does_not_stop_the_node() {
     let mut store = MemStore::new();
+    // The earlier run stored its identity too (without it, other state is refused).
+    let identity = mm_platform::identity::Identity::generate();
+    store
+        .put("identity", identity.to_stored().as_bytes())
+        .unwrap();
     // 192.0.2.1 is TEST-NET-1: never an address of this machine.
     store
         .put(

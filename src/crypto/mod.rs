@@ -16,6 +16,7 @@
 //! - SHA-1 ([`sha1`], through `sha1_smol`), which the Mainline DHT uses for its 160-bit ids,
 //!   BEP 44 targets and tokens; the BEP 44 item signature itself is ed25519
 //!   ([`SignKeyPair::sign`], [`SignPublicKey::verify`]);
+//! - a checksum for stored records ([`checksum`], libsodium's BLAKE2b generic hash, 16 bytes);
 //! - SHA-256 and SHA-512 ([`sha256`], [`sha512`], libsodium's) and RIPEMD-160 ([`ripemd160`],
 //!   through `ripemd`), which the Kademlia service needs to be wire-compatible with the
 //!   original (node ids are RIPEMD-160 of SHA-256 of the boxId text; messages are signed over
@@ -138,6 +139,26 @@ pub fn sha256(data: &[u8]) -> [u8; SHA256_LEN] {
 pub fn sha512(data: &[u8]) -> [u8; SHA512_LEN] {
     init();
     sodiumoxide::crypto::hash::sha512::hash(data).0
+}
+
+/// Length of a [`checksum`]: 16 bytes (128 bits).
+pub const CHECKSUM_LEN: usize = 16;
+
+/// A checksum of the concatenation of `parts`: libsodium's generic hash (BLAKE2b) with a
+/// 16-byte output. For detecting damage to stored data (a flipped bit, a torn or garbled
+/// record), not for authentication: it has no key.
+pub fn checksum(parts: &[&[u8]]) -> [u8; CHECKSUM_LEN] {
+    use sodiumoxide::crypto::generichash;
+    init();
+    let mut state =
+        generichash::State::new(Some(CHECKSUM_LEN), None).expect("16 is a valid digest length");
+    for p in parts {
+        state.update(p).expect("generichash update");
+    }
+    let digest = state.finalize().expect("generichash finalize");
+    let mut out = [0u8; CHECKSUM_LEN];
+    out.copy_from_slice(digest.as_ref());
+    out
 }
 
 /// RIPEMD-160 of `data`. Only for the Kademlia node ids the original derives with it.
@@ -933,6 +954,24 @@ mod tests {
         let kp = SignKeyPair::from_secret_bytes(&secret).unwrap();
         let sig = kp.sign(b"");
         assert_eq!(to_hex(&sig), "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b");
+    }
+
+    #[test]
+    fn checksum_is_blake2b_128_of_the_concatenation() {
+        // BLAKE2b-128 of the empty string and of "abc" (RFC 7693 parameters, 16-byte output).
+        assert_eq!(to_hex(&checksum(&[])), "cae66941d9efbd404e4d88758ea67670");
+        assert_eq!(
+            to_hex(&checksum(&[b"a", b"bc"])),
+            to_hex(&checksum(&[b"abc"]))
+        );
+        assert_eq!(
+            to_hex(&checksum(&[b"abc"])),
+            "cf4ab791c62b8d2b2109c90275287816"
+        );
+        let mut data = b"a record".to_vec();
+        let sum = checksum(&[&data]);
+        data[3] ^= 1;
+        assert_ne!(checksum(&[&data]), sum, "one flipped bit changes it");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 use crate::identity::SignId;
 use crate::platform::message::Message;
+use crate::storage::StorageFault;
 
 /// Something that happened on the platform.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -43,4 +44,10 @@ pub enum Event {
         /// The peer's address, or the relay's.
         remote: std::net::SocketAddr,
     },
+    /// The storage failed or held damaged data, and the platform went on (see
+    /// [`StorageFault`]): an offline record that was delivered but cannot be deleted, a
+    /// damaged offline record (kept aside, never delivered), the de-duplication memory that
+    /// cannot be written (raised when it starts failing, not at every retry). Also logged at
+    /// warn level.
+    StorageFault(StorageFault),
 }

@@ -212,8 +212,10 @@ pub enum SendStatus {
     UnknownDestination,
     /// The platform this [`crate::Handle`] belongs to is gone.
     Closed,
-    /// A not-real-time message could not be written to storage.
-    StorageFailed,
+    /// A not-real-time message could not be written to storage, for this cause (shown as the
+    /// OS says it: `No space left on device (os error 28)`, `Read-only file system (os error
+    /// 30)`).
+    StorageFailed(crate::storage::StorageCause),
 }
 
 impl SendStatus {
@@ -225,7 +227,7 @@ impl SendStatus {
 
 impl fmt::Display for SendStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        let text = match self {
             SendStatus::Queued => "queued",
             SendStatus::TooLarge => "message too large",
             SendStatus::BufferFull => "send buffer full",
@@ -234,7 +236,10 @@ impl fmt::Display for SendStatus {
             SendStatus::NoTransport => "no transport to reach remote nodes",
             SendStatus::UnknownDestination => "unknown destination",
             SendStatus::Closed => "platform closed",
-            SendStatus::StorageFailed => "offline buffer storage failed",
-        })
+            SendStatus::StorageFailed(cause) => {
+                return write!(f, "offline buffer storage failed: {cause}");
+            }
+        };
+        f.write_str(text)
     }
 }

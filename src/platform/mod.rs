@@ -296,6 +296,7 @@ pub struct PlatformBuilder {
     directory: Option<Box<dyn Directory>>,
     accept: Option<Vec<SignId>>,
     services: Vec<Box<dyn Service>>,
+    allow_new_identity: bool,
 }
 
 impl PlatformBuilder {
@@ -316,6 +317,18 @@ impl PlatformBuilder {
     /// Uses this identity instead of the one in storage (it is not written to storage).
     pub fn identity(mut self, identity: Identity) -> Self {
         self.identity = Some(identity);
+        self
+    }
+
+    /// Allows a new identity to be created when the storage has none but holds other state
+    /// (queued offline messages, de-duplication memory, the listen addresses of an earlier
+    /// run). Default `false`: such a build fails with
+    /// [`crate::identity::IdentityError::Missing`], because a lost identity replaced in silence
+    /// makes the node someone else while it goes on sending the old node's queued messages.
+    /// With `true`, the new identity is created and stored, and the state is kept as the new
+    /// node's (its queued offline messages are sent from the new identity).
+    pub fn allow_new_identity(mut self, allow: bool) -> Self {
+        self.allow_new_identity = allow;
         self
     }
 
@@ -382,7 +395,8 @@ impl PlatformBuilder {
         let mut storage = self.storage.unwrap_or_else(|| Box::new(MemStore::new()));
         let identity = match self.identity {
             Some(id) => id,
-            None => Identity::load_or_create(&mut *storage).map_err(BuildError::Identity)?,
+            None => Identity::load_or_create_with(&mut *storage, self.allow_new_identity)
+                .map_err(BuildError::Identity)?,
         };
         let poll = Poll::new().map_err(BuildError::Io)?;
         let waker = Waker::new(poll.registry(), WAKER_TOKEN).map_err(BuildError::Io)?;
@@ -690,6 +704,14 @@ impl Core {
 
     fn emit(&mut self, event: Event) {
         self.pending_events.push_back(event);
+    }
+
+    /// Raises the storage faults the connection manager met (already logged) as events.
+    fn raise_storage_faults(&mut self) {
+        let Some(net) = self.net.as_mut() else { return };
+        for fault in net.take_storage_faults() {
+            self.emit(Event::StorageFault(fault));
+        }
     }
 
     fn wants_message_events(&self) -> bool {
@@ -1163,6 +1185,7 @@ impl Platform {
             directory: None,
             accept: None,
             services: Vec::new(),
+            allow_new_identity: false,
         }
     }
 
@@ -1265,6 +1288,7 @@ impl Platform {
         }
         self.core.settle_acks();
         self.core.net_pump();
+        self.core.raise_storage_faults();
         self.core.flush_events();
         Ok(())
     }

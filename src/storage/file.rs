@@ -15,7 +15,9 @@
 //! - Names starting with `.` (temporary files left by a crash) and names that are not valid
 //!   escapes are ignored by `get` and `keys`; a later `put` of the same key simply replaces the
 //!   target.
-//! - `del` removes the file and fsyncs the directory.
+//! - `del` removes the file and fsyncs the directory; `rename` renames the file (no free space
+//!   needed) and fsyncs the directory.
+//! - Errors carry the OS error (`No space left on device`, `Read-only file system`, ...).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -114,6 +116,16 @@ impl Storage for FileStore {
     fn del(&mut self, key: &str) -> Result<(), StorageError> {
         let (_, path) = self.path_of(key)?;
         match fs::remove_file(&path) {
+            Ok(()) => Ok(self.sync_dir()?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn rename(&mut self, from: &str, to: &str) -> Result<(), StorageError> {
+        let (_, src) = self.path_of(from)?;
+        let (_, dst) = self.path_of(to)?;
+        match fs::rename(&src, &dst) {
             Ok(()) => Ok(self.sync_dir()?),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e.into()),

@@ -5,6 +5,12 @@
 //! Keys are arbitrary strings, values arbitrary bytes. The platform stores its identity under
 //! the key `identity` (see [`crate::identity`]); later layers (the offline buffer) store their
 //! records under their own prefixes.
+//!
+//! Failures name their cause: a [`StorageError`] carries the OS error (ENOSPC "No space left on
+//! device", EROFS "Read-only file system", ...), [`StorageCause`] is its `Copy` summary (what a
+//! refused send reports), and the faults the platform meets and survives (a record it cannot
+//! delete, a damaged record it keeps aside, a memory it cannot write) are described by
+//! [`StorageFault`] and raised as [`crate::Event::StorageFault`].
 
 mod file;
 mod mem;
@@ -44,6 +50,143 @@ impl std::error::Error for StorageError {
     }
 }
 
+impl StorageError {
+    /// The cause, in a `Copy` form.
+    pub fn cause(&self) -> StorageCause {
+        match self {
+            StorageError::Io(e) => match e.raw_os_error() {
+                Some(code) => StorageCause::Os(code),
+                None => StorageCause::Io(e.kind()),
+            },
+            StorageError::InvalidKey(_) => StorageCause::InvalidKey,
+        }
+    }
+
+    /// The OS error code (`ENOSPC`, `EROFS`, ...), if the file system gave one.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            StorageError::Io(e) => e.raw_os_error(),
+            StorageError::InvalidKey(_) => None,
+        }
+    }
+}
+
+/// Why a storage operation failed, small enough to copy (see [`StorageError::cause`]). Shown
+/// as the OS's text: `No space left on device (os error 28)`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum StorageCause {
+    /// An OS error, by its raw code (`ENOSPC` 28 and `EROFS` 30 on Linux).
+    Os(i32),
+    /// An I/O error without an OS code.
+    Io(io::ErrorKind),
+    /// The key cannot be stored by this backend.
+    InvalidKey,
+}
+
+impl StorageCause {
+    /// The OS error code, if any.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            StorageCause::Os(code) => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for StorageCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StorageCause::Os(code) => write!(f, "{}", io::Error::from_raw_os_error(*code)),
+            StorageCause::Io(kind) => write!(f, "{kind}"),
+            StorageCause::InvalidKey => f.write_str("key cannot be stored"),
+        }
+    }
+}
+
+/// What went wrong in a [`StorageFault`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum StorageFaultKind {
+    /// Reading a key (or listing the keys) failed.
+    Read,
+    /// Writing a key failed.
+    Write,
+    /// Deleting a key failed (for an offline record: it was delivered, but stays on disk and
+    /// would be sent again after a restart, which the receiver's de-duplication drops).
+    Delete,
+    /// A record is damaged (empty, truncated, garbled, failed its checksum): it is never
+    /// delivered, and it is kept aside under [`StorageFault::kept_as`] when that could be
+    /// written.
+    Damaged,
+}
+
+impl fmt::Display for StorageFaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StorageFaultKind::Read => "reading",
+            StorageFaultKind::Write => "writing",
+            StorageFaultKind::Delete => "deleting",
+            StorageFaultKind::Damaged => "damaged record",
+        })
+    }
+}
+
+/// A storage fault the platform met and went on after, raised as
+/// [`crate::Event::StorageFault`] (and logged at warn level).
+///
+/// ```
+/// use mm_platform::storage::{StorageFault, StorageFaultKind};
+///
+/// let f = StorageFault {
+///     kind: StorageFaultKind::Damaged,
+///     key: "offline-00".into(),
+///     cause: "checksum mismatch".into(),
+///     os_error: None,
+///     kept_as: Some("damaged-offline-00".into()),
+/// };
+/// assert_eq!(
+///     f.to_string(),
+///     "damaged record offline-00: checksum mismatch (kept aside as damaged-offline-00)"
+/// );
+/// ```
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct StorageFault {
+    /// What went wrong.
+    pub kind: StorageFaultKind,
+    /// The storage key concerned.
+    pub key: String,
+    /// Why, in words (the OS error's text, or what is wrong with the record).
+    pub cause: String,
+    /// The OS error code (`ENOSPC`, `EROFS`, ...), when the file system gave one.
+    pub os_error: Option<i32>,
+    /// Where a damaged record was moved to (never delivered; for inspection or repair).
+    pub kept_as: Option<String>,
+}
+
+impl StorageFault {
+    /// A failed storage operation on `key`.
+    pub fn failed(kind: StorageFaultKind, key: &str, error: &StorageError) -> StorageFault {
+        StorageFault {
+            kind,
+            key: key.to_owned(),
+            cause: error.cause().to_string(),
+            os_error: error.raw_os_error(),
+            kept_as: None,
+        }
+    }
+}
+
+impl fmt::Display for StorageFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.kind, self.key, self.cause)?;
+        if let Some(k) = &self.kept_as {
+            write!(f, " (kept aside as {k})")?;
+        }
+        Ok(())
+    }
+}
+
 impl From<io::Error> for StorageError {
     fn from(e: io::Error) -> Self {
         StorageError::Io(e)
@@ -74,6 +217,15 @@ pub trait Storage {
     fn del(&mut self, key: &str) -> Result<(), StorageError>;
     /// Every key currently stored, in no particular order.
     fn keys(&self) -> Result<Vec<String>, StorageError>;
+    /// Moves the value of `from` to `to` (replacing `to`), so that `from` is gone. The default
+    /// copies and deletes (`get`, `put`, `del`); a [`FileStore`] renames the file, which needs
+    /// no free space (it works on a full disk).
+    fn rename(&mut self, from: &str, to: &str) -> Result<(), StorageError> {
+        if let Some(v) = self.get(from)? {
+            self.put(to, &v)?;
+        }
+        self.del(from)
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for Box<S> {
@@ -88,5 +240,8 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     }
     fn keys(&self) -> Result<Vec<String>, StorageError> {
         (**self).keys()
+    }
+    fn rename(&mut self, from: &str, to: &str) -> Result<(), StorageError> {
+        (**self).rename(from, to)
     }
 }

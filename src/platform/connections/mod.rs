@@ -594,18 +594,7 @@ impl Net {
                 log::debug!("could not store the listen addresses: {e}");
             }
         }
-        let offline = match OfflineBuffer::load(storage, cfg.offline, wall_ms()) {
-            Ok((b, dropped)) => {
-                if dropped > 0 {
-                    log::debug!("offline buffer: {dropped} expired or invalid records dropped");
-                }
-                b
-            }
-            Err(e) => {
-                log::debug!("offline buffer could not be loaded: {e}");
-                OfflineBuffer::new(cfg.offline, wall_ms())
-            }
-        };
+        let offline = OfflineBuffer::open(storage, cfg.offline, wall_ms());
         let identify = frame_of(&Envelope {
             id: Some(DELIVERY_ACKS.to_vec()),
             ..Envelope::new("identify", "mm", our_sign.to_string().into_bytes())
@@ -618,11 +607,7 @@ impl Net {
         Ok(Net {
             reach: reach::Reach::new(&endpoints),
             dir: DirectoryCache::new(cfg.node_info_ttl, cfg.lookup_timeout),
-            dedup: Dedup::load_with_per_peer(cfg.dedup, cfg.dedup_per_peer, storage)
-                .unwrap_or_else(|e| {
-                    log::debug!("de-duplication memory could not be loaded: {e}");
-                    Dedup::with_per_peer(cfg.dedup, cfg.dedup_per_peer)
-                }),
+            dedup: Dedup::open(cfg.dedup, cfg.dedup_per_peer, storage),
             cfg,
             registry,
             server,
@@ -1012,6 +997,14 @@ impl Core {
 }
 
 impl Net {
+    /// The storage faults of the offline buffer and the de-duplication memory since the last
+    /// call (already logged), for [`crate::Event::StorageFault`].
+    pub(crate) fn take_storage_faults(&mut self) -> Vec<crate::storage::StorageFault> {
+        let mut faults = self.offline.take_faults();
+        faults.append(&mut self.dedup.take_faults());
+        faults
+    }
+
     /// Persists what must survive (called when the platform is dropped).
     pub(crate) fn save(&mut self, storage: &mut dyn Storage) {
         if let Err(e) = self.dedup.flush(storage) {

@@ -56,8 +56,8 @@ impl Core {
             Ok(k) => k,
             Err(AddError::Full) => return SendStatus::BufferFull,
             Err(AddError::Storage(e)) => {
-                log::debug!("offline buffer: storing a message failed: {e}");
-                return SendStatus::StorageFailed;
+                log::warn!("offline buffer: storing a message to {dest} failed: {e}");
+                return SendStatus::StorageFailed(e.cause());
             }
         };
         if let Some(c) = callback {
