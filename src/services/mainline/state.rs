@@ -888,8 +888,11 @@ impl MainlineState {
             .take(self.timing.k)
             .collect();
         for (addr, token) in targets {
+            // `target` is not in BEP 44's put, but pubky's `mainline` requires it (it drops a
+            // put without one); libtorrent and bittorrent-dht ignore it.
             let mut f = Fields {
                 id: Some(self.own),
+                target: Some(mine.target()),
                 token: Some(token),
                 ..Fields::default()
             };

@@ -749,3 +749,38 @@ fn a_publication_due_while_one_runs_waits_for_it_without_waking() {
     steps_through_silence(&mut m, later, Duration::from_secs(30));
     assert!(m.stats().queries_sent > before);
 }
+
+#[test]
+fn a_put_names_its_target() {
+    let start = Instant::now();
+    let fake = addr(1950);
+    let a = Identity::generate();
+    let mut m = MainlineState::new(
+        options(vec![fake], false),
+        Some(a.sign_keypair().clone()),
+        start,
+    );
+    assert!(m.set_my_node_info(&info_of(&a, 7000), 1_000, start));
+    m.handle_timeout(start);
+    let (_, get) = queries(&mut m)
+        .into_iter()
+        .find(|(_, q)| q.kind == Kind::Query(Method::Get))
+        .expect("a get");
+    let f = Fields {
+        id: Some([0x22; 20]),
+        token: Some(b"tk".to_vec()),
+        ..Fields::default()
+    };
+    let now = start + Duration::from_millis(5);
+    m.handle_datagram(&reply_to(&get, f), SocketAddr::V4(fake), now);
+    m.handle_timeout(now);
+    let (to, put) = queries(&mut m)
+        .into_iter()
+        .find(|(_, q)| q.kind == Kind::Query(Method::Put))
+        .expect("a put once the lookup ended");
+    assert_eq!(to, fake);
+    let target = target_of(&a.sign_id(), b"");
+    assert_eq!(get.fields.target, Some(target));
+    assert_eq!(put.fields.target, Some(target), "pubky's mainline needs it");
+    assert_eq!(put.fields.token.as_deref(), Some(&b"tk"[..]));
+}
