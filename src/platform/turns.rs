@@ -20,7 +20,7 @@ pub struct Woken {
     pub timers: u64,
     /// A hosted service's wake-up (by service: [`super::Platform::service_wakes`]).
     pub services: u64,
-    /// A deadline of the connection manager.
+    /// The connection manager: its deadline, or work that only it had pending.
     pub connections: u64,
     /// Nothing due: the caller's timeout ran out.
     pub idle: u64,
