@@ -33,6 +33,8 @@ pub(crate) struct ServiceSlot {
     service: Option<Box<dyn Service>>,
     name: Arc<str>,
     timer: Option<TimerId>,
+    /// Turns its wake-up woke.
+    wakes: u64,
 }
 
 /// Which service a poll token belongs to, and the local index within its block.
@@ -190,6 +192,7 @@ impl Core {
             service: None,
             name: service.name().into(),
             timer: None,
+            wakes: 0,
         });
         let now = self.now;
         let result = service.start(&mut ServiceContext {
@@ -248,6 +251,29 @@ impl Core {
                 self.with_service(slot, |s, ctx| s.on_io(ctx, local, event));
             }
         }
+    }
+
+    /// The name of the service in `slot` (empty if there is none).
+    pub(crate) fn service_name(&self, slot: usize) -> &str {
+        self.services.get(slot).map_or("", |s| &s.name)
+    }
+
+    /// Counts a turn under its cause (and under its service when a service's wake-up).
+    pub(crate) fn count_turn(&mut self, cause: super::turns::Cause) {
+        self.stats.woken.count(cause);
+        if let super::turns::Cause::Deadline(super::turns::Owner::Service(slot)) = cause {
+            if let Some(s) = self.services.get_mut(slot) {
+                s.wakes += 1;
+            }
+        }
+    }
+
+    /// (name, turns woken) of every service slot, in order.
+    pub(crate) fn service_wakes(&self) -> Vec<(String, u64)> {
+        self.services
+            .iter()
+            .map(|s| (s.name.to_string(), s.wakes))
+            .collect()
     }
 
     /// Stops every service (the platform is going away).

@@ -19,6 +19,10 @@
 //!    callbacks (see [`connections`]);
 //! 6. hands the turn's events to event callbacks, event channels and the event batch.
 //!
+//! Each turn is counted in [`Stats::turns`] and, under what woke it, in [`Stats::woken`] (see
+//! [`turns`]); in debug builds a run of turns woken by a deadline already past that did nothing
+//! logs a warning naming the deadline's owner.
+//!
 //! # Callbacks and their context
 //!
 //! Callbacks run on the reactor's thread and receive a [`Context`], through which they can do
@@ -106,6 +110,7 @@ mod handle;
 mod host;
 mod message;
 mod timers;
+pub mod turns;
 
 pub use circles::Circles;
 pub use connections::{ConnectionStats, DeliveryCallback, DeliveryError, NetConfig};
@@ -115,6 +120,7 @@ pub use handle::Handle;
 pub use host::{ServiceContext, ServiceId, MAX_SERVICES, SERVICE_TOKEN_BASE, SERVICE_TOKEN_BLOCK};
 pub use message::{Address, Message, MessageId, Scope, SendOptions, SendStatus, ToAddress};
 pub use timers::TimerId;
+pub use turns::Woken;
 
 use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
@@ -136,6 +142,7 @@ use crate::storage::{MemStore, Storage};
 use circles::Circle;
 use handle::{Command, Outgoing, Shared};
 use timers::Timers;
+use turns::{Cause, Owner, SpinWatch};
 
 /// The token of the handles' `mio::Waker`.
 pub const WAKER_TOKEN: Token = Token(0);
@@ -206,6 +213,8 @@ impl Default for Limits {
 pub struct Stats {
     /// Turns of the reactor.
     pub turns: u64,
+    /// What woke those turns (one count per turn).
+    pub woken: Woken,
     /// Messages dispatched on the bus.
     pub messages: u64,
     /// Deliveries to subscribers (callbacks run and channel sends that succeeded).
@@ -514,6 +523,7 @@ impl PlatformBuilder {
             handle_tx,
             handle_rx,
             core,
+            spin: SpinWatch::default(),
         })
     }
 }
@@ -1169,6 +1179,7 @@ pub struct Platform {
     handle_tx: Sender<Command>,
     handle_rx: Receiver<Command>,
     core: Core,
+    spin: SpinWatch,
 }
 
 impl Platform {
@@ -1222,13 +1233,49 @@ impl Platform {
             || self.core.net.as_ref().is_some_and(|n| n.has_work())
     }
 
+    /// Whether the only pending work is the connection manager's.
+    fn local_work_only_net(&self) -> bool {
+        self.core.queue.is_empty()
+            && self.core.pending_events.is_empty()
+            && self.handle_rx.is_empty()
+            && !self.shared.stop_requested.load(Ordering::SeqCst)
+    }
+
     fn earliest_deadline(&self) -> Option<Instant> {
-        let t = self.core.timers.next_deadline();
-        let n = self.core.net.as_ref().and_then(|n| n.next_deadline());
+        self.earliest_due().map(|(at, _)| at)
+    }
+
+    /// The earliest deadline and who set it.
+    fn earliest_due(&self) -> Option<(Instant, Owner)> {
+        let t = self.core.timers.peek().map(|(at, action)| match action {
+            TimerAction::Service(slot) => (at, Owner::Service(*slot)),
+            _ => (at, Owner::Timers),
+        });
+        let n = self
+            .core
+            .net
+            .as_ref()
+            .and_then(|n| n.next_deadline())
+            .map(|at| (at, Owner::Connections));
         match (t, n) {
-            (Some(a), Some(b)) => Some(a.min(b)),
+            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
             (a, b) => a.or(b),
         }
+    }
+
+    /// Names a deadline's owner (for the busy-turn warning).
+    fn owner_name(&self, owner: Owner) -> String {
+        match owner {
+            Owner::Timers => "the platform's timers".into(),
+            Owner::Service(slot) => format!("service {:?}", self.core.service_name(slot)),
+            Owner::Connections => "the connection manager".into(),
+        }
+    }
+
+    /// Which hosted service's wake-ups woke how many turns (name, turns), in the order the
+    /// services were added. Their sum is [`Woken::services`] in [`Stats::woken`].
+    pub fn service_wakes(&self) -> Vec<(String, u64)> {
+        self.core.service_wakes()
     }
 
     /// When the reactor next needs a turn: now if work is pending, else the next timer.
@@ -1245,9 +1292,15 @@ impl Platform {
     pub fn poll(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         let now = Instant::now();
         let mut wait = timeout;
-        if self.has_work() {
+        let work = self.has_work();
+        // Work pending before the poll: the connection manager's alone counts as its wake-up.
+        let net_work_only = work
+            && self.local_work_only_net()
+            && self.core.net.as_ref().is_some_and(|n| n.has_work());
+        let due = if work { None } else { self.earliest_due() };
+        if work {
             wait = Some(Duration::ZERO);
-        } else if let Some(at) = self.earliest_deadline() {
+        } else if let Some((at, _)) = due {
             let until = at.saturating_duration_since(now);
             wait = Some(wait.map_or(until, |w| w.min(until)));
         }
@@ -1258,10 +1311,13 @@ impl Platform {
         }
         let io_now = Instant::now();
         let mut service_events = false;
+        let (mut ready, mut woken) = (false, work && !net_work_only);
         for event in self.events.iter() {
             if event.token() == WAKER_TOKEN {
+                woken = true;
                 continue; // handled below, whatever woke us
             }
+            ready = true;
             if host::service_of(event.token()).is_some() {
                 service_events = true;
                 continue; // after the timers, below
@@ -1273,6 +1329,15 @@ impl Platform {
         }
         self.core.now = Instant::now();
         self.core.stats.turns += 1;
+        let cause = match due {
+            _ if ready => Cause::Io,
+            _ if woken => Cause::Work,
+            _ if work => Cause::Deadline(Owner::Connections),
+            Some((at, owner)) if at <= io_now => Cause::Deadline(owner),
+            _ => Cause::Idle,
+        };
+        self.core.count_turn(cause);
+        let messages = self.core.stats.messages;
         self.take_commands();
         self.core.fire_timers();
         if service_events {
@@ -1290,6 +1355,26 @@ impl Platform {
         self.core.net_pump();
         self.core.raise_storage_faults();
         self.core.flush_events();
+        if cfg!(debug_assertions) {
+            // Woken by a deadline that was already past when the turn began, and nothing
+            // moved: one such turn is harmless, a long run of them is a busy loop.
+            let spun = match (cause, due) {
+                (Cause::Deadline(o), Some((at, _)))
+                    if at <= now && self.core.stats.messages == messages =>
+                {
+                    Some(o)
+                }
+                _ => None,
+            };
+            if let Some(owner) = self.spin.turn(spun) {
+                log::warn!(
+                    "{} turns in a row woken by a deadline already past that did nothing; \
+                     the deadline's owner: {}",
+                    turns::SPIN_WARN_TURNS,
+                    self.owner_name(owner)
+                );
+            }
+        }
         Ok(())
     }
 

@@ -84,6 +84,12 @@ impl<T> Timers<T> {
         self.heap.peek().map(|Reverse((at, ..))| *at)
     }
 
+    /// The earliest live timer: its deadline and value.
+    pub(crate) fn peek(&self) -> Option<(Instant, &T)> {
+        let Reverse((at, _, key, _)) = self.heap.peek()?;
+        self.slots.get(*key as usize).map(|(_, v)| (*at, v))
+    }
+
     /// Removes and returns the earliest timer due at `now` that was scheduled before sequence
     /// number `before_seq` (so timers scheduled while firing wait for the next turn).
     pub(crate) fn pop_due(&mut self, now: Instant, before_seq: u64) -> Option<T> {

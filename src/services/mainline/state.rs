@@ -60,6 +60,10 @@ pub const MAX_CANDIDATES: usize = 32;
 pub const ITEM_TTL: Duration = Duration::from_secs(2 * 3600);
 /// How often the token secret changes (the previous one stays valid as long).
 pub const TOKEN_ROTATION: Duration = Duration::from_secs(300);
+/// Length of our transaction ids: a random start, then counting. Four bytes, as libtorrent
+/// and pubky's `mainline` send; the latter drops every message whose `t` has another length,
+/// so shorter ids go unanswered there. Replies are matched on the whole id.
+pub const TXID_LEN: usize = 4;
 /// Pings to nodes that queried us (serving), outstanding at once.
 const MAX_PINGS: usize = 8;
 /// Length of our tokens.
@@ -229,7 +233,12 @@ enum Purpose {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CState {
     Fresh,
+    /// Queried at this instant; holds its lookup until [`MainlineState::slow_after`].
     Asked(Instant),
+    /// Queried and unanswered past `slow_after`: no longer holds its lookup, may still answer
+    /// until [`Timing::query_timeout`]. A state of its own so that the slow deadline, once
+    /// past, is consumed (it is no longer a wake-up).
+    Slow,
     Answered,
     Failed,
 }
@@ -310,8 +319,9 @@ pub struct MainlineState {
     waiting: VecDeque<SignId>,
     lookups: Vec<Lookup>,
     next_lookup: u64,
-    outstanding: HashMap<u16, Pending>,
-    next_tx: u16,
+    /// Our outstanding queries by transaction id (4 bytes on the wire, see [`TXID_LEN`]).
+    outstanding: HashMap<u32, Pending>,
+    next_tx: u32,
     bootstrap_at: Option<Instant>,
     backoff: Duration,
     store: HashMap<NodeId, Stored>,
@@ -338,7 +348,7 @@ impl MainlineState {
     pub fn new(options: Options, signer: Option<SignKeyPair>, now: Instant) -> MainlineState {
         let own = random_id();
         let scope = Scope::of(&options.bootstrap);
-        let mut tx = [0u8; 2];
+        let mut tx = [0u8; TXID_LEN];
         crypto::random_bytes(&mut tx);
         MainlineState {
             timing: options.timing,
@@ -365,7 +375,7 @@ impl MainlineState {
             lookups: Vec::new(),
             next_lookup: 0,
             outstanding: HashMap::new(),
-            next_tx: u16::from_be_bytes(tx),
+            next_tx: u32::from_be_bytes(tx),
             bootstrap_at: Some(now),
             backoff: Duration::from_secs(5),
             rtt: None,
@@ -517,11 +527,12 @@ impl MainlineState {
     }
 
     fn on_reply(&mut self, msg: Message, from: SocketAddrV4, now: Instant) {
-        let Ok(t) = <[u8; 2]>::try_from(&msg.t[..]) else {
+        // Ours are all TXID_LEN bytes: a reply with another length answers no query of ours.
+        let Ok(t) = <[u8; TXID_LEN]>::try_from(&msg.t[..]) else {
             self.stats.unexpected += 1;
             return;
         };
-        let t = u16::from_be_bytes(t);
+        let t = u32::from_be_bytes(t);
         match self.outstanding.get(&t) {
             Some(p) if p.addr == from => {}
             _ => {
@@ -687,7 +698,7 @@ impl MainlineState {
         self.publish_due = Some(self.publish_due.map_or(at, |d| d.min(at)));
     }
 
-    fn tx(&mut self) -> Option<u16> {
+    fn tx(&mut self) -> Option<u32> {
         for _ in 0..=self.timing.max_outstanding {
             self.next_tx = self.next_tx.wrapping_add(1);
             if !self.outstanding.contains_key(&self.next_tx) {
@@ -766,6 +777,16 @@ impl MainlineState {
 
     /// Sends what lookup `i` may send; finishes it when done.
     fn step(&mut self, i: usize, now: Instant) {
+        // Queries past `slow_after` stop holding the lookup: mark them, which consumes their
+        // deadline (see `next_deadline`).
+        let slow_after = self.slow_after();
+        for c in &mut self.lookups[i].cands {
+            if let CState::Asked(at) = c.state {
+                if now.saturating_duration_since(at) >= slow_after {
+                    c.state = CState::Slow;
+                }
+            }
+        }
         loop {
             let l = &self.lookups[i];
             let (fresh, holding) = frontier(&l.cands, self.timing.k, self.slow_after(), now);
@@ -867,8 +888,11 @@ impl MainlineState {
             .take(self.timing.k)
             .collect();
         for (addr, token) in targets {
+            // `target` is not in BEP 44's put, but pubky's `mainline` requires it (it drops a
+            // put without one); libtorrent and bittorrent-dht ignore it.
             let mut f = Fields {
                 id: Some(self.own),
+                target: Some(mine.target()),
                 token: Some(token),
                 ..Fields::default()
             };
@@ -886,7 +910,7 @@ impl MainlineState {
     /// token rotation. Call it after every input.
     pub fn handle_timeout(&mut self, now: Instant) {
         // Unanswered queries.
-        let expired: Vec<u16> = self
+        let expired: Vec<u32> = self
             .outstanding
             .iter()
             .filter(|(_, p)| now.saturating_duration_since(p.sent) >= self.timing.query_timeout)
@@ -933,10 +957,7 @@ impl MainlineState {
             self.start_lookup(Purpose::Bootstrap, own, now);
         }
         // Publication.
-        if self.publish_due.is_some_and(|t| t <= now)
-            && self.round.is_none()
-            && !self.lookups.iter().any(|l| l.purpose == Purpose::Publish)
-        {
+        if self.publish_due.is_some_and(|t| t <= now) && self.publish_can_start() {
             if let Some(target) = self.my_item.as_ref().map(MutableItem::target) {
                 self.publish_due = None;
                 self.start_lookup(Purpose::Publish, target, now);
@@ -974,6 +995,12 @@ impl MainlineState {
         }
     }
 
+    /// Whether a publication may start now (none is running: no publish lookup, no round of
+    /// puts out).
+    fn publish_can_start(&self) -> bool {
+        self.round.is_none() && !self.lookups.iter().any(|l| l.purpose == Purpose::Publish)
+    }
+
     /// Folds a reply's round trip into the smoothed one (gains 1/8 and 1/4, as TCP).
     fn time_reply(&mut self, sample: Duration) {
         self.rtt = Some(match self.rtt {
@@ -1002,14 +1029,20 @@ impl MainlineState {
         d.extend(self.outstanding.values().map(|p| p.sent + t.query_timeout));
         for l in &self.lookups {
             d.push(l.started + t.lookup_timeout);
+            // Only `Asked` ones: a query past `slow_after` is `Slow`, its deadline consumed.
             for c in &l.cands {
                 if let CState::Asked(at) = c.state {
                     d.push(at + slow_after);
                 }
             }
         }
-        d.extend(self.bootstrap_at);
-        if self.my_item.is_some() {
+        // Each of these is a deadline only while `handle_timeout` can act on it; while it
+        // cannot (the same kind of lookup runs, a round of puts is out), the end of that lookup
+        // or round is the deadline, and a past instant here would wake us for nothing.
+        if !self.lookups.iter().any(|l| l.purpose == Purpose::Bootstrap) {
+            d.extend(self.bootstrap_at);
+        }
+        if self.my_item.is_some() && self.publish_can_start() {
             d.extend(self.publish_due);
         }
         if self.serve {
@@ -1202,7 +1235,7 @@ fn sort_candidates(cands: &mut Vec<Candidate>, target: &NodeId) {
     while cands.len() > MAX_CANDIDATES {
         match cands
             .iter()
-            .rposition(|c| !matches!(c.state, CState::Asked(_)))
+            .rposition(|c| !matches!(c.state, CState::Asked(_) | CState::Slow))
         {
             Some(i) => {
                 cands.remove(i);
@@ -1229,7 +1262,7 @@ fn frontier(
             break;
         }
         match c.state {
-            CState::Failed => continue,
+            CState::Failed | CState::Slow => continue,
             CState::Asked(at) if now.saturating_duration_since(at) >= slow_after => continue,
             CState::Asked(_) => holding += 1,
             CState::Fresh => {

@@ -641,3 +641,146 @@ fn an_unanswered_query_holds_a_lookup_only_a_few_round_trips() {
         "{s:?}"
     );
 }
+
+#[test]
+fn transaction_ids_are_four_bytes_counting_and_matched_whole() {
+    let start = Instant::now();
+    let fake = addr(1700);
+    let mut m = client(fake, start);
+    let qs = queries(&mut m);
+    let (_, find) = qs
+        .iter()
+        .find(|(_, q)| q.kind == Kind::Query(Method::FindNode))
+        .expect("a find_node");
+    assert_eq!(find.t.len(), TXID_LEN, "{:?}", find.t);
+    // The next query's id follows.
+    m.request_node_info(&json!(Identity::generate().sign_id().to_string()), start);
+    m.handle_timeout(start);
+    let qs2 = queries(&mut m);
+    let (_, get) = qs2.first().expect("a get");
+    let n = |t: &[u8]| u32::from_be_bytes(t.try_into().unwrap());
+    assert_eq!(n(&get.t), n(&find.t).wrapping_add(1));
+    let f = || Fields {
+        id: Some([0x11; 20]),
+        ..Fields::default()
+    };
+    // Other lengths, or a part of ours, answer nothing of ours.
+    for t in [
+        &find.t[..2],
+        &find.t[..3],
+        &[find.t.clone(), vec![0]].concat()[..],
+    ] {
+        let bytes = krpc::encode(&Message::response(t.to_vec(), f())).unwrap();
+        m.handle_datagram(&bytes, SocketAddr::V4(fake), start);
+    }
+    assert_eq!(m.stats().unexpected, 3);
+    assert_eq!(m.stats().replies, 0);
+    // The whole id does.
+    m.handle_datagram(&reply_to(find, f()), SocketAddr::V4(fake), start);
+    assert_eq!(m.stats().replies, 1);
+    assert_eq!(m.stats().table, 1);
+}
+
+/// Steps a machine whose peers never answer from deadline to deadline for `span`: returns how
+/// many steps it took, failing if a deadline it returns is already past after it ran.
+fn steps_through_silence(m: &mut MainlineState, start: Instant, span: Duration) -> usize {
+    let mut now = start;
+    let mut steps = 0;
+    // Bounded: 100,000 steps at most (a machine that never sleeps fails below long before).
+    while steps < 100_000 {
+        m.handle_timeout(now);
+        while m.poll_transmit().is_some() {}
+        steps += 1;
+        let Some(next) = m.next_deadline() else {
+            break;
+        };
+        assert!(
+            next > now,
+            "after step {steps} the next deadline is {:?} in the past: {:?}",
+            now - next,
+            m.stats()
+        );
+        if next > start + span {
+            break;
+        }
+        now = next;
+    }
+    steps
+}
+
+#[test]
+fn silent_peers_never_leave_a_deadline_in_the_past() {
+    let start = Instant::now();
+    let boot: Vec<SocketAddrV4> = (0..20).map(|i| addr(1800 + i)).collect();
+    let a = Identity::generate();
+    let mut m = MainlineState::new(options(boot, false), Some(a.sign_keypair().clone()), start);
+    assert!(m.set_my_node_info(&info_of(&a, 7000), 1_000, start));
+    m.request_node_info(&json!(Identity::generate().sign_id().to_string()), start);
+    let steps = steps_through_silence(&mut m, start, Duration::from_secs(60));
+    let s = m.stats();
+    assert!(s.queries_sent >= 20, "{s:?}");
+    assert!(s.timeouts >= 20, "{s:?}");
+    // Each step has something due: a query going slow or timing out, a lookup ending or
+    // starting; a few per query at most.
+    assert!(
+        (steps as u64) < 4 * s.queries_sent + 20,
+        "{steps} steps for {} queries",
+        s.queries_sent
+    );
+}
+
+#[test]
+fn a_publication_due_while_one_runs_waits_for_it_without_waking() {
+    let start = Instant::now();
+    let boot: Vec<SocketAddrV4> = (0..4).map(|i| addr(1900 + i)).collect();
+    let a = Identity::generate();
+    let mut m = MainlineState::new(options(boot, false), Some(a.sign_keypair().clone()), start);
+    assert!(m.set_my_node_info(&info_of(&a, 7000), 1_000, start));
+    m.handle_timeout(start);
+    assert_eq!(m.stats().lookups, 2, "bootstrap and publish");
+    // The value changes while the publish lookup runs: due now, but it must wait.
+    let later = start + Duration::from_millis(10);
+    assert!(m.set_my_node_info(&info_of(&a, 7001), 1_001, later));
+    m.handle_timeout(later);
+    let next = m.next_deadline().expect("a deadline");
+    assert!(next > later, "{:?} in the past", later - next);
+    // It does run once the lookup in progress has ended.
+    let before = m.stats().queries_sent;
+    steps_through_silence(&mut m, later, Duration::from_secs(30));
+    assert!(m.stats().queries_sent > before);
+}
+
+#[test]
+fn a_put_names_its_target() {
+    let start = Instant::now();
+    let fake = addr(1950);
+    let a = Identity::generate();
+    let mut m = MainlineState::new(
+        options(vec![fake], false),
+        Some(a.sign_keypair().clone()),
+        start,
+    );
+    assert!(m.set_my_node_info(&info_of(&a, 7000), 1_000, start));
+    m.handle_timeout(start);
+    let (_, get) = queries(&mut m)
+        .into_iter()
+        .find(|(_, q)| q.kind == Kind::Query(Method::Get))
+        .expect("a get");
+    let f = Fields {
+        id: Some([0x22; 20]),
+        token: Some(b"tk".to_vec()),
+        ..Fields::default()
+    };
+    let now = start + Duration::from_millis(5);
+    m.handle_datagram(&reply_to(&get, f), SocketAddr::V4(fake), now);
+    m.handle_timeout(now);
+    let (to, put) = queries(&mut m)
+        .into_iter()
+        .find(|(_, q)| q.kind == Kind::Query(Method::Put))
+        .expect("a put once the lookup ended");
+    assert_eq!(to, fake);
+    let target = target_of(&a.sign_id(), b"");
+    assert_eq!(get.fields.target, Some(target));
+    assert_eq!(put.fields.target, Some(target), "pubky's mainline needs it");
+    assert_eq!(put.fields.token.as_deref(), Some(&b"tk"[..]));
+}

@@ -1,0 +1,231 @@
+//! The Mainline DHT service against pubky's `mainline` crate (Rust, 8.x: what pkarr and
+//! iroh's pkarr publishing run), a real other side: a `Testnet` of its nodes on 127.0.0.1 and
+//! a client of it, in the helper crate `tests/pubky-mainline/` (its own workspace, built here
+//! with `cargo build --manifest-path`; never bootstrapped from public routers, see
+//! `../shared/docs/test-peers.md`).
+//!
+//! - Its nodes answer only KRPC transaction ids of exactly 4 bytes (a raw `find_node` with a
+//!   2-byte id gets no reply, the same with 4 bytes does): why ours are 4 bytes.
+//! - Our node publishes its nodeInfo through the testnet, and the crate's own client reads the
+//!   BEP 44 item back (it checks the signature and the target itself).
+//! - A second node of ours that knows only the testnet resolves the first through it and
+//!   delivers a message to it.
+//!
+//! When the helper cannot be built (no `cargo`, no registry access) the tests print a loud
+//! skip message, or fail when `MM_REQUIRE_PUBKY=1` (CI).
+
+mod support;
+
+use std::net::{SocketAddrV4, UdpSocket};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use mm_platform::services::mainline::krpc::{self, Fields, Kind, Message, Method};
+use mm_platform::services::mainline::{Mainline, MainlineConfig};
+use mm_platform::{Event, Platform};
+use support::JsonProc;
+
+const LIMIT: Duration = Duration::from_secs(30);
+/// Nodes of the pubky testnet.
+const NODES: usize = 10;
+
+/// Builds the helper; `None` (after a loud message) if it cannot be, unless
+/// `MM_REQUIRE_PUBKY=1`, which makes that a failure.
+fn helper_bin(test: &str) -> Option<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("pubky-mainline");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let built = Command::new(cargo)
+        .arg("build")
+        .arg("--quiet")
+        .arg("--manifest-path")
+        .arg(root.join("tests/pubky-mainline/Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &target)
+        .status();
+    let bin = target.join("debug").join("pubky-mainline");
+    match built {
+        Ok(st) if st.success() && bin.is_file() => Some(bin),
+        other => {
+            if std::env::var("MM_REQUIRE_PUBKY").as_deref() == Ok("1") {
+                panic!(
+                    "{test}: cannot build tests/pubky-mainline ({other:?}) and MM_REQUIRE_PUBKY=1"
+                );
+            }
+            eprintln!(
+                "\n*** SKIPPING {test}: cannot build tests/pubky-mainline ({other:?}); it needs \
+                 the `mainline` crate from the registry. CI sets MM_REQUIRE_PUBKY=1.\n"
+            );
+            None
+        }
+    }
+}
+
+/// A pubky testnet of [`NODES`] nodes and its client; returns it with the testnet's addresses.
+fn testnet(test: &str) -> Option<(JsonProc, Vec<SocketAddrV4>)> {
+    let bin = helper_bin(test)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg(NODES.to_string());
+    let mut p = JsonProc::spawn("pubky-mainline", &mut cmd);
+    let line = p.wait_for(LIMIT, |v| v.get("bootstrap").is_some());
+    let addrs: Vec<SocketAddrV4> = line["bootstrap"]
+        .as_array()
+        .expect("bootstrap list")
+        .iter()
+        .map(|a| a.as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(addrs.len(), NODES);
+    assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
+    Some((p, addrs))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Sends a `find_node` with transaction id `t` to `to`; returns the reply's `t`, if any
+/// came within a second.
+fn find_node_with_tid(sock: &UdpSocket, to: SocketAddrV4, t: &[u8]) -> Option<Vec<u8>> {
+    let q = Message::query(
+        t.to_vec(),
+        Method::FindNode,
+        Fields {
+            id: Some([0x5a; 20]),
+            target: Some([0xa5; 20]),
+            ..Fields::default()
+        },
+        true,
+    );
+    sock.send_to(&krpc::encode(&q).unwrap(), to).unwrap();
+    let mut buf = [0u8; 1500];
+    let end = Instant::now() + Duration::from_secs(1);
+    // Bounded: one second of reads.
+    while Instant::now() < end {
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) if from == std::net::SocketAddr::V4(to) => {
+                let m = krpc::decode(&buf[..n]).expect("its reply decodes");
+                assert_eq!(m.kind, Kind::Response, "{m:?}");
+                return Some(m.t);
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+#[test]
+fn pubky_mainline_answers_only_four_byte_transaction_ids() {
+    let test = "pubky mainline transaction ids";
+    let Some((_net, addrs)) = testnet(test) else {
+        return;
+    };
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let two = find_node_with_tid(&sock, addrs[1], &[0x12, 0x34]);
+    let four = find_node_with_tid(&sock, addrs[1], &[0x12, 0x34, 0x56, 0x78]);
+    eprintln!("{test}: 2-byte t -> {two:?}, 4-byte t -> {four:?}");
+    assert_eq!(two, None, "a 2-byte id is dropped by pubky's mainline");
+    assert_eq!(four, Some(vec![0x12, 0x34, 0x56, 0x78]));
+}
+
+#[test]
+fn pubky_testnet_reads_our_item_and_resolves_ours_for_a_message() {
+    let test = "pubky mainline interop";
+    let Some((mut net, addrs)) = testnet(test) else {
+        return;
+    };
+    // Our node publishes through the pubky testnet.
+    let service = Mainline::new(MainlineConfig::new(addrs.clone()).publish(true));
+    let pub_stats = service.stats_handle();
+    let mut publisher = Platform::builder().service(service).build().unwrap();
+    let end = Instant::now() + LIMIT;
+    while pub_stats.get().publishes == 0 {
+        assert!(
+            Instant::now() < end,
+            "no publication: {:?}",
+            pub_stats.get()
+        );
+        publisher.poll(Some(Duration::from_millis(10))).unwrap();
+    }
+    let s = pub_stats.get();
+    eprintln!(
+        "{test}: stored on {} of the testnet's nodes, first ack after {:?}, done after {:?} \
+         ({} queries, {} replies)",
+        s.last_publish_stored,
+        s.last_publish_first_ack,
+        s.last_publish_took,
+        s.queries_sent,
+        s.replies
+    );
+    assert!(s.last_publish_stored >= 1, "{s:?}");
+
+    // The crate's own client reads our item (it verifies the signature and target).
+    let key = hex(publisher.sign_id().as_bytes());
+    net.cmd(json!({"cmd": "get", "key": key}));
+    let got = net.wait_for(LIMIT, |v| v.get("item").is_some());
+    let item = &got["item"];
+    assert!(item.is_object(), "pubky's client found no item: {got}");
+    assert_eq!(item["seq"].as_i64(), Some(s.seq), "{got}");
+    let value: Value = serde_json::from_slice(&unhex(item["value"].as_str().unwrap()))
+        .expect("our item's value is a JSON nodeInfo");
+    let ours = publisher.node_info();
+    assert_eq!(value["signId"], ours["signId"], "{value}");
+    assert_eq!(value["boxId"], ours["boxId"], "{value}");
+
+    // A node that knows only the pubky testnet resolves ours through it, then talks to it.
+    let resolver_service = Mainline::new(MainlineConfig::new(addrs[5..].to_vec()));
+    let res_stats = resolver_service.stats_handle();
+    let mut resolver = Platform::builder()
+        .service(resolver_service)
+        .build()
+        .unwrap();
+    let (_, inbox) = publisher.on_channel("public.test.hello", 8);
+    let to = publisher.sign_id().to_string();
+    let status = resolver
+        .messaging()
+        .send("test.hello", to.as_str(), &json!({"via": "pubky"}));
+    assert!(status.is_queued(), "{status}");
+    let end = Instant::now() + LIMIT;
+    let mut resolved = None;
+    let msg = loop {
+        assert!(
+            Instant::now() < end,
+            "not delivered: resolver {:?}, resolved {resolved:?}",
+            res_stats.get()
+        );
+        resolver.poll(Some(Duration::from_millis(5))).unwrap();
+        publisher.poll(Some(Duration::from_millis(5))).unwrap();
+        for e in resolver.drain_events() {
+            if let Event::NodeInfo { source, node_info } = e {
+                if source == "mainline" && node_info["signId"] == ours["signId"] {
+                    resolved = Some(node_info);
+                }
+            }
+        }
+        if let Ok(m) = inbox.try_recv() {
+            break m;
+        }
+    };
+    assert_eq!(msg.sender.to_string(), resolver.sign_id().to_string());
+    assert_eq!(
+        msg.json::<Value>().unwrap(),
+        json!({"via": "pubky"}),
+        "{msg:?}"
+    );
+    let resolved = resolved.expect("the nodeInfo came from the Mainline service");
+    assert_eq!(resolved["boxId"], ours["boxId"]);
+    eprintln!("{test}: resolver {:?}", res_stats.get());
+    net.quit(LIMIT);
+}
