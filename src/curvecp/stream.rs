@@ -54,8 +54,9 @@ pub const SEND_WINDOW: u64 = 131_072;
 pub const MAX_HOLES: usize = 128;
 /// A block is deemed lost when a block sent this many transmissions later has arrived.
 pub const DUP_THRESHOLD: u64 = 3;
-/// The retransmission timeout backoff stops growing here (unless the controller's own timeout
-/// is longer).
+/// The retransmission timeout backoff stops growing here, or at a third of
+/// [`StreamConfig::dead_after`] if that is shorter (unless the controller's own timeout is
+/// longer).
 pub const MAX_RTO: Duration = Duration::from_secs(4);
 /// The largest stream position the protocol allows (2^60).
 const MAX_STREAM: u64 = 1 << 60;
@@ -122,7 +123,11 @@ pub struct StreamConfig {
     /// Largest block (data bytes per message) before anything arrives from the peer: 512 for a
     /// client (so the message fits an Initiate), 1024 for a server.
     pub initial_block: usize,
-    /// Fail the stream when data is outstanding and nothing has been acknowledged for this long.
+    /// Fail the stream when data is outstanding and, for this long, nothing has been
+    /// acknowledged and nothing at all has been heard from the peer. A peer whose receive
+    /// window is full still answers our blocks (with acknowledgements of what it has), so a
+    /// slow reader is not taken for a dead peer; a peer that restarted (and so ignores the old
+    /// session's packets) is.
     pub dead_after: Duration,
     /// While we wait for the peer (its EOF has not arrived) with nothing of ours in flight,
     /// send an empty block that the peer must acknowledge after this long without hearing from
@@ -497,6 +502,11 @@ impl Stream {
         }
     }
 
+    /// The last sign of life from the peer: progress on our data, or any valid message.
+    fn last_alive(&self) -> Instant {
+        self.last_progress.max(self.last_heard)
+    }
+
     /// Feeds one decrypted message (16..1088 bytes) from the peer. A malformed one is dropped
     /// with no state change; returns whether it was accepted.
     pub fn handle_message(&mut self, msg: &[u8], now: Instant) -> bool {
@@ -522,6 +532,13 @@ impl Stream {
         }
         // Validate the data part before changing anything.
         let data = m.data.and_then(|d| self.check_data(&h, d));
+        // A block dropped only because our window is full is still answered (acknowledging
+        // what we have, not it): the peer then knows we are alive, only slow.
+        let beyond_window = data.is_none()
+            && m.data.is_some_and(|d| {
+                h.pos.saturating_add(d.len() as u64)
+                    > self.read_pos.saturating_add(self.recv_window as u64)
+            });
 
         // Acknowledgement fields.
         self.apply_acks(&h, sent_end, now);
@@ -532,7 +549,7 @@ impl Stream {
         // endless exchange of acknowledgements). The reference's acknowledgements have ID 0 and
         // its blocks never carry an acknowledged ID, so this changes nothing for it.
         let id_ack = h.ack_id != 0 && h.data_len() == 0 && h.stop().is_none();
-        let mut ack = h.id != 0 && data.is_some() && !id_ack;
+        let mut ack = h.id != 0 && (data.is_some() || beyond_window) && !id_ack;
         if let Some(d) = data {
             self.store(&h, d);
         }
@@ -758,7 +775,10 @@ impl Stream {
     fn rto(&self) -> Duration {
         let base = self.cc.rto();
         let backed = base.saturating_mul(1u32 << self.backoff.min(16));
-        backed.min(MAX_RTO.max(base))
+        // At least three tries within `dead_after`, so that one lost probe (or its answer)
+        // does not make a live peer look dead.
+        let cap = MAX_RTO.min(self.dead_after / 3);
+        backed.min(cap.max(base))
     }
 
     fn fits(max_len: usize, b: &Block) -> bool {
@@ -961,7 +981,7 @@ impl Stream {
         }
         let max_len = max_len.min(out.len()).min(message::MAX_MESSAGE);
         self.last_max_len = max_len;
-        if self.in_flight > 0 && now >= self.last_progress + self.dead_after {
+        if self.in_flight > 0 && now >= self.last_alive() + self.dead_after {
             log::debug!("stream: peer unresponsive for {:?}", self.dead_after);
             self.error = Some(StreamError::PeerUnresponsive);
             self.ack_pending = None;
@@ -1093,7 +1113,7 @@ impl Stream {
             at(idle + RING_IDLE);
         }
         if self.in_flight > 0 {
-            at(self.last_progress + self.dead_after);
+            at(self.last_alive() + self.dead_after);
         }
         t
     }
@@ -1243,6 +1263,85 @@ mod tests {
         c.write(b"y");
         c.finish(Eof::Success);
         assert_eq!(lens(&mut c, t), vec![1]);
+    }
+
+    /// Drives A (sending) and B (never reading) from deadline to deadline until `until`;
+    /// `b_alive` says whether B still answers. Returns A's error, if any.
+    fn drive_stalled(
+        a: &mut Stream,
+        b: &mut Stream,
+        t: Instant,
+        until: Instant,
+        b_alive: bool,
+    ) -> (Option<StreamError>, Instant) {
+        let mut now = t;
+        for _ in 0..10_000 {
+            while let Some(m) = poll(a, now) {
+                if b_alive {
+                    b.handle_message(&m, now);
+                }
+            }
+            if b_alive {
+                exchange(b, a, now);
+            }
+            if a.error().is_some() {
+                return (a.error(), now);
+            }
+            // The next deadline (one due now but idle, such as pacing, moves time a little).
+            let next = [a.poll_timeout(), b.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|d| d.max(now + Duration::from_millis(1)));
+            match next {
+                Some(n) if n <= until => now = n,
+                _ => break,
+            }
+        }
+        (a.error(), now)
+    }
+
+    #[test]
+    fn a_peer_whose_window_is_full_is_slow_not_dead() {
+        let t = Instant::now();
+        let cfg = StreamConfig {
+            dead_after: Duration::from_secs(5),
+            ..StreamConfig::client()
+        };
+        let small = StreamConfig {
+            recv_window: 4096,
+            ..StreamConfig::server()
+        };
+        // B never reads: its window fills, and A's later blocks go beyond it. B answers them
+        // (acknowledging what it holds), so A keeps the stream for a minute and more.
+        let (mut a, mut b) = (Stream::new(&cfg, t), Stream::new(&small, t));
+        a.write(&[3u8; 64 * 1024]);
+        let (err, mut now) = drive_stalled(&mut a, &mut b, t, t + Duration::from_secs(60), true);
+        assert_eq!(err, None, "a live but slow reader is not dead");
+        assert!(now >= t + Duration::from_secs(55), "driven for a minute");
+        assert!(b.readable() > 0 && !a.all_acked());
+        // Once B reads, the data flows again.
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0;
+        for _ in 0..1000 {
+            got += b.read(&mut buf[got..]);
+            exchange(&mut b, &mut a, now);
+            exchange(&mut a, &mut b, now);
+            if got == buf.len() {
+                break;
+            }
+            now += Duration::from_millis(10);
+        }
+        assert_eq!(got, 64 * 1024);
+        // The same with B gone silent (it restarted, say): A gives up after `dead_after`.
+        let (mut a, mut b) = (Stream::new(&cfg, t), Stream::new(&small, t));
+        a.write(&[3u8; 64 * 1024]);
+        let (err, at) = drive_stalled(&mut a, &mut b, t, t + Duration::from_secs(60), false);
+        assert_eq!(err, Some(StreamError::PeerUnresponsive));
+        assert!(
+            at <= t + Duration::from_secs(6),
+            "given up after dead_after"
+        );
     }
 
     #[test]
@@ -1633,7 +1732,8 @@ mod tests {
         assert_eq!(s.write(&[1u8; 1500]), 1000);
         assert_eq!(s.write(&[1u8; 10]), 0);
         assert_eq!(s.writable(), 0);
-        // Data beyond the window: dropped and not acknowledged.
+        // Data beyond the window: dropped and not acknowledged (the answer acknowledges only
+        // what is held).
         assert!(s.handle_message(&data_msg(1, 2000, &[5u8; 100], None), t));
         let _first_answer = poll(&mut s, t); // the first message is always answered
         assert!(s.handle_message(&data_msg(2, 2000, &[5u8; 100], None), t));
