@@ -230,6 +230,9 @@ fn a_receiver_killed_while_it_works_through_a_backlog_loses_nothing() {
         send(&mut a, &sb, "t.crash", i, 4000);
     }
     let mut printed = Vec::new();
+    // The payloads printed by runs that were killed: a duplicate's first copy must be one of
+    // them (the window of the guarantee is a receiver dying after delivering).
+    let mut before_a_kill: HashSet<u64> = HashSet::new();
     let mut killed = 0;
     let deadline = Instant::now() + Duration::from_secs(60 + 10 * kills);
     while killed < kills && Instant::now() < deadline {
@@ -246,7 +249,9 @@ fn a_receiver_killed_while_it_works_through_a_backlog_loses_nothing() {
         }
         std::thread::sleep(Duration::from_millis(rand(500)));
         b.kill_and_drain(Duration::from_millis(500));
-        printed.extend(received(&b.seen, "public.t.crash"));
+        let run = received(&b.seen, "public.t.crash");
+        before_a_kill.extend(run.iter().map(|(n, _)| *n));
+        printed.extend(run);
         killed += 1;
         eprintln!(
             "kill {killed}: {} printed by this run",
@@ -272,6 +277,17 @@ fn a_receiver_killed_while_it_works_through_a_backlog_loses_nothing() {
             distinct.len()
         );
     };
+    let mut all = printed.clone();
+    all.extend(received(&b.seen, "public.t.crash"));
+    let mut first_seen = HashSet::new();
+    for (n, _) in &all {
+        if !first_seen.insert(*n) {
+            assert!(
+                before_a_kill.contains(n),
+                "message {n} was duplicated although no receiver that had it was killed"
+            );
+        }
+    }
     let sent: Vec<&Value> = a.seen.iter().filter(|v| v["event"] == "sent").collect();
     assert!(
         sent.iter().all(|v| v["ok"] == true),
