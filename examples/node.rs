@@ -31,8 +31,10 @@
 //! [`NetConfig::max_frame`] (32 MiB), room for a `send` whose payload is as large as the
 //! platform sends (16 MiB) even with JSON escapes. A longer line is discarded as it streams in
 //! (at most `BYTES` of it are ever held) and answered with an error naming the bound; memory
-//! taken by a large line is given back once it is done. Lines are read ahead of the reactor up
-//! to about one more line's worth (`BYTES` and 4,096 lines).
+//! taken by a large line is given back once it is done. A line may also hold at most one JSON
+//! value per 32 of `BYTES` (1,048,576 by default), as a parsed value takes far more memory
+//! than its text (`0,` is 2 bytes). Lines are read ahead of the reactor up to about one more
+//! line's worth (`BYTES` and 4,096 lines).
 //!
 //! stdout, one JSON object per line (flushed):
 //! - `{"event":"ready","nodeInfo":{...}}`
@@ -58,7 +60,8 @@
 //! - `{"event":"error","line":N,"cmd":C,"id":ID,"field":F,"error":"..."}` for input that is
 //!   not a well-formed command; the node goes on with the next line. `line` numbers the lines
 //!   of stdin from 1 (blank lines count); `cmd`, `id` and `field` are there when known:
-//!   - a line longer than `--max-line`, not UTF-8, not JSON, or not a JSON object: `line` and
+//!   - a line longer than `--max-line`, with too many JSON values, not UTF-8, not JSON, or
+//!     not a JSON object: `line` and
 //!     `error` only (`"line 2: 20000071 bytes, longer than the --max-line bound of 1048576
 //!     bytes; discarded"`, `"line 1: not UTF-8 (invalid byte at offset 27)"`);
 //!   - `cmd` missing, not a string or unknown: `field` is `"cmd"`;
@@ -412,6 +415,35 @@ const KEEP_LINE_CAPACITY: usize = 64 * 1024;
 /// Most lines read ahead of the reactor (besides the byte bound, `--max-line`).
 const MAX_QUEUED_LINES: usize = 4096;
 
+/// A line may hold one JSON value per this many of its `--max-line` bytes. Parsed, a value
+/// takes 32 bytes and more (arrays and maps add their own), while `0,` is 2 bytes of input:
+/// without this bound a line of small numbers would take 16 times its size once parsed.
+const BYTES_PER_VALUE: usize = 32;
+
+/// The number of JSON values in `bytes` (valid UTF-8), counted without parsing: every value
+/// but the first follows a `[`, `,` or `:` outside strings. Over-counts only `[]` (one value
+/// for none), which is harmless for a bound.
+fn json_values(bytes: &[u8]) -> usize {
+    let (mut n, mut in_string, mut escaped) = (1usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b'[' | b',' | b':' => n += 1,
+                _ => {}
+            }
+        }
+    }
+    n
+}
+
 /// What the reader thread makes of one line of stdin.
 enum Input {
     /// A JSON object, to run as a command; `len` is the line's size in bytes.
@@ -524,7 +556,7 @@ fn read_commands(mut input: impl BufRead, max_line: usize, mut deliver: impl FnM
                 ),
             })
         } else {
-            parse_line(line, &buf)
+            parse_line(line, &buf, max_line / BYTES_PER_VALUE)
         };
         if buf.capacity() > KEEP_LINE_CAPACITY {
             buf = Vec::with_capacity(KEEP_LINE_CAPACITY);
@@ -543,8 +575,9 @@ fn read_commands(mut input: impl BufRead, max_line: usize, mut deliver: impl FnM
     }
 }
 
-/// One complete line: `None` if blank, else a command or why it is unreadable.
-fn parse_line(line: u64, bytes: &[u8]) -> Option<Input> {
+/// One complete line: `None` if blank, else a command or why it is unreadable. A line of more
+/// than `max_values` JSON values is refused before it is parsed.
+fn parse_line(line: u64, bytes: &[u8], max_values: usize) -> Option<Input> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return None;
     }
@@ -552,6 +585,10 @@ fn parse_line(line: u64, bytes: &[u8]) -> Option<Input> {
         Err(e) => format!(
             "line {line}: not UTF-8 (invalid byte at offset {})",
             e.valid_up_to()
+        ),
+        Ok(_) if json_values(bytes) > max_values => format!(
+            "line {line}: more than {max_values} JSON values (--max-line / {BYTES_PER_VALUE}); \
+             discarded"
         ),
         Ok(_) => match serde_json::from_slice::<Value>(bytes) {
             Err(e) => format!("line {line}: not JSON: {e}"),

@@ -4,8 +4,9 @@
 //! - a line that is not UTF-8, not JSON or not an object is answered with an error event and
 //!   the node goes on with the next line;
 //! - a line longer than `--max-line` (default twice the maximal frame, 32 MiB) is discarded as
-//!   it streams in, never held whole, and answered with an error naming the bound; memory
-//!   taken by large lines is given back;
+//!   it streams in, never held whole, and answered with an error naming the bound; so is a
+//!   line of more JSON values than the bound allows (one per 32 bytes); memory taken by large
+//!   lines is given back;
 //! - a send the platform refuses (a payload beyond the maximal message) is reported, and a
 //!   large message taken and delivered is not kept afterwards;
 //! - every malformed field of a command is answered with an error event naming the field and
@@ -164,6 +165,35 @@ fn an_overlong_line_is_discarded_as_it_streams_in_and_named() {
     line_error(&mut p, 5, "--max-line");
     still_answers(&mut p, "after-over");
     assert!(!p.seen.iter().any(|v| v["id"] == "over-bound"));
+
+    // A line within the bound but of more values than it allows (one per 32 bytes of it):
+    // refused before parsing, which would take 16 times its size.
+    let mut many = br#"{"cmd":"send","id":"many","topic":"t","to":"local","payload":[0"#.to_vec();
+    while many.len() < MAX / 2 {
+        many.extend_from_slice(b",0");
+    }
+    many.extend_from_slice(b"]}\n");
+    p.write_raw(many, LIMIT);
+    let e = line_error(&mut p, 7, "JSON values");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains(&(MAX / 32).to_string()),
+        "{e}"
+    );
+    // Exactly that many is taken: the object, its 5 fields (their values follow a `:`, the
+    // fields after the first a `,`: 1 + 5 + 4 counted), the array's first element and the
+    // rest.
+    let mut fewer = br#"{"cmd":"send","id":"fewer","topic":"t","to":"local","payload":[0"#.to_vec();
+    for _ in 0..MAX / 32 - 11 {
+        fewer.extend_from_slice(b",0");
+    }
+    fewer.extend_from_slice(b"]}\n");
+    p.write_raw(fewer, LIMIT);
+    let sent = p.wait_for(LIMIT, |v| v["event"] == "sent" && v["id"] == "fewer");
+    assert_eq!(sent["ok"], true, "{sent}");
+    assert!(!p.seen.iter().any(|v| v["id"] == "many"));
 
     // The 20 MB line was never held whole: the peak grew by far less than its size.
     #[cfg(target_os = "linux")]
