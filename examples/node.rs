@@ -90,7 +90,8 @@
 //! - `{"cmd":"connections"}`
 //! - `{"cmd":"put","key":K,"value":V}`, `{"cmd":"get","key":K}` (with `--dht`: K a string,
 //!   V any JSON, required)
-//! - `{"cmd":"quit"}`; end of input also quits.
+//! - `{"cmd":"quit"}`; the end of input also quits, once the commands before it have run (a
+//!   last line without its `\n` included).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufRead, BufReader, Write};
@@ -350,7 +351,7 @@ fn main() {
     let reader = inbox.clone();
     std::thread::spawn(move || {
         let stdin = BufReader::with_capacity(KEEP_LINE_CAPACITY, io::stdin());
-        read_commands(stdin, max_line, |input| {
+        let mut deliver = |input| {
             if !reader.push(input) {
                 return true;
             }
@@ -366,8 +367,11 @@ fn main() {
                     }
                 }
             }
-        });
-        handle.shutdown();
+        };
+        // The end of input quits after the commands before it.
+        if read_commands(stdin, max_line, &mut deliver) && !deliver(Input::End) {
+            handle.shutdown();
+        }
     });
     let mut state = State {
         dht,
@@ -381,6 +385,10 @@ fn main() {
             match input {
                 Input::Unreadable { line, error } => {
                     emit(json!({"event": "error", "line": line, "error": error}))
+                }
+                Input::End => {
+                    ctx.shutdown();
+                    return;
                 }
                 Input::Command { line, value, .. } => {
                     let quit = value.get("cmd").and_then(Value::as_str) == Some("quit");
@@ -450,6 +458,8 @@ enum Input {
     Command { line: u64, value: Value, len: usize },
     /// A line that is too long, not UTF-8, not JSON or not an object.
     Unreadable { line: u64, error: String },
+    /// The end of input (or a read error): quit.
+    End,
 }
 
 impl Input {
@@ -457,7 +467,7 @@ impl Input {
     fn weight(&self) -> usize {
         match self {
             Input::Command { len, .. } => *len,
-            Input::Unreadable { .. } => 0,
+            Input::Unreadable { .. } | Input::End => 0,
         }
     }
 }
@@ -507,9 +517,13 @@ impl Inbox {
 /// Reads `input` line by line (bytes, up to `\n` or the end) and hands `deliver` each
 /// non-blank line as an [`Input`], numbered from 1 (blank lines count). A line longer than
 /// `max_line` bytes (not counting the `\n`) is discarded as it streams in: it is never held
-/// beyond `max_line` bytes. Returns at the end of input, on a read error, or when `deliver`
-/// returns `false`.
-fn read_commands(mut input: impl BufRead, max_line: usize, mut deliver: impl FnMut(Input) -> bool) {
+/// beyond `max_line` bytes. Returns `true` at the end of input or on a read error, `false` when
+/// `deliver` returns `false`.
+fn read_commands(
+    mut input: impl BufRead,
+    max_line: usize,
+    mut deliver: impl FnMut(Input) -> bool,
+) -> bool {
     let mut buf: Vec<u8> = Vec::with_capacity(KEEP_LINE_CAPACITY);
     let mut len = 0usize;
     let mut line = 0u64;
@@ -519,7 +533,7 @@ fn read_commands(mut input: impl BufRead, max_line: usize, mut deliver: impl FnM
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 eprintln!("stdin: {e}");
-                return;
+                return true;
             }
         };
         let end = chunk.is_empty();
@@ -540,9 +554,11 @@ fn read_commands(mut input: impl BufRead, max_line: usize, mut deliver: impl FnM
         }
         let used = part.len() + usize::from(newline);
         input.consume(used);
-        if !newline && !(end && len > 0) {
+        // A line ends at its `\n`, or at the end of input if anything came since the last.
+        let complete = newline || (end && len > 0);
+        if !complete {
             if end {
-                return;
+                return true;
             }
             continue;
         }
@@ -566,11 +582,11 @@ fn read_commands(mut input: impl BufRead, max_line: usize, mut deliver: impl FnM
         len = 0;
         if let Some(input) = parsed {
             if !deliver(input) {
-                return;
+                return false;
             }
         }
         if end {
-            return;
+            return true;
         }
     }
 }

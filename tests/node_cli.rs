@@ -10,7 +10,8 @@
 //! - a send the platform refuses (a payload beyond the maximal message) is reported, and a
 //!   large message taken and delivered is not kept afterwards;
 //! - every malformed field of a command is answered with an error event naming the field and
-//!   the command's id.
+//!   the command's id;
+//! - the end of input quits once the commands before it have run.
 
 mod support;
 
@@ -424,4 +425,37 @@ fn dht_commands_check_their_fields() {
     let errors = p.seen.iter().filter(|v| v["event"] == "error").count();
     assert_eq!(errors, n, "{:?}", p.seen);
     p.quit(LIMIT);
+}
+
+#[test]
+fn the_end_of_input_quits_after_the_commands_before_it() {
+    let dir = TempDir::new("node-cli-eof");
+    let mut p = start(&dir, "a", &[]);
+    let mut lines = Vec::new();
+    for i in 0..50 {
+        lines.extend_from_slice(
+            format!(r#"{{"cmd":"send","id":{i},"topic":"test.eof","to":"local","payload":{i}}}"#)
+                .as_bytes(),
+        );
+        lines.push(b'\n');
+    }
+    // The last one without its newline.
+    lines.extend_from_slice(br#"{"cmd":"send","id":"last","topic":"test.eof","to":"local"}"#);
+    p.write_raw(lines, LIMIT);
+    p.close_stdin();
+    let status = p.proc.wait(LIMIT);
+    assert!(status.success(), "{status}");
+    p.collect_for(Duration::from_millis(500));
+    let sent: Vec<&Value> = p
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "sent" && v["ok"] == true)
+        .collect();
+    assert_eq!(
+        sent.len(),
+        51,
+        "every command ran before the exit: {:?}",
+        p.seen
+    );
+    assert!(sent.iter().any(|v| v["id"] == "last"));
 }

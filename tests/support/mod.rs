@@ -505,6 +505,11 @@ impl JsonProc {
         }
     }
 
+    /// Closes its stdin (the end of input).
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
     /// Waits at most `limit` for an event matching `pred` (every event read is kept in
     /// `seen`); panics with what was seen if none comes.
     pub fn wait_for(
