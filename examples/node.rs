@@ -31,7 +31,8 @@
 //! [`NetConfig::max_frame`] (32 MiB), room for a `send` whose payload is as large as the
 //! platform sends (16 MiB) even with JSON escapes. A longer line is discarded as it streams in
 //! (at most `BYTES` of it are ever held) and answered with an error naming the bound; memory
-//! taken by a large line is given back once it is done. A line may also hold at most one JSON
+//! taken by a large line is given back to the system once it is done (the line buffer
+//! shrinks; with glibc, blocks of 1 MiB or more are mapped on their own). A line may also hold at most one JSON
 //! value per 32 of `BYTES` (1,048,576 by default), as a parsed value takes far more memory
 //! than its text (`0,` is 2 bytes). Lines are read ahead of the reactor up to about one more
 //! line's worth (`BYTES` and 4,096 lines).
@@ -61,9 +62,9 @@
 //!   not a well-formed command; the node goes on with the next line. `line` numbers the lines
 //!   of stdin from 1 (blank lines count); `cmd`, `id` and `field` are there when known:
 //!   - a line longer than `--max-line`, with too many JSON values, not UTF-8, not JSON, or
-//!     not a JSON object: `line` and
-//!     `error` only (`"line 2: 20000071 bytes, longer than the --max-line bound of 1048576
-//!     bytes; discarded"`, `"line 1: not UTF-8 (invalid byte at offset 27)"`);
+//!     not a JSON object: `line` and `error` only (`"line 2: 20000071 bytes, longer than the
+//!     --max-line bound of 1048576 bytes; discarded"`, `"line 1: not UTF-8 (invalid byte at
+//!     offset 27)"`);
 //!   - `cmd` missing, not a string or unknown: `field` is `"cmd"`;
 //!   - a field the command does not take, one missing, or one of the wrong kind: `field`
 //!     names it and `error` starts with its name (`"expireAfter: not a non-negative integer
