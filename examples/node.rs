@@ -5,7 +5,7 @@
 //!     [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS]
 //!     [--mdns] [--mdns-interface ADDR] [--bootstrap FILE]
 //!     [--relay] [--relay-bps BYTES] [--no-relays] [--no-punch]
-//!     [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish] [--dht] [--new-identity]
+//!     [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish] [--dht] [--new-identity] [--max-line BYTES]
 //! ```
 //!
 //! The optional timings set the [`NetConfig`] fields of the same names (tests use short ones).
@@ -29,6 +29,16 @@
 //! holds other state is refused (exit 1) unless `--new-identity` allows a new identity there
 //! (PlatformBuilder `allow_new_identity`).
 //!
+//! `--max-line BYTES` bounds a command line (not counting its `\n`); the default is twice
+//! [`NetConfig::max_frame`] (32 MiB), room for a `send` whose payload is as large as the
+//! platform sends (16 MiB) even with JSON escapes. A longer line is discarded as it streams in
+//! (at most `BYTES` of it are ever held) and answered with an error naming the bound; memory
+//! taken by a large line is given back to the system once it is done (the line buffer
+//! shrinks; with glibc, blocks of 1 MiB or more are mapped on their own). A line may also hold at most one JSON
+//! value per 32 of `BYTES` (1,048,576 by default), as a parsed value takes far more memory
+//! than its text (`0,` is 2 bytes). Lines are read ahead of the reactor up to about one more
+//! line's worth (`BYTES` and 4,096 lines).
+//!
 //! stdout, one JSON object per line (flushed):
 //! - `{"event":"ready","nodeInfo":{...}}`
 //! - `{"event":"message","topic":"public.test.hello","sender":"<signId>|<boxId>|local","protocol":"ms","payload":<json>}`
@@ -41,43 +51,73 @@
 //! - `{"event":"peer","nodeInfo":{...},"source":"mdns"|"bootstrap"|...}` when a service
 //!   publishes a nodeInfo that is new or changed (not for our own; at most 4,096 remembered)
 //! - `{"event":"sent","id":ID,"ok":true}` or `{"event":"sent","id":ID,"ok":false,"error":"..."}`
-//!   once per send that carried an id
+//!   once per send that carried an id: `ok:false` at once when the platform refuses the send
+//!   (`"message too large"` beyond 16 MiB, `"send buffer full"`, `"unknown destination"`,
+//!   ...), later when it is not delivered (expired, unreachable, ...)
 //! - `{"event":"nodeInfo","nodeInfo":{...}}` whenever our published nodeInfo changes
 //! - `{"event":"path","peer":"<signId>","path":"direct"|"relayed","remote":"ADDR:PORT"}`
 //!   when a connection's path is first known and whenever it changes
-//! - `{"event":"connections","list":[{"peer":...,"path":...,"remote":...,"rttUs":...,"active":...}]}`
-//!   answering `{"cmd":"connections"}`
+//! - `{"event":"connections","id":ID,"list":[{"peer":...,"path":...,"remote":...,"rttUs":...,"active":...}]}`
+//!   answering `{"cmd":"connections"}` (`id` when the command had one)
 //! - `{"event":"value","key":K,"value":V}` or `{"event":"value","key":K,"error":"..."}`
 //!   answering `{"cmd":"get"}`, and `{"event":"stored","key":K,"acks":N}` (nodes that took
 //!   the value) answering `{"cmd":"put"}` (with `--dht`)
 //! - `{"event":"storageFault","kind":"reading"|"writing"|"deleting"|"damaged record","key":K,"cause":"...","keptAs":K2|null}`
 //!   when the storage fails or holds a damaged record and the node goes on (a full or
 //!   read-only disk, a damaged offline record kept aside as `keptAs`)
-//! - `{"event":"error","error":"..."}` for a bad command (the node keeps running)
+//! - `{"event":"error","line":N,"cmd":C,"id":ID,"field":F,"error":"..."}` for input that is
+//!   not a well-formed command; the node goes on with the next line. `line` numbers the lines
+//!   of stdin from 1 (blank lines count); `cmd`, `id` and `field` are there when known:
+//!   - a line longer than `--max-line`, with too many JSON values, not UTF-8, not JSON, or
+//!     not a JSON object: `line` and `error` only (`"line 2: 20000071 bytes, longer than the
+//!     --max-line bound of 1048576 bytes; discarded"`, `"line 1: not UTF-8 (invalid byte at
+//!     offset 27)"`);
+//!   - `cmd` missing, not a string or unknown: `field` is `"cmd"`;
+//!   - a field the command does not take, one missing, or one of the wrong kind: `field`
+//!     names it and `error` starts with its name (`"expireAfter: not a non-negative integer
+//!     (milliseconds)"`; inside a nodeInfo `nodeInfo.signId`, `nodeInfo.boxId`,
+//!     `nodeInfo.connectionInfo`; in a list of keys `keys[I]`);
+//!   - `put` or `get` on a node started without `--dht`: `field` `"cmd"`, the text names
+//!     `--dht`;
+//!   - a command the local bus refused (its queue full), or a send without an `id` that the
+//!     platform refused: no `field`.
 //!
-//! stdin, one JSON command per line:
-//! - `{"cmd":"nodeInfo","nodeInfo":{...}}`
+//! stdin, one JSON object per line (UTF-8); every command may carry an `"id"` (any JSON value),
+//! echoed in its `sent`, `connections` and `error` events; fields other than those listed are
+//! refused:
+//! - `{"cmd":"nodeInfo","nodeInfo":{"signId":S,"boxId":B,"connectionInfo":[...]}}`: S a
+//!   signId, B its box key (the conversion of S, checked), `connectionInfo` optional, an array
+//!   (entries the platform does not know are skipped)
 //! - `{"cmd":"send","id":ID,"topic":"test.hello","to":"<signId>"|"<boxId>"|"local","payload":<json>,"realtime":true|false,"expireAfter":MS}`
-//!   (a boxId names a node whose nodeInfo or connection is known, as JavaScript nodes address
-//!   each other)
-//! - `{"cmd":"friends","keys":[...]}`, `{"cmd":"devices","keys":[...]}`
+//!   `topic` and `to` required (strings); `payload` any JSON (default `null`); `realtime` a
+//!   boolean (default `true`); `expireAfter` a non-negative integer of milliseconds (default:
+//!   the platform's). A boxId names a node whose nodeInfo or connection is known, as
+//!   JavaScript nodes address each other.
+//! - `{"cmd":"friends","keys":[...]}`, `{"cmd":"devices","keys":[...]}`: every key a signId
+//!   (the circle is replaced as a whole)
 //! - `{"cmd":"connections"}`
 //! - `{"cmd":"put","key":K,"value":V}`, `{"cmd":"get","key":K}` (with `--dht`: K a string,
-//!   V any JSON)
-//! - `{"cmd":"quit"}`; end of input also quits.
+//!   V any JSON, required)
+//! - `{"cmd":"quit"}`; the end of input also quits, once the commands before it have run (a
+//!   last line without its `\n` included).
 
-use std::collections::HashMap;
-use std::io::{self, BufRead, Write};
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, BufRead, BufReader, Write};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use mm_platform::identity::KeyCache;
+use mm_platform::platform::directory::NodeInfoError;
+use mm_platform::platform::{NodeInfo, ToAddress};
 use mm_platform::services::bootstrap::Bootstrap;
 use mm_platform::services::kademlia::{Kademlia, KademliaConfig};
 use mm_platform::services::mainline::{Mainline, MainlineConfig};
 use mm_platform::services::mdns::{Mdns, MdnsConfig};
 use mm_platform::storage::FileStore;
-use mm_platform::{Address, Context, Event, NetConfig, Platform, SendOptions};
+use mm_platform::{
+    Address, BoxId, Context, Event, Limits, NetConfig, Platform, SendOptions, SendStatus, SignId,
+};
 
 /// The internal topic on which stdin lines reach the reactor (never printed).
 const STDIN_TOPIC: &str = "node-example.stdin";
@@ -96,7 +136,7 @@ fn usage() -> ! {
          [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS] \
          [--mdns] [--mdns-interface ADDR] [--bootstrap FILE] \
          [--relay] [--relay-bps BYTES] [--no-relays] [--no-punch] \
-         [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish] [--dht] [--new-identity]"
+         [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish] [--dht] [--new-identity] [--max-line BYTES]"
     );
     std::process::exit(2);
 }
@@ -107,6 +147,7 @@ fn main() {
     let _ = env_logger::Builder::from_default_env()
         .target(env_logger::Target::Stderr)
         .try_init();
+    large_blocks_are_returned();
     let mut data = None;
     let mut udp: Option<String> = None;
     let mut tcp: Option<String> = None;
@@ -117,6 +158,7 @@ fn main() {
     let mut mainline_publish = false;
     let mut dht = false;
     let mut new_identity = false;
+    let mut max_line = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut ms = || -> Duration {
@@ -158,10 +200,15 @@ fn main() {
             "--mainline" => mainline = args.next(),
             "--mainline-publish" => mainline_publish = true,
             "--dht" => dht = true,
+            "--max-line" => match args.next().and_then(|v| v.parse::<usize>().ok()) {
+                Some(n) if n > 0 => max_line = Some(n),
+                _ => usage(),
+            },
             _ => usage(),
         }
     }
     let Some(data) = data else { usage() };
+    let max_line = max_line.unwrap_or(2 * net.max_frame);
     let store = match FileStore::open(&data) {
         Ok(s) => s,
         Err(e) => {
@@ -169,9 +216,16 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // Events are taken by the callbacks below; the batch for `drain_events` (never drained
+    // here) would keep up to 1,024 delivered messages, payloads and all.
+    let limits = Limits {
+        event_batch: 0,
+        ..Limits::default()
+    };
     let mut builder = Platform::builder()
         .storage(store)
         .net(net)
+        .limits(limits)
         .allow_new_identity(new_identity);
     if udp.is_some() || tcp.is_some() {
         let mut listen = Vec::new();
@@ -265,14 +319,6 @@ fn main() {
         }
         emit(event);
     });
-    platform.on(&format!("self.{STDIN_TOPIC}"), |ctx, msg| {
-        if msg.protocol != STDIN_PROTOCOL || msg.sender != Address::Local {
-            return;
-        }
-        if let Err(e) = command(ctx, &msg.payload) {
-            emit(json!({"event": "error", "error": e}));
-        }
-    });
     platform.on("self.dht.*", |_ctx, msg| {
         if msg.sender != Address::Local {
             return;
@@ -325,23 +371,70 @@ fn main() {
     });
 
     let handle = platform.handle();
+    let inbox = std::sync::Arc::new(Inbox::new(max_line));
+    let reader = inbox.clone();
     std::thread::spawn(move || {
-        for line in io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if line.trim().is_empty() {
-                continue;
+        let stdin = BufReader::with_capacity(KEEP_LINE_CAPACITY, io::stdin());
+        let mut deliver = |input| {
+            if !reader.push(input) {
+                return true;
             }
-            // A full channel: wait for the reactor to make room (bounded retries per line).
-            for _ in 0..100_000 {
-                match handle.send("local", STDIN_PROTOCOL, STDIN_TOPIC, line.as_bytes()) {
-                    mm_platform::SendStatus::BufferFull => {
-                        std::thread::sleep(Duration::from_millis(1))
+            // The queue was empty: wake the reactor (it takes everything queued by then). A
+            // full channel is drained by the reactor's next turn: wait for room.
+            loop {
+                match handle.send("local", STDIN_PROTOCOL, STDIN_TOPIC, Vec::new()) {
+                    SendStatus::BufferFull => std::thread::sleep(Duration::from_millis(1)),
+                    SendStatus::Queued => return true,
+                    other => {
+                        eprintln!("stdin: the reactor is gone ({other})");
+                        return false;
                     }
-                    _ => break,
+                }
+            }
+        };
+        // The end of input quits after the commands before it.
+        if read_commands(stdin, max_line, &mut deliver) && !deliver(Input::End) {
+            handle.shutdown();
+        }
+    });
+    let mut state = State {
+        dht,
+        keys: KeyCache::new(4096),
+    };
+    platform.on(&format!("self.{STDIN_TOPIC}"), move |ctx, msg| {
+        if msg.protocol != STDIN_PROTOCOL || msg.sender != Address::Local {
+            return;
+        }
+        for input in inbox.take() {
+            match input {
+                Input::Unreadable { line, error } => {
+                    emit(json!({"event": "error", "line": line, "error": error}))
+                }
+                Input::End => {
+                    ctx.shutdown();
+                    return;
+                }
+                Input::Command { line, value, .. } => {
+                    let quit = value.get("cmd").and_then(Value::as_str) == Some("quit");
+                    if let Err(fault) = command(ctx, &mut state, &value) {
+                        let mut out = json!({"event": "error", "line": line,
+                            "error": fault.error});
+                        if let Some(name) = value.get("cmd").filter(|c| c.is_string()) {
+                            out["cmd"] = name.clone();
+                        }
+                        if let Some(id) = value.get("id") {
+                            out["id"] = id.clone();
+                        }
+                        if let Some(field) = fault.field {
+                            out["field"] = field.into();
+                        }
+                        emit(out);
+                    } else if quit {
+                        return;
+                    }
                 }
             }
         }
-        handle.shutdown();
     });
     if let Err(e) = platform.run() {
         eprintln!("reactor failed: {e}");
@@ -349,44 +442,380 @@ fn main() {
     }
 }
 
-/// Runs one command line on the reactor's thread.
-fn command(ctx: &mut Context<'_>, line: &[u8]) -> Result<(), String> {
-    let v: Value = serde_json::from_slice(line).map_err(|e| format!("not JSON: {e}"))?;
-    match v.get("cmd").and_then(Value::as_str) {
-        Some("nodeInfo") => {
-            let info = v.get("nodeInfo").ok_or("nodeInfo missing")?;
-            let _ = ctx.messaging().send("transports.nodeInfo", "local", info);
-            Ok(())
+/// Line buffer capacity kept between lines; a larger one (after a large line) is given back.
+const KEEP_LINE_CAPACITY: usize = 64 * 1024;
+/// Most lines read ahead of the reactor (besides the byte bound, `--max-line`).
+const MAX_QUEUED_LINES: usize = 4096;
+
+/// A line may hold one JSON value per this many of its `--max-line` bytes. Parsed, a value
+/// takes 32 bytes and more (arrays and maps add their own), while `0,` is 2 bytes of input:
+/// without this bound a line of small numbers would take 16 times its size once parsed.
+const BYTES_PER_VALUE: usize = 32;
+
+/// The number of JSON values in `bytes` (valid UTF-8), counted without parsing: every value
+/// but the first follows a `[`, `,` or `:` outside strings. Over-counts only `[]` (one value
+/// for none), which is harmless for a bound.
+fn json_values(bytes: &[u8]) -> usize {
+    let (mut n, mut in_string, mut escaped) = (1usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b'[' | b',' | b':' => n += 1,
+                _ => {}
+            }
         }
-        Some(which @ ("friends" | "devices")) => {
-            let keys = v
-                .get("keys")
-                .filter(|k| k.is_array())
-                .ok_or("keys missing")?;
-            let _ = ctx
-                .messaging()
-                .send(&format!("{which}.update"), "local", keys);
-            Ok(())
+    }
+    n
+}
+
+/// What the reader thread makes of one line of stdin.
+enum Input {
+    /// A JSON object, to run as a command; `len` is the line's size in bytes.
+    Command { line: u64, value: Value, len: usize },
+    /// A line that is too long, not UTF-8, not JSON or not an object.
+    Unreadable { line: u64, error: String },
+    /// The end of input (or a read error): quit.
+    End,
+}
+
+impl Input {
+    /// The bytes it stands for in the read-ahead bound.
+    fn weight(&self) -> usize {
+        match self {
+            Input::Command { len, .. } => *len,
+            Input::Unreadable { .. } | Input::End => 0,
         }
-        Some("quit") => {
+    }
+}
+
+/// Lines read from stdin and not yet taken by the reactor: at most [`MAX_QUEUED_LINES`] and
+/// `--max-line` bytes of them (one line of any allowed size is always taken), so that reading
+/// ahead never holds more than about two maximal lines (this queue and the line being read).
+struct Inbox {
+    queue: std::sync::Mutex<(VecDeque<Input>, usize)>,
+    room: std::sync::Condvar,
+    max_bytes: usize,
+}
+
+impl Inbox {
+    fn new(max_bytes: usize) -> Inbox {
+        Inbox {
+            queue: Default::default(),
+            room: std::sync::Condvar::new(),
+            max_bytes,
+        }
+    }
+
+    /// Queues `input`, waiting for room; returns whether the queue was empty (the reactor must
+    /// be woken).
+    fn push(&self, input: Input) -> bool {
+        let weight = input.weight();
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        while !q.0.is_empty() && (q.0.len() >= MAX_QUEUED_LINES || q.1 + weight > self.max_bytes) {
+            q = self.room.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+        let was_empty = q.0.is_empty();
+        q.0.push_back(input);
+        q.1 += weight;
+        was_empty
+    }
+
+    /// Everything queued, in order.
+    fn take(&self) -> VecDeque<Input> {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let taken = std::mem::take(&mut q.0);
+        q.1 = 0;
+        self.room.notify_all();
+        taken
+    }
+}
+
+/// Reads `input` line by line (bytes, up to `\n` or the end) and hands `deliver` each
+/// non-blank line as an [`Input`], numbered from 1 (blank lines count). A line longer than
+/// `max_line` bytes (not counting the `\n`) is discarded as it streams in: it is never held
+/// beyond `max_line` bytes. Returns `true` at the end of input or on a read error, `false` when
+/// `deliver` returns `false`.
+fn read_commands(
+    mut input: impl BufRead,
+    max_line: usize,
+    mut deliver: impl FnMut(Input) -> bool,
+) -> bool {
+    let mut buf: Vec<u8> = Vec::with_capacity(KEEP_LINE_CAPACITY);
+    let mut len = 0usize;
+    let mut line = 0u64;
+    loop {
+        let chunk = match input.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                eprintln!("stdin: {e}");
+                return true;
+            }
+        };
+        let end = chunk.is_empty();
+        let (part, newline) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (&chunk[..i], true),
+            None => (chunk, false),
+        };
+        len = len.saturating_add(part.len());
+        if len <= max_line {
+            if buf.capacity() < len {
+                // Grow by doubling, but never beyond the bound.
+                let want = (buf.capacity() * 2).clamp(len, max_line);
+                buf.reserve_exact(want - buf.len());
+            }
+            buf.extend_from_slice(part);
+        } else {
+            buf.clear();
+        }
+        let used = part.len() + usize::from(newline);
+        input.consume(used);
+        // A line ends at its `\n`, or at the end of input if anything came since the last.
+        let complete = newline || (end && len > 0);
+        if !complete {
+            if end {
+                return true;
+            }
+            continue;
+        }
+        line += 1;
+        let parsed = if len > max_line {
+            Some(Input::Unreadable {
+                line,
+                error: format!(
+                    "line {line}: {len} bytes, longer than the --max-line bound of \
+                     {max_line} bytes; discarded"
+                ),
+            })
+        } else {
+            parse_line(line, &buf, max_line / BYTES_PER_VALUE)
+        };
+        if buf.capacity() > KEEP_LINE_CAPACITY {
+            buf = Vec::with_capacity(KEEP_LINE_CAPACITY);
+        } else {
+            buf.clear();
+        }
+        len = 0;
+        if let Some(input) = parsed {
+            if !deliver(input) {
+                return false;
+            }
+        }
+        if end {
+            return true;
+        }
+    }
+}
+
+/// One complete line: `None` if blank, else a command or why it is unreadable. A line of more
+/// than `max_values` JSON values is refused before it is parsed.
+fn parse_line(line: u64, bytes: &[u8], max_values: usize) -> Option<Input> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return None;
+    }
+    let error = match std::str::from_utf8(bytes) {
+        Err(e) => format!(
+            "line {line}: not UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ),
+        Ok(_) if json_values(bytes) > max_values => format!(
+            "line {line}: more than {max_values} JSON values (--max-line / {BYTES_PER_VALUE}); \
+             discarded"
+        ),
+        Ok(_) => match serde_json::from_slice::<Value>(bytes) {
+            Err(e) => format!("line {line}: not JSON: {e}"),
+            Ok(v) if !v.is_object() => format!("line {line}: not a JSON object"),
+            Ok(value) => {
+                return Some(Input::Command {
+                    line,
+                    value,
+                    len: bytes.len(),
+                })
+            }
+        },
+    };
+    Some(Input::Unreadable { line, error })
+}
+
+/// Makes the allocator give large buffers (lines, payloads) back to the system when they are
+/// freed. glibc raises its mmap threshold to the size of the largest block freed (up to
+/// 32 MiB), after which such blocks come from its heaps and their pages stay with the process
+/// (measured: 13 MB before large lines, 35 MB after one 32 MiB line, not released); a fixed
+/// threshold keeps every block of 1 MiB or more mapped on its own.
+fn large_blocks_are_returned() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes a tuning parameter; called before any other thread runs.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+/// What the commands need besides the context.
+struct State {
+    /// Whether the DHT service runs (`--dht`): `put` and `get` need it.
+    dht: bool,
+    /// signId-to-boxId conversions, to check nodeInfos and circle keys.
+    keys: KeyCache,
+}
+
+/// Why a command was refused: the field at fault (if one is) and what is wrong.
+struct Fault {
+    field: Option<String>,
+    error: String,
+}
+
+impl Fault {
+    /// `field` is at fault; the text starts with its name.
+    fn field(field: impl Into<String>, why: impl std::fmt::Display) -> Fault {
+        let field = field.into();
+        Fault {
+            error: format!("{field}: {why}"),
+            field: Some(field),
+        }
+    }
+
+    /// The command as a whole failed.
+    fn other(error: impl Into<String>) -> Fault {
+        Fault {
+            field: None,
+            error: error.into(),
+        }
+    }
+}
+
+/// The fields each command takes besides `cmd` and `id`.
+fn fields_of(cmd: &str) -> Option<&'static [&'static str]> {
+    Some(match cmd {
+        "nodeInfo" => &["nodeInfo"],
+        "friends" | "devices" => &["keys"],
+        "send" => &["topic", "to", "payload", "realtime", "expireAfter"],
+        "put" => &["key", "value"],
+        "get" => &["key"],
+        "connections" | "quit" => &[],
+        _ => return None,
+    })
+}
+
+/// A string field that must be present.
+fn string<'a>(v: &'a Value, field: &str) -> Result<&'a str, Fault> {
+    string_in(v, "", field)
+}
+
+/// [`string`] of an object inside the command, named `prefix` + `field` in errors.
+fn string_in<'a>(v: &'a Value, prefix: &str, field: &str) -> Result<&'a str, Fault> {
+    match v.get(field) {
+        None => Err(Fault::field(format!("{prefix}{field}"), "missing")),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(Fault::field(format!("{prefix}{field}"), "not a string")),
+    }
+}
+
+/// Reports a local bus message the platform did not take.
+fn queued(status: SendStatus, what: &str) -> Result<(), Fault> {
+    if status.is_queued() {
+        Ok(())
+    } else {
+        Err(Fault::other(format!(
+            "{what} not taken by the local bus: {status}"
+        )))
+    }
+}
+
+/// Checks and runs one command (a JSON object) on the reactor's thread.
+fn command(ctx: &mut Context<'_>, state: &mut State, v: &Value) -> Result<(), Fault> {
+    let name = match v.get("cmd") {
+        None => return Err(Fault::field("cmd", "missing")),
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => return Err(Fault::field("cmd", "not a string")),
+    };
+    let Some(fields) = fields_of(name) else {
+        return Err(Fault::field(
+            "cmd",
+            format!(
+                "unknown command {name:?} (nodeInfo, send, friends, devices, connections, put, \
+                 get, quit)"
+            ),
+        ));
+    };
+    if let Some(obj) = v.as_object() {
+        if let Some(other) = obj
+            .keys()
+            .find(|k| !matches!(k.as_str(), "cmd" | "id") && !fields.contains(&k.as_str()))
+        {
+            return Err(Fault::field(
+                other.as_str(),
+                format!(
+                    "unknown field of {name} (it takes id, {})",
+                    fields.join(", ")
+                ),
+            ));
+        }
+    }
+    match name {
+        "nodeInfo" => {
+            let info = v
+                .get("nodeInfo")
+                .ok_or_else(|| Fault::field("nodeInfo", "missing"))?;
+            check_node_info(info, &mut state.keys)?;
+            queued(
+                ctx.messaging().send("transports.nodeInfo", "local", info),
+                "nodeInfo",
+            )
+        }
+        "friends" | "devices" => {
+            let keys = match v.get("keys") {
+                None => return Err(Fault::field("keys", "missing")),
+                Some(Value::Array(keys)) => keys,
+                Some(_) => return Err(Fault::field("keys", "not an array of signIds")),
+            };
+            for (i, k) in keys.iter().enumerate() {
+                let id = k.as_str().and_then(|s| s.parse::<SignId>().ok());
+                if id.and_then(|id| state.keys.box_id(&id)).is_none() {
+                    return Err(Fault::field(
+                        format!("keys[{i}]"),
+                        "not a signId (a base64 ed25519 public key)",
+                    ));
+                }
+            }
+            queued(
+                ctx.messaging()
+                    .send(&format!("{name}.update"), "local", keys),
+                name,
+            )
+        }
+        "quit" => {
             ctx.shutdown();
             Ok(())
         }
-        Some("send") => send(ctx, &v),
-        Some("put") => {
-            let key = v.get("key").and_then(Value::as_str).ok_or("key missing")?;
-            let value = v.get("value").ok_or("value missing")?;
-            let _ = ctx
-                .messaging()
-                .send("dht.put", "local", &json!({"key": key, "value": value}));
-            Ok(())
+        "send" => send(ctx, v),
+        "put" | "get" if !state.dht => Err(Fault::field(
+            "cmd",
+            format!("{name} needs the DHT: start the node with --dht"),
+        )),
+        "put" => {
+            let key = string(v, "key")?;
+            let value = v
+                .get("value")
+                .ok_or_else(|| Fault::field("value", "missing"))?;
+            queued(
+                ctx.messaging()
+                    .send("dht.put", "local", &json!({"key": key, "value": value})),
+                "put",
+            )
         }
-        Some("get") => {
-            let key = v.get("key").and_then(Value::as_str).ok_or("key missing")?;
-            let _ = ctx.messaging().send("dht.get", "local", &key);
-            Ok(())
+        "get" => {
+            let key = string(v, "key")?;
+            queued(ctx.messaging().send("dht.get", "local", &key), "get")
         }
-        Some("connections") => {
+        "connections" => {
             let list: Vec<Value> = ctx
                 .connections()
                 .iter()
@@ -398,29 +827,70 @@ fn command(ctx: &mut Context<'_>, line: &[u8]) -> Result<(), String> {
                         "active": c.active})
                 })
                 .collect();
-            emit(json!({"event": "connections", "list": list}));
+            let mut out = json!({"event": "connections", "list": list});
+            if let Some(id) = v.get("id") {
+                out["id"] = id.clone();
+            }
+            emit(out);
             Ok(())
         }
-        Some(other) => Err(format!("unknown command {other:?}")),
-        None => Err("cmd missing".into()),
+        _ => unreachable!("fields_of knows {name}"),
     }
 }
 
-fn send(ctx: &mut Context<'_>, v: &Value) -> Result<(), String> {
+/// Checks a nodeInfo as the platform will ([`NodeInfo::from_json`]), naming the field at
+/// fault; endpoints the platform does not know are skipped there, not refused.
+fn check_node_info(info: &Value, keys: &mut KeyCache) -> Result<(), Fault> {
+    if !info.is_object() {
+        return Err(Fault::field("nodeInfo", "not an object"));
+    }
+    let sign_id: SignId = string_in(info, "nodeInfo.", "signId")?
+        .parse()
+        .map_err(|_| Fault::field("nodeInfo.signId", "not a base64 ed25519 public key"))?;
+    let box_id: BoxId = string_in(info, "nodeInfo.", "boxId")?
+        .parse()
+        .map_err(|_| Fault::field("nodeInfo.boxId", "not a base64 curve25519 public key"))?;
+    if info.get("connectionInfo").is_some_and(|c| !c.is_array()) {
+        return Err(Fault::field("nodeInfo.connectionInfo", "not an array"));
+    }
+    match NodeInfo::from_json(info, keys) {
+        Ok(_) => Ok(()),
+        Err(NodeInfoError::KeyMismatch) => Err(Fault::field(
+            "nodeInfo.boxId",
+            format!("{box_id} is not the conversion of signId {sign_id}"),
+        )),
+        Err(e) => Err(Fault::field("nodeInfo.signId", e)),
+    }
+}
+
+/// `send`: checks the fields, sends, and reports the outcome (`sent` events for a send with an
+/// id; a refusal of one without an id as an error).
+fn send(ctx: &mut Context<'_>, v: &Value) -> Result<(), Fault> {
     let id = v.get("id").cloned();
-    let topic = v
-        .get("topic")
-        .and_then(Value::as_str)
-        .ok_or("topic missing")?;
-    let to = v.get("to").and_then(Value::as_str).ok_or("to missing")?;
-    let payload =
-        serde_json::to_vec(v.get("payload").unwrap_or(&Value::Null)).map_err(|e| e.to_string())?;
+    let topic = string(v, "topic")?;
+    let to = string(v, "to")?;
+    if to.to_address().is_none() {
+        return Err(Fault::field(
+            "to",
+            format!("{to:?} is not \"local\", a signId or a boxId"),
+        ));
+    }
+    let realtime = match v.get("realtime") {
+        None => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(Fault::field("realtime", "not true or false")),
+    };
+    let expire_after = match v.get("expireAfter") {
+        None => None,
+        Some(ms) => Some(Duration::from_millis(ms.as_u64().ok_or_else(|| {
+            Fault::field("expireAfter", "not a non-negative integer (milliseconds)")
+        })?)),
+    };
+    let payload = serde_json::to_vec(v.get("payload").unwrap_or(&Value::Null))
+        .map_err(|e| Fault::field("payload", e))?;
     let options = SendOptions {
-        realtime: v.get("realtime").and_then(Value::as_bool).unwrap_or(true),
-        expire_after: v
-            .get("expireAfter")
-            .and_then(Value::as_u64)
-            .map(Duration::from_millis),
+        realtime,
+        expire_after,
     };
     let cb_id = id.clone();
     let status = ctx.send_with_callback(to, "ms", topic, payload, options, move |_ctx, r| {
@@ -433,10 +903,12 @@ fn send(ctx: &mut Context<'_>, v: &Value) -> Result<(), String> {
             }
         }
     });
-    if !status.is_queued() {
-        if let Some(id) = id {
+    match (status.is_queued(), id) {
+        (true, _) => Ok(()),
+        (false, Some(id)) => {
             emit(json!({"event": "sent", "id": id, "ok": false, "error": status.to_string()}));
+            Ok(())
         }
+        (false, None) => Err(Fault::other(format!("send refused: {status}"))),
     }
-    Ok(())
 }

@@ -496,6 +496,29 @@ impl JsonProc {
         }
     }
 
+    /// Writes `bytes` as they are (no newline added) from a helper thread, waiting at most
+    /// `limit` for the write to complete; panics if it does not (the child is killed on drop,
+    /// which ends a blocked write) or if the child closed its stdin.
+    pub fn write_raw(&mut self, bytes: Vec<u8>, limit: Duration) {
+        use std::io::Write;
+        let mut stdin = self.stdin.take().expect("stdin open");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = stdin.write_all(&bytes).and_then(|()| stdin.flush());
+            let _ = tx.send((r, stdin));
+        });
+        match rx.recv_timeout(limit) {
+            Ok((Ok(()), stdin)) => self.stdin = Some(stdin),
+            Ok((Err(e), _)) => panic!("{}: writing input failed: {e}", self.proc.name),
+            Err(_) => panic!("{}: input not taken within {limit:?}", self.proc.name),
+        }
+    }
+
+    /// Closes its stdin (the end of input).
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
     /// Waits at most `limit` for an event matching `pred` (every event read is kept in
     /// `seen`); panics with what was seen if none comes.
     pub fn wait_for(
