@@ -691,7 +691,7 @@ impl Net {
     }
 
     /// A delivery acknowledgement of message `id` to peer `b`, sent once the id is stored.
-    fn queue_ack(&mut self, b: BoxId, id: MessageId, _now: Instant) {
+    fn queue_ack(&mut self, b: BoxId, id: MessageId) {
         if self.acks_due.len() >= MAX_ACKS_DUE {
             // Storage has failed for long: the oldest sender retries later.
             self.acks_due.pop_front();

@@ -198,7 +198,7 @@ impl Core {
                     // copy still waits for its delivery (then it is acknowledged after that).
                     let b = c.peer_box;
                     if !net.ack_on_dispatch.contains(&(b, id)) {
-                        net.queue_ack(b, id, self.now);
+                        net.queue_ack(b, id);
                     }
                 }
                 return true;
@@ -256,12 +256,11 @@ impl Core {
             Address::Box(b) => Some(*b),
             Address::Local => None,
         };
-        let now = self.now;
         let (Some(b), Some(net)) = (b, self.net.as_mut()) else {
             return;
         };
         if net.ack_on_dispatch.remove(&(b, id)) {
-            net.queue_ack(b, id, now);
+            net.queue_ack(b, id);
             super::super::crash_points::reach("receiver.dispatched");
         }
     }
