@@ -8,6 +8,9 @@
 //!   itself before taking it): the value is our nodeInfo, at our `seq`.
 //! - A second node of ours that knows only the testnet resolves the first through it and
 //!   delivers a message to it.
+//! - libtorrent checks BEP 44 signatures itself: a `put` (with a valid token) whose value does
+//!   not match its signature is refused with error 206, the same `put` correctly signed is
+//!   stored.
 //!
 //! The module is importable only by `/usr/bin/python3` (the interpreter Debian builds it
 //! for), so that is what runs the driver. Without it the tests print a loud skip message, or
@@ -15,13 +18,16 @@
 
 mod support;
 
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use mm_platform::identity::Identity;
+use mm_platform::services::mainline::item::{self, MutableItem};
+use mm_platform::services::mainline::krpc::{self, Fields, Kind, Message, Method};
 use mm_platform::services::mainline::{Mainline, MainlineConfig};
 use mm_platform::{Event, Platform};
 use support::JsonProc;
@@ -204,5 +210,89 @@ fn libtorrent_reads_our_item_and_resolves_ours_for_a_message() {
         "the driver reported errors: {:?}",
         net.seen
     );
+    net.quit(LIMIT);
+}
+
+/// Sends `q` to `to` and returns its answer (within two seconds, or `None`).
+fn ask(sock: &UdpSocket, to: SocketAddrV4, q: &Message) -> Option<Message> {
+    sock.send_to(&krpc::encode(q).unwrap(), to).unwrap();
+    let mut buf = [0u8; 1500];
+    let end = Instant::now() + Duration::from_secs(2);
+    // Bounded: two seconds of reads.
+    while Instant::now() < end {
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if from == SocketAddr::V4(to) {
+                let m = krpc::decode(&buf[..n]).expect("its answer decodes");
+                if m.t == q.t {
+                    return Some(m);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn libtorrent_refuses_a_put_whose_signature_does_not_verify() {
+    let test = "libtorrent checks BEP 44 signatures";
+    let Some((net, addrs)) = testnet(test) else {
+        return;
+    };
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let me = [0x5a; 20];
+    let who = Identity::generate();
+    let signed = MutableItem::sign(
+        who.sign_keypair(),
+        b"",
+        7,
+        item::string_value(br#"{"genuine":true}"#),
+    )
+    .unwrap();
+    // A token for the item's target, from the node we put to.
+    let get = Message::query(
+        vec![1, 2, 3, 4],
+        Method::Get,
+        Fields {
+            id: Some(me),
+            target: Some(signed.target()),
+            ..Fields::default()
+        },
+        false,
+    );
+    let got = ask(&sock, addrs[2], &get).expect("libtorrent answers a get");
+    assert_eq!(got.kind, Kind::Response, "{got:?}");
+    let token = got.fields.token.clone().expect("a token");
+    let put = |t: u8, v: Vec<u8>| {
+        let mut f = Fields {
+            id: Some(me),
+            token: Some(token.clone()),
+            ..Fields::default()
+        };
+        signed.fill(&mut f);
+        f.v = Some(v);
+        Message::query(vec![t, 0, 0, 1], Method::Put, f, false)
+    };
+    // The signature is over another value than the one sent.
+    let forged = ask(
+        &sock,
+        addrs[2],
+        &put(5, item::string_value(br#"{"genuine":false}"#)),
+    )
+    .expect("libtorrent answers a forged put");
+    eprintln!("{test}: forged put -> {:?}", forged.kind);
+    assert!(
+        matches!(forged.kind, Kind::Error(206, _)),
+        "a bad signature is refused: {forged:?}"
+    );
+    let genuine = ask(
+        &sock,
+        addrs[2],
+        &put(6, item::string_value(br#"{"genuine":true}"#)),
+    )
+    .expect("libtorrent answers the genuine put");
+    eprintln!("{test}: genuine put -> {:?}", genuine.kind);
+    assert_eq!(genuine.kind, Kind::Response, "{genuine:?}");
     net.quit(LIMIT);
 }
