@@ -190,9 +190,10 @@ fn delivery_acknowledgements_settle_only_the_acknowledging_peers_records() {
         expire_after: None,
     };
     for i in 0..3 {
-        alice
+        let status = alice
             .messaging()
             .send_with("t.note", bob.sign_id(), &i, later);
+        assert!(status.is_queued(), "{status}");
     }
     alice.poll(Some(Duration::from_millis(10))).unwrap();
     assert_eq!(alice.offline_pending(), 3);

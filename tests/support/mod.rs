@@ -534,14 +534,11 @@ impl JsonProc {
         self.proc.child = None;
         self.stdin = None;
         let end = Instant::now() + limit;
-        loop {
-            match self
-                .lines
-                .recv_timeout(end.saturating_duration_since(Instant::now()))
-            {
-                Ok(v) => self.seen.push(v),
-                Err(_) => break,
-            }
+        while let Ok(v) = self
+            .lines
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(v);
         }
     }
 

@@ -364,7 +364,7 @@ impl Core {
         let Some(c) = net.conns.get_mut(k) else {
             return;
         };
-        if payload.len() % 16 != 0 || payload.len() > ACKS_PER_FRAME * 16 {
+        if !payload.len().is_multiple_of(16) || payload.len() > ACKS_PER_FRAME * 16 {
             log::debug!("connection {k}: malformed delivery acknowledgement ignored");
             return;
         }
