@@ -90,6 +90,7 @@ const GROUPS: &[fn(&Bench)] = &[
     cc::curvecp_idle_memory,
     js::js_messages,
     ml::mainline,
+    ml::mainline_testnets,
     kad::kad,
     bt::nodes_bt,
     sc::curvecp_scale,

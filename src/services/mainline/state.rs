@@ -15,7 +15,10 @@
 //!   after [`Timing::lookup_timeout`]. A query unanswered after [`MainlineState::slow_after`]
 //!   (a few smoothed round trips, between [`Timing::min_slow_after`] and
 //!   [`Timing::slow_after`]) stops holding the lookup (it may still answer until
-//!   [`Timing::query_timeout`]), so nodes that left cost a lookup little time.
+//!   [`Timing::query_timeout`]), so nodes that left cost a lookup little time. Such a query
+//!   (any query: lookup, `put`, ping) is sent once more then, the same bytes under the same
+//!   transaction id: on a lossy path a single lost datagram no longer loses the node, and a
+//!   node that left costs one datagram more. Replies to a resent query are not timed (Karn).
 //! - **Publish** (when given a signing key): our nodeInfo ([`super::item`]) signed as a BEP 44
 //!   mutable item with `seq` = max(wall-clock seconds, last `seq` + 1), so it rises across
 //!   restarts too (the caller persists it and hands it back with
@@ -154,6 +157,8 @@ pub struct MainlineStats {
     pub queries_answered: u64,
     /// Queries we sent.
     pub queries_sent: u64,
+    /// Queries sent a second time, unanswered after [`MainlineState::slow_after`].
+    pub resent: u64,
     /// Our queries that timed out.
     pub timeouts: u64,
     /// Replies to our queries (responses and errors).
@@ -321,6 +326,9 @@ pub struct MainlineState {
     next_lookup: u64,
     /// Our outstanding queries by transaction id (4 bytes on the wire, see [`TXID_LEN`]).
     outstanding: HashMap<u32, Pending>,
+    /// The bytes of outstanding queries not sent a second time yet (a subset of
+    /// `outstanding`'s keys, so bounded by [`Timing::max_outstanding`]).
+    resend: HashMap<u32, Vec<u8>>,
     next_tx: u32,
     bootstrap_at: Option<Instant>,
     backoff: Duration,
@@ -375,6 +383,7 @@ impl MainlineState {
             lookups: Vec::new(),
             next_lookup: 0,
             outstanding: HashMap::new(),
+            resend: HashMap::new(),
             next_tx: u32::from_be_bytes(tx),
             bootstrap_at: Some(now),
             backoff: Duration::from_secs(5),
@@ -544,7 +553,10 @@ impl MainlineState {
             return;
         };
         self.stats.replies += 1;
-        self.time_reply(now.saturating_duration_since(pending.sent));
+        // Karn: a reply to a query sent twice says nothing sure about the round trip.
+        if self.resend.remove(&t).is_some() {
+            self.time_reply(now.saturating_duration_since(pending.sent));
+        }
         let ok = msg.kind == Kind::Response;
         if ok && !msg.ro {
             if let Some(id) = msg.fields.id {
@@ -733,9 +745,15 @@ impl MainlineState {
         }
         let Some(t) = self.tx() else { return false };
         let msg = Message::query(t.to_be_bytes().to_vec(), method, fields, !self.serve);
-        if !self.push(to, &msg) {
+        let Some(bytes) = krpc::encode(&msg) else {
+            return false;
+        };
+        if self.transmit.len() >= OUT_QUEUE {
+            self.stats.send_dropped += 1;
             return false;
         }
+        self.transmit.push_back((to, bytes.clone()));
+        self.resend.insert(t, bytes);
         self.outstanding.insert(
             t,
             Pending {
@@ -917,6 +935,7 @@ impl MainlineState {
             .map(|(t, _)| *t)
             .collect();
         for t in expired {
+            self.resend.remove(&t);
             let Some(p) = self.outstanding.remove(&t) else {
                 continue;
             };
@@ -939,6 +958,32 @@ impl MainlineState {
                 }
                 What::Ping => {}
             }
+        }
+        // Queries unanswered after `slow_after`: sent once more.
+        let slow_after = self.slow_after();
+        let due: Vec<u32> = self
+            .resend
+            .keys()
+            .copied()
+            .filter(|t| {
+                self.outstanding
+                    .get(t)
+                    .is_none_or(|p| now.saturating_duration_since(p.sent) >= slow_after)
+            })
+            .collect();
+        for t in due {
+            let Some(bytes) = self.resend.remove(&t) else {
+                continue;
+            };
+            let Some(p) = self.outstanding.get(&t) else {
+                continue;
+            };
+            if self.transmit.len() >= OUT_QUEUE {
+                self.stats.send_dropped += 1;
+                continue;
+            }
+            self.transmit.push_back((p.addr, bytes));
+            self.stats.resent += 1;
         }
         // Lookups that ran too long.
         while let Some(i) = self
@@ -1027,6 +1072,14 @@ impl MainlineState {
         let slow_after = self.slow_after();
         let mut d: Vec<Instant> = Vec::new();
         d.extend(self.outstanding.values().map(|p| p.sent + t.query_timeout));
+        // Queries not sent twice yet (each is in `outstanding`; `handle_timeout` drops any
+        // other).
+        d.extend(
+            self.resend
+                .keys()
+                .filter_map(|k| self.outstanding.get(k))
+                .map(|p| p.sent + slow_after),
+        );
         for l in &self.lookups {
             d.push(l.started + t.lookup_timeout);
             // Only `Asked` ones: a query past `slow_after` is `Slow`, its deadline consumed.
@@ -1285,3 +1338,7 @@ pub fn target_of(sign: &SignId, salt: &[u8]) -> NodeId {
 #[cfg(test)]
 #[path = "state_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "lossy_tests.rs"]
+mod lossy_tests;

@@ -626,10 +626,25 @@ fn an_unanswered_query_holds_a_lookup_only_a_few_round_trips() {
     assert!(due <= now + floor, "{:?}", due - now);
     m.handle_timeout(now + floor);
     let next = queries(&mut m);
-    assert_eq!(next.len(), Timing::default().alpha, "{next:?}");
-    assert!(next
-        .iter()
-        .all(|(to, _)| first.iter().all(|(f, _)| f != to)));
+    // The unanswered ones are sent once more, the same bytes under the same id...
+    let (again, new): (Vec<_>, Vec<_>) = next
+        .into_iter()
+        .partition(|(to, q)| first.iter().any(|(f, fq)| f == to && fq.t == q.t));
+    assert_eq!(again.len(), Timing::default().alpha, "{again:?}");
+    assert_eq!(m.stats().resent, Timing::default().alpha as u64);
+    // ...and no longer hold the lookup: as many go to other nodes.
+    assert_eq!(new.len(), Timing::default().alpha, "{new:?}");
+    assert!(new.iter().all(|(to, _)| first.iter().all(|(f, _)| f != to)));
+    // Once only: nothing more is due for them before they time out.
+    let due = m.next_deadline().expect("a deadline");
+    m.handle_timeout(due);
+    let later = queries(&mut m);
+    assert!(
+        later
+            .iter()
+            .all(|(to, _)| first.iter().all(|(f, _)| f != to)),
+        "{later:?}"
+    );
 
     // Slow replies raise the threshold, never past the ceiling.
     for i in 0..20 {

@@ -1,0 +1,185 @@
+#!/usr/bin/python3
+"""A Mainline DHT testnet of libtorrent-rasterbar 2.0 sessions on 127.0.0.1, for
+tests/mainline_libtorrent.rs and the bench (Debian's python3-libtorrent; run it with
+/usr/bin/python3, the interpreter the package is built for).
+
+Every session listens on 127.0.0.1 only, has no DHT bootstrap routers (libtorrent's default
+list names public hosts), UPnP, NAT-PMP and local service discovery off, and the checks that
+would refuse many nodes on one loopback address off (see ../shared/docs/test-peers.md). The
+sessions are linked to each other with add_dht_node.
+
+Usage: libtorrent_testnet.py [NODES] (default 10). It exits when stdin closes, on
+{"cmd":"quit"}, or after MM_LT_LIFETIME_S seconds (default 300).
+
+stdout, one JSON object per line:
+  {"lt":"ready","version":"2.0.x","nodes":["127.0.0.1:P",...]}
+  {"lt":"got","id":ID,"found":true,"seq":N,"value":"<hex of v>","signature":"<hex>",
+   "authoritative":B}
+    or {"lt":"got","id":ID,"found":false}
+  {"lt":"error","id":ID,"error":"..."}
+  {"lt":"missing","error":"..."} (libtorrent cannot be imported; exit status 3)
+stdin, one JSON command per line:
+  {"cmd":"get","id":ID,"key":"<64 hex digits: ed25519 public key>","timeout":S}
+    one of the sessions looks the BEP 44 mutable item up with dht_get_mutable_item (no salt).
+    libtorrent checks each item's signature against the key before taking it; the answer is
+    the item of the highest seq it accepted, reported when its lookup completes.
+  {"cmd":"quit"}
+MM_LT_DEBUG=1 writes libtorrent's BEP 44 alerts to stderr.
+"""
+
+import json
+import os
+import select
+import sys
+import time
+
+
+def out(v):
+    sys.stdout.write(json.dumps(v) + "\n")
+    sys.stdout.flush()
+
+
+try:
+    import libtorrent as lt
+except Exception as e:  # noqa: BLE001 (any import failure means: not installed here)
+    out({"lt": "missing", "error": "%s: %s" % (type(e).__name__, e)})
+    sys.exit(3)
+
+# A command's bytes are hostile too: bound what is read.
+MAX_LINE = 4096
+
+SETTINGS = {
+    "listen_interfaces": "127.0.0.1:0",
+    "outgoing_interfaces": "lo",
+    "dht_bootstrap_nodes": "",
+    "enable_dht": True,
+    "enable_upnp": False,
+    "enable_natpmp": False,
+    "enable_lsd": False,
+    "enable_incoming_utp": False,
+    "enable_outgoing_utp": False,
+    "dht_restrict_routing_ips": False,
+    "dht_restrict_search_ips": False,
+    "dht_enforce_node_id": False,
+    "dht_prefer_verified_node_ids": False,
+    "dht_ignore_dark_internet": False,
+    "alert_mask": int(lt.alert.category_t.dht_notification)
+    | int(lt.alert.category_t.error_notification)
+    | int(lt.alert.category_t.status_notification),
+}
+
+
+def port_of(s, limit=10.0):
+    end = time.time() + limit
+    while time.time() < end:
+        p = s.listen_port()
+        if p and s.is_dht_running():
+            return p
+        time.sleep(0.02)
+    raise RuntimeError("a session did not start listening")
+
+
+def main():
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+    n = max(2, min(n, 64))
+    lifetime = float(os.environ.get("MM_LT_LIFETIME_S", "300"))
+    deadline = time.time() + lifetime
+    debug = os.environ.get("MM_LT_DEBUG") == "1"
+    sessions = [lt.session(SETTINGS) for _ in range(n)]
+    ports = [port_of(s) for s in sessions]
+    for i, s in enumerate(sessions):
+        for j, p in enumerate(ports):
+            if i != j:
+                s.add_dht_node(("127.0.0.1", p))
+    out({
+        "lt": "ready",
+        "version": lt.__version__,
+        "nodes": ["127.0.0.1:%d" % p for p in ports],
+    })
+
+    pending = {}  # (session index, key bytes) -> [ids, best item or None, end time]
+    turn = 0
+    buf = b""
+    stdin = sys.stdin.buffer.raw if hasattr(sys.stdin.buffer, "raw") else sys.stdin.buffer
+    while time.time() < deadline:
+        r, _, _ = select.select([stdin], [], [], 0.05)
+        if r:
+            chunk = os.read(stdin.fileno(), 65536)
+            if not chunk:
+                return
+            buf += chunk
+            if len(buf) > 16 * MAX_LINE and b"\n" not in buf:
+                buf = b""
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if len(line) > MAX_LINE:
+                    out({"lt": "error", "error": "line too long"})
+                    continue
+                try:
+                    cmd = json.loads(line)
+                except ValueError:
+                    out({"lt": "error", "error": "not JSON"})
+                    continue
+                if not isinstance(cmd, dict):
+                    out({"lt": "error", "error": "not an object"})
+                    continue
+                c = cmd.get("cmd")
+                if c == "quit":
+                    return
+                if c != "get":
+                    out({"lt": "error", "id": cmd.get("id"), "error": "unknown command"})
+                    continue
+                try:
+                    key = bytes.fromhex(cmd.get("key", ""))
+                except (TypeError, ValueError):
+                    key = b""
+                if len(key) != 32:
+                    out({"lt": "error", "id": cmd.get("id"), "error": "key: 64 hex digits"})
+                    continue
+                timeout = min(float(cmd.get("timeout", 20)), 120.0)
+                # Round robin over the sessions, so that every get starts somewhere else.
+                idx = turn % n
+                turn += 1
+                slot = pending.get((idx, key))
+                if slot is None:
+                    pending[(idx, key)] = [[cmd.get("id")], None, time.time() + timeout]
+                    sessions[idx].dht_get_mutable_item(key, b"")
+                else:
+                    slot[0].append(cmd.get("id"))
+
+        for idx, s in enumerate(sessions):
+            for a in s.pop_alerts():
+                if not isinstance(a, lt.dht_mutable_item_alert):
+                    continue
+                if debug:
+                    sys.stderr.write("libtorrent_testnet: %s\n" % a.message()[:200])
+                slot = pending.get((idx, bytes(a.key)))
+                if slot is None:
+                    continue
+                # The binding gives the item as a dict (key, value, signature, seq, salt,
+                # authoritative); an empty lookup gives an undefined entry that does not
+                # convert.
+                try:
+                    item = a.item
+                except RuntimeError:
+                    item = None
+                v = item.get("value") if isinstance(item, dict) else None
+                if isinstance(v, (bytes, bytearray)) and len(v) > 0 and a.seq >= 0:
+                    if slot[1] is None or a.seq >= slot[1]["seq"]:
+                        slot[1] = {"seq": a.seq, "value": bytes(v).hex(),
+                                   "signature": bytes(item.get("signature", b"")).hex(),
+                                   "authoritative": bool(a.authoritative)}
+                if a.authoritative:
+                    slot[2] = 0
+        now = time.time()
+        for k in [k for k, slot in pending.items() if slot[2] <= now]:
+            ids, item, _ = pending.pop(k)
+            for i in ids:
+                if item is None:
+                    out({"lt": "got", "id": i, "found": False})
+                else:
+                    out(dict({"lt": "got", "id": i, "found": True}, **item))
+
+
+if __name__ == "__main__":
+    main()

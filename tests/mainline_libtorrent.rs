@@ -1,0 +1,298 @@
+//! The Mainline DHT service against libtorrent-rasterbar 2.0 (Debian's `python3-libtorrent`),
+//! a real other side: a testnet of libtorrent `session` objects on 127.0.0.1 driven by
+//! `tests/libtorrent_testnet.py` (no DHT bootstrap routers, no UPnP, NAT-PMP or LSD, and the
+//! one-node-per-IP and node-id checks off for loopback; see `../shared/docs/test-peers.md`).
+//!
+//! - Our node publishes its nodeInfo through the testnet, and libtorrent reads the BEP 44
+//!   item back with `dht_get_mutable_item` (it checks the item's signature against the key
+//!   itself before taking it): the value is our nodeInfo, at our `seq`.
+//! - A second node of ours that knows only the testnet resolves the first through it and
+//!   delivers a message to it.
+//! - libtorrent checks BEP 44 signatures itself: a `put` (with a valid token) whose value does
+//!   not match its signature is refused with error 206, the same `put` correctly signed is
+//!   stored.
+//!
+//! The module is importable only by `/usr/bin/python3` (the interpreter Debian builds it
+//! for), so that is what runs the driver. Without it the tests print a loud skip message, or
+//! fail when `MM_REQUIRE_LIBTORRENT=1` (CI).
+
+mod support;
+
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use mm_platform::identity::Identity;
+use mm_platform::services::mainline::item::{self, MutableItem};
+use mm_platform::services::mainline::krpc::{self, Fields, Kind, Message, Method};
+use mm_platform::services::mainline::{Mainline, MainlineConfig};
+use mm_platform::{Event, Platform};
+use support::JsonProc;
+
+const LIMIT: Duration = Duration::from_secs(30);
+/// Sessions of the libtorrent testnet.
+const NODES: usize = 10;
+/// The interpreter Debian's python3-libtorrent is built for.
+const PYTHON: &str = "/usr/bin/python3";
+
+/// Whether `import libtorrent` works with [`PYTHON`]. When it does not: with
+/// `MM_REQUIRE_LIBTORRENT=1` (CI) the test fails; otherwise it prints a loud skip message.
+fn libtorrent_available(test: &str) -> bool {
+    let probe = Command::new(PYTHON)
+        .args(["-c", "import libtorrent; print(libtorrent.__version__)"])
+        .stdin(Stdio::null())
+        .output();
+    let why = match probe {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        Err(e) => format!("{PYTHON}: {e}"),
+    };
+    if std::env::var("MM_REQUIRE_LIBTORRENT").as_deref() == Ok("1") {
+        panic!("{test}: libtorrent missing ({why}) and MM_REQUIRE_LIBTORRENT=1: install python3-libtorrent");
+    }
+    eprintln!(
+        "\n*** SKIPPING {test}: libtorrent-rasterbar not importable by {PYTHON} ({why}).\n\
+         *** Install it with `apt-get install python3-libtorrent`; CI sets MM_REQUIRE_LIBTORRENT=1.\n"
+    );
+    false
+}
+
+/// A libtorrent testnet of [`NODES`] sessions; returns it with the sessions' addresses.
+fn testnet(test: &str) -> Option<(JsonProc, Vec<SocketAddrV4>)> {
+    if !libtorrent_available(test) {
+        return None;
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/libtorrent_testnet.py");
+    let mut cmd = Command::new(PYTHON);
+    cmd.arg(script)
+        .arg(NODES.to_string())
+        .stderr(Stdio::inherit());
+    let mut p = JsonProc::spawn("libtorrent_testnet.py", &mut cmd);
+    let ready = p.wait_for(LIMIT, |v| v["lt"] == "ready");
+    let addrs: Vec<SocketAddrV4> = ready["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|a| a.as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(addrs.len(), NODES);
+    assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
+    eprintln!("{test}: libtorrent {} testnet {addrs:?}", ready["version"]);
+    Some((p, addrs))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Asks the testnet for the item under `key` until one is found (at most `limit`).
+fn lt_get(net: &mut JsonProc, key: &str, limit: Duration) -> Value {
+    let end = Instant::now() + limit;
+    let mut n = 0;
+    loop {
+        n += 1;
+        net.cmd(json!({"cmd": "get", "id": n, "key": key, "timeout": 15}));
+        let got = net.wait_for(LIMIT, |v| v["lt"] == "got" && v["id"] == n);
+        if got["found"] == true {
+            return got;
+        }
+        assert!(
+            Instant::now() < end,
+            "libtorrent never found the item of {key}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn libtorrent_reads_our_item_and_resolves_ours_for_a_message() {
+    let test = "libtorrent mainline interop";
+    let Some((mut net, addrs)) = testnet(test) else {
+        return;
+    };
+    // Our node publishes through the libtorrent testnet.
+    let service = Mainline::new(MainlineConfig::new(addrs[..3].to_vec()).publish(true));
+    let pub_stats = service.stats_handle();
+    let mut publisher = Platform::builder().service(service).build().unwrap();
+    let end = Instant::now() + LIMIT;
+    while pub_stats.get().publishes == 0 {
+        assert!(
+            Instant::now() < end,
+            "no publication: {:?}",
+            pub_stats.get()
+        );
+        publisher.poll(Some(Duration::from_millis(10))).unwrap();
+    }
+    let s = pub_stats.get();
+    eprintln!(
+        "{test}: stored on {} of the testnet's sessions, first ack after {:?}, done after {:?} \
+         ({} queries, {} replies)",
+        s.last_publish_stored,
+        s.last_publish_first_ack,
+        s.last_publish_took,
+        s.queries_sent,
+        s.replies
+    );
+    assert!(s.last_publish_stored >= 1, "{s:?}");
+
+    // libtorrent reads our item (dht_get_mutable_item checks the signature itself).
+    let key = hex(publisher.sign_id().as_bytes());
+    let got = lt_get(&mut net, &key, LIMIT);
+    eprintln!("{test}: libtorrent got {got}");
+    assert_eq!(got["seq"].as_i64(), Some(s.seq), "{got}");
+    assert_eq!(got["signature"].as_str().map(str::len), Some(128), "{got}");
+    let value: Value = serde_json::from_slice(&unhex(got["value"].as_str().unwrap()))
+        .expect("our item's value is a JSON nodeInfo");
+    let ours = publisher.node_info();
+    assert_eq!(value["signId"], ours["signId"], "{value}");
+    assert_eq!(value["boxId"], ours["boxId"], "{value}");
+    assert_eq!(value["connectionInfo"], ours["connectionInfo"], "{value}");
+
+    // A node that knows only the libtorrent testnet (other sessions than the publisher's
+    // bootstrap) resolves ours through it, then talks to it.
+    let resolver_service = Mainline::new(MainlineConfig::new(addrs[6..].to_vec()));
+    let res_stats = resolver_service.stats_handle();
+    let mut resolver = Platform::builder()
+        .service(resolver_service)
+        .build()
+        .unwrap();
+    let (_, inbox) = publisher.on_channel("public.test.hello", 8);
+    let to = publisher.sign_id().to_string();
+    let status =
+        resolver
+            .messaging()
+            .send("test.hello", to.as_str(), &json!({"via": "libtorrent"}));
+    assert!(status.is_queued(), "{status}");
+    let end = Instant::now() + LIMIT;
+    let mut resolved = None;
+    let msg = loop {
+        assert!(
+            Instant::now() < end,
+            "not delivered: resolver {:?}, resolved {resolved:?}",
+            res_stats.get()
+        );
+        resolver.poll(Some(Duration::from_millis(5))).unwrap();
+        publisher.poll(Some(Duration::from_millis(5))).unwrap();
+        for e in resolver.drain_events() {
+            if let Event::NodeInfo { source, node_info } = e {
+                if source == "mainline" && node_info["signId"] == ours["signId"] {
+                    resolved = Some(node_info);
+                }
+            }
+        }
+        if let Ok(m) = inbox.try_recv() {
+            break m;
+        }
+    };
+    assert_eq!(msg.sender.to_string(), resolver.sign_id().to_string());
+    assert_eq!(
+        msg.json::<Value>().unwrap(),
+        json!({"via": "libtorrent"}),
+        "{msg:?}"
+    );
+    let resolved = resolved.expect("the nodeInfo came from the Mainline service");
+    assert_eq!(resolved["boxId"], ours["boxId"]);
+    let r = res_stats.get();
+    eprintln!("{test}: resolver {r:?}");
+    assert!(r.replies > 0, "{r:?}");
+    net.poll_lines();
+    assert!(
+        !net.seen.iter().any(|v| v["lt"] == "error"),
+        "the driver reported errors: {:?}",
+        net.seen
+    );
+    net.quit(LIMIT);
+}
+
+/// Sends `q` to `to` and returns its answer (within two seconds, or `None`).
+fn ask(sock: &UdpSocket, to: SocketAddrV4, q: &Message) -> Option<Message> {
+    sock.send_to(&krpc::encode(q).unwrap(), to).unwrap();
+    let mut buf = [0u8; 1500];
+    let end = Instant::now() + Duration::from_secs(2);
+    // Bounded: two seconds of reads.
+    while Instant::now() < end {
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if from == SocketAddr::V4(to) {
+                let m = krpc::decode(&buf[..n]).expect("its answer decodes");
+                if m.t == q.t {
+                    return Some(m);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn libtorrent_refuses_a_put_whose_signature_does_not_verify() {
+    let test = "libtorrent checks BEP 44 signatures";
+    let Some((net, addrs)) = testnet(test) else {
+        return;
+    };
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let me = [0x5a; 20];
+    let who = Identity::generate();
+    let signed = MutableItem::sign(
+        who.sign_keypair(),
+        b"",
+        7,
+        item::string_value(br#"{"genuine":true}"#),
+    )
+    .unwrap();
+    // A token for the item's target, from the node we put to.
+    let get = Message::query(
+        vec![1, 2, 3, 4],
+        Method::Get,
+        Fields {
+            id: Some(me),
+            target: Some(signed.target()),
+            ..Fields::default()
+        },
+        false,
+    );
+    let got = ask(&sock, addrs[2], &get).expect("libtorrent answers a get");
+    assert_eq!(got.kind, Kind::Response, "{got:?}");
+    let token = got.fields.token.clone().expect("a token");
+    let put = |t: u8, v: Vec<u8>| {
+        let mut f = Fields {
+            id: Some(me),
+            token: Some(token.clone()),
+            ..Fields::default()
+        };
+        signed.fill(&mut f);
+        f.v = Some(v);
+        Message::query(vec![t, 0, 0, 1], Method::Put, f, false)
+    };
+    // The signature is over another value than the one sent.
+    let forged = ask(
+        &sock,
+        addrs[2],
+        &put(5, item::string_value(br#"{"genuine":false}"#)),
+    )
+    .expect("libtorrent answers a forged put");
+    eprintln!("{test}: forged put -> {:?}", forged.kind);
+    assert!(
+        matches!(forged.kind, Kind::Error(206, _)),
+        "a bad signature is refused: {forged:?}"
+    );
+    let genuine = ask(
+        &sock,
+        addrs[2],
+        &put(6, item::string_value(br#"{"genuine":true}"#)),
+    )
+    .expect("libtorrent answers the genuine put");
+    eprintln!("{test}: genuine put -> {:?}", genuine.kind);
+    assert_eq!(genuine.kind, Kind::Response, "{genuine:?}");
+    net.quit(LIMIT);
+}
