@@ -459,3 +459,27 @@ fn the_end_of_input_quits_after_the_commands_before_it() {
     );
     assert!(sent.iter().any(|v| v["id"] == "last"));
 }
+
+/// Two nodes on one data directory: the second exits at once (code 1) with an error naming the
+/// directory and the first one's pid; the first goes on.
+#[test]
+fn a_second_node_on_the_same_data_directory_is_refused() {
+    let dir = TempDir::new("node-cli-lock");
+    let mut first = start(&dir, "a", &[]);
+    let out = Command::new(node_bin())
+        .arg("--data")
+        .arg(dir.path("a"))
+        .args(["--udp", "off", "--tcp", "off"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run the second node");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let pid = first.proc.id().to_string();
+    assert!(
+        err.contains("in use by process") && err.contains(&pid),
+        "the error names the holder ({pid}): {err}"
+    );
+    assert!(out.stdout.is_empty(), "no ready event: {:?}", out.stdout);
+    still_answers(&mut first, "after");
+}

@@ -197,8 +197,8 @@ fn delivery_acknowledgements_settle_only_the_acknowledging_peers_records() {
     }
     alice.poll(Some(Duration::from_millis(10))).unwrap();
     assert_eq!(alice.offline_pending(), 3);
-    // The records' ids, from their storage keys (`offline-<hex id>`).
-    let store = FileStore::open(&dir).unwrap();
+    // The records' ids, from their storage keys (`offline-<hex id>`; Alice holds the lock).
+    let store = FileStore::open_unlocked(&dir).unwrap();
     let mut ids = Vec::new();
     for key in store.keys().unwrap() {
         if let Some(hex) = key.strip_prefix("offline-") {

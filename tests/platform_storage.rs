@@ -75,6 +75,7 @@ fn leftover_temp_files_are_ignored() {
     // What a crash between writing the temp file and renaming it leaves behind.
     fs::write(dir.0.join(".tmp-identity-0123456789abcdef"), b"half writ").unwrap();
     fs::write(dir.0.join(".tmp-newkey-0000000000000000"), b"x").unwrap();
+    drop(store);
     let store = FileStore::open(&dir.0).unwrap();
     assert_eq!(
         store.get("identity").unwrap().as_deref(),
@@ -99,7 +100,9 @@ fn put_replaces_atomically_and_leaves_no_temp_files() {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(names, vec!["k"]);
+    let mut names = names;
+    names.sort();
+    assert_eq!(names, vec![".lock", "k"], "the lock file and the key");
     store.del("k").unwrap();
     store.del("k").unwrap();
     assert_eq!(store.get("k").unwrap(), None);
@@ -137,7 +140,11 @@ fn any_key_is_a_safe_file_name_and_round_trips() {
     }
     // Nothing was written outside the directory, and every file is a plain entry in it.
     assert!(!dir.0.parent().unwrap().join("escape").exists());
-    assert_eq!(fs::read_dir(&dir.0).unwrap().count(), keys.len());
+    assert_eq!(
+        fs::read_dir(&dir.0).unwrap().count(),
+        keys.len() + 1,
+        "and .lock"
+    );
     for e in fs::read_dir(&dir.0).unwrap() {
         let e = e.unwrap();
         assert!(e.file_type().unwrap().is_file());
@@ -198,4 +205,36 @@ fn sigkill_during_writes_leaves_a_complete_value() {
         );
         assert_eq!(store.keys().unwrap(), vec!["k".to_string()]);
     }
+}
+
+/// One process at a time: a second open of a held directory is refused, naming the directory
+/// and the holder's pid; the lock goes with the store (and with the process, however it ends).
+#[test]
+fn a_data_directory_is_held_by_one_store_at_a_time() {
+    let dir = TempDir::new("lock");
+    let mut first = FileStore::open(&dir.0).unwrap();
+    first.put("k", b"v").unwrap();
+    let err = FileStore::open(&dir.0).unwrap_err();
+    match &err {
+        mm_platform::storage::StorageError::Locked { dir: d, pid } => {
+            assert_eq!(d, &dir.0);
+            assert_eq!(*pid, Some(std::process::id()));
+        }
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(
+        text.contains(&dir.0.display().to_string())
+            && text.contains(&std::process::id().to_string()),
+        "{text}"
+    );
+    // A tool may look without the lock.
+    let look = FileStore::open_unlocked(&dir.0).unwrap();
+    assert_eq!(look.keys().unwrap(), vec!["k".to_string()]);
+    // A platform on a held directory does not start.
+    let held = FileStore::open(&dir.0);
+    assert!(held.is_err());
+    drop(first);
+    let again = FileStore::open(&dir.0).unwrap();
+    assert_eq!(again.get("k").unwrap().as_deref(), Some(&b"v"[..]));
 }

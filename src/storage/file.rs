@@ -18,10 +18,17 @@
 //! - `del` removes the file and fsyncs the directory; `rename` renames the file (no free space
 //!   needed) and fsyncs the directory.
 //! - Errors carry the OS error (`No space left on device`, `Read-only file system`, ...).
+//! - One process at a time: [`FileStore::open`] takes an exclusive `flock` on the file `.lock`
+//!   in the directory (and writes its process id there) and holds it as long as the store
+//!   lives; the kernel releases it when the process ends, however it ends. A second open fails
+//!   with [`StorageError::Locked`] naming the directory and the holder's pid, so two nodes never
+//!   run on one identity and one offline buffer. [`FileStore::open_unlocked`] skips the lock,
+//!   for tools that only look at a directory.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::{Storage, StorageError};
@@ -39,6 +46,10 @@ const MAX_NAME: usize = 240;
 /// let dir = std::env::temp_dir().join(format!("mm-doc-filestore-{}", std::process::id()));
 /// let mut store = FileStore::open(&dir).unwrap();
 /// store.put("a/b c", b"value").unwrap();
+/// // Held by `store`: a second open is refused, naming the directory and our pid.
+/// let err = FileStore::open(&dir).unwrap_err();
+/// assert!(err.to_string().contains("in use by process"));
+/// drop(store);
 /// let reopened = FileStore::open(&dir).unwrap();
 /// assert_eq!(reopened.get("a/b c").unwrap().as_deref(), Some(&b"value"[..]));
 /// std::fs::remove_dir_all(&dir).unwrap();
@@ -46,11 +57,26 @@ const MAX_NAME: usize = 240;
 #[derive(Debug)]
 pub struct FileStore {
     dir: PathBuf,
+    /// The locked `.lock` file (`None` for [`FileStore::open_unlocked`]); the lock goes with it.
+    _lock: Option<File>,
 }
 
+/// The lock file's name (a dot name: never a key).
+const LOCK_NAME: &str = ".lock";
+
 impl FileStore {
-    /// Opens the store in `dir`, creating the directory (mode 0700) if it does not exist.
+    /// Opens the store in `dir`, creating the directory (mode 0700) if it does not exist, and
+    /// locks it for this process (see the module docs): if another process (or another
+    /// `FileStore` of this one) holds it, [`StorageError::Locked`].
     pub fn open(dir: impl AsRef<Path>) -> Result<FileStore, StorageError> {
+        let mut store = FileStore::open_unlocked(dir)?;
+        store._lock = Some(store.lock()?);
+        Ok(store)
+    }
+
+    /// Opens the store in `dir` without taking its lock: for tools that read a directory a
+    /// node may be using. Writing through it while a node runs there mixes their state.
+    pub fn open_unlocked(dir: impl AsRef<Path>) -> Result<FileStore, StorageError> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
             let mut builder = fs::DirBuilder::new();
@@ -58,7 +84,48 @@ impl FileStore {
             std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
             builder.create(&dir)?;
         }
-        Ok(FileStore { dir })
+        Ok(FileStore { dir, _lock: None })
+    }
+
+    /// Takes the exclusive lock of the directory, and writes our pid into the lock file. The
+    /// descriptor held is read-only (a file system with a file open for writing cannot be
+    /// remounted read-only); the pid goes in through another, closed at once.
+    fn lock(&self) -> Result<File, StorageError> {
+        let path = self.dir.join(LOCK_NAME);
+        let created = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path);
+        // A read-only file system: the lock file of an earlier run still locks (reads work).
+        let read_only = matches!(&created, Err(e) if e.raw_os_error() == Some(libc::EROFS));
+        if !read_only {
+            created?;
+        }
+        let mut f = File::open(&path)?;
+        // SAFETY: flock(2) on a descriptor we own; no memory is involved.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(e.into());
+            }
+            let mut text = String::new();
+            let pid = f
+                .read_to_string(&mut text)
+                .ok()
+                .and_then(|_| text.trim().parse().ok());
+            return Err(StorageError::Locked {
+                dir: self.dir.clone(),
+                pid,
+            });
+        }
+        if !read_only {
+            let mut w = OpenOptions::new().write(true).truncate(true).open(&path)?;
+            write!(w, "{}", std::process::id())?;
+        }
+        Ok(f)
     }
 
     /// The directory this store lives in.

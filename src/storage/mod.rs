@@ -30,6 +30,15 @@ pub enum StorageError {
     /// The key cannot be stored by this backend (for [`FileStore`]: its escaped form is longer
     /// than a file name may be).
     InvalidKey(String),
+    /// The directory is a [`FileStore`] another process (or another `FileStore` value of this
+    /// one) holds: two writers would interleave their offline records, de-duplication memory
+    /// and listen addresses.
+    Locked {
+        /// The store's directory.
+        dir: std::path::PathBuf,
+        /// The holder's process id, as it wrote it into the lock file (if readable).
+        pid: Option<u32>,
+    },
 }
 
 impl fmt::Display for StorageError {
@@ -37,6 +46,13 @@ impl fmt::Display for StorageError {
         match self {
             StorageError::Io(e) => write!(f, "storage I/O error: {e}"),
             StorageError::InvalidKey(k) => write!(f, "key cannot be stored: {k:?}"),
+            StorageError::Locked { dir, pid } => {
+                write!(f, "data directory {} is in use", dir.display())?;
+                match pid {
+                    Some(p) => write!(f, " by process {p}"),
+                    None => write!(f, " by another process"),
+                }
+            }
         }
     }
 }
@@ -45,7 +61,7 @@ impl std::error::Error for StorageError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             StorageError::Io(e) => Some(e),
-            StorageError::InvalidKey(_) => None,
+            StorageError::InvalidKey(_) | StorageError::Locked { .. } => None,
         }
     }
 }
@@ -59,6 +75,7 @@ impl StorageError {
                 None => StorageCause::Io(e.kind()),
             },
             StorageError::InvalidKey(_) => StorageCause::InvalidKey,
+            StorageError::Locked { .. } => StorageCause::Locked,
         }
     }
 
@@ -66,7 +83,7 @@ impl StorageError {
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
             StorageError::Io(e) => e.raw_os_error(),
-            StorageError::InvalidKey(_) => None,
+            StorageError::InvalidKey(_) | StorageError::Locked { .. } => None,
         }
     }
 }
@@ -82,6 +99,8 @@ pub enum StorageCause {
     Io(io::ErrorKind),
     /// The key cannot be stored by this backend.
     InvalidKey,
+    /// The store is held by another process ([`StorageError::Locked`]).
+    Locked,
 }
 
 impl StorageCause {
@@ -100,6 +119,7 @@ impl fmt::Display for StorageCause {
             StorageCause::Os(code) => write!(f, "{}", io::Error::from_raw_os_error(*code)),
             StorageCause::Io(kind) => write!(f, "{kind}"),
             StorageCause::InvalidKey => f.write_str("key cannot be stored"),
+            StorageCause::Locked => f.write_str("data directory in use by another process"),
         }
     }
 }
