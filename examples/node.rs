@@ -130,14 +130,41 @@ fn emit(v: Value) {
     let _ = out.flush();
 }
 
-fn usage() -> ! {
-    eprintln!(
-        "usage: node --data DIR [--udp ADDR:PORT|off] [--tcp ADDR:PORT|off] \
-         [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS] \
-         [--mdns] [--mdns-interface ADDR] [--bootstrap FILE] \
-         [--relay] [--relay-bps BYTES] [--no-relays] [--no-punch] \
-         [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish] [--dht] [--new-identity] [--max-line BYTES]"
-    );
+/// The flags, one per line (`--help`).
+const HELP: &str = "\
+usage: node --data DIR [FLAGS]
+
+A node of the mm-platform driven by JSON lines: commands on stdin, events on stdout (every
+command and event is described at the top of examples/node.rs). Logs go to stderr with
+RUST_LOG (e.g. RUST_LOG=mm_platform=debug).
+
+  --data DIR               the node's storage (identity, listen addresses, offline buffer);
+                           created if missing; one node per directory
+  --udp ADDR:PORT|off      listen for CurveCP over UDP there (default: where it did last time,
+                           else 127.0.0.1 with an OS-chosen port)
+  --tcp ADDR:PORT|off      the same for TCP
+  --connect-timeout MS     one connection attempt may take this long (default 5000)
+  --retry MS               longest wait before a failed destination is tried again (default 5000)
+  --keepalive MS           an idle connection pings after this long (default 10000)
+  --dead-after MS          a peer silent this long with data in flight is dead (default 5000)
+  --mdns                   discover peers with mDNS (on 127.0.0.1 unless --mdns-interface)
+  --mdns-interface ADDR    the IPv4 address of the interface mDNS uses
+  --bootstrap FILE         nodeInfos (a JSON array) to start from
+  --relay                  relay for nodes behind NATs
+  --relay-bps BYTES        bandwidth per relay reservation
+  --no-relays              never use a relay
+  --no-punch               never punch a direct path through NATs
+  --mainline HOST:PORT,..  join the Mainline DHT at these nodes (no default list)
+  --mainline-publish       also publish our nodeInfo there
+  --dht                    run the Kademlia DHT service (mm-services-kademlia compatible)
+  --new-identity           allow a new identity in a DIR whose identity is gone
+  --max-line BYTES         longest command line (default 32 MiB)
+  -h, --help               this text
+";
+
+/// A bad command line: what is wrong, then how to get help; exit code 2.
+fn bad_args(why: &str) -> ! {
+    eprintln!("node: {why}\nusage: node --data DIR [FLAGS]; `node --help` lists them");
     std::process::exit(2);
 }
 
@@ -161,16 +188,26 @@ fn main() {
     let mut max_line = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        let flag = a.clone();
+        let mut value = |what: &str| -> String {
+            args.next()
+                .unwrap_or_else(|| bad_args(&format!("{flag} needs {what}")))
+        };
         let mut ms = || -> Duration {
-            match args.next().and_then(|v| v.parse().ok()) {
-                Some(n) => Duration::from_millis(n),
-                None => usage(),
+            let v = value("a number of milliseconds");
+            match v.parse() {
+                Ok(n) => Duration::from_millis(n),
+                Err(_) => bad_args(&format!("{flag} needs a number of milliseconds, not {v:?}")),
             }
         };
         match a.as_str() {
-            "--data" => data = args.next(),
-            "--udp" => udp = args.next(),
-            "--tcp" => tcp = args.next(),
+            "-h" | "--help" => {
+                print!("{HELP}");
+                std::process::exit(0);
+            }
+            "--data" => data = Some(value("a directory")),
+            "--udp" => udp = Some(value("ADDR:PORT or off")),
+            "--tcp" => tcp = Some(value("ADDR:PORT or off")),
             "--connect-timeout" => net.connect_timeout = ms(),
             "--retry" => net.offline_retry = ms(),
             "--keepalive" => net.keepalive = ms(),
@@ -179,35 +216,48 @@ fn main() {
                 mdns.get_or_insert_with(MdnsConfig::default);
             }
             "--mdns-interface" => {
-                let Some(addr) = args.next().and_then(|a| a.parse().ok()) else {
-                    usage()
+                let v = value("an IPv4 address");
+                let Ok(addr) = v.parse() else {
+                    bad_args(&format!(
+                        "--mdns-interface needs an IPv4 address, not {v:?}"
+                    ))
                 };
                 mdns.get_or_insert_with(MdnsConfig::default).interface = addr;
             }
-            "--bootstrap" => bootstrap = args.next(),
+            "--bootstrap" => bootstrap = Some(value("a file")),
             "--relay" => {
                 net.relay.get_or_insert_with(Default::default);
             }
             "--relay-bps" => {
-                let Some(bps) = args.next().and_then(|v| v.parse().ok()) else {
-                    usage()
+                let v = value("a number of bytes per second");
+                let Ok(bps) = v.parse() else {
+                    bad_args(&format!(
+                        "--relay-bps needs a number of bytes per second, not {v:?}"
+                    ))
                 };
                 net.relay.get_or_insert_with(Default::default).bytes_per_sec = bps;
             }
             "--no-relays" => net.use_relays = false,
             "--new-identity" => new_identity = true,
             "--no-punch" => net.hole_punching = false,
-            "--mainline" => mainline = args.next(),
+            "--mainline" => mainline = Some(value("HOST:PORT,...")),
             "--mainline-publish" => mainline_publish = true,
             "--dht" => dht = true,
-            "--max-line" => match args.next().and_then(|v| v.parse::<usize>().ok()) {
-                Some(n) if n > 0 => max_line = Some(n),
-                _ => usage(),
-            },
-            _ => usage(),
+            "--max-line" => {
+                let v = value("a number of bytes");
+                match v.parse::<usize>() {
+                    Ok(n) if n > 0 => max_line = Some(n),
+                    _ => bad_args(&format!(
+                        "--max-line needs a positive number of bytes, not {v:?}"
+                    )),
+                }
+            }
+            other => bad_args(&format!("unknown flag {other:?}")),
         }
     }
-    let Some(data) = data else { usage() };
+    let Some(data) = data else {
+        bad_args("--data DIR is required")
+    };
     let max_line = max_line.unwrap_or(2 * net.max_frame);
     let store = match FileStore::open(&data) {
         Ok(s) => s,
@@ -288,7 +338,16 @@ fn main() {
     let mut platform = match builder.build() {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("cannot start: {e}");
+            let listen = [("udp", &udp), ("tcp", &tcp)]
+                .iter()
+                .filter_map(|(k, a)| a.as_deref().map(|a| format!("--{k} {a}")))
+                .collect::<Vec<_>>()
+                .join(", ");
+            if listen.is_empty() {
+                eprintln!("node: cannot start: {e}");
+            } else {
+                eprintln!("node: cannot start ({listen}): {e}");
+            }
             std::process::exit(1);
         }
     };

@@ -483,3 +483,49 @@ fn a_second_node_on_the_same_data_directory_is_refused() {
     assert!(out.stdout.is_empty(), "no ready event: {:?}", out.stdout);
     still_answers(&mut first, "after");
 }
+
+/// The command line: `--help` lists every flag on stdout (exit 0); an unknown flag, a bad
+/// value and an address that cannot be bound are named in the error (exit 2, 2, 1).
+#[test]
+fn the_command_line_says_what_is_wrong() {
+    let run = |args: &[&str]| {
+        Command::new(node_bin())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run the node")
+    };
+    let help = run(&["--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--data",
+        "--udp",
+        "--tcp",
+        "--dead-after",
+        "--mdns",
+        "--mainline",
+        "--dht",
+        "--max-line",
+    ] {
+        assert!(text.contains(flag), "--help names {flag}: {text}");
+    }
+    let bogus = run(&["--bogus"]);
+    assert_eq!(bogus.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bogus.stderr).contains("unknown flag \"--bogus\""));
+    let dir = TempDir::new("node-cli-args");
+    let data = dir.path("a");
+    let data = data.to_str().unwrap();
+    let bad = run(&["--data", data, "--connect-timeout", "soon"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr).into_owned();
+    assert!(
+        err.contains("--connect-timeout") && err.contains("soon"),
+        "{err}"
+    );
+    // 192.0.2.1 (documentation range) is no address of this machine: binding fails at once.
+    let addr = run(&["--data", data, "--udp", "192.0.2.1:5", "--tcp", "off"]);
+    assert_eq!(addr.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&addr.stderr).into_owned();
+    assert!(err.contains("192.0.2.1:5"), "the address is named: {err}");
+}
