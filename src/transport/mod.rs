@@ -99,3 +99,32 @@ pub mod tcp;
 pub mod udp;
 
 pub use driver::{ClientDriver, Framing, Path, ServerDriver, TransportKind};
+
+/// Where a connection comes from, as per-source limits count it: an IPv4 address (IPv4-mapped
+/// IPv6 ones included), or the /64 prefix of an IPv6 one (one host usually owns a whole /64).
+/// Used by the TCP listener's admission
+/// ([`driver::ServerDriverLimits::max_unauthenticated_tcp_per_source`]) and the connection
+/// manager's [`crate::NetConfig::max_inbound_per_ip`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum SourceKey {
+    V4([u8; 4]),
+    V6([u8; 8]),
+}
+
+impl SourceKey {
+    /// The key of `ip`.
+    pub(crate) fn of(ip: std::net::IpAddr) -> SourceKey {
+        use std::net::IpAddr;
+        match ip {
+            IpAddr::V4(a) => SourceKey::V4(a.octets()),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => SourceKey::V4(v4.octets()),
+                None => {
+                    let mut p = [0; 8];
+                    p.copy_from_slice(&a.octets()[..8]);
+                    SourceKey::V6(p)
+                }
+            },
+        }
+    }
+}

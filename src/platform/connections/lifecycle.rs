@@ -16,7 +16,7 @@ impl Core {
         let circle = self.circles.is_friend(&BoxId(key)) || self.circles.is_device(&BoxId(key));
         let path = net.server.server().path(id);
         let source = match (circle, path) {
-            (false, Some(p)) => net.server.peer_ip(p).map(IpKey::of),
+            (false, Some(p)) => net.server.peer_ip(p).map(SourceKey::of),
             _ => None,
         };
         let limit = if circle {

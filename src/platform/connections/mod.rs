@@ -164,7 +164,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::{Registry, Token};
@@ -189,7 +189,7 @@ use crate::offline::{
 use crate::storage::Storage;
 use crate::transport::connection_info::{self, Endpoint};
 use crate::transport::driver::{NatEvent, Path, ServerDriverLimits};
-use crate::transport::{ClientDriver, Framing, ServerDriver, TransportKind};
+use crate::transport::{ClientDriver, Framing, ServerDriver, SourceKey, TransportKind};
 
 /// The longest an offline message may wait (DESIGN §6).
 pub const MAX_OFFLINE_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -227,30 +227,6 @@ const READ_STEP: usize = 64 * 1024;
 /// Known peers beyond which idle ones (no connection, nothing queued, no lookup, no offline
 /// record) are forgotten as soon as they become idle.
 const KEEP_IDLE_PEERS: usize = 64;
-
-/// The source of an incoming connection, as counted for [`NetConfig::max_inbound_per_ip`]: an
-/// IPv4 address, or the /64 prefix of an IPv6 one (one host usually owns a whole /64).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum IpKey {
-    V4([u8; 4]),
-    V6([u8; 8]),
-}
-
-impl IpKey {
-    fn of(ip: IpAddr) -> IpKey {
-        match ip {
-            IpAddr::V4(a) => IpKey::V4(a.octets()),
-            IpAddr::V6(a) => match a.to_ipv4_mapped() {
-                Some(v4) => IpKey::V4(v4.octets()),
-                None => {
-                    let mut p = [0; 8];
-                    p.copy_from_slice(&a.octets()[..8]);
-                    IpKey::V6(p)
-                }
-            },
-        }
-    }
-}
 
 /// What to report when a message's bytes are acknowledged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -350,7 +326,7 @@ struct Conn {
     /// In [`Net::budget_waiters`].
     budget_wait: bool,
     /// Counted in [`Net::inbound_per_ip`] under this source.
-    inbound_from: Option<IpKey>,
+    inbound_from: Option<SourceKey>,
     partial: Vec<u8>,
     partial_pos: usize,
     partial_track: Track,
@@ -372,7 +348,7 @@ impl Conn {
         link: Link,
         (kind, compat): (TransportKind, bool),
         peer_box: BoxId,
-        inbound_from: Option<IpKey>,
+        inbound_from: Option<SourceKey>,
         (max_frame, identify): (usize, &[u8]),
         now: Instant,
     ) -> Conn {
@@ -478,7 +454,7 @@ pub(crate) struct Net {
     /// Connections waiting for room in the frame budget (made dirty when some is released).
     budget_waiters: Vec<usize>,
     /// Incoming connections from strangers per source address (see `max_inbound_per_ip`).
-    inbound_per_ip: HashMap<IpKey, usize>,
+    inbound_per_ip: HashMap<SourceKey, usize>,
     /// Peers to look at in `ensure_connections` (something to send, retry due, ...).
     want: Vec<BoxId>,
     /// Destinations whose offline records went back to idle (become `want`).

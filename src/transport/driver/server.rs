@@ -5,7 +5,8 @@
 //! [`super`] module docs.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+
+use crate::transport::SourceKey;
 
 use super::*;
 
@@ -45,31 +46,6 @@ impl Default for ServerDriverLimits {
 /// Streams accepted per listener event (or per `flush` that goes on accepting) before the
 /// application gets a turn.
 pub const ACCEPT_BATCH: usize = 64;
-
-/// The source of a TCP stream for [`ServerDriverLimits::max_unauthenticated_tcp_per_source`]:
-/// an IPv4 address (IPv4-mapped IPv6 ones included), or the /64 prefix of an IPv6 one (one
-/// host usually owns a whole /64).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum SourceKey {
-    V4([u8; 4]),
-    V6([u8; 8]),
-}
-
-impl SourceKey {
-    fn of(ip: IpAddr) -> SourceKey {
-        match ip {
-            IpAddr::V4(a) => SourceKey::V4(a.octets()),
-            IpAddr::V6(a) => match a.to_ipv4_mapped() {
-                Some(v4) => SourceKey::V4(v4.octets()),
-                None => {
-                    let mut p = [0; 8];
-                    p.copy_from_slice(&a.octets()[..8]);
-                    SourceKey::V6(p)
-                }
-            },
-        }
-    }
-}
 
 /// Makes closing `stream` send a reset (`SO_LINGER` 0): a refused or evicted stream leaves no
 /// `TIME_WAIT` behind.
