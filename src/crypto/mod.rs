@@ -26,15 +26,25 @@
 //! traffic), on CPUs that have the instructions: the Salsa20 keystream with AVX-512
 //! (`crypto/salsa20x.rs`) and Poly1305 with AVX-512 IFMA (`crypto/poly1305x.rs`). libsodium
 //! 1.0.18 stops at AVX2 and SSE2 for them, and together they were about two thirds of each
-//! side's time in a bulk transfer. Both are checked against libsodium byte for byte in tests;
-//! `MM_CRYPTO_LIBSODIUM=1` switches them off ([`message_cipher_backend`] says which code runs).
+//! side's time in a bulk transfer. Which code runs is a [`CipherBackend`]: each [`SharedKey`]
+//! takes the thread's choice when it is made ([`with_message_cipher`]; tests use it to run
+//! every box, packet and connection test with each backend) or else the process default
+//! ([`CipherBackend::detected`]: the fastest this CPU has, libsodium when the environment
+//! variable `MM_CRYPTO_LIBSODIUM=1` is set). Building without the default `simd` feature
+//! leaves the hand-written code out altogether. All backends give the same bytes: tests and a
+//! differential fuzz target (`fuzz/fuzz_targets/cipher.rs`) compare them with libsodium.
+//!
+//! Tests of a vector backend this machine cannot run print `SKIPPING`; with
+//! `MM_REQUIRE_AVX512=1` (CI sets it where the CPU has AVX-512F, VL and IFMA) they fail instead.
 //!
 //! Secret material is wiped from memory when its owner is dropped.
 
 use std::fmt;
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 
+#[cfg(all(feature = "simd", target_arch = "x86_64"))]
 mod poly1305x;
+#[cfg(all(feature = "simd", target_arch = "x86_64"))]
 mod salsa20x;
 
 use sodiumoxide::crypto::box_::curve25519xsalsa20poly1305 as nacl_box;
@@ -83,17 +93,186 @@ impl fmt::Display for CryptoError {
 
 impl std::error::Error for CryptoError {}
 
-/// Which code seals and opens CurveCP message boxes in this process: `"avx512-ifma"` (Salsa20
-/// 16 blocks at a time and Poly1305 8 blocks at a time, on CPUs with AVX-512F, VL and IFMA),
-/// `"avx512"` (the Salsa20 part only: no IFMA), or `"libsodium"` (elsewhere, or when the
-/// environment variable `MM_CRYPTO_LIBSODIUM=1` was set when the first box was sealed). All
-/// give the same bytes.
-pub fn message_cipher_backend() -> &'static str {
-    match (salsa20x::available(), poly1305x::available()) {
-        (true, true) => "avx512-ifma",
-        (true, false) => "avx512",
-        _ => "libsodium",
+/// Which code seals and opens the boxes of CurveCP messages (XSalsa20-Poly1305 under a
+/// [`SharedKey`] with a cached nonce prefix). All give the same bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CipherBackend {
+    /// libsodium's Salsa20 and Poly1305 throughout: every CPU, and every build.
+    Libsodium,
+    /// Salsa20 16 blocks at a time with AVX-512F and VL, libsodium's Poly1305: what a CPU with
+    /// AVX-512 but without IFMA runs.
+    Avx512,
+    /// Salsa20 with AVX-512F and VL, and Poly1305 8 blocks at a time with AVX-512 IFMA.
+    Avx512Ifma,
+}
+
+impl CipherBackend {
+    /// Every backend, libsodium first.
+    pub const ALL: [CipherBackend; 3] = [
+        CipherBackend::Libsodium,
+        CipherBackend::Avx512,
+        CipherBackend::Avx512Ifma,
+    ];
+
+    /// Its name: `"libsodium"`, `"avx512"` or `"avx512-ifma"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CipherBackend::Libsodium => "libsodium",
+            CipherBackend::Avx512 => "avx512",
+            CipherBackend::Avx512Ifma => "avx512-ifma",
+        }
     }
+
+    /// Whether this build (the `simd` feature) and this CPU can run it.
+    pub fn supported(self) -> bool {
+        Engine::of(self).is_some()
+    }
+
+    /// The process default: libsodium when the environment variable `MM_CRYPTO_LIBSODIUM` is
+    /// set to anything but `0` (read once), else the fastest backend this build and CPU run.
+    pub fn detected() -> CipherBackend {
+        static DETECTED: OnceLock<CipherBackend> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let off = std::env::var_os("MM_CRYPTO_LIBSODIUM").is_some_and(|v| v != "0");
+            if off {
+                return CipherBackend::Libsodium;
+            }
+            [CipherBackend::Avx512Ifma, CipherBackend::Avx512]
+                .into_iter()
+                .find(|b| b.supported())
+                .unwrap_or(CipherBackend::Libsodium)
+        })
+    }
+}
+
+impl fmt::Display for CipherBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A [`CipherBackend`] asked for where this build or CPU cannot run it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnsupportedBackend(pub CipherBackend);
+
+impl fmt::Display for UnsupportedBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cipher backend {} unsupported (this CPU lacks the instructions, or the build lacks \
+             the simd feature)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for UnsupportedBackend {}
+
+/// A [`CipherBackend`] made runnable: the vector variants carry the CPU-feature tokens their
+/// code requires, so holding one proves the check was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    Libsodium,
+    #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+    Vector {
+        salsa: salsa20x::Avx512,
+        poly: Option<poly1305x::Ifma>,
+    },
+}
+
+impl Engine {
+    /// The engine of `backend`, if this build and CPU run it.
+    fn of(backend: CipherBackend) -> Option<Engine> {
+        match backend {
+            CipherBackend::Libsodium => Some(Engine::Libsodium),
+            #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+            CipherBackend::Avx512 => Some(Engine::Vector {
+                salsa: salsa20x::Avx512::detect()?,
+                poly: None,
+            }),
+            #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+            CipherBackend::Avx512Ifma => Some(Engine::Vector {
+                salsa: salsa20x::Avx512::detect()?,
+                poly: Some(poly1305x::Ifma::detect()?),
+            }),
+            #[cfg(not(all(feature = "simd", target_arch = "x86_64")))]
+            CipherBackend::Avx512 | CipherBackend::Avx512Ifma => None,
+        }
+    }
+
+    fn backend(self) -> CipherBackend {
+        match self {
+            Engine::Libsodium => CipherBackend::Libsodium,
+            #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+            Engine::Vector { poly: None, .. } => CipherBackend::Avx512,
+            #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+            Engine::Vector { poly: Some(_), .. } => CipherBackend::Avx512Ifma,
+        }
+    }
+
+    /// The engine a key made now takes: the thread's [`with_message_cipher`] choice, else the
+    /// process default.
+    fn current() -> Engine {
+        THREAD_ENGINE.with(|e| e.get()).unwrap_or_else(|| {
+            static DEFAULT: OnceLock<Engine> = OnceLock::new();
+            *DEFAULT.get_or_init(|| {
+                Engine::of(CipherBackend::detected()).expect("detected() is supported")
+            })
+        })
+    }
+}
+
+thread_local! {
+    /// The backend [`with_message_cipher`] set on this thread.
+    static THREAD_ENGINE: std::cell::Cell<Option<Engine>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every [`SharedKey`] made on this thread during it using `backend` (keys made
+/// before keep theirs; other threads are not affected). Tests use it to run the same
+/// connection once per backend; [`SharedKey::set_cipher_backend`] sets one key's.
+pub fn with_message_cipher<T>(
+    backend: CipherBackend,
+    f: impl FnOnce() -> T,
+) -> Result<T, UnsupportedBackend> {
+    let engine = Engine::of(backend).ok_or(UnsupportedBackend(backend))?;
+    /// Puts the previous choice back, also when `f` panics.
+    struct Restore(Option<Engine>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREAD_ENGINE.with(|e| e.set(self.0));
+        }
+    }
+    let _restore = Restore(THREAD_ENGINE.with(|e| e.replace(Some(engine))));
+    Ok(f())
+}
+
+/// The name of the process default [`CipherBackend`] ([`CipherBackend::detected`]):
+/// `"avx512-ifma"`, `"avx512"` or `"libsodium"`.
+pub fn message_cipher_backend() -> &'static str {
+    CipherBackend::detected().name()
+}
+
+/// The Poly1305 tag of `msg` under the one-time `key` (r, then s) computed by `backend`'s
+/// Poly1305 (`crypto_onetimeauth` for libsodium and [`CipherBackend::Avx512`]). For
+/// differential tests, fuzzing and timing: protocol code never needs it.
+pub fn poly1305_tag_with(
+    backend: CipherBackend,
+    key: &[u8; 32],
+    msg: &[u8],
+) -> Result<[u8; TAG_LEN], UnsupportedBackend> {
+    let engine = Engine::of(backend).ok_or(UnsupportedBackend(backend))?;
+    Ok(poly1305_tag(engine, key, msg))
+}
+
+/// Test support: a test of a path this machine cannot run says so, and fails when the
+/// environment variable `MM_REQUIRE_AVX512=1` is set (CI sets it where the CPU has AVX-512F,
+/// VL and IFMA), so a broken detection or build cannot pass as skipped.
+#[cfg(test)]
+pub(crate) fn cannot_run(what: &str) {
+    if std::env::var_os("MM_REQUIRE_AVX512").is_some_and(|v| v != "0") {
+        panic!("{what}: cannot run here, and MM_REQUIRE_AVX512 is set");
+    }
+    eprintln!("SKIPPING {what}: cannot run on this machine or build");
 }
 
 /// Overwrites `buf` with zeros in a way the optimiser does not remove (`sodium_memzero`, a
@@ -295,6 +474,8 @@ pub struct SharedKey {
     key: nacl_box::PrecomputedKey,
     /// Salsa20 subkeys for up to two nonce prefixes.
     subkeys: [Option<Subkey>; 2],
+    /// The code that seals and opens with those subkeys.
+    engine: Engine,
 }
 
 /// The XSalsa20 subkey of a [`SharedKey`] for one 16-byte nonce prefix.
@@ -303,25 +484,28 @@ struct Subkey {
     prefix: [u8; 16],
     key: nacl_salsa20::Key,
     /// Keystream tails of the next full message boxes (`salsa20x::TailCache`).
+    #[cfg(all(feature = "simd", target_arch = "x86_64"))]
     tail: salsa20x::TailSlot,
 }
 
 /// Seals `buf[TAG_LEN..]` in place with Salsa20 `key` and 8-byte nonce `n` (the second half
 /// of XSalsa20-Poly1305, as `crypto_secretbox_detached` does it after HSalsa20).
-fn seal_with_subkey(sub: &Subkey, n: &[u8], buf: &mut [u8]) {
+fn seal_with_subkey(engine: Engine, sub: &Subkey, n: &[u8], buf: &mut [u8]) {
     let key = &sub.key;
     let n = nacl_salsa20::Nonce(n.try_into().expect("8-byte nonce"));
     let (tag, body) = buf.split_at_mut(TAG_LEN);
-    if salsa20x::available() {
-        let mut poly_key = nacl_poly1305::Key([0; 32]);
-        salsa20x::xor_after_poly_key_cached(&key.0, &n.0, body, &sub.tail, |k, _| {
-            poly_key.0 = *k;
+    #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+    if let Engine::Vector { salsa, .. } = engine {
+        let mut poly_key = [0u8; 32];
+        salsa20x::xor_after_poly_key_cached(salsa, &key.0, &n.0, body, &sub.tail, |k, _| {
+            poly_key = *k;
             true
         });
-        tag.copy_from_slice(&poly1305_tag(&poly_key.0, body));
-        wipe(&mut poly_key.0);
+        tag.copy_from_slice(&poly1305_tag(engine, &poly_key, body));
+        wipe(&mut poly_key);
         return;
     }
+    let _ = engine;
     let first = body.len().min(32);
     // Keystream block 0: the Poly1305 key, then 32 bytes for the first message bytes.
     let mut block0 = [0u8; 64];
@@ -337,11 +521,18 @@ fn seal_with_subkey(sub: &Subkey, n: &[u8], buf: &mut [u8]) {
 }
 
 /// The Poly1305 tag of `msg` under the one-time `key`: eight blocks at a time with AVX-512
-/// IFMA for long messages (`crypto/poly1305x.rs`), libsodium's otherwise.
-fn poly1305_tag(key: &[u8; 32], msg: &[u8]) -> [u8; 16] {
-    if msg.len() >= poly1305x::MIN_LEN && poly1305x::available() {
-        return poly1305x::tag(key, msg);
+/// IFMA for long messages when `engine` has it (`crypto/poly1305x.rs`), libsodium's otherwise.
+fn poly1305_tag(engine: Engine, key: &[u8; 32], msg: &[u8]) -> [u8; 16] {
+    #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+    if let Engine::Vector {
+        poly: Some(ifma), ..
+    } = engine
+    {
+        if msg.len() >= poly1305x::MIN_LEN {
+            return poly1305x::tag(ifma, key, msg);
+        }
     }
+    let _ = engine;
     let mut k = nacl_poly1305::Key(*key);
     let t = nacl_poly1305::authenticate(msg, &k).0;
     wipe(&mut k.0);
@@ -350,16 +541,22 @@ fn poly1305_tag(key: &[u8; 32], msg: &[u8]) -> [u8; 16] {
 
 /// Opens what [`seal_with_subkey`] sealed, in place; the tag is checked before anything is
 /// decrypted.
-fn open_with_subkey(key: &Subkey, n: &[u8], buf: &mut [u8]) -> Result<(), CryptoError> {
+fn open_with_subkey(
+    engine: Engine,
+    key: &Subkey,
+    n: &[u8],
+    buf: &mut [u8],
+) -> Result<(), CryptoError> {
     if buf.len() < TAG_LEN {
         return Err(CryptoError);
     }
     let (tag, body) = buf.split_at_mut(TAG_LEN);
-    open_detached_with_subkey(key, n, tag, body)
+    open_detached_with_subkey(engine, key, n, tag, body)
 }
 
 /// [`open_with_subkey`] with the tag apart from the ciphertext `body`.
 fn open_detached_with_subkey(
+    engine: Engine,
     sub: &Subkey,
     n: &[u8],
     tag: &[u8],
@@ -368,13 +565,21 @@ fn open_detached_with_subkey(
     let key = &sub.key;
     let n = nacl_salsa20::Nonce(n.try_into().expect("8-byte nonce"));
     let tag = nacl_poly1305::Tag(tag.try_into().map_err(|_| CryptoError)?);
-    if salsa20x::available() {
-        let opened =
-            salsa20x::xor_after_poly_key_cached(&key.0, &n.0, body, &sub.tail, |k, ciphertext| {
-                sodiumoxide::utils::memcmp(&poly1305_tag(k, ciphertext), &tag.0)
-            });
+    #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+    if let Engine::Vector { salsa, .. } = engine {
+        let opened = salsa20x::xor_after_poly_key_cached(
+            salsa,
+            &key.0,
+            &n.0,
+            body,
+            &sub.tail,
+            |k, ciphertext| {
+                sodiumoxide::utils::memcmp(&poly1305_tag(engine, k, ciphertext), &tag.0)
+            },
+        );
         return if opened { Ok(()) } else { Err(CryptoError) };
     }
+    let _ = engine;
     let first = body.len().min(32);
     let mut block0 = [0u8; 64];
     block0[32..32 + first].copy_from_slice(&body[..first]);
@@ -405,7 +610,27 @@ impl SharedKey {
         SharedKey {
             key,
             subkeys: [None, None],
+            engine: Engine::current(),
         }
+    }
+
+    /// A precomputed key from its 32 bytes (the output of `crypto_box_beforenm`), for tests
+    /// and fuzzing; real keys come from [`SharedKey::new`] or [`BoxKeyPair::shared_key`].
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> SharedKey {
+        init();
+        SharedKey::wrap(nacl_box::PrecomputedKey(bytes))
+    }
+
+    /// The backend that seals and opens this key's message boxes.
+    pub fn cipher_backend(&self) -> CipherBackend {
+        self.engine.backend()
+    }
+
+    /// Makes `backend` seal and open this key's message boxes from now on (tests, and
+    /// measuring one against another).
+    pub fn set_cipher_backend(&mut self, backend: CipherBackend) -> Result<(), UnsupportedBackend> {
+        self.engine = Engine::of(backend).ok_or(UnsupportedBackend(backend))?;
+        Ok(())
     }
 
     /// Computes and keeps the subkey for nonces starting with `prefix` (at most two prefixes
@@ -430,6 +655,7 @@ impl SharedKey {
         let sub = Subkey {
             prefix: *prefix,
             key: nacl_salsa20::Key(out),
+            #[cfg(all(feature = "simd", target_arch = "x86_64"))]
             tail: salsa20x::TailSlot::default(),
         };
         wipe(&mut out);
@@ -458,7 +684,7 @@ impl SharedKey {
     /// compact wire form. `buf` must be at least `TAG_LEN` long.
     pub fn seal_in_place(&self, nonce: &Nonce, buf: &mut [u8]) {
         if let Some(sub) = self.subkey(&nonce[..16]) {
-            return seal_with_subkey(sub, &nonce[16..], buf);
+            return seal_with_subkey(self.engine, sub, &nonce[16..], buf);
         }
         let (tag, body) = buf.split_at_mut(TAG_LEN);
         let t = nacl_box::seal_detached_precomputed(body, &nacl_box::Nonce(*nonce), &self.key);
@@ -472,7 +698,7 @@ impl SharedKey {
             return Err(CryptoError);
         }
         if let Some(sub) = self.subkey(&nonce[..16]) {
-            return open_with_subkey(sub, &nonce[16..], buf);
+            return open_with_subkey(self.engine, sub, &nonce[16..], buf);
         }
         let (tag, body) = buf.split_at_mut(TAG_LEN);
         let tag = nacl_box::Tag(tag.try_into().expect("tag length"));
@@ -501,7 +727,7 @@ impl SharedKey {
         let r = match self.subkey(&nonce[..16]) {
             Some(sub) => {
                 out.copy_from_slice(&boxed[TAG_LEN..]);
-                open_detached_with_subkey(sub, &nonce[16..], &boxed[..TAG_LEN], out)
+                open_detached_with_subkey(self.engine, sub, &nonce[16..], &boxed[..TAG_LEN], out)
             }
             None => {
                 out.copy_from_slice(&boxed[TAG_LEN..]);
