@@ -992,8 +992,90 @@ mod tests {
         hex(s).try_into().unwrap()
     }
 
+    /// Runs `test` with `backend` (every key it makes takes it), or says it cannot.
+    fn on(backend: CipherBackend, test: fn(CipherBackend)) {
+        if !backend.supported() {
+            cannot_run(&format!("the {backend} box tests"));
+            return;
+        }
+        with_message_cipher(backend, || test(backend)).expect("supported");
+    }
+
+    /// Each named test function `fn(CipherBackend)` becomes a module of three tests, one per
+    /// backend (`name::libsodium`, `name::avx512`, `name::avx512_ifma`), so the test output
+    /// counts each path.
+    macro_rules! per_backend {
+        ($($name:ident),* $(,)?) => {$(
+            mod $name {
+                use super::*;
+                #[test]
+                fn libsodium() {
+                    on(CipherBackend::Libsodium, super::$name)
+                }
+                #[test]
+                fn avx512() {
+                    on(CipherBackend::Avx512, super::$name)
+                }
+                #[test]
+                fn avx512_ifma() {
+                    on(CipherBackend::Avx512Ifma, super::$name)
+                }
+            }
+        )*};
+    }
+
+    per_backend!(
+        box_known_answer,
+        cached_nonce_prefixes_give_the_same_boxes,
+        consecutive_message_boxes_match_libsodium_in_any_order,
+        box_rejects_any_flipped_bit,
+        boxes_match_libsodium_for_any_input,
+        poly1305_tags_match_libsodium_for_any_input,
+    );
+
     #[test]
-    fn box_known_answer() {
+    fn backends_are_named_and_chosen_per_thread() {
+        assert_eq!(CipherBackend::detected(), CipherBackend::detected());
+        assert!(CipherBackend::Libsodium.supported());
+        assert!(CipherBackend::detected().supported());
+        assert_eq!(message_cipher_backend(), CipherBackend::detected().name());
+        for b in CipherBackend::ALL {
+            match with_message_cipher(b, || SharedKey::from_bytes([1; 32]).cipher_backend()) {
+                Ok(got) => assert_eq!(got, b),
+                Err(e) => {
+                    assert_eq!(e, UnsupportedBackend(b));
+                    assert!(!b.supported());
+                    cannot_run(&format!("choosing {b}"));
+                }
+            }
+        }
+        // Outside, keys take the default again.
+        assert_eq!(
+            SharedKey::from_bytes([1; 32]).cipher_backend(),
+            CipherBackend::detected()
+        );
+        let mut k = SharedKey::from_bytes([1; 32]);
+        k.set_cipher_backend(CipherBackend::Libsodium).unwrap();
+        assert_eq!(k.cipher_backend(), CipherBackend::Libsodium);
+    }
+
+    /// The CPU flags say AVX-512F, VL and IFMA: then the vector backends must be supported
+    /// (a broken detection or a build without `simd` fails here under `MM_REQUIRE_AVX512=1`).
+    #[test]
+    fn vector_backends_run_where_the_cpu_has_them() {
+        let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+        if has("avx512f") && has("avx512vl") {
+            if !CipherBackend::Avx512.supported() {
+                cannot_run("the avx512 backend, though /proc/cpuinfo lists avx512f and avx512vl");
+            }
+            if has("avx512ifma") && !CipherBackend::Avx512Ifma.supported() {
+                cannot_run("the avx512-ifma backend, though /proc/cpuinfo lists avx512ifma");
+            }
+        }
+    }
+
+    fn box_known_answer(backend: CipherBackend) {
         let alice = BoxKeyPair::from_secret(key(ALICE_SK));
         assert_eq!(
             alice.public.to_hex(),
@@ -1017,17 +1099,31 @@ mod tests {
         let mut buf = out.clone();
         kb.open_in_place(&nonce, &mut buf).unwrap();
         assert_eq!(&buf[TAG_LEN..], &msg[..]);
+
+        // The same through a cached nonce prefix: the backend's own code.
+        let mut kc = alice.shared_key(&BoxPublicKey(key(BOB_PK)));
+        kc.cache_nonce_prefix(nonce[..16].try_into().unwrap());
+        assert_eq!(kc.cipher_backend(), backend);
+        let mut again = vec![0u8; msg.len() + TAG_LEN];
+        kc.seal_into(&nonce, &msg, &mut again);
+        assert_eq!(to_hex(&again), BOXED);
+        let mut buf = again.clone();
+        kc.open_in_place(&nonce, &mut buf).unwrap();
+        assert_eq!(&buf[TAG_LEN..], &msg[..]);
     }
 
     /// A key with cached nonce prefixes seals to the same bytes as libsodium's box (every
     /// length around the 32-byte first-block split, up to a full CurveCP message), opens
     /// libsodium's boxes, refuses a flipped bit, and other prefixes still take the plain path.
-    #[test]
-    fn cached_nonce_prefixes_give_the_same_boxes() {
+    fn cached_nonce_prefixes_give_the_same_boxes(backend: CipherBackend) {
         let a = BoxKeyPair::generate();
         let b = BoxKeyPair::generate();
-        let plain_key = SharedKey::new(&b.public, &a);
+        let mut plain_key = SharedKey::new(&b.public, &a);
+        plain_key
+            .set_cipher_backend(CipherBackend::Libsodium)
+            .unwrap();
         let mut fast = SharedKey::new(&a.public, &b);
+        assert_eq!(fast.cipher_backend(), backend);
         fast.cache_nonce_prefix(b"CurveCP-client-M");
         fast.cache_nonce_prefix(b"CurveCP-server-M");
         fast.cache_nonce_prefix(b"CurveCP-server-M");
@@ -1074,15 +1170,20 @@ mod tests {
     /// A connection's boxes in a row (consecutive nonces, full and short messages mixed) seal
     /// to libsodium's bytes with the cached prefix and its keystream tails, and open in any
     /// order, replays included.
-    #[test]
-    fn consecutive_message_boxes_match_libsodium_in_any_order() {
+    fn consecutive_message_boxes_match_libsodium_in_any_order(backend: CipherBackend) {
         let a = BoxKeyPair::generate();
         let b = BoxKeyPair::generate();
-        let plain = SharedKey::new(&b.public, &a);
+        let mut plain = SharedKey::new(&b.public, &a);
+        plain.set_cipher_backend(CipherBackend::Libsodium).unwrap();
+        plain.cache_nonce_prefix(b"CurveCP-client-M");
         let mut fast = SharedKey::new(&a.public, &b);
         fast.cache_nonce_prefix(b"CurveCP-client-M");
         let mut opener = SharedKey::new(&a.public, &b);
         opener.cache_nonce_prefix(b"CurveCP-client-M");
+        assert_eq!(
+            (fast.cipher_backend(), opener.cipher_backend()),
+            (backend, backend)
+        );
         let nonce_of = |c: u64| {
             let mut n = [0u8; NONCE_LEN];
             n[..16].copy_from_slice(b"CurveCP-client-M");
@@ -1111,26 +1212,144 @@ mod tests {
         }
     }
 
-    #[test]
-    fn box_rejects_any_flipped_bit() {
+    fn box_rejects_any_flipped_bit(backend: CipherBackend) {
         let a = BoxKeyPair::generate();
         let b = BoxKeyPair::generate();
-        let k = a.shared_key(&b.public);
-        let nonce = [7u8; 24];
-        let mut sealed = [0u8; 16 + 40];
-        k.seal_into(&nonce, &[1u8; 40], &mut sealed);
-        for i in 0..sealed.len() * 8 {
-            let mut bad = sealed;
-            bad[i / 8] ^= 1 << (i % 8);
-            let mut out = [0u8; 40];
-            assert!(k.open_into(&nonce, &bad, &mut out).is_err());
-            assert_eq!(out, [0u8; 40]);
+        // Plain, then with the nonce prefix cached (the backend's code); a short box and a
+        // full message box (its keystream tail cached).
+        for (cached, len) in [(false, 40), (true, 40), (true, 200), (true, 1088)] {
+            let mut k = a.shared_key(&b.public);
+            assert_eq!(k.cipher_backend(), backend);
+            let nonce = [7u8; 24];
+            if cached {
+                k.cache_nonce_prefix(&[7u8; 16]);
+            }
+            let msg = vec![1u8; len];
+            let mut sealed = vec![0u8; 16 + len];
+            k.seal_into(&nonce, &msg, &mut sealed);
+            for i in 0..sealed.len() * 8 {
+                let mut bad = sealed.clone();
+                bad[i / 8] ^= 1 << (i % 8);
+                let mut out = vec![0u8; len];
+                assert!(k.open_into(&nonce, &bad, &mut out).is_err());
+                assert!(out.iter().all(|&x| x == 0), "wiped on failure");
+                assert!(k.open_in_place(&nonce, &mut bad).is_err());
+            }
+            let mut other_nonce = nonce;
+            other_nonce[23] ^= 1;
+            let mut out = vec![0u8; len];
+            assert!(k.open_into(&other_nonce, &sealed, &mut out).is_err());
+            assert!(k.open_into(&nonce, &sealed[..10], &mut [0u8; 0]).is_err());
+            k.open_into(&nonce, &sealed, &mut out).unwrap();
+            assert_eq!(out, msg);
         }
-        let mut other_nonce = nonce;
-        other_nonce[23] ^= 1;
-        let mut out = [0u8; 40];
-        assert!(k.open_into(&other_nonce, &sealed, &mut out).is_err());
-        assert!(k.open_into(&nonce, &sealed[..10], &mut [0u8; 0]).is_err());
+    }
+
+    /// One differential case: `key` (a precomputed box key), `nonce`, `msg` placed at byte
+    /// `align` of its buffer, sealed and opened by `backend` (the nonce prefix cached) and by
+    /// libsodium (not cached), then `count` consecutive nonces (the keystream tail cache) and a
+    /// flipped bit refused by both.
+    fn differential_case(
+        backend: CipherBackend,
+        key: [u8; 32],
+        nonce: Nonce,
+        msg: &[u8],
+        align: usize,
+        count: u64,
+        flip: usize,
+    ) {
+        let mut ours = SharedKey::from_bytes(key);
+        ours.set_cipher_backend(backend).unwrap();
+        ours.cache_nonce_prefix(nonce[..16].try_into().unwrap());
+        let mut theirs = SharedKey::from_bytes(key);
+        theirs.set_cipher_backend(CipherBackend::Libsodium).unwrap();
+        let len = TAG_LEN + msg.len();
+        for c in 0..count {
+            let mut n = nonce;
+            let counter = u64::from_le_bytes(n[16..].try_into().unwrap()).wrapping_add(c);
+            n[16..].copy_from_slice(&counter.to_le_bytes());
+            let mut a = vec![0u8; align + len];
+            a[align + TAG_LEN..].copy_from_slice(msg);
+            let mut b = a.clone();
+            ours.seal_in_place(&n, &mut a[align..]);
+            theirs.seal_in_place(&n, &mut b[align..]);
+            assert!(
+                a == b,
+                "{backend}: sealed boxes differ ({} bytes)",
+                msg.len()
+            );
+            let mut opened = a.clone();
+            ours.open_in_place(&n, &mut opened[align..]).unwrap();
+            assert!(opened[align + TAG_LEN..] == *msg);
+            let mut out = vec![0u8; msg.len()];
+            theirs.open_into(&n, &a[align..], &mut out).unwrap();
+            assert!(out == msg);
+            let mut bad = a.clone();
+            let bit = flip % (8 * len);
+            bad[align + bit / 8] ^= 1 << (bit % 8);
+            assert!(ours.open_into(&n, &bad[align..], &mut out).is_err());
+            assert!(theirs.open_in_place(&n, &mut bad[align..]).is_err());
+        }
+    }
+
+    fn boxes_match_libsodium_for_any_input(backend: CipherBackend) {
+        use proptest::prelude::*;
+        let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+            cases: 200,
+            ..Default::default()
+        });
+        let lengths = prop_oneof![0usize..2200, 1000usize..1100, Just(1088usize)];
+        let strategy = (
+            any::<[u8; 32]>(),
+            any::<[u8; 24]>(),
+            lengths.prop_flat_map(|n| proptest::collection::vec(any::<u8>(), n)),
+            0usize..64,
+            1u64..12,
+            any::<usize>(),
+            any::<bool>(),
+        );
+        runner
+            .run(&strategy, |(key, nonce, msg, align, count, flip, ones)| {
+                let msg = if ones { vec![0xff; msg.len()] } else { msg };
+                differential_case(backend, key, nonce, &msg, align, count, flip);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    fn poly1305_tags_match_libsodium_for_any_input(backend: CipherBackend) {
+        use proptest::prelude::*;
+        let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+            cases: 500,
+            ..Default::default()
+        });
+        let strategy = (
+            any::<[u8; 32]>(),
+            (0usize..2200).prop_flat_map(|n| proptest::collection::vec(any::<u8>(), n)),
+            0u8..4,
+        );
+        runner
+            .run(&strategy, |(key, msg, extreme)| {
+                // Extremes push limbs and carries to their bounds: all-ones messages, r at its
+                // clamp, s all ones.
+                let mut key = key;
+                let msg = match extreme {
+                    1 => vec![0xff; msg.len()],
+                    2 => {
+                        key[..16].fill(0xff);
+                        vec![0xff; msg.len()]
+                    }
+                    3 => {
+                        key[16..].fill(0xff);
+                        msg
+                    }
+                    _ => msg,
+                };
+                let want = nacl_poly1305::authenticate(&msg, &nacl_poly1305::Key(key)).0;
+                prop_assert_eq!(poly1305_tag_with(backend, &key, &msg).unwrap(), want);
+                Ok(())
+            })
+            .unwrap();
     }
 
     #[test]
