@@ -358,18 +358,19 @@ unsafe fn whole_blocks(r: &Limbs, msg: &[u8]) -> Limbs {
         lanes_below(&acc, 1 << 46),
         "whole_blocks: a lane limb over 2^46"
     );
-    let mut acc = mul8(&acc, &f);
+    let mut last = mul8(&acc, &f);
     debug_assert!(
-        lanes_below(&acc, 1 << 45),
+        lanes_below(&last, 1 << 45),
         "whole_blocks: a lane limb over 2^45"
     );
-    let mut h: Limbs = std::array::from_fn(|i| _mm512_reduce_add_epi64(acc[i]) as u64);
+    let mut h: Limbs = std::array::from_fn(|i| _mm512_reduce_add_epi64(last[i]) as u64);
     // Each lane's limb is below 2⁴⁵: the sums stay far below 2⁶⁴; one carry pass.
     carry(&mut h);
     // Wipe the powers of r and the lanes (the caller wipes `h`).
     let z = _mm512_setzero_si512();
     wipe_value(&mut p, [[0; 8]; 3]);
     wipe_value(&mut acc, [z; 3]);
+    wipe_value(&mut last, [z; 3]);
     wipe_value(
         &mut r8,
         Mult {
