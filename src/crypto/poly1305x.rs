@@ -31,9 +31,12 @@
 //!   2⁴⁴ + 2²⁰; [`finish`] carries twice more, so every limb is within its width before the
 //!   select.
 //!
-//! Key material: r, its powers and the accumulator are overwritten with volatile writes (and a
-//! compiler fence) before [`tag`] returns, as libsodium wipes its state. Register copies and
-//! spills the compiler makes on its own are out of reach of any such wipe (libsodium's too).
+//! Key material: r, its powers r¹ … r⁸ and the accumulator are overwritten with volatile writes
+//! (and a compiler fence) before [`tag`] returns, as libsodium wipes its state. The eight lane
+//! accumulators and the lane multipliers of the vector loop live in `zmm` registers: a volatile
+//! write to them would force them into memory for the whole loop (measured: about a tenth of a
+//! full box) only to wipe that copy. Register contents and spills the compiler makes on its
+//! own are out of reach of any such wipe (libsodium's too).
 //!
 //! Used for messages of at least [`MIN_LEN`] bytes; shorter ones stay with libsodium. Every
 //! entry point takes an [`Ifma`] token, which only [`Ifma::detect`] makes after checking the
@@ -326,7 +329,7 @@ fn mul8(a: &[__m512i; 3], b: &Mult) -> [__m512i; 3] {
 unsafe fn whole_blocks(r: &Limbs, msg: &[u8]) -> Limbs {
     debug_assert!(msg.len() >= 128 && msg.len().is_multiple_of(16));
     let mut p = powers(r);
-    let mut r8 = Mult::new(std::array::from_fn(|i| _mm512_set1_epi64(p[i][0] as i64)));
+    let r8 = Mult::new(std::array::from_fn(|i| _mm512_set1_epi64(p[i][0] as i64)));
     let hibit = _mm512_set1_epi64(1 << 40);
 
     let head = (msg.len() / 16) % 8;
@@ -351,14 +354,14 @@ unsafe fn whole_blocks(r: &Limbs, msg: &[u8]) -> Limbs {
     }
     // Lane j times r^(8 - j), then the lanes summed.
     // SAFETY: each `p[i]` is 8 u64s, 64 readable bytes.
-    let mut f = Mult::new(std::array::from_fn(|i| unsafe {
+    let f = Mult::new(std::array::from_fn(|i| unsafe {
         _mm512_loadu_si512(p[i].as_ptr().cast())
     }));
     debug_assert!(
         lanes_below(&acc, 1 << 46),
         "whole_blocks: a lane limb over 2^46"
     );
-    let mut last = mul8(&acc, &f);
+    let last = mul8(&acc, &f);
     debug_assert!(
         lanes_below(&last, 1 << 45),
         "whole_blocks: a lane limb over 2^45"
@@ -366,27 +369,10 @@ unsafe fn whole_blocks(r: &Limbs, msg: &[u8]) -> Limbs {
     let mut h: Limbs = std::array::from_fn(|i| _mm512_reduce_add_epi64(last[i]) as u64);
     // Each lane's limb is below 2⁴⁵: the sums stay far below 2⁶⁴; one carry pass.
     carry(&mut h);
-    // Wipe the powers of r and the lanes (the caller wipes `h`).
-    let z = _mm512_setzero_si512();
+    // Wipe the powers of r (in memory: the loads above read them). The lane vectors live in
+    // registers; a volatile write to them would only force them into memory for the whole
+    // loop (it cost about a tenth of a full box) and wipe that copy.
     wipe_value(&mut p, [[0; 8]; 3]);
-    wipe_value(&mut acc, [z; 3]);
-    wipe_value(&mut last, [z; 3]);
-    wipe_value(
-        &mut r8,
-        Mult {
-            r: [z; 3],
-            s1: z,
-            s2: z,
-        },
-    );
-    wipe_value(
-        &mut f,
-        Mult {
-            r: [z; 3],
-            s1: z,
-            s2: z,
-        },
-    );
     h
 }
 

@@ -52,12 +52,13 @@ impl Avx512 {
 /// sender's profile). Message nonces count up by one per packet, so the tails of the next
 /// seven are computed with this one's, and seven boxes in eight take one pass.
 ///
-/// How long keystream lives here: a nonce's tail is wiped as soon as it is used (a repeated
-/// nonce, a replay to be refused, computes it again), so the cache holds only the tails of at
-/// most seven nonces not yet used, all derived from the subkey kept next to it anyway. A box
-/// that needs no tail (a shorter message: the transfer is over, or the peer only acknowledges)
-/// drops the cache, and so does dropping the key; an idle connection keeps none past its next
-/// short box.
+/// How long keystream lives here: when a nonce's tail is used, the tails of the nonces before
+/// it are wiped (going back to one, a replay to be refused, computes it again), so the cache
+/// holds the tails of the latest nonce used and of at most seven after it, all derived from
+/// the subkey kept next to it anyway. A box that needs no tail (a shorter message: the
+/// transfer is over, or the peer only acknowledges) drops the cache, and so does dropping the
+/// key (the server drops an idle connection's at its idle timeout); an idle connection keeps
+/// none past its next short box.
 pub(super) struct TailCache {
     /// The nonce of the first cached tail.
     first: u64,
@@ -96,7 +97,7 @@ impl TailSlot {
         held
     }
 
-    /// How many unused tails are cached (tests).
+    /// How many tails are cached (tests).
     #[cfg(test)]
     pub(super) fn cached_tails(&self) -> u32 {
         let c = self.0.take();
@@ -167,9 +168,14 @@ pub(super) fn xor_after_poly_key_cached(
     }
     let at = (i * 128) as usize;
     xor(rest, &cache.ks.0[at..at + rest.len()]);
-    // Used: forget it (a repeat of this nonce computes it again).
-    super::wipe(&mut cache.ks.0[at..at + 128]);
-    cache.valid &= !(1 << i);
+    // The tails of earlier nonces are forgotten (going back to one computes it again); this
+    // one's is kept, for a box sealed or opened twice in a row.
+    for j in 0..i as usize {
+        if cache.valid & (1 << j) != 0 {
+            super::wipe(&mut cache.ks.0[j * 128..(j + 1) * 128]);
+        }
+    }
+    cache.valid &= !((1u8 << i) - 1);
     tail.0.set(Some(cache));
     true
 }
@@ -657,8 +663,8 @@ mod tests {
         assert!(!slot.is_held());
     }
 
-    /// A tail is wiped once used: eight consecutive full boxes leave seven, six, ... zero
-    /// unused tails, and a repeated nonce (its tail gone) still gets the right keystream.
+    /// Tails before the latest nonce used are wiped: eight consecutive full boxes leave eight,
+    /// seven, ... one tails, and going back (those tails gone) still gets the right keystream.
     #[test]
     fn used_tails_are_wiped() {
         let Some(cpu) = cpu() else { return };
@@ -679,13 +685,13 @@ mod tests {
             ));
             assert!(body[..] == stream[32..], "nonce {nonce}");
             let left = match k {
-                0..=7 => 7 - k as u32,
-                // 503 again: recomputed from 503 on, its own tail used.
-                8 => 7,
-                // 507: in the new window, used.
-                9 => 6,
-                // 508: cached by the 503 pass.
-                _ => 5,
+                0..=7 => 8 - k as u32,
+                // 503 again: recomputed from 503 on.
+                8 => 8,
+                // 507: 503..506 wiped, 507..510 kept.
+                9 => 4,
+                // 508: cached by the 503 pass; 507 wiped.
+                _ => 3,
             };
             assert_eq!(slot.cached_tails(), left, "after nonce {nonce}");
         }
