@@ -31,8 +31,9 @@
 //!   2⁴⁴ + 2²⁰; [`finish`] carries twice more, so every limb is within its width before the
 //!   select.
 //!
-//! Key material: r, its powers r¹ … r⁸ and the accumulator are overwritten with volatile writes
-//! (and a compiler fence) before [`tag`] returns, as libsodium wipes its state. The eight lane
+//! Key material: r and the accumulator are overwritten with volatile writes (and a compiler
+//! fence), and the array of powers r¹ … r⁸ with `sodium_memzero`, before [`tag`] returns, as
+//! libsodium wipes its state. The intermediate powers and the eight lane
 //! accumulators and the lane multipliers of the vector loop live in `zmm` registers: a volatile
 //! write to them would force them into memory for the whole loop (measured: about a tenth of a
 //! full box) only to wipe that copy. Register contents and spills the compiler makes on its
