@@ -34,7 +34,7 @@
 //! Key material: r and the accumulator are overwritten with volatile writes (and a compiler
 //! fence), and the array of powers r¹ … r⁸ with `sodium_memzero`, before [`tag`] returns, as
 //! libsodium wipes its state. The intermediate powers and the eight lane
-//! accumulators and the lane multipliers of the vector loop live in `zmm` registers: a volatile
+//! accumulators and the lane multipliers of the vector loop live in registers: a volatile
 //! write to them would force them into memory for the whole loop (measured: about a tenth of a
 //! full box) only to wipe that copy. Register contents and spills the compiler makes on its
 //! own are out of reach of any such wipe (libsodium's too).
