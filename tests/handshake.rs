@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common_hs::{ack_fields, data_msg, Raw};
-use mm_platform::crypto::{BoxKeyPair, BoxPublicKey};
+use mm_platform::crypto::{self, BoxKeyPair, BoxPublicKey, CipherBackend};
 use mm_platform::curvecp::client::{Client, ClientConfig, ClientError, ClientState};
 use mm_platform::curvecp::packet::ServerName;
 use mm_platform::curvecp::server::{ConnectionId, Server, ServerConfig, ServerEvent};
@@ -1115,6 +1115,10 @@ fn js_style_initiate_with_zero_message_gets_an_answer() {
 /// (24..40), which is not authenticated by CurveCP and is only echoed back.
 #[test]
 fn every_byte_of_initiate_and_message_is_checked() {
+    every_byte_checked();
+}
+
+fn every_byte_checked() {
     let mut rig = Rig::new(server_config());
     let mut raw = rig.cookied();
     let i = raw.initiate(&data_msg(1, 0, b"abc", false));
@@ -1143,6 +1147,45 @@ fn every_byte_of_initiate_and_message_is_checked() {
         ack_fields(rig.messages_for(&mut raw).last().unwrap()),
         (2, 6)
     );
+}
+
+// ---------------------------------------------------------------- each cipher backend
+
+/// Runs `f` with every key made on this thread (both ends here: the test is sans-IO) sealing
+/// and opening its message boxes with `backend`. A backend this machine cannot run is skipped
+/// loudly, or fails under `MM_REQUIRE_AVX512=1` (set in CI where the CPU has AVX-512 IFMA).
+fn with_backend(backend: CipherBackend, f: impl FnOnce()) {
+    if let Err(e) = crypto::with_message_cipher(backend, f) {
+        if std::env::var_os("MM_REQUIRE_AVX512").is_some_and(|v| v != "0") {
+            panic!("{e}, and MM_REQUIRE_AVX512 is set");
+        }
+        eprintln!("SKIPPING: {e}");
+    }
+}
+
+/// Full and short message boxes both ways, clean and lossy (boxes out of order, resent), and
+/// every flipped byte refused: the connection-level tests, once per backend.
+fn connections_with(backend: CipherBackend) {
+    with_backend(backend, || {
+        transfer(2, 100_000, 150_000);
+        transfer_lossy(2, 20_000, 30_000, 10, 7);
+        every_byte_checked();
+    });
+}
+
+#[test]
+fn connections_with_libsodium() {
+    connections_with(CipherBackend::Libsodium);
+}
+
+#[test]
+fn connections_with_avx512() {
+    connections_with(CipherBackend::Avx512);
+}
+
+#[test]
+fn connections_with_avx512_ifma() {
+    connections_with(CipherBackend::Avx512Ifma);
 }
 
 mod props {

@@ -26,15 +26,25 @@
 //! traffic), on CPUs that have the instructions: the Salsa20 keystream with AVX-512
 //! (`crypto/salsa20x.rs`) and Poly1305 with AVX-512 IFMA (`crypto/poly1305x.rs`). libsodium
 //! 1.0.18 stops at AVX2 and SSE2 for them, and together they were about two thirds of each
-//! side's time in a bulk transfer. Both are checked against libsodium byte for byte in tests;
-//! `MM_CRYPTO_LIBSODIUM=1` switches them off ([`message_cipher_backend`] says which code runs).
+//! side's time in a bulk transfer. Which code runs is a [`CipherBackend`]: each [`SharedKey`]
+//! takes the thread's choice when it is made ([`with_message_cipher`]; tests use it to run
+//! every box, packet and connection test with each backend) or else the process default
+//! ([`CipherBackend::detected`]: the fastest this CPU has, libsodium when the environment
+//! variable `MM_CRYPTO_LIBSODIUM=1` is set). Building without the default `simd` feature
+//! leaves the hand-written code out altogether. All backends give the same bytes: tests and a
+//! differential fuzz target (`fuzz/fuzz_targets/cipher.rs`) compare them with libsodium.
+//!
+//! Tests of a vector backend this machine cannot run print `SKIPPING`; with
+//! `MM_REQUIRE_AVX512=1` (CI sets it where the CPU has AVX-512F, VL and IFMA) they fail instead.
 //!
 //! Secret material is wiped from memory when its owner is dropped.
 
 use std::fmt;
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 
+#[cfg(all(feature = "simd", target_arch = "x86_64"))]
 mod poly1305x;
+#[cfg(all(feature = "simd", target_arch = "x86_64"))]
 mod salsa20x;
 
 use sodiumoxide::crypto::box_::curve25519xsalsa20poly1305 as nacl_box;
@@ -83,17 +93,186 @@ impl fmt::Display for CryptoError {
 
 impl std::error::Error for CryptoError {}
 
-/// Which code seals and opens CurveCP message boxes in this process: `"avx512-ifma"` (Salsa20
-/// 16 blocks at a time and Poly1305 8 blocks at a time, on CPUs with AVX-512F, VL and IFMA),
-/// `"avx512"` (the Salsa20 part only: no IFMA), or `"libsodium"` (elsewhere, or when the
-/// environment variable `MM_CRYPTO_LIBSODIUM=1` was set when the first box was sealed). All
-/// give the same bytes.
-pub fn message_cipher_backend() -> &'static str {
-    match (salsa20x::available(), poly1305x::available()) {
-        (true, true) => "avx512-ifma",
-        (true, false) => "avx512",
-        _ => "libsodium",
+/// Which code seals and opens the boxes of CurveCP messages (XSalsa20-Poly1305 under a
+/// [`SharedKey`] with a cached nonce prefix). All give the same bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CipherBackend {
+    /// libsodium's Salsa20 and Poly1305 throughout: every CPU, and every build.
+    Libsodium,
+    /// Salsa20 16 blocks at a time with AVX-512F and VL, libsodium's Poly1305: what a CPU with
+    /// AVX-512 but without IFMA runs.
+    Avx512,
+    /// Salsa20 with AVX-512F and VL, and Poly1305 8 blocks at a time with AVX-512 IFMA.
+    Avx512Ifma,
+}
+
+impl CipherBackend {
+    /// Every backend, libsodium first.
+    pub const ALL: [CipherBackend; 3] = [
+        CipherBackend::Libsodium,
+        CipherBackend::Avx512,
+        CipherBackend::Avx512Ifma,
+    ];
+
+    /// Its name: `"libsodium"`, `"avx512"` or `"avx512-ifma"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CipherBackend::Libsodium => "libsodium",
+            CipherBackend::Avx512 => "avx512",
+            CipherBackend::Avx512Ifma => "avx512-ifma",
+        }
     }
+
+    /// Whether this build (the `simd` feature) and this CPU can run it.
+    pub fn supported(self) -> bool {
+        Engine::of(self).is_some()
+    }
+
+    /// The process default: libsodium when the environment variable `MM_CRYPTO_LIBSODIUM` is
+    /// set to anything but `0` (read once), else the fastest backend this build and CPU run.
+    pub fn detected() -> CipherBackend {
+        static DETECTED: OnceLock<CipherBackend> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let off = std::env::var_os("MM_CRYPTO_LIBSODIUM").is_some_and(|v| v != "0");
+            if off {
+                return CipherBackend::Libsodium;
+            }
+            [CipherBackend::Avx512Ifma, CipherBackend::Avx512]
+                .into_iter()
+                .find(|b| b.supported())
+                .unwrap_or(CipherBackend::Libsodium)
+        })
+    }
+}
+
+impl fmt::Display for CipherBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A [`CipherBackend`] asked for where this build or CPU cannot run it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnsupportedBackend(pub CipherBackend);
+
+impl fmt::Display for UnsupportedBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cipher backend {} unsupported (this CPU lacks the instructions, or the build lacks \
+             the simd feature)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for UnsupportedBackend {}
+
+/// A [`CipherBackend`] made runnable: the vector variants carry the CPU-feature tokens their
+/// code requires, so holding one proves the check was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    Libsodium,
+    #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+    Vector {
+        salsa: salsa20x::Avx512,
+        poly: Option<poly1305x::Ifma>,
+    },
+}
+
+impl Engine {
+    /// The engine of `backend`, if this build and CPU run it.
+    fn of(backend: CipherBackend) -> Option<Engine> {
+        match backend {
+            CipherBackend::Libsodium => Some(Engine::Libsodium),
+            #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+            CipherBackend::Avx512 => Some(Engine::Vector {
+                salsa: salsa20x::Avx512::detect()?,
+                poly: None,
+            }),
+            #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+            CipherBackend::Avx512Ifma => Some(Engine::Vector {
+                salsa: salsa20x::Avx512::detect()?,
+                poly: Some(poly1305x::Ifma::detect()?),
+            }),
+            #[cfg(not(all(feature = "simd", target_arch = "x86_64")))]
+            CipherBackend::Avx512 | CipherBackend::Avx512Ifma => None,
+        }
+    }
+
+    fn backend(self) -> CipherBackend {
+        match self {
+            Engine::Libsodium => CipherBackend::Libsodium,
+            #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+            Engine::Vector { poly: None, .. } => CipherBackend::Avx512,
+            #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+            Engine::Vector { poly: Some(_), .. } => CipherBackend::Avx512Ifma,
+        }
+    }
+
+    /// The engine a key made now takes: the thread's [`with_message_cipher`] choice, else the
+    /// process default.
+    fn current() -> Engine {
+        THREAD_ENGINE.with(|e| e.get()).unwrap_or_else(|| {
+            static DEFAULT: OnceLock<Engine> = OnceLock::new();
+            *DEFAULT.get_or_init(|| {
+                Engine::of(CipherBackend::detected()).expect("detected() is supported")
+            })
+        })
+    }
+}
+
+thread_local! {
+    /// The backend [`with_message_cipher`] set on this thread.
+    static THREAD_ENGINE: std::cell::Cell<Option<Engine>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every [`SharedKey`] made on this thread during it using `backend` (keys made
+/// before keep theirs; other threads are not affected). Tests use it to run the same
+/// connection once per backend; [`SharedKey::set_cipher_backend`] sets one key's.
+pub fn with_message_cipher<T>(
+    backend: CipherBackend,
+    f: impl FnOnce() -> T,
+) -> Result<T, UnsupportedBackend> {
+    let engine = Engine::of(backend).ok_or(UnsupportedBackend(backend))?;
+    /// Puts the previous choice back, also when `f` panics.
+    struct Restore(Option<Engine>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREAD_ENGINE.with(|e| e.set(self.0));
+        }
+    }
+    let _restore = Restore(THREAD_ENGINE.with(|e| e.replace(Some(engine))));
+    Ok(f())
+}
+
+/// The name of the process default [`CipherBackend`] ([`CipherBackend::detected`]):
+/// `"avx512-ifma"`, `"avx512"` or `"libsodium"`.
+pub fn message_cipher_backend() -> &'static str {
+    CipherBackend::detected().name()
+}
+
+/// The Poly1305 tag of `msg` under the one-time `key` (r, then s) computed by `backend`'s
+/// Poly1305 (`crypto_onetimeauth` for libsodium and [`CipherBackend::Avx512`]). For
+/// differential tests, fuzzing and timing: protocol code never needs it.
+pub fn poly1305_tag_with(
+    backend: CipherBackend,
+    key: &[u8; 32],
+    msg: &[u8],
+) -> Result<[u8; TAG_LEN], UnsupportedBackend> {
+    let engine = Engine::of(backend).ok_or(UnsupportedBackend(backend))?;
+    Ok(poly1305_tag(engine, key, msg))
+}
+
+/// Test support: a test of a path this machine cannot run says so, and fails when the
+/// environment variable `MM_REQUIRE_AVX512=1` is set (CI sets it where the CPU has AVX-512F,
+/// VL and IFMA), so a broken detection or build cannot pass as skipped.
+#[cfg(test)]
+pub(crate) fn cannot_run(what: &str) {
+    if std::env::var_os("MM_REQUIRE_AVX512").is_some_and(|v| v != "0") {
+        panic!("{what}: cannot run here, and MM_REQUIRE_AVX512 is set");
+    }
+    eprintln!("SKIPPING {what}: cannot run on this machine or build");
 }
 
 /// Overwrites `buf` with zeros in a way the optimiser does not remove (`sodium_memzero`, a
@@ -295,6 +474,8 @@ pub struct SharedKey {
     key: nacl_box::PrecomputedKey,
     /// Salsa20 subkeys for up to two nonce prefixes.
     subkeys: [Option<Subkey>; 2],
+    /// The code that seals and opens with those subkeys.
+    engine: Engine,
 }
 
 /// The XSalsa20 subkey of a [`SharedKey`] for one 16-byte nonce prefix.
@@ -303,25 +484,28 @@ struct Subkey {
     prefix: [u8; 16],
     key: nacl_salsa20::Key,
     /// Keystream tails of the next full message boxes (`salsa20x::TailCache`).
+    #[cfg(all(feature = "simd", target_arch = "x86_64"))]
     tail: salsa20x::TailSlot,
 }
 
 /// Seals `buf[TAG_LEN..]` in place with Salsa20 `key` and 8-byte nonce `n` (the second half
 /// of XSalsa20-Poly1305, as `crypto_secretbox_detached` does it after HSalsa20).
-fn seal_with_subkey(sub: &Subkey, n: &[u8], buf: &mut [u8]) {
+fn seal_with_subkey(engine: Engine, sub: &Subkey, n: &[u8], buf: &mut [u8]) {
     let key = &sub.key;
     let n = nacl_salsa20::Nonce(n.try_into().expect("8-byte nonce"));
     let (tag, body) = buf.split_at_mut(TAG_LEN);
-    if salsa20x::available() {
-        let mut poly_key = nacl_poly1305::Key([0; 32]);
-        salsa20x::xor_after_poly_key_cached(&key.0, &n.0, body, &sub.tail, |k, _| {
-            poly_key.0 = *k;
+    #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+    if let Engine::Vector { salsa, .. } = engine {
+        let mut poly_key = [0u8; 32];
+        salsa20x::xor_after_poly_key_cached(salsa, &key.0, &n.0, body, &sub.tail, |k, _| {
+            poly_key = *k;
             true
         });
-        tag.copy_from_slice(&poly1305_tag(&poly_key.0, body));
-        wipe(&mut poly_key.0);
+        tag.copy_from_slice(&poly1305_tag(engine, &poly_key, body));
+        wipe(&mut poly_key);
         return;
     }
+    let _ = engine;
     let first = body.len().min(32);
     // Keystream block 0: the Poly1305 key, then 32 bytes for the first message bytes.
     let mut block0 = [0u8; 64];
@@ -337,11 +521,18 @@ fn seal_with_subkey(sub: &Subkey, n: &[u8], buf: &mut [u8]) {
 }
 
 /// The Poly1305 tag of `msg` under the one-time `key`: eight blocks at a time with AVX-512
-/// IFMA for long messages (`crypto/poly1305x.rs`), libsodium's otherwise.
-fn poly1305_tag(key: &[u8; 32], msg: &[u8]) -> [u8; 16] {
-    if msg.len() >= poly1305x::MIN_LEN && poly1305x::available() {
-        return poly1305x::tag(key, msg);
+/// IFMA for long messages when `engine` has it (`crypto/poly1305x.rs`), libsodium's otherwise.
+fn poly1305_tag(engine: Engine, key: &[u8; 32], msg: &[u8]) -> [u8; 16] {
+    #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+    if let Engine::Vector {
+        poly: Some(ifma), ..
+    } = engine
+    {
+        if msg.len() >= poly1305x::MIN_LEN {
+            return poly1305x::tag(ifma, key, msg);
+        }
     }
+    let _ = engine;
     let mut k = nacl_poly1305::Key(*key);
     let t = nacl_poly1305::authenticate(msg, &k).0;
     wipe(&mut k.0);
@@ -350,16 +541,22 @@ fn poly1305_tag(key: &[u8; 32], msg: &[u8]) -> [u8; 16] {
 
 /// Opens what [`seal_with_subkey`] sealed, in place; the tag is checked before anything is
 /// decrypted.
-fn open_with_subkey(key: &Subkey, n: &[u8], buf: &mut [u8]) -> Result<(), CryptoError> {
+fn open_with_subkey(
+    engine: Engine,
+    key: &Subkey,
+    n: &[u8],
+    buf: &mut [u8],
+) -> Result<(), CryptoError> {
     if buf.len() < TAG_LEN {
         return Err(CryptoError);
     }
     let (tag, body) = buf.split_at_mut(TAG_LEN);
-    open_detached_with_subkey(key, n, tag, body)
+    open_detached_with_subkey(engine, key, n, tag, body)
 }
 
 /// [`open_with_subkey`] with the tag apart from the ciphertext `body`.
 fn open_detached_with_subkey(
+    engine: Engine,
     sub: &Subkey,
     n: &[u8],
     tag: &[u8],
@@ -368,13 +565,21 @@ fn open_detached_with_subkey(
     let key = &sub.key;
     let n = nacl_salsa20::Nonce(n.try_into().expect("8-byte nonce"));
     let tag = nacl_poly1305::Tag(tag.try_into().map_err(|_| CryptoError)?);
-    if salsa20x::available() {
-        let opened =
-            salsa20x::xor_after_poly_key_cached(&key.0, &n.0, body, &sub.tail, |k, ciphertext| {
-                sodiumoxide::utils::memcmp(&poly1305_tag(k, ciphertext), &tag.0)
-            });
+    #[cfg(all(feature = "simd", target_arch = "x86_64"))]
+    if let Engine::Vector { salsa, .. } = engine {
+        let opened = salsa20x::xor_after_poly_key_cached(
+            salsa,
+            &key.0,
+            &n.0,
+            body,
+            &sub.tail,
+            |k, ciphertext| {
+                sodiumoxide::utils::memcmp(&poly1305_tag(engine, k, ciphertext), &tag.0)
+            },
+        );
         return if opened { Ok(()) } else { Err(CryptoError) };
     }
+    let _ = engine;
     let first = body.len().min(32);
     let mut block0 = [0u8; 64];
     block0[32..32 + first].copy_from_slice(&body[..first]);
@@ -405,7 +610,27 @@ impl SharedKey {
         SharedKey {
             key,
             subkeys: [None, None],
+            engine: Engine::current(),
         }
+    }
+
+    /// A precomputed key from its 32 bytes (the output of `crypto_box_beforenm`), for tests
+    /// and fuzzing; real keys come from [`SharedKey::new`] or [`BoxKeyPair::shared_key`].
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> SharedKey {
+        init();
+        SharedKey::wrap(nacl_box::PrecomputedKey(bytes))
+    }
+
+    /// The backend that seals and opens this key's message boxes.
+    pub fn cipher_backend(&self) -> CipherBackend {
+        self.engine.backend()
+    }
+
+    /// Makes `backend` seal and open this key's message boxes from now on (tests, and
+    /// measuring one against another).
+    pub fn set_cipher_backend(&mut self, backend: CipherBackend) -> Result<(), UnsupportedBackend> {
+        self.engine = Engine::of(backend).ok_or(UnsupportedBackend(backend))?;
+        Ok(())
     }
 
     /// Computes and keeps the subkey for nonces starting with `prefix` (at most two prefixes
@@ -430,6 +655,7 @@ impl SharedKey {
         let sub = Subkey {
             prefix: *prefix,
             key: nacl_salsa20::Key(out),
+            #[cfg(all(feature = "simd", target_arch = "x86_64"))]
             tail: salsa20x::TailSlot::default(),
         };
         wipe(&mut out);
@@ -458,7 +684,7 @@ impl SharedKey {
     /// compact wire form. `buf` must be at least `TAG_LEN` long.
     pub fn seal_in_place(&self, nonce: &Nonce, buf: &mut [u8]) {
         if let Some(sub) = self.subkey(&nonce[..16]) {
-            return seal_with_subkey(sub, &nonce[16..], buf);
+            return seal_with_subkey(self.engine, sub, &nonce[16..], buf);
         }
         let (tag, body) = buf.split_at_mut(TAG_LEN);
         let t = nacl_box::seal_detached_precomputed(body, &nacl_box::Nonce(*nonce), &self.key);
@@ -472,7 +698,7 @@ impl SharedKey {
             return Err(CryptoError);
         }
         if let Some(sub) = self.subkey(&nonce[..16]) {
-            return open_with_subkey(sub, &nonce[16..], buf);
+            return open_with_subkey(self.engine, sub, &nonce[16..], buf);
         }
         let (tag, body) = buf.split_at_mut(TAG_LEN);
         let tag = nacl_box::Tag(tag.try_into().expect("tag length"));
@@ -501,7 +727,7 @@ impl SharedKey {
         let r = match self.subkey(&nonce[..16]) {
             Some(sub) => {
                 out.copy_from_slice(&boxed[TAG_LEN..]);
-                open_detached_with_subkey(sub, &nonce[16..], &boxed[..TAG_LEN], out)
+                open_detached_with_subkey(self.engine, sub, &nonce[16..], &boxed[..TAG_LEN], out)
             }
             None => {
                 out.copy_from_slice(&boxed[TAG_LEN..]);
@@ -766,8 +992,90 @@ mod tests {
         hex(s).try_into().unwrap()
     }
 
+    /// Runs `test` with `backend` (every key it makes takes it), or says it cannot.
+    fn on(backend: CipherBackend, test: fn(CipherBackend)) {
+        if !backend.supported() {
+            cannot_run(&format!("the {backend} box tests"));
+            return;
+        }
+        with_message_cipher(backend, || test(backend)).expect("supported");
+    }
+
+    /// Each named test function `fn(CipherBackend)` becomes a module of three tests, one per
+    /// backend (`name::libsodium`, `name::avx512`, `name::avx512_ifma`), so the test output
+    /// counts each path.
+    macro_rules! per_backend {
+        ($($name:ident),* $(,)?) => {$(
+            mod $name {
+                use super::*;
+                #[test]
+                fn libsodium() {
+                    on(CipherBackend::Libsodium, super::$name)
+                }
+                #[test]
+                fn avx512() {
+                    on(CipherBackend::Avx512, super::$name)
+                }
+                #[test]
+                fn avx512_ifma() {
+                    on(CipherBackend::Avx512Ifma, super::$name)
+                }
+            }
+        )*};
+    }
+
+    per_backend!(
+        box_known_answer,
+        cached_nonce_prefixes_give_the_same_boxes,
+        consecutive_message_boxes_match_libsodium_in_any_order,
+        box_rejects_any_flipped_bit,
+        boxes_match_libsodium_for_any_input,
+        poly1305_tags_match_libsodium_for_any_input,
+    );
+
     #[test]
-    fn box_known_answer() {
+    fn backends_are_named_and_chosen_per_thread() {
+        assert_eq!(CipherBackend::detected(), CipherBackend::detected());
+        assert!(CipherBackend::Libsodium.supported());
+        assert!(CipherBackend::detected().supported());
+        assert_eq!(message_cipher_backend(), CipherBackend::detected().name());
+        for b in CipherBackend::ALL {
+            match with_message_cipher(b, || SharedKey::from_bytes([1; 32]).cipher_backend()) {
+                Ok(got) => assert_eq!(got, b),
+                Err(e) => {
+                    assert_eq!(e, UnsupportedBackend(b));
+                    assert!(!b.supported());
+                    cannot_run(&format!("choosing {b}"));
+                }
+            }
+        }
+        // Outside, keys take the default again.
+        assert_eq!(
+            SharedKey::from_bytes([1; 32]).cipher_backend(),
+            CipherBackend::detected()
+        );
+        let mut k = SharedKey::from_bytes([1; 32]);
+        k.set_cipher_backend(CipherBackend::Libsodium).unwrap();
+        assert_eq!(k.cipher_backend(), CipherBackend::Libsodium);
+    }
+
+    /// The CPU flags say AVX-512F, VL and IFMA: then the vector backends must be supported
+    /// (a broken detection or a build without `simd` fails here under `MM_REQUIRE_AVX512=1`).
+    #[test]
+    fn vector_backends_run_where_the_cpu_has_them() {
+        let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+        if has("avx512f") && has("avx512vl") {
+            if !CipherBackend::Avx512.supported() {
+                cannot_run("the avx512 backend, though /proc/cpuinfo lists avx512f and avx512vl");
+            }
+            if has("avx512ifma") && !CipherBackend::Avx512Ifma.supported() {
+                cannot_run("the avx512-ifma backend, though /proc/cpuinfo lists avx512ifma");
+            }
+        }
+    }
+
+    fn box_known_answer(backend: CipherBackend) {
         let alice = BoxKeyPair::from_secret(key(ALICE_SK));
         assert_eq!(
             alice.public.to_hex(),
@@ -791,17 +1099,31 @@ mod tests {
         let mut buf = out.clone();
         kb.open_in_place(&nonce, &mut buf).unwrap();
         assert_eq!(&buf[TAG_LEN..], &msg[..]);
+
+        // The same through a cached nonce prefix: the backend's own code.
+        let mut kc = alice.shared_key(&BoxPublicKey(key(BOB_PK)));
+        kc.cache_nonce_prefix(nonce[..16].try_into().unwrap());
+        assert_eq!(kc.cipher_backend(), backend);
+        let mut again = vec![0u8; msg.len() + TAG_LEN];
+        kc.seal_into(&nonce, &msg, &mut again);
+        assert_eq!(to_hex(&again), BOXED);
+        let mut buf = again.clone();
+        kc.open_in_place(&nonce, &mut buf).unwrap();
+        assert_eq!(&buf[TAG_LEN..], &msg[..]);
     }
 
     /// A key with cached nonce prefixes seals to the same bytes as libsodium's box (every
     /// length around the 32-byte first-block split, up to a full CurveCP message), opens
     /// libsodium's boxes, refuses a flipped bit, and other prefixes still take the plain path.
-    #[test]
-    fn cached_nonce_prefixes_give_the_same_boxes() {
+    fn cached_nonce_prefixes_give_the_same_boxes(backend: CipherBackend) {
         let a = BoxKeyPair::generate();
         let b = BoxKeyPair::generate();
-        let plain_key = SharedKey::new(&b.public, &a);
+        let mut plain_key = SharedKey::new(&b.public, &a);
+        plain_key
+            .set_cipher_backend(CipherBackend::Libsodium)
+            .unwrap();
         let mut fast = SharedKey::new(&a.public, &b);
+        assert_eq!(fast.cipher_backend(), backend);
         fast.cache_nonce_prefix(b"CurveCP-client-M");
         fast.cache_nonce_prefix(b"CurveCP-server-M");
         fast.cache_nonce_prefix(b"CurveCP-server-M");
@@ -848,15 +1170,20 @@ mod tests {
     /// A connection's boxes in a row (consecutive nonces, full and short messages mixed) seal
     /// to libsodium's bytes with the cached prefix and its keystream tails, and open in any
     /// order, replays included.
-    #[test]
-    fn consecutive_message_boxes_match_libsodium_in_any_order() {
+    fn consecutive_message_boxes_match_libsodium_in_any_order(backend: CipherBackend) {
         let a = BoxKeyPair::generate();
         let b = BoxKeyPair::generate();
-        let plain = SharedKey::new(&b.public, &a);
+        let mut plain = SharedKey::new(&b.public, &a);
+        plain.set_cipher_backend(CipherBackend::Libsodium).unwrap();
+        plain.cache_nonce_prefix(b"CurveCP-client-M");
         let mut fast = SharedKey::new(&a.public, &b);
         fast.cache_nonce_prefix(b"CurveCP-client-M");
         let mut opener = SharedKey::new(&a.public, &b);
         opener.cache_nonce_prefix(b"CurveCP-client-M");
+        assert_eq!(
+            (fast.cipher_backend(), opener.cipher_backend()),
+            (backend, backend)
+        );
         let nonce_of = |c: u64| {
             let mut n = [0u8; NONCE_LEN];
             n[..16].copy_from_slice(b"CurveCP-client-M");
@@ -885,26 +1212,144 @@ mod tests {
         }
     }
 
-    #[test]
-    fn box_rejects_any_flipped_bit() {
+    fn box_rejects_any_flipped_bit(backend: CipherBackend) {
         let a = BoxKeyPair::generate();
         let b = BoxKeyPair::generate();
-        let k = a.shared_key(&b.public);
-        let nonce = [7u8; 24];
-        let mut sealed = [0u8; 16 + 40];
-        k.seal_into(&nonce, &[1u8; 40], &mut sealed);
-        for i in 0..sealed.len() * 8 {
-            let mut bad = sealed;
-            bad[i / 8] ^= 1 << (i % 8);
-            let mut out = [0u8; 40];
-            assert!(k.open_into(&nonce, &bad, &mut out).is_err());
-            assert_eq!(out, [0u8; 40]);
+        // Plain, then with the nonce prefix cached (the backend's code); a short box and a
+        // full message box (its keystream tail cached).
+        for (cached, len) in [(false, 40), (true, 40), (true, 200), (true, 1088)] {
+            let mut k = a.shared_key(&b.public);
+            assert_eq!(k.cipher_backend(), backend);
+            let nonce = [7u8; 24];
+            if cached {
+                k.cache_nonce_prefix(&[7u8; 16]);
+            }
+            let msg = vec![1u8; len];
+            let mut sealed = vec![0u8; 16 + len];
+            k.seal_into(&nonce, &msg, &mut sealed);
+            for i in 0..sealed.len() * 8 {
+                let mut bad = sealed.clone();
+                bad[i / 8] ^= 1 << (i % 8);
+                let mut out = vec![0u8; len];
+                assert!(k.open_into(&nonce, &bad, &mut out).is_err());
+                assert!(out.iter().all(|&x| x == 0), "wiped on failure");
+                assert!(k.open_in_place(&nonce, &mut bad).is_err());
+            }
+            let mut other_nonce = nonce;
+            other_nonce[23] ^= 1;
+            let mut out = vec![0u8; len];
+            assert!(k.open_into(&other_nonce, &sealed, &mut out).is_err());
+            assert!(k.open_into(&nonce, &sealed[..10], &mut [0u8; 0]).is_err());
+            k.open_into(&nonce, &sealed, &mut out).unwrap();
+            assert_eq!(out, msg);
         }
-        let mut other_nonce = nonce;
-        other_nonce[23] ^= 1;
-        let mut out = [0u8; 40];
-        assert!(k.open_into(&other_nonce, &sealed, &mut out).is_err());
-        assert!(k.open_into(&nonce, &sealed[..10], &mut [0u8; 0]).is_err());
+    }
+
+    /// One differential case: `key` (a precomputed box key), `nonce`, `msg` placed at byte
+    /// `align` of its buffer, sealed and opened by `backend` (the nonce prefix cached) and by
+    /// libsodium (not cached), then `count` consecutive nonces (the keystream tail cache) and a
+    /// flipped bit refused by both.
+    fn differential_case(
+        backend: CipherBackend,
+        key: [u8; 32],
+        nonce: Nonce,
+        msg: &[u8],
+        align: usize,
+        count: u64,
+        flip: usize,
+    ) {
+        let mut ours = SharedKey::from_bytes(key);
+        ours.set_cipher_backend(backend).unwrap();
+        ours.cache_nonce_prefix(nonce[..16].try_into().unwrap());
+        let mut theirs = SharedKey::from_bytes(key);
+        theirs.set_cipher_backend(CipherBackend::Libsodium).unwrap();
+        let len = TAG_LEN + msg.len();
+        for c in 0..count {
+            let mut n = nonce;
+            let counter = u64::from_le_bytes(n[16..].try_into().unwrap()).wrapping_add(c);
+            n[16..].copy_from_slice(&counter.to_le_bytes());
+            let mut a = vec![0u8; align + len];
+            a[align + TAG_LEN..].copy_from_slice(msg);
+            let mut b = a.clone();
+            ours.seal_in_place(&n, &mut a[align..]);
+            theirs.seal_in_place(&n, &mut b[align..]);
+            assert!(
+                a == b,
+                "{backend}: sealed boxes differ ({} bytes)",
+                msg.len()
+            );
+            let mut opened = a.clone();
+            ours.open_in_place(&n, &mut opened[align..]).unwrap();
+            assert!(opened[align + TAG_LEN..] == *msg);
+            let mut out = vec![0u8; msg.len()];
+            theirs.open_into(&n, &a[align..], &mut out).unwrap();
+            assert!(out == msg);
+            let mut bad = a.clone();
+            let bit = flip % (8 * len);
+            bad[align + bit / 8] ^= 1 << (bit % 8);
+            assert!(ours.open_into(&n, &bad[align..], &mut out).is_err());
+            assert!(theirs.open_in_place(&n, &mut bad[align..]).is_err());
+        }
+    }
+
+    fn boxes_match_libsodium_for_any_input(backend: CipherBackend) {
+        use proptest::prelude::*;
+        let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+            cases: 200,
+            ..Default::default()
+        });
+        let lengths = prop_oneof![0usize..2200, 1000usize..1100, Just(1088usize)];
+        let strategy = (
+            any::<[u8; 32]>(),
+            any::<[u8; 24]>(),
+            lengths.prop_flat_map(|n| proptest::collection::vec(any::<u8>(), n)),
+            0usize..64,
+            1u64..12,
+            any::<usize>(),
+            any::<bool>(),
+        );
+        runner
+            .run(&strategy, |(key, nonce, msg, align, count, flip, ones)| {
+                let msg = if ones { vec![0xff; msg.len()] } else { msg };
+                differential_case(backend, key, nonce, &msg, align, count, flip);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    fn poly1305_tags_match_libsodium_for_any_input(backend: CipherBackend) {
+        use proptest::prelude::*;
+        let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+            cases: 500,
+            ..Default::default()
+        });
+        let strategy = (
+            any::<[u8; 32]>(),
+            (0usize..2200).prop_flat_map(|n| proptest::collection::vec(any::<u8>(), n)),
+            0u8..4,
+        );
+        runner
+            .run(&strategy, |(key, msg, extreme)| {
+                // Extremes push limbs and carries to their bounds: all-ones messages, r at its
+                // clamp, s all ones.
+                let mut key = key;
+                let msg = match extreme {
+                    1 => vec![0xff; msg.len()],
+                    2 => {
+                        key[..16].fill(0xff);
+                        vec![0xff; msg.len()]
+                    }
+                    3 => {
+                        key[16..].fill(0xff);
+                        msg
+                    }
+                    _ => msg,
+                };
+                let want = nacl_poly1305::authenticate(&msg, &nacl_poly1305::Key(key)).0;
+                prop_assert_eq!(poly1305_tag_with(backend, &key, &msg).unwrap(), want);
+                Ok(())
+            })
+            .unwrap();
     }
 
     #[test]

@@ -9,39 +9,39 @@
 //! for a short tail), with AVX-512's one-instruction rotate, and written out through a 16×16
 //! word transpose: the same keystream, about twice as fast.
 //!
-//! It is used only when the CPU has AVX-512F and AVX-512VL (checked once, at run time), and not
-//! when `MM_CRYPTO_LIBSODIUM=1` is set (to measure against libsodium, or to rule this out);
-//! otherwise [`super`] keeps calling libsodium. Salsa20 is add-rotate-xor only, so this code is
+//! It is used only when the CPU has AVX-512F and AVX-512VL: every entry point takes an
+//! [`Avx512`] token, which only [`Avx512::detect`] makes, after checking the CPU (once, at run
+//! time), so no safe caller can reach an AVX-512 instruction on a CPU without it. The output
+//! buffers of the block functions are [`Aligned`] (64-byte aligned by type), as the aligned
+//! stores need. [`super`] decides whether to use it at all (`MM_CRYPTO_LIBSODIUM=1`, the
+//! `simd` feature, an explicit backend) and otherwise calls libsodium. Salsa20 is add-rotate-xor only, so this code is
 //! constant-time by construction: no table, no branch on key or data. Tests compare its
 //! keystream with libsodium's byte for byte, for every length up to three chunks and for
 //! counters that carry into the high word.
 //!
 //! This module only produces and applies keystream; the tag is `poly1305x.rs`'s or libsodium's.
 
-#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 /// Bytes of keystream produced per chunk (16 blocks).
 const CHUNK: usize = 1024;
 
-/// Whether this module's code runs on this CPU (and has not been switched off).
-pub(super) fn available() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        let off = std::env::var_os("MM_CRYPTO_LIBSODIUM").is_some_and(|v| v != "0");
-        !off && cpu_has_avx512()
-    })
-}
+/// Proof that this CPU has AVX-512F and AVX-512VL: a zero-sized token that only
+/// [`Avx512::detect`] makes, and only after checking. Every function here that executes AVX-512
+/// takes one, so they are safe to call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Avx512(());
 
-#[cfg(target_arch = "x86_64")]
-fn cpu_has_avx512() -> bool {
-    std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn cpu_has_avx512() -> bool {
-    false
+impl Avx512 {
+    /// The token, when this CPU has AVX-512F and AVX-512VL (checked once per process).
+    pub(super) fn detect() -> Option<Avx512> {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        let has = *HAS.get_or_init(|| {
+            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl")
+        });
+        has.then_some(Avx512(()))
+    }
 }
 
 /// Keystream blocks 16 and 17 (bytes 1024..1152, the end of a full 1088-byte CurveCP message
@@ -50,14 +50,20 @@ fn cpu_has_avx512() -> bool {
 /// Why: a full message box needs 18 blocks, one 16-block pass and a second pass for the last
 /// two, and the second pass cost nearly as much as the first (17.5% and 14.6% of a bulk
 /// sender's profile). Message nonces count up by one per packet, so the tails of the next
-/// seven are computed with this one's, and seven boxes in eight take one pass. A box that
-/// needs no tail (a shorter message: the transfer is over) drops the cache, so an idle
-/// connection keeps none.
+/// seven are computed with this one's, and seven boxes in eight take one pass.
+///
+/// How long keystream lives here: when a nonce's tail is used, the tails of the nonces before
+/// it are wiped (going back to one, a replay to be refused, computes it again), so the cache
+/// holds the tails of the latest nonce used and of at most seven after it, all derived from
+/// the subkey kept next to it anyway. A box that needs no tail (a shorter message: the
+/// transfer is over, or the peer only acknowledges) drops the cache, and so does dropping the
+/// key (the server drops an idle connection's at its idle timeout); an idle connection keeps
+/// none past its next short box.
 pub(super) struct TailCache {
     /// The nonce of the first cached tail.
     first: u64,
-    /// How many nonces from `first` on are cached.
-    count: u64,
+    /// Bit i set: the tail of nonce `first + i` is cached and not yet used.
+    valid: u8,
     ks: Aligned,
 }
 
@@ -90,6 +96,15 @@ impl TailSlot {
         self.0.set(c);
         held
     }
+
+    /// How many tails are cached (tests).
+    #[cfg(test)]
+    pub(super) fn cached_tails(&self) -> u32 {
+        let c = self.0.take();
+        let n = c.as_ref().map_or(0, |c| c.valid.count_ones());
+        self.0.set(c);
+        n
+    }
 }
 
 /// [`xor_after_poly_key`] for a message box whose nonce `n` counts up per box: full boxes
@@ -97,6 +112,7 @@ impl TailSlot {
 /// [`TAIL_NONCES`] nonces when it does not hold this one's); any other length drops the
 /// cache and goes the plain way. Same bytes either way.
 pub(super) fn xor_after_poly_key_cached(
+    cpu: Avx512,
     key: &[u8; 32],
     n: &[u8; 8],
     body: &mut [u8],
@@ -108,149 +124,137 @@ pub(super) fn xor_after_poly_key_cached(
         if blocks <= 16 {
             drop(tail.0.take());
         }
-        return xor_after_poly_key(key, n, body, first);
+        return xor_after_poly_key(cpu, key, n, body, first);
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        debug_assert!(available());
-        let st = State::new(key, n);
-        let mut ks = Aligned([0u8; CHUNK]);
-        // SAFETY: `available()` (required of the caller) means AVX-512F and AVX-512VL.
-        unsafe { keystream(&st, 0, 16, &mut ks.0) };
-        let mut poly = [0u8; 32];
-        poly.copy_from_slice(&ks.0[..32]);
-        let ok = first(&poly, body);
-        super::wipe(&mut poly);
-        if !ok {
-            super::wipe(&mut ks.0);
-            return false;
-        }
-        let (head, rest) = body.split_at_mut(CHUNK - 32);
-        xor(head, &ks.0[32..]);
+    let st = State::new(key, n);
+    let mut ks = Aligned([0u8; CHUNK]);
+    keystream(cpu, &st, 0, 16, &mut ks);
+    let mut poly = [0u8; 32];
+    poly.copy_from_slice(&ks.0[..32]);
+    let ok = first(&poly, body);
+    super::wipe(&mut poly);
+    if !ok {
         super::wipe(&mut ks.0);
+        return false;
+    }
+    let (head, rest) = body.split_at_mut(CHUNK - 32);
+    xor(head, &ks.0[32..]);
+    super::wipe(&mut ks.0);
 
-        let nonce = u64::from_le_bytes(*n);
-        let mut cache = tail.0.take().unwrap_or_else(|| {
-            Box::new(TailCache {
-                first: 0,
-                count: 0,
-                ks: Aligned([0u8; CHUNK]),
-            })
-        });
-        if nonce.wrapping_sub(cache.first) >= cache.count {
-            let mut n6 = [0u32; 16];
-            let mut n7 = [0u32; 16];
-            let mut c8 = [0u32; 16];
-            let c9 = [0u32; 16];
-            for l in 0..16 {
-                let v = nonce.wrapping_add(l as u64 / 2);
-                n6[l] = v as u32;
-                n7[l] = (v >> 32) as u32;
-                c8[l] = 16 + (l as u32 % 2);
-            }
-            // SAFETY: as above.
-            unsafe { tail_pass(&st, (&n6, &n7), (&c8, &c9), &mut cache.ks.0) };
-            cache.first = nonce;
-            cache.count = TAIL_NONCES;
+    let nonce = u64::from_le_bytes(*n);
+    let mut cache = tail.0.take().unwrap_or_else(|| {
+        Box::new(TailCache {
+            first: 0,
+            valid: 0,
+            ks: Aligned([0u8; CHUNK]),
+        })
+    });
+    let mut i = nonce.wrapping_sub(cache.first);
+    if i >= TAIL_NONCES || cache.valid & (1 << i) == 0 {
+        let mut n6 = [0u32; 16];
+        let mut n7 = [0u32; 16];
+        let mut c8 = [0u32; 16];
+        let c9 = [0u32; 16];
+        for l in 0..16 {
+            let v = nonce.wrapping_add(l as u64 / 2);
+            n6[l] = v as u32;
+            n7[l] = (v >> 32) as u32;
+            c8[l] = 16 + (l as u32 % 2);
         }
-        let at = (nonce.wrapping_sub(cache.first) * 128) as usize;
-        xor(rest, &cache.ks.0[at..at + rest.len()]);
-        tail.0.set(Some(cache));
-        true
+        tail_pass(cpu, &st, (&n6, &n7), (&c8, &c9), &mut cache.ks);
+        cache.first = nonce;
+        cache.valid = u8::MAX;
+        i = 0;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (key, n, body, tail, first);
-        unreachable!("salsa20x::available() is false off x86_64")
+    let at = (i * 128) as usize;
+    xor(rest, &cache.ks.0[at..at + rest.len()]);
+    // The tails of earlier nonces are forgotten (going back to one computes it again); this
+    // one's is kept, for a box sealed or opened twice in a row.
+    for j in 0..i as usize {
+        if cache.valid & (1 << j) != 0 {
+            super::wipe(&mut cache.ks.0[j * 128..(j + 1) * 128]);
+        }
     }
+    cache.valid &= !((1u8 << i) - 1);
+    tail.0.set(Some(cache));
+    true
 }
 
 /// [`blocks16_lanes`] with the state's key and the given lanes.
-///
-/// # Safety
-/// The CPU must have AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn tail_pass(
+fn tail_pass(
+    _cpu: Avx512,
     st: &State,
     nonces: (&[u32; 16], &[u32; 16]),
     counters: (&[u32; 16], &[u32; 16]),
-    out: &mut [u8; CHUNK],
+    out: &mut Aligned,
 ) {
-    blocks16_lanes(st, Some(nonces), counters, out)
+    // SAFETY: the token proves the CPU has AVX-512F, the feature `blocks16_lanes` is compiled
+    // for; its arguments are plain references (the output 64-byte aligned by type).
+    unsafe { blocks16_lanes(st, Some(nonces), counters, out) }
 }
 
 /// Salsa20-encrypts (or decrypts) `body` in place with `key` and 8-byte nonce `n`, the
 /// keystream starting at its byte 32 (block 0's first 32 bytes are the Poly1305 key of an
 /// XSalsa20-Poly1305 box). `first` is called with those 32 bytes after they are computed and
 /// before `body` is touched; if it returns false nothing is written and this returns false.
-///
-/// Only call it when [`available`] is true.
 pub(super) fn xor_after_poly_key(
+    cpu: Avx512,
     key: &[u8; 32],
     n: &[u8; 8],
     body: &mut [u8],
     first: impl FnOnce(&[u8; 32], &[u8]) -> bool,
 ) -> bool {
-    debug_assert!(available());
-    #[cfg(target_arch = "x86_64")]
-    {
-        let st = State::new(key, n);
-        let mut ks = Aligned([0u8; CHUNK]);
-        let total = 32 + body.len();
-        let blocks = |from: usize| total.saturating_sub(from).div_ceil(64).min(16);
+    let st = State::new(key, n);
+    let mut ks = Aligned([0u8; CHUNK]);
+    let total = 32 + body.len();
+    let blocks = |from: usize| total.saturating_sub(from).div_ceil(64).min(16);
 
-        // The first chunk: the Poly1305 key, then up to 992 bytes of body. A box longer than
-        // one chunk starts with 4 blocks (the `xmm` pass) and continues with a `zmm` one: a
-        // 1088-byte message costs two passes either way, and a forged one is refused after the
-        // cheap pass.
-        let nb = if total > CHUNK { 4 } else { blocks(0) };
-        // SAFETY: `available()` (asserted above, and required of the caller) means the CPU has
-        // AVX-512F and AVX-512VL, the features `keystream` is compiled for.
-        unsafe { keystream(&st, 0, nb, &mut ks.0) };
-        let mut poly = [0u8; 32];
-        poly.copy_from_slice(&ks.0[..32]);
-        if !first(&poly, body) {
-            super::wipe(&mut poly);
-            super::wipe(&mut ks.0);
-            return false;
-        }
+    // The first chunk: the Poly1305 key, then up to 992 bytes of body. A box longer than
+    // one chunk starts with 4 blocks (the `xmm` pass) and continues with a `zmm` one: a
+    // 1088-byte message costs two passes either way, and a forged one is refused after the
+    // cheap pass.
+    let nb = if total > CHUNK { 4 } else { blocks(0) };
+    keystream(cpu, &st, 0, nb, &mut ks);
+    let mut poly = [0u8; 32];
+    poly.copy_from_slice(&ks.0[..32]);
+    if !first(&poly, body) {
         super::wipe(&mut poly);
-        let end = (nb * 64 - 32).min(body.len());
-        xor(&mut body[..end], &ks.0[32..32 + end]);
-
-        let mut pos = nb * 64; // keystream offset of the next chunk
-        while pos < total {
-            let nb = blocks(pos);
-            // SAFETY: as above.
-            unsafe { keystream(&st, (pos / 64) as u64, nb, &mut ks.0) };
-            let from = pos - 32;
-            let end = (from + nb * 64).min(body.len());
-            xor(&mut body[from..end], &ks.0[..end - from]);
-            pos += nb * 64;
-        }
         super::wipe(&mut ks.0);
-        true
+        return false;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (key, n, body, first);
-        unreachable!("salsa20x::available() is false off x86_64")
+    super::wipe(&mut poly);
+    let end = (nb * 64 - 32).min(body.len());
+    xor(&mut body[..end], &ks.0[32..32 + end]);
+
+    let mut pos = nb * 64; // keystream offset of the next chunk
+    while pos < total {
+        let nb = blocks(pos);
+        keystream(cpu, &st, (pos / 64) as u64, nb, &mut ks);
+        let from = pos - 32;
+        let end = (from + nb * 64).min(body.len());
+        xor(&mut body[from..end], &ks.0[..end - from]);
+        pos += nb * 64;
     }
+    super::wipe(&mut ks.0);
+    true
 }
 
 /// Raw keystream: `out.len()` bytes from block `counter` on (tests compare it with
-/// libsodium's). Only call it when [`available`] is true.
-#[cfg(all(test, target_arch = "x86_64"))]
-pub(super) fn keystream_bytes(key: &[u8; 32], n: &[u8; 8], counter: u64, out: &mut [u8]) {
-    assert!(available());
+/// libsodium's).
+#[cfg(test)]
+pub(super) fn keystream_bytes(
+    cpu: Avx512,
+    key: &[u8; 32],
+    n: &[u8; 8],
+    counter: u64,
+    out: &mut [u8],
+) {
     let st = State::new(key, n);
     let mut ks = Aligned([0u8; CHUNK]);
     let mut block = counter;
     for piece in out.chunks_mut(CHUNK) {
         let nb = piece.len().div_ceil(64);
-        // SAFETY: `available()` asserted above.
-        unsafe { keystream(&st, block, nb, &mut ks.0) };
+        keystream(cpu, &st, block, nb, &mut ks);
         piece.copy_from_slice(&ks.0[..piece.len()]);
         block = block.wrapping_add(nb as u64);
     }
@@ -271,8 +275,10 @@ fn xor(dst: &mut [u8], src: &[u8]) {
     }
 }
 
+/// A chunk of keystream, 64-byte aligned by its type: the block functions store to it with
+/// aligned 64- and 16-byte stores, so they take nothing else.
 #[repr(align(64))]
-struct Aligned([u8; CHUNK]);
+pub(super) struct Aligned([u8; CHUNK]);
 
 /// The sixteen input words of a Salsa20 block, but for the counter (words 8 and 9).
 struct State {
@@ -351,12 +357,17 @@ macro_rules! salsa20_rounds {
 }
 
 /// Writes `nb` (1..=16) keystream blocks, from block `counter` on, to `out[..nb * 64]`.
-///
-/// # Safety
-/// The CPU must have AVX-512F and AVX-512VL.
-#[cfg(target_arch = "x86_64")]
+#[inline]
+fn keystream(_cpu: Avx512, st: &State, counter: u64, nb: usize, out: &mut Aligned) {
+    // SAFETY: the token proves the CPU has AVX-512F and AVX-512VL, the features
+    // `keystream_avx512` is compiled for; its arguments are plain references.
+    unsafe { keystream_avx512(st, counter, nb, out) }
+}
+
+/// [`keystream`] compiled for AVX-512: calling it needs `unsafe` and an [`Avx512`] token's
+/// proof that the CPU has the features.
 #[target_feature(enable = "avx512f,avx512vl")]
-unsafe fn keystream(st: &State, counter: u64, nb: usize, out: &mut [u8; CHUNK]) {
+fn keystream_avx512(st: &State, counter: u64, nb: usize, out: &mut Aligned) {
     debug_assert!((1..=16).contains(&nb));
     if nb <= 4 {
         blocks4(st, counter, out)
@@ -365,14 +376,12 @@ unsafe fn keystream(st: &State, counter: u64, nb: usize, out: &mut [u8; CHUNK]) 
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn s16<const R: i32>(a: __m512i, b: __m512i, c: __m512i) -> __m512i {
     _mm512_xor_si512(a, _mm512_rol_epi32::<R>(_mm512_add_epi32(b, c)))
 }
 
-#[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl")]
 fn s4<const R: i32>(a: __m128i, b: __m128i, c: __m128i) -> __m128i {
@@ -393,9 +402,8 @@ fn counters<const L: usize>(counter: u64) -> ([u32; L], [u32; L]) {
 
 /// 16 blocks from `counter` on into `out`, one block per lane of 16 `zmm` registers (register
 /// `i` holds word `i` of every block), then a 16×16 transpose into block order.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn blocks16(st: &State, counter: u64, out: &mut [u8; CHUNK]) {
+fn blocks16(st: &State, counter: u64, out: &mut Aligned) {
     let (lo, hi) = counters::<16>(counter);
     blocks16_lanes(st, None, (&lo, &hi), out)
 }
@@ -403,13 +411,12 @@ fn blocks16(st: &State, counter: u64, out: &mut [u8; CHUNK]) {
 /// 16 blocks into `out`, lane L's block being that of nonce `nonces.0[L], nonces.1[L]`
 /// (words 6 and 7; the state's own nonce when `None`) and counter `counters.0[L],
 /// counters.1[L]` (words 8 and 9).
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn blocks16_lanes(
     st: &State,
     nonces: Option<(&[u32; 16], &[u32; 16])>,
     counters: (&[u32; 16], &[u32; 16]),
-    out: &mut [u8; CHUNK],
+    out: &mut Aligned,
 ) {
     let mut init = [_mm512_setzero_si512(); 16];
     for (i, v) in init.iter_mut().enumerate() {
@@ -445,7 +452,7 @@ fn blocks16_lanes(
         u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
         u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
     }
-    let dst = out.as_mut_ptr().cast::<__m512i>();
+    let dst = out.0.as_mut_ptr().cast::<__m512i>();
     for j in 0..4 {
         let (a, b, c, d) = (u[j], u[4 + j], u[8 + j], u[12 + j]);
         let p = _mm512_shuffle_i32x4::<0x44>(a, b); // a0 a1 b0 b1
@@ -459,16 +466,16 @@ fn blocks16_lanes(
             _mm512_shuffle_i32x4::<0xDD>(r, s), // block 12 + j
         ];
         for (k, v) in blocks.into_iter().enumerate() {
-            // SAFETY: block 4k + j < 16 is a 64-byte slot inside `out` (1024 bytes, 64-aligned).
+            // SAFETY: block 4k + j < 16 is a 64-byte slot inside `out` (1024 bytes), 64-byte
+            // aligned because `Aligned` is.
             unsafe { _mm512_store_si512(dst.add(4 * k + j), v) };
         }
     }
 }
 
 /// 4 blocks from `counter` on into `out[..256]`, as [`blocks16`] with `xmm` registers.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl")]
-fn blocks4(st: &State, counter: u64, out: &mut [u8; CHUNK]) {
+fn blocks4(st: &State, counter: u64, out: &mut Aligned) {
     let (lo, hi) = counters::<4>(counter);
     let mut init = [_mm_setzero_si128(); 16];
     for (i, v) in init.iter_mut().enumerate() {
@@ -484,7 +491,7 @@ fn blocks4(st: &State, counter: u64, out: &mut [u8; CHUNK]) {
     for i in 0..16 {
         x[i] = _mm_add_epi32(x[i], init[i]);
     }
-    let dst = out.as_mut_ptr().cast::<__m128i>();
+    let dst = out.0.as_mut_ptr().cast::<__m128i>();
     for i in 0..4 {
         let t0 = _mm_unpacklo_epi32(x[4 * i], x[4 * i + 1]);
         let t1 = _mm_unpackhi_epi32(x[4 * i], x[4 * i + 1]);
@@ -498,26 +505,32 @@ fn blocks4(st: &State, counter: u64, out: &mut [u8; CHUNK]) {
         ];
         for (b, v) in quarters.into_iter().enumerate() {
             // SAFETY: quarter i of block b < 4 is a 16-byte slot inside `out`'s first 256
-            // bytes (64-aligned).
+            // bytes, 16-byte aligned because `Aligned` is 64-byte aligned.
             unsafe { _mm_store_si128(dst.add(4 * b + i), v) };
         }
     }
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(test)]
 mod tests {
     use super::*;
     use sodiumoxide::crypto::stream::salsa20 as nacl_salsa20;
+
+    /// The token, or `None` after saying so (a failure under `MM_REQUIRE_AVX512=1`).
+    fn cpu() -> Option<Avx512> {
+        super::super::init();
+        let cpu = Avx512::detect();
+        if cpu.is_none() {
+            super::super::cannot_run("the AVX-512 Salsa20 tests (no AVX-512F/VL on this CPU)");
+        }
+        cpu
+    }
 
     /// The keystream is libsodium's, byte for byte: every length up to three chunks and a
     /// block, from counters at 0, mid-range and just below the carry into word 9.
     #[test]
     fn keystream_is_libsodiums() {
-        if !available() {
-            eprintln!("SKIPPED: this CPU has no AVX-512F/VL (or MM_CRYPTO_LIBSODIUM is set)");
-            return;
-        }
-        super::super::init();
+        let Some(cpu) = cpu() else { return };
         let key: [u8; 32] = std::array::from_fn(|i| (i * 37 + 5) as u8);
         let n = [0xa5, 1, 2, 3, 4, 5, 6, 0xfe];
         for counter in [0u64, 1, 77, 0xffff_fff0, 0xffff_ffff, u64::MAX - 3] {
@@ -526,7 +539,7 @@ mod tests {
                 .chain([64, 256, 257, 1024, 1088])
             {
                 let mut ours = vec![0u8; len];
-                keystream_bytes(&key, &n, counter, &mut ours);
+                keystream_bytes(cpu, &key, &n, counter, &mut ours);
                 let mut theirs = vec![0u8; len];
                 nacl_salsa20::stream_xor_ic_inplace(
                     &mut theirs,
@@ -543,21 +556,18 @@ mod tests {
     /// keystream byte 32 on.
     #[test]
     fn xor_after_poly_key_offsets_and_refusal() {
-        if !available() {
-            eprintln!("SKIPPED: this CPU has no AVX-512F/VL (or MM_CRYPTO_LIBSODIUM is set)");
-            return;
-        }
+        let Some(cpu) = cpu() else { return };
         let key = [9u8; 32];
         let n = [1u8; 8];
         for len in [0, 1, 31, 32, 33, 991, 992, 993, 1088, 2100] {
             let mut stream = vec![0u8; 32 + len];
-            keystream_bytes(&key, &n, 0, &mut stream);
+            keystream_bytes(cpu, &key, &n, 0, &mut stream);
             let msg: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
             let mut body = msg.clone();
-            assert!(!xor_after_poly_key(&key, &n, &mut body, |_, _| false));
+            assert!(!xor_after_poly_key(cpu, &key, &n, &mut body, |_, _| false));
             assert_eq!(body, msg, "{len} bytes: touched on refusal");
             let mut seen = [0u8; 32];
-            assert!(xor_after_poly_key(&key, &n, &mut body, |k, c| {
+            assert!(xor_after_poly_key(cpu, &key, &n, &mut body, |k, c| {
                 assert_eq!(c, &msg[..], "first sees the body before it changes");
                 seen = *k;
                 true
@@ -573,10 +583,7 @@ mod tests {
     /// box leaves the cache alone, and a box without a tail drops it.
     #[test]
     fn tail_cache_gives_the_plain_keystream() {
-        if !available() {
-            eprintln!("SKIPPED: this CPU has no AVX-512F/VL (or MM_CRYPTO_LIBSODIUM is set)");
-            return;
-        }
+        let Some(cpu) = cpu() else { return };
         let key: [u8; 32] = std::array::from_fn(|i| (i * 11 + 3) as u8);
         let slot = TailSlot::default();
         let mut nonces: Vec<u64> = (100..140).collect();
@@ -601,10 +608,11 @@ mod tests {
             for len in [1088usize, 1072, 1040, 993] {
                 let msg: Vec<u8> = (0..len).map(|i| (i + k) as u8).collect();
                 let mut stream = vec![0u8; 32 + len];
-                keystream_bytes(&key, &n, 0, &mut stream);
+                keystream_bytes(cpu, &key, &n, 0, &mut stream);
                 let mut body = msg.clone();
                 if k % 5 == 0 {
                     assert!(!xor_after_poly_key_cached(
+                        cpu,
                         &key,
                         &n,
                         &mut body,
@@ -615,6 +623,7 @@ mod tests {
                 }
                 let mut seen = [0u8; 32];
                 assert!(xor_after_poly_key_cached(
+                    cpu,
                     &key,
                     &n,
                     &mut body,
@@ -634,6 +643,7 @@ mod tests {
         // A box of 16 blocks or fewer drops the cache; a longer one than 18 leaves it alone.
         let mut long = vec![0u8; 2000];
         assert!(xor_after_poly_key_cached(
+            cpu,
             &key,
             &[1; 8],
             &mut long,
@@ -643,6 +653,7 @@ mod tests {
         assert!(slot.is_held());
         let mut short = vec![0u8; 992];
         assert!(xor_after_poly_key_cached(
+            cpu,
             &key,
             &[1; 8],
             &mut short,
@@ -650,5 +661,39 @@ mod tests {
             |_, _| true
         ));
         assert!(!slot.is_held());
+    }
+
+    /// Tails before the latest nonce used are wiped: eight consecutive full boxes leave eight,
+    /// seven, ... one tails, and going back (those tails gone) still gets the right keystream.
+    #[test]
+    fn used_tails_are_wiped() {
+        let Some(cpu) = cpu() else { return };
+        let key = [0x42u8; 32];
+        let slot = TailSlot::default();
+        for (k, nonce) in (500u64..508).chain([503, 507, 508]).enumerate() {
+            let n = nonce.to_le_bytes();
+            let mut stream = vec![0u8; 32 + 1088];
+            keystream_bytes(cpu, &key, &n, 0, &mut stream);
+            let mut body = vec![0u8; 1088];
+            assert!(xor_after_poly_key_cached(
+                cpu,
+                &key,
+                &n,
+                &mut body,
+                &slot,
+                |_, _| true
+            ));
+            assert!(body[..] == stream[32..], "nonce {nonce}");
+            let left = match k {
+                0..=7 => 8 - k as u32,
+                // 503 again: recomputed from 503 on.
+                8 => 8,
+                // 507: 503..506 wiped, 507..510 kept.
+                9 => 4,
+                // 508: cached by the 503 pass; 507 wiped.
+                _ => 3,
+            };
+            assert_eq!(slot.cached_tails(), left, "after nonce {nonce}");
+        }
     }
 }
