@@ -102,6 +102,7 @@
 //! ```
 
 mod circles;
+mod close;
 pub mod connections;
 mod crash_points;
 pub mod directory;
@@ -109,10 +110,12 @@ mod events;
 mod handle;
 mod host;
 mod message;
+mod peer_memory;
 mod timers;
 pub mod turns;
 
 pub use circles::Circles;
+pub use close::CloseReport;
 pub use connections::{ConnectionStats, DeliveryCallback, DeliveryError, NetConfig};
 pub use directory::{Directory, NodeInfo};
 pub use events::Event;
