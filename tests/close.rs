@@ -39,12 +39,13 @@ fn dir(name: &str) -> std::path::PathBuf {
 }
 
 /// Runs a receiver on its own thread (its platform is built there): sends its nodeInfo on
-/// `info`, then polls until it has `BULK` bytes and `MESSAGES` messages or `limit` passed.
+/// `info`, then polls until it has `bulk` bytes and `MESSAGES` messages or `limit` passed.
 /// Returns (bytes, messages in order of arrival).
 fn receiver(
     id: Identity,
     store: std::path::PathBuf,
     info: mpsc::Sender<serde_json::Value>,
+    bulk: usize,
     limit: Duration,
 ) -> thread::JoinHandle<(usize, Vec<i64>)> {
     thread::spawn(move || {
@@ -63,7 +64,7 @@ fn receiver(
         info.send(b.node_info()).unwrap();
         let mut got = Vec::new();
         let end = Instant::now() + limit;
-        while (bytes.get() < BULK || got.len() < MESSAGES) && Instant::now() < end {
+        while (bytes.get() < bulk || got.len() < MESSAGES) && Instant::now() < end {
             b.poll(Some(Duration::from_millis(5))).unwrap();
             got.extend(rx.try_iter().map(|m| m.json::<i64>().unwrap()));
         }
@@ -104,7 +105,7 @@ fn what_was_sent_before_close_arrives_after_the_sender_is_dropped() {
     let (da, db) = (dir("up-a"), dir("up-b"));
     let ib = Identity::generate();
     let (tx, rx) = mpsc::channel();
-    let recv = receiver(ib.clone(), db.clone(), tx, Duration::from_secs(30));
+    let recv = receiver(ib.clone(), db.clone(), tx, BULK, Duration::from_secs(30));
     let b_info = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     let mut a = Platform::builder()
         .storage(FileStore::open(&da).unwrap())
@@ -179,7 +180,7 @@ fn with_the_receiver_down_close_keeps_the_non_realtime_messages_for_the_next_run
         .unwrap();
     assert_eq!(a.offline_pending(), MESSAGES);
     let (tx, rx) = mpsc::channel();
-    let recv = receiver(ib.clone(), db.clone(), tx, Duration::from_secs(20));
+    let recv = receiver(ib.clone(), db.clone(), tx, 0, Duration::from_secs(20));
     rx.recv_timeout(Duration::from_secs(10)).unwrap();
     let mut a = a;
     let end = Instant::now() + Duration::from_secs(20);

@@ -14,9 +14,9 @@
 //!   checked: the signId must convert to the boxId).
 //! - The [`Directory`] trait: an application that knows its peers answers lookups itself,
 //!   synchronously; when it answers `None` the bus-based lookup runs as above.
-//! - The memory of peers across restarts (`peer_memory`): the nodeInfo of every peer the
-//!   node connects to (to send it messages, offline ones included) is kept in storage, bounded
-//!   ([`super::peer_memory::REMEMBERED_PEERS`]) and aged ([`super::peer_memory::REMEMBER_FOR`]);
+//! - The memory of peers across restarts (the private `peer_memory` module): the nodeInfo of
+//!   every peer the node connects to (to send it messages, offline ones included) is kept in
+//!   storage, bounded (1,024 peers) and aged (forgotten after 30 days unused);
 //!   a lookup that finds nothing in the cache uses it (and asks the bus for a fresher one at the
 //!   same time), so offline messages reach their destination after both ends restart without
 //!   the application publishing nodeInfos again.

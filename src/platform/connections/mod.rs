@@ -6,7 +6,8 @@
 //! This module holds the state (`Net`, `Conn`, `Peer`) and its bookkeeping; the work is split
 //! by what it is about: `config` (settings and reports), `lifecycle` (connections coming
 //! and going), `sending` (queues, writes, acknowledgements), `receiving` (frames in, the
-//! directory's bus messages) and `turn` (the event-driven turn tying them together).
+//! directory's bus messages), `turn` (the event-driven turn tying them together) and `idle`
+//! (what is still unacknowledged, for [`super::Platform::close`]).
 //!
 //! # Listeners and connections
 //!
