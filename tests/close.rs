@@ -3,7 +3,7 @@
 //! is dropped right after `close`; with the receiver down, the non-real-time messages stay in
 //! the sender's storage and arrive after both restart (the real-time one is reported dropped).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::mpsc;
 use std::thread;
@@ -78,9 +78,12 @@ fn receiver(
     })
 }
 
-/// Sends `BULK` bytes over `bt` (real-time) and `MESSAGES` non-real-time messages; the bulk
-/// message's delivery outcome lands in the returned cell.
-fn send_all(a: &mut Platform, to: &Identity) -> Rc<RefCell<Option<Result<(), DeliveryError>>>> {
+type Outcome = Rc<RefCell<Option<Result<(), DeliveryError>>>>;
+
+/// Sends `BULK` bytes over `bt` (real-time) and `MESSAGES` non-real-time messages; returns the
+/// bulk message's delivery outcome and the number of messages whose delivery succeeded (their
+/// callbacks, through `messaging().send_with_callback`).
+fn send_all(a: &mut Platform, to: &Identity) -> (Outcome, Rc<Cell<usize>>) {
     let outcome = Rc::new(RefCell::new(None));
     let o = outcome.clone();
     let st = a.torrenting().send_with_callback(
@@ -91,13 +94,23 @@ fn send_all(a: &mut Platform, to: &Identity) -> Rc<RefCell<Option<Result<(), Del
         move |_c, r| *o.borrow_mut() = Some(r),
     );
     assert!(st.is_queued(), "{st}");
+    let delivered = Rc::new(Cell::new(0));
     for i in 0..MESSAGES {
-        let st = a
-            .messaging()
-            .send_with("note.n", to.sign_id(), &(i as i64), offline());
+        let d = delivered.clone();
+        let st = a.messaging().send_with_callback(
+            "note.n",
+            to.sign_id(),
+            &(i as i64),
+            offline(),
+            move |_c, r| {
+                if r.is_ok() {
+                    d.set(d.get() + 1);
+                }
+            },
+        );
         assert!(st.is_queued(), "{st}");
     }
-    outcome
+    (outcome, delivered)
 }
 
 #[test]
@@ -113,8 +126,13 @@ fn what_was_sent_before_close_arrives_after_the_sender_is_dropped() {
         .build()
         .unwrap();
     let _ = a.messaging().send("transports.nodeInfo", "local", &b_info);
-    let bulk = send_all(&mut a, &ib);
+    let (bulk, delivered) = send_all(&mut a, &ib);
     let report = a.close(Instant::now() + Duration::from_secs(20)).unwrap();
+    assert_eq!(
+        delivered.get(),
+        MESSAGES,
+        "every delivery callback ran, with success"
+    );
     let outcome = bulk.borrow().clone();
     assert!(
         matches!(outcome, Some(Ok(()))),
@@ -159,7 +177,7 @@ fn with_the_receiver_down_close_keeps_the_non_realtime_messages_for_the_next_run
             .build()
             .unwrap();
         let _ = a.messaging().send("transports.nodeInfo", "local", &b_info);
-        let bulk = send_all(&mut a, &ib);
+        let (bulk, _) = send_all(&mut a, &ib);
         let report = a.close(Instant::now() + Duration::from_secs(2)).unwrap();
         assert!(!report.idle, "{report:?}");
         assert_eq!(report.delivered, 0, "{report:?}");
