@@ -59,7 +59,7 @@ use serde::Serialize;
 
 use crate::bus::SubscriptionId;
 use crate::platform::{
-    Callback, Context, Core, Message, SendOptions, SendStatus, Target, ToAddress,
+    Callback, Context, Core, DeliveryError, Message, SendOptions, SendStatus, Target, ToAddress,
 };
 
 /// A payload that could not be encoded or decoded.
@@ -221,6 +221,34 @@ impl<'c> Messaging<'c> {
         )
     }
 
+    /// [`Messaging::send_with`] with a delivery callback, called exactly once in a later turn
+    /// with the outcome (see [`crate::Platform::send_with_callback`]); not called when the
+    /// returned status is not `Queued`.
+    pub fn send_with_callback<T, F>(
+        &mut self,
+        topic: &str,
+        dest: impl ToAddress,
+        value: &T,
+        options: SendOptions,
+        callback: F,
+    ) -> SendStatus
+    where
+        T: Serialize + ?Sized,
+        F: FnOnce(&mut Context<'_>, Result<(), DeliveryError>) + 'static,
+    {
+        let Ok(payload) = serde_json::to_vec(value) else {
+            return SendStatus::EncodeFailed;
+        };
+        self.core.send_tracked(
+            dest.to_address(),
+            Cow::Borrowed("ms"),
+            topic.to_owned(),
+            payload,
+            options,
+            Some(Box::new(callback)),
+        )
+    }
+
     fn subscribe<T, F>(&mut self, pattern: &str, once: bool, mut f: F) -> SubscriptionId
     where
         T: DeserializeOwned + 'static,
@@ -326,6 +354,33 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
             topic.to_owned(),
             payload,
             options,
+        )
+    }
+
+    /// [`ProtocolApi::send_with`] with a delivery callback, called exactly once in a later
+    /// turn with the outcome (see [`crate::Platform::send_with_callback`]); not called when the
+    /// returned status is not `Queued`.
+    pub fn send_with_callback<F>(
+        &mut self,
+        topic: &str,
+        dest: impl ToAddress,
+        value: &C::Value,
+        options: SendOptions,
+        callback: F,
+    ) -> SendStatus
+    where
+        F: FnOnce(&mut Context<'_>, Result<(), DeliveryError>) + 'static,
+    {
+        let Ok(payload) = self.codec.encode(value) else {
+            return SendStatus::EncodeFailed;
+        };
+        self.core.send_tracked(
+            dest.to_address(),
+            self.codec.protocol(),
+            topic.to_owned(),
+            payload,
+            options,
+            Some(Box::new(callback)),
         )
     }
 

@@ -48,7 +48,7 @@ pub mod transport;
 pub use bus::SubscriptionId;
 pub use identity::{BoxId, SignId};
 pub use platform::{
-    Address, BuildError, ConnectionStats, Context, DeliveryError, Event, Handle, Limits, Message,
-    MessageId, NetConfig, NodeInfo, Platform, PlatformBuilder, Scope, SendOptions, SendStatus,
-    Stats,
+    Address, BuildError, CloseReport, ConnectionStats, Context, DeliveryError, Event, Handle,
+    Limits, Message, MessageId, NetConfig, NodeInfo, Platform, PlatformBuilder, Scope, SendOptions,
+    SendStatus, Stats,
 };

@@ -14,13 +14,21 @@
 //!   checked: the signId must convert to the boxId).
 //! - The [`Directory`] trait: an application that knows its peers answers lookups itself,
 //!   synchronously; when it answers `None` the bus-based lookup runs as above.
+//! - The memory of peers across restarts (the private `peer_memory` module): the nodeInfo of
+//!   every peer the node connects to (to send it messages, offline ones included) is kept in
+//!   storage, bounded (1,024 peers) and aged (forgotten after 30 days unused);
+//!   a lookup that finds nothing in the cache uses it (and asks the bus for a fresher one at the
+//!   same time), so offline messages reach their destination after both ends restart without
+//!   the application publishing nodeInfos again.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::peer_memory::PeerMemory;
 use crate::identity::{BoxId, KeyCache, SignId};
+use crate::storage::Storage;
 use crate::transport::connection_info::{self, Endpoint};
 
 /// Most nodeInfo entries cached, and most lookups pending at once.
@@ -120,6 +128,9 @@ pub trait Directory {
 pub(crate) enum Lookup {
     /// Known.
     Found(NodeInfo),
+    /// Not in the cache, but remembered from an earlier run or connection (now cached again):
+    /// usable, and worth a fresh lookup on the bus.
+    Remembered(NodeInfo),
     /// A lookup for this id is already pending.
     Pending,
     /// Nothing known and nothing pending: the caller must start a lookup.
@@ -133,6 +144,8 @@ pub(crate) struct DirectoryCache {
     reverse: HashMap<BoxId, SignId>,
     ttl: Duration,
     timeout: Duration,
+    /// The peers remembered in storage.
+    memory: PeerMemory,
 }
 
 impl DirectoryCache {
@@ -143,7 +156,20 @@ impl DirectoryCache {
             reverse: HashMap::new(),
             ttl,
             timeout,
+            memory: PeerMemory::default(),
         }
+    }
+
+    /// The cache with the peers remembered in `storage` (see [`PeerMemory::load`]).
+    pub(crate) fn with_memory(mut self, storage: &mut dyn Storage, now_ms: u64) -> Self {
+        let mut keys = KeyCache::new(64);
+        self.memory = PeerMemory::load(storage, &mut keys, now_ms);
+        self
+    }
+
+    /// Remembers `info` in storage (written only when new or changed, see [`PeerMemory`]).
+    pub(crate) fn remember(&mut self, storage: &mut dyn Storage, info: &NodeInfo, now_ms: u64) {
+        self.memory.remember(storage, info, now_ms);
     }
 
     /// Looks the node with box key `id` up (expired entries are forgotten).
@@ -156,6 +182,9 @@ impl DirectoryCache {
         }
         if self.pending.contains_key(id) {
             Lookup::Pending
+        } else if let Some(info) = self.memory.get(id).cloned() {
+            self.insert(info.clone(), now);
+            Lookup::Remembered(info)
         } else {
             Lookup::Unknown
         }
@@ -220,7 +249,7 @@ impl DirectoryCache {
 
     /// Whether `b` is known as a node's box key (a cached nodeInfo or a checked mapping).
     pub(crate) fn knows_box(&self, b: &BoxId) -> bool {
-        self.entries.contains_key(b) || self.reverse.contains_key(b)
+        self.entries.contains_key(b) || self.reverse.contains_key(b) || self.memory.get(b).is_some()
     }
 
     /// Forgets a pending lookup (its peer was re-keyed).

@@ -77,6 +77,15 @@
 //! [`Platform::send_with_callback`] reports delivery (every byte acknowledged; for messages
 //! sent with `realtime: false`, delivered to the peer's subscribers) or failure once.
 //!
+//! # Closing
+//!
+//! [`Platform::close`] runs turns until everything sent is acknowledged (or a deadline) and
+//! reports what was delivered, what stays in the offline buffer and what real-time traffic is
+//! lost ([`CloseReport`]); [`Platform::is_idle`] says whether dropping now loses anything.
+//! Dropping the platform stops its services and stores the de-duplication memory; it deletes
+//! nothing: non-real-time messages were written to storage before their send returned and are
+//! sent by the next run on the same storage.
+//!
 //! ```
 //! use mm_platform::{Platform, Event};
 //! use serde_json::json;
@@ -102,6 +111,7 @@
 //! ```
 
 mod circles;
+mod close;
 pub mod connections;
 mod crash_points;
 pub mod directory;
@@ -109,10 +119,12 @@ mod events;
 mod handle;
 mod host;
 mod message;
+mod peer_memory;
 mod timers;
 pub mod turns;
 
 pub use circles::Circles;
+pub use close::CloseReport;
 pub use connections::{ConnectionStats, DeliveryCallback, DeliveryError, NetConfig};
 pub use directory::{Directory, NodeInfo};
 pub use events::Event;
@@ -1022,6 +1034,8 @@ macro_rules! shared_methods {
 
         /// Bytes of messages waiting in memory for all destinations together (bounded by
         /// [`NetConfig::send_queue_bytes`]; sends beyond return [`SendStatus::BufferFull`]).
+        /// Bytes already written into a stream are not counted, acknowledged or not: zero does
+        /// not mean delivered (see [`Platform::is_idle`] and [`Platform::close`]).
         pub fn queued_bytes(&self) -> usize {
             self.core_ref().net.as_ref().map_or(0, |n| n.queued_bytes())
         }

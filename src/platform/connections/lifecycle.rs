@@ -288,6 +288,12 @@ impl Core {
             Some(i) => i,
             None => match net.dir.lookup(&b, now) {
                 Lookup::Found(i) => i,
+                Lookup::Remembered(i) => {
+                    // Remembered from an earlier run: used at once, and a fresher one asked
+                    // for (its answer replaces it in the cache and in storage).
+                    self.emit_peer("transports.requestNodeInfo", i.sign_id);
+                    i
+                }
                 Lookup::Pending => {
                     if let Some(p) = net.peers.get_mut(&b) {
                         p.waiting_lookup = true;
@@ -337,6 +343,10 @@ impl Core {
                 }
             },
         };
+        // A peer we send to is remembered across restarts (written only when it changed).
+        let storage = &mut *self.storage;
+        let Some(net) = self.net.as_mut() else { return };
+        net.dir.remember(storage, &info, wall_ms());
         let order = connection_info::connect_order(&info.endpoints);
         let Some(p) = net.peers.get_mut(&b) else {
             return;

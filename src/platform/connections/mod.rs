@@ -6,7 +6,8 @@
 //! This module holds the state (`Net`, `Conn`, `Peer`) and its bookkeeping; the work is split
 //! by what it is about: `config` (settings and reports), `lifecycle` (connections coming
 //! and going), `sending` (queues, writes, acknowledgements), `receiving` (frames in, the
-//! directory's bus messages) and `turn` (the event-driven turn tying them together).
+//! directory's bus messages), `turn` (the event-driven turn tying them together) and `idle`
+//! (what is still unacknowledged, for [`super::Platform::close`]).
 //!
 //! # Listeners and connections
 //!
@@ -151,6 +152,7 @@
 
 mod config;
 mod frame_pool;
+mod idle;
 mod lifecycle;
 mod reach;
 mod receiving;
@@ -480,6 +482,9 @@ pub(crate) struct Net {
     /// Storing the de-duplication memory failed: acknowledgements wait for the next try (at the
     /// de-duplication timer), not for the next turn.
     ack_store_failed: bool,
+    /// Offline records deleted on their delivery acknowledgement since start (for
+    /// [`super::Platform::close`]'s report).
+    records_delivered: u64,
 }
 
 fn wall_ms() -> u64 {
@@ -582,7 +587,8 @@ impl Net {
             (!offline.is_empty()).then(|| timers.schedule(now, NetTimer::OfflineRetry));
         Ok(Net {
             reach: reach::Reach::new(&endpoints),
-            dir: DirectoryCache::new(cfg.node_info_ttl, cfg.lookup_timeout),
+            dir: DirectoryCache::new(cfg.node_info_ttl, cfg.lookup_timeout)
+                .with_memory(storage, wall_ms()),
             dedup: Dedup::open(cfg.dedup, cfg.dedup_per_peer, storage),
             cfg,
             registry,
@@ -621,6 +627,7 @@ impl Net {
             ack_on_dispatch: HashSet::new(),
             acks_due: VecDeque::new(),
             ack_store_failed: false,
+            records_delivered: 0,
         })
     }
 

@@ -401,7 +401,9 @@ pub(super) fn complete(
 ) {
     if let Some(key) = t.offline {
         if result.is_ok() {
-            net.offline.delivered(storage, &key);
+            if net.offline.delivered(storage, &key) {
+                net.records_delivered += 1;
+            }
             if let Some(cb) = net.offline_cbs.remove(&key) {
                 net.fired.push((cb, Ok(())));
             }
