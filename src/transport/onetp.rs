@@ -482,11 +482,7 @@ fn answer(
         SessionType::Data => {
             data_datagram_with(request.version, request.session, SocketPacket::Pong, out)?
         }
-        _ => Datagram {
-            kind,
-            ..*request
-        }
-        .encode(out)?,
+        _ => Datagram { kind, ..*request }.encode(out)?,
     };
     (n <= input_len).then_some(n)
 }
