@@ -80,7 +80,12 @@ fuzz_target!(|data: &[u8]| {
         if let Some(f) = r.handle(d, from, now, &mut out) {
             assert!(f.len <= d.len() + OVERHEAD);
             if f.to == from {
-                assert!(f.len <= d.len(), "a {}-byte reply to {} bytes", f.len, d.len());
+                assert!(
+                    f.len <= d.len(),
+                    "a {}-byte reply to {} bytes",
+                    f.len,
+                    d.len()
+                );
             }
             assert!(
                 f.to == node || f.to == from || sessions.contains(&f.to),
