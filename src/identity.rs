@@ -338,7 +338,7 @@ impl fmt::Debug for Identity {
 /// A bounded cache of `SignId -> BoxId` conversions (each costs tens of microseconds), including
 /// failed ones (an invalid point stays invalid). When full it is cleared, which bounds memory
 /// whatever ids the network sends.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct KeyCache {
     map: HashMap<SignId, Option<BoxId>>,
     capacity: usize,

@@ -213,6 +213,30 @@ fn row06_client_extension_echoed() {
     assert!(raw.take_cookie(&c));
 }
 
+/// No amplification (issue 25): the server's one reply before a client is authenticated, the
+/// Cookie, goes to an address anyone can forge, so it is never longer than the Hello it answers
+/// (200 bytes for 224), for any client key and extension; nothing shorter is answered at all.
+#[test]
+fn cookie_is_shorter_than_the_hello() {
+    let mut rig = Rig::new(server_config());
+    for i in 0..16u8 {
+        let mut raw = rig.raw();
+        raw.cext = [i; 16];
+        let h = raw.hello();
+        let c = rig.feed(&h, usize::from(i)).expect("a Cookie");
+        assert!(
+            c.len() <= h.len(),
+            "a {}-byte Cookie for a {}-byte Hello",
+            c.len(),
+            h.len()
+        );
+        assert_eq!((c.len(), h.len()), (200, 224));
+        for cut in [0, 1, 8, 199, 200, 223] {
+            assert!(rig.feed(&h[..cut], usize::from(i)).is_none());
+        }
+    }
+}
+
 #[test]
 fn row07_same_hello_twice_two_different_cookies() {
     let mut rig = Rig::new(server_config());

@@ -14,6 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let mut stream = Stream::new(&config, start);
     stream.write(b"some data to keep the sender busy");
     let mut out = [0u8; 1088];
+    let mut buf = [0u8; 4096];
     // The first byte of each chunk gives its length in 16-byte units, as on the pipe interface.
     let mut rest = data;
     let mut step = 0u64;
@@ -32,7 +33,6 @@ fuzz_target!(|data: &[u8]| {
             produced += 1;
             assert!(produced < 1000, "poll_message does not settle");
         }
-        let mut buf = [0u8; 4096];
         while stream.read(&mut buf) > 0 {}
     }
 });

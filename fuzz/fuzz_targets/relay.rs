@@ -3,6 +3,12 @@
 //! the hole-punching prober. None panics; whatever parses re-encodes to its input; the relay
 //! only ever sends to its bound node or to one of its sessions, never more than a packet plus
 //! its header, and its tables stay within their limits; a prober opens only on its own nonce.
+//!
+//! No amplification: what goes back to a datagram's source address (which anyone can forge)
+//! is never longer than that datagram. The relay's only longer answer, BOUND (42 bytes) to a
+//! BIND (24), needs the reservation's secret token, handed to the reserving node over its
+//! authenticated connection; the input cannot know it (it is random per run). A prober answers
+//! a 16-byte probe with a 16-byte answer, and only from the address it punches towards.
 #![no_main]
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -73,6 +79,14 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Some(f) = r.handle(d, from, now, &mut out) {
             assert!(f.len <= d.len() + OVERHEAD);
+            if f.to == from {
+                assert!(
+                    f.len <= d.len(),
+                    "a {}-byte reply to {} bytes",
+                    f.len,
+                    d.len()
+                );
+            }
             assert!(
                 f.to == node || f.to == from || sessions.contains(&f.to),
                 "{f:?}"
@@ -86,6 +100,7 @@ fuzz_target!(|data: &[u8]| {
             }
             if let Some(f) = r.handle(&w[..n], from, now, &mut out) {
                 assert_eq!(f.to, node);
+                assert!(f.to != from || f.len <= n);
             }
         }
         assert!(r.reservations() <= limits.max_reservations);
@@ -98,6 +113,7 @@ fuzz_target!(|data: &[u8]| {
     let probe = p.poll_transmit(t0).unwrap();
     match p.handle(data, addr(1)) {
         ProbeInput::Answer(a) => {
+            assert!(a.len() <= data.len());
             assert!(matches!(parse(data), Some(Datagram::Punch(_))));
             assert!(matches!(parse(&a), Some(Datagram::PunchAck(_))));
         }

@@ -166,6 +166,9 @@ pub enum OnetpError {
     EmptyTransactionId,
     /// Bytes follow the last field.
     TrailingBytes,
+    /// The accepting side's reply would not fit the caller's buffer or would be longer than
+    /// the datagram it answers (the accepting side is no amplifier): nothing is sent.
+    ReplyTooLarge,
 }
 
 impl fmt::Display for OnetpError {
@@ -178,6 +181,9 @@ impl fmt::Display for OnetpError {
             OnetpError::EmptySessionId => f.write_str("1tp: empty session id"),
             OnetpError::EmptyTransactionId => f.write_str("1tp: empty transaction id"),
             OnetpError::TrailingBytes => f.write_str("1tp: bytes after the last field"),
+            OnetpError::ReplyTooLarge => {
+                f.write_str("1tp: reply longer than the datagram it answers (not sent)")
+            }
         }
     }
 }
@@ -435,6 +441,16 @@ fn control(kind: SessionType, session: &[u8], tid: &[u8], out: &mut [u8]) -> Opt
 
 /// Writes a DATA datagram of `session` carrying one socket-layer packet.
 fn data_datagram(session: &[u8], packet: SocketPacket<'_>, out: &mut [u8]) -> Option<usize> {
+    data_datagram_with(VERSION, session, packet, out)
+}
+
+/// Writes a DATA datagram with this version field, carrying one PING or PONG.
+fn data_datagram_with(
+    version: &[u8],
+    session: &[u8],
+    packet: SocketPacket<'_>,
+    out: &mut [u8],
+) -> Option<usize> {
     let mut inner = [0u8; 1];
     let n = match packet {
         SocketPacket::Data(_) => return None,
@@ -442,11 +458,33 @@ fn data_datagram(session: &[u8], packet: SocketPacket<'_>, out: &mut [u8]) -> Op
     };
     Datagram {
         kind: SessionType::Data,
-        version: VERSION,
+        version,
         session,
         payload: &inner[..n],
     }
     .encode(out)
+}
+
+/// Writes the accepting side's answer to `request`: `request` itself with only its type (or
+/// its socket-layer PING) swapped, echoing the request's own version, session and transaction
+/// ids. Parsing is canonical (canonical netstrings, nothing after the last field), so this is
+/// exactly as long as the datagram `request` was parsed from, whatever version it carried; a
+/// fixed version of our own would make the answer to a short version longer than the request.
+/// `None` if `out` is too short or the answer would be longer than `input_len` (which the
+/// construction rules out; checked anyway, as the no-amplification bound is the point).
+fn answer(
+    request: &Datagram<'_>,
+    kind: SessionType,
+    input_len: usize,
+    out: &mut [u8],
+) -> Option<usize> {
+    let n = match kind {
+        SessionType::Data => {
+            data_datagram_with(request.version, request.session, SocketPacket::Pong, out)?
+        }
+        _ => Datagram { kind, ..*request }.encode(out)?,
+    };
+    (n <= input_len).then_some(n)
 }
 
 /// What one datagram means to the (stateless) accepting side: see [`accept_datagram`].
@@ -481,24 +519,19 @@ pub enum Inbound<'a> {
 pub fn accept_datagram<'a>(input: &'a [u8], out: &mut [u8]) -> Result<Inbound<'a>, OnetpError> {
     let d = Datagram::parse(input)?;
     let session = SessionId::new(d.session).ok_or(OnetpError::EmptySessionId)?;
-    // The reply echoes the ids, so it is no larger than `input` and fits a MAX_DATAGRAM.
-    let too_small = OnetpError::Truncated;
+    // Every reply is the request re-encoded with its type swapped (see `answer`): never larger
+    // than `input`, so it fits a MAX_DATAGRAM.
+    let mut reply = |kind| answer(&d, kind, input.len(), out).ok_or(OnetpError::ReplyTooLarge);
     Ok(match d.kind {
-        SessionType::Syn => Inbound::Reply(
-            control(SessionType::SynAck, d.session, d.payload, out).ok_or(too_small)?,
-        ),
-        SessionType::Fin => {
-            Inbound::Reply(control(SessionType::Ack, d.session, d.payload, out).ok_or(too_small)?)
-        }
+        SessionType::Syn => Inbound::Reply(reply(SessionType::SynAck)?),
+        SessionType::Fin => Inbound::Reply(reply(SessionType::Ack)?),
         SessionType::Rst => Inbound::Reset {
             session,
-            ack: control(SessionType::Ack, d.session, d.payload, out).ok_or(too_small)?,
+            ack: reply(SessionType::Ack)?,
         },
         SessionType::Ack | SessionType::SynAck => Inbound::Nothing,
         SessionType::Data => match SocketPacket::parse(d.payload)? {
-            SocketPacket::Ping => {
-                Inbound::Reply(data_datagram(d.session, SocketPacket::Pong, out).ok_or(too_small)?)
-            }
+            SocketPacket::Ping => Inbound::Reply(reply(SessionType::Data)?),
             SocketPacket::Pong => Inbound::Nothing,
             SocketPacket::Data(packet) => Inbound::Packet { session, packet },
         },
@@ -910,6 +943,36 @@ mod tests {
         );
     }
 
+    /// Issue 25: the `onetp` fuzz target's crash input. A SYN with a 1-byte version, session
+    /// and transaction id (13 bytes) was answered by a SYN_ACK carrying our own 6-byte version
+    /// (18 bytes): a reflection amplifier. The answer echoes the request's fields instead.
+    #[test]
+    fn replies_are_never_longer_than_the_request() {
+        let mut out = [0u8; MAX_DATAGRAM];
+        let crash = b"\x001:\x01,1:\x01,1:\x01,";
+        assert_eq!(crash.len(), 13);
+        assert_eq!(accept_datagram(crash, &mut out), Ok(Inbound::Reply(13)));
+        assert_eq!(&out[..13], b"\x011:\x01,1:\x01,1:\x01,");
+        // The shortest requests of every kind that is answered: an empty version.
+        for (req, rep) in [
+            (&b"\x000:,1:s,1:t,"[..], &b"\x010:,1:s,1:t,"[..]),
+            (b"\x030:,1:s,1:t,", b"\x050:,1:s,1:t,"),
+            (b"\x040:,1:s,1:t,", b"\x050:,1:s,1:t,"),
+            (b"\x020:,1:s,1:\x08,", b"\x020:,1:s,1:\x09,"),
+        ] {
+            let n = match accept_datagram(req, &mut out) {
+                Ok(Inbound::Reply(n)) | Ok(Inbound::Reset { ack: n, .. }) => n,
+                other => panic!("{req:?}: {other:?}"),
+            };
+            assert_eq!(&out[..n], rep);
+        }
+        // A buffer too short for the reply is refused, not overrun.
+        assert_eq!(
+            accept_datagram(crash, &mut out[..12]),
+            Err(OnetpError::ReplyTooLarge)
+        );
+    }
+
     #[test]
     fn udp_dialer_runs_the_handshake() {
         let t0 = Instant::now();
@@ -1113,8 +1176,9 @@ mod tests {
             }
             match accept_datagram(&bytes, &mut out) {
                 Ok(Inbound::Reply(n)) | Ok(Inbound::Reset { ack: n, .. }) => {
-                    // Never an amplifier, and always a type a JS node knows.
-                    prop_assert!(n <= bytes.len());
+                    // Never an amplifier (exactly the request's length), and always a type a
+                    // JS node knows.
+                    prop_assert_eq!(n, bytes.len());
                     prop_assert!(Datagram::parse(&out[..n]).is_ok());
                 }
                 _ => {}
@@ -1139,7 +1203,12 @@ mod tests {
             }
             let cut = cut % (bytes.len() + 1);
             let mut out = vec![0u8; MAX_DATAGRAM];
-            let _ = accept_datagram(&bytes[..cut], &mut out);
+            if let Ok(Inbound::Reply(n)) | Ok(Inbound::Reset { ack: n, .. }) =
+                accept_datagram(&bytes[..cut], &mut out)
+            {
+                // No amplification, whatever the version's length (issue 25).
+                prop_assert_eq!(n, cut);
+            }
             let t = Instant::now();
             let mut d = Dialer::udp(t);
             prop_assert_eq!(d.handle(&bytes[..cut], t), None);

@@ -245,7 +245,7 @@ enum Kind {
 }
 
 /// A put whose STOREs are out.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct PutWait {
     key: String,
     outstanding: usize,
@@ -262,7 +262,7 @@ enum CandState {
     Failed,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Candidate {
     contact: Contact,
     distance: [u8; 20],
@@ -275,7 +275,7 @@ struct Candidate {
     stalled: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Lookup {
     kind: Kind,
     key: String,
@@ -288,21 +288,23 @@ struct Lookup {
     found: Option<JsValue>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Purpose {
     Lookup(u64),
     PingHead(usize),
     Store(Option<u64>),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Pending {
     to: NodeId,
     purpose: Purpose,
     deadline: Instant,
 }
 
-/// The node (see the [module docs](self)).
+/// The node (see the [module docs](self)). Cloning copies the whole state (a fuzz target starts
+/// every input from one clone).
+#[derive(Clone)]
 pub struct KadState {
     cfg: Config,
     sign: SignKeyPair,

@@ -33,7 +33,7 @@ pub enum Update {
 }
 
 /// The table (see the [module docs](self)).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Table {
     me: NodeId,
     k: usize,

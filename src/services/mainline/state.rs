@@ -256,7 +256,7 @@ struct Candidate {
     token: Option<Vec<u8>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Lookup {
     id: u64,
     purpose: Purpose,
@@ -304,7 +304,9 @@ struct Stored {
     expires: Instant,
 }
 
-/// The Mainline DHT client state machine (see the [module docs](self)).
+/// The Mainline DHT client state machine (see the [module docs](self)). Cloning copies the whole
+/// state (a fuzz target starts every input from one clone).
+#[derive(Clone)]
 pub struct MainlineState {
     timing: Timing,
     salt: Vec<u8>,

@@ -91,7 +91,7 @@ pub fn distance(a: &NodeId, b: &NodeId) -> NodeId {
 }
 
 /// The routing table (see the [module docs](self)).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RoutingTable {
     own: NodeId,
     scope: Scope,
