@@ -33,8 +33,12 @@
 //! Between two nodes of this crate (each says so in its identify frame), a message sent with
 //! `realtime: false` is acknowledged end to end: the receiver sends `mm`/`delivered` with the
 //! message's id only after the message was handed to its subscribers (callbacks returned,
-//! channel sends done) *and* its id was written to the de-duplication memory (one write,
-//! durable with a [`crate::storage::FileStore`], per turn that delivered such messages). The
+//! channel sends done) *and* its id was written to the de-duplication memory (durable with a
+//! [`crate::storage::FileStore`]; one write for all the messages delivered since the last,
+//! made at the end of the turn and, while a turn keeps delivering, every 20 ms). Ids are
+//! stored only once their message was delivered: a message read from the network but still
+//! waiting in the delivery queue is remembered in memory only (a copy arriving meanwhile is
+//! dropped), so a crash never makes a message that was not delivered look like one that was. The
 //! sender deletes its record, and reports success to a delivery callback, only on that
 //! acknowledgement: the stream's acknowledgement of the bytes only says they arrived. A copy
 //! that arrives again (a retry) is dropped by the receiver and acknowledged again once its id
@@ -52,9 +56,10 @@
 //!
 //! So a message is never lost while its record lives (until it expires), and the one place
 //! where it can be delivered twice is the receiver's window between handing it to its
-//! subscribers and the end of that turn's write of the ids (a few milliseconds per turn; all
-//! the messages delivered in that turn). An application that must not act twice on a message
-//! keeps the ids ([`crate::Message::id`]) of what it acted upon, durably with its effects.
+//! subscribers and the write of its id: the messages delivered in the last 20 ms or so
+//! before the crash (`tests/delivery_crash.rs` measures it). An application that must not act
+//! twice on a message keeps the ids ([`crate::Message::id`]) of what it acted upon, durably
+//! with its effects.
 //! The other limits of the promise:
 //!
 //! - A subscriber channel that is full drops the message for that subscriber
@@ -911,14 +916,32 @@ impl Dedup {
     /// a duplicate. Each sender's ids are kept apart: one sender's ids never evict another's
     /// beyond the least-recently-active rule.
     pub fn first_time_from(&mut self, sender: &[u8; 32], id: &[u8]) -> bool {
+        if !self.seen_first_time(sender, id) {
+            return false;
+        }
+        self.delivered(sender, id);
+        true
+    }
+
+    /// The first half of [`Dedup::first_time_from`]: `true` if `id` from `sender` is new, and
+    /// remembers it in memory only (a message read but not yet handed to its subscribers: a
+    /// copy arriving meanwhile is a duplicate, but a crash must not make it one). Once the
+    /// message is delivered, [`Dedup::delivered`] adds it to what the next flush stores.
+    pub fn seen_first_time(&mut self, sender: &[u8; 32], id: &[u8]) -> bool {
         if id.len() > MAX_ID_LEN {
             return true;
         }
         if self.legacy.contains(id) {
             return false;
         }
-        if !self.remember(*sender, id.to_vec()) {
-            return false;
+        self.remember(*sender, id.to_vec())
+    }
+
+    /// A message (`id` from `sender`, seen with [`Dedup::seen_first_time`]) was delivered: its
+    /// id goes into what the next [`Dedup::flush`] stores.
+    pub fn delivered(&mut self, sender: &[u8; 32], id: &[u8]) {
+        if id.len() > MAX_ID_LEN {
+            return;
         }
         if self.chunk.len() >= self.capacity {
             // Never flushed (no storage at hand): keep it bounded anyway. A chunk may otherwise
@@ -928,7 +951,6 @@ impl Dedup {
         }
         self.chunk.push((*sender, id.to_vec()));
         self.dirty = true;
-        true
     }
 
     /// [`Dedup::first_time_from`] for an unknown sender (all such ids share one quota).
@@ -1352,6 +1374,25 @@ mod tests {
             Dedup::load(3000, &store).is_ok(),
             "malformed chunks are skipped"
         );
+    }
+
+    #[test]
+    fn only_delivered_ids_are_stored() {
+        let mut store = MemStore::new();
+        let sender = [4u8; 32];
+        let mut d = Dedup::new(100);
+        assert!(d.seen_first_time(&sender, b"read-and-delivered"));
+        assert!(d.seen_first_time(&sender, b"read-only"));
+        assert!(
+            !d.seen_first_time(&sender, b"read-only"),
+            "a copy meanwhile is a duplicate"
+        );
+        d.delivered(&sender, b"read-and-delivered");
+        d.flush(&mut store).unwrap();
+        // After a crash: the delivered one is known, the one never delivered comes again.
+        let mut r = Dedup::load(100, &store).unwrap();
+        assert!(!r.first_time_from(&sender, b"read-and-delivered"));
+        assert!(r.first_time_from(&sender, b"read-only"));
     }
 
     #[test]

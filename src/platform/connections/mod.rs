@@ -218,6 +218,11 @@ pub(crate) const DELIVERY_ACKS: &[u8] = b"mm-delivery-acks/1";
 /// Ids per `mm`/`delivered` frame (16 bytes each). A frame with more, or whose length is not a
 /// multiple of 16, is ignored whole.
 const ACKS_PER_FRAME: usize = 1024;
+/// Within a turn that delivers messages awaiting acknowledgement, their ids are stored (and
+/// acknowledged) at least this often, not only at the end of the turn: the duplicates a crash
+/// can cause are the messages delivered in the last this-long (see "Delivery guarantee" in
+/// [`crate::offline`]).
+const ACK_STORE_EVERY: Duration = Duration::from_millis(20);
 /// Delivery acknowledgements waiting for the de-duplication memory to be stored, at most: past
 /// that (storage failing for a long time) the oldest are dropped, and their senders retry.
 const MAX_ACKS_DUE: usize = 65_536;
@@ -482,6 +487,8 @@ pub(crate) struct Net {
     /// Storing the de-duplication memory failed: acknowledgements wait for the next try (at the
     /// de-duplication timer), not for the next turn.
     ack_store_failed: bool,
+    /// When the ids of delivered messages were last stored for acknowledgement.
+    acks_stored_at: Instant,
     /// Offline records deleted on their delivery acknowledgement since start (for
     /// [`super::Platform::close`]'s report).
     records_delivered: u64,
@@ -627,6 +634,7 @@ impl Net {
             ack_on_dispatch: HashSet::new(),
             acks_due: VecDeque::new(),
             ack_store_failed: false,
+            acks_stored_at: now,
             records_delivered: 0,
         })
     }

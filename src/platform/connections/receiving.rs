@@ -190,7 +190,15 @@ impl Core {
             _ => None,
         };
         if let Some(id) = &env.id {
-            if !net.dedup.first_time_from(c.peer_box.0.as_bytes(), id) {
+            // Remembered in memory now; stored only once delivered (`message_dispatched`): an
+            // id stored before its message reached the subscribers would make a crash lose it.
+            // (Ids that are not 16 bytes, which no node of ours sends, are stored at once.)
+            let fresh = if id.len() == 16 {
+                net.dedup.seen_first_time(c.peer_box.0.as_bytes(), id)
+            } else {
+                net.dedup.first_time_from(c.peer_box.0.as_bytes(), id)
+            };
+            if !fresh {
                 self.stats.duplicates += 1;
                 log::debug!("duplicate message from {} dropped", c.peer_box);
                 if let Some(id) = acked {
@@ -256,12 +264,26 @@ impl Core {
             Address::Box(b) => Some(*b),
             Address::Local => None,
         };
+        let now = self.now;
         let (Some(b), Some(net)) = (b, self.net.as_mut()) else {
             return;
         };
+        // Delivered: its id may now be stored (flushed with the next batch, or at once below
+        // when its sender waits for the acknowledgement).
+        net.dedup.delivered(b.0.as_bytes(), &id);
+        if net.dedup_timer.is_none() {
+            let at = net.next_dedup_flush.max(now);
+            net.dedup_timer = Some(net.timers.schedule(at, NetTimer::DedupFlush));
+        }
         if net.ack_on_dispatch.remove(&(b, id)) {
             net.queue_ack(b, id);
             super::super::crash_points::reach("receiver.dispatched");
+            // A turn that delivers for long (slow subscribers) stores its ids as it goes, so
+            // that a crash repeats at most the last ACK_STORE_EVERY of deliveries.
+            let at = Instant::now();
+            if at.saturating_duration_since(net.acks_stored_at) >= ACK_STORE_EVERY {
+                self.settle_acks();
+            }
         }
     }
 
@@ -291,6 +313,7 @@ impl Core {
             return;
         }
         net.next_dedup_flush = now + DEDUP_FLUSH_EVERY;
+        net.acks_stored_at = Instant::now();
         super::super::crash_points::reach("receiver.stored");
         let mut by_peer: HashMap<BoxId, Vec<u8>> = HashMap::new();
         for (b, id) in net.acks_due.drain(..) {
