@@ -1,4 +1,4 @@
-//! The offline buffer (DESIGN §6): persistent store-and-forward for messages that are not
+//! The offline buffer (docs/ARCHITECTURE.md §6): persistent store-and-forward for messages that are not
 //! real-time, and the receiver's de-duplication memory.
 //!
 //! Sending side ([`OfflineBuffer`]): each message is one storage record, written (durably, for

@@ -1,4 +1,4 @@
-//! The directory (DESIGN §5): where a destination's nodeInfo comes from.
+//! The directory (docs/ARCHITECTURE.md §5.2): where a destination's nodeInfo comes from.
 //!
 //! - [`NodeInfo`]: `{"signId", "boxId", "connectionInfo"}`, parsed with the poisoning check: a
 //!   nodeInfo whose `boxId` is not the curve25519 conversion of its `signId` is refused.

@@ -1,4 +1,4 @@
-//! Services (DESIGN §5, "Services and reachability"): bus clients that the platform's reactor
+//! Services (docs/ARCHITECTURE.md §5.3, "Services"): bus clients that the platform's reactor
 //! drives, the way the original's `mm-services-*` packages were plain clients of its messaging
 //! object. This module owns the [`Service`] trait every service implements and the services
 //! that come with the crate: [`mdns`] (local network discovery, wire-compatible with
@@ -22,7 +22,7 @@
 //!   [`Service::on_timer`] runs; a service with several deadlines asks for the earliest, the way
 //!   a sans-IO state machine reports its next deadline.
 //! - **The bus, and nothing else.** A service talks to the platform only through the built-in
-//!   messages of DESIGN §5: it subscribes ([`ServiceContext::subscribe`]; the messages arrive in
+//!   messages of docs/ARCHITECTURE.md §5.1: it subscribes ([`ServiceContext::subscribe`]; the messages arrive in
 //!   [`Service::on_message`]) to `self.transports.myNodeInfo`, `self.transports.requestNodeInfo`,
 //!   `self.transports.requestBootstrapNodeInfo`, and publishes `transports.nodeInfo` /
 //!   `transports.nodeInfoBootstrap` with [`ServiceContext::publish_node_info`]. Through

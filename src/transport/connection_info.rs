@@ -1,10 +1,10 @@
-//! `connectionInfo`: the JSON list of endpoints a node publishes in its nodeInfo (DESIGN §4),
+//! `connectionInfo`: the JSON list of endpoints a node publishes in its nodeInfo (docs/ARCHITECTURE.md §4.7),
 //! parsed into typed [`Endpoint`]s and written back.
 //!
 //! The form is the original's:
 //! `[{"transportType":"udp","transportInfo":{"address":"127.0.0.1","port":20000,"framing":"native"}}, ...]`.
 //! The extra `"framing": "native"` field of `transportInfo` marks an endpoint that speaks the
-//! native framing of DESIGN §4 (one datagram or one netstring per CurveCP packet); JS nodes
+//! native framing of docs/ARCHITECTURE.md §4.2 (one datagram or one netstring per CurveCP packet); JS nodes
 //! ignore it. Endpoints without the mark (`native: false`) are reached with the JS
 //! compatibility framing ([`Endpoint::framing`], [`super::onetp`]) and tried last.
 //!

@@ -5,7 +5,7 @@
 //!   speak).
 //! - [`tcp`]: one netstring is one CurveCP packet, over a non-blocking stream with bounded
 //!   buffers (and, for the compatibility framing, one frame per write).
-//! - [`onetp`]: the 1tp compatibility framing of the original JS nodes (DESIGN §4,
+//! - [`onetp`]: the 1tp compatibility framing of the original JS nodes (docs/ARCHITECTURE.md §4.4,
 //!   `js-compat.md`), sans-IO: the session datagram and socket-layer codecs, the stateless
 //!   accepting side, and the connecting side's [`onetp::Dialer`].
 //! - [`driver`]: [`driver::ClientDriver`] and [`driver::ServerDriver`], which own sockets and

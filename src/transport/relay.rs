@@ -5,7 +5,7 @@
 //!
 //! Every datagram here starts with an 8-byte magic beginning with `MM` (0x4D), a first byte no
 //! CurveCP client packet (`Q`) and no 1tp session datagram (0x00-0x05) has, so a node's
-//! listening UDP socket tells them apart by their first byte (DESIGN §4). Addresses are 18
+//! listening UDP socket tells them apart by their first byte (docs/ARCHITECTURE.md §4.3). Addresses are 18
 //! bytes: the IPv6 address (IPv4 as v4-mapped) and the port, big-endian.
 //!
 //! | magic | from → to | rest |

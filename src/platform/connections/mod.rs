@@ -11,7 +11,7 @@
 //!
 //! # Listeners and connections
 //!
-//! One [`ServerDriver`] listens on UDP and TCP (native framing, DESIGN §4) with the node's box
+//! One [`ServerDriver`] listens on UDP and TCP (native framing, docs/ARCHITECTURE.md §4.2) with the node's box
 //! key pair as CurveCP long-term key (server name: 256 zero bytes, zero extensions). Its
 //! sockets use the tokens from [`super::LISTENER_TOKEN_BASE`] (UDP, then the TCP listener,
 //! then one per accepted TCP stream); outgoing connections ([`ClientDriver`]s, also keyed by
@@ -60,7 +60,7 @@
 //! # The event-driven turn
 //!
 //! A turn does work in proportion to what happened, never a scan of every connection or peer
-//! (DESIGN §9); idle connections and peers cost nothing, and an idle node sleeps until its
+//! (docs/ARCHITECTURE.md §9); idle connections and peers cost nothing, and an idle node sleeps until its
 //! nearest real deadline.
 //!
 //! - *Dirty connections.* A connection is queued (once: a flag dedups it) for this turn's
@@ -193,7 +193,7 @@ use crate::transport::connection_info::{self, Endpoint};
 use crate::transport::driver::{NatEvent, Path, ServerDriverLimits};
 use crate::transport::{ClientDriver, Framing, ServerDriver, SourceKey, TransportKind};
 
-/// The longest an offline message may wait (DESIGN §6).
+/// The longest an offline message may wait (docs/ARCHITECTURE.md §6).
 pub const MAX_OFFLINE_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The storage key of the listen addresses of the last run.
 pub const CONNECTION_INFO_KEY: &str = "connectionInfo";

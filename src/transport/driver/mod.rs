@@ -71,7 +71,7 @@
 //! [`ServerDriver::tcp_stats`] counts what admission did; each closing is logged (debug) with
 //! its cause.
 //!
-//! Framings ([`Framing`], DESIGN §4): the native one (one datagram or one netstring per CurveCP
+//! Framings ([`Framing`], docs/ARCHITECTURE.md §4): the native one (one datagram or one netstring per CurveCP
 //! packet) and the 1tp compatibility framing of the original JS nodes ([`super::onetp`]).
 //! - A [`ServerDriver`] serves both on the same ports. UDP: a datagram whose first byte is a
 //!   1tp session type (0x00-0x05) goes to the stateless 1tp accepting side (SYN answered by
@@ -139,7 +139,7 @@ const TRANSMIT_EVERY: usize = 32;
 /// window itself fit the default receive window (256 KiB), where two whole windows overran it.
 const TCP_READ_BATCH: usize = READ_BATCH / 2;
 
-/// How CurveCP packets are put on a transport (DESIGN §4).
+/// How CurveCP packets are put on a transport (docs/ARCHITECTURE.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Framing {
     /// One datagram, or one netstring on TCP, per CurveCP packet (Rust nodes, the reference
