@@ -29,7 +29,8 @@ use mm_platform::identity::Identity;
 use mm_platform::services::mainline::item::{self, MutableItem};
 use mm_platform::services::mainline::krpc::{self, Fields, Kind, Message, Method};
 use mm_platform::services::mainline::{Mainline, MainlineConfig};
-use mm_platform::{Event, Platform};
+use mm_platform::Platform;
+use support::mainline::{hex, resolve_and_message, unhex};
 use support::JsonProc;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -82,16 +83,6 @@ fn testnet(test: &str) -> Option<(JsonProc, Vec<SocketAddrV4>)> {
     assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
     eprintln!("{test}: libtorrent {} testnet {addrs:?}", ready["version"]);
     Some((p, addrs))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len() / 2)
-        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
-        .collect()
 }
 
 /// Asks the testnet for the item under `key` until one is found (at most `limit`).
@@ -159,50 +150,13 @@ fn libtorrent_reads_our_item_and_resolves_ours_for_a_message() {
 
     // A node that knows only the libtorrent testnet (other sessions than the publisher's
     // bootstrap) resolves ours through it, then talks to it.
-    let resolver_service = Mainline::new(MainlineConfig::new(addrs[6..].to_vec()));
-    let res_stats = resolver_service.stats_handle();
-    let mut resolver = Platform::builder()
-        .service(resolver_service)
-        .build()
-        .unwrap();
-    let (_, inbox) = publisher.on_channel("public.test.hello", 8);
-    let to = publisher.sign_id().to_string();
-    let status =
-        resolver
-            .messaging()
-            .send("test.hello", to.as_str(), &json!({"via": "libtorrent"}));
-    assert!(status.is_queued(), "{status}");
-    let end = Instant::now() + LIMIT;
-    let mut resolved = None;
-    let msg = loop {
-        assert!(
-            Instant::now() < end,
-            "not delivered: resolver {:?}, resolved {resolved:?}",
-            res_stats.get()
-        );
-        resolver.poll(Some(Duration::from_millis(5))).unwrap();
-        publisher.poll(Some(Duration::from_millis(5))).unwrap();
-        for e in resolver.drain_events() {
-            if let Event::NodeInfo { source, node_info } = e {
-                if source == "mainline" && node_info["signId"] == ours["signId"] {
-                    resolved = Some(node_info);
-                }
-            }
-        }
-        if let Ok(m) = inbox.try_recv() {
-            break m;
-        }
-    };
-    assert_eq!(msg.sender.to_string(), resolver.sign_id().to_string());
-    assert_eq!(
-        msg.json::<Value>().unwrap(),
-        json!({"via": "libtorrent"}),
-        "{msg:?}"
+    let r = resolve_and_message(
+        test,
+        &mut publisher,
+        MainlineConfig::new(addrs[6..].to_vec()),
+        "libtorrent",
+        LIMIT,
     );
-    let resolved = resolved.expect("the nodeInfo came from the Mainline service");
-    assert_eq!(resolved["boxId"], ours["boxId"]);
-    let r = res_stats.get();
-    eprintln!("{test}: resolver {r:?}");
     assert!(r.replies > 0, "{r:?}");
     net.poll_lines();
     assert!(

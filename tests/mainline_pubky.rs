@@ -25,7 +25,8 @@ use serde_json::{json, Value};
 
 use mm_platform::services::mainline::krpc::{self, Fields, Kind, Message, Method};
 use mm_platform::services::mainline::{Mainline, MainlineConfig};
-use mm_platform::{Event, Platform};
+use mm_platform::Platform;
+use support::mainline::{hex, resolve_and_message, unhex};
 use support::JsonProc;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -82,16 +83,6 @@ fn testnet(test: &str) -> Option<(JsonProc, Vec<SocketAddrV4>)> {
     assert_eq!(addrs.len(), NODES);
     assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
     Some((p, addrs))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len() / 2)
-        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
-        .collect()
 }
 
 /// Sends a `find_node` with transaction id `t` to `to`; returns the reply's `t`, if any
@@ -185,47 +176,12 @@ fn pubky_testnet_reads_our_item_and_resolves_ours_for_a_message() {
     assert_eq!(value["boxId"], ours["boxId"], "{value}");
 
     // A node that knows only the pubky testnet resolves ours through it, then talks to it.
-    let resolver_service = Mainline::new(MainlineConfig::new(addrs[5..].to_vec()));
-    let res_stats = resolver_service.stats_handle();
-    let mut resolver = Platform::builder()
-        .service(resolver_service)
-        .build()
-        .unwrap();
-    let (_, inbox) = publisher.on_channel("public.test.hello", 8);
-    let to = publisher.sign_id().to_string();
-    let status = resolver
-        .messaging()
-        .send("test.hello", to.as_str(), &json!({"via": "pubky"}));
-    assert!(status.is_queued(), "{status}");
-    let end = Instant::now() + LIMIT;
-    let mut resolved = None;
-    let msg = loop {
-        assert!(
-            Instant::now() < end,
-            "not delivered: resolver {:?}, resolved {resolved:?}",
-            res_stats.get()
-        );
-        resolver.poll(Some(Duration::from_millis(5))).unwrap();
-        publisher.poll(Some(Duration::from_millis(5))).unwrap();
-        for e in resolver.drain_events() {
-            if let Event::NodeInfo { source, node_info } = e {
-                if source == "mainline" && node_info["signId"] == ours["signId"] {
-                    resolved = Some(node_info);
-                }
-            }
-        }
-        if let Ok(m) = inbox.try_recv() {
-            break m;
-        }
-    };
-    assert_eq!(msg.sender.to_string(), resolver.sign_id().to_string());
-    assert_eq!(
-        msg.json::<Value>().unwrap(),
-        json!({"via": "pubky"}),
-        "{msg:?}"
+    resolve_and_message(
+        test,
+        &mut publisher,
+        MainlineConfig::new(addrs[5..].to_vec()),
+        "pubky",
+        LIMIT,
     );
-    let resolved = resolved.expect("the nodeInfo came from the Mainline service");
-    assert_eq!(resolved["boxId"], ours["boxId"]);
-    eprintln!("{test}: resolver {:?}", res_stats.get());
     net.quit(LIMIT);
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod js;
+pub mod mainline;
 pub mod nat;
 
 use std::fs;
