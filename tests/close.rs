@@ -3,34 +3,21 @@
 //! is dropped right after `close`; with the receiver down, the non-real-time messages stay in
 //! the sender's storage and arrive after both restart (the real-time one is reported dropped).
 
+mod support;
+
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
+use support::{offline, quick};
 
 use mm_platform::identity::Identity;
 use mm_platform::storage::FileStore;
-use mm_platform::{DeliveryError, NetConfig, Platform, SendOptions};
+use mm_platform::{DeliveryError, Platform, SendOptions};
 
 const BULK: usize = 1 << 20;
 const MESSAGES: usize = 100;
-
-fn quick() -> NetConfig {
-    NetConfig {
-        connect_timeout: Duration::from_millis(400),
-        offline_retry: Duration::from_millis(300),
-        lookup_timeout: Duration::from_millis(500),
-        ..NetConfig::default()
-    }
-}
-
-fn offline() -> SendOptions {
-    SendOptions {
-        realtime: false,
-        expire_after: None,
-    }
-}
 
 fn dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("mm-close-{name}-{}", std::process::id()));

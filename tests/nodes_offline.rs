@@ -2,32 +2,19 @@
 //! retried, delivered exactly once when it comes back, also after the sender restarts; and
 //! hostile bytes on the listeners disturb nothing.
 
+mod support;
+
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::io::Write;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+use support::{offline, quick};
 
 use mm_platform::identity::Identity;
 use mm_platform::storage::{FileStore, MemStore};
-use mm_platform::{DeliveryError, Message, NetConfig, Platform, SendOptions};
+use mm_platform::{DeliveryError, Message, Platform, SendOptions};
 use serde_json::{json, Value};
-
-fn quick() -> NetConfig {
-    NetConfig {
-        connect_timeout: Duration::from_millis(400),
-        offline_retry: Duration::from_millis(300),
-        lookup_timeout: Duration::from_millis(500),
-        ..NetConfig::default()
-    }
-}
-
-fn offline() -> SendOptions {
-    SendOptions {
-        realtime: false,
-        expire_after: None,
-    }
-}
 
 fn poll_all(ps: &mut [&mut Platform]) {
     for p in ps.iter_mut() {

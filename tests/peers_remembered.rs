@@ -2,27 +2,14 @@
 //! messages for, in its storage: an offline message is delivered after both ends restart
 //! without the application publishing the receiver's nodeInfo again.
 
+mod support;
+
 use std::time::{Duration, Instant};
+use support::{offline, quick};
 
 use mm_platform::identity::Identity;
 use mm_platform::storage::FileStore;
-use mm_platform::{NetConfig, Platform, SendOptions};
-
-fn quick() -> NetConfig {
-    NetConfig {
-        connect_timeout: Duration::from_millis(400),
-        offline_retry: Duration::from_millis(300),
-        lookup_timeout: Duration::from_millis(500),
-        ..NetConfig::default()
-    }
-}
-
-fn offline() -> SendOptions {
-    SendOptions {
-        realtime: false,
-        expire_after: None,
-    }
-}
+use mm_platform::Platform;
 
 fn dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("mm-peers-remembered-{name}-{}", std::process::id()));

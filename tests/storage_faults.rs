@@ -19,12 +19,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+use support::{offline, quick};
 
 use mm_platform::identity::{Identity, IdentityError, IDENTITY_KEY};
 use mm_platform::storage::{
     FileStore, MemStore, Storage, StorageError, StorageFault, StorageFaultKind,
 };
-use mm_platform::{BuildError, Event, Message, NetConfig, Platform, SendOptions, SendStatus};
+use mm_platform::{BuildError, Event, Message, Platform, SendStatus};
 use serde_json::Value;
 
 use support::TempDir;
@@ -33,22 +34,6 @@ use support::TempDir;
 const ENOSPC: i32 = 28;
 /// Linux's "Read-only file system".
 const EROFS: i32 = 30;
-
-fn quick() -> NetConfig {
-    NetConfig {
-        connect_timeout: Duration::from_millis(400),
-        offline_retry: Duration::from_millis(300),
-        lookup_timeout: Duration::from_millis(500),
-        ..NetConfig::default()
-    }
-}
-
-fn offline() -> SendOptions {
-    SendOptions {
-        realtime: false,
-        expire_after: None,
-    }
-}
 
 /// Which operations of a [`FaultStore`] fail, with which raw OS error (shared with the test).
 #[derive(Clone, Default)]

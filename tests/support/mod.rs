@@ -591,3 +591,21 @@ impl JsonProc {
         let _ = self.proc.try_wait_for(limit);
     }
 }
+
+/// Short connection timings for tests with several platforms on 127.0.0.1.
+pub fn quick() -> mm_platform::NetConfig {
+    mm_platform::NetConfig {
+        connect_timeout: Duration::from_millis(400),
+        offline_retry: Duration::from_millis(300),
+        lookup_timeout: Duration::from_millis(500),
+        ..mm_platform::NetConfig::default()
+    }
+}
+
+/// `realtime: false`, the platform's default expiry: sent through the offline buffer.
+pub fn offline() -> mm_platform::SendOptions {
+    mm_platform::SendOptions {
+        realtime: false,
+        expire_after: None,
+    }
+}
