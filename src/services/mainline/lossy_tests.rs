@@ -17,6 +17,7 @@
 
 use std::collections::HashSet;
 
+use super::tests::{addr, info_of, options};
 use super::*;
 use crate::identity::Identity;
 use serde_json::json;
@@ -32,25 +33,6 @@ const CLIENT_BOOT: u16 = 8;
 /// DHTs simulated, one per seed (before queries were sent twice, about one resolve in ten
 /// failed here: 9 of 100 seeds).
 const SEEDS: u64 = 20;
-
-fn addr(port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port)
-}
-
-fn info_of(id: &Identity, port: u16) -> Value {
-    json!({"signId": id.sign_id().to_string(), "boxId": id.box_id().to_string(),
-        "connectionInfo": [{"transportType": "udp",
-            "transportInfo": {"address": "127.0.0.1", "port": port, "framing": "native"}}]})
-}
-
-fn options(bootstrap: Vec<SocketAddrV4>, serve: bool) -> Options {
-    Options {
-        bootstrap,
-        salt: Vec::new(),
-        serve,
-        timing: Timing::default(),
-    }
-}
 
 /// Machines at loopback addresses, a lossy network between them.
 struct LossySim {

@@ -6,17 +6,17 @@ use crate::identity::Identity;
 use crate::services::mainline::krpc::CompactNode;
 use serde_json::json;
 
-fn addr(port: u16) -> SocketAddrV4 {
+pub(super) fn addr(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port)
 }
 
-fn info_of(id: &Identity, port: u16) -> Value {
+pub(super) fn info_of(id: &Identity, port: u16) -> Value {
     json!({"signId": id.sign_id().to_string(), "boxId": id.box_id().to_string(),
         "connectionInfo": [{"transportType": "udp",
             "transportInfo": {"address": "127.0.0.1", "port": port, "framing": "native"}}]})
 }
 
-fn options(bootstrap: Vec<SocketAddrV4>, serve: bool) -> Options {
+pub(super) fn options(bootstrap: Vec<SocketAddrV4>, serve: bool) -> Options {
     Options {
         bootstrap,
         salt: Vec::new(),
