@@ -28,9 +28,8 @@ use serde_json::{json, Value};
 use mm_platform::identity::Identity;
 use mm_platform::services::mainline::item::{self, MutableItem};
 use mm_platform::services::mainline::krpc::{self, Fields, Kind, Message, Method};
-use mm_platform::services::mainline::{Mainline, MainlineConfig};
-use mm_platform::Platform;
-use support::mainline::{hex, resolve_and_message, unhex};
+use mm_platform::services::mainline::MainlineConfig;
+use support::mainline::{hex, publisher, resolve_and_message, unhex};
 use support::JsonProc;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -111,29 +110,7 @@ fn libtorrent_reads_our_item_and_resolves_ours_for_a_message() {
         return;
     };
     // Our node publishes through the libtorrent testnet.
-    let service = Mainline::new(MainlineConfig::new(addrs[..3].to_vec()).publish(true));
-    let pub_stats = service.stats_handle();
-    let mut publisher = Platform::builder().service(service).build().unwrap();
-    let end = Instant::now() + LIMIT;
-    while pub_stats.get().publishes == 0 {
-        assert!(
-            Instant::now() < end,
-            "no publication: {:?}",
-            pub_stats.get()
-        );
-        publisher.poll(Some(Duration::from_millis(10))).unwrap();
-    }
-    let s = pub_stats.get();
-    eprintln!(
-        "{test}: stored on {} of the testnet's sessions, first ack after {:?}, done after {:?} \
-         ({} queries, {} replies)",
-        s.last_publish_stored,
-        s.last_publish_first_ack,
-        s.last_publish_took,
-        s.queries_sent,
-        s.replies
-    );
-    assert!(s.last_publish_stored >= 1, "{s:?}");
+    let (mut publisher, s) = publisher(test, MainlineConfig::new(addrs[..3].to_vec()), LIMIT);
 
     // libtorrent reads our item (dht_get_mutable_item checks the signature itself).
     let key = hex(publisher.sign_id().as_bytes());

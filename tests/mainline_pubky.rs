@@ -24,9 +24,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use mm_platform::services::mainline::krpc::{self, Fields, Kind, Message, Method};
-use mm_platform::services::mainline::{Mainline, MainlineConfig};
-use mm_platform::Platform;
-use support::mainline::{hex, resolve_and_message, unhex};
+use mm_platform::services::mainline::MainlineConfig;
+use support::mainline::{hex, publisher, resolve_and_message, unhex};
 use support::JsonProc;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -138,29 +137,7 @@ fn pubky_testnet_reads_our_item_and_resolves_ours_for_a_message() {
         return;
     };
     // Our node publishes through the pubky testnet.
-    let service = Mainline::new(MainlineConfig::new(addrs.clone()).publish(true));
-    let pub_stats = service.stats_handle();
-    let mut publisher = Platform::builder().service(service).build().unwrap();
-    let end = Instant::now() + LIMIT;
-    while pub_stats.get().publishes == 0 {
-        assert!(
-            Instant::now() < end,
-            "no publication: {:?}",
-            pub_stats.get()
-        );
-        publisher.poll(Some(Duration::from_millis(10))).unwrap();
-    }
-    let s = pub_stats.get();
-    eprintln!(
-        "{test}: stored on {} of the testnet's nodes, first ack after {:?}, done after {:?} \
-         ({} queries, {} replies)",
-        s.last_publish_stored,
-        s.last_publish_first_ack,
-        s.last_publish_took,
-        s.queries_sent,
-        s.replies
-    );
-    assert!(s.last_publish_stored >= 1, "{s:?}");
+    let (mut publisher, s) = publisher(test, MainlineConfig::new(addrs.clone()), LIMIT);
 
     // The crate's own client reads our item (it verifies the signature and target).
     let key = hex(publisher.sign_id().as_bytes());

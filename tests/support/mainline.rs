@@ -19,6 +19,36 @@ pub fn unhex(s: &str) -> Vec<u8> {
         .collect()
 }
 
+/// A node whose Mainline service (of `config`, with publishing on) publishes its nodeInfo;
+/// returns it once one publication is done (at most `limit`) with the service's figures,
+/// after checking that at least one node of the testnet stored it.
+pub fn publisher(test: &str, config: MainlineConfig, limit: Duration) -> (Platform, MainlineStats) {
+    let service = Mainline::new(config.publish(true));
+    let stats = service.stats_handle();
+    let mut publisher = Platform::builder().service(service).build().unwrap();
+    let end = Instant::now() + limit;
+    while stats.get().publishes == 0 {
+        assert!(
+            Instant::now() < end,
+            "{test}: no publication: {:?}",
+            stats.get()
+        );
+        publisher.poll(Some(Duration::from_millis(10))).unwrap();
+    }
+    let s = stats.get();
+    eprintln!(
+        "{test}: stored on {} nodes of the testnet, first ack after {:?}, done after {:?} \
+         ({} queries, {} replies)",
+        s.last_publish_stored,
+        s.last_publish_first_ack,
+        s.last_publish_took,
+        s.queries_sent,
+        s.replies
+    );
+    assert!(s.last_publish_stored >= 1, "{s:?}");
+    (publisher, s)
+}
+
 /// A new node with a Mainline service of `config` (bootstrapped only into the other
 /// implementation's testnet) resolves `publisher`'s nodeInfo through the DHT and sends it
 /// `{"via": via}`; waits (at most `limit`) for the message to arrive, checks that the nodeInfo
