@@ -1,7 +1,9 @@
 //! Fuzzes the Mainline DHT input: the KRPC decoder (whatever decodes re-encodes to a datagram
 //! that decodes to the same message) and the sans-IO client, read-only and serving, fed the
 //! datagram from its bootstrap node and from a stranger. Nothing panics; the tables, the store
-//! and what is published stay within their bounds.
+//! and what is published stay within their bounds; what a serving client sends the stranger
+//! in answer (replies and its ping) is no more than the datagram's length plus one source's
+//! answer budget (`budget::SOURCE_BURST`: no reflection amplification).
 //!
 //! The two clients are made once, their bootstrap lookup started (encoding its queries was
 //! most of the cost of an input), and every input starts from clones of them at the same
@@ -11,7 +13,8 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use mm_platform::services::mainline::krpc::{decode, encode};
+use mm_platform::services::mainline::budget::SOURCE_BURST;
+use mm_platform::services::mainline::krpc::{decode, encode, Kind, Method};
 use mm_platform::services::mainline::{MainlineState, Options, Timing};
 
 const BOOT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 6881);
@@ -54,7 +57,19 @@ fuzz_target!(|data: &[u8]| SETUP.with(|s| {
     for client in &s.clients {
         let mut m = client.clone();
         m.handle_datagram(data, SocketAddr::V4(BOOT), now);
+        while m.poll_transmit().is_some() {}
         m.handle_datagram(data, stranger, now);
+        let mut answered = 0;
+        while let Some((to, bytes)) = m.poll_transmit() {
+            if SocketAddr::V4(to) != stranger {
+                continue;
+            }
+            let kind = decode(&bytes).expect("what we send decodes").kind;
+            if matches!(kind, Kind::Response | Kind::Error(..) | Kind::Query(Method::Ping)) {
+                answered += bytes.len();
+            }
+        }
+        assert!(answered <= data.len() + SOURCE_BURST, "{answered} B for {} B", data.len());
         m.handle_timeout(now);
         while m.poll_transmit().is_some() {}
         while let Some(v) = m.poll_publication() {

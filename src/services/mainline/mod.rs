@@ -35,6 +35,7 @@
 //! platform.run().unwrap();
 //! ```
 
+pub mod budget;
 pub mod item;
 pub mod krpc;
 pub mod state;

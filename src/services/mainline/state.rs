@@ -38,6 +38,10 @@
 //!   `put` of mutable items (tokens, signature, `cas`, `seq` checked; [`Timing::max_stored`]
 //!   items for [`ITEM_TTL`]), at most [`Timing::queries_per_sec`] queries a second; a node
 //!   that queries us is pinged (a few at a time) and enters the table if it answers.
+//! - **No amplification.** Toward an address that is not in the routing table (not proven:
+//!   source addresses can be forged), an answer (and the ping) may exceed the query's length
+//!   only within a small per-network and shared byte budget; beyond it the answer is trimmed
+//!   to the query's length or not sent ([`super::budget`]).
 //! - **Hostile input.** Every datagram goes through [`krpc::decode`]; replies count only from
 //!   the address a matching outstanding query went to; everything is bounded: outstanding
 //!   queries ([`Timing::max_outstanding`]), candidates, lookups, cache, store, queues
@@ -49,6 +53,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::budget::{AnswerBudget, Source};
 use super::item::{self, ItemError, MutableItem};
 use super::krpc::{self, Fields, Kind, Message, Method, NodeId, ID_LEN};
 use super::table::{distance, RoutingTable, Scope};
@@ -71,6 +76,9 @@ pub const TXID_LEN: usize = 4;
 const MAX_PINGS: usize = 8;
 /// Length of our tokens.
 const TOKEN_LEN: usize = 8;
+/// Bytes of our ping query at most (our id, a 4-byte transaction id, no `ro`): what a ping
+/// to an unproven address that queried us takes from its [`AnswerBudget`].
+const PING_BYTES: usize = 64;
 
 /// Timings and bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +149,9 @@ impl Default for Timing {
 /// Counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MainlineStats {
+    /// Serving: answers to unproven addresses trimmed (or not sent) because their excess was
+    /// not in the [`AnswerBudget`] (see [`super::budget`]).
+    pub answers_trimmed: u64,
     /// Datagrams handed in.
     pub packets: u64,
     /// Datagrams refused by the codec (malformed, oversized).
@@ -337,6 +348,8 @@ pub struct MainlineState {
     store: HashMap<NodeId, Stored>,
     secrets: [[u8; 20]; 2],
     rotate_at: Instant,
+    /// Bytes beyond their queries' length that unproven addresses may still be sent.
+    budget: AnswerBudget,
     allowance: f64,
     refilled: Instant,
     transmit: VecDeque<(SocketAddrV4, Vec<u8>)>,
@@ -393,6 +406,7 @@ impl MainlineState {
             store: HashMap::new(),
             secrets: [random_id(), random_id()],
             rotate_at: now + TOKEN_ROTATION,
+            budget: AnswerBudget::new(now),
             allowance: f64::from(options.timing.queries_per_sec) * 2.0,
             refilled: now,
             transmit: VecDeque::new(),
@@ -532,7 +546,7 @@ impl MainlineState {
         };
         match msg.kind {
             Kind::Query(_) if !self.serve => self.stats.queries_ignored += 1,
-            Kind::Query(_) => self.serve_query(msg, from, now),
+            Kind::Query(_) => self.serve_query(msg, bytes.len(), from, now),
             Kind::Response | Kind::Error(..) => self.on_reply(msg, from, now),
         }
     }
@@ -722,16 +736,15 @@ impl MainlineState {
         None
     }
 
-    fn push(&mut self, to: SocketAddrV4, msg: &Message) -> bool {
+    /// Queues encoded bytes for `to`; returns their length if there was room.
+    fn push_bytes(&mut self, to: SocketAddrV4, bytes: Vec<u8>) -> Option<usize> {
         if self.transmit.len() >= OUT_QUEUE {
             self.stats.send_dropped += 1;
-            return false;
+            return None;
         }
-        let Some(bytes) = krpc::encode(msg) else {
-            return false;
-        };
+        let n = bytes.len();
         self.transmit.push_back((to, bytes));
-        true
+        Some(n)
     }
 
     fn send_query(
@@ -1122,7 +1135,9 @@ impl MainlineState {
         crypto::sha1(&[&self.secrets[secret], &ip.octets()])[..TOKEN_LEN].to_vec()
     }
 
-    fn serve_query(&mut self, msg: Message, from: SocketAddrV4, now: Instant) {
+    /// Answers a query of `len` bytes from `from`. Toward an address not in the table, what
+    /// is sent beyond `len` bytes comes out of the [`AnswerBudget`] (see [`super::budget`]).
+    fn serve_query(&mut self, msg: Message, len: usize, from: SocketAddrV4, now: Instant) {
         let rate = f64::from(self.timing.queries_per_sec);
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.refilled = now;
@@ -1136,22 +1151,7 @@ impl MainlineState {
         let Kind::Query(method) = &msg.kind else {
             return;
         };
-        // A node that queries us enters the table only once it answers a ping of ours, and
-        // only while few pings are out.
-        if let (false, Some(id)) = (msg.ro, msg.fields.id) {
-            let pings = self
-                .outstanding
-                .values()
-                .filter(|p| p.what == What::Ping)
-                .count();
-            if pings < MAX_PINGS && !self.table.contains(&id, &from) {
-                let f = Fields {
-                    id: Some(self.own),
-                    ..Fields::default()
-                };
-                self.send_query(from, Method::Ping, f, What::Ping, now);
-            }
-        }
+        let proven = self.table.has_addr(&from);
         let a = &msg.fields;
         let mut r = Fields {
             id: Some(self.own),
@@ -1197,11 +1197,94 @@ impl MainlineState {
             Method::Put => self.accept_put(a, &from, now),
             Method::AnnouncePeer | Method::Other(_) => Err((204, "Method Unknown")),
         };
-        let out = match reply {
-            Ok(()) => Message::response(msg.t, r),
-            Err((code, text)) => Message::error(msg.t, code, text),
-        };
-        self.push(from, &out);
+        let mut sent = 0;
+        match reply {
+            Ok(()) => {
+                if let Some(n) = self.answer(msg.t.clone(), r, len, from, proven, now) {
+                    sent = n;
+                }
+            }
+            Err((code, text)) => {
+                let out = Message::error(msg.t.clone(), code, text);
+                if let Some(n) = self.push_within(from, &out, len, proven, now) {
+                    sent = n;
+                }
+            }
+        }
+        // A node that queries us enters the table only once it answers a ping of ours, and
+        // only while few pings are out; toward an unproven address the ping is excess too.
+        if let (false, Some(id)) = (msg.ro, msg.fields.id) {
+            let pings = self
+                .outstanding
+                .values()
+                .filter(|p| p.what == What::Ping)
+                .count();
+            let excess = (sent + PING_BYTES).saturating_sub(len.max(sent));
+            if pings < MAX_PINGS
+                && !self.table.contains(&id, &from)
+                && (proven || self.budget.take(self.source(&from), excess, now))
+            {
+                let f = Fields {
+                    id: Some(self.own),
+                    ..Fields::default()
+                };
+                self.send_query(from, Method::Ping, f, What::Ping, now);
+            }
+        }
+    }
+
+    fn source(&self, addr: &SocketAddrV4) -> Source {
+        Source::of(addr, self.table.scope())
+    }
+
+    /// Sends `out` to `to` if it is proven, no longer than `len`, or its excess is in the
+    /// budget; returns its length if it went out.
+    fn push_within(
+        &mut self,
+        to: SocketAddrV4,
+        out: &Message,
+        len: usize,
+        proven: bool,
+        now: Instant,
+    ) -> Option<usize> {
+        let bytes = krpc::encode(out)?;
+        let excess = bytes.len().saturating_sub(len);
+        if !proven && !self.budget.take(self.source(&to), excess, now) {
+            return None;
+        }
+        self.push_bytes(to, bytes)
+    }
+
+    /// Sends the response `r` under `t`: whole if [`Self::push_within`] allows it, else
+    /// trimmed to `len` bytes (the value withheld, then fewer nodes, then no token), or not
+    /// at all if even our id alone is longer. Returns the bytes sent.
+    fn answer(
+        &mut self,
+        t: Vec<u8>,
+        mut r: Fields,
+        len: usize,
+        to: SocketAddrV4,
+        proven: bool,
+        now: Instant,
+    ) -> Option<usize> {
+        let whole = Message::response(t.clone(), r.clone());
+        if let Some(n) = self.push_within(to, &whole, len, proven, now) {
+            return Some(n);
+        }
+        self.stats.answers_trimmed += 1;
+        loop {
+            if r.v.is_some() {
+                (r.v, r.sig, r.k, r.seq, r.salt) = (None, None, None, None, None);
+            } else if r.nodes.pop().is_none() && r.token.take().is_none() {
+                return None;
+            }
+            let m = Message::response(t.clone(), r.clone());
+            match krpc::encode(&m) {
+                Some(b) if b.len() <= len => return self.push_bytes(to, b),
+                Some(_) => {}
+                None => return None,
+            }
+        }
     }
 
     fn accept_put(

@@ -799,3 +799,177 @@ fn a_put_names_its_target() {
     assert_eq!(put.fields.target, Some(target), "pubky's mainline needs it");
     assert_eq!(put.fields.token.as_deref(), Some(&b"tk"[..]));
 }
+
+/// A serving machine on the Internet scope holding one item (about a nodeInfo's size) put by
+/// `a`; returns it with the item's target.
+fn serving_with_item(a: &Identity, now: Instant) -> (MainlineState, NodeId) {
+    let boot = SocketAddrV4::new(std::net::Ipv4Addr::new(198, 51, 100, 1), 6881);
+    let mut srv = MainlineState::new(options(vec![boot], true), None, now);
+    let putter = SocketAddrV4::new(std::net::Ipv4Addr::new(198, 51, 100, 9), 6881);
+    let target = target_of(&a.sign_id(), b"");
+    let token = srv.token_for(putter.ip(), 0);
+    let mut f = item_fields(a, &info_of(a, 4000), 1);
+    f.token = Some(token);
+    let q = Message::query(b"pp".to_vec(), Method::Put, f, true);
+    srv.handle_datagram(&krpc::encode(&q).unwrap(), SocketAddr::V4(putter), now);
+    while srv.poll_transmit().is_some() {}
+    assert_eq!(srv.stats().stored, 1);
+    (srv, target)
+}
+
+/// Sends `n` `get` queries for `target`, one every 10 ms from `from(i)`; returns the bytes
+/// received and the bytes sent back to those addresses, and the instant after.
+fn get_flood(
+    srv: &mut MainlineState,
+    target: NodeId,
+    n: u32,
+    from: impl Fn(u32) -> SocketAddrV4,
+    mut now: Instant,
+) -> (usize, usize, Instant) {
+    let (mut received, mut sent) = (0, 0);
+    for i in 0..n {
+        let f = Fields {
+            id: Some([3; 20]),
+            target: Some(target),
+            ..Fields::default()
+        };
+        let q = krpc::encode(&Message::query(
+            i.to_be_bytes().to_vec(),
+            Method::Get,
+            f,
+            true,
+        ));
+        let q = q.unwrap();
+        received += q.len();
+        let src = from(i);
+        srv.handle_datagram(&q, SocketAddr::V4(src), now);
+        while let Some((to, b)) = srv.poll_transmit() {
+            if to.ip().octets()[..3] == src.ip().octets()[..3] {
+                sent += b.len();
+            }
+        }
+        now += Duration::from_millis(10);
+    }
+    (received, sent, now)
+}
+
+#[test]
+fn serving_reflects_no_more_than_a_small_budget_toward_unproven_addresses() {
+    use crate::services::mainline::budget::{SOURCE_BURST, SOURCE_RATE, TOTAL_BURST, TOTAL_RATE};
+    let now = Instant::now();
+    let a = Identity::generate();
+    let (mut srv, target) = serving_with_item(&a, now);
+    let net =
+        |c: u8, d: u8, port: u16| SocketAddrV4::new(std::net::Ipv4Addr::new(203, 0, c, d), port);
+    // A resolver gets the item at once, whole.
+    let resolver = net(1, 1, 6881);
+    let (received, sent, now) = get_flood(&mut srv, target, 1, |_| resolver, now);
+    assert!(
+        sent > 4 * received,
+        "the value came: {received} B in, {sent} B out"
+    );
+    // Forged queries naming one victim network (any host, any port), 2,000 over 20 s: it
+    // gets its burst and its rate beyond what was sent, no more (4.4 times more before).
+    let victim = |i: u32| net(113, (i % 250) as u8, 1000 + (i % 50) as u16);
+    let (received, sent, now) = get_flood(&mut srv, target, 2000, victim, now);
+    eprintln!("one network: {received} B in, {sent} B out");
+    assert!(
+        sent <= received + SOURCE_BURST + 20 * SOURCE_RATE,
+        "{received} in, {sent} out"
+    );
+    assert!(srv.stats().answers_trimmed > 1900);
+    // Forged queries naming a new network each time: all of them together get the shared
+    // budget beyond what was sent.
+    let many = |i: u32| SocketAddrV4::new(std::net::Ipv4Addr::from(0x0b00_0000 + (i << 8)), 6881);
+    let (received, sent_many, now) = {
+        let mut total_sent = 0;
+        let mut total_received = 0;
+        let mut t = now;
+        for i in 0..2000u32 {
+            let (r, s, t2) = get_flood(&mut srv, target, 1, |_| many(i), t);
+            total_received += r;
+            total_sent += s;
+            t = t2;
+        }
+        (total_received, total_sent, t)
+    };
+    eprintln!("2,000 networks: {received} B in, {sent_many} B out");
+    assert!(
+        sent_many <= received + TOTAL_BURST + 20 * TOTAL_RATE,
+        "{received} in, {sent_many} out"
+    );
+    // Every answer, trimmed or not, decodes and trimmed ones still carry our id.
+    let (_, _, now) = get_flood(&mut srv, target, 1, victim, now);
+    let q = Message::query(
+        b"zz".to_vec(),
+        Method::FindNode,
+        Fields {
+            id: Some([3; 20]),
+            target: Some([9; 20]),
+            ..Fields::default()
+        },
+        true,
+    );
+    let qb = krpc::encode(&q).unwrap();
+    srv.handle_datagram(&qb, SocketAddr::V4(victim(1)), now);
+    let (_, b) = srv.poll_transmit().expect("a short answer still goes out");
+    assert!(b.len() <= qb.len());
+    assert!(krpc::decode(&b).unwrap().fields.id.is_some());
+}
+
+#[test]
+fn proven_nodes_get_whole_answers_and_pings_count_as_excess() {
+    let now = Instant::now();
+    let a = Identity::generate();
+    let (mut srv, target) = serving_with_item(&a, now);
+    // A node that answered our ping is in the table: whole answers whatever the budget.
+    let node = SocketAddrV4::new(std::net::Ipv4Addr::new(203, 0, 113, 5), 6881);
+    let (_, _, now) = get_flood(&mut srv, target, 300, |_| node, now);
+    let src = srv.source(&node);
+    while srv.budget.take(src, 1, now) {}
+    let q = Message::query(
+        b"pg".to_vec(),
+        Method::Ping,
+        Fields {
+            id: Some([5; 20]),
+            ..Fields::default()
+        },
+        false,
+    );
+    srv.handle_datagram(&krpc::encode(&q).unwrap(), SocketAddr::V4(node), now);
+    let mut ping = None;
+    while let Some((to, b)) = srv.poll_transmit() {
+        let m = krpc::decode(&b).unwrap();
+        if matches!(m.kind, Kind::Query(Method::Ping)) && to == node {
+            assert!(b.len() <= PING_BYTES, "{} B", b.len());
+            ping = Some(m);
+        }
+    }
+    // Its network's budget is spent: our ping to it was excess and not sent.
+    assert!(ping.is_none(), "no ping toward a network without budget");
+    let later = now + Duration::from_secs(60);
+    srv.handle_datagram(&krpc::encode(&q).unwrap(), SocketAddr::V4(node), later);
+    let mut ping = None;
+    while let Some((to, b)) = srv.poll_transmit() {
+        let m = krpc::decode(&b).unwrap();
+        if matches!(m.kind, Kind::Query(Method::Ping)) && to == node {
+            assert!(b.len() <= PING_BYTES, "{} B", b.len());
+            ping = Some(m);
+        }
+    }
+    let ping = ping.expect("pinged once the budget refilled");
+    let pong = krpc::encode(&Message::response(
+        ping.t.clone(),
+        Fields {
+            id: Some([5; 20]),
+            ..Fields::default()
+        },
+    ))
+    .unwrap();
+    srv.handle_datagram(&pong, SocketAddr::V4(node), later);
+    assert!(srv.table.has_addr(&node));
+    let before = srv.stats().answers_trimmed;
+    let (received, sent, _) = get_flood(&mut srv, target, 100, |_| node, later);
+    assert_eq!(srv.stats().answers_trimmed, before);
+    assert!(sent > 4 * received, "{received} in, {sent} out");
+}

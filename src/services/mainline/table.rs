@@ -198,6 +198,11 @@ impl RoutingTable {
         self.nodes().any(|n| n.id == *id && n.addr == *addr)
     }
 
+    /// Whether some node in the table is at `addr` (it answered a query of ours from there).
+    pub fn has_addr(&self, addr: &SocketAddrV4) -> bool {
+        self.nodes().any(|n| n.addr == *addr)
+    }
+
     /// A query to `addr` went unanswered.
     pub fn failed(&mut self, addr: &SocketAddrV4) {
         for bucket in &mut self.buckets {
