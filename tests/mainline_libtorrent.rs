@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use mm_platform::identity::Identity;
-use mm_platform::services::mainline::item::{self, MutableItem};
-use mm_platform::services::mainline::krpc::{self, Fields, Kind, Message, Method};
+use mm_platform::proto::mainline::item::{self, MutableItem};
+use mm_platform::proto::mainline::krpc::{self, Fields, Kind, Message, Method};
 use mm_platform::services::mainline::MainlineConfig;
 use support::mainline::{hex, publisher, resolve_and_message, unhex};
 use support::JsonProc;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use mm_platform::services::mainline::krpc::{self, Fields, Kind, Message, Method};
+use mm_platform::proto::mainline::krpc::{self, Fields, Kind, Message, Method};
 use mm_platform::services::mainline::MainlineConfig;
 use support::mainline::{hex, publisher, resolve_and_message, unhex};
 use support::JsonProc;

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use mm_platform::identity::Identity;
-use mm_platform::services::mdns::{wire, Mdns, MdnsConfig};
+use mm_platform::proto::mdns::wire;
+use mm_platform::services::mdns::{Mdns, MdnsConfig};
 use mm_platform::{Event, Platform};
 use support::{start_mdns_node, JsonProc, Netns, TempDir};
 

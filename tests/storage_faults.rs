@@ -101,7 +101,7 @@ impl Tmpfs {
         let dir = std::env::temp_dir().join(format!(
             "mm-tmpfs-{test}-{}-{:x}",
             std::process::id(),
-            mm_platform::crypto::random_u64()
+            mm_platform::proto::crypto::random_u64()
         ));
         fs::create_dir_all(&dir).expect("create mount point");
         let out = Command::new("mount")

@@ -11,8 +11,8 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use mm_platform::services::mainline::krpc::{decode, encode};
-use mm_platform::services::mainline::{MainlineState, Options, Timing};
+use mm_platform::proto::mainline::krpc::{decode, encode};
+use mm_platform::proto::mainline::state::{MainlineState, Options, Timing};
 
 const BOOT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 6881);
 

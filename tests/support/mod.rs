@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod js;
+#[cfg(feature = "mainline")]
 pub mod mainline;
 pub mod nat;
 
