@@ -106,6 +106,28 @@ pub mod proto {
     //! CurveCP tools (`examples/curvecp.rs`) reach below the platform: every public item of
     //! the crate's internal modules, under the same paths below `proto`.
 
+    /// Test support: reports that test `test` is skipped because something it needs is missing
+    /// on this machine (`why`; its first line is the reason, further lines may say how to get
+    /// it). Prints `*** SKIPPING test: why` to stderr and, when the environment variable
+    /// `MM_SKIPPED_FILE` names a file, appends the line `test: reason` to it in one write to a
+    /// file opened for appending, so test processes running in parallel never mix their lines.
+    /// `.ci/skipped` sets it for one `cargo test` run and lists the lines at the end.
+    pub fn skip_test(test: &str, why: &str) {
+        use std::io::Write;
+        eprintln!("\n*** SKIPPING {test}: {why}\n");
+        if let Some(path) = std::env::var_os("MM_SKIPPED_FILE") {
+            let reason = why.lines().next().unwrap_or_default();
+            let line = format!("{test}: {reason}\n");
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path);
+            if let Err(e) = file.and_then(|mut f| f.write_all(line.as_bytes())) {
+                eprintln!("*** cannot record the skip in MM_SKIPPED_FILE: {e}");
+            }
+        }
+    }
+
     /// A module of `proto` that re-exports every public item of a crate-private module.
     macro_rules! internals {
         ($(#[$doc:meta])* $name:ident => $($path:ident)::+) => {

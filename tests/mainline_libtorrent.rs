@@ -53,9 +53,13 @@ fn libtorrent_available(test: &str) -> bool {
     if std::env::var("MM_REQUIRE_LIBTORRENT").as_deref() == Ok("1") {
         panic!("{test}: libtorrent missing ({why}) and MM_REQUIRE_LIBTORRENT=1: install python3-libtorrent");
     }
-    eprintln!(
-        "\n*** SKIPPING {test}: libtorrent-rasterbar not importable by {PYTHON} ({why}).\n\
-         *** Install it with `apt-get install python3-libtorrent`; CI sets MM_REQUIRE_LIBTORRENT=1.\n"
+    mm_platform::proto::skip_test(
+        test,
+        &format!(
+            "libtorrent-rasterbar not importable by {PYTHON} ({why}).\n\
+             *** Install it with `apt-get install python3-libtorrent`; \
+             CI sets MM_REQUIRE_LIBTORRENT=1."
+        ),
     );
     false
 }

@@ -205,7 +205,10 @@ fn hostile_packets_on_the_socket_publish_nothing_and_memory_stays_bounded() {
         if std::env::var("MM_REQUIRE_NETNS").as_deref() == Ok("1") {
             panic!("cannot unshare a network namespace and MM_REQUIRE_NETNS=1");
         }
-        eprintln!("\n*** SKIPPING hostile mdns packets: cannot unshare a network namespace (not root?).\n");
+        mm_platform::proto::skip_test(
+            "hostile mdns packets",
+            "cannot unshare a network namespace (not root?)",
+        );
         return;
     };
     // Hostile packets: each counted, none published, nothing remembered.

@@ -123,9 +123,12 @@ impl Tmpfs {
         if std::env::var("MM_REQUIRE_NETNS").as_deref() == Ok("1") {
             panic!("{test}: cannot mount a tmpfs ({err}) and MM_REQUIRE_NETNS=1");
         }
-        eprintln!(
-            "\n*** SKIPPING {test}: cannot mount a tmpfs ({err}).\n\
-             *** Real-disk fault tests need root; CI sets MM_REQUIRE_NETNS=1.\n"
+        mm_platform::proto::skip_test(
+            test,
+            &format!(
+                "cannot mount a tmpfs ({err}).\n\
+                 *** Real-disk fault tests need root; CI sets MM_REQUIRE_NETNS=1."
+            ),
         );
         None
     }

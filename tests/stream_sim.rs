@@ -961,9 +961,10 @@ fn reference_tools_present() -> bool {
             std::env::var("MM_REQUIRE_REFERENCE").as_deref() != Ok("1"),
             "MM_REQUIRE_REFERENCE=1 but curvecpmessage is not on PATH: install nacl-tools"
         );
-        eprintln!(
-            "\n*** SKIPPING interop_with_reference_curvecpmessage_over_pipes: curvecpmessage \
-             not installed (apt-get install nacl-tools); CI sets MM_REQUIRE_REFERENCE=1.\n"
+        mm_platform::proto::skip_test(
+            "interop_with_reference_curvecpmessage_over_pipes",
+            "curvecpmessage not installed (apt-get install nacl-tools); \
+             CI sets MM_REQUIRE_REFERENCE=1.",
         );
     }
     present

@@ -273,7 +273,7 @@ pub(crate) fn cannot_run(what: &str) {
     if std::env::var_os("MM_REQUIRE_AVX512").is_some_and(|v| v != "0") {
         panic!("{what}: cannot run here, and MM_REQUIRE_AVX512 is set");
     }
-    eprintln!("SKIPPING {what}: cannot run on this machine or build");
+    crate::proto::skip_test(what, "cannot run on this machine or build");
 }
 
 /// Overwrites `buf` with zeros in a way the optimiser does not remove (`sodium_memzero`, a
