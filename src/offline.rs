@@ -75,9 +75,9 @@
 //! - The points of the table are exercised by `tests/delivery_crash.rs` through crash points
 //!   (`MM_CRASH_AT`, see the platform's `crash_points` module).
 //!
-//! Receiving side (the de-duplication memory): a bounded memory of the ids of the latest messages delivered,
-//! kept per sender (box key), so a message retried after a lost acknowledgement is not
-//! delivered twice. Each sender keeps its latest `per_peer` ids (4,096 by default,
+//! Receiving side (the de-duplication memory): a bounded memory of the ids of the latest
+//! messages delivered, kept per sender (box key), so a message retried after a lost
+//! acknowledgement is not delivered twice. Each sender keeps its latest `per_peer` ids (4,096 by default,
 //! [`crate::NetConfig::dedup_per_peer`]) and all senders together at most `capacity` (65,536
 //! by default, [`crate::NetConfig::dedup`]); past that the least recently active sender is
 //! forgotten whole (so the number of senders tracked is bounded too). A peer flooding ids
