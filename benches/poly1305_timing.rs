@@ -12,7 +12,7 @@
 
 use std::hint::black_box;
 
-use mm_platform::crypto::{poly1305_tag_with, random_bytes, CipherBackend};
+use mm_platform::proto::crypto::{poly1305_tag_with, random_bytes, CipherBackend};
 
 /// Samples per class per figure.
 const SAMPLES: usize = 200_000;

@@ -39,13 +39,13 @@ use mio::unix::pipe;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use mm_platform::crypto::{self, BoxKeyPair, BoxPublicKey};
-use mm_platform::curvecp::client::{ClientConfig, ClientState};
-use mm_platform::curvecp::packet::ServerName;
-use mm_platform::curvecp::server::{ConnectionId, ServerConfig, ServerEvent};
-use mm_platform::curvecp::stream::Eof;
-use mm_platform::curvecp::Extension;
-use mm_platform::transport::{ClientDriver, ServerDriver, TransportKind};
+use mm_platform::proto::crypto::{self, BoxKeyPair, BoxPublicKey};
+use mm_platform::proto::curvecp::client::{ClientConfig, ClientState};
+use mm_platform::proto::curvecp::packet::ServerName;
+use mm_platform::proto::curvecp::server::{ConnectionId, ServerConfig, ServerEvent};
+use mm_platform::proto::curvecp::stream::Eof;
+use mm_platform::proto::curvecp::Extension;
+use mm_platform::proto::transport::{ClientDriver, ServerDriver, TransportKind};
 
 const USAGE: &str = "usage:
   curvecp makekey DIR

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
 
-use mm_platform::crypto::{self, BoxKeyPair};
-use mm_platform::curvecp::client::{ClientConfig, ClientState};
-use mm_platform::curvecp::server::{ServerConfig, ServerEvent};
-use mm_platform::curvecp::stream::Eof;
-use mm_platform::transport::{ClientDriver, ServerDriver, TransportKind};
+use mm_platform::proto::crypto::{self, BoxKeyPair};
+use mm_platform::proto::curvecp::client::{ClientConfig, ClientState};
+use mm_platform::proto::curvecp::server::{ServerConfig, ServerEvent};
+use mm_platform::proto::curvecp::stream::Eof;
+use mm_platform::proto::transport::{ClientDriver, ServerDriver, TransportKind};
 
 const SIZE: usize = 1 << 20;
 const SERVER: Token = Token(0);

@@ -196,7 +196,7 @@ impl Envelope {
     /// Appends the whole frame, `netstring(protobuf)`, to `out`.
     ///
     /// ```
-    /// use mm_platform::envelope::Envelope;
+    /// use mm_platform::proto::envelope::Envelope;
     /// let mut out = Vec::new();
     /// Envelope::new("test.hello", "ms", br#"{"hello":"world","n":42}"#.to_vec()).encode_frame(&mut out);
     /// // The bytes the JavaScript original puts on the stream for this message:
@@ -219,7 +219,7 @@ impl Envelope {
     /// its frame around a payload this way, copying it once.
     ///
     /// ```
-    /// use mm_platform::envelope::Envelope;
+    /// use mm_platform::proto::envelope::Envelope;
     /// let mut a = Vec::new();
     /// Envelope::new("t", "bt", vec![1, 2, 3]).encode_frame(&mut a);
     /// let mut b = Vec::new();

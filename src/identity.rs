@@ -8,6 +8,10 @@
 //! keys (queued offline messages, de-duplication memory, listen addresses: the state of a node
 //! whose identity was lost) does not get a new identity unless that is explicitly allowed
 //! ([`Identity::load_or_create_with`], [`IdentityError::Missing`]).
+//!
+//! The key types an identity is made of ([`SignKeyPair`], [`SignPublicKey`], [`BoxKeyPair`],
+//! [`BoxPublicKey`]) are re-exported here; the rest of the cryptography (boxes, shared keys,
+//! cipher backends) is a protocol internal, in [`crate::proto::crypto`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -16,7 +20,7 @@ use std::str::FromStr;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
-use crate::crypto::{BoxKeyPair, BoxPublicKey, CryptoError, SignKeyPair, SignPublicKey};
+pub use crate::crypto::{BoxKeyPair, BoxPublicKey, CryptoError, SignKeyPair, SignPublicKey};
 use crate::storage::{Storage, StorageError};
 
 /// The storage key holding the identity's secret key.

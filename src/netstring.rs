@@ -52,7 +52,7 @@ pub struct Frame {
 /// be closed).
 ///
 /// ```
-/// use mm_platform::netstring::decode;
+/// use mm_platform::proto::netstring::decode;
 /// let buf = b"5:hello,3:ab";
 /// let f = decode(buf, 100).unwrap().unwrap();
 /// assert_eq!(&buf[f.payload.clone()], b"hello");
@@ -123,7 +123,7 @@ pub fn write_header(len: usize, out: &mut [u8; 21]) -> usize {
 ///
 /// ```
 /// let mut v = Vec::new();
-/// mm_platform::netstring::encode_into(b"hi", &mut v);
+/// mm_platform::proto::netstring::encode_into(b"hi", &mut v);
 /// assert_eq!(v, b"2:hi,");
 /// ```
 pub fn encode_into(payload: &[u8], out: &mut Vec<u8>) {

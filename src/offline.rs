@@ -1,7 +1,7 @@
 //! The offline buffer (docs/ARCHITECTURE.md §6): persistent store-and-forward for messages that are not
 //! real-time, and the receiver's de-duplication memory.
 //!
-//! Sending side ([`OfflineBuffer`]): each message is one storage record, written (durably, for
+//! Sending side (the offline buffer): each message is one storage record, written (durably, for
 //! a [`crate::storage::FileStore`]) before the send returns, under the key
 //! `offline-<32 hex digits of its id>`. A record holds the destination, the wall-clock expiry
 //! (milliseconds since the Unix epoch, so it survives restarts), a creation sequence (records
@@ -12,11 +12,11 @@
 //! the record becomes idle again and is retried (whenever the destination comes online, and
 //! at least every [`crate::NetConfig::offline_retry`]). Expired records are deleted and
 //! reported. The buffer is bounded in records and bytes: a send beyond either bound is refused
-//! ([`AddError::Full`]).
+//! ([`crate::SendStatus::BufferFull`]; limits in [`OfflineLimits`]).
 //!
 //! Record layout (format 2): `MMO2` (4 bytes), destination ed25519 key (32), expiry ms (8,
 //! big-endian), sequence (8, big-endian), the protobuf envelope, then a 16-byte checksum
-//! ([`crate::crypto::checksum`], BLAKE2b) of everything before it. Records of the first format
+//! (BLAKE2b) of everything before it. Records of the first format
 //! (`MMO1`, the same without the checksum) are still read, so a buffer written by an older
 //! version is sent after an upgrade.
 //!
@@ -25,8 +25,8 @@
 //! moved aside to `damaged-<its key>` ([`DAMAGED_PREFIX`]), logged at warn level and reported
 //! (if it cannot even be moved, it stays where it is, unread, and is reported again at the next
 //! start). A delivered record that cannot be deleted (a read-only disk) is reported, and its
-//! deletion retried later. Faults wait in a bounded queue ([`OfflineBuffer::take_faults`],
-//! [`Dedup::take_faults`]) that the platform turns into [`crate::Event::StorageFault`].
+//! deletion retried later. Faults wait in a bounded queue that the platform turns into
+//! [`crate::Event::StorageFault`].
 //!
 //! # Delivery guarantee
 //!
@@ -75,9 +75,9 @@
 //! - The points of the table are exercised by `tests/delivery_crash.rs` through crash points
 //!   (`MM_CRASH_AT`, see the platform's `crash_points` module).
 //!
-//! Receiving side ([`Dedup`]): a bounded memory of the ids of the latest messages delivered,
-//! kept per sender (box key), so a message retried after a lost acknowledgement is not
-//! delivered twice. Each sender keeps its latest `per_peer` ids (4,096 by default,
+//! Receiving side (the de-duplication memory): a bounded memory of the ids of the latest
+//! messages delivered, kept per sender (box key), so a message retried after a lost
+//! acknowledgement is not delivered twice. Each sender keeps its latest `per_peer` ids (4,096 by default,
 //! [`crate::NetConfig::dedup_per_peer`]) and all senders together at most `capacity` (65,536
 //! by default, [`crate::NetConfig::dedup`]); past that the least recently active sender is
 //! forgotten whole (so the number of senders tracked is bounded too). A peer flooding ids
@@ -119,7 +119,7 @@ const MAX_UNDELETED: usize = 4096;
 /// Why a stored offline record cannot be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum RecordError {
+pub(crate) enum RecordError {
     /// The record is empty.
     Empty,
     /// Shorter than its header and checksum.
@@ -150,7 +150,7 @@ impl fmt::Display for RecordError {
 impl std::error::Error for RecordError {}
 
 /// Identifies a record: creation sequence and id (records sort in sending order).
-pub type RecordKey = (u64, [u8; 16]);
+pub(crate) type RecordKey = (u64, [u8; 16]);
 
 /// Bounds of the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,7 +172,7 @@ impl Default for OfflineLimits {
 
 /// Why a message could not be buffered.
 #[derive(Debug)]
-pub enum AddError {
+pub(crate) enum AddError {
     /// The buffer is at one of its bounds.
     Full,
     /// Writing the record failed.
@@ -237,12 +237,12 @@ struct Entry {
 }
 
 /// The storage key of a record id.
-pub fn storage_key(id: &[u8; 16]) -> String {
+pub(crate) fn storage_key(id: &[u8; 16]) -> String {
     format!("{KEY_PREFIX}{}", to_hex(id))
 }
 
 /// Encodes a record (format 2, with its checksum).
-pub fn encode_record(dest: &SignId, expires_ms: u64, seq: u64, env: &Envelope) -> Vec<u8> {
+pub(crate) fn encode_record(dest: &SignId, expires_ms: u64, seq: u64, env: &Envelope) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + env.encoded_len() + CHECKSUM_LEN);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(dest.as_bytes());
@@ -257,7 +257,7 @@ pub fn encode_record(dest: &SignId, expires_ms: u64, seq: u64, env: &Envelope) -
 /// Decodes a record of either format: destination, expiry, sequence, envelope (with a 16-byte
 /// id). A record of format 2 whose checksum does not match is refused
 /// ([`RecordError::Checksum`]).
-pub fn decode_record(bytes: &[u8]) -> Result<(SignId, u64, u64, Envelope), RecordError> {
+pub(crate) fn decode_record(bytes: &[u8]) -> Result<(SignId, u64, u64, Envelope), RecordError> {
     if bytes.is_empty() {
         return Err(RecordError::Empty);
     }
@@ -297,7 +297,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<(SignId, u64, u64, Envelope), Recor
 }
 
 /// The persistent buffer's in-memory index (the records themselves are in storage).
-pub struct OfflineBuffer {
+pub(crate) struct OfflineBuffer {
     entries: BTreeMap<RecordKey, Entry>,
     /// Idle records per destination (so "does `dest` have records to send" costs O(1)).
     idle: HashMap<SignId, usize>,
@@ -618,15 +618,10 @@ impl OfflineBuffer {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
-
-    /// Frame bytes held.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
 }
 
 /// Bounded memory of delivered message ids, kept per sender (see the module docs).
-pub struct Dedup {
+pub(crate) struct Dedup {
     peers: HashMap<[u8; 32], PeerIds>,
     /// Senders by last activity (oldest first): the key is the sender's activity tick.
     lru: BTreeMap<u64, [u8; 32]>,
@@ -667,7 +662,7 @@ pub const DEDUP_LEGACY_PREFIX: &str = "dedup-";
 pub const DEFAULT_DEDUP_PER_PEER: usize = 4096;
 
 /// Longest id remembered; longer ids are not de-duplicated.
-pub const MAX_ID_LEN: usize = 64;
+pub(crate) const MAX_ID_LEN: usize = 64;
 
 /// The sender [`Dedup::first_time`] files ids under (no sender known).
 const NO_SENDER: [u8; 32] = [0; 32];
@@ -675,6 +670,7 @@ const NO_SENDER: [u8; 32] = [0; 32];
 impl Dedup {
     /// Remembers at most `capacity` ids (at least 1), at most [`DEFAULT_DEDUP_PER_PEER`] per
     /// sender.
+    #[cfg(test)]
     pub fn new(capacity: usize) -> Dedup {
         Dedup::with_per_peer(capacity, DEFAULT_DEDUP_PER_PEER)
     }
@@ -706,6 +702,7 @@ impl Dedup {
 
     /// Loads the persisted ids with the default per-sender quota (malformed chunks are
     /// ignored).
+    #[cfg(test)]
     pub fn load(capacity: usize, storage: &dyn Storage) -> Result<Dedup, StorageError> {
         Dedup::load_with_per_peer(capacity, DEFAULT_DEDUP_PER_PEER, storage)
     }
@@ -862,6 +859,7 @@ impl Dedup {
     }
 
     /// Whether ids arrived since the last flush.
+    #[cfg(test)]
     pub fn is_dirty(&self) -> bool {
         self.dirty
     }
@@ -954,21 +952,19 @@ impl Dedup {
     }
 
     /// [`Dedup::first_time_from`] for an unknown sender (all such ids share one quota).
+    #[cfg(test)]
     pub fn first_time(&mut self, id: &[u8]) -> bool {
         self.first_time_from(&NO_SENDER, id)
     }
 
     /// Ids remembered (all senders).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.total
     }
 
-    /// Whether nothing is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.total == 0
-    }
-
     /// Senders whose ids are remembered.
+    #[cfg(test)]
     pub fn senders(&self) -> usize {
         self.peers.len()
     }

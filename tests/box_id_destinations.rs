@@ -22,7 +22,7 @@ fn node(identity: Identity) -> Platform {
 fn identity_whose_box_key_is_a_valid_sign_key(valid: bool) -> Identity {
     for _ in 0..256 {
         let id = Identity::generate();
-        let as_sign = SignId(mm_platform::crypto::SignPublicKey(id.box_id().0 .0));
+        let as_sign = SignId(mm_platform::proto::crypto::SignPublicKey(id.box_id().0 .0));
         if as_sign.to_box_id().is_ok() == valid {
             return id;
         }

@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
 
-use mm_platform::crypto::BoxKeyPair;
-use mm_platform::curvecp::client::{Client, ClientConfig, ClientState};
-use mm_platform::curvecp::server::{ConnectionId, ServerConfig, ServerEvent};
-use mm_platform::curvecp::MAX_PACKET;
-use mm_platform::transport::onetp::{
+use mm_platform::proto::crypto::BoxKeyPair;
+use mm_platform::proto::curvecp::client::{Client, ClientConfig, ClientState};
+use mm_platform::proto::curvecp::server::{ConnectionId, ServerConfig, ServerEvent};
+use mm_platform::proto::curvecp::MAX_PACKET;
+use mm_platform::proto::transport::onetp::{
     Datagram, Dialer, SessionId, SessionType, SocketPacket, MAX_DATAGRAM, VERSION,
 };
-use mm_platform::transport::{ClientDriver, Framing, Path, ServerDriver, TransportKind};
+use mm_platform::proto::transport::{ClientDriver, Framing, Path, ServerDriver, TransportKind};
 
 const STEP: Duration = Duration::from_millis(10);
 
@@ -30,7 +30,7 @@ struct Rig {
     poll: Poll,
     events: Events,
     server: ServerDriver,
-    key: mm_platform::crypto::BoxPublicKey,
+    key: mm_platform::proto::crypto::BoxPublicKey,
     accepted: Vec<(ConnectionId, Path)>,
     closed: Vec<ConnectionId>,
     /// Bytes read and not yet written back, per connection.
@@ -727,8 +727,12 @@ fn hostile_compat_input_is_dropped_and_state_stays_bounded() {
         let sid = format!("{k:08x}");
         let s = SessionId::new(sid.as_bytes()).unwrap();
         let junk = [b'Q'; 300];
-        let n = mm_platform::transport::onetp::wrap_udp(&s, &junk[..(k as usize * 15)], &mut out)
-            .unwrap();
+        let n = mm_platform::proto::transport::onetp::wrap_udp(
+            &s,
+            &junk[..(k as usize * 15)],
+            &mut out,
+        )
+        .unwrap();
         odd.push(out[..n].to_vec());
         for kind in [
             SessionType::Ack,

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
 
-use mm_platform::crypto::BoxKeyPair;
-use mm_platform::curvecp::server::ServerConfig;
-use mm_platform::transport::ServerDriver;
+use mm_platform::proto::crypto::BoxKeyPair;
+use mm_platform::proto::curvecp::server::ServerConfig;
+use mm_platform::proto::transport::ServerDriver;
 
 #[test]
 fn a_flush_that_reads_asks_for_another_turn() {

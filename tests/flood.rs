@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mm_platform::crypto::{BoxKeyPair, BoxPublicKey, TAG_LEN};
+use mm_platform::proto::crypto::{BoxKeyPair, BoxPublicKey, TAG_LEN};
 use support::*;
 
 const HELLOS: usize = 100_000;
@@ -94,7 +94,7 @@ fn flood_leaves_memory_flat_and_a_client_gets_through() {
     let key = our_makekey(&dir.path("serverkey"));
     let server_pk = BoxPublicKey::from_hex(&key).unwrap();
     let mut ext = [0u8; 16];
-    assert!(mm_platform::crypto::from_hex_into(EXT, &mut ext));
+    assert!(mm_platform::proto::crypto::from_hex_into(EXT, &mut ext));
     let port = free_port(false);
     let mut server = Proc::spawn(
         "our server",

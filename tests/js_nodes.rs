@@ -645,7 +645,10 @@ fn js_node_skips_relayed_endpoints_and_uses_the_udp_one() {
     }
     // Only the UDP endpoint was used: no connection went to the relayed one.
     for c in rust.connections() {
-        assert_eq!(c.transport, mm_platform::transport::TransportKind::Udp);
+        assert_eq!(
+            c.transport,
+            mm_platform::proto::transport::TransportKind::Udp
+        );
         assert!(!c.relayed, "{c:?}");
     }
     let mut buf = [0u8; 2048];

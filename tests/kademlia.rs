@@ -20,10 +20,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use mm_platform::identity::{BoxId, Identity, SignId};
-use mm_platform::services::kademlia::id::NodeId;
-use mm_platform::services::kademlia::json::JsValue;
-use mm_platform::services::kademlia::rpc;
-use mm_platform::services::kademlia::state::{Config, KadEvent, KadState, Origin, Transmit};
+use mm_platform::proto::kademlia::id::NodeId;
+use mm_platform::proto::kademlia::json::JsValue;
+use mm_platform::proto::kademlia::rpc;
+use mm_platform::proto::kademlia::state::{Config, KadEvent, KadState, Origin, Transmit};
 use mm_platform::services::kademlia::{Kademlia, KademliaConfig, KademliaInfo};
 use mm_platform::storage::{FileStore, MemStore};
 use mm_platform::{Message, NetConfig, Platform};
@@ -364,7 +364,7 @@ fn store_item(key: &str, value: JsValue, publisher: &Node) -> JsValue {
             .with(
                 "publisher",
                 JsValue::Str(
-                    mm_platform::services::kademlia::id::NodeId::of_box_id(
+                    mm_platform::proto::kademlia::id::NodeId::of_box_id(
                         &publisher.box_id().to_string(),
                     )
                     .to_hex(),

@@ -212,7 +212,7 @@ fn our_json_text_is_javascripts() {
     if !js_available("our_json_text_is_javascripts") {
         return;
     }
-    use mm_platform::services::kademlia::json::JsValue;
+    use mm_platform::proto::kademlia::json::JsValue;
     use std::io::{BufRead, BufReader, Write};
     let mut corpus: Vec<String> = vec![
         r#"{"b":1,"a":2,"10":3,"2":4,"b":5,"01":6,"4294967294":7,"4294967295":8,"-1":9}"#.into(),

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use mm_platform::identity::Identity;
-use mm_platform::services::mainline::krpc::{self, CompactNode, Fields, Kind, Message, Method};
-use mm_platform::services::mainline::{item, Mainline, MainlineConfig, MainlineStats, Timing};
+use mm_platform::proto::mainline::item;
+use mm_platform::proto::mainline::krpc::{self, CompactNode, Fields, Kind, Message, Method};
+use mm_platform::services::mainline::{Mainline, MainlineConfig, MainlineStats, Timing};
 use mm_platform::{Event, Platform};
 
 const LIMIT: Duration = Duration::from_secs(30);

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use mm_platform::identity::Identity;
-use mm_platform::services::mainline::item::{self, MutableItem};
-use mm_platform::services::mainline::krpc::{self, Fields, Kind, Message, Method};
+use mm_platform::proto::mainline::item::{self, MutableItem};
+use mm_platform::proto::mainline::krpc::{self, Fields, Kind, Message, Method};
 use mm_platform::services::mainline::MainlineConfig;
 use support::mainline::{hex, publisher, resolve_and_message, unhex};
 use support::JsonProc;
@@ -53,9 +53,13 @@ fn libtorrent_available(test: &str) -> bool {
     if std::env::var("MM_REQUIRE_LIBTORRENT").as_deref() == Ok("1") {
         panic!("{test}: libtorrent missing ({why}) and MM_REQUIRE_LIBTORRENT=1: install python3-libtorrent");
     }
-    eprintln!(
-        "\n*** SKIPPING {test}: libtorrent-rasterbar not importable by {PYTHON} ({why}).\n\
-         *** Install it with `apt-get install python3-libtorrent`; CI sets MM_REQUIRE_LIBTORRENT=1.\n"
+    mm_platform::proto::skip_test(
+        test,
+        &format!(
+            "libtorrent-rasterbar not importable by {PYTHON} ({why}).\n\
+             *** Install it with `apt-get install python3-libtorrent`; \
+             CI sets MM_REQUIRE_LIBTORRENT=1."
+        ),
     );
     false
 }

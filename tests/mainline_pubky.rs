@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use mm_platform::services::mainline::krpc::{self, Fields, Kind, Message, Method};
+use mm_platform::proto::mainline::krpc::{self, Fields, Kind, Message, Method};
 use mm_platform::services::mainline::MainlineConfig;
 use support::mainline::{hex, publisher, resolve_and_message, unhex};
 use support::JsonProc;
@@ -57,9 +57,12 @@ fn helper_bin(test: &str) -> Option<PathBuf> {
                     "{test}: cannot build tests/pubky-mainline ({other:?}) and MM_REQUIRE_PUBKY=1"
                 );
             }
-            eprintln!(
-                "\n*** SKIPPING {test}: cannot build tests/pubky-mainline ({other:?}); it needs \
-                 the `mainline` crate from the registry. CI sets MM_REQUIRE_PUBKY=1.\n"
+            mm_platform::proto::skip_test(
+                test,
+                &format!(
+                    "cannot build tests/pubky-mainline ({other:?}); it needs \
+                     the `mainline` crate from the registry. CI sets MM_REQUIRE_PUBKY=1."
+                ),
             );
             None
         }

@@ -112,7 +112,10 @@ fn falls_back_from_a_dead_udp_endpoint_to_tcp() {
     assert_eq!(got.len(), 1);
     let c = a.connections();
     assert_eq!(c.len(), 1);
-    assert_eq!(c[0].transport, mm_platform::transport::TransportKind::Tcp);
+    assert_eq!(
+        c[0].transport,
+        mm_platform::proto::transport::TransportKind::Tcp
+    );
 }
 
 #[test]

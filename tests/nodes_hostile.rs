@@ -6,10 +6,10 @@
 use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
-use mm_platform::curvecp::client::ClientConfig;
-use mm_platform::envelope::Envelope;
 use mm_platform::identity::Identity;
-use mm_platform::transport::{ClientDriver, TransportKind};
+use mm_platform::proto::curvecp::client::ClientConfig;
+use mm_platform::proto::envelope::Envelope;
+use mm_platform::proto::transport::{ClientDriver, TransportKind};
 use mm_platform::{BoxId, NetConfig, Platform};
 use serde_json::json;
 

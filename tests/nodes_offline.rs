@@ -203,7 +203,7 @@ fn garbage_on_the_listeners_disturbs_nothing() {
             sent += 1;
         }
         // Random bytes, truncated and mutated CurveCP-looking packets, huge netstrings.
-        mm_platform::crypto::random_bytes(&mut garbage);
+        mm_platform::proto::crypto::random_bytes(&mut garbage);
         let len = (round as usize * 37) % garbage.len();
         if round.is_multiple_of(3) {
             garbage[..8].copy_from_slice(b"QvnQ5XlH");

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use mm_platform::crypto::SignPublicKey;
 use mm_platform::identity::Identity;
+use mm_platform::proto::crypto::SignPublicKey;
 use mm_platform::{Limits, Platform, Scope, SignId};
 use proptest::prelude::*;
 

@@ -97,7 +97,7 @@ fn malformed_updates_change_nothing() {
     let before = p.stats().malformed;
     let mut not_a_point = [0u8; 32];
     not_a_point[0] = 2;
-    let bad_key = SignId(mm_platform::crypto::SignPublicKey(not_a_point)).to_string();
+    let bad_key = SignId(mm_platform::proto::crypto::SignPublicKey(not_a_point)).to_string();
     for payload in [
         serde_json::json!("not an array"),
         serde_json::json!([1, 2]),
@@ -146,14 +146,14 @@ fn circles_compare_box_keys() {
     turn(&mut p);
     let mut negated = *friend.sign_id().as_bytes();
     negated[31] ^= 0x80;
-    let negated = SignId(mm_platform::crypto::SignPublicKey(negated));
+    let negated = SignId(mm_platform::proto::crypto::SignPublicKey(negated));
     assert_ne!(negated, friend.sign_id());
     assert_eq!(negated.to_box_id().unwrap(), friend.box_id());
     assert_eq!(p.scope_of(&negated), Some(Scope::Friends));
     // A key that is not a point is not in any scope, and its messages are dropped.
     let mut bad = [0u8; 32];
     bad[0] = 2;
-    let bad = SignId(mm_platform::crypto::SignPublicKey(bad));
+    let bad = SignId(mm_platform::proto::crypto::SignPublicKey(bad));
     assert_eq!(p.scope_of(&bad), None);
     assert!(!p.receive_from_peer(bad, "ms", "x", vec![]));
     assert_eq!(p.stats().peer_drops, 1);

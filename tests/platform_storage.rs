@@ -17,7 +17,7 @@ impl TempDir {
             "mm-platform-test-{}-{}-{:x}",
             name,
             std::process::id(),
-            mm_platform::crypto::random_u64()
+            mm_platform::proto::crypto::random_u64()
         ));
         TempDir(dir)
     }
@@ -192,7 +192,7 @@ fn sigkill_during_writes_leaves_a_complete_value() {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         std::thread::sleep(std::time::Duration::from_millis(
-            5 + mm_platform::crypto::random_below(40) + round,
+            5 + mm_platform::proto::crypto::random_below(40) + round,
         ));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();

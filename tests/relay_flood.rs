@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
 
-use mm_platform::crypto::BoxKeyPair;
-use mm_platform::curvecp::server::ServerConfig;
-use mm_platform::transport::driver::NatEvent;
-use mm_platform::transport::relay::{self, Datagram, RelayLimits};
-use mm_platform::transport::ServerDriver;
+use mm_platform::proto::crypto::BoxKeyPair;
+use mm_platform::proto::curvecp::server::ServerConfig;
+use mm_platform::proto::transport::driver::NatEvent;
+use mm_platform::proto::transport::relay::{self, Datagram, RelayLimits};
+use mm_platform::proto::transport::ServerDriver;
 
 fn bind_server(poll: &Poll) -> ServerDriver {
     ServerDriver::bind(

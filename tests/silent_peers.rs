@@ -285,7 +285,10 @@ fn mdns_with_nobody_answering_sleeps() {
         if std::env::var("MM_REQUIRE_NETNS").as_deref() == Ok("1") {
             panic!("cannot unshare a network namespace and MM_REQUIRE_NETNS=1");
         }
-        eprintln!("\n*** SKIPPING mdns with nobody answering: cannot unshare a network namespace (not root?).\n");
+        mm_platform::proto::skip_test(
+            "mdns with nobody answering",
+            "cannot unshare a network namespace (not root?)",
+        );
         return;
     };
     assert!(stats.queries_sent > 0, "{stats:?}");

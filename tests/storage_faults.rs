@@ -101,7 +101,7 @@ impl Tmpfs {
         let dir = std::env::temp_dir().join(format!(
             "mm-tmpfs-{test}-{}-{:x}",
             std::process::id(),
-            mm_platform::crypto::random_u64()
+            mm_platform::proto::crypto::random_u64()
         ));
         fs::create_dir_all(&dir).expect("create mount point");
         let out = Command::new("mount")
@@ -123,9 +123,12 @@ impl Tmpfs {
         if std::env::var("MM_REQUIRE_NETNS").as_deref() == Ok("1") {
             panic!("{test}: cannot mount a tmpfs ({err}) and MM_REQUIRE_NETNS=1");
         }
-        eprintln!(
-            "\n*** SKIPPING {test}: cannot mount a tmpfs ({err}).\n\
-             *** Real-disk fault tests need root; CI sets MM_REQUIRE_NETNS=1.\n"
+        mm_platform::proto::skip_test(
+            test,
+            &format!(
+                "cannot mount a tmpfs ({err}).\n\
+                 *** Real-disk fault tests need root; CI sets MM_REQUIRE_NETNS=1."
+            ),
         );
         None
     }

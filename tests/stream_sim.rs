@@ -6,9 +6,9 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
-use mm_platform::curvecp::congestion;
-use mm_platform::curvecp::message::{data_message_len, Message, MessageHeader, Stop};
-use mm_platform::curvecp::stream::{Eof, Stream, StreamConfig, StreamError};
+use mm_platform::proto::curvecp::congestion;
+use mm_platform::proto::curvecp::message::{data_message_len, Message, MessageHeader, Stop};
+use mm_platform::proto::curvecp::stream::{Eof, Stream, StreamConfig, StreamError};
 
 /// splitmix64: a small deterministic PRNG.
 struct Rng(u64);
@@ -769,7 +769,7 @@ fn an_idle_stream_is_small() {
     sim.check_delivery();
     // An emptied large receive ring is kept `RING_IDLE` for more data, then released at the
     // next poll (which `poll_timeout` asks for).
-    let later = sim.now + mm_platform::curvecp::stream::RING_IDLE;
+    let later = sim.now + mm_platform::proto::curvecp::stream::RING_IDLE;
     for s in &mut sim.streams {
         assert!(s.poll_timeout().is_some_and(|t| t <= later));
         let mut out = [0u8; 1184];
@@ -961,9 +961,10 @@ fn reference_tools_present() -> bool {
             std::env::var("MM_REQUIRE_REFERENCE").as_deref() != Ok("1"),
             "MM_REQUIRE_REFERENCE=1 but curvecpmessage is not on PATH: install nacl-tools"
         );
-        eprintln!(
-            "\n*** SKIPPING interop_with_reference_curvecpmessage_over_pipes: curvecpmessage \
-             not installed (apt-get install nacl-tools); CI sets MM_REQUIRE_REFERENCE=1.\n"
+        mm_platform::proto::skip_test(
+            "interop_with_reference_curvecpmessage_over_pipes",
+            "curvecpmessage not installed (apt-get install nacl-tools); \
+             CI sets MM_REQUIRE_REFERENCE=1.",
         );
     }
     present

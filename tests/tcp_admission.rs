@@ -16,11 +16,11 @@ use mio::{Events, Poll, Token};
 use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
 
-use mm_platform::crypto::BoxKeyPair;
-use mm_platform::curvecp::client::ClientConfig;
-use mm_platform::curvecp::server::{ServerConfig, ServerEvent};
-use mm_platform::transport::driver::ServerDriverLimits;
-use mm_platform::transport::{ClientDriver, ServerDriver, TransportKind};
+use mm_platform::proto::crypto::BoxKeyPair;
+use mm_platform::proto::curvecp::client::ClientConfig;
+use mm_platform::proto::curvecp::server::{ServerConfig, ServerEvent};
+use mm_platform::proto::transport::driver::ServerDriverLimits;
+use mm_platform::proto::transport::{ClientDriver, ServerDriver, TransportKind};
 use mm_platform::{Message, Platform};
 
 /// Descriptors the flood test needs at once: the attacker's sockets, the node's accepted

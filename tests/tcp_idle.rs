@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
 
-use mm_platform::crypto::BoxKeyPair;
-use mm_platform::curvecp::server::ServerConfig;
-use mm_platform::transport::driver::ServerDriverLimits;
-use mm_platform::transport::ServerDriver;
+use mm_platform::proto::crypto::BoxKeyPair;
+use mm_platform::proto::curvecp::server::ServerConfig;
+use mm_platform::proto::transport::driver::ServerDriverLimits;
+use mm_platform::proto::transport::ServerDriver;
 
 /// Polls and hands events to the server (at the fake time `now`) until `done` holds.
 fn turn_until(

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mm_platform::transport::TransportKind;
+use mm_platform::proto::transport::TransportKind;
 use mm_platform::{Limits, Platform};
 
 use super::cc::{bulk_run, thread_cpu};
@@ -89,7 +89,7 @@ fn bt_once(kind: &str, owned: bool) -> f64 {
     let _ = a.messaging().send("transports.nodeInfo", "local", &b_info);
     a.poll(Some(Duration::ZERO)).expect("poll");
     let mut payload = vec![0u8; PAYLOAD];
-    mm_platform::crypto::random_bytes(&mut payload);
+    mm_platform::proto::crypto::random_bytes(&mut payload);
     let start = Instant::now();
     let cpu0 = thread_cpu();
     let mut sent = 0;

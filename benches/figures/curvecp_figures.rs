@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 use mio::{Events, Poll, Token};
 use slab::Slab;
 
-use mm_platform::crypto::{self, BoxKeyPair, BoxPublicKey};
-use mm_platform::curvecp::client::{ClientConfig, ClientState};
-use mm_platform::curvecp::packet::ServerName;
-use mm_platform::curvecp::server::{ConnectionId, ServerConfig, ServerEvent};
-use mm_platform::curvecp::stream::Eof;
-use mm_platform::transport::{ClientDriver, ServerDriver, TransportKind};
+use mm_platform::proto::crypto::{self, BoxKeyPair, BoxPublicKey};
+use mm_platform::proto::curvecp::client::{ClientConfig, ClientState};
+use mm_platform::proto::curvecp::packet::ServerName;
+use mm_platform::proto::curvecp::server::{ConnectionId, ServerConfig, ServerEvent};
+use mm_platform::proto::curvecp::stream::Eof;
+use mm_platform::proto::transport::{ClientDriver, ServerDriver, TransportKind};
 
 use super::{Bench, ALLOCATED, ALLOC_CALLS, PEAK};
 
@@ -84,7 +84,7 @@ struct ServerReport {
     /// CPU time of the server thread.
     cpu: Duration,
     /// Counters of its UDP socket.
-    udp: Option<mm_platform::transport::udp::UdpStats>,
+    udp: Option<mm_platform::proto::transport::udp::UdpStats>,
 }
 
 /// CPU time of the calling thread.
@@ -276,7 +276,7 @@ impl BenchClient {
     }
 
     /// One loop turn: wait, handle events, then `f` on the client, then flush.
-    fn turn(&mut self, f: impl FnOnce(&mut mm_platform::curvecp::client::Client)) {
+    fn turn(&mut self, f: impl FnOnce(&mut mm_platform::proto::curvecp::client::Client)) {
         wait(
             &mut self.poll,
             &mut self.events,

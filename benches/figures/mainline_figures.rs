@@ -9,7 +9,7 @@
 //! to its routing table, ignoring BEP 43's read-only flag, so each earlier round leaves a node
 //! that no longer answers in the testnet's tables (50 such against 20 live nodes by the end).
 //! Lookups then meet unanswered queries, each of which holds a slot for a few smoothed round
-//! trips ([`MainlineState::slow_after`](mm_platform::services::mainline::MainlineState::slow_after),
+//! trips ([`MainlineState::slow_after`](mm_platform::proto::mainline::state::MainlineState::slow_after),
 //! at least 100 ms) before the lookup goes past it. The public DHT has the same kind of churn.
 //!
 //! The testnet matrix (`mainline_resolve_via_*`, [`mainline_testnets`]): the same measure

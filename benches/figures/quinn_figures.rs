@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use mm_platform::transport::TransportKind;
+use mm_platform::proto::transport::TransportKind;
 
 use super::cc::bulk_once;
 use super::Bench;

@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
 
-use mm_platform::crypto::{self, BoxKeyPair};
-use mm_platform::curvecp::client::ClientState;
-use mm_platform::curvecp::packet::ServerName;
-use mm_platform::curvecp::server::{ServerConfig, ServerEvent};
-use mm_platform::transport::{ClientDriver, ServerDriver, TransportKind};
+use mm_platform::proto::crypto::{self, BoxKeyPair};
+use mm_platform::proto::curvecp::client::ClientState;
+use mm_platform::proto::curvecp::packet::ServerName;
+use mm_platform::proto::curvecp::server::{ServerConfig, ServerEvent};
+use mm_platform::proto::transport::{ClientDriver, ServerDriver, TransportKind};
 
 use super::cc::{client_config, REF_NAME};
 use super::{Bench, ALLOCATED};

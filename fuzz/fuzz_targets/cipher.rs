@@ -5,7 +5,7 @@
 //! of the raw input must be libsodium's. Any mismatch aborts.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use mm_platform::crypto::{poly1305_tag_with, CipherBackend, SharedKey, TAG_LEN};
+use mm_platform::proto::crypto::{poly1305_tag_with, CipherBackend, SharedKey, TAG_LEN};
 
 /// Bytes of input before the message: key 32, nonce 24, alignment, count, flip (2), mode.
 const HEAD: usize = 32 + 24 + 1 + 1 + 2 + 1;
@@ -34,7 +34,9 @@ fuzz_target!(|data: &[u8]| {
     let want_tag = poly1305_tag_with(CipherBackend::Libsodium, &poly_key, &msg).unwrap();
 
     let mut reference = SharedKey::from_bytes(key);
-    reference.set_cipher_backend(CipherBackend::Libsodium).unwrap();
+    reference
+        .set_cipher_backend(CipherBackend::Libsodium)
+        .unwrap();
     for backend in [CipherBackend::Avx512, CipherBackend::Avx512Ifma] {
         let mut ours = SharedKey::from_bytes(key);
         if ours.set_cipher_backend(backend).is_err() {
@@ -62,13 +64,21 @@ fuzz_target!(|data: &[u8]| {
             assert!(out == msg, "{backend}: libsodium opens to other bytes");
             let mut opened = b.clone();
             ours.open_in_place(&n, &mut opened[align..]).unwrap();
-            assert!(opened[align + TAG_LEN..] == msg[..], "{backend}: opens to other bytes");
+            assert!(
+                opened[align + TAG_LEN..] == msg[..],
+                "{backend}: opens to other bytes"
+            );
             let bit = flip % (8 * len);
             let mut bad = a.clone();
             bad[align + bit / 8] ^= 1 << (bit % 8);
             assert!(ours.open_into(&n, &bad[align..], &mut out).is_err());
-            assert!(out.iter().all(|&x| x == 0), "{backend}: not wiped on failure");
-            assert!(reference.open_in_place(&n, &mut bad.clone()[align..]).is_err());
+            assert!(
+                out.iter().all(|&x| x == 0),
+                "{backend}: not wiped on failure"
+            );
+            assert!(reference
+                .open_in_place(&n, &mut bad.clone()[align..])
+                .is_err());
             assert!(ours.open_in_place(&n, &mut bad[align..]).is_err());
         }
     }

@@ -2,7 +2,7 @@
 //! buffering, and whatever decodes re-encodes to something that decodes to the same message.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use mm_platform::envelope::{Envelope, FrameReader};
+use mm_platform::proto::envelope::{Envelope, FrameReader};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(env) = Envelope::decode_protobuf(data) {

@@ -14,9 +14,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use libfuzzer_sys::fuzz_target;
 use mm_platform::identity::{Identity, KeyCache};
-use mm_platform::services::kademlia::json::JsValue;
-use mm_platform::services::kademlia::rpc;
-use mm_platform::services::kademlia::state::{Config, KadState};
+use mm_platform::proto::kademlia::json::JsValue;
+use mm_platform::proto::kademlia::rpc;
+use mm_platform::proto::kademlia::state::{Config, KadState};
 
 struct Setup {
     other: Identity,

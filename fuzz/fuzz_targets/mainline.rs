@@ -13,9 +13,9 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use mm_platform::services::mainline::budget::SOURCE_BURST;
-use mm_platform::services::mainline::krpc::{decode, encode, Kind, Method};
-use mm_platform::services::mainline::{MainlineState, Options, Timing};
+use mm_platform::proto::mainline::budget::SOURCE_BURST;
+use mm_platform::proto::mainline::krpc::{decode, encode, Kind, Method};
+use mm_platform::proto::mainline::state::{MainlineState, Options, Timing};
 
 const BOOT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 6881);
 

@@ -5,8 +5,8 @@
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use mm_platform::services::mdns::state::{MdnsState, Timing};
-use mm_platform::services::mdns::wire::{decode, txt_text, Decoded, MAX_NODE_INFO, MAX_RECORDS};
+use mm_platform::proto::mdns::state::{MdnsState, Timing};
+use mm_platform::proto::mdns::wire::{decode, txt_text, Decoded, MAX_NODE_INFO, MAX_RECORDS};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(Decoded::Response(texts)) = decode(data) {

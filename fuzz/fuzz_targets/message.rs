@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use mm_platform::curvecp::message::Message;
-use mm_platform::curvecp::stream::{Stream, StreamConfig};
+use mm_platform::proto::curvecp::message::Message;
+use mm_platform::proto::curvecp::stream::{Stream, StreamConfig};
 
 fuzz_target!(|data: &[u8]| {
     let start = Instant::now();

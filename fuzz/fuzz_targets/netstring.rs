@@ -2,7 +2,7 @@
 //! input and within the maximum.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use mm_platform::netstring::decode;
+use mm_platform::proto::netstring::decode;
 
 fuzz_target!(|data: &[u8]| {
     let max = data.first().map_or(0, |&b| b as usize * 8);

@@ -5,8 +5,8 @@
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use mm_platform::curvecp::MAX_PACKET;
-use mm_platform::transport::onetp::{
+use mm_platform::proto::curvecp::MAX_PACKET;
+use mm_platform::proto::transport::onetp::{
     accept_datagram, Datagram, Dialer, Inbound, SocketPacket, MAX_DATAGRAM, MAX_SESSION_ID,
     MAX_SOCKET_PACKET,
 };

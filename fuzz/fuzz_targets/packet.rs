@@ -2,7 +2,9 @@
 //! server Messages): no panic on any input, and whatever parses has a valid length.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use mm_platform::curvecp::packet::{parse_client_packet, parse_cookie, parse_server_message};
+use mm_platform::proto::curvecp::packet::{
+    parse_client_packet, parse_cookie, parse_server_message,
+};
 
 fuzz_target!(|data: &[u8]| {
     let ext = [0u8; 16];

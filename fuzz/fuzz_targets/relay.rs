@@ -14,8 +14,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use mm_platform::curvecp::MAX_PACKET;
-use mm_platform::transport::relay::{
+use mm_platform::proto::curvecp::MAX_PACKET;
+use mm_platform::proto::transport::relay::{
     self, bind_datagram, parse, probe_datagram, Datagram, ProbeInput, Prober, Relay, RelayLimits,
     OVERHEAD,
 };

@@ -14,9 +14,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use mm_platform::crypto::BoxKeyPair;
-use mm_platform::curvecp::server::{Server, ServerConfig};
-use mm_platform::curvecp::MAX_PACKET;
+use mm_platform::proto::crypto::BoxKeyPair;
+use mm_platform::proto::curvecp::server::{Server, ServerConfig};
+use mm_platform::proto::curvecp::MAX_PACKET;
 
 fn key() -> &'static BoxKeyPair {
     static KEY: OnceLock<BoxKeyPair> = OnceLock::new();

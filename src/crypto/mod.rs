@@ -13,14 +13,15 @@
 //! - ed25519 signing keys ([`SignKeyPair`], [`SignPublicKey`]) and their conversion to
 //!   curve25519 box keys;
 //! - random bytes;
-//! - SHA-1 ([`sha1`], through `sha1_smol`), which the Mainline DHT uses for its 160-bit ids,
-//!   BEP 44 targets and tokens; the BEP 44 item signature itself is ed25519
-//!   ([`SignKeyPair::sign`], [`SignPublicKey::verify`]);
+//! - SHA-1 (`sha1`, through `sha1_smol`; built with the `mainline` or `kademlia` feature),
+//!   which the Mainline DHT uses for its 160-bit ids, BEP 44 targets and tokens (the BEP 44
+//!   item signature itself is ed25519: [`SignKeyPair::sign`], [`SignPublicKey::verify`]) and
+//!   the Kademlia service for its key hashes;
 //! - a checksum for stored records ([`checksum`], libsodium's BLAKE2b generic hash, 16 bytes);
-//! - SHA-256 and SHA-512 ([`sha256`], [`sha512`], libsodium's) and RIPEMD-160 ([`ripemd160`],
-//!   through `ripemd`), which the Kademlia service needs to be wire-compatible with the
-//!   original (node ids are RIPEMD-160 of SHA-256 of the boxId text; messages are signed over
-//!   SHA-512 of their JSON text).
+//! - SHA-256 and SHA-512 (`sha256`, `sha512`, libsodium's) and RIPEMD-160 (`ripemd160`,
+//!   through `ripemd`), built with the `kademlia` feature, which the Kademlia service needs to
+//!   be wire-compatible with the original (node ids are RIPEMD-160 of SHA-256 of the boxId
+//!   text; messages are signed over SHA-512 of their JSON text).
 //!
 //! Two primitives are not left to libsodium for the boxes of CurveCP messages (the bulk of all
 //! traffic), on CPUs that have the instructions: the Salsa20 keystream with AVX-512
@@ -55,24 +56,24 @@ use sodiumoxide::crypto::sign::ed25519 as nacl_sign;
 use sodiumoxide::crypto::stream::salsa20 as nacl_salsa20;
 
 /// Length of every public and secret curve25519 key, and of a secretbox key.
-pub const KEY_LEN: usize = 32;
+pub(crate) const KEY_LEN: usize = 32;
 /// Length of a Poly1305 authentication tag: a box is this much longer than its plaintext.
 pub const TAG_LEN: usize = 16;
 /// Length of a box or secretbox nonce.
-pub const NONCE_LEN: usize = 24;
+pub(crate) const NONCE_LEN: usize = 24;
 /// Length of an ed25519 secret key in libsodium's form (seed followed by public key).
-pub const SIGN_SECRET_LEN: usize = 64;
+pub(crate) const SIGN_SECRET_LEN: usize = 64;
 /// Length of an ed25519 signature.
-pub const SIGNATURE_LEN: usize = 64;
+pub(crate) const SIGNATURE_LEN: usize = 64;
 
 /// A 24-byte nonce.
-pub type Nonce = [u8; NONCE_LEN];
+pub(crate) type Nonce = [u8; NONCE_LEN];
 
 static INIT: Once = Once::new();
 
 /// Initialises libsodium once per process. Every constructor here calls it; calling it again is
 /// cheap.
-pub fn init() {
+pub(crate) fn init() {
     INIT.call_once(|| {
         // sodium_init only fails when the system has no usable source of randomness; nothing in
         // this library can work then, and silently continuing would produce predictable keys.
@@ -272,13 +273,13 @@ pub(crate) fn cannot_run(what: &str) {
     if std::env::var_os("MM_REQUIRE_AVX512").is_some_and(|v| v != "0") {
         panic!("{what}: cannot run here, and MM_REQUIRE_AVX512 is set");
     }
-    eprintln!("SKIPPING {what}: cannot run on this machine or build");
+    crate::proto::skip_test(what, "cannot run on this machine or build");
 }
 
 /// Overwrites `buf` with zeros in a way the optimiser does not remove (`sodium_memzero`, a
 /// word-wide `explicit_bzero`: on the per-packet path, a byte-wise volatile loop cost about 5%
 /// of a bulk transfer).
-pub fn wipe(buf: &mut [u8]) {
+pub(crate) fn wipe(buf: &mut [u8]) {
     sodiumoxide::utils::memzero(buf);
 }
 
@@ -289,11 +290,14 @@ pub fn random_bytes(buf: &mut [u8]) {
 }
 
 /// Length of a SHA-1 digest (a Mainline DHT node id or target).
-pub const SHA1_LEN: usize = 20;
+#[cfg(any(feature = "kademlia", feature = "mainline"))]
+pub(crate) const SHA1_LEN: usize = 20;
 
-/// SHA-1 of the concatenation of `parts`. Only for the Mainline DHT's ids, targets and tokens,
-/// where the protocol fixes the hash; never for anything that needs collision resistance.
-pub fn sha1(parts: &[&[u8]]) -> [u8; SHA1_LEN] {
+/// SHA-1 of the concatenation of `parts`. Only for the Mainline DHT's ids, targets and tokens
+/// and the Kademlia service's key hashes, where the protocol fixes the hash; never for anything
+/// that needs collision resistance.
+#[cfg(any(feature = "kademlia", feature = "mainline"))]
+pub(crate) fn sha1(parts: &[&[u8]]) -> [u8; SHA1_LEN] {
     let mut h = sha1_smol::Sha1::new();
     for p in parts {
         h.update(p);
@@ -302,31 +306,36 @@ pub fn sha1(parts: &[&[u8]]) -> [u8; SHA1_LEN] {
 }
 
 /// Length of a SHA-256 digest.
-pub const SHA256_LEN: usize = 32;
+#[cfg(feature = "kademlia")]
+pub(crate) const SHA256_LEN: usize = 32;
 /// Length of a SHA-512 digest.
-pub const SHA512_LEN: usize = 64;
+#[cfg(feature = "kademlia")]
+pub(crate) const SHA512_LEN: usize = 64;
 /// Length of a RIPEMD-160 digest (a Kademlia node id).
-pub const RIPEMD160_LEN: usize = 20;
+#[cfg(feature = "kademlia")]
+pub(crate) const RIPEMD160_LEN: usize = 20;
 
 /// SHA-256 of `data`.
-pub fn sha256(data: &[u8]) -> [u8; SHA256_LEN] {
+#[cfg(feature = "kademlia")]
+pub(crate) fn sha256(data: &[u8]) -> [u8; SHA256_LEN] {
     init();
     sodiumoxide::crypto::hash::sha256::hash(data).0
 }
 
 /// SHA-512 of `data`.
-pub fn sha512(data: &[u8]) -> [u8; SHA512_LEN] {
+#[cfg(feature = "kademlia")]
+pub(crate) fn sha512(data: &[u8]) -> [u8; SHA512_LEN] {
     init();
     sodiumoxide::crypto::hash::sha512::hash(data).0
 }
 
 /// Length of a [`checksum`]: 16 bytes (128 bits).
-pub const CHECKSUM_LEN: usize = 16;
+pub(crate) const CHECKSUM_LEN: usize = 16;
 
 /// A checksum of the concatenation of `parts`: libsodium's generic hash (BLAKE2b) with a
 /// 16-byte output. For detecting damage to stored data (a flipped bit, a torn or garbled
 /// record), not for authentication: it has no key.
-pub fn checksum(parts: &[&[u8]]) -> [u8; CHECKSUM_LEN] {
+pub(crate) fn checksum(parts: &[&[u8]]) -> [u8; CHECKSUM_LEN] {
     use sodiumoxide::crypto::generichash;
     init();
     let mut state =
@@ -341,7 +350,8 @@ pub fn checksum(parts: &[&[u8]]) -> [u8; CHECKSUM_LEN] {
 }
 
 /// RIPEMD-160 of `data`. Only for the Kademlia node ids the original derives with it.
-pub fn ripemd160(data: &[u8]) -> [u8; RIPEMD160_LEN] {
+#[cfg(feature = "kademlia")]
+pub(crate) fn ripemd160(data: &[u8]) -> [u8; RIPEMD160_LEN] {
     use ripemd::Digest;
     let mut h = ripemd::Ripemd160::new();
     h.update(data);
@@ -752,7 +762,7 @@ impl fmt::Debug for SharedKey {
 
 /// A `crypto_secretbox` key (XSalsa20-Poly1305), such as a CurveCP minute key.
 #[derive(Clone)]
-pub struct SecretBoxKey([u8; KEY_LEN]);
+pub(crate) struct SecretBoxKey([u8; KEY_LEN]);
 
 impl SecretBoxKey {
     /// A fresh random key.
@@ -762,7 +772,8 @@ impl SecretBoxKey {
         SecretBoxKey(k)
     }
 
-    /// A key with the given bytes (known-answer tests, stored keys).
+    /// A key with the given bytes (known-answer tests).
+    #[cfg(test)]
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> SecretBoxKey {
         SecretBoxKey(bytes)
     }
@@ -958,14 +969,21 @@ pub fn from_hex_into(s: &str, out: &mut [u8]) -> bool {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "kademlia")]
     #[test]
     fn hash_test_vectors() {
-        // FIPS 180-2 "abc" and the RIPEMD-160 paper's "abc".
+        // FIPS 180-2 "abc".
         assert_eq!(
             to_hex(&sha256(b"abc")),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert!(to_hex(&sha512(b"abc")).starts_with("ddaf35a193617abacc417349ae204131"));
+    }
+
+    #[cfg(feature = "kademlia")]
+    #[test]
+    fn ripemd160_test_vector() {
+        // The RIPEMD-160 paper's "abc".
         assert_eq!(
             to_hex(&ripemd160(b"abc")),
             "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc"
@@ -1419,6 +1437,7 @@ mod tests {
         assert_ne!(checksum(&[&data]), sum, "one flipped bit changes it");
     }
 
+    #[cfg(any(feature = "kademlia", feature = "mainline"))]
     #[test]
     fn sha1_known_answer() {
         // FIPS 180 "abc", split across parts.

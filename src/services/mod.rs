@@ -104,8 +104,11 @@
 //! ```
 
 pub mod bootstrap;
+#[cfg(feature = "kademlia")]
 pub mod kademlia;
+#[cfg(feature = "mainline")]
 pub mod mainline;
+#[cfg(feature = "mdns")]
 pub mod mdns;
 
 use std::io;

@@ -1,29 +1,5 @@
-//! The file store: one file per key in a directory, every write atomic.
-//!
-//! Layout and guarantees:
-//!
-//! - A key becomes a file name by escaping: ASCII letters, digits, `-` and `_` stand for
-//!   themselves, every other byte of the key's UTF-8 form becomes `%XX` (two upper-case hex
-//!   digits). The empty key is the file `%`. So any string is a safe file name (no `/`, no `.`
-//!   or `..`, no hidden files) and [`Storage::keys`] gives back exactly the keys that were put.
-//!   A key whose escaped form is longer than 240 bytes is refused with
-//!   [`StorageError::InvalidKey`].
-//! - `put` writes a temporary file (`.tmp-<name>-<random>`) created with mode 0600, fsyncs it,
-//!   renames it over the target and fsyncs the directory, so after a crash a key holds either
-//!   its old or its new value, never a mix. Every file is created with mode 0600: the store
-//!   holds the node's secret key and its queued messages, none of which other users should read.
-//! - Names starting with `.` (temporary files left by a crash) and names that are not valid
-//!   escapes are ignored by `get` and `keys`; a later `put` of the same key simply replaces the
-//!   target.
-//! - `del` removes the file and fsyncs the directory; `rename` renames the file (no free space
-//!   needed) and fsyncs the directory.
-//! - Errors carry the OS error (`No space left on device`, `Read-only file system`, ...).
-//! - One process at a time: [`FileStore::open`] takes an exclusive `flock` on the file `.lock`
-//!   in the directory (and writes its process id there) and holds it as long as the store
-//!   lives; the kernel releases it when the process ends, however it ends. A second open fails
-//!   with [`StorageError::Locked`] naming the directory and the holder's pid, so two nodes never
-//!   run on one identity and one offline buffer. [`FileStore::open_unlocked`] skips the lock,
-//!   for tools that only look at a directory.
+//! The file store ([`FileStore`]): one file per key in a directory, every write atomic. Its
+//! layout and crash guarantees are in the type's docs.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -37,8 +13,34 @@ use super::{Storage, StorageError};
 /// suffix need the rest).
 const MAX_NAME: usize = 240;
 
-/// A [`Storage`] that keeps one file per key in a directory. See the module docs for the layout
-/// and the crash guarantees.
+/// A [`Storage`] that keeps one file per key in a directory, every write atomic.
+///
+/// # Layout and crash guarantees
+///
+/// - A key becomes a file name by escaping: ASCII letters, digits, `-` and `_` stand for
+///   themselves, every other byte of the key's UTF-8 form becomes `%XX` (two upper-case hex
+///   digits). The empty key is the file `%`. So any string is a safe file name (no `/`, no `.`
+///   or `..`, no hidden files) and [`Storage::keys`] gives back exactly the keys that were put.
+///   A key whose escaped form is longer than 240 bytes is refused with
+///   [`StorageError::InvalidKey`].
+/// - `put` writes a temporary file (`.tmp-<name>-<random>`) created with mode 0600, fsyncs it,
+///   renames it over the target and fsyncs the directory, so after a crash a key holds either
+///   its old or its new value, never a mix. Every file is created with mode 0600: the store
+///   holds the node's secret key and its queued messages, none of which other users should read.
+/// - Names starting with `.` (temporary files left by a crash) and names that are not valid
+///   escapes are ignored by `get` and `keys`; a later `put` of the same key simply replaces the
+///   target.
+/// - `del` removes the file and fsyncs the directory; `rename` renames the file (no free space
+///   needed) and fsyncs the directory.
+/// - Errors carry the OS error (`No space left on device`, `Read-only file system`, ...).
+/// - One process at a time: [`FileStore::open`] takes an exclusive `flock` on the file `.lock`
+///   in the directory (and writes its process id there) and holds it as long as the store
+///   lives; the kernel releases it when the process ends, however it ends. A second open fails
+///   with [`StorageError::Locked`] naming the directory and the holder's pid, so two nodes never
+///   run on one identity and one offline buffer. [`FileStore::open_unlocked`] skips the lock,
+///   for tools that only look at a directory.
+///
+/// # Example
 ///
 /// ```
 /// use mm_platform::storage::{FileStore, Storage};
@@ -66,7 +68,7 @@ const LOCK_NAME: &str = ".lock";
 
 impl FileStore {
     /// Opens the store in `dir`, creating the directory (mode 0700) if it does not exist, and
-    /// locks it for this process (see the module docs): if another process (or another
+    /// locks it for this process (see the type's docs): if another process (or another
     /// `FileStore` of this one) holds it, [`StorageError::Locked`].
     pub fn open(dir: impl AsRef<Path>) -> Result<FileStore, StorageError> {
         let mut store = FileStore::open_unlocked(dir)?;
@@ -223,7 +225,7 @@ fn is_plain(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
 }
 
-/// The file name of `key` (see the module docs).
+/// The file name of `key` (see the `FileStore` docs).
 pub(crate) fn escape_key(key: &str) -> String {
     if key.is_empty() {
         return "%".to_owned();

@@ -11,10 +11,15 @@
 //! refused send reports), and the faults the platform meets and survives (a record it cannot
 //! delete, a damaged record it keeps aside, a memory it cannot write) are described by
 //! [`StorageFault`] and raised as [`crate::Event::StorageFault`].
+//!
+//! [`FileStore`] is Unix-only (file modes, `flock`); its layout and crash guarantees are in its
+//! docs.
 
+#[cfg(unix)]
 mod file;
 mod mem;
 
+#[cfg(unix)]
 pub use file::FileStore;
 pub use mem::MemStore;
 

@@ -3,9 +3,9 @@
 
 #![allow(dead_code)]
 
-use mm_platform::crypto::{random_bytes, BoxKeyPair, BoxPublicKey, SharedKey};
-use mm_platform::curvecp::packet::*;
-use mm_platform::curvecp::Extension;
+use mm_platform::proto::crypto::{random_bytes, BoxKeyPair, BoxPublicKey, SharedKey};
+use mm_platform::proto::curvecp::packet::*;
+use mm_platform::proto::curvecp::Extension;
 
 /// A 192-byte message-layer data message: id, stream position, data (at the end), EOF flag.
 pub fn data_msg(id: u32, pos: u64, data: &[u8], eof: bool) -> Vec<u8> {

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod js;
+#[cfg(feature = "mainline")]
 pub mod mainline;
 pub mod nat;
 
@@ -49,9 +50,12 @@ pub fn reference_available(test: &str) -> bool {
     if std::env::var("MM_REQUIRE_REFERENCE").as_deref() == Ok("1") {
         panic!("{test}: reference tools missing ({missing:?}) and MM_REQUIRE_REFERENCE=1: install nacl-tools");
     }
-    eprintln!(
-        "\n*** SKIPPING {test}: reference CurveCP tools not installed ({missing:?}).\n\
-         *** Install them with `apt-get install nacl-tools`; CI sets MM_REQUIRE_REFERENCE=1.\n"
+    mm_platform::proto::skip_test(
+        test,
+        &format!(
+            "reference CurveCP tools not installed ({missing:?}).\n\
+             *** Install them with `apt-get install nacl-tools`; CI sets MM_REQUIRE_REFERENCE=1."
+        ),
     );
     false
 }
@@ -343,9 +347,12 @@ impl Netns {
                         "{test}: cannot create a network namespace ({e}) and MM_REQUIRE_NETNS=1"
                     );
                 }
-                eprintln!(
-                    "\n*** SKIPPING {test}: cannot create a network namespace ({e}).\n\
-                     *** Multicast tests need root and iproute2; CI sets MM_REQUIRE_NETNS=1.\n"
+                mm_platform::proto::skip_test(
+                    test,
+                    &format!(
+                        "cannot create a network namespace ({e}).\n\
+                         *** Multicast tests need root and iproute2; CI sets MM_REQUIRE_NETNS=1."
+                    ),
                 );
                 None
             }
@@ -401,7 +408,10 @@ pub fn js_dir(test: &str) -> Option<PathBuf> {
     if required("MM_REQUIRE_JS") {
         panic!("{test}: {why} and MM_REQUIRE_JS=1");
     }
-    eprintln!("\n*** SKIPPING {test}: {why}.\n*** CI installs them and sets MM_REQUIRE_JS=1.\n");
+    mm_platform::proto::skip_test(
+        test,
+        &format!("{why}.\n*** CI installs them and sets MM_REQUIRE_JS=1."),
+    );
     None
 }
 

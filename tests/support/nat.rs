@@ -97,7 +97,7 @@ impl Nat {
             if std::env::var("MM_REQUIRE_NETNS").as_deref() == Ok("1") {
                 panic!("{test}: `nft` not found and MM_REQUIRE_NETNS=1");
             }
-            eprintln!("\n*** SKIPPING {test}: `nft` (nftables) not found.\n");
+            mm_platform::proto::skip_test(test, "`nft` (nftables) not found");
             return None;
         }
         let nat = Nat {

@@ -25,7 +25,7 @@ use std::fmt::Write as _;
 /// Deepest nesting of arrays and objects accepted.
 pub const MAX_DEPTH: usize = 32;
 
-/// A JSON value with JavaScript's semantics (see the [module docs](self)).
+/// A JSON value with JavaScript's semantics (see the module docs).
 #[derive(Debug, Clone, PartialEq)]
 pub enum JsValue {
     /// `null`.

@@ -4,9 +4,10 @@
 //! `kademlia`, to the contact's node), so they travel CurveCP-encrypted and authenticated.
 //!
 //! This module is the reactor-facing part (the bus, the wall clock, persistence); the protocol
-//! is sans-IO in [`state`] (lookups, handlers, store, timers), [`table`] (routing table),
-//! [`rpc`] (messages, signatures, contacts), [`id`] (160-bit ids) and [`json`](mod@json) (JSON exactly as
-//! the JavaScript side parses and writes it, which the signatures need).
+//! is sans-IO, in modules exposed (without stability promise) in [`crate::proto::kademlia`]:
+//! `state` (lookups, handlers, store, timers), `table` (routing table), `rpc` (messages,
+//! signatures, contacts), `id` (160-bit ids) and `json` (JSON exactly as the JavaScript side
+//! parses and writes it, which the signatures need).
 //!
 //! # On the bus
 //!
@@ -29,7 +30,8 @@
 //! Once joined, as the original: `signId -> boxId`. Also `boxId -> signId`, which is what the
 //! platform's `directory.get` asks for (the original stores only the first, so its
 //! `directory.get` of a boxId never finds anything), and `nodeInfo:<signId>` -> our nodeInfo,
-//! a fallback for resolutions; see [`state`] for what others may store.
+//! a fallback for resolutions; see `state` ([`crate::proto::kademlia::state`]) for what others
+//! may store.
 //!
 //! # Departures from the original, all on the safe side
 //!
@@ -57,11 +59,11 @@
 //! platform.run().unwrap();
 //! ```
 
-pub mod id;
-pub mod json;
-pub mod rpc;
-pub mod state;
-pub mod table;
+pub(crate) mod id;
+pub(crate) mod json;
+pub(crate) mod rpc;
+pub(crate) mod state;
+pub(crate) mod table;
 
 use std::cell::RefCell;
 use std::io;
@@ -73,7 +75,8 @@ use serde_json::{json, Value};
 use super::{Service, ServiceContext};
 use crate::platform::{Address, Message, SendOptions};
 use crate::storage::Storage;
-pub use state::{Config, KadEvent, KadState, KadStats, LookupKindTag, LookupRecord, Origin};
+pub use state::{Config, KadStats, LookupKindTag, LookupRecord};
+use state::{KadEvent, KadState, Origin};
 
 /// The storage key of the persisted routing table and items.
 pub const STATE_KEY: &str = "kademlia.state";

@@ -199,7 +199,7 @@ fn buffers_canonical(v: &JsValue) -> bool {
     }
 }
 
-/// Opens a received message (see the [module docs](self)). `now_ms` is our clock.
+/// Opens a received message (see the module docs). `now_ms` is our clock.
 pub fn open(payload: &[u8], keys: &mut KeyCache, now_ms: f64) -> Result<Opened, Refused> {
     if payload.len() > MAX_MESSAGE {
         return Err(Refused::Malformed);

@@ -302,7 +302,7 @@ struct Pending {
     deadline: Instant,
 }
 
-/// The node (see the [module docs](self)). Cloning copies the whole state (a fuzz target starts
+/// The node (see the module docs). Cloning copies the whole state (a fuzz target starts
 /// every input from one clone).
 #[derive(Clone)]
 pub struct KadState {
@@ -817,7 +817,7 @@ impl KadState {
         )
     }
 
-    /// The record rules of the [module docs](self). `storer`: who sends the STORE (`None`: a
+    /// The record rules of the module docs. `storer`: who sends the STORE (`None`: a
     /// value found by a lookup, checked the same way except for who stored it).
     fn record_allowed(&mut self, key: &str, value: &JsValue, storer: Option<&Contact>) -> bool {
         if let Some(sign_text) = key.strip_prefix(NODE_INFO_PREFIX) {

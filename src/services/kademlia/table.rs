@@ -32,7 +32,7 @@ pub enum Update {
     PingHead(usize, Contact),
 }
 
-/// The table (see the [module docs](self)).
+/// The table (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Table {
     me: NodeId,

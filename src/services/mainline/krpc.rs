@@ -323,7 +323,7 @@ fn decode_fields(mut d: DictDecoder<'_, '_>) -> Result<Fields, DecodeError> {
     Ok(f)
 }
 
-/// Decodes one datagram (see the [module docs](self) for what is refused).
+/// Decodes one datagram (see the module docs for what is refused).
 pub fn decode(datagram: &[u8]) -> Result<Message, DecodeError> {
     if datagram.len() > MAX_DATAGRAM {
         return Err(DecodeError::TooLarge);

@@ -3,9 +3,10 @@
 //! anyone who knows a signId can find that node's endpoints, with no server of ours.
 //!
 //! This module owns the reactor-facing part: the UDP socket, the wall clock used for `seq`,
-//! the persisted `seq`, and the wiring to the bus. The protocol is sans-IO in [`state`] (the
-//! client: lookups, publication, resolution, serving when asked), [`table`] (the routing
-//! table), [`item`] (BEP 44 items and our nodeInfo as one) and [`krpc`] (the wire codec).
+//! the persisted `seq`, and the wiring to the bus. The protocol is sans-IO, in modules exposed
+//! (without stability promise) in [`crate::proto::mainline`]: `state` (the client: lookups,
+//! publication, resolution, serving when asked), `table` (the routing table), `item` (BEP 44
+//! items and our nodeInfo as one) and `krpc` (the wire codec).
 //!
 //! - **Off unless added, and no default routers.** The application adds the service with the
 //!   bootstrap addresses it chooses ([`MainlineConfig::new`]; an empty list is refused when
@@ -35,11 +36,11 @@
 //! platform.run().unwrap();
 //! ```
 
-pub mod budget;
-pub mod item;
-pub mod krpc;
-pub mod state;
-pub mod table;
+pub(crate) mod budget;
+pub(crate) mod item;
+pub(crate) mod krpc;
+pub(crate) mod state;
+pub(crate) mod table;
 
 use std::cell::Cell;
 use std::io;
@@ -51,8 +52,9 @@ use mio::Interest;
 
 use super::{Service, ServiceContext};
 use crate::platform::{Address, Message};
-pub use state::{MainlineState, MainlineStats, Options, Timing};
-pub use table::Scope;
+use state::{MainlineState, Options};
+pub use state::{MainlineStats, Timing};
+use table::Scope;
 
 /// Datagrams read in one turn at most.
 pub const READ_BUDGET: usize = 64;

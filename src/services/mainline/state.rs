@@ -315,7 +315,7 @@ struct Stored {
     expires: Instant,
 }
 
-/// The Mainline DHT client state machine (see the [module docs](self)). Cloning copies the whole
+/// The Mainline DHT client state machine (see the module docs). Cloning copies the whole
 /// state (a fuzz target starts every input from one clone).
 #[derive(Clone)]
 pub struct MainlineState {

@@ -90,7 +90,7 @@ pub fn distance(a: &NodeId, b: &NodeId) -> NodeId {
     d
 }
 
-/// The routing table (see the [module docs](self)).
+/// The routing table (see the module docs).
 #[derive(Debug, Clone)]
 pub struct RoutingTable {
     own: NodeId,

@@ -2,15 +2,17 @@
 //! `mm-services-mdns` 0.6.8 (on `multicast-dns` 6.1.0 and `dns-packet` 1.3.4).
 //!
 //! This module owns the reactor-facing part: the multicast socket and its wiring to the bus.
-//! The protocol is sans-IO in [`state`] (schedule, rate limits, checks, memory bounds) and
-//! [`wire`] (the packets, through the `domain` crate).
+//! The protocol is sans-IO, in modules exposed (without stability promise) in
+//! [`crate::proto::mdns`]: `state` (schedule, rate limits, checks, memory bounds) and `wire`
+//! (the packets, through the `domain` crate).
 //!
 //! - Socket: UDP bound to `0.0.0.0:5353` (port configurable) with `SO_REUSEADDR` and
 //!   `SO_REUSEPORT` (other mDNS responders and nodes on the same host share the port),
 //!   membership of 224.0.0.251 and `IP_MULTICAST_IF` on the configured interface address
 //!   ([`MdnsConfig::interface`], default 127.0.0.1: by default nothing leaves the machine),
 //!   multicast loop on (nodes on one host hear each other), TTL 255, and
-//!   `IP_MULTICAST_ALL` off (only the groups this socket joined, on its interface). With a
+//!   `IP_MULTICAST_ALL` off on Linux (only the groups this socket joined, on its interface;
+//!   other systems have no such option and are not tested). With a
 //!   loopback interface, datagrams from sources other than 127.0.0.0/8 and 0.0.0.0 (what a
 //!   socket without a multicast interface sends from over `lo`) are dropped too.
 //! - Bus: subscribes to `self.transports.myNodeInfo` (what we answer with),
@@ -30,8 +32,8 @@
 //! platform.run().unwrap();
 //! ```
 
-pub mod state;
-pub mod wire;
+pub(crate) mod state;
+pub(crate) mod wire;
 
 use std::cell::Cell;
 use std::io;
@@ -43,7 +45,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{Service, ServiceContext};
 use crate::platform::{Address, Message};
-pub use state::{MdnsState, MdnsStats, Timing};
+use state::MdnsState;
+pub use state::{MdnsStats, Timing};
 
 /// Datagrams read in one turn at most.
 pub const READ_BUDGET: usize = 64;
@@ -107,6 +110,7 @@ impl Mdns {
         s.set_multicast_if_v4(&self.config.interface)?;
         s.set_multicast_loop_v4(true)?;
         s.set_multicast_ttl_v4(255)?;
+        #[cfg(target_os = "linux")]
         s.set_multicast_all_v4(false)?;
         Ok(mio::net::UdpSocket::from_std(s.into()))
     }

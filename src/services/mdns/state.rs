@@ -125,7 +125,7 @@ struct Seen {
     heard: Instant,
 }
 
-/// The discovery state machine (see the [module docs](self)).
+/// The discovery state machine (see the module docs).
 pub struct MdnsState {
     timing: Timing,
     keys: KeyCache,

@@ -8,9 +8,9 @@
 //! ```no_run
 //! use std::time::Instant;
 //! use mio::{Events, Poll, Token};
-//! use mm_platform::crypto::BoxKeyPair;
-//! use mm_platform::curvecp::server::ServerConfig;
-//! use mm_platform::transport::ServerDriver;
+//! use mm_platform::proto::crypto::BoxKeyPair;
+//! use mm_platform::proto::curvecp::server::ServerConfig;
+//! use mm_platform::proto::transport::ServerDriver;
 //!
 //! let mut poll = Poll::new()?;
 //! let config = ServerConfig::new(BoxKeyPair::generate());
