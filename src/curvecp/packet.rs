@@ -1,5 +1,6 @@
-//! CurveCP packet layouts (curvecp.md §2-§3): constants, borrowing parsers with every length,
-//! magic and extension check, and builders that write into a caller's buffer and box in place.
+//! CurveCP packet layouts (docs/ARCHITECTURE.md §4.1): constants, borrowing parsers with every
+//! length, magic and extension check, and builders that write into a caller's buffer and box in
+//! place.
 //!
 //! Parsers never decrypt: they only check the public framing and hand back borrowed views of
 //! the fields (the caller opens the boxes with the right key). Builders take the packet buffer

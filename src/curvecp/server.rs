@@ -1,4 +1,4 @@
-//! The CurveCP server crypto layer (curvecp.md §4), sans-IO.
+//! The CurveCP server crypto layer (docs/ARCHITECTURE.md §4.1), sans-IO.
 //!
 //! A [`Server`] answers Hellos statelessly (a fresh S'/s' per Hello, sealed with C' into a
 //! cookie under the current minute key; the Cookie is the immediate reply of
