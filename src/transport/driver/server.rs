@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::transport::SourceKey;
+use crate::transport::{socket, SourceKey};
 
 use super::*;
 
@@ -46,14 +46,6 @@ impl Default for ServerDriverLimits {
 /// Streams accepted per listener event (or per `flush` that goes on accepting) before the
 /// application gets a turn.
 pub const ACCEPT_BATCH: usize = 64;
-
-/// Makes closing `stream` send a reset (`SO_LINGER` 0): a refused or evicted stream leaves no
-/// `TIME_WAIT` behind.
-fn reset_on_close(stream: &mio::net::TcpStream) {
-    if let Err(e) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
-        debug!("server: SO_LINGER not set: {e}");
-    }
-}
 
 /// Where an unauthenticated stream sits in the accept order: its handshake deadline, then its
 /// generation (unique).
@@ -693,7 +685,7 @@ impl ServerDriver {
                     self.tcp.len()
                 );
                 self.tcp_stats.refused += 1;
-                reset_on_close(&stream);
+                socket::reset_on_close(&stream);
                 return;
             };
             if let Some(peer) = self.close_unauth(registry, oldest) {
