@@ -13,6 +13,9 @@
 //!   side, and the connecting side's [`onetp::Dialer`].
 //! - [`relay`]: relayed and punched UDP paths and dial-back probes (docs/ARCHITECTURE.md §4.3,
 //!   §7.3), sans-IO: their datagrams, the relay's forwarding table, the hole-punching prober.
+//! - `dispatch` (private): the one function, sans-IO, that sorts a UDP datagram or a TCP
+//!   stream's first frame into the handler it belongs to (native CurveCP, 1tp, relay), used by
+//!   both read paths of the server driver (docs/ARCHITECTURE.md §4.3).
 //! - [`driver`]: [`driver::ClientDriver`] and [`driver::ServerDriver`], which own sockets and
 //!   the clock and move packets between them and a [`crate::curvecp::client::Client`] or
 //!   [`crate::curvecp::server::Server`]. They are registered into a `mio::Poll` the caller owns,
@@ -97,6 +100,7 @@
 //! 81.7 -> 83.5% (UDP) and 77.5 -> 81.2% (TCP).
 
 pub mod connection_info;
+mod dispatch;
 pub mod driver;
 pub mod onetp;
 pub mod relay;
