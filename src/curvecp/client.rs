@@ -1,4 +1,4 @@
-//! The CurveCP client crypto layer (curvecp.md §5), sans-IO.
+//! The CurveCP client crypto layer (docs/ARCHITECTURE.md §4.1), sans-IO.
 //!
 //! A [`Client`] owns one connection: the short-term key pair C', the single nonce counter
 //! shared by Hello, Initiate and Message (random start below 2^48, incremented before every

@@ -8,16 +8,19 @@
 //! acknowledgements and retransmission timeouts. A window *and* pacing are both available, so a
 //! rate-based (BBR-like) controller can replace the ones here without touching the stream.
 //!
-//! Two controllers:
-//! - [`Chicago`]: the reference `curvecpmessage` controller (curvecp.md §7.6), one block every
-//!   `nsecperblock`, faithful to the reference's integer arithmetic. The comparison baseline.
+//! Three controllers (docs/ARCHITECTURE.md §4.1):
+//! - [`Chicago`]: the reference `curvecpmessage` controller, one block every `nsecperblock`,
+//!   faithful to the reference's integer arithmetic. The comparison baseline.
 //! - [`FastStart`]: a window-based controller with slow start, additive increase,
 //!   multiplicative decrease on loss, a gentler decrease while the RTT stands well above its
 //!   minimum (a queue is building), and pacing at 1.25 × window / smoothed RTT. The default:
 //!   on loopback it is at full speed within a few round trips.
+//! - [`Gentle`]: [`FastStart`] held to a floor on the time between blocks and a cap on blocks
+//!   in flight, never two back to back (for the JavaScript nodes' TCP reader).
 //!
-//! Controllers are made per stream by a [`CongestionFactory`]; see [`chicago`], [`fast`] and
-//! [`default_factory`].
+//! Controllers are made per stream by a [`CongestionFactory`]; see [`chicago`], [`fast`],
+//! [`gentle`] and [`default_factory`]. The one constant shared with the stream,
+//! [`super::MAX_BLOCKS`], lives in the parent module.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -138,8 +141,9 @@ const SECOND_NS: i64 = 1_000_000_000;
 /// Chicago never paces slower than this (the reference has no cap; this only avoids overflow).
 const CHICAGO_MAX_NSECPERBLOCK: i64 = 8 * SECOND_NS;
 
-/// The reference controller of `curvecpmessage` (curvecp.md §7.5-§7.6): it sends one block every
-/// `nsecperblock` nanoseconds, starting at 1 s, and adapts that interval to the RTT samples.
+/// The reference controller of `curvecpmessage` (docs/ARCHITECTURE.md §4.1): it sends one
+/// block every `nsecperblock` nanoseconds, starting at 1 s, and adapts that interval to the RTT
+/// samples.
 #[derive(Debug, Clone)]
 pub struct Chicago {
     epoch: Option<Instant>,
@@ -347,9 +351,9 @@ const FAST_INITIAL_WINDOW: f64 = 16.0;
 /// Smallest window of [`FastStart`], in blocks.
 const FAST_MIN_WINDOW: f64 = 2.0;
 /// Largest window of [`FastStart`], in blocks: twice the stream's cap on blocks in flight
-/// ([`super::stream::MAX_BLOCKS`]), so that a window the stream cannot use does not inflate
+/// ([`super::MAX_BLOCKS`]), so that a window the stream cannot use does not inflate
 /// without bound (and take many round trips to come down when the path congests).
-const FAST_MAX_WINDOW: f64 = 2.0 * super::stream::MAX_BLOCKS as f64;
+const FAST_MAX_WINDOW: f64 = 2.0 * super::MAX_BLOCKS as f64;
 /// Fewest blocks [`FastStart`] lets go back to back (a driver turn sends several blocks at one
 /// `now`).
 const FAST_BURST: u32 = 16;
@@ -709,7 +713,7 @@ mod tests {
             f.on_ack(8, 8 * 1024, t);
         }
         let before = f.window();
-        assert_eq!(before, 2 * super::super::stream::MAX_BLOCKS);
+        assert_eq!(before, 2 * crate::curvecp::MAX_BLOCKS);
         assert_eq!(f.delay_backoffs(), 0);
         assert_eq!(f.min_rtt(), Some(10 * MS));
         // The RTT rises to 40 ms (a queue of 30 ms > max(10 ms, 4 ms)): the window shrinks,

@@ -1,4 +1,4 @@
-//! The server's minute keys and the cookies sealed under them (curvecp.md §2.2, §4.1).
+//! The server's minute keys and the cookies sealed under them (docs/ARCHITECTURE.md §4.1).
 //!
 //! [`MinuteKeys`] holds the current and the previous minute key. They rotate every 60 s,
 //! counted from the server's start and driven only by the `now` the caller passes in: at each

@@ -1,5 +1,5 @@
 //! The CurveCP message-layer codec: the 16..1088-byte messages carried inside Initiate and
-//! Message packets (curvecp.md §7.2).
+//! Message packets (docs/ARCHITECTURE.md §4.1).
 //!
 //! This module owns the byte layout only: [`Message::parse`] borrows a received message and
 //! checks every length, [`MessageHeader::encode`] writes a message into a caller's buffer (no

@@ -34,3 +34,7 @@ pub const MAX_PACKET: usize = 1184;
 pub const MAX_MESSAGE: usize = 1088;
 /// The largest message an Initiate carries (the client's limit until the server has spoken).
 pub const MAX_INITIATE_MESSAGE: usize = 640;
+/// The most blocks (sent and not yet removed from the head of the queue) a [`stream::Stream`]
+/// keeps; [`congestion::FastStart`]'s window stops at twice this. Here, not in [`stream`], so
+/// that the congestion controllers need nothing of the stream that consults them.
+pub const MAX_BLOCKS: usize = 128;

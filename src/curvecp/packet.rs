@@ -1,13 +1,14 @@
-//! CurveCP packet layouts (curvecp.md §2-§3): constants, borrowing parsers with every length,
-//! magic and extension check, and builders that write into a caller's buffer and box in place.
+//! CurveCP packet layouts (docs/ARCHITECTURE.md §4.1): constants, borrowing parsers with every
+//! length, magic and extension check, and builders that write into a caller's buffer and box in
+//! place.
 //!
 //! Parsers never decrypt: they only check the public framing and hand back borrowed views of
 //! the fields (the caller opens the boxes with the right key). Builders take the packet buffer
 //! with the plaintext message already written at the message offset (so the message layer can
 //! write straight into the packet buffer) and fill in the header and the box in place.
 //!
-//! Also here: the 24-byte nonce helpers of §3 and [`ServerName`], the 256-byte DNS wire form of
-//! a server name (§1 item 2).
+//! Also here: the 24-byte nonce helpers and [`ServerName`], the 256-byte DNS wire form of a
+//! server name (docs/ARCHITECTURE.md §4.1: between nodes, the empty name).
 
 use super::Extension;
 use crate::crypto::{Nonce, SharedKey, KEY_LEN, NONCE_LEN, TAG_LEN};
@@ -72,7 +73,7 @@ pub const SERVER_MESSAGE_OFFSET: usize = 64;
 pub const SERVER_MESSAGE_MIN_LEN: usize = SERVER_MESSAGE_OFFSET + MIN_MESSAGE;
 /// Largest server Message packet.
 pub const SERVER_MESSAGE_MAX_LEN: usize = SERVER_MESSAGE_OFFSET + super::MAX_MESSAGE;
-/// Smallest client packet the server-side prefilter lets through (§2.6).
+/// Smallest client packet the server-side prefilter (the reference server's) lets through.
 pub const PREFILTER_MIN_LEN: usize = 80;
 
 /// `prefix(16) || counter as LE u64`: the nonce of Hello, Initiate and Message boxes.
@@ -164,7 +165,7 @@ pub enum ParseError {
     Extension,
 }
 
-/// Parses a client packet with the server-side prefilter of §2.6 (80 ≤ r ≤ 1184, r % 16 == 0,
+/// Parses a client packet with the reference server's prefilter (80 ≤ r ≤ 1184, r % 16 == 0,
 /// client magic, our server extension at 8..24), then the type's own rule: Hello r == 224,
 /// Initiate 560 ≤ r ≤ 1184, Message 112 ≤ r ≤ 1184.
 pub fn parse_client_packet<'a>(

@@ -1,4 +1,4 @@
-//! The CurveCP server crypto layer (curvecp.md §4), sans-IO.
+//! The CurveCP server crypto layer (docs/ARCHITECTURE.md §4.1), sans-IO.
 //!
 //! A [`Server`] answers Hellos statelessly (a fresh S'/s' per Hello, sealed with C' into a
 //! cookie under the current minute key; the Cookie is the immediate reply of
@@ -23,7 +23,7 @@
 //!   (default 180 s);
 //! - when the application calls [`Server::remove`].
 //!
-//! Replay protection (better than the reference, row 23 of §9): the C' of every ended
+//! Replay protection (better than the reference, docs/ARCHITECTURE.md §8): the C' of every ended
 //! connection is remembered until every cookie that could carry it has expired (at most 120 s,
 //! computed from the minute-key schedule), and an Initiate for such a C' is refused. The set is
 //! bounded ([`Server::set_replay_capacity`], default 65536). When it is full, both minute keys

@@ -1,5 +1,5 @@
 //! The CurveCP message layer of one connection: a reliable, ordered byte stream each way, built
-//! from the messages of [`super::message`] (curvecp.md §7), sans-IO.
+//! from the messages of [`super::message`] (docs/ARCHITECTURE.md §4.1), sans-IO.
 //!
 //! The crypto layer feeds every decrypted message to [`Stream::handle_message`], asks
 //! [`Stream::poll_message`] for messages to box and send (written straight into its packet
@@ -45,8 +45,7 @@ use super::congestion::{self, Congestion, CongestionFactory};
 use super::message::{self, Message, MessageHeader, Stop, ACK_LEN, MAX_DATA};
 use super::sendbuf::SendBuf;
 
-/// The most blocks (sent and not yet removed from the head of the queue) a stream keeps.
-pub const MAX_BLOCKS: usize = 128;
+pub use super::MAX_BLOCKS;
 /// Never send data past the peer's range 1 plus this many bytes (the reference's receive
 /// buffer: it drops anything further).
 pub const SEND_WINDOW: u64 = 131_072;

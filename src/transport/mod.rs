@@ -2,12 +2,20 @@
 //! sans-IO state machines of [`crate::curvecp`].
 //!
 //! - [`udp`]: one datagram is one CurveCP packet, byte for byte (what the reference tools
-//!   speak).
+//!   speak): the endpoint with its send batches and bulk receive.
 //! - [`tcp`]: one netstring is one CurveCP packet, over a non-blocking stream with bounded
 //!   buffers (and, for the compatibility framing, one frame per write).
-//! - [`onetp`]: the 1tp compatibility framing of the original JS nodes (docs/ARCHITECTURE.md §4.4,
-//!   `js-compat.md`), sans-IO: the session datagram and socket-layer codecs, the stateless
-//!   accepting side, and the connecting side's [`onetp::Dialer`].
+//! - `socket` (private): the system calls under [`udp`] and [`tcp`] (GSO and `sendmmsg`
+//!   sends, GRO and `recvmmsg` receives on Linux with a portable path elsewhere, socket
+//!   options, the raw TCP `recv`); the only file of the transports with raw pointers.
+//! - [`onetp`]: the 1tp compatibility framing of the original JS nodes (docs/ARCHITECTURE.md
+//!   §4.4), sans-IO: the session datagram and socket-layer codecs, the stateless accepting
+//!   side, and the connecting side's [`onetp::Dialer`].
+//! - [`relay`]: relayed and punched UDP paths and dial-back probes (docs/ARCHITECTURE.md §4.3,
+//!   §7.3), sans-IO: their datagrams, the relay's forwarding table, the hole-punching prober.
+//! - `dispatch` (private): the one function, sans-IO, that sorts a UDP datagram or a TCP
+//!   stream's first frame into the handler it belongs to (native CurveCP, 1tp, relay), used by
+//!   both read paths of the server driver (docs/ARCHITECTURE.md §4.3).
 //! - [`driver`]: [`driver::ClientDriver`] and [`driver::ServerDriver`], which own sockets and
 //!   the clock and move packets between them and a [`crate::curvecp::client::Client`] or
 //!   [`crate::curvecp::server::Server`]. They are registered into a `mio::Poll` the caller owns,
@@ -92,9 +100,11 @@
 //! 81.7 -> 83.5% (UDP) and 77.5 -> 81.2% (TCP).
 
 pub mod connection_info;
+mod dispatch;
 pub mod driver;
 pub mod onetp;
 pub mod relay;
+mod socket;
 pub mod tcp;
 pub mod udp;
 

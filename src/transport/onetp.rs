@@ -1,4 +1,4 @@
-//! The 1tp compatibility framing (docs/ARCHITECTURE.md §4.4, `js-compat.md`), sans-IO: how the original
+//! The 1tp compatibility framing (docs/ARCHITECTURE.md §4.4), sans-IO: how the original
 //! JavaScript nodes (mm-platform 0.7.5 over 1tp 0.21) wrap CurveCP packets on UDP and TCP.
 //!
 //! This module owns the bytes and the connecting side's state machine; the drivers in

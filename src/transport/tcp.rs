@@ -14,6 +14,9 @@
 //! talks to a JS reader that takes one netstring per read, so two frames glued in one write
 //! reach it as garbage. A stream in that mode keeps the queued frames' boundaries and writes
 //! each frame with its own system call (as far as the socket takes it), never two at once.
+//!
+//! The raw `recv` into the read buffer's spare capacity and the `SO_LINGER` option are in the
+//! transport's private `socket` module, with the other system calls of the transports.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -22,6 +25,7 @@ use std::net::SocketAddr;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
+use super::socket;
 use crate::netstring::{self, NetstringError};
 
 /// Size of the read buffer while a stream has bytes to read (released when drained).
@@ -185,7 +189,7 @@ impl FramedStream {
                 // one is refused from its length digits. Treat it as invalid rather than spin.
                 return Ok(ReadStatus::Invalid(NetstringError::TooLong));
             }
-            match read_into_spare(&mut self.stream, &mut self.rbuf, cap) {
+            match socket::recv_into_spare(&mut self.stream, &mut self.rbuf, cap) {
                 Ok(0) => return Ok(ReadStatus::Closed),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -326,49 +330,13 @@ impl FramedStream {
     /// Makes closing the stream (on drop) send a reset instead of a FIN (`SO_LINGER` 0): a
     /// server closing a stream it refuses leaves no `TIME_WAIT` behind that way.
     pub fn reset_on_close(&self) {
-        if let Err(e) =
-            socket2::SockRef::from(&self.stream).set_linger(Some(std::time::Duration::ZERO))
-        {
-            log::debug!("tcp: SO_LINGER not set: {e}");
-        }
+        socket::reset_on_close(&self.stream);
     }
 
     /// Removes the stream from `registry` (closing happens on drop).
     pub fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
         registry.deregister(&mut self.stream)
     }
-}
-
-/// One `read` into the spare capacity of `buf` (up to `cap` bytes in all), extending its length
-/// by what arrived.
-#[cfg(unix)]
-fn read_into_spare(stream: &mut TcpStream, buf: &mut Vec<u8>, cap: usize) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let room = cap
-        .saturating_sub(buf.len())
-        .min(buf.capacity() - buf.len());
-    let spare = &mut buf.spare_capacity_mut()[..room];
-    // SAFETY: `spare` is writable memory of `room` bytes owned by `buf`, and `recv` writes at
-    // most that many; the descriptor is the stream's own, open for the call's duration.
-    let n = unsafe { libc::recv(stream.as_raw_fd(), spare.as_mut_ptr().cast(), room, 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize;
-    // SAFETY: the kernel initialised the first `n` (<= `room`) bytes after the old length.
-    unsafe { buf.set_len(buf.len() + n) };
-    Ok(n)
-}
-
-/// [`read_into_spare`] where `recv` is not at hand: zero the room, then `read`.
-#[cfg(not(unix))]
-fn read_into_spare(stream: &mut TcpStream, buf: &mut Vec<u8>, cap: usize) -> io::Result<usize> {
-    use std::io::Read;
-    let len = buf.len();
-    buf.resize(cap, 0);
-    let r = stream.read(&mut buf[len..]);
-    buf.truncate(len + *r.as_ref().unwrap_or(&0));
-    r
 }
 
 #[cfg(test)]

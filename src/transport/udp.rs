@@ -24,6 +24,12 @@
 //! [`IDLE_DRAINS`] drains in a row that found at most one datagram, the endpoint turns GRO off,
 //! drains once more with the large buffer (datagrams coalesced before that are still queued)
 //! and releases it, so an idle endpoint keeps only its 2 KiB buffer.
+//!
+//! This module is the endpoint's logic (batches, bulk receive and when to enter and leave it,
+//! counters, which errors drop a datagram); the system calls themselves, with their raw
+//! pointers and C structs, are in the transport's private `socket` module, which also holds
+//! the portable path (one `send_to` / `recv_from` per datagram) for Unix systems other than
+//! Linux.
 
 use std::io;
 use std::net::SocketAddr;
@@ -31,10 +37,11 @@ use std::net::SocketAddr;
 use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 
+use super::socket::{self, Entry};
 use crate::curvecp::MAX_PACKET;
 
 /// Datagrams queued for one batched send at most.
-pub const SEND_BATCH: usize = 32;
+pub const SEND_BATCH: usize = socket::MMSG_BATCH;
 /// A batch of fewer packets releases the batch buffer once sent (only bulk traffic keeps it).
 const KEEP_BATCH: usize = 8;
 /// Bytes of the batch buffer.
@@ -43,7 +50,7 @@ const BATCH_BYTES: usize = SEND_BATCH * MAX_PACKET;
 /// Datagrams read in one drain that switch an endpoint to bulk receive (Linux).
 pub const BULK_AFTER: usize = 16;
 /// Datagrams per `recvmmsg` when bulk receive runs without GRO.
-pub const RECV_BATCH: usize = 32;
+pub const RECV_BATCH: usize = socket::MMSG_BATCH;
 /// Drains in a row that found at most one datagram before bulk receive is left.
 pub const IDLE_DRAINS: u32 = 256;
 /// Bytes of the bulk receive buffer: one GRO buffer (at most 64 KiB), or `RECV_BATCH` slots of
@@ -77,7 +84,7 @@ pub struct UdpStats {
 struct RecvBatch {
     buf: Vec<u8>,
     /// (offset, length, source) of each datagram in `buf`.
-    datagrams: Vec<(usize, usize, SocketAddr)>,
+    datagrams: Vec<Entry>,
     /// The next one to hand out.
     next: usize,
     /// Datagrams read since the last drain ended.
@@ -106,7 +113,7 @@ pub struct UdpEndpoint {
     /// Bytes of `batch` in use.
     batch_used: usize,
     /// (offset, length, destination) of each queued packet.
-    batch_entries: Vec<(usize, usize, SocketAddr)>,
+    batch_entries: Vec<Entry>,
     /// Whether UDP GSO is still tried.
     gso: bool,
     /// Bulk receive, while traffic is heavy (Linux).
@@ -121,8 +128,7 @@ impl UdpEndpoint {
     /// Binds `addr` and registers the socket for readability under `token`.
     pub fn bind(registry: &Registry, token: Token, addr: SocketAddr) -> io::Result<UdpEndpoint> {
         let mut socket = UdpSocket::bind(addr)?;
-        #[cfg(target_os = "linux")]
-        sys::grow_buffers(&socket);
+        socket::grow_recv_buffer(&socket);
         registry.register(&mut socket, token, Interest::READABLE)?;
         Ok(UdpEndpoint {
             socket,
@@ -133,7 +139,7 @@ impl UdpEndpoint {
             batch: Vec::new(),
             batch_used: 0,
             batch_entries: Vec::new(),
-            gso: cfg!(target_os = "linux"),
+            gso: socket::OFFLOAD,
             rx: None,
             streak: 0,
             gro: Some(false),
@@ -207,12 +213,11 @@ impl UdpEndpoint {
 
     /// Switches to bulk receive (on Linux; elsewhere datagrams are read one by one).
     fn start_bulk_receive(&mut self) {
-        if !cfg!(target_os = "linux") {
+        if !socket::OFFLOAD {
             return;
         }
-        #[cfg(target_os = "linux")]
         if self.gro == Some(false) {
-            self.gro = match sys::set_gro(&self.socket, true) {
+            self.gro = match socket::set_gro(&self.socket, true) {
                 Ok(()) => Some(true),
                 Err(e) => {
                     log::debug!("udp: GRO refused ({e}); bulk receive uses recvmmsg");
@@ -223,7 +228,7 @@ impl UdpEndpoint {
         self.stats.bulk_receives += 1;
         self.rx = Some(Box::new(RecvBatch {
             buf: vec![0u8; BULK_BYTES],
-            datagrams: Vec::with_capacity(RECV_BATCH.max(sys_gso_max())),
+            datagrams: Vec::with_capacity(RECV_BATCH.max(socket::GSO_MAX_SEGMENTS)),
             next: 0,
             drained: 0,
             idle_drains: 0,
@@ -233,7 +238,7 @@ impl UdpEndpoint {
 
     /// The next datagram of the bulk batch, reading more when it is used up; `None` at the end
     /// of a drain (which may leave bulk receive).
-    fn next_batched(&mut self) -> io::Result<Option<(usize, usize, SocketAddr)>> {
+    fn next_batched(&mut self) -> io::Result<Option<Entry>> {
         let rx = self.rx.as_mut().expect("bulk receive");
         if rx.next == rx.datagrams.len() && !self.fill()? {
             self.end_drain();
@@ -262,9 +267,8 @@ impl UdpEndpoint {
         }
         rx.drained = 0;
         if rx.idle_drains >= IDLE_DRAINS {
-            #[cfg(target_os = "linux")]
             if self.gro == Some(true) {
-                if let Err(e) = sys::set_gro(&self.socket, false) {
+                if let Err(e) = socket::set_gro(&self.socket, false) {
                     // Keep the large buffer: coalesced datagrams may still come.
                     log::debug!("udp: turning GRO off failed: {e}");
                     rx.idle_drains = 0;
@@ -280,16 +284,15 @@ impl UdpEndpoint {
     }
 
     /// Reads more datagrams into the bulk batch; `false` when none was waiting.
-    #[cfg(target_os = "linux")]
     fn fill(&mut self) -> io::Result<bool> {
         let rx = self.rx.as_mut().expect("bulk receive");
         rx.datagrams.clear();
         rx.next = 0;
         loop {
             let r = if self.gro == Some(true) {
-                sys::recv_gro(&self.socket, &mut rx.buf, &mut rx.datagrams)
+                socket::recv_gro(&self.socket, &mut rx.buf, &mut rx.datagrams)
             } else {
-                sys::recv_mmsg(&self.socket, &mut rx.buf, &mut rx.datagrams)
+                socket::recv_mmsg(&self.socket, &mut rx.buf, RECV_BUFFER, &mut rx.datagrams)
             };
             match r {
                 Ok(()) => {
@@ -302,11 +305,6 @@ impl UdpEndpoint {
                 Err(e) => return Err(e),
             }
         }
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    fn fill(&mut self) -> io::Result<bool> {
-        Ok(false)
     }
 
     /// Sends one datagram. A full send buffer drops it (counted); other errors are returned.
@@ -406,21 +404,10 @@ impl UdpEndpoint {
         result
     }
 
-    #[cfg(not(target_os = "linux"))]
-    fn send_entries(&mut self, entries: &[(usize, usize, SocketAddr)]) -> io::Result<()> {
-        for &(off, len, to) in entries {
-            send_one(
-                &self.socket,
-                &mut self.stats,
-                &self.batch[off..off + len],
-                to,
-            )?;
-        }
-        Ok(())
-    }
-
-    #[cfg(target_os = "linux")]
-    fn send_entries(&mut self, entries: &[(usize, usize, SocketAddr)]) -> io::Result<()> {
+    /// Sends `entries` (offset, length, destination in `batch`): each run of equal-sized
+    /// datagrams to one peer (the last may be shorter) with one GSO call while GSO works, the
+    /// rest with `sendmmsg`.
+    fn send_entries(&mut self, entries: &[Entry]) -> io::Result<()> {
         let mut i = 0;
         // Start of a run of packets not sent by GSO, sent together by sendmmsg.
         let mut singles = 0;
@@ -430,7 +417,7 @@ impl UdpEndpoint {
             let mut j = i + 1;
             while self.gso
                 && j < entries.len()
-                && j - i < sys::GSO_MAX_SEGMENTS
+                && j - i < socket::GSO_MAX_SEGMENTS
                 && entries[j].2 == to
                 && entries[j - 1].1 == len
                 && entries[j].1 <= len
@@ -443,7 +430,7 @@ impl UdpEndpoint {
             }
             self.send_mmsg(&entries[singles..i])?;
             let end = entries[j - 1].0 + entries[j - 1].1;
-            match sys::send_gso(&self.socket, &self.batch[off..end], len, &to) {
+            match socket::send_gso(&self.socket, &self.batch[off..end], len, &to) {
                 Ok(()) => {
                     self.stats.sent += (j - i) as u64;
                     self.stats.send_calls += 1;
@@ -460,7 +447,7 @@ impl UdpEndpoint {
                     i = j;
                     singles = j;
                 }
-                Err(e) if sys::gso_unsupported(&e) => {
+                Err(e) if socket::gso_unsupported(&e) => {
                     log::debug!("udp: GSO refused ({e}); using sendmmsg");
                     self.gso = false;
                     singles = i;
@@ -471,10 +458,11 @@ impl UdpEndpoint {
         self.send_mmsg(&entries[singles..])
     }
 
-    #[cfg(target_os = "linux")]
-    fn send_mmsg(&mut self, mut entries: &[(usize, usize, SocketAddr)]) -> io::Result<()> {
+    /// Sends `entries` with as few `sendmmsg` calls as the socket takes; a full send buffer
+    /// drops the rest (counted).
+    fn send_mmsg(&mut self, mut entries: &[Entry]) -> io::Result<()> {
         while !entries.is_empty() {
-            match sys::send_mmsg(&self.socket, &self.batch, entries) {
+            match socket::send_mmsg(&self.socket, &self.batch, entries) {
                 Ok(k) => {
                     self.stats.sent += k as u64;
                     self.stats.send_calls += 1;
@@ -504,14 +492,6 @@ impl UdpEndpoint {
     }
 }
 
-/// Most datagrams one GRO buffer holds.
-fn sys_gso_max() -> usize {
-    #[cfg(target_os = "linux")]
-    return sys::GSO_MAX_SEGMENTS;
-    #[cfg(not(target_os = "linux"))]
-    return 0;
-}
-
 /// Sends one datagram; a full send buffer drops it (counted).
 fn send_one(
     socket: &UdpSocket,
@@ -534,321 +514,6 @@ fn send_one(
             // The peer's port is closed: as good as a lost datagram for a datagram protocol.
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(()),
             Err(e) => return Err(e),
-        }
-    }
-}
-
-/// The Linux system calls behind batched sends.
-#[cfg(target_os = "linux")]
-mod sys {
-    use std::io;
-    use std::net::SocketAddr;
-    use std::os::fd::AsRawFd;
-
-    use mio::net::UdpSocket;
-
-    use super::SEND_BATCH;
-
-    /// `UDP_SEGMENT` from `<linux/udp.h>`.
-    const UDP_SEGMENT: libc::c_int = 103;
-    /// The kernel's limit of segments per GSO send.
-    pub const GSO_MAX_SEGMENTS: usize = 64;
-
-    /// Receive buffer size asked for (the kernel caps it at `net.core.rmem_max`): a window of
-    /// blocks arriving as GSO bursts must not overflow the default ~200 KiB (the kernel charges
-    /// a whole GSO buffer against it). This is a limit, not an allocation.
-    const RECV_SOCKET_BUFFER: libc::c_int = 1 << 20;
-
-    /// Raises the socket's receive buffer limit (best effort).
-    pub fn grow_buffers(socket: &UdpSocket) {
-        let v = RECV_SOCKET_BUFFER;
-        // SAFETY: `v` is a valid c_int for the duration of the call.
-        let r = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                &v as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            log::debug!("udp: SO_RCVBUF failed: {}", io::Error::last_os_error());
-        }
-    }
-
-    /// `UDP_GRO` from `<linux/udp.h>`.
-    const UDP_GRO: libc::c_int = 104;
-
-    /// Turns UDP generic receive offload on or off.
-    pub fn set_gro(socket: &UdpSocket, on: bool) -> io::Result<()> {
-        let v: libc::c_int = on.into();
-        // SAFETY: `v` is a valid c_int for the duration of the call.
-        let r = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_UDP,
-                UDP_GRO,
-                &v as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
-
-    fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
-        match ss.ss_family as libc::c_int {
-            libc::AF_INET => {
-                // SAFETY: the kernel wrote a sockaddr_in (family AF_INET).
-                let sin = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
-                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                Some(SocketAddr::new(ip.into(), u16::from_be(sin.sin_port)))
-            }
-            libc::AF_INET6 => {
-                // SAFETY: the kernel wrote a sockaddr_in6 (family AF_INET6).
-                let sin6 = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
-                Some(SocketAddr::V6(std::net::SocketAddrV6::new(
-                    sin6.sin6_addr.s6_addr.into(),
-                    u16::from_be(sin6.sin6_port),
-                    sin6.sin6_flowinfo,
-                    sin6.sin6_scope_id,
-                )))
-            }
-            _ => None,
-        }
-    }
-
-    /// Reads one (possibly coalesced) datagram into `buf` with GRO on and appends its
-    /// datagrams, cut at the segment size the kernel reports, to `out`. A datagram larger than
-    /// `buf` (impossible with GRO's 64 KiB limit) is dropped.
-    pub fn recv_gro(
-        socket: &UdpSocket,
-        buf: &mut [u8],
-        out: &mut Vec<(usize, usize, SocketAddr)>,
-    ) -> io::Result<()> {
-        // SAFETY: an all-zero sockaddr_storage and msghdr are valid values.
-        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
-        // Room for one cmsghdr carrying a c_int, 8-byte aligned.
-        let mut control = [0u64; 8];
-        // SAFETY: as above.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_name = &mut addr as *mut _ as *mut libc::c_void;
-        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = std::mem::size_of_val(&control) as _;
-        // SAFETY: `msg` and everything it points to are valid and writable for the call.
-        let r = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, 0) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let len = r as usize;
-        let Some(from) = from_sockaddr(&addr) else {
-            return Ok(());
-        };
-        if msg.msg_flags & libc::MSG_TRUNC != 0 {
-            log::debug!("udp: dropped a datagram larger than {} bytes", buf.len());
-            return Ok(());
-        }
-        let mut segment = len;
-        // SAFETY: the kernel filled `control` up to msg_controllen with valid cmsghdrs;
-        // CMSG_FIRSTHDR/CMSG_NXTHDR stay within it.
-        unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-            while !cmsg.is_null() {
-                if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
-                    let s = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int);
-                    if s > 0 {
-                        segment = s as usize;
-                    }
-                }
-                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-            }
-        }
-        let mut off = 0;
-        while off < len {
-            let n = segment.min(len - off);
-            out.push((off, n, from));
-            off += n;
-        }
-        if len == 0 {
-            out.push((0, 0, from));
-        }
-        Ok(())
-    }
-
-    /// Reads up to [`super::RECV_BATCH`] datagrams (GRO off) into slots of
-    /// [`super::RECV_BUFFER`] bytes of `buf` in one call and appends them to `out`.
-    pub fn recv_mmsg(
-        socket: &UdpSocket,
-        buf: &mut [u8],
-        out: &mut Vec<(usize, usize, SocketAddr)>,
-    ) -> io::Result<()> {
-        use super::{RECV_BATCH, RECV_BUFFER};
-        let m = RECV_BATCH.min(buf.len() / RECV_BUFFER);
-        // SAFETY: all-zero values of these C structs are valid.
-        let mut addrs: [libc::sockaddr_storage; RECV_BATCH] = unsafe { std::mem::zeroed() };
-        let mut iovs: [libc::iovec; RECV_BATCH] = unsafe { std::mem::zeroed() };
-        let mut hdrs: [libc::mmsghdr; RECV_BATCH] = unsafe { std::mem::zeroed() };
-        for k in 0..m {
-            iovs[k] = libc::iovec {
-                iov_base: buf[k * RECV_BUFFER..].as_mut_ptr() as *mut libc::c_void,
-                iov_len: RECV_BUFFER,
-            };
-            hdrs[k].msg_hdr.msg_name = &mut addrs[k] as *mut _ as *mut libc::c_void;
-            hdrs[k].msg_hdr.msg_namelen =
-                std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            hdrs[k].msg_hdr.msg_iov = &mut iovs[k];
-            hdrs[k].msg_hdr.msg_iovlen = 1;
-        }
-        // SAFETY: `hdrs[..m]` point into `addrs`, `iovs` and `buf`, all alive and writable for
-        // the call; a null timeout.
-        let r = unsafe {
-            libc::recvmmsg(
-                socket.as_raw_fd(),
-                hdrs.as_mut_ptr(),
-                m as _,
-                0,
-                std::ptr::null_mut(),
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        for (k, (h, a)) in hdrs.iter().zip(&addrs).take(r as usize).enumerate() {
-            // A datagram larger than a slot arrives truncated to a size the protocol drops.
-            if let Some(from) = from_sockaddr(a) {
-                out.push((k * RECV_BUFFER, h.msg_len as usize, from));
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether `e` means the kernel or the device cannot do UDP GSO.
-    pub fn gso_unsupported(e: &io::Error) -> bool {
-        matches!(
-            e.raw_os_error(),
-            Some(libc::EINVAL | libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
-        )
-    }
-
-    fn sockaddr(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-        // SAFETY: an all-zero sockaddr_storage is a valid value.
-        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let len = match a {
-            SocketAddr::V4(v4) => {
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: v4.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
-                std::mem::size_of::<libc::sockaddr_in>()
-            }
-            SocketAddr::V6(v6) => {
-                let sin6 = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: v6.port().to_be(),
-                    sin6_flowinfo: v6.flowinfo(),
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: v6.ip().octets(),
-                    },
-                    sin6_scope_id: v6.scope_id(),
-                };
-                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
-                std::mem::size_of::<libc::sockaddr_in6>()
-            }
-        };
-        (ss, len as libc::socklen_t)
-    }
-
-    /// Sends `data` as datagrams of `segment` bytes (the last may be shorter) in one call.
-    pub fn send_gso(
-        socket: &UdpSocket,
-        data: &[u8],
-        segment: usize,
-        to: &SocketAddr,
-    ) -> io::Result<()> {
-        let (addr, addr_len) = sockaddr(to);
-        let mut iov = libc::iovec {
-            iov_base: data.as_ptr() as *mut libc::c_void,
-            iov_len: data.len(),
-        };
-        // Room for one cmsghdr carrying a u16, 8-byte aligned.
-        let mut control = [0u64; 4];
-        // SAFETY: an all-zero msghdr is valid; every pointer set below outlives the call.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_name = &addr as *const _ as *mut libc::c_void;
-        msg.msg_namelen = addr_len;
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        // SAFETY: CMSG_SPACE is a pure size computation.
-        msg.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as _;
-        let seg = u16::try_from(segment).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: msg_control points to `control`, large enough for one header and a u16;
-        // CMSG_FIRSTHDR therefore returns a valid pointer into it.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_UDP;
-            (*cmsg).cmsg_type = UDP_SEGMENT;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(2) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, seg);
-        }
-        // SAFETY: `msg` and everything it points to are valid for the call.
-        let r = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, 0) };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Sends up to [`SEND_BATCH`] of `entries` (offset, length, destination in `buf`) in one
-    /// call; returns how many were sent.
-    pub fn send_mmsg(
-        socket: &UdpSocket,
-        buf: &[u8],
-        entries: &[(usize, usize, SocketAddr)],
-    ) -> io::Result<usize> {
-        let m = entries.len().min(SEND_BATCH);
-        // SAFETY: all-zero values of these C structs are valid.
-        let mut addrs: [libc::sockaddr_storage; SEND_BATCH] = unsafe { std::mem::zeroed() };
-        let mut iovs: [libc::iovec; SEND_BATCH] = unsafe { std::mem::zeroed() };
-        let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
-        for (k, &(off, len, to)) in entries[..m].iter().enumerate() {
-            let packet = &buf[off..off + len];
-            let (a, alen) = sockaddr(&to);
-            addrs[k] = a;
-            iovs[k] = libc::iovec {
-                iov_base: packet.as_ptr() as *mut libc::c_void,
-                iov_len: packet.len(),
-            };
-            hdrs[k].msg_hdr.msg_name = &mut addrs[k] as *mut _ as *mut libc::c_void;
-            hdrs[k].msg_hdr.msg_namelen = alen;
-            hdrs[k].msg_hdr.msg_iov = &mut iovs[k];
-            hdrs[k].msg_hdr.msg_iovlen = 1;
-        }
-        // SAFETY: `hdrs[..m]` point into `addrs`, `iovs` and `buf`, all alive for the call.
-        let r = unsafe { libc::sendmmsg(socket.as_raw_fd(), hdrs.as_mut_ptr(), m as _, 0) };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
         }
     }
 }

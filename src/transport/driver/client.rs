@@ -2,6 +2,7 @@
 //! with the relay and hole-punching paths of a client.
 
 use super::*;
+use crate::transport::dispatch::{self, Carrier, Handler};
 
 enum ClientLink {
     Udp(UdpEndpoint),
@@ -249,7 +250,7 @@ impl ClientDriver {
                 let mut total = 0;
                 loop {
                     let read = u.recv_all(TRANSMIT_EVERY, |pkt, from| {
-                        if pkt.first().is_some_and(|&b| relay::is_relay_datagram(b)) {
+                        if dispatch::sort(Carrier::Datagram, pkt) == Handler::Relay {
                             // Hole punching (nothing else of that kind is for a client).
                             if let Some(p) = prober.as_mut() {
                                 match p.handle(pkt, from) {

@@ -71,18 +71,22 @@
 //! [`ServerDriver::tcp_stats`] counts what admission did; each closing is logged (debug) with
 //! its cause.
 //!
-//! Framings ([`Framing`], docs/ARCHITECTURE.md §4): the native one (one datagram or one netstring per CurveCP
-//! packet) and the 1tp compatibility framing of the original JS nodes ([`super::onetp`]).
-//! - A [`ServerDriver`] serves both on the same ports. UDP: a datagram whose first byte is a
-//!   1tp session type (0x00-0x05) goes to the stateless 1tp accepting side (SYN answered by
-//!   SYN_ACK, PING by PONG, FIN and RST by ACK; an RST also removes the connection its session
-//!   carried), and the CurveCP packets it carries get the path [`Path::UdpCompat`] (source
-//!   address and session id); anything else is a native CurveCP packet. TCP: each stream
-//!   decides by the first byte of its first frame (`Q`: native; PING 0x08 or DATA 0x02:
-//!   compatibility; anything else: the stream is closed) and keeps that framing. A compat
-//!   stream answers PING with PONG, unwraps DATA, wraps what it sends and writes one frame
-//!   per write (the JS reader takes one netstring per read). A connection's framing is
-//!   [`Path::framing`] of its path.
+//! Framings ([`Framing`], docs/ARCHITECTURE.md §4): the native one (one datagram or one
+//! netstring per CurveCP packet) and the 1tp compatibility framing of the original JS nodes
+//! ([`super::onetp`]).
+//! - A [`ServerDriver`] serves both on the same ports. The transport's dispatcher sorts each
+//!   datagram, and each TCP stream by its first frame, by its first byte (docs/ARCHITECTURE.md
+//!   §4.3), and the driver hands it to that kind's handler (sans-IO, in this module's private
+//!   `inbound`). UDP: a datagram whose first byte is a 1tp session type (0x00-0x05) goes to
+//!   the stateless 1tp accepting side (SYN answered by SYN_ACK, PING by PONG, FIN and RST by
+//!   ACK; an RST also removes the connection its session carried), and the CurveCP packets it
+//!   carries get the path [`Path::UdpCompat`] (source address and session id); one starting
+//!   with `M` is a relay, punch or dial-back datagram ([`super::relay`]); anything else is a
+//!   native CurveCP packet. TCP: each stream decides by the first byte of its first frame
+//!   (`Q`: native; PING 0x08 or DATA 0x02: compatibility; anything else: the stream is
+//!   closed) and keeps that framing. A compat stream answers PING with PONG, unwraps DATA,
+//!   wraps what it sends and writes one frame per write (the JS reader takes one netstring
+//!   per read). A connection's framing is [`Path::framing`] of its path.
 //! - A [`ClientDriver`] made with [`ClientDriver::connect_with_framing`] and
 //!   [`Framing::Compat`] runs a [`Dialer`] first (UDP: SYN, SYN_ACK, ACK, then PING, PONG;
 //!   TCP: PING, PONG) and holds its CurveCP client back until the dialer is open; then every
@@ -95,7 +99,7 @@
 //! anyway). TCP streams that may carry compat frames accept frames up to
 //! [`onetp::MAX_SOCKET_PACKET`] bytes.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -106,8 +110,8 @@ use mio::net::TcpListener;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
-use super::onetp::{self, Dialer, Inbound, SessionId, SocketPacket, MAX_DATAGRAM};
-use super::relay::{self, Datagram, ProbeInput, Prober, Relay, RelayLimits};
+use super::onetp::{self, Dialer, SessionId, MAX_DATAGRAM};
+use super::relay::{self, ProbeInput, Prober, Relay, RelayLimits};
 use super::tcp::{FramedStream, ReadStatus};
 use super::udp::UdpEndpoint;
 use crate::curvecp::client::{Client, ClientConfig};
@@ -246,10 +250,11 @@ pub enum NatEvent {
 }
 
 mod client;
+mod inbound;
 mod server;
 
 pub use client::ClientDriver;
+pub use inbound::CompatStats;
 pub use server::{
-    CompatStats, ServerDriver, ServerDriverLimits, TcpStats, ACCEPT_BATCH, MAX_BOUND_RELAYS,
-    MAX_PUNCHES,
+    ServerDriver, ServerDriverLimits, TcpStats, ACCEPT_BATCH, MAX_BOUND_RELAYS, MAX_PUNCHES,
 };

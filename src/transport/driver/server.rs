@@ -3,12 +3,18 @@
 //!
 //! TCP admission (the per-source cap, eviction, the handshake deadline) is described in the
 //! [`super`] module docs.
+//!
+//! This file is the IO side: reading the UDP socket and the TCP streams (in batches, sending
+//! what is due between groups), accepting and admitting streams, sending, closing. What is
+//! read is sorted by the transport's dispatcher and handed to the sans-IO handlers of
+//! [`super::inbound`]; what they hand back is sent here.
 
 use std::collections::BTreeMap;
 
-use crate::transport::SourceKey;
-
+use super::inbound::{self, Compat, CompatStats, Nat, StreamFrames};
 use super::*;
+use crate::transport::dispatch::{self, Carrier, Handler};
+use crate::transport::{socket, SourceKey};
 
 /// Limits of a [`ServerDriver`] beyond those of the state machine: the TCP listener's streams
 /// (see TCP admission in [`crate::transport::driver`]).
@@ -46,14 +52,6 @@ impl Default for ServerDriverLimits {
 /// Streams accepted per listener event (or per `flush` that goes on accepting) before the
 /// application gets a turn.
 pub const ACCEPT_BATCH: usize = 64;
-
-/// Makes closing `stream` send a reset (`SO_LINGER` 0): a refused or evicted stream leaves no
-/// `TIME_WAIT` behind.
-fn reset_on_close(stream: &mio::net::TcpStream) {
-    if let Err(e) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
-        debug!("server: SO_LINGER not set: {e}");
-    }
-}
 
 /// Where an unauthenticated stream sits in the accept order: its handshake deadline, then its
 /// generation (unique).
@@ -94,23 +92,6 @@ pub struct TcpStats {
     pub idle_closed: u64,
 }
 
-/// Counters of a [`ServerDriver`]'s compatibility framing.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CompatStats {
-    /// 1tp session datagrams received (first byte 0x00-0x05).
-    pub datagrams: u64,
-    /// Compatibility datagrams and TCP frames dropped as malformed.
-    pub dropped: u64,
-    /// Replies of the accepting side sent (SYN_ACK, PONG, ACK) on UDP and TCP.
-    pub replies: u64,
-    /// Sessions reset by their peer (RST).
-    pub resets: u64,
-    /// TCP streams that chose the compatibility framing.
-    pub tcp_streams: u64,
-    /// TCP streams closed because their first frame chose no framing.
-    pub tcp_refused: u64,
-}
-
 /// Runs one [`Server`] over a UDP socket and a TCP listener (either may be absent), serving
 /// the native and the compatibility framing on both at once (see the module docs); a
 /// connection's framing is [`Path::framing`] of [`Server::path`].
@@ -136,9 +117,8 @@ pub struct ServerDriver {
     accept_more: bool,
     tcp_stats: TcpStats,
     paths: HashMap<ConnectionId, Path>,
-    /// The connection each 1tp UDP session carries (for an RST).
-    sessions: HashMap<Path, ConnectionId>,
-    compat: CompatStats,
+    /// The compatibility framing's UDP sessions and counters.
+    compat: Compat,
     events: VecDeque<ServerEvent>,
     buf: Box<[u8; MAX_PACKET]>,
     reply: Box<[u8; MAX_PACKET]>,
@@ -152,15 +132,8 @@ pub struct ServerDriver {
     read_in_flush: bool,
     /// TCP slots with frames queued in this `flush`.
     dirty: Vec<usize>,
-    /// The relay role ([`ServerDriver::enable_relay`]).
-    relay: Option<Relay>,
-    /// Relays we hold a reservation with: their relayed packets are accepted.
-    bound_relays: HashSet<SocketAddr>,
-    /// Hole punches from the listening socket, by target (at most [`MAX_PUNCHES`]).
-    probers: HashMap<SocketAddr, Prober>,
-    nat_events: VecDeque<NatEvent>,
-    /// The nonce of the dial-back probe we wait for.
-    dial_back: Option<[u8; relay::DIAL_BACK_NONCE_LEN]>,
+    /// The relay role, bound relays, punches and dial-back.
+    nat: Nat,
     /// Relay datagrams (a packet and a relay header).
     rbuf: Box<[u8; MAX_PACKET + relay::OVERHEAD]>,
 }
@@ -169,8 +142,6 @@ pub struct ServerDriver {
 pub const MAX_PUNCHES: usize = 64;
 /// Reservations one node may hold with relays at once.
 pub const MAX_BOUND_RELAYS: usize = 8;
-/// [`NatEvent`]s kept for the application (older ones are dropped).
-const MAX_NAT_EVENTS: usize = 64;
 
 impl ServerDriver {
     /// Binds the listeners (at least one must be given) and starts the server.
@@ -235,8 +206,7 @@ impl ServerDriver {
             accept_more: false,
             tcp_stats: TcpStats::default(),
             paths: HashMap::new(),
-            sessions: HashMap::new(),
-            compat: CompatStats::default(),
+            compat: Compat::default(),
             events: VecDeque::new(),
             buf: Box::new([0; MAX_PACKET]),
             reply: Box::new([0; MAX_PACKET]),
@@ -245,11 +215,7 @@ impl ServerDriver {
             tcp_more: Vec::new(),
             read_in_flush: false,
             dirty: Vec::new(),
-            relay: None,
-            bound_relays: HashSet::new(),
-            probers: HashMap::new(),
-            nat_events: VecDeque::new(),
-            dial_back: None,
+            nat: Nat::default(),
             rbuf: Box::new([0; MAX_PACKET + relay::OVERHEAD]),
         })
         .map(|mut d| {
@@ -261,30 +227,32 @@ impl ServerDriver {
 
     /// Offers relaying on the UDP socket ([`super::relay`]) within `limits`.
     pub fn enable_relay(&mut self, limits: RelayLimits) {
-        self.relay = Some(Relay::new(limits));
+        self.nat.relay = Some(Relay::new(limits));
     }
 
     /// The relay role's table (`None` unless [`ServerDriver::enable_relay`]).
     pub fn relay(&self) -> Option<&Relay> {
-        self.relay.as_ref()
+        self.nat.relay.as_ref()
     }
 
     /// The relay role's table, to reserve and release.
     pub fn relay_mut(&mut self) -> Option<&mut Relay> {
-        self.relay.as_mut()
+        self.nat.relay.as_mut()
     }
 
     /// Binds our reservation at the relay `relay` (sends one bind datagram from the listening
     /// socket, which also keeps our NAT's mapping towards it open) and from now on accepts the
     /// packets it relays. `false` if there is no UDP socket or too many relays are bound.
     pub fn bind_relay(&mut self, relay: SocketAddr, token: &[u8; relay::TOKEN_LEN]) -> bool {
-        if !self.bound_relays.contains(&relay) && self.bound_relays.len() >= MAX_BOUND_RELAYS {
+        if !self.nat.bound_relays.contains(&relay)
+            && self.nat.bound_relays.len() >= MAX_BOUND_RELAYS
+        {
             return false;
         }
         let Some(u) = self.udp.as_mut() else {
             return false;
         };
-        self.bound_relays.insert(relay);
+        self.nat.bound_relays.insert(relay);
         if let Err(e) = u.send_to(&relay::bind_datagram(token), relay) {
             debug!("server: bind to relay {relay} not sent: {e}");
         }
@@ -293,30 +261,30 @@ impl ServerDriver {
 
     /// Stops accepting packets relayed by `relay`.
     pub fn unbind_relay(&mut self, relay: SocketAddr) {
-        self.bound_relays.remove(&relay);
+        self.nat.bound_relays.remove(&relay);
     }
 
     /// Starts punching from the listening socket towards `target` (a client reaching us
     /// through a relay), and answers its probes. `false` when too many punches run.
     pub fn start_punch(&mut self, target: SocketAddr, now: Instant) -> bool {
-        self.probers.retain(|_, p| p.next_deadline().is_some());
-        if !self.probers.contains_key(&target) && self.probers.len() >= MAX_PUNCHES {
+        self.nat.probers.retain(|_, p| p.next_deadline().is_some());
+        if !self.nat.probers.contains_key(&target) && self.nat.probers.len() >= MAX_PUNCHES {
             return false;
         }
-        self.probers.insert(target, Prober::new(target, now));
+        self.nat.probers.insert(target, Prober::new(target, now));
         true
     }
 
     /// The next thing learnt from relay datagrams.
     pub fn poll_nat_event(&mut self) -> Option<NatEvent> {
-        self.nat_events.pop_front()
+        self.nat.events.pop_front()
     }
 
     /// Waits for a dial-back probe carrying `nonce` (replacing any awaited one; `None`: stop
     /// waiting): when it reaches the listening UDP socket, [`NatEvent::DialedBack`] is raised
     /// once. Probes with any other nonce are dropped.
     pub fn expect_dial_back(&mut self, nonce: Option<[u8; relay::DIAL_BACK_NONCE_LEN]>) {
-        self.dial_back = nonce;
+        self.nat.dial_back = nonce;
     }
 
     /// Dials `target` back for a peer that asked ([`relay::DialBackGuard`] is the caller's):
@@ -413,7 +381,7 @@ impl ServerDriver {
 
     /// Counters of the compatibility framing.
     pub fn compat_stats(&self) -> CompatStats {
-        self.compat
+        self.compat.stats
     }
 
     /// The next server event (accepted, readable, writable, closed connections).
@@ -430,7 +398,7 @@ impl ServerDriver {
                         self.paths.insert(id, p);
                         match p {
                             Path::UdpCompat { .. } => {
-                                self.sessions.insert(p, id);
+                                self.compat.sessions.insert(p, id);
                             }
                             Path::Tcp {
                                 slot, generation, ..
@@ -446,8 +414,10 @@ impl ServerDriver {
                     }) if self.tcp.get(slot).map(|s| s.generation) == Some(generation) => {
                         self.close_stream(None, slot, false);
                     }
-                    Some(p @ Path::UdpCompat { .. }) if self.sessions.get(&p) == Some(&id) => {
-                        self.sessions.remove(&p);
+                    Some(p @ Path::UdpCompat { .. })
+                        if self.compat.sessions.get(&p) == Some(&id) =>
+                    {
+                        self.compat.sessions.remove(&p);
                     }
                     _ => {}
                 },
@@ -477,140 +447,43 @@ impl ServerDriver {
         Ok(())
     }
 
-    /// Reads up to a batch of datagrams; returns how many.
+    /// Reads up to a batch of datagrams, each handed to the handler [`dispatch::sort`] names
+    /// for it; returns how many.
     fn read_udp(&mut self, registry: &Registry, now: Instant) -> io::Result<usize> {
         let mut read = 0;
         while read < READ_BATCH {
             let Some(udp) = self.udp.as_mut() else {
                 return Ok(0);
             };
-            let Some((pkt, from)) = udp.recv_one()? else {
+            let Some((d, from)) = udp.recv_one()? else {
                 break;
             };
             read += 1;
-            if pkt.first().is_some_and(|&b| relay::is_relay_datagram(b)) {
-                match relay::parse(pkt) {
-                    Some(Datagram::From { peer, packet }) if self.bound_relays.contains(&from) => {
-                        let path = Path::Relayed { relay: from, peer };
-                        let reply =
-                            self.server
-                                .handle_packet(packet, path, now, &mut self.reply[..]);
-                        if let Some(len) = reply {
-                            match relay::wrap_back(peer, &self.reply[..len], &mut self.rbuf[..]) {
-                                Some(m) => {
-                                    if let Err(e) = udp.send_to(&self.rbuf[..m], from) {
-                                        debug!("server: relayed Cookie via {from} not sent: {e}");
-                                    }
-                                }
-                                None => debug!("server: a {len}-byte reply cannot be relayed"),
-                            }
-                        }
-                    }
-                    Some(Datagram::Bound { observed, .. }) if self.bound_relays.contains(&from) => {
-                        if self.nat_events.len() >= MAX_NAT_EVENTS {
-                            self.nat_events.pop_front();
-                        }
-                        self.nat_events.push_back(NatEvent::Bound {
-                            relay: from,
-                            observed,
-                        });
-                    }
-                    Some(Datagram::DialBack(nonce)) if self.dial_back == Some(nonce) => {
-                        self.dial_back = None;
-                        if self.nat_events.len() >= MAX_NAT_EVENTS {
-                            self.nat_events.pop_front();
-                        }
-                        self.nat_events.push_back(NatEvent::DialedBack { from });
-                    }
-                    Some(Datagram::Punch(_)) | Some(Datagram::PunchAck(_)) => {
-                        if let Some(p) = self.probers.get_mut(&from) {
-                            if let ProbeInput::Answer(a) = p.handle(pkt, from) {
-                                if let Err(e) = udp.send_to(&a, from) {
-                                    debug!("server: probe answer to {from} not sent: {e}");
-                                }
-                            }
-                        }
-                    }
-                    Some(_) if self.relay.is_some() => {
-                        let r = self.relay.as_mut().expect("checked");
-                        if let Some(f) = r.handle(pkt, from, now, &mut self.rbuf[..]) {
-                            if let Err(e) = udp.send_to(&self.rbuf[..f.len], f.to) {
-                                debug!("relay: datagram to {} not sent: {e}", f.to);
-                            }
-                        }
-                    }
-                    _ => debug!("server: dropped a relay datagram from {from}"),
+            let (server, reply) = (&mut self.server, &mut self.reply[..]);
+            let handler = dispatch::sort(Carrier::Datagram, d);
+            let answer = match handler {
+                Handler::Native => inbound::native_datagram(server, reply, d, from, now),
+                Handler::Compat => {
+                    self.compat
+                        .datagram(server, reply, &mut self.wrap[..], d, from, now)
                 }
-                continue;
-            }
-            if pkt.first().is_some_and(|&b| onetp::is_session_datagram(b)) {
-                self.compat.datagrams += 1;
-                match onetp::accept_datagram(pkt, &mut self.wrap[..]) {
-                    Err(e) => {
-                        self.compat.dropped += 1;
-                        debug!("server: dropped a 1tp datagram from {from}: {e}");
-                    }
-                    Ok(Inbound::Nothing) => {}
-                    Ok(Inbound::Reply(n)) => {
-                        self.compat.replies += 1;
-                        if let Err(e) = udp.send_to(&self.wrap[..n], from) {
-                            debug!("server: 1tp reply to {from} not sent: {e}");
-                        }
-                    }
-                    Ok(Inbound::Reset { session, ack }) => {
-                        self.compat.replies += 1;
-                        self.compat.resets += 1;
-                        if let Err(e) = udp.send_to(&self.wrap[..ack], from) {
-                            debug!("server: 1tp ACK to {from} not sent: {e}");
-                        }
-                        let path = Path::UdpCompat {
-                            addr: from,
-                            session,
-                        };
-                        if let Some(&id) = self.sessions.get(&path) {
-                            debug!("server: 1tp session reset by {from}: its connection ends");
-                            self.server.remove(id);
-                        }
-                    }
-                    Ok(Inbound::Packet { session, packet }) => {
-                        let path = Path::UdpCompat {
-                            addr: from,
-                            session,
-                        };
-                        let reply =
-                            self.server
-                                .handle_packet(packet, path, now, &mut self.reply[..]);
-                        if let Some(len) = reply {
-                            match onetp::wrap_udp(&session, &self.reply[..len], &mut self.wrap[..])
-                            {
-                                Some(m) => {
-                                    if let Err(e) = udp.send_to(&self.wrap[..m], from) {
-                                        debug!("server: Cookie to {from} not sent: {e}");
-                                    }
-                                }
-                                None => debug!("server: a {len}-byte reply cannot be wrapped"),
-                            }
-                        }
-                    }
+                Handler::Relay => {
+                    self.nat
+                        .datagram(server, reply, &mut self.rbuf[..], d, from, now)
                 }
-                if read % TRANSMIT_EVERY == 0 {
-                    self.transmit(registry, now)?;
-                }
-                continue;
-            }
-            let reply = self
-                .server
-                .handle_packet(pkt, Path::Udp(from), now, &mut self.reply[..]);
-            if let Some(len) = reply {
-                // The Cookie goes to whatever address the Hello claimed: failing to reach it
-                // (no route, refused by a firewall) loses that Cookie only and must not stop
-                // reading the datagrams behind it.
-                if let Err(e) = udp.send_to(&self.reply[..len], from) {
-                    debug!("server: Cookie to {from} not sent: {e}");
+                Handler::Drop => None,
+            };
+            // An answer goes to whatever address the datagram claimed: failing to reach it (no
+            // route, refused by a firewall) loses that answer only and must not stop reading
+            // the datagrams behind it.
+            if let Some(a) = answer {
+                if let Err(e) = udp.send_to(a.bytes, a.to) {
+                    debug!("server: {} to {} not sent: {e}", a.what, a.to);
                 }
             }
-            if read % TRANSMIT_EVERY == 0 {
-                // More may be waiting: answer what arrived so far first.
+            // More may be waiting: answer what arrived so far first (relay datagrams aside, as
+            // before the dispatcher).
+            if handler != Handler::Relay && read % TRANSMIT_EVERY == 0 {
                 self.transmit(registry, now)?;
             }
         }
@@ -660,30 +533,7 @@ impl ServerDriver {
         now: Instant,
     ) {
         let source = SourceKey::of(from.ip());
-        let per_source = self.limits.max_unauthenticated_tcp_per_source.max(1);
-        let held = self.unauth_by_source.get(&source).map_or(0, VecDeque::len);
-        if held >= per_source {
-            if let Some(&oldest) = self.unauth_by_source.get(&source).and_then(|q| q.front()) {
-                match self.close_unauth(registry, oldest) {
-                    Some(peer) => {
-                        debug!(
-                            "server: evicted the oldest TCP stream from {peer} for one from \
-                             {from}: {held} streams of that source without a CurveCP handshake"
-                        );
-                        self.tcp_stats.evicted_per_source += 1;
-                    }
-                    // No stream under it (ruled out by the bookkeeping): drop the entry.
-                    None => {
-                        if let Some(q) = self.unauth_by_source.get_mut(&source) {
-                            q.pop_front();
-                            if q.is_empty() {
-                                self.unauth_by_source.remove(&source);
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        self.evict_for_source(registry, source, from);
         // Each turn takes a key out of `unauth`: bounded.
         while self.tcp.len() >= self.limits.max_tcp_streams {
             let Some(&oldest) = self.unauth.keys().next() else {
@@ -693,7 +543,7 @@ impl ServerDriver {
                     self.tcp.len()
                 );
                 self.tcp_stats.refused += 1;
-                reset_on_close(&stream);
+                socket::reset_on_close(&stream);
                 return;
             };
             if let Some(peer) = self.close_unauth(registry, oldest) {
@@ -732,6 +582,37 @@ impl ServerDriver {
                 self.tcp_stats.accepted += 1;
             }
             Err(e) => debug!("server: could not register a TCP stream from {from}: {e}"),
+        }
+    }
+
+    /// Makes room for a stream from `from` (of `source`): at the per-source limit of
+    /// unauthenticated streams, that source's oldest one is closed.
+    fn evict_for_source(&mut self, registry: &Registry, source: SourceKey, from: SocketAddr) {
+        let per_source = self.limits.max_unauthenticated_tcp_per_source.max(1);
+        let held = self.unauth_by_source.get(&source).map_or(0, VecDeque::len);
+        if held < per_source {
+            return;
+        }
+        let Some(&oldest) = self.unauth_by_source.get(&source).and_then(|q| q.front()) else {
+            return;
+        };
+        match self.close_unauth(registry, oldest) {
+            Some(peer) => {
+                debug!(
+                    "server: evicted the oldest TCP stream from {peer} for one from {from}: \
+                     {held} streams of that source without a CurveCP handshake"
+                );
+                self.tcp_stats.evicted_per_source += 1;
+            }
+            // No stream under it (ruled out by the bookkeeping): drop the entry.
+            None => {
+                if let Some(q) = self.unauth_by_source.get_mut(&source) {
+                    q.pop_front();
+                    if q.is_empty() {
+                        self.unauth_by_source.remove(&source);
+                    }
+                }
+            }
         }
     }
 
@@ -863,8 +744,9 @@ impl ServerDriver {
         }
     }
 
-    /// Hands at most `max` frames of a TCP stream to the server; true when it stopped at
-    /// `max` (more may be waiting), false when drained or closed.
+    /// Hands at most `max` frames of a TCP stream to the server ([`StreamFrames`]) and
+    /// answers them; true when it stopped at `max` (more may be waiting), false when drained or
+    /// closed.
     fn tcp_read_some(
         &mut self,
         registry: &Registry,
@@ -875,116 +757,24 @@ impl ServerDriver {
         let Some(entry) = self.tcp.get_mut(slot) else {
             return false;
         };
-        let token = Token(self.base + 2 + slot);
-        let generation = entry.generation;
-        let mut close = false;
+        let mut frames = StreamFrames::new(slot, entry.generation, entry.framing);
+        let (server, reply) = (&mut self.server, &mut self.reply[..]);
+        let status = entry
+            .stream
+            .read_frames_up_to(max, |f| frames.frame(server, reply, f, now));
+        let mut close = self.answer_frames(registry, slot, &frames, now);
         let mut more = false;
-        {
-            let server = &mut self.server;
-            let reply = &mut self.reply;
-            let mut reply_len = None;
-            let mut valid = false;
-            let chosen_before = entry.framing;
-            let mut chosen = entry.framing;
-            let mut refused = false;
-            let mut pong = false;
-            let mut dropped_frames = 0;
-            let status = entry.stream.read_frames_up_to(max, |frame| {
-                if refused {
-                    return;
-                }
-                let framing = match chosen {
-                    Some(f) => f,
-                    None => {
-                        let f = match frame.first() {
-                            Some(b'Q') => Framing::Native,
-                            Some(&onetp::PING) | Some(&onetp::DATA) => Framing::Compat,
-                            _ => {
-                                refused = true;
-                                return;
-                            }
-                        };
-                        chosen = Some(f);
-                        f
-                    }
-                };
-                let pkt = match framing {
-                    Framing::Native => frame,
-                    Framing::Compat => match SocketPacket::parse(frame) {
-                        Ok(SocketPacket::Data(p)) => p,
-                        // Not activity: a peer trickling PINGs must not hold the slot open.
-                        Ok(SocketPacket::Ping) => {
-                            pong = true;
-                            return;
-                        }
-                        Ok(SocketPacket::Pong) => return,
-                        Err(e) => {
-                            debug!("server: dropped a 1tp frame: {e}");
-                            dropped_frames += 1;
-                            return;
-                        }
-                    },
-                };
-                let path = Path::Tcp {
-                    slot,
-                    generation,
-                    framing,
-                };
-                let dropped = server.stats().dropped;
-                // A reply is a Cookie, one per Hello. Should one read hold several Hellos
-                // (retransmissions), answering the last is enough: any valid Cookie will do.
-                if let Some(len) = server.handle_packet(pkt, path, now, &mut reply[..]) {
-                    reply_len = Some(len);
-                }
-                // Only a packet the server did not drop keeps the stream from the idle close:
-                // junk frames must not hold a stream slot open.
-                valid |= server.stats().dropped == dropped;
-            });
-            if valid {
-                entry.last_active = now;
-            }
-            entry.framing = chosen;
-            self.compat.dropped += dropped_frames;
-            if chosen == Some(Framing::Compat) && chosen_before.is_none() {
-                self.compat.tcp_streams += 1;
-                entry.stream.set_frame_per_write(true);
-            }
-            if pong {
-                self.compat.replies += 1;
-                entry.stream.queue_frame(&[onetp::PONG]);
-            }
-            if let Some(len) = reply_len {
-                let frame = match chosen {
-                    Some(Framing::Compat) => {
-                        onetp::wrap_tcp(&self.reply[..len], &mut self.wrap[..])
-                            .map(|m| &self.wrap[..m])
-                    }
-                    _ => Some(&self.reply[..len]),
-                };
-                if let Some(frame) = frame {
-                    entry.stream.queue_frame(frame);
-                }
-            }
-            if pong || reply_len.is_some() {
-                close |= entry.stream.flush(registry, token).is_err();
-            }
-            if refused {
-                debug!("server: closing a TCP stream whose first frame is neither framing");
-                self.compat.tcp_refused += 1;
+        match status {
+            Ok(ReadStatus::Open) => {}
+            Ok(ReadStatus::More) => more = true,
+            Ok(ReadStatus::Closed) => close = true,
+            Ok(ReadStatus::Invalid(e)) => {
+                debug!("server: closing a TCP stream: {e}");
                 close = true;
             }
-            match status {
-                Ok(ReadStatus::Open) => {}
-                Ok(ReadStatus::More) => more = true,
-                Ok(ReadStatus::Closed) => close = true,
-                Ok(ReadStatus::Invalid(e)) => {
-                    debug!("server: closing a TCP stream: {e}");
-                    close = true;
-                }
-                Err(e) => {
-                    debug!("server: TCP read failed: {e}");
-                    close = true;
-                }
+            Err(e) => {
+                debug!("server: TCP read failed: {e}");
+                close = true;
             }
         }
         if close {
@@ -992,6 +782,57 @@ impl ServerDriver {
             return false;
         }
         more
+    }
+
+    /// Settles one read of the stream in `slot`: notes its activity and the framing its first
+    /// frame chose, counts, and writes the PONG and the reply its frames asked for. True when
+    /// the stream must close (its first frame chose no framing, or the write failed).
+    fn answer_frames(
+        &mut self,
+        registry: &Registry,
+        slot: usize,
+        frames: &StreamFrames,
+        now: Instant,
+    ) -> bool {
+        let token = Token(self.base + 2 + slot);
+        let Some(entry) = self.tcp.get_mut(slot) else {
+            return true;
+        };
+        if frames.valid {
+            entry.last_active = now;
+        }
+        let compat = &mut self.compat.stats;
+        if frames.chosen == Some(Framing::Compat) && entry.framing.is_none() {
+            compat.tcp_streams += 1;
+            entry.stream.set_frame_per_write(true);
+        }
+        entry.framing = frames.chosen;
+        compat.dropped += frames.dropped;
+        if frames.pong {
+            compat.replies += 1;
+            entry.stream.queue_frame(&[onetp::PONG]);
+        }
+        if let Some(len) = frames.reply {
+            let frame = match frames.chosen {
+                Some(Framing::Compat) => {
+                    onetp::wrap_tcp(&self.reply[..len], &mut self.wrap[..]).map(|m| &self.wrap[..m])
+                }
+                _ => Some(&self.reply[..len]),
+            };
+            if let Some(frame) = frame {
+                entry.stream.queue_frame(frame);
+            }
+        }
+        let mut close = false;
+        if frames.pong || frames.reply.is_some() {
+            close |= entry.stream.flush(registry, token).is_err();
+        }
+        if frames.refused {
+            debug!("server: closing a TCP stream whose first frame is neither framing");
+            compat.tcp_refused += 1;
+            close = true;
+        }
+        close
     }
 
     /// Sends every packet due at `now`, accepts on after a full accept batch, closes TCP
@@ -1021,7 +862,7 @@ impl ServerDriver {
         }
         self.transmit(registry, now)?;
         if let Some(u) = self.udp.as_mut() {
-            for p in self.probers.values_mut() {
+            for p in self.nat.probers.values_mut() {
                 while let Some(d) = p.poll_transmit(now) {
                     if let Err(e) = u.send_to(&d, p.target()) {
                         debug!("server: probe to {} not sent: {e}", p.target());
@@ -1075,29 +916,7 @@ impl ServerDriver {
                     slot,
                     generation,
                     framing,
-                } => match self.tcp.get_mut(slot) {
-                    Some(s) if s.generation == generation => {
-                        if s.stream.pending_write() == 0 {
-                            self.dirty.push(slot);
-                        }
-                        let pkt = match self.udp.as_mut().map(|u| u.batch_slot()) {
-                            Some(slot) => &slot[..n],
-                            None => &self.buf[..n],
-                        };
-                        match framing {
-                            Framing::Native => {
-                                s.stream.queue_frame(pkt);
-                            }
-                            Framing::Compat => match onetp::wrap_tcp(pkt, &mut self.wrap[..]) {
-                                Some(m) => {
-                                    s.stream.queue_frame(&self.wrap[..m]);
-                                }
-                                None => debug!("server: a {n}-byte packet cannot be wrapped"),
-                            },
-                        }
-                    }
-                    _ => {}
-                },
+                } => self.queue_tcp(slot, generation, framing, n),
             }
         }
         if let Some(u) = self.udp.as_mut() {
@@ -1118,6 +937,37 @@ impl ServerDriver {
         dirty.clear();
         self.dirty = dirty;
         Ok(())
+    }
+
+    /// Queues the `n`-byte packet `transmit` just wrote (into the UDP batch slot, or `buf`
+    /// without a UDP socket) on the TCP stream in `slot`, if it is still of `generation`; the
+    /// stream is written once the turn's packets are all queued.
+    fn queue_tcp(&mut self, slot: usize, generation: u64, framing: Framing, n: usize) {
+        let Some(s) = self
+            .tcp
+            .get_mut(slot)
+            .filter(|s| s.generation == generation)
+        else {
+            return;
+        };
+        if s.stream.pending_write() == 0 {
+            self.dirty.push(slot);
+        }
+        let pkt = match self.udp.as_mut().map(|u| u.batch_slot()) {
+            Some(slot) => &slot[..n],
+            None => &self.buf[..n],
+        };
+        match framing {
+            Framing::Native => {
+                s.stream.queue_frame(pkt);
+            }
+            Framing::Compat => match onetp::wrap_tcp(pkt, &mut self.wrap[..]) {
+                Some(m) => {
+                    s.stream.queue_frame(&self.wrap[..m]);
+                }
+                None => debug!("server: a {n}-byte packet cannot be wrapped"),
+            },
+        }
     }
 
     /// Closes authenticated TCP streams idle for too long (unauthenticated ones are closed by
@@ -1157,6 +1007,7 @@ impl ServerDriver {
         let idle = self.idle_checks.front().map(|c| c.0);
         let handshake = self.unauth.first_key_value().map(|(k, _)| k.0);
         let probe = self
+            .nat
             .probers
             .values()
             .filter_map(Prober::next_deadline)
