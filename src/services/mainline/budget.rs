@@ -90,7 +90,7 @@ impl Bucket {
     }
 }
 
-/// The excess budgets (see the [module docs](self)).
+/// The excess budgets (see the module docs).
 #[derive(Debug, Clone)]
 pub struct AnswerBudget {
     sources: HashMap<Source, Bucket>,

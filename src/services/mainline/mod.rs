@@ -69,6 +69,11 @@ pub struct MainlineConfig {
     /// Publish our nodeInfo (off by default: resolve only).
     pub publish: bool,
     /// Answer other nodes' queries and store their items (off by default: read-only, BEP 43).
+    /// Serving never makes the node a reflection amplifier: toward an address that is not in
+    /// its routing table (source addresses can be forged), an answer is longer than the query
+    /// only within a small byte budget (per IPv4 /24, 4 KiB at once and 1 KiB/s; all such
+    /// networks together 64 KiB and 16 KiB/s), and is trimmed to the query's length beyond
+    /// it (see [`crate::proto::mainline::budget`]).
     pub serve: bool,
     /// The socket's address; default 127.0.0.1:0 for a loopback testnet, 0.0.0.0:0 otherwise.
     pub bind: Option<SocketAddrV4>,

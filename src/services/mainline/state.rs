@@ -41,7 +41,7 @@
 //! - **No amplification.** Toward an address that is not in the routing table (not proven:
 //!   source addresses can be forged), an answer (and the ping) may exceed the query's length
 //!   only within a small per-network and shared byte budget; beyond it the answer is trimmed
-//!   to the query's length or not sent ([`super::budget`]).
+//!   to the query's length or not sent ([`crate::proto::mainline::budget`]).
 //! - **Hostile input.** Every datagram goes through [`krpc::decode`]; replies count only from
 //!   the address a matching outstanding query went to; everything is bounded: outstanding
 //!   queries ([`Timing::max_outstanding`]), candidates, lookups, cache, store, queues
@@ -150,7 +150,7 @@ impl Default for Timing {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MainlineStats {
     /// Serving: answers to unproven addresses trimmed (or not sent) because their excess was
-    /// not in the [`AnswerBudget`] (see [`super::budget`]).
+    /// not in the [`AnswerBudget`] (see [`crate::proto::mainline::budget`]).
     pub answers_trimmed: u64,
     /// Datagrams handed in.
     pub packets: u64,
@@ -1136,7 +1136,7 @@ impl MainlineState {
     }
 
     /// Answers a query of `len` bytes from `from`. Toward an address not in the table, what
-    /// is sent beyond `len` bytes comes out of the [`AnswerBudget`] (see [`super::budget`]).
+    /// is sent beyond `len` bytes comes out of the [`AnswerBudget`] (see [`crate::proto::mainline::budget`]).
     fn serve_query(&mut self, msg: Message, len: usize, from: SocketAddrV4, now: Instant) {
         let rate = f64::from(self.timing.queries_per_sec);
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
