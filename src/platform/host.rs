@@ -1,6 +1,7 @@
-//! The platform's side of [`crate::services`]: the table of hosted services, their token
-//! blocks, their single wake-up timer, their bus subscriptions, and the [`ServiceContext`] they
-//! are called with. The platform knows services only through the [`Service`] trait.
+//! The platform's side of [`crate::services`]: the [`Service`] trait every service implements
+//! (re-exported as `services::Service`), the table of hosted services, their token blocks, their
+//! single wake-up timer, their bus subscriptions, and the [`ServiceContext`] they are called
+//! with. The platform knows services only through the [`Service`] trait.
 
 use std::io;
 use std::ops::{Deref, DerefMut};
@@ -10,10 +11,45 @@ use std::time::Instant;
 use mio::{Interest, Token};
 
 use super::{
-    Context, Core, Event, SendStatus, SubscriptionId, Target, TimerAction, TimerId,
+    Context, Core, Event, Message, SendStatus, SubscriptionId, Target, TimerAction, TimerId,
     CONNECTION_TOKEN_BASE,
 };
-use crate::services::Service;
+
+/// A service: a bus client with its own sockets and timer, driven by the platform's reactor.
+/// See the [services module docs](crate::services) for how and when its methods run.
+pub trait Service {
+    /// A short name, used as the source tag of the nodeInfo it publishes
+    /// ([`crate::Event::NodeInfo`]) and in logs (`mdns`, `bootstrap`, `kademlia`, ...).
+    fn name(&self) -> &str;
+
+    /// Runs once, when the service is added: open and register sockets, subscribe, set the
+    /// first wake-up. An error is returned by the call that added the service (which then
+    /// keeps no trace of it).
+    fn start(&mut self, ctx: &mut ServiceContext<'_>) -> io::Result<()>;
+
+    /// A message matching one of the service's subscriptions ([`ServiceContext::subscribe`]).
+    fn on_message(&mut self, ctx: &mut ServiceContext<'_>, msg: &Message) {
+        let _ = (ctx, msg);
+    }
+
+    /// Readiness of a source the service registered as `local` (its index within the service's
+    /// token block). The poll is edge-triggered: read until `WouldBlock` or ask for a turn.
+    fn on_io(&mut self, ctx: &mut ServiceContext<'_>, local: usize, event: &mio::event::Event) {
+        let _ = (ctx, local, event);
+    }
+
+    /// The instant set with [`ServiceContext::set_wake`] has come (the wake-up is cleared
+    /// before this runs).
+    fn on_timer(&mut self, ctx: &mut ServiceContext<'_>) {
+        let _ = ctx;
+    }
+
+    /// The platform is going away: persist what should survive a restart. Sends made here are
+    /// never delivered.
+    fn stop(&mut self, ctx: &mut ServiceContext<'_>) {
+        let _ = ctx;
+    }
+}
 
 /// First token of the services: service `i` owns tokens
 /// `SERVICE_TOKEN_BASE + i * SERVICE_TOKEN_BLOCK ..` (one block each), below

@@ -119,6 +119,7 @@ mod events;
 mod handle;
 mod host;
 mod message;
+mod node_info;
 mod peer_memory;
 mod timers;
 pub mod turns;
@@ -129,7 +130,9 @@ pub use connections::{ConnectionStats, DeliveryCallback, DeliveryError, NetConfi
 pub use directory::{Directory, NodeInfo};
 pub use events::Event;
 pub use handle::Handle;
-pub use host::{ServiceContext, ServiceId, MAX_SERVICES, SERVICE_TOKEN_BASE, SERVICE_TOKEN_BLOCK};
+pub use host::{
+    Service, ServiceContext, ServiceId, MAX_SERVICES, SERVICE_TOKEN_BASE, SERVICE_TOKEN_BLOCK,
+};
 pub use message::{Address, Message, MessageId, Scope, SendOptions, SendStatus, ToAddress};
 pub use timers::TimerId;
 pub use turns::Woken;
@@ -146,10 +149,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::{Poll, Token, Waker};
 
-use crate::api::{Codec, Messaging, ProtocolApi, RawCodec};
 use crate::bus::{Bus, Match, SubscriptionId};
 use crate::identity::{BoxId, Identity, IdentityError, KeyCache, SignId};
-use crate::services::Service;
 use crate::storage::{MemStore, Storage};
 use circles::Circle;
 use handle::{Command, Outgoing, Shared};
@@ -1093,21 +1094,6 @@ macro_rules! shared_methods {
             self.core_mut().bus.remove(id)
         }
 
-        /// The JSON messaging API (protocol `ms`).
-        pub fn messaging(&mut self) -> Messaging<'_> {
-            Messaging::new(self.core_mut())
-        }
-
-        /// The torrenting API (protocol `bt`, raw bytes).
-        pub fn torrenting(&mut self) -> ProtocolApi<'_, RawCodec> {
-            ProtocolApi::new(self.core_mut(), RawCodec::new("bt"))
-        }
-
-        /// A user-defined protocol API with its own codec.
-        pub fn api<C: Codec + Clone>(&mut self, codec: C) -> ProtocolApi<'_, C> {
-            ProtocolApi::new(self.core_mut(), codec)
-        }
-
         /// Runs `callback` on the reactor's thread once `delay` has passed (in the first turn at
         /// or after that time).
         ///
@@ -1159,7 +1145,8 @@ impl Context<'_> {
         self.core
     }
 
-    fn core_mut(&mut self) -> &mut Core {
+    /// The core (also for the protocol APIs' accessors in [`crate::api`]).
+    pub(crate) fn core_mut(&mut self) -> &mut Core {
         self.core
     }
 
@@ -1218,7 +1205,8 @@ impl Platform {
         &self.core
     }
 
-    fn core_mut(&mut self) -> &mut Core {
+    /// The core (also for the protocol APIs' accessors in [`crate::api`]).
+    pub(crate) fn core_mut(&mut self) -> &mut Core {
         &mut self.core
     }
 
