@@ -173,14 +173,18 @@ impl Dialect {
     pub(super) fn bytes_of(self, body: Body) -> Vec<u8> {
         match body {
             Body::Frame(frame, d) if d == self => frame,
-            Body::Frame(frame, _) => {
-                // Encoded for the other dialect: decoded, encoded again for this one.
+            Body::Frame(frame, other) => {
+                // Encoded for the other dialect: decoded (its payload as it was given to
+                // us), encoded again for this one.
                 let decoded = netstring::decode(&frame, usize::MAX)
                     .ok()
                     .flatten()
                     .and_then(|f| Envelope::decode_protobuf(&frame[f.payload]).ok());
                 match decoded {
-                    Some(env) => self.frame_of(&env),
+                    Some(mut env) => {
+                        env.payload = other.payload_in(&env.protocol, env.payload);
+                        self.frame_of(&env)
+                    }
                     None => frame,
                 }
             }
@@ -293,7 +297,10 @@ mod tests {
             js
         );
         assert_eq!(Dialect::Js.bytes_of(Body::Message(env.clone())), js);
-        assert_eq!(Dialect::Native.bytes_of(Body::Message(env)), native);
+        assert_eq!(Dialect::Native.bytes_of(Body::Message(env.clone())), native);
+        // A JavaScript frame going to a native node after all: its payload as it was given.
+        let back = decode(&Dialect::Native.bytes_of(Body::Frame(js.clone(), Dialect::Js)));
+        assert_eq!((back.payload, back.id), (env.payload, None));
         let mut written = Vec::new();
         assert!(
             Dialect::Js.encode_with("t", "bt", 2, &mut written, &mut |o| {
