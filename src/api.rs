@@ -59,8 +59,34 @@ use serde::Serialize;
 
 use crate::bus::SubscriptionId;
 use crate::platform::{
-    Callback, Context, Core, DeliveryError, Message, SendOptions, SendStatus, Target, ToAddress,
+    Callback, Context, Core, DeliveryError, Message, Platform, SendOptions, SendStatus, Target,
+    ToAddress,
 };
+
+/// The protocol APIs' accessors of [`Platform`] and [`Context`] (both borrow the platform's
+/// core for as long as the API value lives).
+macro_rules! protocol_accessors {
+    ($($ty:ty),*) => {$(
+        impl $ty {
+            /// The JSON messaging API (protocol `ms`).
+            pub fn messaging(&mut self) -> Messaging<'_> {
+                Messaging::new(self.core_mut())
+            }
+
+            /// The torrenting API (protocol `bt`, raw bytes).
+            pub fn torrenting(&mut self) -> ProtocolApi<'_, RawCodec> {
+                ProtocolApi::new(self.core_mut(), RawCodec::new("bt"))
+            }
+
+            /// A user-defined protocol API with its own codec.
+            pub fn api<C: Codec + Clone>(&mut self, codec: C) -> ProtocolApi<'_, C> {
+                ProtocolApi::new(self.core_mut(), codec)
+            }
+        }
+    )*};
+}
+
+protocol_accessors!(Platform, Context<'_>);
 
 /// A payload that could not be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]

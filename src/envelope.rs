@@ -21,55 +21,6 @@ use crate::netstring::{self, NetstringError};
 /// Default largest frame (the protobuf bytes of one message): 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 
-/// How a `bt` payload crosses to a JavaScript node: the original's `bt` payload is a protobuf
-/// *string* (its API takes a JavaScript string, which protobufjs writes as UTF-8), and binary
-/// data travels as a string of one character per byte (U+0000 to U+00FF). This writes bytes
-/// that way: bytes below 0x80 as themselves, the others as two UTF-8 bytes.
-pub fn bytes_to_js_string(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 2);
-    for &b in bytes {
-        if b < 0x80 {
-            out.push(b);
-        } else {
-            out.push(0xc0 | (b >> 6));
-            out.push(0x80 | (b & 0x3f));
-        }
-    }
-    out
-}
-
-/// The reverse of [`bytes_to_js_string`]: the bytes of a string of characters U+0000 to
-/// U+00FF; `None` if `utf8` is not UTF-8 or holds a character above U+00FF (a JavaScript
-/// application's text, which is then delivered as its UTF-8 bytes).
-pub fn js_string_to_bytes(utf8: &[u8]) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(utf8).ok()?;
-    text.chars()
-        .map(|c| u8::try_from(u32::from(c)).ok())
-        .collect()
-}
-
-/// A frame as it goes to a JavaScript node: without the message id (field 4, which the
-/// original ignores) and with a `bt` payload written as [`bytes_to_js_string`]; other frames
-/// unchanged. A frame that does not decode is returned unchanged.
-pub fn frame_for_js(frame: Vec<u8>) -> Vec<u8> {
-    let Ok(Some(f)) = netstring::decode(&frame, usize::MAX) else {
-        return frame;
-    };
-    let Ok(mut env) = Envelope::decode_protobuf(&frame[f.payload]) else {
-        return frame;
-    };
-    if env.protocol != "bt" && env.id.is_none() {
-        return frame;
-    }
-    env.id = None;
-    if env.protocol == "bt" {
-        env.payload = bytes_to_js_string(&env.payload);
-    }
-    let mut out = Vec::with_capacity(frame.len() + frame.len() / 2);
-    env.encode_frame(&mut out);
-    out
-}
-
 /// One platform message as it travels between nodes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Envelope {
@@ -542,32 +493,6 @@ mod tests {
                 assert_eq!(env.frame_len_without_id(), frame.len());
             }
         }
-    }
-
-    #[test]
-    fn bt_bytes_cross_to_javascript_as_one_char_per_byte() {
-        let all: Vec<u8> = (0..=255u8).collect();
-        let js = bytes_to_js_string(&all);
-        assert_eq!(std::str::from_utf8(&js).unwrap().chars().count(), 256);
-        assert_eq!(js_string_to_bytes(&js).unwrap(), all);
-        assert_eq!(js_string_to_bytes(b""), Some(Vec::new()));
-        // Text beyond U+00FF (or not UTF-8) is not a byte string.
-        assert_eq!(js_string_to_bytes("\u{263a}".as_bytes()), None);
-        assert_eq!(js_string_to_bytes(&[0xff, 0xfe]), None);
-        // The frame a JavaScript node gets: no id, bt payload widened; ms untouched.
-        let mut f = Vec::new();
-        let mut env = Envelope::new("t", "bt", vec![0x80, 1]);
-        env.id = Some(vec![9; 16]);
-        env.encode_frame(&mut f);
-        let g = frame_for_js(f);
-        let n = netstring::decode(&g, 1 << 20).unwrap().unwrap();
-        let back = Envelope::decode_protobuf(&g[n.payload]).unwrap();
-        assert_eq!(back.id, None);
-        assert_eq!(back.payload, vec![0xc2, 0x80, 1]);
-        let mut m = Vec::new();
-        Envelope::new("t", "ms", b"{}".to_vec()).encode_frame(&mut m);
-        assert_eq!(frame_for_js(m.clone()), m);
-        assert_eq!(frame_for_js(b"junk".to_vec()), b"junk".to_vec());
     }
     use super::*;
     use proptest::prelude::*;

@@ -1,7 +1,8 @@
 //! The directory (docs/ARCHITECTURE.md §5.2): where a destination's nodeInfo comes from.
 //!
-//! - [`NodeInfo`]: `{"signId", "boxId", "connectionInfo"}`, parsed with the poisoning check: a
-//!   nodeInfo whose `boxId` is not the curve25519 conversion of its `signId` is refused.
+//! - [`NodeInfo`] (its own module, shared with the memory of peers): `{"signId", "boxId",
+//!   "connectionInfo"}`, parsed with the poisoning check: a nodeInfo whose `boxId` is not the
+//!   curve25519 conversion of its `signId` is refused.
 //! - A bounded cache of nodeInfo with an expiry ([`crate::NetConfig::node_info_ttl`]); when full,
 //!   the entry closest to expiry is evicted.
 //! - Entries and pending lookups are keyed by box key, which every node has (JavaScript
@@ -24,84 +25,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
+pub use super::node_info::{NodeInfo, NodeInfoError};
 use super::peer_memory::PeerMemory;
 use crate::identity::{BoxId, KeyCache, SignId};
 use crate::storage::Storage;
-use crate::transport::connection_info::{self, Endpoint};
 
 /// Most nodeInfo entries cached, and most lookups pending at once.
 pub const MAX_CACHED: usize = 4096;
-
-/// A node's published description: ids and endpoints.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NodeInfo {
-    /// Its id.
-    pub sign_id: SignId,
-    /// Its box key (checked to be the conversion of `sign_id`).
-    pub box_id: BoxId,
-    /// The endpoints parsed from `connectionInfo` (invalid entries skipped).
-    pub endpoints: Vec<Endpoint>,
-}
-
-/// Why a nodeInfo was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeInfoError {
-    /// Not an object with string `signId` and `boxId` that are valid keys.
-    Malformed,
-    /// `boxId` is not the conversion of `signId` (directory poisoning).
-    KeyMismatch,
-}
-
-impl std::fmt::Display for NodeInfoError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            NodeInfoError::Malformed => "malformed nodeInfo",
-            NodeInfoError::KeyMismatch => "nodeInfo boxId is not the conversion of its signId",
-        })
-    }
-}
-
-impl std::error::Error for NodeInfoError {}
-
-impl NodeInfo {
-    /// Parses and checks a nodeInfo (the conversion is cached in `keys`).
-    pub fn from_json(v: &Value, keys: &mut KeyCache) -> Result<NodeInfo, NodeInfoError> {
-        let sign_id: SignId = v
-            .get("signId")
-            .and_then(Value::as_str)
-            .and_then(|s| s.parse().ok())
-            .ok_or(NodeInfoError::Malformed)?;
-        let box_id: BoxId = v
-            .get("boxId")
-            .and_then(Value::as_str)
-            .and_then(|s| s.parse().ok())
-            .ok_or(NodeInfoError::Malformed)?;
-        let converted = keys.box_id(&sign_id).ok_or(NodeInfoError::Malformed)?;
-        if converted != box_id {
-            return Err(NodeInfoError::KeyMismatch);
-        }
-        let endpoints = v
-            .get("connectionInfo")
-            .map(connection_info::parse)
-            .unwrap_or_default();
-        Ok(NodeInfo {
-            sign_id,
-            box_id,
-            endpoints,
-        })
-    }
-
-    /// The JSON form (endpoints written back in their canonical form).
-    pub fn to_json(&self) -> Value {
-        serde_json::json!({
-            "signId": self.sign_id.to_string(),
-            "boxId": self.box_id.to_string(),
-            "connectionInfo": connection_info::to_json(&self.endpoints),
-        })
-    }
-}
 
 /// A source of nodeInfo the application controls. The platform asks it first; `None` means
 /// "ask the bus" (`self.transports.requestNodeInfo`).

@@ -1,6 +1,7 @@
-//! The platform's side of [`crate::services`]: the table of hosted services, their token
-//! blocks, their single wake-up timer, their bus subscriptions, and the [`ServiceContext`] they
-//! are called with. The platform knows services only through the [`Service`] trait.
+//! The platform's side of [`crate::services`]: the [`Service`] trait every service implements
+//! (re-exported as `services::Service`), the table of hosted services, their token blocks, their
+//! single wake-up timer, their bus subscriptions, and the [`ServiceContext`] they are called
+//! with. The platform knows services only through the [`Service`] trait.
 
 use std::io;
 use std::ops::{Deref, DerefMut};
@@ -10,10 +11,45 @@ use std::time::Instant;
 use mio::{Interest, Token};
 
 use super::{
-    Context, Core, Event, SendStatus, SubscriptionId, Target, TimerAction, TimerId,
+    Context, Core, Event, Message, SendStatus, SubscriptionId, Target, TimerAction, TimerId,
     CONNECTION_TOKEN_BASE,
 };
-use crate::services::Service;
+
+/// A service: a bus client with its own sockets and timer, driven by the platform's reactor.
+/// See the [services module docs](crate::services) for how and when its methods run.
+pub trait Service {
+    /// A short name, used as the source tag of the nodeInfo it publishes
+    /// ([`crate::Event::NodeInfo`]) and in logs (`mdns`, `bootstrap`, `kademlia`, ...).
+    fn name(&self) -> &str;
+
+    /// Runs once, when the service is added: open and register sockets, subscribe, set the
+    /// first wake-up. An error is returned by the call that added the service (which then
+    /// keeps no trace of it).
+    fn start(&mut self, ctx: &mut ServiceContext<'_>) -> io::Result<()>;
+
+    /// A message matching one of the service's subscriptions ([`ServiceContext::subscribe`]).
+    fn on_message(&mut self, ctx: &mut ServiceContext<'_>, msg: &Message) {
+        let _ = (ctx, msg);
+    }
+
+    /// Readiness of a source the service registered as `local` (its index within the service's
+    /// token block). The poll is edge-triggered: read until `WouldBlock` or ask for a turn.
+    fn on_io(&mut self, ctx: &mut ServiceContext<'_>, local: usize, event: &mio::event::Event) {
+        let _ = (ctx, local, event);
+    }
+
+    /// The instant set with [`ServiceContext::set_wake`] has come (the wake-up is cleared
+    /// before this runs).
+    fn on_timer(&mut self, ctx: &mut ServiceContext<'_>) {
+        let _ = ctx;
+    }
+
+    /// The platform is going away: persist what should survive a restart. Sends made here are
+    /// never delivered.
+    fn stop(&mut self, ctx: &mut ServiceContext<'_>) {
+        let _ = ctx;
+    }
+}
 
 /// First token of the services: service `i` owns tokens
 /// `SERVICE_TOKEN_BASE + i * SERVICE_TOKEN_BLOCK ..` (one block each), below
@@ -28,7 +64,7 @@ pub const MAX_SERVICES: usize = (CONNECTION_TOKEN_BASE - SERVICE_TOKEN_BASE) / S
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct ServiceId(pub(crate) usize);
 
-pub(crate) struct ServiceSlot {
+struct ServiceSlot {
     /// Out of the slot while one of its methods runs.
     service: Option<Box<dyn Service>>,
     name: Arc<str>,
@@ -77,7 +113,7 @@ impl ServiceContext<'_> {
 
     /// This service's name (its source tag).
     pub fn name(&self) -> &str {
-        &self.ctx.core.services[self.slot].name
+        self.ctx.core.services.name(self.slot)
     }
 
     /// The poll token of this service's source number `local` (< [`SERVICE_TOKEN_BLOCK`]).
@@ -143,12 +179,12 @@ impl ServiceContext<'_> {
     /// one. An instant already past runs in the next turn.
     pub fn set_wake(&mut self, at: Option<Instant>) {
         let core = &mut *self.ctx.core;
-        if let Some(old) = core.services[self.slot].timer.take() {
+        let slot = &mut core.services.slots[self.slot];
+        if let Some(old) = slot.timer.take() {
             core.timers.cancel(old);
         }
         if let Some(at) = at {
-            let id = core.timers.schedule(at, TimerAction::Service(self.slot));
-            core.services[self.slot].timer = Some(id);
+            slot.timer = Some(core.timers.schedule(at, TimerAction::Service(self.slot)));
         }
     }
 
@@ -181,106 +217,114 @@ impl ServiceContext<'_> {
     }
 }
 
-impl Core {
-    /// Adds and starts a service.
-    pub(crate) fn add_service(&mut self, mut service: Box<dyn Service>) -> io::Result<ServiceId> {
-        if self.services.len() >= MAX_SERVICES {
-            return Err(io::Error::other("too many services"));
-        }
-        let slot = self.services.len();
-        self.services.push(ServiceSlot {
-            service: None,
-            name: service.name().into(),
-            timer: None,
-            wakes: 0,
-        });
-        let now = self.now;
-        let result = service.start(&mut ServiceContext {
-            ctx: Context { core: self, now },
-            slot,
-        });
-        match result {
-            Ok(()) => {
-                self.services[slot].service = Some(service);
-                Ok(ServiceId(slot))
-            }
-            Err(e) => {
-                // Leave no trace: its subscriptions and timer go with it. The slot stays
-                // (empty) so ids are never reused.
-                if let Some(t) = self.services[slot].timer.take() {
-                    self.timers.cancel(t);
-                }
-                self.bus
-                    .remove_where(|t| matches!(t, Target::Service(s) if *s == slot));
-                Err(e)
-            }
-        }
-    }
+/// The table of hosted services (one slot per service ever added: ids are never reused).
+#[derive(Default)]
+pub(crate) struct Services {
+    slots: Vec<ServiceSlot>,
+}
 
-    /// Runs `f` with the service in `slot` taken out of its slot (absent or busy: skipped).
-    pub(crate) fn with_service<F>(&mut self, slot: usize, f: F)
-    where
-        F: FnOnce(&mut dyn Service, &mut ServiceContext<'_>),
-    {
-        let Some(mut service) = self.services.get_mut(slot).and_then(|s| s.service.take()) else {
-            return;
-        };
-        let now = self.now;
-        f(
-            &mut *service,
-            &mut ServiceContext {
-                ctx: Context { core: self, now },
-                slot,
-            },
-        );
-        self.services[slot].service = Some(service);
-    }
-
-    /// A service's timer fired.
-    pub(crate) fn service_timer(&mut self, slot: usize) {
-        if let Some(s) = self.services.get_mut(slot) {
-            s.timer = None;
-        }
-        self.with_service(slot, |s, ctx| s.on_timer(ctx));
-    }
-
-    /// Hands the readiness events of this turn to their services.
-    pub(crate) fn service_io(&mut self, events: &mio::Events) {
-        for event in events.iter() {
-            if let Some((slot, local)) = service_of(event.token()) {
-                self.with_service(slot, |s, ctx| s.on_io(ctx, local, event));
-            }
-        }
-    }
-
+impl Services {
     /// The name of the service in `slot` (empty if there is none).
-    pub(crate) fn service_name(&self, slot: usize) -> &str {
-        self.services.get(slot).map_or("", |s| &s.name)
+    pub(crate) fn name(&self, slot: usize) -> &str {
+        self.slots.get(slot).map_or("", |s| &s.name)
     }
 
-    /// Counts a turn under its cause (and under its service when a service's wake-up).
-    pub(crate) fn count_turn(&mut self, cause: super::turns::Cause) {
-        self.stats.woken.count(cause);
-        if let super::turns::Cause::Deadline(super::turns::Owner::Service(slot)) = cause {
-            if let Some(s) = self.services.get_mut(slot) {
-                s.wakes += 1;
-            }
+    /// Counts a turn that the wake-up of the service in `slot` woke.
+    pub(crate) fn count_wake(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.wakes += 1;
         }
     }
 
     /// (name, turns woken) of every service slot, in order.
-    pub(crate) fn service_wakes(&self) -> Vec<(String, u64)> {
-        self.services
+    pub(crate) fn wakes(&self) -> Vec<(String, u64)> {
+        self.slots
             .iter()
             .map(|s| (s.name.to_string(), s.wakes))
             .collect()
     }
+}
 
-    /// Stops every service (the platform is going away).
-    pub(crate) fn stop_services(&mut self) {
-        for slot in 0..self.services.len() {
-            self.with_service(slot, |s, ctx| s.stop(ctx));
+/// Adds and starts a service.
+pub(crate) fn add(core: &mut Core, mut service: Box<dyn Service>) -> io::Result<ServiceId> {
+    if core.services.slots.len() >= MAX_SERVICES {
+        return Err(io::Error::other("too many services"));
+    }
+    let slot = core.services.slots.len();
+    core.services.slots.push(ServiceSlot {
+        service: None,
+        name: service.name().into(),
+        timer: None,
+        wakes: 0,
+    });
+    let now = core.now;
+    let result = service.start(&mut ServiceContext {
+        ctx: Context { core, now },
+        slot,
+    });
+    match result {
+        Ok(()) => {
+            core.services.slots[slot].service = Some(service);
+            Ok(ServiceId(slot))
         }
+        Err(e) => {
+            // Leave no trace: its subscriptions and timer go with it. The slot stays
+            // (empty) so ids are never reused.
+            if let Some(t) = core.services.slots[slot].timer.take() {
+                core.timers.cancel(t);
+            }
+            core.bus
+                .remove_where(|t| matches!(t, Target::Service(s) if *s == slot));
+            Err(e)
+        }
+    }
+}
+
+/// Runs `f` with the service in `slot` taken out of its slot (absent or busy: skipped).
+pub(crate) fn with_service<F>(core: &mut Core, slot: usize, f: F)
+where
+    F: FnOnce(&mut dyn Service, &mut ServiceContext<'_>),
+{
+    let Some(mut service) = core
+        .services
+        .slots
+        .get_mut(slot)
+        .and_then(|s| s.service.take())
+    else {
+        return;
+    };
+    let now = core.now;
+    f(
+        &mut *service,
+        &mut ServiceContext {
+            ctx: Context { core, now },
+            slot,
+        },
+    );
+    core.services.slots[slot].service = Some(service);
+}
+
+/// The timer of the service in `slot` fired.
+pub(crate) fn on_timer(core: &mut Core, slot: usize) {
+    if let Some(s) = core.services.slots.get_mut(slot) {
+        s.timer = None;
+    }
+    with_service(core, slot, |s, ctx| s.on_timer(ctx));
+}
+
+/// Hands the readiness events of this turn to their services.
+pub(crate) fn on_io(core: &mut Core, events: &mio::Events) {
+    for event in events.iter() {
+        if let Some((slot, local)) = service_of(event.token()) {
+            with_service(core, slot, |s, ctx| s.on_io(ctx, local, event));
+        }
+    }
+}
+
+/// Stops every service (the platform is going away).
+pub(crate) fn stop_all(core: &mut Core) {
+    for slot in 0..core.services.slots.len() {
+        with_service(core, slot, |s, ctx| s.stop(ctx));
     }
 }
 

@@ -9,15 +9,26 @@
 //!    timeout (and not at all when work is already pending, or when the timeout is zero);
 //! 2. takes the commands queued by handles (only as many as the local queue has room for: the
 //!    rest wait in the handle channel, whose senders see `BufferFull` when it fills up);
-//! 3. fires due timers (a timer scheduled while timers fire waits for the next turn), and reads
-//!    the frames that arrived from other nodes into the delivery queue;
+//! 3. fires due timers (a timer scheduled while timers fire waits for the next turn), runs the
+//!    services' socket events and timers, and runs the connection manager's receiving pass:
+//!    the listeners' events, and the frames that arrived from other nodes read into the
+//!    delivery queue (each connection with input read once);
 //! 4. delivers the messages that were queued when delivery began, in send order; what the
 //!    callbacks send is queued and delivered in a later turn, so a callback never runs inside
-//!    `send` and two callbacks that answer each other cannot starve the loop;
-//! 5. runs the connection manager: connection set-up, writes what was sent to other nodes into
-//!    their CurveCP streams, settles acknowledged messages, sends packets, runs delivery
-//!    callbacks (see [`connections`]);
+//!    `send` and two callbacks that answer each other cannot starve the loop; then the ids of
+//!    delivered messages that wait for a delivery acknowledgement are stored and their
+//!    acknowledgements queued;
+//! 5. runs the connection manager's pump: its due timers, connection set-up, writes what was
+//!    sent to other nodes into their CurveCP streams (each dirty connection visited once),
+//!    settles acknowledged messages, sends packets; then publishes our nodeInfo if our
+//!    endpoints changed and runs the delivery callbacks whose outcome is known (see
+//!    [`connections`]);
 //! 6. hands the turn's events to event callbacks, event channels and the event batch.
+//!
+//! The platform calls the connection manager only when it has transports, each time with a
+//! narrow context (the turn's time, storage, key cache, circles, counters, room in the
+//! delivery queue), and applies what it hands back (messages to deliver, built-in messages
+//! to publish, events) in order once the call returns.
 //!
 //! Each turn is counted in [`Stats::turns`] and, under what woke it, in [`Stats::woken`] (see
 //! [`turns`]); in debug builds a run of turns woken by a deadline already past that did nothing
@@ -119,6 +130,7 @@ mod events;
 mod handle;
 mod host;
 mod message;
+mod node_info;
 mod peer_memory;
 mod timers;
 pub mod turns;
@@ -129,7 +141,9 @@ pub use connections::{ConnectionStats, DeliveryCallback, DeliveryError, NetConfi
 pub use directory::{Directory, NodeInfo};
 pub use events::Event;
 pub use handle::Handle;
-pub use host::{ServiceContext, ServiceId, MAX_SERVICES, SERVICE_TOKEN_BASE, SERVICE_TOKEN_BLOCK};
+pub use host::{
+    Service, ServiceContext, ServiceId, MAX_SERVICES, SERVICE_TOKEN_BASE, SERVICE_TOKEN_BLOCK,
+};
 pub use message::{Address, Message, MessageId, Scope, SendOptions, SendStatus, ToAddress};
 pub use timers::TimerId;
 pub use turns::Woken;
@@ -146,12 +160,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::{Poll, Token, Waker};
 
-use crate::api::{Codec, Messaging, ProtocolApi, RawCodec};
 use crate::bus::{Bus, Match, SubscriptionId};
 use crate::identity::{BoxId, Identity, IdentityError, KeyCache, SignId};
-use crate::services::Service;
 use crate::storage::{MemStore, Storage};
 use circles::Circle;
+use connections::{Cx, Output};
 use handle::{Command, Outgoing, Shared};
 use timers::Timers;
 use turns::{Cause, Owner, SpinWatch};
@@ -471,19 +484,18 @@ impl PlatformBuilder {
                     Arc::new(move |k| allowed.contains(&BoxId(*k)));
                 policy
             });
-            let net = connections::Net::bind(
-                self.net,
+            let args = connections::BindArgs {
                 registry,
-                Token(LISTENER_TOKEN_BASE),
-                identity.box_keypair().clone(),
-                identity.sign_id(),
-                &listen,
-                &mut *storage,
-                self.directory,
+                base: Token(LISTENER_TOKEN_BASE),
+                our_box: identity.box_keypair().clone(),
+                our_sign: identity.sign_id(),
+                listen: &listen,
+                storage: &mut *storage,
+                custom_dir: self.directory,
                 accept,
                 now,
-            )
-            .map_err(BuildError::Io)?;
+            };
+            let net = connections::Net::bind(self.net, args).map_err(BuildError::Io)?;
             connection_info = crate::transport::connection_info::to_json(net.published_endpoints());
             Some(net)
         } else {
@@ -508,8 +520,9 @@ impl PlatformBuilder {
             connection_info,
             match_buf: Vec::new(),
             net,
+            net_out: Vec::new(),
             registry: service_registry,
-            services: Vec::new(),
+            services: host::Services::default(),
         };
         core.pending_events.push_back(Event::Ready);
         core.publish_local("friends.updateRequest", &serde_json::json!({}));
@@ -525,8 +538,7 @@ impl PlatformBuilder {
             .schedule(now + BOOTSTRAP_INTERVAL, TimerAction::RequestBootstrap);
         for service in self.services {
             let name = service.name().to_owned();
-            core.add_service(service)
-                .map_err(|error| BuildError::Service { name, error })?;
+            host::add(&mut core, service).map_err(|error| BuildError::Service { name, error })?;
         }
         Ok(Platform {
             poll,
@@ -559,10 +571,13 @@ pub(crate) struct Core {
     now: Instant,
     connection_info: serde_json::Value,
     match_buf: Vec<Match>,
+    /// The connection manager (`None` without transports).
     net: Option<connections::Net>,
+    /// The connection manager's outputs of the current call (kept for its capacity).
+    net_out: Vec<Output>,
     /// Where services register their sockets (a clone of the poll's registry).
     registry: mio::Registry,
-    services: Vec<host::ServiceSlot>,
+    services: host::Services,
 }
 
 impl Core {
@@ -594,7 +609,12 @@ impl Core {
             if protocol.len() + topic.len() + len > self.limits.max_message_size {
                 return SendStatus::TooLarge;
             }
-            return self.send_remote_written(d, &protocol, topic, len, options, write);
+            let now = Instant::now();
+            return self
+                .with_net(|n, cx| {
+                    n.send_remote_written(cx, d, &protocol, topic, len, options, write, now)
+                })
+                .unwrap_or(SendStatus::NoTransport);
         }
         let mut payload = Vec::with_capacity(len);
         if !write(&mut payload) {
@@ -638,7 +658,8 @@ impl Core {
             remote => {
                 let frame_len =
                     crate::envelope::Envelope::frame_len(topic.len(), protocol.len(), payload_len);
-                self.remote_queue_full(remote, frame_len)
+                self.with_net(|n, cx| n.remote_queue_full(cx, remote, frame_len))
+                    .unwrap_or(false)
                     .then_some(SendStatus::BufferFull)
             }
         }
@@ -662,7 +683,12 @@ impl Core {
             return SendStatus::TooLarge;
         }
         if !self.is_own_address(&dest) {
-            return self.send_remote(dest, protocol, topic, payload, options, callback);
+            let now = Instant::now();
+            return self
+                .with_net(|n, cx| {
+                    n.send_remote(cx, dest, protocol, topic, payload, options, callback, now)
+                })
+                .unwrap_or(SendStatus::NoTransport);
         }
         if self.queue.len() >= self.limits.local_queue {
             return SendStatus::BufferFull;
@@ -679,6 +705,138 @@ impl Core {
             id: None,
         });
         SendStatus::Queued
+    }
+
+    /// Counts a turn under its cause (and under its service when a service's wake-up).
+    fn count_turn(&mut self, cause: Cause) {
+        self.stats.woken.count(cause);
+        if let Cause::Deadline(Owner::Service(slot)) = cause {
+            self.services.count_wake(slot);
+        }
+    }
+
+    /// Calls the connection manager (when the platform has one) with its context
+    /// ([`connections::Cx`]), then applies, in order, what it handed back.
+    fn with_net<R>(
+        &mut self,
+        f: impl FnOnce(&mut connections::Net, &mut Cx<'_>) -> R,
+    ) -> Option<R> {
+        let net = self.net.as_mut()?;
+        let mut out = std::mem::take(&mut self.net_out);
+        let room = self.limits.local_queue.saturating_sub(self.queue.len());
+        let mut cx = Cx::new(
+            self.now,
+            &mut *self.storage,
+            &mut self.keys,
+            &self.circles,
+            &mut self.stats,
+            room,
+            &mut out,
+        );
+        let r = f(net, &mut cx);
+        for o in out.drain(..) {
+            match o {
+                Output::Deliver(msg) => self.queue.push_back(msg),
+                Output::Publish(topic, key) => {
+                    self.publish_local(topic, &serde_json::Value::String(key))
+                }
+                Output::Emit(event) => self.emit(event),
+            }
+        }
+        self.net_out = out;
+        Some(r)
+    }
+
+    /// The connection manager's receiving pass, before the turn's deliveries.
+    fn net_receive(&mut self) {
+        self.with_net(|n, cx| n.receive(cx));
+    }
+
+    /// The delivery acknowledgements due after the turn's deliveries.
+    fn settle_acks(&mut self) {
+        let clock = Instant::now();
+        self.with_net(|n, cx| n.settle_acks(cx, clock));
+    }
+
+    /// The connection manager's pump, after the turn's deliveries; then our nodeInfo if our
+    /// endpoints changed, and the delivery callbacks whose outcome is known.
+    fn net_pump(&mut self) {
+        self.with_net(|n, cx| n.pump(cx));
+        self.sync_node_info();
+        self.run_fired();
+    }
+
+    /// Publishes our nodeInfo if the connection manager's endpoints changed.
+    fn sync_node_info(&mut self) {
+        let Some(net) = self.net.as_mut() else { return };
+        if !net.take_endpoints_changed() {
+            return;
+        }
+        self.connection_info =
+            crate::transport::connection_info::to_json(net.published_endpoints());
+        let info = self.node_info();
+        self.publish_local("transports.myNodeInfo", &info);
+        self.emit(Event::MyNodeInfo(info));
+    }
+
+    /// Runs the delivery callbacks whose outcome the connection manager knows.
+    fn run_fired(&mut self) {
+        let Some(net) = self.net.as_mut() else { return };
+        let now = self.now;
+        for (cb, r) in net.take_fired() {
+            cb(&mut Context { core: self, now }, r);
+        }
+    }
+
+    /// Registers a callback to run (with `Ok`) after the current turn's deliveries (at once
+    /// without a connection manager).
+    fn fire_local(&mut self, callback: DeliveryCallback) {
+        match self.net.as_mut() {
+            Some(net) => net.fire_local(callback),
+            None => {
+                let now = self.now;
+                callback(&mut Context { core: self, now }, Ok(()));
+            }
+        }
+    }
+
+    /// A `self.transports.nodeInfo` message; `false` if it is refused.
+    fn on_node_info(&mut self, payload: &[u8]) -> bool {
+        let Some(info) = connections::parse_node_info(payload, &mut self.keys) else {
+            return false;
+        };
+        if info.sign_id != self.identity.sign_id() {
+            self.with_net(|n, cx| n.learn_node_info(cx, info));
+        }
+        true
+    }
+
+    /// A `self.directory.getReply` message; `false` if it is refused.
+    fn on_directory_reply(&mut self, payload: &[u8]) -> bool {
+        let Some((b, s)) = connections::parse_directory_reply(payload, &mut self.keys) else {
+            return false;
+        };
+        self.with_net(|n, cx| n.learn_reverse(cx, b, s));
+        true
+    }
+
+    /// The signId of a box key if known; otherwise `self.directory.get` is published.
+    fn resolve_box_id(&mut self, b: &BoxId) -> Option<SignId> {
+        self.with_net(|n, cx| n.resolve_box_id(cx, b)).flatten()
+    }
+
+    /// A message from another node was handed to its subscribers (its delivery may be
+    /// acknowledged).
+    fn message_dispatched(&mut self, sender: &Address, id: MessageId) {
+        let b = match sender {
+            Address::Node(s) => self.keys.box_id(s),
+            Address::Box(b) => Some(*b),
+            Address::Local => None,
+        };
+        if let Some(b) = b {
+            let clock = Instant::now();
+            self.with_net(|n, cx| n.message_dispatched(cx, b, id, clock));
+        }
     }
 
     fn publish_local(&mut self, topic: &str, value: &serde_json::Value) {
@@ -804,7 +962,7 @@ impl Core {
                 }
                 Target::Service(slot) => {
                     self.stats.deliveries += 1;
-                    self.with_service(slot, |s, ctx| s.on_message(ctx, &msg));
+                    host::with_service(self, slot, |s, ctx| s.on_message(ctx, &msg));
                     if !once {
                         self.bus.restore(id, Target::Service(slot));
                     }
@@ -834,7 +992,9 @@ impl Core {
         if self.wants_message_events() {
             self.emit(Event::Message(msg));
         } else {
-            self.recycle_payload(msg.payload);
+            if let Some(net) = self.net.as_mut() {
+                net.recycle_payload(msg.payload, self.now);
+            }
         }
     }
 
@@ -894,10 +1054,7 @@ impl Core {
                         .schedule(self.now + NODE_INFO_INTERVAL, TimerAction::PublishNodeInfo);
                 }
                 TimerAction::RequestBootstrap => {
-                    let connected = self
-                        .net
-                        .as_ref()
-                        .is_some_and(|n| !n.connections().is_empty());
+                    let connected = self.net.as_ref().is_some_and(|n| n.has_connections());
                     if !connected {
                         self.publish_local(
                             "transports.requestBootstrapNodeInfo",
@@ -907,7 +1064,7 @@ impl Core {
                     self.timers
                         .schedule(self.now + BOOTSTRAP_INTERVAL, TimerAction::RequestBootstrap);
                 }
-                TimerAction::Service(slot) => self.service_timer(slot),
+                TimerAction::Service(slot) => host::on_timer(self, slot),
             }
         }
     }
@@ -1093,21 +1250,6 @@ macro_rules! shared_methods {
             self.core_mut().bus.remove(id)
         }
 
-        /// The JSON messaging API (protocol `ms`).
-        pub fn messaging(&mut self) -> Messaging<'_> {
-            Messaging::new(self.core_mut())
-        }
-
-        /// The torrenting API (protocol `bt`, raw bytes).
-        pub fn torrenting(&mut self) -> ProtocolApi<'_, RawCodec> {
-            ProtocolApi::new(self.core_mut(), RawCodec::new("bt"))
-        }
-
-        /// A user-defined protocol API with its own codec.
-        pub fn api<C: Codec + Clone>(&mut self, codec: C) -> ProtocolApi<'_, C> {
-            ProtocolApi::new(self.core_mut(), codec)
-        }
-
         /// Runs `callback` on the reactor's thread once `delay` has passed (in the first turn at
         /// or after that time).
         ///
@@ -1159,7 +1301,8 @@ impl Context<'_> {
         self.core
     }
 
-    fn core_mut(&mut self) -> &mut Core {
+    /// The core (also for the protocol APIs' accessors in [`crate::api`]).
+    pub(crate) fn core_mut(&mut self) -> &mut Core {
         self.core
     }
 
@@ -1218,7 +1361,8 @@ impl Platform {
         &self.core
     }
 
-    fn core_mut(&mut self) -> &mut Core {
+    /// The core (also for the protocol APIs' accessors in [`crate::api`]).
+    pub(crate) fn core_mut(&mut self) -> &mut Core {
         &mut self.core
     }
 
@@ -1281,7 +1425,7 @@ impl Platform {
     fn owner_name(&self, owner: Owner) -> String {
         match owner {
             Owner::Timers => "the platform's timers".into(),
-            Owner::Service(slot) => format!("service {:?}", self.core.service_name(slot)),
+            Owner::Service(slot) => format!("service {:?}", self.core.services.name(slot)),
             Owner::Connections => "the connection manager".into(),
         }
     }
@@ -1289,7 +1433,7 @@ impl Platform {
     /// Which hosted service's wake-ups woke how many turns (name, turns), in the order the
     /// services were added. Their sum is [`Woken::services`] in [`Stats::woken`].
     pub fn service_wakes(&self) -> Vec<(String, u64)> {
-        self.core.service_wakes()
+        self.core.services.wakes()
     }
 
     /// When the reactor next needs a turn: now if work is pending, else the next timer.
@@ -1355,7 +1499,7 @@ impl Platform {
         self.take_commands();
         self.core.fire_timers();
         if service_events {
-            self.core.service_io(&self.events);
+            host::on_io(&mut self.core, &self.events);
         }
         self.core.net_receive();
         let n = self.core.queue.len();
@@ -1430,7 +1574,7 @@ impl Platform {
     /// remains.
     pub fn add_service(&mut self, service: impl Service + 'static) -> io::Result<ServiceId> {
         self.core.now = Instant::now();
-        self.core.add_service(Box::new(service))
+        host::add(&mut self.core, Box::new(service))
     }
 
     /// Runs turns until [`Platform::shutdown`] (or a handle's or callback's shutdown).
@@ -1566,7 +1710,7 @@ impl Platform {
 
 impl Drop for Core {
     fn drop(&mut self) {
-        self.stop_services();
+        host::stop_all(self);
         if let Some(net) = self.net.as_mut() {
             net.save(&mut *self.storage);
         }

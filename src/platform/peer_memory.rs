@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::directory::NodeInfo;
+use super::node_info::NodeInfo;
 use crate::crypto::{checksum, to_hex, CHECKSUM_LEN};
 use crate::identity::{BoxId, KeyCache, SignId};
 use crate::storage::Storage;

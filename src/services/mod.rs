@@ -111,43 +111,4 @@ pub mod mainline;
 #[cfg(feature = "mdns")]
 pub mod mdns;
 
-use std::io;
-
-use crate::platform::Message;
-pub use crate::platform::{ServiceContext, ServiceId};
-
-/// A service: a bus client with its own sockets and timer, driven by the platform's reactor.
-/// See the [module docs](self) for how and when its methods run.
-pub trait Service {
-    /// A short name, used as the source tag of the nodeInfo it publishes
-    /// ([`crate::Event::NodeInfo`]) and in logs (`mdns`, `bootstrap`, `kademlia`, ...).
-    fn name(&self) -> &str;
-
-    /// Runs once, when the service is added: open and register sockets, subscribe, set the
-    /// first wake-up. An error is returned by the call that added the service (which then
-    /// keeps no trace of it).
-    fn start(&mut self, ctx: &mut ServiceContext<'_>) -> io::Result<()>;
-
-    /// A message matching one of the service's subscriptions ([`ServiceContext::subscribe`]).
-    fn on_message(&mut self, ctx: &mut ServiceContext<'_>, msg: &Message) {
-        let _ = (ctx, msg);
-    }
-
-    /// Readiness of a source the service registered as `local` (its index within the service's
-    /// token block). The poll is edge-triggered: read until `WouldBlock` or ask for a turn.
-    fn on_io(&mut self, ctx: &mut ServiceContext<'_>, local: usize, event: &mio::event::Event) {
-        let _ = (ctx, local, event);
-    }
-
-    /// The instant set with [`ServiceContext::set_wake`] has come (the wake-up is cleared
-    /// before this runs).
-    fn on_timer(&mut self, ctx: &mut ServiceContext<'_>) {
-        let _ = ctx;
-    }
-
-    /// The platform is going away: persist what should survive a restart. Sends made here are
-    /// never delivered.
-    fn stop(&mut self, ctx: &mut ServiceContext<'_>) {
-        let _ = ctx;
-    }
-}
+pub use crate::platform::{Service, ServiceContext, ServiceId};

@@ -1,13 +1,22 @@
 //! The connection manager's settings ([`NetConfig`]) and what it reports to the application:
 //! delivery outcomes ([`DeliveryError`]) and per-connection statistics ([`ConnectionStats`]).
 
-use super::*;
+use std::fmt;
+use std::time::Duration;
+
+use super::MAX_OFFLINE_EXPIRY;
+use crate::envelope::DEFAULT_MAX_FRAME;
+use crate::identity::SignId;
+use crate::offline::{OfflineLimits, DEFAULT_DEDUP_PER_PEER};
+use crate::platform::Context;
+use crate::transport::driver::ServerDriverLimits;
+use crate::transport::TransportKind;
 
 /// Settings of the connection manager (timeouts and bounds); every field has a default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NetConfig {
     /// Run listeners and connect to other nodes (default `true`). Without, remote sends return
-    /// [`SendStatus::NoTransport`].
+    /// [`crate::SendStatus::NoTransport`].
     pub enabled: bool,
     /// A lookup with no answer fails after this long. Default 10 s.
     pub lookup_timeout: Duration,

@@ -2,7 +2,8 @@
 //! frames, bytes written into streams and not acknowledged, offline records, delivery
 //! acknowledgements to send ([`super::super::Platform::close`] waits for all of it).
 
-use super::*;
+use super::{stream_ref, Net};
+use crate::curvecp::stream::Stream;
 
 /// What is not yet acknowledged by the peers (see the module docs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -3,11 +3,24 @@
 //!
 //! # Files
 //!
-//! This module holds the state (`Net`, `Conn`, `Peer`) and its bookkeeping; the work is split
-//! by what it is about: `config` (settings and reports), `lifecycle` (connections coming
-//! and going), `sending` (queues, writes, acknowledgements), `receiving` (frames in, the
-//! directory's bus messages), `turn` (the event-driven turn tying them together) and `idle`
-//! (what is still unacknowledged, for [`super::Platform::close`]).
+//! The manager is one value, `Net`, owned by the platform's core, which calls it (when the
+//! platform has transports) with a narrow context, `Cx` (`context`): the turn's `now`, the
+//! storage, the key cache, the circles, the counters it updates and the room left in the local
+//! delivery queue. What it has for the platform it hands back as outputs (`Output`: messages
+//! to deliver, built-in messages to publish, events), which the platform applies in order
+//! after each call; delivery callbacks wait in it until the platform takes them
+//! (`Net::take_fired`) and runs them with its `Context`. The platform knows nothing of
+//! connections, peers or frames.
+//!
+//! This module holds the state (`Net`, `Conn`, `Peer`, `Pending`) and its bookkeeping, and
+//! binds the listeners; the work is split by what it is about: `dialect` (everything that
+//! differs between native and JavaScript peers), `config` (settings and reports), `lifecycle`
+//! (connections coming and going, the one-connection-per-peer rule), `sending` (queues,
+//! writes, acknowledgements), `receiving` (frames in, delivery acknowledgements out, the
+//! directory's bus messages), `reach` (reachability: observed addresses, dial-back, relays,
+//! hole punching), `turn` (the two passes of a turn tying them together), `frame_pool`
+//! (spare large buffers) and `idle` (what is still unacknowledged, for
+//! [`super::Platform::close`]).
 //!
 //! # Listeners and connections
 //!
@@ -24,7 +37,8 @@
 //!
 //! # One connection per peer, identify
 //!
-//! Each side's first frame is `mm`/`identify` with its signId; the receiver checks that the
+//! (For a JavaScript peer, which speaks none of the `mm` frames below, see `dialect`.) Each
+//! side's first frame is `mm`/`identify` with its signId; the receiver checks that the
 //! signId converts to the long-term key CurveCP authenticated and closes the connection
 //! otherwise. Only then is the connection *active*: `Connection` fires, `transports.online` is
 //! published and queued messages flow. When two connections to one peer become active and were
@@ -63,19 +77,29 @@
 //! (docs/ARCHITECTURE.md §9); idle connections and peers cost nothing, and an idle node sleeps until its
 //! nearest real deadline.
 //!
-//! - *Dirty connections.* A connection is queued (once: a flag dedups it) for this turn's
-//!   visit when its socket had a readiness event (outgoing connections: their token), when
-//!   the listeners' server names it (`ServerEvent::Accepted`, `Readable`, `Writable`), when
-//!   the application queued frames for its peer, when it was demoted or closed by the
-//!   simultaneous-connect rule, or when its timer fired. A visit reads frames, writes the
-//!   partial frame and the peer's queue, settles acknowledged messages, flushes the driver,
-//!   ends it if its handshake or transport failed, and moves its timer to its next deadline.
-//!   `net_receive` reads the dirty connections before the turn's deliveries; `net_pump`
-//!   visits them after. A connection that stopped reading because the local delivery queue
-//!   is full waits in a list until the queue has room; one whose read budget ran out stays
-//!   dirty for the next turn. Server-side connections with unacknowledged tracked messages
-//!   are also checked when the listeners had input, because the server reports no event for
-//!   a bare acknowledgement.
+//! - *Two passes.* `Net::receive`, before the turn's deliveries, handles the listeners'
+//!   events once (accepted and closed connections; those with input) and reads each
+//!   *readable* connection once, so that what arrived is delivered in the same turn.
+//!   `Net::pump`, after the deliveries, fires due timers, connects wanted peers and visits
+//!   each *dirty* connection once, so that what the callbacks sent is written in the same
+//!   turn; it ends with the listeners' flush, whose events (packets read in the flush,
+//!   connections it closed) are handled at the start of the next turn's receiving pass, which
+//!   `Net::has_work` makes immediate.
+//! - *Readable connections.* A connection is queued (once: a flag dedups it) for the next
+//!   receiving pass when its socket had a readiness event (outgoing connections: their token),
+//!   when the listeners' server names it (`ServerEvent::Accepted`, `Readable`, `Writable`),
+//!   or when frame budget it waited for was released. A connection whose read stopped because
+//!   the local delivery queue is full (with those not reached because of it), or whose read
+//!   budget ran out, stays readable for the next turn; one whose frame does not fit the frame
+//!   budget waits for a release.
+//! - *Dirty connections.* A connection is queued (once) for this turn's pump when it was read,
+//!   when its socket had a readiness event, when the application queued frames for its peer,
+//!   when it was demoted or closed by the simultaneous-connect rule, or when its timer fired.
+//!   A visit identifies a JavaScript server whose handshake finished, writes the partial frame
+//!   and the peer's queue, settles acknowledged messages, flushes the driver, ends it if its
+//!   handshake or transport failed, and moves its timer to its next deadline. Server-side
+//!   connections with unacknowledged tracked messages are also checked when the listeners had
+//!   input, because the server reports no event for a bare acknowledgement.
 //! - *Deadlines* sit in one timer heap (`timers::Timers`; cancelled entries are invalidated
 //!   lazily): per connection the earliest of its client driver's deadline, the connect
 //!   timeout (until identified), the closing linger and the keepalive; per peer the retry
@@ -125,7 +149,7 @@
 //!
 //! Per destination at most [`NetConfig::peer_queue_messages`] messages and
 //! [`NetConfig::peer_queue_bytes`] bytes wait in memory, and [`NetConfig::send_queue_bytes`]
-//! for all destinations together (sends beyond return [`SendStatus::BufferFull`]; an empty
+//! for all destinations together (sends beyond return [`crate::SendStatus::BufferFull`]; an empty
 //! queue takes one message up to a maximal frame whatever the byte bounds); the offline buffer has its own bounds; connections are capped
 //! by [`NetConfig::max_connections`], of which [`NetConfig::reserved_outbound`] slots are
 //! kept from incoming connections of peers outside our friends and devices circles (any
@@ -151,6 +175,8 @@
 //! [`super::Stats::frame_bytes_peak`] reports the most bytes ever reserved at once.
 
 mod config;
+mod context;
+mod dialect;
 mod frame_pool;
 mod idle;
 mod lifecycle;
@@ -160,11 +186,10 @@ mod sending;
 mod turn;
 
 pub use config::{ConnectionStats, DeliveryCallback, DeliveryError, NetConfig};
-use sending::complete;
+pub(crate) use context::{Cx, Output};
+pub(crate) use receiving::{parse_directory_reply, parse_node_info};
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -172,41 +197,25 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mio::{Registry, Token};
 use slab::Slab;
 
-use super::directory::{Directory, DirectoryCache, Lookup, NodeInfo};
+use super::directory::{Directory, DirectoryCache};
 use super::timers::{TimerId, Timers};
-use super::{
-    Address, Context, Core, Event, Message, MessageId, SendOptions, SendStatus,
-    CONNECTION_TOKEN_BASE,
-};
+use super::{MessageId, CONNECTION_TOKEN_BASE};
 use crate::crypto::BoxKeyPair;
-use crate::curvecp::client::{ClientConfig, ClientState};
-use crate::curvecp::congestion;
 use crate::curvecp::server::{ClientPolicy, ConnectionId, ServerConfig, ServerEvent};
-use crate::curvecp::stream::{Eof, Stream, StreamConfig};
-use crate::envelope::{Envelope, FrameReader, DEFAULT_MAX_FRAME};
+use crate::curvecp::stream::{Stream, StreamConfig};
+use crate::envelope::{Envelope, FrameReader};
 use crate::identity::{BoxId, SignId};
-use crate::offline::{
-    AddError, Dedup, OfflineBuffer, OfflineLimits, RecordKey, DEFAULT_DEDUP_PER_PEER,
-};
+use crate::offline::{Dedup, OfflineBuffer, RecordKey};
 use crate::storage::Storage;
 use crate::transport::connection_info::{self, Endpoint};
-use crate::transport::driver::{NatEvent, Path, ServerDriverLimits};
-use crate::transport::{ClientDriver, Framing, ServerDriver, SourceKey, TransportKind};
+use crate::transport::{ClientDriver, ServerDriver, SourceKey, TransportKind};
+use dialect::{Body, Dialect};
 
 /// The longest an offline message may wait (docs/ARCHITECTURE.md §6).
 pub const MAX_OFFLINE_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The storage key of the listen addresses of the last run.
 pub const CONNECTION_INFO_KEY: &str = "connectionInfo";
 
-/// The largest frame read before the peer has identified itself (its identify frame is about
-/// 60 bytes): an unidentified peer must not make a connection buffer up to `max_frame` bytes.
-const IDENTIFY_MAX_FRAME: usize = 1024;
-/// Blocks to a JavaScript node over TCP go at least this far apart, at most
-/// [`JS_TCP_WINDOW`] in flight: its TCP reader takes one netstring per read and drops frames
-/// that arrive together (see `congestion::Gentle`).
-const JS_TCP_BLOCK_INTERVAL: Duration = Duration::from_millis(1);
-/// Blocks in flight to a JavaScript node over TCP.
-const JS_TCP_WINDOW: usize = 8;
 /// The de-duplication memory is written at most this often while messages arrive (messages
 /// that wait for a delivery acknowledgement have their ids written at the end of the turn that
 /// delivered them).
@@ -248,11 +257,26 @@ impl Track {
     }
 }
 
+/// A message waiting in a peer's queue.
 struct Pending {
-    frame: Vec<u8>,
+    body: Body,
+    /// The bytes it counts for in the queue bounds (its frame's length when it was queued).
+    len: usize,
     /// `None` for offline records (their expiry is the buffer's business).
     expires: Option<Instant>,
     track: Track,
+}
+
+impl Pending {
+    /// A frame encoded for `dialect`.
+    fn frame(frame: Vec<u8>, dialect: Dialect, expires: Option<Instant>, track: Track) -> Pending {
+        Pending {
+            len: frame.len(),
+            body: Body::Frame(frame, dialect),
+            expires,
+            track,
+        }
+    }
 }
 
 enum Link {
@@ -283,14 +307,14 @@ enum NetTimer {
     FramePool,
 }
 
-/// How far [`Core::read_conn`] got.
+/// How far [`Net::read_conn`] got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ReadOutcome {
     /// Everything readable was read (or the connection ended).
     Done,
     /// The local delivery queue is full: read the rest once it has room.
     Blocked,
-    /// The per-visit budget ran out with more to read: visit again next turn.
+    /// The per-visit budget ran out with more to read: read again next turn.
     More,
     /// The frame in progress does not fit in [`NetConfig::frame_budget`]: read again once
     /// reserved frame bytes are released (the connection waits in [`Net::budget_waiters`]).
@@ -299,25 +323,26 @@ enum ReadOutcome {
 
 struct Conn {
     link: Link,
-    /// In [`Net::dirty`] (visited this turn).
+    /// In [`Net::dirty`] (visited in this turn's pump).
     dirty: bool,
+    /// In [`Net::readable`] (read in the next receiving pass).
+    readable: bool,
     /// In [`Net::watch`] (unacknowledged tracked messages on a server-side stream).
     watched: bool,
     /// Its entry in the timer heap and the deadline it is for.
     timer: Option<(TimerId, Instant)>,
     kind: TransportKind,
-    /// The peer speaks the JavaScript nodes' compatibility framing (1tp): it sends and expects
-    /// no `mm` frames and no message ids, and is authenticated by CurveCP alone.
-    compat: bool,
+    /// What the peer speaks (see [`dialect`]).
+    dialect: Dialect,
     /// The peer is authenticated: its identify frame checked (native), or its CurveCP
-    /// handshake done (compat).
+    /// handshake done (JavaScript).
     identified: bool,
     /// The peer's identify announced delivery acknowledgements ([`DELIVERY_ACKS`]).
     peer_acks: bool,
     /// Offline records whose bytes the peer's stream acknowledged and that wait for its
     /// delivery acknowledgement (`peer_acks` only). Released if the connection ends first.
     awaiting: HashSet<RecordKey>,
-    /// `directory.get` was asked for this (compat) peer's signId.
+    /// `directory.get` was asked for this (JavaScript) peer's signId.
     asked_sign: bool,
     peer_box: BoxId,
     peer: Option<SignId>,
@@ -348,24 +373,19 @@ struct Conn {
 }
 
 impl Conn {
-    /// A connection that has not identified yet: a native one sends our identify frame first
-    /// and accepts only small frames until the peer's arrives; a compat one (a JavaScript
-    /// peer) sends nothing of the kind. Outgoing when `link` is a client driver.
+    /// A connection that has not identified yet: it writes its dialect's greeting first (our
+    /// identify frame, or nothing) and reads frames up to its dialect's first-frame limit
+    /// until the peer is identified. Outgoing when `link` is a client driver.
     fn new(
         link: Link,
-        (kind, compat): (TransportKind, bool),
+        (kind, dialect): (TransportKind, Dialect),
         peer_box: BoxId,
         inbound_from: Option<SourceKey>,
         (max_frame, identify): (usize, &[u8]),
         now: Instant,
     ) -> Conn {
-        let (first_max, identify) = if compat {
-            (max_frame, &[][..])
-        } else {
-            (IDENTIFY_MAX_FRAME.min(max_frame), identify)
-        };
         Conn {
-            compat,
+            dialect,
             identified: false,
             peer_acks: false,
             awaiting: HashSet::new(),
@@ -373,6 +393,7 @@ impl Conn {
             outbound: matches!(link, Link::Client(_)),
             link,
             dirty: false,
+            readable: false,
             watched: false,
             timer: None,
             kind,
@@ -382,11 +403,11 @@ impl Conn {
             closing: None,
             opened: now,
             last_write: now,
-            reader: FrameReader::new(first_max),
+            reader: FrameReader::new(dialect.first_frame_limit(max_frame)),
             reserved: 0,
             budget_wait: false,
             inbound_from,
-            partial: identify.to_vec(),
+            partial: dialect.greeting(identify).to_vec(),
             partial_pos: 0,
             partial_track: Track::default(),
             written: 0,
@@ -403,6 +424,9 @@ impl Conn {
 struct Peer {
     sign: Option<SignId>,
     conn: Option<usize>,
+    /// The dialect of its latest connection (`None`: never connected): what its queued
+    /// messages are encoded for.
+    dialect: Option<Dialect>,
     queue: VecDeque<Pending>,
     queued_bytes: usize,
     attempts: u32,
@@ -422,7 +446,7 @@ struct Peer {
     expiry_timer: Option<(TimerId, Instant)>,
 }
 
-/// The connection manager's state (owned by the platform's core).
+/// The connection manager's state (owned by the platform's core, called with a [`Cx`]).
 pub(crate) struct Net {
     /// Reachability: observed addresses, the relay we use, the endpoints we publish.
     reach: reach::Reach,
@@ -446,11 +470,15 @@ pub(crate) struct Net {
     timers: Timers<NetTimer>,
     /// Connections to visit in this turn's pump (socket events, application writes, timers).
     dirty: Vec<usize>,
+    /// Connections to read in the next receiving pass: socket input, a read cut short (the
+    /// local delivery queue full, the per-visit budget spent), room in the frame budget.
+    readable: Vec<usize>,
+    /// Server events raised by the listeners' flush at the end of a pump, handled at the start
+    /// of the next receiving pass.
+    server_backlog: VecDeque<ServerEvent>,
     /// Server-side connections with unacknowledged tracked messages (checked when the
     /// listeners had input: the server reports no event for a bare acknowledgement).
     watch: Vec<usize>,
-    /// Connections that stopped reading because the local delivery queue was full.
-    read_blocked: Vec<usize>,
     /// Frame bytes reserved by all connections (at most `frame_budget`).
     frame_used: usize,
     /// Bytes of frames waiting in all peers' queues (the sum of their `queued_bytes`; real-time
@@ -458,7 +486,7 @@ pub(crate) struct Net {
     queued_total: usize,
     /// `cfg.frame_budget`, raised to at least one maximal frame.
     frame_budget: usize,
-    /// Connections waiting for room in the frame budget (made dirty when some is released).
+    /// Connections waiting for room in the frame budget (made readable when some is released).
     budget_waiters: Vec<usize>,
     /// Incoming connections from strangers per source address (see `max_inbound_per_ip`).
     inbound_per_ip: HashMap<SourceKey, usize>,
@@ -500,10 +528,9 @@ fn wall_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn frame_of(env: &Envelope) -> Vec<u8> {
-    let mut out = Vec::with_capacity(env.encoded_len() + 12);
-    env.encode_frame(&mut out);
-    out
+/// The native frame of an `mm` message of ours.
+fn mm_frame(topic: &str, payload: Vec<u8>) -> Vec<u8> {
+    Dialect::Native.frame_of(&Envelope::new(topic, "mm", payload))
 }
 
 fn stream_of<'a>(server: &'a mut ServerDriver, link: &'a mut Link) -> Option<&'a mut Stream> {
@@ -520,74 +547,51 @@ fn stream_ref<'a>(server: &'a ServerDriver, link: &'a Link) -> Option<&'a Stream
     }
 }
 
+/// What [`Net::bind`] needs besides the settings.
+pub(crate) struct BindArgs<'a> {
+    /// Where the listeners' sockets are registered.
+    pub(crate) registry: Registry,
+    /// The listeners' first token.
+    pub(crate) base: Token,
+    /// Our box key pair (the CurveCP long-term key).
+    pub(crate) our_box: BoxKeyPair,
+    /// Our signId (announced in our identify frame).
+    pub(crate) our_sign: SignId,
+    /// The requested endpoints (first UDP and first TCP used).
+    pub(crate) listen: &'a [Endpoint],
+    /// The store of the offline buffer, de-duplication memory and remembered peers.
+    pub(crate) storage: &'a mut dyn Storage,
+    /// The application's directory, asked before the bus.
+    pub(crate) custom_dir: Option<Box<dyn Directory>>,
+    /// Which clients the listeners accept (`None`: any).
+    pub(crate) accept: Option<ClientPolicy>,
+    /// The time of the build.
+    pub(crate) now: Instant,
+}
+
 impl Net {
-    /// Binds the listeners. `listen` are the requested endpoints (first UDP and first TCP used).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn bind(
-        cfg: NetConfig,
-        registry: Registry,
-        base: Token,
-        our_box: BoxKeyPair,
-        our_sign: SignId,
-        listen: &[Endpoint],
-        storage: &mut dyn Storage,
-        custom_dir: Option<Box<dyn Directory>>,
-        accept: Option<ClientPolicy>,
-        now: Instant,
-    ) -> io::Result<Net> {
-        let udp = listen
-            .iter()
-            .find(|e| e.kind == TransportKind::Udp)
-            .map(|e| e.addr);
-        let tcp = listen
-            .iter()
-            .find(|e| e.kind == TransportKind::Tcp)
-            .map(|e| e.addr);
-        let stream = StreamConfig {
-            dead_after: cfg.dead_after,
-            ..StreamConfig::server()
-        };
-        let mut config = ServerConfig::with_stream(our_box.clone(), stream);
-        config.accept_client = accept;
-        let limits = cfg.listener_limits;
-        let bind = |config, udp, tcp| {
-            ServerDriver::bind_with_limits(&registry, base, config, udp, tcp, limits, now)
-        };
-        let server = match bind(config.clone(), udp, tcp) {
-            Ok(s) => s,
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-                // A stored port may be taken now: take any port on the same addresses.
-                log::debug!("listen addresses in use ({e}); binding OS-chosen ports");
-                let any = |a: Option<SocketAddr>| a.map(|a| SocketAddr::new(a.ip(), 0));
-                bind(config, any(udp), any(tcp))?
-            }
-            Err(e) => return Err(e),
-        };
-        let mut endpoints = Vec::new();
-        let mut server = server;
-        if let Some(limits) = cfg.relay {
-            server.enable_relay(limits);
-        }
-        if let Some(a) = server.udp_addr() {
-            let mut e = Endpoint::native(TransportKind::Udp, a);
-            e.offers_relay = cfg.relay.is_some();
-            endpoints.push(e);
-        }
-        if let Some(a) = server.tcp_addr() {
-            endpoints.push(Endpoint::native(TransportKind::Tcp, a));
-        }
-        let stored = serde_json::to_vec(&connection_info::to_json(&endpoints)).unwrap_or_default();
-        if storage.get(CONNECTION_INFO_KEY).ok().flatten().as_deref() != Some(&stored[..]) {
-            if let Err(e) = storage.put(CONNECTION_INFO_KEY, &stored) {
-                log::debug!("could not store the listen addresses: {e}");
-            }
-        }
+    /// Binds the listeners and opens the offline buffer, the de-duplication memory and the
+    /// directory's memory of peers.
+    pub(crate) fn bind(cfg: NetConfig, args: BindArgs<'_>) -> io::Result<Net> {
+        let BindArgs {
+            registry,
+            base,
+            our_box,
+            our_sign,
+            listen,
+            storage,
+            custom_dir,
+            accept,
+            now,
+        } = args;
+        let server = bind_listeners(&cfg, &registry, base, &our_box, listen, accept, now)?;
+        let endpoints = bound_endpoints(&cfg, &server);
+        store_listen_addresses(storage, &endpoints);
         let offline = OfflineBuffer::open(storage, cfg.offline, wall_ms());
-        let identify = frame_of(&Envelope {
+        let identify = Dialect::Native.frame_of(&Envelope {
             id: Some(DELIVERY_ACKS.to_vec()),
             ..Envelope::new("identify", "mm", our_sign.to_string().into_bytes())
         });
-        let ping = frame_of(&Envelope::new("ping", "mm", Vec::new()));
         let mut timers = Timers::default();
         // Records of the last run: retried (and expired) at once.
         let offline_timer =
@@ -610,11 +614,12 @@ impl Net {
             callbacks: Slab::new(),
             fired: Vec::new(),
             identify,
-            ping,
+            ping: mm_frame("ping", Vec::new()),
             timers,
             dirty: Vec::new(),
+            readable: Vec::new(),
+            server_backlog: VecDeque::new(),
             watch: Vec::new(),
-            read_blocked: Vec::new(),
             frame_used: 0,
             queued_total: 0,
             frame_budget: cfg
@@ -640,7 +645,7 @@ impl Net {
     }
 
     /// Hands a readiness event to the driver it belongs to; an outgoing connection's event
-    /// makes it dirty (visited in this turn's pump).
+    /// makes it readable and dirty (read in this turn's receiving pass, visited in its pump).
     pub(crate) fn handle_event(&mut self, event: &mio::event::Event, now: Instant) {
         let t = event.token();
         if t.0 >= CONNECTION_TOKEN_BASE {
@@ -648,10 +653,8 @@ impl Net {
             if let Some(c) = self.conns.get_mut(k) {
                 if let Link::Client(d) = &mut c.link {
                     d.handle_event(&self.registry, event, now);
-                    if !c.dirty {
-                        c.dirty = true;
-                        self.dirty.push(k);
-                    }
+                    self.mark_readable(k);
+                    self.mark_dirty(k);
                 }
             }
         } else if self.server.owns(t) {
@@ -671,11 +674,14 @@ impl Net {
         }
     }
 
-    /// Whether the next turn has work at once: dirty connections, wanted peers, completed
-    /// deliveries waiting for their callbacks.
+    /// Whether the next turn has work at once: connections to read or visit, server events
+    /// left from the last flush, wanted peers, completed deliveries waiting for their
+    /// callbacks.
     pub(crate) fn has_work(&self) -> bool {
         !self.fired.is_empty()
             || !self.dirty.is_empty()
+            || !self.readable.is_empty()
+            || !self.server_backlog.is_empty()
             || !self.want.is_empty()
             || !self.released.is_empty()
             || (!self.acks_due.is_empty() && !self.ack_store_failed)
@@ -700,6 +706,16 @@ impl Net {
         }
     }
 
+    /// Queues connection `k` for the next receiving pass (once).
+    fn mark_readable(&mut self, k: usize) {
+        if let Some(c) = self.conns.get_mut(k) {
+            if !c.readable {
+                c.readable = true;
+                self.readable.push(k);
+            }
+        }
+    }
+
     /// Gives `bytes` of the frame budget back and wakes the connections waiting for it.
     fn release_frame_bytes(&mut self, bytes: usize) {
         if bytes == 0 {
@@ -710,12 +726,12 @@ impl Net {
             if let Some(c) = self.conns.get_mut(k) {
                 c.budget_wait = false;
             }
-            self.mark_dirty(k);
+            self.mark_readable(k);
         }
     }
 
     /// Undoes everything that refers to connection `k` outside the slab, once it has been
-    /// taken out of it: its timer, its places in the watch and read-blocked lists, its shares
+    /// taken out of it: its timer, its places in the watch and readable lists, its shares
     /// of the per-address and frame budgets, and its CurveCP server connection.
     fn unlink(&mut self, k: usize, c: &mut Conn) {
         if let Some((id, _)) = c.timer.take() {
@@ -724,7 +740,9 @@ impl Net {
         if c.watched {
             self.watch.retain(|&w| w != k);
         }
-        self.read_blocked.retain(|&w| w != k);
+        if c.readable {
+            self.readable.retain(|&w| w != k);
+        }
         self.drop_shares(k, c);
         if let Link::Server(id) = c.link {
             self.by_server.remove(&id);
@@ -788,7 +806,7 @@ impl Net {
         match c.closing {
             Some(t) => at(t + cfg.dead_after),
             None => {
-                if c.active && !c.compat && c.partial_pos >= c.partial.len() {
+                if c.active && c.dialect.speaks_mm() && c.partial_pos >= c.partial.len() {
                     at((c.last_write + cfg.keepalive).max(now));
                 }
             }
@@ -907,6 +925,11 @@ impl Net {
         self.conns.iter().map(|(_, c)| self.conn_stats(c)).collect()
     }
 
+    /// Whether any connection exists.
+    pub(crate) fn has_connections(&self) -> bool {
+        !self.conns.is_empty()
+    }
+
     /// Records waiting in the offline buffer.
     pub(crate) fn offline_len(&self) -> usize {
         self.offline.len()
@@ -960,7 +983,8 @@ impl Net {
         log::debug!("destination {from} was the boxId of {to}: its messages follow");
     }
 
-    /// Moves the idle offline records of `dest` (box key `b`) into its queue.
+    /// Moves the idle offline records of `dest` (box key `b`) into its queue (stored as native
+    /// frames).
     fn take_offline(&mut self, b: BoxId, dest: &SignId) {
         if !self.offline.has_idle(dest) {
             return;
@@ -969,25 +993,15 @@ impl Net {
             let p = self.peers.entry(b).or_default();
             p.queued_bytes += frame.len();
             self.queued_total += frame.len();
-            p.queue.push_back(Pending {
-                frame,
-                expires: None,
-                track: Track {
-                    cb: None,
-                    offline: Some(key),
-                },
-            });
+            let track = Track {
+                cb: None,
+                offline: Some(key),
+            };
+            p.queue
+                .push_back(Pending::frame(frame, Dialect::Native, None, track));
         }
     }
-}
 
-impl Core {
-    fn net_mut(&mut self) -> Option<&mut Net> {
-        self.net.as_mut()
-    }
-}
-
-impl Net {
     /// The storage faults of the offline buffer and the de-duplication memory since the last
     /// call (already logged), for [`crate::Event::StorageFault`].
     pub(crate) fn take_storage_faults(&mut self) -> Vec<crate::storage::StorageFault> {
@@ -1000,6 +1014,69 @@ impl Net {
     pub(crate) fn save(&mut self, storage: &mut dyn Storage) {
         if let Err(e) = self.dedup.flush(storage) {
             log::debug!("de-duplication memory could not be stored: {e}");
+        }
+    }
+}
+
+/// The listeners on the requested endpoints (first UDP and first TCP); stored ports that are
+/// taken now are replaced by OS-chosen ones on the same addresses.
+fn bind_listeners(
+    cfg: &NetConfig,
+    registry: &Registry,
+    base: Token,
+    our_box: &BoxKeyPair,
+    listen: &[Endpoint],
+    accept: Option<ClientPolicy>,
+    now: Instant,
+) -> io::Result<ServerDriver> {
+    let first = |kind| listen.iter().find(|e| e.kind == kind).map(|e| e.addr);
+    let (udp, tcp) = (first(TransportKind::Udp), first(TransportKind::Tcp));
+    let stream = StreamConfig {
+        dead_after: cfg.dead_after,
+        ..StreamConfig::server()
+    };
+    let mut config = ServerConfig::with_stream(our_box.clone(), stream);
+    config.accept_client = accept;
+    let limits = cfg.listener_limits;
+    let bind = |config, udp, tcp| {
+        ServerDriver::bind_with_limits(registry, base, config, udp, tcp, limits, now)
+    };
+    let mut server = match bind(config.clone(), udp, tcp) {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            // A stored port may be taken now: take any port on the same addresses.
+            log::debug!("listen addresses in use ({e}); binding OS-chosen ports");
+            let any = |a: Option<SocketAddr>| a.map(|a| SocketAddr::new(a.ip(), 0));
+            bind(config, any(udp), any(tcp))?
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(limits) = cfg.relay {
+        server.enable_relay(limits);
+    }
+    Ok(server)
+}
+
+/// The endpoints the listeners are bound to (the UDP one offering relaying when we relay).
+fn bound_endpoints(cfg: &NetConfig, server: &ServerDriver) -> Vec<Endpoint> {
+    let mut endpoints = Vec::new();
+    if let Some(a) = server.udp_addr() {
+        let mut e = Endpoint::native(TransportKind::Udp, a);
+        e.offers_relay = cfg.relay.is_some();
+        endpoints.push(e);
+    }
+    if let Some(a) = server.tcp_addr() {
+        endpoints.push(Endpoint::native(TransportKind::Tcp, a));
+    }
+    endpoints
+}
+
+/// Stores the bound addresses (when they changed), so that a restarted node keeps its ports.
+fn store_listen_addresses(storage: &mut dyn Storage, endpoints: &[Endpoint]) {
+    let stored = serde_json::to_vec(&connection_info::to_json(endpoints)).unwrap_or_default();
+    if storage.get(CONNECTION_INFO_KEY).ok().flatten().as_deref() != Some(&stored[..]) {
+        if let Err(e) = storage.put(CONNECTION_INFO_KEY, &stored) {
+            log::debug!("could not store the listen addresses: {e}");
         }
     }
 }

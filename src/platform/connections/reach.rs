@@ -1,7 +1,7 @@
 //! Reachability: what a node learns about how others can reach it, and what it does about it.
 //! The data paths themselves are transports ([`crate::transport::relay`], the drivers'
 //! relayed and punched paths); this is their control plane, `mm` frames between native nodes
-//! (never sent to JavaScript peers, which speak no `mm`).
+//! (never sent to JavaScript peers, which speak no `mm`: see [`super::dialect`]).
 //!
 //! - *Observed addresses* (libp2p identify's idea): the accepting side of a native connection
 //!   tells its peer, once identified, the address it sees it from (`mm`/`observed`, payload
@@ -52,10 +52,20 @@
 //! platform publish `transports.myNodeInfo` and raise [`crate::Event::MyNodeInfo`].
 
 use std::collections::HashSet;
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
 
-use super::*;
+use super::context::Cx;
+use super::dialect::Dialect;
+use super::{mm_frame, Link, Net, NetTimer, Pending, Track};
+use crate::identity::BoxId;
+use crate::platform::directory::NodeInfo;
+use crate::platform::timers::TimerId;
+use crate::platform::Event;
+use crate::transport::connection_info::Endpoint;
+use crate::transport::driver::{NatEvent, Path};
 use crate::transport::relay::{DialBackGuard, DIAL_BACK_NONCE_LEN, TOKEN_LEN};
+use crate::transport::TransportKind;
 
 /// How often an unconfirmed bind is sent again.
 pub const BIND_RETRY: Duration = Duration::from_millis(300);
@@ -195,7 +205,7 @@ impl Net {
 
     /// Queues an `mm` frame for native peer `b` (connecting if need be).
     fn queue_mm(&mut self, b: BoxId, topic: &str, payload: Vec<u8>, now: Instant) {
-        let frame = frame_of(&Envelope::new(topic, "mm", payload));
+        let frame = mm_frame(topic, payload);
         let peer = self.peers.entry(b).or_default();
         if peer.queue.len() >= self.cfg.peer_queue_messages {
             return;
@@ -203,11 +213,8 @@ impl Net {
         peer.queued_bytes += frame.len();
         self.queued_total += frame.len();
         let expires = now + self.cfg.realtime_expiry;
-        peer.queue.push_back(Pending {
-            frame,
-            expires: Some(expires),
-            track: Track::default(),
-        });
+        let pending = Pending::frame(frame, Dialect::Native, Some(expires), Track::default());
+        peer.queue.push_back(pending);
         self.expiry_at(b, expires);
         self.kick_peer(b);
     }
@@ -266,7 +273,7 @@ impl Net {
     /// hole punch.
     pub(super) fn on_active(&mut self, k: usize, now: Instant) {
         let Some(c) = self.conns.get(k) else { return };
-        if c.compat {
+        if !c.dialect.speaks_mm() {
             return;
         }
         let b = c.peer_box;
@@ -448,13 +455,12 @@ impl Net {
     }
 }
 
-impl Core {
+impl Net {
     /// An `mm` frame other than identify on connection `k` (identified, native).
-    pub(super) fn on_mm(&mut self, k: usize, topic: &str, payload: &[u8]) {
-        let now = self.now;
-        let Some(net) = self.net.as_mut() else { return };
-        let Some(c) = net.conns.get(k) else { return };
-        if c.compat {
+    pub(super) fn on_mm(&mut self, cx: &mut Cx<'_>, k: usize, topic: &str, payload: &[u8]) {
+        let now = cx.now;
+        let Some(c) = self.conns.get(k) else { return };
+        if !c.dialect.speaks_mm() {
             return;
         }
         let b = c.peer_box;
@@ -462,82 +468,17 @@ impl Core {
         let addr: Option<SocketAddr> = text.and_then(|t| t.parse().ok());
         match topic {
             "observed" => {
-                let Some(seen) = addr else { return };
-                // The address our system sends from towards this peer.
-                let remote = match &c.link {
-                    Link::Client(d) => d.path().0,
-                    Link::Server(_) => return,
-                };
-                let local = UdpSocket::bind(if remote.is_ipv4() {
-                    "0.0.0.0:0"
-                } else {
-                    "[::]:0"
-                })
-                .and_then(|s| {
-                    s.connect(remote)?;
-                    s.local_addr()
-                });
-                let Ok(local) = local else { return };
-                let hint = local.ip() != seen.ip();
-                if hint && !net.reach.nat_hint {
-                    log::debug!("a NAT may be between us and {b}: it sees us from {seen}");
-                    net.reach.nat_hint = true;
-                }
-                let unspecified = net
-                    .reach
-                    .bound
-                    .iter()
-                    .any(|e| e.kind == TransportKind::Udp && e.addr.ip().is_unspecified());
-                if net.reach.reachable.is_none()
-                    && net.reach.check.is_none()
-                    && net.reach.asks < MAX_DIAL_BACK_ASKS
-                    && (hint || unspecified)
-                {
-                    net.ask_dial_back(b, seen, now);
-                }
-                if net.reach.probing == Some(b) {
-                    net.reach.probing = None;
-                    net.next_relay(now);
+                if let Some(seen) = addr {
+                    self.on_observed(k, b, seen, now);
                 }
             }
             "reach.dialback" => {
-                let Some((port, nonce)) = text.and_then(parse_dial_back) else {
-                    return;
-                };
-                // Only the requester's own address as this connection shows it, never one
-                // its relay or the request claims.
-                let ip = match &c.link {
-                    Link::Client(d) => {
-                        let (a, relayed) = d.path();
-                        (!relayed).then_some(a.ip())
-                    }
-                    Link::Server(id) => match net.server.server().path(*id) {
-                        Some(p @ (Path::Udp(_) | Path::Tcp { .. })) => net.server.peer_ip(p),
-                        _ => None,
-                    },
-                };
-                let dialled = match ip {
-                    Some(ip) if net.reach.guard.allow(ip, now) => {
-                        let target = SocketAddr::new(ip, port);
-                        match net.server.dial_back(target, &nonce) {
-                            Ok(()) => true,
-                            Err(e) => {
-                                log::debug!("dial-back to {target} not sent: {e}");
-                                false
-                            }
-                        }
-                    }
-                    _ => false,
-                };
-                let topic = if dialled {
-                    "reach.dialing"
-                } else {
-                    "reach.refused"
-                };
-                net.queue_mm(b, topic, hex(&nonce).into_bytes(), now);
+                if let Some((port, nonce)) = text.and_then(parse_dial_back) {
+                    self.on_dial_back_request(k, b, port, nonce, now);
+                }
             }
             "reach.dialing" | "reach.refused" => {
-                let ours = net
+                let ours = self
                     .reach
                     .check
                     .as_ref()
@@ -546,59 +487,155 @@ impl Core {
                     return;
                 }
                 if topic == "reach.dialing" {
-                    if let Some(c) = net.reach.check.as_mut() {
+                    if let Some(c) = self.reach.check.as_mut() {
                         c.acked = true;
                     }
-                } else if let Some(c) = net.reach.check.take() {
-                    net.timers.cancel(c.timer);
-                    net.end_check(now);
+                } else if let Some(c) = self.reach.check.take() {
+                    self.timers.cancel(c.timer);
+                    self.end_check(now);
                 }
             }
             "relay.reserve" => {
-                let token = net.server.relay_mut().and_then(|r| r.reserve(b.0 .0, now));
+                let token = self.server.relay_mut().and_then(|r| r.reserve(b.0 .0, now));
                 match token {
-                    Some(t) => net.queue_mm(b, "relay.ok", hex(&t).into_bytes(), now),
-                    None => net.queue_mm(b, "relay.no", Vec::new(), now),
+                    Some(t) => self.queue_mm(b, "relay.ok", hex(&t).into_bytes(), now),
+                    None => self.queue_mm(b, "relay.no", Vec::new(), now),
                 }
             }
-            "relay.ok" => {
-                let token = text.and_then(unhex);
-                let Some(r) = net.reach.relay.as_mut().filter(|r| r.peer == b) else {
-                    return;
-                };
-                if r.token.is_some() {
-                    return;
-                }
-                let Some(token) = token else { return };
-                r.token = Some(token);
-                net.relay_bind_due(now);
-            }
-            "relay.no" if net.reach.relay.as_ref().is_some_and(|r| r.peer == b) => {
-                net.drop_relay(now);
+            "relay.ok" => self.on_relay_ok(b, text.and_then(unhex), now),
+            "relay.no" if self.reach.relay.as_ref().is_some_and(|r| r.peer == b) => {
+                self.drop_relay(now);
             }
             "punch" => {
-                let Some(target) = addr else { return };
-                if !net.cfg.hole_punching {
-                    return;
-                }
-                if let Some(c) = net.conns.get_mut(k) {
-                    if let Link::Client(d) = &mut c.link {
-                        if d.path().1 && !c.punched {
-                            c.punched = true;
-                            d.start_punch(target, now);
-                            net.mark_dirty(k);
-                        }
-                    }
+                if let Some(target) = addr {
+                    self.on_punch(k, target, now);
                 }
             }
             _ => {}
         }
     }
 
+    /// `mm`/`observed` from peer `b` on connection `k`: it sees us from `seen`. An address
+    /// other than the one our system sends from hints at a NAT; a hint (or a listener on an
+    /// unspecified address) starts a dial-back check; a relay candidate we probed has
+    /// answered.
+    fn on_observed(&mut self, k: usize, b: BoxId, seen: SocketAddr, now: Instant) {
+        let Some(c) = self.conns.get(k) else { return };
+        // The address our system sends from towards this peer.
+        let remote = match &c.link {
+            Link::Client(d) => d.path().0,
+            Link::Server(_) => return,
+        };
+        let local = UdpSocket::bind(if remote.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        })
+        .and_then(|s| {
+            s.connect(remote)?;
+            s.local_addr()
+        });
+        let Ok(local) = local else { return };
+        let hint = local.ip() != seen.ip();
+        if hint && !self.reach.nat_hint {
+            log::debug!("a NAT may be between us and {b}: it sees us from {seen}");
+            self.reach.nat_hint = true;
+        }
+        let unspecified = self
+            .reach
+            .bound
+            .iter()
+            .any(|e| e.kind == TransportKind::Udp && e.addr.ip().is_unspecified());
+        if self.reach.reachable.is_none()
+            && self.reach.check.is_none()
+            && self.reach.asks < MAX_DIAL_BACK_ASKS
+            && (hint || unspecified)
+        {
+            self.ask_dial_back(b, seen, now);
+        }
+        if self.reach.probing == Some(b) {
+            self.reach.probing = None;
+            self.next_relay(now);
+        }
+    }
+
+    /// `mm`/`reach.dialback` from peer `b` on connection `k`: within the guard's limits,
+    /// probes `port` at the peer's own address as this connection shows it (never one its
+    /// relay or the request claims), and answers whether it did.
+    fn on_dial_back_request(
+        &mut self,
+        k: usize,
+        b: BoxId,
+        port: u16,
+        nonce: [u8; DIAL_BACK_NONCE_LEN],
+        now: Instant,
+    ) {
+        let Some(c) = self.conns.get(k) else { return };
+        let ip = match &c.link {
+            Link::Client(d) => {
+                let (a, relayed) = d.path();
+                (!relayed).then_some(a.ip())
+            }
+            Link::Server(id) => match self.server.server().path(*id) {
+                Some(p @ (Path::Udp(_) | Path::Tcp { .. })) => self.server.peer_ip(p),
+                _ => None,
+            },
+        };
+        let dialled = match ip {
+            Some(ip) if self.reach.guard.allow(ip, now) => {
+                let target = SocketAddr::new(ip, port);
+                match self.server.dial_back(target, &nonce) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::debug!("dial-back to {target} not sent: {e}");
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        let topic = if dialled {
+            "reach.dialing"
+        } else {
+            "reach.refused"
+        };
+        self.queue_mm(b, topic, hex(&nonce).into_bytes(), now);
+    }
+
+    /// `mm`/`relay.ok` from peer `b`: the reservation we asked our relay for, with its token;
+    /// binding starts.
+    fn on_relay_ok(&mut self, b: BoxId, token: Option<[u8; TOKEN_LEN]>, now: Instant) {
+        let Some(r) = self.reach.relay.as_mut().filter(|r| r.peer == b) else {
+            return;
+        };
+        if r.token.is_some() {
+            return;
+        }
+        let Some(token) = token else { return };
+        r.token = Some(token);
+        self.relay_bind_due(now);
+    }
+
+    /// `mm`/`punch` on connection `k`: the peer probes us from our relay's view of it; a
+    /// relayed outgoing connection probes `target` back (one round per connection).
+    fn on_punch(&mut self, k: usize, target: SocketAddr, now: Instant) {
+        if !self.cfg.hole_punching {
+            return;
+        }
+        if let Some(c) = self.conns.get_mut(k) {
+            if let Link::Client(d) = &mut c.link {
+                if d.path().1 && !c.punched {
+                    c.punched = true;
+                    d.start_punch(target, now);
+                    self.mark_dirty(k);
+                }
+            }
+        }
+    }
+
     /// Reports connection `k`'s path if it changed (`Event::Path`).
-    pub(super) fn check_path(&mut self, k: usize) {
-        let Some(net) = self.net.as_mut() else { return };
-        let Some(c) = net.conns.get_mut(k) else {
+    pub(super) fn check_path(&mut self, cx: &mut Cx<'_>, k: usize) {
+        let Some(c) = self.conns.get_mut(k) else {
             return;
         };
         if !c.active {
@@ -606,7 +643,7 @@ impl Core {
         }
         let now_path = match &c.link {
             Link::Client(d) => Some(d.path()),
-            Link::Server(id) => net.server.server().path(*id).and_then(|p| p.remote()),
+            Link::Server(id) => self.server.server().path(*id).and_then(|p| p.remote()),
         };
         if now_path.is_none() || now_path == c.path {
             return;
@@ -615,23 +652,11 @@ impl Core {
         let (Some(peer), Some((remote, relayed))) = (c.peer, now_path) else {
             return;
         };
-        self.emit(Event::Path {
+        cx.emit(Event::Path {
             peer,
             relayed,
             remote,
         });
-    }
-
-    /// Publishes our nodeInfo if the endpoints changed.
-    pub(super) fn sync_node_info(&mut self) {
-        let Some(net) = self.net.as_mut() else { return };
-        if !net.take_endpoints_changed() {
-            return;
-        }
-        self.connection_info = connection_info::to_json(net.published_endpoints());
-        let info = self.node_info();
-        self.publish_local("transports.myNodeInfo", &info);
-        self.emit(Event::MyNodeInfo(info));
     }
 }
 

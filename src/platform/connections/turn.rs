@@ -1,183 +1,168 @@
-//! The connection manager's turn: listener events, due timers, the visit of each dirty
-//! connection, the listeners' flush and the delivery callbacks (see the parent module's
-//! "event-driven turn").
+//! The connection manager's turn, in two passes around the platform's deliveries (see the
+//! parent module's "event-driven turn"): [`Net::receive`] takes the listeners' events and reads
+//! the connections that have input, before the deliveries, so that what arrived is delivered
+//! in the same turn; [`Net::pump`] fires due timers, connects wanted peers and visits each
+//! dirty connection (write, acknowledgements, flush, next deadline), after the deliveries, so
+//! that what the callbacks sent is written in the same turn.
 
-use super::*;
+use super::context::Cx;
+use super::{
+    DeliveryCallback, DeliveryError, Link, Net, NetTimer, ReadOutcome, Track, DEDUP_FLUSH_EVERY,
+};
+use crate::curvecp::client::ClientState;
+use crate::curvecp::server::ServerEvent;
 
-impl Core {
-    /// The receiving half, run before the turn's deliveries so that what arrived is delivered
-    /// in the same turn: listener events, ended connections, frames read from the connections
-    /// that had input (the dirty ones).
-    pub(crate) fn net_receive(&mut self) {
-        if self.net.is_none() {
+impl Net {
+    /// The receiving pass: the listeners' events (once), then one read of each connection that
+    /// has input. A connection whose read stopped because the local delivery queue is full
+    /// (and those not reached because of it) or whose read budget ran out is read again in the
+    /// next turn's pass; one that starved for frame budget waits for a release.
+    pub(crate) fn receive(&mut self, cx: &mut Cx<'_>) {
+        self.server_events(cx);
+        if self.readable.is_empty() || cx.queue_full() {
             return;
         }
-        self.server_events();
-        let dirty: Vec<usize> = self
-            .net
-            .as_ref()
-            .map(|n| n.dirty.clone())
-            .unwrap_or_default();
-        for k in dirty {
-            if !self.client_alive(k) {
+        let batch = std::mem::take(&mut self.readable);
+        for &k in &batch {
+            if let Some(c) = self.conns.get_mut(k) {
+                c.readable = false;
+            }
+        }
+        for (i, &k) in batch.iter().enumerate() {
+            if !self.client_alive(cx, k) {
                 continue;
             }
-            if self.read_conn(k) == ReadOutcome::Blocked {
-                break;
+            match self.read_conn(cx, k) {
+                ReadOutcome::Done | ReadOutcome::Starved => {}
+                ReadOutcome::More => self.mark_readable(k),
+                ReadOutcome::Blocked => {
+                    for &rest in &batch[i..] {
+                        self.mark_readable(rest);
+                    }
+                    self.mark_dirty(k);
+                    break;
+                }
             }
-            // Starved: it waits in `budget_waiters`; the others read on.
+            // What was read may need acknowledging, and its window reopening: visited in the
+            // pump.
+            self.mark_dirty(k);
         }
     }
 
-    /// One turn of the connection manager (see the module docs): listener events, due
-    /// timers, wanted peers, then a visit of each dirty connection (read, write,
-    /// acknowledgements, flush, next deadline), the listeners' flush, delivery callbacks.
-    pub(crate) fn net_pump(&mut self) {
-        if self.net.is_none() {
-            return;
-        }
-        let now = self.now;
-        self.server_events();
-        self.fire_net_timers(now);
-        self.ensure_connections(now);
-        let Some(net) = self.net.as_mut() else { return };
-        if !net.read_blocked.is_empty() && self.queue.len() < self.limits.local_queue {
-            for k in std::mem::take(&mut net.read_blocked) {
-                net.mark_dirty(k);
-            }
-        }
-        let batch = std::mem::take(&mut net.dirty);
+    /// The pump: due timers, wanted peers, then a visit of each dirty connection, the
+    /// acknowledgements of watched server-side streams, and the listeners' flush. The server
+    /// events that flush raises are handled at the start of the next turn's receiving pass
+    /// (which [`Net::has_work`] makes immediate).
+    pub(crate) fn pump(&mut self, cx: &mut Cx<'_>) {
+        let now = cx.now;
+        self.fire_timers(cx);
+        self.ensure_connections(cx);
+        let batch = std::mem::take(&mut self.dirty);
         for &k in &batch {
-            if let Some(c) = net.conns.get_mut(k) {
+            if let Some(c) = self.conns.get_mut(k) {
                 c.dirty = false;
             }
         }
         for k in batch {
-            self.visit(k, now);
+            self.visit(cx, k);
         }
-        let Some(net) = self.net.as_mut() else { return };
-        if std::mem::take(&mut net.server_io) && !net.watch.is_empty() {
-            let watch = std::mem::take(&mut net.watch);
+        if std::mem::take(&mut self.server_io) && !self.watch.is_empty() {
+            let watch = std::mem::take(&mut self.watch);
             for &k in &watch {
-                if let Some(c) = net.conns.get_mut(k) {
+                if let Some(c) = self.conns.get_mut(k) {
                     c.watched = false;
                 }
             }
             for k in watch {
-                self.check_acks(k);
+                self.check_acks(cx, k);
             }
         }
-        let Some(net) = self.net.as_mut() else { return };
-        if let Err(e) = net.server.flush(&net.registry, now) {
+        if let Err(e) = self.server.flush(&self.registry, now) {
             log::debug!("listener flush failed: {e}");
         }
         // Packets left unread (a full batch) or due at once: look again next turn.
-        if net.server.next_deadline().is_some_and(|d| d <= now) {
-            net.server_io = true;
+        if self.server.next_deadline().is_some_and(|d| d <= now) {
+            self.server_io = true;
         }
-        self.server_events();
-        if let Some(net) = self.net.as_mut() {
-            net.nat_events(now);
+        while let Some(ev) = self.server.poll_event() {
+            self.server_backlog.push_back(ev);
         }
-        self.sync_node_info();
-        self.run_fired();
+        self.nat_events(now);
     }
 
-    /// One connection's share of the turn.
-    pub(super) fn visit(&mut self, k: usize, now: Instant) {
-        let Some(net) = self.net.as_mut() else { return };
-        if !net.conns.contains(k) {
+    /// One connection's share of the pump: a JavaScript server's finished handshake
+    /// identifies it; then its writes, its acknowledged messages, its driver's flush, its
+    /// next deadline and its path.
+    fn visit(&mut self, cx: &mut Cx<'_>, k: usize) {
+        if !self.conns.contains(k) {
             return;
         }
-        self.stats.conn_visits += 1;
-        if !self.client_alive(k) {
+        cx.stats.conn_visits += 1;
+        if !self.client_alive(cx, k) {
             return;
         }
-        let handshake_done = self
-            .net
-            .as_ref()
-            .and_then(|n| n.conns.get(k))
-            .is_some_and(|c| {
-                c.compat
-                    && !c.identified
-                    && matches!(&c.link, Link::Client(d)
+        let handshake_done = self.conns.get(k).is_some_and(|c| {
+            !c.dialect.speaks_mm()
+                && !c.identified
+                && matches!(&c.link, Link::Client(d)
                     if matches!(d.client().state(), ClientState::Established))
-            });
+        });
         if handshake_done {
             // A JavaScript server spoke first (its all-zero message): the handshake is done,
             // and that is all the identification a JavaScript node gives.
-            self.identify_compat(k);
+            self.identify_by_handshake(cx, k);
         }
-        match self.read_conn(k) {
-            ReadOutcome::Done | ReadOutcome::Starved => {}
-            ReadOutcome::More => {
-                if let Some(net) = self.net.as_mut() {
-                    net.mark_dirty(k);
-                }
-            }
-            ReadOutcome::Blocked => {
-                if let Some(net) = self.net.as_mut() {
-                    if net.conns.contains(k) && !net.read_blocked.contains(&k) {
-                        net.read_blocked.push(k);
-                    }
+        self.write_conn(cx, k);
+        self.check_acks(cx, k);
+        let now = cx.now;
+        if let Some(c) = self.conns.get_mut(k) {
+            if let Link::Client(d) = &mut c.link {
+                if let Err(e) = d.flush(&self.registry, now) {
+                    log::debug!("connection flush failed: {e}");
                 }
             }
         }
-        self.write_conn(k, now);
-        self.check_acks(k);
-        let Some(net) = self.net.as_mut() else { return };
-        let Some(c) = net.conns.get_mut(k) else {
-            return;
-        };
-        if let Link::Client(d) = &mut c.link {
-            if let Err(e) = d.flush(&net.registry, now) {
-                log::debug!("connection flush failed: {e}");
-            }
-        }
-        if self.client_alive(k) {
-            if let Some(net) = self.net.as_mut() {
-                net.reschedule_conn(k, now);
-            }
-            self.check_path(k);
+        if self.client_alive(cx, k) {
+            self.reschedule_conn(k, now);
+            self.check_path(cx, k);
         }
     }
 
-    pub(super) fn run_fired(&mut self) {
-        let Some(net) = self.net.as_mut() else { return };
-        if net.fired.is_empty() {
-            return;
-        }
-        let fired = std::mem::take(&mut net.fired);
+    /// The delivery callbacks whose outcome is known, with it (the platform runs them).
+    pub(crate) fn take_fired(&mut self) -> Vec<(DeliveryCallback, Result<(), DeliveryError>)> {
+        let fired = std::mem::take(&mut self.fired);
         let mut cbs = Vec::with_capacity(fired.len());
         for (id, r) in fired {
-            if let Some(cb) = net.callbacks.try_remove(id) {
+            if let Some(cb) = self.callbacks.try_remove(id) {
                 cbs.push((cb, r));
             }
         }
-        let now = self.now;
-        for (cb, r) in cbs {
-            cb(&mut Context { core: self, now }, r);
-        }
+        cbs
     }
 
-    /// Takes the server's events: accepted and closed connections, and the ones with
-    /// something to read or room to write (made dirty).
-    pub(super) fn server_events(&mut self) {
+    /// Handles the server's events: those the last flush raised, then the new ones. Accepted
+    /// and closed connections; the ones with something to read or room to write become
+    /// readable and dirty.
+    fn server_events(&mut self, cx: &mut Cx<'_>) {
         loop {
-            let Some(net) = self.net.as_mut() else { return };
-            let Some(ev) = net.server.poll_event() else {
-                return;
+            let ev = match self.server_backlog.pop_front() {
+                Some(ev) => ev,
+                None => match self.server.poll_event() {
+                    Some(ev) => ev,
+                    None => return,
+                },
             };
             match ev {
-                ServerEvent::Accepted(id) => self.on_accept(id),
+                ServerEvent::Accepted(id) => self.on_accept(cx, id),
                 ServerEvent::Closed(id) => {
-                    if let Some(k) = net.by_server.remove(&id) {
-                        self.conn_lost(k, "closed");
+                    if let Some(k) = self.by_server.remove(&id) {
+                        self.conn_lost(cx, k, "closed");
                     }
                 }
                 ServerEvent::Readable(id) | ServerEvent::Writable(id) => {
-                    if let Some(&k) = net.by_server.get(&id) {
-                        net.mark_dirty(k);
+                    if let Some(&k) = self.by_server.get(&id) {
+                        self.mark_readable(k);
+                        self.mark_dirty(k);
                     }
                 }
             }
@@ -186,57 +171,38 @@ impl Core {
 
     /// Fires the connection manager's due timers (those scheduled while firing wait for the
     /// next turn).
-    pub(super) fn fire_net_timers(&mut self, now: Instant) {
-        let Some(net) = self.net.as_mut() else { return };
-        let limit = net.timers.next_seq();
-        loop {
-            let Some(net) = self.net.as_mut() else { return };
-            let Some(t) = net.timers.pop_due(now, limit) else {
-                return;
-            };
+    fn fire_timers(&mut self, cx: &mut Cx<'_>) {
+        let now = cx.now;
+        let limit = self.timers.next_seq();
+        while let Some(t) = self.timers.pop_due(now, limit) {
             match t {
-                NetTimer::Conn(k) => self.conn_timer(k, now),
+                NetTimer::Conn(k) => self.conn_timer(cx, k),
                 NetTimer::Retry(b) => {
-                    if let Some(p) = net.peers.get_mut(&b) {
+                    if let Some(p) = self.peers.get_mut(&b) {
                         p.retry_timer = None;
-                        net.want_peer(b);
+                        self.want_peer(b);
                     }
                 }
                 NetTimer::Expiry(b) => self.expire_queue(b, now),
-                NetTimer::Lookup(b) => {
-                    if !net.dir.lookup_expired(&b, now) {
-                        continue;
-                    }
-                    if !net.aliases.is_empty() {
-                        net.aliases.retain(|_, waiting| *waiting != b);
-                    }
-                    let waiting = self
-                        .net
-                        .as_ref()
-                        .and_then(|n| n.peers.get(&b))
-                        .is_some_and(|p| p.waiting_lookup);
-                    if waiting {
-                        self.fail_peer(b, "nodeInfo lookup timed out", now);
-                    }
-                }
+                NetTimer::Lookup(b) => self.lookup_timed_out(cx, b),
                 NetTimer::OfflineRetry => {
-                    net.offline_timer = None;
-                    self.offline_retry(now);
+                    self.offline_timer = None;
+                    self.offline_retry(cx);
                 }
-                NetTimer::RelayBind => net.relay_bind_due(now),
-                NetTimer::DialBack => net.dial_back_due(now),
+                NetTimer::RelayBind => self.relay_bind_due(now),
+                NetTimer::DialBack => self.dial_back_due(now),
                 NetTimer::FramePool => {
-                    if let Some(at) = net.frames.release_due(now) {
-                        net.timers.schedule(at, NetTimer::FramePool);
+                    if let Some(at) = self.frames.release_due(now) {
+                        self.timers.schedule(at, NetTimer::FramePool);
                     }
                 }
                 NetTimer::DedupFlush => {
-                    net.dedup_timer = None;
-                    net.next_dedup_flush = now + DEDUP_FLUSH_EVERY;
-                    if !net.acks_due.is_empty() {
+                    self.dedup_timer = None;
+                    self.next_dedup_flush = now + DEDUP_FLUSH_EVERY;
+                    if !self.acks_due.is_empty() {
                         // Stored (and acknowledged) by `settle_acks` at the end of this turn.
-                        net.ack_store_failed = false;
-                    } else if let Err(e) = net.dedup.flush(&mut *self.storage) {
+                        self.ack_store_failed = false;
+                    } else if let Err(e) = self.dedup.flush(cx.storage) {
                         log::warn!("de-duplication memory could not be stored: {e}");
                     }
                 }
@@ -244,33 +210,47 @@ impl Core {
         }
     }
 
+    /// The lookup for peer `b` timed out (unless it was answered): a destination waiting for
+    /// it fails.
+    fn lookup_timed_out(&mut self, cx: &mut Cx<'_>, b: super::BoxId) {
+        if !self.dir.lookup_expired(&b, cx.now) {
+            return;
+        }
+        if !self.aliases.is_empty() {
+            self.aliases.retain(|_, waiting| *waiting != b);
+        }
+        if self.peers.get(&b).is_some_and(|p| p.waiting_lookup) {
+            self.fail_peer(cx, b, "nodeInfo lookup timed out");
+        }
+    }
+
     /// Connection `k`'s deadline: a handshake or identify that took too long, a closing
     /// connection that lingers, a keepalive; in any case a visit (the driver's timers).
-    pub(super) fn conn_timer(&mut self, k: usize, now: Instant) {
-        let Some(net) = self.net.as_mut() else { return };
-        let Some(c) = net.conns.get_mut(k) else {
+    fn conn_timer(&mut self, cx: &mut Cx<'_>, k: usize) {
+        let now = cx.now;
+        let Some(c) = self.conns.get_mut(k) else {
             return;
         };
         c.timer = None;
         let age = now.saturating_duration_since(c.opened);
-        let slow = (!c.identified && age >= net.cfg.connect_timeout)
+        let slow = (!c.identified && age >= self.cfg.connect_timeout)
             || c.closing
-                .is_some_and(|t| now.saturating_duration_since(t) >= net.cfg.dead_after);
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.dead_after);
         if slow {
-            self.conn_lost(k, "timed out");
+            self.conn_lost(cx, k, "timed out");
             return;
         }
         if c.active
-            && !c.compat
+            && c.dialect.speaks_mm()
             && c.closing.is_none()
             && c.partial_pos >= c.partial.len()
-            && now.saturating_duration_since(c.last_write) >= net.cfg.keepalive
+            && now.saturating_duration_since(c.last_write) >= self.cfg.keepalive
         {
             c.partial.clear();
-            c.partial.extend_from_slice(&net.ping);
+            c.partial.extend_from_slice(&self.ping);
             c.partial_pos = 0;
             c.partial_track = Track::default();
         }
-        net.mark_dirty(k);
+        self.mark_dirty(k);
     }
 }
