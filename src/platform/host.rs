@@ -54,7 +54,7 @@ pub trait Service {
 /// First token of the services: service `i` owns tokens
 /// `SERVICE_TOKEN_BASE + i * SERVICE_TOKEN_BLOCK ..` (one block each), below
 /// [`CONNECTION_TOKEN_BASE`] and far above the listeners' accepted TCP streams.
-pub const SERVICE_TOKEN_BASE: usize = 1 << 29;
+pub(crate) const SERVICE_TOKEN_BASE: usize = 1 << 29;
 /// Tokens per service.
 pub const SERVICE_TOKEN_BLOCK: usize = 1 << 16;
 /// Most services one platform hosts (the token blocks that fit below the connections').

@@ -71,12 +71,12 @@
 //!
 //! # Tokens
 //!
-//! The `mio::Poll` uses [`WAKER_TOKEN`] for handle wake-ups; tokens
+//! The `mio::Poll` uses `WAKER_TOKEN` (0) for handle wake-ups; tokens
 //! `LISTENER_TOKEN_BASE..SERVICE_TOKEN_BASE` are the listeners' (UDP, TCP listener, accepted
 //! TCP streams, at most [`crate::transport::driver::ServerDriverLimits::max_tcp_streams`]), tokens
 //! `SERVICE_TOKEN_BASE..CONNECTION_TOKEN_BASE` the services' (a block of
 //! [`SERVICE_TOKEN_BLOCK`] per service, in the order they were added) and tokens from
-//! [`CONNECTION_TOKEN_BASE`] up outgoing connections (slab key + base). Incoming messages from authenticated peers enter the bus with their scope from the
+//! `CONNECTION_TOKEN_BASE` up outgoing connections (slab key + base). Incoming messages from authenticated peers enter the bus with their scope from the
 //! circles (see [`connections`]; an application with its own transport uses
 //! [`Platform::receive_from_peer`]).
 //!
@@ -141,9 +141,7 @@ pub use connections::{ConnectionStats, DeliveryCallback, DeliveryError, NetConfi
 pub use directory::{Directory, NodeInfo};
 pub use events::Event;
 pub use handle::Handle;
-pub use host::{
-    Service, ServiceContext, ServiceId, MAX_SERVICES, SERVICE_TOKEN_BASE, SERVICE_TOKEN_BLOCK,
-};
+pub use host::{Service, ServiceContext, ServiceId, MAX_SERVICES, SERVICE_TOKEN_BLOCK};
 pub use message::{Address, Message, MessageId, Scope, SendOptions, SendStatus, ToAddress};
 pub use timers::TimerId;
 pub use turns::Woken;
@@ -152,6 +150,7 @@ use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::io;
+#[cfg(unix)]
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -170,13 +169,13 @@ use timers::Timers;
 use turns::{Cause, Owner, SpinWatch};
 
 /// The token of the handles' `mio::Waker`.
-pub const WAKER_TOKEN: Token = Token(0);
+pub(crate) const WAKER_TOKEN: Token = Token(0);
 /// First token of the listeners: the UDP socket, then the TCP listener, then one token per
 /// accepted TCP stream (see [`crate::transport::ServerDriver`]).
-pub const LISTENER_TOKEN_BASE: usize = 1;
+pub(crate) const LISTENER_TOKEN_BASE: usize = 1;
 /// First token of outgoing connections: connection `k` uses `Token(k + base)`. High enough
 /// that the listener's TCP streams below it never reach it.
-pub const CONNECTION_TOKEN_BASE: usize = 1 << 30;
+pub(crate) const CONNECTION_TOKEN_BASE: usize = 1 << 30;
 
 /// How often our nodeInfo is republished on the local bus.
 pub const NODE_INFO_INTERVAL: Duration = Duration::from_secs(5 * 60);
@@ -1717,6 +1716,7 @@ impl Drop for Core {
     }
 }
 
+#[cfg(unix)]
 impl AsRawFd for Platform {
     /// The `mio::Poll` file descriptor (epoll), for hosts that embed the reactor in their own
     /// event loop: when it is readable (or at [`Platform::next_deadline`]), call

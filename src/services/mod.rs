@@ -14,8 +14,8 @@
 //!
 //! - **No threads, no second loop.** A service's sockets are registered with the platform's
 //!   `mio::Poll` through [`ServiceContext::register`], in a block of tokens of its own
-//!   ([`crate::platform::SERVICE_TOKEN_BASE`], [`crate::platform::SERVICE_TOKEN_BLOCK`] tokens
-//!   each); readiness arrives in [`Service::on_io`] on the reactor's thread. The poll is
+//!   ([`crate::platform::SERVICE_TOKEN_BLOCK`] tokens each, asked for with
+//!   [`ServiceContext::token`]); readiness arrives in [`Service::on_io`] on the reactor's thread. The poll is
 //!   edge-triggered: read until `WouldBlock`, or, to bound the work of one turn, stop early and
 //!   ask for a turn right away with [`ServiceContext::set_wake`]`(Some(ctx.now()))`.
 //! - **One timer.** [`ServiceContext::set_wake`] sets (or clears) the single instant at which

@@ -26,7 +26,7 @@
 //!
 //! One [`ServerDriver`] listens on UDP and TCP (native framing, docs/ARCHITECTURE.md §4.2) with the node's box
 //! key pair as CurveCP long-term key (server name: 256 zero bytes, zero extensions). Its
-//! sockets use the tokens from [`super::LISTENER_TOKEN_BASE`] (UDP, then the TCP listener,
+//! sockets use the tokens from `LISTENER_TOKEN_BASE` (UDP, then the TCP listener,
 //! then one per accepted TCP stream); outgoing connections ([`ClientDriver`]s, also keyed by
 //! our box key pair) use `Token(CONNECTION_TOKEN_BASE + slot)`. Listen addresses come from
 //! [`super::PlatformBuilder::connection_info`], else from the storage key `connectionInfo`
