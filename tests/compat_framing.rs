@@ -1,7 +1,7 @@
 //! The 1tp compatibility framing over real sockets on 127.0.0.1: compat client drivers and a
 //! server driver complete CurveCP handshakes and echo data over UDP and TCP; one server serves
 //! native and compat clients on the same ports at once; the bytes a compat UDP client puts on
-//! the wire are those of `js-compat.md` while native traffic is unchanged; hostile input (every
+//! the wire are those of the 1tp framing (docs/ARCHITECTURE.md §4.4) while native traffic is unchanged; hostile input (every
 //! type byte, truncated and oversized netstrings, wrong and unknown sessions, a flood of 10,000
 //! SYNs) is dropped with the server's state bounded and a legitimate client still served; an
 //! RST ends the session's connection; a dialer facing silence gives up with a clear error and

@@ -1,7 +1,7 @@
 //! A flood of 100,000 valid Hellos and 100,000 garbage datagrams against our server process
 //! leaves its memory flat, and a legitimate client still gets through while it lasts.
 //!
-//! The Hellos are built here by hand from the byte layout of curvecp.md §2.1 (with
+//! The Hellos are built here by hand from the Hello's byte layout (docs/ARCHITECTURE.md §4.1: 224 bytes) (with
 //! `crate::crypto` for the box), independently of the library's packet module. Every datagram
 //! goes to 127.0.0.1; the flood is paced (a few tens of thousands of datagrams a second) and
 //! bounded in count and time.

@@ -1,5 +1,5 @@
 //! Sans-IO tests of the CurveCP crypto layer: our Client and Server exchanging packets in
-//! memory under a fake clock, every row of curvecp.md §9 against our server, the client-side
+//! memory under a fake clock, every packet check a CurveCP server must make against ours, the client-side
 //! checks, limits, policy, replay refusal and a flood.
 
 mod common_hs;

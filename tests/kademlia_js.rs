@@ -189,7 +189,7 @@ fn a_rust_node_joins_a_dht_of_genuine_js_nodes() {
     a.drain();
     b.drain();
     assert!(a.alive() && b.alive());
-    // The original's doubly wrapped contacts (js-compat.md), which peer.js's guard skipped
+    // The original's doubly wrapped contacts (a JSON contact inside a JSON string), which peer.js's guard skipped
     // instead of dying on them: among JS nodes, never about the Rust node.
     for (name, peer) in [("A", &a), ("B", &b)] {
         let guarded: Vec<&Value> = peer

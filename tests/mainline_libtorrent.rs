@@ -1,7 +1,7 @@
 //! The Mainline DHT service against libtorrent-rasterbar 2.0 (Debian's `python3-libtorrent`),
 //! a real other side: a testnet of libtorrent `session` objects on 127.0.0.1 driven by
 //! `tests/libtorrent_testnet.py` (no DHT bootstrap routers, no UPnP, NAT-PMP or LSD, and the
-//! one-node-per-IP and node-id checks off for loopback; see `../shared/docs/test-peers.md`).
+//! one-node-per-IP and node-id checks off for loopback: nothing it sends leaves 127.0.0.1).
 //!
 //! - Our node publishes its nodeInfo through the testnet, and libtorrent reads the BEP 44
 //!   item back with `dht_get_mutable_item` (it checks the item's signature against the key

@@ -1,8 +1,8 @@
 //! The Mainline DHT service against pubky's `mainline` crate (Rust, 8.x: what pkarr and
 //! iroh's pkarr publishing run), a real other side: a `Testnet` of its nodes on 127.0.0.1 and
 //! a client of it, in the helper crate `tests/pubky-mainline/` (its own workspace, built here
-//! with `cargo build --manifest-path`; never bootstrapped from public routers, see
-//! `../shared/docs/test-peers.md`).
+//! with `cargo build --manifest-path`; its nodes and client are given the testnet's addresses
+//! as bootstrap, never the public routers its defaults name, so nothing leaves 127.0.0.1).
 //!
 //! - Its nodes answer only KRPC transaction ids of exactly 4 bytes (a raw `find_node` with a
 //!   2-byte id gets no reply, the same with 4 bytes does): why ours are 4 bytes.

@@ -789,7 +789,7 @@ fn an_idle_stream_is_small() {
 }
 
 /// Runs our stream against the reference `curvecpmessage` over its fd 8/9 pipe interface
-/// (curvecp.md §6): `mode` is `-s` (it runs `cat` as its server program) or `-c` (it runs
+/// (the reference tools' message-layer interface): `mode` is `-s` (it runs `cat` as its server program) or `-c` (it runs
 /// `cat <&6 >&7`). It echoes what we send; we check the echo and the EOF both ways. Real pipes
 /// and the real clock, bounded by a generous deadline (no timing assertion).
 fn against_curvecpmessage(mode: &str, size: usize, factory: congestion::CongestionFactory) {
