@@ -39,7 +39,7 @@
 //! - `kademlia`: [`services::kademlia`] (the original's Kademlia DHT; RIPEMD-160 through
 //!   `ripemd`, SHA-1 through `sha1_smol`).
 //! - `mainline`: [`services::mainline`] (nodeInfos on the BitTorrent Mainline DHT; bencode
-//!   through `bendy`, SHA-1 through `sha1_smol`).
+//!   with a strict codec of our own, SHA-1 through `sha1_smol`).
 //! - `simd`: the hand-written AVX-512 Salsa20 and AVX-512 IFMA Poly1305 for the boxes of
 //!   CurveCP messages, used at run time only on CPUs that have the instructions.
 //!
@@ -213,7 +213,7 @@ pub mod proto {
             item => services::mainline::item
         );
         internals!(
-            /// KRPC messages in bencode (through `bendy`).
+            /// KRPC messages in bencode (a strict codec of our own).
             krpc => services::mainline::krpc
         );
         internals!(

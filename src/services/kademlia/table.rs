@@ -37,7 +37,17 @@ pub enum Update {
 pub struct Table {
     me: NodeId,
     k: usize,
+    /// Bucket `i` (`kad`'s index: 159 minus the bits shared with `me`) is at
+    /// `buckets[159 - i]`, and only slots up to the nearest bucket used exist: most contacts
+    /// are in the far buckets (half of all ids in bucket 159, slot 0), so an empty table
+    /// allocates nothing and a small one is cheap to clone (the fuzz target clones a node per
+    /// input).
     buckets: Vec<Bucket>,
+}
+
+/// Where bucket `index` is in [`Table`]'s `buckets`.
+fn slot(index: usize) -> usize {
+    ID_BITS - 1 - index.min(ID_BITS - 1)
 }
 
 impl Table {
@@ -46,7 +56,7 @@ impl Table {
         Table {
             me,
             k: k.max(1),
-            buckets: vec![Bucket::default(); ID_BITS],
+            buckets: Vec::new(),
         }
     }
 
@@ -65,21 +75,27 @@ impl Table {
         self.buckets.iter().all(|b| b.contacts.is_empty())
     }
 
-    /// A bucket.
+    /// A bucket (made if it did not exist yet).
     pub fn bucket_mut(&mut self, index: usize) -> &mut Bucket {
-        &mut self.buckets[index.min(ID_BITS - 1)]
+        let s = slot(index);
+        if self.buckets.len() <= s {
+            self.buckets.resize_with(s + 1, Bucket::default);
+        }
+        &mut self.buckets[s]
     }
 
-    /// Indexes of the non-empty buckets.
+    /// Indexes of the non-empty buckets, in increasing order.
     pub fn occupied(&self) -> Vec<usize> {
-        (0..ID_BITS)
-            .filter(|i| !self.buckets[*i].contacts.is_empty())
+        (0..self.buckets.len())
+            .rev()
+            .filter(|s| !self.buckets[*s].contacts.is_empty())
+            .map(slot)
             .collect()
     }
 
     /// The contact with this id.
     pub fn get(&self, id: &NodeId) -> Option<&Contact> {
-        let b = &self.buckets[self.me.bucket_index(id)];
+        let b = self.buckets.get(slot(self.me.bucket_index(id)))?;
         b.contacts.iter().find(|c| c.id == *id)
     }
 
@@ -95,7 +111,8 @@ impl Table {
         }
         c.last_seen = now_ms;
         let k = self.k;
-        let b = &mut self.buckets[self.me.bucket_index(&c.id)];
+        let index = self.me.bucket_index(&c.id);
+        let b = self.bucket_mut(index);
         if let Some(i) = b.contacts.iter().position(|x| x.id == c.id) {
             let old = b.contacts.remove(i);
             let changed = old.node_info != c.node_info;
@@ -115,13 +132,15 @@ impl Table {
         head.last_seen = now_ms;
         let head = head.clone();
         b.candidate = Some(c);
-        Update::PingHead(self.me.bucket_index(&head.id), head)
+        Update::PingHead(index, head)
     }
 
     /// Removes a contact (it did not answer); its bucket's candidate, if any, takes its place.
     /// Returns whether it was there.
     pub fn remove(&mut self, id: &NodeId) -> bool {
-        let b = &mut self.buckets[self.me.bucket_index(id)];
+        let Some(b) = self.buckets.get_mut(slot(self.me.bucket_index(id))) else {
+            return false;
+        };
         let Some(i) = b.contacts.iter().position(|x| x.id == *id) else {
             return false;
         };
@@ -144,5 +163,52 @@ impl Table {
             .take(limit)
             .map(|(c, _)| c.clone())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+    use crate::services::kademlia::json::JsValue;
+
+    fn contact(id: NodeId) -> Contact {
+        let who = Identity::generate();
+        Contact {
+            id,
+            sign_id: who.sign_id(),
+            box_id: who.box_id(),
+            node_info: JsValue::obj(),
+            last_seen: 0.0,
+        }
+    }
+
+    #[test]
+    fn buckets_are_made_as_used_and_keep_kads_indexes() {
+        let me = NodeId::of_key("me");
+        let mut t = Table::new(me, 2);
+        assert!(t.is_empty() && t.occupied().is_empty());
+        let far = me.random_in_bucket(159);
+        assert!(!t.remove(&far) && t.get(&far).is_none());
+        for (index, n) in [(159, 3), (3, 1), (0, 1), (100, 2)] {
+            for _ in 0..n {
+                t.update(contact(me.random_in_bucket(index)), 1.0, 1e9);
+            }
+        }
+        // k = 2: the third contact of bucket 159 waits as its candidate.
+        assert_eq!(t.len(), 6);
+        assert_eq!(t.occupied(), vec![0, 3, 100, 159]);
+        assert!(t.bucket_mut(159).candidate.is_some());
+        let near = t.iter().find(|c| me.bucket_index(&c.id) == 3).unwrap().id;
+        assert_eq!(t.get(&near).map(|c| c.id), Some(near));
+        assert!(t.remove(&near));
+        assert_eq!(t.occupied(), vec![0, 100, 159]);
+        // A stale head of a full bucket is named with its bucket's index.
+        let next = contact(me.random_in_bucket(159));
+        match t.update(next, 1e10, 1.0) {
+            Update::PingHead(159, head) => assert_eq!(me.bucket_index(&head.id), 159),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(t.closest(&me, 10, None).len(), 5, "every contact is found");
     }
 }

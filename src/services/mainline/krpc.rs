@@ -8,17 +8,23 @@
 //! shape here, [`Fields`].
 //!
 //! Decoding is strict and bounded, since every datagram is hostile until checked: datagrams
-//! over [`MAX_DATAGRAM`] bytes, non-canonical bencode (the `bendy` decoder refuses unsorted or
-//! repeated keys and leading zeros), nesting deeper than [`MAX_DEPTH`], trailing bytes, known
-//! keys of the wrong type or length (`id` not 20 bytes, `nodes` not a multiple of 26, ...),
-//! tokens, transaction ids or salts over their limits: all are [`DecodeError`]s. Unknown keys
-//! are skipped. A value `v` is kept as its raw bencoded bytes (what a BEP 44 signature covers).
+//! over [`MAX_DATAGRAM`] bytes, non-canonical bencode (unsorted or
+//! repeated keys, leading zeros, `-0`, empty integers, integers outside `i64`, lengths past the
+//! end), nesting deeper than [`MAX_DEPTH`], trailing bytes, known keys of the wrong type or
+//! length (`id` not 20 bytes, `nodes` not a multiple of 26, ...), tokens, transaction ids or
+//! salts over their limits: all are [`DecodeError`]s. Unknown keys are skipped, once their
+//! structure is checked. A value `v` is kept as the raw bencoded bytes received (what a BEP 44
+//! signature covers).
+//!
+//! The bencode itself is read and written by a small strict codec of this module's own
+//! (`bencode`): checking a datagram allocates nothing, and decoding one allocates only the
+//! fields kept.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use bendy::decoding::{Decoder, DictDecoder, Object};
-use bendy::encoding::{Encoder, SingleItemEncoder};
-use bendy::value::Value as BValue;
+mod bencode;
+
+use bencode::{put_bytes, put_int, put_string_header, DictWriter, Invalid, Value};
 
 /// Length of a node id, a target, an info-hash (160 bits).
 pub const ID_LEN: usize = 20;
@@ -206,31 +212,25 @@ impl std::fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
-impl From<bendy::decoding::Error> for DecodeError {
-    fn from(_: bendy::decoding::Error) -> Self {
+impl From<Invalid> for DecodeError {
+    fn from(_: Invalid) -> Self {
         DecodeError::Malformed
     }
 }
 
-fn bytes<'a>(o: Object<'_, 'a>) -> Result<&'a [u8], DecodeError> {
-    match o {
-        Object::Bytes(b) => Ok(b),
-        _ => Err(DecodeError::Malformed),
-    }
+fn bytes<'a>(o: Value<'a>) -> Result<&'a [u8], DecodeError> {
+    o.bytes().ok_or(DecodeError::Malformed)
 }
 
-fn int(o: Object<'_, '_>) -> Result<i64, DecodeError> {
-    match o {
-        Object::Integer(s) => s.parse().map_err(|_| DecodeError::Malformed),
-        _ => Err(DecodeError::Malformed),
-    }
+fn int(o: Value<'_>) -> Result<i64, DecodeError> {
+    o.int().ok_or(DecodeError::Malformed)
 }
 
-fn fixed<const N: usize>(o: Object<'_, '_>) -> Result<[u8; N], DecodeError> {
+fn fixed<const N: usize>(o: Value<'_>) -> Result<[u8; N], DecodeError> {
     bytes(o)?.try_into().map_err(|_| DecodeError::Malformed)
 }
 
-fn limited(o: Object<'_, '_>, max: usize) -> Result<Vec<u8>, DecodeError> {
+fn limited(o: Value<'_>, max: usize) -> Result<Vec<u8>, DecodeError> {
     let b = bytes(o)?;
     if b.len() > max {
         return Err(DecodeError::Malformed);
@@ -238,7 +238,7 @@ fn limited(o: Object<'_, '_>, max: usize) -> Result<Vec<u8>, DecodeError> {
     Ok(b.to_vec())
 }
 
-fn non_negative(o: Object<'_, '_>) -> Result<i64, DecodeError> {
+fn non_negative(o: Value<'_>) -> Result<i64, DecodeError> {
     let n = int(o)?;
     if n < 0 {
         return Err(DecodeError::Malformed);
@@ -246,20 +246,10 @@ fn non_negative(o: Object<'_, '_>) -> Result<i64, DecodeError> {
     Ok(n)
 }
 
-/// The raw bencoded bytes of any object.
-fn raw(o: Object<'_, '_>) -> Result<Vec<u8>, DecodeError> {
-    Ok(match o {
-        Object::Bytes(b) => encode_bytes(b),
-        Object::Integer(s) => format!("i{s}e").into_bytes(),
-        Object::List(l) => l.into_raw()?.to_vec(),
-        Object::Dict(d) => d.into_raw()?.to_vec(),
-    })
-}
-
 /// The bencoding of a byte string: `len:bytes`.
 pub fn encode_bytes(b: &[u8]) -> Vec<u8> {
-    let mut out = format!("{}:", b.len()).into_bytes();
-    out.extend_from_slice(b);
+    let mut out = Vec::with_capacity(b.len() + 8);
+    put_bytes(&mut out, b);
     out
 }
 
@@ -294,9 +284,9 @@ fn addr_bytes(a: &SocketAddrV4) -> [u8; 6] {
     [o[0], o[1], o[2], o[3], p[0], p[1]]
 }
 
-fn decode_fields(mut d: DictDecoder<'_, '_>) -> Result<Fields, DecodeError> {
+fn decode_fields(o: Value<'_>) -> Result<Fields, DecodeError> {
     let mut f = Fields::default();
-    while let Some((key, o)) = d.next_pair()? {
+    for (key, o) in o.dict().ok_or(DecodeError::Malformed)? {
         match key {
             b"id" => f.id = Some(fixed(o)?),
             b"target" => f.target = Some(fixed(o)?),
@@ -304,11 +294,10 @@ fn decode_fields(mut d: DictDecoder<'_, '_>) -> Result<Fields, DecodeError> {
             b"token" => f.token = Some(limited(o, MAX_TOKEN)?),
             b"nodes" => f.nodes = parse_nodes(bytes(o)?)?,
             b"v" => {
-                let v = raw(o)?;
-                if v.len() > MAX_VALUE {
+                if o.raw().len() > MAX_VALUE {
                     return Err(DecodeError::Malformed);
                 }
-                f.v = Some(v);
+                f.v = Some(o.raw().to_vec());
             }
             b"k" => f.k = Some(fixed(o)?),
             b"sig" => f.sig = Some(fixed(o)?),
@@ -316,8 +305,8 @@ fn decode_fields(mut d: DictDecoder<'_, '_>) -> Result<Fields, DecodeError> {
             b"cas" => f.cas = Some(non_negative(o)?),
             b"salt" => f.salt = Some(limited(o, MAX_SALT)?),
             // Anything else (nodes6, values, want, port, implied_port, ...) is skipped; its
-            // structure is still checked by the decoder.
-            _ => drop(o),
+            // structure was checked with the whole datagram's.
+            _ => {}
         }
     }
     Ok(f)
@@ -328,7 +317,7 @@ pub fn decode(datagram: &[u8]) -> Result<Message, DecodeError> {
     if datagram.len() > MAX_DATAGRAM {
         return Err(DecodeError::TooLarge);
     }
-    let mut dec = Decoder::new(datagram).with_max_depth(MAX_DEPTH);
+    let top = bencode::parse(datagram, MAX_DEPTH)?;
     let mut t = None;
     let mut y = None;
     let mut q = None;
@@ -336,50 +325,36 @@ pub fn decode(datagram: &[u8]) -> Result<Message, DecodeError> {
     let mut error = None;
     let mut ro = false;
     let mut ip = None;
-    {
-        let Some(Object::Dict(mut d)) = dec.next_object()? else {
-            return Err(DecodeError::Malformed);
-        };
-        while let Some((key, o)) = d.next_pair()? {
-            match key {
-                b"t" => t = Some(limited(o, MAX_TXID)?),
-                b"y" => y = Some(limited(o, 1)?),
-                b"q" => q = Some(Method::from_name(bytes(o)?)),
-                b"a" | b"r" => match o {
-                    Object::Dict(inner) => fields = Some(decode_fields(inner)?),
-                    _ => return Err(DecodeError::Malformed),
-                },
-                b"e" => match o {
-                    Object::List(mut l) => {
-                        let code = l.next_object()?.ok_or(DecodeError::Malformed)?;
-                        let code = int(code)?;
-                        let text = match l.next_object()? {
-                            Some(o) => {
-                                let b = bytes(o)?;
-                                b[..b.len().min(MAX_NAME)].to_vec()
-                            }
-                            None => Vec::new(),
-                        };
-                        l.consume_all()?;
-                        error = Some((code, text));
+    // `parse` checked the whole datagram: one canonical value, nothing after it.
+    for (key, o) in top.dict().ok_or(DecodeError::Malformed)? {
+        match key {
+            b"t" => t = Some(limited(o, MAX_TXID)?),
+            b"y" => y = Some(limited(o, 1)?),
+            b"q" => q = Some(Method::from_name(bytes(o)?)),
+            b"a" | b"r" => fields = Some(decode_fields(o)?),
+            b"e" => {
+                // `[code, text]`; a missing text is empty, further items are ignored.
+                let mut l = o.list().ok_or(DecodeError::Malformed)?;
+                let code = int(l.next().ok_or(DecodeError::Malformed)?)?;
+                let text = match l.next() {
+                    Some(o) => {
+                        let b = bytes(o)?;
+                        b[..b.len().min(MAX_NAME)].to_vec()
                     }
-                    _ => return Err(DecodeError::Malformed),
-                },
-                b"ro" => ro = int(o)? == 1,
-                b"ip" => {
-                    let b = bytes(o)?;
-                    // BEP 42 `ip`: 6 bytes for IPv4; an IPv6 form (18 bytes) is ignored.
-                    if b.len() == 6 {
-                        ip = Some(compact_addr(b));
-                    }
-                }
-                _ => drop(o),
+                    None => Vec::new(),
+                };
+                error = Some((code, text));
             }
+            b"ro" => ro = int(o)? == 1,
+            b"ip" => {
+                let b = bytes(o)?;
+                // BEP 42 `ip`: 6 bytes for IPv4; an IPv6 form (18 bytes) is ignored.
+                if b.len() == 6 {
+                    ip = Some(compact_addr(b));
+                }
+            }
+            _ => {}
         }
-    }
-    // Exactly one message: nothing may follow it.
-    if dec.next_object()?.is_some() {
-        return Err(DecodeError::Malformed);
     }
     let t = t.ok_or(DecodeError::Malformed)?;
     let kind = match y.as_deref() {
@@ -407,99 +382,105 @@ pub fn decode(datagram: &[u8]) -> Result<Message, DecodeError> {
     })
 }
 
-fn emit_fields(f: &Fields, e: SingleItemEncoder<'_>) -> Result<(), bendy::encoding::Error> {
-    e.emit_unsorted_dict(|d| {
-        if let Some(id) = &f.id {
-            d.emit_pair_with(b"id", |e| e.emit_bytes(&id[..]))?;
+/// Appends the argument or response dictionary, keys in canonical order.
+fn put_fields(f: &Fields, out: &mut Vec<u8>) {
+    let mut d = DictWriter::begin(out);
+    if let Some(c) = f.cas {
+        put_int(d.key(b"cas"), c);
+    }
+    if let Some(id) = &f.id {
+        put_bytes(d.key(b"id"), id);
+    }
+    if let Some(h) = &f.info_hash {
+        put_bytes(d.key(b"info_hash"), h);
+    }
+    if let Some(k) = &f.k {
+        put_bytes(d.key(b"k"), k);
+    }
+    if !f.nodes.is_empty() {
+        let out = d.key(b"nodes");
+        put_string_header(out, f.nodes.len() * COMPACT_NODE_LEN);
+        for n in &f.nodes {
+            out.extend_from_slice(&n.id);
+            out.extend_from_slice(&addr_bytes(&n.addr));
         }
-        if let Some(t) = &f.target {
-            d.emit_pair_with(b"target", |e| e.emit_bytes(&t[..]))?;
-        }
-        if let Some(h) = &f.info_hash {
-            d.emit_pair_with(b"info_hash", |e| e.emit_bytes(&h[..]))?;
-        }
-        if let Some(t) = &f.token {
-            d.emit_pair_with(b"token", |e| e.emit_bytes(&t[..]))?;
-        }
-        if !f.nodes.is_empty() {
-            let mut nodes = Vec::with_capacity(f.nodes.len() * COMPACT_NODE_LEN);
-            for n in &f.nodes {
-                nodes.extend_from_slice(&n.id);
-                nodes.extend_from_slice(&addr_bytes(&n.addr));
-            }
-            d.emit_pair_with(b"nodes", |e| e.emit_bytes(&nodes[..]))?;
-        }
-        if let Some(v) = &f.v {
-            // The raw bytes were produced by this codec or checked by the decoder: they are
-            // one canonical bencoded value, which re-encodes to the same bytes.
-            let value =
-                BValue::from_bencode(v).map_err(bendy::encoding::Error::malformed_content)?;
-            d.emit_pair(b"v", value)?;
-        }
-        if let Some(k) = &f.k {
-            d.emit_pair_with(b"k", |e| e.emit_bytes(&k[..]))?;
-        }
-        if let Some(s) = &f.sig {
-            d.emit_pair_with(b"sig", |e| e.emit_bytes(&s[..]))?;
-        }
-        if let Some(s) = f.seq {
-            d.emit_pair(b"seq", s)?;
-        }
-        if let Some(c) = f.cas {
-            d.emit_pair(b"cas", c)?;
-        }
-        if let Some(s) = &f.salt {
-            d.emit_pair_with(b"salt", |e| e.emit_bytes(&s[..]))?;
-        }
-        Ok(())
-    })
+    }
+    if let Some(s) = &f.salt {
+        put_bytes(d.key(b"salt"), s);
+    }
+    if let Some(s) = f.seq {
+        put_int(d.key(b"seq"), s);
+    }
+    if let Some(s) = &f.sig {
+        put_bytes(d.key(b"sig"), s);
+    }
+    if let Some(t) = &f.target {
+        put_bytes(d.key(b"target"), t);
+    }
+    if let Some(t) = &f.token {
+        put_bytes(d.key(b"token"), t);
+    }
+    if let Some(v) = &f.v {
+        d.key(b"v").extend_from_slice(v);
+    }
+    d.end();
 }
 
-use bendy::decoding::FromBencode as _;
-
-/// Encodes a message. `None` only if a raw `v` is not one bencoded value (never for values
-/// this crate built or decoded).
+/// Encodes a message. `None` only if a raw `v` is not one canonical bencoded value that fits
+/// within [`MAX_DEPTH`] in its message (never for values this crate built or decoded).
 pub fn encode(m: &Message) -> Option<Vec<u8>> {
-    let mut enc = Encoder::new().with_max_depth(MAX_DEPTH);
-    enc.emit_with(|e| {
-        e.emit_unsorted_dict(|d| {
-            d.emit_pair_with(b"t", |e| e.emit_bytes(&m.t[..]))?;
-            match &m.kind {
-                Kind::Query(method) => {
-                    d.emit_pair_with(b"y", |e| e.emit_bytes(b"q"))?;
-                    d.emit_pair_with(b"q", |e| e.emit_bytes(method.name()))?;
-                    d.emit_pair_with(b"a", |e| emit_fields(&m.fields, e))?;
-                }
-                Kind::Response => {
-                    d.emit_pair_with(b"y", |e| e.emit_bytes(b"r"))?;
-                    d.emit_pair_with(b"r", |e| emit_fields(&m.fields, e))?;
-                }
-                Kind::Error(code, text) => {
-                    d.emit_pair_with(b"y", |e| e.emit_bytes(b"e"))?;
-                    d.emit_pair_with(b"e", |e| {
-                        e.emit_list(|l| {
-                            l.emit_int(*code)?;
-                            l.emit_bytes(text)
-                        })
-                    })?;
-                }
-            }
-            if m.ro {
-                d.emit_pair(b"ro", 1)?;
-            }
-            if let Some(ip) = &m.ip {
-                d.emit_pair_with(b"ip", |e| e.emit_bytes(&addr_bytes(ip)))?;
-            }
-            Ok(())
-        })
-    })
-    .ok()?;
-    enc.get_output().ok()
+    if let Some(v) = &m.fields.v {
+        // `v` sits two levels down: in the message, in its `a` or `r`.
+        bencode::parse(v, MAX_DEPTH - 2).ok()?;
+    }
+    let f = &m.fields;
+    let len = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::len);
+    let mut out = Vec::with_capacity(
+        160 + m.t.len()
+            + len(&f.token)
+            + len(&f.v)
+            + len(&f.salt)
+            + f.nodes.len() * COMPACT_NODE_LEN,
+    );
+    let mut d = DictWriter::begin(&mut out);
+    match &m.kind {
+        Kind::Query(_) => put_fields(f, d.key(b"a")),
+        Kind::Response => {}
+        Kind::Error(code, text) => {
+            let out = d.key(b"e");
+            out.push(b'l');
+            put_int(out, *code);
+            put_bytes(out, text);
+            out.push(b'e');
+        }
+    }
+    if let Some(ip) = &m.ip {
+        put_bytes(d.key(b"ip"), &addr_bytes(ip));
+    }
+    if let Kind::Query(method) = &m.kind {
+        put_bytes(d.key(b"q"), method.name());
+    }
+    if let Kind::Response = m.kind {
+        put_fields(f, d.key(b"r"));
+    }
+    if m.ro {
+        put_int(d.key(b"ro"), 1);
+    }
+    put_bytes(d.key(b"t"), &m.t);
+    let y: &[u8] = match m.kind {
+        Kind::Query(_) => b"q",
+        Kind::Response => b"r",
+        Kind::Error(..) => b"e",
+    };
+    put_bytes(d.key(b"y"), y);
+    d.end();
+    Some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn sample() -> Message {
         Message::query(
@@ -576,6 +557,14 @@ mod tests {
             // a string claiming more bytes than there are, an integer overflowing i64
             b"d1:t99999999999:x".to_vec(),
             b"d1:rd2:id20:abcdefghij01234567893:seqi99999999999999999999ee1:t1:x1:y1:re".to_vec(),
+            // an integer past i64 inside `v` (bendy accepted it, then the message could not be
+            // re-encoded: fuzz/seeds/mainline/issue25-v-integer-past-i64), `-0`, an empty
+            // integer, a non-string key, a string length with a leading zero
+            b"d1:rd2:id20:abcdefghij01234567891:vi18230804820697083285ee1:t1:x1:y1:re".to_vec(),
+            b"d1:rd2:id20:abcdefghij01234567891:vi-0ee1:t1:x1:y1:re".to_vec(),
+            b"d1:rd2:id20:abcdefghij01234567891:viee1:t1:x1:y1:re".to_vec(),
+            b"d1:rd2:id20:abcdefghij01234567891:vdi1ei1eee1:t1:x1:y1:re".to_vec(),
+            b"d1:rd2:id20:abcdefghij0123456789e1:t01:x1:y1:re".to_vec(),
         ];
         // Trailing bytes, a truncated message, oversized, deep nesting, a long token.
         let mut trailing = good.clone();
@@ -623,5 +612,119 @@ mod tests {
         let n = parse_nodes(&b).unwrap();
         assert_eq!(n.len(), MAX_NODES);
         assert_eq!(n[3].addr, "127.0.0.1:3".parse().unwrap());
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        let bytes = |n: usize| prop::collection::vec(any::<u8>(), 0..n);
+        let node =
+            (any::<NodeId>(), any::<u32>(), any::<u16>()).prop_map(|(id, ip, port)| CompactNode {
+                id,
+                addr: SocketAddrV4::new(ip.into(), port),
+            });
+        // A few stored values: strings, integers, a nested dictionary and list.
+        let v = prop_oneof![
+            bytes(40).prop_map(|b| encode_bytes(&b)),
+            any::<i64>().prop_map(|n| format!("i{n}e").into_bytes()),
+            Just(b"d1:ai-1e1:bl0:d1:cleeee".to_vec()),
+        ];
+        let fields = (
+            (
+                prop::option::of(any::<NodeId>()),
+                prop::option::of(any::<NodeId>()),
+                prop::option::of(any::<NodeId>()),
+                prop::option::of(bytes(MAX_TOKEN)),
+            ),
+            (
+                prop::collection::vec(node, 0..MAX_NODES),
+                prop::option::of(v),
+                prop::option::of(any::<[u8; 32]>()),
+                prop::option::of(
+                    prop::collection::vec(any::<u8>(), 64).prop_map(|s| s.try_into().unwrap()),
+                ),
+            ),
+            (
+                prop::option::of(0..i64::MAX),
+                prop::option::of(0..i64::MAX),
+                prop::option::of(bytes(MAX_SALT)),
+            ),
+        )
+            .prop_map(
+                |((id, target, info_hash, token), (nodes, v, k, sig), (seq, cas, salt))| Fields {
+                    id,
+                    target,
+                    info_hash,
+                    token,
+                    nodes,
+                    v,
+                    k,
+                    sig,
+                    seq,
+                    cas,
+                    salt,
+                },
+            );
+        let kind = prop_oneof![
+            prop::sample::select(vec![
+                Method::Ping,
+                Method::FindNode,
+                Method::GetPeers,
+                Method::AnnouncePeer,
+                Method::Get,
+                Method::Put,
+            ])
+            .prop_map(Kind::Query),
+            bytes(MAX_NAME).prop_filter_map("a known name", |n| match Method::from_name(&n) {
+                Method::Other(n) => Some(Kind::Query(Method::Other(n))),
+                _ => None,
+            }),
+            Just(Kind::Response),
+            (any::<i64>(), bytes(MAX_NAME)).prop_map(|(c, t)| Kind::Error(c, t)),
+        ];
+        let ip = prop::option::of((any::<u32>(), any::<u16>()));
+        (bytes(MAX_TXID), kind, fields, any::<bool>(), ip).prop_map(
+            |(t, kind, mut fields, ro, ip)| {
+                if matches!(kind, Kind::Error(..)) {
+                    fields = Fields::default();
+                } else if fields.id.is_none() {
+                    fields.id = Some([5; ID_LEN]);
+                }
+                Message {
+                    t,
+                    kind,
+                    fields,
+                    ro,
+                    ip: ip.map(|(a, p)| SocketAddrV4::new(a.into(), p)),
+                }
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn messages_round_trip_and_v_is_the_bytes_received(m in message()) {
+            let b = encode(&m).unwrap();
+            let d = decode(&b).unwrap();
+            prop_assert_eq!(&d, &m);
+            if let Some(v) = &d.fields.v {
+                // The value's bytes as they stand in the datagram: after its key, the last of
+                // its dictionary.
+                let there = [&b"1:v"[..], v, b"e"].concat();
+                prop_assert!(b.windows(there.len()).any(|w| w == there));
+            }
+            prop_assert_eq!(encode(&d).unwrap(), b);
+        }
+
+        #[test]
+        fn changed_messages_never_panic(m in message(), at in any::<usize>(), byte in any::<u8>()) {
+            let mut b = encode(&m).unwrap();
+            let i = at % b.len();
+            b[i] = byte;
+            // Whatever still decodes re-encodes to a datagram that decodes to the same message.
+            for b in [&b[..], &b[..i]] {
+                if let Ok(d) = decode(b) {
+                    prop_assert_eq!(decode(&encode(&d).unwrap()).unwrap(), d);
+                }
+            }
+        }
     }
 }

@@ -95,6 +95,9 @@ pub fn distance(a: &NodeId, b: &NodeId) -> NodeId {
 pub struct RoutingTable {
     own: NodeId,
     scope: Scope,
+    /// Bucket `i` holds the nodes whose distance from us has `i` leading zero bits. Buckets
+    /// exist up to the deepest one used (at most 160): an empty table allocates nothing, and
+    /// cloning or dropping a small one is cheap (the fuzz target clones a client per input).
     buckets: Vec<Vec<Node>>,
 }
 
@@ -104,7 +107,7 @@ impl RoutingTable {
         RoutingTable {
             own,
             scope,
-            buckets: vec![Vec::new(); ID_LEN * 8],
+            buckets: Vec::new(),
         }
     }
 
@@ -151,7 +154,13 @@ impl RoutingTable {
             return false; // our own id
         };
         // Known id: refresh it at its address; a different address is not believed.
-        if let Some(n) = self.buckets[b].iter_mut().find(|n| n.id == id) {
+        if let Some(n) = self
+            .buckets
+            .get_mut(b)
+            .into_iter()
+            .flatten()
+            .find(|n| n.id == id)
+        {
             if n.addr == addr {
                 n.last_seen = now;
                 n.failures = 0;
@@ -167,6 +176,9 @@ impl RoutingTable {
             && self.nodes().filter(|n| n.addr.ip() == addr.ip()).count() >= MAX_PER_IP
         {
             return false;
+        }
+        if self.buckets.len() <= b {
+            self.buckets.resize_with(b + 1, Vec::new);
         }
         let bucket = &mut self.buckets[b];
         let node = Node {
