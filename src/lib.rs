@@ -94,6 +94,7 @@ pub use platform::{
 // [`NodeInfo::endpoints`], [`ConnectionStats`]); the transports themselves are in [`proto`].
 pub use transport::connection_info::Endpoint;
 pub use transport::driver::ServerDriverLimits;
+#[cfg(feature = "relay")]
 pub use transport::relay::RelayLimits;
 pub use transport::{Framing, TransportKind};
 

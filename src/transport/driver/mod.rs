@@ -111,7 +111,9 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 
 use super::onetp::{self, Dialer, SessionId, MAX_DATAGRAM};
-use super::relay::{self, ProbeInput, Prober, Relay, RelayLimits};
+use super::relay;
+#[cfg(feature = "relay")]
+use super::relay::{ProbeInput, Prober, Relay, RelayLimits};
 use super::tcp::{FramedStream, ReadStatus};
 use super::udp::UdpEndpoint;
 use crate::curvecp::client::{Client, ClientConfig};
@@ -251,10 +253,13 @@ pub enum NatEvent {
 
 mod client;
 mod inbound;
+// The relayed and punched paths; without the `relay` feature, stand-ins that have none.
+#[cfg_attr(not(feature = "relay"), path = "relay_off.rs")]
+mod relayed;
 mod server;
 
 pub use client::ClientDriver;
 pub use inbound::CompatStats;
-pub use server::{
-    ServerDriver, ServerDriverLimits, TcpStats, ACCEPT_BATCH, MAX_BOUND_RELAYS, MAX_PUNCHES,
-};
+#[cfg(feature = "relay")]
+pub use relayed::{MAX_BOUND_RELAYS, MAX_PUNCHES};
+pub use server::{ServerDriver, ServerDriverLimits, TcpStats, ACCEPT_BATCH};
