@@ -1,5 +1,6 @@
 //! [`ClientDriver`]: one CurveCP client over a UDP socket or a TCP stream, in either framing,
-//! with the relay and hole-punching paths of a client.
+//! with the relayed path and hole punch of a client (their code is in `relayed.rs`, cargo
+//! feature `relay`).
 
 use super::relayed::ClientRelay;
 use super::*;

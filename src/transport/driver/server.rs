@@ -1,5 +1,6 @@
 //! [`ServerDriver`]: one CurveCP server over a UDP socket and a TCP listener with its accepted
-//! streams, in either framing, with the relay role and the hole punches of a server.
+//! streams, in either framing, with the relay role and the hole punches of a server (their
+//! code is in `relayed.rs`, cargo feature `relay`).
 //!
 //! TCP admission (the per-source cap, eviction, the handshake deadline) is described in the
 //! [`super`] module docs.
