@@ -13,7 +13,8 @@
 //! IPv4 address of another interface); `--bootstrap FILE` adds the static bootstrap service
 //! with the nodeInfos of FILE (a JSON array). `--relay` offers relaying to nodes behind NATs
 //! (`--relay-bps` sets its per-reservation bandwidth); `--no-relays` never uses a relay,
-//! `--no-punch` never punches a direct path (NetConfig `relay`, `use_relays`, `hole_punching`).
+//! `--no-punch` never punches a direct path (NetConfig `relay`, `use_relays`, `hole_punching`;
+//! these four need the cargo feature `relay`, on by default).
 //! `--mainline HOST:PORT,...` adds the Mainline DHT
 //! service, joining the DHT at those nodes (there is no default list; pass public routers for
 //! the real DHT, a testnet's nodes for a test), resolving nodeInfos there;
@@ -225,9 +226,11 @@ fn main() {
                 mdns.get_or_insert_with(MdnsConfig::default).interface = addr;
             }
             "--bootstrap" => bootstrap = Some(value("a file")),
+            #[cfg(feature = "relay")]
             "--relay" => {
                 net.relay.get_or_insert_with(Default::default);
             }
+            #[cfg(feature = "relay")]
             "--relay-bps" => {
                 let v = value("a number of bytes per second");
                 let Ok(bps) = v.parse() else {
@@ -237,8 +240,10 @@ fn main() {
                 };
                 net.relay.get_or_insert_with(Default::default).bytes_per_sec = bps;
             }
+            #[cfg(feature = "relay")]
             "--no-relays" => net.use_relays = false,
             "--new-identity" => new_identity = true,
+            #[cfg(feature = "relay")]
             "--no-punch" => net.hole_punching = false,
             "--mainline" => mainline = Some(value("HOST:PORT,...")),
             "--mainline-publish" => mainline_publish = true,

@@ -40,11 +40,22 @@
 //!   `ripemd`, SHA-1 through `sha1_smol`).
 //! - `mainline`: [`services::mainline`] (nodeInfos on the BitTorrent Mainline DHT; bencode
 //!   with a strict codec of our own, SHA-1 through `sha1_smol`).
+//! - `relay`: NAT traversal through relays, no dependencies of its own: serving as a relay
+//!   ([`NetConfig::relay`], [`RelayLimits`]), reserving a slot at one and publishing the
+//!   relayed (`mm-relay`) endpoint, dialling others' relayed endpoints, and hole punching,
+//!   which uses the relay as its rendezvous ([`NetConfig::use_relays`],
+//!   [`NetConfig::relay_bind_interval`], [`NetConfig::hole_punching`]); in `proto`, the
+//!   relay's forwarding table and the punch prober of the transport's `relay` module and the
+//!   drivers' relayed paths. Without it a node still learns its observed address and whether
+//!   it can be dialled (dial-back), and publishes what that proves, but a node behind a NAT
+//!   that drops inbound flows cannot be reached by others at all: it neither uses a relay nor
+//!   punches, skips relayed endpoints, refuses reservations and drops relay datagrams.
 //! - `simd`: the hand-written AVX-512 Salsa20 and AVX-512 IFMA Poly1305 for the boxes of
 //!   CurveCP messages, used at run time only on CPUs that have the instructions.
 //!
-//! With `default-features = false` the crate is the platform, CurveCP, the transports and the
-//! static bootstrap service ([`services::bootstrap`]), with libsodium's cipher code only.
+//! With `default-features = false` the crate is the platform, CurveCP, the transports (direct
+//! paths only) and the static bootstrap service ([`services::bootstrap`]), with libsodium's
+//! cipher code only.
 //!
 //! # Supported platforms
 //!
@@ -94,6 +105,7 @@ pub use platform::{
 // [`NodeInfo::endpoints`], [`ConnectionStats`]); the transports themselves are in [`proto`].
 pub use transport::connection_info::Endpoint;
 pub use transport::driver::ServerDriverLimits;
+#[cfg(feature = "relay")]
 pub use transport::relay::RelayLimits;
 pub use transport::{Framing, TransportKind};
 

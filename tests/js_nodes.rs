@@ -570,6 +570,8 @@ fn js_data_directory_opens_as_its_identity() {
 /// JavaScript node by a nodeInfo that lists an `mm-relay` endpoint first (a transport type no
 /// JS node knows) and then that UDP endpoint: the JS node neither crashes on it nor on the
 /// unknown field, and reaches the Rust node through the UDP endpoint; messages go both ways.
+/// Needs the cargo feature `relay` (the Rust node offers relaying).
+#[cfg(feature = "relay")]
 #[test]
 fn js_node_skips_relayed_endpoints_and_uses_the_udp_one() {
     let Some(_turn) = js_turn("js_node_skips_relayed_endpoints_and_uses_the_udp_one") else {

@@ -39,7 +39,7 @@ pub enum Event {
     Path {
         /// The peer.
         peer: SignId,
-        /// Through a relay.
+        /// Through a relay (never without the cargo feature `relay`).
         relayed: bool,
         /// The peer's address, or the relay's.
         remote: std::net::SocketAddr,

@@ -142,9 +142,11 @@ pub fn to_json(endpoints: &[Endpoint]) -> Value {
 
 /// The order in which a client tries endpoints: direct native ones first, UDP before TCP
 /// within each group, then unmarked (compatibility) ones, relayed ones last (stable
-/// otherwise).
+/// otherwise). Without the cargo feature `relay` relayed ones are left out: this build cannot
+/// dial them.
 pub fn connect_order(endpoints: &[Endpoint]) -> Vec<Endpoint> {
     let mut v = endpoints.to_vec();
+    v.retain(|e| cfg!(feature = "relay") || !e.relayed);
     v.sort_by_key(|e| (e.relayed, !e.native, e.kind == TransportKind::Tcp));
     v
 }
@@ -195,7 +197,12 @@ mod tests {
         assert_eq!(j[1]["transportInfo"]["relay"], true);
         assert_eq!(parse(&j), eps);
         let order = connect_order(&eps);
-        assert!(order[2].relayed, "relayed endpoints are tried last");
+        if cfg!(feature = "relay") {
+            assert!(order[2].relayed, "relayed endpoints are tried last");
+        } else {
+            assert_eq!(order.len(), 2, "relayed endpoints cannot be dialled");
+            assert!(order.iter().all(|e| !e.relayed));
+        }
         // "relay" on an unmarked or TCP endpoint means nothing.
         let odd = json!([
             {"transportType": "udp", "transportInfo": {"address": "1.2.3.4", "port": 1, "relay": true}},

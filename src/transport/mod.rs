@@ -12,7 +12,8 @@
 //!   §4.4), sans-IO: the session datagram and socket-layer codecs, the stateless accepting
 //!   side, and the connecting side's [`onetp::Dialer`].
 //! - [`relay`]: relayed and punched UDP paths and dial-back probes (docs/ARCHITECTURE.md §4.3,
-//!   §7.3), sans-IO: their datagrams, the relay's forwarding table, the hole-punching prober.
+//!   §7.3), sans-IO: their datagrams, the relay's forwarding table, the hole-punching prober
+//!   (those two, and the drivers' relayed paths, only with the cargo feature `relay`).
 //! - `dispatch` (private): the one function, sans-IO, that sorts a UDP datagram or a TCP
 //!   stream's first frame into the handler it belongs to (native CurveCP, 1tp, relay), used by
 //!   both read paths of the server driver (docs/ARCHITECTURE.md §4.3).

@@ -93,16 +93,21 @@ pub struct NetConfig {
     /// ([`NetConfig::max_frame`]) so that any frame can be received. Default 64 MiB.
     pub frame_budget: usize,
     /// Offer relaying to nodes behind NATs, within these limits (`None`, the default: do
-    /// not). The node's UDP endpoint then says so in its nodeInfo.
+    /// not). The node's UDP endpoint then says so in its nodeInfo. Cargo feature `relay`.
+    #[cfg(feature = "relay")]
     pub relay: Option<crate::transport::relay::RelayLimits>,
     /// A node that finds itself behind a NAT reserves a slot at a relay it knows of and
     /// publishes the relayed endpoint (default `true`; never while offering relaying).
+    /// Cargo feature `relay`.
+    #[cfg(feature = "relay")]
     pub use_relays: bool,
     /// A relay reservation is bound again this often (it keeps our NAT's mapping open).
-    /// Default 10 s.
+    /// Default 10 s. Cargo feature `relay`.
+    #[cfg(feature = "relay")]
     pub relay_bind_interval: Duration,
     /// Try to punch a direct UDP path for connections that go through a relay (default
-    /// `true`).
+    /// `true`). Cargo feature `relay`.
+    #[cfg(feature = "relay")]
     pub hole_punching: bool,
 }
 
@@ -131,9 +136,13 @@ impl Default for NetConfig {
             dedup: 65_536,
             dedup_per_peer: DEFAULT_DEDUP_PER_PEER,
             frame_budget: 64 << 20,
+            #[cfg(feature = "relay")]
             relay: None,
+            #[cfg(feature = "relay")]
             use_relays: true,
+            #[cfg(feature = "relay")]
             relay_bind_interval: Duration::from_secs(10),
+            #[cfg(feature = "relay")]
             hole_punching: true,
         }
     }
@@ -191,6 +200,6 @@ pub struct ConnectionStats {
     pub retransmissions: u64,
     /// Where its packets go (a TCP connection's peer, a relay while relayed), when known.
     pub remote: Option<std::net::SocketAddr>,
-    /// Its packets go through a relay.
+    /// Its packets go through a relay (never without the cargo feature `relay`).
     pub relayed: bool,
 }

@@ -405,10 +405,13 @@ impl Net {
         let token = Token(CONNECTION_TOKEN_BASE + k);
         let framing = dialect.framing();
         let (registry, kind, addr) = (&self.registry, ep.kind, ep.addr);
-        let driver = if ep.relayed {
-            ClientDriver::connect_relayed(registry, token, addr, config, now)
-        } else {
-            ClientDriver::connect_with_framing(registry, token, kind, framing, addr, config, now)
+        let driver = match ep.relayed {
+            #[cfg(feature = "relay")]
+            true => ClientDriver::connect_relayed(registry, token, addr, config, now),
+            // Without the `relay` feature `connect_order` leaves relayed endpoints out.
+            _ => ClientDriver::connect_with_framing(
+                registry, token, kind, framing, addr, config, now,
+            ),
         };
         let Some(p) = self.peers.get_mut(&b) else {
             return;

@@ -300,6 +300,7 @@ enum NetTimer {
     /// The de-duplication memory is written.
     DedupFlush,
     /// Our relay reservation is bound (again).
+    #[cfg(feature = "relay")]
     RelayBind,
     /// A dial-back check's time is up.
     DialBack,
@@ -369,6 +370,7 @@ struct Conn {
     /// Where its packets go and whether through a relay, as last reported (`Event::Path`).
     path: Option<(SocketAddr, bool)>,
     /// A hole punch was started for it (one round per connection).
+    #[cfg(feature = "relay")]
     punched: bool,
 }
 
@@ -415,6 +417,7 @@ impl Conn {
             msgs_in: 0,
             msgs_out: 0,
             path: None,
+            #[cfg(feature = "relay")]
             punched: false,
         }
     }
@@ -1051,9 +1054,7 @@ fn bind_listeners(
         }
         Err(e) => return Err(e),
     };
-    if let Some(limits) = cfg.relay {
-        server.enable_relay(limits);
-    }
+    reach::serve_relay(cfg, &mut server);
     Ok(server)
 }
 
@@ -1062,7 +1063,7 @@ fn bound_endpoints(cfg: &NetConfig, server: &ServerDriver) -> Vec<Endpoint> {
     let mut endpoints = Vec::new();
     if let Some(a) = server.udp_addr() {
         let mut e = Endpoint::native(TransportKind::Udp, a);
-        e.offers_relay = cfg.relay.is_some();
+        e.offers_relay = reach::offers_relay(cfg);
         endpoints.push(e);
     }
     if let Some(a) = server.tcp_addr() {

@@ -27,7 +27,7 @@
 //!   discovery) connects to it, asks for a reservation (`mm`/`relay.reserve`; answered by
 //!   `mm`/`relay.ok` with a 16-byte token in hex, or `mm`/`relay.no`), binds it from its
 //!   listening socket every [`NetConfig::relay_bind_interval`] (retried every
-//!   [`BIND_RETRY`] until the relay confirms, at most [`BIND_TRIES`] times), and then
+//!   [`relay::BIND_RETRY`] until the relay confirms, at most [`relay::BIND_TRIES`] times), and then
 //!   publishes the relayed endpoint in its nodeInfo instead of its unusable direct ones. The
 //!   relay keeps the reservation while the node's connection to it lives. A relay that goes
 //!   away (connection lost, binds unanswered) is replaced by another known one; with none
@@ -44,6 +44,11 @@
 //!   behind NATs that map a fresh port per destination the punch fails and the relayed path
 //!   stays.
 //!
+//! Relays and hole punching are `relay.rs` beside this file, cargo feature `relay`. Without
+//! it, `relay_off.rs` stands in: observed addresses and dial-back work as above (a reachable
+//! node still publishes its observed address), but the node takes no relay (an unreachable
+//! one keeps publishing its direct endpoints), refuses reservations and never punches.
+//!
 //! Published endpoints: the bound ones, minus those on an unspecified address (`0.0.0.0`,
 //! `::`, which nobody can dial) and, while a relay is bound, minus every direct one (a node
 //! behind a NAT cannot be dialled there); the relayed one while bound. Once a dial-back
@@ -51,7 +56,6 @@
 //! bound port kept); TCP endpoints are not checked and stay as bound. A change makes the
 //! platform publish `transports.myNodeInfo` and raise [`crate::Event::MyNodeInfo`].
 
-use std::collections::HashSet;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -67,12 +71,12 @@ use crate::transport::driver::{NatEvent, Path};
 use crate::transport::relay::{DialBackGuard, DIAL_BACK_NONCE_LEN, TOKEN_LEN};
 use crate::transport::TransportKind;
 
-/// How often an unconfirmed bind is sent again.
-pub const BIND_RETRY: Duration = Duration::from_millis(300);
-/// Unconfirmed binds before a relay is given up.
-pub const BIND_TRIES: u32 = 10;
-/// Relay candidates remembered.
-const MAX_CANDIDATES: usize = 16;
+// The relay we use, serving reservations and hole punching; without the `relay` feature, a
+// stand-in that does none of it.
+#[cfg_attr(not(feature = "relay"), path = "reach/relay_off.rs")]
+mod relay;
+pub(super) use relay::{offers_relay, serve_relay};
+
 /// A dial-back we asked for must reach our listener this soon after the request.
 pub const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(3);
 /// Dial-back checks a node asks for in one run at most.
@@ -88,16 +92,6 @@ struct Check {
     /// The peer said it dialled.
     acked: bool,
     timer: TimerId,
-}
-
-/// The relay we use.
-struct RelayUse {
-    peer: BoxId,
-    addr: SocketAddr,
-    token: Option<[u8; TOKEN_LEN]>,
-    /// Our listening socket as the relay sees it, once a bind is confirmed.
-    observed: Option<SocketAddr>,
-    unanswered: u32,
 }
 
 /// The reachability state of a node (see the module docs).
@@ -118,14 +112,8 @@ pub(super) struct Reach {
     asks: u32,
     /// The serving side's limits on dialling back.
     guard: DialBackGuard,
-    relay: Option<RelayUse>,
-    /// Nodes offering relaying, with their relay address.
-    candidates: Vec<(BoxId, SocketAddr)>,
-    /// Candidates that refused or went away.
-    failed: HashSet<BoxId>,
-    /// The relay candidate a connection was opened to (to learn our observed address).
-    probing: Option<BoxId>,
-    bind_timer: Option<TimerId>,
+    /// The relay we use, the candidates, the bind timer.
+    relays: relay::Relays,
 }
 
 impl Reach {
@@ -140,24 +128,15 @@ impl Reach {
             check: None,
             asks: 0,
             guard: DialBackGuard::new(),
-            relay: None,
-            candidates: Vec::new(),
-            failed: HashSet::new(),
-            probing: None,
-            bind_timer: None,
+            relays: relay::Relays::new(),
         };
         r.published = r.compute();
         r
     }
 
     fn compute(&self) -> Vec<Endpoint> {
-        if let Some(RelayUse {
-            addr,
-            observed: Some(_),
-            ..
-        }) = &self.relay
-        {
-            return vec![Endpoint::relayed(*addr)];
+        if let Some(e) = self.relays.endpoint() {
+            return vec![e];
         }
         let public = self.public_ip.filter(|_| self.reachable == Some(true));
         self.bound
@@ -176,11 +155,6 @@ impl Reach {
                 _ => (!e.addr.ip().is_unspecified()).then_some(*e),
             })
             .collect()
-    }
-
-    /// Whether we should use a relay: what a dial-back concluded, else the hint.
-    fn behind_nat(&self) -> bool {
-        self.reachable.map_or(self.nat_hint, |r| !r)
     }
 
     fn refresh(&mut self) {
@@ -219,55 +193,6 @@ impl Net {
         self.kick_peer(b);
     }
 
-    /// A nodeInfo arrived: a node offering relaying is a candidate; if we may need one and
-    /// use none, we connect to it (its `observed` answer tells whether we need it).
-    pub(super) fn learn_relay(&mut self, info: &NodeInfo, now: Instant) {
-        if self.cfg.relay.is_some() || !self.cfg.use_relays {
-            return;
-        }
-        let Some(e) = info.endpoints.iter().find(|e| e.offers_relay) else {
-            return;
-        };
-        let b = info.box_id;
-        if !self.reach.candidates.iter().any(|c| c.0 == b) {
-            if self.reach.candidates.len() >= MAX_CANDIDATES {
-                self.reach.candidates.remove(0);
-            }
-            self.reach.candidates.push((b, e.addr));
-        }
-        self.next_relay(now);
-    }
-
-    /// Uses (or probes) the next candidate relay when we have none.
-    fn next_relay(&mut self, now: Instant) {
-        if self.reach.relay.is_some() || self.reach.probing.is_some() || self.reach.check.is_some()
-        {
-            return;
-        }
-        let Some(&(b, addr)) = self
-            .reach
-            .candidates
-            .iter()
-            .find(|c| !self.reach.failed.contains(&c.0))
-        else {
-            return;
-        };
-        if self.reach.behind_nat() {
-            self.reach.relay = Some(RelayUse {
-                peer: b,
-                addr,
-                token: None,
-                observed: None,
-                unanswered: 0,
-            });
-            self.queue_mm(b, "relay.reserve", Vec::new(), now);
-        } else if self.reach.reachable.is_none() {
-            // Its `observed` answer (and a dial-back) tell whether we need it.
-            self.reach.probing = Some(b);
-            self.queue_mm(b, "reach.hello", Vec::new(), now);
-        }
-    }
-
     /// Connection `k` became active: the accepting side of a native connection tells the
     /// peer where it sees it from, and a connection that came through our relay starts a
     /// hole punch.
@@ -289,82 +214,15 @@ impl Net {
         if let Some(a) = seen {
             self.queue_mm(b, "observed", a.to_string().into_bytes(), now);
         }
-        let ours = self.reach.relay.as_ref().and_then(|r| r.observed);
-        if let (Some(Path::Relayed { peer, .. }), Some(ours), true) =
-            (path, ours, self.cfg.hole_punching)
-        {
-            if let Some(c) = self.conns.get_mut(k) {
-                c.punched = true;
-            }
-            if self.server.start_punch(peer, now) {
-                self.queue_mm(b, "punch", ours.to_string().into_bytes(), now);
-            }
-        }
+        self.relay_on_active(k, b, path, now);
     }
 
     /// Connection `k` of peer `b` ended (`k` already out of the slab): a relay reservation of
     /// the peer goes, and if it was our relay we look for another.
     pub(super) fn reach_conn_lost(&mut self, b: BoxId, was_active: bool, now: Instant) {
-        if !was_active {
-            return;
+        if was_active {
+            self.relay_conn_lost(b, now);
         }
-        if let Some(r) = self.server.relay_mut() {
-            r.release(&b.0 .0);
-        }
-        if self.reach.probing == Some(b) {
-            self.reach.probing = None;
-        }
-        if self.reach.relay.as_ref().is_some_and(|r| r.peer == b) {
-            self.drop_relay(now);
-        }
-    }
-
-    /// Our relay is gone: its endpoint leaves the nodeInfo and another is tried.
-    fn drop_relay(&mut self, now: Instant) {
-        self.leave_relay(now, true);
-    }
-
-    /// Stops using our relay (`failed`: it refused or went away, so it is not tried again)
-    /// and looks for another if we still need one.
-    fn leave_relay(&mut self, now: Instant, failed: bool) {
-        let Some(r) = self.reach.relay.take() else {
-            return;
-        };
-        log::debug!("relay {} at {} given up", r.peer, r.addr);
-        self.server.unbind_relay(r.addr);
-        if failed {
-            self.reach.failed.insert(r.peer);
-        }
-        if let Some(id) = self.reach.bind_timer.take() {
-            self.timers.cancel(id);
-        }
-        self.reach.refresh();
-        self.next_relay(now);
-    }
-
-    /// The bind timer: bind again, or give the relay up after too many unanswered binds.
-    pub(super) fn relay_bind_due(&mut self, now: Instant) {
-        self.reach.bind_timer = None;
-        let Some(r) = self.reach.relay.as_mut() else {
-            return;
-        };
-        let Some(token) = r.token else { return };
-        if r.unanswered >= BIND_TRIES {
-            self.drop_relay(now);
-            return;
-        }
-        r.unanswered += 1;
-        let addr = r.addr;
-        let next = if r.observed.is_some() && r.unanswered == 1 {
-            now + self.cfg.relay_bind_interval
-        } else {
-            now + BIND_RETRY
-        };
-        if !self.server.bind_relay(addr, &token) {
-            self.drop_relay(now);
-            return;
-        }
-        self.reach.bind_timer = Some(self.timers.schedule(next, NetTimer::RelayBind));
     }
 
     /// Asks native peer `b` (which sees us from `seen`) to dial our listening UDP port back;
@@ -411,11 +269,8 @@ impl Net {
     /// A check ended (already taken out): act on what we know now.
     fn end_check(&mut self, now: Instant) {
         self.server.expect_dial_back(None);
-        if self.reach.reachable == Some(true) && self.reach.relay.is_some() {
-            self.leave_relay(now, false);
-        }
         self.reach.refresh();
-        self.next_relay(now);
+        self.relay_check_ended(now);
     }
 
     /// Events of the listeners' relay datagrams.
@@ -432,24 +287,7 @@ impl Net {
                     self.reach.public_ip = Some(c.seen.ip());
                     self.end_check(now);
                 }
-                NatEvent::Bound { relay, observed } => {
-                    let Some(r) = self.reach.relay.as_mut() else {
-                        continue;
-                    };
-                    if r.addr != relay {
-                        continue;
-                    }
-                    r.unanswered = 0;
-                    if r.observed != Some(observed) {
-                        log::debug!("relay {relay} bound; it sees our listener at {observed}");
-                        r.observed = Some(observed);
-                        self.reach.refresh();
-                    }
-                    if self.reach.bind_timer.is_none() {
-                        let at = now + self.cfg.relay_bind_interval;
-                        self.reach.bind_timer = Some(self.timers.schedule(at, NetTimer::RelayBind));
-                    }
-                }
+                NatEvent::Bound { relay, observed } => self.relay_bound(relay, observed, now),
             }
         }
     }
@@ -465,10 +303,9 @@ impl Net {
         }
         let b = c.peer_box;
         let text = std::str::from_utf8(payload).ok();
-        let addr: Option<SocketAddr> = text.and_then(|t| t.parse().ok());
         match topic {
             "observed" => {
-                if let Some(seen) = addr {
+                if let Some(seen) = text.and_then(|t| t.parse().ok()) {
                     self.on_observed(k, b, seen, now);
                 }
             }
@@ -495,23 +332,7 @@ impl Net {
                     self.end_check(now);
                 }
             }
-            "relay.reserve" => {
-                let token = self.server.relay_mut().and_then(|r| r.reserve(b.0 .0, now));
-                match token {
-                    Some(t) => self.queue_mm(b, "relay.ok", hex(&t).into_bytes(), now),
-                    None => self.queue_mm(b, "relay.no", Vec::new(), now),
-                }
-            }
-            "relay.ok" => self.on_relay_ok(b, text.and_then(unhex), now),
-            "relay.no" if self.reach.relay.as_ref().is_some_and(|r| r.peer == b) => {
-                self.drop_relay(now);
-            }
-            "punch" => {
-                if let Some(target) = addr {
-                    self.on_punch(k, target, now);
-                }
-            }
-            _ => {}
+            _ => self.relay_mm(k, b, topic, text, now),
         }
     }
 
@@ -553,10 +374,7 @@ impl Net {
         {
             self.ask_dial_back(b, seen, now);
         }
-        if self.reach.probing == Some(b) {
-            self.reach.probing = None;
-            self.next_relay(now);
-        }
+        self.relay_observed(b, now);
     }
 
     /// `mm`/`reach.dialback` from peer `b` on connection `k`: within the guard's limits,
@@ -600,37 +418,6 @@ impl Net {
             "reach.refused"
         };
         self.queue_mm(b, topic, hex(&nonce).into_bytes(), now);
-    }
-
-    /// `mm`/`relay.ok` from peer `b`: the reservation we asked our relay for, with its token;
-    /// binding starts.
-    fn on_relay_ok(&mut self, b: BoxId, token: Option<[u8; TOKEN_LEN]>, now: Instant) {
-        let Some(r) = self.reach.relay.as_mut().filter(|r| r.peer == b) else {
-            return;
-        };
-        if r.token.is_some() {
-            return;
-        }
-        let Some(token) = token else { return };
-        r.token = Some(token);
-        self.relay_bind_due(now);
-    }
-
-    /// `mm`/`punch` on connection `k`: the peer probes us from our relay's view of it; a
-    /// relayed outgoing connection probes `target` back (one round per connection).
-    fn on_punch(&mut self, k: usize, target: SocketAddr, now: Instant) {
-        if !self.cfg.hole_punching {
-            return;
-        }
-        if let Some(c) = self.conns.get_mut(k) {
-            if let Link::Client(d) = &mut c.link {
-                if d.path().1 && !c.punched {
-                    c.punched = true;
-                    d.start_punch(target, now);
-                    self.mark_dirty(k);
-                }
-            }
-        }
     }
 
     /// Reports connection `k`'s path if it changed (`Event::Path`).
@@ -741,34 +528,15 @@ mod tests {
                 bound[1]
             ]
         );
-        assert!(!r.behind_nat());
-        r.nat_hint = true;
-        assert!(!r.behind_nat(), "the dial-back outweighs the hint");
-        r.reachable = None;
-        assert!(r.behind_nat());
     }
 
     #[test]
-    fn published_endpoints_skip_unspecified_and_follow_the_relay() {
+    fn published_endpoints_skip_unspecified_ones() {
         let bound = vec![
             Endpoint::native(TransportKind::Udp, "0.0.0.0:4000".parse().unwrap()),
             Endpoint::native(TransportKind::Tcp, "192.0.2.2:4001".parse().unwrap()),
         ];
-        let mut r = Reach::new(&bound);
+        let r = Reach::new(&bound);
         assert_eq!(r.published, vec![bound[1]]);
-        let relay: SocketAddr = "203.0.113.10:4000".parse().unwrap();
-        r.relay = Some(RelayUse {
-            peer: BoxId(crate::crypto::BoxPublicKey([1; 32])),
-            addr: relay,
-            token: Some([0; TOKEN_LEN]),
-            observed: None,
-            unanswered: 0,
-        });
-        r.refresh();
-        assert!(!r.changed, "not before the relay confirms a bind");
-        r.relay.as_mut().unwrap().observed = Some("203.0.113.2:4000".parse().unwrap());
-        r.refresh();
-        assert!(r.changed);
-        assert_eq!(r.published, vec![Endpoint::relayed(relay)]);
     }
 }

@@ -189,6 +189,7 @@ impl Net {
                     self.offline_timer = None;
                     self.offline_retry(cx);
                 }
+                #[cfg(feature = "relay")]
                 NetTimer::RelayBind => self.relay_bind_due(now),
                 NetTimer::DialBack => self.dial_back_due(now),
                 NetTimer::FramePool => {

@@ -1,10 +1,12 @@
 //! [`ClientDriver`]: one CurveCP client over a UDP socket or a TCP stream, in either framing,
-//! with the relay and hole-punching paths of a client.
+//! with the relayed path and hole punch of a client (their code is in `relayed.rs`, cargo
+//! feature `relay`).
 
+use super::relayed::ClientRelay;
 use super::*;
 use crate::transport::dispatch::{self, Carrier, Handler};
 
-enum ClientLink {
+pub(super) enum ClientLink {
     Udp(UdpEndpoint),
     Tcp(FramedStream),
 }
@@ -12,7 +14,7 @@ enum ClientLink {
 /// Runs one [`Client`] over UDP or TCP, in the native or the compatibility framing.
 pub struct ClientDriver {
     client: Client,
-    link: ClientLink,
+    pub(super) link: ClientLink,
     token: Token,
     peer: SocketAddr,
     buf: Box<[u8; MAX_PACKET]>,
@@ -20,62 +22,27 @@ pub struct ClientDriver {
     dialer: Option<Dialer>,
     /// Wrapped packets and the dialer's control packets ([`MAX_DATAGRAM`] bytes; empty for
     /// the native framing).
-    wrapped: Vec<u8>,
+    pub(super) wrapped: Vec<u8>,
     more_to_read: bool,
     /// The latest read delivered at least one packet.
     read_some: bool,
     /// `flush` read packets (the application has not had a turn since).
     read_in_flush: bool,
     closed: Option<String>,
-    /// Through a relay (`peer` is the relay): the server's box key, the relay's target.
-    via: Option<[u8; 32]>,
-    /// The relay this connection started on (its stragglers are still accepted after a move
-    /// to a direct path).
-    relay: Option<SocketAddr>,
-    /// A hole punch in progress.
-    prober: Option<Prober>,
+    /// Started through a relay (`peer` is the relay while relayed): that path and its hole
+    /// punch ([`ClientDriver::connect_relayed`]; never without the `relay` feature).
+    pub(super) relay: Option<ClientRelay>,
 }
 
 impl ClientDriver {
-    /// Like [`ClientDriver::connect`] over UDP, through the relay at `relay`
-    /// ([`super::relay`]): every packet goes to the relay addressed to the server's box key
-    /// (`config.server_key`); replies come from the relay.
-    pub fn connect_relayed(
-        registry: &Registry,
-        token: Token,
-        relay: SocketAddr,
-        config: ClientConfig,
-        now: Instant,
-    ) -> io::Result<ClientDriver> {
-        let target = config.server_key.0;
-        let mut d = Self::connect(registry, token, TransportKind::Udp, relay, config, now)?;
-        d.via = Some(target);
-        d.relay = Some(relay);
-        d.wrapped = vec![0; MAX_PACKET + relay::OVERHEAD];
-        Ok(d)
-    }
-
     /// Where packets go now (the relay's address while relayed) and whether through a relay.
     pub fn path(&self) -> (SocketAddr, bool) {
-        (self.peer, self.via.is_some())
+        (
+            self.peer,
+            self.relay.as_ref().is_some_and(ClientRelay::relayed),
+        )
     }
 
-    /// Starts a hole punch towards `target` (the server's address as its relay sees it): the
-    /// driver probes it from its socket ([`Prober`]); when the target answers, packets go to
-    /// it directly and no longer through the relay. Only for a relayed connection; a punch
-    /// already running is replaced.
-    pub fn start_punch(&mut self, target: SocketAddr, now: Instant) {
-        if self.via.is_some() && matches!(self.link, ClientLink::Udp(_)) {
-            self.prober = Some(Prober::new(target, now));
-        }
-    }
-
-    /// A hole punch is running.
-    pub fn punching(&self) -> bool {
-        self.prober
-            .as_ref()
-            .is_some_and(|p| !p.gave_up() && !p.is_open())
-    }
     /// Opens a socket (UDP bound to an ephemeral port of the same family, or a TCP
     /// connection) to `peer`, registers it under `token`, and starts `client`, in the native
     /// framing.
@@ -155,9 +122,7 @@ impl ClientDriver {
             read_some: false,
             read_in_flush: false,
             closed: None,
-            via: None,
             relay: None,
-            prober: None,
         })
     }
 
@@ -241,27 +206,17 @@ impl ClientDriver {
         let client = &mut self.client;
         let dialer = &mut self.dialer;
         let peer = self.peer;
-        let relay = self.relay;
-        let prober = &mut self.prober;
-        let mut answers: Vec<(SocketAddr, [u8; 16])> = Vec::new();
-        let mut opened = None;
+        let relay = &mut self.relay;
         match &mut self.link {
             ClientLink::Udp(u) => {
                 let mut total = 0;
                 loop {
                     let read = u.recv_all(TRANSMIT_EVERY, |pkt, from| {
                         if dispatch::sort(Carrier::Datagram, pkt) == Handler::Relay {
-                            // Hole punching (nothing else of that kind is for a client).
-                            if let Some(p) = prober.as_mut() {
-                                match p.handle(pkt, from) {
-                                    ProbeInput::Answer(a) if answers.len() < 16 => {
-                                        answers.push((from, a))
-                                    }
-                                    ProbeInput::Open => opened = Some(from),
-                                    _ => {}
-                                }
+                            if let Some(r) = relay.as_mut() {
+                                r.datagram(pkt, from);
                             }
-                        } else if from == peer || Some(from) == relay {
+                        } else if from == peer || relay.as_ref().is_some_and(|r| r.is_relay(from)) {
                             Self::deliver(client, dialer, pkt, now);
                         } else {
                             debug!("client: dropped a datagram from {from}, not the server");
@@ -288,15 +243,8 @@ impl ClientDriver {
                 }
                 self.more_to_read = total >= READ_BATCH;
                 self.read_some = total > 0;
-                for (to, a) in answers {
-                    if let Err(e) = u.send_to(&a, to) {
-                        debug!("client: probe answer to {to} not sent: {e}");
-                    }
-                }
-                if let Some(direct) = opened {
-                    debug!("client: punched a direct path to {direct}; leaving the relay");
+                if let Some(direct) = self.relay.as_mut().and_then(|r| r.after_read(u)) {
                     self.peer = direct;
-                    self.via = None;
                 }
             }
             ClientLink::Tcp(s) => {
@@ -358,22 +306,12 @@ impl ClientDriver {
         let dialer = &mut self.dialer;
         match &mut self.link {
             ClientLink::Udp(u) => {
-                if let Some(p) = self.prober.as_mut() {
-                    while let Some(d) = p.poll_transmit(now) {
-                        if let Err(e) = u.send_to(&d, p.target()) {
-                            debug!("client: probe to {} not sent: {e}", p.target());
-                        }
-                    }
-                }
-                if let Some(target) = self.via {
-                    // Through the relay: each packet wrapped, one `send_to` each.
-                    while let Some(n) = client.poll_transmit(now, &mut self.buf[..]) {
-                        match relay::wrap_to(&target, &self.buf[..n], &mut self.wrapped[..]) {
-                            Some(m) => u.send_to(&self.wrapped[..m], self.peer)?,
-                            None => debug!("client: a {n}-byte packet cannot be relayed"),
-                        }
-                    }
-                } else {
+                let bufs = (&mut self.buf[..], &mut self.wrapped[..]);
+                let relayed = match self.relay.as_mut() {
+                    Some(r) => r.transmit(client, u, self.peer, bufs, now)?,
+                    None => false,
+                };
+                if !relayed {
                     let bufs = (&mut self.buf[..], &mut self.wrapped[..]);
                     Self::transmit_udp(client, dialer, u, self.peer, bufs, now)?
                 }
@@ -472,7 +410,7 @@ impl ClientDriver {
         if self.more_to_read || self.read_in_flush {
             return Some(Instant::now());
         }
-        let probe = self.prober.as_ref().and_then(Prober::next_deadline);
+        let probe = self.relay.as_ref().and_then(ClientRelay::next_deadline);
         match &self.dialer {
             None => match (self.client.poll_timeout(), probe) {
                 (Some(a), Some(b)) => Some(a.min(b)),

@@ -14,17 +14,18 @@
 //! - [`StreamFrames::frame`]: the frames of an accepted TCP stream, whose first frame chooses
 //!   the stream's framing.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use log::debug;
 
+use super::relayed::ServerRelays;
 use super::{Framing, NatEvent, Path};
 use crate::curvecp::server::{ConnectionId, Server};
 use crate::transport::dispatch::{self, Carrier, Handler};
 use crate::transport::onetp::{self, Inbound, SocketPacket};
-use crate::transport::relay::{self, Datagram, ProbeInput, Prober, Relay};
+use crate::transport::relay::{self, Datagram};
 
 /// [`NatEvent`]s kept for the application (older ones are dropped).
 const MAX_NAT_EVENTS: usize = 64;
@@ -147,17 +148,14 @@ impl Compat {
     }
 }
 
-/// A server's part in NAT traversal, on its listening UDP socket: the relay role, the relays
-/// it holds a reservation with, its hole punches, the dial-back probe it awaits, and what it
-/// learnt for the connection manager.
+/// A server's part in NAT traversal, on its listening UDP socket: its relayed paths (the
+/// relay role, the relays it holds a reservation with, its hole punches; none without the
+/// `relay` feature), the dial-back probe it awaits, and what it learnt for the connection
+/// manager.
 #[derive(Default)]
 pub(super) struct Nat {
-    /// The relay role ([`super::ServerDriver::enable_relay`]).
-    pub(super) relay: Option<Relay>,
-    /// Relays we hold a reservation with: their relayed packets are accepted.
-    pub(super) bound_relays: HashSet<SocketAddr>,
-    /// Hole punches from the listening socket, by target (at most [`super::MAX_PUNCHES`]).
-    pub(super) probers: HashMap<SocketAddr, Prober>,
+    /// Relayed paths and punches.
+    pub(super) relays: ServerRelays,
     /// What was learnt, for [`super::ServerDriver::poll_nat_event`] (at most
     /// [`MAX_NAT_EVENTS`]).
     pub(super) events: VecDeque<NatEvent>,
@@ -165,18 +163,18 @@ pub(super) struct Nat {
     pub(super) dial_back: Option<[u8; relay::DIAL_BACK_NONCE_LEN]>,
 }
 
-impl Nat {
-    fn push_event(&mut self, event: NatEvent) {
-        if self.events.len() >= MAX_NAT_EVENTS {
-            self.events.pop_front();
-        }
-        self.events.push_back(event);
+/// Keeps `event` for the application (dropping the oldest beyond [`MAX_NAT_EVENTS`]).
+pub(super) fn push_event(events: &mut VecDeque<NatEvent>, event: NatEvent) {
+    if events.len() >= MAX_NAT_EVENTS {
+        events.pop_front();
     }
+    events.push_back(event);
+}
 
-    /// A relay-family datagram from `from`: a packet a bound relay forwards goes to the server
-    /// (its reply wrapped back through the relay), a bound relay's confirmation and the awaited
-    /// dial-back probe become [`NatEvent`]s, a probe from a punch target is answered, anything
-    /// else is the relay role's (or dropped without one). Returns the datagram to send, written
+impl Nat {
+    /// A relay-family datagram from `from`: the awaited dial-back probe becomes a
+    /// [`NatEvent`]; anything else well-formed is the relayed paths' (`relayed.rs`), which
+    /// answer or drop it; malformed ones are dropped. Returns the datagram to send, written
     /// into `out` (the server's reply goes into `reply` first).
     pub(super) fn datagram<'b>(
         &mut self,
@@ -188,53 +186,18 @@ impl Nat {
         now: Instant,
     ) -> Option<Reply<'b>> {
         match relay::parse(d) {
-            Some(Datagram::From { peer, packet }) if self.bound_relays.contains(&from) => {
-                let path = Path::Relayed { relay: from, peer };
-                let len = server.handle_packet(packet, path, now, reply)?;
-                match relay::wrap_back(peer, &reply[..len], out) {
-                    Some(m) => Some(Reply {
-                        bytes: &out[..m],
-                        to: from,
-                        what: "relayed Cookie",
-                    }),
-                    None => {
-                        debug!("server: a {len}-byte reply cannot be relayed");
-                        None
-                    }
-                }
-            }
-            Some(Datagram::Bound { observed, .. }) if self.bound_relays.contains(&from) => {
-                self.push_event(NatEvent::Bound {
-                    relay: from,
-                    observed,
-                });
-                None
-            }
             Some(Datagram::DialBack(nonce)) if self.dial_back == Some(nonce) => {
                 self.dial_back = None;
-                self.push_event(NatEvent::DialedBack { from });
+                push_event(&mut self.events, NatEvent::DialedBack { from });
                 None
             }
-            Some(Datagram::Punch(_) | Datagram::PunchAck(_)) => {
-                let ProbeInput::Answer(a) = self.probers.get_mut(&from)?.handle(d, from) else {
-                    return None;
-                };
-                out[..a.len()].copy_from_slice(&a);
-                Some(Reply {
-                    bytes: &out[..a.len()],
-                    to: from,
-                    what: "probe answer",
-                })
+            Some(parsed) => {
+                let bufs = (reply, out);
+                let events = &mut self.events;
+                self.relays
+                    .datagram(server, bufs, d, parsed, from, now, events)
             }
-            Some(_) if self.relay.is_some() => {
-                let f = self.relay.as_mut()?.handle(d, from, now, out)?;
-                Some(Reply {
-                    bytes: &out[..f.len],
-                    to: f.to,
-                    what: "relayed datagram",
-                })
-            }
-            _ => {
+            None => {
                 debug!("server: dropped a relay datagram from {from}");
                 None
             }

@@ -81,7 +81,8 @@
 //!   the stateless 1tp accepting side (SYN answered by SYN_ACK, PING by PONG, FIN and RST by
 //!   ACK; an RST also removes the connection its session carried), and the CurveCP packets it
 //!   carries get the path [`Path::UdpCompat`] (source address and session id); one starting
-//!   with `M` is a relay, punch or dial-back datagram ([`super::relay`]); anything else is a
+//!   with `M` is a relay, punch or dial-back datagram ([`super::relay`]; the relay and punch
+//!   ones are dropped without the cargo feature `relay`); anything else is a
 //!   native CurveCP packet. TCP: each stream decides by the first byte of its first frame
 //!   (`Q`: native; PING 0x08 or DATA 0x02: compatibility; anything else: the stream is
 //!   closed) and keeps that framing. A compat stream answers PING with PONG, unwraps DATA,
@@ -111,7 +112,9 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 
 use super::onetp::{self, Dialer, SessionId, MAX_DATAGRAM};
-use super::relay::{self, ProbeInput, Prober, Relay, RelayLimits};
+use super::relay;
+#[cfg(feature = "relay")]
+use super::relay::{ProbeInput, Prober, Relay, RelayLimits};
 use super::tcp::{FramedStream, ReadStatus};
 use super::udp::UdpEndpoint;
 use crate::curvecp::client::{Client, ClientConfig};
@@ -167,7 +170,8 @@ pub enum Path {
         session: SessionId,
     },
     /// A client reached through a relay ([`super::relay`], native framing): the relay's
-    /// address and the client's address as the relay sees it.
+    /// address and the client's address as the relay sees it. Never without the cargo
+    /// feature `relay`.
     Relayed {
         /// The relay's UDP address.
         relay: SocketAddr,
@@ -234,7 +238,8 @@ fn may_roam(old: &Path, new: &Path) -> bool {
 /// What a [`ServerDriver`] learnt from relay datagrams for the connection manager.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NatEvent {
-    /// A relay confirmed our reservation's bind and saw our listening socket from `observed`.
+    /// A relay confirmed our reservation's bind and saw our listening socket from `observed`
+    /// (never without the cargo feature `relay`).
     Bound {
         /// The relay's UDP address.
         relay: SocketAddr,
@@ -251,10 +256,13 @@ pub enum NatEvent {
 
 mod client;
 mod inbound;
+// The relayed and punched paths; without the `relay` feature, stand-ins that have none.
+#[cfg_attr(not(feature = "relay"), path = "relay_off.rs")]
+mod relayed;
 mod server;
 
 pub use client::ClientDriver;
 pub use inbound::CompatStats;
-pub use server::{
-    ServerDriver, ServerDriverLimits, TcpStats, ACCEPT_BATCH, MAX_BOUND_RELAYS, MAX_PUNCHES,
-};
+#[cfg(feature = "relay")]
+pub use relayed::{MAX_BOUND_RELAYS, MAX_PUNCHES};
+pub use server::{ServerDriver, ServerDriverLimits, TcpStats, ACCEPT_BATCH};

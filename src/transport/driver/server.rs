@@ -1,5 +1,6 @@
 //! [`ServerDriver`]: one CurveCP server over a UDP socket and a TCP listener with its accepted
-//! streams, in either framing, with the relay role and the hole punches of a server.
+//! streams, in either framing, with the relay role and the hole punches of a server (their
+//! code is in `relayed.rs`, cargo feature `relay`).
 //!
 //! TCP admission (the per-source cap, eviction, the handshake deadline) is described in the
 //! [`super`] module docs.
@@ -100,7 +101,7 @@ pub struct TcpStats {
 /// stream; [`ServerDriver::owns`] tells whether an event is the driver's.
 pub struct ServerDriver {
     server: Server<Path>,
-    udp: Option<UdpEndpoint>,
+    pub(super) udp: Option<UdpEndpoint>,
     listener: Option<TcpListener>,
     tcp: Slab<TcpSlot>,
     generation: u64,
@@ -133,15 +134,10 @@ pub struct ServerDriver {
     /// TCP slots with frames queued in this `flush`.
     dirty: Vec<usize>,
     /// The relay role, bound relays, punches and dial-back.
-    nat: Nat,
+    pub(super) nat: Nat,
     /// Relay datagrams (a packet and a relay header).
     rbuf: Box<[u8; MAX_PACKET + relay::OVERHEAD]>,
 }
-
-/// Hole punches a [`ServerDriver`] runs at once (further ones are refused).
-pub const MAX_PUNCHES: usize = 64;
-/// Reservations one node may hold with relays at once.
-pub const MAX_BOUND_RELAYS: usize = 8;
 
 impl ServerDriver {
     /// Binds the listeners (at least one must be given) and starts the server.
@@ -223,56 +219,6 @@ impl ServerDriver {
             d.server.set_path_burst(path_burst);
             d
         })
-    }
-
-    /// Offers relaying on the UDP socket ([`super::relay`]) within `limits`.
-    pub fn enable_relay(&mut self, limits: RelayLimits) {
-        self.nat.relay = Some(Relay::new(limits));
-    }
-
-    /// The relay role's table (`None` unless [`ServerDriver::enable_relay`]).
-    pub fn relay(&self) -> Option<&Relay> {
-        self.nat.relay.as_ref()
-    }
-
-    /// The relay role's table, to reserve and release.
-    pub fn relay_mut(&mut self) -> Option<&mut Relay> {
-        self.nat.relay.as_mut()
-    }
-
-    /// Binds our reservation at the relay `relay` (sends one bind datagram from the listening
-    /// socket, which also keeps our NAT's mapping towards it open) and from now on accepts the
-    /// packets it relays. `false` if there is no UDP socket or too many relays are bound.
-    pub fn bind_relay(&mut self, relay: SocketAddr, token: &[u8; relay::TOKEN_LEN]) -> bool {
-        if !self.nat.bound_relays.contains(&relay)
-            && self.nat.bound_relays.len() >= MAX_BOUND_RELAYS
-        {
-            return false;
-        }
-        let Some(u) = self.udp.as_mut() else {
-            return false;
-        };
-        self.nat.bound_relays.insert(relay);
-        if let Err(e) = u.send_to(&relay::bind_datagram(token), relay) {
-            debug!("server: bind to relay {relay} not sent: {e}");
-        }
-        true
-    }
-
-    /// Stops accepting packets relayed by `relay`.
-    pub fn unbind_relay(&mut self, relay: SocketAddr) {
-        self.nat.bound_relays.remove(&relay);
-    }
-
-    /// Starts punching from the listening socket towards `target` (a client reaching us
-    /// through a relay), and answers its probes. `false` when too many punches run.
-    pub fn start_punch(&mut self, target: SocketAddr, now: Instant) -> bool {
-        self.nat.probers.retain(|_, p| p.next_deadline().is_some());
-        if !self.nat.probers.contains_key(&target) && self.nat.probers.len() >= MAX_PUNCHES {
-            return false;
-        }
-        self.nat.probers.insert(target, Prober::new(target, now));
-        true
     }
 
     /// The next thing learnt from relay datagrams.
@@ -862,13 +808,7 @@ impl ServerDriver {
         }
         self.transmit(registry, now)?;
         if let Some(u) = self.udp.as_mut() {
-            for p in self.nat.probers.values_mut() {
-                while let Some(d) = p.poll_transmit(now) {
-                    if let Err(e) = u.send_to(&d, p.target()) {
-                        debug!("server: probe to {} not sent: {e}", p.target());
-                    }
-                }
-            }
+            self.nat.relays.send_probes(u, now);
         }
         self.pump_events();
         self.close_unauthenticated(registry, now);
@@ -1006,12 +946,7 @@ impl ServerDriver {
         }
         let idle = self.idle_checks.front().map(|c| c.0);
         let handshake = self.unauth.first_key_value().map(|(k, _)| k.0);
-        let probe = self
-            .nat
-            .probers
-            .values()
-            .filter_map(Prober::next_deadline)
-            .min();
+        let probe = self.nat.relays.next_deadline();
         [self.server.poll_timeout(), idle, handshake, probe]
             .into_iter()
             .flatten()
