@@ -48,9 +48,7 @@ fn short(p: &Platform) -> String {
 }
 
 fn introduce(a: &mut Platform, b: &Platform) {
-    let _ = a
-        .messaging()
-        .send("transports.nodeInfo", "local", &b.node_info());
+    a.add_peer(&b.node_info());
 }
 
 /// Polls every platform until `done` holds; fails after `limit`.
@@ -232,9 +230,7 @@ fn offline_buffer() -> Result<(), String> {
     drop(dave0);
     println!("dave {} is offline", &dave_id.sign_id().to_string()[..8]);
     let mut carol = node("udp", quick);
-    let _ = carol
-        .messaging()
-        .send("transports.nodeInfo", "local", &dave_info);
+    carol.add_peer(&dave_info);
     let (_, failed) = carol.messaging().on_channel("self.transports.failed", 64);
     let delivered = Rc::new(RefCell::new(0));
     const N: usize = 10;

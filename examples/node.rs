@@ -53,8 +53,9 @@
 //!   publishes a nodeInfo that is new or changed (not for our own; at most 4,096 remembered)
 //! - `{"event":"sent","id":ID,"ok":true}` or `{"event":"sent","id":ID,"ok":false,"error":"..."}`
 //!   once per send that carried an id: `ok:false` at once when the platform refuses the send
-//!   (`"message too large"` beyond 16 MiB, `"send buffer full"`, `"unknown destination"`,
-//!   ...), later when it is not delivered (expired, unreachable, ...)
+//!   (`"message of N bytes is larger than the limit of M bytes"` beyond 16 MiB, `"send buffer
+//!   full"`, `"unknown destination"`, ...), later when it is not delivered (expired,
+//!   unreachable, ...)
 //! - `{"event":"nodeInfo","nodeInfo":{...}}` whenever our published nodeInfo changes
 //! - `{"event":"path","peer":"<signId>","path":"direct"|"relayed","remote":"ADDR:PORT"}`
 //!   when a connection's path is first known and whenever it changes

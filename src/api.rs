@@ -10,6 +10,10 @@
 //! [`crate::Stats::malformed`]. The APIs are short-lived borrows of the platform (or of a
 //! callback's [`Context`]): `platform.messaging().send(...)`.
 //!
+//! Their sends are checked as [`crate::Platform::send`]'s (topic rule, reserved protocol,
+//! size), and their subscriptions panic on an invalid pattern as [`crate::Platform::on`]'s
+//! do (see [`crate::TopicError`]).
+//!
 //! ```
 //! use std::borrow::Cow;
 //! use std::time::Duration;
@@ -275,6 +279,7 @@ impl<'c> Messaging<'c> {
         )
     }
 
+    #[track_caller]
     fn subscribe<T, F>(&mut self, pattern: &str, once: bool, mut f: F) -> SubscriptionId
     where
         T: DeserializeOwned + 'static,
@@ -302,6 +307,7 @@ impl<'c> Messaging<'c> {
     /// `self.test.testMessage`, `public.chat.*`). The callback gets the context, the message
     /// (for its sender, scope and topic) and the decoded payload; messages whose payload does
     /// not decode as `T` are skipped.
+    #[track_caller]
     pub fn on<T, F>(&mut self, pattern: &str, f: F) -> SubscriptionId
     where
         T: DeserializeOwned + 'static,
@@ -311,6 +317,7 @@ impl<'c> Messaging<'c> {
     }
 
     /// Like [`Messaging::on`], for the first matching message only.
+    #[track_caller]
     pub fn once<T, F>(&mut self, pattern: &str, f: F) -> SubscriptionId
     where
         T: DeserializeOwned + 'static,
@@ -321,6 +328,7 @@ impl<'c> Messaging<'c> {
 
     /// A bounded channel of the JSON messages matching `pattern` (decode them with
     /// [`Message::json`]).
+    #[track_caller]
     pub fn on_channel(
         &mut self,
         pattern: &str,
@@ -410,6 +418,7 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
         )
     }
 
+    #[track_caller]
     fn subscribe<F>(&mut self, pattern: &str, once: bool, mut f: F) -> SubscriptionId
     where
         F: FnMut(&mut Context<'_>, &Message, C::Value) + 'static,
@@ -428,6 +437,7 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
     }
 
     /// Subscribes to this protocol's messages whose scoped topic matches `pattern`.
+    #[track_caller]
     pub fn on<F>(&mut self, pattern: &str, f: F) -> SubscriptionId
     where
         F: FnMut(&mut Context<'_>, &Message, C::Value) + 'static,
@@ -436,6 +446,7 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
     }
 
     /// Like [`ProtocolApi::on`], for the first matching message only.
+    #[track_caller]
     pub fn once<F>(&mut self, pattern: &str, f: F) -> SubscriptionId
     where
         F: FnMut(&mut Context<'_>, &Message, C::Value) + 'static,
@@ -444,6 +455,7 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
     }
 
     /// A bounded channel of this protocol's messages matching `pattern`.
+    #[track_caller]
     pub fn on_channel(
         &mut self,
         pattern: &str,
@@ -469,6 +481,7 @@ impl ProtocolApi<'_, RawCodec> {
     ///     total += bytes.len();
     /// });
     /// ```
+    #[track_caller]
     pub fn on_bytes<F>(&mut self, pattern: &str, mut f: F) -> SubscriptionId
     where
         F: FnMut(&mut Context<'_>, &Message, &[u8]) + 'static,

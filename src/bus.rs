@@ -9,6 +9,19 @@
 //! - a trailing `*` matches one or more segments (`room.*` matches `room.a` and `room.a.b`, but
 //!   not `room` alone); so the pattern `*` matches every topic.
 //!
+//! # Valid topics and patterns
+//!
+//! The one rule for what the local API accepts ([`check_topic`], [`check_pattern`]): a topic
+//! is one or more segments separated by `.`, and a segment is non-empty and contains no `*`,
+//! no whitespace ([`char::is_whitespace`]) and no control character ([`char::is_control`], `\0`
+//! included). Anything else is allowed (`transports.nodeInfo`, `kademlia-v1.ping`,
+//! `room#42.say` are valid). A pattern follows the same rule, except that a segment may be
+//! exactly `*`. So `""`, `"chat..say"`, `".chat"`, `"chat.*"` (as a topic), `"has space"`,
+//! `"a\0b"`, and the patterns `""`, `"**"`, `"a.b*"` are refused. Only local input is
+//! checked (sends and subscriptions of the application and of services): topics arriving from
+//! other nodes are delivered as they come (the original JavaScript nodes check nothing), and
+//! simply match no pattern when they break the rule.
+//!
 //! Matching never allocates: the trie is walked with the topic's segment iterator and the
 //! matches are appended to a buffer the caller reuses. A topic reaches each trie node at most
 //! once, so a subscription matches a given topic at most once. Subscriptions carry an optional
@@ -31,6 +44,96 @@ use slab::Slab;
 pub struct SubscriptionId {
     key: u32,
     gen: u32,
+}
+
+/// What is wrong with a topic or a pattern.
+///
+/// The rule: a topic is one or more segments separated by `.`; a segment is non-empty and
+/// contains no `*`, no whitespace ([`char::is_whitespace`]) and no control character
+/// ([`char::is_control`], `\0` included); any other character is allowed. A pattern follows the
+/// same rule, except that a segment may be exactly `*`. Only local input is checked (sends and
+/// subscriptions); topics from other nodes are delivered as they come.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[non_exhaustive]
+pub enum TopicError {
+    /// The topic or pattern is empty.
+    Empty,
+    /// A segment is empty: a leading, trailing or doubled `.`.
+    EmptySegment,
+    /// A `*` in a topic, or in a pattern segment that is not exactly `*`.
+    Wildcard,
+    /// A whitespace character (tab and newline included).
+    Whitespace,
+    /// A control character (`\0`, `\n`, DEL, ...).
+    Control,
+}
+
+impl std::fmt::Display for TopicError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TopicError::Empty => "empty topic",
+            TopicError::EmptySegment => "empty topic segment (leading, trailing or doubled '.')",
+            TopicError::Wildcard => "'*' is only allowed as a whole pattern segment",
+            TopicError::Whitespace => "whitespace in a topic",
+            TopicError::Control => "control character in a topic",
+        })
+    }
+}
+
+impl std::error::Error for TopicError {}
+
+/// Checks `s` against the rule, segments of exactly `*` allowed when `pattern`.
+fn check(s: &str, pattern: bool) -> Result<(), TopicError> {
+    if s.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    for seg in s.split('.') {
+        if seg.is_empty() {
+            return Err(TopicError::EmptySegment);
+        }
+        if pattern && seg == "*" {
+            continue;
+        }
+        for c in seg.chars() {
+            if c == '*' {
+                return Err(TopicError::Wildcard);
+            }
+            // Whitespace first: a tab or a newline is reported as whitespace.
+            if c.is_whitespace() {
+                return Err(TopicError::Whitespace);
+            }
+            if c.is_control() {
+                return Err(TopicError::Control);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `topic` is a valid topic to send on (the rule is in [`TopicError`]).
+///
+/// ```
+/// use mm_platform::{check_topic, TopicError};
+/// assert_eq!(check_topic("chat.say"), Ok(()));
+/// assert_eq!(check_topic("chat..say"), Err(TopicError::EmptySegment));
+/// assert_eq!(check_topic("chat.*"), Err(TopicError::Wildcard));
+/// ```
+pub fn check_topic(topic: &str) -> Result<(), TopicError> {
+    check(topic, false)
+}
+
+/// Whether `pattern` is a valid pattern to subscribe to (the rule is in [`TopicError`]): a
+/// subscription to an invalid one panics, so a pattern built at run time is checked first.
+///
+/// ```
+/// use mm_platform::{check_pattern, TopicError};
+/// assert_eq!(check_pattern("self.chat.*"), Ok(()));
+/// assert_eq!(check_pattern("*"), Ok(()));
+/// assert_eq!(check_pattern("**"), Err(TopicError::Wildcard));
+/// assert_eq!(check_pattern(""), Err(TopicError::Empty));
+/// ```
+pub fn check_pattern(pattern: &str) -> Result<(), TopicError> {
+    check(pattern, true)
 }
 
 /// FNV-1a: a fast hash for short topic segments. Only locally chosen patterns are stored in the

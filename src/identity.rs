@@ -26,7 +26,8 @@ use crate::storage::{Storage, StorageError};
 /// The storage key holding the identity's secret key.
 pub const IDENTITY_KEY: &str = "identity";
 
-/// A node id: an ed25519 public key, shown and parsed as standard base64 (44 characters).
+/// A node id: an ed25519 public key, shown and parsed as standard base64 (44 characters; also
+/// its serde form).
 ///
 /// ```
 /// use mm_platform::identity::Identity;
@@ -42,7 +43,8 @@ pub const IDENTITY_KEY: &str = "identity";
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SignId(pub SignPublicKey);
 
-/// A node's encryption key: a curve25519 public key, shown and parsed as standard base64.
+/// A node's encryption key: a curve25519 public key, shown and parsed as standard base64
+/// (also its serde form).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BoxId(pub BoxPublicKey);
 
@@ -133,6 +135,26 @@ impl FromStr for BoxId {
         decode_key(s).map(|k| BoxId(BoxPublicKey(k)))
     }
 }
+
+/// serde in the ids' text form (standard base64 of the 32 bytes), parsed as [`FromStr`] does.
+macro_rules! serde_as_text {
+    ($($ty:ty),*) => {$(
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+
+serde_as_text!(SignId, BoxId);
 
 /// Why the identity could not be loaded or created.
 #[derive(Debug)]

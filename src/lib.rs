@@ -94,7 +94,7 @@ pub mod services;
 pub mod storage;
 mod transport;
 
-pub use bus::SubscriptionId;
+pub use bus::{check_pattern, check_topic, SubscriptionId, TopicError};
 pub use identity::{BoxId, SignId};
 pub use platform::{
     Address, BuildError, CloseReport, ConnectionStats, Context, DeliveryError, Event, Handle,

@@ -45,7 +45,7 @@ fn payload(from: u8, i: usize) -> Vec<u8> {
 }
 
 fn tell(p: &mut Platform, other: &Platform) {
-    let info: Value = other.node_info();
+    let info: Value = other.node_info().to_json();
     assert!(p
         .messaging()
         .send("transports.nodeInfo", "local", &info)

@@ -48,7 +48,7 @@ fn receiver(
                 n.set(n.get() + data.len())
             });
         let (_, rx) = b.messaging().on_channel("public.note.*", 2 * MESSAGES);
-        info.send(b.node_info()).unwrap();
+        info.send(b.node_info().to_json()).unwrap();
         let mut got = Vec::new();
         let end = Instant::now() + limit;
         while (bytes.get() < bulk || got.len() < MESSAGES) && Instant::now() < end {
@@ -155,7 +155,7 @@ fn with_the_receiver_down_close_keeps_the_non_realtime_messages_for_the_next_run
             .storage(FileStore::open(&db).unwrap())
             .build()
             .unwrap();
-        b0.node_info()
+        b0.node_info().to_json()
     };
     {
         let mut a = Platform::builder()

@@ -100,7 +100,7 @@ fn pump_until(p: &mut Platform, limit: Duration, what: &str, mut done: impl FnMu
 /// Both sides know each other; the JavaScript side only the Rust node's `transport` endpoint.
 fn introduce(rust: &mut Platform, js: &mut JsPeer, transport: &str) {
     tell_rust(rust, &js.node_info.clone());
-    let info = only(&rust.node_info(), transport);
+    let info = only(&rust.node_info().to_json(), transport);
     tell_js(js, &info);
 }
 
@@ -391,7 +391,7 @@ fn one_port_serves_js_and_rust_peers_at_once() {
             "transportInfo": {"address": "127.0.0.1", "port": 0}}]))
         .build()
         .unwrap();
-    let server_info = only(&server.node_info(), "udp");
+    let server_info = only(&server.node_info().to_json(), "udp");
     tell_js(&mut js, &server_info);
     tell_rust(&mut server, &js.node_info.clone());
     // The Rust peer reaches the server through the recorder.
@@ -485,7 +485,7 @@ fn unknown_js_sender_is_reported_by_box_id_until_mapped() {
     };
     let mut js = JsPeer::spawn(&["--no-tcp"]);
     let mut rust = rust_node(Identity::generate(), &[]);
-    tell_js(&mut js, &only(&rust.node_info(), "udp"));
+    tell_js(&mut js, &only(&rust.node_info().to_json(), "udp"));
     let (_, rx) = rust.on_channel("public.who.*", 8);
     let (_, asks) = rust.on_channel("self.directory.get", 8);
     let our_box = rust.box_id().to_string();
@@ -590,7 +590,7 @@ fn js_node_skips_relayed_endpoints_and_uses_the_udp_one() {
         .build()
         .expect("platform");
     tell_rust(&mut rust, &js.node_info.clone());
-    let mut info = only(&rust.node_info(), "udp");
+    let mut info = only(&rust.node_info().to_json(), "udp");
     assert_eq!(
         info["connectionInfo"][0]["transportInfo"]["relay"], true,
         "{info}"

@@ -642,7 +642,7 @@ fn a_hundred_nodes_resolve_deliver_store_and_survive_a_third_leaving() {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let seed = (rng >> 33) as usize % i;
-        let info = nodes[seed].p.node_info();
+        let info = nodes[seed].p.node_info().to_json();
         nodes.push(sim_node(Some(info), None));
         if i % 10 == 9 {
             let ok = run_until(&mut nodes, Duration::from_secs(30), |n| {
@@ -706,7 +706,7 @@ fn a_hundred_nodes_resolve_deliver_store_and_survive_a_third_leaving() {
 fn a_restarted_node_rejoins_from_its_stored_table() {
     let mut nodes: Vec<SimNode> = vec![sim_node(None, None)];
     for i in 1..8 {
-        let info = nodes[i / 2].p.node_info();
+        let info = nodes[i / 2].p.node_info().to_json();
         nodes.push(sim_node(Some(info), None));
     }
     assert!(run_until(&mut nodes, Duration::from_secs(20), |n| {
@@ -736,7 +736,7 @@ fn a_restarted_node_rejoins_from_its_stored_table() {
             values,
         }
     };
-    nodes.push(start(Some(nodes[0].p.node_info())));
+    nodes.push(start(Some(nodes[0].p.node_info().to_json())));
     assert!(run_until(&mut nodes, Duration::from_secs(20), |n| {
         let x = n.last().unwrap().info.borrow();
         x.joined && x.table_len >= 5

@@ -115,7 +115,7 @@ fn a_dht_of_our_serving_services_stores_and_returns_nodeinfo() {
         }
     };
     assert_eq!(found.0, "mainline");
-    assert_eq!(found.1, publisher.node_info());
+    assert_eq!(found.1, publisher.node_info().to_json());
 
     // No bootstrap addresses: the service is refused.
     let err = Platform::builder()

@@ -124,7 +124,7 @@ fn libtorrent_reads_our_item_and_resolves_ours_for_a_message() {
     assert_eq!(got["signature"].as_str().map(str::len), Some(128), "{got}");
     let value: Value = serde_json::from_slice(&unhex(got["value"].as_str().unwrap()))
         .expect("our item's value is a JSON nodeInfo");
-    let ours = publisher.node_info();
+    let ours = publisher.node_info().to_json();
     assert_eq!(value["signId"], ours["signId"], "{value}");
     assert_eq!(value["boxId"], ours["boxId"], "{value}");
     assert_eq!(value["connectionInfo"], ours["connectionInfo"], "{value}");

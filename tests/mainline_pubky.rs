@@ -151,7 +151,7 @@ fn pubky_testnet_reads_our_item_and_resolves_ours_for_a_message() {
     assert_eq!(item["seq"].as_i64(), Some(s.seq), "{got}");
     let value: Value = serde_json::from_slice(&unhex(item["value"].as_str().unwrap()))
         .expect("our item's value is a JSON nodeInfo");
-    let ours = publisher.node_info();
+    let ours = publisher.node_info().to_json();
     assert_eq!(value["signId"], ours["signId"], "{value}");
     assert_eq!(value["boxId"], ours["boxId"], "{value}");
 

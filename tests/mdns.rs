@@ -136,7 +136,7 @@ fn hostile_packets_on_the_socket_publish_nothing_and_memory_stays_bounded() {
         let mdns = Mdns::new(MdnsConfig::default());
         let stats = mdns.stats_handle();
         let mut p = Platform::builder().service(mdns).build().unwrap();
-        let own = p.node_info();
+        let own = p.node_info().to_json();
         let tx = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
         tx.set_multicast_if_v4(&Ipv4Addr::LOCALHOST).unwrap();
         tx.set_multicast_loop_v4(true).unwrap();

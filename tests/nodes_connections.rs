@@ -17,7 +17,7 @@ fn poll_all(ps: &mut [&mut Platform]) {
 }
 
 fn introduce(a: &mut Platform, b: &Platform) {
-    let info = b.node_info();
+    let info = b.node_info().to_json();
     let _ = a.messaging().send("transports.nodeInfo", "local", &info);
 }
 
@@ -84,7 +84,7 @@ fn falls_back_from_a_dead_udp_endpoint_to_tcp() {
     };
     let mut a = Platform::builder().net(cfg).build().unwrap();
     let mut b = Platform::builder().build().unwrap();
-    let mut info = b.node_info();
+    let mut info = b.node_info().to_json();
     // A UDP endpoint where nobody listens, listed first; then b's real TCP endpoint.
     let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let dead_port = dead.local_addr().unwrap().port();
@@ -319,7 +319,7 @@ fn a_peer_that_restarts_and_reconnects_replaces_the_dead_connection() {
             .net(cfg)
             .build()
             .unwrap();
-        let (b_info, b_listen) = (b.node_info(), b.connection_info());
+        let (b_info, b_listen) = (b.node_info().to_json(), b.connection_info());
         let mut b = b;
         introduce(&mut a, &b);
         let (_, rb) = b.messaging().on_channel("public.r.*", 64);
@@ -343,7 +343,7 @@ fn a_peer_that_restarts_and_reconnects_replaces_the_dead_connection() {
             .connection_info(b_listen)
             .build()
             .unwrap();
-        assert_eq!(b2.node_info(), b_info);
+        assert_eq!(b2.node_info().to_json(), b_info);
         introduce(&mut b2, &a);
         let (_, ra) = a.messaging().on_channel("public.r.*", 64);
         let (_, rb2) = b2.messaging().on_channel("public.r.*", 64);

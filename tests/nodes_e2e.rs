@@ -41,11 +41,7 @@ fn pump(a: &mut Platform, b: &mut Platform, limit: Duration, mut done: impl FnMu
 }
 
 fn tell(p: &mut Platform, other: &Platform) {
-    let info = other.node_info();
-    assert!(p
-        .messaging()
-        .send("transports.nodeInfo", "local", &info)
-        .is_queued());
+    p.add_peer(&other.node_info());
 }
 
 fn exchange(listen: fn() -> Value) {
@@ -258,8 +254,7 @@ fn an_application_directory_answers_lookups_without_the_bus() {
         }
     }
     let mut b = Platform::builder().build().unwrap();
-    let mut keys = mm_platform::identity::KeyCache::new(4);
-    let info = NodeInfo::from_json(&b.node_info(), &mut keys).unwrap();
+    let info = b.node_info();
     let mut a = Platform::builder()
         .directory(Static(HashMap::from([(b.sign_id(), info)])))
         .build()

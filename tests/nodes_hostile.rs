@@ -25,7 +25,7 @@ fn raw_peer(target: &mut Platform, me: &Identity, frames: &[Envelope]) {
 /// Connects to `target` over UDP as `me`, writes `bytes` on the stream, and drives both sides
 /// for `time`; returns how many of the bytes the target's side acknowledged.
 fn raw_peer_bytes(target: &mut Platform, me: &Identity, bytes: &[u8], time: Duration) -> u64 {
-    let info = target.node_info();
+    let info = target.node_info().to_json();
     let port = info["connectionInfo"]
         .as_array()
         .unwrap()

@@ -5,8 +5,12 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
+use mm_platform::api::RawCodec;
 use mm_platform::identity::Identity;
-use mm_platform::{Limits, Platform, SendStatus, SubscriptionId};
+use mm_platform::platform::RESERVED_PROTOCOL;
+use mm_platform::{
+    check_pattern, check_topic, Limits, Platform, SendStatus, SubscriptionId, TopicError,
+};
 
 type Log = Rc<RefCell<Vec<String>>>;
 
@@ -303,7 +307,10 @@ fn send_statuses() {
     let stranger = Identity::generate().sign_id();
     assert_eq!(
         p.send("local", "ms", "t", vec![0; 200]),
-        SendStatus::TooLarge
+        SendStatus::TooLarge {
+            size: 203,
+            limit: 100
+        }
     );
     assert_eq!(
         p.send("nobody", "ms", "t", vec![]),
@@ -322,4 +329,147 @@ fn send_statuses() {
     assert_eq!(msgs.len(), 4);
     assert!(msgs.iter().all(|m| m.sender == mm_platform::Address::Local));
     assert_eq!(p.send("local", "ms", "t", vec![]), SendStatus::Queued);
+}
+
+#[test]
+fn start_up_messages_take_no_room_of_the_local_queue() {
+    // Issue 21: with `local_queue: 4` every send made before the first poll was refused, the
+    // platform's own start-up messages having filled the queue.
+    let mut p = Platform::builder()
+        .transports(false)
+        .limits(Limits {
+            local_queue: 4,
+            ..Limits::default()
+        })
+        .build()
+        .unwrap();
+    let (_, rx) = p.on_channel("self.app.*", 8);
+    let (_, builtin) = p.on_channel("self.transports.myNodeInfo", 8);
+    for i in 0..4 {
+        let topic = format!("app.m{i}");
+        assert_eq!(p.send("local", "ms", topic, vec![]), SendStatus::Queued);
+    }
+    assert_eq!(
+        p.send("local", "ms", "app.m4", vec![]),
+        SendStatus::BufferFull
+    );
+    turn(&mut p);
+    let topics: Vec<String> = rx.try_iter().map(|m| m.topic).collect();
+    assert_eq!(topics, ["app.m0", "app.m1", "app.m2", "app.m3"]);
+    assert_eq!(
+        builtin.try_iter().count(),
+        1,
+        "the start-up messages still arrive"
+    );
+}
+
+#[test]
+fn invalid_topics_are_refused_on_every_send_path() {
+    let mut p = platform();
+    let (_, rx) = p.on_channel("*", 64);
+    let bad = [
+        ("", TopicError::Empty),
+        ("chat..say", TopicError::EmptySegment),
+        (".chat", TopicError::EmptySegment),
+        ("chat.", TopicError::EmptySegment),
+        ("chat.*", TopicError::Wildcard),
+        ("chat.a*", TopicError::Wildcard),
+        ("has space", TopicError::Whitespace),
+        ("tab\there", TopicError::Whitespace),
+        ("a\0b", TopicError::Control),
+        ("a\u{7f}b", TopicError::Control),
+    ];
+    let handle = p.handle();
+    for (topic, why) in bad {
+        let want = SendStatus::InvalidTopic(why);
+        assert_eq!(p.send("local", "ms", topic, vec![]), want, "{topic:?}");
+        assert_eq!(p.messaging().send(topic, "local", &1), want, "{topic:?}");
+        assert_eq!(
+            p.torrenting().send(topic, "local", &vec![1]),
+            want,
+            "{topic:?}"
+        );
+        assert_eq!(handle.send("local", "bt", topic, vec![]), want, "{topic:?}");
+        assert!(want.to_string().starts_with("invalid topic: "));
+    }
+    // What the platform, its services and the original JavaScript nodes use stays valid.
+    for topic in [
+        "test.testMessage",
+        "transports.nodeInfo",
+        "kademlia-v1.ping",
+        "room#42.say",
+        "x",
+    ] {
+        assert_eq!(check_topic(topic), Ok(()), "{topic:?}");
+        assert!(
+            p.send("local", "ms", topic, vec![]).is_queued(),
+            "{topic:?}"
+        );
+    }
+    turn(&mut p);
+    assert_eq!(
+        rx.try_iter().count(),
+        5,
+        "only the valid topics were delivered"
+    );
+}
+
+#[test]
+fn invalid_patterns_are_refused() {
+    for good in ["*", "self.*", "a.*.c", "public.chat.room"] {
+        assert_eq!(check_pattern(good), Ok(()), "{good:?}");
+    }
+    let bad = [
+        ("", TopicError::Empty),
+        ("**", TopicError::Wildcard),
+        ("a.b*", TopicError::Wildcard),
+        ("a..b", TopicError::EmptySegment),
+        ("a b", TopicError::Whitespace),
+    ];
+    for (pattern, why) in bad {
+        assert_eq!(check_pattern(pattern), Err(why), "{pattern:?}");
+        let caught = std::panic::catch_unwind(|| {
+            let mut p = Platform::builder().transports(false).build().unwrap();
+            p.on(pattern, |_, _| {});
+        });
+        let err = caught.expect_err("an invalid pattern panics");
+        let text = err.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(text.contains("invalid subscription pattern"), "{text}");
+    }
+}
+
+#[test]
+fn the_platforms_own_protocol_is_refused() {
+    let mut p = platform();
+    assert_eq!(
+        p.send("local", "mm", "identify", vec![]),
+        SendStatus::ReservedProtocol
+    );
+    assert_eq!(
+        p.api(RawCodec::new(RESERVED_PROTOCOL))
+            .send("ack", "local", &vec![]),
+        SendStatus::ReservedProtocol
+    );
+    assert_eq!(
+        p.handle().send("local", "mm", "x", vec![]),
+        SendStatus::ReservedProtocol
+    );
+    assert!(p.send("local", "mmx", "x", vec![]).is_queued());
+}
+
+#[test]
+fn message_debug_shows_a_short_payload() {
+    let mut p = platform();
+    let (_, rx) = p.on_channel("self.*", 4);
+    let _ = p.send("local", "bt", "bin", vec![0xff; 1000]);
+    let _ = p.messaging().send("json", "local", &"hello");
+    turn(&mut p);
+    let bin = format!("{:?}", rx.try_recv().unwrap());
+    assert!(
+        bin.contains(&format!("payload: 1000 bytes {}…", "ff".repeat(32))),
+        "{bin}"
+    );
+    assert!(bin.len() < 300, "{bin}");
+    let json = format!("{:?}", rx.try_recv().unwrap());
+    assert!(json.contains(r#"payload: 7 bytes "\"hello\"""#), "{json}");
 }

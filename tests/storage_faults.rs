@@ -184,7 +184,7 @@ struct DownPeer {
 fn down_peer() -> DownPeer {
     let id = Identity::generate();
     let b0 = Platform::builder().identity(id.clone()).build().unwrap();
-    let (info, listen) = (b0.node_info(), b0.connection_info());
+    let (info, listen) = (b0.node_info().to_json(), b0.connection_info());
     drop(b0);
     DownPeer { id, info, listen }
 }

@@ -57,7 +57,7 @@ fn tcp_node() -> Platform {
 }
 
 fn tcp_addr(p: &Platform) -> SocketAddr {
-    let info = p.node_info();
+    let info = p.node_info().to_json();
     let e = info["connectionInfo"]
         .as_array()
         .unwrap()
@@ -216,7 +216,7 @@ fn a_tcp_only_node_is_reachable_while_one_address_floods_its_listener() {
     }
 
     // The peer sends a message over TCP while the flood goes on.
-    let info = b.node_info();
+    let info = b.node_info().to_json();
     assert!(a
         .messaging()
         .send("transports.nodeInfo", "local", &info)

@@ -52,7 +52,7 @@ fn bt_once(kind: &str, owned: bool) -> f64 {
         let cpu0 = thread_cpu();
         let mut b = node(&kind_b);
         info_tx
-            .send((b.node_info(), b.sign_id()))
+            .send((b.node_info().to_json(), b.sign_id()))
             .expect("send info");
         let a_info = a_rx.recv().expect("A's info");
         let _ = b.messaging().send("transports.nodeInfo", "local", &a_info);
@@ -85,7 +85,7 @@ fn bt_once(kind: &str, owned: bool) -> f64 {
     });
     let mut a = node(kind);
     let (b_info, bid) = info_rx.recv().expect("B's info");
-    a_tx.send(a.node_info()).expect("send info");
+    a_tx.send(a.node_info().to_json()).expect("send info");
     let _ = a.messaging().send("transports.nodeInfo", "local", &b_info);
     a.poll(Some(Duration::ZERO)).expect("poll");
     let mut payload = vec![0u8; PAYLOAD];

@@ -315,7 +315,7 @@ pub fn kad(bench: &Bench) {
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let mut nodes = vec![node(None)];
     for i in 1..NODES {
-        let seed = nodes[rng.below(i)].p.node_info();
+        let seed = nodes[rng.below(i)].p.node_info().to_json();
         nodes.push(node(Some(seed)));
         if i % 10 == 9
             && !run(&mut nodes, LIMIT, |n| {

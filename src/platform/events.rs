@@ -5,13 +5,19 @@
 //! bounded batch drained after a turn ([`crate::Platform::drain_events`]). When a channel or the
 //! batch is full, the event is dropped for that consumer and counted in
 //! [`crate::Stats::events_dropped`]: a slow consumer never blocks the reactor or grows memory.
+//!
+//! Events implement serde's `Serialize` / `Deserialize` (externally tagged: `"Ready"`,
+//! `{"Connection": "<signId>"}`, `{"Message": {...}}` with the [`Message`] form, ...).
+
+use serde::{Deserialize, Serialize};
 
 use crate::identity::SignId;
 use crate::platform::message::Message;
+use crate::platform::node_info::NodeInfo;
 use crate::storage::StorageFault;
 
 /// Something that happened on the platform.
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Event {
     /// The identity is loaded and the listeners are up. Fires once, in the first turn.
@@ -24,7 +30,9 @@ pub enum Event {
     Message(Message),
     /// A service published a nodeInfo it found (`transports.nodeInfo`, see
     /// [`crate::services::ServiceContext::publish_node_info`]). Raised on every publication,
-    /// changed or not; the platform checks the nodeInfo itself when it is delivered.
+    /// changed or not; the platform checks the nodeInfo itself when it is delivered. It is
+    /// what the service found on the network, unchecked, hence JSON rather than a
+    /// [`NodeInfo`].
     NodeInfo {
         /// The nodeInfo as published.
         node_info: serde_json::Value,
@@ -32,8 +40,8 @@ pub enum Event {
         source: String,
     },
     /// Our published nodeInfo changed (its endpoints: a relay bound or lost); also published
-    /// as `self.transports.myNodeInfo`.
-    MyNodeInfo(serde_json::Value),
+    /// as `self.transports.myNodeInfo` (in its JSON form, [`NodeInfo::to_json`]).
+    MyNodeInfo(NodeInfo),
     /// The path of the active connection to `peer` changed (or was first known): its packets
     /// now go to `remote`, a relay's address when `relayed`.
     Path {

@@ -13,7 +13,7 @@ use crossbeam_channel::{Sender, TrySendError};
 use serde::Serialize;
 
 use crate::identity::SignId;
-use crate::platform::message::{Address, SendOptions, SendStatus, ToAddress};
+use crate::platform::message::{refuse_invalid, Address, SendOptions, SendStatus, ToAddress};
 
 /// A message on its way from a handle to the reactor.
 pub(crate) struct Outgoing {
@@ -51,7 +51,9 @@ impl Shared {
 /// Local messages sent through a handle are delivered in the reactor's next turn, after the
 /// messages the reactor itself queued earlier. The channel to the reactor is bounded
 /// ([`crate::Limits::handle_queue`]); when it is full the send returns
-/// [`SendStatus::BufferFull`]. A remote destination gets [`SendStatus::NoTransport`] when the
+/// [`SendStatus::BufferFull`]. What no retry can make succeed (an invalid topic, the reserved
+/// protocol, a message too large for its path) is refused here with the status the reactor
+/// would give. A remote destination gets [`SendStatus::NoTransport`] when the
 /// platform has no transports; otherwise the reactor takes the message and the outcome of the
 /// remote send (queue full, unknown destination, ...) is only logged: use
 /// [`crate::Platform::send_with_callback`] on the reactor's thread to learn it.
@@ -76,7 +78,9 @@ pub struct Handle {
     pub(crate) shared: Arc<Shared>,
     pub(crate) own: SignId,
     pub(crate) max_message_size: usize,
-    pub(crate) remote: bool,
+    /// The largest frame a real-time and a non-real-time message to another node may take
+    /// (`None`: no transports).
+    pub(crate) frame_caps: Option<(usize, usize)>,
 }
 
 impl Handle {
@@ -107,12 +111,22 @@ impl Handle {
             Address::Node(id) if id == self.own => Address::Local,
             other => other,
         };
-        if dest != Address::Local && !self.remote {
-            return SendStatus::NoTransport;
-        }
+        let frame_cap = match (dest, self.frame_caps) {
+            (Address::Local, _) => None,
+            (_, None) => return SendStatus::NoTransport,
+            (_, Some((realtime, offline))) => {
+                Some(if options.realtime { realtime } else { offline })
+            }
+        };
         let (protocol, topic, payload) = (protocol.into(), topic.into(), payload.into());
-        if protocol.len() + topic.len() + payload.len() > self.max_message_size {
-            return SendStatus::TooLarge;
+        if let Some(refused) = refuse_invalid(
+            &protocol,
+            &topic,
+            payload.len(),
+            self.max_message_size,
+            frame_cap,
+        ) {
+            return refused;
         }
         let cmd = Command::Send(Outgoing {
             dest,

@@ -168,7 +168,8 @@ impl ServiceContext<'_> {
 
     /// Subscribes this service to every message (any protocol) whose scoped topic matches
     /// `pattern`; they arrive in [`Service::on_message`]. Remove with
-    /// [`Context::off`].
+    /// [`Context::off`]. Panics for an invalid pattern, as [`Context::on`].
+    #[track_caller]
     pub fn subscribe(&mut self, pattern: &str) -> SubscriptionId {
         self.ctx
             .core

@@ -1,21 +1,32 @@
 //! Messages and addressing: the owned [`Message`] the bus delivers, its [`Scope`], the
 //! [`Address`] of a sender or destination, the options and the [`SendStatus`] of a send.
+//!
+//! [`Scope`], [`Address`] and [`Message`] implement serde's `Serialize` / `Deserialize` in
+//! their text forms (see each type), so they can be logged, stored or handed to another
+//! process as JSON.
 
 use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::bus::TopicError;
 use crate::identity::{BoxId, ParseIdError, SignId};
 
 /// The trust level of a message's sender, the first segment of the topic subscribers see.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+/// Serialized as its topic prefix (`"self"`, `"friends"`, `"public"`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
 pub enum Scope {
     /// `self`: sent locally, or by one of our own devices (the `devices` circle).
+    #[serde(rename = "self")]
     Own,
     /// `friends`: sent by a node in the `friends` circle.
+    #[serde(rename = "friends")]
     Friends,
     /// `public`: sent by any other node.
+    #[serde(rename = "public")]
     Public,
 }
 
@@ -70,11 +81,34 @@ impl FromStr for Address {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s == "local" {
             Ok(Address::Local)
+        } else if let Some(b) = s.strip_prefix(BOX_PREFIX) {
+            b.parse().map(Address::Box)
         } else {
             s.parse().map(Address::Node)
         }
     }
 }
+
+/// `local`, the signId, or `box:` and the boxId for [`Address::Box`] (so that a round trip
+/// keeps the kind of key; [`FromStr`] accepts the same forms).
+impl Serialize for Address {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Address::Box(id) => s.collect_str(&format_args!("{BOX_PREFIX}{id}")),
+            other => s.collect_str(other),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Address {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The prefix of a boxId in an [`Address`]'s text form (`box:<base64>`).
+const BOX_PREFIX: &str = "box:";
 
 impl From<SignId> for Address {
     fn from(id: SignId) -> Self {
@@ -83,8 +117,9 @@ impl From<SignId> for Address {
 }
 
 /// Anything usable as a destination: an [`Address`], a [`SignId`], a [`BoxId`], or text
-/// (`"local"`, or a base64 signId or boxId: see [`Address`] for how a key is resolved). Text that is neither makes the send return
-/// [`SendStatus::InvalidDestination`].
+/// (`"local"`, a base64 signId or boxId: see [`Address`] for how a key is resolved; or
+/// `box:` and a base64 boxId, always taken as a boxId). Text that is none of these makes the
+/// send return [`SendStatus::InvalidDestination`].
 pub trait ToAddress {
     /// The address, or `None` if this is not a valid one.
     fn to_address(&self) -> Option<Address>;
@@ -130,7 +165,30 @@ impl<T: ToAddress + ?Sized> ToAddress for &T {
 ///
 /// `topic` is the topic as sent (`test.testMessage`); subscribers match against the scoped
 /// topic `"<scope>.<topic>"` ([`Message::scoped_topic`]).
-#[derive(Clone, PartialEq, Eq, Debug)]
+///
+/// Its `Debug` shows the payload's length and a short prefix (as text if it is UTF-8, else
+/// as hex), never the whole payload. Serialized with serde as a map of its fields; in
+/// human-readable formats (JSON) `payload` and `id` are standard base64 strings, in binary
+/// formats byte strings; `sender` and `scope` are in their text forms.
+///
+/// ```
+/// use mm_platform::{Address, Message, Scope};
+///
+/// let msg = Message {
+///     sender: Address::Local,
+///     protocol: "ms".into(),
+///     topic: "chat.say".into(),
+///     scope: Scope::Own,
+///     payload: b"[1,2]".to_vec(),
+///     id: None,
+/// };
+/// let json = serde_json::to_value(&msg).unwrap();
+/// assert_eq!(json["sender"], "local");
+/// assert_eq!(json["payload"], "WzEsMl0=");
+/// assert_eq!(serde_json::from_value::<Message>(json).unwrap(), msg);
+/// assert!(format!("{msg:?}").contains("payload: 5 bytes \"[1,2]\""));
+/// ```
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     /// Who sent it: `local` for this node, otherwise the authenticated node id.
     pub sender: Address,
@@ -141,6 +199,7 @@ pub struct Message {
     /// The sender's trust level.
     pub scope: Scope,
     /// The payload bytes (for `ms`, JSON text).
+    #[serde(with = "crate::platform::bytes_form")]
     pub payload: Vec<u8>,
     /// The message's id, for messages another node sent with `realtime: false` (through its
     /// offline buffer); `None` for real-time and local messages.
@@ -149,7 +208,24 @@ pub struct Message {
     /// its subscribers saw the message and before the id was stored (see
     /// [`crate::offline`], "Delivery guarantee") sees it again after the restart, with the
     /// same id: an application that must not act twice keeps the ids it has acted upon.
+    #[serde(with = "crate::platform::bytes_form::id", default)]
     pub id: Option<MessageId>,
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("sender", &self.sender)
+            .field("protocol", &self.protocol)
+            .field("topic", &self.topic)
+            .field("scope", &self.scope)
+            .field(
+                "payload",
+                &crate::platform::bytes_form::Short(&self.payload),
+            )
+            .field("id", &self.id)
+            .finish()
+    }
 }
 
 /// The id of a message sent through the offline buffer: 16 random bytes chosen by the sender,
@@ -190,6 +266,10 @@ impl Default for SendOptions {
     }
 }
 
+/// The protocol of the platform's own frames between nodes; sends of it are refused with
+/// [`SendStatus::ReservedProtocol`].
+pub const RESERVED_PROTOCOL: &str = "mm";
+
 /// What became of a send. Sends never block: like a non-blocking socket, they either accept
 /// the message or say why not.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -198,10 +278,27 @@ impl Default for SendOptions {
 pub enum SendStatus {
     /// Accepted: local messages are delivered in a later turn of the reactor.
     Queued,
-    /// Topic, protocol and payload together exceed the platform's maximum message size.
-    TooLarge,
-    /// The queue towards that destination is full; try again after a turn of the reactor.
+    /// The message can never be sent to that destination: protocol, topic and payload
+    /// together (`size` bytes) exceed `limit`, the largest message the destination's path
+    /// takes. Locally that is [`crate::Limits::max_message_size`]; for another node also what
+    /// its queues can ever take (the larger of [`crate::NetConfig::max_frame`] and the queue
+    /// bounds [`crate::NetConfig::peer_queue_bytes`] / [`crate::NetConfig::send_queue_bytes`],
+    /// less the frame's own overhead).
+    TooLarge {
+        /// The message's size: protocol, topic and payload bytes.
+        size: usize,
+        /// The largest size that path takes.
+        limit: usize,
+    },
+    /// The queue towards that destination is full; a retry after a turn of the reactor can
+    /// succeed (a message that could never fit is [`SendStatus::TooLarge`] instead).
     BufferFull,
+    /// The topic breaks the topic rule (see [`TopicError`]); nothing was sent.
+    InvalidTopic(TopicError),
+    /// The protocol is reserved to the platform: `mm`, the protocol of the platform's own
+    /// frames between nodes (acknowledgements, identification), cannot be sent by an
+    /// application or a service ([`RESERVED_PROTOCOL`]).
+    ReservedProtocol,
     /// The destination is neither `local` nor a valid signId.
     InvalidDestination,
     /// The payload could not be encoded by the API's codec.
@@ -229,8 +326,15 @@ impl fmt::Display for SendStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = match self {
             SendStatus::Queued => "queued",
-            SendStatus::TooLarge => "message too large",
+            SendStatus::TooLarge { size, limit } => {
+                return write!(
+                    f,
+                    "message of {size} bytes is larger than the limit of {limit} bytes"
+                );
+            }
             SendStatus::BufferFull => "send buffer full",
+            SendStatus::InvalidTopic(e) => return write!(f, "invalid topic: {e}"),
+            SendStatus::ReservedProtocol => "protocol reserved to the platform",
             SendStatus::InvalidDestination => "invalid destination",
             SendStatus::EncodeFailed => "payload could not be encoded",
             SendStatus::NoTransport => "no transport to reach remote nodes",
@@ -242,4 +346,35 @@ impl fmt::Display for SendStatus {
         };
         f.write_str(text)
     }
+}
+
+/// The status of a send that no retry can make succeed, or `None`: `topic` breaks the topic
+/// rule, `protocol` is [`RESERVED_PROTOCOL`], or the message is larger than its path ever
+/// takes: `max_message_size`, and for another node `frame_cap`, the largest frame its queues
+/// take (the limit reported is then the largest message of this topic and protocol whose
+/// frame fits). Shared by the reactor's sends and [`crate::Handle`]'s.
+pub(crate) fn refuse_invalid(
+    protocol: &str,
+    topic: &str,
+    payload_len: usize,
+    max_message_size: usize,
+    frame_cap: Option<usize>,
+) -> Option<SendStatus> {
+    if let Err(e) = crate::bus::check_topic(topic) {
+        return Some(SendStatus::InvalidTopic(e));
+    }
+    if protocol == RESERVED_PROTOCOL {
+        return Some(SendStatus::ReservedProtocol);
+    }
+    let size = protocol
+        .len()
+        .saturating_add(topic.len())
+        .saturating_add(payload_len);
+    let mut limit = max_message_size;
+    if let Some(cap) = frame_cap {
+        let frame = crate::envelope::Envelope::frame_len(topic.len(), protocol.len(), payload_len);
+        let overhead = frame.saturating_sub(size);
+        limit = limit.min(cap.saturating_sub(overhead));
+    }
+    (size > limit).then_some(SendStatus::TooLarge { size, limit })
 }

@@ -52,7 +52,9 @@
 //!
 //! # Built-in local messages
 //!
-//! At start the platform queues `friends.updateRequest` and `devices.updateRequest` (payload
+//! The platform's own local messages wait in a queue of their own, delivered before the
+//! application's in each turn, and never take room of [`Limits::local_queue`]: an application
+//! can queue that many messages before the first turn. At start the platform queues `friends.updateRequest` and `devices.updateRequest` (payload
 //! `{}`), `transports.myNodeInfo` (our nodeInfo) and `transports.requestBootstrapNodeInfo`
 //! (payload `{}`: discovery services answer it with `transports.nodeInfoBootstrap`), all
 //! protocol `ms`, sender `local`, scope `self`; it republishes myNodeInfo every 5 minutes and on
@@ -121,6 +123,7 @@
 //! assert!(platform.drain_events().any(|e| e == Event::Ready));
 //! ```
 
+pub(crate) mod bytes_form;
 mod circles;
 mod close;
 pub mod connections;
@@ -142,7 +145,9 @@ pub use directory::{Directory, NodeInfo};
 pub use events::Event;
 pub use handle::Handle;
 pub use host::{Service, ServiceContext, ServiceId, MAX_SERVICES, SERVICE_TOKEN_BLOCK};
-pub use message::{Address, Message, MessageId, Scope, SendOptions, SendStatus, ToAddress};
+pub use message::{
+    Address, Message, MessageId, Scope, SendOptions, SendStatus, ToAddress, RESERVED_PROTOCOL,
+};
 pub use timers::TimerId;
 pub use turns::Woken;
 
@@ -182,6 +187,9 @@ pub const NODE_INFO_INTERVAL: Duration = Duration::from_secs(5 * 60);
 /// How often `transports.requestBootstrapNodeInfo` is published again while the platform has
 /// no connection.
 pub const BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(5 * 60);
+/// Most built-in local messages waiting for delivery (beyond it one is dropped and logged; the
+/// platform queues a handful per turn at most).
+const BUILTIN_QUEUE: usize = 1_024;
 
 /// A message callback.
 pub(crate) type Callback = Box<dyn FnMut(&mut Context<'_>, &Message)>;
@@ -209,8 +217,11 @@ enum TimerAction {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Largest message (protocol + topic + payload bytes) accepted by a send. Default 16 MiB.
+    /// A larger one gets [`SendStatus::TooLarge`] (as does a message to another node larger
+    /// than its queues can ever take, see [`NetConfig::max_frame`]).
     pub max_message_size: usize,
-    /// Messages waiting for local delivery. Default 65,536.
+    /// Messages waiting for local delivery. Default 65,536. The platform's own start-up and
+    /// built-in messages do not count (see "Built-in local messages" in [`crate::platform`]).
     pub local_queue: usize,
     /// Commands waiting in the handles' channel. Default 65,536.
     pub handle_queue: usize,
@@ -505,6 +516,7 @@ impl PlatformBuilder {
             storage,
             bus: Bus::default(),
             queue: VecDeque::new(),
+            builtin: VecDeque::new(),
             limits,
             timers: Timers::default(),
             circles,
@@ -526,7 +538,7 @@ impl PlatformBuilder {
         core.pending_events.push_back(Event::Ready);
         core.publish_local("friends.updateRequest", &serde_json::json!({}));
         core.publish_local("devices.updateRequest", &serde_json::json!({}));
-        core.publish_local("transports.myNodeInfo", &core.node_info());
+        core.publish_local("transports.myNodeInfo", &core.node_info().to_json());
         core.publish_local(
             "transports.requestBootstrapNodeInfo",
             &serde_json::json!({}),
@@ -556,7 +568,11 @@ pub(crate) struct Core {
     identity: Identity,
     storage: Box<dyn Storage>,
     bus: Bus<Target>,
+    /// Local messages waiting for delivery (bounded by [`Limits::local_queue`]).
     queue: VecDeque<Message>,
+    /// The platform's built-in local messages, delivered before `queue` (bounded by
+    /// [`BUILTIN_QUEUE`]).
+    builtin: VecDeque<Message>,
     limits: Limits,
     timers: Timers<TimerAction>,
     circles: Circles,
@@ -605,8 +621,8 @@ impl Core {
         write: &mut dyn FnMut(&mut Vec<u8>) -> bool,
     ) -> SendStatus {
         if let Some(d) = dest.filter(|d| options.realtime && !self.is_own_address(d)) {
-            if protocol.len() + topic.len() + len > self.limits.max_message_size {
-                return SendStatus::TooLarge;
+            if let Some(refused) = self.refuse_invalid(&d, &protocol, topic, len, options) {
+                return refused;
             }
             let now = Instant::now();
             return self
@@ -634,9 +650,9 @@ impl Core {
     }
 
     /// The status a send of a `payload_len`-byte payload would get now if it is certain to be
-    /// refused: a real-time message to a remote destination whose queue is full. `None`: go
-    /// ahead (the send itself decides). Lets a codec skip encoding a value that would be
-    /// dropped.
+    /// refused: an invalid one ([`Core::refuse_invalid`]), or a real-time message to a remote
+    /// destination whose queue is full. `None`: go ahead (the send itself decides). Lets a
+    /// codec skip encoding a value that would be dropped.
     pub(crate) fn refuses(
         &mut self,
         dest: Option<Address>,
@@ -646,6 +662,9 @@ impl Core {
         options: SendOptions,
     ) -> Option<SendStatus> {
         let dest = dest?;
+        if let Some(refused) = self.refuse_invalid(&dest, protocol, topic, payload_len, options) {
+            return Some(refused);
+        }
         if !options.realtime {
             return None;
         }
@@ -678,8 +697,9 @@ impl Core {
         let Some(dest) = dest else {
             return SendStatus::InvalidDestination;
         };
-        if protocol.len() + topic.len() + payload.len() > self.limits.max_message_size {
-            return SendStatus::TooLarge;
+        if let Some(refused) = self.refuse_invalid(&dest, &protocol, &topic, payload.len(), options)
+        {
+            return refused;
         }
         if !self.is_own_address(&dest) {
             let now = Instant::now();
@@ -704,6 +724,30 @@ impl Core {
             id: None,
         });
         SendStatus::Queued
+    }
+
+    /// The status of a send that no retry can make succeed, checked before anything is
+    /// queued: a topic that breaks the rule, the reserved protocol, or a message larger than
+    /// its path to `dest` ever takes (see [`message::refuse_invalid`]). `None`: go on.
+    fn refuse_invalid(
+        &self,
+        dest: &Address,
+        protocol: &str,
+        topic: &str,
+        payload_len: usize,
+        options: SendOptions,
+    ) -> Option<SendStatus> {
+        let frame_cap = match self.net.as_ref() {
+            Some(net) if !self.is_own_address(dest) => Some(net.largest_frame(options.realtime)),
+            _ => None,
+        };
+        message::refuse_invalid(
+            protocol,
+            topic,
+            payload_len,
+            self.limits.max_message_size,
+            frame_cap,
+        )
     }
 
     /// Counts a turn under its cause (and under its service when a service's wake-up).
@@ -774,7 +818,7 @@ impl Core {
         self.connection_info =
             crate::transport::connection_info::to_json(net.published_endpoints());
         let info = self.node_info();
-        self.publish_local("transports.myNodeInfo", &info);
+        self.publish_local("transports.myNodeInfo", &info.to_json());
         self.emit(Event::MyNodeInfo(info));
     }
 
@@ -804,9 +848,7 @@ impl Core {
         let Some(info) = connections::parse_node_info(payload, &mut self.keys) else {
             return false;
         };
-        if info.sign_id != self.identity.sign_id() {
-            self.with_net(|n, cx| n.learn_node_info(cx, info));
-        }
+        self.add_peer(&info);
         true
     }
 
@@ -838,28 +880,48 @@ impl Core {
         }
     }
 
+    /// Queues a built-in local message (protocol `ms`, sender `local`) in the built-ins' own
+    /// queue.
     fn publish_local(&mut self, topic: &str, value: &serde_json::Value) {
-        let payload = serde_json::to_vec(value).unwrap_or_default();
-        let status = self.send(
-            Some(Address::Local),
-            Cow::Borrowed("ms"),
-            topic.to_owned(),
-            payload,
-            SendOptions::default(),
-        );
-        if !status.is_queued() {
-            log::debug!("built-in message {topic} not queued: {status}");
+        if self.builtin.len() >= BUILTIN_QUEUE {
+            log::debug!("built-in message {topic} dropped: {BUILTIN_QUEUE} already wait");
+            return;
+        }
+        self.builtin.push_back(Message {
+            sender: Address::Local,
+            protocol: Cow::Borrowed("ms"),
+            topic: topic.to_owned(),
+            scope: Scope::Own,
+            payload: serde_json::to_vec(value).unwrap_or_default(),
+            id: None,
+        });
+    }
+
+    /// Our nodeInfo: our ids and the endpoints of [`Core::connection_info`].
+    fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            sign_id: self.identity.sign_id(),
+            box_id: self.identity.box_id(),
+            endpoints: crate::transport::connection_info::parse(&self.connection_info),
         }
     }
 
-    fn node_info(&self) -> serde_json::Value {
-        serde_json::json!({
-            "signId": self.identity.sign_id().to_string(),
-            "boxId": self.identity.box_id().to_string(),
-            "connectionInfo": self.connection_info,
-        })
+    /// Learns another node's nodeInfo, as a `self.transports.nodeInfo` message does (our own
+    /// is ignored).
+    fn add_peer(&mut self, info: &NodeInfo) {
+        if info.sign_id != self.identity.sign_id() {
+            self.with_net(|n, cx| n.learn_node_info(cx, info.clone()));
+        }
     }
 
+    /// Subscribes `target` to `pattern`.
+    ///
+    /// # Panics
+    ///
+    /// If `pattern` breaks the pattern rule ([`crate::TopicError`]): patterns are written by
+    /// the programmer, and a bad one is a bug like an index out of bounds
+    /// ([`crate::check_pattern`] checks one built at run time first).
+    #[track_caller]
     pub(crate) fn subscribe(
         &mut self,
         pattern: &str,
@@ -867,9 +929,13 @@ impl Core {
         once: bool,
         target: Target,
     ) -> SubscriptionId {
+        if let Err(e) = crate::bus::check_pattern(pattern) {
+            panic!("invalid subscription pattern {pattern:?}: {e}");
+        }
         self.bus.insert(pattern, protocol, once, target)
     }
 
+    #[track_caller]
     pub(crate) fn subscribe_channel(
         &mut self,
         pattern: &str,
@@ -916,7 +982,7 @@ impl Core {
                 }
             }
             "transports.requestMyNodeInfo" => {
-                let info = self.node_info();
+                let info = self.node_info().to_json();
                 self.publish_local("transports.myNodeInfo", &info);
             }
             "transports.nodeInfo" | "directory.getReply" => {
@@ -1047,7 +1113,7 @@ impl Core {
                     cb(&mut Context { core: self, now });
                 }
                 TimerAction::PublishNodeInfo => {
-                    let info = self.node_info();
+                    let info = self.node_info().to_json();
                     self.publish_local("transports.myNodeInfo", &info);
                     self.timers
                         .schedule(self.now + NODE_INFO_INTERVAL, TimerAction::PublishNodeInfo);
@@ -1101,6 +1167,12 @@ macro_rules! shared_methods {
 
         /// Sends a message of any protocol (the original's low-level `send`). Local messages
         /// (`"local"` or our own signId) are delivered in a later turn, never inside this call.
+        ///
+        /// The topic must follow the topic rule ([`crate::TopicError`]; else
+        /// [`SendStatus::InvalidTopic`]), the protocol must not be the platform's own
+        /// ([`RESERVED_PROTOCOL`]; else [`SendStatus::ReservedProtocol`]), and the message
+        /// must fit its path ([`SendStatus::TooLarge`]). The same holds for every send of the
+        /// platform, its contexts, handles and protocol APIs.
         pub fn send(
             &mut self,
             dest: impl ToAddress,
@@ -1201,13 +1273,39 @@ macro_rules! shared_methods {
             self.core_ref().connection_info.clone()
         }
 
-        /// Our nodeInfo (`signId`, `boxId`, `connectionInfo`), as published.
-        pub fn node_info(&self) -> serde_json::Value {
+        /// Our nodeInfo: ids and endpoints, as published (its JSON form, the payload of
+        /// `self.transports.myNodeInfo`, is [`NodeInfo::to_json`]). Another node learns it with
+        /// [`Self::add_peer`].
+        pub fn node_info(&self) -> NodeInfo {
             self.core_ref().node_info()
+        }
+
+        /// Introduces another node: its endpoints are remembered, so that messages to it can
+        /// be sent without a lookup. The same as publishing its nodeInfo on
+        /// `self.transports.nodeInfo` (what discovery services do), but typed and at once. Our
+        /// own nodeInfo, and any nodeInfo without transports, are ignored.
+        ///
+        /// ```
+        /// use mm_platform::Platform;
+        ///
+        /// let mut a = Platform::builder().build().unwrap();
+        /// let b = Platform::builder().build().unwrap();
+        /// a.add_peer(&b.node_info());
+        /// assert!(a.messaging().send("chat.say", b.sign_id(), &"hi").is_queued());
+        /// ```
+        pub fn add_peer(&mut self, info: &NodeInfo) {
+            self.core_mut().add_peer(info)
         }
 
         /// Subscribes a callback to every message (any protocol) whose scoped topic matches
         /// `pattern`.
+        ///
+        /// # Panics
+        ///
+        /// If `pattern` is not a valid pattern (see [`crate::TopicError`]; the same holds for
+        /// every subscription of the platform, its contexts and its protocol APIs). Check a
+        /// pattern built at run time with [`crate::check_pattern`].
+        #[track_caller]
         pub fn on<F>(&mut self, pattern: &str, callback: F) -> SubscriptionId
         where
             F: FnMut(&mut Context<'_>, &Message) + 'static,
@@ -1217,6 +1315,7 @@ macro_rules! shared_methods {
         }
 
         /// Like [`Self::on`], for the first matching message only.
+        #[track_caller]
         pub fn once<F>(&mut self, pattern: &str, callback: F) -> SubscriptionId
         where
             F: FnMut(&mut Context<'_>, &Message) + 'static,
@@ -1227,6 +1326,8 @@ macro_rules! shared_methods {
 
         /// Subscribes a bounded channel (`capacity` messages, at least 1) to `pattern`. The
         /// reactor never blocks on it: when full, messages are dropped for this subscriber.
+        /// Panics for an invalid pattern, as [`Self::on`].
+        #[track_caller]
         pub fn on_channel(
             &mut self,
             pattern: &str,
@@ -1378,12 +1479,17 @@ impl Platform {
             shared: self.shared.clone(),
             own: self.core.identity.sign_id(),
             max_message_size: self.core.limits.max_message_size,
-            remote: self.core.net.is_some(),
+            frame_caps: self
+                .core
+                .net
+                .as_ref()
+                .map(|n| (n.largest_frame(true), n.largest_frame(false))),
         }
     }
 
     fn has_work(&self) -> bool {
         !self.core.queue.is_empty()
+            || !self.core.builtin.is_empty()
             || !self.core.pending_events.is_empty()
             || (!self.handle_rx.is_empty() && self.core.queue.len() < self.core.limits.local_queue)
             || self.shared.stop_requested.load(Ordering::SeqCst)
@@ -1393,6 +1499,7 @@ impl Platform {
     /// Whether the only pending work is the connection manager's.
     fn local_work_only_net(&self) -> bool {
         self.core.queue.is_empty()
+            && self.core.builtin.is_empty()
             && self.core.pending_events.is_empty()
             && self.handle_rx.is_empty()
             && !self.shared.stop_requested.load(Ordering::SeqCst)
@@ -1501,6 +1608,14 @@ impl Platform {
             host::on_io(&mut self.core, &self.events);
         }
         self.core.net_receive();
+        // The built-in messages first: they were queued before (or in answer to) the rest.
+        let builtin = self.core.builtin.len();
+        for _ in 0..builtin {
+            let Some(msg) = self.core.builtin.pop_front() else {
+                break;
+            };
+            self.core.dispatch(msg);
+        }
         let n = self.core.queue.len();
         for _ in 0..n {
             let Some(msg) = self.core.queue.pop_front() else {
@@ -1731,7 +1846,7 @@ impl fmt::Debug for Platform {
         f.debug_struct("Platform")
             .field("sign_id", &self.core.identity.sign_id())
             .field("subscriptions", &self.core.bus.len())
-            .field("queued", &self.core.queue.len())
+            .field("queued", &(self.core.queue.len() + self.core.builtin.len()))
             .field("timers", &self.core.timers.len())
             .finish_non_exhaustive()
     }

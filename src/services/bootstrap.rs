@@ -20,7 +20,7 @@ use crate::platform::Message;
 ///
 /// let peer = Platform::builder().transports(false).build().unwrap();
 /// let platform = Platform::builder()
-///     .service(Bootstrap::new(vec![peer.node_info()]))
+///     .service(Bootstrap::new(vec![peer.node_info().to_json()]))
 ///     .build()
 ///     .unwrap();
 /// # drop(platform);

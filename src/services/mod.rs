@@ -83,7 +83,7 @@
 //! let other = Platform::builder().transports(false).build().unwrap();
 //! let mut platform = Platform::builder()
 //!     .transports(false)
-//!     .service(Fixed { info: other.node_info(), asked: false })
+//!     .service(Fixed { info: other.node_info().to_json(), asked: false })
 //!     .build()
 //!     .unwrap();
 //! let _ = platform

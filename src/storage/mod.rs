@@ -130,7 +130,7 @@ impl fmt::Display for StorageCause {
 }
 
 /// What went wrong in a [`StorageFault`].
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum StorageFaultKind {
     /// Reading a key (or listing the keys) failed.
@@ -175,7 +175,7 @@ impl fmt::Display for StorageFaultKind {
 ///     "damaged record offline-00: checksum mismatch (kept aside as damaged-offline-00)"
 /// );
 /// ```
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 pub struct StorageFault {
     /// What went wrong.
     pub kind: StorageFaultKind,

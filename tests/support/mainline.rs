@@ -60,7 +60,7 @@ pub fn resolve_and_message(
     via: &str,
     limit: Duration,
 ) -> MainlineStats {
-    let ours = publisher.node_info();
+    let ours = publisher.node_info().to_json();
     let service = Mainline::new(config);
     let stats = service.stats_handle();
     let mut resolver = Platform::builder().service(service).build().unwrap();

@@ -938,6 +938,23 @@ impl Net {
         self.offline.len()
     }
 
+    /// The largest frame a message to another node can ever take, whatever it waits for (a
+    /// larger one is `TooLarge`, never `BufferFull`): real-time, what an empty destination queue
+    /// takes (the queue bounds, but always one frame up to `max_frame`; see `queue_refuses` in
+    /// `sending`); non-real-time, a frame up to `max_frame`, what a peer with our settings
+    /// receives.
+    pub(crate) fn largest_frame(&self, realtime: bool) -> usize {
+        let frame = crate::netstring::encoded_len(self.cfg.max_frame);
+        if !realtime {
+            return frame;
+        }
+        if self.cfg.peer_queue_messages == 0 {
+            return 0;
+        }
+        let bound = |limit: usize| limit.max(frame);
+        bound(self.cfg.peer_queue_bytes).min(bound(self.cfg.send_queue_bytes))
+    }
+
     /// Messages waiting in memory for `dest`.
     pub(crate) fn queued_for(&self, dest: &BoxId) -> usize {
         self.peers.get(dest).map_or(0, |p| p.queue.len())

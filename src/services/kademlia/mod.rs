@@ -264,7 +264,7 @@ impl Service for Kademlia {
         let now = ctx.now();
         let now_ms = unix_ms();
         let sign = ctx.identity().sign_keypair().clone();
-        let info = ctx.node_info();
+        let info = ctx.node_info().to_json();
         let mut state = KadState::new(self.config.kad, sign, &info, now, now_ms)
             .ok_or_else(|| io::Error::other("kademlia: our nodeInfo is not valid"))?;
         let stored = match self.config.storage.as_mut() {

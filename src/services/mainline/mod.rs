@@ -276,7 +276,7 @@ impl Service for Mainline {
             }
         }
         if self.config.publish {
-            let info = ctx.node_info();
+            let info = ctx.node_info().to_json();
             state.set_my_node_info(&info, unix_secs(), now);
         }
         self.state = Some(state);

@@ -191,7 +191,7 @@ impl Service for Mdns {
         ctx.subscribe("self.transports.requestBootstrapNodeInfo");
         ctx.subscribe("self.transports.requestNodeInfo");
         // Our nodeInfo is known from the start (the listeners are bound at build).
-        let info = ctx.node_info();
+        let info = ctx.node_info().to_json();
         let now = ctx.now();
         self.state.set_my_node_info(&info, now);
         self.flush(ctx, false);
