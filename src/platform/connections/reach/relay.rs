@@ -7,7 +7,9 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::*;
+use super::{
+    hex, unhex, BoxId, Endpoint, Link, Net, NetTimer, NodeInfo, Path, Reach, TimerId, TOKEN_LEN,
+};
 use crate::transport::ServerDriver;
 use crate::NetConfig;
 
@@ -327,6 +329,7 @@ impl Net {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::TransportKind;
 
     #[test]
     fn a_dial_back_outweighs_the_hint() {

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::*;
+use super::{BoxId, Endpoint, Net, NodeInfo, Path};
 use crate::transport::ServerDriver;
 use crate::NetConfig;
 
