@@ -103,20 +103,27 @@ pub fn decode(buf: &[u8], max_len: usize) -> Result<Option<Frame>, NetstringErro
 /// Writes the prefix `<len>:` of a netstring into `out` and returns its length (at most 21).
 pub fn write_header(len: usize, out: &mut [u8; 21]) -> usize {
     let mut digits = [0u8; 20];
-    let mut n = len;
+    let text = decimal(len as u64, &mut digits);
+    let d = text.len();
+    out[..d].copy_from_slice(text);
+    out[d] = b':';
+    d + 1
+}
+
+/// The decimal digits of `n` (no sign, no leading zeros), written into `digits`, without
+/// allocating: the length prefixes of netstrings and of bencode share it.
+pub(crate) fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut i = digits.len();
     loop {
         i -= 1;
+        // n % 10 < 10: the cast cannot truncate.
         digits[i] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
             break;
         }
     }
-    let d = digits.len() - i;
-    out[..d].copy_from_slice(&digits[i..]);
-    out[d] = b':';
-    d + 1
+    &digits[i..]
 }
 
 /// Appends the netstring of `payload` to `out`.

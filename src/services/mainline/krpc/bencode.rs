@@ -190,19 +190,9 @@ impl<'a> Iterator for Entries<'a> {
 }
 
 /// Appends the decimal digits of `n`.
-fn put_decimal(out: &mut Vec<u8>, mut n: u64) {
+fn put_decimal(out: &mut Vec<u8>, n: u64) {
     let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        // n % 10 < 10: the cast cannot truncate.
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(crate::netstring::decimal(n, &mut digits));
 }
 
 /// Appends the header of a byte string of `len` bytes (`len:`); the caller appends the bytes.
