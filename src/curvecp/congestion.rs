@@ -35,6 +35,15 @@ pub trait Congestion: Send {
     /// A round-trip sample: an acknowledgement named the latest transmission of a block that
     /// was still unacknowledged (Karn's rule is applied by the stream).
     fn on_rtt_sample(&mut self, rtt: Duration, now: Instant);
+    /// A round-trip sample of which up to `waited` may be the acknowledgement waiting for the
+    /// stream's caller rather than on the path: the caller had not touched the stream since the
+    /// block went (an application polling once a frame reads a frame's acknowledgements at
+    /// once). `rtt` stays the figure for timeouts; a delay-based controller should read only
+    /// `rtt - waited` as a sign of a queue. By default the same as [`Self::on_rtt_sample`].
+    fn on_rtt_sample_waited(&mut self, rtt: Duration, waited: Duration, now: Instant) {
+        let _ = waited;
+        self.on_rtt_sample(rtt, now);
+    }
     /// Blocks newly acknowledged by byte ranges (`blocks` > 0), `bytes` of data among them.
     fn on_ack(&mut self, blocks: usize, bytes: usize, now: Instant);
     /// A block was found lost from acknowledgements (later blocks arrived, it did not) and is
@@ -110,6 +119,9 @@ impl Congestion for Gentle {
     }
     fn on_rtt_sample(&mut self, rtt: Duration, now: Instant) {
         self.inner.on_rtt_sample(rtt, now);
+    }
+    fn on_rtt_sample_waited(&mut self, rtt: Duration, waited: Duration, now: Instant) {
+        self.inner.on_rtt_sample_waited(rtt, waited, now);
     }
     fn on_ack(&mut self, blocks: usize, bytes: usize, now: Instant) {
         self.inner.on_ack(blocks, bytes, now);
@@ -347,7 +359,7 @@ impl Congestion for Chicago {
 }
 
 /// Initial window of [`FastStart`], in blocks.
-const FAST_INITIAL_WINDOW: f64 = 16.0;
+const FAST_INITIAL_WINDOW: f64 = 32.0;
 /// Smallest window of [`FastStart`], in blocks.
 const FAST_MIN_WINDOW: f64 = 2.0;
 /// Largest window of [`FastStart`], in blocks: twice the stream's cap on blocks in flight
@@ -399,6 +411,10 @@ pub struct FastStart {
     recovery_until: Option<Instant>,
     min_rtt_ns: f64,
     min_rtt_at: Option<Instant>,
+    /// Smoothed RTT less the time acknowledgements waited for the caller
+    /// ([`Congestion::on_rtt_sample_waited`]): what the queue estimate compares with the
+    /// minimum, so an application's poll interval does not read as a queue.
+    srtt_path_ns: f64,
     delay_backoffs: u64,
     loss_backoffs: u64,
     /// `pacing_interval` and `rto`, recomputed whenever what they depend on changes (the
@@ -428,6 +444,7 @@ impl FastStart {
             recovery_until: None,
             min_rtt_ns: 0.0,
             min_rtt_at: None,
+            srtt_path_ns: 0.0,
             delay_backoffs: 0,
             loss_backoffs: 0,
             pacing: Duration::ZERO,
@@ -512,15 +529,22 @@ impl Congestion for FastStart {
     fn init(&mut self, _now: Instant) {}
 
     fn on_rtt_sample(&mut self, rtt: Duration, now: Instant) {
+        self.on_rtt_sample_waited(rtt, Duration::ZERO, now);
+    }
+
+    fn on_rtt_sample_waited(&mut self, rtt: Duration, waited: Duration, now: Instant) {
         let r = rtt.as_nanos().min(60_000_000_000) as f64;
+        let path = rtt.saturating_sub(waited).as_nanos().min(60_000_000_000) as f64;
         if !self.sampled {
             self.sampled = true;
             self.srtt_ns = r;
             self.rttvar_ns = r / 2.0;
+            self.srtt_path_ns = path;
         } else {
             let delta = (r - self.srtt_ns).abs();
             self.rttvar_ns += (delta - self.rttvar_ns) / 4.0;
             self.srtt_ns += (r - self.srtt_ns) / 8.0;
+            self.srtt_path_ns += (path - self.srtt_path_ns) / 8.0;
         }
         let expired = self
             .min_rtt_at
@@ -529,8 +553,8 @@ impl Congestion for FastStart {
             self.min_rtt_ns = r;
             self.min_rtt_at = Some(now);
         }
-        // Rising RTT: a queue builds up somewhere on the path.
-        let queue = self.srtt_ns - self.min_rtt_ns;
+        // Rising RTT: a queue builds up somewhere on the path (not in the caller's poll loop).
+        let queue = self.srtt_path_ns - self.min_rtt_ns;
         let threshold = self.min_rtt_ns.max(FAST_DELAY_FLOOR.as_nanos() as f64);
         if queue > threshold && !self.in_recovery(now) {
             self.delay_backoffs += 1;
@@ -659,7 +683,7 @@ mod tests {
         let mut f = FastStart::new();
         f.init(t0);
         assert_eq!(f.burst(), 16, "no sample yet");
-        // 20 ms RTT, window 16: 0.8 blocks per ms.
+        // 20 ms RTT, window 32: 1.6 blocks per ms.
         f.on_rtt_sample(20 * MS, t0);
         assert_eq!(f.burst(), 16);
         // Loopback: a 70 us RTT makes thousands of blocks per ms.
@@ -667,11 +691,11 @@ mod tests {
         g.init(t0);
         g.on_rtt_sample(Duration::from_micros(70), t0);
         assert_eq!(g.burst(), 64);
-        // 1 ms RTT, window 16: 20 blocks per ms.
+        // 1 ms RTT, window 32: 40 blocks per ms.
         let mut h = FastStart::new();
         h.init(t0);
         h.on_rtt_sample(MS, t0);
-        assert_eq!(h.burst(), 20);
+        assert_eq!(h.burst(), 40);
     }
 
     #[test]
@@ -679,19 +703,19 @@ mod tests {
         let t0 = Instant::now();
         let mut f = FastStart::new();
         f.init(t0);
-        assert_eq!(f.window(), 16);
+        assert_eq!(f.window(), 32);
         assert_eq!(f.rto(), FAST_INITIAL_RTO);
         f.on_rtt_sample(10 * MS, t0);
-        f.on_ack(16, 16 * 1024, t0 + 10 * MS);
-        assert_eq!(f.window(), 32);
+        f.on_ack(32, 32 * 1024, t0 + 10 * MS);
+        assert_eq!(f.window(), 64);
         f.on_loss(t0 + 20 * MS);
-        assert_eq!(f.window(), 16);
+        assert_eq!(f.window(), 32);
         // Losses within one RTT count once.
         f.on_loss(t0 + 21 * MS);
-        assert_eq!(f.window(), 16);
+        assert_eq!(f.window(), 32);
         // Congestion avoidance: one block per window.
-        f.on_ack(16, 16 * 1024, t0 + 40 * MS);
-        assert_eq!(f.window(), 17);
+        f.on_ack(32, 32 * 1024, t0 + 40 * MS);
+        assert_eq!(f.window(), 33);
         f.on_timeout(t0 + 100 * MS);
         assert_eq!(f.window(), 2);
         assert!(f.rto() >= FAST_MIN_RTO);
@@ -750,6 +774,45 @@ mod tests {
             g.on_ack(1, 1024, t);
         }
         assert_eq!(g.delay_backoffs(), 0);
+    }
+
+    #[test]
+    fn fast_reads_time_spent_waiting_for_the_caller_as_no_queue() {
+        let t0 = Instant::now();
+        let mut t = t0;
+        // A 1 ms path while the caller polls often, then a caller that polls once a frame
+        // (16 ms): every acknowledgement waited up to a frame for it. Not a queue.
+        let mut f = FastStart::new();
+        f.init(t0);
+        for _ in 0..20 {
+            t += MS;
+            f.on_rtt_sample_waited(MS, Duration::ZERO, t);
+            f.on_ack(4, 4 * 1024, t);
+        }
+        for _ in 0..50 {
+            t += 16 * MS;
+            f.on_rtt_sample_waited(16 * MS, 15 * MS, t);
+            f.on_ack(32, 32 * 1024, t);
+        }
+        assert_eq!(f.delay_backoffs(), 0);
+        assert_eq!(f.window(), 2 * crate::curvecp::MAX_BLOCKS);
+        // The timeout still covers the RTT the stream sees.
+        assert!(f.rto() > 16 * MS, "{:?}", f.rto());
+        // The same samples without the waiting read as a queue of 15 ms over a 1 ms path.
+        let mut g = FastStart::new();
+        g.init(t0);
+        let mut t = t0;
+        for _ in 0..20 {
+            t += MS;
+            g.on_rtt_sample(MS, t);
+            g.on_ack(4, 4 * 1024, t);
+        }
+        for _ in 0..50 {
+            t += 16 * MS;
+            g.on_rtt_sample(16 * MS, t);
+            g.on_ack(32, 32 * 1024, t);
+        }
+        assert!(g.delay_backoffs() > 0);
     }
 
     #[test]

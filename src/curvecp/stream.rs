@@ -252,6 +252,9 @@ pub struct Stream {
     error: Option<StreamError>,
     /// Latest `now` seen (what "immediately" means for `poll_timeout`).
     last_now: Instant,
+    /// `last_now` before the latest call that moved it: when the caller last touched the
+    /// stream before the current turn (acknowledgements read now arrived after it).
+    prev_touch: Instant,
     /// Latest `max_len` passed to `poll_message`.
     last_max_len: usize,
     /// Largest block now (`initial_block`, then 1024 once the peer has spoken).
@@ -283,6 +286,12 @@ pub struct Stream {
     pace_v: Option<Instant>,
     /// Cap on the controller's burst ([`Stream::set_max_burst`]).
     max_burst: u32,
+    /// The latest `poll_message` left new data unsent (held by the pacing or the window), or
+    /// the send buffer full: the stream has been waiting on its schedule since, not idle. The schedule then runs on from
+    /// `pace_v` instead of being pulled forward to `now`, so a caller that comes back late (an
+    /// application polling once a frame) sends what a punctual one would have sent meanwhile,
+    /// up to the window, instead of one burst a call. Idle streams keep the burst cap.
+    backlogged: bool,
     backoff: u32,
     last_progress: Instant,
     /// Lower bounds of the send time and the transmission sequence number of every
@@ -328,6 +337,7 @@ impl Stream {
             cc,
             error: None,
             last_now: now,
+            prev_touch: now,
             last_max_len: message::MAX_MESSAGE,
             max_block: config.initial_block.clamp(1, MAX_DATA),
             heard_from_peer: false,
@@ -346,6 +356,7 @@ impl Stream {
             peer_ack: 0,
             pace_v: None,
             max_burst: u32::MAX,
+            backlogged: false,
             backoff: 0,
             last_progress: now,
             oldest_lb: None,
@@ -510,6 +521,7 @@ impl Stream {
     /// with no state change; returns whether it was accepted.
     pub fn handle_message(&mut self, msg: &[u8], now: Instant) -> bool {
         if now > self.last_now {
+            self.prev_touch = self.last_now;
             self.last_now = now;
         }
         if self.error.is_some() {
@@ -616,7 +628,11 @@ impl Stream {
             if let Some(b) = self.blocks.iter().find(|b| b.id == h.ack_id) {
                 if !b.acked {
                     let rtt = now.saturating_duration_since(b.sent_at);
-                    self.cc.on_rtt_sample(rtt, now);
+                    // The acknowledgement arrived after the stream was last touched before
+                    // this call, or after the block went: anything earlier it may have spent
+                    // waiting for our caller.
+                    let waited = now.saturating_duration_since(self.prev_touch.max(b.sent_at));
+                    self.cc.on_rtt_sample_waited(rtt, waited, now);
                     self.last_progress = now;
                 }
                 self.delivered_seq = self.delivered_seq.max(b.seq);
@@ -962,7 +978,14 @@ impl Stream {
     fn sent_block(&mut self, now: Instant) {
         let p = self.cc.pacing_interval();
         let b = self.cc.burst().min(self.max_burst).max(1);
-        let floor = now.checked_sub(p.saturating_mul(b - 1)).unwrap_or(now);
+        let floor = if self.backlogged && self.cc.burst() > 1 {
+            // Waiting on the schedule, not idle: catch up with it (the window still caps what
+            // is in flight). Controllers that never send two blocks back to back opt out.
+            now.checked_sub(p.saturating_mul(self.cc.window() as u32))
+                .unwrap_or(now)
+        } else {
+            now.checked_sub(p.saturating_mul(b - 1)).unwrap_or(now)
+        };
         self.pace_v = Some(self.pace_v.map_or(floor, |v| (v + p).max(floor)));
         self.ack_pending = None;
         self.stats.messages_sent += 1;
@@ -972,6 +995,7 @@ impl Stream {
     /// of 16, at most 1088) and returns its length, or `None` when nothing is due.
     pub fn poll_message(&mut self, now: Instant, max_len: usize, out: &mut [u8]) -> Option<usize> {
         if now > self.last_now {
+            self.prev_touch = self.last_now;
             self.last_now = now;
         }
         self.release_idle_ring(now);
@@ -1060,6 +1084,9 @@ impl Stream {
                 return Some(n);
             }
         }
+        // Nothing more goes now: if new data is waiting (on the pacing or the window), or the
+        // writer is (on a full send buffer), the next call catches up with the schedule.
+        self.backlogged = self.sbuf.end() > self.next_pos || self.writable() == 0;
         if self.ack_pending.is_some() && max_len >= ACK_LEN {
             let h = self.ack_header();
             let n = h.encode(&[], ACK_LEN, out)?;
@@ -1262,6 +1289,80 @@ mod tests {
         c.write(b"y");
         c.finish(Eof::Success);
         assert_eq!(lens(&mut c, t), vec![1]);
+    }
+
+    /// A sender polled once a frame, as an application's 60 Hz loop does: every frame it reads
+    /// the acknowledgements the receiver wrote during the previous one and sends what it may.
+    /// A backlogged stream catches up with its pacing schedule (up to the window) instead of
+    /// sending one burst a frame, and the acknowledgements' wait for the frame is not read as
+    /// a queue; a stream that was idle still starts with one burst.
+    #[test]
+    fn a_sender_polled_once_a_frame_sends_its_window_each_frame() {
+        let t0 = Instant::now();
+        let frame = Duration::from_micros(16_667);
+        let mut a = Stream::new(&StreamConfig::client(), t0);
+        let mut b = Stream::new(&StreamConfig::server(), t0);
+        // A short exchange while both are polled often: a sub-millisecond minimum RTT.
+        a.write(b"hello");
+        exchange(&mut a, &mut b, t0);
+        let t1 = t0 + Duration::from_micros(300);
+        exchange(&mut b, &mut a, t1);
+        let mut buf = vec![0u8; 1 << 20];
+        b.read(&mut buf);
+        let total = 1usize << 20;
+        let mut written = 0;
+        let mut read = 0;
+        let mut acks: Vec<Vec<u8>> = Vec::new();
+        let mut now = t1 + Duration::from_millis(5);
+        let mut frames = 0;
+        let mut per_frame = Vec::new();
+        while read < total {
+            frames += 1;
+            assert!(frames < 200, "no progress: {per_frame:?}");
+            for m in acks.drain(..) {
+                a.handle_message(&m, now);
+            }
+            written += a.write(&buf[..total - written]);
+            let mut sent = 0;
+            while let Some(m) = poll(&mut a, now) {
+                b.handle_message(&m, now);
+                sent += 1;
+                assert!(sent < 1000);
+            }
+            per_frame.push(sent);
+            loop {
+                let n = b.read(&mut buf);
+                if n == 0 {
+                    break;
+                }
+                read += n;
+            }
+            while let Some(m) = poll(&mut b, now) {
+                acks.push(m);
+            }
+            now += frame;
+        }
+        // 1,024 blocks at most 128 (the reference's receive buffer) a frame: 8 frames at best;
+        // one burst a frame would take 64.
+        assert!(frames <= 10, "{frames} frames: {per_frame:?}");
+        // The frame-long wait of each acknowledgement did not shrink the window.
+        assert!(a.cc.window() >= MAX_BLOCKS, "window {}", a.cc.window());
+        // Idle for a second, then a new write: the first poll sends one burst, not a window.
+        for m in acks.drain(..) {
+            a.handle_message(&m, now);
+        }
+        now += Duration::from_secs(1);
+        a.write(&buf[..64 * 1024]);
+        let burst = a.cc.burst() as usize;
+        let mut first = 0;
+        while poll(&mut a, now).is_some() {
+            first += 1;
+            assert!(first < 1000);
+        }
+        assert!(
+            first <= burst + 1,
+            "{first} blocks after a pause, burst {burst}"
+        );
     }
 
     /// Drives A (sending) and B (never reading) from deadline to deadline until `until`;
