@@ -10,8 +10,9 @@
 //! it. `RUST_LOG=mm_platform=debug` shows the library's log while the figures run (what was
 //! dropped and why, for one).
 
-use std::cell::Cell;
-use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use mm_platform::Shared;
 use std::time::{Duration, Instant};
 
 use mm_platform::{Limits, Platform};
@@ -93,6 +94,7 @@ const GROUPS: &[fn(&Bench)] = &[
     ml::mainline_testnets,
     kad::kad,
     bt::nodes_bt,
+    bt::nodes_bt_ticks,
     sc::curvecp_scale,
     qc::compare_quinn,
 ];
@@ -187,13 +189,19 @@ fn local_dispatch(bench: &Bench) {
         let name = format!("local_dispatch_callback_{kind}");
         if bench.wants(&name) {
             let mut p = dispatch_platform();
-            let count = Rc::new(Cell::new(0usize));
+            // An atomic counter: the callback must be `Send`, and a lock a message would be
+            // part of the figure.
+            let count = std::sync::Arc::new(AtomicUsize::new(0));
             let c = count.clone();
             p.on(pattern, move |_ctx, msg| {
-                c.set(c.get() + msg.payload.len() / 8)
+                c.fetch_add(msg.payload.len() / 8, Ordering::Relaxed);
             });
             let (rate, _) = run_dispatch(&mut p, topic, || 0);
-            assert_eq!(count.get(), MESSAGES, "every message delivered");
+            assert_eq!(
+                count.load(Ordering::Relaxed),
+                MESSAGES,
+                "every message delivered"
+            );
             bench.emit(&name, rate, "messages/s");
         }
         let name = format!("local_dispatch_channel_{kind}");
@@ -216,9 +224,11 @@ fn local_dispatch_handle(bench: &Bench) {
     }
     const N: usize = 1_000_000;
     let mut p = dispatch_platform();
-    let count = Rc::new(Cell::new(0usize));
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
     let c = count.clone();
-    p.on("self.bench.exact", move |_ctx, _msg| c.set(c.get() + 1));
+    p.on("self.bench.exact", move |_ctx, _msg| {
+        c.fetch_add(1, Ordering::Relaxed);
+    });
     let handle = p.handle();
     let start = Instant::now();
     let sender = std::thread::spawn(move || {
@@ -238,12 +248,12 @@ fn local_dispatch_handle(bench: &Bench) {
         full
     });
     // Bounded: stop after N deliveries or a minute.
-    while count.get() < N && start.elapsed() < Duration::from_secs(60) {
+    while count.load(Ordering::Relaxed) < N && start.elapsed() < Duration::from_secs(60) {
         p.poll(Some(Duration::from_millis(100))).expect("poll");
     }
     let secs = start.elapsed().as_secs_f64();
     let _ = sender.join();
-    assert_eq!(count.get(), N, "every message delivered");
+    assert_eq!(count.load(Ordering::Relaxed), N, "every message delivered");
     bench.emit(name, N as f64 / secs, "messages/s");
 }
 
@@ -305,7 +315,7 @@ fn nodes(bench: &Bench) {
     for kind in ["udp", "tcp"] {
         let (mut a, mut b) = pair(kind);
         turn(&mut a, &mut b);
-        let got = Rc::new(Cell::new(0usize));
+        let got = Shared::new(0usize);
         let g = got.clone();
         b.on("public.bench.*", move |_ctx, _msg| g.set(g.get() + 1));
         let bid = b.sign_id();
@@ -342,7 +352,7 @@ fn nodes(bench: &Bench) {
         b.on("public.ping", |ctx, msg| {
             let _ = ctx.send(msg.sender, "ms", "pong", msg.payload.clone());
         });
-        let pongs = Rc::new(Cell::new(0usize));
+        let pongs = Shared::new(0usize);
         let p2 = pongs.clone();
         a.on("public.pong", move |_ctx, _msg| p2.set(p2.get() + 1));
         let mut rtts = Vec::with_capacity(PINGS);

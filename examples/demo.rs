@@ -17,8 +17,7 @@
 //! Everything runs in this one thread: the demo polls the platforms in turn. It ends by itself
 //! and exits 0 when every step succeeded.
 
-use std::cell::RefCell;
-use std::rc::Rc;
+use mm_platform::Shared;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -232,7 +231,7 @@ fn offline_buffer() -> Result<(), String> {
     let mut carol = node("udp", quick);
     carol.add_peer(&dave_info);
     let (_, failed) = carol.messaging().on_channel("self.transports.failed", 64);
-    let delivered = Rc::new(RefCell::new(0));
+    let delivered = Shared::new(0);
     const N: usize = 10;
     for i in 0..N {
         let d = delivered.clone();

@@ -3,6 +3,7 @@
 //!
 //! Run: `cargo run --example game_loop`. It runs 120 frames (about two seconds) and exits.
 
+use mm_platform::Shared;
 use std::time::{Duration, Instant};
 
 use mm_platform::Platform;
@@ -23,7 +24,7 @@ fn main() {
     let (_, inputs) = platform.messaging().on_channel("self.input.*", 1024);
 
     // The game's own per-frame state is updated by a callback too.
-    let position = std::rc::Rc::new(std::cell::Cell::new((0i32, 0i32)));
+    let position = Shared::new((0i32, 0i32));
     let pos = position.clone();
     platform
         .messaging()

@@ -113,7 +113,9 @@ impl std::error::Error for CodecError {}
 
 /// How a protocol API turns values into payload bytes and back. `decode` gets untrusted bytes
 /// from the network: it must fail cleanly, never panic.
-pub trait Codec: 'static {
+///
+/// `Send`, as the subscriptions that hold a codec are (a platform can move to another thread).
+pub trait Codec: Send + 'static {
     /// The values this protocol carries.
     type Value;
     /// The protocol code on the wire (`ms`, `bt`, ...).
@@ -264,7 +266,7 @@ impl<'c> Messaging<'c> {
     ) -> SendStatus
     where
         T: Serialize + ?Sized,
-        F: FnOnce(&mut Context<'_>, Result<(), DeliveryError>) + 'static,
+        F: FnOnce(&mut Context<'_>, Result<(), DeliveryError>) + Send + 'static,
     {
         let Ok(payload) = serde_json::to_vec(value) else {
             return SendStatus::EncodeFailed;
@@ -283,7 +285,7 @@ impl<'c> Messaging<'c> {
     fn subscribe<T, F>(&mut self, pattern: &str, once: bool, mut f: F) -> SubscriptionId
     where
         T: DeserializeOwned + 'static,
-        F: FnMut(&mut Context<'_>, &Message, T) + 'static,
+        F: FnMut(&mut Context<'_>, &Message, T) + Send + 'static,
     {
         let cb: Callback =
             Box::new(
@@ -311,7 +313,7 @@ impl<'c> Messaging<'c> {
     pub fn on<T, F>(&mut self, pattern: &str, f: F) -> SubscriptionId
     where
         T: DeserializeOwned + 'static,
-        F: FnMut(&mut Context<'_>, &Message, T) + 'static,
+        F: FnMut(&mut Context<'_>, &Message, T) + Send + 'static,
     {
         self.subscribe(pattern, false, f)
     }
@@ -321,7 +323,7 @@ impl<'c> Messaging<'c> {
     pub fn once<T, F>(&mut self, pattern: &str, f: F) -> SubscriptionId
     where
         T: DeserializeOwned + 'static,
-        F: FnMut(&mut Context<'_>, &Message, T) + 'static,
+        F: FnMut(&mut Context<'_>, &Message, T) + Send + 'static,
     {
         self.subscribe(pattern, true, f)
     }
@@ -403,7 +405,7 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
         callback: F,
     ) -> SendStatus
     where
-        F: FnOnce(&mut Context<'_>, Result<(), DeliveryError>) + 'static,
+        F: FnOnce(&mut Context<'_>, Result<(), DeliveryError>) + Send + 'static,
     {
         let Ok(payload) = self.codec.encode(value) else {
             return SendStatus::EncodeFailed;
@@ -421,7 +423,7 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
     #[track_caller]
     fn subscribe<F>(&mut self, pattern: &str, once: bool, mut f: F) -> SubscriptionId
     where
-        F: FnMut(&mut Context<'_>, &Message, C::Value) + 'static,
+        F: FnMut(&mut Context<'_>, &Message, C::Value) + Send + 'static,
     {
         let codec = self.codec.clone();
         let cb: Callback = Box::new(move |ctx, msg| match codec.decode(&msg.payload) {
@@ -440,7 +442,7 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
     #[track_caller]
     pub fn on<F>(&mut self, pattern: &str, f: F) -> SubscriptionId
     where
-        F: FnMut(&mut Context<'_>, &Message, C::Value) + 'static,
+        F: FnMut(&mut Context<'_>, &Message, C::Value) + Send + 'static,
     {
         self.subscribe(pattern, false, f)
     }
@@ -449,7 +451,7 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
     #[track_caller]
     pub fn once<F>(&mut self, pattern: &str, f: F) -> SubscriptionId
     where
-        F: FnMut(&mut Context<'_>, &Message, C::Value) + 'static,
+        F: FnMut(&mut Context<'_>, &Message, C::Value) + Send + 'static,
     {
         self.subscribe(pattern, true, f)
     }
@@ -484,7 +486,7 @@ impl ProtocolApi<'_, RawCodec> {
     #[track_caller]
     pub fn on_bytes<F>(&mut self, pattern: &str, mut f: F) -> SubscriptionId
     where
-        F: FnMut(&mut Context<'_>, &Message, &[u8]) + 'static,
+        F: FnMut(&mut Context<'_>, &Message, &[u8]) + Send + 'static,
     {
         let cb: Callback = Box::new(move |ctx, msg| f(ctx, msg, &msg.payload));
         let protocol = self.codec.protocol();

@@ -91,6 +91,7 @@ pub mod offline;
 pub mod platform;
 pub(crate) mod prefault;
 pub mod services;
+mod shared;
 pub mod storage;
 mod transport;
 
@@ -101,6 +102,7 @@ pub use platform::{
     Limits, Message, MessageId, NetConfig, NodeInfo, Platform, PlatformBuilder, Scope, SendOptions,
     SendStatus, Stats,
 };
+pub use shared::Shared;
 // The transport types the platform's configuration and statistics name ([`NetConfig`],
 // [`NodeInfo::endpoints`], [`ConnectionStats`]); the transports themselves are in [`proto`].
 pub use transport::connection_info::Endpoint;

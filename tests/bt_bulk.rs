@@ -5,8 +5,7 @@
 //! copying it). Two platforms on 127.0.0.1 driven in one thread, with uneven turns so that
 //! more frames than one read batch wait between the reader's turns.
 
-use std::cell::RefCell;
-use std::rc::Rc;
+use mm_platform::Shared;
 use std::time::{Duration, Instant};
 
 use mm_platform::Platform;
@@ -26,7 +25,7 @@ const SIZES: [usize; 8] = [
 ];
 
 /// What a subscriber got: topic and payload, in order.
-type Got = Rc<RefCell<Vec<(String, Vec<u8>)>>>;
+type Got = Shared<Vec<(String, Vec<u8>)>>;
 
 fn node(kind: &str) -> Platform {
     Platform::builder()

@@ -5,8 +5,7 @@
 
 mod support;
 
-use std::cell::{Cell, RefCell};
-use std::rc::Rc;
+use mm_platform::Shared;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -41,7 +40,7 @@ fn receiver(
             .storage(FileStore::open(&store).unwrap())
             .build()
             .unwrap();
-        let bytes = std::rc::Rc::new(std::cell::Cell::new(0usize));
+        let bytes = Shared::new(0usize);
         let n = bytes.clone();
         b.torrenting()
             .on_bytes("public.bulk.*", move |_c, _m, data| {
@@ -65,13 +64,13 @@ fn receiver(
     })
 }
 
-type Outcome = Rc<RefCell<Option<Result<(), DeliveryError>>>>;
+type Outcome = Shared<Option<Result<(), DeliveryError>>>;
 
 /// Sends `BULK` bytes over `bt` (real-time) and `MESSAGES` non-real-time messages; returns the
 /// bulk message's delivery outcome and the number of messages whose delivery succeeded (their
 /// callbacks, through `messaging().send_with_callback`).
-fn send_all(a: &mut Platform, to: &Identity) -> (Outcome, Rc<Cell<usize>>) {
-    let outcome = Rc::new(RefCell::new(None));
+fn send_all(a: &mut Platform, to: &Identity) -> (Outcome, Shared<usize>) {
+    let outcome = Shared::new(None);
     let o = outcome.clone();
     let st = a.torrenting().send_with_callback(
         "bulk.file",
@@ -81,7 +80,7 @@ fn send_all(a: &mut Platform, to: &Identity) -> (Outcome, Rc<Cell<usize>>) {
         move |_c, r| *o.borrow_mut() = Some(r),
     );
     assert!(st.is_queued(), "{st}");
-    let delivered = Rc::new(Cell::new(0));
+    let delivered = Shared::new(0);
     for i in 0..MESSAGES {
         let d = delivered.clone();
         let st = a.messaging().send_with_callback(

@@ -12,9 +12,7 @@
 
 mod support;
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
@@ -508,7 +506,7 @@ fn sim_net() -> NetConfig {
 
 struct SimNode {
     p: Platform,
-    info: Rc<RefCell<KademliaInfo>>,
+    info: mm_platform::services::Shared<KademliaInfo>,
     inbox: crossbeam_channel::Receiver<Message>,
     values: crossbeam_channel::Receiver<Message>,
 }

@@ -177,7 +177,7 @@ fn item_fields(signer: &Identity, info: &Value, seq: i64) -> Fields {
     f
 }
 
-fn settle(p: &mut Platform, stats: &std::rc::Rc<std::cell::Cell<MainlineStats>>) -> MainlineStats {
+fn settle(p: &mut Platform, stats: &mm_platform::services::Shared<MainlineStats>) -> MainlineStats {
     for _ in 0..50 {
         p.poll(Some(Duration::from_millis(2))).unwrap();
     }

@@ -1,8 +1,7 @@
 //! `PlatformBuilder::accept_peers`: a node that accepts only listed peers refuses every other
 //! node's connection at the CurveCP handshake, while listed peers connect and deliver.
 
-use std::cell::RefCell;
-use std::rc::Rc;
+use mm_platform::Shared;
 use std::time::{Duration, Instant};
 
 use mm_platform::{DeliveryError, NetConfig, Platform, SendOptions};
@@ -29,7 +28,7 @@ fn a_refused_peer_cannot_connect_and_an_accepted_one_can() {
     introduce(&mut stranger, &server);
     let (_, rx) = server.messaging().on_channel("public.knock", 16);
     let sid = server.sign_id();
-    let outcome = Rc::new(RefCell::new(None));
+    let outcome = Shared::new(None);
     let o = outcome.clone();
     let st = stranger.send_with_callback(
         sid,

@@ -2,8 +2,7 @@
 //! connection, transports fall back, dead peers are detected, real-time messages expire,
 //! per-destination queues are bounded, oversized frames close only their connection.
 
-use std::cell::RefCell;
-use std::rc::Rc;
+use mm_platform::Shared;
 use std::time::{Duration, Instant};
 
 use mm_platform::identity::Identity;
@@ -152,7 +151,7 @@ fn a_dead_peer_is_detected_and_queued_realtime_messages_fail() {
     assert_eq!(down[0].json::<String>().unwrap(), bid.to_string());
     assert!(a.drain_events().any(|e| e == Event::Disconnected(bid)));
     // Messages to it now fail after the attempts (5 x 200 ms).
-    let res = Rc::new(RefCell::new(None));
+    let res = Shared::new(None);
     let r = res.clone();
     let st = a.send_with_callback(
         bid,
@@ -223,7 +222,7 @@ fn realtime_messages_expire_and_queues_are_bounded() {
     };
     let mut a = Platform::builder().net(cfg).build().unwrap();
     let nobody = Identity::generate().sign_id();
-    let res = Rc::new(RefCell::new(Vec::new()));
+    let res = Shared::new(Vec::new());
     for i in 0..3 {
         let r = res.clone();
         let st = a.send_with_callback(

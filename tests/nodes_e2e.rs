@@ -1,8 +1,7 @@
 //! End-to-end tests of remote messaging: real sockets on 127.0.0.1, two platforms driven in
 //! one thread, over UDP and over TCP, both directions.
 
-use std::cell::RefCell;
-use std::rc::Rc;
+use mm_platform::Shared;
 use std::time::{Duration, Instant};
 
 use mm_platform::identity::Identity;
@@ -59,7 +58,7 @@ fn exchange(listen: fn() -> Value) {
     tell(&mut b, &a);
     let (_, rx_b) = b.messaging().on_channel("*.test.*", 1024);
     let (_, rx_a) = a.messaging().on_channel("*.test.*", 1024);
-    let acked = Rc::new(RefCell::new(Vec::new()));
+    let acked = Shared::new(Vec::new());
     let bid = b.sign_id();
     for i in 0..100 {
         let ack = acked.clone();
@@ -174,7 +173,7 @@ fn unknown_destination_fails_after_the_lookup_timeout() {
         .on_channel("self.transports.requestNodeInfo", 8);
     let (_, failed) = a.messaging().on_channel("self.transports.failed", 8);
     let nobody = Identity::generate().sign_id();
-    let result = Rc::new(RefCell::new(None));
+    let result = Shared::new(None);
     let r = result.clone();
     for _ in 0..3 {
         let _ = a.send(nobody, "ms", "x.y", b"1".to_vec());

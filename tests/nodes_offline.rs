@@ -4,10 +4,9 @@
 
 mod support;
 
-use std::cell::RefCell;
+use mm_platform::Shared;
 use std::collections::HashSet;
 use std::io::Write;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 use support::{offline, quick};
 
@@ -36,7 +35,7 @@ fn messages_to_a_node_that_is_down_arrive_once_it_is_up() {
         .build()
         .unwrap();
     let _ = a.messaging().send("transports.nodeInfo", "local", &b_info);
-    let results = Rc::new(RefCell::new(Vec::new()));
+    let results = Shared::new(Vec::new());
     for i in 0..50 {
         let r = results.clone();
         let st = a.send_with_callback(
@@ -148,7 +147,7 @@ fn the_buffer_survives_a_restart_of_the_sender() {
 fn offline_messages_expire_with_an_error() {
     let mut a = Platform::builder().net(quick()).build().unwrap();
     let nobody = Identity::generate().sign_id();
-    let result = Rc::new(RefCell::new(Vec::new()));
+    let result = Shared::new(Vec::new());
     let r = result.clone();
     let st = a.send_with_callback(
         nobody,

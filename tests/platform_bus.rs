@@ -1,8 +1,7 @@
 //! The bus through the platform: wildcard semantics, once/off/subscribe during dispatch,
 //! re-entrant sends, ordering, channels, protocol filters and send statuses.
 
-use std::cell::RefCell;
-use std::rc::Rc;
+use mm_platform::Shared;
 use std::time::Duration;
 
 use mm_platform::api::RawCodec;
@@ -12,7 +11,7 @@ use mm_platform::{
     check_pattern, check_topic, Limits, Platform, SendStatus, SubscriptionId, TopicError,
 };
 
-type Log = Rc<RefCell<Vec<String>>>;
+type Log = Shared<Vec<String>>;
 
 fn platform() -> Platform {
     let mut p = Platform::builder().build().unwrap();
@@ -67,7 +66,7 @@ fn wildcard_semantics_of_the_original() {
 #[test]
 fn once_fires_exactly_once_even_for_its_own_resend() {
     let mut p = platform();
-    let count = Rc::new(RefCell::new(0));
+    let count = Shared::new(0);
     let c = count.clone();
     p.once("self.ping", move |ctx, _msg| {
         *c.borrow_mut() += 1;
@@ -85,7 +84,7 @@ fn once_fires_exactly_once_even_for_its_own_resend() {
 fn off_during_dispatch_takes_effect_when_the_callback_returns() {
     let mut p = platform();
     let log: Log = Default::default();
-    let victim: Rc<RefCell<Option<SubscriptionId>>> = Default::default();
+    let victim: Shared<Option<SubscriptionId>> = Default::default();
     let v = victim.clone();
     let l = log.clone();
     let killer = p.on("self.t", move |ctx, _msg| {
@@ -96,7 +95,7 @@ fn off_during_dispatch_takes_effect_when_the_callback_returns() {
     });
     *victim.borrow_mut() = Some(recorder(&mut p, "self.t", "victim", &log));
     // A subscription that removes itself.
-    let me: Rc<RefCell<Option<SubscriptionId>>> = Default::default();
+    let me: Shared<Option<SubscriptionId>> = Default::default();
     let m = me.clone();
     let l = log.clone();
     *me.borrow_mut() = Some(p.on("self.*", move |ctx, _msg| {
@@ -279,7 +278,7 @@ fn typed_messaging_round_trip() {
         y: i32,
     }
     let mut p = platform();
-    let got = Rc::new(RefCell::new(None));
+    let got = Shared::new(None);
     let g = got.clone();
     p.messaging()
         .once("self.game.move", move |_c, _m, mv: Move| {

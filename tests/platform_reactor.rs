@@ -1,8 +1,7 @@
 //! The reactor: Handle wake-ups and shutdown from other threads, non-blocking polls, timers,
 //! deadlines and events.
 
-use std::cell::RefCell;
-use std::rc::Rc;
+use mm_platform::Shared;
 use std::time::Duration;
 
 use mm_platform::{Event, Limits, Platform, SendStatus};
@@ -136,7 +135,7 @@ fn handle_respects_a_full_local_queue() {
 #[test]
 fn poll_zero_never_blocks_and_timers_fire_in_order() {
     let mut p = started();
-    let fired = Rc::new(RefCell::new(Vec::new()));
+    let fired = Shared::new(Vec::new());
     let f = fired.clone();
     let far = p.after(Duration::from_secs(3600), move |_ctx| {
         f.borrow_mut().push("far")
@@ -191,7 +190,7 @@ fn events_by_batch_channel_and_callback() {
         .build()
         .unwrap();
     let rx = p.event_channel(100);
-    let seen = Rc::new(RefCell::new(Vec::new()));
+    let seen = Shared::new(Vec::new());
     let s = seen.clone();
     p.on_event(move |_ctx, ev| {
         s.borrow_mut().push(match ev {

@@ -9,6 +9,7 @@
 //! `RUN / POLL_CAP` times; the bounds leave room for those and for the services' genuine
 //! timers (queries timing out, lookups stepping on), and are far below what a busy loop makes.
 
+use mm_platform::Shared;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -302,7 +303,7 @@ fn mdns_with_nobody_answering_sleeps() {
 /// class of bug): every turn it wakes is counted under its name, and a debug build names it in
 /// a warning.
 struct Spinner {
-    runs: std::rc::Rc<std::cell::Cell<u64>>,
+    runs: Shared<u64>,
 }
 
 impl Service for Spinner {
@@ -345,7 +346,7 @@ static WARNINGS: Warnings = Warnings(std::sync::Mutex::new(Vec::new()));
 fn turns_are_counted_by_what_woke_them_and_a_spinning_service_is_named() {
     let _ = log::set_logger(&WARNINGS);
     log::set_max_level(log::LevelFilter::Warn);
-    let runs = std::rc::Rc::new(std::cell::Cell::new(0));
+    let runs = Shared::new(0);
     let mut p = Platform::builder()
         .transports(false)
         .service(Spinner { runs: runs.clone() })

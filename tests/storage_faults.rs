@@ -11,13 +11,12 @@
 
 mod support;
 
-use std::cell::{Cell, RefCell};
+use mm_platform::Shared;
 use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 use support::{offline, quick};
 
@@ -38,21 +37,21 @@ const EROFS: i32 = 30;
 /// Which operations of a [`FaultStore`] fail, with which raw OS error (shared with the test).
 #[derive(Clone, Default)]
 struct Faults {
-    put: Rc<Cell<Option<i32>>>,
-    del: Rc<Cell<Option<i32>>>,
+    put: Shared<Option<i32>>,
+    del: Shared<Option<i32>>,
     /// Operations refused so far.
-    refused: Rc<Cell<usize>>,
+    refused: Shared<usize>,
 }
 
 /// A `Storage` around a shared [`MemStore`] whose `put` / `del` fail on demand.
 struct FaultStore {
-    inner: Rc<RefCell<MemStore>>,
+    inner: Shared<MemStore>,
     faults: Faults,
 }
 
 impl FaultStore {
-    fn new() -> (FaultStore, Rc<RefCell<MemStore>>, Faults) {
-        let inner = Rc::new(RefCell::new(MemStore::new()));
+    fn new() -> (FaultStore, Shared<MemStore>, Faults) {
+        let inner = Shared::new(MemStore::new());
         let faults = Faults::default();
         let store = FaultStore {
             inner: inner.clone(),
@@ -61,7 +60,7 @@ impl FaultStore {
         (store, inner, faults)
     }
 
-    fn check(&self, fault: &Cell<Option<i32>>) -> Result<(), StorageError> {
+    fn check(&self, fault: &Shared<Option<i32>>) -> Result<(), StorageError> {
         match fault.get() {
             Some(code) => {
                 self.faults.refused.set(self.faults.refused.get() + 1);

@@ -10,14 +10,13 @@
 //! receiver reads into a buffer it reuses): `nodes_bt_{udp,tcp}_1MiB`. The same transfer with
 //! `torrenting().on`, whose callback gets a copy of its own, is `..._owned`.
 
-use std::cell::Cell;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use mm_platform::proto::transport::TransportKind;
+use mm_platform::Shared;
 use mm_platform::{Limits, Platform};
 
 use super::cc::{bulk_run, thread_cpu};
@@ -56,7 +55,7 @@ fn bt_once(kind: &str, owned: bool) -> f64 {
             .expect("send info");
         let a_info = a_rx.recv().expect("A's info");
         let _ = b.messaging().send("transports.nodeInfo", "local", &a_info);
-        let got = Rc::new(Cell::new(0usize));
+        let got = Shared::new(0usize);
         let g = got.clone();
         if owned {
             b.torrenting().on("public.bench.bt", move |_ctx, _msg, v| {
@@ -161,5 +160,104 @@ pub fn nodes_bt(bench: &Bench) {
         bench.emit(&format!("{name}_percent_of_bare"), 100.0 * b / c, "%");
         bench.emit(&format!("{name}_owned"), o, "MB/s");
         bench.emit(&format!("{name}_owned_percent_of_bare"), 100.0 * o / c, "%");
+    }
+}
+
+/// One 1 MiB `bt` payload from A to B, both polled by one loop that calls
+/// `poll(Some(Duration::ZERO))` on each once a tick, as a game or GUI loop would; at `hz` ticks
+/// a second (sleeping to the next tick), or free-running (`None`: no sleep). The number of
+/// ticks from the send to B's subscriber holding every byte, and the time it took.
+///
+/// With `drain`, each tick polls a node again while its `next_deadline()` is already past (at
+/// most 64 turns a tick), as a loop that tries to finish all due work within the frame would.
+fn bt_ticks(kind: &str, hz: Option<u32>, drain: bool) -> (u32, Duration) {
+    let mut a = node(kind);
+    let mut b = node(kind);
+    let _ = a
+        .messaging()
+        .send("transports.nodeInfo", "local", &b.node_info().to_json());
+    let _ = b
+        .messaging()
+        .send("transports.nodeInfo", "local", &a.node_info().to_json());
+    let got = Shared::new(0usize);
+    let g = got.clone();
+    b.torrenting()
+        .on_bytes("public.bench.ticks", move |_ctx, _msg, v| {
+            g.set(g.get() + v.len())
+        });
+    // Connect first (a short message both ways), so the figure is the bulk alone.
+    let (_, hello) = b.messaging().on_channel("public.bench.hello", 4);
+    let _ = a
+        .messaging()
+        .send("bench.hello", b.sign_id(), &serde_json::json!(1));
+    let setup = Instant::now();
+    while hello.try_recv().is_err() && setup.elapsed() < LIMIT {
+        a.poll(Some(Duration::from_millis(1))).expect("poll");
+        b.poll(Some(Duration::from_millis(1))).expect("poll");
+    }
+    let mut payload = vec![0u8; PAYLOAD];
+    mm_platform::proto::crypto::random_bytes(&mut payload);
+    let tick = hz.map(|hz| Duration::from_secs(1) / hz);
+    let start = Instant::now();
+    assert!(a
+        .torrenting()
+        .send("bench.ticks", b.sign_id(), &payload)
+        .is_queued());
+    let mut ticks = 0;
+    let mut next = start;
+    while got.get() < PAYLOAD && start.elapsed() < LIMIT {
+        for p in [&mut a, &mut b] {
+            p.poll(Some(Duration::ZERO)).expect("poll");
+            for _ in 0..64 {
+                if !drain || p.next_deadline().is_none_or(|d| d > Instant::now()) {
+                    break;
+                }
+                p.poll(Some(Duration::ZERO)).expect("poll");
+            }
+        }
+        ticks += 1;
+        if std::env::var_os("MM_BENCH_TRACE").is_some() {
+            for c in a.connections() {
+                eprintln!(
+                    "tick {ticks} +{:?}: A sent {} bytes {} msgs, rtt {:?}, rexmit {}",
+                    start.elapsed(),
+                    c.bytes_sent,
+                    c.messages_sent,
+                    c.rtt,
+                    c.retransmissions
+                );
+            }
+        }
+        if let Some(tick) = tick {
+            next += tick;
+            let now = Instant::now();
+            if next > now {
+                thread::sleep(next - now);
+            }
+        }
+    }
+    assert_eq!(got.get(), PAYLOAD, "the payload delivered");
+    (ticks, start.elapsed())
+}
+
+/// `nodes_bt_ticks_{60hz,60hz_drain,250hz,free}`: the ticks a loop polling two nodes takes to
+/// move 1 MiB over `bt` (UDP), and the milliseconds; the median of five.
+pub fn nodes_bt_ticks(bench: &Bench) {
+    for (label, hz, drain) in [
+        ("60hz", Some(60), false),
+        ("60hz_drain", Some(60), true),
+        ("250hz", Some(250), false),
+        ("free", None, false),
+    ] {
+        let name = format!("nodes_bt_ticks_{label}");
+        if !bench.wants(&name) {
+            continue;
+        }
+        let mut runs: Vec<(u32, Duration)> = (0..5).map(|_| bt_ticks("udp", hz, drain)).collect();
+        eprintln!("nodes_bt_ticks {label}: {runs:?}");
+        runs.sort();
+        let (ticks, time) = runs[runs.len() / 2];
+        bench.emit(&name, ticks as f64, "ticks");
+        bench.emit(&format!("{name}_ms"), time.as_secs_f64() * 1e3, "ms");
     }
 }

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use super::Bench;
 use mm_platform::Platform;
+use mm_platform::Shared;
 
 /// Messages per burst (each about 100 bytes of JSON).
 const BURST: usize = 2_000;
@@ -169,7 +170,7 @@ pub fn js_messages(bench: &Bench) {
     let _ = rust
         .messaging()
         .send("transports.nodeInfo", "local", &js.info);
-    let got = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let got = Shared::new(0u64);
     let g = got.clone();
     rust.on("public.bench.*", move |_ctx, _m| g.set(g.get() + 1));
     let pad = "x".repeat(80);

@@ -15,14 +15,13 @@
 //! and the same after a third of the nodes left without a word (`kad_gone_*`): lookups then
 //! wait for RPC timeouts (1.5 s here, as in the test) on the departed nodes they still know.
 
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use mm_platform::identity::Identity;
 use mm_platform::services::kademlia::{Kademlia, KademliaConfig, KademliaInfo, LookupKindTag};
+use mm_platform::Shared;
 use mm_platform::{Event, Message, NetConfig, Platform};
 
 use super::Bench;
@@ -38,7 +37,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 struct Node {
     p: Platform,
-    info: Rc<RefCell<KademliaInfo>>,
+    info: Shared<KademliaInfo>,
     values: crossbeam_channel::Receiver<Message>,
 }
 

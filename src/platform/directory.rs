@@ -49,7 +49,9 @@ pub const MAX_CACHED: usize = 4096;
 /// }
 /// let _d: Box<dyn Directory> = Box::new(Static(HashMap::new()));
 /// ```
-pub trait Directory {
+///
+/// `Send`, like every part a [`crate::Platform`] owns.
+pub trait Directory: Send {
     /// The nodeInfo of `id`, if this directory knows it now.
     fn lookup(&mut self, id: &SignId) -> Option<NodeInfo>;
 }

@@ -17,7 +17,10 @@ use super::{
 
 /// A service: a bus client with its own sockets and timer, driven by the platform's reactor.
 /// See the [services module docs](crate::services) for how and when its methods run.
-pub trait Service {
+///
+/// `Send`, like every part a [`crate::Platform`] owns, so a platform can be built on one thread
+/// and polled on another.
+pub trait Service: Send {
     /// A short name, used as the source tag of the nodeInfo it publishes
     /// ([`crate::Event::NodeInfo`]) and in logs (`mdns`, `bootstrap`, `kademlia`, ...).
     fn name(&self) -> &str;

@@ -34,6 +34,34 @@
 //! [`turns`]); in debug builds a run of turns woken by a deadline already past that did nothing
 //! logs a warning naming the deadline's owner.
 //!
+//! # Polling from an application's loop
+//!
+//! A program with a loop of its own (a game at 60 Hz, a GUI's idle handler) calls
+//! `poll(Some(Duration::ZERO))` once a frame; a program with nothing else to do calls
+//! [`Platform::run`], or `poll` with the time until its next own deadline. Either way a turn
+//! does all the work that is ready: it reads everything that arrived since the last turn,
+//! applies the acknowledgements and sends what each stream's congestion window allows, so bulk
+//! transfers are not held to one burst a call. A stream that waited on its pacing since the
+//! last turn catches up with its schedule (up to its window), and the time acknowledgements
+//! spent waiting for the next poll is not taken for congestion. What limits a frame-polled
+//! transfer is then the round trip, one frame when both nodes are polled by the same loop:
+//! at most 128 KiB in flight a connection (the reference CurveCP receive buffer), so about
+//! 7.5 MiB/s at 60 Hz; 1 MiB over `bt` between two nodes polled at 60 Hz takes 10 frames
+//! (`cargo bench --bench figures -- nodes_bt_ticks` measures it at 60 Hz, 250 Hz and free
+//! running). Polling again within a frame while [`Platform::next_deadline`] has passed gains
+//! nothing for bulk work (the acknowledgements come with the peer's next poll), but does no
+//! harm. Poll more often, or run the platform on a thread of its own (below), for more.
+//!
+//! # Threads
+//!
+//! A [`Platform`] and its [`PlatformBuilder`] are `Send`: build it on one thread, move it to
+//! another and poll it there (a network thread beside a render loop). So everything it owns
+//! is `Send` too: subscription, event, timer and delivery callbacks, [`crate::storage::Storage`],
+//! [`Directory`], services and codecs. A callback that updates state the program reads uses a
+//! [`crate::Shared`] value (or an atomic, or a channel) where a single-threaded program would
+//! use `Rc<RefCell<_>>`. A platform is not `Sync`: one thread polls it; other threads send
+//! through a [`Handle`] (cheap to clone, never blocks) or read its channel subscriptions.
+//!
 //! # Callbacks and their context
 //!
 //! Callbacks run on the reactor's thread and receive a [`Context`], through which they can do
@@ -100,12 +128,12 @@
 //! sent by the next run on the same storage.
 //!
 //! ```
-//! use mm_platform::{Platform, Event};
+//! use mm_platform::{Event, Platform, Shared};
 //! use serde_json::json;
 //! use std::time::Duration;
 //!
 //! let mut platform = Platform::builder().build().unwrap();
-//! let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+//! let seen = Shared::new(Vec::new());
 //! let s = seen.clone();
 //! platform
 //!     .messaging()
@@ -192,9 +220,9 @@ pub const BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(5 * 60);
 const BUILTIN_QUEUE: usize = 1_024;
 
 /// A message callback.
-pub(crate) type Callback = Box<dyn FnMut(&mut Context<'_>, &Message)>;
-type EventCallback = Box<dyn FnMut(&mut Context<'_>, &Event)>;
-type TimerCallback = Box<dyn FnOnce(&mut Context<'_>)>;
+pub(crate) type Callback = Box<dyn FnMut(&mut Context<'_>, &Message) + Send>;
+type EventCallback = Box<dyn FnMut(&mut Context<'_>, &Event) + Send>;
+type TimerCallback = Box<dyn FnOnce(&mut Context<'_>) + Send>;
 
 /// What a subscription delivers to.
 pub(crate) enum Target {
@@ -1217,7 +1245,7 @@ macro_rules! shared_methods {
             callback: F,
         ) -> SendStatus
         where
-            F: FnOnce(&mut Context<'_>, Result<(), DeliveryError>) + 'static,
+            F: FnOnce(&mut Context<'_>, Result<(), DeliveryError>) + Send + 'static,
         {
             self.core_mut().send_tracked(
                 dest.to_address(),
@@ -1308,7 +1336,7 @@ macro_rules! shared_methods {
         #[track_caller]
         pub fn on<F>(&mut self, pattern: &str, callback: F) -> SubscriptionId
         where
-            F: FnMut(&mut Context<'_>, &Message) + 'static,
+            F: FnMut(&mut Context<'_>, &Message) + Send + 'static,
         {
             self.core_mut()
                 .subscribe(pattern, None, false, Target::Callback(Box::new(callback)))
@@ -1318,7 +1346,7 @@ macro_rules! shared_methods {
         #[track_caller]
         pub fn once<F>(&mut self, pattern: &str, callback: F) -> SubscriptionId
         where
-            F: FnMut(&mut Context<'_>, &Message) + 'static,
+            F: FnMut(&mut Context<'_>, &Message) + Send + 'static,
         {
             self.core_mut()
                 .subscribe(pattern, None, true, Target::Callback(Box::new(callback)))
@@ -1340,7 +1368,7 @@ macro_rules! shared_methods {
         /// `platform.on('message')`).
         pub fn on_message<F>(&mut self, callback: F) -> SubscriptionId
         where
-            F: FnMut(&mut Context<'_>, &Message) + 'static,
+            F: FnMut(&mut Context<'_>, &Message) + Send + 'static,
         {
             self.on("*", callback)
         }
@@ -1363,7 +1391,7 @@ macro_rules! shared_methods {
         /// ```
         pub fn after<F>(&mut self, delay: Duration, callback: F) -> TimerId
         where
-            F: FnOnce(&mut Context<'_>) + 'static,
+            F: FnOnce(&mut Context<'_>) + Send + 'static,
         {
             let at = self.clock() + delay;
             self.core_mut()
@@ -1741,7 +1769,7 @@ impl Platform {
     /// ```
     pub fn on_event<F>(&mut self, callback: F)
     where
-        F: FnMut(&mut Context<'_>, &Event) + 'static,
+        F: FnMut(&mut Context<'_>, &Event) + Send + 'static,
     {
         self.core.event_callbacks.push(Box::new(callback));
     }

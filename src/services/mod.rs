@@ -112,3 +112,5 @@ pub mod mainline;
 pub mod mdns;
 
 pub use crate::platform::{Service, ServiceContext, ServiceId};
+
+pub use crate::shared::Shared;

@@ -233,7 +233,9 @@ impl From<io::Error> for StorageError {
 /// store.del("greeting").unwrap();
 /// assert_eq!(store.get("greeting").unwrap(), None);
 /// ```
-pub trait Storage {
+///
+/// `Send`, like every part a [`crate::Platform`] owns (a platform can move to another thread).
+pub trait Storage: Send {
     /// The value stored under `key`, or `None`.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
     /// Stores `value` under `key`, replacing any previous value atomically.

@@ -173,7 +173,7 @@ impl fmt::Display for DeliveryError {
 impl std::error::Error for DeliveryError {}
 
 /// A delivery callback: called once, on the reactor's thread, with the outcome.
-pub type DeliveryCallback = Box<dyn FnOnce(&mut Context<'_>, Result<(), DeliveryError>)>;
+pub type DeliveryCallback = Box<dyn FnOnce(&mut Context<'_>, Result<(), DeliveryError>) + Send>;
 
 /// Statistics of one connection, from [`crate::platform::Platform::connections`].
 #[derive(Debug, Clone, PartialEq, Eq)]

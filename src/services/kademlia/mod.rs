@@ -65,9 +65,7 @@ pub(crate) mod rpc;
 pub(crate) mod state;
 pub(crate) mod table;
 
-use std::cell::RefCell;
 use std::io;
-use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
@@ -131,7 +129,7 @@ pub struct KademliaInfo {
 pub struct Kademlia {
     config: KademliaConfig,
     state: Option<KadState>,
-    info: Rc<RefCell<KademliaInfo>>,
+    info: super::Shared<KademliaInfo>,
     last_persist: Option<Instant>,
 }
 
@@ -147,13 +145,13 @@ impl Kademlia {
         Kademlia {
             config,
             state: None,
-            info: Rc::new(RefCell::new(KademliaInfo::default())),
+            info: super::Shared::new(KademliaInfo::default()),
             last_persist: None,
         }
     }
 
     /// A view of the service's counters, updated after each of its turns.
-    pub fn info_handle(&self) -> Rc<RefCell<KademliaInfo>> {
+    pub fn info_handle(&self) -> super::Shared<KademliaInfo> {
         self.info.clone()
     }
 

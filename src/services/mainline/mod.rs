@@ -42,10 +42,8 @@ pub(crate) mod krpc;
 pub(crate) mod state;
 pub(crate) mod table;
 
-use std::cell::Cell;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use mio::Interest;
@@ -149,7 +147,7 @@ pub struct Mainline {
     state: Option<MainlineState>,
     socket: Option<mio::net::UdpSocket>,
     buf: Vec<u8>,
-    stats: Rc<Cell<MainlineStats>>,
+    stats: super::Shared<MainlineStats>,
 }
 
 fn unix_secs() -> u64 {
@@ -166,12 +164,12 @@ impl Mainline {
             state: None,
             socket: None,
             buf: vec![0; krpc::MAX_DATAGRAM + 1],
-            stats: Rc::new(Cell::new(MainlineStats::default())),
+            stats: super::Shared::new(MainlineStats::default()),
         }
     }
 
     /// A view of the service's counters, updated after each of its turns.
-    pub fn stats_handle(&self) -> Rc<Cell<MainlineStats>> {
+    pub fn stats_handle(&self) -> super::Shared<MainlineStats> {
         self.stats.clone()
     }
 

@@ -35,10 +35,8 @@
 pub(crate) mod state;
 pub(crate) mod wire;
 
-use std::cell::Cell;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::rc::Rc;
 
 use mio::Interest;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -79,7 +77,7 @@ pub struct Mdns {
     state: MdnsState,
     socket: Option<mio::net::UdpSocket>,
     buf: Vec<u8>,
-    stats: Rc<Cell<MdnsStats>>,
+    stats: super::Shared<MdnsStats>,
 }
 
 impl Mdns {
@@ -90,13 +88,13 @@ impl Mdns {
             state: MdnsState::new(config.timing, crate::crypto::random_u64()),
             socket: None,
             buf: vec![0; wire::MAX_PACKET + 1],
-            stats: Rc::new(Cell::new(MdnsStats::default())),
+            stats: super::Shared::new(MdnsStats::default()),
         }
     }
 
     /// A view of the service's counters, updated after each of its turns (the service itself
     /// moves into the platform).
-    pub fn stats_handle(&self) -> Rc<Cell<MdnsStats>> {
+    pub fn stats_handle(&self) -> super::Shared<MdnsStats> {
         self.stats.clone()
     }
 
