@@ -168,8 +168,8 @@ fn run_dispatch(p: &mut Platform, topic: &str, mut drain: impl FnMut() -> usize)
     let mut sent = 0;
     while sent < MESSAGES {
         for _ in 0..BATCH.min(MESSAGES - sent) {
-            let status = p.send("local", "ms", topic, &b"12345678"[..]);
-            debug_assert!(status.is_queued());
+            let status = p.send("ms", topic, "local", &b"12345678"[..]);
+            debug_assert!(status.is_ok());
             sent += 1;
         }
         p.poll(Some(Duration::ZERO)).expect("poll");
@@ -235,13 +235,13 @@ fn local_dispatch_handle(bench: &Bench) {
         let mut full = 0u64;
         for _ in 0..N {
             loop {
-                match handle.send("local", "ms", "bench.exact", &b"12345678"[..]) {
-                    mm_platform::SendStatus::Queued => break,
-                    mm_platform::SendStatus::BufferFull => {
+                match handle.send("ms", "bench.exact", "local", &b"12345678"[..]) {
+                    Ok(()) => break,
+                    Err(mm_platform::SendError::BufferFull) => {
                         full += 1;
                         std::thread::yield_now();
                     }
-                    other => panic!("unexpected send status {other}"),
+                    other => panic!("unexpected send status {other:?}"),
                 }
             }
         }
@@ -320,7 +320,7 @@ fn nodes(bench: &Bench) {
         b.on("public.bench.*", move |_ctx, _msg| g.set(g.get() + 1));
         let bid = b.sign_id();
         let t = Instant::now();
-        let _ = a.send(bid, "ms", "bench.first", &b"1"[..]);
+        let _ = a.send("ms", "bench.first", bid, &b"1"[..]);
         let end = t + Duration::from_secs(10);
         while got.get() == 0 && Instant::now() < end {
             turn(&mut a, &mut b);
@@ -339,8 +339,8 @@ fn nodes(bench: &Bench) {
         let end = t + Duration::from_secs(60);
         while got.get() < BURST && Instant::now() < end {
             while sent < BURST {
-                let st = a.send(bid, "ms", "bench.burst", payloads[sent % 1000].clone());
-                if !st.is_queued() {
+                let st = a.send("ms", "bench.burst", bid, payloads[sent % 1000].clone());
+                if st.is_err() {
                     break;
                 }
                 sent += 1;
@@ -350,7 +350,7 @@ fn nodes(bench: &Bench) {
         let rate = got.get() as f64 / t.elapsed().as_secs_f64();
         bench.emit(&format!("nodes_{kind}_messages_per_s"), rate, "msg/s");
         b.on("public.ping", |ctx, msg| {
-            let _ = ctx.send(msg.sender, "ms", "pong", msg.payload.clone());
+            let _ = ctx.send("ms", "pong", msg.sender, msg.payload.clone());
         });
         let pongs = Shared::new(0usize);
         let p2 = pongs.clone();
@@ -358,7 +358,7 @@ fn nodes(bench: &Bench) {
         let mut rtts = Vec::with_capacity(PINGS);
         for i in 0..PINGS {
             let t = Instant::now();
-            let _ = a.send(bid, "ms", "ping", &b"1"[..]);
+            let _ = a.send("ms", "ping", bid, &b"1"[..]);
             let end = t + Duration::from_secs(5);
             while pongs.get() <= i && Instant::now() < end {
                 turn(&mut a, &mut b);

@@ -155,7 +155,7 @@ fn exchange(kind: &'static str) -> Result<Figures, String> {
         }
         while sent < BURST {
             let msg = json!({"n": 10_000 + sent, "pad": pad});
-            if !alice.messaging().send("demo.burst", bid, &msg).is_queued() {
+            if alice.messaging().send("demo.burst", bid, &msg).is_err() {
                 break;
             }
             sent += 1;
@@ -241,9 +241,9 @@ fn offline_buffer() -> Result<(), String> {
             expire_after: Some(Duration::from_secs(3600)),
         };
         let status = carol.send_with_callback(
-            dave_id.sign_id(),
             "ms",
             "demo.note",
+            dave_id.sign_id(),
             payload,
             options,
             move |_ctx, r| {
@@ -254,9 +254,7 @@ fn offline_buffer() -> Result<(), String> {
                 }
             },
         );
-        if !status.is_queued() {
-            return Err(format!("send refused: {status}"));
-        }
+        status.map_err(|e| format!("send refused: {e}"))?;
     }
     println!(
         "carol queued {N} notes for dave; {} wait in her storage",

@@ -43,7 +43,7 @@ fn main() {
                 dx: 1,
                 dy: if i % 2 == 0 { 1 } else { -1 },
             };
-            if handle.send_json("input.move", "local", &input).is_queued() {
+            if handle.send_json("input.move", "local", &input).is_ok() {
                 sent += 1;
             }
             std::thread::sleep(Duration::from_millis(10));

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use mm_platform::storage::FileStore;
-use mm_platform::{Event, Platform, SendOptions};
+use mm_platform::{Event, Platform, SendOptions, SendResult};
 use serde_json::{json, Value};
 
 fn turns(platform: &mut Platform, n: usize) {
@@ -133,7 +133,7 @@ fn main() {
             expire_after: Some(Duration::from_millis(15_000)),
         },
     );
-    println!("messaging.send -> {status}");
+    show("messaging.send", status);
 
     // platform.messaging.send('transports.nodeInfo', 'local', nodeInfo) with our own nodeInfo.
     let ours = json!({
@@ -141,31 +141,31 @@ fn main() {
         "signId": platform.sign_id().to_string(),
         "connectionInfo": [],
     });
-    println!(
-        "send our nodeInfo -> {}",
+    show(
+        "send our nodeInfo",
         platform
             .messaging()
-            .send("transports.nodeInfo", "local", &ours)
+            .send("transports.nodeInfo", "local", &ours),
     );
 
     // What the directory does when it needs a peer: ask the bus.
     let ask = known_peer.sign_id().to_string();
-    println!(
-        "requestNodeInfo -> {}",
+    show(
+        "requestNodeInfo",
         platform
             .messaging()
-            .send("transports.requestNodeInfo", "local", &ask)
+            .send("transports.requestNodeInfo", "local", &ask),
     );
     let key = known_peer.box_id().to_string();
-    println!(
-        "directory.get -> {}",
-        platform.messaging().send("directory.get", "local", &key)
+    show(
+        "directory.get",
+        platform.messaging().send("directory.get", "local", &key),
     );
 
     // platform.send({destination: 'local', topic: 'test', protocol: 'ms', payload: 'test'})
-    println!(
-        "send -> {}",
-        platform.send("local", "ms", "test", &b"\"test\""[..])
+    show(
+        "send",
+        platform.send("ms", "test", "local", &b"\"test\""[..]),
     );
 
     // Torrenting: protocol 'bt', topic = the torrent's info hash, payload = bytes.
@@ -173,17 +173,17 @@ fn main() {
         println!("[torrenting] {} got {} bytes", msg.topic, bytes.len());
     });
     let hash = "c12fe1c06bba254a9dc9f519b335aa7c1367a88a";
-    println!(
-        "torrenting.send -> {}",
-        platform.torrenting().send(hash, "local", &vec![19u8; 68])
+    show(
+        "torrenting.send",
+        platform.torrenting().send(hash, "local", &[19u8; 68]),
     );
 
     // A remote destination needs the transports (the next layer): the send says so honestly.
-    println!(
-        "send to a remote peer -> {}",
+    show(
+        "send to a remote peer",
         platform
             .messaging()
-            .send("test.hello", known_peer.sign_id(), &"hi")
+            .send("test.hello", known_peer.sign_id(), &"hi"),
     );
 
     turns(&mut platform, 4);
@@ -209,4 +209,12 @@ fn main() {
         first == again.sign_id()
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Prints what became of a send.
+fn show(what: &str, status: SendResult) {
+    match status {
+        Ok(()) => println!("{what} -> queued"),
+        Err(e) => println!("{what} -> refused: {e}"),
+    }
 }

@@ -118,7 +118,8 @@ use mm_platform::services::mainline::{Mainline, MainlineConfig};
 use mm_platform::services::mdns::{Mdns, MdnsConfig};
 use mm_platform::storage::FileStore;
 use mm_platform::{
-    Address, BoxId, Context, Event, Limits, NetConfig, Platform, SendOptions, SendStatus, SignId,
+    Address, BoxId, Context, Event, Limits, NetConfig, Platform, SendError, SendOptions,
+    SendResult, SignId,
 };
 
 /// The internal topic on which stdin lines reach the reactor (never printed).
@@ -447,10 +448,10 @@ fn main() {
             // The queue was empty: wake the reactor (it takes everything queued by then). A
             // full channel is drained by the reactor's next turn: wait for room.
             loop {
-                match handle.send("local", STDIN_PROTOCOL, STDIN_TOPIC, Vec::new()) {
-                    SendStatus::BufferFull => std::thread::sleep(Duration::from_millis(1)),
-                    SendStatus::Queued => return true,
-                    other => {
+                match handle.send(STDIN_PROTOCOL, STDIN_TOPIC, "local", Vec::new()) {
+                    Err(SendError::BufferFull) => std::thread::sleep(Duration::from_millis(1)),
+                    Ok(()) => return true,
+                    Err(other) => {
                         eprintln!("stdin: the reactor is gone ({other})");
                         return false;
                     }
@@ -784,14 +785,8 @@ fn string_in<'a>(v: &'a Value, prefix: &str, field: &str) -> Result<&'a str, Fau
 }
 
 /// Reports a local bus message the platform did not take.
-fn queued(status: SendStatus, what: &str) -> Result<(), Fault> {
-    if status.is_queued() {
-        Ok(())
-    } else {
-        Err(Fault::other(format!(
-            "{what} not taken by the local bus: {status}"
-        )))
-    }
+fn queued(status: SendResult, what: &str) -> Result<(), Fault> {
+    status.map_err(|e| Fault::other(format!("{what} not taken by the local bus: {e}")))
 }
 
 /// Checks and runs one command (a JSON object) on the reactor's thread.
@@ -958,7 +953,7 @@ fn send(ctx: &mut Context<'_>, v: &Value) -> Result<(), Fault> {
         expire_after,
     };
     let cb_id = id.clone();
-    let status = ctx.send_with_callback(to, "ms", topic, payload, options, move |_ctx, r| {
+    let status = ctx.send_with_callback("ms", topic, to, payload, options, move |_ctx, r| {
         if let Some(id) = cb_id {
             match r {
                 Ok(()) => emit(json!({"event": "sent", "id": id, "ok": true})),
@@ -968,12 +963,12 @@ fn send(ctx: &mut Context<'_>, v: &Value) -> Result<(), Fault> {
             }
         }
     });
-    match (status.is_queued(), id) {
-        (true, _) => Ok(()),
-        (false, Some(id)) => {
-            emit(json!({"event": "sent", "id": id, "ok": false, "error": status.to_string()}));
+    match (status, id) {
+        (Ok(()), _) => Ok(()),
+        (Err(e), Some(id)) => {
+            emit(json!({"event": "sent", "id": id, "ok": false, "error": e.to_string()}));
             Ok(())
         }
-        (false, None) => Err(Fault::other(format!("send refused: {status}"))),
+        (Err(e), None) => Err(Fault::other(format!("send refused: {e}"))),
     }
 }

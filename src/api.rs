@@ -26,6 +26,7 @@
 //!
 //! impl Codec for Counter {
 //!     type Value = u32;
+//!     type Input = u32;
 //!     fn protocol(&self) -> Cow<'static, str> {
 //!         "ct".into()
 //!     }
@@ -63,8 +64,8 @@ use serde::Serialize;
 
 use crate::bus::SubscriptionId;
 use crate::platform::{
-    Callback, Context, Core, DeliveryError, Message, Platform, SendOptions, SendStatus, Target,
-    ToAddress,
+    Callback, Context, Core, DeliveryError, Message, Platform, SendError, SendOptions, SendResult,
+    Target, ToAddress,
 };
 
 /// The protocol APIs' accessors of [`Platform`] and [`Context`] (both borrow the platform's
@@ -77,7 +78,7 @@ macro_rules! protocol_accessors {
                 Messaging::new(self.core_mut())
             }
 
-            /// The torrenting API (protocol `bt`, raw bytes).
+            /// The torrenting API (protocol `bt`, raw bytes: sends take any `&[u8]`).
             pub fn torrenting(&mut self) -> ProtocolApi<'_, RawCodec> {
                 ProtocolApi::new(self.core_mut(), RawCodec::new("bt"))
             }
@@ -118,22 +119,26 @@ impl std::error::Error for CodecError {}
 pub trait Codec: Send + 'static {
     /// The values this protocol carries.
     type Value;
+    /// What a send takes, by reference: `Self::Value` for most codecs, an unsized borrowed
+    /// form where there is one (`[u8]` for [`RawCodec`], so a send takes any `&[u8]`, a
+    /// `&Vec<u8>` included).
+    type Input: ?Sized;
     /// The protocol code on the wire (`ms`, `bt`, ...).
     fn protocol(&self) -> Cow<'static, str>;
     /// The payload of a value.
-    fn encode(&self, value: &Self::Value) -> Result<Vec<u8>, CodecError>;
+    fn encode(&self, value: &Self::Input) -> Result<Vec<u8>, CodecError>;
     /// The value of a payload.
     fn decode(&self, bytes: &[u8]) -> Result<Self::Value, CodecError>;
     /// The length of `encode(value)` if it is known without encoding (`None`, the default:
     /// unknown). With it a send that a full queue would refuse is refused before encoding.
-    fn encoded_len(&self, _value: &Self::Value) -> Option<usize> {
+    fn encoded_len(&self, _value: &Self::Input) -> Option<usize> {
         None
     }
     /// Appends the payload of `value` (what [`Codec::encode`] returns) to `out`. The default
     /// calls `encode`; a codec that can write in place overrides it (as [`RawCodec`] does):
     /// with [`Codec::encoded_len`] known, a remote send then builds its frame around the
     /// payload and copies it once.
-    fn encode_into(&self, value: &Self::Value, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    fn encode_into(&self, value: &Self::Input, out: &mut Vec<u8>) -> Result<(), CodecError> {
         out.extend_from_slice(&self.encode(value)?);
         Ok(())
     }
@@ -156,11 +161,12 @@ impl RawCodec {
 
 impl Codec for RawCodec {
     type Value = Vec<u8>;
+    type Input = [u8];
     fn protocol(&self) -> Cow<'static, str> {
         self.protocol.clone()
     }
-    fn encode(&self, value: &Vec<u8>) -> Result<Vec<u8>, CodecError> {
-        Ok(value.clone())
+    fn encode(&self, value: &[u8]) -> Result<Vec<u8>, CodecError> {
+        Ok(value.to_vec())
     }
     fn decode(&self, bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
         // A large payload's fresh pages are faulted in with one system call, not one fault each.
@@ -168,10 +174,10 @@ impl Codec for RawCodec {
         v.extend_from_slice(bytes);
         Ok(v)
     }
-    fn encoded_len(&self, value: &Vec<u8>) -> Option<usize> {
+    fn encoded_len(&self, value: &[u8]) -> Option<usize> {
         Some(value.len())
     }
-    fn encode_into(&self, value: &Vec<u8>, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    fn encode_into(&self, value: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
         out.extend_from_slice(value);
         Ok(())
     }
@@ -201,6 +207,7 @@ impl<T> Clone for JsonCodec<T> {
 
 impl<T: Serialize + DeserializeOwned + 'static> Codec for JsonCodec<T> {
     type Value = T;
+    type Input = T;
     fn protocol(&self) -> Cow<'static, str> {
         self.protocol.clone()
     }
@@ -229,7 +236,7 @@ impl<'c> Messaging<'c> {
         topic: &str,
         dest: impl ToAddress,
         value: &T,
-    ) -> SendStatus {
+    ) -> SendResult {
         self.send_with(topic, dest, value, SendOptions::default())
     }
 
@@ -240,9 +247,9 @@ impl<'c> Messaging<'c> {
         dest: impl ToAddress,
         value: &T,
         options: SendOptions,
-    ) -> SendStatus {
+    ) -> SendResult {
         let Ok(payload) = serde_json::to_vec(value) else {
-            return SendStatus::EncodeFailed;
+            return Err(SendError::EncodeFailed);
         };
         self.core.send(
             dest.to_address(),
@@ -255,7 +262,7 @@ impl<'c> Messaging<'c> {
 
     /// [`Messaging::send_with`] with a delivery callback, called exactly once in a later turn
     /// with the outcome (see [`crate::Platform::send_with_callback`]); not called when the
-    /// returned status is not `Queued`.
+    /// send returns an error.
     pub fn send_with_callback<T, F>(
         &mut self,
         topic: &str,
@@ -263,13 +270,13 @@ impl<'c> Messaging<'c> {
         value: &T,
         options: SendOptions,
         callback: F,
-    ) -> SendStatus
+    ) -> SendResult
     where
         T: Serialize + ?Sized,
         F: FnOnce(&mut Context<'_>, Result<(), DeliveryError>) + Send + 'static,
     {
         let Ok(payload) = serde_json::to_vec(value) else {
-            return SendStatus::EncodeFailed;
+            return Err(SendError::EncodeFailed);
         };
         self.core.send_tracked(
             dest.to_address(),
@@ -354,7 +361,7 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
     }
 
     /// Sends `value` on `topic` to `dest`.
-    pub fn send(&mut self, topic: &str, dest: impl ToAddress, value: &C::Value) -> SendStatus {
+    pub fn send(&mut self, topic: &str, dest: impl ToAddress, value: &C::Input) -> SendResult {
         self.send_with(topic, dest, value, SendOptions::default())
     }
 
@@ -363,15 +370,15 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
         &mut self,
         topic: &str,
         dest: impl ToAddress,
-        value: &C::Value,
+        value: &C::Input,
         options: SendOptions,
-    ) -> SendStatus {
+    ) -> SendResult {
         let dest = dest.to_address();
         if let Some(len) = self.codec.encoded_len(value) {
             let protocol = self.codec.protocol();
             if let Some(refused) = self.core.refuses(dest, &protocol, topic, len, options) {
                 // Nothing copied for a send that would be dropped.
-                return refused;
+                return Err(refused);
             }
             // The payload is written where it goes (a remote frame, or the local message).
             let codec = &self.codec;
@@ -382,7 +389,7 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
                 });
         }
         let Ok(payload) = self.codec.encode(value) else {
-            return SendStatus::EncodeFailed;
+            return Err(SendError::EncodeFailed);
         };
         self.core.send(
             dest,
@@ -395,20 +402,20 @@ impl<'c, C: Codec + Clone> ProtocolApi<'c, C> {
 
     /// [`ProtocolApi::send_with`] with a delivery callback, called exactly once in a later
     /// turn with the outcome (see [`crate::Platform::send_with_callback`]); not called when the
-    /// returned status is not `Queued`.
+    /// send returns an error.
     pub fn send_with_callback<F>(
         &mut self,
         topic: &str,
         dest: impl ToAddress,
-        value: &C::Value,
+        value: &C::Input,
         options: SendOptions,
         callback: F,
-    ) -> SendStatus
+    ) -> SendResult
     where
         F: FnOnce(&mut Context<'_>, Result<(), DeliveryError>) + Send + 'static,
     {
         let Ok(payload) = self.codec.encode(value) else {
-            return SendStatus::EncodeFailed;
+            return Err(SendError::EncodeFailed);
         };
         self.core.send_tracked(
             dest.to_address(),

@@ -99,8 +99,8 @@ pub use bus::{check_pattern, check_topic, SubscriptionId, TopicError};
 pub use identity::{BoxId, SignId};
 pub use platform::{
     Address, BuildError, CloseReport, ConnectionStats, Context, DeliveryError, Event, Handle,
-    Limits, Message, MessageId, NetConfig, NodeInfo, Platform, PlatformBuilder, Scope, SendOptions,
-    SendStatus, Stats,
+    Limits, Message, MessageId, NetConfig, NodeInfo, Platform, PlatformBuilder, Scope, SendError,
+    SendOptions, SendResult, Stats,
 };
 pub use shared::Shared;
 // The transport types the platform's configuration and statistics name ([`NetConfig`],
@@ -240,3 +240,14 @@ pub mod proto {
         );
     }
 }
+
+/// The README's snippet (`examples/readme.rs`, shown verbatim in README.md as
+/// `tests/readme.rs` checks), run as a doctest with warnings denied, so what a new user copies
+/// keeps compiling without warnings and working.
+#[cfg(doctest)]
+#[doc = concat!(
+    "```\n#![deny(warnings)]\n",
+    include_str!("../examples/readme.rs"),
+    "```"
+)]
+pub struct ReadmeSnippet;

@@ -12,7 +12,7 @@
 //! the record becomes idle again and is retried (whenever the destination comes online, and
 //! at least every [`crate::NetConfig::offline_retry`]). Expired records are deleted and
 //! reported. The buffer is bounded in records and bytes: a send beyond either bound is refused
-//! ([`crate::SendStatus::BufferFull`]; limits in [`OfflineLimits`]).
+//! ([`crate::SendError::BufferFull`]; limits in [`OfflineLimits`]).
 //!
 //! Record layout (format 2): `MMO2` (4 bytes), destination ed25519 key (32), expiry ms (8,
 //! big-endian), sequence (8, big-endian), the protobuf envelope, then a 16-byte checksum
@@ -48,7 +48,7 @@
 //!
 //! | who dies, and when | outcome |
 //! |---|---|
-//! | sender, before the send returned `Queued` | not sent (the send reported no success) |
+//! | sender, before the send returned `Ok` | not sent (the send reported no success) |
 //! | sender, at any later point | sent after its restart; never lost; a receiver that already had it drops the copy |
 //! | receiver, before its subscribers saw the message | sent again, delivered once |
 //! | receiver, after its subscribers saw it, before its id was stored | **delivered again** after the restart, with the same [`crate::Message::id`] |

@@ -48,7 +48,7 @@ fn tell(p: &mut Platform, other: &Platform) {
     assert!(p
         .messaging()
         .send("transports.nodeInfo", "local", &info)
-        .is_queued());
+        .is_ok());
 }
 
 fn both_ways(kind: &str) {
@@ -76,14 +76,14 @@ fn both_ways(kind: &str) {
         while sent_a < SIZES.len()
             && a.torrenting()
                 .send(&format!("bulk.{sent_a}"), bid, &payload(1, sent_a))
-                .is_queued()
+                .is_ok()
         {
             sent_a += 1;
         }
         while sent_b < SIZES.len()
             && b.torrenting()
                 .send(&format!("bulk.{sent_b}"), aid, &payload(2, sent_b))
-                .is_queued()
+                .is_ok()
         {
             sent_b += 1;
         }

@@ -79,7 +79,7 @@ fn send_all(a: &mut Platform, to: &Identity) -> (Outcome, Shared<usize>) {
         SendOptions::default(),
         move |_c, r| *o.borrow_mut() = Some(r),
     );
-    assert!(st.is_queued(), "{st}");
+    st.expect("queued");
     let delivered = Shared::new(0);
     for i in 0..MESSAGES {
         let d = delivered.clone();
@@ -94,7 +94,7 @@ fn send_all(a: &mut Platform, to: &Identity) -> (Outcome, Shared<usize>) {
                 }
             },
         );
-        assert!(st.is_queued(), "{st}");
+        st.expect("queued");
     }
     (outcome, delivered)
 }

@@ -46,7 +46,7 @@ fn strangers(hub: &Platform, n: usize) -> Vec<Platform> {
         .map(|_| {
             let mut p = Platform::builder().build().unwrap();
             introduce(&mut p, hub);
-            assert!(p.send(hub_id, "ms", "hi", b"1".to_vec()).is_queued());
+            assert!(p.send("ms", "hi", hub_id, b"1".to_vec()).is_ok());
             p
         })
         .collect()
@@ -72,7 +72,7 @@ fn strangers_cannot_take_the_slots_reserved_for_outgoing_and_circle_connections(
     // A friend still gets in.
     let mut f = Platform::builder().identity(friend).build().unwrap();
     introduce(&mut f, &hub);
-    assert!(f.send(hub.sign_id(), "ms", "hi", b"2".to_vec()).is_queued());
+    assert!(f.send("ms", "hi", hub.sign_id(), b"2".to_vec()).is_ok());
     others.push(f);
     poll_rounds(&mut hub, &mut others, 3000, |h| inbound(h) >= 4);
     assert_eq!(inbound(&hub), 4, "the friend took a reserved slot");
@@ -80,8 +80,8 @@ fn strangers_cannot_take_the_slots_reserved_for_outgoing_and_circle_connections(
     let target = Platform::builder().build().unwrap();
     introduce(&mut hub, &target);
     assert!(hub
-        .send(target.sign_id(), "ms", "out", b"3".to_vec())
-        .is_queued());
+        .send("ms", "out", target.sign_id(), b"3".to_vec())
+        .is_ok());
     others.push(target);
     let out = |h: &Platform| h.connections().iter().any(|c| c.outbound && c.active);
     poll_rounds(&mut hub, &mut others, 3000, out);

@@ -79,7 +79,7 @@ fn run(frame_budget: usize) -> (usize, u64) {
     for s in &mut senders {
         let _ = s.messaging().send("transports.nodeInfo", "local", &info);
         for i in 0..2u8 {
-            assert!(s.send(rid, "ms", "big", vec![i; BIG]).is_queued());
+            assert!(s.send("ms", "big", rid, vec![i; BIG]).is_ok());
         }
     }
     let mut got = 0;
@@ -153,7 +153,7 @@ fn frames_waiting_for_the_budget_hold_no_memory_for_their_declared_size() {
         .collect();
     for s in &mut senders {
         let _ = s.messaging().send("transports.nodeInfo", "local", &info);
-        assert!(s.send(rid, "ms", "big", vec![7; SIZE]).is_queued());
+        assert!(s.send("ms", "big", rid, vec![7; SIZE]).is_ok());
     }
     let end = Instant::now() + Duration::from_secs(60);
     while !receiver.is_finished() && Instant::now() < end {

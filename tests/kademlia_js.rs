@@ -115,7 +115,7 @@ fn a_rust_node_joins_a_dht_of_genuine_js_nodes() {
     let status = rust
         .messaging()
         .send("test.hello", b_sign, &json!({"from": "rust"}));
-    assert!(status.is_queued(), "{status}");
+    status.expect("queued");
     let got = b.wait_for(
         LIMIT,
         || {

@@ -6,7 +6,7 @@ use mm_platform::Shared;
 use std::time::{Duration, Instant};
 
 use mm_platform::identity::Identity;
-use mm_platform::{DeliveryError, Event, Message, NetConfig, Platform, SendOptions, SendStatus};
+use mm_platform::{DeliveryError, Event, Message, NetConfig, Platform, SendError, SendOptions};
 use serde_json::json;
 
 fn poll_all(ps: &mut [&mut Platform]) {
@@ -33,8 +33,8 @@ fn simultaneous_connects_end_with_one_active_connection_each_way() {
         let (_, rb) = b.messaging().on_channel("public.x.*", 64);
         let (aid, bid) = (a.sign_id(), b.sign_id());
         // Both send in the same turn: both connect.
-        assert!(a.messaging().send("x.a", bid, &1).is_queued());
-        assert!(b.messaging().send("x.b", aid, &2).is_queued());
+        assert!(a.messaging().send("x.a", bid, &1).is_ok());
+        assert!(b.messaging().send("x.b", aid, &2).is_ok());
         let (mut na, mut nb) = (0, 0);
         let end = Instant::now() + Duration::from_secs(20);
         while (na < 1 || nb < 1) && Instant::now() < end {
@@ -57,7 +57,7 @@ fn simultaneous_connects_end_with_one_active_connection_each_way() {
             "both sides kept the same connection"
         );
         for i in 0..10 {
-            assert!(a.messaging().send("x.more", bid, &i).is_queued());
+            assert!(a.messaging().send("x.more", bid, &i).is_ok());
         }
         let mut more = 0;
         let end = Instant::now() + Duration::from_secs(10);
@@ -101,7 +101,7 @@ fn falls_back_from_a_dead_udp_endpoint_to_tcp() {
     ]);
     let _ = a.messaging().send("transports.nodeInfo", "local", &info);
     let (_, rb) = b.messaging().on_channel("public.y", 4);
-    assert!(a.messaging().send("y", b.sign_id(), &"via tcp").is_queued());
+    assert!(a.messaging().send("y", b.sign_id(), &"via tcp").is_ok());
     let mut got: Vec<Message> = Vec::new();
     let end = Instant::now() + Duration::from_secs(10);
     while got.is_empty() && Instant::now() < end {
@@ -132,7 +132,7 @@ fn a_dead_peer_is_detected_and_queued_realtime_messages_fail() {
     let (_, online) = a.messaging().on_channel("self.transports.online", 4);
     let (_, offline) = a.messaging().on_channel("self.transports.offline", 4);
     let (_, failed) = a.messaging().on_channel("self.transports.failed", 4);
-    assert!(a.messaging().send("z", bid, &1).is_queued());
+    assert!(a.messaging().send("z", bid, &1).is_ok());
     let end = Instant::now() + Duration::from_secs(10);
     let mut up = 0;
     while up == 0 && Instant::now() < end {
@@ -154,14 +154,14 @@ fn a_dead_peer_is_detected_and_queued_realtime_messages_fail() {
     let res = Shared::new(None);
     let r = res.clone();
     let st = a.send_with_callback(
-        bid,
         "ms",
         "z",
+        bid,
         b"2".to_vec(),
         SendOptions::default(),
         move |_c, x| *r.borrow_mut() = Some(x),
     );
-    assert!(st.is_queued());
+    assert!(st.is_ok());
     let end = Instant::now() + Duration::from_secs(10);
     while res.borrow().is_none() && Instant::now() < end {
         a.poll(Some(Duration::from_millis(10))).unwrap();
@@ -192,16 +192,17 @@ fn the_bytes_waiting_for_all_destinations_together_are_bounded() {
         realtime: true,
         expire_after: Some(Duration::from_millis(100)),
     };
-    assert!(a
-        .send_with(one, "bt", "t", vec![1; 1_500], soon)
-        .is_queued());
+    assert!(a.send_with("bt", "t", one, vec![1; 1_500], soon).is_ok());
     let first = a.queued_bytes();
     assert!((1_500..2_000).contains(&first), "{first}");
     // Within the destination's own bound, but not within what is left of the total.
     let big = vec![2; 3_000 - first];
-    assert_eq!(a.send(two, "bt", "t", big.clone()), SendStatus::BufferFull);
+    assert_eq!(
+        a.send("bt", "t", two, big.clone()),
+        Err(SendError::BufferFull)
+    );
     assert_eq!(a.queued_for(&two), 0);
-    assert!(a.send_with(two, "bt", "t", vec![3; 500], soon).is_queued());
+    assert!(a.send_with("bt", "t", two, vec![3; 500], soon).is_ok());
     let both = a.queued_bytes();
     assert!(both > first && both <= 3_000, "{both}");
     // Once the messages expire the total is free again.
@@ -210,7 +211,7 @@ fn the_bytes_waiting_for_all_destinations_together_are_bounded() {
         a.poll(Some(Duration::from_millis(10))).unwrap();
     }
     assert_eq!(a.queued_bytes(), 0);
-    assert!(a.send(two, "bt", "t", big).is_queued());
+    assert!(a.send("bt", "t", two, big).is_ok());
 }
 
 #[test]
@@ -226,9 +227,9 @@ fn realtime_messages_expire_and_queues_are_bounded() {
     for i in 0..3 {
         let r = res.clone();
         let st = a.send_with_callback(
-            nobody,
             "ms",
             "t",
+            nobody,
             vec![],
             SendOptions {
                 realtime: true,
@@ -236,9 +237,12 @@ fn realtime_messages_expire_and_queues_are_bounded() {
             },
             move |_c, x| r.borrow_mut().push((i, x)),
         );
-        assert!(st.is_queued());
+        assert!(st.is_ok());
     }
-    assert_eq!(a.send(nobody, "ms", "t", vec![]), SendStatus::BufferFull);
+    assert_eq!(
+        a.send("ms", "t", nobody, vec![]),
+        Err(SendError::BufferFull)
+    );
     assert_eq!(a.queued_for(&nobody), 3);
     let end = Instant::now() + Duration::from_secs(5);
     while res.borrow().len() < 3 && Instant::now() < end {
@@ -254,7 +258,7 @@ fn realtime_messages_expire_and_queues_are_bounded() {
         ]
     );
     assert_eq!(a.queued_for(&nobody), 0);
-    assert!(a.send(nobody, "ms", "t", vec![]).is_queued(), "room again");
+    assert!(a.send("ms", "t", nobody, vec![]).is_ok(), "room again");
 }
 
 #[test]
@@ -270,8 +274,8 @@ fn an_oversized_frame_closes_only_its_connection() {
     introduce(&mut c, &b);
     let bid = b.sign_id();
     let (_, rb) = b.on_channel("public.*", 64);
-    assert!(c.send(bid, "ms", "fine", b"1".to_vec()).is_queued());
-    assert!(a.send(bid, "ms", "fine", b"2".to_vec()).is_queued());
+    assert!(c.send("ms", "fine", bid, b"1".to_vec()).is_ok());
+    assert!(a.send("ms", "fine", bid, b"2".to_vec()).is_ok());
     let mut got = Vec::new();
     let end = Instant::now() + Duration::from_secs(10);
     while got.len() < 2 && Instant::now() < end {
@@ -281,14 +285,14 @@ fn an_oversized_frame_closes_only_its_connection() {
     assert_eq!(got.len(), 2);
     assert_eq!(b.connections().len(), 2);
     // a sends a frame over b's limit: b closes a's connection, c's stays.
-    assert!(a.send(bid, "ms", "big", vec![b'x'; 5000]).is_queued());
+    assert!(a.send("ms", "big", bid, vec![b'x'; 5000]).is_ok());
     let end = Instant::now() + Duration::from_secs(10);
     while b.connections().len() != 1 && Instant::now() < end {
         poll_all(&mut [&mut a, &mut b, &mut c]);
     }
     assert_eq!(b.connections().len(), 1);
     assert!(rb.try_iter().all(|m| m.topic != "big"));
-    assert!(c.send(bid, "ms", "still", b"3".to_vec()).is_queued());
+    assert!(c.send("ms", "still", bid, b"3".to_vec()).is_ok());
     let mut after = Vec::new();
     let end = Instant::now() + Duration::from_secs(10);
     while after.is_empty() && Instant::now() < end {
@@ -322,7 +326,7 @@ fn a_peer_that_restarts_and_reconnects_replaces_the_dead_connection() {
         let mut b = b;
         introduce(&mut a, &b);
         let (_, rb) = b.messaging().on_channel("public.r.*", 64);
-        assert!(a.messaging().send("r.one", b.sign_id(), &1).is_queued());
+        assert!(a.messaging().send("r.one", b.sign_id(), &1).is_ok());
         let end = Instant::now() + Duration::from_secs(10);
         let mut n = 0;
         while n == 0 && Instant::now() < end {
@@ -346,7 +350,7 @@ fn a_peer_that_restarts_and_reconnects_replaces_the_dead_connection() {
         introduce(&mut b2, &a);
         let (_, ra) = a.messaging().on_channel("public.r.*", 64);
         let (_, rb2) = b2.messaging().on_channel("public.r.*", 64);
-        assert!(b2.messaging().send("r.back", a.sign_id(), &2).is_queued());
+        assert!(b2.messaging().send("r.back", a.sign_id(), &2).is_ok());
         let end = Instant::now() + Duration::from_secs(10);
         let mut n = 0;
         while n == 0 && Instant::now() < end {
@@ -355,7 +359,7 @@ fn a_peer_that_restarts_and_reconnects_replaces_the_dead_connection() {
         }
         assert_eq!(n, 1);
         // a answers well before its old connection could be declared dead (30 s).
-        assert!(a.messaging().send("r.again", b2.sign_id(), &3).is_queued());
+        assert!(a.messaging().send("r.again", b2.sign_id(), &3).is_ok());
         let end = Instant::now() + Duration::from_secs(5);
         let mut n = 0;
         while n == 0 && Instant::now() < end {

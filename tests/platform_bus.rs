@@ -8,7 +8,7 @@ use mm_platform::api::RawCodec;
 use mm_platform::identity::Identity;
 use mm_platform::platform::RESERVED_PROTOCOL;
 use mm_platform::{
-    check_pattern, check_topic, Limits, Platform, SendStatus, SubscriptionId, TopicError,
+    check_pattern, check_topic, Limits, Platform, SendError, SubscriptionId, TopicError,
 };
 
 type Log = Shared<Vec<String>>;
@@ -33,10 +33,7 @@ fn recorder(p: &mut Platform, pattern: &str, name: &'static str, log: &Log) -> S
 }
 
 fn send(p: &mut Platform, topic: &str) {
-    assert_eq!(
-        p.send("local", "ms", topic, b"{}".to_vec()),
-        SendStatus::Queued
-    );
+    assert_eq!(p.send("ms", topic, "local", b"{}".to_vec()), Ok(()));
 }
 
 #[test]
@@ -70,7 +67,7 @@ fn once_fires_exactly_once_even_for_its_own_resend() {
     let c = count.clone();
     p.once("self.ping", move |ctx, _msg| {
         *c.borrow_mut() += 1;
-        let _ = ctx.send("local", "ms", "ping", b"1".to_vec());
+        let _ = ctx.send("ms", "ping", "local", b"1".to_vec());
     });
     send(&mut p, "ping");
     send(&mut p, "ping");
@@ -127,8 +124,8 @@ fn subscribe_during_dispatch_sees_only_later_messages() {
             });
         }
     });
-    let _ = p.send("local", "ms", "t", vec![1]);
-    let _ = p.send("local", "ms", "t", vec![2]);
+    let _ = p.send("ms", "t", "local", vec![1]);
+    let _ = p.send("ms", "t", "local", vec![2]);
     turn(&mut p);
     assert_eq!(*log.borrow(), vec!["first:1", "first:2", "late:2"]);
 }
@@ -143,11 +140,11 @@ fn reentrant_sends_are_delivered_in_later_turns() {
             let n = msg.payload[0];
             l.borrow_mut().push(format!("{me}{n}"));
             if n < 5 {
-                assert!(ctx.send("local", "ms", other, vec![n + 1]).is_queued());
+                assert!(ctx.send("ms", other, "local", vec![n + 1]).is_ok());
             }
         });
     }
-    let _ = p.send("local", "ms", "ping", vec![0]);
+    let _ = p.send("ms", "ping", "local", vec![0]);
     assert!(log.borrow().is_empty(), "never delivered inside send");
     let mut per_turn = Vec::new();
     for _ in 0..10 {
@@ -172,9 +169,9 @@ fn delivery_order_is_send_order_and_subscription_order() {
     let (_, rx) = p.on_channel("self.x.*", 1000);
     for i in 0..500 {
         let _ = p.send(
-            "local",
             "ms",
             format!("x.{}", i % 3),
+            "local",
             (i as u32).to_le_bytes().to_vec(),
         );
     }
@@ -260,8 +257,8 @@ fn protocol_apis_see_only_their_protocol() {
     let _ = p
         .messaging()
         .send("t.json", "local", &serde_json::json!({"a": 1}));
-    let _ = p.torrenting().send("t.hash", "local", &vec![1u8; 20]);
-    let _ = p.send("local", "ms", "t.broken", b"{not json".to_vec());
+    let _ = p.torrenting().send("t.hash", "local", &[1u8; 20]);
+    let _ = p.send("ms", "t.broken", "local", b"{not json".to_vec());
     turn(&mut p);
     assert_eq!(
         *log.borrow(),
@@ -305,29 +302,35 @@ fn send_statuses() {
     turn(&mut p); // start-up messages
     let stranger = Identity::generate().sign_id();
     assert_eq!(
-        p.send("local", "ms", "t", vec![0; 200]),
-        SendStatus::TooLarge {
+        p.send("ms", "t", "local", vec![0; 200]),
+        Err(SendError::TooLarge {
             size: 203,
             limit: 100
-        }
+        })
     );
     assert_eq!(
-        p.send("nobody", "ms", "t", vec![]),
-        SendStatus::InvalidDestination
+        p.send("ms", "t", "nobody", vec![]),
+        Err(SendError::InvalidDestination)
     );
-    assert_eq!(p.send(stranger, "ms", "t", vec![]), SendStatus::NoTransport);
+    assert_eq!(
+        p.send("ms", "t", stranger, vec![]),
+        Err(SendError::NoTransport)
+    );
     let me = p.sign_id().to_string();
-    assert_eq!(p.send(me.as_str(), "ms", "t", vec![]), SendStatus::Queued);
+    assert_eq!(p.send("ms", "t", me.as_str(), vec![]), Ok(()));
     for _ in 0..3 {
-        assert_eq!(p.send("local", "ms", "t", vec![]), SendStatus::Queued);
+        assert_eq!(p.send("ms", "t", "local", vec![]), Ok(()));
     }
-    assert_eq!(p.send("local", "ms", "t", vec![]), SendStatus::BufferFull);
+    assert_eq!(
+        p.send("ms", "t", "local", vec![]),
+        Err(SendError::BufferFull)
+    );
     let (_, rx) = p.on_channel("self.t", 8);
     turn(&mut p);
     let msgs: Vec<_> = rx.try_iter().collect();
     assert_eq!(msgs.len(), 4);
     assert!(msgs.iter().all(|m| m.sender == mm_platform::Address::Local));
-    assert_eq!(p.send("local", "ms", "t", vec![]), SendStatus::Queued);
+    assert_eq!(p.send("ms", "t", "local", vec![]), Ok(()));
 }
 
 #[test]
@@ -346,11 +349,11 @@ fn start_up_messages_take_no_room_of_the_local_queue() {
     let (_, builtin) = p.on_channel("self.transports.myNodeInfo", 8);
     for i in 0..4 {
         let topic = format!("app.m{i}");
-        assert_eq!(p.send("local", "ms", topic, vec![]), SendStatus::Queued);
+        assert_eq!(p.send("ms", topic, "local", vec![]), Ok(()));
     }
     assert_eq!(
-        p.send("local", "ms", "app.m4", vec![]),
-        SendStatus::BufferFull
+        p.send("ms", "app.m4", "local", vec![]),
+        Err(SendError::BufferFull)
     );
     turn(&mut p);
     let topics: Vec<String> = rx.try_iter().map(|m| m.topic).collect();
@@ -380,16 +383,13 @@ fn invalid_topics_are_refused_on_every_send_path() {
     ];
     let handle = p.handle();
     for (topic, why) in bad {
-        let want = SendStatus::InvalidTopic(why);
-        assert_eq!(p.send("local", "ms", topic, vec![]), want, "{topic:?}");
+        let refusal = SendError::InvalidTopic(why);
+        let want = Err(refusal);
+        assert_eq!(p.send("ms", topic, "local", vec![]), want, "{topic:?}");
         assert_eq!(p.messaging().send(topic, "local", &1), want, "{topic:?}");
-        assert_eq!(
-            p.torrenting().send(topic, "local", &vec![1]),
-            want,
-            "{topic:?}"
-        );
-        assert_eq!(handle.send("local", "bt", topic, vec![]), want, "{topic:?}");
-        assert!(want.to_string().starts_with("invalid topic: "));
+        assert_eq!(p.torrenting().send(topic, "local", &[1]), want, "{topic:?}");
+        assert_eq!(handle.send("bt", topic, "local", vec![]), want, "{topic:?}");
+        assert!(refusal.to_string().starts_with("invalid topic: "));
     }
     // What the platform, its services and the original JavaScript nodes use stays valid.
     for topic in [
@@ -400,10 +400,7 @@ fn invalid_topics_are_refused_on_every_send_path() {
         "x",
     ] {
         assert_eq!(check_topic(topic), Ok(()), "{topic:?}");
-        assert!(
-            p.send("local", "ms", topic, vec![]).is_queued(),
-            "{topic:?}"
-        );
+        assert!(p.send("ms", topic, "local", vec![]).is_ok(), "{topic:?}");
     }
     turn(&mut p);
     assert_eq!(
@@ -441,26 +438,26 @@ fn invalid_patterns_are_refused() {
 fn the_platforms_own_protocol_is_refused() {
     let mut p = platform();
     assert_eq!(
-        p.send("local", "mm", "identify", vec![]),
-        SendStatus::ReservedProtocol
+        p.send("mm", "identify", "local", vec![]),
+        Err(SendError::ReservedProtocol)
     );
     assert_eq!(
         p.api(RawCodec::new(RESERVED_PROTOCOL))
-            .send("ack", "local", &vec![]),
-        SendStatus::ReservedProtocol
+            .send("ack", "local", &[]),
+        Err(SendError::ReservedProtocol)
     );
     assert_eq!(
-        p.handle().send("local", "mm", "x", vec![]),
-        SendStatus::ReservedProtocol
+        p.handle().send("mm", "x", "local", vec![]),
+        Err(SendError::ReservedProtocol)
     );
-    assert!(p.send("local", "mmx", "x", vec![]).is_queued());
+    assert!(p.send("mmx", "x", "local", vec![]).is_ok());
 }
 
 #[test]
 fn message_debug_shows_a_short_payload() {
     let mut p = platform();
     let (_, rx) = p.on_channel("self.*", 4);
-    let _ = p.send("local", "bt", "bin", vec![0xff; 1000]);
+    let _ = p.send("bt", "bin", "local", vec![0xff; 1000]);
     let _ = p.messaging().send("json", "local", &"hello");
     turn(&mut p);
     let bin = format!("{:?}", rx.try_recv().unwrap());

@@ -79,7 +79,7 @@ proptest! {
         let mut expected = 0;
         for (protocol, topic, payload) in msgs {
             let answered = protocol == "ms" && topic == "transports.requestMyNodeInfo";
-            if p.send("local", protocol, topic, payload).is_queued() {
+            if p.send(protocol, topic, "local", payload).is_ok() {
                 // A request for our nodeInfo is answered with one more message.
                 expected += if answered { 2 } else { 1 };
             }

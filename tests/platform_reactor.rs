@@ -4,7 +4,7 @@
 use mm_platform::Shared;
 use std::time::Duration;
 
-use mm_platform::{Event, Limits, Platform, SendStatus};
+use mm_platform::{Event, Limits, Platform, SendError};
 
 fn started() -> Platform {
     // Without transports: the listeners' key rotation would add its own deadlines.
@@ -24,7 +24,7 @@ fn handle_wakes_a_blocked_poll() {
     });
     // Nothing is pending and there is no timer before a minute: only the waker can end this.
     p.poll(Some(Duration::from_secs(60))).unwrap();
-    assert_eq!(t.join().unwrap(), SendStatus::Queued);
+    assert_eq!(t.join().unwrap(), Ok(()));
     // The wake-up may arrive while the reactor was between turns: allow a few bounded turns.
     for _ in 0..5 {
         if !rx.is_empty() {
@@ -46,8 +46,8 @@ fn handle_shutdown_stops_run_and_messages_from_many_threads_arrive() {
             std::thread::spawn(move || {
                 for i in 0..100u32 {
                     assert_eq!(
-                        h.send("local", "ms", format!("n.{t}"), i.to_le_bytes().to_vec()),
-                        SendStatus::Queued
+                        h.send("ms", format!("n.{t}"), "local", i.to_le_bytes().to_vec()),
+                        Ok(())
                     );
                 }
             })
@@ -90,19 +90,25 @@ fn handle_reports_full_queue_remote_destinations_and_a_closed_platform() {
         .unwrap();
     let h = p.handle();
     for _ in 0..3 {
-        assert_eq!(h.send("local", "ms", "x", vec![]), SendStatus::Queued);
+        assert_eq!(h.send("ms", "x", "local", vec![]), Ok(()));
     }
-    assert_eq!(h.send("local", "ms", "x", vec![]), SendStatus::BufferFull);
-    let stranger = mm_platform::identity::Identity::generate().sign_id();
-    assert_eq!(h.send(stranger, "ms", "x", vec![]), SendStatus::NoTransport);
     assert_eq!(
-        h.send(h.sign_id(), "ms", "x", vec![]),
-        SendStatus::BufferFull
+        h.send("ms", "x", "local", vec![]),
+        Err(SendError::BufferFull)
+    );
+    let stranger = mm_platform::identity::Identity::generate().sign_id();
+    assert_eq!(
+        h.send("ms", "x", stranger, vec![]),
+        Err(SendError::NoTransport)
+    );
+    assert_eq!(
+        h.send("ms", "x", h.sign_id(), vec![]),
+        Err(SendError::BufferFull)
     );
     p.poll(Some(Duration::ZERO)).unwrap();
-    assert_eq!(h.send(h.sign_id(), "ms", "x", vec![]), SendStatus::Queued);
+    assert_eq!(h.send("ms", "x", h.sign_id(), vec![]), Ok(()));
     drop(p);
-    assert_eq!(h.send("local", "ms", "x", vec![]), SendStatus::Closed);
+    assert_eq!(h.send("ms", "x", "local", vec![]), Err(SendError::Closed));
 }
 
 #[test]
@@ -118,7 +124,7 @@ fn handle_respects_a_full_local_queue() {
     let (_, rx) = p.on_channel("self.q", 100);
     let h = p.handle();
     for _ in 0..25 {
-        assert!(h.send("local", "ms", "q", vec![]).is_queued());
+        assert!(h.send("ms", "q", "local", vec![]).is_ok());
     }
     let mut per_turn = Vec::new();
     for _ in 0..4 {
@@ -172,7 +178,7 @@ fn poll_zero_never_blocks_and_timers_fire_in_order() {
 #[test]
 fn next_deadline_is_now_when_work_is_pending() {
     let mut p = started();
-    let _ = p.send("local", "ms", "x", vec![]);
+    let _ = p.send("ms", "x", "local", vec![]);
     let d = p.next_deadline().unwrap();
     assert!(d <= std::time::Instant::now());
     p.poll(Some(Duration::ZERO)).unwrap();
@@ -215,7 +221,7 @@ fn events_by_batch_channel_and_callback() {
     );
     assert_eq!(rx.try_iter().count(), 5);
     for _ in 0..10 {
-        let _ = p.send("local", "bt", "hash", vec![1]);
+        let _ = p.send("bt", "hash", "local", vec![1]);
     }
     p.poll(Some(Duration::ZERO)).unwrap();
     assert_eq!(p.drain_events().count(), 5);
@@ -239,7 +245,7 @@ fn poll_fd_is_exposed() {
 fn callbacks_can_shut_the_loop_down() {
     let mut p = started();
     p.on("self.stop", |ctx, _| ctx.shutdown());
-    let _ = p.send("local", "ms", "stop", vec![]);
+    let _ = p.send("ms", "stop", "local", vec![]);
     p.run().unwrap();
     assert!(p.is_shut_down());
 }

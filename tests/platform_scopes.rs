@@ -107,7 +107,7 @@ fn malformed_updates_change_nothing() {
     ] {
         let _ = p.messaging().send("friends.update", "local", &payload);
     }
-    let _ = p.send("local", "ms", "friends.update", b"\xff\xfe".to_vec());
+    let _ = p.send("ms", "friends.update", "local", b"\xff\xfe".to_vec());
     turn(&mut p);
     assert_eq!(p.stats().malformed - before, 6);
     assert!(p.circles().is_friend(&friend.box_id()));

@@ -8,7 +8,7 @@ use std::time::Duration;
 use mm_platform::identity::Identity;
 use mm_platform::platform::directory::NodeInfoError;
 use mm_platform::{
-    Address, Event, Limits, Message, NodeInfo, Platform, Scope, SendOptions, SendStatus, SignId,
+    Address, Event, Limits, Message, NodeInfo, Platform, Scope, SendError, SendOptions, SignId,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -27,7 +27,7 @@ fn a_real_time_send_that_never_expires_does_not_overflow_the_clock() {
             expire_after: Some(Duration::MAX),
         },
     );
-    assert!(status.is_queued(), "{status}");
+    status.expect("queued");
     p.poll(Some(Duration::ZERO)).unwrap();
     assert_eq!(p.queued_for(&dest), 1);
 }
@@ -42,36 +42,36 @@ fn a_message_too_large_for_its_path_is_too_large_locally_and_remotely() {
     let big = vec![0u8; 17 << 20];
     let size = 2 + 4 + big.len();
     let local = Limits::default().max_message_size;
-    let want = SendStatus::TooLarge { size, limit: local };
+    let want = Err(SendError::TooLarge { size, limit: local });
     assert_eq!(p.torrenting().send("bulk", "local", &big), want);
-    assert_eq!(p.send("local", "bt", "bulk", big.clone()), want);
+    assert_eq!(p.send("bt", "bulk", "local", big.clone()), want);
     let remote = p.torrenting().send("bulk", dest, &big);
-    let SendStatus::TooLarge { size: s, limit } = remote else {
-        panic!("a 17 MiB send to a remote node: {remote}");
+    let Err(SendError::TooLarge { size: s, limit }) = remote else {
+        panic!("a 17 MiB send to a remote node: {remote:?}");
     };
     assert_eq!(s, size);
     // The frame's own bytes leave a little less than the local limit.
     assert!(limit < local && limit > local - 64, "{limit}");
     assert_eq!(
-        remote.to_string(),
+        remote.unwrap_err().to_string(),
         format!("message of {size} bytes is larger than the limit of {limit} bytes")
     );
-    assert_eq!(p.send(dest, "bt", "bulk", big.clone()), remote);
-    assert_eq!(p.handle().send(dest, "bt", "bulk", big), remote);
+    assert_eq!(p.send("bt", "bulk", dest, big.clone()), remote);
+    assert_eq!(p.handle().send("bt", "bulk", dest, big), remote);
     // The largest message that path takes is queued, one byte more never is.
     let fits = vec![0u8; limit - 6];
     assert_eq!(
         p.torrenting().send("bulk", dest, &vec![0u8; limit - 5]),
-        SendStatus::TooLarge {
+        Err(SendError::TooLarge {
             size: limit + 1,
             limit
-        }
+        })
     );
-    assert!(p.torrenting().send("bulk", dest, &fits).is_queued());
+    assert!(p.torrenting().send("bulk", dest, &fits).is_ok());
     // A second one waits for room: that is what BufferFull means, a retry can succeed.
     assert_eq!(
         p.torrenting().send("bulk", dest, &fits),
-        SendStatus::BufferFull
+        Err(SendError::BufferFull)
     );
     assert_eq!(p.queued_for(&dest), 1);
 }
@@ -145,4 +145,49 @@ fn ids_addresses_scopes_node_infos_messages_and_events_round_trip_through_serde(
         round(&event);
     }
     assert_eq!(round(&Event::Ready), json!("Ready"));
+}
+
+/// Every send takes its arguments in one order (protocol where there is one, topic,
+/// destination, payload), `torrenting()` takes any byte slice, and a refusal is an `Error`
+/// that works with `?` and names its cause.
+#[test]
+fn sends_share_one_argument_order_take_byte_slices_and_work_with_question_mark() {
+    fn all(p: &mut Platform) -> Result<(), SendError> {
+        let bytes = vec![1u8, 2, 3];
+        p.torrenting().send("files.a", "local", &bytes)?;
+        p.torrenting().send("files.b", "local", &bytes[1..])?;
+        p.torrenting().send("files.c", "local", b"xyz")?;
+        p.messaging().send("notes.a", "local", "text")?;
+        p.send("bt", "files.d", "local", &b"low"[..])?;
+        p.handle().send("bt", "files.e", "local", vec![9u8])?;
+        p.handle().send_json("notes.b", "local", &json!({"n": 1}))?;
+        Ok(())
+    }
+    let mut p = Platform::builder().build().unwrap();
+    let (_, files) = p.torrenting().on_channel("self.files.*", 16);
+    let (_, notes) = p.messaging().on_channel("self.notes.*", 16);
+    all(&mut p).unwrap();
+    for _ in 0..4 {
+        p.poll(Some(Duration::ZERO)).unwrap();
+    }
+    let got: Vec<(String, Vec<u8>)> = files.try_iter().map(|m| (m.topic, m.payload)).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("files.a".to_string(), vec![1, 2, 3]),
+            ("files.b".to_string(), vec![2, 3]),
+            ("files.c".to_string(), b"xyz".to_vec()),
+            ("files.d".to_string(), b"low".to_vec()),
+            ("files.e".to_string(), vec![9]),
+        ]
+    );
+    assert_eq!(notes.try_iter().count(), 2);
+    // A refusal through `?`: a boxed error naming the cause, and the topic error as source.
+    fn bad(p: &mut Platform) -> Result<(), Box<dyn std::error::Error>> {
+        p.messaging().send("chat..say", "local", "x")?;
+        Ok(())
+    }
+    let e = bad(&mut p).unwrap_err();
+    assert!(e.to_string().starts_with("invalid topic: "), "{e}");
+    assert!(e.source().is_some());
 }

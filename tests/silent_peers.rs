@@ -208,7 +208,7 @@ fn connections_to_silent_nodes_sleep() {
             let status = p
                 .messaging()
                 .send("test.hello", to, &json!({"round": round}));
-            assert!(status.is_queued(), "{status}");
+            status.expect("queued");
         }
     }
     let (before, after) = run(&mut p);

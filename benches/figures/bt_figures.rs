@@ -97,7 +97,7 @@ fn bt_once(kind: &str, owned: bool) -> f64 {
     let mut first_burst = None;
     while sent < COUNT && start.elapsed() < LIMIT {
         let st = a.torrenting().send("bench.bt", bid, &payload);
-        if st.is_queued() {
+        if st.is_ok() {
             sent += 1;
         } else {
             first_burst.get_or_insert((sent, start.elapsed()));
@@ -202,7 +202,7 @@ fn bt_ticks(kind: &str, hz: Option<u32>, drain: bool) -> (u32, Duration) {
     assert!(a
         .torrenting()
         .send("bench.ticks", b.sign_id(), &payload)
-        .is_queued());
+        .is_ok());
     let mut ticks = 0;
     let mut next = start;
     while got.get() < PAYLOAD && start.elapsed() < LIMIT {

@@ -13,7 +13,9 @@ use crossbeam_channel::{Sender, TrySendError};
 use serde::Serialize;
 
 use crate::identity::SignId;
-use crate::platform::message::{refuse_invalid, Address, SendOptions, SendStatus, ToAddress};
+use crate::platform::message::{
+    refuse_invalid, Address, SendError, SendOptions, SendResult, ToAddress,
+};
 
 /// A message on its way from a handle to the reactor.
 pub(crate) struct Outgoing {
@@ -51,9 +53,9 @@ impl Shared {
 /// Local messages sent through a handle are delivered in the reactor's next turn, after the
 /// messages the reactor itself queued earlier. The channel to the reactor is bounded
 /// ([`crate::Limits::handle_queue`]); when it is full the send returns
-/// [`SendStatus::BufferFull`]. What no retry can make succeed (an invalid topic, the reserved
+/// [`SendError::BufferFull`]. What no retry can make succeed (an invalid topic, the reserved
 /// protocol, a message too large for its path) is refused here with the status the reactor
-/// would give. A remote destination gets [`SendStatus::NoTransport`] when the
+/// would give. A remote destination gets [`SendError::NoTransport`] when the
 /// platform has no transports; otherwise the reactor takes the message and the outcome of the
 /// remote send (queue full, unknown destination, ...) is only logged: use
 /// [`crate::Platform::send_with_callback`] on the reactor's thread to learn it.
@@ -84,28 +86,29 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Sends a message of any protocol (the low-level send of the original).
+    /// Sends a message of any protocol (the low-level send of the original); arguments in the
+    /// order of [`crate::Platform::send`]: protocol, topic, destination, payload.
     pub fn send(
         &self,
-        dest: impl ToAddress,
         protocol: impl Into<Cow<'static, str>>,
         topic: impl Into<String>,
+        dest: impl ToAddress,
         payload: impl Into<Vec<u8>>,
-    ) -> SendStatus {
-        self.send_with(dest, protocol, topic, payload, SendOptions::default())
+    ) -> SendResult {
+        self.send_with(protocol, topic, dest, payload, SendOptions::default())
     }
 
     /// [`Handle::send`] with options.
     pub fn send_with(
         &self,
-        dest: impl ToAddress,
         protocol: impl Into<Cow<'static, str>>,
         topic: impl Into<String>,
+        dest: impl ToAddress,
         payload: impl Into<Vec<u8>>,
         options: SendOptions,
-    ) -> SendStatus {
+    ) -> SendResult {
         let Some(dest) = dest.to_address() else {
-            return SendStatus::InvalidDestination;
+            return Err(SendError::InvalidDestination);
         };
         let dest = match dest {
             Address::Node(id) if id == self.own => Address::Local,
@@ -113,7 +116,7 @@ impl Handle {
         };
         let frame_cap = match (dest, self.frame_caps) {
             (Address::Local, _) => None,
-            (_, None) => return SendStatus::NoTransport,
+            (_, None) => return Err(SendError::NoTransport),
             (_, Some((realtime, offline))) => {
                 Some(if options.realtime { realtime } else { offline })
             }
@@ -126,7 +129,7 @@ impl Handle {
             self.max_message_size,
             frame_cap,
         ) {
-            return refused;
+            return Err(refused);
         }
         let cmd = Command::Send(Outgoing {
             dest,
@@ -138,10 +141,10 @@ impl Handle {
         match self.tx.try_send(cmd) {
             Ok(()) => {
                 self.shared.wake();
-                SendStatus::Queued
+                Ok(())
             }
-            Err(TrySendError::Full(_)) => SendStatus::BufferFull,
-            Err(TrySendError::Disconnected(_)) => SendStatus::Closed,
+            Err(TrySendError::Full(_)) => Err(SendError::BufferFull),
+            Err(TrySendError::Disconnected(_)) => Err(SendError::Closed),
         }
     }
 
@@ -151,10 +154,10 @@ impl Handle {
         topic: impl Into<String>,
         dest: impl ToAddress,
         value: &T,
-    ) -> SendStatus {
+    ) -> SendResult {
         match serde_json::to_vec(value) {
-            Ok(payload) => self.send(dest, "ms", topic, payload),
-            Err(_) => SendStatus::EncodeFailed,
+            Ok(payload) => self.send("ms", topic, dest, payload),
+            Err(_) => Err(SendError::EncodeFailed),
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::Instant;
 use mio::{Interest, Token};
 
 use super::{
-    Context, Core, Event, Message, SendStatus, SubscriptionId, Target, TimerAction, TimerId,
+    Context, Core, Event, Message, SendResult, SubscriptionId, Target, TimerAction, TimerId,
     CONNECTION_TOKEN_BASE,
 };
 
@@ -197,20 +197,20 @@ impl ServiceContext<'_> {
     /// [`Event::NodeInfo`] with this service's name as the source. The platform checks the
     /// nodeInfo itself when it arrives (a poisoned one is refused there). Returns the status of
     /// the `transports.nodeInfo` send.
-    pub fn publish_node_info(&mut self, info: &serde_json::Value, bootstrap: bool) -> SendStatus {
+    pub fn publish_node_info(&mut self, info: &serde_json::Value, bootstrap: bool) -> SendResult {
         let payload = serde_json::to_vec(info).unwrap_or_default();
         let status = self
             .ctx
-            .send("local", "ms", "transports.nodeInfo", payload.clone());
+            .send("ms", "transports.nodeInfo", "local", payload.clone());
         if bootstrap {
             let b = self
                 .ctx
-                .send("local", "ms", "transports.nodeInfoBootstrap", payload);
-            if !b.is_queued() {
-                log::debug!("transports.nodeInfoBootstrap not queued: {b}");
+                .send("ms", "transports.nodeInfoBootstrap", "local", payload);
+            if let Err(e) = b {
+                log::debug!("transports.nodeInfoBootstrap not queued: {e}");
             }
         }
-        if status.is_queued() {
+        if status.is_ok() {
             let source = self.name().to_owned();
             self.ctx.core.emit(Event::NodeInfo {
                 node_info: info.clone(),

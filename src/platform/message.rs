@@ -1,5 +1,5 @@
 //! Messages and addressing: the owned [`Message`] the bus delivers, its [`Scope`], the
-//! [`Address`] of a sender or destination, the options and the [`SendStatus`] of a send.
+//! [`Address`] of a sender or destination, the options and the [`SendResult`] of a send.
 //!
 //! [`Scope`], [`Address`] and [`Message`] implement serde's `Serialize` / `Deserialize` in
 //! their text forms (see each type), so they can be logged, stored or handed to another
@@ -119,7 +119,7 @@ impl From<SignId> for Address {
 /// Anything usable as a destination: an [`Address`], a [`SignId`], a [`BoxId`], or text
 /// (`"local"`, a base64 signId or boxId: see [`Address`] for how a key is resolved; or
 /// `box:` and a base64 boxId, always taken as a boxId). Text that is none of these makes the
-/// send return [`SendStatus::InvalidDestination`].
+/// send return [`SendError::InvalidDestination`].
 pub trait ToAddress {
     /// The address, or `None` if this is not a valid one.
     fn to_address(&self) -> Option<Address>;
@@ -267,17 +267,33 @@ impl Default for SendOptions {
 }
 
 /// The protocol of the platform's own frames between nodes; sends of it are refused with
-/// [`SendStatus::ReservedProtocol`].
+/// [`SendError::ReservedProtocol`].
 pub const RESERVED_PROTOCOL: &str = "mm";
 
-/// What became of a send. Sends never block: like a non-blocking socket, they either accept
-/// the message or say why not.
+/// What every send returns: `Ok(())` when the message was accepted (local messages are
+/// delivered in a later turn of the reactor; what becomes of a remote one later, a delivery
+/// callback says), or why it was not. Sends never block: like a non-blocking socket, they
+/// either accept the message or say why not. Works with `?`:
+///
+/// ```
+/// use mm_platform::{Platform, SendError};
+///
+/// fn greet(platform: &mut Platform) -> Result<(), SendError> {
+///     platform.messaging().send("greeting", "local", "hello")?;
+///     platform.messaging().send("greeting", "local", "again")?;
+///     Ok(())
+/// }
+/// let mut platform = Platform::builder().build().unwrap();
+/// greet(&mut platform).unwrap();
+/// ```
+pub type SendResult = Result<(), SendError>;
+
+/// Why a send was refused (see [`SendResult`]). [`SendError::BufferFull`] alone is worth a
+/// retry after a turn of the reactor; the others name something to fix (or, for
+/// [`SendError::Closed`], that the platform is gone).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-#[must_use]
 #[non_exhaustive]
-pub enum SendStatus {
-    /// Accepted: local messages are delivered in a later turn of the reactor.
-    Queued,
+pub enum SendError {
     /// The message can never be sent to that destination: protocol, topic and payload
     /// together (`size` bytes) exceed `limit`, the largest message the destination's path
     /// takes. Locally that is [`crate::Limits::max_message_size`]; for another node also what
@@ -291,7 +307,7 @@ pub enum SendStatus {
         limit: usize,
     },
     /// The queue towards that destination is full; a retry after a turn of the reactor can
-    /// succeed (a message that could never fit is [`SendStatus::TooLarge`] instead).
+    /// succeed (a message that could never fit is [`SendError::TooLarge`] instead).
     BufferFull,
     /// The topic breaks the topic rule (see [`TopicError`]); nothing was sent.
     InvalidTopic(TopicError),
@@ -315,32 +331,24 @@ pub enum SendStatus {
     StorageFailed(crate::storage::StorageCause),
 }
 
-impl SendStatus {
-    /// Whether the message was accepted.
-    pub fn is_queued(&self) -> bool {
-        matches!(self, SendStatus::Queued)
-    }
-}
-
-impl fmt::Display for SendStatus {
+impl fmt::Display for SendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = match self {
-            SendStatus::Queued => "queued",
-            SendStatus::TooLarge { size, limit } => {
+            SendError::TooLarge { size, limit } => {
                 return write!(
                     f,
                     "message of {size} bytes is larger than the limit of {limit} bytes"
                 );
             }
-            SendStatus::BufferFull => "send buffer full",
-            SendStatus::InvalidTopic(e) => return write!(f, "invalid topic: {e}"),
-            SendStatus::ReservedProtocol => "protocol reserved to the platform",
-            SendStatus::InvalidDestination => "invalid destination",
-            SendStatus::EncodeFailed => "payload could not be encoded",
-            SendStatus::NoTransport => "no transport to reach remote nodes",
-            SendStatus::UnknownDestination => "unknown destination",
-            SendStatus::Closed => "platform closed",
-            SendStatus::StorageFailed(cause) => {
+            SendError::BufferFull => "send buffer full",
+            SendError::InvalidTopic(e) => return write!(f, "invalid topic: {e}"),
+            SendError::ReservedProtocol => "protocol reserved to the platform",
+            SendError::InvalidDestination => "invalid destination",
+            SendError::EncodeFailed => "payload could not be encoded",
+            SendError::NoTransport => "no transport to reach remote nodes",
+            SendError::UnknownDestination => "unknown destination",
+            SendError::Closed => "platform closed",
+            SendError::StorageFailed(cause) => {
                 return write!(f, "offline buffer storage failed: {cause}");
             }
         };
@@ -348,7 +356,16 @@ impl fmt::Display for SendStatus {
     }
 }
 
-/// The status of a send that no retry can make succeed, or `None`: `topic` breaks the topic
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SendError::InvalidTopic(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// The refusal of a send that no retry can make succeed, or `None`: `topic` breaks the topic
 /// rule, `protocol` is [`RESERVED_PROTOCOL`], or the message is larger than its path ever
 /// takes: `max_message_size`, and for another node `frame_cap`, the largest frame its queues
 /// take (the limit reported is then the largest message of this topic and protocol whose
@@ -359,12 +376,12 @@ pub(crate) fn refuse_invalid(
     payload_len: usize,
     max_message_size: usize,
     frame_cap: Option<usize>,
-) -> Option<SendStatus> {
+) -> Option<SendError> {
     if let Err(e) = crate::bus::check_topic(topic) {
-        return Some(SendStatus::InvalidTopic(e));
+        return Some(SendError::InvalidTopic(e));
     }
     if protocol == RESERVED_PROTOCOL {
-        return Some(SendStatus::ReservedProtocol);
+        return Some(SendError::ReservedProtocol);
     }
     let size = protocol
         .len()
@@ -376,5 +393,5 @@ pub(crate) fn refuse_invalid(
         let overhead = frame.saturating_sub(size);
         limit = limit.min(cap.saturating_sub(overhead));
     }
-    (size > limit).then_some(SendStatus::TooLarge { size, limit })
+    (size > limit).then_some(SendError::TooLarge { size, limit })
 }

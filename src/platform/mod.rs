@@ -143,7 +143,7 @@
 //! let status = platform
 //!     .messaging()
 //!     .send("test.testMessage", "local", &json!({"test": "Test String"}));
-//! assert!(status.is_queued());
+//! assert!(status.is_ok());
 //! assert!(seen.borrow().is_empty()); // never delivered inside send
 //! platform.poll(Some(Duration::ZERO)).unwrap();
 //! assert_eq!(seen.borrow()[0].0, "self.test.testMessage");
@@ -174,7 +174,8 @@ pub use events::Event;
 pub use handle::Handle;
 pub use host::{Service, ServiceContext, ServiceId, MAX_SERVICES, SERVICE_TOKEN_BLOCK};
 pub use message::{
-    Address, Message, MessageId, Scope, SendOptions, SendStatus, ToAddress, RESERVED_PROTOCOL,
+    Address, Message, MessageId, Scope, SendError, SendOptions, SendResult, ToAddress,
+    RESERVED_PROTOCOL,
 };
 pub use timers::TimerId;
 pub use turns::Woken;
@@ -241,11 +242,11 @@ enum TimerAction {
 }
 
 /// Bounds on the platform's memory. Every queue is bounded; sends beyond a bound return a
-/// [`SendStatus`] instead of growing memory.
+/// [`SendError::BufferFull`] instead of growing memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Largest message (protocol + topic + payload bytes) accepted by a send. Default 16 MiB.
-    /// A larger one gets [`SendStatus::TooLarge`] (as does a message to another node larger
+    /// A larger one gets [`SendError::TooLarge`] (as does a message to another node larger
     /// than its queues can ever take, see [`NetConfig::max_frame`]).
     pub max_message_size: usize,
     /// Messages waiting for local delivery. Default 65,536. The platform's own start-up and
@@ -433,7 +434,7 @@ impl PlatformBuilder {
     }
 
     /// Enables or disables the transports (default enabled): without them nothing listens
-    /// and remote sends return [`SendStatus::NoTransport`].
+    /// and remote sends return [`SendError::NoTransport`].
     pub fn transports(mut self, enabled: bool) -> Self {
         self.net.enabled = enabled;
         self
@@ -632,7 +633,7 @@ impl Core {
         topic: String,
         payload: Vec<u8>,
         options: SendOptions,
-    ) -> SendStatus {
+    ) -> SendResult {
         self.send_tracked(dest, protocol, topic, payload, options, None)
     }
 
@@ -647,21 +648,21 @@ impl Core {
         len: usize,
         options: SendOptions,
         write: &mut dyn FnMut(&mut Vec<u8>) -> bool,
-    ) -> SendStatus {
+    ) -> SendResult {
         if let Some(d) = dest.filter(|d| options.realtime && !self.is_own_address(d)) {
             if let Some(refused) = self.refuse_invalid(&d, &protocol, topic, len, options) {
-                return refused;
+                return Err(refused);
             }
             let now = Instant::now();
             return self
                 .with_net(|n, cx| {
                     n.send_remote_written(cx, d, &protocol, topic, len, options, write, now)
                 })
-                .unwrap_or(SendStatus::NoTransport);
+                .unwrap_or(Err(SendError::NoTransport));
         }
         let mut payload = Vec::with_capacity(len);
         if !write(&mut payload) {
-            return SendStatus::EncodeFailed;
+            return Err(SendError::EncodeFailed);
         }
         self.send(dest, protocol, topic.to_owned(), payload, options)
     }
@@ -688,7 +689,7 @@ impl Core {
         topic: &str,
         payload_len: usize,
         options: SendOptions,
-    ) -> Option<SendStatus> {
+    ) -> Option<SendError> {
         let dest = dest?;
         if let Some(refused) = self.refuse_invalid(&dest, protocol, topic, payload_len, options) {
             return Some(refused);
@@ -706,13 +707,13 @@ impl Core {
                     crate::envelope::Envelope::frame_len(topic.len(), protocol.len(), payload_len);
                 self.with_net(|n, cx| n.remote_queue_full(cx, remote, frame_len))
                     .unwrap_or(false)
-                    .then_some(SendStatus::BufferFull)
+                    .then_some(SendError::BufferFull)
             }
         }
     }
 
     /// [`Core::send`] with an optional delivery callback (called once, in a later turn, unless
-    /// the returned status is not `Queued`).
+    /// the send returns an error).
     pub(crate) fn send_tracked(
         &mut self,
         dest: Option<Address>,
@@ -721,13 +722,13 @@ impl Core {
         payload: Vec<u8>,
         options: SendOptions,
         callback: Option<DeliveryCallback>,
-    ) -> SendStatus {
+    ) -> SendResult {
         let Some(dest) = dest else {
-            return SendStatus::InvalidDestination;
+            return Err(SendError::InvalidDestination);
         };
         if let Some(refused) = self.refuse_invalid(&dest, &protocol, &topic, payload.len(), options)
         {
-            return refused;
+            return Err(refused);
         }
         if !self.is_own_address(&dest) {
             let now = Instant::now();
@@ -735,10 +736,10 @@ impl Core {
                 .with_net(|n, cx| {
                     n.send_remote(cx, dest, protocol, topic, payload, options, callback, now)
                 })
-                .unwrap_or(SendStatus::NoTransport);
+                .unwrap_or(Err(SendError::NoTransport));
         }
         if self.queue.len() >= self.limits.local_queue {
-            return SendStatus::BufferFull;
+            return Err(SendError::BufferFull);
         }
         if let Some(cb) = callback {
             self.fire_local(cb);
@@ -751,7 +752,7 @@ impl Core {
             payload,
             id: None,
         });
-        SendStatus::Queued
+        Ok(())
     }
 
     /// The status of a send that no retry can make succeed, checked before anything is
@@ -764,7 +765,7 @@ impl Core {
         topic: &str,
         payload_len: usize,
         options: SendOptions,
-    ) -> Option<SendStatus> {
+    ) -> Option<SendError> {
         let frame_cap = match self.net.as_ref() {
             Some(net) if !self.is_own_address(dest) => Some(net.largest_frame(options.realtime)),
             _ => None,
@@ -1196,30 +1197,41 @@ macro_rules! shared_methods {
         /// Sends a message of any protocol (the original's low-level `send`). Local messages
         /// (`"local"` or our own signId) are delivered in a later turn, never inside this call.
         ///
+        /// Every send of the crate takes its arguments in one order: the protocol (here, where
+        /// no API implies it), the topic, the destination, the payload, then options and a
+        /// delivery callback; `messaging().send(topic, dest, value)` is this with `"ms"`.
+        ///
+        /// ```
+        /// # use mm_platform::Platform;
+        /// # fn f(platform: &mut Platform) -> Result<(), mm_platform::SendError> {
+        /// platform.send("bt", "files.chunk", "local", &b"bytes"[..])?;
+        /// # Ok(()) }
+        /// ```
+        ///
         /// The topic must follow the topic rule ([`crate::TopicError`]; else
-        /// [`SendStatus::InvalidTopic`]), the protocol must not be the platform's own
-        /// ([`RESERVED_PROTOCOL`]; else [`SendStatus::ReservedProtocol`]), and the message
-        /// must fit its path ([`SendStatus::TooLarge`]). The same holds for every send of the
+        /// [`SendError::InvalidTopic`]), the protocol must not be the platform's own
+        /// ([`RESERVED_PROTOCOL`]; else [`SendError::ReservedProtocol`]), and the message
+        /// must fit its path ([`SendError::TooLarge`]). The same holds for every send of the
         /// platform, its contexts, handles and protocol APIs.
         pub fn send(
             &mut self,
-            dest: impl ToAddress,
             protocol: impl Into<Cow<'static, str>>,
             topic: impl Into<String>,
+            dest: impl ToAddress,
             payload: impl Into<Vec<u8>>,
-        ) -> SendStatus {
-            self.send_with(dest, protocol, topic, payload, SendOptions::default())
+        ) -> SendResult {
+            self.send_with(protocol, topic, dest, payload, SendOptions::default())
         }
 
         /// [`Self::send`] with options.
         pub fn send_with(
             &mut self,
-            dest: impl ToAddress,
             protocol: impl Into<Cow<'static, str>>,
             topic: impl Into<String>,
+            dest: impl ToAddress,
             payload: impl Into<Vec<u8>>,
             options: SendOptions,
-        ) -> SendStatus {
+        ) -> SendResult {
             self.core_mut().send(
                 dest.to_address(),
                 protocol.into(),
@@ -1234,16 +1246,16 @@ macro_rules! shared_methods {
         /// once the peer acknowledged its delivery to its subscribers with its id stored
         /// (`realtime: false`, see "Delivery guarantee" in [`crate::offline`]), or once it is
         /// queued for delivery (local destination); otherwise the [`DeliveryError`]. When the
-        /// returned status is not `Queued`, the callback is dropped without being called.
+        /// send returns an error, the callback is dropped without being called.
         pub fn send_with_callback<F>(
             &mut self,
-            dest: impl ToAddress,
             protocol: impl Into<Cow<'static, str>>,
             topic: impl Into<String>,
+            dest: impl ToAddress,
             payload: impl Into<Vec<u8>>,
             options: SendOptions,
             callback: F,
-        ) -> SendStatus
+        ) -> SendResult
         where
             F: FnOnce(&mut Context<'_>, Result<(), DeliveryError>) + Send + 'static,
         {
@@ -1289,7 +1301,7 @@ macro_rules! shared_methods {
         }
 
         /// Bytes of messages waiting in memory for all destinations together (bounded by
-        /// [`NetConfig::send_queue_bytes`]; sends beyond return [`SendStatus::BufferFull`]).
+        /// [`NetConfig::send_queue_bytes`]; sends beyond return [`SendError::BufferFull`]).
         /// Bytes already written into a stream are not counted, acknowledged or not: zero does
         /// not mean delivered (see [`Platform::is_idle`] and [`Platform::close`]).
         pub fn queued_bytes(&self) -> usize {
@@ -1319,7 +1331,7 @@ macro_rules! shared_methods {
         /// let mut a = Platform::builder().build().unwrap();
         /// let b = Platform::builder().build().unwrap();
         /// a.add_peer(&b.node_info());
-        /// assert!(a.messaging().send("chat.say", b.sign_id(), &"hi").is_queued());
+        /// assert!(a.messaging().send("chat.say", b.sign_id(), &"hi").is_ok());
         /// ```
         pub fn add_peer(&mut self, info: &NodeInfo) {
             self.core_mut().add_peer(info)
@@ -1698,8 +1710,8 @@ impl Platform {
                     let status = self
                         .core
                         .send(Some(dest), protocol, topic, payload, options);
-                    if !status.is_queued() {
-                        log::debug!("message from a handle not queued: {status}");
+                    if let Err(e) = status {
+                        log::debug!("message from a handle not queued: {e}");
                     }
                 }
             }

@@ -60,8 +60,8 @@ impl Bootstrap {
         self.last = Some(now);
         for info in &self.nodes {
             let status = ctx.publish_node_info(info, true);
-            if !status.is_queued() {
-                log::debug!("bootstrap nodeInfo not queued: {status}");
+            if let Err(e) = status {
+                log::debug!("bootstrap nodeInfo not queued: {e}");
             }
         }
     }

@@ -69,7 +69,7 @@ pub fn resolve_and_message(
     let status = resolver
         .messaging()
         .send("test.hello", to.as_str(), &json!({ "via": via }));
-    assert!(status.is_queued(), "{status}");
+    status.expect("queued");
     let end = Instant::now() + limit;
     let mut resolved = None;
     let msg = loop {

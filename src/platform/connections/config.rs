@@ -16,7 +16,7 @@ use crate::transport::TransportKind;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NetConfig {
     /// Run listeners and connect to other nodes (default `true`). Without, remote sends return
-    /// [`crate::SendStatus::NoTransport`].
+    /// [`crate::SendError::NoTransport`].
     pub enabled: bool,
     /// A lookup with no answer fails after this long. Default 10 s.
     pub lookup_timeout: Duration,

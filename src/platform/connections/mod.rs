@@ -149,7 +149,7 @@
 //!
 //! Per destination at most [`NetConfig::peer_queue_messages`] messages and
 //! [`NetConfig::peer_queue_bytes`] bytes wait in memory, and [`NetConfig::send_queue_bytes`]
-//! for all destinations together (sends beyond return [`crate::SendStatus::BufferFull`]; an empty
+//! for all destinations together (sends beyond return [`crate::SendError::BufferFull`]; an empty
 //! queue takes one message up to a maximal frame whatever the byte bounds); the offline buffer has its own bounds; connections are capped
 //! by [`NetConfig::max_connections`], of which [`NetConfig::reserved_outbound`] slots are
 //! kept from incoming connections of peers outside our friends and devices circles (any

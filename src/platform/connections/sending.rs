@@ -16,7 +16,7 @@ use crate::envelope::Envelope;
 use crate::identity::{BoxId, SignId};
 use crate::offline::AddError;
 use crate::platform::crash_points;
-use crate::platform::{Address, MessageId, SendOptions, SendStatus};
+use crate::platform::{Address, MessageId, SendError, SendOptions, SendResult};
 use crate::storage::Storage;
 use crate::transport::ServerDriver;
 
@@ -53,9 +53,9 @@ impl Net {
         options: SendOptions,
         callback: Option<DeliveryCallback>,
         now: Instant,
-    ) -> SendStatus {
+    ) -> SendResult {
         let Some((b, sign)) = self.resolve_destination(cx, dest) else {
-            return SendStatus::InvalidDestination;
+            return Err(SendError::InvalidDestination);
         };
         let env = Envelope {
             topic,
@@ -71,7 +71,7 @@ impl Net {
         // The offline buffer keeps destinations by signId (what survives a restart): a node
         // known only by its boxId must become known first (its nodeInfo).
         let Some(dest) = sign else {
-            return SendStatus::UnknownDestination;
+            return Err(SendError::UnknownDestination);
         };
         self.send_offline(cx, b, dest, env, options, callback, now)
     }
@@ -87,7 +87,7 @@ impl Net {
         options: SendOptions,
         callback: Option<DeliveryCallback>,
         now: Instant,
-    ) -> SendStatus {
+    ) -> SendResult {
         let after = options
             .expire_after
             .unwrap_or(self.cfg.offline_expiry)
@@ -95,10 +95,10 @@ impl Net {
         let expires_ms = wall_ms().saturating_add(after.as_millis() as u64);
         let key = match self.offline.add(cx.storage, dest, env, expires_ms) {
             Ok(k) => k,
-            Err(AddError::Full) => return SendStatus::BufferFull,
+            Err(AddError::Full) => return Err(SendError::BufferFull),
             Err(AddError::Storage(e)) => {
                 log::warn!("offline buffer: storing a message to {dest} failed: {e}");
-                return SendStatus::StorageFailed(e.cause());
+                return Err(SendError::StorageFailed(e.cause()));
             }
         };
         if let Some(c) = callback {
@@ -114,7 +114,7 @@ impl Net {
             self.take_offline(b, &dest);
         }
         self.kick_peer(b);
-        SendStatus::Queued
+        Ok(())
     }
 
     /// A real-time send to another node whose payload (`len` bytes) `write` appends straight
@@ -130,9 +130,9 @@ impl Net {
         options: SendOptions,
         write: &mut dyn FnMut(&mut Vec<u8>) -> bool,
         now: Instant,
-    ) -> SendStatus {
+    ) -> SendResult {
         let Some((b, sign)) = self.resolve_destination(cx, dest) else {
-            return SendStatus::InvalidDestination;
+            return Err(SendError::InvalidDestination);
         };
         let frame_len = Envelope::frame_len(topic.len(), protocol.len(), len);
         let msg = Outgoing::Written {
@@ -420,7 +420,7 @@ impl Net {
         callback: Option<DeliveryCallback>,
         now: Instant,
         msg: Outgoing<'_>,
-    ) -> SendStatus {
+    ) -> SendResult {
         let peer = self.peers.entry(b).or_default();
         if queue_refuses(
             &self.cfg,
@@ -429,7 +429,7 @@ impl Net {
             self.queued_total,
             frame_len,
         ) {
-            return SendStatus::BufferFull;
+            return Err(SendError::BufferFull);
         }
         let (body, len) = match (peer.dialect, msg) {
             (None, Outgoing::Envelope(env)) => (Body::Message(env), frame_len),
@@ -451,7 +451,7 @@ impl Net {
                 let d = dialect.unwrap_or(Dialect::Native);
                 let mut frame = self.frames.take(frame_len, now);
                 if !d.encode_with(topic, protocol, len, &mut frame, write) {
-                    return SendStatus::EncodeFailed;
+                    return Err(SendError::EncodeFailed);
                 }
                 let len = frame.len();
                 (Body::Frame(frame, d), len)
@@ -477,7 +477,7 @@ impl Net {
         self.clear_retry(b);
         self.expiry_at(b, expires);
         self.kick_peer(b);
-        SendStatus::Queued
+        Ok(())
     }
 }
 

@@ -225,14 +225,14 @@ impl Kademlia {
         };
         while let Some(t) = state.poll_transmit() {
             let status = ctx.send_with(
-                Address::Node(t.to.sign_id),
                 "ms",
                 "kademlia",
+                Address::Node(t.to.sign_id),
                 t.payload.into_bytes(),
                 options,
             );
-            if !status.is_queued() {
-                log::debug!("kademlia: message to {} not queued: {status}", t.to.sign_id);
+            if let Err(e) = status {
+                log::debug!("kademlia: message to {} not queued: {e}", t.to.sign_id);
             }
         }
         let wake = state.next_deadline();

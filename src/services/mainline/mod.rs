@@ -211,8 +211,8 @@ impl Mainline {
         }
         while let Some(info) = state.poll_publication() {
             let status = ctx.publish_node_info(&info, false);
-            if !status.is_queued() {
-                log::debug!("mainline: nodeInfo not queued: {status}");
+            if let Err(e) = status {
+                log::debug!("mainline: nodeInfo not queued: {e}");
             }
         }
         if let Some(seq) = state.take_seq_to_persist() {

@@ -162,8 +162,8 @@ impl Mdns {
         }
         while let Some(info) = self.state.poll_publication() {
             let status = ctx.publish_node_info(&info, true);
-            if !status.is_queued() {
-                log::debug!("mdns: nodeInfo not queued: {status}");
+            if let Err(e) = status {
+                log::debug!("mdns: nodeInfo not queued: {e}");
             }
         }
         let wake = if more {
