@@ -4,7 +4,7 @@
 //! cargo run --example node -- --data DIR [--udp ADDR:PORT|off] [--tcp ADDR:PORT|off]
 //!     [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS]
 //!     [--mdns] [--mdns-interface ADDR] [--bootstrap FILE]
-//!     [--relay] [--relay-bps BYTES] [--no-relays] [--no-punch]
+//!     [--relay] [--relay-bps BYTES] [--no-relays] [--no-punch] [--no-portmap]
 //!     [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish] [--dht] [--new-identity] [--max-line BYTES]
 //! ```
 //!
@@ -14,7 +14,8 @@
 //! with the nodeInfos of FILE (a JSON array). `--relay` offers relaying to nodes behind NATs
 //! (`--relay-bps` sets its per-reservation bandwidth); `--no-relays` never uses a relay,
 //! `--no-punch` never punches a direct path (NetConfig `relay`, `use_relays`, `hole_punching`;
-//! these four need the cargo feature `relay`, on by default).
+//! these four need the cargo feature `relay`, on by default). `--no-portmap` never asks the
+//! gateway to map our UDP port (NetConfig `port_mapping`).
 //! `--mainline HOST:PORT,...` adds the Mainline DHT
 //! service, joining the DHT at those nodes (there is no default list; pass public routers for
 //! the real DHT, a testnet's nodes for a test), resolving nodeInfos there;
@@ -59,8 +60,9 @@
 //! - `{"event":"nodeInfo","nodeInfo":{...}}` whenever our published nodeInfo changes
 //! - `{"event":"path","peer":"<signId>","path":"direct"|"relayed","remote":"ADDR:PORT"}`
 //!   when a connection's path is first known and whenever it changes
-//! - `{"event":"connections","id":ID,"list":[{"peer":...,"path":...,"remote":...,"rttUs":...,"active":...}]}`
-//!   answering `{"cmd":"connections"}` (`id` when the command had one)
+//! - `{"event":"connections","id":ID,"list":[{"peer":...,"path":...,"remote":...,"rttUs":...,"active":...}],"mappedPort":PORT}`
+//!   answering `{"cmd":"connections"}` (`id` when the command had one; `mappedPort` is the
+//!   public port our gateway forwards to us, `null` without a mapping)
 //! - `{"event":"value","key":K,"value":V}` or `{"event":"value","key":K,"error":"..."}`
 //!   answering `{"cmd":"get"}`, and `{"event":"stored","key":K,"acks":N}` (nodes that took
 //!   the value) answering `{"cmd":"put"}` (with `--dht`)
@@ -157,6 +159,7 @@ RUST_LOG (e.g. RUST_LOG=mm_platform=debug).
   --relay-bps BYTES        bandwidth per relay reservation
   --no-relays              never use a relay
   --no-punch               never punch a direct path through NATs
+  --no-portmap             never ask the gateway to map our port (PCP, NAT-PMP)
   --mainline HOST:PORT,..  join the Mainline DHT at these nodes (no default list)
   --mainline-publish       also publish our nodeInfo there
   --dht                    run the Kademlia DHT service (mm-services-kademlia compatible)
@@ -247,6 +250,7 @@ fn main() {
             "--new-identity" => new_identity = true,
             #[cfg(feature = "relay")]
             "--no-punch" => net.hole_punching = false,
+            "--no-portmap" => net.port_mapping = false,
             "--mainline" => mainline = Some(value("HOST:PORT,...")),
             "--mainline-publish" => mainline_publish = true,
             "--dht" => dht = true,
@@ -887,7 +891,8 @@ fn command(ctx: &mut Context<'_>, state: &mut State, v: &Value) -> Result<(), Fa
                         "active": c.active})
                 })
                 .collect();
-            let mut out = json!({"event": "connections", "list": list});
+            let mut out = json!({"event": "connections", "list": list,
+                "mappedPort": ctx.mapped_port()});
             if let Some(id) = v.get("id") {
                 out["id"] = id.clone();
             }

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use support::nat::{
-    bootstrap, count_messages, memory_contains, node, ready_info, relayed_via, wait_relayed, Nat,
-    LIMIT,
+    bootstrap, count_messages, memory_contains, node, ready_info, relayed_via, udp_endpoints,
+    wait_relayed, Nat, LIMIT,
 };
 use support::TempDir;
 
@@ -217,24 +217,6 @@ fn random_port_nats_stay_relayed_both_ways_relay_sees_no_plaintext_and_is_replac
 }
 
 /// The UDP endpoints (`ip:port`) of a nodeInfo.
-fn udp_endpoints(info: &Value) -> Vec<String> {
-    info["connectionInfo"]
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter(|e| e["transportType"] == "udp")
-                .map(|e| {
-                    format!(
-                        "{}:{}",
-                        e["transportInfo"]["address"].as_str().unwrap_or(""),
-                        e["transportInfo"]["port"]
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn dial_back_finds_public_natted_and_port_forwarded_nodes() {
     // B's router forwards UDP 4000 to B; A's does not.

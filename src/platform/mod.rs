@@ -1286,6 +1286,12 @@ macro_rules! shared_methods {
                 .unwrap_or_default()
         }
 
+        /// The public port our gateway forwards to our UDP listener while it does (see
+        /// [`NetConfig::port_mapping`]); `None` without a mapping.
+        pub fn mapped_port(&self) -> Option<u16> {
+            self.core_ref().net.as_ref().and_then(|n| n.mapped_port())
+        }
+
         /// Messages waiting in the offline buffer (persisted, not yet acknowledged).
         pub fn offline_pending(&self) -> usize {
             self.core_ref().net.as_ref().map_or(0, |n| n.offline_len())
@@ -1867,6 +1873,8 @@ impl Drop for Core {
         host::stop_all(self);
         if let Some(net) = self.net.as_mut() {
             net.save(&mut *self.storage);
+            // The gateway forwards our port no longer than we listen on it.
+            net.portmap_close();
         }
     }
 }

@@ -14,6 +14,7 @@
 //! - [`relay`]: relayed and punched UDP paths and dial-back probes (docs/ARCHITECTURE.md §4.3,
 //!   §7.3), sans-IO: their datagrams, the relay's forwarding table, the hole-punching prober
 //!   (those two, and the drivers' relayed paths, only with the cargo feature `relay`).
+//! - [`portmap`]: asking the home router for a port mapping (PCP, then NAT-PMP), sans-IO.
 //! - `dispatch` (private): the one function, sans-IO, that sorts a UDP datagram or a TCP
 //!   stream's first frame into the handler it belongs to (native CurveCP, 1tp, relay), used by
 //!   both read paths of the server driver (docs/ARCHITECTURE.md §4.3).
@@ -104,6 +105,7 @@ pub mod connection_info;
 mod dispatch;
 pub mod driver;
 pub mod onetp;
+pub mod portmap;
 pub mod relay;
 mod socket;
 pub mod tcp;

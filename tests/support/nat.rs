@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::{node_bin, JsonProc, Netns, TempDir};
+use super::{node_bin, JsonProc, Netns, Proc, TempDir};
 
 /// How long a test waits for one event.
 pub const LIMIT: Duration = Duration::from_secs(30);
@@ -88,6 +88,20 @@ impl Nat {
     /// public address to B's host (a DNAT rule, exempt from the drop of new inbound flows), like
     /// a home router with a port forward.
     pub fn build_with(test: &str, random: bool, forward_b: Option<u16>) -> Option<Nat> {
+        Self::build_lab(test, random, forward_b, false)
+    }
+
+    /// [`Nat::build`] with random-port NATs where B's router is a home router with UPnP: its
+    /// firewall drops new inbound flows unless a port mapping forwards them (a filter on the
+    /// forward hook after DNAT, and one on the input hook), and it holds the empty nftables
+    /// chains `miniupnpd` fills (its nftables backend's default table and chain names). Start
+    /// the daemon with [`Nat::start_miniupnpd`]. R2 gets a second address, 203.0.113.12, for
+    /// the STUN responder miniupnpd checks its external address with.
+    pub fn build_upnp(test: &str) -> Option<Nat> {
+        Self::build_lab(test, true, None, true)
+    }
+
+    fn build_lab(test: &str, random: bool, forward_b: Option<u16>, upnp_b: bool) -> Option<Nat> {
         let have_nft = Command::new("nft")
             .arg("--version")
             .stdout(Stdio::null())
@@ -109,13 +123,13 @@ impl Nat {
             r1: Netns::create(test)?,
             r2: Netns::create(test)?,
         };
-        if let Err(e) = nat.wire(random, forward_b) {
+        if let Err(e) = nat.wire(random, forward_b, upnp_b) {
             panic!("{test}: building the NAT topology failed: {e}");
         }
         Some(nat)
     }
 
-    fn wire(&self, random: bool, forward_b: Option<u16>) -> Result<(), String> {
+    fn wire(&self, random: bool, forward_b: Option<u16>, upnp_b: bool) -> Result<(), String> {
         let p = &self.public.name;
         run(&["ip", "-n", p, "link", "add", "br0", "type", "bridge"])?;
         run(&["ip", "-n", p, "link", "set", "br0", "up"])?;
@@ -206,16 +220,183 @@ impl Nat {
                 ),
                 _ => (String::new(), String::new()),
             };
+            let masquerade = format!(
+                "table ip nat {{\n chain post {{\n type nat hook postrouting priority 100; policy accept;\n oifname \"wan0\" masquerade{flags}\n }}\n}}\n"
+            );
+            if upnp_b && router.name == self.rb.name {
+                // The LAN's flows only: the router's own (miniupnpd's STUN check) leave
+                // from its public address as they are.
+                let lan_only = format!(
+                    "table ip nat {{\n chain post {{\n type nat hook postrouting priority 100; policy accept;\n oifname \"wan0\" ip saddr {net}.0/24 masquerade{flags}\n }}\n}}\n"
+                );
+                nft(router, &format!("{lan_only}{UPNP_ROUTER}"))?;
+                continue;
+            }
             nft(
                 router,
                 &format!(
-                    "table ip nat {{\n chain post {{\n type nat hook postrouting priority 100; policy accept;\n oifname \"wan0\" masquerade{flags}\n }}\n}}\n\
-                     table ip filter {{\n chain pre {{\n type filter hook prerouting priority -150; policy accept;\n{exempt} iifname \"wan0\" ct state new drop\n }}\n}}\n{dnat}"
+                    "{masquerade}table ip filter {{\n chain pre {{\n type filter hook prerouting priority -150; policy accept;\n{exempt} iifname \"wan0\" ct state new drop\n }}\n}}\n{dnat}"
                 ),
             )?;
         }
+        if upnp_b {
+            run(&[
+                "ip",
+                "-n",
+                &self.r2.name,
+                "addr",
+                "add",
+                "203.0.113.12/24",
+                "dev",
+                "eth0",
+            ])?;
+        }
         Ok(())
     }
+
+    /// Starts the STUN responder on R2 and the real `miniupnpd` (Debian's
+    /// `miniupnpd-nftables`) on B's router, UPnP IGD, NAT-PMP and PCP on, serving its LAN side
+    /// only, in secure mode (a client maps only to itself); returns both processes (killed on
+    /// drop) once the daemon listens and its STUN check enabled port forwarding. `None` (after a
+    /// loud SKIPPING line) without the daemon or `python3`, unless `MM_REQUIRE_NETNS=1`.
+    pub fn start_miniupnpd(&self, test: &str, dir: &TempDir) -> Option<(Proc, Proc)> {
+        let daemon = "/usr/sbin/miniupnpd";
+        let python = "/usr/bin/python3";
+        for need in [daemon, python] {
+            if !std::path::Path::new(need).exists() {
+                if std::env::var("MM_REQUIRE_NETNS").as_deref() == Ok("1") {
+                    panic!("{test}: {need} not found and MM_REQUIRE_NETNS=1 (apt-get install miniupnpd-nftables python3)");
+                }
+                mm_platform::proto::skip_test(
+                    test,
+                    &format!("{need} not found (apt-get install miniupnpd-nftables python3)"),
+                );
+                return None;
+            }
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/lab_stun.py");
+        let mut stun_cmd = self.r2.command(python);
+        stun_cmd
+            .args([script, "203.0.113.11", "203.0.113.12"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut stun = Proc::spawn("lab STUN responder", &mut stun_cmd);
+        wait_line(&mut stun, |l| l.starts_with("ready"), "the STUN responder");
+        let conf = dir.path("miniupnpd.conf");
+        std::fs::write(
+            &conf,
+            "ext_ifname=wan0\nlistening_ip=lan0\nport=0\nenable_upnp=yes\nenable_natpmp=yes\n\
+             secure_mode=yes\nsystem_uptime=yes\nuuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\n\
+             ext_perform_stun=yes\next_stun_host=203.0.113.11\next_stun_port=3478\n\
+             allow 1024-65535 198.51.100.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n",
+        )
+        .expect("miniupnpd.conf");
+        let pid = dir.path("miniupnpd.pid");
+        let mut cmd = self.rb.command(daemon);
+        cmd.arg("-f")
+            .arg(&conf)
+            .arg("-P")
+            .arg(&pid)
+            .arg("-d")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut upnp = Proc::spawn("miniupnpd", &mut cmd);
+        wait_line(
+            &mut upnp,
+            |l| l.contains("Listening for NAT-PMP/PCP traffic"),
+            "miniupnpd",
+        );
+        Some((stun, upnp))
+    }
+}
+
+/// B's router's rules beside its masquerade when it runs miniupnpd: new inbound flows are
+/// dropped unless a mapping's DNAT took them (forward hook); new inbound flows to the router
+/// itself are dropped too (input hook), except from the lab's STUN server, whose answers from
+/// its other address and port are what miniupnpd's check of its external address waits for;
+/// and the chains miniupnpd fills.
+const UPNP_ROUTER: &str = "table ip gate {
+ chain forward_in {
+  type filter hook forward priority 0; policy accept;
+  iifname \"wan0\" ct state new ct status & dnat == 0 drop
+ }
+ chain local_in {
+  type filter hook input priority 0; policy accept;
+  iifname \"wan0\" ip saddr != { 203.0.113.11, 203.0.113.12 } ct state new drop
+ }
+}
+table inet filter {
+ chain forward {
+  type filter hook forward priority -10; policy accept;
+  jump miniupnpd
+ }
+ chain miniupnpd {
+ }
+ chain prerouting {
+  type nat hook prerouting priority -100; policy accept;
+  jump prerouting_miniupnpd
+ }
+ chain postrouting {
+  type nat hook postrouting priority 100; policy accept;
+  jump postrouting_miniupnpd
+ }
+ chain prerouting_miniupnpd {
+ }
+ chain postrouting_miniupnpd {
+ }
+}
+";
+
+/// Reads `p`'s stdout (else stderr) until a line satisfies `done`; panics with what was read
+/// if the process ends or 20 s pass first.
+fn wait_line(p: &mut Proc, done: impl Fn(&str) -> bool, what: &str) {
+    use std::io::BufRead;
+    let child = p.child.as_mut().expect("running");
+    let out: Box<dyn Read + Send> = match (child.stdout.take(), child.stderr.take()) {
+        (Some(o), _) => Box::new(o),
+        (None, Some(e)) => Box::new(e),
+        (None, None) => panic!("{what}: no output to read"),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while Instant::now() < end {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                if std::env::var("MM_TEST_NODE_STDERR").as_deref() == Ok("1") {
+                    eprintln!("{line}");
+                }
+                let hit = done(&line);
+                seen.push(line);
+                if hit {
+                    // Keep draining so the process never blocks on a full pipe (shown with the
+                    // nodes' logs, MM_TEST_NODE_STDERR=1).
+                    let show = std::env::var("MM_TEST_NODE_STDERR").as_deref() == Ok("1");
+                    std::thread::spawn(move || {
+                        while let Ok(line) = rx.recv() {
+                            if show {
+                                eprintln!("{line}");
+                            }
+                        }
+                    });
+                    return;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break,
+        }
+    }
+    panic!("{what} did not get ready; its output:\n{}", seen.join("\n"));
 }
 
 /// Starts a node in `ns` listening on UDP `udp` (no TCP) with short timings.
@@ -226,8 +407,11 @@ pub fn node(ns: &Netns, dir: &TempDir, name: &str, udp: &str, extra: &[&str]) ->
         .args(["--udp", udp, "--tcp", "off"])
         .args(["--keepalive", "1000", "--dead-after", "4000"])
         .args(["--connect-timeout", "3000", "--retry", "1000"])
-        .args(extra)
-        .stderr(Stdio::null());
+        .args(extra);
+    // MM_TEST_NODE_STDERR=1 shows the nodes' logs (with RUST_LOG=mm_platform=debug).
+    if std::env::var("MM_TEST_NODE_STDERR").as_deref() != Ok("1") {
+        cmd.stderr(Stdio::null());
+    }
     let mut p = JsonProc::spawn(name, &mut cmd);
     p.wait_for(LIMIT, |v| v["event"] == "ready");
     p
@@ -244,6 +428,25 @@ pub fn relayed_via(info: &Value) -> Option<String> {
             )
         })
     })
+}
+
+/// The UDP endpoints (`ip:port`) of a nodeInfo.
+pub fn udp_endpoints(info: &Value) -> Vec<String> {
+    info["connectionInfo"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter(|e| e["transportType"] == "udp")
+                .map(|e| {
+                    format!(
+                        "{}:{}",
+                        e["transportInfo"]["address"].as_str().unwrap_or(""),
+                        e["transportInfo"]["port"]
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Waits for a nodeInfo event whose relayed endpoint is `relay`.

@@ -180,6 +180,7 @@ mod dialect;
 mod frame_pool;
 mod idle;
 mod lifecycle;
+mod portmap;
 mod reach;
 mod receiving;
 mod sending;
@@ -306,6 +307,8 @@ enum NetTimer {
     DialBack,
     /// The spare frame buffers may be released.
     FramePool,
+    /// The port mapper's resend, renewal or expiry.
+    PortMap,
 }
 
 /// How far [`Net::read_conn`] got.
@@ -453,6 +456,8 @@ struct Peer {
 pub(crate) struct Net {
     /// Reachability: observed addresses, the relay we use, the endpoints we publish.
     reach: reach::Reach,
+    /// Asking the gateway to map our UDP port, when that applies (`portmap`).
+    portmap: Option<portmap::PortMap>,
     cfg: NetConfig,
     registry: Registry,
     server: ServerDriver,
@@ -599,8 +604,9 @@ impl Net {
         // Records of the last run: retried (and expired) at once.
         let offline_timer =
             (!offline.is_empty()).then(|| timers.schedule(now, NetTimer::OfflineRetry));
-        Ok(Net {
+        let mut net = Net {
             reach: reach::Reach::new(&endpoints),
+            portmap: None,
             dir: DirectoryCache::new(cfg.node_info_ttl, cfg.lookup_timeout)
                 .with_memory(storage, wall_ms()),
             dedup: Dedup::open(cfg.dedup, cfg.dedup_per_peer, storage),
@@ -644,7 +650,9 @@ impl Net {
             ack_store_failed: false,
             acks_stored_at: now,
             records_delivered: 0,
-        })
+        };
+        net.portmap_start(now);
+        Ok(net)
     }
 
     /// Hands a readiness event to the driver it belongs to; an outgoing connection's event
@@ -660,6 +668,8 @@ impl Net {
                     self.mark_dirty(k);
                 }
             }
+        } else if t == portmap::PORTMAP_TOKEN {
+            self.portmap_readable(now);
         } else if self.server.owns(t) {
             self.server_io = true;
             if let Err(e) = self.server.handle_event(&self.registry, event, now) {

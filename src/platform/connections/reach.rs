@@ -89,6 +89,8 @@ struct Check {
     /// Our listening socket's IP address as the peer sees it (`observed`), with the port
     /// it saw.
     seen: SocketAddr,
+    /// The port we asked the peer to dial: our listener's, or the one our gateway maps to it.
+    port: u16,
     /// The peer said it dialled.
     acked: bool,
     timer: TimerId,
@@ -108,6 +110,13 @@ pub(super) struct Reach {
     reachable: Option<bool>,
     /// Our IP address as the peer whose dial-back reached us sees it.
     public_ip: Option<std::net::IpAddr>,
+    /// The port that dial-back reached (our listener's, or a mapped one).
+    public_port: Option<u16>,
+    /// The external port our gateway forwards to our UDP listener (`portmap`), while held.
+    mapped_port: Option<u16>,
+    /// The latest native peer that told us where it sees us from, and what it said: whom a
+    /// new mapping is checked with.
+    last_observed: Option<(BoxId, SocketAddr)>,
     check: Option<Check>,
     asks: u32,
     /// The serving side's limits on dialling back.
@@ -125,6 +134,9 @@ impl Reach {
             nat_hint: false,
             reachable: None,
             public_ip: None,
+            public_port: None,
+            mapped_port: None,
+            last_observed: None,
             check: None,
             asks: 0,
             guard: DialBackGuard::new(),
@@ -148,7 +160,7 @@ impl Reach {
                         && (e.addr.ip().is_unspecified() || e.addr.is_ipv4() == ip.is_ipv4()) =>
                 {
                     Some(Endpoint {
-                        addr: SocketAddr::new(ip, e.addr.port()),
+                        addr: SocketAddr::new(ip, self.public_port.unwrap_or(e.addr.port())),
                         ..*e
                     })
                 }
@@ -228,9 +240,10 @@ impl Net {
     /// Asks native peer `b` (which sees us from `seen`) to dial our listening UDP port back;
     /// `false` if we have no UDP listener.
     fn ask_dial_back(&mut self, b: BoxId, seen: SocketAddr, now: Instant) -> bool {
-        let Some(port) = self.server.udp_addr().map(|a| a.port()) else {
+        let Some(listener) = self.server.udp_addr().map(|a| a.port()) else {
             return false;
         };
+        let port = self.reach.mapped_port.unwrap_or(listener);
         let mut nonce = [0u8; DIAL_BACK_NONCE_LEN];
         crate::crypto::random_bytes(&mut nonce);
         self.reach.asks += 1;
@@ -242,6 +255,7 @@ impl Net {
             peer: b,
             nonce,
             seen,
+            port,
             acked: false,
             timer,
         });
@@ -271,6 +285,45 @@ impl Net {
         self.server.expect_dial_back(None);
         self.reach.refresh();
         self.relay_check_ended(now);
+        self.check_mapping(now);
+    }
+
+    /// Our gateway now maps `port` to our UDP listener (`None`: no longer, or not at all).
+    /// What a dial-back proved through the old mapping no longer holds; a new mapping is
+    /// checked with the latest peer that told us where it sees us from.
+    pub(super) fn on_port_mapped(&mut self, port: Option<u16>, now: Instant) {
+        if self.reach.mapped_port == port {
+            return;
+        }
+        let listener = self.server.udp_addr().map(|a| a.port());
+        let old = std::mem::replace(&mut self.reach.mapped_port, port);
+        let proven_by_old = old.is_some() && self.reach.public_port == old && old != listener;
+        if proven_by_old || port.is_some() && self.reach.reachable != Some(true) {
+            // Start over: the next check decides (with the new port, if any).
+            self.reach.reachable = None;
+            self.reach.public_ip = None;
+            self.reach.public_port = None;
+            self.reach.refresh();
+            self.relay_check_ended(now);
+        }
+        self.check_mapping(now);
+    }
+
+    /// Asks for a dial-back through the mapped port if one is held, not yet proven, no check
+    /// is in flight and a peer told us where it sees us from.
+    fn check_mapping(&mut self, now: Instant) {
+        let Some(port) = self.reach.mapped_port else {
+            return;
+        };
+        if self.reach.public_port == Some(port)
+            || self.reach.check.is_some()
+            || self.reach.asks >= MAX_DIAL_BACK_ASKS
+        {
+            return;
+        }
+        if let Some((b, seen)) = self.reach.last_observed {
+            self.ask_dial_back(b, seen, now);
+        }
     }
 
     /// Events of the listeners' relay datagrams.
@@ -282,9 +335,14 @@ impl Net {
                         continue;
                     };
                     self.timers.cancel(c.timer);
-                    log::debug!("dialled back from {from}: reachable at {}", c.seen.ip());
+                    log::debug!(
+                        "dialled back from {from}: reachable at {}:{}",
+                        c.seen.ip(),
+                        c.port
+                    );
                     self.reach.reachable = Some(true);
                     self.reach.public_ip = Some(c.seen.ip());
+                    self.reach.public_port = Some(c.port);
                     self.end_check(now);
                 }
                 NatEvent::Bound { relay, observed } => self.relay_bound(relay, observed, now),
@@ -357,6 +415,7 @@ impl Net {
             s.local_addr()
         });
         let Ok(local) = local else { return };
+        self.reach.last_observed = Some((b, seen));
         let hint = local.ip() != seen.ip();
         if hint && !self.reach.nat_hint {
             log::debug!("a NAT may be between us and {b}: it sees us from {seen}");

@@ -192,6 +192,7 @@ impl Net {
                 #[cfg(feature = "relay")]
                 NetTimer::RelayBind => self.relay_bind_due(now),
                 NetTimer::DialBack => self.dial_back_due(now),
+                NetTimer::PortMap => self.portmap_due(now),
                 NetTimer::FramePool => {
                     if let Some(at) = self.frames.release_due(now) {
                         self.timers.schedule(at, NetTimer::FramePool);

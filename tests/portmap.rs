@@ -1,0 +1,101 @@
+//! Port mapping against the real `miniupnpd` (Debian's `miniupnpd-nftables`, UPnP IGD, NAT-PMP
+//! and PCP on) on a home router of the NAT lab (`tests/support/nat.rs`: network namespaces of
+//! this test, documentation addresses only, nothing leaves the machine):
+//!
+//! ```text
+//!   ha 192.0.2.2 ── ra (random-port NAT) 203.0.113.2 ─┐        ┌─ r1 203.0.113.10 (relay)
+//!                                                      ├─ br0 ─┤
+//!   hb 198.51.100.2 ── rb (random-port NAT            ─┘        └─ r2 203.0.113.11/.12
+//!                          + miniupnpd) 203.0.113.3                  (STUN for miniupnpd)
+//! ```
+//!
+//! Behind random-port NATs two nodes cannot punch a path and stay relayed (`tests/nat.rs`).
+//! Here B's router maps ports on request: B asks it (PCP), gets a mapping, proves it with a
+//! dial-back through the relay node, publishes the mapped endpoint and takes no relay, and A
+//! reaches it directly. With the daemon stopped, a node behind the same router falls back to
+//! the relay.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use support::nat::{
+    bootstrap, node, ready_info, relayed_via, udp_endpoints, wait_relayed, Nat, LIMIT,
+};
+use support::TempDir;
+
+#[test]
+fn a_node_behind_a_upnp_router_maps_its_port_and_is_reached_directly() {
+    let test = "portmap: miniupnpd";
+    let Some(nat) = Nat::build_upnp(test) else {
+        return;
+    };
+    let dir = TempDir::new("portmap");
+    let Some((stun, mut upnp)) = nat.start_miniupnpd(test, &dir) else {
+        return;
+    };
+    let r1 = node(&nat.r1, &dir, "r1", "203.0.113.10:4000", &["--relay"]);
+    let boot = bootstrap(&dir, &[ready_info(&r1)]);
+    let mut a = node(&nat.ha, &dir, "a", "0.0.0.0:4000", &["--bootstrap", &boot]);
+    let mut b = node(&nat.hb, &dir, "b", "0.0.0.0:4000", &["--bootstrap", &boot]);
+
+    // B publishes its router's public address with the mapped port (miniupnpd grants the
+    // port asked for, 4000), once a dial-back through it reached B.
+    let b_info = b.wait_for(LIMIT, |v| {
+        v["event"] == "nodeInfo" && udp_endpoints(&v["nodeInfo"]) == ["203.0.113.3:4000"]
+    })["nodeInfo"]
+        .clone();
+    assert!(relayed_via(&b_info).is_none(), "{b_info}");
+    b.cmd(json!({"cmd": "connections"}));
+    let conns = b.wait_for(LIMIT, |v| v["event"] == "connections");
+    assert_eq!(conns["mappedPort"], 4000, "{conns}");
+    // A's router maps nothing: A is relayed.
+    let a_info = wait_relayed(&mut a, "203.0.113.10:4000");
+    assert!(udp_endpoints(&a_info).is_empty(), "{a_info}");
+
+    // A reaches B directly at the mapped endpoint.
+    let b_id = b_info["signId"].clone();
+    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
+    a.cmd(json!({"cmd": "send", "topic": "map.hello", "to": b_id, "payload": 1}));
+    b.wait_for(LIMIT, |v| {
+        v["event"] == "message" && v["topic"] == "public.map.hello"
+    });
+    let path = a.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == b_id);
+    assert_eq!(path["path"], "direct", "{path}");
+    assert_eq!(path["remote"], "203.0.113.3:4000", "{path}");
+    // B never took a relay.
+    assert!(
+        !b.seen
+            .iter()
+            .any(|v| v["event"] == "nodeInfo" && relayed_via(&v["nodeInfo"]).is_some()),
+        "B took a relay"
+    );
+
+    // The daemon stops: a node that starts behind the same router now gets no mapping and
+    // takes the relay, through which A reaches it.
+    drop(upnp.child.take().map(|mut c| {
+        let _ = c.kill();
+        c.wait()
+    }));
+    let mut c = node(&nat.hb, &dir, "c", "0.0.0.0:4001", &["--bootstrap", &boot]);
+    let c_info = wait_relayed(&mut c, "203.0.113.10:4000");
+    assert!(udp_endpoints(&c_info).is_empty(), "{c_info}");
+    c.cmd(json!({"cmd": "connections"}));
+    let conns = c.wait_for(LIMIT, |v| v["event"] == "connections");
+    assert_eq!(conns["mappedPort"], Value::Null, "{conns}");
+    let c_id = c_info["signId"].clone();
+    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": c_info}));
+    a.cmd(json!({"cmd": "send", "topic": "map.relayed", "to": c_id, "payload": 2}));
+    c.wait_for(LIMIT, |v| {
+        v["event"] == "message" && v["topic"] == "public.map.relayed"
+    });
+    let path = a.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == c_id);
+    assert_eq!(path["path"], "relayed", "{path}");
+
+    for p in [a, b, c, r1] {
+        p.quit(Duration::from_secs(5));
+    }
+    drop(stun);
+}
