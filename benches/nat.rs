@@ -15,6 +15,16 @@
 //!   the punched direct path; `nat_relayed_fraction_of_direct`: the first over the second;
 //! - `nat_relayed_default_limit_throughput`: the same through a relay with the default limits
 //!   (`RelayLimits::default`, 4 MiB/s per reservation).
+//!
+//! Then in the lab of `tests/portmap.rs` (random-port NATs, B's router running `miniupnpd`;
+//! skipped with a note when it is not installed), the same node behind the same router with
+//! port mapping and without:
+//! - `nat_mapped_endpoint`: from starting B until it publishes its mapped endpoint (mapping,
+//!   dial-back through it); `nat_relayed_endpoint`: from starting B with `--no-portmap` until it
+//!   publishes a relayed one; `nat_mapped_first_message`: from A's first send to B's delivery,
+//!   connection set-up included, straight to the mapped endpoint (beside
+//!   `nat_relay_first_message` above); `nat_mapped_throughput`: 1,000 messages of 32 KiB over
+//!   that direct path (beside `nat_relayed_throughput` and `nat_direct_throughput`).
 
 #[path = "figures/machine.rs"]
 mod machine;
@@ -26,7 +36,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use machine::machine;
-use support::nat::{bootstrap, node, ready_info, transfer, wait_relayed, Nat, LIMIT};
+use support::nat::{
+    bootstrap, node, ready_info, transfer, udp_endpoints, wait_relayed, Nat, LIMIT,
+};
 use support::TempDir;
 
 /// Messages (of 32 KiB) per throughput figure.
@@ -150,4 +162,58 @@ fn main() {
     b2.quit(Duration::from_secs(5));
     r1.quit(Duration::from_secs(5));
     r2.quit(Duration::from_secs(5));
+    drop(nat);
+    mapped();
+}
+
+/// The figures of a node behind a router that maps ports (`miniupnpd`).
+fn mapped() {
+    let test = "bench nat: mapped";
+    let Some(nat) = Nat::build_upnp(test) else {
+        return;
+    };
+    let dir = TempDir::new("nat-bench-mapped");
+    let Some((stun, upnp)) = nat.start_miniupnpd(test, &dir) else {
+        return;
+    };
+    let r1 = node(&nat.r1, &dir, "r1", "203.0.113.10:4000", &["--relay"]);
+    let boot = bootstrap(&dir, &[ready_info(&r1)]);
+    // Without port mapping: relayed.
+    let t = Instant::now();
+    let mut b = node(
+        &nat.hb,
+        &dir,
+        "b0",
+        "0.0.0.0:4001",
+        &["--bootstrap", &boot, "--no-portmap"],
+    );
+    wait_relayed(&mut b, "203.0.113.10:4000");
+    emit("nat_relayed_endpoint", ms(t.elapsed()), "ms");
+    b.quit(Duration::from_secs(5));
+    // With: the mapped endpoint.
+    let t = Instant::now();
+    let mut b = node(&nat.hb, &dir, "b", "0.0.0.0:4000", &["--bootstrap", &boot]);
+    let b_info = b.wait_for(LIMIT, |v| {
+        v["event"] == "nodeInfo" && udp_endpoints(&v["nodeInfo"]) == ["203.0.113.3:4000"]
+    })["nodeInfo"]
+        .clone();
+    emit("nat_mapped_endpoint", ms(t.elapsed()), "ms");
+    let b_id = b_info["signId"].clone();
+    let mut a = node(&nat.ha, &dir, "a", "0.0.0.0:4000", &["--bootstrap", &boot]);
+    wait_relayed(&mut a, "203.0.113.10:4000");
+    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
+    let t = Instant::now();
+    a.cmd(json!({"cmd": "send", "topic": "bench.mapped", "to": b_id, "payload": 0}));
+    b.wait_for(LIMIT, |v| {
+        v["event"] == "message" && v["topic"] == "public.bench.mapped"
+    });
+    emit("nat_mapped_first_message", ms(t.elapsed()), "ms");
+    let path = a.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == b_id);
+    assert_eq!(path["path"], "direct", "{path}");
+    let direct = transfer(&mut a, &mut b, &b_id, "bench.mapped.bulk", N);
+    emit("nat_mapped_throughput", mbps(N, direct), "MB/s");
+    for p in [a, b, r1] {
+        p.quit(Duration::from_secs(5));
+    }
+    drop((upnp, stun));
 }

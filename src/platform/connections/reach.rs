@@ -22,6 +22,11 @@
 //!   public node bound to `0.0.0.0`, or one behind a port forward, publishes an address others
 //!   can use) and takes no relay (it leaves one it took before the answer); an unreachable one
 //!   takes a relay even when the hint said nothing (a firewall that drops inbound flows).
+//! - *Port mapping* (`portmap` beside this file): while our gateway maps a public port to our
+//!   UDP listener, our dial-back requests name that port instead of the listener's, so a
+//!   probe through the mapping proves it, and the published UDP endpoint then carries the
+//!   observed address with the mapped port. Each new mapping is checked once (with the
+//!   latest peer that sent us `observed`); a lost one starts the reachability question over.
 //! - *Relays*: a node behind a NAT that knows a node offering relaying (its nodeInfo's UDP
 //!   endpoint says `"relay": true`; from the bootstrap list, a nodeInfo given to it,
 //!   discovery) connects to it, asks for a reservation (`mm`/`relay.reserve`; answered by
@@ -117,6 +122,8 @@ pub(super) struct Reach {
     /// The latest native peer that told us where it sees us from, and what it said: whom a
     /// new mapping is checked with.
     last_observed: Option<(BoxId, SocketAddr)>,
+    /// The port our latest dial-back request named (a mapped port is checked once).
+    asked_port: Option<u16>,
     check: Option<Check>,
     asks: u32,
     /// The serving side's limits on dialling back.
@@ -137,6 +144,7 @@ impl Reach {
             public_port: None,
             mapped_port: None,
             last_observed: None,
+            asked_port: None,
             check: None,
             asks: 0,
             guard: DialBackGuard::new(),
@@ -244,6 +252,7 @@ impl Net {
             return false;
         };
         let port = self.reach.mapped_port.unwrap_or(listener);
+        self.reach.asked_port = Some(port);
         let mut nonce = [0u8; DIAL_BACK_NONCE_LEN];
         crate::crypto::random_bytes(&mut nonce);
         self.reach.asks += 1;
@@ -297,6 +306,8 @@ impl Net {
         }
         let listener = self.server.udp_addr().map(|a| a.port());
         let old = std::mem::replace(&mut self.reach.mapped_port, port);
+        // A new mapping (even of a port asked about before it was lost) is worth a check.
+        self.reach.asked_port = None;
         let proven_by_old = old.is_some() && self.reach.public_port == old && old != listener;
         if proven_by_old || port.is_some() && self.reach.reachable != Some(true) {
             // Start over: the next check decides (with the new port, if any).
@@ -309,13 +320,13 @@ impl Net {
         self.check_mapping(now);
     }
 
-    /// Asks for a dial-back through the mapped port if one is held, not yet proven, no check
-    /// is in flight and a peer told us where it sees us from.
+    /// Asks for a dial-back through the mapped port if one is held, not yet asked about, no
+    /// check is in flight and a peer told us where it sees us from.
     fn check_mapping(&mut self, now: Instant) {
         let Some(port) = self.reach.mapped_port else {
             return;
         };
-        if self.reach.public_port == Some(port)
+        if self.reach.asked_port == Some(port)
             || self.reach.check.is_some()
             || self.reach.asks >= MAX_DIAL_BACK_ASKS
         {
