@@ -20,8 +20,8 @@
 //! skipped with a note when it is not installed), the same node behind the same router with
 //! port mapping and without:
 //! - `nat_mapped_endpoint`: from starting B until it publishes its mapped endpoint (mapping,
-//!   dial-back through it); `nat_relayed_endpoint`: from starting B with `--no-portmap` until it
-//!   publishes a relayed one; `nat_mapped_first_message`: from A's first send to B's delivery,
+//!   dial-back through it); `nat_relayed_endpoint`: from starting a node behind the same
+//!   router with `--no-portmap` until it publishes a relayed endpoint; `nat_mapped_first_message`: from A's first send to B's delivery,
 //!   connection set-up included, straight to the mapped endpoint (beside
 //!   `nat_relay_first_message` above); `nat_mapped_throughput`: 1,000 messages of 32 KiB over
 //!   that direct path (beside `nat_relayed_throughput` and `nat_direct_throughput`).
@@ -178,18 +178,24 @@ fn mapped() {
     };
     let r1 = node(&nat.r1, &dir, "r1", "203.0.113.10:4000", &["--relay"]);
     let boot = bootstrap(&dir, &[ready_info(&r1)]);
-    // Without port mapping: relayed.
+    // Without port mapping, behind the same router: relayed (through r2, so that r1's
+    // once-per-30-s dial-back of this address is left for B below).
+    let r2 = node(&nat.r2, &dir, "r2", "203.0.113.11:4000", &["--relay"]);
+    // Its own bootstrap file (`bootstrap` writes one name per directory).
+    let dir2 = TempDir::new("nat-bench-mapped-r2");
+    let boot2 = bootstrap(&dir2, &[ready_info(&r2)]);
     let t = Instant::now();
-    let mut b = node(
+    let mut b0 = node(
         &nat.hb,
         &dir,
         "b0",
         "0.0.0.0:4001",
-        &["--bootstrap", &boot, "--no-portmap"],
+        &["--bootstrap", &boot2, "--no-portmap"],
     );
-    wait_relayed(&mut b, "203.0.113.10:4000");
+    wait_relayed(&mut b0, "203.0.113.11:4000");
     emit("nat_relayed_endpoint", ms(t.elapsed()), "ms");
-    b.quit(Duration::from_secs(5));
+    b0.quit(Duration::from_secs(5));
+    r2.quit(Duration::from_secs(5));
     // With: the mapped endpoint.
     let t = Instant::now();
     let mut b = node(&nat.hb, &dir, "b", "0.0.0.0:4000", &["--bootstrap", &boot]);

@@ -339,6 +339,15 @@ impl PortMapper {
         self.events.push_back(PortMapEvent::Unavailable(why));
     }
 
+    /// The gateway said (ICMP "port unreachable") that nothing listens on its server port:
+    /// neither protocol will answer. Given up at once while asking for a first mapping; while
+    /// a mapping is held (renewing) it is ignored, and the renewal's resends decide.
+    pub fn handle_unreachable(&mut self) {
+        if let Phase::Asking { .. } = self.phase {
+            self.unavailable(format!("nothing listens on {}", self.gateway));
+        }
+    }
+
     /// A datagram that arrived on the mapper's socket from `from`.
     pub fn handle_datagram(&mut self, from: SocketAddr, data: &[u8], now: Instant) {
         if from != SocketAddr::V4(self.gateway) {
@@ -700,6 +709,24 @@ mod tests {
         assert_eq!(default_gateway(link), None);
         assert_eq!(default_gateway(""), None);
         assert_eq!(default_gateway("x\ny z\n\u{0}"), None);
+    }
+
+    #[test]
+    fn a_gateway_port_that_is_unreachable_ends_the_asking_at_once() {
+        let t = Instant::now();
+        let mut m = PortMapper::new(GW, ME, 4000, NONCE, t);
+        let _ = m.poll_transmit(t);
+        m.handle_unreachable();
+        assert!(matches!(m.poll_event(), Some(PortMapEvent::Unavailable(_))));
+        assert_eq!(m.poll_timeout(), None);
+        // While a mapping is held, an ICMP error (forgeable) does not end it.
+        let mut m = PortMapper::new(GW, ME, 4000, NONCE, t);
+        let req = m.poll_transmit(t).unwrap();
+        m.handle_datagram(gw(), &pcp_answer(&req, 0, 4000, 600), t);
+        assert!(matches!(m.poll_event(), Some(PortMapEvent::Mapped(_))));
+        m.handle_unreachable();
+        assert!(m.mapping().is_some());
+        assert_eq!(m.poll_event(), None);
     }
 
     #[test]

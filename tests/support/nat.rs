@@ -519,8 +519,14 @@ pub fn memory_contains(pid: u32, needle: &[u8]) -> bool {
     false
 }
 
-/// Sends `n` messages of 32 KiB from `a` to `b_id` and returns how long until `b` had
-/// them all (checked in order).
+/// Messages of a [`transfer`] sent but not yet acknowledged, at most: 8 MiB, half of A's
+/// default queue bound for one peer (`NetConfig::peer_queue_bytes`). Sending all at once
+/// overran it (the platform refused the rest with `BufferFull`, as it should).
+const TRANSFER_WINDOW: usize = 256;
+
+/// Sends `n` messages of 32 KiB from `a` to `b_id`, at most [`TRANSFER_WINDOW`] of them
+/// unacknowledged at a time (A's `sent` events), and returns how long until `b` had them all
+/// (checked in order).
 pub fn transfer(
     a: &mut JsonProc,
     b: &mut JsonProc,
@@ -530,17 +536,38 @@ pub fn transfer(
 ) -> Duration {
     let blob = "x".repeat(32 * 1024);
     let t = Instant::now();
+    let end = Instant::now() + Duration::from_secs(120);
+    let (mut acked, mut scanned) = (0usize, a.seen.len());
     for i in 0..n {
+        while i - acked >= TRANSFER_WINDOW && Instant::now() < end {
+            a.collect_for(Duration::from_millis(1));
+            for v in &a.seen[scanned..] {
+                if v["event"] == "sent" && v["id"][0] == topic {
+                    assert_eq!(v["ok"], true, "a send of the transfer failed: {v}");
+                    acked += 1;
+                }
+            }
+            scanned = a.seen.len();
+        }
         a.cmd(
-            json!({"cmd": "send", "topic": topic, "to": b_id, "payload": {"n": i, "blob": blob}}),
+            json!({"cmd": "send", "id": [topic, i], "topic": topic, "to": b_id,
+            "payload": {"n": i, "blob": blob}}),
         );
     }
     let full = format!("public.{topic}");
-    let end = Instant::now() + Duration::from_secs(120);
     while count_messages(b, &full) < n && Instant::now() < end {
         b.collect_for(Duration::from_millis(50));
     }
     let took = t.elapsed();
+    // What A refused (a full queue says BufferFull), to name the cause of a gap.
+    a.collect_for(Duration::from_millis(10));
+    let refused: Vec<String> = a
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "error")
+        .map(|v| v["error"].to_string())
+        .take(3)
+        .collect();
     let got: Vec<i64> = b
         .seen
         .iter()
@@ -550,7 +577,7 @@ pub fn transfer(
     assert_eq!(
         got,
         (0..n as i64).collect::<Vec<_>>(),
-        "all, once, in order"
+        "all, once, in order (A refused: {refused:?})"
     );
     // Drop the big events kept so far.
     b.seen.retain(|v| v["topic"] != full.as_str());

@@ -309,6 +309,10 @@ enum NetTimer {
     FramePool,
     /// The port mapper's resend, renewal or expiry.
     PortMap,
+    /// A refused check of our mapped port may be asked for again.
+    DialBackRetry,
+    /// The first reachability check waits no longer for the port mapper.
+    MappingWait,
 }
 
 /// How far [`Net::read_conn`] got.

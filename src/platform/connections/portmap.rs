@@ -5,11 +5,15 @@
 //! bound to an unspecified address (`0.0.0.0`) or to a private or documentation-range IPv4
 //! address (a node listening on loopback or on a public address has nothing to map), and the
 //! system has a default IPv4 gateway (Linux: `/proc/net/route`). It asks that gateway only;
-//! answers from any other address are dropped.
+//! answers from any other address are dropped. An ICMP "port unreachable" from the gateway
+//! (nothing listens on 5351) ends the asking at once; otherwise a silent gateway is given up
+//! after about 12 s (PCP, then NAT-PMP). The first reachability check waits for the gateway's
+//! first answer, at most 1 s, so that it checks the mapped port when there is one.
 //!
-//! What a mapping does: the mapped external port becomes the port of our dial-back requests,
-//! so a peer that sees us from the gateway's public address dials that address at the mapped
-//! port; when the probe arrives we are reachable, and the published UDP endpoint carries the
+//! What a mapping does: the mapped external port becomes the port of our dial-back requests
+//! (one the peer refuses, its once-per-30-s dial-back of our address being spent, is asked
+//! again 30 s later), so a peer that sees us from the gateway's public address dials that
+//! address at the mapped port; when the probe arrives we are reachable, and the published UDP endpoint carries the
 //! address the peer saw with the *mapped* port (the gateway's own claim about its address is
 //! only logged: behind a second NAT it is wrong). Being reachable, the node takes no relay and
 //! leaves the one it had. A mapping that is lost (renewals unanswered) makes the node
@@ -30,6 +34,9 @@ use crate::transport::portmap::{default_gateway, PortMapEvent, PortMapper, MAX_A
 /// The mapper's socket token: the top of the listeners' range (their accepted streams count
 /// up from its bottom).
 pub(crate) const PORTMAP_TOKEN: Token = Token(crate::platform::host::SERVICE_TOKEN_BASE - 1);
+
+/// How long the first reachability check waits for the gateway's first answer.
+const MAPPING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The mapper, its socket (connected to the gateway's server port) and its timer.
 pub(super) struct PortMap {
@@ -114,6 +121,14 @@ impl Net {
             return;
         };
         self.portmap = PortMap::start(&self.registry, udp, now);
+        if self.portmap.is_some() {
+            // The first reachability check waits for the gateway's answer, but not long:
+            // PCP and NAT-PMP servers answer at once, and a silent gateway must not hold up a
+            // node that a peer could reach anyway.
+            self.reach_mapping_pending(true);
+            self.timers
+                .schedule(now + MAPPING_WAIT, NetTimer::MappingWait);
+        }
         self.portmap_flush(now);
     }
 
@@ -131,8 +146,12 @@ impl Net {
                 Ok((n, from)) if n <= MAX_ANSWER => p.mapper.handle_datagram(from, &buf[..n], now),
                 Ok(_) => {} // oversized: dropped unread
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    // The gateway's ICMP "port unreachable", reported on a connected socket:
+                    // no PCP or NAT-PMP server there.
+                    p.mapper.handle_unreachable();
+                }
                 Err(e) => {
-                    // A connected socket reports the gateway's ICMP "port unreachable" here.
                     log::debug!("portmap: {e}");
                     break;
                 }
@@ -173,6 +192,7 @@ impl Net {
                 .map(|at| self.timers.schedule(at, NetTimer::PortMap));
         }
         for e in events {
+            let first = matches!(e, PortMapEvent::Mapped(_) | PortMapEvent::Unavailable(_));
             match e {
                 PortMapEvent::Mapped(m) => {
                     if let Some(ip) = m.external_ip {
@@ -185,6 +205,9 @@ impl Net {
                     log::debug!("portmap: no mapping: {why}");
                     self.on_port_mapped(None, now);
                 }
+            }
+            if first {
+                self.mapping_settled(now);
             }
         }
     }

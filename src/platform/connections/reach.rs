@@ -124,6 +124,10 @@ pub(super) struct Reach {
     last_observed: Option<(BoxId, SocketAddr)>,
     /// The port our latest dial-back request named (a mapped port is checked once).
     asked_port: Option<u16>,
+    /// A port mapping request is out and unanswered: the first check waits for it.
+    mapping_pending: bool,
+    /// A check of the mapped port waits for the peer's dial-back guard.
+    retry_timer: Option<TimerId>,
     check: Option<Check>,
     asks: u32,
     /// The serving side's limits on dialling back.
@@ -145,6 +149,8 @@ impl Reach {
             mapped_port: None,
             last_observed: None,
             asked_port: None,
+            mapping_pending: false,
+            retry_timer: None,
             check: None,
             asks: 0,
             guard: DialBackGuard::new(),
@@ -399,6 +405,7 @@ impl Net {
                 } else if let Some(c) = self.reach.check.take() {
                     self.timers.cancel(c.timer);
                     self.end_check(now);
+                    self.retry_mapping_check_later(now);
                 }
             }
             _ => self.relay_mm(k, b, topic, text, now),
@@ -432,6 +439,19 @@ impl Net {
             log::debug!("a NAT may be between us and {b}: it sees us from {seen}");
             self.reach.nat_hint = true;
         }
+        self.maybe_check(now);
+        self.relay_observed(b, now);
+    }
+
+    /// Starts a dial-back check with the latest peer that sent `observed` if reachability is
+    /// unknown, a NAT is hinted at (or our listener is on an unspecified address), no check is
+    /// in flight, the run's asks are not used up, and no port mapping request is pending (its
+    /// answer decides which port to check: checking the listener's port first would spend the
+    /// peer's once-per-30-s dial-back on the wrong port).
+    fn maybe_check(&mut self, now: Instant) {
+        let Some((b, seen)) = self.reach.last_observed else {
+            return;
+        };
         let unspecified = self
             .reach
             .bound
@@ -440,11 +460,43 @@ impl Net {
         if self.reach.reachable.is_none()
             && self.reach.check.is_none()
             && self.reach.asks < MAX_DIAL_BACK_ASKS
-            && (hint || unspecified)
+            && !self.reach.mapping_pending
+            && (self.reach.nat_hint || unspecified)
         {
             self.ask_dial_back(b, seen, now);
         }
-        self.relay_observed(b, now);
+    }
+
+    /// Whether a port mapping request is out (set when the mapper starts).
+    pub(super) fn reach_mapping_pending(&mut self, pending: bool) {
+        self.reach.mapping_pending = pending;
+    }
+
+    /// The port mapper answered for the first time (a mapping, or none to be had): a check
+    /// held back for it may go now.
+    pub(super) fn mapping_settled(&mut self, now: Instant) {
+        if std::mem::take(&mut self.reach.mapping_pending) {
+            self.maybe_check(now);
+        }
+    }
+
+    /// A dial-back request was refused (the peer's guard: one per source address per 30 s,
+    /// which another node behind our NAT may have used): a mapping not yet proven is asked
+    /// about again once that time has passed.
+    fn retry_mapping_check_later(&mut self, now: Instant) {
+        if self.reach.mapped_port.is_some() && self.reach.retry_timer.is_none() {
+            self.reach.asked_port = None;
+            self.reach.retry_timer = Some(self.timers.schedule(
+                now + crate::transport::relay::DialBackGuard::PER_IP_EVERY,
+                NetTimer::DialBackRetry,
+            ));
+        }
+    }
+
+    /// The wait after a refused check is over.
+    pub(super) fn dial_back_retry_due(&mut self, now: Instant) {
+        self.reach.retry_timer = None;
+        self.check_mapping(now);
     }
 
     /// `mm`/`reach.dialback` from peer `b` on connection `k`: within the guard's limits,
