@@ -13,11 +13,13 @@
 //! Here B's router maps ports on request: B asks it (PCP), gets a mapping, proves it with a
 //! dial-back through the relay node, publishes the mapped endpoint and takes no relay, and A
 //! reaches it directly. With the daemon stopped, a node behind the same router falls back to
-//! the relay.
+//! the relay. A second node behind that router, whose check the relay node refuses (it dials
+//! one address back once per 30 s, and B's check just used it), is checked again 30 s later
+//! and then reached directly too.
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -98,4 +100,44 @@ fn a_node_behind_a_upnp_router_maps_its_port_and_is_reached_directly() {
         p.quit(Duration::from_secs(5));
     }
     drop(stun);
+}
+
+#[test]
+fn a_second_node_behind_the_same_router_is_checked_again_after_the_refusal() {
+    let test = "portmap: two nodes, one router";
+    let Some(nat) = Nat::build_upnp(test) else {
+        return;
+    };
+    let dir = TempDir::new("portmap-two");
+    let Some((_stun, _upnp)) = nat.start_miniupnpd(test, &dir) else {
+        return;
+    };
+    let r1 = node(&nat.r1, &dir, "r1", "203.0.113.10:4000", &["--relay"]);
+    let boot = bootstrap(&dir, &[ready_info(&r1)]);
+    let mapped = |port: &'static str| {
+        move |v: &Value| v["event"] == "nodeInfo" && udp_endpoints(&v["nodeInfo"]) == [port]
+    };
+    let mut b = node(&nat.hb, &dir, "b", "0.0.0.0:4000", &["--bootstrap", &boot]);
+    b.wait_for(LIMIT, mapped("203.0.113.3:4000"));
+    // B2 maps 4001 at once, but r1 refuses to dial 203.0.113.3 again so soon: B2 takes the
+    // relay meanwhile, and publishes its mapped endpoint once the check is asked again.
+    let t = Instant::now();
+    let mut b2 = node(&nat.hb, &dir, "b2", "0.0.0.0:4001", &["--bootstrap", &boot]);
+    wait_relayed(&mut b2, "203.0.113.10:4000");
+    let info = b2.wait_for(Duration::from_secs(60), mapped("203.0.113.3:4001"))["nodeInfo"].clone();
+    assert!(relayed_via(&info).is_none(), "{info}");
+    assert!(t.elapsed() >= Duration::from_secs(25), "{:?}", t.elapsed());
+    let mut a = node(&nat.ha, &dir, "a", "0.0.0.0:4000", &["--bootstrap", &boot]);
+    let id = info["signId"].clone();
+    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": info}));
+    a.cmd(json!({"cmd": "send", "topic": "map.two", "to": id, "payload": 1}));
+    b2.wait_for(LIMIT, |v| {
+        v["event"] == "message" && v["topic"] == "public.map.two"
+    });
+    let path = a.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == id);
+    assert_eq!(path["path"], "direct", "{path}");
+    assert_eq!(path["remote"], "203.0.113.3:4001", "{path}");
+    for p in [a, b, b2, r1] {
+        p.quit(Duration::from_secs(5));
+    }
 }
