@@ -512,6 +512,15 @@ impl Stream {
         }
     }
 
+    /// The caller handed us `now`: the stream's clock moves on (never back), remembering
+    /// when it was last touched before.
+    fn touch(&mut self, now: Instant) {
+        if now > self.last_now {
+            self.prev_touch = self.last_now;
+            self.last_now = now;
+        }
+    }
+
     /// The last sign of life from the peer: progress on our data, or any valid message.
     fn last_alive(&self) -> Instant {
         self.last_progress.max(self.last_heard)
@@ -520,10 +529,7 @@ impl Stream {
     /// Feeds one decrypted message (16..1088 bytes) from the peer. A malformed one is dropped
     /// with no state change; returns whether it was accepted.
     pub fn handle_message(&mut self, msg: &[u8], now: Instant) -> bool {
-        if now > self.last_now {
-            self.prev_touch = self.last_now;
-            self.last_now = now;
-        }
+        self.touch(now);
         if self.error.is_some() {
             return false;
         }
@@ -994,10 +1000,7 @@ impl Stream {
     /// Writes the next message to send at `now` into `out` (at most `max_len` bytes, a multiple
     /// of 16, at most 1088) and returns its length, or `None` when nothing is due.
     pub fn poll_message(&mut self, now: Instant, max_len: usize, out: &mut [u8]) -> Option<usize> {
-        if now > self.last_now {
-            self.prev_touch = self.last_now;
-            self.last_now = now;
-        }
+        self.touch(now);
         self.release_idle_ring(now);
         if self.error.is_some() {
             return None;

@@ -15,10 +15,16 @@
 //! again 30 s later), so a peer that sees us from the gateway's public address dials that
 //! address at the mapped port; when the probe arrives we are reachable, and the published UDP endpoint carries the
 //! address the peer saw with the *mapped* port (the gateway's own claim about its address is
-//! only logged: behind a second NAT it is wrong). Being reachable, the node takes no relay and
+//! only logged: behind a second NAT it is wrong). That proof is also what keeps a forged answer
+//! harmless: NAT-PMP answers carry no nonce, so a host on the LAN that spoofs the gateway's
+//! address could invent a mapping, but an endpoint is published only once a peer's probe came
+//! in through it. Being reachable, the node takes no relay and
 //! leaves the one it had. A mapping that is lost (renewals unanswered) makes the node
 //! unreachable again, so it takes a relay. Dropping the platform asks the gateway to remove the
-//! mapping (`Platform::close` does not: the platform stays usable after it).
+//! mapping (`Platform::close` does not: the platform stays usable after it). A process killed
+//! (SIGKILL) leaves its mapping on the gateway until the lifetime asked for (2 h) runs out; the
+//! next run asks for the same port again, which PCP and NAT-PMP servers grant to the same
+//! client.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -143,8 +149,9 @@ impl Net {
         // edge-triggered readiness repeats only on new data, so drain to WouldBlock).
         for _ in 0..64 {
             match p.socket.recv_from(&mut buf) {
-                Ok((n, from)) if n <= MAX_ANSWER => p.mapper.handle_datagram(from, &buf[..n], now),
-                Ok(_) => {} // oversized: dropped unread
+                // A longer datagram arrives cut to MAX_ANSWER + 1 bytes: the mapper drops it as
+                // too long, and counts it.
+                Ok((n, from)) => p.mapper.handle_datagram(from, &buf[..n], now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                     // The gateway's ICMP "port unreachable", reported on a connected socket:
@@ -200,7 +207,10 @@ impl Net {
                     }
                     self.on_port_mapped(Some(m.external_port), now);
                 }
-                PortMapEvent::Lost => self.on_port_mapped(None, now),
+                PortMapEvent::Lost => {
+                    log::info!("portmap: the gateway stopped renewing our mapping");
+                    self.on_port_mapped(None, now);
+                }
                 PortMapEvent::Unavailable(why) => {
                     log::debug!("portmap: no mapping: {why}");
                     self.on_port_mapped(None, now);

@@ -477,6 +477,10 @@ impl Net {
     pub(super) fn mapping_settled(&mut self, now: Instant) {
         if std::mem::take(&mut self.reach.mapping_pending) {
             self.maybe_check(now);
+            if self.reach.check.is_none() {
+                // No check to wait for: a relay held back for the mapper may be taken.
+                self.relay_check_ended(now);
+            }
         }
     }
 

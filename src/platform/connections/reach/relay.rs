@@ -106,7 +106,13 @@ impl Net {
     /// Uses (or probes) the next candidate relay when we have none.
     fn next_relay(&mut self, now: Instant) {
         let relays = &self.reach.relays;
-        if relays.relay.is_some() || relays.probing.is_some() || self.reach.check.is_some() {
+        // A check in flight, or a port mapping request (at most 1 s), may make a relay
+        // unneeded: wait for it rather than publish a relayed endpoint for a moment.
+        if relays.relay.is_some()
+            || relays.probing.is_some()
+            || self.reach.check.is_some()
+            || self.reach.mapping_pending
+        {
             return;
         }
         let Some(&(b, addr)) = relays
