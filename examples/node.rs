@@ -60,9 +60,10 @@
 //! - `{"event":"nodeInfo","nodeInfo":{...}}` whenever our published nodeInfo changes
 //! - `{"event":"path","peer":"<signId>","path":"direct"|"relayed","remote":"ADDR:PORT"}`
 //!   when a connection's path is first known and whenever it changes
-//! - `{"event":"connections","id":ID,"list":[{"peer":...,"path":...,"remote":...,"rttUs":...,"active":...}],"mappedPort":PORT}`
+//! - `{"event":"connections","id":ID,"list":[{"peer":...,"path":...,"remote":...,"rttUs":...,"active":...}],"mappedPort":PORT,"mappedBy":"pcp"|"natpmp"|"upnp"}`
 //!   answering `{"cmd":"connections"}` (`id` when the command had one; `mappedPort` is the
-//!   public port our gateway forwards to us, `null` without a mapping)
+//!   public port our gateway forwards to us and `mappedBy` the protocol that got it, both
+//!   `null` without a mapping)
 //! - `{"event":"value","key":K,"value":V}` or `{"event":"value","key":K,"error":"..."}`
 //!   answering `{"cmd":"get"}`, and `{"event":"stored","key":K,"acks":N}` (nodes that took
 //!   the value) answering `{"cmd":"put"}` (with `--dht`)
@@ -120,8 +121,8 @@ use mm_platform::services::mainline::{Mainline, MainlineConfig};
 use mm_platform::services::mdns::{Mdns, MdnsConfig};
 use mm_platform::storage::FileStore;
 use mm_platform::{
-    Address, BoxId, Context, Event, Limits, NetConfig, Platform, SendError, SendOptions,
-    SendResult, SignId,
+    Address, BoxId, Context, Event, Limits, NetConfig, Platform, PortMapProtocol, SendError,
+    SendOptions, SendResult, SignId,
 };
 
 /// The internal topic on which stdin lines reach the reactor (never printed).
@@ -159,7 +160,7 @@ RUST_LOG (e.g. RUST_LOG=mm_platform=debug).
   --relay-bps BYTES        bandwidth per relay reservation
   --no-relays              never use a relay
   --no-punch               never punch a direct path through NATs
-  --no-portmap             never ask the gateway to map our port (PCP, NAT-PMP)
+  --no-portmap             never ask the gateway to map our port (PCP, NAT-PMP, UPnP)
   --mainline HOST:PORT,..  join the Mainline DHT at these nodes (no default list)
   --mainline-publish       also publish our nodeInfo there
   --dht                    run the Kademlia DHT service (mm-services-kademlia compatible)
@@ -891,8 +892,14 @@ fn command(ctx: &mut Context<'_>, state: &mut State, v: &Value) -> Result<(), Fa
                         "active": c.active})
                 })
                 .collect();
+            let mapping = ctx.port_mapping();
             let mut out = json!({"event": "connections", "list": list,
-                "mappedPort": ctx.mapped_port()});
+            "mappedPort": mapping.map(|m| m.external_port),
+            "mappedBy": mapping.map(|m| match m.protocol {
+                PortMapProtocol::Pcp => "pcp",
+                PortMapProtocol::NatPmp => "natpmp",
+                PortMapProtocol::UpnpIgd => "upnp",
+            })});
             if let Some(id) = v.get("id") {
                 out["id"] = id.clone();
             }

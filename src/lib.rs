@@ -104,9 +104,10 @@ pub use platform::{
 };
 pub use shared::Shared;
 // The transport types the platform's configuration and statistics name ([`NetConfig`],
-// [`NodeInfo::endpoints`], [`ConnectionStats`]); the transports themselves are in [`proto`].
+// [`NodeInfo::endpoints`], [`ConnectionStats`], `Context::port_mapping`); the transports themselves are in [`proto`].
 pub use transport::connection_info::Endpoint;
 pub use transport::driver::ServerDriverLimits;
+pub use transport::portmap::{Mapping as PortMapping, Protocol as PortMapProtocol};
 #[cfg(feature = "relay")]
 pub use transport::relay::RelayLimits;
 pub use transport::{Framing, TransportKind};

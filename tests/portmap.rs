@@ -15,7 +15,8 @@
 //! reaches it directly. With the daemon stopped, a node behind the same router falls back to
 //! the relay. A second node behind that router, whose check the relay node refuses (it dials
 //! one address back once per 30 s, and B's check just used it), is checked again 30 s later
-//! and then reached directly too.
+//! and then reached directly too. A router whose daemon speaks UPnP IGD only (NAT-PMP and PCP
+//! off) maps B's port through SSDP and SOAP, and removes the mapping when B closes.
 
 mod support;
 
@@ -26,20 +27,34 @@ use serde_json::{json, Value};
 use support::nat::{
     bootstrap, node, ready_info, relayed_via, udp_endpoints, wait_relayed, Nat, LIMIT,
 };
-use support::TempDir;
+use support::{JsonProc, Proc, TempDir};
+
+/// What each test here starts with: the NAT lab, miniupnpd on B's router (with PCP and NAT-PMP,
+/// or UPnP IGD only), a relay node on r1 and a bootstrap file naming it; `None` when the test
+/// is skipped.
+fn lab(
+    test: &str,
+    name: &str,
+    upnp_only: bool,
+) -> Option<(Nat, TempDir, Proc, Proc, JsonProc, String)> {
+    let nat = Nat::build_upnp(test)?;
+    let dir = TempDir::new(name);
+    let (stun, upnp) = if upnp_only {
+        nat.start_miniupnpd_upnp_only(test, &dir)?
+    } else {
+        nat.start_miniupnpd(test, &dir)?
+    };
+    let r1 = node(&nat.r1, &dir, "r1", "203.0.113.10:4000", &["--relay"]);
+    let boot = bootstrap(&dir, &[ready_info(&r1)]);
+    Some((nat, dir, stun, upnp, r1, boot))
+}
 
 #[test]
 fn a_node_behind_a_upnp_router_maps_its_port_and_is_reached_directly() {
     let test = "portmap: miniupnpd";
-    let Some(nat) = Nat::build_upnp(test) else {
+    let Some((nat, dir, stun, mut upnp, r1, boot)) = lab(test, "portmap", false) else {
         return;
     };
-    let dir = TempDir::new("portmap");
-    let Some((stun, mut upnp)) = nat.start_miniupnpd(test, &dir) else {
-        return;
-    };
-    let r1 = node(&nat.r1, &dir, "r1", "203.0.113.10:4000", &["--relay"]);
-    let boot = bootstrap(&dir, &[ready_info(&r1)]);
     let mut a = node(&nat.ha, &dir, "a", "0.0.0.0:4000", &["--bootstrap", &boot]);
     let mut b = node(&nat.hb, &dir, "b", "0.0.0.0:4000", &["--bootstrap", &boot]);
 
@@ -105,15 +120,9 @@ fn a_node_behind_a_upnp_router_maps_its_port_and_is_reached_directly() {
 #[test]
 fn a_second_node_behind_the_same_router_is_checked_again_after_the_refusal() {
     let test = "portmap: two nodes, one router";
-    let Some(nat) = Nat::build_upnp(test) else {
+    let Some((nat, dir, _stun, _upnp, r1, boot)) = lab(test, "portmap-two", false) else {
         return;
     };
-    let dir = TempDir::new("portmap-two");
-    let Some((_stun, _upnp)) = nat.start_miniupnpd(test, &dir) else {
-        return;
-    };
-    let r1 = node(&nat.r1, &dir, "r1", "203.0.113.10:4000", &["--relay"]);
-    let boot = bootstrap(&dir, &[ready_info(&r1)]);
     let mapped = |port: &'static str| {
         move |v: &Value| v["event"] == "nodeInfo" && udp_endpoints(&v["nodeInfo"]) == [port]
     };
@@ -138,6 +147,64 @@ fn a_second_node_behind_the_same_router_is_checked_again_after_the_refusal() {
     assert_eq!(path["path"], "direct", "{path}");
     assert_eq!(path["remote"], "203.0.113.3:4001", "{path}");
     for p in [a, b, b2, r1] {
+        p.quit(Duration::from_secs(5));
+    }
+}
+
+/// The UDP port forwards miniupnpd has put into `router`'s nftables (its DNAT chain).
+fn upnp_forwards(router: &support::Netns) -> String {
+    let out = router
+        .command("nft")
+        .args(["list", "chain", "inet", "filter", "prerouting_miniupnpd"])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_node_behind_a_upnp_only_router_maps_with_upnp_igd_and_removes_it_on_close() {
+    let test = "portmap: UPnP IGD only";
+    let Some((nat, dir, _stun, _upnp, r1, boot)) = lab(test, "portmap-upnp", true) else {
+        return;
+    };
+    let mut b = node(&nat.hb, &dir, "b", "0.0.0.0:4000", &["--bootstrap", &boot]);
+    // PCP finds nothing on the router's port 5351; SSDP finds the IGD, SOAP maps the port,
+    // a dial-back through it proves it: B publishes the mapped endpoint, with no relay.
+    let b_info = b.wait_for(LIMIT, |v| {
+        v["event"] == "nodeInfo" && udp_endpoints(&v["nodeInfo"]) == ["203.0.113.3:4000"]
+    })["nodeInfo"]
+        .clone();
+    assert!(relayed_via(&b_info).is_none(), "{b_info}");
+    b.cmd(json!({"cmd": "connections"}));
+    let conns = b.wait_for(LIMIT, |v| v["event"] == "connections");
+    assert_eq!(conns["mappedPort"], 4000, "{conns}");
+    assert_eq!(conns["mappedBy"], "upnp", "{conns}");
+    assert!(
+        !b.seen
+            .iter()
+            .any(|v| v["event"] == "nodeInfo" && relayed_via(&v["nodeInfo"]).is_some()),
+        "B took a relay"
+    );
+    let forwards = upnp_forwards(&nat.rb);
+    assert!(forwards.contains("dport 4000"), "{forwards}");
+
+    // A, behind a router that maps nothing, reaches B directly.
+    let mut a = node(&nat.ha, &dir, "a", "0.0.0.0:4000", &["--bootstrap", &boot]);
+    let b_id = b_info["signId"].clone();
+    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
+    a.cmd(json!({"cmd": "send", "topic": "map.upnp", "to": b_id, "payload": 1}));
+    b.wait_for(LIMIT, |v| {
+        v["event"] == "message" && v["topic"] == "public.map.upnp"
+    });
+    let path = a.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == b_id);
+    assert_eq!(path["path"], "direct", "{path}");
+    assert_eq!(path["remote"], "203.0.113.3:4000", "{path}");
+
+    // B closes: its DeletePortMapping removes the forward.
+    b.quit(Duration::from_secs(5));
+    let forwards = upnp_forwards(&nat.rb);
+    assert!(!forwards.contains("dport 4000"), "{forwards}");
+    for p in [a, r1] {
         p.quit(Duration::from_secs(5));
     }
 }

@@ -1289,7 +1289,13 @@ macro_rules! shared_methods {
         /// The public port our gateway forwards to our UDP listener while it does (see
         /// [`NetConfig::port_mapping`]); `None` without a mapping.
         pub fn mapped_port(&self) -> Option<u16> {
-            self.core_ref().net.as_ref().and_then(|n| n.mapped_port())
+            self.port_mapping().map(|m| m.external_port)
+        }
+
+        /// The mapping our gateway holds for our UDP listener (its port, lifetime and the
+        /// protocol that made it: PCP, NAT-PMP or UPnP IGD); `None` without one.
+        pub fn port_mapping(&self) -> Option<crate::PortMapping> {
+            self.core_ref().net.as_ref().and_then(|n| n.port_mapping())
         }
 
         /// Messages waiting in the offline buffer (persisted, not yet acknowledged).

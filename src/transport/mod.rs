@@ -15,6 +15,7 @@
 //!   §7.3), sans-IO: their datagrams, the relay's forwarding table, the hole-punching prober
 //!   (those two, and the drivers' relayed paths, only with the cargo feature `relay`).
 //! - [`portmap`]: asking the home router for a port mapping (PCP, then NAT-PMP), sans-IO.
+//! - [`upnp`]: the same with UPnP IGD (SSDP discovery, SOAP over HTTP), sans-IO.
 //! - `dispatch` (private): the one function, sans-IO, that sorts a UDP datagram or a TCP
 //!   stream's first frame into the handler it belongs to (native CurveCP, 1tp, relay), used by
 //!   both read paths of the server driver (docs/ARCHITECTURE.md §4.3).
@@ -110,6 +111,7 @@ pub mod relay;
 mod socket;
 pub mod tcp;
 pub mod udp;
+pub mod upnp;
 
 pub use driver::{ClientDriver, Framing, Path, ServerDriver, TransportKind};
 

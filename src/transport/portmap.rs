@@ -66,6 +66,9 @@ pub enum Protocol {
     Pcp,
     /// NAT Port Mapping Protocol, RFC 6886.
     NatPmp,
+    /// UPnP Internet Gateway Device (`WANIPConnection`'s `AddPortMapping`), see
+    /// [`crate::transport::upnp`].
+    UpnpIgd,
 }
 
 /// A mapping the gateway made.
@@ -218,10 +221,7 @@ impl PortMapper {
     /// resent); nothing more is asked.
     pub fn close(&mut self) {
         if let Some(m) = self.mapping() {
-            self.due = Some(match m.protocol {
-                Protocol::Pcp => self.pcp_request(0),
-                Protocol::NatPmp => self.natpmp_request(0),
-            });
+            self.due = Some(self.request_for(m.protocol, 0));
         }
         self.phase = Phase::Done;
     }
@@ -236,10 +236,15 @@ impl PortMapper {
     }
 
     fn request(&self, protocol: Protocol) -> Vec<u8> {
-        let secs = LIFETIME.as_secs() as u32;
-        match protocol {
-            Protocol::Pcp => self.pcp_request(secs),
-            Protocol::NatPmp => self.natpmp_request(secs),
+        self.request_for(protocol, LIFETIME.as_secs() as u32)
+    }
+
+    /// A request in `protocol` (PCP, else NAT-PMP: a `PortMapper` asks in nothing else).
+    fn request_for(&self, protocol: Protocol, lifetime: u32) -> Vec<u8> {
+        if protocol == Protocol::Pcp {
+            self.pcp_request(lifetime)
+        } else {
+            self.natpmp_request(lifetime)
         }
     }
 

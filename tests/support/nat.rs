@@ -260,6 +260,17 @@ impl Nat {
     /// drop) once the daemon listens and its STUN check enabled port forwarding. `None` (after a
     /// loud SKIPPING line) without the daemon or `python3`, unless `MM_REQUIRE_NETNS=1`.
     pub fn start_miniupnpd(&self, test: &str, dir: &TempDir) -> Option<(Proc, Proc)> {
+        self.start_miniupnpd_with(test, dir, true)
+    }
+
+    /// [`Self::start_miniupnpd`] with NAT-PMP and PCP off: the router speaks UPnP IGD only
+    /// (nothing listens on its port 5351).
+    #[allow(dead_code)]
+    pub fn start_miniupnpd_upnp_only(&self, test: &str, dir: &TempDir) -> Option<(Proc, Proc)> {
+        self.start_miniupnpd_with(test, dir, false)
+    }
+
+    fn start_miniupnpd_with(&self, test: &str, dir: &TempDir, pmp: bool) -> Option<(Proc, Proc)> {
         let daemon = "/usr/sbin/miniupnpd";
         let python = "/usr/bin/python3";
         for need in [daemon, python] {
@@ -286,10 +297,13 @@ impl Nat {
         let conf = dir.path("miniupnpd.conf");
         std::fs::write(
             &conf,
-            "ext_ifname=wan0\nlistening_ip=lan0\nport=0\nenable_upnp=yes\nenable_natpmp=yes\n\
+            format!(
+                "ext_ifname=wan0\nlistening_ip=lan0\nport=0\nenable_upnp=yes\nenable_natpmp={}\n\
              secure_mode=yes\nsystem_uptime=yes\nuuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\n\
              ext_perform_stun=yes\next_stun_host=203.0.113.11\next_stun_port=3478\n\
              allow 1024-65535 198.51.100.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n",
+                if pmp { "yes" } else { "no" }
+            ),
         )
         .expect("miniupnpd.conf");
         let pid = dir.path("miniupnpd.pid");
@@ -305,7 +319,13 @@ impl Nat {
         let mut upnp = Proc::spawn("miniupnpd", &mut cmd);
         wait_line(
             &mut upnp,
-            |l| l.contains("Listening for NAT-PMP/PCP traffic"),
+            |l| {
+                if pmp {
+                    l.contains("Listening for NAT-PMP/PCP traffic")
+                } else {
+                    l.contains("HTTP listening on port")
+                }
+            },
             "miniupnpd",
         );
         Some((stun, upnp))

@@ -92,8 +92,9 @@ pub struct NetConfig {
     /// other frames complete or connections end. Raised to at least one maximal frame
     /// ([`NetConfig::max_frame`]) so that any frame can be received. Default 64 MiB.
     pub frame_budget: usize,
-    /// Ask the home router to forward a public port to our UDP listener (PCP, then NAT-PMP),
-    /// publish the mapped endpoint once a dial-back proves it, and prefer it to a relay
+    /// Ask the home router to forward a public port to our UDP listener (PCP, then NAT-PMP,
+    /// then UPnP IGD), publish the mapped endpoint once a dial-back proves it, and prefer it
+    /// to a relay
     /// (default `true`). It asks only when the UDP listener is on `0.0.0.0` or a private
     /// address and the system has a default IPv4 gateway; a gateway that does not answer is
     /// not asked again. The mapping is renewed at half its lifetime and removed on close.

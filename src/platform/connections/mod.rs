@@ -674,6 +674,10 @@ impl Net {
             }
         } else if t == portmap::PORTMAP_TOKEN {
             self.portmap_readable(now);
+        } else if t == portmap::SSDP_TOKEN {
+            self.ssdp_readable(now);
+        } else if t == portmap::UPNP_HTTP_TOKEN {
+            self.upnp_http_ready(now);
         } else if self.server.owns(t) {
             self.server_io = true;
             if let Err(e) = self.server.handle_event(&self.registry, event, now) {

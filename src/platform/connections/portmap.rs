@@ -1,5 +1,6 @@
-//! Port mapping's IO: the socket and timer of the [`PortMapper`] (the protocol is
-//! [`crate::transport::portmap`]), and what a mapping changes in `reach`.
+//! Port mapping's IO: the sockets and timer of the [`PortMapper`] (PCP and NAT-PMP,
+//! [`crate::transport::portmap`]) and of the [`UpnpClient`] (UPnP IGD,
+//! [`crate::transport::upnp`]), and what a mapping changes in `reach`.
 //!
 //! When it runs: [`crate::NetConfig::port_mapping`] is on (the default), the UDP listener is
 //! bound to an unspecified address (`0.0.0.0`) or to a private or documentation-range IPv4
@@ -7,8 +8,21 @@
 //! system has a default IPv4 gateway (Linux: `/proc/net/route`). It asks that gateway only;
 //! answers from any other address are dropped. An ICMP "port unreachable" from the gateway
 //! (nothing listens on 5351) ends the asking at once; otherwise a silent gateway is given up
-//! after about 12 s (PCP, then NAT-PMP). The first reachability check waits for the gateway's
-//! first answer, at most 1 s, so that it checks the mapped port when there is one.
+//! after about 12 s (PCP, then NAT-PMP).
+//!
+//! UPnP IGD runs beside them from the start: an SSDP search sent on the LAN interface only
+//! (the socket is bound to our address on the gateway's network, `IP_MULTICAST_IF` set to
+//! it, TTL 2), answers taken from the gateway's address only, then the device description
+//! fetched over HTTP from the gateway. It asks for a mapping only once PCP and NAT-PMP have
+//! none to give, so a router that speaks all three is asked once. Its HTTP exchanges are one
+//! non-blocking TCP connection at a time, bound to the same address (routers in "secure mode"
+//! map only for the address that asks), read to the router's close, at most 64 KiB, 3 s each.
+//!
+//! The first reachability check waits for the gateway's first answer, at most 1 s, so that it
+//! checks the mapped port when there is one, and 3 s more when a UPnP gateway answered the
+//! search by then, so that the check waits for its mapping. A gateway that answers nothing
+//! costs the first check 1 s; one that refuses PCP (ICMP) and answers no search costs it the
+//! same (the search is still out).
 //!
 //! What a mapping does: the mapped external port becomes the port of our dial-back requests
 //! (one the peer refuses, its once-per-30-s dial-back of our address being spent, is asked
@@ -21,34 +35,72 @@
 //! in through it. Being reachable, the node takes no relay and
 //! leaves the one it had. A mapping that is lost (renewals unanswered) makes the node
 //! unreachable again, so it takes a relay. Dropping the platform asks the gateway to remove the
-//! mapping (`Platform::close` does not: the platform stays usable after it). A process killed
+//! mapping (`Platform::close` does not: the platform stays usable after it); UPnP's
+//! `DeletePortMapping` is a short blocking exchange on the LAN then (at most 250 ms to
+//! connect, 250 ms to write, 250 ms for the answer, which is only logged). A process killed
 //! (SIGKILL) leaves its mapping on the gateway until the lifetime asked for (2 h) runs out; the
 //! next run asks for the same port again, which PCP and NAT-PMP servers grant to the same
 //! client.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use mio::net::UdpSocket;
+use mio::net::{TcpStream, UdpSocket};
 use mio::{Interest, Registry, Token};
+use socket2::{Domain, Socket, Type};
 
 use super::{Net, NetTimer};
 use crate::platform::timers::TimerId;
-use crate::transport::portmap::{default_gateway, PortMapEvent, PortMapper, MAX_ANSWER};
+use crate::transport::portmap::{default_gateway, Mapping, PortMapEvent, PortMapper, MAX_ANSWER};
+use crate::transport::upnp::{
+    HttpRequest, UpnpClient, MAX_HTTP_RESPONSE, MAX_SSDP_ANSWER, SSDP_ADDR,
+};
 
 /// The mapper's socket token: the top of the listeners' range (their accepted streams count
 /// up from its bottom).
 pub(crate) const PORTMAP_TOKEN: Token = Token(crate::platform::host::SERVICE_TOKEN_BASE - 1);
+/// The UPnP search socket's token (below the mapper's).
+pub(crate) const SSDP_TOKEN: Token = Token(crate::platform::host::SERVICE_TOKEN_BASE - 2);
+/// The UPnP HTTP connection's token.
+pub(crate) const UPNP_HTTP_TOKEN: Token = Token(crate::platform::host::SERVICE_TOKEN_BASE - 3);
 
 /// How long the first reachability check waits for the gateway's first answer.
-const MAPPING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+const MAPPING_WAIT: Duration = Duration::from_secs(1);
+/// How much longer it waits for a UPnP mapping under way.
+const UPNP_EXTRA_WAIT: Duration = Duration::from_secs(3);
+/// The bounds of the blocking `DeletePortMapping` exchange on drop (each step).
+const DELETE_STEP: Duration = Duration::from_millis(250);
 
-/// The mapper, its socket (connected to the gateway's server port) and its timer.
+/// The mappers, their sockets and their timer.
 pub(super) struct PortMap {
+    /// PCP and NAT-PMP: the socket is connected to the gateway's server port.
     socket: UdpSocket,
     mapper: PortMapper,
+    /// PCP and NAT-PMP have no mapping to give.
+    pcp_unavailable: bool,
+    /// UPnP IGD, until it gives up or PCP maps.
+    upnp: Option<Upnp>,
+    /// The first check's wait was extended for UPnP.
+    wait_extended: bool,
     timer: Option<TimerId>,
+}
+
+/// The UPnP client, its search socket and its HTTP exchange.
+struct Upnp {
+    ssdp: UdpSocket,
+    client: UpnpClient,
+    client_ip: Ipv4Addr,
+    http: Option<HttpConn>,
+}
+
+/// One HTTP exchange with the router.
+struct HttpConn {
+    id: u64,
+    stream: TcpStream,
+    out: Vec<u8>,
+    written: usize,
+    response: Vec<u8>,
 }
 
 /// Whether a listener on `ip` may sit behind a gateway that maps ports.
@@ -109,11 +161,194 @@ impl PortMap {
             "portmap: asking {gateway} to map UDP port {} (from {client_ip})",
             udp.port()
         );
+        let upnp = match Upnp::open(registry, gateway, client_ip, udp.port(), now) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                log::debug!("upnp: no search socket: {e}");
+                None
+            }
+        };
         Ok(PortMap {
             socket,
             mapper: PortMapper::new(gateway, client_ip, udp.port(), nonce, now),
+            pcp_unavailable: false,
+            upnp,
+            wait_extended: false,
             timer: None,
         })
+    }
+
+    /// Stops UPnP (PCP mapped, or UPnP gave up): its sockets are closed.
+    fn drop_upnp(&mut self, registry: &Registry) {
+        if let Some(mut u) = self.upnp.take() {
+            u.close_http(registry);
+            let _ = registry.deregister(&mut u.ssdp);
+        }
+    }
+}
+
+impl Upnp {
+    fn open(
+        registry: &Registry,
+        gateway: Ipv4Addr,
+        client_ip: Ipv4Addr,
+        port: u16,
+        now: Instant,
+    ) -> io::Result<Upnp> {
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        s.set_nonblocking(true)?;
+        // The LAN interface only: bound to our address there, multicast sent from it, and
+        // not routed beyond the next router.
+        s.bind(&SocketAddr::from((client_ip, 0)).into())?;
+        s.set_multicast_if_v4(&client_ip)?;
+        s.set_multicast_ttl_v4(2)?;
+        s.set_multicast_loop_v4(false)?;
+        let mut ssdp = UdpSocket::from_std(s.into());
+        registry.register(&mut ssdp, SSDP_TOKEN, Interest::READABLE)?;
+        let mut seed = [0u8; 8];
+        crate::crypto::random_bytes(&mut seed);
+        Ok(Upnp {
+            ssdp,
+            client: UpnpClient::new(gateway, client_ip, port, u64::from_le_bytes(seed), now),
+            client_ip,
+            http: None,
+        })
+    }
+
+    /// Sends due searches, opens the due HTTP exchange, drops one the client stopped
+    /// waiting for. An exchange that cannot even start is failed at once.
+    fn flush(&mut self, registry: &Registry, now: Instant) {
+        while let Some(d) = self.client.poll_search(now) {
+            if let Err(e) = self.ssdp.send_to(&d, SocketAddr::V4(SSDP_ADDR)) {
+                log::debug!("upnp: search not sent: {e}");
+            }
+        }
+        // Bounded: each failure to start moves the client on (to its next step or its end).
+        for _ in 0..8 {
+            let Some(req) = self.client.poll_http(now) else {
+                break;
+            };
+            self.close_http(registry);
+            match self.connect(registry, &req) {
+                Ok(c) => self.http = Some(c),
+                Err(e) => {
+                    self.client.handle_http(
+                        req.id,
+                        Err(format!("connect to {}: {e}", req.to)),
+                        now,
+                    );
+                }
+            }
+        }
+        if self.http.as_ref().map(|c| c.id) != self.client.http_outstanding() {
+            self.close_http(registry);
+        }
+    }
+
+    fn connect(&self, registry: &Registry, req: &HttpRequest) -> io::Result<HttpConn> {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(socket2::Protocol::TCP))?;
+        s.set_nonblocking(true)?;
+        s.bind(&SocketAddr::from((self.client_ip, 0)).into())?;
+        match s.connect(&SocketAddr::V4(req.to).into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        let mut stream = TcpStream::from_std(s.into());
+        registry.register(
+            &mut stream,
+            UPNP_HTTP_TOKEN,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        Ok(HttpConn {
+            id: req.id,
+            stream,
+            out: req.bytes.clone(),
+            written: 0,
+            response: Vec::new(),
+        })
+    }
+
+    fn close_http(&mut self, registry: &Registry) {
+        if let Some(mut c) = self.http.take() {
+            let _ = registry.deregister(&mut c.stream);
+        }
+    }
+
+    /// The HTTP connection is ready: writes what is left of the request, reads what came;
+    /// at the router's close (or past the size bound, or on an error) the client has the
+    /// result.
+    fn http_ready(&mut self, registry: &Registry, now: Instant) {
+        let Some(c) = self.http.as_mut() else {
+            return;
+        };
+        let result = c.drive();
+        if let Some(result) = result {
+            let id = c.id;
+            self.close_http(registry);
+            match result {
+                Ok(bytes) => self.client.handle_http(id, Ok(&bytes), now),
+                Err(e) => self.client.handle_http(id, Err(e), now),
+            }
+        }
+    }
+}
+
+impl HttpConn {
+    /// Writes and reads until blocked; `Some` once the exchange is over.
+    fn drive(&mut self) -> Option<Result<Vec<u8>, String>> {
+        while self.written < self.out.len() {
+            match self.stream.write(&self.out[self.written..]) {
+                Ok(0) => return Some(Err("connection closed while sending".into())),
+                Ok(n) => self.written += n,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::NotConnected =>
+                {
+                    return None
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Some(Err(e.to_string())),
+            }
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Some(Ok(std::mem::take(&mut self.response))),
+                Ok(n) => {
+                    self.response.extend_from_slice(&buf[..n]);
+                    if self.response.len() > MAX_HTTP_RESPONSE {
+                        // The client refuses it as too long.
+                        return Some(Ok(std::mem::take(&mut self.response)));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Some(Err(e.to_string())),
+            }
+        }
+    }
+}
+
+/// `req` sent with blocking calls, each step bounded by [`DELETE_STEP`]; the answer's status
+/// line is logged (best effort: errors are only logged).
+fn send_blocking(req: &HttpRequest, from: Ipv4Addr) {
+    let attempt = || -> io::Result<String> {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(socket2::Protocol::TCP))?;
+        s.bind(&SocketAddr::from((from, 0)).into())?;
+        s.connect_timeout(&SocketAddr::V4(req.to).into(), DELETE_STEP)?;
+        let mut stream: std::net::TcpStream = s.into();
+        stream.set_write_timeout(Some(DELETE_STEP))?;
+        stream.set_read_timeout(Some(DELETE_STEP))?;
+        stream.write_all(&req.bytes)?;
+        let mut buf = [0u8; 256];
+        let n = stream.read(&mut buf)?;
+        let text = String::from_utf8_lossy(&buf[..n]);
+        Ok(text.lines().next().unwrap_or("").to_string())
+    };
+    match attempt() {
+        Ok(status) => log::debug!("upnp: mapping removed: {status}"),
+        Err(e) => log::debug!("upnp: mapping not removed: {e}"),
     }
 }
 
@@ -167,7 +402,36 @@ impl Net {
         self.portmap_flush(now);
     }
 
-    /// The mapper's timer.
+    /// The UPnP search socket is readable: every datagram (at most [`MAX_SSDP_ANSWER`] + 1
+    /// bytes of each, a longer one is dropped as too long) goes to the client.
+    pub(super) fn ssdp_readable(&mut self, now: Instant) {
+        let Some(u) = self.portmap.as_mut().and_then(|p| p.upnp.as_mut()) else {
+            return;
+        };
+        let mut buf = [0u8; MAX_SSDP_ANSWER + 1];
+        for _ in 0..64 {
+            match u.ssdp.recv_from(&mut buf) {
+                Ok((n, from)) => u.client.handle_datagram(from, &buf[..n], now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    log::debug!("upnp: {e}");
+                    break;
+                }
+            }
+        }
+        self.portmap_flush(now);
+    }
+
+    /// The UPnP HTTP connection is ready.
+    pub(super) fn upnp_http_ready(&mut self, now: Instant) {
+        let registry = &self.registry;
+        if let Some(u) = self.portmap.as_mut().and_then(|p| p.upnp.as_mut()) {
+            u.http_ready(registry, now);
+        }
+        self.portmap_flush(now);
+    }
+
+    /// The mappers' timer.
     pub(super) fn portmap_due(&mut self, now: Instant) {
         if let Some(p) = self.portmap.as_mut() {
             p.timer = None;
@@ -175,55 +439,122 @@ impl Net {
         self.portmap_flush(now);
     }
 
-    /// Sends what is due, acts on the mapper's events, re-arms its timer.
-    fn portmap_flush(&mut self, now: Instant) {
-        let mut events = Vec::new();
-        {
-            let Some(p) = self.portmap.as_mut() else {
+    /// The first check's wait is over: it goes now, unless a UPnP mapping is under way (the
+    /// gateway answered the search), which it waits for 3 s more.
+    pub(super) fn mapping_wait_due(&mut self, now: Instant) {
+        if let Some(p) = self.portmap.as_mut() {
+            let upnp_coming = p.upnp.as_ref().is_some_and(|u| u.client.gateway_found());
+            if upnp_coming && !p.wait_extended {
+                p.wait_extended = true;
+                self.timers
+                    .schedule(now + UPNP_EXTRA_WAIT, NetTimer::MappingWait);
                 return;
-            };
-            while let Some(d) = p.mapper.poll_transmit(now) {
-                if let Err(e) = p.socket.send(&d) {
-                    log::debug!("portmap: request not sent: {e}");
-                }
             }
-            while let Some(e) = p.mapper.poll_event() {
-                events.push(e);
-            }
-            if let Some(id) = p.timer.take() {
-                self.timers.cancel(id);
-            }
-            p.timer = p
-                .mapper
-                .poll_timeout()
-                .map(|at| self.timers.schedule(at, NetTimer::PortMap));
         }
-        for e in events {
-            let first = matches!(e, PortMapEvent::Mapped(_) | PortMapEvent::Unavailable(_));
-            match e {
-                PortMapEvent::Mapped(m) => {
-                    if let Some(ip) = m.external_ip {
-                        log::debug!("portmap: the gateway says its address is {ip}");
+        self.mapping_settled(now);
+    }
+
+    /// Sends what is due, acts on the mappers' events, re-arms their timer.
+    fn portmap_flush(&mut self, now: Instant) {
+        // Bounded: a pass that allows UPnP to map runs once more (that happens once).
+        for _ in 0..3 {
+            let mut pcp_events = Vec::new();
+            let mut upnp_events = Vec::new();
+            {
+                let Some(p) = self.portmap.as_mut() else {
+                    return;
+                };
+                while let Some(d) = p.mapper.poll_transmit(now) {
+                    if let Err(e) = p.socket.send(&d) {
+                        log::debug!("portmap: request not sent: {e}");
                     }
-                    self.on_port_mapped(Some(m.external_port), now);
                 }
-                PortMapEvent::Lost => {
-                    log::info!("portmap: the gateway stopped renewing our mapping");
-                    self.on_port_mapped(None, now);
+                while let Some(e) = p.mapper.poll_event() {
+                    pcp_events.push(e);
                 }
-                PortMapEvent::Unavailable(why) => {
-                    log::debug!("portmap: no mapping: {why}");
-                    self.on_port_mapped(None, now);
+                if let Some(u) = p.upnp.as_mut() {
+                    u.flush(&self.registry, now);
+                    while let Some(e) = u.client.poll_event() {
+                        upnp_events.push(e);
+                    }
                 }
+                if let Some(id) = p.timer.take() {
+                    self.timers.cancel(id);
+                }
+                let upnp_at = p.upnp.as_ref().and_then(|u| u.client.poll_timeout());
+                let at = match (p.mapper.poll_timeout(), upnp_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                p.timer = at.map(|at| self.timers.schedule(at, NetTimer::PortMap));
             }
-            if first {
-                self.mapping_settled(now);
+            let mut again = false;
+            for e in pcp_events {
+                again |= self.on_portmap_event(e, false, now);
+            }
+            for e in upnp_events {
+                self.on_portmap_event(e, true, now);
+            }
+            if !again {
+                return;
             }
         }
     }
 
-    /// Asks the gateway to remove our mapping (best effort: one datagram, no answer awaited)
-    /// and stops mapping.
+    /// One mapper's event; `true` when UPnP was allowed to map (its requests are due).
+    fn on_portmap_event(&mut self, e: PortMapEvent, upnp: bool, now: Instant) -> bool {
+        let Some(p) = self.portmap.as_mut() else {
+            return false;
+        };
+        match e {
+            PortMapEvent::Mapped(m) => {
+                if let Some(ip) = m.external_ip {
+                    log::debug!("portmap: the gateway says its address is {ip}");
+                }
+                if !upnp {
+                    // PCP or NAT-PMP mapped: UPnP is not needed (it has asked for nothing).
+                    p.drop_upnp(&self.registry);
+                }
+                log::info!(
+                    "portmap: the gateway forwards its port {} to us ({:?})",
+                    m.external_port,
+                    m.protocol
+                );
+                self.on_port_mapped(Some(m.external_port), now);
+                self.mapping_settled(now);
+            }
+            PortMapEvent::Lost => {
+                log::info!("portmap: the gateway stopped renewing our mapping");
+                self.on_port_mapped(None, now);
+            }
+            PortMapEvent::Unavailable(why) if !upnp => {
+                log::debug!("portmap: no PCP or NAT-PMP mapping: {why}");
+                p.pcp_unavailable = true;
+                match p.upnp.as_mut() {
+                    Some(u) if !u.client.is_done() => {
+                        u.client.map(now);
+                        return true;
+                    }
+                    _ => {
+                        self.on_port_mapped(None, now);
+                        self.mapping_settled(now);
+                    }
+                }
+            }
+            PortMapEvent::Unavailable(why) => {
+                log::debug!("upnp: no mapping: {why}");
+                p.drop_upnp(&self.registry);
+                if p.pcp_unavailable {
+                    self.on_port_mapped(None, now);
+                    self.mapping_settled(now);
+                }
+            }
+        }
+        false
+    }
+
+    /// Asks the gateway to remove our mapping (best effort: one datagram, or UPnP's short
+    /// blocking exchange, no answer awaited) and stops mapping.
     pub(crate) fn portmap_close(&mut self) {
         let Some(mut p) = self.portmap.take() else {
             return;
@@ -232,18 +563,24 @@ impl Net {
         if let Some(d) = p.mapper.poll_transmit(Instant::now()) {
             let _ = p.socket.send(&d);
         }
+        if let Some(u) = p.upnp.as_mut() {
+            if let Some(req) = u.client.close() {
+                send_blocking(&req, u.client_ip);
+            }
+        }
+        p.drop_upnp(&self.registry);
         if let Some(id) = p.timer.take() {
             self.timers.cancel(id);
         }
         let _ = self.registry.deregister(&mut p.socket);
     }
 
-    /// The external port forwarded to our UDP listener, while a mapping holds.
-    pub(crate) fn mapped_port(&self) -> Option<u16> {
-        self.portmap
-            .as_ref()
-            .and_then(|p| p.mapper.mapping())
-            .map(|m| m.external_port)
+    /// The mapping of our UDP listener, while one holds.
+    pub(crate) fn port_mapping(&self) -> Option<Mapping> {
+        let p = self.portmap.as_ref()?;
+        p.mapper
+            .mapping()
+            .or_else(|| p.upnp.as_ref().and_then(|u| u.client.mapping()))
     }
 }
 

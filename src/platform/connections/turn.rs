@@ -194,7 +194,7 @@ impl Net {
                 NetTimer::DialBack => self.dial_back_due(now),
                 NetTimer::PortMap => self.portmap_due(now),
                 NetTimer::DialBackRetry => self.dial_back_retry_due(now),
-                NetTimer::MappingWait => self.mapping_settled(now),
+                NetTimer::MappingWait => self.mapping_wait_due(now),
                 NetTimer::FramePool => {
                     if let Some(at) = self.frames.release_due(now) {
                         self.timers.schedule(at, NetTimer::FramePool);
