@@ -147,9 +147,11 @@ RUST_LOG (e.g. RUST_LOG=mm_platform=debug).
   --data DIR               the node's storage (identity, listen addresses, offline buffer);
                            created if missing; one node per directory
   --udp ADDR:PORT|off      listen for CurveCP over UDP there (default: where it did last time,
-                           else 127.0.0.1 with an OS-chosen port)
+                           else 127.0.0.1 with an OS-chosen port; [::]:PORT takes IPv6 and IPv4)
   --tcp ADDR:PORT|off      the same for TCP
   --connect-timeout MS     one connection attempt may take this long (default 5000)
+  --happy-eyeballs MS|off  a peer on IPv6 and IPv4 is dialled on IPv4 too after MS without an
+                           IPv6 answer (default 250); off: one address at a time, IPv6 first
   --retry MS               longest wait before a failed destination is tried again (default 5000)
   --keepalive MS           an idle connection pings after this long (default 10000)
   --dead-after MS          a peer silent this long with data in flight is dead (default 5000)
@@ -216,6 +218,15 @@ fn main() {
             "--udp" => udp = Some(value("ADDR:PORT or off")),
             "--tcp" => tcp = Some(value("ADDR:PORT or off")),
             "--connect-timeout" => net.connect_timeout = ms(),
+            "--happy-eyeballs" => {
+                let v = value("a number of milliseconds or off");
+                net.happy_eyeballs = match v.as_str() {
+                    "off" => None,
+                    v => Some(Duration::from_millis(v.parse().unwrap_or_else(|_| {
+                        bad_args(&format!("--happy-eyeballs: {v:?} is not a number or off"))
+                    }))),
+                };
+            }
             "--retry" => net.offline_retry = ms(),
             "--keepalive" => net.keepalive = ms(),
             "--dead-after" => net.dead_after = ms(),

@@ -141,14 +141,34 @@ pub fn to_json(endpoints: &[Endpoint]) -> Value {
 }
 
 /// The order in which a client tries endpoints: direct native ones first, UDP before TCP
-/// within each group, then unmarked (compatibility) ones, relayed ones last (stable
-/// otherwise). Without the cargo feature `relay` relayed ones are left out: this build cannot
-/// dial them.
+/// within each group, IPv6 before IPv4 within those (RFC 8305), then unmarked
+/// (compatibility) ones, relayed ones last (stable otherwise). Without the cargo feature
+/// `relay` relayed ones are left out: this build cannot dial them.
 pub fn connect_order(endpoints: &[Endpoint]) -> Vec<Endpoint> {
     let mut v = endpoints.to_vec();
     v.retain(|e| cfg!(feature = "relay") || !e.relayed);
-    v.sort_by_key(|e| (e.relayed, !e.native, e.kind == TransportKind::Tcp));
+    v.sort_by_key(|e| {
+        (
+            e.relayed,
+            !e.native,
+            e.kind == TransportKind::Tcp,
+            e.addr.is_ipv4(),
+        )
+    });
     v
+}
+
+/// The endpoint to race against `ep` (Happy Eyeballs): for a direct native UDP endpoint, the
+/// first one of `order` like it in the other address family.
+pub fn race_partner(ep: &Endpoint, order: &[Endpoint]) -> Option<Endpoint> {
+    let raceable = |e: &Endpoint| e.kind == TransportKind::Udp && e.native && !e.relayed;
+    if !raceable(ep) {
+        return None;
+    }
+    order
+        .iter()
+        .find(|e| raceable(e) && e.addr.is_ipv4() != ep.addr.is_ipv4())
+        .copied()
 }
 
 #[cfg(test)]

@@ -122,15 +122,44 @@ pub struct UdpEndpoint {
     streak: usize,
     /// Whether UDP GRO is on for the socket; `None` once the kernel refused it.
     gro: Option<bool>,
+    /// The socket is IPv6 (dual-stack when bound to `::`): IPv4 peers appear as IPv4-mapped
+    /// addresses to the kernel, and as plain IPv4 addresses to callers.
+    v6: bool,
+}
+
+/// `a` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, how a dual-stack socket sees an
+/// IPv4 peer) written as the IPv4 address it is.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(ip) => SocketAddr::from((ip, v6.port())),
+            None => a,
+        },
+        v4 => v4,
+    }
 }
 
 impl UdpEndpoint {
     /// Binds `addr` and registers the socket for readability under `token`.
     pub fn bind(registry: &Registry, token: Token, addr: SocketAddr) -> io::Result<UdpEndpoint> {
-        let mut socket = UdpSocket::bind(addr)?;
+        let mut socket = if addr.is_ipv6() && addr.ip().is_unspecified() {
+            // `::` is both families, whatever the system's default (`bindv6only`).
+            let s = socket2::Socket::new(
+                socket2::Domain::IPV6,
+                socket2::Type::DGRAM,
+                Some(socket2::Protocol::UDP),
+            )?;
+            s.set_only_v6(false)?;
+            s.set_nonblocking(true)?;
+            s.bind(&addr.into())?;
+            UdpSocket::from_std(s.into())
+        } else {
+            UdpSocket::bind(addr)?
+        };
         socket::grow_recv_buffer(&socket);
         registry.register(&mut socket, token, Interest::READABLE)?;
         Ok(UdpEndpoint {
+            v6: addr.is_ipv6(),
             socket,
             buf: Box::new([0; RECV_BUFFER]),
             stats: UdpStats::default(),
@@ -180,7 +209,7 @@ impl UdpEndpoint {
             };
             self.stats.received += 1;
             let rx = self.rx.as_ref().expect("bulk receive");
-            return Ok(Some((&rx.buf[off..off + len], from)));
+            return Ok(Some((&rx.buf[off..off + len], canonical(from))));
         }
         loop {
             match self.socket.recv_from(&mut self.buf[..]) {
@@ -191,7 +220,7 @@ impl UdpEndpoint {
                     if self.streak >= BULK_AFTER {
                         self.start_bulk_receive();
                     }
-                    return Ok(Some((&self.buf[..len], from)));
+                    return Ok(Some((&self.buf[..len], canonical(from))));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.streak = 0;
@@ -309,7 +338,19 @@ impl UdpEndpoint {
 
     /// Sends one datagram. A full send buffer drops it (counted); other errors are returned.
     pub fn send_to(&mut self, packet: &[u8], to: SocketAddr) -> io::Result<()> {
+        let to = self.kernel_addr(to);
         send_one(&self.socket, &mut self.stats, packet, to)
+    }
+
+    /// `to` as the socket's family writes it: an IPv4 address becomes IPv4-mapped on an
+    /// IPv6 socket.
+    fn kernel_addr(&self, to: SocketAddr) -> SocketAddr {
+        match to {
+            SocketAddr::V4(v4) if self.v6 => {
+                SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port()))
+            }
+            _ => to,
+        }
     }
 
     /// Turns UDP GSO off (it is used on Linux when the kernel accepts it); batches then go out
@@ -340,6 +381,7 @@ impl UdpEndpoint {
         if len == 0 || len > MAX_PACKET {
             return Ok(());
         }
+        let to = self.kernel_addr(to);
         if self.batch_entries.is_empty() {
             // In `first`; moved to the batch buffer if two more packets follow.
             self.batch_entries.push((0, len, to));

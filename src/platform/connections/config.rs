@@ -99,6 +99,11 @@ pub struct NetConfig {
     /// address and the system has a default IPv4 gateway; a gateway that does not answer is
     /// not asked again. The mapping is renewed at half its lifetime and removed on close.
     pub port_mapping: bool,
+    /// Happy Eyeballs (RFC 8305): a peer that publishes native UDP endpoints on both IPv6 and
+    /// IPv4 is dialled on IPv6 first and on IPv4 as well once this long has passed without an
+    /// answer; the first to answer carries the connection. Default 250 ms (RFC 8305's
+    /// "Connection Attempt Delay"); `None` dials one endpoint at a time, IPv6 first.
+    pub happy_eyeballs: Option<Duration>,
     /// Offer relaying to nodes behind NATs, within these limits (`None`, the default: do
     /// not). The node's UDP endpoint then says so in its nodeInfo. Cargo feature `relay`.
     #[cfg(feature = "relay")]
@@ -144,6 +149,7 @@ impl Default for NetConfig {
             dedup_per_peer: DEFAULT_DEDUP_PER_PEER,
             frame_budget: 64 << 20,
             port_mapping: true,
+            happy_eyeballs: Some(Duration::from_millis(250)),
             #[cfg(feature = "relay")]
             relay: None,
             #[cfg(feature = "relay")]

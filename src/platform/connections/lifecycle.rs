@@ -309,7 +309,11 @@ impl Net {
         }
         p.attempts += 1;
         let ep = order[p.endpoint % order.len()];
-        self.open_connection(cx.now, b, ep);
+        let partner = self
+            .cfg
+            .happy_eyeballs
+            .and_then(|d| Some((connection_info::race_partner(&ep, &order)?, d)));
+        self.open_connection(cx.now, b, ep, partner);
     }
 
     /// The nodeInfo to connect to peer `b` with: the application's directory's, the cache's
@@ -387,8 +391,16 @@ impl Net {
         }
     }
 
-    /// Opens an outgoing connection to peer `b` at endpoint `ep`, in the endpoint's dialect.
-    fn open_connection(&mut self, now: Instant, b: BoxId, ep: Endpoint) {
+    /// Opens an outgoing connection to peer `b` at endpoint `ep`, in the endpoint's dialect;
+    /// with `partner` (the same peer's endpoint in the other address family, and the head
+    /// start), a Happy Eyeballs race of the two, IPv6 first.
+    fn open_connection(
+        &mut self,
+        now: Instant,
+        b: BoxId,
+        ep: Endpoint,
+        partner: Option<(Endpoint, Duration)>,
+    ) {
         let entry = self.conns.vacant_entry();
         let k = entry.key();
         let dialect = Dialect::of_endpoint(&ep);
@@ -405,9 +417,19 @@ impl Net {
         let token = Token(CONNECTION_TOKEN_BASE + k);
         let framing = dialect.framing();
         let (registry, kind, addr) = (&self.registry, ep.kind, ep.addr);
-        let driver = match ep.relayed {
+        let driver = match (ep.relayed, partner) {
+            (false, Some((other, head_start))) => {
+                let (first, second) = if addr.is_ipv6() {
+                    (addr, other.addr)
+                } else {
+                    (other.addr, addr)
+                };
+                ClientDriver::connect_racing(
+                    registry, token, first, second, head_start, config, now,
+                )
+            }
             #[cfg(feature = "relay")]
-            true => ClientDriver::connect_relayed(registry, token, addr, config, now),
+            (true, _) => ClientDriver::connect_relayed(registry, token, addr, config, now),
             // Without the `relay` feature `connect_order` leaves relayed endpoints out.
             _ => ClientDriver::connect_with_framing(
                 registry, token, kind, framing, addr, config, now,

@@ -13,11 +13,11 @@ pub(super) enum ClientLink {
 
 /// Runs one [`Client`] over UDP or TCP, in the native or the compatibility framing.
 pub struct ClientDriver {
-    client: Client,
+    pub(super) client: Client,
     pub(super) link: ClientLink,
     token: Token,
-    peer: SocketAddr,
-    buf: Box<[u8; MAX_PACKET]>,
+    pub(super) peer: SocketAddr,
+    pub(super) buf: Box<[u8; MAX_PACKET]>,
     /// The compatibility framing's connecting side (`None`: native framing).
     dialer: Option<Dialer>,
     /// Wrapped packets and the dialer's control packets ([`MAX_DATAGRAM`] bytes; empty for
@@ -32,6 +32,8 @@ pub struct ClientDriver {
     /// Started through a relay (`peer` is the relay while relayed): that path and its hole
     /// punch ([`ClientDriver::connect_relayed`]; never without the `relay` feature).
     pub(super) relay: Option<ClientRelay>,
+    /// Dialling two addresses of the server, until one answers (`race.rs`).
+    pub(super) race: Option<super::race::Race>,
 }
 
 impl ClientDriver {
@@ -69,6 +71,21 @@ impl ClientDriver {
         config: ClientConfig,
         now: Instant,
     ) -> io::Result<ClientDriver> {
+        Self::connect_from(registry, token, kind, framing, peer, None, config, now)
+    }
+
+    /// [`ClientDriver::connect_with_framing`], a UDP socket bound to `local` when given.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn connect_from(
+        registry: &Registry,
+        token: Token,
+        kind: TransportKind,
+        framing: Framing,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        config: ClientConfig,
+        now: Instant,
+    ) -> io::Result<ClientDriver> {
         let compat = framing == Framing::Compat;
         let max_frame = if compat {
             onetp::MAX_SOCKET_PACKET
@@ -77,15 +94,15 @@ impl ClientDriver {
         };
         let link = match kind {
             TransportKind::Udp => {
-                let local: SocketAddr = if peer.is_ipv4() {
+                let any: SocketAddr = if peer.is_ipv4() {
                     "0.0.0.0:0".parse().expect("literal")
                 } else {
                     "[::]:0".parse().expect("literal")
                 };
-                let local = if peer.ip().is_loopback() {
-                    SocketAddr::new(peer.ip(), 0)
-                } else {
-                    local
+                let local = match local {
+                    Some(a) => a,
+                    None if peer.ip().is_loopback() => SocketAddr::new(peer.ip(), 0),
+                    None => any,
                 };
                 ClientLink::Udp(UdpEndpoint::bind(registry, token, local)?)
             }
@@ -123,6 +140,7 @@ impl ClientDriver {
             read_in_flush: false,
             closed: None,
             relay: None,
+            race: None,
         })
     }
 
@@ -205,8 +223,10 @@ impl ClientDriver {
     fn read(&mut self, registry: &Registry, now: Instant) {
         let client = &mut self.client;
         let dialer = &mut self.dialer;
-        let peer = self.peer;
+        let mut peer = self.peer;
         let relay = &mut self.relay;
+        let race = &self.race;
+        let mut winner = None;
         match &mut self.link {
             ClientLink::Udp(u) => {
                 let mut total = 0;
@@ -217,6 +237,14 @@ impl ClientDriver {
                                 r.datagram(pkt, from);
                             }
                         } else if from == peer || relay.as_ref().is_some_and(|r| r.is_relay(from)) {
+                            if race.is_some() && winner.is_none() {
+                                winner = Some(from);
+                            }
+                            Self::deliver(client, dialer, pkt, now);
+                        } else if race.as_ref().is_some_and(|r| r.answered_from(from)) {
+                            if winner.is_none() {
+                                winner = Some(from);
+                            }
                             Self::deliver(client, dialer, pkt, now);
                         } else {
                             debug!("client: dropped a datagram from {from}, not the server");
@@ -234,7 +262,11 @@ impl ClientDriver {
                         // Drained (or a batch's worth read: `more_to_read`).
                         break;
                     }
-                    // More may be waiting: answer what arrived so far first.
+                    // More may be waiting: answer what arrived so far first (to the address
+                    // that answered, when a race is on).
+                    if let Some(w) = winner {
+                        peer = w;
+                    }
                     let bufs = (&mut self.buf[..], &mut self.wrapped[..]);
                     if let Err(e) = Self::transmit_udp(client, dialer, u, peer, bufs, now) {
                         self.closed = Some(format!("udp send failed: {e}"));
@@ -245,6 +277,9 @@ impl ClientDriver {
                 self.read_some = total > 0;
                 if let Some(direct) = self.relay.as_mut().and_then(|r| r.after_read(u)) {
                     self.peer = direct;
+                }
+                if let Some(w) = winner {
+                    self.settle_race(w);
                 }
             }
             ClientLink::Tcp(s) => {
@@ -301,6 +336,12 @@ impl ClientDriver {
         }
         if self.closed.is_some() {
             return Ok(());
+        }
+        if let Some(mut race) = self.race.take() {
+            let peer = self.peer;
+            let sent = race.transmit(self, peer, now);
+            self.race = Some(race);
+            return sent;
         }
         let client = &mut self.client;
         let dialer = &mut self.dialer;
@@ -410,7 +451,13 @@ impl ClientDriver {
         if self.more_to_read || self.read_in_flush {
             return Some(Instant::now());
         }
-        let probe = self.relay.as_ref().and_then(ClientRelay::next_deadline);
+        let probe = match (
+            self.relay.as_ref().and_then(ClientRelay::next_deadline),
+            self.race.as_ref().and_then(|r| r.next_deadline()),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         match &self.dialer {
             None => match (self.client.poll_timeout(), probe) {
                 (Some(a), Some(b)) => Some(a.min(b)),

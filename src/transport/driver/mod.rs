@@ -257,6 +257,7 @@ pub enum NatEvent {
 mod client;
 mod inbound;
 // The relayed and punched paths; without the `relay` feature, stand-ins that have none.
+mod race;
 #[cfg_attr(not(feature = "relay"), path = "relay_off.rs")]
 mod relayed;
 mod server;

@@ -182,7 +182,7 @@ impl ServerDriver {
         };
         let listener = match tcp {
             Some(a) => {
-                let mut l = TcpListener::bind(a)?;
+                let mut l = bind_tcp_listener(a)?;
                 registry.register(&mut l, Token(base.0 + 1), Interest::READABLE)?;
                 Some(l)
             }
@@ -451,6 +451,7 @@ impl ServerDriver {
             match listener.accept() {
                 Ok((stream, from)) => {
                     accepted += 1;
+                    let from = crate::transport::udp::canonical(from);
                     self.admit(registry, stream, from, now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -952,4 +953,23 @@ impl ServerDriver {
             .flatten()
             .min()
     }
+}
+
+/// A listener on `addr`; on `::` it takes both families (whatever the system's
+/// `bindv6only`), IPv4 peers appearing IPv4-mapped (made plain IPv4 at accept).
+fn bind_tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    if !(addr.is_ipv6() && addr.ip().is_unspecified()) {
+        return TcpListener::bind(addr);
+    }
+    let s = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_only_v6(false)?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(TcpListener::from_std(s.into()))
 }
