@@ -164,6 +164,7 @@ fn main() {
     r2.quit(Duration::from_secs(5));
     drop(nat);
     mapped();
+    ipv6();
 }
 
 /// The figures of a node behind a router that maps ports (`miniupnpd`).
@@ -222,4 +223,52 @@ fn mapped() {
         p.quit(Duration::from_secs(5));
     }
     drop((upnp, stun));
+}
+
+/// The figures of nodes behind random-port IPv4 NATs that also have global IPv6 addresses
+/// (`Nat::build_ipv6`): the direct IPv6 path beside the relayed IPv4 one.
+fn ipv6() {
+    let Some(nat) = Nat::build_ipv6("bench nat: ipv6") else {
+        return;
+    };
+    let dir = TempDir::new("nat-bench-ipv6");
+    let r1 = node(
+        &nat.r1,
+        &dir,
+        "r1",
+        "203.0.113.10:4000",
+        &["--relay", "--relay-bps", "1000000000"],
+    );
+    let boot = bootstrap(&dir, &[ready_info(&r1)]);
+    let args = ["--bootstrap", &boot, "--no-portmap"];
+    let t = Instant::now();
+    let mut b = node(&nat.hb, &dir, "b", "[::]:4000", &args);
+    let v6_b = "[2001:db8:b::2]:4000".to_string();
+    // Listed from the start (the `ready` event's nodeInfo), else once it changes.
+    let ready = ready_info(&b);
+    let b_info = if udp_endpoints(&ready).contains(&v6_b) {
+        ready
+    } else {
+        b.wait_for(LIMIT, |v| {
+            v["event"] == "nodeInfo" && udp_endpoints(&v["nodeInfo"]).contains(&v6_b)
+        })["nodeInfo"]
+            .clone()
+    };
+    emit("nat_ipv6_endpoint", ms(t.elapsed()), "ms");
+    let b_id = b_info["signId"].clone();
+    let mut a = node(&nat.ha, &dir, "a", "[::]:4000", &args);
+    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
+    let t = Instant::now();
+    a.cmd(json!({"cmd": "send", "topic": "bench.v6", "to": b_id, "payload": 0}));
+    b.wait_for(LIMIT, |v| {
+        v["event"] == "message" && v["topic"] == "public.bench.v6"
+    });
+    emit("nat_ipv6_first_message", ms(t.elapsed()), "ms");
+    let path = a.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == b_id);
+    assert_eq!(path["remote"], v6_b.as_str(), "{path}");
+    let direct = transfer(&mut a, &mut b, &b_id, "bench.v6.bulk", N);
+    emit("nat_ipv6_throughput", mbps(N, direct), "MB/s");
+    for p in [a, b, r1] {
+        p.quit(Duration::from_secs(5));
+    }
 }

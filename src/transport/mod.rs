@@ -109,6 +109,7 @@ pub mod onetp;
 pub mod portmap;
 pub mod relay;
 mod socket;
+pub(crate) use socket::interface_ipv6_addrs;
 pub mod tcp;
 pub mod udp;
 pub mod upnp;

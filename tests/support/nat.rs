@@ -11,8 +11,11 @@
 //! The routers masquerade (port-preserving, or `masquerade random`: a fresh port per
 //! destination) and drop new inbound flows before conntrack confirms them (prerouting filter
 //! at priority -150, `iifname "wan0" ct state new drop`), like a home router; B's router may
-//! also forward a UDP port to B ([`Nat::build_with`]). Also the helpers that drive
-//! `examples/node.rs` processes in it.
+//! also forward a UDP port to B ([`Nat::build_with`]). With [`Nat::build_ipv6`] every host also
+//! has a global IPv6 address, routed without NAT or firewall (as most home routers give their
+//! LAN): the public side 2001:db8::/64 (ra ::2, rb ::3, r1 ::10, r2 ::11), A's LAN
+//! 2001:db8:a::/64 and B's LAN 2001:db8:b::/64 (router ::1, host ::2). Also the helpers that
+//! drive `examples/node.rs` processes in it.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::process::{Command, Stdio};
@@ -88,7 +91,7 @@ impl Nat {
     /// public address to B's host (a DNAT rule, exempt from the drop of new inbound flows), like
     /// a home router with a port forward.
     pub fn build_with(test: &str, random: bool, forward_b: Option<u16>) -> Option<Nat> {
-        Self::build_lab(test, random, forward_b, false)
+        Self::build_lab(test, random, forward_b, false, false)
     }
 
     /// [`Nat::build`] with random-port NATs where B's router is a home router with UPnP: its
@@ -98,10 +101,23 @@ impl Nat {
     /// the daemon with [`Nat::start_miniupnpd`]. R2 gets a second address, 203.0.113.12, for
     /// the STUN responder miniupnpd checks its external address with.
     pub fn build_upnp(test: &str) -> Option<Nat> {
-        Self::build_lab(test, true, None, true)
+        Self::build_lab(test, true, None, true, false)
     }
 
-    fn build_lab(test: &str, random: bool, forward_b: Option<u16>, upnp_b: bool) -> Option<Nat> {
+    /// [`Nat::build`] with random-port NATs for IPv4, and routed IPv6 everywhere (see the
+    /// module docs).
+    #[allow(dead_code)]
+    pub fn build_ipv6(test: &str) -> Option<Nat> {
+        Self::build_lab(test, true, None, false, true)
+    }
+
+    fn build_lab(
+        test: &str,
+        random: bool,
+        forward_b: Option<u16>,
+        upnp_b: bool,
+        ipv6: bool,
+    ) -> Option<Nat> {
         let have_nft = Command::new("nft")
             .arg("--version")
             .stdout(Stdio::null())
@@ -125,6 +141,11 @@ impl Nat {
         };
         if let Err(e) = nat.wire(random, forward_b, upnp_b) {
             panic!("{test}: building the NAT topology failed: {e}");
+        }
+        if ipv6 {
+            if let Err(e) = nat.wire_ipv6() {
+                panic!("{test}: adding IPv6 to the NAT topology failed: {e}");
+            }
         }
         Some(nat)
     }
@@ -251,6 +272,46 @@ impl Nat {
                 "eth0",
             ])?;
         }
+        Ok(())
+    }
+
+    /// Global IPv6 on every host, routed without NAT (see the module docs). Addresses skip
+    /// duplicate address detection (`nodad`) so that they work at once.
+    fn wire_ipv6(&self) -> Result<(), String> {
+        let addr = |ns: &Netns, a: &str, dev: &str| {
+            run(&[
+                "ip", "-n", &ns.name, "-6", "addr", "add", a, "dev", dev, "nodad",
+            ])
+        };
+        let route = |ns: &Netns, to: &str, via: &str| {
+            run(&["ip", "-n", &ns.name, "-6", "route", "add", to, "via", via])
+        };
+        addr(&self.ra, "2001:db8::2/64", "wan0")?;
+        addr(&self.rb, "2001:db8::3/64", "wan0")?;
+        addr(&self.r1, "2001:db8::10/64", "eth0")?;
+        addr(&self.r2, "2001:db8::11/64", "eth0")?;
+        for (router, host, net, wan) in [
+            (&self.ra, &self.ha, "2001:db8:a", "2001:db8::2"),
+            (&self.rb, &self.hb, "2001:db8:b", "2001:db8::3"),
+        ] {
+            addr(router, &format!("{net}::1/64"), "lan0")?;
+            addr(host, &format!("{net}::2/64"), "eth0")?;
+            route(host, "default", &format!("{net}::1"))?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &router.name,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.forwarding=1",
+            ])?;
+            for other in [&self.r1, &self.r2] {
+                route(other, &format!("{net}::/64"), wan)?;
+            }
+        }
+        route(&self.ra, "2001:db8:b::/64", "2001:db8::3")?;
+        route(&self.rb, "2001:db8:a::/64", "2001:db8::2")?;
         Ok(())
     }
 
@@ -450,7 +511,7 @@ pub fn relayed_via(info: &Value) -> Option<String> {
     })
 }
 
-/// The UDP endpoints (`ip:port`) of a nodeInfo.
+/// The UDP endpoints (`ip:port`, `[ip]:port` for IPv6) of a nodeInfo.
 pub fn udp_endpoints(info: &Value) -> Vec<String> {
     info["connectionInfo"]
         .as_array()
@@ -458,11 +519,13 @@ pub fn udp_endpoints(info: &Value) -> Vec<String> {
             l.iter()
                 .filter(|e| e["transportType"] == "udp")
                 .map(|e| {
-                    format!(
-                        "{}:{}",
-                        e["transportInfo"]["address"].as_str().unwrap_or(""),
-                        e["transportInfo"]["port"]
-                    )
+                    let ip = e["transportInfo"]["address"].as_str().unwrap_or("");
+                    let port = &e["transportInfo"]["port"];
+                    if ip.contains(':') {
+                        format!("[{ip}]:{port}")
+                    } else {
+                        format!("{ip}:{port}")
+                    }
                 })
                 .collect()
         })

@@ -56,12 +56,20 @@
 //!
 //! Published endpoints: the bound ones, minus those on an unspecified address (`0.0.0.0`,
 //! `::`, which nobody can dial) and, while a relay is bound, minus every direct one (a node
-//! behind a NAT cannot be dialled there); the relayed one while bound. Once a dial-back
+//! behind a NAT cannot be dialled there); the relayed one while bound. A listener on `::` also
+//! lists its global IPv6 addresses (2000::/3, read from the interfaces when the node starts; at
+//! most 4) with its port, beside a relay too: IPv6 needs no NAT traversal. A native peer that
+//! tells us over IPv6 where it sees us from is asked to dial back that address (the same
+//! check as IPv4's, one at a time, counted in the same budget, never through the IPv4 port
+//! mapping); if it dials and nothing comes, a firewall drops inbound IPv6 and the addresses
+//! are withdrawn for the run. Until such a check, they are listed unproven: a peer whose
+//! packets they drop loses one connection attempt there (or the 250 ms Happy Eyeballs head
+//! start, when it races our IPv4 endpoint). Once a dial-back
 //! proved us reachable, the UDP endpoints carry the IP address the dialling peer saw (the
 //! bound port kept); TCP endpoints are not checked and stay as bound. A change makes the
 //! platform publish `transports.myNodeInfo` and raise [`crate::Event::MyNodeInfo`].
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use super::context::Cx;
@@ -134,6 +142,23 @@ pub(super) struct Reach {
     guard: DialBackGuard,
     /// The relay we use, the candidates, the bind timer.
     relays: relay::Relays,
+    /// Our global IPv6 addresses, when a listener is on `::` (published with its port).
+    v6_addrs: Vec<Ipv6Addr>,
+    /// What a dial-back over IPv6 concluded: `Some(false)` withdraws `v6_addrs` (a firewall
+    /// drops inbound IPv6).
+    reachable6: Option<bool>,
+    /// The latest native peer that told us over IPv6 where it sees us from.
+    last_observed6: Option<(BoxId, SocketAddr)>,
+}
+
+/// The most IPv6 addresses published per listener.
+const MAX_V6_ADDRS: usize = 4;
+
+/// Whether `a` is a global unicast IPv6 address (2000::/3, which holds the documentation
+/// range 2001:db8::/32 too): one a peer elsewhere can send to. Link-local, unique-local,
+/// loopback, multicast and IPv4-mapped addresses are not.
+pub(super) fn global_v6(a: Ipv6Addr) -> bool {
+    a.segments()[0] & 0xe000 == 0x2000
 }
 
 impl Reach {
@@ -155,12 +180,48 @@ impl Reach {
             asks: 0,
             guard: DialBackGuard::new(),
             relays: relay::Relays::new(),
+            v6_addrs: Vec::new(),
+            reachable6: None,
+            last_observed6: None,
         };
+        if r.on_any_v6() {
+            r.v6_addrs = crate::transport::interface_ipv6_addrs()
+                .into_iter()
+                .filter(|a| global_v6(*a))
+                .take(MAX_V6_ADDRS)
+                .collect();
+        }
         r.published = r.compute();
         r
     }
 
+    /// Whether a UDP listener is on `::` (both families).
+    fn on_any_v6(&self) -> bool {
+        self.bound.iter().any(|e| {
+            e.kind == TransportKind::Udp && e.addr.is_ipv6() && e.addr.ip().is_unspecified()
+        })
+    }
+
     fn compute(&self) -> Vec<Endpoint> {
+        let mut out = self.compute_v4();
+        // Global IPv6 addresses need no NAT traversal: listed beside a relay too.
+        if self.reachable6 != Some(false) {
+            for e in &self.bound {
+                if e.addr.is_ipv6() && e.addr.ip().is_unspecified() && !e.relayed {
+                    for a in &self.v6_addrs {
+                        out.push(Endpoint {
+                            addr: SocketAddr::from((*a, e.addr.port())),
+                            ..*e
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The endpoints as IPv4 reachability decides them (and specific IPv6 ones as bound).
+    fn compute_v4(&self) -> Vec<Endpoint> {
         if let Some(e) = self.relays.endpoint() {
             return vec![e];
         }
@@ -257,8 +318,14 @@ impl Net {
         let Some(listener) = self.server.udp_addr().map(|a| a.port()) else {
             return false;
         };
-        let port = self.reach.mapped_port.unwrap_or(listener);
-        self.reach.asked_port = Some(port);
+        // Our gateway maps IPv4 ports only; IPv6 is checked at the listener's port.
+        let port = if seen.is_ipv4() {
+            let port = self.reach.mapped_port.unwrap_or(listener);
+            self.reach.asked_port = Some(port);
+            port
+        } else {
+            listener
+        };
         let mut nonce = [0u8; DIAL_BACK_NONCE_LEN];
         crate::crypto::random_bytes(&mut nonce);
         self.reach.asks += 1;
@@ -274,7 +341,10 @@ impl Net {
             acked: false,
             timer,
         });
-        log::debug!("asking {b} to dial us back at {}:{port}", seen.ip());
+        log::debug!(
+            "asking {b} to dial us back at {}",
+            SocketAddr::new(seen.ip(), port)
+        );
         let payload = format!("{port} {}", hex(&nonce)).into_bytes();
         self.queue_mm(b, "reach.dialback", payload, now);
         true
@@ -286,21 +356,33 @@ impl Net {
         let Some(c) = self.reach.check.take() else {
             return;
         };
-        if c.acked {
+        if c.acked && c.seen.is_ipv6() {
+            log::debug!(
+                "{} dialled us back over IPv6 and nothing came: our IPv6 addresses are withdrawn",
+                c.peer
+            );
+            self.reach.reachable6 = Some(false);
+        } else if c.acked {
             log::debug!("{} dialled us back and nothing came: not reachable", c.peer);
             self.reach.reachable = Some(false);
         } else {
             log::debug!("{} did not answer our dial-back request", c.peer);
         }
-        self.end_check(now);
+        self.end_check(c.seen, now);
     }
 
-    /// A check ended (already taken out): act on what we know now.
-    fn end_check(&mut self, now: Instant) {
+    /// A check ended (already taken out; `seen` is where its peer saw us): act on what we
+    /// know now, and start the other family's check if one waited for this one.
+    fn end_check(&mut self, seen: SocketAddr, now: Instant) {
         self.server.expect_dial_back(None);
         self.reach.refresh();
         self.relay_check_ended(now);
         self.check_mapping(now);
+        if seen.is_ipv6() {
+            self.maybe_check(now);
+        } else {
+            self.maybe_check6(now);
+        }
     }
 
     /// Our gateway now maps `port` to our UDP listener (`None`: no longer, or not at all).
@@ -357,10 +439,14 @@ impl Net {
                         c.seen.ip(),
                         c.port
                     );
-                    self.reach.reachable = Some(true);
-                    self.reach.public_ip = Some(c.seen.ip());
-                    self.reach.public_port = Some(c.port);
-                    self.end_check(now);
+                    if c.seen.is_ipv6() {
+                        self.reach.reachable6 = Some(true);
+                    } else {
+                        self.reach.reachable = Some(true);
+                        self.reach.public_ip = Some(c.seen.ip());
+                        self.reach.public_port = Some(c.port);
+                    }
+                    self.end_check(c.seen, now);
                 }
                 NatEvent::Bound { relay, observed } => self.relay_bound(relay, observed, now),
             }
@@ -404,7 +490,7 @@ impl Net {
                     }
                 } else if let Some(c) = self.reach.check.take() {
                     self.timers.cancel(c.timer);
-                    self.end_check(now);
+                    self.end_check(c.seen, now);
                     self.retry_mapping_check_later(now);
                 }
             }
@@ -433,6 +519,14 @@ impl Net {
             s.local_addr()
         });
         let Ok(local) = local else { return };
+        if seen.is_ipv6() {
+            // IPv6: no NAT to hint at; a listener on `::` checks that its addresses take
+            // inbound traffic (a firewall may drop it).
+            self.reach.last_observed6 = Some((b, seen));
+            self.maybe_check6(now);
+            self.relay_observed(b, now);
+            return;
+        }
         self.reach.last_observed = Some((b, seen));
         let hint = local.ip() != seen.ip();
         if hint && !self.reach.nat_hint {
@@ -462,6 +556,22 @@ impl Net {
             && self.reach.asks < MAX_DIAL_BACK_ASKS
             && !self.reach.mapping_pending
             && (self.reach.nat_hint || unspecified)
+        {
+            self.ask_dial_back(b, seen, now);
+        }
+    }
+
+    /// Starts a dial-back check over IPv6 with the latest peer that told us over IPv6 where it
+    /// sees us from, if we publish IPv6 addresses of a listener on `::`, that check has not
+    /// concluded, no check is in flight and the run's asks are not used up.
+    fn maybe_check6(&mut self, now: Instant) {
+        let Some((b, seen)) = self.reach.last_observed6 else {
+            return;
+        };
+        if self.reach.reachable6.is_none()
+            && !self.reach.v6_addrs.is_empty()
+            && self.reach.check.is_none()
+            && self.reach.asks < MAX_DIAL_BACK_ASKS
         {
             self.ask_dial_back(b, seen, now);
         }
@@ -664,5 +774,45 @@ mod tests {
         ];
         let r = Reach::new(&bound);
         assert_eq!(r.published, vec![bound[1]]);
+    }
+
+    #[test]
+    fn a_listener_on_any_v6_publishes_global_ipv6_addresses_until_a_check_fails() {
+        let bound = vec![Endpoint::native(
+            TransportKind::Udp,
+            "[::]:4000".parse().unwrap(),
+        )];
+        let mut r = Reach::new(&bound);
+        r.v6_addrs = vec!["2001:db8:b::2".parse().unwrap()];
+        r.refresh();
+        let v6 = Endpoint::native(TransportKind::Udp, "[2001:db8:b::2]:4000".parse().unwrap());
+        assert_eq!(r.published, vec![v6]);
+        // IPv4 proven too: both families listed.
+        r.public_ip = Some("203.0.113.3".parse().unwrap());
+        r.reachable = Some(true);
+        r.refresh();
+        let v4 = Endpoint::native(TransportKind::Udp, "203.0.113.3:4000".parse().unwrap());
+        assert_eq!(r.published, vec![v4, v6]);
+        // A dial-back over IPv6 that never arrived: a firewall drops inbound IPv6.
+        r.reachable6 = Some(false);
+        r.refresh();
+        assert_eq!(r.published, vec![v4]);
+    }
+
+    #[test]
+    fn only_global_unicast_ipv6_addresses_are_published() {
+        for a in ["2001:db8::1", "2a00:1450::5", "3fff::1"] {
+            assert!(global_v6(a.parse().unwrap()), "{a}");
+        }
+        for a in [
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "ff02::1",
+            "::ffff:192.0.2.1",
+        ] {
+            assert!(!global_v6(a.parse().unwrap()), "{a}");
+        }
     }
 }

@@ -14,6 +14,7 @@
 //!   loopback.
 //! - TCP, any Unix: [`recv_into_spare`] (one `recv` into a buffer's spare capacity, so that a
 //!   read buffer is never zero-filled first) and [`reset_on_close`] (`SO_LINGER` 0).
+//! - Interfaces, any Unix: [`interface_ipv6_addrs`] (`getifaddrs`).
 //!
 //! Errors are handed back as they come (`WouldBlock`, `Interrupted`, ...): retrying, dropping
 //! and counting are the endpoints' business.
@@ -79,6 +80,38 @@ pub(crate) fn reset_on_close(stream: &TcpStream) {
 
 /// The portable path: one system call per datagram, no offload. Built on Linux too for its
 /// tests.
+/// The IPv6 addresses of the system's interfaces that are up (`getifaddrs`); empty if the
+/// call fails.
+pub(crate) fn interface_ipv6_addrs() -> Vec<std::net::Ipv6Addr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: `getifaddrs` writes a pointer to a list it allocated into `list`, or fails and
+    // leaves it alone; the list is freed below with `freeifaddrs`, once.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return out;
+    }
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list `getifaddrs` returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        let up = ifa.ifa_flags & libc::IFF_UP as libc::c_uint != 0;
+        if up && !ifa.ifa_addr.is_null() {
+            // SAFETY: `ifa_addr` is non-null and points at a sockaddr whose family field
+            // says which sockaddr it is; an AF_INET6 one is a `sockaddr_in6`.
+            let family = unsafe { (*ifa.ifa_addr).sa_family };
+            if i32::from(family) == libc::AF_INET6 {
+                // SAFETY: the family is AF_INET6, so the sockaddr is a `sockaddr_in6`.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                out.push(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `list` came from a successful `getifaddrs` and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    out
+}
+
 #[cfg(any(not(target_os = "linux"), test))]
 mod portable {
     use std::io;
