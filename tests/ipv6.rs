@@ -11,7 +11,9 @@
 //! Behind random-port NATs two nodes stay relayed over IPv4 (`tests/nat.rs`). With a global
 //! IPv6 address each, nodes listening on `[::]:4000` publish it beside their relayed endpoint,
 //! and reach each other directly over IPv6; an IPv4-only peer still reaches them through the
-//! relay.
+//! relay, which is dual-stack (nodes talk to a relay over IPv4, where its view of them
+//! matters). Behind a router whose IPv6 firewall drops inbound flows, the IPv6 address is
+//! withdrawn once a dial-back over IPv6 never arrives.
 
 mod support;
 
@@ -29,8 +31,17 @@ fn nodes_behind_ipv4_nats_reach_each_other_directly_over_ipv6() {
         return;
     };
     let dir = TempDir::new("ipv6");
-    let r1 = node(&nat.r1, &dir, "r1", "203.0.113.10:4000", &["--relay"]);
-    let boot = bootstrap(&dir, &[ready_info(&r1)]);
+    // A dual-stack relay, listed at both its addresses (a node on `::` publishes its IPv4
+    // address only once a peer's dial-back proved it, so the list is written here).
+    let r1 = node(&nat.r1, &dir, "r1", "[::]:4000", &["--relay"]);
+    let mut r1_info = ready_info(&r1);
+    r1_info["connectionInfo"] = json!([
+        {"transportType": "udp", "transportInfo": {"address": "2001:db8::10", "port": 4000,
+            "framing": "native", "relay": true}},
+        {"transportType": "udp", "transportInfo": {"address": "203.0.113.10", "port": 4000,
+            "framing": "native", "relay": true}},
+    ]);
+    let boot = bootstrap(&dir, &[r1_info]);
     let args = ["--bootstrap", &boot, "--no-portmap"];
     let mut a = node(&nat.ha, &dir, "a", "[::]:4000", &args);
     let mut b = node(&nat.hb, &dir, "b", "[::]:4000", &args);

@@ -158,6 +158,28 @@ pub fn connect_order(endpoints: &[Endpoint]) -> Vec<Endpoint> {
     v
 }
 
+/// [`connect_order`] for a node that offers relaying (an endpoint says `"relay": true`):
+/// IPv4 before IPv6. A relay is for IPv4 NAT traversal: what it observes of us, the dial-back
+/// it does and the reservation we hold with it are IPv4's, so we talk to it over IPv4 even
+/// when it is dual-stack (and [`race_partner`] is not used for it).
+pub fn connect_order_for_relay(endpoints: &[Endpoint]) -> Vec<Endpoint> {
+    let mut v = connect_order(endpoints);
+    v.sort_by_key(|e| {
+        (
+            e.relayed,
+            !e.native,
+            e.kind == TransportKind::Tcp,
+            e.addr.is_ipv6(),
+        )
+    });
+    v
+}
+
+/// Whether a nodeInfo's endpoints say that the node offers relaying.
+pub fn offers_relay(endpoints: &[Endpoint]) -> bool {
+    endpoints.iter().any(|e| e.offers_relay)
+}
+
 /// The endpoint to race against `ep` (Happy Eyeballs): for a direct native UDP endpoint, the
 /// first one of `order` like it in the other address family.
 pub fn race_partner(ep: &Endpoint, order: &[Endpoint]) -> Option<Endpoint> {
@@ -249,5 +271,30 @@ mod tests {
             .map(|i| json!({"transportType": "udp", "transportInfo": {"address": "127.0.0.1", "port": i}}))
             .collect();
         assert_eq!(parse(&Value::Array(many)).len(), MAX_ENDPOINTS);
+    }
+
+    #[test]
+    fn ipv6_first_relays_over_ipv4_and_race_partners_in_the_other_family() {
+        let v4 = Endpoint::native(TransportKind::Udp, "192.0.2.1:4000".parse().unwrap());
+        let v6 = Endpoint::native(TransportKind::Udp, "[2001:db8::1]:4000".parse().unwrap());
+        let tcp6 = Endpoint::native(TransportKind::Tcp, "[2001:db8::1]:4001".parse().unwrap());
+        let order = connect_order(&[v4, tcp6, v6]);
+        assert_eq!(order, vec![v6, v4, tcp6]);
+        assert_eq!(race_partner(&v6, &order), Some(v4));
+        assert_eq!(race_partner(&v4, &order), Some(v6));
+        assert_eq!(race_partner(&tcp6, &order), None, "TCP is not raced");
+        assert_eq!(race_partner(&v4, &[v4]), None);
+        let (r4, r6) = (
+            Endpoint {
+                offers_relay: true,
+                ..v4
+            },
+            Endpoint {
+                offers_relay: true,
+                ..v6
+            },
+        );
+        assert!(offers_relay(&[r6, r4]) && !offers_relay(&[v4, v6]));
+        assert_eq!(connect_order_for_relay(&[r6, r4]), vec![r4, r6]);
     }
 }

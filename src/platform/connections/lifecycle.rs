@@ -287,7 +287,12 @@ impl Net {
         };
         // A peer we send to is remembered across restarts (written only when it changed).
         self.dir.remember(cx.storage, &info, wall_ms());
-        let order = connection_info::connect_order(&info.endpoints);
+        let relay = connection_info::offers_relay(&info.endpoints);
+        let order = if relay {
+            connection_info::connect_order_for_relay(&info.endpoints)
+        } else {
+            connection_info::connect_order(&info.endpoints)
+        };
         let Some(p) = self.peers.get_mut(&b) else {
             return;
         };
@@ -312,6 +317,7 @@ impl Net {
         let partner = self
             .cfg
             .happy_eyeballs
+            .filter(|_| !relay)
             .and_then(|d| Some((connection_info::race_partner(&ep, &order)?, d)));
         self.open_connection(cx.now, b, ep, partner);
     }

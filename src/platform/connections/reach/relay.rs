@@ -89,7 +89,14 @@ impl Net {
         if self.cfg.relay.is_some() || !self.cfg.use_relays {
             return;
         }
-        let Some(e) = info.endpoints.iter().find(|e| e.offers_relay) else {
+        // Its IPv4 address when it has one: relays serve IPv4 NAT traversal (the connection
+        // to it goes there too, `connect_order_for_relay`).
+        let Some(e) = info
+            .endpoints
+            .iter()
+            .filter(|e| e.offers_relay)
+            .min_by_key(|e| e.addr.is_ipv6())
+        else {
             return;
         };
         let b = info.box_id;
