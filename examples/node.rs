@@ -60,7 +60,7 @@
 //! - `{"event":"nodeInfo","nodeInfo":{...}}` whenever our published nodeInfo changes
 //! - `{"event":"path","peer":"<signId>","path":"direct"|"relayed","remote":"ADDR:PORT"}`
 //!   when a connection's path is first known and whenever it changes
-//! - `{"event":"connections","id":ID,"list":[{"peer":...,"path":...,"remote":...,"rttUs":...,"active":...}],"mappedPort":PORT,"mappedBy":"pcp"|"natpmp"|"upnp"}`
+//! - `{"event":"connections","id":ID,"list":[{"peer":...,"path":...,"remote":...,"family":"ipv4"|"ipv6","rttUs":...,"active":...}],"mappedPort":PORT,"mappedBy":"pcp"|"natpmp"|"upnp"}`
 //!   answering `{"cmd":"connections"}` (`id` when the command had one; `mappedPort` is the
 //!   public port our gateway forwards to us and `mappedBy` the protocol that got it, both
 //!   `null` without a mapping)
@@ -147,11 +147,13 @@ RUST_LOG (e.g. RUST_LOG=mm_platform=debug).
   --data DIR               the node's storage (identity, listen addresses, offline buffer);
                            created if missing; one node per directory
   --udp ADDR:PORT|off      listen for CurveCP over UDP there (default: where it did last time,
-                           else 127.0.0.1 with an OS-chosen port; [::]:PORT takes IPv6 and IPv4)
+                           else 127.0.0.1 with an OS-chosen port; 0.0.0.0 and [::] take IPv6
+                           and IPv4 on one socket)
   --tcp ADDR:PORT|off      the same for TCP
   --connect-timeout MS     one connection attempt may take this long (default 5000)
   --happy-eyeballs MS|off  a peer on IPv6 and IPv4 is dialled on IPv4 too after MS without an
                            IPv6 answer (default 250); off: one address at a time, IPv6 first
+  --no-ipv6                keep 0.0.0.0 IPv4-only and never dial peers' IPv6 endpoints
   --retry MS               longest wait before a failed destination is tried again (default 5000)
   --keepalive MS           an idle connection pings after this long (default 10000)
   --dead-after MS          a peer silent this long with data in flight is dead (default 5000)
@@ -263,6 +265,7 @@ fn main() {
             #[cfg(feature = "relay")]
             "--no-punch" => net.hole_punching = false,
             "--no-portmap" => net.port_mapping = false,
+            "--no-ipv6" => net.ipv6 = false,
             "--mainline" => mainline = Some(value("HOST:PORT,...")),
             "--mainline-publish" => mainline_publish = true,
             "--dht" => dht = true,
@@ -899,6 +902,7 @@ fn command(ctx: &mut Context<'_>, state: &mut State, v: &Value) -> Result<(), Fa
                     json!({"peer": c.peer.map(|p| p.to_string()),
                         "path": if c.relayed { "relayed" } else { "direct" },
                         "remote": c.remote.map(|r| r.to_string()),
+                        "family": c.remote.map(|r| if r.is_ipv4() { "ipv4" } else { "ipv6" }),
                         "rttUs": c.rtt.map(|r| r.as_micros() as u64),
                         "active": c.active})
                 })

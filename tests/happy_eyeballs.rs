@@ -182,3 +182,51 @@ fn single_family_peers_are_reached_on_their_family() {
     let (_, c) = deliver(&mut a, &mut v4_only, &[v4]);
     assert_eq!(c.remote, Some(v4));
 }
+
+#[test]
+fn a_listener_on_0_0_0_0_takes_both_families_unless_ipv6_is_off() {
+    let test = "happy eyeballs: 0.0.0.0 widened";
+    if !have_ipv6(test) {
+        return;
+    }
+    let free = || {
+        let s = UdpSocket::bind("[::]:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let v6 = |port| SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+    let v4 = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let port = free();
+    let mut b = listening(&format!("0.0.0.0:{port}"));
+    let mut a = Platform::builder().build().unwrap();
+    let (_, c) = deliver(&mut a, &mut b, &[v6(port)]);
+    assert_eq!(c.remote, Some(v6(port)), "reached over IPv6");
+    let mut a4 = Platform::builder().build().unwrap();
+    let (_, c) = deliver(&mut a4, &mut b, &[v4(port)]);
+    assert_eq!(c.remote, Some(v4(port)), "and over IPv4");
+
+    // IPv6 off: 0.0.0.0 stays IPv4 only, and a dialler skips IPv6 endpoints.
+    let port = free();
+    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    let mut b = Platform::builder()
+        .net(NetConfig {
+            ipv6: false,
+            ..NetConfig::default()
+        })
+        .connection_info(json!([{"transportType": "udp",
+            "transportInfo": {"address": "0.0.0.0", "port": addr.port(), "framing": "native"}}]))
+        .build()
+        .unwrap();
+    assert!(
+        UdpSocket::bind(v6(port)).is_ok(),
+        "nothing listens on IPv6 at that port"
+    );
+    let mut a = Platform::builder()
+        .net(NetConfig {
+            ipv6: false,
+            ..NetConfig::default()
+        })
+        .build()
+        .unwrap();
+    let (_, c) = deliver(&mut a, &mut b, &[v6(port), v4(port)]);
+    assert_eq!(c.remote, Some(v4(port)), "{c:?}");
+}

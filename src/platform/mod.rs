@@ -418,7 +418,8 @@ impl PlatformBuilder {
     }
 
     /// Where to listen, in the original's connectionInfo JSON form (an array; the first UDP
-    /// and the first TCP entry are used; port 0 lets the OS choose). Default: the addresses of
+    /// and the first TCP entry are used; port 0 lets the OS choose; `0.0.0.0` listens on IPv6
+    /// too, see [`NetConfig::ipv6`]). Default: the addresses of
     /// the last run (storage key `connectionInfo`), else UDP and TCP on `127.0.0.1` with
     /// OS-chosen ports. The nodeInfo we publish lists the addresses actually bound. Without
     /// transports ([`NetConfig::enabled`] false) this is published as given.

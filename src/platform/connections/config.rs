@@ -104,6 +104,11 @@ pub struct NetConfig {
     /// answer; the first to answer carries the connection. Default 250 ms (RFC 8305's
     /// "Connection Attempt Delay"); `None` dials one endpoint at a time, IPv6 first.
     pub happy_eyeballs: Option<Duration>,
+    /// Use IPv6 beside IPv4 (default `true`): a listen address `0.0.0.0` is taken as `::`
+    /// (one dual-stack socket for both families; IPv4 alone where the system has no IPv6),
+    /// and peers' IPv6 endpoints are dialled. `false` keeps `0.0.0.0` as given and dials
+    /// IPv4 endpoints only (a listen address the application gives as `::` stays).
+    pub ipv6: bool,
     /// Offer relaying to nodes behind NATs, within these limits (`None`, the default: do
     /// not). The node's UDP endpoint then says so in its nodeInfo. Cargo feature `relay`.
     #[cfg(feature = "relay")]
@@ -150,6 +155,7 @@ impl Default for NetConfig {
             frame_budget: 64 << 20,
             port_mapping: true,
             happy_eyeballs: Some(Duration::from_millis(250)),
+            ipv6: true,
             #[cfg(feature = "relay")]
             relay: None,
             #[cfg(feature = "relay")]

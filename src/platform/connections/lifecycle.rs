@@ -288,11 +288,14 @@ impl Net {
         // A peer we send to is remembered across restarts (written only when it changed).
         self.dir.remember(cx.storage, &info, wall_ms());
         let relay = connection_info::offers_relay(&info.endpoints);
-        let order = if relay {
+        let mut order = if relay {
             connection_info::connect_order_for_relay(&info.endpoints)
         } else {
             connection_info::connect_order(&info.endpoints)
         };
+        if !self.cfg.ipv6 {
+            order.retain(|e| e.addr.is_ipv4());
+        }
         let Some(p) = self.peers.get_mut(&b) else {
             return;
         };

@@ -1076,18 +1076,40 @@ fn bind_listeners(
     let mut config = ServerConfig::with_stream(our_box.clone(), stream);
     config.accept_client = accept;
     let limits = cfg.listener_limits;
-    let bind = |config, udp, tcp| {
-        ServerDriver::bind_with_limits(registry, base, config, udp, tcp, limits, now)
-    };
-    let mut server = match bind(config.clone(), udp, tcp) {
-        Ok(s) => s,
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            // A stored port may be taken now: take any port on the same addresses.
-            log::debug!("listen addresses in use ({e}); binding OS-chosen ports");
-            let any = |a: Option<SocketAddr>| a.map(|a| SocketAddr::new(a.ip(), 0));
-            bind(config, any(udp), any(tcp))?
+    let bind = |udp, tcp| -> io::Result<ServerDriver> {
+        let bind = |udp, tcp| {
+            ServerDriver::bind_with_limits(registry, base, config.clone(), udp, tcp, limits, now)
+        };
+        match bind(udp, tcp) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                // A stored port may be taken now: take any port on the same addresses.
+                log::debug!("listen addresses in use ({e}); binding OS-chosen ports");
+                let any = |a: Option<SocketAddr>| a.map(|a| SocketAddr::new(a.ip(), 0));
+                bind(any(udp), any(tcp))
+            }
+            r => r,
         }
-        Err(e) => return Err(e),
+    };
+    // `0.0.0.0` is taken as `::` (both families) unless IPv6 is off.
+    let widen = |a: Option<SocketAddr>| {
+        a.map(|a| match a.ip() {
+            std::net::IpAddr::V4(ip) if cfg.ipv6 && ip.is_unspecified() => {
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, a.port()))
+            }
+            _ => a,
+        })
+    };
+    let (wide_udp, wide_tcp) = (widen(udp), widen(tcp));
+    let mut server = if (wide_udp, wide_tcp) != (udp, tcp) {
+        match bind(wide_udp, wide_tcp) {
+            Ok(s) => s,
+            Err(e) => {
+                log::info!("no IPv6 listener ({e}): listening on IPv4 only");
+                bind(udp, tcp)?
+            }
+        }
+    } else {
+        bind(udp, tcp)?
     };
     reach::serve_relay(cfg, &mut server);
     Ok(server)

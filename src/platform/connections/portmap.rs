@@ -3,7 +3,7 @@
 //! [`crate::transport::upnp`]), and what a mapping changes in `reach`.
 //!
 //! When it runs: [`crate::NetConfig::port_mapping`] is on (the default), the UDP listener is
-//! bound to an unspecified address (`0.0.0.0`) or to a private or documentation-range IPv4
+//! bound to an unspecified address (`0.0.0.0`, or `::`, which takes IPv4 too) or to a private or documentation-range IPv4
 //! address (a node listening on loopback or on a public address has nothing to map), and the
 //! system has a default IPv4 gateway (Linux: `/proc/net/route`). It asks that gateway only;
 //! answers from any other address are dropped. An ICMP "port unreachable" from the gateway
@@ -107,7 +107,8 @@ struct HttpConn {
 fn worth_mapping(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => a.is_unspecified() || a.is_private() || is_documentation(a),
-        IpAddr::V6(_) => false,
+        // `::` takes IPv4 too (dual-stack): its IPv4 side may be behind the gateway.
+        IpAddr::V6(a) => a.is_unspecified(),
     }
 }
 
@@ -590,10 +591,10 @@ mod tests {
 
     #[test]
     fn only_listeners_that_may_sit_behind_a_gateway_are_mapped() {
-        for ip in ["0.0.0.0", "192.168.1.5", "10.0.0.2", "198.51.100.2"] {
+        for ip in ["0.0.0.0", "::", "192.168.1.5", "10.0.0.2", "198.51.100.2"] {
             assert!(worth_mapping(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["127.0.0.1", "8.8.8.8", "::", "::1"] {
+        for ip in ["127.0.0.1", "8.8.8.8", "::1", "2001:db8::1"] {
             assert!(!worth_mapping(ip.parse().unwrap()), "{ip}");
         }
     }
