@@ -12,8 +12,9 @@
 //! IPv6 address each, nodes listening on `[::]:4000` publish it beside their relayed endpoint,
 //! and reach each other directly over IPv6; an IPv4-only peer still reaches them through the
 //! relay, which is dual-stack (nodes talk to a relay over IPv4, where its view of them
-//! matters). Behind a router whose IPv6 firewall drops inbound flows, the IPv6 address is
-//! withdrawn once a dial-back over IPv6 never arrives.
+//! matters), and serves across families: an IPv6-only peer reaches an IPv4-only node behind a
+//! NAT through the relay's IPv6 address. Behind a router whose IPv6 firewall drops inbound
+//! flows, the IPv6 address is withdrawn once a dial-back over IPv6 never arrives.
 
 mod support;
 
@@ -24,16 +25,11 @@ use serde_json::json;
 use support::nat::{bootstrap, node, ready_info, relayed_via, udp_endpoints, Nat, LIMIT};
 use support::TempDir;
 
-#[test]
-fn nodes_behind_ipv4_nats_reach_each_other_directly_over_ipv6() {
-    let test = "ipv6: beside IPv4 NATs";
-    let Some(nat) = Nat::build_ipv6(test) else {
-        return;
-    };
-    let dir = TempDir::new("ipv6");
-    // A dual-stack relay, listed at both its addresses (a node on `::` publishes its IPv4
-    // address only once a peer's dial-back proved it, so the list is written here).
-    let r1 = node(&nat.r1, &dir, "r1", "[::]:4000", &["--relay"]);
+/// A relay on R1 listening on `[::]:4000`, and a bootstrap file listing it at both its
+/// addresses (a node on `::` publishes its IPv4 address only once a peer's dial-back proved
+/// it, so the list is written here).
+fn dual_stack_relay(nat: &Nat, dir: &TempDir) -> (support::JsonProc, String) {
+    let r1 = node(&nat.r1, dir, "r1", "[::]:4000", &["--relay"]);
     let mut r1_info = ready_info(&r1);
     r1_info["connectionInfo"] = json!([
         {"transportType": "udp", "transportInfo": {"address": "2001:db8::10", "port": 4000,
@@ -41,7 +37,18 @@ fn nodes_behind_ipv4_nats_reach_each_other_directly_over_ipv6() {
         {"transportType": "udp", "transportInfo": {"address": "203.0.113.10", "port": 4000,
             "framing": "native", "relay": true}},
     ]);
-    let boot = bootstrap(&dir, &[r1_info]);
+    let boot = bootstrap(dir, &[r1_info]);
+    (r1, boot)
+}
+
+#[test]
+fn nodes_behind_ipv4_nats_reach_each_other_directly_over_ipv6() {
+    let test = "ipv6: beside IPv4 NATs";
+    let Some(nat) = Nat::build_ipv6(test) else {
+        return;
+    };
+    let dir = TempDir::new("ipv6");
+    let (r1, boot) = dual_stack_relay(&nat, &dir);
     let args = ["--bootstrap", &boot, "--no-portmap"];
     let mut a = node(&nat.ha, &dir, "a", "[::]:4000", &args);
     let mut b = node(&nat.hb, &dir, "b", "[::]:4000", &args);
@@ -138,6 +145,72 @@ fn ipv6_addresses_behind_a_firewall_that_drops_inbound_are_withdrawn() {
         .clone();
     assert_eq!(udp_endpoints(&info), Vec::<String>::new(), "{info}");
     for p in [a, b, r1] {
+        p.quit(Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn an_ipv6_only_peer_reaches_an_ipv4_only_node_through_a_dual_stack_relay() {
+    let test = "ipv6: relay across families";
+    let Some(nat) = Nat::build_ipv6(test) else {
+        return;
+    };
+    let dir = TempDir::new("ipv6-relay");
+    let (r1, boot) = dual_stack_relay(&nat, &dir);
+    // B uses IPv4 alone, behind its random-port NAT: relayed, and it lists the relay at both
+    // of the relay's addresses.
+    let mut b = node(
+        &nat.hb,
+        &dir,
+        "b",
+        "0.0.0.0:4000",
+        &["--bootstrap", &boot, "--no-portmap", "--no-ipv6"],
+    );
+    let relayed = |info: &serde_json::Value| -> Vec<String> {
+        info["connectionInfo"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["transportType"] == "mm-relay")
+            .map(|e| {
+                e["transportInfo"]["address"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect()
+    };
+    let b_info = b.wait_for(LIMIT, |v| {
+        v["event"] == "nodeInfo" && relayed(&v["nodeInfo"]).len() == 2
+    })["nodeInfo"]
+        .clone();
+    assert_eq!(
+        relayed(&b_info),
+        ["203.0.113.10", "2001:db8::10"],
+        "{b_info}"
+    );
+    assert!(udp_endpoints(&b_info).is_empty(), "{b_info}");
+
+    // D has IPv6 alone (R2 without its IPv4 address): it reaches B through the relay's
+    // IPv6 address, the relay forwarding to B's IPv4 binding.
+    let st = nat
+        .r2
+        .command("ip")
+        .args(["addr", "del", "203.0.113.11/24", "dev", "eth0"])
+        .status()
+        .expect("ip");
+    assert!(st.success());
+    let mut d = node(&nat.r2, &dir, "d", "[::]:4000", &[]);
+    let b_id = b_info["signId"].clone();
+    d.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
+    d.cmd(json!({"cmd": "send", "topic": "v6.relayed", "to": b_id, "payload": 3}));
+    b.wait_for(LIMIT, |v| {
+        v["event"] == "message" && v["topic"] == "public.v6.relayed"
+    });
+    let path = d.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == b_id);
+    assert_eq!(path["path"], "relayed", "{path}");
+    assert_eq!(path["remote"], "[2001:db8::10]:4000", "{path}");
+    for p in [b, d, r1] {
         p.quit(Duration::from_secs(5));
     }
 }

@@ -222,8 +222,8 @@ impl Reach {
 
     /// The endpoints as IPv4 reachability decides them (and specific IPv6 ones as bound).
     fn compute_v4(&self) -> Vec<Endpoint> {
-        if let Some(e) = self.relays.endpoint() {
-            return vec![e];
+        if let Some(e) = self.relays.endpoints() {
+            return e;
         }
         let public = self.public_ip.filter(|_| self.reachable == Some(true));
         self.bound

@@ -24,6 +24,9 @@ const MAX_CANDIDATES: usize = 16;
 struct RelayUse {
     peer: BoxId,
     addr: SocketAddr,
+    /// The relay's IPv6 address, when it has one beside `addr`: the same reservation is
+    /// published there too, for peers that have IPv6 alone.
+    alt: Option<SocketAddr>,
     token: Option<[u8; TOKEN_LEN]>,
     /// Our listening socket as the relay sees it, once a bind is confirmed.
     observed: Option<SocketAddr>,
@@ -35,7 +38,7 @@ struct RelayUse {
 pub(super) struct Relays {
     relay: Option<RelayUse>,
     /// Nodes offering relaying, with their relay address.
-    candidates: Vec<(BoxId, SocketAddr)>,
+    candidates: Vec<(BoxId, SocketAddr, Option<SocketAddr>)>,
     /// Candidates that refused or went away.
     failed: HashSet<BoxId>,
     /// The relay candidate a connection was opened to (to learn our observed address).
@@ -51,13 +54,21 @@ impl Relays {
 
     /// The relayed endpoint to publish instead of the direct ones: our relay's, once it
     /// confirmed a bind.
-    pub(super) fn endpoint(&self) -> Option<Endpoint> {
+    /// The relayed endpoints to publish (the relay's IPv4 address, and its IPv6 one when it
+    /// has one) once a bind is confirmed; `None` without.
+    pub(super) fn endpoints(&self) -> Option<Vec<Endpoint>> {
         match &self.relay {
             Some(RelayUse {
                 addr,
+                alt,
                 observed: Some(_),
                 ..
-            }) => Some(Endpoint::relayed(*addr)),
+            }) => Some(
+                std::iter::once(*addr)
+                    .chain(*alt)
+                    .map(Endpoint::relayed)
+                    .collect(),
+            ),
             _ => None,
         }
     }
@@ -101,11 +112,17 @@ impl Net {
         };
         let b = info.box_id;
         let relays = &mut self.reach.relays;
+        // A dual-stack relay serves IPv6-only peers too, at its IPv6 address.
+        let alt = info
+            .endpoints
+            .iter()
+            .find(|a| a.offers_relay && a.addr.is_ipv6() && e.addr.is_ipv4())
+            .map(|a| a.addr);
         if !relays.candidates.iter().any(|c| c.0 == b) {
             if relays.candidates.len() >= MAX_CANDIDATES {
                 relays.candidates.remove(0);
             }
-            relays.candidates.push((b, e.addr));
+            relays.candidates.push((b, e.addr, alt));
         }
         self.next_relay(now);
     }
@@ -122,7 +139,7 @@ impl Net {
         {
             return;
         }
-        let Some(&(b, addr)) = relays
+        let Some(&(b, addr, alt)) = relays
             .candidates
             .iter()
             .find(|c| !relays.failed.contains(&c.0))
@@ -133,6 +150,7 @@ impl Net {
             self.reach.relays.relay = Some(RelayUse {
                 peer: b,
                 addr,
+                alt,
                 token: None,
                 observed: None,
                 unanswered: 0,
@@ -367,6 +385,7 @@ mod tests {
         r.relays.relay = Some(RelayUse {
             peer: BoxId(crate::crypto::BoxPublicKey([1; 32])),
             addr: relay,
+            alt: None,
             token: Some([0; TOKEN_LEN]),
             observed: None,
             unanswered: 0,
@@ -377,5 +396,13 @@ mod tests {
         r.refresh();
         assert!(r.changed);
         assert_eq!(r.published, vec![Endpoint::relayed(relay)]);
+        // A dual-stack relay: the reservation is listed at its IPv6 address too.
+        let relay6: SocketAddr = "[2001:db8::10]:4000".parse().unwrap();
+        r.relays.relay.as_mut().unwrap().alt = Some(relay6);
+        r.refresh();
+        assert_eq!(
+            r.published,
+            vec![Endpoint::relayed(relay), Endpoint::relayed(relay6)]
+        );
     }
 }

@@ -21,7 +21,7 @@ impl Relays {
     }
 
     /// No relayed endpoint is ever published.
-    pub(super) fn endpoint(&self) -> Option<Endpoint> {
+    pub(super) fn endpoints(&self) -> Option<Vec<Endpoint>> {
         None
     }
 }
