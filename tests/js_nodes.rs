@@ -5,7 +5,8 @@
 //! the same ports at once while Rust-to-Rust traffic keeps the native framing; a data directory
 //! written by a JavaScript node opens as its identity. Everything runs on 127.0.0.1; every wait
 //! is bounded. A JavaScript node given a nodeInfo with an `mm-relay` endpoint and
-//! `"relay": true` skips the one and ignores the other. Skipped loudly without node and
+//! `"relay": true` skips the one and ignores the other; one given IPv6 endpoints beside the
+//! IPv4 one of a dual-stack Rust node keeps working. Skipped loudly without node and
 //! `tests/js/node_modules` (CI sets MM_REQUIRE_JS=1).
 
 mod support;
@@ -656,4 +657,83 @@ fn js_node_skips_relayed_endpoints_and_uses_the_udp_one() {
         "nothing was sent to the relayed endpoint"
     );
     assert!(js.alive());
+}
+
+#[test]
+fn js_node_given_ipv6_endpoints_keeps_working_over_ipv4() {
+    let Some(_turn) = js_turn("js_node_given_ipv6_endpoints_keeps_working_over_ipv4") else {
+        return;
+    };
+    if UdpSocket::bind("[::1]:0").is_err() {
+        mm_platform::proto::skip_test(
+            "js_node_given_ipv6_endpoints_keeps_working_over_ipv4",
+            "no IPv6 loopback address (::1)",
+        );
+        return;
+    }
+    // A dual-stack Rust node (listening on `::`), published as a node on `0.0.0.0` with a
+    // global IPv6 address publishes itself: its IPv6 endpoint (`udp6`, which the JS node must
+    // skip: given `udp` with an IPv6 address, 1tp's send fails with EINVAL and the process
+    // dies) beside the IPv4 one, in each order.
+    let port = UdpSocket::bind("[::]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for v6_first in [true, false] {
+        let mut js = JsPeer::spawn(js_flags("udp"));
+        let mut rust = Platform::builder()
+            .identity(Identity::generate())
+            .storage(MemStore::new())
+            .friends([js.sign_id().parse().expect("signId")])
+            .connection_info(json!([{"transportType": "udp",
+                "transportInfo": {"address": "::", "port": port, "framing": "native"}}]))
+            .build()
+            .expect("platform");
+        tell_rust(&mut rust, &js.node_info.clone());
+        let mut info = rust.node_info().to_json();
+        let v4 = json!({"transportType": "udp",
+            "transportInfo": {"address": "127.0.0.1", "port": port, "framing": "native"}});
+        let v6 = mm_platform::Endpoint::native(
+            mm_platform::TransportKind::Udp,
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+        )
+        .to_json();
+        assert_eq!(v6["transportType"], "udp6");
+        info["connectionInfo"] = if v6_first {
+            json!([v6, v4])
+        } else {
+            json!([v4, v6])
+        };
+        tell_js(&mut js, &info);
+        assert!(js.alive(), "the JS node survived the nodeInfo");
+        let (_, rx) = rust.on_channel("*.test.*", 64);
+        let our_box = rust.box_id().to_string();
+        js.cmd(
+            json!({"cmd": "send", "id": 1, "to": our_box, "topic": "test.dual",
+            "protocol": "ms", "payload": {"v6First": v6_first}}),
+        );
+        let msg = recv_within(
+            &mut rust,
+            &mut js,
+            &rx,
+            Duration::from_secs(20),
+            "the JS message",
+        );
+        assert_eq!(msg.json::<Value>().unwrap(), json!({"v6First": v6_first}));
+        // And back, to the JS node's IPv4 endpoint, from the dual-stack socket.
+        assert!(rust
+            .messaging()
+            .send("test.dualBack", js.box_id().as_str(), &json!({"n": 2}))
+            .is_ok());
+        {
+            let r = &mut rust;
+            js.wait_for(
+                Duration::from_secs(20),
+                || poll(r),
+                |v| v["event"] == "message" && v["topic"] == "test.dualBack",
+            );
+        }
+        assert!(js.alive());
+    }
 }

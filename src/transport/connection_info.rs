@@ -17,6 +17,11 @@
 //! - `"relay": true` in a native UDP endpoint's `transportInfo`: the node offers relaying
 //!   there ([`Endpoint::offers_relay`]).
 //!
+//! IPv6 endpoints are written with the transport types `udp6` and `tcp6`: the original JS
+//! nodes open IPv4 sockets only, and one given a `udp` endpoint with an IPv6 address dies of
+//! it (1tp's send fails with `EINVAL`, unhandled; `tests/js_nodes.rs`), while a transport type
+//! they do not know they skip. `udp` and `tcp` entries with IPv6 addresses are still read.
+//!
 //! Parsing input from the network is bounded: at most [`MAX_ENDPOINTS`] entries are kept,
 //! entries of unknown transport types or with invalid addresses are skipped.
 
@@ -79,10 +84,12 @@ impl Endpoint {
 
     /// The JSON form of this endpoint.
     pub fn to_json(&self) -> Value {
-        let kind = match (self.kind, self.relayed) {
-            (_, true) => "mm-relay",
-            (TransportKind::Udp, _) => "udp",
-            (TransportKind::Tcp, _) => "tcp",
+        let kind = match (self.kind, self.relayed, self.addr.is_ipv6()) {
+            (_, true, _) => "mm-relay",
+            (TransportKind::Udp, _, false) => "udp",
+            (TransportKind::Tcp, _, false) => "tcp",
+            (TransportKind::Udp, _, true) => "udp6",
+            (TransportKind::Tcp, _, true) => "tcp6",
         };
         let mut info = json!({
             "address": self.addr.ip().to_string(),
@@ -99,14 +106,19 @@ impl Endpoint {
 
     /// Parses one entry; `None` if it is not a UDP or TCP endpoint with a valid address.
     pub fn from_json(v: &Value) -> Option<Endpoint> {
-        let (kind, relayed) = match v.get("transportType")?.as_str()? {
-            "udp" => (TransportKind::Udp, false),
-            "tcp" => (TransportKind::Tcp, false),
-            "mm-relay" => (TransportKind::Udp, true),
+        let (kind, relayed, v6) = match v.get("transportType")?.as_str()? {
+            "udp" => (TransportKind::Udp, false, false),
+            "tcp" => (TransportKind::Tcp, false, false),
+            "udp6" => (TransportKind::Udp, false, true),
+            "tcp6" => (TransportKind::Tcp, false, true),
+            "mm-relay" => (TransportKind::Udp, true, false),
             _ => return None,
         };
         let info = v.get("transportInfo")?;
         let ip: IpAddr = info.get("address")?.as_str()?.parse().ok()?;
+        if v6 && !ip.is_ipv6() {
+            return None;
+        }
         let port = u16::try_from(info.get("port")?.as_u64()?).ok()?;
         let native = relayed || info.get("framing").and_then(Value::as_str) == Some("native");
         let offers_relay = native
@@ -296,5 +308,23 @@ mod tests {
         );
         assert!(offers_relay(&[r6, r4]) && !offers_relay(&[v4, v6]));
         assert_eq!(connect_order_for_relay(&[r6, r4]), vec![r4, r6]);
+    }
+
+    #[test]
+    fn ipv6_endpoints_have_their_own_transport_types() {
+        let u = Endpoint::native(TransportKind::Udp, "[2001:db8::1]:4000".parse().unwrap());
+        let t = Endpoint::native(TransportKind::Tcp, "[2001:db8::1]:4001".parse().unwrap());
+        let r = Endpoint::relayed("[2001:db8::10]:4000".parse().unwrap());
+        let j = to_json(&[u, t, r]);
+        assert_eq!(j[0]["transportType"], "udp6");
+        assert_eq!(j[1]["transportType"], "tcp6");
+        assert_eq!(j[2]["transportType"], "mm-relay");
+        assert_eq!(parse(&j), vec![u, t, r]);
+        // `udp` with an IPv6 address is read too; `udp6` with an IPv4 one is not.
+        let lenient = json!([{"transportType": "udp", "transportInfo": {"address": "::1", "port": 1}},
+            {"transportType": "udp6", "transportInfo": {"address": "127.0.0.1", "port": 1}}]);
+        let p = parse(&lenient);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].addr, "[::1]:1".parse::<SocketAddr>().unwrap());
     }
 }

@@ -511,13 +511,13 @@ pub fn relayed_via(info: &Value) -> Option<String> {
     })
 }
 
-/// The UDP endpoints (`ip:port`, `[ip]:port` for IPv6) of a nodeInfo.
+/// The UDP endpoints (`ip:port`; `udp6` ones as `[ip]:port`) of a nodeInfo.
 pub fn udp_endpoints(info: &Value) -> Vec<String> {
     info["connectionInfo"]
         .as_array()
         .map(|l| {
             l.iter()
-                .filter(|e| e["transportType"] == "udp")
+                .filter(|e| e["transportType"] == "udp" || e["transportType"] == "udp6")
                 .map(|e| {
                     let ip = e["transportInfo"]["address"].as_str().unwrap_or("");
                     let port = &e["transportInfo"]["port"];
