@@ -154,6 +154,7 @@ RUST_LOG (e.g. RUST_LOG=mm_platform=debug).
   --happy-eyeballs MS|off  a peer on IPv6 and IPv4 is dialled on IPv4 too after MS without an
                            IPv6 answer (default 250); off: one address at a time, IPv6 first
   --no-ipv6                keep 0.0.0.0 IPv4-only and never dial peers' IPv6 endpoints
+  --interface-refresh MS   how often a node on [::] reads its IPv6 addresses (default 60000)
   --retry MS               longest wait before a failed destination is tried again (default 5000)
   --keepalive MS           an idle connection pings after this long (default 10000)
   --dead-after MS          a peer silent this long with data in flight is dead (default 5000)
@@ -266,6 +267,7 @@ fn main() {
             "--no-punch" => net.hole_punching = false,
             "--no-portmap" => net.port_mapping = false,
             "--no-ipv6" => net.ipv6 = false,
+            "--interface-refresh" => net.interface_refresh = ms(),
             "--mainline" => mainline = Some(value("HOST:PORT,...")),
             "--mainline-publish" => mainline_publish = true,
             "--dht" => dht = true,

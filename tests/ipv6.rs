@@ -14,7 +14,8 @@
 //! relay, which is dual-stack (nodes talk to a relay over IPv4, where its view of them
 //! matters), and serves across families: an IPv6-only peer reaches an IPv4-only node behind a
 //! NAT through the relay's IPv6 address. Behind a router whose IPv6 firewall drops inbound
-//! flows, the IPv6 address is withdrawn once a dial-back over IPv6 never arrives.
+//! flows, the IPv6 address is withdrawn once a dial-back over IPv6 never arrives; a renumbered
+//! address is published in place of the old one.
 
 mod support;
 
@@ -211,6 +212,58 @@ fn an_ipv6_only_peer_reaches_an_ipv4_only_node_through_a_dual_stack_relay() {
     assert_eq!(path["path"], "relayed", "{path}");
     assert_eq!(path["remote"], "[2001:db8::10]:4000", "{path}");
     for p in [b, d, r1] {
+        p.quit(Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn a_renumbered_ipv6_address_is_published_in_place_of_the_old_one() {
+    let test = "ipv6: renumbered";
+    let Some(nat) = Nat::build_ipv6(test) else {
+        return;
+    };
+    let dir = TempDir::new("ipv6-renumber");
+    let (r1, boot) = dual_stack_relay(&nat, &dir);
+    let mut b = node(
+        &nat.hb,
+        &dir,
+        "b",
+        "[::]:4000",
+        &[
+            "--bootstrap",
+            &boot,
+            "--no-portmap",
+            "--interface-refresh",
+            "300",
+        ],
+    );
+    assert!(udp_endpoints(&ready_info(&b)).contains(&"[2001:db8:b::2]:4000".to_string()));
+    // B's network is renumbered: its address changes under it.
+    for args in [
+        &[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:b::99/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ][..],
+        &["-6", "addr", "del", "2001:db8:b::2/64", "dev", "eth0"][..],
+    ] {
+        let st = nat.hb.command("ip").args(args).status().expect("ip");
+        assert!(st.success(), "{args:?}");
+    }
+    let info = b.wait_for(LIMIT, |v| {
+        v["event"] == "nodeInfo"
+            && udp_endpoints(&v["nodeInfo"]).contains(&"[2001:db8:b::99]:4000".to_string())
+    })["nodeInfo"]
+        .clone();
+    assert!(
+        !udp_endpoints(&info).contains(&"[2001:db8:b::2]:4000".to_string()),
+        "{info}"
+    );
+    for p in [b, r1] {
         p.quit(Duration::from_secs(5));
     }
 }

@@ -109,6 +109,9 @@ pub struct NetConfig {
     /// and peers' IPv6 endpoints are dialled. `false` keeps `0.0.0.0` as given and dials
     /// IPv4 endpoints only (a listen address the application gives as `::` stays).
     pub ipv6: bool,
+    /// How often a listener on `::` reads the system's global IPv6 addresses again (new ones
+    /// are published, gone ones withdrawn). Default 60 s.
+    pub interface_refresh: Duration,
     /// Offer relaying to nodes behind NATs, within these limits (`None`, the default: do
     /// not). The node's UDP endpoint then says so in its nodeInfo. Cargo feature `relay`.
     #[cfg(feature = "relay")]
@@ -156,6 +159,7 @@ impl Default for NetConfig {
             port_mapping: true,
             happy_eyeballs: Some(Duration::from_millis(250)),
             ipv6: true,
+            interface_refresh: Duration::from_secs(60),
             #[cfg(feature = "relay")]
             relay: None,
             #[cfg(feature = "relay")]

@@ -313,6 +313,8 @@ enum NetTimer {
     DialBackRetry,
     /// The first reachability check waits no longer for the port mapper.
     MappingWait,
+    /// A listener on `::` reads its global IPv6 addresses again.
+    Interfaces,
 }
 
 /// How far [`Net::read_conn`] got.
@@ -656,6 +658,7 @@ impl Net {
             records_delivered: 0,
         };
         net.portmap_start(now);
+        net.interfaces_start(now);
         Ok(net)
     }
 

@@ -56,18 +56,22 @@
 //!
 //! Published endpoints: the bound ones, minus those on an unspecified address (`0.0.0.0`,
 //! `::`, which nobody can dial) and, while a relay is bound, minus every direct one (a node
-//! behind a NAT cannot be dialled there); the relayed one while bound. A listener on `::` also
-//! lists its global IPv6 addresses (2000::/3, read from the interfaces when the node starts; at
-//! most 4) with its port, beside a relay too: IPv6 needs no NAT traversal. A native peer that
-//! tells us over IPv6 where it sees us from is asked to dial back that address (the same
-//! check as IPv4's, one at a time, counted in the same budget, never through the IPv4 port
-//! mapping); if it dials and nothing comes, a firewall drops inbound IPv6 and the addresses
-//! are withdrawn for the run. Until such a check, they are listed unproven: a peer whose
-//! packets they drop loses one connection attempt there (or the 250 ms Happy Eyeballs head
-//! start, when it races our IPv4 endpoint). Once a dial-back
+//! behind a NAT cannot be dialled there); the relayed ones while bound. Once a dial-back
 //! proved us reachable, the UDP endpoints carry the IP address the dialling peer saw (the
-//! bound port kept); TCP endpoints are not checked and stay as bound. A change makes the
-//! platform publish `transports.myNodeInfo` and raise [`crate::Event::MyNodeInfo`].
+//! bound port kept); TCP endpoints are not checked and stay as bound.
+//!
+//! IPv6: a listener on `::` also lists its global IPv6 addresses (2000::/3, at most 4, read
+//! from the interfaces at start and every [`NetConfig::interface_refresh`] after) with its
+//! port, beside a relay too: IPv6 needs no NAT traversal. A native peer that tells us over
+//! IPv6 where it sees us from is asked to dial back that address (the same check as IPv4's,
+//! one at a time, in the same budget, never through the IPv4 port mapping); if it dials and
+//! nothing comes, a firewall drops inbound IPv6 and the addresses are withdrawn until they
+//! change. Until such a check they are listed unproven: a peer whose packets they drop loses
+//! one connection attempt there (or the 250 ms Happy Eyeballs head start, when it races our
+//! IPv4 endpoint).
+//!
+//! A change of the published endpoints makes the platform publish `transports.myNodeInfo` and
+//! raise [`crate::Event::MyNodeInfo`].
 
 use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -153,6 +157,17 @@ pub(super) struct Reach {
 
 /// The most IPv6 addresses published per listener.
 const MAX_V6_ADDRS: usize = 4;
+/// The system's global IPv6 addresses (at most [`MAX_V6_ADDRS`]), sorted.
+fn read_v6_addrs() -> Vec<Ipv6Addr> {
+    let mut v: Vec<Ipv6Addr> = crate::transport::interface_ipv6_addrs()
+        .into_iter()
+        .filter(|a| global_v6(*a))
+        .collect();
+    v.sort();
+    v.dedup();
+    v.truncate(MAX_V6_ADDRS);
+    v
+}
 
 /// Whether `a` is a global unicast IPv6 address (2000::/3, which holds the documentation
 /// range 2001:db8::/32 too): one a peer elsewhere can send to. Link-local, unique-local,
@@ -185,11 +200,7 @@ impl Reach {
             last_observed6: None,
         };
         if r.on_any_v6() {
-            r.v6_addrs = crate::transport::interface_ipv6_addrs()
-                .into_iter()
-                .filter(|a| global_v6(*a))
-                .take(MAX_V6_ADDRS)
-                .collect();
+            r.v6_addrs = read_v6_addrs();
         }
         r.published = r.compute();
         r
@@ -575,6 +586,30 @@ impl Net {
         {
             self.ask_dial_back(b, seen, now);
         }
+    }
+
+    /// Starts reading the IPv6 addresses again every [`NetConfig::interface_refresh`] (a
+    /// laptop that changed networks, a prefix its router renumbered), when a listener is on
+    /// `::`.
+    pub(super) fn interfaces_start(&mut self, now: Instant) {
+        if self.reach.on_any_v6() {
+            let at = now + self.cfg.interface_refresh;
+            self.timers.schedule(at, NetTimer::Interfaces);
+        }
+    }
+
+    /// Reads the IPv6 addresses again: new ones are published (and may be checked again by
+    /// dial-back), gone ones withdrawn.
+    pub(super) fn interfaces_due(&mut self, now: Instant) {
+        let addrs = read_v6_addrs();
+        if addrs != self.reach.v6_addrs {
+            log::info!("our global IPv6 addresses are now {addrs:?}");
+            self.reach.v6_addrs = addrs;
+            self.reach.reachable6 = None;
+            self.reach.refresh();
+        }
+        let at = now + self.cfg.interface_refresh;
+        self.timers.schedule(at, NetTimer::Interfaces);
     }
 
     /// Whether a port mapping request is out (set when the mapper starts).

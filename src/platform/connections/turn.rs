@@ -195,6 +195,7 @@ impl Net {
                 NetTimer::PortMap => self.portmap_due(now),
                 NetTimer::DialBackRetry => self.dial_back_retry_due(now),
                 NetTimer::MappingWait => self.mapping_wait_due(now),
+                NetTimer::Interfaces => self.interfaces_due(now),
                 NetTimer::FramePool => {
                     if let Some(at) = self.frames.release_due(now) {
                         self.timers.schedule(at, NetTimer::FramePool);
