@@ -60,10 +60,10 @@
 //! - `{"event":"nodeInfo","nodeInfo":{...}}` whenever our published nodeInfo changes
 //! - `{"event":"path","peer":"<signId>","path":"direct"|"relayed","remote":"ADDR:PORT"}`
 //!   when a connection's path is first known and whenever it changes
-//! - `{"event":"connections","id":ID,"list":[{"peer":...,"path":...,"remote":...,"family":"ipv4"|"ipv6","rttUs":...,"active":...}],"mappedPort":PORT,"mappedBy":"pcp"|"natpmp"|"upnp"}`
+//! - `{"event":"connections","id":ID,"list":[{"peer":...,"path":...,"remote":...,"family":"ipv4"|"ipv6","rttUs":...,"active":...}],"mappedPort":PORT,"mappedTcpPort":PORT,"mappedBy":"pcp"|"natpmp"|"upnp"}`
 //!   answering `{"cmd":"connections"}` (`id` when the command had one; `mappedPort` is the
-//!   public port our gateway forwards to us and `mappedBy` the protocol that got it, both
-//!   `null` without a mapping)
+//!   public port our gateway forwards to our UDP listener and `mappedBy` the protocol that
+//!   got it, `mappedTcpPort` the one it forwards to our TCP listener; `null` without)
 //! - `{"event":"value","key":K,"value":V}` or `{"event":"value","key":K,"error":"..."}`
 //!   answering `{"cmd":"get"}`, and `{"event":"stored","key":K,"acks":N}` (nodes that took
 //!   the value) answering `{"cmd":"put"}` (with `--dht`)
@@ -911,6 +911,7 @@ fn command(ctx: &mut Context<'_>, state: &mut State, v: &Value) -> Result<(), Fa
                 .collect();
             let mapping = ctx.port_mapping();
             let mut out = json!({"event": "connections", "list": list,
+            "mappedTcpPort": ctx.tcp_port_mapping().map(|m| m.external_port),
             "mappedPort": mapping.map(|m| m.external_port),
             "mappedBy": mapping.map(|m| match m.protocol {
                 PortMapProtocol::Pcp => "pcp",

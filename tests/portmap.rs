@@ -167,7 +167,13 @@ fn a_node_behind_a_upnp_only_router_maps_with_upnp_igd_and_removes_it_on_close()
     let Some((nat, dir, _stun, _upnp, r1, boot)) = lab(test, "portmap-upnp", true) else {
         return;
     };
-    let mut b = node(&nat.hb, &dir, "b", "0.0.0.0:4000", &["--bootstrap", &boot]);
+    let mut b = node(
+        &nat.hb,
+        &dir,
+        "b",
+        "0.0.0.0:4000",
+        &["--bootstrap", &boot, "--tcp", "0.0.0.0:4001"],
+    );
     // PCP finds nothing on the router's port 5351; SSDP finds the IGD, SOAP maps the port,
     // a dial-back through it proves it: B publishes the mapped endpoint, with no relay.
     let b_info = b.wait_for(LIMIT, |v| {
@@ -179,6 +185,18 @@ fn a_node_behind_a_upnp_only_router_maps_with_upnp_igd_and_removes_it_on_close()
     let conns = b.wait_for(LIMIT, |v| v["event"] == "connections");
     assert_eq!(conns["mappedPort"], 4000, "{conns}");
     assert_eq!(conns["mappedBy"], "upnp", "{conns}");
+    // The TCP listener too, on the service the UDP client found (asked until it is there).
+    let mut tcp_port = Value::Null;
+    for i in 0..50 {
+        b.cmd(json!({"cmd": "connections", "id": i}));
+        let conns = b.wait_for(LIMIT, move |v| v["event"] == "connections" && v["id"] == i);
+        tcp_port = conns["mappedTcpPort"].clone();
+        if tcp_port == 4001 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(tcp_port, 4001);
     assert!(
         !b.seen
             .iter()
@@ -186,7 +204,9 @@ fn a_node_behind_a_upnp_only_router_maps_with_upnp_igd_and_removes_it_on_close()
         "B took a relay"
     );
     let forwards = upnp_forwards(&nat.rb);
-    assert!(forwards.contains("dport 4000"), "{forwards}");
+    // miniupnpd matches the IP protocol field (0x11 UDP, 0x6 TCP) and the port.
+    assert!(forwards.contains("0x11 th dport 4000"), "{forwards}");
+    assert!(forwards.contains("0x6 th dport 4001"), "{forwards}");
 
     // A, behind a router that maps nothing, reaches B directly.
     let mut a = node(&nat.ha, &dir, "a", "0.0.0.0:4000", &["--bootstrap", &boot]);
@@ -200,11 +220,78 @@ fn a_node_behind_a_upnp_only_router_maps_with_upnp_igd_and_removes_it_on_close()
     assert_eq!(path["path"], "direct", "{path}");
     assert_eq!(path["remote"], "203.0.113.3:4000", "{path}");
 
-    // B closes: its DeletePortMapping removes the forward.
+    // B closes: its DeletePortMapping requests remove the forwards.
     b.quit(Duration::from_secs(5));
     let forwards = upnp_forwards(&nat.rb);
     assert!(!forwards.contains("dport 4000"), "{forwards}");
+    assert!(!forwards.contains("dport 4001"), "{forwards}");
     for p in [a, r1] {
+        p.quit(Duration::from_secs(5));
+    }
+}
+
+/// The TCP endpoints (`ip:port`) of a nodeInfo.
+fn tcp_endpoints(info: &Value) -> Vec<String> {
+    info["connectionInfo"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["transportType"] == "tcp")
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e["transportInfo"]["address"].as_str().unwrap_or(""),
+                e["transportInfo"]["port"]
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_tcp_listener_is_mapped_too_and_reached_over_tcp() {
+    let test = "portmap: TCP";
+    let Some((nat, dir, _stun, _upnp, r1, boot)) = lab(test, "portmap-tcp", false) else {
+        return;
+    };
+    let mut b = node(
+        &nat.hb,
+        &dir,
+        "b",
+        "0.0.0.0:4000",
+        &["--bootstrap", &boot, "--tcp", "0.0.0.0:4001"],
+    );
+    // Once the UDP mapping is proven, the TCP one is published with the same address.
+    let b_info = b.wait_for(LIMIT, |v| {
+        v["event"] == "nodeInfo"
+            && udp_endpoints(&v["nodeInfo"]) == ["203.0.113.3:4000"]
+            && tcp_endpoints(&v["nodeInfo"]) == ["203.0.113.3:4001"]
+    })["nodeInfo"]
+        .clone();
+    b.cmd(json!({"cmd": "connections"}));
+    let conns = b.wait_for(LIMIT, |v| v["event"] == "connections");
+    assert_eq!(conns["mappedTcpPort"], 4001, "{conns}");
+    assert_eq!(conns["mappedBy"], "pcp", "{conns}");
+
+    // A, given only B's TCP endpoint, reaches it over TCP through the mapping.
+    let mut a = node(&nat.ha, &dir, "a", "0.0.0.0:4000", &["--bootstrap", &boot]);
+    let mut tcp_only = b_info.clone();
+    tcp_only["connectionInfo"] = json!(b_info["connectionInfo"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["transportType"] == "tcp")
+        .cloned()
+        .collect::<Vec<_>>());
+    let b_id = b_info["signId"].clone();
+    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": tcp_only}));
+    a.cmd(json!({"cmd": "send", "topic": "map.tcp", "to": b_id, "payload": 1}));
+    b.wait_for(LIMIT, |v| {
+        v["event"] == "message" && v["topic"] == "public.map.tcp"
+    });
+    let path = a.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == b_id);
+    assert_eq!(path["path"], "direct", "{path}");
+    assert_eq!(path["remote"], "203.0.113.3:4001", "{path}");
+    for p in [a, b, r1] {
         p.quit(Duration::from_secs(5));
     }
 }

@@ -1299,6 +1299,15 @@ macro_rules! shared_methods {
             self.core_ref().net.as_ref().and_then(|n| n.port_mapping())
         }
 
+        /// The mapping our gateway holds for our TCP listener (asked for beside the UDP one
+        /// when the TCP listener is on `0.0.0.0`/`::` or a private address); `None` without one.
+        pub fn tcp_port_mapping(&self) -> Option<crate::PortMapping> {
+            self.core_ref()
+                .net
+                .as_ref()
+                .and_then(|n| n.tcp_port_mapping())
+        }
+
         /// Messages waiting in the offline buffer (persisted, not yet acknowledged).
         pub fn offline_pending(&self) -> usize {
             self.core_ref().net.as_ref().map_or(0, |n| n.offline_len())

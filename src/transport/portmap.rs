@@ -26,6 +26,8 @@ use std::collections::VecDeque;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
+use super::TransportKind;
+
 /// The port PCP and NAT-PMP servers listen on.
 pub const SERVER_PORT: u16 = 5351;
 /// The largest answer read (the largest PCP message, RFC 6887 §7).
@@ -54,10 +56,12 @@ const PCP_MAP_LEN: usize = PCP_HEADER + 36;
 const PCP_UNSUPP_VERSION: u8 = 1;
 const NATPMP_VERSION: u8 = 0;
 const NATPMP_OP_MAP_UDP: u8 = 1;
+const NATPMP_OP_MAP_TCP: u8 = 2;
 const NATPMP_RESPONSE: u8 = 128;
 const NATPMP_MAP_ANSWER_LEN: usize = 16;
 const NATPMP_UNSUPP_VERSION: u16 = 1;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_TCP: u8 = 6;
 
 /// Which protocol a mapping was made with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +87,8 @@ pub struct Mapping {
     pub lifetime: Duration,
     /// The protocol that made it.
     pub protocol: Protocol,
+    /// Which of our listeners it forwards to (UDP or TCP).
+    pub transport: TransportKind,
 }
 
 /// What a [`PortMapper`] reports.
@@ -141,6 +147,7 @@ pub struct PortMapper {
     gateway: SocketAddrV4,
     client_ip: Ipv4Addr,
     port: u16,
+    transport: TransportKind,
     nonce: [u8; 12],
     phase: Phase,
     /// A request is due now (first send, resend, renewal, removal).
@@ -160,10 +167,23 @@ impl PortMapper {
         nonce: [u8; 12],
         now: Instant,
     ) -> PortMapper {
+        Self::new_for(TransportKind::Udp, gateway, client_ip, port, nonce, now)
+    }
+
+    /// [`PortMapper::new`] for our `transport` listener's port (UDP or TCP).
+    pub fn new_for(
+        transport: TransportKind,
+        gateway: Ipv4Addr,
+        client_ip: Ipv4Addr,
+        port: u16,
+        nonce: [u8; 12],
+        now: Instant,
+    ) -> PortMapper {
         let mut m = PortMapper {
             gateway: SocketAddrV4::new(gateway, SERVER_PORT),
             client_ip,
             port,
+            transport,
             nonce,
             phase: Phase::Done,
             due: None,
@@ -248,14 +268,30 @@ impl PortMapper {
         }
     }
 
-    /// A PCP `MAP` request for our UDP port (RFC 6887 §7.1, §11.1).
+    /// The IP protocol number of our transport (PCP).
+    fn ip_proto(&self) -> u8 {
+        match self.transport {
+            TransportKind::Udp => IPPROTO_UDP,
+            TransportKind::Tcp => IPPROTO_TCP,
+        }
+    }
+
+    /// The NAT-PMP opcode mapping our transport.
+    fn natpmp_op(&self) -> u8 {
+        match self.transport {
+            TransportKind::Udp => NATPMP_OP_MAP_UDP,
+            TransportKind::Tcp => NATPMP_OP_MAP_TCP,
+        }
+    }
+
+    /// A PCP `MAP` request for our port (RFC 6887 §7.1, §11.1).
     fn pcp_request(&self, lifetime: u32) -> Vec<u8> {
         let mut b = Vec::with_capacity(PCP_MAP_LEN);
         b.extend_from_slice(&[PCP_VERSION, PCP_OP_MAP, 0, 0]);
         b.extend_from_slice(&lifetime.to_be_bytes());
         b.extend_from_slice(&self.client_ip.to_ipv6_mapped().octets());
         b.extend_from_slice(&self.nonce);
-        b.extend_from_slice(&[IPPROTO_UDP, 0, 0, 0]);
+        b.extend_from_slice(&[self.ip_proto(), 0, 0, 0]);
         b.extend_from_slice(&self.port.to_be_bytes());
         b.extend_from_slice(&self.port.to_be_bytes());
         // Suggested external address: any IPv4 address (::ffff:0.0.0.0).
@@ -263,10 +299,10 @@ impl PortMapper {
         b
     }
 
-    /// A NAT-PMP UDP mapping request (RFC 6886 §3.3).
+    /// A NAT-PMP mapping request (RFC 6886 §3.3).
     fn natpmp_request(&self, lifetime: u32) -> Vec<u8> {
         let mut b = Vec::with_capacity(12);
-        b.extend_from_slice(&[NATPMP_VERSION, NATPMP_OP_MAP_UDP, 0, 0]);
+        b.extend_from_slice(&[NATPMP_VERSION, self.natpmp_op(), 0, 0]);
         b.extend_from_slice(&self.port.to_be_bytes());
         b.extend_from_slice(&self.port.to_be_bytes());
         b.extend_from_slice(&lifetime.to_be_bytes());
@@ -430,7 +466,7 @@ impl PortMapper {
         }
         let lifetime = u32::from_be_bytes(d[4..8].try_into().ok()?);
         let map = &d[PCP_HEADER..PCP_MAP_LEN];
-        if map[..12] != self.nonce || map[12] != IPPROTO_UDP {
+        if map[..12] != self.nonce || map[12] != self.ip_proto() {
             return None;
         }
         let internal = u16::from_be_bytes([map[16], map[17]]);
@@ -450,6 +486,7 @@ impl PortMapper {
             external_ip: ip.to_ipv4_mapped(),
             lifetime: Duration::from_secs(u64::from(lifetime)),
             protocol: Protocol::Pcp,
+            transport: self.transport,
         }))
     }
 
@@ -467,7 +504,7 @@ impl PortMapper {
         if asking != Protocol::NatPmp || d.len() != NATPMP_MAP_ANSWER_LEN {
             return None;
         }
-        if d[1] != NATPMP_RESPONSE + NATPMP_OP_MAP_UDP {
+        if d[1] != NATPMP_RESPONSE + self.natpmp_op() {
             return None;
         }
         let result = u16::from_be_bytes([d[2], d[3]]);
@@ -491,6 +528,7 @@ impl PortMapper {
             external_ip: None,
             lifetime: Duration::from_secs(u64::from(lifetime)),
             protocol: Protocol::NatPmp,
+            transport: self.transport,
         }))
     }
 }
@@ -571,6 +609,7 @@ mod tests {
             external_ip: Some(Ipv4Addr::new(203, 0, 113, 3)),
             lifetime: Duration::from_secs(600),
             protocol: Protocol::Pcp,
+            transport: TransportKind::Udp,
         };
         assert_eq!(m.poll_event(), Some(PortMapEvent::Mapped(want)));
         assert_eq!(m.poll_timeout(), Some(t + Duration::from_secs(300)));
@@ -764,5 +803,37 @@ mod tests {
         assert_eq!(now, t + Duration::from_secs(60));
         // Every 2 s at most from 30 s to 60 s.
         assert!((10..=20).contains(&renewals), "{renewals}");
+    }
+
+    #[test]
+    fn a_tcp_mapper_asks_for_tcp_and_ignores_udp_answers() {
+        let t = Instant::now();
+        let mut m = PortMapper::new_for(TransportKind::Tcp, GW, ME, 4001, NONCE, t);
+        let req = m.poll_transmit(t).unwrap();
+        assert_eq!(req[PCP_HEADER + 12], IPPROTO_TCP);
+        // The UDP mapper's answer (same socket, same nonce here) is not ours.
+        let mut udp_answer = pcp_answer(&req, 0, 4001, 600);
+        udp_answer[PCP_HEADER + 12] = IPPROTO_UDP;
+        m.handle_datagram(gw(), &udp_answer, t);
+        assert_eq!(m.stats().dropped, 1);
+        m.handle_datagram(gw(), &pcp_answer(&req, 0, 5001, 600), t);
+        match m.poll_event() {
+            Some(PortMapEvent::Mapped(mp)) => {
+                assert_eq!((mp.external_port, mp.transport), (5001, TransportKind::Tcp))
+            }
+            e => panic!("{e:?}"),
+        }
+        // NAT-PMP: opcode 2.
+        let mut m = PortMapper::new_for(TransportKind::Tcp, GW, ME, 4001, NONCE, t);
+        m.poll_transmit(t).unwrap();
+        m.handle_datagram(gw(), &[0, 128, 0, 1], t);
+        let req = m.poll_transmit(t).unwrap();
+        assert_eq!(&req[..2], &[0, 2]);
+        let mut a = natpmp_answer(0, 4001, 5002, 600);
+        a[1] = NATPMP_RESPONSE + 2;
+        m.handle_datagram(gw(), &a, t);
+        assert!(
+            matches!(m.poll_event(), Some(PortMapEvent::Mapped(mp)) if mp.external_port == 5002)
+        );
     }
 }

@@ -41,6 +41,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use super::portmap::{Mapping, PortMapEvent, Protocol, LIFETIME};
+use super::TransportKind;
 
 /// SSDP's multicast group and port.
 pub const SSDP_ADDR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(239, 255, 255, 250), 1900);
@@ -147,6 +148,7 @@ pub struct UpnpClient {
     gateway: Ipv4Addr,
     client_ip: Ipv4Addr,
     port: u16,
+    transport: TransportKind,
     /// Other external ports to try on conflicts.
     spare_ports: [u16; MAX_PORT_TRIES - 1],
     started: Instant,
@@ -181,6 +183,7 @@ impl UpnpClient {
             gateway,
             client_ip,
             port,
+            transport: TransportKind::Udp,
             spare_ports: [spare(0), spare(1)],
             started: now,
             phase: Phase::Searching { sent: 0 },
@@ -193,6 +196,34 @@ impl UpnpClient {
             due_search: false,
             events: VecDeque::new(),
             stats: UpnpStats::default(),
+        }
+    }
+
+    /// A client for our `transport` listener's `port` on the service this one found (no
+    /// search of its own), allowed to map when this one is; `None` before a service is found.
+    pub fn sibling(
+        &self,
+        transport: TransportKind,
+        port: u16,
+        seed: u64,
+        now: Instant,
+    ) -> Option<UpnpClient> {
+        let control = self.control.clone()?;
+        let mut c = UpnpClient::new(self.gateway, self.client_ip, port, seed, now);
+        c.transport = transport;
+        c.control = Some(control);
+        c.phase = Phase::Found;
+        if self.may_map {
+            c.map(now);
+        }
+        Some(c)
+    }
+
+    /// The name of our transport in SOAP arguments.
+    fn proto_name(&self) -> &'static str {
+        match self.transport {
+            TransportKind::Udp => "UDP",
+            TransportKind::Tcp => "TCP",
         }
     }
 
@@ -305,8 +336,9 @@ impl UpnpClient {
             let (url, service) = self.control.clone()?;
             let body = format!(
                 "<NewRemoteHost></NewRemoteHost><NewExternalPort>{}</NewExternalPort>\
-                 <NewProtocol>UDP</NewProtocol>",
-                m.external_port
+                 <NewProtocol>{}</NewProtocol>",
+                m.external_port,
+                self.proto_name()
             );
             Some(self.soap(&url, service, "DeletePortMapping", &body))
         });
@@ -472,6 +504,7 @@ impl UpnpClient {
                         external_ip: None,
                         lifetime,
                         protocol: Protocol::UpnpIgd,
+                        transport: self.transport,
                     };
                     log::debug!(
                         "upnp: {} maps external port {external_port} to our port {}{}",
@@ -558,11 +591,13 @@ impl UpnpClient {
         let lease = if permanent { 0 } else { LIFETIME.as_secs() };
         let body = format!(
             "<NewRemoteHost></NewRemoteHost><NewExternalPort>{external_port}</NewExternalPort>\
-             <NewProtocol>UDP</NewProtocol><NewInternalPort>{}</NewInternalPort>\
+             <NewProtocol>{}</NewProtocol><NewInternalPort>{}</NewInternalPort>\
              <NewInternalClient>{}</NewInternalClient><NewEnabled>1</NewEnabled>\
              <NewPortMappingDescription>{DESCRIPTION}</NewPortMappingDescription>\
              <NewLeaseDuration>{lease}</NewLeaseDuration>",
-            self.port, self.client_ip
+            self.proto_name(),
+            self.port,
+            self.client_ip
         );
         let req = self.soap(&url, service, "AddPortMapping", &body);
         self.issue(req, now);

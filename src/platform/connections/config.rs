@@ -93,8 +93,8 @@ pub struct NetConfig {
     /// ([`NetConfig::max_frame`]) so that any frame can be received. Default 64 MiB.
     pub frame_budget: usize,
     /// Ask the home router to forward a public port to our UDP listener (PCP, then NAT-PMP,
-    /// then UPnP IGD), publish the mapped endpoint once a dial-back proves it, and prefer it
-    /// to a relay
+    /// then UPnP IGD; and one to our TCP listener, published once the UDP one is proven),
+    /// publish the mapped endpoint once a dial-back proves it, and prefer it to a relay
     /// (default `true`). It asks only when the UDP listener is on `0.0.0.0` or a private
     /// address and the system has a default IPv4 gateway; a gateway that does not answer is
     /// not asked again. The mapping is renewed at half its lifetime and removed on close.

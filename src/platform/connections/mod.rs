@@ -680,7 +680,9 @@ impl Net {
         } else if t == portmap::SSDP_TOKEN {
             self.ssdp_readable(now);
         } else if t == portmap::UPNP_HTTP_TOKEN {
-            self.upnp_http_ready(now);
+            self.upnp_http_ready(false, now);
+        } else if t == portmap::UPNP_HTTP_TCP_TOKEN {
+            self.upnp_http_ready(true, now);
         } else if self.server.owns(t) {
             self.server_io = true;
             if let Err(e) = self.server.handle_event(&self.registry, event, now) {

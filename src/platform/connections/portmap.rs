@@ -18,6 +18,12 @@
 //! non-blocking TCP connection at a time, bound to the same address (routers in "secure mode"
 //! map only for the address that asks), read to the router's close, at most 64 KiB, 3 s each.
 //!
+//! A TCP listener on `0.0.0.0`/`::` or a private address is mapped too: its PCP/NAT-PMP
+//! requests go out of the same socket (each mapper drops the other's answers by protocol; an
+//! ICMP error, read or reported on a send, ends both), and UPnP maps it on the service the UDP
+//! client found. It has no dial-back of its own: its endpoint is published with the address
+//! the UDP check proved, once it did (the same gateway forwards both).
+//!
 //! The first reachability check waits for the gateway's first answer, at most 1 s, so that it
 //! checks the mapped port when there is one, and 3 s more when a UPnP gateway answered the
 //! search by then, so that the check waits for its mapping. A gateway that answers nothing
@@ -56,14 +62,17 @@ use crate::transport::portmap::{default_gateway, Mapping, PortMapEvent, PortMapp
 use crate::transport::upnp::{
     HttpRequest, UpnpClient, MAX_HTTP_RESPONSE, MAX_SSDP_ANSWER, SSDP_ADDR,
 };
+use crate::transport::TransportKind;
 
 /// The mapper's socket token: the top of the listeners' range (their accepted streams count
 /// up from its bottom).
 pub(crate) const PORTMAP_TOKEN: Token = Token(crate::platform::host::SERVICE_TOKEN_BASE - 1);
 /// The UPnP search socket's token (below the mapper's).
 pub(crate) const SSDP_TOKEN: Token = Token(crate::platform::host::SERVICE_TOKEN_BASE - 2);
-/// The UPnP HTTP connection's token.
+/// The UPnP HTTP connection's token (the UDP listener's mapping).
 pub(crate) const UPNP_HTTP_TOKEN: Token = Token(crate::platform::host::SERVICE_TOKEN_BASE - 3);
+/// The UPnP HTTP connection's token for the TCP listener's mapping.
+pub(crate) const UPNP_HTTP_TCP_TOKEN: Token = Token(crate::platform::host::SERVICE_TOKEN_BASE - 4);
 
 /// How long the first reachability check waits for the gateway's first answer.
 const MAPPING_WAIT: Duration = Duration::from_secs(1);
@@ -81,17 +90,40 @@ pub(super) struct PortMap {
     pcp_unavailable: bool,
     /// UPnP IGD, until it gives up or PCP maps.
     upnp: Option<Upnp>,
+    /// The TCP listener's mapping, when it has one worth mapping: PCP and NAT-PMP through the
+    /// same socket (answers are told apart by protocol), then UPnP on the service the UDP
+    /// client found.
+    tcp: Option<TcpMap>,
     /// The first check's wait was extended for UPnP.
     wait_extended: bool,
     timer: Option<TimerId>,
 }
 
-/// The UPnP client, its search socket and its HTTP exchange.
+/// The TCP listener's mappers.
+struct TcpMap {
+    mapper: PortMapper,
+    port: u16,
+    pcp_unavailable: bool,
+    upnp: Option<Upnp>,
+    /// UPnP was tried (or is not to be: PCP mapped).
+    upnp_tried: bool,
+}
+
+/// A UPnP client, its search socket (none for a sibling, which uses the service another
+/// client found) and its HTTP exchange.
 struct Upnp {
-    ssdp: UdpSocket,
+    ssdp: Option<UdpSocket>,
     client: UpnpClient,
     client_ip: Ipv4Addr,
     http: Option<HttpConn>,
+    http_token: Token,
+}
+
+/// A random seed for a UPnP client's spare ports.
+fn seed() -> u64 {
+    let mut seed = [0u8; 8];
+    crate::crypto::random_bytes(&mut seed);
+    u64::from_le_bytes(seed)
 }
 
 /// One HTTP exchange with the router.
@@ -123,13 +155,24 @@ fn is_documentation(a: Ipv4Addr) -> bool {
 impl PortMap {
     /// Starts asking the default gateway to map the UDP listener at `udp`, or `None` when
     /// there is nothing to ask (see the module docs) or no socket towards the gateway.
-    pub(super) fn start(registry: &Registry, udp: SocketAddr, now: Instant) -> Option<PortMap> {
+    pub(super) fn start(
+        registry: &Registry,
+        udp: SocketAddr,
+        tcp: Option<SocketAddr>,
+        now: Instant,
+    ) -> Option<PortMap> {
         if !worth_mapping(udp.ip()) {
             return None;
         }
         let table = std::fs::read_to_string("/proc/net/route").ok()?;
         let gateway = default_gateway(&table)?;
-        match Self::open(registry, gateway, udp, now) {
+        match Self::open(
+            registry,
+            gateway,
+            udp,
+            tcp.filter(|t| worth_mapping(t.ip())),
+            now,
+        ) {
             Ok(p) => Some(p),
             Err(e) => {
                 log::debug!("portmap: no socket towards gateway {gateway}: {e}");
@@ -142,6 +185,7 @@ impl PortMap {
         registry: &Registry,
         gateway: Ipv4Addr,
         udp: SocketAddr,
+        tcp: Option<SocketAddr>,
         now: Instant,
     ) -> io::Result<PortMap> {
         let bind_ip = match udp.ip() {
@@ -169,11 +213,31 @@ impl PortMap {
                 None
             }
         };
+        let tcp = tcp.map(|t| {
+            let mut nonce = [0u8; 12];
+            crate::crypto::random_bytes(&mut nonce);
+            log::debug!("portmap: asking {gateway} to map TCP port {} too", t.port());
+            TcpMap {
+                mapper: PortMapper::new_for(
+                    TransportKind::Tcp,
+                    gateway,
+                    client_ip,
+                    t.port(),
+                    nonce,
+                    now,
+                ),
+                port: t.port(),
+                pcp_unavailable: false,
+                upnp: None,
+                upnp_tried: false,
+            }
+        });
         Ok(PortMap {
             socket,
             mapper: PortMapper::new(gateway, client_ip, udp.port(), nonce, now),
             pcp_unavailable: false,
             upnp,
+            tcp,
             wait_extended: false,
             timer: None,
         })
@@ -181,9 +245,8 @@ impl PortMap {
 
     /// Stops UPnP (PCP mapped, or UPnP gave up): its sockets are closed.
     fn drop_upnp(&mut self, registry: &Registry) {
-        if let Some(mut u) = self.upnp.take() {
-            u.close_http(registry);
-            let _ = registry.deregister(&mut u.ssdp);
+        if let Some(u) = self.upnp.take() {
+            u.close(registry);
         }
     }
 }
@@ -206,21 +269,43 @@ impl Upnp {
         s.set_multicast_loop_v4(false)?;
         let mut ssdp = UdpSocket::from_std(s.into());
         registry.register(&mut ssdp, SSDP_TOKEN, Interest::READABLE)?;
-        let mut seed = [0u8; 8];
-        crate::crypto::random_bytes(&mut seed);
         Ok(Upnp {
-            ssdp,
-            client: UpnpClient::new(gateway, client_ip, port, u64::from_le_bytes(seed), now),
+            ssdp: Some(ssdp),
+            client: UpnpClient::new(gateway, client_ip, port, seed(), now),
             client_ip,
             http: None,
+            http_token: UPNP_HTTP_TOKEN,
         })
+    }
+
+    /// A client for the TCP listener's `port` on the service this one found (`None` before
+    /// it found one).
+    fn tcp_sibling(&self, port: u16, now: Instant) -> Option<Upnp> {
+        Some(Upnp {
+            ssdp: None,
+            client: self.client.sibling(TransportKind::Tcp, port, seed(), now)?,
+            client_ip: self.client_ip,
+            http: None,
+            http_token: UPNP_HTTP_TCP_TOKEN,
+        })
+    }
+
+    /// Closes its sockets.
+    fn close(mut self, registry: &Registry) {
+        self.close_http(registry);
+        if let Some(mut s) = self.ssdp.take() {
+            let _ = registry.deregister(&mut s);
+        }
     }
 
     /// Sends due searches, opens the due HTTP exchange, drops one the client stopped
     /// waiting for. An exchange that cannot even start is failed at once.
     fn flush(&mut self, registry: &Registry, now: Instant) {
         while let Some(d) = self.client.poll_search(now) {
-            if let Err(e) = self.ssdp.send_to(&d, SocketAddr::V4(SSDP_ADDR)) {
+            let Some(ssdp) = self.ssdp.as_ref() else {
+                break;
+            };
+            if let Err(e) = ssdp.send_to(&d, SocketAddr::V4(SSDP_ADDR)) {
                 log::debug!("upnp: search not sent: {e}");
             }
         }
@@ -258,7 +343,7 @@ impl Upnp {
         let mut stream = TcpStream::from_std(s.into());
         registry.register(
             &mut stream,
-            UPNP_HTTP_TOKEN,
+            self.http_token,
             Interest::READABLE | Interest::WRITABLE,
         )?;
         Ok(HttpConn {
@@ -362,7 +447,8 @@ impl Net {
         let Some(udp) = self.server.udp_addr() else {
             return;
         };
-        self.portmap = PortMap::start(&self.registry, udp, now);
+        let tcp = self.server.tcp_addr();
+        self.portmap = PortMap::start(&self.registry, udp, tcp, now);
         if self.portmap.is_some() {
             // The first reachability check waits for the gateway's answer, but not long:
             // PCP and NAT-PMP servers answer at once, and a silent gateway must not hold up a
@@ -387,12 +473,22 @@ impl Net {
             match p.socket.recv_from(&mut buf) {
                 // A longer datagram arrives cut to MAX_ANSWER + 1 bytes: the mapper drops it as
                 // too long, and counts it.
-                Ok((n, from)) => p.mapper.handle_datagram(from, &buf[..n], now),
+                // Each mapper takes the answers to its own requests (by protocol) and drops
+                // the others'.
+                Ok((n, from)) => {
+                    p.mapper.handle_datagram(from, &buf[..n], now);
+                    if let Some(t) = p.tcp.as_mut() {
+                        t.mapper.handle_datagram(from, &buf[..n], now);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                     // The gateway's ICMP "port unreachable", reported on a connected socket:
                     // no PCP or NAT-PMP server there.
                     p.mapper.handle_unreachable();
+                    if let Some(t) = p.tcp.as_mut() {
+                        t.mapper.handle_unreachable();
+                    }
                 }
                 Err(e) => {
                     log::debug!("portmap: {e}");
@@ -409,9 +505,12 @@ impl Net {
         let Some(u) = self.portmap.as_mut().and_then(|p| p.upnp.as_mut()) else {
             return;
         };
+        let Some(ssdp) = u.ssdp.as_ref() else {
+            return;
+        };
         let mut buf = [0u8; MAX_SSDP_ANSWER + 1];
         for _ in 0..64 {
-            match u.ssdp.recv_from(&mut buf) {
+            match ssdp.recv_from(&mut buf) {
                 Ok((n, from)) => u.client.handle_datagram(from, &buf[..n], now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -423,10 +522,17 @@ impl Net {
         self.portmap_flush(now);
     }
 
-    /// The UPnP HTTP connection is ready.
-    pub(super) fn upnp_http_ready(&mut self, now: Instant) {
+    /// A UPnP HTTP connection is ready (`tcp`: the TCP listener's client's).
+    pub(super) fn upnp_http_ready(&mut self, tcp: bool, now: Instant) {
         let registry = &self.registry;
-        if let Some(u) = self.portmap.as_mut().and_then(|p| p.upnp.as_mut()) {
+        let u = self.portmap.as_mut().and_then(|p| {
+            if tcp {
+                p.tcp.as_mut().and_then(|t| t.upnp.as_mut())
+            } else {
+                p.upnp.as_mut()
+            }
+        });
+        if let Some(u) = u {
             u.http_ready(registry, now);
         }
         self.portmap_flush(now);
@@ -457,17 +563,36 @@ impl Net {
 
     /// Sends what is due, acts on the mappers' events, re-arms their timer.
     fn portmap_flush(&mut self, now: Instant) {
-        // Bounded: a pass that allows UPnP to map runs once more (that happens once).
-        for _ in 0..3 {
+        // Bounded: a pass that allows UPnP to map runs once more (that happens once for each
+        // listener).
+        for _ in 0..4 {
+            let mut again = false;
             let mut pcp_events = Vec::new();
             let mut upnp_events = Vec::new();
+            let mut tcp_events = Vec::new();
             {
                 let Some(p) = self.portmap.as_mut() else {
                     return;
                 };
-                while let Some(d) = p.mapper.poll_transmit(now) {
-                    if let Err(e) = p.socket.send(&d) {
-                        log::debug!("portmap: request not sent: {e}");
+                // Both mappers' requests go out of the one socket.
+                let mut refused = false;
+                let tcp_mapper = p.tcp.as_mut().map(|t| &mut t.mapper);
+                for (m, what) in
+                    std::iter::once((&mut p.mapper, "UDP")).chain(tcp_mapper.map(|m| (m, "TCP")))
+                {
+                    while let Some(d) = m.poll_transmit(now) {
+                        if let Err(e) = p.socket.send(&d) {
+                            refused |= e.kind() == io::ErrorKind::ConnectionRefused;
+                            log::debug!("portmap: {what} request not sent: {e}");
+                        }
+                    }
+                }
+                if refused {
+                    // The gateway's ICMP "port unreachable" to an earlier request, reported
+                    // on a send (the socket is connected): it concerns both mappers.
+                    p.mapper.handle_unreachable();
+                    if let Some(t) = p.tcp.as_mut() {
+                        t.mapper.handle_unreachable();
                     }
                 }
                 while let Some(e) = p.mapper.poll_event() {
@@ -479,17 +604,47 @@ impl Net {
                         upnp_events.push(e);
                     }
                 }
+                if let Some(t) = p.tcp.as_mut() {
+                    while let Some(e) = t.mapper.poll_event() {
+                        tcp_events.push((e, false));
+                    }
+                    // PCP and NAT-PMP had no TCP mapping: UPnP, on the UDP client's service,
+                    // once that client found one.
+                    if t.pcp_unavailable && !t.upnp_tried {
+                        if let Some(s) = p.upnp.as_ref().and_then(|u| u.tcp_sibling(t.port, now)) {
+                            t.upnp = Some(s);
+                            t.upnp_tried = true;
+                        } else if p.upnp.is_none() {
+                            t.upnp_tried = true;
+                        }
+                    }
+                    if let Some(u) = t.upnp.as_mut() {
+                        u.flush(&self.registry, now);
+                        while let Some(e) = u.client.poll_event() {
+                            tcp_events.push((e, true));
+                        }
+                    }
+                }
                 if let Some(id) = p.timer.take() {
                     self.timers.cancel(id);
                 }
-                let upnp_at = p.upnp.as_ref().and_then(|u| u.client.poll_timeout());
-                let at = match (p.mapper.poll_timeout(), upnp_at) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                let at = [
+                    p.mapper.poll_timeout(),
+                    p.upnp.as_ref().and_then(|u| u.client.poll_timeout()),
+                    p.tcp.as_ref().and_then(|t| t.mapper.poll_timeout()),
+                    p.tcp
+                        .as_ref()
+                        .and_then(|t| t.upnp.as_ref())
+                        .and_then(|u| u.client.poll_timeout()),
+                ]
+                .into_iter()
+                .flatten()
+                .min();
                 p.timer = at.map(|at| self.timers.schedule(at, NetTimer::PortMap));
             }
-            let mut again = false;
+            for (e, upnp) in tcp_events {
+                again |= self.on_tcp_portmap_event(e, upnp);
+            }
             for e in pcp_events {
                 again |= self.on_portmap_event(e, false, now);
             }
@@ -554,6 +709,45 @@ impl Net {
         false
     }
 
+    /// One event of the TCP listener's mappers (`upnp`: UPnP's); `true` when a flush should
+    /// run again (a UPnP client may be due to start).
+    fn on_tcp_portmap_event(&mut self, e: PortMapEvent, upnp: bool) -> bool {
+        let Some(t) = self.portmap.as_mut().and_then(|p| p.tcp.as_mut()) else {
+            return false;
+        };
+        match e {
+            PortMapEvent::Mapped(m) => {
+                if !upnp {
+                    t.upnp_tried = true;
+                }
+                log::info!(
+                    "portmap: the gateway forwards its TCP port {} to us ({:?})",
+                    m.external_port,
+                    m.protocol
+                );
+                self.on_tcp_port_mapped(Some(m.external_port));
+                false
+            }
+            PortMapEvent::Lost => {
+                log::info!("portmap: the gateway stopped renewing our TCP mapping");
+                self.on_tcp_port_mapped(None);
+                false
+            }
+            PortMapEvent::Unavailable(why) if !upnp => {
+                log::debug!("portmap: no PCP or NAT-PMP mapping of TCP: {why}");
+                t.pcp_unavailable = true;
+                true
+            }
+            PortMapEvent::Unavailable(why) => {
+                log::debug!("upnp: no TCP mapping: {why}");
+                if let Some(u) = t.upnp.take() {
+                    u.close(&self.registry);
+                }
+                false
+            }
+        }
+    }
+
     /// Asks the gateway to remove our mapping (best effort: one datagram, or UPnP's short
     /// blocking exchange, no answer awaited) and stops mapping.
     pub(crate) fn portmap_close(&mut self) {
@@ -570,10 +764,30 @@ impl Net {
             }
         }
         p.drop_upnp(&self.registry);
+        if let Some(mut t) = p.tcp.take() {
+            t.mapper.close();
+            if let Some(d) = t.mapper.poll_transmit(Instant::now()) {
+                let _ = p.socket.send(&d);
+            }
+            if let Some(mut u) = t.upnp.take() {
+                if let Some(req) = u.client.close() {
+                    send_blocking(&req, u.client_ip);
+                }
+                u.close(&self.registry);
+            }
+        }
         if let Some(id) = p.timer.take() {
             self.timers.cancel(id);
         }
         let _ = self.registry.deregister(&mut p.socket);
+    }
+
+    /// The mapping of our TCP listener, while one holds.
+    pub(crate) fn tcp_port_mapping(&self) -> Option<Mapping> {
+        let t = self.portmap.as_ref()?.tcp.as_ref()?;
+        t.mapper
+            .mapping()
+            .or_else(|| t.upnp.as_ref().and_then(|u| u.client.mapping()))
     }
 
     /// The mapping of our UDP listener, while one holds.

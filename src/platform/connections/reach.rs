@@ -131,6 +131,8 @@ pub(super) struct Reach {
     public_port: Option<u16>,
     /// The external port our gateway forwards to our UDP listener (`portmap`), while held.
     mapped_port: Option<u16>,
+    /// The external port our gateway forwards to our TCP listener, while held.
+    tcp_mapped_port: Option<u16>,
     /// The latest native peer that told us where it sees us from, and what it said: whom a
     /// new mapping is checked with.
     last_observed: Option<(BoxId, SocketAddr)>,
@@ -187,6 +189,7 @@ impl Reach {
             public_ip: None,
             public_port: None,
             mapped_port: None,
+            tcp_mapped_port: None,
             last_observed: None,
             asked_port: None,
             mapping_pending: false,
@@ -247,6 +250,20 @@ impl Reach {
                 {
                     Some(Endpoint {
                         addr: SocketAddr::new(ip, self.public_port.unwrap_or(e.addr.port())),
+                        ..*e
+                    })
+                }
+                // A TCP listener on `0.0.0.0`/`::` that our gateway maps: at the address the
+                // UDP check proved, with the mapped port.
+                Some(ip)
+                    if e.kind == TransportKind::Tcp
+                        && e.addr.ip().is_unspecified()
+                        && ip.is_ipv4()
+                        && self.tcp_mapped_port.is_some() =>
+                {
+                    let port = self.tcp_mapped_port.unwrap_or(e.addr.port());
+                    Some(Endpoint {
+                        addr: SocketAddr::new(ip, port),
                         ..*e
                     })
                 }
@@ -417,6 +434,16 @@ impl Net {
             self.relay_check_ended(now);
         }
         self.check_mapping(now);
+    }
+
+    /// Our gateway now maps `port` to our TCP listener (`None`: no longer). It is not checked
+    /// by a dial-back of its own: it is published, with the address the UDP check proved,
+    /// once that check proved our UDP mapping (the same gateway forwards both).
+    pub(super) fn on_tcp_port_mapped(&mut self, port: Option<u16>) {
+        if self.reach.tcp_mapped_port != port {
+            self.reach.tcp_mapped_port = port;
+            self.reach.refresh();
+        }
     }
 
     /// Asks for a dial-back through the mapped port if one is held, not yet asked about, no
@@ -849,5 +876,32 @@ mod tests {
         ] {
             assert!(!global_v6(a.parse().unwrap()), "{a}");
         }
+    }
+
+    #[test]
+    fn a_mapped_tcp_listener_is_published_once_udp_is_proven() {
+        let bound = vec![
+            Endpoint::native(TransportKind::Udp, "[::]:4000".parse().unwrap()),
+            Endpoint::native(TransportKind::Tcp, "[::]:4001".parse().unwrap()),
+        ];
+        let mut r = Reach::new(&bound);
+        r.v6_addrs.clear();
+        r.tcp_mapped_port = Some(5001);
+        r.refresh();
+        assert_eq!(r.published, vec![], "not before the UDP check");
+        r.public_ip = Some("203.0.113.3".parse().unwrap());
+        r.public_port = Some(5000);
+        r.reachable = Some(true);
+        r.refresh();
+        assert_eq!(
+            r.published,
+            vec![
+                Endpoint::native(TransportKind::Udp, "203.0.113.3:5000".parse().unwrap()),
+                Endpoint::native(TransportKind::Tcp, "203.0.113.3:5001".parse().unwrap()),
+            ]
+        );
+        r.tcp_mapped_port = None;
+        r.refresh();
+        assert_eq!(r.published.len(), 1, "unmapped TCP on :: is not published");
     }
 }
