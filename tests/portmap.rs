@@ -49,6 +49,17 @@ fn lab(
     Some((nat, dir, stun, upnp, r1, boot))
 }
 
+/// B behind the lab's router, listening on UDP 0.0.0.0:4000 and TCP 0.0.0.0:4001.
+fn b_with_tcp(nat: &Nat, dir: &TempDir, boot: &str) -> JsonProc {
+    node(
+        &nat.hb,
+        dir,
+        "b",
+        "0.0.0.0:4000",
+        &["--bootstrap", boot, "--tcp", "0.0.0.0:4001"],
+    )
+}
+
 #[test]
 fn a_node_behind_a_upnp_router_maps_its_port_and_is_reached_directly() {
     let test = "portmap: miniupnpd";
@@ -167,13 +178,7 @@ fn a_node_behind_a_upnp_only_router_maps_with_upnp_igd_and_removes_it_on_close()
     let Some((nat, dir, _stun, _upnp, r1, boot)) = lab(test, "portmap-upnp", true) else {
         return;
     };
-    let mut b = node(
-        &nat.hb,
-        &dir,
-        "b",
-        "0.0.0.0:4000",
-        &["--bootstrap", &boot, "--tcp", "0.0.0.0:4001"],
-    );
+    let mut b = b_with_tcp(&nat, &dir, &boot);
     // PCP finds nothing on the router's port 5351; SSDP finds the IGD, SOAP maps the port,
     // a dial-back through it proves it: B publishes the mapped endpoint, with no relay.
     let b_info = b.wait_for(LIMIT, |v| {
@@ -253,13 +258,7 @@ fn a_tcp_listener_is_mapped_too_and_reached_over_tcp() {
     let Some((nat, dir, _stun, _upnp, r1, boot)) = lab(test, "portmap-tcp", false) else {
         return;
     };
-    let mut b = node(
-        &nat.hb,
-        &dir,
-        "b",
-        "0.0.0.0:4000",
-        &["--bootstrap", &boot, "--tcp", "0.0.0.0:4001"],
-    );
+    let mut b = b_with_tcp(&nat, &dir, &boot);
     // Once the UDP mapping is proven, the TCP one is published with the same address.
     let b_info = b.wait_for(LIMIT, |v| {
         v["event"] == "nodeInfo"

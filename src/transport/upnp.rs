@@ -372,15 +372,7 @@ impl UpnpClient {
                 permanent,
                 renew_at,
                 expires_at,
-            } if now >= renew_at => {
-                self.phase = Phase::Renewing {
-                    mapping,
-                    permanent,
-                    retry_at: None,
-                    expires_at,
-                };
-                self.ask_add(mapping.external_port, permanent, now);
-            }
+            } if now >= renew_at => self.renew(mapping, permanent, expires_at, now),
             Phase::Renewing {
                 mapping,
                 permanent,
@@ -394,17 +386,22 @@ impl UpnpClient {
                     self.due_http = None;
                     self.events.push_back(PortMapEvent::Lost);
                 } else if retry_at.is_some_and(|r| now >= r) {
-                    self.phase = Phase::Renewing {
-                        mapping,
-                        permanent,
-                        retry_at: None,
-                        expires_at,
-                    };
-                    self.ask_add(mapping.external_port, permanent, now);
+                    self.renew(mapping, permanent, expires_at, now);
                 }
             }
             _ => {}
         }
+    }
+
+    /// Asks for `mapping` again (it holds until `expires_at`).
+    fn renew(&mut self, mapping: Mapping, permanent: bool, expires_at: Instant, now: Instant) {
+        self.phase = Phase::Renewing {
+            mapping,
+            permanent,
+            retry_at: None,
+            expires_at,
+        };
+        self.ask_add(mapping.external_port, permanent, now);
     }
 
     /// A datagram that arrived on the search socket from `from`.
