@@ -312,6 +312,39 @@ impl Nat {
         }
         route(&self.ra, "2001:db8:b::/64", "2001:db8::3")?;
         route(&self.rb, "2001:db8:a::/64", "2001:db8::2")?;
+        // The links' own (link-local) addresses, which neighbour discovery sends from, are
+        // tentative for a second or two after the links come up: until then the first
+        // packets to a new neighbour are lost. Wait for them (at most 10 s).
+        let all = [
+            &self.public,
+            &self.ra,
+            &self.rb,
+            &self.ha,
+            &self.hb,
+            &self.r1,
+            &self.r2,
+        ];
+        let end = Instant::now() + Duration::from_secs(10);
+        for ns in all {
+            loop {
+                let out = ns
+                    .command("ip")
+                    .args(["-6", "addr", "show", "tentative"])
+                    .output()
+                    .map_err(|e| format!("ip: {e}"))?;
+                if out.stdout.is_empty() {
+                    break;
+                }
+                if Instant::now() > end {
+                    return Err(format!(
+                        "addresses still tentative in {}: {}",
+                        ns.name,
+                        String::from_utf8_lossy(&out.stdout)
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         Ok(())
     }
 
