@@ -15,7 +15,8 @@
 //! matters), and serves across families: an IPv6-only peer reaches an IPv4-only node behind a
 //! NAT through the relay's IPv6 address. Behind a router whose IPv6 firewall drops inbound
 //! flows, the IPv6 address is withdrawn once a dial-back over IPv6 never arrives; a renumbered
-//! address is published in place of the old one.
+//! address is published in place of the old one. A peer whose IPv6 address has no route, or
+//! is black-holed, is reached over IPv4 within a second (Happy Eyeballs).
 
 mod support;
 
@@ -266,4 +267,52 @@ fn a_renumbered_ipv6_address_is_published_in_place_of_the_old_one() {
     for p in [b, r1] {
         p.quit(Duration::from_secs(5));
     }
+}
+
+#[test]
+fn an_unroutable_or_blackholed_ipv6_address_falls_back_to_ipv4_within_a_second() {
+    let test = "ipv6: fallback to IPv4";
+    let Some(nat) = Nat::build_ipv6(test) else {
+        return;
+    };
+    let dir = TempDir::new("ipv6-fallback");
+    // S on R1, both families on one socket; R1 silently drops IPv6 datagrams to its port.
+    let mut s = node(&nat.r1, &dir, "s", "[::]:4000", &[]);
+    let s_ready = ready_info(&s);
+    support::nat::nft(
+        &nat.r1,
+        "table ip6 bh {\n chain input {\n  type filter hook input priority 0; policy accept;\n  udp dport 4000 drop\n }\n}\n",
+    )
+    .expect("the black hole's rule");
+    let s_info = |v6: &str| {
+        let mut info = s_ready.clone();
+        info["connectionInfo"] = json!([
+            {"transportType": "udp6", "transportInfo": {"address": v6, "port": 4000,
+                "framing": "native"}},
+            {"transportType": "udp", "transportInfo": {"address": "203.0.113.10", "port": 4000,
+                "framing": "native"}},
+        ]);
+        info
+    };
+    let s_id = s_ready["signId"].clone();
+    // From R2: 2001:db8:ffff::1 has no route there (the send fails at once); 2001:db8::10 is
+    // routed, and black-holed.
+    for (name, v6) in [("x", "2001:db8:ffff::1"), ("y", "2001:db8::10")] {
+        let mut x = node(&nat.r2, &dir, name, "[::]:4000", &[]);
+        x.cmd(json!({"cmd": "nodeInfo", "nodeInfo": s_info(v6)}));
+        let topic = format!("fallback.{name}");
+        let t = std::time::Instant::now();
+        x.cmd(json!({"cmd": "send", "topic": topic, "to": s_id, "payload": 1}));
+        let want = format!("public.{topic}");
+        s.wait_for(LIMIT, |v| {
+            v["event"] == "message" && v["topic"] == want.as_str()
+        });
+        let took = t.elapsed();
+        let path = x.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == s_id);
+        assert_eq!(path["remote"], "203.0.113.10:4000", "{path}");
+        eprintln!("{v6}: delivered over IPv4 after {took:?}");
+        assert!(took < Duration::from_secs(1), "{v6}: {took:?}");
+        x.quit(Duration::from_secs(5));
+    }
+    s.quit(Duration::from_secs(5));
 }

@@ -434,8 +434,21 @@ impl Net {
                     (other.addr, addr)
                 };
                 ClientDriver::connect_racing(
-                    registry, token, first, second, head_start, config, now,
+                    registry,
+                    token,
+                    first,
+                    second,
+                    head_start,
+                    config.clone(),
+                    now,
                 )
+                .or_else(|e| {
+                    // No dual-stack socket (a system without IPv6): this endpoint alone.
+                    log::debug!("happy eyeballs: no dual-stack socket ({e}); dialling {addr}");
+                    ClientDriver::connect_with_framing(
+                        registry, token, kind, framing, addr, config, now,
+                    )
+                })
             }
             #[cfg(feature = "relay")]
             (true, _) => ClientDriver::connect_relayed(registry, token, addr, config, now),

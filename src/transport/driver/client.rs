@@ -339,9 +339,9 @@ impl ClientDriver {
         }
         if let Some(mut race) = self.race.take() {
             let peer = self.peer;
-            let sent = race.transmit(self, peer, now);
+            race.transmit(self, peer, now);
             self.race = Some(race);
-            return sent;
+            return Ok(());
         }
         let client = &mut self.client;
         let dialer = &mut self.dialer;

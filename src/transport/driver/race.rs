@@ -27,6 +27,10 @@ pub(super) struct Race {
     hello: Vec<u8>,
     /// Hellos go to `alt` too.
     both: bool,
+    /// Sending to the first address failed (no route): only `alt` is tried.
+    first_dead: bool,
+    /// The head start (for the log).
+    head_start: Duration,
 }
 
 impl Race {
@@ -41,38 +45,44 @@ impl Race {
     }
 
     /// Sends every packet the client has due: Hellos to the first address (and to `alt` once
-    /// its time has come), then the latest Hello to `alt` when that time comes.
-    pub(super) fn transmit(
-        &mut self,
-        d: &mut ClientDriver,
-        u_peer: SocketAddr,
-        now: Instant,
-    ) -> io::Result<()> {
+    /// its time has come, or at once when the first address cannot be sent to: no route, an
+    /// IPv6-less network), then the latest Hello to `alt` when that time comes. A send that
+    /// fails is that path lost, not the connection: the other may still answer (when both
+    /// fail, the client's connect timeout ends it).
+    pub(super) fn transmit(&mut self, d: &mut ClientDriver, u_peer: SocketAddr, now: Instant) {
         let ClientLink::Udp(u) = &mut d.link else {
-            return Ok(());
+            return;
+        };
+        let mut send = |pkt: &[u8], to: SocketAddr| match u.send_to(pkt, to) {
+            Ok(()) => true,
+            Err(e) => {
+                debug!("happy eyeballs: cannot send to {to}: {e}");
+                false
+            }
         };
         let buf = &mut d.buf[..];
         while let Some(n) = d.client.poll_transmit(now, buf) {
             let pkt = &buf[..n];
-            u.send_to(pkt, u_peer)?;
+            if !self.first_dead && !send(pkt, u_peer) {
+                self.first_dead = true;
+                self.both = true;
+            }
             if pkt.starts_with(HELLO_MAGIC) {
                 self.hello.clear();
                 self.hello.extend_from_slice(pkt);
                 if self.both {
-                    u.send_to(pkt, self.alt)?;
+                    send(pkt, self.alt);
                 }
             }
         }
         if !self.both && now >= self.alt_at && !self.hello.is_empty() {
             debug!(
                 "happy eyeballs: no answer from {u_peer} in {:?}, trying {} too",
-                self.alt_at.saturating_duration_since(now),
-                self.alt
+                self.head_start, self.alt
             );
             self.both = true;
-            u.send_to(&self.hello, self.alt)?;
+            send(&self.hello, self.alt);
         }
-        Ok(())
     }
 }
 
@@ -104,6 +114,8 @@ impl ClientDriver {
             alt_at: now + head_start,
             hello: Vec::new(),
             both: false,
+            first_dead: false,
+            head_start,
         });
         Ok(d)
     }
