@@ -24,8 +24,14 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use support::nat::{bootstrap, node, ready_info, relayed_via, udp_endpoints, Nat, LIMIT};
-use support::TempDir;
+use support::nat::{bootstrap, deliver, node, ready_info, relayed_via, udp_endpoints, Nat, LIMIT};
+use support::{Netns, TempDir};
+
+/// Runs `ip ARGS` in `ns`; panics if it fails.
+fn ip(ns: &Netns, args: &[&str]) {
+    let st = ns.command("ip").args(args).status().expect("ip");
+    assert!(st.success(), "ip {args:?}");
+}
 
 /// A relay on R1 listening on `[::]:4000`, and a bootstrap file listing it at both its
 /// addresses (a node on `::` publishes its IPv4 address only once a peer's dial-back proved
@@ -66,24 +72,15 @@ fn nodes_behind_ipv4_nats_reach_each_other_directly_over_ipv6() {
     assert_eq!(udp_endpoints(&b_info), [v6_b], "{b_info}");
 
     // A reaches B directly over IPv6.
-    let b_id = b_info["signId"].clone();
-    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
-    a.cmd(json!({"cmd": "send", "topic": "v6.hello", "to": b_id, "payload": 1}));
-    b.wait_for(LIMIT, |v| {
-        v["event"] == "message" && v["topic"] == "public.v6.hello"
-    });
-    let path = a.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == b_id);
+    let path = deliver(&mut a, &mut b, &b_info, "v6.hello");
     assert_eq!(path["path"], "direct", "{path}");
     assert_eq!(path["remote"], v6_b, "{path}");
 
     // An IPv4-only peer (R2 without its IPv6 address) reaches B through the relay.
-    let st = nat
-        .r2
-        .command("ip")
-        .args(["-6", "addr", "del", "2001:db8::11/64", "dev", "eth0"])
-        .status()
-        .expect("ip");
-    assert!(st.success());
+    ip(
+        &nat.r2,
+        &["-6", "addr", "del", "2001:db8::11/64", "dev", "eth0"],
+    );
     let mut c = node(
         &nat.r2,
         &dir,
@@ -91,12 +88,7 @@ fn nodes_behind_ipv4_nats_reach_each_other_directly_over_ipv6() {
         "203.0.113.11:4000",
         &["--bootstrap", &boot],
     );
-    c.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
-    c.cmd(json!({"cmd": "send", "topic": "v6.from4", "to": b_id, "payload": 2}));
-    b.wait_for(LIMIT, |v| {
-        v["event"] == "message" && v["topic"] == "public.v6.from4"
-    });
-    let path = c.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == b_id);
+    let path = deliver(&mut c, &mut b, &b_info, "v6.from4");
     assert_eq!(path["path"], "relayed", "{path}");
 
     for p in [a, b, c, r1] {
@@ -133,12 +125,7 @@ fn ipv6_addresses_behind_a_firewall_that_drops_inbound_are_withdrawn() {
     // from, B asks A to dial that back, A's probe is dropped, and B withdraws its IPv6
     // address, relayed over IPv4 alone.
     let a_info = ready_info(&a);
-    let a_id = a_info["signId"].clone();
-    b.cmd(json!({"cmd": "nodeInfo", "nodeInfo": a_info}));
-    b.cmd(json!({"cmd": "send", "topic": "fw.hello", "to": a_id, "payload": 1}));
-    a.wait_for(LIMIT, |v| {
-        v["event"] == "message" && v["topic"] == "public.fw.hello"
-    });
+    deliver(&mut b, &mut a, &a_info, "fw.hello");
     let info = b.wait_for(LIMIT, |v| {
         v["event"] == "nodeInfo"
             && relayed_via(&v["nodeInfo"]).is_some()
@@ -195,21 +182,9 @@ fn an_ipv6_only_peer_reaches_an_ipv4_only_node_through_a_dual_stack_relay() {
 
     // D has IPv6 alone (R2 without its IPv4 address): it reaches B through the relay's
     // IPv6 address, the relay forwarding to B's IPv4 binding.
-    let st = nat
-        .r2
-        .command("ip")
-        .args(["addr", "del", "203.0.113.11/24", "dev", "eth0"])
-        .status()
-        .expect("ip");
-    assert!(st.success());
+    ip(&nat.r2, &["addr", "del", "203.0.113.11/24", "dev", "eth0"]);
     let mut d = node(&nat.r2, &dir, "d", "[::]:4000", &[]);
-    let b_id = b_info["signId"].clone();
-    d.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
-    d.cmd(json!({"cmd": "send", "topic": "v6.relayed", "to": b_id, "payload": 3}));
-    b.wait_for(LIMIT, |v| {
-        v["event"] == "message" && v["topic"] == "public.v6.relayed"
-    });
-    let path = d.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == b_id);
+    let path = deliver(&mut d, &mut b, &b_info, "v6.relayed");
     assert_eq!(path["path"], "relayed", "{path}");
     assert_eq!(path["remote"], "[2001:db8::10]:4000", "{path}");
     for p in [b, d, r1] {
@@ -240,7 +215,8 @@ fn a_renumbered_ipv6_address_is_published_in_place_of_the_old_one() {
     );
     assert!(udp_endpoints(&ready_info(&b)).contains(&"[2001:db8:b::2]:4000".to_string()));
     // B's network is renumbered: its address changes under it.
-    for args in [
+    ip(
+        &nat.hb,
         &[
             "-6",
             "addr",
@@ -249,12 +225,12 @@ fn a_renumbered_ipv6_address_is_published_in_place_of_the_old_one() {
             "dev",
             "eth0",
             "nodad",
-        ][..],
-        &["-6", "addr", "del", "2001:db8:b::2/64", "dev", "eth0"][..],
-    ] {
-        let st = nat.hb.command("ip").args(args).status().expect("ip");
-        assert!(st.success(), "{args:?}");
-    }
+        ],
+    );
+    ip(
+        &nat.hb,
+        &["-6", "addr", "del", "2001:db8:b::2/64", "dev", "eth0"],
+    );
     let info = b.wait_for(LIMIT, |v| {
         v["event"] == "nodeInfo"
             && udp_endpoints(&v["nodeInfo"]).contains(&"[2001:db8:b::99]:4000".to_string())
@@ -294,21 +270,14 @@ fn an_unroutable_or_blackholed_ipv6_address_falls_back_to_ipv4_within_a_second()
         ]);
         info
     };
-    let s_id = s_ready["signId"].clone();
     // From R2: 2001:db8:ffff::1 has no route there (the send fails at once); 2001:db8::10 is
     // routed, and black-holed.
     for (name, v6) in [("x", "2001:db8:ffff::1"), ("y", "2001:db8::10")] {
         let mut x = node(&nat.r2, &dir, name, "[::]:4000", &[]);
-        x.cmd(json!({"cmd": "nodeInfo", "nodeInfo": s_info(v6)}));
-        let topic = format!("fallback.{name}");
+        // Timed from the nodeInfo on: the send follows it at once.
         let t = std::time::Instant::now();
-        x.cmd(json!({"cmd": "send", "topic": topic, "to": s_id, "payload": 1}));
-        let want = format!("public.{topic}");
-        s.wait_for(LIMIT, |v| {
-            v["event"] == "message" && v["topic"] == want.as_str()
-        });
+        let path = deliver(&mut x, &mut s, &s_info(v6), &format!("fallback.{name}"));
         let took = t.elapsed();
-        let path = x.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == s_id);
         assert_eq!(path["remote"], "203.0.113.10:4000", "{path}");
         eprintln!("{v6}: delivered over IPv4 after {took:?}");
         assert!(took < Duration::from_secs(1), "{v6}: {took:?}");

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use support::nat::{
-    bootstrap, node, ready_info, relayed_via, udp_endpoints, wait_relayed, Nat, LIMIT,
+    bootstrap, deliver, node, ready_info, relayed_via, udp_endpoints, wait_relayed, Nat, LIMIT,
 };
 use support::{JsonProc, Proc, TempDir};
 
@@ -84,13 +84,7 @@ fn a_node_behind_a_upnp_router_maps_its_port_and_is_reached_directly() {
     assert!(udp_endpoints(&a_info).is_empty(), "{a_info}");
 
     // A reaches B directly at the mapped endpoint.
-    let b_id = b_info["signId"].clone();
-    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
-    a.cmd(json!({"cmd": "send", "topic": "map.hello", "to": b_id, "payload": 1}));
-    b.wait_for(LIMIT, |v| {
-        v["event"] == "message" && v["topic"] == "public.map.hello"
-    });
-    let path = a.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == b_id);
+    let path = deliver(&mut a, &mut b, &b_info, "map.hello");
     assert_eq!(path["path"], "direct", "{path}");
     assert_eq!(path["remote"], "203.0.113.3:4000", "{path}");
     // B never took a relay.
@@ -113,13 +107,7 @@ fn a_node_behind_a_upnp_router_maps_its_port_and_is_reached_directly() {
     c.cmd(json!({"cmd": "connections"}));
     let conns = c.wait_for(LIMIT, |v| v["event"] == "connections");
     assert_eq!(conns["mappedPort"], Value::Null, "{conns}");
-    let c_id = c_info["signId"].clone();
-    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": c_info}));
-    a.cmd(json!({"cmd": "send", "topic": "map.relayed", "to": c_id, "payload": 2}));
-    c.wait_for(LIMIT, |v| {
-        v["event"] == "message" && v["topic"] == "public.map.relayed"
-    });
-    let path = a.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == c_id);
+    let path = deliver(&mut a, &mut c, &c_info, "map.relayed");
     assert_eq!(path["path"], "relayed", "{path}");
 
     for p in [a, b, c, r1] {
@@ -148,13 +136,7 @@ fn a_second_node_behind_the_same_router_is_checked_again_after_the_refusal() {
     assert!(relayed_via(&info).is_none(), "{info}");
     assert!(t.elapsed() >= Duration::from_secs(25), "{:?}", t.elapsed());
     let mut a = node(&nat.ha, &dir, "a", "0.0.0.0:4000", &["--bootstrap", &boot]);
-    let id = info["signId"].clone();
-    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": info}));
-    a.cmd(json!({"cmd": "send", "topic": "map.two", "to": id, "payload": 1}));
-    b2.wait_for(LIMIT, |v| {
-        v["event"] == "message" && v["topic"] == "public.map.two"
-    });
-    let path = a.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == id);
+    let path = deliver(&mut a, &mut b2, &info, "map.two");
     assert_eq!(path["path"], "direct", "{path}");
     assert_eq!(path["remote"], "203.0.113.3:4001", "{path}");
     for p in [a, b, b2, r1] {
@@ -215,13 +197,7 @@ fn a_node_behind_a_upnp_only_router_maps_with_upnp_igd_and_removes_it_on_close()
 
     // A, behind a router that maps nothing, reaches B directly.
     let mut a = node(&nat.ha, &dir, "a", "0.0.0.0:4000", &["--bootstrap", &boot]);
-    let b_id = b_info["signId"].clone();
-    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
-    a.cmd(json!({"cmd": "send", "topic": "map.upnp", "to": b_id, "payload": 1}));
-    b.wait_for(LIMIT, |v| {
-        v["event"] == "message" && v["topic"] == "public.map.upnp"
-    });
-    let path = a.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == b_id);
+    let path = deliver(&mut a, &mut b, &b_info, "map.upnp");
     assert_eq!(path["path"], "direct", "{path}");
     assert_eq!(path["remote"], "203.0.113.3:4000", "{path}");
 
@@ -281,13 +257,7 @@ fn a_tcp_listener_is_mapped_too_and_reached_over_tcp() {
         .filter(|e| e["transportType"] == "tcp")
         .cloned()
         .collect::<Vec<_>>());
-    let b_id = b_info["signId"].clone();
-    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": tcp_only}));
-    a.cmd(json!({"cmd": "send", "topic": "map.tcp", "to": b_id, "payload": 1}));
-    b.wait_for(LIMIT, |v| {
-        v["event"] == "message" && v["topic"] == "public.map.tcp"
-    });
-    let path = a.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == b_id);
+    let path = deliver(&mut a, &mut b, &tcp_only, "map.tcp");
     assert_eq!(path["path"], "direct", "{path}");
     assert_eq!(path["remote"], "203.0.113.3:4001", "{path}");
     for p in [a, b, r1] {

@@ -574,6 +574,21 @@ pub fn wait_relayed(p: &mut JsonProc, relay: &str) -> Value {
         .clone()
 }
 
+/// `from`, given `info` (another node's nodeInfo), sends that node one message on `topic`;
+/// waits until `to` (that node) has it, and returns `from`'s `path` event for it (direct or
+/// relayed, and the remote address).
+#[allow(dead_code)]
+pub fn deliver(from: &mut JsonProc, to: &mut JsonProc, info: &Value, topic: &str) -> Value {
+    let id = info["signId"].clone();
+    from.cmd(json!({"cmd": "nodeInfo", "nodeInfo": info}));
+    from.cmd(json!({"cmd": "send", "topic": topic, "to": id, "payload": 1}));
+    let want = format!("public.{topic}");
+    to.wait_for(LIMIT, |v| {
+        v["event"] == "message" && v["topic"] == want.as_str()
+    });
+    from.wait_for(LIMIT, |v| v["event"] == "path" && v["peer"] == id)
+}
+
 /// The nodeInfo of a node's `ready` event.
 pub fn ready_info(p: &JsonProc) -> Value {
     p.seen

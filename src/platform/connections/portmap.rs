@@ -45,8 +45,10 @@
 //! `DeletePortMapping` is a short blocking exchange on the LAN then (at most 250 ms to
 //! connect, 250 ms to write, 250 ms for the answer, which is only logged). A process killed
 //! (SIGKILL) leaves its mapping on the gateway until the lifetime asked for (2 h) runs out; the
-//! next run asks for the same port again, which PCP and NAT-PMP servers grant to the same
-//! client.
+//! next run asks for the same port again, which PCP and NAT-PMP servers (and UPnP ones, for
+//! the same internal client) grant to the same client. A UPnP router that only takes
+//! permanent leases (error 725) keeps a killed node's mapping until the node's next run
+//! replaces or removes it, or the router restarts.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -241,6 +243,16 @@ impl PortMap {
             wait_extended: false,
             timer: None,
         })
+    }
+
+    /// The gateway's ICMP "port unreachable" to one of our requests, reported on the connected
+    /// socket (by a receive or by a later send): no PCP or NAT-PMP server there, for either
+    /// mapper.
+    fn gateway_unreachable(&mut self) {
+        self.mapper.handle_unreachable();
+        if let Some(t) = self.tcp.as_mut() {
+            t.mapper.handle_unreachable();
+        }
     }
 
     /// Stops UPnP (PCP mapped, or UPnP gave up): its sockets are closed.
@@ -482,14 +494,7 @@ impl Net {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    // The gateway's ICMP "port unreachable", reported on a connected socket:
-                    // no PCP or NAT-PMP server there.
-                    p.mapper.handle_unreachable();
-                    if let Some(t) = p.tcp.as_mut() {
-                        t.mapper.handle_unreachable();
-                    }
-                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => p.gateway_unreachable(),
                 Err(e) => {
                     log::debug!("portmap: {e}");
                     break;
@@ -588,12 +593,7 @@ impl Net {
                     }
                 }
                 if refused {
-                    // The gateway's ICMP "port unreachable" to an earlier request, reported
-                    // on a send (the socket is connected): it concerns both mappers.
-                    p.mapper.handle_unreachable();
-                    if let Some(t) = p.tcp.as_mut() {
-                        t.mapper.handle_unreachable();
-                    }
+                    p.gateway_unreachable();
                 }
                 while let Some(e) = p.mapper.poll_event() {
                     pcp_events.push(e);
