@@ -23,7 +23,8 @@
 //! `--dht` adds the Kademlia DHT service (wire-compatible with the original
 //! `mm-services-kademlia`); it has no seeds of its own and joins through the nodes that
 //! `--bootstrap` and `--mdns` find (or that join it); its routing table and records are kept in
-//! `DIR`.
+//! `DIR`. With `--relay` the node announces itself there as a relay; a node behind a NAT that
+//! knows no relay finds one there (and keeps its choice in `DIR` for the next run).
 //!
 //! `DIR` is a [`FileStore`] (created if missing) holding the identity, the listen addresses of
 //! the last run and the offline buffer. Without `--udp`/`--tcp` the node listens where it did
@@ -60,10 +61,12 @@
 //! - `{"event":"nodeInfo","nodeInfo":{...}}` whenever our published nodeInfo changes
 //! - `{"event":"path","peer":"<signId>","path":"direct"|"relayed","remote":"ADDR:PORT"}`
 //!   when a connection's path is first known and whenever it changes
-//! - `{"event":"connections","id":ID,"list":[{"peer":...,"path":...,"remote":...,"family":"ipv4"|"ipv6","rttUs":...,"active":...}],"mappedPort":PORT,"mappedTcpPort":PORT,"mappedBy":"pcp"|"natpmp"|"upnp"}`
-//!   answering `{"cmd":"connections"}` (`id` when the command had one; `mappedPort` is the
-//!   public port our gateway forwards to our UDP listener and `mappedBy` the protocol that
-//!   got it, `mappedTcpPort` the one it forwards to our TCP listener; `null` without)
+//! - `{"event":"connections","id":ID,"list":[{"peer":...,"path":...,"remote":...,"family":"ipv4"|"ipv6","rttUs":...,"active":...}],"relay":{"signId":...,"address":"ADDR:PORT","rttUs":...},"mappedPort":PORT,"mappedTcpPort":PORT,"mappedBy":"pcp"|"natpmp"|"upnp"}`
+//!   answering `{"cmd":"connections"}` (`id` when the command had one; `relay` is the relay
+//!   we use behind a NAT, with the RTT measured when it was chosen among several;
+//!   `mappedPort` is the public port our gateway forwards to our UDP listener and `mappedBy`
+//!   the protocol that got it, `mappedTcpPort` the one it forwards to our TCP listener;
+//!   `null` without)
 //! - `{"event":"value","key":K,"value":V}` or `{"event":"value","key":K,"error":"..."}`
 //!   answering `{"cmd":"get"}`, and `{"event":"stored","key":K,"acks":N}` (nodes that took
 //!   the value) answering `{"cmd":"put"}` (with `--dht`)
@@ -910,7 +913,11 @@ fn command(ctx: &mut Context<'_>, state: &mut State, v: &Value) -> Result<(), Fa
                 })
                 .collect();
             let mapping = ctx.port_mapping();
-            let mut out = json!({"event": "connections", "list": list,
+            let relay = ctx.relay().map(|r| {
+                json!({"signId": r.sign_id.to_string(), "address": r.addr.to_string(),
+                    "rttUs": r.rtt.map(|t| t.as_micros() as u64)})
+            });
+            let mut out = json!({"event": "connections", "list": list, "relay": relay,
             "mappedTcpPort": ctx.tcp_port_mapping().map(|m| m.external_port),
             "mappedPort": mapping.map(|m| m.external_port),
             "mappedBy": mapping.map(|m| match m.protocol {

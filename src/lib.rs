@@ -99,8 +99,8 @@ pub use bus::{check_pattern, check_topic, SubscriptionId, TopicError};
 pub use identity::{BoxId, SignId};
 pub use platform::{
     Address, BuildError, CloseReport, ConnectionStats, Context, DeliveryError, Event, Handle,
-    Limits, Message, MessageId, NetConfig, NodeInfo, Platform, PlatformBuilder, Scope, SendError,
-    SendOptions, SendResult, Stats,
+    Limits, Message, MessageId, NetConfig, NodeInfo, Platform, PlatformBuilder, RelayInUse, Scope,
+    SendError, SendOptions, SendResult, Stats,
 };
 pub use shared::Shared;
 // The transport types the platform's configuration and statistics name ([`NetConfig`],

@@ -21,7 +21,9 @@ use mm_platform::identity::{BoxId, Identity, SignId};
 use mm_platform::proto::kademlia::id::NodeId;
 use mm_platform::proto::kademlia::json::JsValue;
 use mm_platform::proto::kademlia::rpc;
-use mm_platform::proto::kademlia::state::{Config, KadEvent, KadState, Origin, Transmit};
+use mm_platform::proto::kademlia::state::{
+    relay_key, relay_slot, Config, KadEvent, KadState, LookupKindTag, Origin, Transmit, RELAY_SLOTS,
+};
 use mm_platform::services::kademlia::{Kademlia, KademliaConfig, KademliaInfo};
 use mm_platform::storage::{FileStore, MemStore};
 use mm_platform::{Message, NetConfig, Platform};
@@ -41,13 +43,23 @@ struct Node {
     info: Value,
 }
 
+/// A nodeInfo endpoint offering relaying (as a node with `NetConfig::relay` lists it).
+fn relay_endpoint() -> Value {
+    json!({"transportType": "udp", "transportInfo":
+        {"address": "192.0.2.7", "port": 4000, "framing": "native", "relay": true}})
+}
+
 impl Node {
     fn new(cfg: Config) -> Node {
+        Node::with_endpoints(cfg, vec![])
+    }
+
+    fn with_endpoints(cfg: Config, endpoints: Vec<Value>) -> Node {
         let id = Identity::generate();
         let info = json!({
             "signId": id.sign_id().to_string(),
             "boxId": id.box_id().to_string(),
-            "connectionInfo": [],
+            "connectionInfo": endpoints,
         });
         let st = KadState::new(
             cfg,
@@ -423,6 +435,114 @@ fn nobody_stores_a_record_for_someone_elses_id() {
     ));
     // Plus a's own three records, stored when b became its first contact.
     assert_eq!(a.st.items_len(), 6);
+}
+
+/// The signIds among the nodeInfos a node reported.
+fn reported(node: &mut Node) -> Vec<String> {
+    node.events()
+        .into_iter()
+        .filter_map(|e| match e {
+            KadEvent::NodeInfo(v) => v["signId"].as_str().map(str::to_owned),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_node_finds_a_relay_it_never_met_through_the_relay_records() {
+    // A small k, so that a join meets only part of the 60 nodes.
+    let cfg = Config {
+        k: 3,
+        ..Config::default()
+    };
+    let mut nodes = small_net(60, cfg);
+    let mut relay = Node::with_endpoints(cfg, vec![relay_endpoint()]);
+    let relay_sign = relay.sign_id().to_string();
+    relay.st.connect(&nodes[0].info, Instant::now(), now_ms());
+    nodes.push(relay);
+    pump(&mut nodes);
+    let r = nodes.len() - 1;
+    assert!(nodes[r].st.is_joined());
+    let slot = relay_slot(&nodes[r].sign_id());
+    assert!(
+        nodes[r].st.local_value(&relay_key(slot)).is_some(),
+        "the relay announced itself"
+    );
+    // Nodes that have not heard of the relay: neither reported it nor hold it.
+    let strangers: Vec<usize> = (1..r)
+        .filter(|&i| {
+            let heard = reported(&mut nodes[i]).contains(&relay_sign);
+            !heard
+                && !nodes[i]
+                    .st
+                    .contacts()
+                    .iter()
+                    .any(|c| c["signId"] == relay_sign)
+        })
+        .collect();
+    assert!(strangers.len() >= 10, "only {} strangers", strangers.len());
+    for &f in strangers.iter().take(5) {
+        nodes[f].st.find_relays(Instant::now(), now_ms());
+        pump(&mut nodes);
+        let found = reported(&mut nodes[f]);
+        assert!(found.contains(&relay_sign), "node {f} found {found:?}");
+        let lookups = nodes[f].st.take_finished();
+        let relay_lookups: Vec<_> = lookups
+            .iter()
+            .filter(|l| l.kind == LookupKindTag::Relay)
+            .collect();
+        assert_eq!(relay_lookups.len(), usize::from(RELAY_SLOTS));
+        assert_eq!(relay_lookups.iter().filter(|l| l.found).count(), 1);
+    }
+    // A search already running is not started twice; none starts without contacts.
+    let f = strangers[5];
+    nodes[f].st.find_relays(Instant::now(), now_ms());
+    let running = nodes[f].st.lookups_len();
+    nodes[f].st.find_relays(Instant::now(), now_ms());
+    assert_eq!(nodes[f].st.lookups_len(), running);
+    pump(&mut nodes);
+    let mut alone = Node::new(cfg);
+    alone.st.find_relays(Instant::now(), now_ms());
+    assert_eq!(alone.st.lookups_len(), 0);
+    assert!(alone.transmits().is_empty());
+}
+
+#[test]
+fn relay_records_are_only_stored_by_the_relay_in_its_slot() {
+    let mut a = Node::new(Config::default());
+    let relay = Node::with_endpoints(Config::default(), vec![relay_endpoint()]);
+    let plain = Node::new(Config::default());
+    let send = |a: &mut Node, from: &Node, key: &str, value: &Value| {
+        let before = a.st.stats().stores_refused;
+        let item = store_item(key, JsValue::from_serde(value), from);
+        a.receive(from, &request_from(from, "STORE", item, now_ms()));
+        let answered = a.responses() > 0;
+        assert_eq!(answered, a.st.stats().stores_refused == before);
+        answered
+    };
+    let slot = relay_slot(&relay.sign_id());
+    let other = (slot + 1) % RELAY_SLOTS;
+    // The relay's record, by someone else: refused; in another slot: refused.
+    assert!(!send(&mut a, &plain, &relay_key(slot), &relay.info));
+    assert!(!send(&mut a, &relay, &relay_key(other), &relay.info));
+    // A node that offers no relaying, in its own slot: refused.
+    let plain_slot = relay_slot(&plain.sign_id());
+    assert!(!send(&mut a, &plain, &relay_key(plain_slot), &plain.info));
+    // Not a nodeInfo, a slot out of range or written otherwise: refused.
+    assert!(!send(&mut a, &relay, &relay_key(slot), &json!("x")));
+    assert!(!send(&mut a, &relay, "relay:8", &relay.info));
+    assert!(!send(
+        &mut a,
+        &relay,
+        &format!("relay:0{slot}"),
+        &relay.info
+    ));
+    // The relay's own record in its slot: accepted.
+    assert!(send(&mut a, &relay, &relay_key(slot), &relay.info));
+    assert_eq!(
+        a.st.local_value(&relay_key(slot)).as_ref(),
+        Some(&relay.info)
+    );
 }
 
 #[test]

@@ -168,7 +168,7 @@ pub mod turns;
 
 pub use circles::Circles;
 pub use close::CloseReport;
-pub use connections::{ConnectionStats, DeliveryCallback, DeliveryError, NetConfig};
+pub use connections::{ConnectionStats, DeliveryCallback, DeliveryError, NetConfig, RelayInUse};
 pub use directory::{Directory, NodeInfo};
 pub use events::Event;
 pub use handle::Handle;
@@ -1306,6 +1306,13 @@ macro_rules! shared_methods {
                 .net
                 .as_ref()
                 .and_then(|n| n.tcp_port_mapping())
+        }
+
+        /// The relay we use while behind a NAT, once it confirmed our reservation (see
+        /// [`NetConfig::use_relays`]); `None` without one (always without the cargo feature
+        /// `relay`).
+        pub fn relay(&self) -> Option<crate::RelayInUse> {
+            self.core_ref().net.as_ref().and_then(|n| n.relay_in_use())
         }
 
         /// Messages waiting in the offline buffer (persisted, not yet acknowledged).

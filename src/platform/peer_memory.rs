@@ -40,7 +40,7 @@ fn key_of(sign: &SignId) -> String {
     format!("{KEY_PREFIX}{}", to_hex(&sign.0 .0))
 }
 
-fn encode(info: &NodeInfo, used_ms: u64) -> Vec<u8> {
+pub(crate) fn encode(info: &NodeInfo, used_ms: u64) -> Vec<u8> {
     let json = info.to_json().to_string();
     let mut out = Vec::with_capacity(12 + json.len() + CHECKSUM_LEN);
     out.extend_from_slice(MAGIC);
@@ -52,7 +52,7 @@ fn encode(info: &NodeInfo, used_ms: u64) -> Vec<u8> {
 }
 
 /// Decodes and checks a record (see the module docs).
-fn decode(bytes: &[u8], keys: &mut KeyCache) -> Result<(NodeInfo, u64), String> {
+pub(crate) fn decode(bytes: &[u8], keys: &mut KeyCache) -> Result<(NodeInfo, u64), String> {
     if bytes.len() > MAX_RECORD {
         return Err(format!("{} bytes, more than {MAX_RECORD}", bytes.len()));
     }

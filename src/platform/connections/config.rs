@@ -199,6 +199,18 @@ impl std::error::Error for DeliveryError {}
 /// A delivery callback: called once, on the reactor's thread, with the outcome.
 pub type DeliveryCallback = Box<dyn FnOnce(&mut Context<'_>, Result<(), DeliveryError>) + Send>;
 
+/// The relay a node behind a NAT uses, from `Context::relay` (cargo feature `relay`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayInUse {
+    /// The relay node.
+    pub sign_id: SignId,
+    /// Its relay address, where our relayed endpoint points.
+    pub addr: std::net::SocketAddr,
+    /// The round-trip time measured when it was chosen among several candidates (`None`:
+    /// it was the only one, or our choice in an earlier run).
+    pub rtt: Option<Duration>,
+}
+
 /// Statistics of one connection, from [`crate::platform::Platform::connections`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionStats {

@@ -186,7 +186,7 @@ mod receiving;
 mod sending;
 mod turn;
 
-pub use config::{ConnectionStats, DeliveryCallback, DeliveryError, NetConfig};
+pub use config::{ConnectionStats, DeliveryCallback, DeliveryError, NetConfig, RelayInUse};
 pub(crate) use context::{Cx, Output};
 pub(crate) use receiving::{parse_directory_reply, parse_node_info};
 
@@ -303,6 +303,9 @@ enum NetTimer {
     /// Our relay reservation is bound (again).
     #[cfg(feature = "relay")]
     RelayBind,
+    /// Relay candidates are looked at again (a probe's deadline, the next search).
+    #[cfg(feature = "relay")]
+    RelayWait,
     /// A dial-back check's time is up.
     DialBack,
     /// The spare frame buffers may be released.
@@ -657,6 +660,7 @@ impl Net {
             acks_stored_at: now,
             records_delivered: 0,
         };
+        net.reach.restore_relay_choice(storage);
         net.portmap_start(now);
         net.interfaces_start(now);
         Ok(net)

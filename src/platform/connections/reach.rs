@@ -29,7 +29,8 @@
 //!   latest peer that sent us `observed`); a lost one starts the reachability question over.
 //! - *Relays*: a node behind a NAT that knows a node offering relaying (its nodeInfo's UDP
 //!   endpoint says `"relay": true`; from the bootstrap list, a nodeInfo given to it,
-//!   discovery) connects to it, asks for a reservation (`mm`/`relay.reserve`; answered by
+//!   discovery, a relay search in a DHT) chooses one (by RTT among several; the choice of
+//!   the last run first: see `relay.rs`), connects to it, asks for a reservation (`mm`/`relay.reserve`; answered by
 //!   `mm`/`relay.ok` with a 16-byte token in hex, or `mm`/`relay.no`), binds it from its
 //!   listening socket every [`NetConfig::relay_bind_interval`] (retried every
 //!   [`relay::BIND_RETRY`] until the relay confirms, at most [`relay::BIND_TRIES`] times), and then
@@ -179,6 +180,11 @@ pub(super) fn global_v6(a: Ipv6Addr) -> bool {
 }
 
 impl Reach {
+    /// Takes back the relay chosen in an earlier run (see `relay`'s module docs).
+    pub(super) fn restore_relay_choice(&mut self, storage: &mut dyn crate::storage::Storage) {
+        self.relays.restore_choice(storage);
+    }
+
     pub(super) fn new(bound: &[Endpoint]) -> Reach {
         let mut r = Reach {
             bound: bound.to_vec(),
@@ -287,6 +293,11 @@ impl Net {
         &self.reach.published
     }
 
+    /// The relay we use, once it confirmed our reservation.
+    pub(crate) fn relay_in_use(&self) -> Option<super::RelayInUse> {
+        self.reach.relays.in_use()
+    }
+
     /// Whether the published endpoints changed since the last call.
     pub(crate) fn take_endpoints_changed(&mut self) -> bool {
         std::mem::take(&mut self.reach.changed)
@@ -333,10 +344,13 @@ impl Net {
     }
 
     /// Connection `k` of peer `b` ended (`k` already out of the slab): a relay reservation of
-    /// the peer goes, and if it was our relay we look for another.
+    /// the peer goes, and if it was our relay (or a relay candidate we probed) we look for
+    /// another. A connection that was not the peer's active one counts only when the peer
+    /// has no other (a dial that failed), not when it lost a race to another.
     pub(super) fn reach_conn_lost(&mut self, b: BoxId, was_active: bool, now: Instant) {
-        if was_active {
-            self.relay_conn_lost(b, now);
+        let connected = self.peers.get(&b).is_some_and(|p| p.online);
+        if was_active || !connected {
+            self.relay_conn_lost(b, was_active, now);
         }
     }
 
@@ -562,7 +576,6 @@ impl Net {
             // inbound traffic (a firewall may drop it).
             self.reach.last_observed6 = Some((b, seen));
             self.maybe_check6(now);
-            self.relay_observed(b, now);
             return;
         }
         self.reach.last_observed = Some((b, seen));
@@ -572,7 +585,6 @@ impl Net {
             self.reach.nat_hint = true;
         }
         self.maybe_check(now);
-        self.relay_observed(b, now);
     }
 
     /// Starts a dial-back check with the latest peer that sent `observed` if reachability is

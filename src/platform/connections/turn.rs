@@ -88,6 +88,7 @@ impl Net {
             self.server_backlog.push_back(ev);
         }
         self.nat_events(now);
+        self.relay_pump(cx);
     }
 
     /// One connection's share of the pump: a JavaScript server's finished handshake
@@ -191,6 +192,8 @@ impl Net {
                 }
                 #[cfg(feature = "relay")]
                 NetTimer::RelayBind => self.relay_bind_due(now),
+                #[cfg(feature = "relay")]
+                NetTimer::RelayWait => self.relay_wait_due(now),
                 NetTimer::DialBack => self.dial_back_due(now),
                 NetTimer::PortMap => self.portmap_due(now),
                 NetTimer::DialBackRetry => self.dial_back_retry_due(now),

@@ -24,6 +24,10 @@
 //!   service's own API, for applications such as `examples/node.rs`).
 //! - `self.transports.myNodeInfo`: our contact carries the newest nodeInfo.
 //! - `self.transports.nodeInfoBootstrap` (mDNS, the static list): joins through that node.
+//! - `self.transports.findRelay` (the platform, when it needs a relay and knows none that
+//!   works): looks the relay records up; each relay found is published as
+//!   `transports.nodeInfo`. A node whose nodeInfo offers relaying announces itself there
+//!   (see "Relays" in `state`, [`crate::proto::kademlia::state`]).
 //!
 //! # Records it stores
 //!
@@ -209,7 +213,7 @@ impl Kademlia {
                         let reply = json!({ "key": key, "error": e });
                         let _ = ctx.messaging().send("dht.value", "local", &reply);
                     }
-                    (Origin::Resolution, _) => {}
+                    (Origin::Resolution | Origin::Relay, _) => {}
                 },
                 KadEvent::Stored { key, acks } => {
                     let reply = json!({ "key": key, "acks": acks });
@@ -284,6 +288,7 @@ impl Service for Kademlia {
             "self.transports.myNodeInfo",
             "self.transports.requestNodeInfo",
             "self.transports.nodeInfoBootstrap",
+            "self.transports.findRelay",
             "self.directory.get",
             "self.directory.put",
             "self.dht.get",
@@ -329,6 +334,7 @@ impl Service for Kademlia {
         match msg.topic.as_str() {
             "transports.myNodeInfo" => state.set_my_node_info(&value, now, now_ms),
             "transports.nodeInfoBootstrap" => state.connect(&value, now, now_ms),
+            "transports.findRelay" => state.find_relays(now, now_ms),
             "transports.requestNodeInfo" => {
                 if let Some(key) = value.as_str() {
                     state.request_node_info(key, now, now_ms);

@@ -36,6 +36,20 @@
 //! - `nodeInfo:<signId>` holds that node's nodeInfo, and only that node may store it (the
 //!   STORE must come from it; the nodeInfo's ids must match). The original has no such record;
 //!   a resolution falls back to it when the node itself cannot be found.
+//! - `relay:<slot>` ([`relay_key`], slot 0 to [`RELAY_SLOTS`]` - 1`) holds the nodeInfo of a
+//!   node that offers relaying (one of its endpoints says so), stored by that node, in the slot
+//!   its signId falls in ([`relay_slot`]).
+//!
+//! # Relays
+//!
+//! A node offering relaying announces itself once joined, when its nodeInfo changes, and every
+//! [`Config::relay_announce`], by storing its nodeInfo under its relay slot. A node that needs
+//! a relay ([`KadState::find_relays`]) looks up all the slots; each nodeInfo found that offers
+//! relaying is reported as a [`KadEvent::NodeInfo`], which the platform takes as a relay
+//! candidate. A slot holds one relay at each storing node (relays in the same slot replace one
+//! another), so a search sees at most [`RELAY_SLOTS`] relays at a time, spread by signId; a
+//! relay that has gone stays listed until its record expires ([`Config::expire`]), and the
+//! platform gives it up when it cannot reach it.
 //!
 //! Memory is bounded: the table (see [`super::table`]), [`Config::max_pending`] RPCs,
 //! [`Config::max_lookups`] lookups, [`Config::max_items`] items of at most
@@ -53,6 +67,33 @@ use crate::identity::{BoxId, KeyCache, SignId};
 
 /// Prefix of the key of a node's own nodeInfo record.
 pub const NODE_INFO_PREFIX: &str = "nodeInfo:";
+/// Prefix of the keys under which relays announce themselves ([`relay_key`]).
+pub const RELAY_PREFIX: &str = "relay:";
+/// Slots of relay records: a relay search looks up this many keys.
+pub const RELAY_SLOTS: u8 = 8;
+
+/// The key of relay slot `slot` (`relay:0` .. `relay:7`).
+pub fn relay_key(slot: u8) -> String {
+    format!("{RELAY_PREFIX}{slot}")
+}
+
+/// The relay slot of the node `sign` (its first byte modulo [`RELAY_SLOTS`]).
+pub fn relay_slot(sign: &SignId) -> u8 {
+    sign.0 .0[0] % RELAY_SLOTS
+}
+
+/// Whether a nodeInfo lists an endpoint that offers relaying (`"relay": true` in its
+/// `transportInfo`).
+pub fn offers_relay(info: &JsValue) -> bool {
+    let Some(JsValue::Arr(endpoints)) = info.get("connectionInfo") else {
+        return false;
+    };
+    endpoints.iter().any(|e| {
+        e.get("transportInfo")
+            .and_then(|t| t.get("relay"))
+            .is_some_and(|r| matches!(r, JsValue::Bool(true)))
+    })
+}
 
 /// Parameters (the defaults are `kad` 1.6.5's constants).
 #[derive(Debug, Clone, Copy)]
@@ -95,6 +136,9 @@ pub struct Config {
     pub max_value_bytes: usize,
     /// Signatures remembered to refuse replays (8192).
     pub replay_cache: usize,
+    /// A node offering relaying stores its relay record again this often (10 min; see
+    /// "Relays" in the module docs).
+    pub relay_announce: Duration,
 }
 
 impl Default for Config {
@@ -117,6 +161,7 @@ impl Default for Config {
             max_key_bytes: 512,
             max_value_bytes: 16 * 1024,
             replay_cache: 8192,
+            relay_announce: Duration::from_secs(600),
         }
     }
 }
@@ -142,6 +187,9 @@ pub enum Origin {
     /// as [`KadEvent::NodeInfo`], nothing found as [`KadEvent::NotFound`]; never a
     /// [`KadEvent::Value`].
     Resolution,
+    /// A relay search ([`KadState::find_relays`]): a relay's nodeInfo found is reported as
+    /// [`KadEvent::NodeInfo`]; nothing else is reported.
+    Relay,
 }
 
 /// What the node tells its host.
@@ -198,6 +246,8 @@ pub enum LookupKindTag {
     Get,
     /// The nodes to store a value at.
     Put,
+    /// A relay slot ([`KadState::find_relays`]).
+    Relay,
 }
 
 /// Counters.
@@ -326,6 +376,8 @@ pub struct KadState {
     joined: bool,
     next_refresh: Instant,
     next_replicate: Instant,
+    /// When our relay record is stored again (while our nodeInfo offers relaying).
+    next_relay_announce: Option<Instant>,
     stats: KadStats,
     dirty: bool,
 }
@@ -369,6 +421,7 @@ impl KadState {
             joined: false,
             next_refresh: now + cfg.refresh,
             next_replicate: now + cfg.replicate,
+            next_relay_announce: None,
             stats: KadStats::default(),
             dirty: false,
         })
@@ -829,6 +882,11 @@ impl KadState {
             };
             return c.sign_id == sign && storer.is_none_or(|s| s.sign_id == sign);
         }
+        if key.starts_with(RELAY_PREFIX) {
+            return self
+                .relay_record(key, value)
+                .is_some_and(|c| storer.is_none_or(|s| s.sign_id == c.sign_id));
+        }
         if key.len() == 44 {
             if let Ok(k_box) = key.parse::<BoxId>() {
                 let Some(v) = value.as_str() else {
@@ -850,6 +908,56 @@ impl KadState {
             }
         }
         true
+    }
+
+    /// The relay named by a `relay:<slot>` record, if the record is one: a valid nodeInfo
+    /// offering relaying, in its node's slot.
+    fn relay_record(&mut self, key: &str, value: &JsValue) -> Option<Contact> {
+        let slot: u8 = key.strip_prefix(RELAY_PREFIX)?.parse().ok()?;
+        if key != relay_key(slot) || slot >= RELAY_SLOTS || !offers_relay(value) {
+            return None;
+        }
+        let c = Contact::from_node_info(value, &mut self.keys, 0.0)?;
+        (relay_slot(&c.sign_id) == slot).then_some(c)
+    }
+
+    /// Looks for relays: a lookup of each relay slot (see "Relays" in the module docs); the
+    /// relays found are reported as [`KadEvent::NodeInfo`]. Not started while an earlier
+    /// search runs, nor before the node knows any other.
+    pub fn find_relays(&mut self, now: Instant, now_ms: f64) {
+        let running = self.lookups.values().any(|l| {
+            matches!(
+                l.kind,
+                Kind::Get {
+                    origin: Origin::Relay
+                }
+            )
+        });
+        if running || self.table.is_empty() {
+            return;
+        }
+        for slot in 0..RELAY_SLOTS {
+            self.get(&relay_key(slot), Origin::Relay, now, now_ms);
+        }
+    }
+
+    /// Stores our relay record if our nodeInfo offers relaying (and plans the next time).
+    fn announce_relay(&mut self, now: Instant, now_ms: f64) {
+        let key = relay_key(relay_slot(&self.me.sign_id));
+        if !offers_relay(&self.me.node_info) {
+            // No longer a relay: our copy is not republished (others' expire).
+            let me = self.me.id.to_hex();
+            if self.items.get(&key).is_some_and(|i| i.publisher == me) {
+                self.items.remove(&key);
+                self.dirty = true;
+            }
+            self.next_relay_announce = None;
+            return;
+        }
+        log::debug!("kademlia: announcing ourselves as a relay under {key}");
+        let (info, me) = (self.me.node_info.clone(), self.me.id.to_hex());
+        self.put_js(&key, info, me, now_ms.floor(), true, now, now_ms);
+        self.next_relay_announce = Some(now + self.cfg.relay_announce);
     }
 
     fn expire_item(&mut self, key: &str, now_ms: f64) {
@@ -1176,7 +1284,15 @@ impl KadState {
                     let c = c.contact.clone();
                     self.send_request(&c, "STORE", params, Purpose::Store(None), now, now_ms);
                 }
-                if origin == Origin::Resolution {
+                if origin == Origin::Relay {
+                    record.kind = LookupKindTag::Relay;
+                    let relay = value.and_then(|v| self.relay_record(&l.key, &v));
+                    record.found = relay.is_some();
+                    if let Some(c) = relay.filter(|c| c.id != self.me.id) {
+                        self.reported.remove(&c.box_id);
+                        self.report(&c);
+                    }
+                } else if origin == Origin::Resolution {
                     match value.and_then(|v| Contact::from_node_info(&v, &mut self.keys, now_ms)) {
                         Some(c) => {
                             self.reported.remove(&c.box_id);
@@ -1274,6 +1390,7 @@ impl KadState {
             now,
             now_ms,
         );
+        self.announce_relay(now, now_ms);
     }
 
     /// Timers: RPC timeouts, lookups, refresh, replication, expiry.
@@ -1362,6 +1479,9 @@ impl KadState {
             self.next_replicate = now + self.cfg.replicate;
             self.replicate(now, now_ms);
         }
+        if self.joined && self.next_relay_announce.is_some_and(|t| now >= t) {
+            self.announce_relay(now, now_ms);
+        }
     }
 
     fn end_put(&mut self, l: PutWait, now: Instant) {
@@ -1394,9 +1514,11 @@ impl KadState {
             .map(|(k, i)| (k.clone(), i.clone()))
             .collect();
         for (key, item) in all {
-            // Another node's nodeInfo record is only accepted from that node: not ours to
-            // replicate.
-            if item.publisher != me && key.starts_with(NODE_INFO_PREFIX) {
+            // Another node's nodeInfo or relay record is only accepted from that node: not
+            // ours to replicate.
+            if item.publisher != me
+                && (key.starts_with(NODE_INFO_PREFIX) || key.starts_with(RELAY_PREFIX))
+            {
                 continue;
             }
             if item.publisher != me {
@@ -1426,6 +1548,9 @@ impl KadState {
     /// The next instant [`Self::handle_timeout`] has work.
     pub fn next_deadline(&self) -> Option<Instant> {
         let mut next = self.next_refresh.min(self.next_replicate);
+        if let Some(t) = self.next_relay_announce {
+            next = next.min(t);
+        }
         for p in self.pending.values() {
             next = next.min(p.deadline);
         }

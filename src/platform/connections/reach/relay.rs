@@ -1,7 +1,24 @@
 //! Relays and hole punching, the parts of reachability that need the cargo feature `relay`
-//! (without it `relay_off.rs` stands in): the relay we use and the candidates, the
-//! reservation's binds, serving reservations for others, and the punch of a connection that
-//! came through our relay. The protocol is described in [`super`]'s docs.
+//! (without it `relay_off.rs` stands in): the relay we use and the candidates, how one is
+//! chosen, searched for and remembered, the reservation's binds, serving reservations for
+//! others, and the punch of a connection that came through our relay. The protocol is
+//! described in [`super`]'s docs.
+//!
+//! # Choosing a relay
+//!
+//! Every nodeInfo that arrives with an endpoint offering relaying (from a bootstrap list,
+//! mDNS, a DHT) makes its node a candidate (at most [`MAX_CANDIDATES`]). A node behind a NAT
+//! with several candidates measures up to [`MAX_PROBES`] of them first (`mm`/`relay.ping`,
+//! answered `relay.pong`; the connection's smoothed RTT, or the time to the answer when the
+//! connection has no estimate yet) and reserves at the one with the smallest RTT; a candidate
+//! that does not answer within [`PROBE_TIMEOUT`], refuses, or cannot be reached is not tried
+//! again in this run. The relay a reservation was confirmed at is written to storage
+//! ([`CHOICE_KEY`]) and taken back first, without measuring, after a restart.
+//!
+//! A node behind a NAT that has no usable candidate publishes `self.transports.findRelay` on
+//! the bus; a DHT service (Kademlia) answers with the relays it finds, as
+//! `transports.nodeInfo`. The search is asked again while none works, after
+//! [`SEARCH_FIRST`], doubling up to [`SEARCH_MAX`].
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -10,6 +27,9 @@ use std::time::{Duration, Instant};
 use super::{
     hex, unhex, BoxId, Endpoint, Link, Net, NetTimer, NodeInfo, Path, Reach, TimerId, TOKEN_LEN,
 };
+use crate::platform::connections::Cx;
+use crate::platform::peer_memory;
+use crate::storage::Storage;
 use crate::transport::ServerDriver;
 use crate::NetConfig;
 
@@ -18,7 +38,60 @@ pub const BIND_RETRY: Duration = Duration::from_millis(300);
 /// Unconfirmed binds before a relay is given up.
 pub const BIND_TRIES: u32 = 10;
 /// Relay candidates remembered.
-const MAX_CANDIDATES: usize = 16;
+pub const MAX_CANDIDATES: usize = 16;
+/// Candidates measured before one is chosen (and probes in flight at once).
+pub const MAX_PROBES: usize = 3;
+/// A probed candidate that has not answered after this long is given up.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first wait before a relay search is asked again.
+pub const SEARCH_FIRST: Duration = Duration::from_secs(5);
+/// The longest wait between relay searches.
+pub const SEARCH_MAX: Duration = Duration::from_secs(300);
+/// The storage key of the relay chosen last (the relay's nodeInfo, in the record format of
+/// the remembered peers).
+pub const CHOICE_KEY: &str = "relay-choice";
+
+/// A node offering relaying that we may use.
+struct Candidate {
+    info: NodeInfo,
+    /// Its relay address (IPv4 when it has one).
+    addr: SocketAddr,
+    /// Its IPv6 relay address beside an IPv4 one.
+    alt: Option<SocketAddr>,
+    /// Measured by a probe.
+    rtt: Option<Duration>,
+    /// Our choice in an earlier run.
+    remembered: bool,
+}
+
+/// When a relay search may be asked: at once the first time, then after [`SEARCH_FIRST`],
+/// doubling up to [`SEARCH_MAX`], until [`SearchPacer::reset`] (a relay confirmed).
+#[derive(Default)]
+struct SearchPacer {
+    /// No search before this.
+    next: Option<Instant>,
+    /// The wait after the next search.
+    every: Duration,
+}
+
+impl SearchPacer {
+    /// `Ok` (and the search counts as asked now) if a search may be asked at `now`;
+    /// otherwise the time from which it may.
+    fn ask(&mut self, now: Instant) -> Result<Instant, Instant> {
+        if let Some(t) = self.next.filter(|t| now < *t) {
+            return Err(t);
+        }
+        let every = self.every.max(SEARCH_FIRST);
+        self.next = Some(now + every);
+        self.every = (every * 2).min(SEARCH_MAX);
+        Ok(now + every)
+    }
+
+    /// The next search may be asked at once, and waits start from the first again.
+    fn reset(&mut self) {
+        *self = SearchPacer::default();
+    }
+}
 
 /// The relay we use.
 struct RelayUse {
@@ -37,19 +110,67 @@ struct RelayUse {
 #[derive(Default)]
 pub(super) struct Relays {
     relay: Option<RelayUse>,
-    /// Nodes offering relaying, with their relay address.
-    candidates: Vec<(BoxId, SocketAddr, Option<SocketAddr>)>,
-    /// Candidates that refused or went away.
+    /// Nodes offering relaying.
+    candidates: Vec<Candidate>,
+    /// Candidates that refused, went away or did not answer.
     failed: HashSet<BoxId>,
-    /// The relay candidate a connection was opened to (to learn our observed address).
-    probing: Option<BoxId>,
+    /// Candidates probed, with when (`relay.ping` sent, answer awaited).
+    probing: Vec<(BoxId, Instant)>,
     bind_timer: Option<TimerId>,
+    /// Calls [`Net::next_relay`] again (a probe's deadline, the next search).
+    wait_timer: Option<(TimerId, Instant)>,
+    /// `transports.findRelay` is to be published (by [`Net::relay_pump`]).
+    search_due: bool,
+    /// When searches may be asked.
+    pacer: SearchPacer,
+    /// A relay newly confirmed, to be written as our choice.
+    choice_to_store: Option<NodeInfo>,
 }
 
 impl Relays {
     /// No relay, no candidate.
     pub(super) fn new() -> Relays {
         Relays::default()
+    }
+
+    /// Takes back the relay chosen in an earlier run (see the module docs), if `storage`
+    /// holds a sound record of one.
+    pub(in crate::platform::connections) fn restore_choice(&mut self, storage: &mut dyn Storage) {
+        let bytes = match storage.get(CHOICE_KEY) {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err(e) => {
+                log::warn!("the relay chosen last could not be read: {e}");
+                return;
+            }
+        };
+        let mut keys = crate::identity::KeyCache::new(4);
+        match peer_memory::decode(&bytes, &mut keys) {
+            Ok((info, _)) => match candidate_of(&info) {
+                Some(mut c) => {
+                    log::debug!("relay chosen last: {} at {}", info.sign_id, c.addr);
+                    c.remembered = true;
+                    self.candidates.push(c);
+                }
+                None => log::warn!("the relay chosen last offers no relaying; ignored"),
+            },
+            Err(why) => {
+                log::warn!("the relay chosen last is damaged ({why}); deleted");
+                let _ = storage.del(CHOICE_KEY);
+            }
+        }
+    }
+
+    /// The relay we use: its signId, its address, and the RTT measured before choosing it
+    /// (none when it was the only candidate or the one remembered), once a bind is confirmed.
+    pub(in crate::platform::connections) fn in_use(&self) -> Option<super::super::RelayInUse> {
+        let r = self.relay.as_ref().filter(|r| r.observed.is_some())?;
+        let c = self.candidates.iter().find(|c| c.info.box_id == r.peer)?;
+        Some(super::super::RelayInUse {
+            sign_id: c.info.sign_id,
+            addr: r.addr,
+            rtt: c.rtt,
+        })
     }
 
     /// The relayed endpoint to publish instead of the direct ones: our relay's, once it
@@ -72,6 +193,25 @@ impl Relays {
             _ => None,
         }
     }
+}
+
+/// The candidate a nodeInfo makes, if one of its endpoints offers relaying: its IPv4 relay
+/// address when it has one (relays serve IPv4 NAT traversal, and the connection to it goes
+/// there too, `connect_order_for_relay`), with its IPv6 one beside (a dual-stack relay serves
+/// IPv6-only peers too).
+fn candidate_of(info: &NodeInfo) -> Option<Candidate> {
+    let relaying = || info.endpoints.iter().filter(|e| e.offers_relay);
+    let e = relaying().min_by_key(|e| e.addr.is_ipv6())?;
+    let alt = relaying()
+        .find(|a| a.addr.is_ipv6() && e.addr.is_ipv4())
+        .map(|a| a.addr);
+    Some(Candidate {
+        info: info.clone(),
+        addr: e.addr,
+        alt,
+        rtt: None,
+        remembered: false,
+    })
 }
 
 /// Whether our UDP endpoint offers relaying ([`NetConfig::relay`]).
@@ -97,70 +237,218 @@ impl Net {
     /// A nodeInfo arrived: a node offering relaying is a candidate; if we may need one and
     /// use none, we connect to it (its `observed` answer tells whether we need it).
     pub(in crate::platform::connections) fn learn_relay(&mut self, info: &NodeInfo, now: Instant) {
-        if self.cfg.relay.is_some() || !self.cfg.use_relays {
+        if self.cfg.relay.is_some()
+            || !self.cfg.use_relays
+            || info.box_id == BoxId(self.our_box.public)
+        {
             return;
         }
-        // Its IPv4 address when it has one: relays serve IPv4 NAT traversal (the connection
-        // to it goes there too, `connect_order_for_relay`).
-        let Some(e) = info
-            .endpoints
-            .iter()
-            .filter(|e| e.offers_relay)
-            .min_by_key(|e| e.addr.is_ipv6())
-        else {
+        let Some(fresh) = candidate_of(info) else {
             return;
         };
-        let b = info.box_id;
         let relays = &mut self.reach.relays;
-        // A dual-stack relay serves IPv6-only peers too, at its IPv6 address.
-        let alt = info
-            .endpoints
-            .iter()
-            .find(|a| a.offers_relay && a.addr.is_ipv6() && e.addr.is_ipv4())
-            .map(|a| a.addr);
-        if !relays.candidates.iter().any(|c| c.0 == b) {
-            if relays.candidates.len() >= MAX_CANDIDATES {
-                relays.candidates.remove(0);
+        match relays
+            .candidates
+            .iter_mut()
+            .find(|c| c.info.box_id == info.box_id)
+        {
+            Some(c) => {
+                // Moved or renumbered: the new addresses (the measure and the mark stay).
+                c.info = fresh.info;
+                c.addr = fresh.addr;
+                c.alt = fresh.alt;
             }
-            relays.candidates.push((b, e.addr, alt));
+            None => {
+                if relays.candidates.len() >= MAX_CANDIDATES {
+                    // The oldest that is neither in use nor probed.
+                    let busy = |c: &Candidate| {
+                        relays
+                            .relay
+                            .as_ref()
+                            .is_some_and(|r| r.peer == c.info.box_id)
+                            || relays.probing.iter().any(|p| p.0 == c.info.box_id)
+                    };
+                    match relays.candidates.iter().position(|c| !busy(c)) {
+                        Some(i) => {
+                            relays.candidates.remove(i);
+                        }
+                        None => return,
+                    }
+                }
+                log::debug!("relay candidate {} at {}", info.sign_id, fresh.addr);
+                relays.candidates.push(fresh);
+            }
         }
         self.next_relay(now);
     }
 
-    /// Uses (or probes) the next candidate relay when we have none.
+    /// When we have no relay: measures candidates, uses the best one if we need a relay, or
+    /// asks for a search when no candidate is left (see the module docs).
     fn next_relay(&mut self, now: Instant) {
-        let relays = &self.reach.relays;
         // A check in flight, or a port mapping request (at most 1 s), may make a relay
         // unneeded: wait for it rather than publish a relayed endpoint for a moment.
-        if relays.relay.is_some()
-            || relays.probing.is_some()
+        if self.reach.relays.relay.is_some()
             || self.reach.check.is_some()
             || self.reach.mapping_pending
         {
             return;
         }
-        let Some(&(b, addr, alt)) = relays
-            .candidates
+        let behind = self.reach.behind_nat();
+        let unknown = self.reach.reachable.is_none();
+        let relays = &mut self.reach.relays;
+        let overdue: Vec<BoxId> = relays
+            .probing
             .iter()
-            .find(|c| !relays.failed.contains(&c.0))
-        else {
+            .filter(|p| p.1 + PROBE_TIMEOUT <= now)
+            .map(|p| p.0)
+            .collect();
+        for b in overdue {
+            log::debug!("relay candidate {b} did not answer its probe");
+            relays.probing.retain(|p| p.0 != b);
+            relays.failed.insert(b);
+        }
+        let usable: Vec<usize> = (0..relays.candidates.len())
+            .filter(|&i| !relays.failed.contains(&relays.candidates[i].info.box_id))
+            .collect();
+        if usable.is_empty() {
+            if behind && self.cfg.use_relays {
+                self.want_relay_search(now);
+            }
+            return;
+        }
+        let remembered = usable
+            .iter()
+            .copied()
+            .find(|&i| relays.candidates[i].remembered);
+        if let (true, Some(i)) = (behind, remembered) {
+            self.reserve_at(i, now);
+            return;
+        }
+        // Several candidates: measure up to MAX_PROBES before choosing. With reachability
+        // unknown, a probe also brings the `observed` that a dial-back check starts from.
+        let measured = usable
+            .iter()
+            .filter(|&&i| relays.candidates[i].rtt.is_some())
+            .count();
+        let measure = (usable.len() > 1 && measured < MAX_PROBES.min(usable.len()))
+            || (!behind && unknown && measured == 0);
+        if measure {
+            let room = MAX_PROBES.saturating_sub(relays.probing.len() + measured);
+            let next: Vec<BoxId> = usable
+                .iter()
+                .map(|&i| &relays.candidates[i])
+                .filter(|c| c.rtt.is_none() && !relays.probing.iter().any(|p| p.0 == c.info.box_id))
+                .map(|c| c.info.box_id)
+                .take(room)
+                .collect();
+            for b in next {
+                self.reach.relays.probing.push((b, now));
+                self.queue_mm(b, "relay.ping", Vec::new(), now);
+            }
+        }
+        if let Some(first) = self.reach.relays.probing.iter().map(|p| p.1).min() {
+            self.relay_wait_until(first + PROBE_TIMEOUT);
+            return;
+        }
+        if !behind {
+            return;
+        }
+        let relays = &self.reach.relays;
+        let best = usable
+            .iter()
+            .copied()
+            .min_by_key(|&i| relays.candidates[i].rtt.unwrap_or(Duration::MAX));
+        if let Some(i) = best {
+            self.reserve_at(i, now);
+        }
+    }
+
+    /// Asks our relay candidate `i` for a reservation.
+    fn reserve_at(&mut self, i: usize, now: Instant) {
+        let c = &self.reach.relays.candidates[i];
+        let b = c.info.box_id;
+        log::debug!(
+            "asking relay {} at {} for a reservation (RTT {:?})",
+            c.info.sign_id,
+            c.addr,
+            c.rtt
+        );
+        self.reach.relays.relay = Some(RelayUse {
+            peer: b,
+            addr: c.addr,
+            alt: c.alt,
+            token: None,
+            observed: None,
+            unanswered: 0,
+        });
+        self.queue_mm(b, "relay.reserve", Vec::new(), now);
+    }
+
+    /// We need a relay and know none that works: a search is asked for on the bus now, or
+    /// once the last one's wait is over.
+    fn want_relay_search(&mut self, now: Instant) {
+        let relays = &mut self.reach.relays;
+        let again = match relays.pacer.ask(now) {
+            Ok(again) => {
+                relays.search_due = true;
+                again
+            }
+            Err(from) => from,
+        };
+        self.relay_wait_until(again);
+    }
+
+    /// Calls [`Net::next_relay`] again at `at` (or earlier, if already planned earlier).
+    fn relay_wait_until(&mut self, at: Instant) {
+        if let Some((id, t)) = self.reach.relays.wait_timer {
+            if t <= at {
+                return;
+            }
+            self.timers.cancel(id);
+        }
+        let id = self.timers.schedule(at, NetTimer::RelayWait);
+        self.reach.relays.wait_timer = Some((id, at));
+    }
+
+    /// The wait timer: probes overdue, a search due.
+    pub(in crate::platform::connections) fn relay_wait_due(&mut self, now: Instant) {
+        self.reach.relays.wait_timer = None;
+        self.next_relay(now);
+    }
+
+    /// The pump's share: publishes a relay search that is due, and writes a new choice.
+    pub(in crate::platform::connections) fn relay_pump(&mut self, cx: &mut Cx<'_>) {
+        let relays = &mut self.reach.relays;
+        if std::mem::take(&mut relays.search_due) {
+            log::debug!("no relay that works is known: asking the bus for a search");
+            cx.publish("transports.findRelay", "");
+        }
+        if let Some(info) = relays.choice_to_store.take() {
+            let record = peer_memory::encode(&info, crate::platform::connections::wall_ms());
+            if let Err(e) = cx.storage.put(CHOICE_KEY, &record) {
+                log::warn!("the relay chosen could not be stored: {e}");
+            }
+        }
+    }
+
+    /// `mm`/`relay.pong` from candidate `b` on connection `k`: its measure, then the choice.
+    fn on_relay_pong(&mut self, k: usize, b: BoxId, now: Instant) {
+        let relays = &mut self.reach.relays;
+        let Some(i) = relays.probing.iter().position(|p| p.0 == b) else {
             return;
         };
-        if self.reach.behind_nat() {
-            self.reach.relays.relay = Some(RelayUse {
-                peer: b,
-                addr,
-                alt,
-                token: None,
-                observed: None,
-                unanswered: 0,
-            });
-            self.queue_mm(b, "relay.reserve", Vec::new(), now);
-        } else if self.reach.reachable.is_none() {
-            // Its `observed` answer (and a dial-back) tell whether we need it.
-            self.reach.relays.probing = Some(b);
-            self.queue_mm(b, "reach.hello", Vec::new(), now);
+        let (_, sent) = relays.probing.remove(i);
+        let rtt = self
+            .conns
+            .get(k)
+            .and_then(|c| super::super::stream_ref(&self.server, &c.link))
+            .and_then(|s| s.stats().srtt)
+            .unwrap_or_else(|| now.saturating_duration_since(sent));
+        if let Some(c) = relays.candidates.iter_mut().find(|c| c.info.box_id == b) {
+            log::debug!("relay candidate {} answered: RTT {rtt:?}", c.info.sign_id);
+            c.rtt = Some(rtt);
         }
+        self.next_relay(now);
     }
 
     /// Native connection `k` to peer `b` became active on `path` (a server connection's): one
@@ -179,14 +467,22 @@ impl Net {
         }
     }
 
-    /// The active connection of peer `b` ended: a reservation it held with us goes, and if
-    /// it was our relay (or the candidate we probed) we look for another.
-    pub(super) fn relay_conn_lost(&mut self, b: BoxId, now: Instant) {
-        if let Some(r) = self.server.relay_mut() {
-            r.release(&b.0 .0);
+    /// A connection of peer `b` ended: the peer's active one (`was_active`), or one that
+    /// never became active while the peer has no other (a dial that failed). A reservation
+    /// it held with us goes; if it was our relay, or a candidate we probed, it is given up
+    /// and we look for another.
+    pub(super) fn relay_conn_lost(&mut self, b: BoxId, was_active: bool, now: Instant) {
+        if was_active {
+            if let Some(r) = self.server.relay_mut() {
+                r.release(&b.0 .0);
+            }
         }
-        if self.reach.relays.probing == Some(b) {
-            self.reach.relays.probing = None;
+        let relays = &mut self.reach.relays;
+        if relays.probing.iter().any(|p| p.0 == b) {
+            log::debug!("relay candidate {b} could not be reached");
+            relays.probing.retain(|p| p.0 != b);
+            relays.failed.insert(b);
+            self.next_relay(now);
         }
         if self
             .reach
@@ -196,15 +492,6 @@ impl Net {
             .is_some_and(|r| r.peer == b)
         {
             self.drop_relay(now);
-        }
-    }
-
-    /// Peer `b` told us our observed address: if it was the candidate we probed, we know
-    /// enough to decide on it now.
-    pub(super) fn relay_observed(&mut self, b: BoxId, now: Instant) {
-        if self.reach.relays.probing == Some(b) {
-            self.reach.relays.probing = None;
-            self.next_relay(now);
         }
     }
 
@@ -278,8 +565,20 @@ impl Net {
         r.unanswered = 0;
         if r.observed != Some(observed) {
             log::debug!("relay {relay} bound; it sees our listener at {observed}");
+            let first = r.observed.is_none();
+            let peer = r.peer;
             r.observed = Some(observed);
             self.reach.refresh();
+            let relays = &mut self.reach.relays;
+            if first {
+                // Confirmed: our choice, and searches start from the first wait again.
+                relays.pacer.reset();
+                relays.choice_to_store = relays
+                    .candidates
+                    .iter()
+                    .find(|c| c.info.box_id == peer)
+                    .map(|c| c.info.clone());
+            }
         }
         if self.reach.relays.bind_timer.is_none() {
             let at = now + self.cfg.relay_bind_interval;
@@ -287,8 +586,9 @@ impl Net {
         }
     }
 
-    /// The relay and punch `mm` frames (`relay.reserve`, `relay.ok`, `relay.no`, `punch`) from
-    /// peer `b` on connection `k`; other topics are ignored.
+    /// The relay and punch `mm` frames (`relay.reserve`, `relay.ok`, `relay.no`,
+    /// `relay.ping`, `relay.pong`, `punch`) from peer `b` on connection `k`; other topics are
+    /// ignored.
     pub(super) fn relay_mm(
         &mut self,
         k: usize,
@@ -306,6 +606,9 @@ impl Net {
                 }
             }
             "relay.ok" => self.on_relay_ok(b, text.and_then(unhex), now),
+            // Any node answers a probe (one frame for one; the peer's queue bound applies).
+            "relay.ping" => self.queue_mm(b, "relay.pong", Vec::new(), now),
+            "relay.pong" => self.on_relay_pong(k, b, now),
             "relay.no"
                 if self
                     .reach
@@ -361,6 +664,79 @@ impl Net {
 mod tests {
     use super::*;
     use crate::transport::TransportKind;
+
+    #[test]
+    fn relay_searches_are_paced_and_the_pace_restarts_after_a_relay() {
+        let t0 = Instant::now();
+        let mut p = SearchPacer::default();
+        assert_eq!(p.ask(t0), Ok(t0 + SEARCH_FIRST), "the first at once");
+        assert_eq!(p.ask(t0), Err(t0 + SEARCH_FIRST));
+        assert_eq!(p.ask(t0 + SEARCH_FIRST / 2), Err(t0 + SEARCH_FIRST));
+        // The waits double up to SEARCH_MAX: a node that never finds a relay asks at most
+        // once per SEARCH_MAX in the long run.
+        let mut at = t0 + SEARCH_FIRST;
+        let mut waits = Vec::new();
+        for _ in 0..12 {
+            let next = p.ask(at).expect("due");
+            waits.push(next - at);
+            at = next;
+        }
+        assert_eq!(waits[0], SEARCH_FIRST * 2);
+        assert!(waits.windows(2).all(|w| w[1] >= w[0]));
+        assert_eq!(*waits.last().unwrap(), SEARCH_MAX);
+        p.reset();
+        assert_eq!(p.ask(at), Ok(at + SEARCH_FIRST));
+    }
+
+    fn relay_info(offers: bool) -> NodeInfo {
+        let id = crate::identity::Identity::generate();
+        let mut e = Endpoint::native(
+            crate::transport::TransportKind::Udp,
+            "203.0.113.10:4000".parse().unwrap(),
+        );
+        e.offers_relay = offers;
+        NodeInfo {
+            sign_id: id.sign_id(),
+            box_id: id.box_id(),
+            endpoints: vec![e],
+        }
+    }
+
+    #[test]
+    fn the_relay_chosen_last_is_taken_back_and_a_damaged_record_is_deleted() {
+        use crate::storage::{MemStore, Storage};
+        let mut store = MemStore::new();
+        let mut r = Relays::new();
+        r.restore_choice(&mut store);
+        assert!(r.candidates.is_empty(), "nothing stored");
+        // A sound record: the first candidate, marked as our earlier choice.
+        let info = relay_info(true);
+        store
+            .put(CHOICE_KEY, &peer_memory::encode(&info, 1))
+            .unwrap();
+        let mut r = Relays::new();
+        r.restore_choice(&mut store);
+        assert_eq!(r.candidates.len(), 1);
+        assert!(r.candidates[0].remembered);
+        assert_eq!(r.candidates[0].info, info);
+        assert_eq!(r.candidates[0].addr, "203.0.113.10:4000".parse().unwrap());
+        // A node that offers no relaying: ignored (and kept: it is sound).
+        store
+            .put(CHOICE_KEY, &peer_memory::encode(&relay_info(false), 1))
+            .unwrap();
+        let mut r = Relays::new();
+        r.restore_choice(&mut store);
+        assert!(r.candidates.is_empty());
+        // A damaged record (one byte flipped): ignored and deleted.
+        let mut bytes = peer_memory::encode(&info, 1);
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        store.put(CHOICE_KEY, &bytes).unwrap();
+        let mut r = Relays::new();
+        r.restore_choice(&mut store);
+        assert!(r.candidates.is_empty());
+        assert_eq!(store.get(CHOICE_KEY).unwrap(), None);
+    }
 
     #[test]
     fn a_dial_back_outweighs_the_hint() {

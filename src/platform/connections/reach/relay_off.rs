@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::{BoxId, Endpoint, Net, NodeInfo, Path};
+use crate::platform::connections::{Cx, RelayInUse};
+use crate::storage::Storage;
 use crate::transport::ServerDriver;
 use crate::NetConfig;
 
@@ -22,6 +24,15 @@ impl Relays {
 
     /// No relayed endpoint is ever published.
     pub(super) fn endpoints(&self) -> Option<Vec<Endpoint>> {
+        None
+    }
+
+    /// No relay was chosen in an earlier run (a record left by a build with the feature is
+    /// left alone).
+    pub(in crate::platform::connections) fn restore_choice(&mut self, _storage: &mut dyn Storage) {}
+
+    /// No relay is ever used.
+    pub(in crate::platform::connections) fn in_use(&self) -> Option<RelayInUse> {
         None
     }
 }
@@ -55,10 +66,10 @@ impl Net {
     }
 
     /// No reservation held or served.
-    pub(super) fn relay_conn_lost(&mut self, _b: BoxId, _now: Instant) {}
+    pub(super) fn relay_conn_lost(&mut self, _b: BoxId, _was_active: bool, _now: Instant) {}
 
-    /// No relay candidate is probed.
-    pub(super) fn relay_observed(&mut self, _b: BoxId, _now: Instant) {}
+    /// No relay is searched for, nor a choice stored.
+    pub(in crate::platform::connections) fn relay_pump(&mut self, _cx: &mut Cx<'_>) {}
 
     /// No relay to leave or take.
     pub(super) fn relay_check_ended(&mut self, _now: Instant) {}
