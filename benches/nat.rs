@@ -25,6 +25,12 @@
 //!   connection set-up included, straight to the mapped endpoint (beside
 //!   `nat_relay_first_message` above); `nat_mapped_throughput`: 1,000 messages of 32 KiB over
 //!   that direct path (beside `nat_relayed_throughput` and `nat_direct_throughput`).
+//!
+//! Then with random-port NATs and the Kademlia DHT (`tests/relay_dht.rs`'s lab: a plain DHT
+//! node and a relay that announces itself in the DHT): `nat_relayed_endpoint_handed`, from
+//! starting a node behind the NAT that is given the relay's nodeInfo until it publishes its
+//! relayed endpoint; `nat_relayed_endpoint_from_dht`, the same for a node given only the plain
+//! DHT node, which finds the relay through the DHT.
 
 #[path = "figures/machine.rs"]
 mod machine;
@@ -165,6 +171,52 @@ fn main() {
     drop(nat);
     mapped();
     ipv6();
+    relay_from_dht();
+}
+
+/// Time to a relayed endpoint for a node behind a random-port NAT, with the relay handed to
+/// it and with the relay found through the Kademlia DHT.
+fn relay_from_dht() {
+    let Some(nat) = Nat::build("bench nat: relay from the DHT", true) else {
+        return;
+    };
+    let dir = TempDir::new("nat-bench-dht");
+    let s = node(&nat.r1, &dir, "s", "203.0.113.10:4000", &["--dht"]);
+    let boot_s = bootstrap(&dir, &[ready_info(&s)]);
+    let mut r = node(
+        &nat.r2,
+        &dir,
+        "r",
+        "203.0.113.11:4000",
+        &["--relay", "--dht", "--bootstrap", &boot_s],
+    );
+    r.wait_for(LIMIT, |v| v["event"] == "peer");
+    let r_info = ready_info(&r);
+    let boot_r = dir.path("boot-r.json");
+    std::fs::write(&boot_r, serde_json::to_vec(&json!([r_info])).unwrap()).unwrap();
+    let boot_r = boot_r.to_string_lossy().into_owned();
+    for (name, port, args, figure) in [
+        (
+            "b1",
+            "4000",
+            vec!["--bootstrap", &boot_r, "--no-portmap"],
+            "nat_relayed_endpoint_handed",
+        ),
+        (
+            "b2",
+            "4001",
+            vec!["--dht", "--bootstrap", &boot_s, "--no-portmap"],
+            "nat_relayed_endpoint_from_dht",
+        ),
+    ] {
+        let t = Instant::now();
+        let mut b = node(&nat.hb, &dir, name, &format!("0.0.0.0:{port}"), &args);
+        wait_relayed(&mut b, "203.0.113.11:4000");
+        emit(figure, ms(t.elapsed()), "ms");
+        b.quit(Duration::from_secs(5));
+    }
+    r.quit(Duration::from_secs(5));
+    s.quit(Duration::from_secs(5));
 }
 
 /// The figures of a node behind a router that maps ports (`miniupnpd`).

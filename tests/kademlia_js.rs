@@ -11,6 +11,10 @@
 //! - the JS nodes' kad transports dropped none of the Rust node's messages (their signatures
 //!   verify on the JS side, ours on this side), and no JS process died.
 //!
+//! - relay records live on JS nodes: a Rust relay's `relay:<slot>` record is stored by the
+//!   JS nodes (their `directory.get` returns it), and after the relay has gone a Rust node that
+//!   joined through the other JS node finds it there with a relay search.
+//!
 //! Every JS node gets explicit seeds (the package's default seeds are public hosts).
 
 mod support;
@@ -34,14 +38,44 @@ fn kad_contacts(peer: &mut JsPeer, mut pump: impl FnMut()) -> (Vec<Value>, u64) 
     (contacts, v["drops"].as_u64().unwrap_or(0))
 }
 
-#[test]
-fn a_rust_node_joins_a_dht_of_genuine_js_nodes() {
-    if !js_available("a_rust_node_joins_a_dht_of_genuine_js_nodes") {
-        return;
+/// Asks JS node `a` for `directory.get` of `key` (again after each `per_try` without an
+/// answer, at most [`LIMIT`] in all) while `rust` runs; returns the value of the answer.
+fn js_directory_get(
+    a: &mut JsPeer,
+    b: &mut JsPeer,
+    rust: &mut Platform,
+    key: &str,
+    per_try: Duration,
+) -> Value {
+    let end = Instant::now() + LIMIT;
+    loop {
+        a.cmd(json!({"cmd": "local", "topic": "directory.get", "payload": key}));
+        let deadline = Instant::now() + per_try;
+        while Instant::now() < deadline {
+            rust.poll(Some(Duration::from_millis(5))).unwrap();
+            a.drain();
+            b.drain();
+            let hit = a.backlog.iter().position(|v| {
+                v["event"] == "local"
+                    && v["topic"] == "directory.getReply"
+                    && v["payload"]["key"] == key
+            });
+            if let Some(i) = hit {
+                return a.backlog.remove(i)["payload"]["value"].clone();
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "A never answered directory.get of {key}"
+        );
     }
+}
+
+/// Two JS Kademlia nodes, the second joined through the first.
+fn two_js_nodes() -> (JsPeer, JsPeer) {
     let mut a = JsPeer::spawn(&["--kademlia", "[]"]);
     let seeds_a = serde_json::to_string(&json!([a.node_info.clone()])).unwrap();
-    let mut b = JsPeer::spawn(&["--kademlia", &seeds_a]);
+    let b = JsPeer::spawn(&["--kademlia", &seeds_a]);
     // B joined through A: each has the other in its routing table.
     let end = Instant::now() + LIMIT;
     loop {
@@ -52,6 +86,73 @@ fn a_rust_node_joins_a_dht_of_genuine_js_nodes() {
         assert!(Instant::now() < end, "B never joined A");
         std::thread::sleep(Duration::from_millis(200));
     }
+    (a, b)
+}
+
+/// A Rust node with the Kademlia service joining through `seed`, polled until it joined.
+#[cfg(feature = "relay")]
+fn rust_kad_node(seed: &Value, net: mm_platform::NetConfig, peers: &mut [&mut JsPeer]) -> Platform {
+    let dht = Kademlia::new(KademliaConfig::new(vec![seed.clone()]));
+    let info = dht.info_handle();
+    let mut p = Platform::builder().net(net).service(dht).build().unwrap();
+    let end = Instant::now() + LIMIT;
+    while !(info.borrow().joined && info.borrow().table_len >= 1) {
+        assert!(Instant::now() < end, "never joined: {:?}", info.borrow());
+        p.poll(Some(Duration::from_millis(10))).unwrap();
+        for peer in peers.iter_mut() {
+            peer.drain();
+        }
+    }
+    p
+}
+
+#[cfg(feature = "relay")]
+#[test]
+fn relay_records_live_on_genuine_js_nodes() {
+    use mm_platform::proto::kademlia::state::{relay_key, relay_slot};
+    use mm_platform::NetConfig;
+    if !js_available("relay_records_live_on_genuine_js_nodes") {
+        return;
+    }
+    let (mut a, mut b) = two_js_nodes();
+    let relay_net = NetConfig {
+        relay: Some(Default::default()),
+        ..NetConfig::default()
+    };
+    let seed_a = a.node_info.clone();
+    let mut relay = rust_kad_node(&seed_a, relay_net, &mut [&mut a, &mut b]);
+    let relay_sign = relay.sign_id();
+    let key = relay_key(relay_slot(&relay_sign));
+    // A (JS) holds the relay's record: its directory.get of the key returns the nodeInfo.
+    let got = js_directory_get(&mut a, &mut b, &mut relay, &key, Duration::from_secs(5));
+    assert_eq!(got["signId"], relay_sign.to_string());
+    // The relay goes; a Rust node joining through B finds it in the JS nodes' records (it
+    // never hears from the relay itself: only the relay search can name it).
+    drop(relay);
+    let seed_b = b.node_info.clone();
+    let mut f = rust_kad_node(&seed_b, NetConfig::default(), &mut [&mut a, &mut b]);
+    let _ = f.messaging().send("transports.findRelay", "local", &"");
+    let end = Instant::now() + LIMIT;
+    let mut found = false;
+    while !found {
+        assert!(Instant::now() < end, "the relay search found nothing");
+        f.poll(Some(Duration::from_millis(10))).unwrap();
+        a.drain();
+        b.drain();
+        found = f.drain_events().into_iter().any(|e| {
+            matches!(e, Event::NodeInfo { node_info, source }
+                if source == "kademlia" && node_info["signId"] == relay_sign.to_string())
+        });
+    }
+    assert!(a.alive() && b.alive());
+}
+
+#[test]
+fn a_rust_node_joins_a_dht_of_genuine_js_nodes() {
+    if !js_available("a_rust_node_joins_a_dht_of_genuine_js_nodes") {
+        return;
+    }
+    let (mut a, mut b) = two_js_nodes();
 
     // The Rust node joins through A only.
     let dht = Kademlia::new(KademliaConfig::new(vec![a.node_info.clone()]));
@@ -141,28 +242,14 @@ fn a_rust_node_joins_a_dht_of_genuine_js_nodes() {
 
     // Records both ways: A's directory.get of the Rust node's signId finds the boxId the Rust
     // node stored (the original's record); the Rust node finds the one A stored.
-    let end = Instant::now() + LIMIT;
-    loop {
-        a.cmd(json!({"cmd": "local", "topic": "directory.get", "payload": rust_sign}));
-        let deadline = Instant::now() + Duration::from_secs(8);
-        let mut hit = None;
-        while Instant::now() < deadline && hit.is_none() {
-            rust.poll(Some(Duration::from_millis(5))).unwrap();
-            a.drain();
-            b.drain();
-            hit = a.backlog.iter().position(|v| {
-                v["event"] == "local"
-                    && v["topic"] == "directory.getReply"
-                    && v["payload"]["key"] == rust_sign.as_str()
-            });
-        }
-        if let Some(i) = hit {
-            let v = a.backlog.remove(i);
-            assert_eq!(v["payload"]["value"], rust_box.as_str());
-            break;
-        }
-        assert!(Instant::now() < end, "A never found the Rust node's record");
-    }
+    let got = js_directory_get(
+        &mut a,
+        &mut b,
+        &mut rust,
+        &rust_sign,
+        Duration::from_secs(8),
+    );
+    assert_eq!(got, rust_box.as_str());
     let _ = rust.messaging().send("dht.get", "local", &a.sign_id());
     let end = Instant::now() + LIMIT;
     let v: Value = loop {
