@@ -19,7 +19,8 @@
 //! `--mainline HOST:PORT,...` adds the Mainline DHT
 //! service, joining the DHT at those nodes (there is no default list; pass public routers for
 //! the real DHT, a testnet's nodes for a test), resolving nodeInfos there;
-//! `--mainline-publish` also publishes ours.
+//! `--mainline-publish` also publishes ours (and, with `--relay`, announces the node as a
+//! relay there; a node behind a NAT searches there for a relay when it knows none).
 //! `--dht` adds the Kademlia DHT service (wire-compatible with the original
 //! `mm-services-kademlia`); it has no seeds of its own and joins through the nodes that
 //! `--bootstrap` and `--mdns` find (or that join it); its routing table and records are kept in

@@ -16,6 +16,8 @@ stdout, one JSON object per line:
   {"lt":"got","id":ID,"found":true,"seq":N,"value":"<hex of v>","signature":"<hex>",
    "authoritative":B}
     or {"lt":"got","id":ID,"found":false}
+  {"lt":"peers","id":ID,"peers":["IP:PORT",...]} (what a get_peers lookup collected)
+  {"lt":"announced","id":ID,"peer":"127.0.0.1:PORT"}
   {"lt":"error","id":ID,"error":"..."}
   {"lt":"missing","error":"..."} (libtorrent cannot be imported; exit status 3)
 stdin, one JSON command per line:
@@ -23,6 +25,14 @@ stdin, one JSON command per line:
     one of the sessions looks the BEP 44 mutable item up with dht_get_mutable_item (no salt).
     libtorrent checks each item's signature against the key before taking it; the answer is
     the item of the highest seq it accepted, reported when its lookup completes.
+  {"cmd":"get_peers","id":ID,"info_hash":"<40 hex digits>","timeout":S}
+    one of the sessions runs dht_get_peers (BEP 5); the peers of every reply it got until
+    the timeout are reported.
+  {"cmd":"announce","id":ID,"info_hash":"<40 hex digits>"}
+    one of the sessions adds a torrent of that info-hash (no metadata, so nothing is ever
+    written), which it announces in the DHT with its listen port as any client does
+    (get_peers for tokens, then announce_peer). The binding's dht_announce cannot be called
+    (its flags argument has no Python conversion).
   {"cmd":"quit"}
 MM_LT_DEBUG=1 writes libtorrent's BEP 44 alerts to stderr.
 """
@@ -31,6 +41,7 @@ import json
 import os
 import select
 import sys
+import tempfile
 import time
 
 
@@ -63,7 +74,9 @@ SETTINGS = {
     "dht_enforce_node_id": False,
     "dht_prefer_verified_node_ids": False,
     "dht_ignore_dark_internet": False,
+    # dht_operation_notification: the replies of a dht_get_peers (dht_get_peers_reply_alert).
     "alert_mask": int(lt.alert.category_t.dht_notification)
+    | int(lt.alert.category_t.dht_operation_notification)
     | int(lt.alert.category_t.error_notification)
     | int(lt.alert.category_t.status_notification),
 }
@@ -98,6 +111,7 @@ def main():
     })
 
     pending = {}  # (session index, key bytes) -> [ids, best item or None, end time]
+    peer_lookups = {}  # (session index, info-hash bytes) -> [id, set of peers, end time]
     turn = 0
     buf = b""
     stdin = sys.stdin.buffer.raw if hasattr(sys.stdin.buffer, "raw") else sys.stdin.buffer
@@ -126,6 +140,29 @@ def main():
                 c = cmd.get("cmd")
                 if c == "quit":
                     return
+                if c in ("get_peers", "announce"):
+                    try:
+                        ih = bytes.fromhex(cmd.get("info_hash", ""))
+                    except (TypeError, ValueError):
+                        ih = b""
+                    if len(ih) != 20:
+                        out({"lt": "error", "id": cmd.get("id"), "error": "info_hash"})
+                        continue
+                    idx = turn % n
+                    turn += 1
+                    if c == "announce":
+                        atp = lt.add_torrent_params()
+                        atp.info_hashes = lt.info_hash_t(lt.sha1_hash(ih))
+                        atp.save_path = tempfile.gettempdir()
+                        atp.name = "mm-platform-test"
+                        sessions[idx].add_torrent(atp)
+                        out({"lt": "announced", "id": cmd.get("id"),
+                             "peer": "127.0.0.1:%d" % ports[idx]})
+                    else:
+                        timeout = min(float(cmd.get("timeout", 10)), 120.0)
+                        peer_lookups[(idx, ih)] = [cmd.get("id"), set(), time.time() + timeout]
+                        sessions[idx].dht_get_peers(lt.sha1_hash(ih))
+                    continue
                 if c != "get":
                     out({"lt": "error", "id": cmd.get("id"), "error": "unknown command"})
                     continue
@@ -149,6 +186,12 @@ def main():
 
         for idx, s in enumerate(sessions):
             for a in s.pop_alerts():
+                if isinstance(a, lt.dht_get_peers_reply_alert):
+                    slot = peer_lookups.get((idx, bytes(a.info_hash.to_bytes())))
+                    if slot is not None:
+                        for ip, port in a.peers():
+                            slot[1].add("%s:%d" % (ip, port))
+                    continue
                 if not isinstance(a, lt.dht_mutable_item_alert):
                     continue
                 if debug:
@@ -172,6 +215,9 @@ def main():
                 if a.authoritative:
                     slot[2] = 0
         now = time.time()
+        for k in [k for k, slot in peer_lookups.items() if slot[2] <= now]:
+            i, peers, _ = peer_lookups.pop(k)
+            out({"lt": "peers", "id": i, "peers": sorted(peers)})
         for k in [k for k, slot in pending.items() if slot[2] <= now]:
             ids, item, _ = pending.pop(k)
             for i in ids:

@@ -8,6 +8,12 @@
 //!   itself before taking it): the value is our nodeInfo, at our `seq`.
 //! - A second node of ours that knows only the testnet resolves the first through it and
 //!   delivers a message to it.
+//! - Relays (BEP 5): our relay announces its port under the relay info-hash and libtorrent's
+//!   `dht_get_peers` finds it there; a libtorrent session announces itself there too (as a
+//!   client of a torrent with that info-hash), and our node's relay search
+//!   (`transports.findRelay`) finds both (`transports.relayAddresses`), asks them who they
+//!   are, and connects to our relay, whose key only its who-is answer gave (libtorrent
+//!   answers nothing).
 //! - libtorrent checks BEP 44 signatures itself: a `put` (with a valid token) whose value does
 //!   not match its signature is refused with error 206, the same `put` correctly signed is
 //!   stored.
@@ -105,6 +111,125 @@ fn lt_get(net: &mut JsonProc, key: &str, limit: Duration) -> Value {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// Asks the testnet's `dht_get_peers` for `info_hash` until `want` is among the peers (at
+/// most `limit`); returns them.
+#[cfg(feature = "relay")]
+fn lt_peers_with(net: &mut JsonProc, info_hash: &str, want: &str, limit: Duration) -> Vec<String> {
+    let end = Instant::now() + limit;
+    let mut n = 1000;
+    loop {
+        n += 1;
+        net.cmd(json!({"cmd": "get_peers", "id": n, "info_hash": info_hash, "timeout": 3}));
+        let got = net.wait_for(LIMIT, |v| v["lt"] == "peers" && v["id"] == n);
+        let peers: Vec<String> = got["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().to_owned())
+            .collect();
+        if peers.iter().any(|p| p == want) {
+            return peers;
+        }
+        assert!(
+            Instant::now() < end,
+            "libtorrent never found {want}: {peers:?}"
+        );
+    }
+}
+
+#[cfg(feature = "relay")]
+#[test]
+fn relays_announced_to_libtorrent_are_found_there_and_asked_who_they_are() {
+    use mm_platform::proto::mainline::state::relay_info_hash;
+    use mm_platform::services::mainline::Mainline;
+    use mm_platform::{NetConfig, Platform};
+
+    let test = "libtorrent mainline relays";
+    let Some((mut net, addrs)) = testnet(test) else {
+        return;
+    };
+    let service = Mainline::new(MainlineConfig::new(addrs[..3].to_vec()).publish(true));
+    let stats = service.stats_handle();
+    let relay_net = NetConfig {
+        relay: Some(Default::default()),
+        ..NetConfig::default()
+    };
+    let mut relay = Platform::builder()
+        .net(relay_net)
+        .service(service)
+        .build()
+        .unwrap();
+    let relay_udp = relay
+        .node_info()
+        .endpoints
+        .iter()
+        .find(|e| e.offers_relay)
+        .expect("a relay endpoint")
+        .addr
+        .to_string();
+    let end = Instant::now() + LIMIT;
+    while stats.get().relay_announces_acked == 0 {
+        assert!(Instant::now() < end, "never announced: {:?}", stats.get());
+        relay.poll(Some(Duration::from_millis(10))).unwrap();
+    }
+    eprintln!("{test}: relay {relay_udp} announced: {:?}", stats.get());
+    // libtorrent finds our announcement; one of its sessions announces a port too.
+    let ih = hex(&relay_info_hash());
+    lt_peers_with(&mut net, &ih, &relay_udp, LIMIT);
+    net.cmd(json!({"cmd": "announce", "id": 1, "info_hash": ih}));
+    let lt_peer = net.wait_for(LIMIT, |v| v["lt"] == "announced")["peer"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    lt_peers_with(&mut net, &ih, &lt_peer, LIMIT);
+
+    // Our node's relay search finds both through libtorrent's nodes only.
+    let service = Mainline::new(MainlineConfig::new(addrs[6..].to_vec()));
+    let fstats = service.stats_handle();
+    let mut finder = Platform::builder().service(service).build().unwrap();
+    let (_, found) = finder.on_channel("self.transports.relayAddresses", 8);
+    let end = Instant::now() + LIMIT;
+    let mut seen: Vec<String> = Vec::new();
+    let mut asked_at = None::<Instant>;
+    while !(seen.contains(&relay_udp) && seen.contains(&lt_peer)) {
+        assert!(
+            Instant::now() < end,
+            "search found {seen:?}: {:?}",
+            fstats.get()
+        );
+        // A search that found nothing yet (libtorrent's announcement spreads) is asked again.
+        if asked_at.is_none_or(|t| t.elapsed() > Duration::from_secs(3)) {
+            let _ = finder
+                .messaging()
+                .send("transports.findRelay", "local", &"");
+            asked_at = Some(Instant::now());
+        }
+        finder.poll(Some(Duration::from_millis(10))).unwrap();
+        relay.poll(Some(Duration::from_millis(5))).unwrap();
+        while let Ok(m) = found.try_recv() {
+            seen.extend(m.json::<Vec<String>>().unwrap());
+        }
+    }
+    // The finder asked who they are: the relay answered, and the finder connects to it
+    // with the key from that answer (a probe of the candidate).
+    let relay_sign = relay.sign_id();
+    let end = Instant::now() + LIMIT;
+    while !finder
+        .connections()
+        .iter()
+        .any(|c| c.peer == Some(relay_sign))
+    {
+        assert!(
+            Instant::now() < end,
+            "the finder never connected to the relay"
+        );
+        finder.poll(Some(Duration::from_millis(10))).unwrap();
+        relay.poll(Some(Duration::from_millis(10))).unwrap();
+    }
+    eprintln!("{test}: found {seen:?}: {:?}", fstats.get());
+    net.quit(LIMIT);
 }
 
 #[test]

@@ -269,3 +269,85 @@ fn a_dial_back_probe_counts_only_with_the_awaited_nonce_and_once() {
     settle(&mut poll, &mut events, &mut server);
     assert!(nat_events(&mut server).is_empty());
 }
+
+#[test]
+fn who_is_is_answered_by_relays_only_within_a_rate_and_answers_count_only_as_asked() {
+    let mut poll = Poll::new().unwrap();
+    let mut events = Events::with_capacity(256);
+    let nat_events =
+        |s: &mut ServerDriver| std::iter::from_fn(|| s.poll_nat_event()).collect::<Vec<_>>();
+    // A node without the relay role answers nothing, even with an identity to give.
+    let mut plain = bind_server(&poll);
+    plain.answer_whois([5; 32]);
+    let asker = socket();
+    let q = relay::who_datagram(&[1; relay::WHO_NONCE_LEN]);
+    asker.send_to(&q, plain.udp_addr().unwrap()).unwrap();
+    settle(&mut poll, &mut events, &mut plain);
+    assert!(drain(&asker).is_empty());
+    // A relay answers with its signId and the nonce, shorter than the question.
+    let mut relay_node = bind_server(&poll);
+    relay_node.enable_relay(RelayLimits::default());
+    relay_node.answer_whois([7; 32]);
+    let at = relay_node.udp_addr().unwrap();
+    asker.send_to(&q, at).unwrap();
+    settle(&mut poll, &mut events, &mut relay_node);
+    let got = drain(&asker);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].0.len() < q.len());
+    assert_eq!(
+        relay::parse(&got[0].0),
+        Some(Datagram::Iam {
+            nonce: [1; relay::WHO_NONCE_LEN],
+            sign: [7; 32]
+        })
+    );
+    // A flood of questions: at most WHO_ANSWERS_PER_SEC answers in a second.
+    for _ in 0..300 {
+        asker.send_to(&q, at).unwrap();
+    }
+    settle(&mut poll, &mut events, &mut relay_node);
+    let answers = drain(&asker).len();
+    assert!(
+        answers <= relay::WHO_ANSWERS_PER_SEC as usize,
+        "{answers} answers"
+    );
+    assert!(answers > 0);
+
+    // The asking side: only the answer from the address asked, with its nonce, counts.
+    let mut node = bind_server(&poll);
+    let relay_sock = socket();
+    let relay_at = relay_sock.local_addr().unwrap();
+    node.ask_whois(relay_at).unwrap();
+    settle(&mut poll, &mut events, &mut node);
+    let (question, from) = drain(&relay_sock).pop().expect("asked");
+    let Some(Datagram::Who(nonce)) = relay::parse(&question) else {
+        panic!("not a who-is question");
+    };
+    // Forged: a wrong nonce from the right address, the right nonce from elsewhere.
+    relay_sock
+        .send_to(
+            &relay::iam_datagram(&[0; relay::WHO_NONCE_LEN], &[9; 32]),
+            from,
+        )
+        .unwrap();
+    socket()
+        .send_to(&relay::iam_datagram(&nonce, &[9; 32]), from)
+        .unwrap();
+    settle(&mut poll, &mut events, &mut node);
+    assert!(nat_events(&mut node).is_empty());
+    // The genuine answer, twice: one event.
+    for _ in 0..2 {
+        relay_sock
+            .send_to(&relay::iam_datagram(&nonce, &[7; 32]), from)
+            .unwrap();
+    }
+    settle(&mut poll, &mut events, &mut node);
+    let evs = nat_events(&mut node);
+    assert_eq!(
+        evs,
+        vec![NatEvent::RelayIs {
+            addr: relay_at,
+            sign: [7; 32]
+        }]
+    );
+}

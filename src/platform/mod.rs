@@ -1015,6 +1015,19 @@ impl Core {
                 let info = self.node_info().to_json();
                 self.publish_local("transports.myNodeInfo", &info);
             }
+            "transports.relayAddresses" => {
+                // A relay search's bare addresses (the Mainline service): asked who they are.
+                let addrs: Option<Vec<std::net::SocketAddr>> =
+                    serde_json::from_slice::<Vec<String>>(&msg.payload)
+                        .ok()
+                        .and_then(|l| l.iter().take(64).map(|a| a.parse().ok()).collect());
+                match addrs {
+                    Some(addrs) => {
+                        self.with_net(|n, _| n.relay_addresses(&addrs));
+                    }
+                    None => self.stats.malformed += 1,
+                }
+            }
             "transports.nodeInfo" | "directory.getReply" => {
                 let ok = if msg.topic.starts_with('t') {
                     self.on_node_info(&msg.payload)

@@ -25,6 +25,15 @@
 //! | `MMpunch1` | either end of a punch | nonce (8) |
 //! | `MMpunchA` | answer to a probe | the probe's nonce (8) |
 //! | `MMdialB1` | a peer's fresh socket → a node's listener (dial-back) | the node's nonce (16) |
+//! | `MMwhoRl1` | anyone → a relay's listener | nonce (16), zeros (40): 64 bytes in all |
+//! | `MMiamRl1` | a relay → the asker | the nonce (16), the relay's signId (32): 56 bytes |
+//!
+//! `MMwhoRl1` asks a node found only by its address (a Mainline DHT relay search yields bare
+//! addresses) who it is: a node offering relaying answers with its signId, which gives the box
+//! key to connect to (CurveCP then authenticates it: a forged answer costs one failed
+//! connection). The answer is shorter than the question, so the relay is no amplifier, and
+//! answers are rate-limited ([`WHO_ANSWERS_PER_SEC`]); the asker takes an answer only from
+//! the address it asked, with its nonce.
 //!
 //! A relay only ever moves CurveCP packets between the two ends: it has no key of their
 //! connection, so it can neither read nor forge them (the end points' CurveCP authenticates
@@ -71,6 +80,19 @@ mod table;
 pub use punch::{ProbeInput, Prober, PROBE_INTERVAL, PROBE_TRIES};
 #[cfg(feature = "relay")]
 pub use table::{Forward, Relay, RelayLimits, RelayStats};
+
+/// Who-is question to a relay.
+pub const WHO: &[u8; 8] = b"MMwhoRl1";
+/// A relay's answer: its signId.
+pub const IAM: &[u8; 8] = b"MMiamRl1";
+/// Length of a who-is question (padded, so that the answer is shorter).
+pub const WHO_LEN: usize = 64;
+/// Length of a relay's answer.
+pub const IAM_LEN: usize = MAGIC_LEN + WHO_NONCE_LEN + 32;
+/// Length of a who-is nonce.
+pub const WHO_NONCE_LEN: usize = 16;
+/// Who-is questions a relay answers per second at most.
+pub const WHO_ANSWERS_PER_SEC: u32 = 64;
 
 /// Length of every magic.
 pub const MAGIC_LEN: usize = 8;
@@ -181,6 +203,23 @@ pub fn dial_back_datagram(
     d
 }
 
+/// A who-is question carrying `nonce`.
+pub fn who_datagram(nonce: &[u8; WHO_NONCE_LEN]) -> [u8; WHO_LEN] {
+    let mut d = [0u8; WHO_LEN];
+    d[..MAGIC_LEN].copy_from_slice(WHO);
+    d[MAGIC_LEN..MAGIC_LEN + WHO_NONCE_LEN].copy_from_slice(nonce);
+    d
+}
+
+/// A relay's answer to the question with `nonce`: its signId `sign`.
+pub fn iam_datagram(nonce: &[u8; WHO_NONCE_LEN], sign: &[u8; 32]) -> [u8; IAM_LEN] {
+    let mut d = [0u8; IAM_LEN];
+    d[..MAGIC_LEN].copy_from_slice(IAM);
+    d[MAGIC_LEN..MAGIC_LEN + WHO_NONCE_LEN].copy_from_slice(nonce);
+    d[MAGIC_LEN + WHO_NONCE_LEN..].copy_from_slice(sign);
+    d
+}
+
 /// One datagram of this module, parsed (borrowing from the input).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Datagram<'a> {
@@ -223,6 +262,15 @@ pub enum Datagram<'a> {
     PunchAck([u8; 8]),
     /// A dial-back probe.
     DialBack([u8; DIAL_BACK_NONCE_LEN]),
+    /// A who-is question.
+    Who([u8; WHO_NONCE_LEN]),
+    /// A relay's answer to a who-is question.
+    Iam {
+        /// The question's nonce.
+        nonce: [u8; WHO_NONCE_LEN],
+        /// The relay's signId.
+        sign: [u8; 32],
+    },
 }
 
 /// Parses a datagram; `None` for anything malformed (unknown magic, short, empty packet).
@@ -260,6 +308,20 @@ pub fn parse(d: &[u8]) -> Option<Datagram<'_>> {
         PUNCH => Datagram::Punch(fixed(8)?.try_into().ok()?),
         PUNCH_ACK => Datagram::PunchAck(fixed(8)?.try_into().ok()?),
         DIAL_BACK => Datagram::DialBack(fixed(DIAL_BACK_NONCE_LEN)?.try_into().ok()?),
+        WHO => {
+            let r = fixed(WHO_LEN - MAGIC_LEN)?;
+            if r[WHO_NONCE_LEN..].iter().any(|&b| b != 0) {
+                return None;
+            }
+            Datagram::Who(r[..WHO_NONCE_LEN].try_into().ok()?)
+        }
+        IAM => {
+            let r = fixed(IAM_LEN - MAGIC_LEN)?;
+            Datagram::Iam {
+                nonce: r[..WHO_NONCE_LEN].try_into().ok()?,
+                sign: r[WHO_NONCE_LEN..].try_into().ok()?,
+            }
+        }
         _ => return None,
     })
 }
@@ -374,6 +436,29 @@ mod tests {
         assert_eq!(parse(&d), Some(Datagram::DialBack(n)));
         assert_eq!(parse(&d[..d.len() - 1]), None, "short nonce");
         assert_eq!(parse(&[d.as_slice(), &[0]].concat()), None, "long nonce");
+    }
+
+    #[test]
+    fn who_is_datagrams_round_trip_the_answer_is_shorter_and_junk_is_refused() {
+        let n = [9u8; WHO_NONCE_LEN];
+        let q = who_datagram(&n);
+        assert_eq!(parse(&q), Some(Datagram::Who(n)));
+        let a = iam_datagram(&n, &[3; 32]);
+        assert_eq!(
+            parse(&a),
+            Some(Datagram::Iam {
+                nonce: n,
+                sign: [3; 32]
+            })
+        );
+        assert!(a.len() < q.len(), "no amplification");
+        assert_eq!(parse(&q[..q.len() - 1]), None, "short question");
+        assert_eq!(parse(&[q.as_slice(), &[0]].concat()), None, "long question");
+        let mut dirty = q;
+        dirty[WHO_LEN - 1] = 1;
+        assert_eq!(parse(&dirty), None, "padding not zero");
+        assert_eq!(parse(&a[..a.len() - 1]), None, "short answer");
+        assert_eq!(parse(&[a.as_slice(), &[0]].concat()), None, "long answer");
     }
 
     #[test]

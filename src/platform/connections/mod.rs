@@ -661,6 +661,7 @@ impl Net {
             records_delivered: 0,
         };
         net.reach.restore_relay_choice(storage);
+        reach::serve_whois(&net.cfg, &mut net.server, our_sign);
         net.portmap_start(now);
         net.interfaces_start(now);
         Ok(net)

@@ -93,7 +93,7 @@ use crate::transport::TransportKind;
 // stand-in that does none of it.
 #[cfg_attr(not(feature = "relay"), path = "reach/relay_off.rs")]
 mod relay;
-pub(super) use relay::{offers_relay, serve_relay};
+pub(super) use relay::{offers_relay, serve_relay, serve_whois};
 
 /// A dial-back we asked for must reach our listener this soon after the request.
 pub const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -501,6 +501,7 @@ impl Net {
                     self.end_check(c.seen, now);
                 }
                 NatEvent::Bound { relay, observed } => self.relay_bound(relay, observed, now),
+                NatEvent::RelayIs { addr, sign } => self.relay_identified(addr, sign, now),
             }
         }
     }

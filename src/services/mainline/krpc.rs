@@ -46,6 +46,8 @@ pub const MAX_VALUE: usize = 1000;
 pub const MAX_NODES: usize = 16;
 /// Length of one compact node: id, IPv4 address, port.
 pub const COMPACT_NODE_LEN: usize = 26;
+/// Compact peers (`values`) kept from one response at most.
+pub const MAX_VALUES: usize = 32;
 /// Longest method name or error text kept.
 const MAX_NAME: usize = 64;
 
@@ -129,6 +131,13 @@ pub struct Fields {
     pub cas: Option<i64>,
     /// `salt` (BEP 44, at most [`MAX_SALT`] bytes).
     pub salt: Option<Vec<u8>>,
+    /// `values` (responses to `get_peers`, BEP 5): compact IPv4 peers, at most
+    /// [`MAX_VALUES`] kept; entries of another length (BEP 32's IPv6 ones) are skipped.
+    pub values: Vec<SocketAddrV4>,
+    /// `port` (`announce_peer`), 1 to 65535.
+    pub port: Option<u16>,
+    /// `implied_port` (`announce_peer`): the peer's port is the datagram's source port.
+    pub implied_port: bool,
 }
 
 /// What a message is.
@@ -304,8 +313,26 @@ fn decode_fields(o: Value<'_>) -> Result<Fields, DecodeError> {
             b"seq" => f.seq = Some(non_negative(o)?),
             b"cas" => f.cas = Some(non_negative(o)?),
             b"salt" => f.salt = Some(limited(o, MAX_SALT)?),
-            // Anything else (nodes6, values, want, port, implied_port, ...) is skipped; its
-            // structure was checked with the whole datagram's.
+            b"values" => {
+                for v in o.list().ok_or(DecodeError::Malformed)? {
+                    let b = bytes(v)?;
+                    if b.len() == 6 && f.values.len() < MAX_VALUES {
+                        f.values.push(compact_addr(b));
+                    }
+                }
+            }
+            b"port" => {
+                let p = int(o)?;
+                f.port = Some(
+                    u16::try_from(p)
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or(DecodeError::Malformed)?,
+                );
+            }
+            b"implied_port" => f.implied_port = int(o)? == 1,
+            // Anything else (nodes6, want, ...) is skipped; its structure was checked with
+            // the whole datagram's.
             _ => {}
         }
     }
@@ -391,6 +418,9 @@ fn put_fields(f: &Fields, out: &mut Vec<u8>) {
     if let Some(id) = &f.id {
         put_bytes(d.key(b"id"), id);
     }
+    if f.implied_port {
+        put_int(d.key(b"implied_port"), 1);
+    }
     if let Some(h) = &f.info_hash {
         put_bytes(d.key(b"info_hash"), h);
     }
@@ -404,6 +434,9 @@ fn put_fields(f: &Fields, out: &mut Vec<u8>) {
             out.extend_from_slice(&n.id);
             out.extend_from_slice(&addr_bytes(&n.addr));
         }
+    }
+    if let Some(p) = f.port {
+        put_int(d.key(b"port"), i64::from(p));
     }
     if let Some(s) = &f.salt {
         put_bytes(d.key(b"salt"), s);
@@ -422,6 +455,14 @@ fn put_fields(f: &Fields, out: &mut Vec<u8>) {
     }
     if let Some(v) = &f.v {
         d.key(b"v").extend_from_slice(v);
+    }
+    if !f.values.is_empty() {
+        let out = d.key(b"values");
+        out.push(b'l');
+        for a in &f.values {
+            put_bytes(out, &addr_bytes(a));
+        }
+        out.push(b'e');
     }
     d.end();
 }
@@ -529,6 +570,29 @@ mod tests {
             decode(err).unwrap().kind,
             Kind::Error(201, b"A Generic Error Ocurred".to_vec())
         );
+        // BEP 5's announce_peer and get_peers examples, byte for byte.
+        let announce = b"d1:ad2:id20:abcdefghij012345678912:implied_porti1e9:info_hash20:mnopqrstuvwxyz1234564:porti6881e5:token8:aoeusnthe1:q13:announce_peer1:t2:aa1:y1:qe";
+        let m = decode(announce).unwrap();
+        assert_eq!(m.kind, Kind::Query(Method::AnnouncePeer));
+        assert_eq!(m.fields.port, Some(6881));
+        assert!(m.fields.implied_port);
+        assert_eq!(m.fields.info_hash, Some(*b"mnopqrstuvwxyz123456"));
+        assert_eq!(encode(&m).unwrap(), announce.to_vec());
+        let peers = b"d1:rd2:id20:abcdefghij01234567895:token8:aoeusnth6:valuesl6:axje.u6:idhtnmee1:t2:aa1:y1:re";
+        let m = decode(peers).unwrap();
+        assert_eq!(
+            m.fields.values,
+            vec![compact_addr(b"axje.u"), compact_addr(b"idhtnm")]
+        );
+        assert_eq!(encode(&m).unwrap(), peers.to_vec());
+        // An IPv6 peer (BEP 32, 18 bytes) is skipped; a port of 0 or beyond 65535 is refused.
+        let mixed = b"d1:rd2:id20:abcdefghij01234567896:valuesl18:0123456789abcdefgh6:axje.uee1:t2:aa1:y1:re";
+        assert_eq!(decode(mixed).unwrap().fields.values.len(), 1);
+        for bad in [&b"4:porti0e"[..], b"4:porti65536e", b"4:porti-1e"] {
+            let head = b"d1:ad2:id20:abcdefghij0123456789";
+            let d = [&head[..], bad, b"e1:q4:ping1:t2:aa1:y1:qe"].concat();
+            assert!(decode(&d).is_err(), "{}", String::from_utf8_lossy(&d));
+        }
         // A nested value keeps its raw bytes.
         let r = b"d1:rd2:id20:abcdefghij01234567891:vd1:ai1eee1:t1:x1:y1:re";
         assert_eq!(decode(r).unwrap().fields.v.unwrap(), b"d1:ai1ee".to_vec());
@@ -647,9 +711,22 @@ mod tests {
                 prop::option::of(0..i64::MAX),
                 prop::option::of(bytes(MAX_SALT)),
             ),
+            (
+                prop::collection::vec(
+                    (any::<u32>(), any::<u16>()).prop_map(|(a, p)| SocketAddrV4::new(a.into(), p)),
+                    0..MAX_VALUES,
+                ),
+                prop::option::of(1..=u16::MAX),
+                any::<bool>(),
+            ),
         )
             .prop_map(
-                |((id, target, info_hash, token), (nodes, v, k, sig), (seq, cas, salt))| Fields {
+                |(
+                    (id, target, info_hash, token),
+                    (nodes, v, k, sig),
+                    (seq, cas, salt),
+                    (values, port, implied_port),
+                )| Fields {
                     id,
                     target,
                     info_hash,
@@ -661,6 +738,9 @@ mod tests {
                     seq,
                     cas,
                     salt,
+                    values,
+                    port,
+                    implied_port,
                 },
             );
         let kind = prop_oneof![
@@ -707,8 +787,9 @@ mod tests {
             prop_assert_eq!(&d, &m);
             if let Some(v) = &d.fields.v {
                 // The value's bytes as they stand in the datagram: after its key, the last of
-                // its dictionary.
-                let there = [&b"1:v"[..], v, b"e"].concat();
+                // its dictionary but for `values`.
+                let next: &[u8] = if d.fields.values.is_empty() { b"e" } else { b"6:values" };
+                let there = [&b"1:v"[..], v, next].concat();
                 prop_assert!(b.windows(there.len()).any(|w| w == there));
             }
             prop_assert_eq!(encode(&d).unwrap(), b);

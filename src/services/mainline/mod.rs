@@ -17,9 +17,14 @@
 //! - **Socket:** one IPv4 UDP socket ([`MainlineConfig::bind`]), read at most
 //!   [`READ_BUDGET`] datagrams per turn.
 //! - **Bus:** subscribes to `self.transports.myNodeInfo` (what we publish, when
-//!   [`MainlineConfig::publish`] is on) and `self.transports.requestNodeInfo` (a signId to
-//!   resolve), from `local` only; publishes what it resolves as `transports.nodeInfo` with the
-//!   source tag `mainline`.
+//!   [`MainlineConfig::publish`] is on), `self.transports.requestNodeInfo` (a signId to
+//!   resolve) and `self.transports.findRelay` (a relay search), from `local` only; publishes
+//!   what it resolves as `transports.nodeInfo` with the source tag `mainline`, and the
+//!   addresses a relay search found as `transports.relayAddresses` (a JSON array of
+//!   `"ip:port"`), which the platform asks who they are.
+//! - **Relays:** when publishing and our nodeInfo offers relaying (an IPv4 UDP endpoint with
+//!   `"relay": true`), that port is announced (BEP 5 `announce_peer`) under
+//!   [`state::relay_info_hash`] every [`Timing::relay_announce`]; see `state`.
 //! - **Storage:** the last `seq` signed, under [`SEQ_KEY`], so that a restarted node's `seq`
 //!   keeps rising even if the clock went back.
 //!
@@ -150,6 +155,16 @@ pub struct Mainline {
     stats: super::Shared<MainlineStats>,
 }
 
+/// The port of our nodeInfo's IPv4 UDP endpoint that offers relaying, if any.
+fn relay_port(info: &serde_json::Value) -> Option<u16> {
+    info.get("connectionInfo")?
+        .as_array()?
+        .iter()
+        .filter_map(crate::transport::connection_info::Endpoint::from_json)
+        .find(|e| e.offers_relay && e.addr.is_ipv4())
+        .map(|e| e.addr.port())
+}
+
 fn unix_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -215,6 +230,16 @@ impl Mainline {
                 log::debug!("mainline: nodeInfo not queued: {e}");
             }
         }
+        while let Some(peers) = state.poll_relay_peers() {
+            let list: Vec<String> = peers.iter().map(ToString::to_string).collect();
+            log::debug!("mainline: relay search found {}", list.join(", "));
+            let status = ctx
+                .messaging()
+                .send("transports.relayAddresses", "local", &list);
+            if let Err(e) = status {
+                log::debug!("mainline: relay addresses not queued: {e}");
+            }
+        }
         if let Some(seq) = state.take_seq_to_persist() {
             if let Err(e) = ctx.storage().put(SEQ_KEY, seq.to_string().as_bytes()) {
                 log::warn!("mainline: cannot store seq: {e}");
@@ -276,9 +301,11 @@ impl Service for Mainline {
         if self.config.publish {
             let info = ctx.node_info().to_json();
             state.set_my_node_info(&info, unix_secs(), now);
+            state.set_relay_port(relay_port(&info), now);
         }
         self.state = Some(state);
         ctx.subscribe("self.transports.requestNodeInfo");
+        ctx.subscribe("self.transports.findRelay");
         if self.config.publish {
             ctx.subscribe("self.transports.myNodeInfo");
         }
@@ -300,8 +327,10 @@ impl Service for Mainline {
         match msg.topic.as_str() {
             "transports.myNodeInfo" => {
                 state.set_my_node_info(&value, unix_secs(), now);
+                state.set_relay_port(relay_port(&value), now);
             }
             "transports.requestNodeInfo" => state.request_node_info(&value, now),
+            "transports.findRelay" => state.find_relays(now),
             _ => return,
         }
         self.flush(ctx, false);

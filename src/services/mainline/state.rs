@@ -38,6 +38,14 @@
 //!   `put` of mutable items (tokens, signature, `cas`, `seq` checked; [`Timing::max_stored`]
 //!   items for [`ITEM_TTL`]), at most [`Timing::queries_per_sec`] queries a second; a node
 //!   that queries us is pinged (a few at a time) and enters the table if it answers.
+//! - **Relays** (BEP 5). A node that offers relaying, publishing, announces its relay port
+//!   under [`relay_info_hash`] (a `get_peers` lookup for tokens, then `announce_peer` to the
+//!   `k` closest that gave one), again every [`Timing::relay_announce`]. A relay search
+//!   ([`MainlineState::find_relays`]) is a `get_peers` lookup there; the peers found (at most
+//!   [`MAX_RELAY_PEERS`], in scope) are handed out ([`MainlineState::poll_relay_peers`]): bare
+//!   addresses, which the platform asks who they are (see the platform's relay docs). Serving,
+//!   it stores announced peers ([`Timing::max_stored`] in all, [`PEERS_PER_HASH`] per
+//!   info-hash, for [`PEER_TTL`]) and answers `get_peers` with them.
 //! - **No amplification.** Toward an address that is not in the routing table (not proven:
 //!   source addresses can be forged), an answer (and the ping) may exceed the query's length
 //!   only within a small per-network and shared byte budget; beyond it the answer is trimmed
@@ -76,6 +84,19 @@ pub const TXID_LEN: usize = 4;
 const MAX_PINGS: usize = 8;
 /// Length of our tokens.
 const TOKEN_LEN: usize = 8;
+/// How long an announced peer is kept (serving), as libtorrent does.
+pub const PEER_TTL: Duration = Duration::from_secs(30 * 60);
+/// Peers kept per info-hash at most (serving), and handed out in one answer at most.
+pub const PEERS_PER_HASH: usize = 16;
+/// Relay addresses one search hands out at most.
+pub const MAX_RELAY_PEERS: usize = 32;
+
+/// The info-hash under which nodes offering relaying announce themselves: SHA-1 of
+/// `mm-platform relay v1`.
+pub fn relay_info_hash() -> NodeId {
+    crypto::sha1(&[b"mm-platform relay v1"])
+}
+
 /// Bytes of our ping query at most (our id, a 4-byte transaction id, no `ro`): what a ping
 /// to an unproven address that queried us takes from its [`AnswerBudget`].
 const PING_BYTES: usize = 64;
@@ -118,8 +139,10 @@ pub struct Timing {
     pub refresh: Duration,
     /// Serving: queries answered per second at most (100; a burst of twice as many).
     pub queries_per_sec: u32,
-    /// Serving: items stored at most (256).
+    /// Serving: items stored at most (256), and announced peers at most (as many).
     pub max_stored: usize,
+    /// A relay announces itself again after this (15 min; peers are kept 30 min).
+    pub relay_announce: Duration,
 }
 
 impl Default for Timing {
@@ -142,6 +165,7 @@ impl Default for Timing {
             refresh: Duration::from_secs(900),
             queries_per_sec: 100,
             max_stored: 256,
+            relay_announce: Duration::from_secs(900),
         }
     }
 }
@@ -224,6 +248,16 @@ pub struct MainlineStats {
     pub cached: usize,
     /// Items stored for others now (serving).
     pub stored: usize,
+    /// Relay announcements sent (`announce_peer`) and acknowledged.
+    pub relay_announces: u64,
+    /// ... of which acknowledged.
+    pub relay_announces_acked: u64,
+    /// Relay searches finished, and the relay addresses they found in all.
+    pub relay_searches: u64,
+    /// ... the addresses found.
+    pub relay_peers_found: u64,
+    /// Serving: peers announced to us and stored now.
+    pub peers_stored: usize,
 }
 
 /// Options of the machine.
@@ -244,6 +278,10 @@ enum Purpose {
     Bootstrap,
     Resolve(SignId),
     Publish,
+    /// `get_peers` for tokens, then `announce_peer` of our relay port.
+    AnnounceRelay,
+    /// `get_peers` for the relays' addresses.
+    FindRelays,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,6 +315,8 @@ struct Lookup {
     started: Instant,
     best: Option<MutableItem>,
     published_seq: Option<i64>,
+    /// Peers found (`get_peers` values).
+    peers: Vec<SocketAddrV4>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,6 +324,7 @@ enum What {
     Lookup(u64),
     Put,
     Ping,
+    Announce,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -346,6 +387,13 @@ pub struct MainlineState {
     bootstrap_at: Option<Instant>,
     backoff: Duration,
     store: HashMap<NodeId, Stored>,
+    /// Serving: announced peers by info-hash, with when they expire.
+    peers: HashMap<NodeId, Vec<(SocketAddrV4, Instant)>>,
+    /// Our relay port, while our nodeInfo offers relaying (and we publish).
+    relay_port: Option<u16>,
+    relay_announce_due: Option<Instant>,
+    /// Relay searches' results, to be taken.
+    relay_peers: VecDeque<Vec<SocketAddrV4>>,
     secrets: [[u8; 20]; 2],
     rotate_at: Instant,
     /// Bytes beyond their queries' length that unproven addresses may still be sent.
@@ -404,6 +452,10 @@ impl MainlineState {
             backoff: Duration::from_secs(5),
             rtt: None,
             store: HashMap::new(),
+            peers: HashMap::new(),
+            relay_port: None,
+            relay_announce_due: None,
+            relay_peers: VecDeque::new(),
             secrets: [random_id(), random_id()],
             rotate_at: now + TOKEN_ROTATION,
             budget: AnswerBudget::new(now),
@@ -425,6 +477,7 @@ impl MainlineState {
             waiting: self.waiting.len(),
             cached: self.cache.len(),
             stored: self.store.len(),
+            peers_stored: self.peers.values().map(Vec::len).sum(),
             ..self.stats
         }
     }
@@ -527,6 +580,34 @@ impl MainlineState {
         self.waiting.push_back(sign);
     }
 
+    /// Our relay port, `None` when our nodeInfo offers no relaying: announced under
+    /// [`relay_info_hash`] now and every [`Timing::relay_announce`] (only with a signing key,
+    /// that is when publishing).
+    pub fn set_relay_port(&mut self, port: Option<u16>, now: Instant) {
+        if self.signer.is_none() || port == self.relay_port {
+            return;
+        }
+        self.relay_port = port;
+        self.relay_announce_due = port.map(|_| now);
+    }
+
+    /// Looks for relays (a `get_peers` lookup of [`relay_info_hash`]) unless a search runs;
+    /// the addresses found come out of [`MainlineState::poll_relay_peers`].
+    pub fn find_relays(&mut self, now: Instant) {
+        if !self
+            .lookups
+            .iter()
+            .any(|l| l.purpose == Purpose::FindRelays)
+        {
+            self.start_lookup(Purpose::FindRelays, relay_info_hash(), now);
+        }
+    }
+
+    /// The addresses a relay search found (one list per search that found any).
+    pub fn poll_relay_peers(&mut self) -> Option<Vec<SocketAddrV4>> {
+        self.relay_peers.pop_front()
+    }
+
     /// A datagram received from `from`.
     pub fn handle_datagram(&mut self, bytes: &[u8], from: SocketAddr, now: Instant) {
         self.stats.packets += 1;
@@ -600,6 +681,11 @@ impl MainlineState {
                 }
             }
             What::Ping => {}
+            What::Announce => {
+                if ok {
+                    self.stats.relay_announces_acked += 1;
+                }
+            }
         }
     }
 
@@ -630,6 +716,13 @@ impl MainlineState {
             add_candidate(&mut l.cands, Some(n.id), n.addr, scope, &own);
         }
         sort_candidates(&mut l.cands, &l.target);
+        if l.purpose == Purpose::FindRelays {
+            for p in &msg.fields.values {
+                if scope.accepts(p) && !l.peers.contains(p) && l.peers.len() < MAX_RELAY_PEERS {
+                    l.peers.push(*p);
+                }
+            }
+        }
         if msg.fields.v.is_none() || l.purpose == Purpose::Bootstrap {
             return;
         }
@@ -803,6 +896,7 @@ impl MainlineState {
             started: now,
             best: None,
             published_seq: None,
+            peers: Vec::new(),
         });
         let i = self.lookups.len() - 1;
         self.step(i, now);
@@ -850,7 +944,15 @@ impl MainlineState {
                         ..Fields::default()
                     },
                 ),
-                _ => (
+                Purpose::AnnounceRelay | Purpose::FindRelays => (
+                    Method::GetPeers,
+                    Fields {
+                        id: Some(self.own),
+                        info_hash: Some(target),
+                        ..Fields::default()
+                    },
+                ),
+                Purpose::Resolve(_) | Purpose::Publish => (
                     Method::Get,
                     Fields {
                         id: Some(self.own),
@@ -886,7 +988,55 @@ impl MainlineState {
                 }
             }
             Purpose::Publish => self.put(l, now),
+            Purpose::AnnounceRelay => self.announce_relay(&l, now),
+            Purpose::FindRelays => {
+                self.stats.relay_searches += 1;
+                self.stats.relay_peers_found += l.peers.len() as u64;
+                if !l.peers.is_empty() && self.relay_peers.len() < OUT_QUEUE {
+                    self.relay_peers.push_back(l.peers);
+                }
+            }
         }
+    }
+
+    /// The `k` closest nodes of a finished lookup that answered with a token, with it.
+    fn token_holders(&self, l: &Lookup) -> Vec<(SocketAddrV4, Vec<u8>)> {
+        l.cands
+            .iter()
+            .filter(|c| c.state == CState::Answered)
+            .filter_map(|c| c.token.clone().map(|t| (c.addr, t)))
+            .take(self.timing.k)
+            .collect()
+    }
+
+    /// The end of a relay announcement's lookup: `announce_peer` of our relay port to the
+    /// closest nodes that gave a token; again after [`Timing::relay_announce`] (after
+    /// [`Timing::publish_retry`] when none could be sent).
+    fn announce_relay(&mut self, l: &Lookup, now: Instant) {
+        let Some(port) = self.relay_port else {
+            return;
+        };
+        let mut sent = 0;
+        let targets = self.token_holders(l);
+        for (addr, token) in targets {
+            let f = Fields {
+                id: Some(self.own),
+                info_hash: Some(l.target),
+                port: Some(port),
+                token: Some(token),
+                ..Fields::default()
+            };
+            if self.send_query(addr, Method::AnnouncePeer, f, What::Announce, now) {
+                sent += 1;
+                self.stats.relay_announces += 1;
+            }
+        }
+        let again = if sent > 0 {
+            self.timing.relay_announce
+        } else {
+            self.timing.publish_retry
+        };
+        self.relay_announce_due = Some(now + again);
     }
 
     /// The end of a publish lookup: `put` our item to the closest nodes that gave a token.
@@ -913,14 +1063,7 @@ impl MainlineState {
             failed: 0,
             first_ack: None,
         };
-        let targets: Vec<(SocketAddrV4, Vec<u8>)> = l
-            .cands
-            .iter()
-            .filter(|c| c.state == CState::Answered)
-            .filter_map(|c| c.token.clone().map(|t| (c.addr, t)))
-            .take(self.timing.k)
-            .collect();
-        for (addr, token) in targets {
+        for (addr, token) in self.token_holders(&l) {
             // `target` is not in BEP 44's put, but pubky's `mainline` requires it (it drops a
             // put without one); libtorrent and bittorrent-dht ignore it.
             let mut f = Fields {
@@ -971,7 +1114,7 @@ impl MainlineState {
                         }
                     }
                 }
-                What::Ping => {}
+                What::Ping | What::Announce => {}
             }
         }
         // Queries unanswered after `slow_after`: sent once more.
@@ -1023,6 +1166,17 @@ impl MainlineState {
                 self.start_lookup(Purpose::Publish, target, now);
             }
         }
+        // Our relay announcement.
+        if self.relay_port.is_some()
+            && self.relay_announce_due.is_some_and(|t| t <= now)
+            && !self
+                .lookups
+                .iter()
+                .any(|l| l.purpose == Purpose::AnnounceRelay)
+        {
+            self.relay_announce_due = None;
+            self.start_lookup(Purpose::AnnounceRelay, relay_info_hash(), now);
+        }
         // Waiting resolves.
         while self
             .lookups
@@ -1052,6 +1206,7 @@ impl MainlineState {
             self.secrets[0] = random_id();
             self.rotate_at = now + TOKEN_ROTATION;
             self.store.retain(|_, s| s.expires > now);
+            self.expire_peers(now);
         }
     }
 
@@ -1113,6 +1268,14 @@ impl MainlineState {
         if self.my_item.is_some() && self.publish_can_start() {
             d.extend(self.publish_due);
         }
+        if self.relay_port.is_some()
+            && !self
+                .lookups
+                .iter()
+                .any(|l| l.purpose == Purpose::AnnounceRelay)
+        {
+            d.extend(self.relay_announce_due);
+        }
         if self.serve {
             d.push(self.rotate_at);
         }
@@ -1168,6 +1331,18 @@ impl MainlineState {
             },
             Method::GetPeers => match a.info_hash {
                 Some(h) => {
+                    // The peers announced here, and nodes closer (as libtorrent answers).
+                    r.values = self
+                        .peers
+                        .get(&h)
+                        .map(|l| {
+                            l.iter()
+                                .filter(|p| p.1 > now)
+                                .map(|p| p.0)
+                                .take(PEERS_PER_HASH)
+                                .collect()
+                        })
+                        .unwrap_or_default();
                     r.nodes = self.table.closest(&h, self.timing.k);
                     r.token = Some(self.token_for(from.ip(), 0));
                     Ok(())
@@ -1195,7 +1370,8 @@ impl MainlineState {
                 None => Err((203, "missing target")),
             },
             Method::Put => self.accept_put(a, &from, now),
-            Method::AnnouncePeer | Method::Other(_) => Err((204, "Method Unknown")),
+            Method::AnnouncePeer => self.accept_announce(a, &from, now),
+            Method::Other(_) => Err((204, "Method Unknown")),
         };
         let mut sent = 0;
         match reply {
@@ -1287,16 +1463,67 @@ impl MainlineState {
         }
     }
 
+    fn token_ok(&self, token: Option<&Vec<u8>>, from: &SocketAddrV4) -> bool {
+        token.is_some_and(|t| {
+            *t == self.token_for(from.ip(), 0) || *t == self.token_for(from.ip(), 1)
+        })
+    }
+
+    /// Drops the announced peers whose time is up (and the info-hashes left without any).
+    fn expire_peers(&mut self, now: Instant) {
+        self.peers.retain(|_, l| {
+            l.retain(|p| p.1 > now);
+            !l.is_empty()
+        });
+    }
+
+    /// An `announce_peer`: token, info-hash and port checked; kept [`PEER_TTL`], at most
+    /// [`PEERS_PER_HASH`] per info-hash (the oldest goes) and [`Timing::max_stored`] in all
+    /// (beyond that, refused).
+    fn accept_announce(
+        &mut self,
+        a: &Fields,
+        from: &SocketAddrV4,
+        now: Instant,
+    ) -> Result<(), (i64, &'static str)> {
+        if !self.token_ok(a.token.as_ref(), from) {
+            return Err((203, "bad token"));
+        }
+        let Some(h) = a.info_hash else {
+            return Err((203, "missing info_hash"));
+        };
+        let port = if a.implied_port {
+            from.port()
+        } else {
+            a.port.ok_or((203, "missing port"))?
+        };
+        let peer = SocketAddrV4::new(*from.ip(), port);
+        let known = self
+            .peers
+            .get(&h)
+            .is_some_and(|l| l.iter().any(|p| p.0 == peer));
+        if !known && self.peers.values().map(Vec::len).sum::<usize>() >= self.timing.max_stored {
+            self.expire_peers(now);
+            if self.peers.values().map(Vec::len).sum::<usize>() >= self.timing.max_stored {
+                return Err((202, "store full"));
+            }
+        }
+        let list = self.peers.entry(h).or_default();
+        list.retain(|p| p.0 != peer && p.1 > now);
+        if list.len() >= PEERS_PER_HASH {
+            list.remove(0);
+        }
+        list.push((peer, now + PEER_TTL));
+        Ok(())
+    }
+
     fn accept_put(
         &mut self,
         a: &Fields,
         from: &SocketAddrV4,
         now: Instant,
     ) -> Result<(), (i64, &'static str)> {
-        let token_ok = a.token.as_ref().is_some_and(|t| {
-            *t == self.token_for(from.ip(), 0) || *t == self.token_for(from.ip(), 1)
-        });
-        if !token_ok {
+        if !self.token_ok(a.token.as_ref(), from) {
             return Err((203, "bad token"));
         }
         if a.k.is_none() {

@@ -552,6 +552,7 @@ fn serving_checks_tokens_signatures_cas_and_seq_and_is_rate_limited() {
     );
     let got = MutableItem::from_fields(&r.fields, b"", Some(&target)).unwrap();
     assert_eq!(got.seq, 6);
+    // An announce_peer without a token (see the test of announced peers below): refused.
     assert_eq!(
         code(&ask(
             &mut srv,
@@ -561,7 +562,7 @@ fn serving_checks_tokens_signatures_cas_and_seq_and_is_rate_limited() {
                 ..Fields::default()
             }
         )),
-        204
+        203
     );
     // A flood of queries: answered up to the burst, then dropped.
     let mut answered = 0;
@@ -972,4 +973,200 @@ fn proven_nodes_get_whole_answers_and_pings_count_as_excess() {
     let (received, sent, _) = get_flood(&mut srv, target, 100, |_| node, later);
     assert_eq!(srv.stats().answers_trimmed, before);
     assert!(sent > 4 * received, "{received} in, {sent} out");
+}
+
+#[test]
+fn a_relay_announced_through_a_simulated_dht_is_found_by_another_client() {
+    let mut sim = Sim::new(20);
+    assert!(sim.run(50, |s| s.nodes.iter().all(|(_, m)| m.stats().table >= 8)));
+    sim.now += Duration::from_secs(2);
+    let r = Identity::generate();
+    let boot = vec![addr(1002), addr(1017)];
+    let mut pr = MainlineState::new(
+        options(boot.clone(), false),
+        Some(r.sign_keypair().clone()),
+        sim.now,
+    );
+    pr.set_relay_port(Some(4000), sim.now);
+    let ir = sim.add(3000, pr);
+    assert!(sim.run(200, |s| s.nodes[ir].1.stats().relay_announces_acked >= 8));
+    let stored: usize = sim.nodes[..20]
+        .iter()
+        .map(|(_, m)| m.stats().peers_stored)
+        .sum();
+    assert_eq!(stored, 8, "announced to the k closest");
+    // The relay port is announced from the relay's DHT address: its IP, the port given.
+    let h = relay_info_hash();
+    assert!(sim.nodes[..20].iter().any(|(_, m)| m
+        .peers
+        .get(&h)
+        .is_some_and(|l| l.iter().any(|p| p.0 == addr(4000)))));
+
+    // A read-only client that knows two other nodes finds it.
+    let mut pf = MainlineState::new(options(vec![addr(1005), addr(1009)], false), None, sim.now);
+    pf.find_relays(sim.now);
+    let i_f = sim.add(3001, pf);
+    let mut found = Vec::new();
+    assert!(sim.run(200, |s| {
+        while let Some(v) = s.nodes[i_f].1.poll_relay_peers() {
+            found.extend(v);
+        }
+        !found.is_empty()
+    }));
+    assert_eq!(found, vec![addr(4000)]);
+    assert_eq!(sim.nodes[i_f].1.stats().relay_searches, 1);
+    // A search while one runs is not started twice; the announcement is repeated later.
+    let now = sim.now;
+    sim.nodes[i_f].1.find_relays(now);
+    sim.nodes[i_f].1.find_relays(now);
+    assert_eq!(sim.nodes[i_f].1.stats().lookups, 1);
+    let before = sim.nodes[ir].1.stats().relay_announces;
+    sim.now += Timing::default().relay_announce;
+    assert!(sim.run(200, |s| s.nodes[ir].1.stats().relay_announces > before));
+    // No longer a relay: no more announcements.
+    let now = sim.now;
+    sim.nodes[ir].1.set_relay_port(None, now);
+    assert!(sim.nodes[ir].1.relay_announce_due.is_none());
+}
+
+#[test]
+fn serving_stores_announced_peers_with_a_valid_token_within_bounds() {
+    let now = Instant::now();
+    let timing = Timing {
+        max_stored: 20,
+        ..Timing::default()
+    };
+    let mut srv = MainlineState::new(
+        Options {
+            timing,
+            ..options(vec![addr(1)], true)
+        },
+        None,
+        now,
+    );
+    let ask = |srv: &mut MainlineState, from: SocketAddrV4, method: Method, f: Fields| {
+        let q = Message::query(b"qq".to_vec(), method, f, true);
+        srv.handle_datagram(&krpc::encode(&q).unwrap(), SocketAddr::V4(from), now);
+        let mut replies: Vec<Message> = Vec::new();
+        while let Some((to, b)) = srv.poll_transmit() {
+            if to == from {
+                replies.push(krpc::decode(&b).unwrap());
+            }
+        }
+        assert_eq!(replies.len(), 1);
+        replies.remove(0)
+    };
+    let code = |m: &Message| match m.kind {
+        Kind::Error(c, _) => c,
+        Kind::Response => 0,
+        _ => -1,
+    };
+    let h = relay_info_hash();
+    let get_peers = Fields {
+        id: Some([1; 20]),
+        info_hash: Some(h),
+        ..Fields::default()
+    };
+    let announce = |token: &[u8], port: Option<u16>, implied: bool| Fields {
+        id: Some([1; 20]),
+        info_hash: Some(h),
+        token: Some(token.to_vec()),
+        port,
+        implied_port: implied,
+        ..Fields::default()
+    };
+    let peer = addr(5000);
+    let r = ask(&mut srv, peer, Method::GetPeers, get_peers.clone());
+    assert!(r.fields.values.is_empty());
+    let token = r.fields.token.clone().expect("a token");
+    // A wrong token, a missing port: refused; nothing stored.
+    let bad = ask(
+        &mut srv,
+        peer,
+        Method::AnnouncePeer,
+        announce(b"x", Some(4000), false),
+    );
+    assert_eq!(code(&bad), 203);
+    let bad = ask(
+        &mut srv,
+        peer,
+        Method::AnnouncePeer,
+        announce(&token, None, false),
+    );
+    assert_eq!(code(&bad), 203);
+    // Another address's token (tokens are per IP address): refused.
+    let elsewhere = SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 0, 2), 5000);
+    let other = ask(
+        &mut srv,
+        elsewhere,
+        Method::AnnouncePeer,
+        announce(&token, Some(4000), false),
+    );
+    assert_eq!(code(&other), 203);
+    assert_eq!(srv.stats().peers_stored, 0);
+    // Valid: stored with the port given, or the source port when implied.
+    let ok = ask(
+        &mut srv,
+        peer,
+        Method::AnnouncePeer,
+        announce(&token, Some(4000), false),
+    );
+    assert_eq!(code(&ok), 0);
+    let ok = ask(
+        &mut srv,
+        peer,
+        Method::AnnouncePeer,
+        announce(&token, None, true),
+    );
+    assert_eq!(code(&ok), 0);
+    let r = ask(&mut srv, addr(6000), Method::GetPeers, get_peers.clone());
+    assert_eq!(r.fields.values, vec![addr(4000), addr(5000)]);
+    // Again the same peer: not twice.
+    ask(
+        &mut srv,
+        peer,
+        Method::AnnouncePeer,
+        announce(&token, Some(4000), false),
+    );
+    assert_eq!(srv.stats().peers_stored, 2);
+    // Bounds: PEERS_PER_HASH per info-hash (the oldest goes), max_stored in all (refused).
+    for p in 0..40u16 {
+        let from = SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 1, (p % 250) as u8), 7000);
+        let t = ask(&mut srv, from, Method::GetPeers, get_peers.clone())
+            .fields
+            .token
+            .unwrap();
+        ask(
+            &mut srv,
+            from,
+            Method::AnnouncePeer,
+            announce(&t, Some(7000 + p), false),
+        );
+        // The rate limit (a burst of 200) is not what this tests.
+        srv.allowance = 200.0;
+    }
+    assert_eq!(srv.peers.get(&h).unwrap().len(), PEERS_PER_HASH);
+    let mut other_hash = get_peers.clone();
+    other_hash.info_hash = Some([9; 20]);
+    let mut refused = 0;
+    for p in 0..20u16 {
+        let from = SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 2, p as u8 + 1), 7000);
+        let t = ask(&mut srv, from, Method::GetPeers, other_hash.clone())
+            .fields
+            .token
+            .unwrap();
+        let mut f = announce(&t, Some(8000), false);
+        f.info_hash = Some([9; 20]);
+        if code(&ask(&mut srv, from, Method::AnnouncePeer, f)) == 202 {
+            refused += 1;
+        }
+        srv.allowance = 200.0;
+    }
+    assert_eq!(srv.stats().peers_stored, 20);
+    assert_eq!(refused, 20 - (20 - PEERS_PER_HASH));
+    // Expired peers go with the token rotation.
+    let later = now + PEER_TTL + TOKEN_ROTATION;
+    srv.handle_timeout(later);
+    assert_eq!(srv.stats().peers_stored, 0);
+    assert!(srv.peers.is_empty());
 }

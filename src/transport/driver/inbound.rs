@@ -161,7 +161,12 @@ pub(super) struct Nat {
     pub(super) events: VecDeque<NatEvent>,
     /// The nonce of the dial-back probe we wait for.
     pub(super) dial_back: Option<[u8; relay::DIAL_BACK_NONCE_LEN]>,
+    /// Who-is questions awaiting an answer (at most [`MAX_WHOIS`], the oldest forgotten).
+    pub(super) whois: VecDeque<(SocketAddr, [u8; relay::WHO_NONCE_LEN])>,
 }
+
+/// Who-is questions awaited at once at most.
+pub const MAX_WHOIS: usize = 32;
 
 /// Keeps `event` for the application (dropping the oldest beyond [`MAX_NAT_EVENTS`]).
 pub(super) fn push_event(events: &mut VecDeque<NatEvent>, event: NatEvent) {
@@ -189,6 +194,13 @@ impl Nat {
             Some(Datagram::DialBack(nonce)) if self.dial_back == Some(nonce) => {
                 self.dial_back = None;
                 push_event(&mut self.events, NatEvent::DialedBack { from });
+                None
+            }
+            Some(Datagram::Iam { nonce, sign }) => {
+                // Only the answer to a question of ours, from where we asked it.
+                let i = self.whois.iter().position(|w| *w == (from, nonce))?;
+                self.whois.remove(i);
+                push_event(&mut self.events, NatEvent::RelayIs { addr: from, sign });
                 None
             }
             Some(parsed) => {

@@ -252,6 +252,14 @@ pub enum NatEvent {
         /// Where it came from (the dialling peer's fresh socket).
         from: SocketAddr,
     },
+    /// A node we asked who it is ([`ServerDriver::ask_whois`]) answered from the address we
+    /// asked, with our nonce: it offers relaying there, as the node `sign`.
+    RelayIs {
+        /// The address asked.
+        addr: SocketAddr,
+        /// The signId it gave.
+        sign: [u8; 32],
+    },
 }
 
 mod client;

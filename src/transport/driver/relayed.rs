@@ -166,6 +166,10 @@ pub(super) struct ServerRelays {
     bound: HashSet<SocketAddr>,
     /// Hole punches from the listening socket, by target (at most [`MAX_PUNCHES`]).
     probers: HashMap<SocketAddr, Prober>,
+    /// Our signId, for who-is answers (set with the relay role).
+    who: Option<[u8; 32]>,
+    /// The current second of who-is answers and how many went out in it.
+    who_window: Option<(Instant, u32)>,
 }
 
 impl ServerRelays {
@@ -223,6 +227,29 @@ impl ServerRelays {
                     what: "probe answer",
                 })
             }
+            Datagram::Who(nonce) if self.relay.is_some() => {
+                let sign = self.who?;
+                let window = match self.who_window {
+                    Some((start, n))
+                        if now.saturating_duration_since(start) < Duration::from_secs(1) =>
+                    {
+                        (start, n)
+                    }
+                    _ => (now, 0),
+                };
+                if window.1 >= relay::WHO_ANSWERS_PER_SEC {
+                    debug!("server: who-is from {from} not answered (rate)");
+                    return None;
+                }
+                self.who_window = Some((window.0, window.1 + 1));
+                let a = relay::iam_datagram(&nonce, &sign);
+                out[..a.len()].copy_from_slice(&a);
+                Some(Reply {
+                    bytes: &out[..a.len()],
+                    to: from,
+                    what: "who-is answer",
+                })
+            }
             _ if self.relay.is_some() => {
                 let f = self.relay.as_mut()?.handle(d, from, now, out)?;
                 Some(Reply {
@@ -262,6 +289,12 @@ impl ServerDriver {
     /// Offers relaying on the UDP socket ([`super::relay`]) within `limits`.
     pub fn enable_relay(&mut self, limits: RelayLimits) {
         self.nat.relays.relay = Some(Relay::new(limits));
+    }
+
+    /// With the relay role, who-is questions are answered with this signId (see
+    /// [`super::relay`]).
+    pub fn answer_whois(&mut self, sign: [u8; 32]) {
+        self.nat.relays.who = Some(sign);
     }
 
     /// The relay role's table (`None` unless [`ServerDriver::enable_relay`]).

@@ -264,6 +264,24 @@ impl ServerDriver {
         }
     }
 
+    /// Asks the node at `to` who it is (a who-is datagram from the listening UDP socket; see
+    /// [`relay`]): a relay's answer raises [`NatEvent::RelayIs`]. At most
+    /// 32 questions are awaited (the oldest is forgotten).
+    pub fn ask_whois(&mut self, to: SocketAddr) -> io::Result<()> {
+        let Some(u) = self.udp.as_mut() else {
+            return Ok(());
+        };
+        let mut nonce = [0u8; relay::WHO_NONCE_LEN];
+        crate::crypto::random_bytes(&mut nonce);
+        let whois = &mut self.nat.whois;
+        whois.retain(|w| w.0 != to);
+        if whois.len() >= super::inbound::MAX_WHOIS {
+            whois.pop_front();
+        }
+        whois.push_back((to, nonce));
+        u.send_to(&relay::who_datagram(&nonce), to)
+    }
+
     /// The UDP listener's address.
     pub fn udp_addr(&self) -> Option<SocketAddr> {
         self.udp.as_ref().and_then(|u| u.local_addr().ok())

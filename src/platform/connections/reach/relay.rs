@@ -16,9 +16,12 @@
 //! ([`CHOICE_KEY`]) and taken back first, without measuring, after a restart.
 //!
 //! A node behind a NAT that has no usable candidate publishes `self.transports.findRelay` on
-//! the bus; a DHT service (Kademlia) answers with the relays it finds, as
-//! `transports.nodeInfo`. The search is asked again while none works, after
-//! [`SEARCH_FIRST`], doubling up to [`SEARCH_MAX`].
+//! the bus; the DHT services answer: Kademlia with the relays' nodeInfos
+//! (`transports.nodeInfo`), Mainline with bare addresses (`transports.relayAddresses`, from a
+//! BEP 5 `get_peers`), each of which the node asks who it is from its listening socket (the
+//! who-is datagram of [`crate::transport::relay`]): a relay's answer gives its signId, hence
+//! the key to connect to, and makes it a candidate ([`Net::relay_identified`]). The search
+//! is asked again while none works, after [`SEARCH_FIRST`], doubling up to [`SEARCH_MAX`].
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -212,6 +215,17 @@ fn candidate_of(info: &NodeInfo) -> Option<Candidate> {
         rtt: None,
         remembered: false,
     })
+}
+
+/// With the relay role, the listener answers who-is questions with our signId.
+pub(in crate::platform::connections) fn serve_whois(
+    cfg: &NetConfig,
+    server: &mut ServerDriver,
+    sign: crate::identity::SignId,
+) {
+    if cfg.relay.is_some() {
+        server.answer_whois(sign.0 .0);
+    }
 }
 
 /// Whether our UDP endpoint offers relaying ([`NetConfig::relay`]).
@@ -429,6 +443,59 @@ impl Net {
                 log::warn!("the relay chosen could not be stored: {e}");
             }
         }
+    }
+
+    /// Addresses a relay search found with no key (`transports.relayAddresses`, from the
+    /// Mainline DHT): each is asked who it is, unless it is already a candidate's (at most
+    /// [`MAX_CANDIDATES`] of them). The answers arrive as [`Net::relay_identified`].
+    pub(crate) fn relay_addresses(&mut self, addrs: &[SocketAddr]) {
+        if self.cfg.relay.is_some() || !self.cfg.use_relays {
+            return;
+        }
+        let relays = &self.reach.relays;
+        let ask: Vec<SocketAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| !relays.candidates.iter().any(|c| c.addr == *a))
+            .take(MAX_CANDIDATES)
+            .collect();
+        for a in ask {
+            if let Err(e) = self.server.ask_whois(a) {
+                log::debug!("who-is to {a} not sent: {e}");
+            }
+        }
+    }
+
+    /// The node at `addr` answered our who-is question as the relay `sign`: a candidate,
+    /// with a nodeInfo made of that (CurveCP authenticates it when we connect).
+    pub(in crate::platform::connections) fn relay_identified(
+        &mut self,
+        addr: SocketAddr,
+        sign: [u8; 32],
+        now: Instant,
+    ) {
+        let sign_id = crate::identity::SignId(crate::crypto::SignPublicKey(sign));
+        let Ok(box_id) = sign_id.to_box_id() else {
+            log::debug!("who-is answer from {addr}: not a valid key");
+            return;
+        };
+        let mut e = Endpoint::native(crate::transport::TransportKind::Udp, addr);
+        e.offers_relay = true;
+        log::debug!("{addr} is the relay {sign_id}");
+        let info = NodeInfo {
+            sign_id,
+            box_id,
+            endpoints: vec![e],
+        };
+        // A nodeInfo of it already cached (a fuller one) is kept.
+        if !matches!(
+            self.dir.lookup(&box_id, now),
+            crate::platform::directory::Lookup::Found(_)
+                | crate::platform::directory::Lookup::Remembered(_)
+        ) {
+            self.dir.insert(info.clone(), now);
+        }
+        self.learn_relay(&info, now);
     }
 
     /// `mm`/`relay.pong` from candidate `b` on connection `k`: its measure, then the choice.

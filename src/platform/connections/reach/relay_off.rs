@@ -42,6 +42,14 @@ pub(in crate::platform::connections) fn offers_relay(_cfg: &NetConfig) -> bool {
     false
 }
 
+/// No relay role, no who-is answers.
+pub(in crate::platform::connections) fn serve_whois(
+    _cfg: &NetConfig,
+    _server: &mut ServerDriver,
+    _sign: crate::identity::SignId,
+) {
+}
+
 /// The listeners never relay.
 pub(in crate::platform::connections) fn serve_relay(_cfg: &NetConfig, _server: &mut ServerDriver) {}
 
@@ -61,6 +69,18 @@ impl Net {
         _k: usize,
         _b: BoxId,
         _path: Option<Path>,
+        _now: Instant,
+    ) {
+    }
+
+    /// Relays are compiled out: addresses of relays are not asked who they are.
+    pub(crate) fn relay_addresses(&mut self, _addrs: &[SocketAddr]) {}
+
+    /// Never raised: no who-is question is asked.
+    pub(in crate::platform::connections) fn relay_identified(
+        &mut self,
+        _addr: SocketAddr,
+        _sign: [u8; 32],
         _now: Instant,
     ) {
     }
