@@ -176,7 +176,7 @@ impl Net {
             .get(&b)
             .is_some_and(|p| p.conn == Some(k) && p.online);
         self.reach_conn_lost(b, was_active, cx.now);
-        if let Some(s) = self.peer_conn_lost(b, k, &c) {
+        if let Some(s) = self.peer_conn_lost(b, k, &c, why) {
             cx.emit(Event::Disconnected(s));
             cx.publish("transports.offline", s);
         }
@@ -185,11 +185,15 @@ impl Net {
     /// Connection `k` (`c`, out of the slab) of peer `b` ended: if it was the peer's, the peer
     /// is offline, its offline records waiting in memory go back to the buffer and it is
     /// wanted again. Returns the peer's signId if its going offline must be reported.
-    fn peer_conn_lost(&mut self, b: BoxId, k: usize, c: &Conn) -> Option<crate::SignId> {
+    fn peer_conn_lost(&mut self, b: BoxId, k: usize, c: &Conn, why: &str) -> Option<crate::SignId> {
         let p = self.peers.get_mut(&b).filter(|p| p.conn == Some(k))?;
         p.conn = None;
         if c.outbound && !c.identified {
             p.endpoint += 1;
+            p.last_failure = Some(match c.path {
+                Some((to, _)) => format!("{to}: {why}"),
+                None => why.to_owned(),
+            });
         }
         let mut offline_sign = None;
         if p.online {
@@ -223,6 +227,7 @@ impl Net {
         };
         let sign = p.sign;
         p.attempts = 0;
+        p.last_failure = None;
         p.endpoint = 0;
         p.waiting_lookup = false;
         self.queued_total -= std::mem::take(&mut p.queued_bytes);
@@ -304,7 +309,13 @@ impl Net {
             return;
         }
         if p.attempts >= self.cfg.max_attempts {
-            let why = format!("{} connection attempts failed", p.attempts);
+            let why = match &p.last_failure {
+                Some(last) => format!(
+                    "{} connection attempts failed (the last: {last})",
+                    p.attempts
+                ),
+                None => format!("{} connection attempts failed", p.attempts),
+            };
             self.fail_peer(cx, b, &why);
             return;
         }
@@ -479,6 +490,7 @@ impl Net {
             }
             Err(e) => {
                 log::debug!("connecting to {} failed: {e}", ep.addr);
+                p.last_failure = Some(format!("{}: {e}", ep.addr));
                 p.endpoint += 1;
                 self.want_peer(b);
             }
@@ -513,6 +525,7 @@ impl Net {
         let was_online = peer.online;
         peer.online = true;
         peer.attempts = 0;
+        peer.last_failure = None;
         peer.failures = 0;
         peer.endpoint = 0;
         self.conns[k].active = true;

@@ -446,6 +446,8 @@ struct Peer {
     queued_bytes: usize,
     attempts: u32,
     endpoint: usize,
+    /// Why the last connection attempt failed (named when the peer is given up).
+    last_failure: Option<String>,
     online: bool,
     waiting_lookup: bool,
     retry_at: Option<Instant>,

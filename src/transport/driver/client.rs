@@ -347,14 +347,33 @@ impl ClientDriver {
         let dialer = &mut self.dialer;
         match &mut self.link {
             ClientLink::Udp(u) => {
-                let bufs = (&mut self.buf[..], &mut self.wrapped[..]);
-                let relayed = match self.relay.as_mut() {
-                    Some(r) => r.transmit(client, u, self.peer, bufs, now)?,
-                    None => false,
-                };
-                if !relayed {
+                let established = matches!(
+                    client.state(),
+                    crate::curvecp::client::ClientState::Established
+                );
+                let peer = self.peer;
+                let mut sent = || -> io::Result<()> {
                     let bufs = (&mut self.buf[..], &mut self.wrapped[..]);
-                    Self::transmit_udp(client, dialer, u, self.peer, bufs, now)?
+                    let relayed = match self.relay.as_mut() {
+                        Some(r) => r.transmit(client, u, peer, bufs, now)?,
+                        None => false,
+                    };
+                    if !relayed {
+                        let bufs = (&mut self.buf[..], &mut self.wrapped[..]);
+                        Self::transmit_udp(client, dialer, u, peer, bufs, now)?
+                    }
+                    Ok(())
+                };
+                match sent() {
+                    // Before the handshake is done, an address this system cannot send to
+                    // (no route, no such family) ends the attempt at once, with the cause,
+                    // rather than at the connect timeout. Later, the error may pass.
+                    Err(e) if !established && unusable_destination(&e) => {
+                        self.closed = Some(format!("udp send to {peer} failed: {e}"));
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                    Ok(()) => {}
                 }
             }
             ClientLink::Tcp(s) => {
@@ -470,4 +489,21 @@ impl ClientDriver {
             },
         }
     }
+}
+
+/// Whether a send error says that this system cannot reach the destination at all (no route,
+/// an address family it lacks, an address it cannot send from), as opposed to a passing
+/// condition (a full buffer, an ICMP error of an earlier packet).
+fn unusable_destination(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    if e.raw_os_error() == Some(libc::EAFNOSUPPORT) {
+        return true;
+    }
+    matches!(
+        e.kind(),
+        io::ErrorKind::NetworkUnreachable
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::AddrNotAvailable
+            | io::ErrorKind::InvalidInput
+    )
 }
