@@ -56,6 +56,34 @@ pub fn run(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Waits until no IPv6 address in `namespaces` is tentative (at most 10 s). The links' own
+/// (link-local) addresses, which neighbour discovery sends from, are tentative for a second or
+/// two after the links come up: until then the first packets to a new neighbour are lost.
+pub fn wait_no_tentative(namespaces: &[&Netns]) -> Result<(), String> {
+    let end = Instant::now() + Duration::from_secs(10);
+    for ns in namespaces {
+        loop {
+            let out = ns
+                .command("ip")
+                .args(["-6", "addr", "show", "tentative"])
+                .output()
+                .map_err(|e| format!("ip: {e}"))?;
+            if out.stdout.is_empty() {
+                break;
+            }
+            if Instant::now() > end {
+                return Err(format!(
+                    "addresses still tentative in {}: {}",
+                    ns.name,
+                    String::from_utf8_lossy(&out.stdout)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
 /// Loads nftables `rules` inside `ns`.
 pub fn nft(ns: &Netns, rules: &str) -> Result<(), String> {
     let mut c = Command::new("ip")
@@ -312,10 +340,7 @@ impl Nat {
         }
         route(&self.ra, "2001:db8:b::/64", "2001:db8::3")?;
         route(&self.rb, "2001:db8:a::/64", "2001:db8::2")?;
-        // The links' own (link-local) addresses, which neighbour discovery sends from, are
-        // tentative for a second or two after the links come up: until then the first
-        // packets to a new neighbour are lost. Wait for them (at most 10 s).
-        let all = [
+        wait_no_tentative(&[
             &self.public,
             &self.ra,
             &self.rb,
@@ -323,29 +348,7 @@ impl Nat {
             &self.hb,
             &self.r1,
             &self.r2,
-        ];
-        let end = Instant::now() + Duration::from_secs(10);
-        for ns in all {
-            loop {
-                let out = ns
-                    .command("ip")
-                    .args(["-6", "addr", "show", "tentative"])
-                    .output()
-                    .map_err(|e| format!("ip: {e}"))?;
-                if out.stdout.is_empty() {
-                    break;
-                }
-                if Instant::now() > end {
-                    return Err(format!(
-                        "addresses still tentative in {}: {}",
-                        ns.name,
-                        String::from_utf8_lossy(&out.stdout)
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        Ok(())
+        ])
     }
 
     /// Starts the STUN responder on R2 and the real `miniupnpd` (Debian's
