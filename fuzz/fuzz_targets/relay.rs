@@ -8,7 +8,8 @@
 //! is never longer than that datagram. The relay's only longer answer, BOUND (42 bytes) to a
 //! BIND (24), needs the reservation's secret token, handed to the reserving node over its
 //! authenticated connection; the input cannot know it (it is random per run). A prober answers
-//! a 16-byte probe with a 16-byte answer, and only from the address it punches towards.
+//! a 16-byte probe with a 16-byte answer, and only from the address it punches towards. A
+//! who-is question (64 bytes) gets a 56-byte answer.
 #![no_main]
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -43,6 +44,14 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(&probe_datagram(relay::PUNCH_ACK, &n)[..], data)
         }
         Some(Datagram::DialBack(n)) => assert_eq!(&relay::dial_back_datagram(&n)[..], data),
+        // Who-is: the answer (what a relay sends back to the source) is shorter.
+        Some(Datagram::Who(n)) => {
+            assert_eq!(&relay::who_datagram(&n)[..], data);
+            assert!(relay::iam_datagram(&n, &[0; 32]).len() < data.len());
+        }
+        Some(Datagram::Iam { nonce, sign }) => {
+            assert_eq!(&relay::iam_datagram(&nonce, &sign)[..], data)
+        }
         Some(Datagram::Bound { .. }) | None => {}
     }
 
