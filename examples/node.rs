@@ -5,7 +5,8 @@
 //!     [--connect-timeout MS] [--retry MS] [--keepalive MS] [--dead-after MS]
 //!     [--mdns] [--mdns-interface ADDR] [--bootstrap FILE]
 //!     [--relay] [--relay-bps BYTES] [--no-relays] [--no-punch] [--no-portmap]
-//!     [--mainline BOOTSTRAP_ADDR,...] [--mainline-publish] [--dht] [--new-identity] [--max-line BYTES]
+//!     [--mainline BOOTSTRAP_ADDR,...] [--mainline6 [ADDR]:PORT,...] [--mainline-publish]
+//!     [--dht] [--new-identity] [--max-line BYTES]
 //! ```
 //!
 //! The optional timings set the [`NetConfig`] fields of the same names (tests use short ones).
@@ -19,7 +20,8 @@
 //! `--mainline HOST:PORT,...` adds the Mainline DHT
 //! service, joining the DHT at those nodes (there is no default list; pass public routers for
 //! the real DHT, a testnet's nodes for a test), resolving nodeInfos there;
-//! `--mainline-publish` also publishes ours (and, with `--relay`, announces the node as a
+//! `--mainline6 [ADDR]:PORT,...` joins the IPv6 DHT (BEP 32) at those nodes, beside the IPv4
+//! one or alone. `--mainline-publish` also publishes ours (and, with `--relay`, announces the node as a
 //! relay there; a node behind a NAT searches there for a relay when it knows none).
 //! `--dht` adds the Kademlia DHT service (wire-compatible with the original
 //! `mm-services-kademlia`); it has no seeds of its own and joins through the nodes that
@@ -171,6 +173,7 @@ RUST_LOG (e.g. RUST_LOG=mm_platform=debug).
   --no-punch               never punch a direct path through NATs
   --no-portmap             never ask the gateway to map our port (PCP, NAT-PMP, UPnP)
   --mainline HOST:PORT,..  join the Mainline DHT at these nodes (no default list)
+  --mainline6 [A]:PORT,..  join the IPv6 Mainline DHT (BEP 32) at these nodes
   --mainline-publish       also publish our nodeInfo there
   --dht                    run the Kademlia DHT service (mm-services-kademlia compatible)
   --new-identity           allow a new identity in a DIR whose identity is gone
@@ -198,6 +201,7 @@ fn main() {
     let mut mdns: Option<MdnsConfig> = None;
     let mut bootstrap: Option<String> = None;
     let mut mainline: Option<String> = None;
+    let mut mainline6: Option<String> = None;
     let mut mainline_publish = false;
     let mut dht = false;
     let mut new_identity = false;
@@ -273,6 +277,7 @@ fn main() {
             "--no-ipv6" => net.ipv6 = false,
             "--interface-refresh" => net.interface_refresh = ms(),
             "--mainline" => mainline = Some(value("HOST:PORT,...")),
+            "--mainline6" => mainline6 = Some(value("[ADDR]:PORT,...")),
             "--mainline-publish" => mainline_publish = true,
             "--dht" => dht = true,
             "--max-line" => {
@@ -343,26 +348,38 @@ fn main() {
     if let Some(config) = mdns {
         builder = builder.service(Mdns::new(config));
     }
-    match (mainline, mainline_publish) {
-        (Some(list), publish) => match MainlineConfig::parse_bootstrap(&list) {
-            Ok(addrs) if !addrs.is_empty() => {
-                let config = MainlineConfig::new(addrs).publish(publish);
-                builder = builder.service(Mainline::new(config));
-            }
-            Ok(_) => {
-                eprintln!("--mainline needs at least one bootstrap address");
-                std::process::exit(2);
-            }
-            Err(e) => {
-                eprintln!("--mainline: {e}");
-                std::process::exit(2);
-            }
-        },
-        (None, true) => {
-            eprintln!("--mainline-publish needs --mainline BOOTSTRAP_ADDR,...");
+    let parsed = (
+        mainline.as_deref().map(MainlineConfig::parse_bootstrap),
+        mainline6.as_deref().map(MainlineConfig::parse_bootstrap6),
+    );
+    match (parsed, mainline_publish) {
+        ((Some(Err(e)), _), _) => {
+            eprintln!("--mainline: {e}");
             std::process::exit(2);
         }
-        (None, false) => {}
+        ((_, Some(Err(e))), _) => {
+            eprintln!("--mainline6: {e}");
+            std::process::exit(2);
+        }
+        ((Some(Ok(v4)), _), _) if v4.is_empty() => {
+            eprintln!("--mainline needs at least one bootstrap address");
+            std::process::exit(2);
+        }
+        ((_, Some(Ok(v6))), _) if v6.is_empty() => {
+            eprintln!("--mainline6 needs at least one bootstrap address");
+            std::process::exit(2);
+        }
+        ((None, None), true) => {
+            eprintln!("--mainline-publish needs --mainline or --mainline6 BOOTSTRAP_ADDR,...");
+            std::process::exit(2);
+        }
+        ((None, None), false) => {}
+        ((v4, v6), publish) => {
+            let config = MainlineConfig::new(v4.and_then(Result::ok).unwrap_or_default())
+                .ipv6(v6.and_then(Result::ok).unwrap_or_default())
+                .publish(publish);
+            builder = builder.service(Mainline::new(config));
+        }
     }
     if dht {
         builder = builder.service(Kademlia::new(KademliaConfig::new(Vec::new())));

@@ -8,7 +8,8 @@ list names public hosts), UPnP, NAT-PMP and local service discovery off, and the
 would refuse many nodes on one loopback address off (see ../shared/docs/test-peers.md). The
 sessions are linked to each other with add_dht_node.
 
-Usage: libtorrent_testnet.py [NODES] (default 10). It exits when stdin closes, on
+Usage: libtorrent_testnet.py [NODES] [ipv6] (default 10 nodes on 127.0.0.1; with `ipv6`, on
+::1: the IPv6 DHT of BEP 32). It exits when stdin closes, on
 {"cmd":"quit"}, or after MM_LT_LIFETIME_S seconds (default 300).
 
 stdout, one JSON object per line:
@@ -95,6 +96,10 @@ def port_of(s, limit=10.0):
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     n = max(2, min(n, 64))
+    ipv6 = len(sys.argv) > 2 and sys.argv[2] == "ipv6"
+    host = "::1" if ipv6 else "127.0.0.1"
+    if ipv6:
+        SETTINGS["listen_interfaces"] = "[::1]:0"
     lifetime = float(os.environ.get("MM_LT_LIFETIME_S", "300"))
     deadline = time.time() + lifetime
     debug = os.environ.get("MM_LT_DEBUG") == "1"
@@ -103,11 +108,12 @@ def main():
     for i, s in enumerate(sessions):
         for j, p in enumerate(ports):
             if i != j:
-                s.add_dht_node(("127.0.0.1", p))
+                s.add_dht_node((host, p))
+    fmt = "[::1]:%d" if ipv6 else "127.0.0.1:%d"
     out({
         "lt": "ready",
         "version": lt.__version__,
-        "nodes": ["127.0.0.1:%d" % p for p in ports],
+        "nodes": [fmt % p for p in ports],
     })
 
     pending = {}  # (session index, key bytes) -> [ids, best item or None, end time]
@@ -157,7 +163,7 @@ def main():
                         atp.name = "mm-platform-test"
                         sessions[idx].add_torrent(atp)
                         out({"lt": "announced", "id": cmd.get("id"),
-                             "peer": "127.0.0.1:%d" % ports[idx]})
+                             "peer": fmt % ports[idx]})
                     else:
                         timeout = min(float(cmd.get("timeout", 10)), 120.0)
                         peer_lookups[(idx, ih)] = [cmd.get("id"), set(), time.time() + timeout]
@@ -190,7 +196,7 @@ def main():
                     slot = peer_lookups.get((idx, bytes(a.info_hash.to_bytes())))
                     if slot is not None:
                         for ip, port in a.peers():
-                            slot[1].add("%s:%d" % (ip, port))
+                            slot[1].add(("[%s]:%d" if ":" in ip else "%s:%d") % (ip, port))
                     continue
                 if not isinstance(a, lt.dht_mutable_item_alert):
                     continue

@@ -232,7 +232,7 @@ fn hostile_replies_on_a_real_socket_change_nothing() {
     let nodes = (0..16u8)
         .map(|i| CompactNode {
             id: [i + 1; 20],
-            addr: SocketAddrV4::new(std::net::Ipv4Addr::new(203, 0, 113, i), 6881),
+            addr: SocketAddrV4::new(std::net::Ipv4Addr::new(203, 0, 113, i), 6881).into(),
         })
         .collect();
     fake.reply(

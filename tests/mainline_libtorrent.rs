@@ -70,8 +70,24 @@ fn libtorrent_available(test: &str) -> bool {
     false
 }
 
-/// A libtorrent testnet of [`NODES`] sessions; returns it with the sessions' addresses.
+/// A libtorrent testnet of [`NODES`] sessions on 127.0.0.1; returns it with the sessions'
+/// addresses.
 fn testnet(test: &str) -> Option<(JsonProc, Vec<SocketAddrV4>)> {
+    testnet_on(test, false)
+}
+
+/// The same on `::1`: the IPv6 DHT of BEP 32.
+fn testnet6(test: &str) -> Option<(JsonProc, Vec<std::net::SocketAddrV6>)> {
+    testnet_on(test, true)
+}
+
+fn testnet_on<A: std::str::FromStr + std::fmt::Debug>(
+    test: &str,
+    ipv6: bool,
+) -> Option<(JsonProc, Vec<A>)>
+where
+    A::Err: std::fmt::Debug,
+{
     if !libtorrent_available(test) {
         return None;
     }
@@ -79,17 +95,20 @@ fn testnet(test: &str) -> Option<(JsonProc, Vec<SocketAddrV4>)> {
     let mut cmd = Command::new(PYTHON);
     cmd.arg(script)
         .arg(NODES.to_string())
+        .args(ipv6.then_some("ipv6"))
         .stderr(Stdio::inherit());
     let mut p = JsonProc::spawn("libtorrent_testnet.py", &mut cmd);
     let ready = p.wait_for(LIMIT, |v| v["lt"] == "ready");
-    let addrs: Vec<SocketAddrV4> = ready["nodes"]
+    let names: Vec<&str> = ready["nodes"]
         .as_array()
         .expect("nodes")
         .iter()
-        .map(|a| a.as_str().unwrap().parse().unwrap())
+        .map(|a| a.as_str().unwrap())
         .collect();
-    assert_eq!(addrs.len(), NODES);
-    assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
+    assert_eq!(names.len(), NODES);
+    let host = if ipv6 { "[::1]:" } else { "127.0.0.1:" };
+    assert!(names.iter().all(|a| a.starts_with(host)), "{names:?}");
+    let addrs: Vec<A> = names.iter().map(|a| a.parse().unwrap()).collect();
     eprintln!("{test}: libtorrent {} testnet {addrs:?}", ready["version"]);
     Some((p, addrs))
 }
@@ -229,6 +248,57 @@ fn relays_announced_to_libtorrent_are_found_there_and_asked_who_they_are() {
         relay.poll(Some(Duration::from_millis(10))).unwrap();
     }
     eprintln!("{test}: found {seen:?}: {:?}", fstats.get());
+    net.quit(LIMIT);
+}
+
+#[test]
+fn over_ipv6_libtorrent_reads_our_item_and_ours_resolves_through_its_dht() {
+    use mm_platform::services::mainline::Mainline;
+    use mm_platform::Platform;
+
+    let test = "libtorrent mainline interop over IPv6 (BEP 32)";
+    let Some((mut net, addrs)) = testnet6(test) else {
+        return;
+    };
+    // Our node joins the IPv6 DHT only, and publishes there.
+    let config = MainlineConfig::new(Vec::new())
+        .ipv6(addrs[..3].to_vec())
+        .publish(true);
+    let service = Mainline::new(config);
+    let stats6 = service.stats6_handle();
+    let mut publisher = Platform::builder().service(service).build().unwrap();
+    let end = Instant::now() + LIMIT;
+    while stats6.get().last_publish_stored == 0 {
+        assert!(Instant::now() < end, "no publication: {:?}", stats6.get());
+        publisher.poll(Some(Duration::from_millis(10))).unwrap();
+    }
+    let s = stats6.get();
+    eprintln!(
+        "{test}: stored on {} IPv6 nodes: {s:?}",
+        s.last_publish_stored
+    );
+    // libtorrent's IPv6 sessions read it back (signature checked on their side).
+    let key = hex(publisher.sign_id().as_bytes());
+    let got = lt_get(&mut net, &key, LIMIT);
+    assert_eq!(got["seq"].as_i64(), Some(s.seq), "{got}");
+    let value: Value = serde_json::from_slice(&unhex(got["value"].as_str().unwrap()))
+        .expect("our item's value is a JSON nodeInfo");
+    assert_eq!(value["signId"], publisher.node_info().to_json()["signId"]);
+    // A node that knows only other IPv6 sessions resolves ours and delivers a message.
+    let r = resolve_and_message(
+        test,
+        &mut publisher,
+        MainlineConfig::new(Vec::new()).ipv6(addrs[6..].to_vec()),
+        "libtorrent over IPv6",
+        LIMIT,
+    );
+    assert!(r.replies > 0, "{r:?}");
+    net.poll_lines();
+    assert!(
+        !net.seen.iter().any(|v| v["lt"] == "error"),
+        "the driver reported errors: {:?}",
+        net.seen
+    );
     net.quit(LIMIT);
 }
 

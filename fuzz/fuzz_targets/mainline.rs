@@ -1,6 +1,7 @@
 //! Fuzzes the Mainline DHT input: the KRPC decoder (whatever decodes re-encodes to a datagram
-//! that decodes to the same message) and the sans-IO client, read-only and serving, fed the
-//! datagram from its bootstrap node and from a stranger. Nothing panics; the tables, the store
+//! that decodes to the same message) and the sans-IO client, read-only and serving, in the
+//! IPv4 DHT and (serving) in the IPv6 one of BEP 32, fed the datagram from its bootstrap node
+//! and from a stranger. Nothing panics; the tables, the store
 //! and what is published stay within their bounds; what a serving client sends the stranger
 //! in answer (replies and its ping) is no more than the datagram's length plus one source's
 //! answer budget (`budget::SOURCE_BURST`: no reflection amplification).
@@ -9,7 +10,7 @@
 //! most of the cost of an input), and every input starts from clones of them at the same
 //! instant: the same input always meets the same state, transaction ids included.
 #![no_main]
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
@@ -17,13 +18,26 @@ use mm_platform::proto::mainline::budget::SOURCE_BURST;
 use mm_platform::proto::mainline::krpc::{decode, encode, Kind, Method};
 use mm_platform::proto::mainline::state::{MainlineState, Options, Timing};
 
-const BOOT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 6881);
+/// The bootstrap node and the stranger of each family.
+fn addrs(v6: bool) -> (SocketAddr, SocketAddr) {
+    if v6 {
+        (
+            (Ipv6Addr::LOCALHOST, 6881).into(),
+            (Ipv6Addr::LOCALHOST, 7000).into(),
+        )
+    } else {
+        (
+            (Ipv4Addr::LOCALHOST, 6881).into(),
+            (Ipv4Addr::LOCALHOST, 7000).into(),
+        )
+    }
+}
 
 struct Setup {
     now: Instant,
     timing: Timing,
-    /// Read-only, then serving; each with its bootstrap lookup under way.
-    clients: [MainlineState; 2],
+    /// Read-only, serving, serving in the IPv6 DHT; each with its bootstrap lookup under way.
+    clients: [(MainlineState, bool); 3],
 }
 
 thread_local! {
@@ -31,9 +45,9 @@ thread_local! {
     static SETUP: Setup = {
         let now = Instant::now();
         let timing = Timing::default();
-        let client = |serve| {
+        let client = |serve, v6| {
             let options = Options {
-                bootstrap: vec![BOOT],
+                bootstrap: vec![addrs(v6).0],
                 salt: Vec::new(),
                 serve,
                 timing,
@@ -41,9 +55,13 @@ thread_local! {
             let mut m = MainlineState::new(options, None, now);
             m.handle_timeout(now);
             while m.poll_transmit().is_some() {}
-            m
+            (m, v6)
         };
-        Setup { now, timing, clients: [client(false), client(true)] }
+        Setup {
+            now,
+            timing,
+            clients: [client(false, false), client(true, false), client(true, true)],
+        }
     };
 }
 
@@ -52,24 +70,31 @@ fuzz_target!(|data: &[u8]| SETUP.with(|s| {
         let again = encode(&m).expect("a decoded message encodes");
         assert_eq!(decode(&again).expect("and decodes again"), m);
     }
-    let stranger = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7000));
     let now = s.now;
-    for client in &s.clients {
+    for (client, v6) in &s.clients {
+        let (boot, stranger) = addrs(*v6);
         let mut m = client.clone();
-        m.handle_datagram(data, SocketAddr::V4(BOOT), now);
+        m.handle_datagram(data, boot, now);
         while m.poll_transmit().is_some() {}
         m.handle_datagram(data, stranger, now);
         let mut answered = 0;
         while let Some((to, bytes)) = m.poll_transmit() {
-            if SocketAddr::V4(to) != stranger {
+            if to != stranger {
                 continue;
             }
             let kind = decode(&bytes).expect("what we send decodes").kind;
-            if matches!(kind, Kind::Response | Kind::Error(..) | Kind::Query(Method::Ping)) {
+            if matches!(
+                kind,
+                Kind::Response | Kind::Error(..) | Kind::Query(Method::Ping)
+            ) {
                 answered += bytes.len();
             }
         }
-        assert!(answered <= data.len() + SOURCE_BURST, "{answered} B for {} B", data.len());
+        assert!(
+            answered <= data.len() + SOURCE_BURST,
+            "{answered} B for {} B",
+            data.len()
+        );
         m.handle_timeout(now);
         while m.poll_transmit().is_some() {}
         while let Some(v) = m.poll_publication() {

@@ -61,8 +61,14 @@ pub fn resolve_and_message(
     limit: Duration,
 ) -> MainlineStats {
     let ours = publisher.node_info().to_json();
+    // The counters of the DHT it resolves in: the IPv6 one when it has no IPv4 bootstrap.
+    let v6 = config.bootstrap.is_empty();
     let service = Mainline::new(config);
-    let stats = service.stats_handle();
+    let stats = if v6 {
+        service.stats6_handle()
+    } else {
+        service.stats_handle()
+    };
     let mut resolver = Platform::builder().service(service).build().unwrap();
     let (_, inbox) = publisher.on_channel("public.test.hello", 8);
     let to = publisher.sign_id().to_string();

@@ -23,7 +23,7 @@
 //! state and is forgotten first; when all are in use, a new source gets no excess at all.
 
 use std::collections::HashMap;
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use super::table::Scope;
@@ -39,25 +39,33 @@ pub const TOTAL_RATE: usize = 16_384;
 /// Sources whose budget is remembered at most.
 pub const MAX_SOURCES: usize = 1024;
 
-/// Who shares one budget: on the Internet scope, an IPv4 /24 (a forger names addresses in
-/// the network it attacks; one host there or another makes no difference); on a loopback
-/// testnet, where every node is `127.0.0.1`, the address itself.
+/// Who shares one budget: on the Internet scope, an IPv4 /24 or an IPv6 /48 (a forger names
+/// addresses in the network it attacks; one host there or another makes no difference); on a
+/// loopback testnet, where every node is `127.0.0.1` (or `::1`), the address itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
-    /// The first three bytes of an Internet address.
+    /// The first three bytes of an IPv4 Internet address.
     Net24([u8; 3]),
+    /// The first six bytes of an IPv6 Internet address.
+    Net48([u8; 6]),
     /// A whole loopback address.
-    Addr(SocketAddrV4),
+    Addr(SocketAddr),
 }
 
 impl Source {
     /// The source `addr` belongs to in `scope`.
-    pub fn of(addr: &SocketAddrV4, scope: Scope) -> Source {
-        match scope {
-            Scope::Loopback => Source::Addr(*addr),
-            Scope::Internet => {
-                let [a, b, c, _] = addr.ip().octets();
+    pub fn of(addr: &SocketAddr, scope: Scope) -> Source {
+        if scope.is_loopback() {
+            return Source::Addr(*addr);
+        }
+        match addr.ip() {
+            IpAddr::V4(ip) => {
+                let [a, b, c, _] = ip.octets();
                 Source::Net24([a, b, c])
+            }
+            IpAddr::V6(ip) => {
+                let o = ip.octets();
+                Source::Net48([o[0], o[1], o[2], o[3], o[4], o[5]])
             }
         }
     }
@@ -154,21 +162,21 @@ mod tests {
 
     fn net(i: u32) -> Source {
         Source::of(
-            &SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 6881),
+            &SocketAddr::from((Ipv4Addr::from(0x0a00_0000 + (i << 8)), 6881)),
             Scope::Internet,
         )
     }
 
     #[test]
     fn sources_are_networks_on_the_internet_and_addresses_on_loopback() {
-        let a = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 7), 1);
-        let b = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 200), 2);
+        let a = SocketAddr::from((Ipv4Addr::new(203, 0, 113, 7), 1));
+        let b = SocketAddr::from((Ipv4Addr::new(203, 0, 113, 200), 2));
         assert_eq!(
             Source::of(&a, Scope::Internet),
             Source::of(&b, Scope::Internet)
         );
-        let l1 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1);
-        let l2 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2);
+        let l1 = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
+        let l2 = SocketAddr::from((Ipv4Addr::LOCALHOST, 2));
         assert_ne!(
             Source::of(&l1, Scope::Loopback),
             Source::of(&l2, Scope::Loopback)

@@ -1,6 +1,10 @@
 //! The KRPC wire codec of the Mainline DHT (BEP 5, with the BEP 43 `ro` flag and the BEP 44
 //! `get`/`put` arguments), sans-IO: bytes in, a typed [`Message`] out, and back.
 //!
+//! BEP 32 (IPv6): `nodes6` (compact IPv6 nodes, 38 bytes each) is read beside `nodes` into
+//! the same list (each [`CompactNode`] keeps its family) and written back by family; `values`
+//! and `ip` take both forms (6 or 18 bytes); `want` (`n4`, `n6`) is read and written.
+//!
 //! A KRPC message is one bencoded dictionary per UDP datagram: `t` (transaction id), `y`
 //! (`q` query, `r` response, `e` error), for a query `q` (method) and `a` (arguments), for a
 //! response `r`, for an error `e` (`[code, text]`); optionally `ro` (BEP 43) and `ip` (BEP 42,
@@ -20,7 +24,7 @@
 //! (`bencode`): checking a datagram allocates nothing, and decoding one allocates only the
 //! fields kept.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 mod bencode;
 
@@ -46,18 +50,20 @@ pub const MAX_VALUE: usize = 1000;
 pub const MAX_NODES: usize = 16;
 /// Length of one compact node: id, IPv4 address, port.
 pub const COMPACT_NODE_LEN: usize = 26;
+/// Length of one compact IPv6 node (`nodes6`, BEP 32): id, IPv6 address, port.
+pub const COMPACT_NODE6_LEN: usize = 38;
 /// Compact peers (`values`) kept from one response at most.
 pub const MAX_VALUES: usize = 32;
 /// Longest method name or error text kept.
 const MAX_NAME: usize = 64;
 
-/// A node as it appears in `nodes`: its id and IPv4 endpoint.
+/// A node as it appears in `nodes` (IPv4) or `nodes6` (IPv6): its id and endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CompactNode {
     /// Its id.
     pub id: NodeId,
     /// Where it listens.
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
 }
 
 /// A query's method.
@@ -117,7 +123,8 @@ pub struct Fields {
     pub info_hash: Option<NodeId>,
     /// `token` (responses to `get`/`get_peers`; `put`/`announce_peer` arguments).
     pub token: Option<Vec<u8>>,
-    /// `nodes`: compact IPv4 nodes (at most [`MAX_NODES`] kept).
+    /// `nodes` and `nodes6`: compact IPv4 and IPv6 nodes (at most [`MAX_NODES`] of each
+    /// kept).
     pub nodes: Vec<CompactNode>,
     /// `v`, raw bencoded (at most [`MAX_VALUE`] bytes).
     pub v: Option<Vec<u8>>,
@@ -131,13 +138,24 @@ pub struct Fields {
     pub cas: Option<i64>,
     /// `salt` (BEP 44, at most [`MAX_SALT`] bytes).
     pub salt: Option<Vec<u8>>,
-    /// `values` (responses to `get_peers`, BEP 5): compact IPv4 peers, at most
-    /// [`MAX_VALUES`] kept; entries of another length (BEP 32's IPv6 ones) are skipped.
-    pub values: Vec<SocketAddrV4>,
+    /// `values` (responses to `get_peers`, BEP 5): compact peers, IPv4 (6 bytes) or IPv6
+    /// (18 bytes, BEP 32), at most [`MAX_VALUES`] kept; entries of another length skipped.
+    pub values: Vec<SocketAddr>,
     /// `port` (`announce_peer`), 1 to 65535.
     pub port: Option<u16>,
     /// `implied_port` (`announce_peer`): the peer's port is the datagram's source port.
     pub implied_port: bool,
+    /// `want` (BEP 32): the families of nodes asked for (`n4`, `n6`); other entries skipped.
+    pub want: Want,
+}
+
+/// The `want` list of BEP 32.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Want {
+    /// `n4`: IPv4 nodes.
+    pub n4: bool,
+    /// `n6`: IPv6 nodes.
+    pub n6: bool,
 }
 
 /// What a message is.
@@ -163,7 +181,7 @@ pub struct Message {
     /// BEP 43: the sender is read-only (do not query it, do not add it to a routing table).
     pub ro: bool,
     /// BEP 42: the address the responder saw the requester at.
-    pub ip: Option<SocketAddrV4>,
+    pub ip: Option<SocketAddr>,
 }
 
 impl Message {
@@ -264,33 +282,55 @@ pub fn encode_bytes(b: &[u8]) -> Vec<u8> {
 
 /// Parses compact IPv4 nodes (`nodes`): a multiple of 26 bytes, at most [`MAX_NODES`] kept.
 pub fn parse_nodes(b: &[u8]) -> Result<Vec<CompactNode>, DecodeError> {
-    if !b.len().is_multiple_of(COMPACT_NODE_LEN) {
+    parse_compact_nodes(b, COMPACT_NODE_LEN)
+}
+
+/// Parses compact nodes of `len` bytes each (26: `nodes`; 38: `nodes6`).
+fn parse_compact_nodes(b: &[u8], len: usize) -> Result<Vec<CompactNode>, DecodeError> {
+    if !b.len().is_multiple_of(len) {
         return Err(DecodeError::Malformed);
     }
-    Ok(b.chunks_exact(COMPACT_NODE_LEN)
+    Ok(b.chunks_exact(len)
         .take(MAX_NODES)
-        .map(|c| {
+        .filter_map(|c| {
             let mut id = [0u8; ID_LEN];
             id.copy_from_slice(&c[..ID_LEN]);
-            CompactNode {
+            Some(CompactNode {
                 id,
-                addr: compact_addr(&c[ID_LEN..]),
-            }
+                addr: compact_addr(&c[ID_LEN..])?,
+            })
         })
         .collect())
 }
 
-fn compact_addr(c: &[u8]) -> SocketAddrV4 {
-    SocketAddrV4::new(
-        Ipv4Addr::new(c[0], c[1], c[2], c[3]),
-        u16::from_be_bytes([c[4], c[5]]),
-    )
+/// A compact address: 6 bytes (IPv4, port) or 18 (IPv6, port); `None` for another length.
+fn compact_addr(c: &[u8]) -> Option<SocketAddr> {
+    match c.len() {
+        6 => Some(SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::new(c[0], c[1], c[2], c[3]),
+            u16::from_be_bytes([c[4], c[5]]),
+        ))),
+        18 => {
+            let ip: [u8; 16] = c[..16].try_into().ok()?;
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(ip),
+                u16::from_be_bytes([c[16], c[17]]),
+                0,
+                0,
+            )))
+        }
+        _ => None,
+    }
 }
 
-fn addr_bytes(a: &SocketAddrV4) -> [u8; 6] {
-    let o = a.ip().octets();
-    let p = a.port().to_be_bytes();
-    [o[0], o[1], o[2], o[3], p[0], p[1]]
+/// A compact address: 6 bytes for IPv4, 18 for IPv6.
+fn addr_bytes(a: &SocketAddr) -> Vec<u8> {
+    let mut out = match a.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
+    out.extend_from_slice(&a.port().to_be_bytes());
+    out
 }
 
 fn decode_fields(o: Value<'_>) -> Result<Fields, DecodeError> {
@@ -301,7 +341,19 @@ fn decode_fields(o: Value<'_>) -> Result<Fields, DecodeError> {
             b"target" => f.target = Some(fixed(o)?),
             b"info_hash" => f.info_hash = Some(fixed(o)?),
             b"token" => f.token = Some(limited(o, MAX_TOKEN)?),
-            b"nodes" => f.nodes = parse_nodes(bytes(o)?)?,
+            b"nodes" => f.nodes.extend(parse_nodes(bytes(o)?)?),
+            b"nodes6" => f
+                .nodes
+                .extend(parse_compact_nodes(bytes(o)?, COMPACT_NODE6_LEN)?),
+            b"want" => {
+                for w in o.list().ok_or(DecodeError::Malformed)? {
+                    match bytes(w)? {
+                        b"n4" => f.want.n4 = true,
+                        b"n6" => f.want.n6 = true,
+                        _ => {}
+                    }
+                }
+            }
             b"v" => {
                 if o.raw().len() > MAX_VALUE {
                     return Err(DecodeError::Malformed);
@@ -316,8 +368,8 @@ fn decode_fields(o: Value<'_>) -> Result<Fields, DecodeError> {
             b"values" => {
                 for v in o.list().ok_or(DecodeError::Malformed)? {
                     let b = bytes(v)?;
-                    if b.len() == 6 && f.values.len() < MAX_VALUES {
-                        f.values.push(compact_addr(b));
+                    if f.values.len() < MAX_VALUES {
+                        f.values.extend(compact_addr(b));
                     }
                 }
             }
@@ -331,8 +383,7 @@ fn decode_fields(o: Value<'_>) -> Result<Fields, DecodeError> {
                 );
             }
             b"implied_port" => f.implied_port = int(o)? == 1,
-            // Anything else (nodes6, want, ...) is skipped; its structure was checked with
-            // the whole datagram's.
+            // Anything else is skipped; its structure was checked with the whole datagram's.
             _ => {}
         }
     }
@@ -374,11 +425,8 @@ pub fn decode(datagram: &[u8]) -> Result<Message, DecodeError> {
             }
             b"ro" => ro = int(o)? == 1,
             b"ip" => {
-                let b = bytes(o)?;
-                // BEP 42 `ip`: 6 bytes for IPv4; an IPv6 form (18 bytes) is ignored.
-                if b.len() == 6 {
-                    ip = Some(compact_addr(b));
-                }
+                // BEP 42 `ip`: 6 bytes for IPv4, 18 for IPv6; another length is ignored.
+                ip = compact_addr(bytes(o)?);
             }
             _ => {}
         }
@@ -427,10 +475,18 @@ fn put_fields(f: &Fields, out: &mut Vec<u8>) {
     if let Some(k) = &f.k {
         put_bytes(d.key(b"k"), k);
     }
-    if !f.nodes.is_empty() {
-        let out = d.key(b"nodes");
-        put_string_header(out, f.nodes.len() * COMPACT_NODE_LEN);
-        for n in &f.nodes {
+    let families: [(&'static [u8], bool, usize); 2] = [
+        (b"nodes", true, COMPACT_NODE_LEN),
+        (b"nodes6", false, COMPACT_NODE6_LEN),
+    ];
+    for (key, v4, len) in families {
+        let count = f.nodes.iter().filter(|n| n.addr.is_ipv4() == v4).count();
+        if count == 0 {
+            continue;
+        }
+        let out = d.key(key);
+        put_string_header(out, count * len);
+        for n in f.nodes.iter().filter(|n| n.addr.is_ipv4() == v4) {
             out.extend_from_slice(&n.id);
             out.extend_from_slice(&addr_bytes(&n.addr));
         }
@@ -461,6 +517,17 @@ fn put_fields(f: &Fields, out: &mut Vec<u8>) {
         out.push(b'l');
         for a in &f.values {
             put_bytes(out, &addr_bytes(a));
+        }
+        out.push(b'e');
+    }
+    if f.want.n4 || f.want.n6 {
+        let out = d.key(b"want");
+        out.push(b'l');
+        if f.want.n4 {
+            put_bytes(out, b"n4");
+        }
+        if f.want.n6 {
+            put_bytes(out, b"n6");
         }
         out.push(b'e');
     }
@@ -582,12 +649,43 @@ mod tests {
         let m = decode(peers).unwrap();
         assert_eq!(
             m.fields.values,
-            vec![compact_addr(b"axje.u"), compact_addr(b"idhtnm")]
+            vec![
+                compact_addr(b"axje.u").unwrap(),
+                compact_addr(b"idhtnm").unwrap()
+            ]
         );
         assert_eq!(encode(&m).unwrap(), peers.to_vec());
-        // An IPv6 peer (BEP 32, 18 bytes) is skipped; a port of 0 or beyond 65535 is refused.
-        let mixed = b"d1:rd2:id20:abcdefghij01234567896:valuesl18:0123456789abcdefgh6:axje.uee1:t2:aa1:y1:re";
-        assert_eq!(decode(mixed).unwrap().fields.values.len(), 1);
+        // An IPv6 peer (BEP 32, 18 bytes) is read too, an entry of another length skipped; a
+        // port of 0 or beyond 65535 is refused.
+        let mixed = b"d1:rd2:id20:abcdefghij01234567896:valuesl18:0123456789abcdefgh6:axje.u7:1234567ee1:t2:aa1:y1:re";
+        let values = decode(mixed).unwrap().fields.values;
+        assert_eq!(values.len(), 2);
+        assert!(values[0].is_ipv6() && values[1].is_ipv4());
+        // BEP 32: nodes6 (38 bytes each) beside nodes, and want.
+        let mut six = [0u8; COMPACT_NODE6_LEN];
+        six[..ID_LEN].copy_from_slice(&[7; ID_LEN]);
+        six[ID_LEN..ID_LEN + 16].copy_from_slice(&Ipv6Addr::LOCALHOST.octets());
+        six[COMPACT_NODE6_LEN - 2..].copy_from_slice(&6881u16.to_be_bytes());
+        let r = [
+            &b"d1:rd2:id20:abcdefghij01234567896:nodes638:"[..],
+            &six,
+            b"4:wantl2:n42:n6ee1:t2:aa1:y1:re",
+        ]
+        .concat();
+        let m = decode(&r).unwrap();
+        assert_eq!(
+            m.fields.nodes,
+            vec![CompactNode {
+                id: [7; ID_LEN],
+                addr: "[::1]:6881".parse().unwrap()
+            }]
+        );
+        assert_eq!(m.fields.want, Want { n4: true, n6: true });
+        assert_eq!(encode(&m).unwrap(), r);
+        assert!(
+            decode(&[&r[..50], &r[51..]].concat()).is_err(),
+            "nodes6 not of 38s"
+        );
         for bad in [&b"4:porti0e"[..], b"4:porti65536e", b"4:porti-1e"] {
             let head = b"d1:ad2:id20:abcdefghij0123456789";
             let d = [&head[..], bad, b"e1:q4:ping1:t2:aa1:y1:qe"].concat();
@@ -680,11 +778,16 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         let bytes = |n: usize| prop::collection::vec(any::<u8>(), 0..n);
-        let node =
-            (any::<NodeId>(), any::<u32>(), any::<u16>()).prop_map(|(id, ip, port)| CompactNode {
-                id,
-                addr: SocketAddrV4::new(ip.into(), port),
-            });
+        // IPv4 or IPv6 addresses (`nodes`/`nodes6`, 6- or 18-byte `values`).
+        let address = || {
+            prop_oneof![
+                (any::<u32>(), any::<u16>())
+                    .prop_map(|(a, p)| SocketAddr::from((Ipv4Addr::from(a), p))),
+                (any::<u128>(), any::<u16>())
+                    .prop_map(|(a, p)| SocketAddr::from((Ipv6Addr::from(a), p))),
+            ]
+        };
+        let node = (any::<NodeId>(), address()).prop_map(|(id, addr)| CompactNode { id, addr });
         // A few stored values: strings, integers, a nested dictionary and list.
         let v = prop_oneof![
             bytes(40).prop_map(|b| encode_bytes(&b)),
@@ -712,12 +815,10 @@ mod tests {
                 prop::option::of(bytes(MAX_SALT)),
             ),
             (
-                prop::collection::vec(
-                    (any::<u32>(), any::<u16>()).prop_map(|(a, p)| SocketAddrV4::new(a.into(), p)),
-                    0..MAX_VALUES,
-                ),
+                prop::collection::vec(address(), 0..MAX_VALUES),
                 prop::option::of(1..=u16::MAX),
                 any::<bool>(),
+                (any::<bool>(), any::<bool>()).prop_map(|(n4, n6)| Want { n4, n6 }),
             ),
         )
             .prop_map(
@@ -725,7 +826,7 @@ mod tests {
                     (id, target, info_hash, token),
                     (nodes, v, k, sig),
                     (seq, cas, salt),
-                    (values, port, implied_port),
+                    (values, port, implied_port, want),
                 )| Fields {
                     id,
                     target,
@@ -741,6 +842,7 @@ mod tests {
                     values,
                     port,
                     implied_port,
+                    want,
                 },
             );
         let kind = prop_oneof![
@@ -763,6 +865,8 @@ mod tests {
         let ip = prop::option::of((any::<u32>(), any::<u16>()));
         (bytes(MAX_TXID), kind, fields, any::<bool>(), ip).prop_map(
             |(t, kind, mut fields, ro, ip)| {
+                // Decoding yields IPv4 nodes first (`nodes`, then `nodes6`).
+                fields.nodes.sort_by_key(|n| n.addr.is_ipv6());
                 if matches!(kind, Kind::Error(..)) {
                     fields = Fields::default();
                 } else if fields.id.is_none() {
@@ -773,7 +877,7 @@ mod tests {
                     kind,
                     fields,
                     ro,
-                    ip: ip.map(|(a, p)| SocketAddrV4::new(a.into(), p)),
+                    ip: ip.map(|(a, p)| SocketAddr::from((Ipv4Addr::from(a), p))),
                 }
             },
         )
@@ -788,7 +892,12 @@ mod tests {
             if let Some(v) = &d.fields.v {
                 // The value's bytes as they stand in the datagram: after its key, the last of
                 // its dictionary but for `values`.
-                let next: &[u8] = if d.fields.values.is_empty() { b"e" } else { b"6:values" };
+                let want = d.fields.want.n4 || d.fields.want.n6;
+                let next: &[u8] = match (d.fields.values.is_empty(), want) {
+                    (false, _) => b"6:values",
+                    (true, true) => b"4:want",
+                    (true, false) => b"e",
+                };
                 let there = [&b"1:v"[..], v, next].concat();
                 prop_assert!(b.windows(there.len()).any(|w| w == there));
             }

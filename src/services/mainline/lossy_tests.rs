@@ -36,7 +36,7 @@ const SEEDS: u64 = 20;
 
 /// Machines at loopback addresses, a lossy network between them.
 struct LossySim {
-    nodes: Vec<(SocketAddrV4, MainlineState)>,
+    nodes: Vec<(SocketAddr, MainlineState)>,
     /// Machines that neither run nor receive any more.
     silent: HashSet<usize>,
     now: Instant,
@@ -55,7 +55,7 @@ impl LossySim {
     /// [`SERVERS`] serving machines on ports 3000.., each bootstrapped from all the others.
     fn new(seed: u64) -> LossySim {
         let now = Instant::now();
-        let all: Vec<SocketAddrV4> = (0..SERVERS).map(|i| addr(3000 + i)).collect();
+        let all: Vec<SocketAddr> = (0..SERVERS).map(|i| addr(3000 + i)).collect();
         let nodes: Vec<_> = all
             .iter()
             .map(|a| {
@@ -128,9 +128,7 @@ impl LossySim {
                             continue;
                         };
                         if !self.silent.contains(&j) {
-                            self.nodes[j]
-                                .1
-                                .handle_datagram(&bytes, SocketAddr::V4(from), now);
+                            self.nodes[j].1.handle_datagram(&bytes, from, now);
                         }
                     }
                 }
@@ -204,7 +202,7 @@ fn one_lossy_dht(seed: u64) -> (Duration, Duration, u32) {
     }
     assert_eq!(sim.silent.len(), SILENT as usize);
     // Every client's bootstrap list: a run of consecutive servers, so it holds silent ones.
-    let boot = |first: u16| -> Vec<SocketAddrV4> {
+    let boot = |first: u16| -> Vec<SocketAddr> {
         (0..CLIENT_BOOT)
             .map(|k| addr(3000 + (first + k) % SERVERS))
             .collect()

@@ -1,6 +1,8 @@
 //! The Mainline DHT client, sans-IO: datagrams, bus requests and a `now` in; datagrams to
 //! send, nodeInfos to publish and the next deadline out. No socket, no clock (the caller
-//! passes the wall-clock seconds used for a new `seq`).
+//! passes the wall-clock seconds used for a new `seq`). One machine takes part in one DHT,
+//! of the family of its bootstrap addresses: the IPv4 one (BEP 5) or the IPv6 one (BEP 32);
+//! what it hears of the other family is foreign to it ([`Scope`]).
 //!
 //! What it does:
 //!
@@ -56,7 +58,7 @@
 //!   ([`OUT_QUEUE`]).
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -264,7 +266,7 @@ pub struct MainlineStats {
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Where to start (required, no default).
-    pub bootstrap: Vec<SocketAddrV4>,
+    pub bootstrap: Vec<SocketAddr>,
     /// BEP 44 salt of our item and of lookups (empty: none).
     pub salt: Vec<u8>,
     /// Answer queries (off: read-only, BEP 43).
@@ -300,7 +302,7 @@ enum CState {
 #[derive(Debug, Clone)]
 struct Candidate {
     id: Option<NodeId>,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     state: CState,
     token: Option<Vec<u8>>,
 }
@@ -316,7 +318,7 @@ struct Lookup {
     best: Option<MutableItem>,
     published_seq: Option<i64>,
     /// Peers found (`get_peers` values).
-    peers: Vec<SocketAddrV4>,
+    peers: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -329,7 +331,7 @@ enum What {
 
 #[derive(Debug, Clone, Copy)]
 struct Pending {
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     sent: Instant,
     what: What,
 }
@@ -365,7 +367,7 @@ pub struct MainlineState {
     serve: bool,
     own: NodeId,
     table: RoutingTable,
-    bootstrap: Vec<SocketAddrV4>,
+    bootstrap: Vec<SocketAddr>,
     signer: Option<SignKeyPair>,
     keys: KeyCache,
     my_value: Option<Vec<u8>>,
@@ -388,19 +390,19 @@ pub struct MainlineState {
     backoff: Duration,
     store: HashMap<NodeId, Stored>,
     /// Serving: announced peers by info-hash, with when they expire.
-    peers: HashMap<NodeId, Vec<(SocketAddrV4, Instant)>>,
+    peers: HashMap<NodeId, Vec<(SocketAddr, Instant)>>,
     /// Our relay port, while our nodeInfo offers relaying (and we publish).
     relay_port: Option<u16>,
     relay_announce_due: Option<Instant>,
     /// Relay searches' results, to be taken.
-    relay_peers: VecDeque<Vec<SocketAddrV4>>,
+    relay_peers: VecDeque<Vec<SocketAddr>>,
     secrets: [[u8; 20]; 2],
     rotate_at: Instant,
     /// Bytes beyond their queries' length that unproven addresses may still be sent.
     budget: AnswerBudget,
     allowance: f64,
     refilled: Instant,
-    transmit: VecDeque<(SocketAddrV4, Vec<u8>)>,
+    transmit: VecDeque<(SocketAddr, Vec<u8>)>,
     publications: VecDeque<Value>,
     stats: MainlineStats,
     /// Smoothed round trip of our queries and its mean deviation, once one was timed.
@@ -509,7 +511,7 @@ impl MainlineState {
         if self.signer.is_none() {
             return false;
         }
-        let local = self.scope() == Scope::Loopback;
+        let local = self.scope().is_loopback();
         let Some(v) = item::publishable_node_info(info, &mut self.keys, local) else {
             return false;
         };
@@ -604,15 +606,15 @@ impl MainlineState {
     }
 
     /// The addresses a relay search found (one list per search that found any).
-    pub fn poll_relay_peers(&mut self) -> Option<Vec<SocketAddrV4>> {
+    pub fn poll_relay_peers(&mut self) -> Option<Vec<SocketAddr>> {
         self.relay_peers.pop_front()
     }
 
     /// A datagram received from `from`.
     pub fn handle_datagram(&mut self, bytes: &[u8], from: SocketAddr, now: Instant) {
         self.stats.packets += 1;
-        let from = match from {
-            SocketAddr::V4(a) if self.scope().accepts(&a) => a,
+        let from = match crate::transport::udp::canonical(from) {
+            a if self.scope().accepts(&a) => a,
             _ => {
                 self.stats.foreign += 1;
                 return;
@@ -632,7 +634,7 @@ impl MainlineState {
         }
     }
 
-    fn on_reply(&mut self, msg: Message, from: SocketAddrV4, now: Instant) {
+    fn on_reply(&mut self, msg: Message, from: SocketAddr, now: Instant) {
         // Ours are all TXID_LEN bytes: a reply with another length answers no query of ours.
         let Ok(t) = <[u8; TXID_LEN]>::try_from(&msg.t[..]) else {
             self.stats.unexpected += 1;
@@ -689,14 +691,7 @@ impl MainlineState {
         }
     }
 
-    fn lookup_reply(
-        &mut self,
-        i: usize,
-        msg: &Message,
-        from: SocketAddrV4,
-        ok: bool,
-        now: Instant,
-    ) {
+    fn lookup_reply(&mut self, i: usize, msg: &Message, from: SocketAddr, ok: bool, now: Instant) {
         let scope = self.scope();
         let own = self.own;
         let l = &mut self.lookups[i];
@@ -830,7 +825,7 @@ impl MainlineState {
     }
 
     /// Queues encoded bytes for `to`; returns their length if there was room.
-    fn push_bytes(&mut self, to: SocketAddrV4, bytes: Vec<u8>) -> Option<usize> {
+    fn push_bytes(&mut self, to: SocketAddr, bytes: Vec<u8>) -> Option<usize> {
         if self.transmit.len() >= OUT_QUEUE {
             self.stats.send_dropped += 1;
             return None;
@@ -842,7 +837,7 @@ impl MainlineState {
 
     fn send_query(
         &mut self,
-        to: SocketAddrV4,
+        to: SocketAddr,
         method: Method,
         fields: Fields,
         what: What,
@@ -1000,7 +995,7 @@ impl MainlineState {
     }
 
     /// The `k` closest nodes of a finished lookup that answered with a token, with it.
-    fn token_holders(&self, l: &Lookup) -> Vec<(SocketAddrV4, Vec<u8>)> {
+    fn token_holders(&self, l: &Lookup) -> Vec<(SocketAddr, Vec<u8>)> {
         l.cands
             .iter()
             .filter(|c| c.state == CState::Answered)
@@ -1283,7 +1278,7 @@ impl MainlineState {
     }
 
     /// The next datagram to send, and where.
-    pub fn poll_transmit(&mut self) -> Option<(SocketAddrV4, Vec<u8>)> {
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
         self.transmit.pop_front()
     }
 
@@ -1294,13 +1289,17 @@ impl MainlineState {
 
     // ----- serving (not read-only) -----
 
-    fn token_for(&self, ip: &std::net::Ipv4Addr, secret: usize) -> Vec<u8> {
-        crypto::sha1(&[&self.secrets[secret], &ip.octets()])[..TOKEN_LEN].to_vec()
+    fn token_for(&self, ip: IpAddr, secret: usize) -> Vec<u8> {
+        let octets = match ip {
+            IpAddr::V4(ip) => ip.octets().to_vec(),
+            IpAddr::V6(ip) => ip.octets().to_vec(),
+        };
+        crypto::sha1(&[&self.secrets[secret], &octets])[..TOKEN_LEN].to_vec()
     }
 
     /// Answers a query of `len` bytes from `from`. Toward an address not in the table, what
     /// is sent beyond `len` bytes comes out of the [`AnswerBudget`] (see [`crate::proto::mainline::budget`]).
-    fn serve_query(&mut self, msg: Message, len: usize, from: SocketAddrV4, now: Instant) {
+    fn serve_query(&mut self, msg: Message, len: usize, from: SocketAddr, now: Instant) {
         let rate = f64::from(self.timing.queries_per_sec);
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.refilled = now;
@@ -1409,7 +1408,7 @@ impl MainlineState {
         }
     }
 
-    fn source(&self, addr: &SocketAddrV4) -> Source {
+    fn source(&self, addr: &SocketAddr) -> Source {
         Source::of(addr, self.table.scope())
     }
 
@@ -1417,7 +1416,7 @@ impl MainlineState {
     /// budget; returns its length if it went out.
     fn push_within(
         &mut self,
-        to: SocketAddrV4,
+        to: SocketAddr,
         out: &Message,
         len: usize,
         proven: bool,
@@ -1439,7 +1438,7 @@ impl MainlineState {
         t: Vec<u8>,
         mut r: Fields,
         len: usize,
-        to: SocketAddrV4,
+        to: SocketAddr,
         proven: bool,
         now: Instant,
     ) -> Option<usize> {
@@ -1463,7 +1462,7 @@ impl MainlineState {
         }
     }
 
-    fn token_ok(&self, token: Option<&Vec<u8>>, from: &SocketAddrV4) -> bool {
+    fn token_ok(&self, token: Option<&Vec<u8>>, from: &SocketAddr) -> bool {
         token.is_some_and(|t| {
             *t == self.token_for(from.ip(), 0) || *t == self.token_for(from.ip(), 1)
         })
@@ -1483,7 +1482,7 @@ impl MainlineState {
     fn accept_announce(
         &mut self,
         a: &Fields,
-        from: &SocketAddrV4,
+        from: &SocketAddr,
         now: Instant,
     ) -> Result<(), (i64, &'static str)> {
         if !self.token_ok(a.token.as_ref(), from) {
@@ -1497,7 +1496,7 @@ impl MainlineState {
         } else {
             a.port.ok_or((203, "missing port"))?
         };
-        let peer = SocketAddrV4::new(*from.ip(), port);
+        let peer = SocketAddr::new(from.ip(), port);
         let known = self
             .peers
             .get(&h)
@@ -1520,7 +1519,7 @@ impl MainlineState {
     fn accept_put(
         &mut self,
         a: &Fields,
-        from: &SocketAddrV4,
+        from: &SocketAddr,
         now: Instant,
     ) -> Result<(), (i64, &'static str)> {
         if !self.token_ok(a.token.as_ref(), from) {
@@ -1574,7 +1573,7 @@ impl MainlineState {
 fn add_candidate(
     cands: &mut Vec<Candidate>,
     id: Option<NodeId>,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     scope: Scope,
     own: &NodeId,
 ) {

@@ -6,8 +6,8 @@ use crate::identity::Identity;
 use crate::services::mainline::krpc::CompactNode;
 use serde_json::json;
 
-pub(super) fn addr(port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port)
+pub(super) fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port))
 }
 
 pub(super) fn info_of(id: &Identity, port: u16) -> Value {
@@ -16,7 +16,7 @@ pub(super) fn info_of(id: &Identity, port: u16) -> Value {
             "transportInfo": {"address": "127.0.0.1", "port": port, "framing": "native"}}]})
 }
 
-pub(super) fn options(bootstrap: Vec<SocketAddrV4>, serve: bool) -> Options {
+pub(super) fn options(bootstrap: Vec<SocketAddr>, serve: bool) -> Options {
     Options {
         bootstrap,
         salt: Vec::new(),
@@ -27,7 +27,7 @@ pub(super) fn options(bootstrap: Vec<SocketAddrV4>, serve: bool) -> Options {
 
 /// Machines at loopback addresses exchanging datagrams in memory.
 struct Sim {
-    nodes: Vec<(SocketAddrV4, MainlineState)>,
+    nodes: Vec<(SocketAddr, MainlineState)>,
     now: Instant,
     delivered: u64,
 }
@@ -35,8 +35,13 @@ struct Sim {
 impl Sim {
     /// `n` serving machines on ports 1000.., each bootstrapped from all the others.
     fn new(n: u16) -> Sim {
+        Sim::on(n, std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// [`Sim::new`] at the loopback address `ip` (`::1`: the IPv6 DHT of BEP 32).
+    fn on(n: u16, ip: IpAddr) -> Sim {
         let now = Instant::now();
-        let all: Vec<SocketAddrV4> = (0..n).map(|i| addr(1000 + i)).collect();
+        let all: Vec<SocketAddr> = (0..n).map(|i| SocketAddr::new(ip, 1000 + i)).collect();
         let nodes = all
             .iter()
             .map(|a| {
@@ -52,7 +57,8 @@ impl Sim {
     }
 
     fn add(&mut self, port: u16, m: MainlineState) -> usize {
-        self.nodes.push((addr(port), m));
+        let ip = self.nodes[0].0.ip();
+        self.nodes.push((SocketAddr::new(ip, port), m));
         self.nodes.len() - 1
     }
 
@@ -70,9 +76,7 @@ impl Sim {
                         assert!(to.ip().is_loopback(), "sent to {to}");
                         moved = true;
                         if let Some(j) = self.nodes.iter().position(|(a, _)| *a == to) {
-                            self.nodes[j]
-                                .1
-                                .handle_datagram(&bytes, SocketAddr::V4(from), now);
+                            self.nodes[j].1.handle_datagram(&bytes, from, now);
                             self.delivered += 1;
                         }
                     }
@@ -228,13 +232,13 @@ fn a_lost_seq_is_overtaken_and_persisted_seq_rises() {
 }
 
 /// A client whose only bootstrap node is `fake`; returns it with its outgoing queries.
-fn client(fake: SocketAddrV4, now: Instant) -> MainlineState {
+fn client(fake: SocketAddr, now: Instant) -> MainlineState {
     let mut m = MainlineState::new(options(vec![fake], false), None, now);
     m.handle_timeout(now);
     m
 }
 
-fn queries(m: &mut MainlineState) -> Vec<(SocketAddrV4, Message)> {
+fn queries(m: &mut MainlineState) -> Vec<(SocketAddr, Message)> {
     let mut out = Vec::new();
     while let Some((to, b)) = m.poll_transmit() {
         let msg = krpc::decode(&b).expect("our queries decode");
@@ -298,7 +302,7 @@ fn forged_items_are_refused_without_harm() {
             .iter()
             .find(|(_, q)| q.kind == Kind::Query(Method::Get))
             .expect("a get");
-        m.handle_datagram(&reply_to(get, fields), SocketAddr::V4(fake), now);
+        m.handle_datagram(&reply_to(get, fields), fake, now);
         m.handle_timeout(now);
         assert_eq!(m.poll_publication(), None, "{what}");
         let s = m.stats();
@@ -333,7 +337,7 @@ fn forged_items_are_refused_without_harm() {
         s
     };
     for junk in [b"d1:t2:".to_vec(), b"\xff\xfe".to_vec(), oversized, huge_v] {
-        m.handle_datagram(&junk, SocketAddr::V4(fake), now);
+        m.handle_datagram(&junk, fake, now);
     }
     let after = m.stats();
     assert_eq!(after.malformed, before.malformed + 4);
@@ -351,7 +355,7 @@ fn forged_items_are_refused_without_harm() {
         },
         addr: second,
     }];
-    m.handle_datagram(&reply_to(&get, first), SocketAddr::V4(fake), now);
+    m.handle_datagram(&reply_to(&get, first), fake, now);
     m.handle_timeout(now);
     assert_eq!(m.poll_publication(), Some(good.clone()));
     let qs = queries(&mut m);
@@ -361,23 +365,15 @@ fn forged_items_are_refused_without_harm() {
         .expect("asks the node it learnt");
     m.handle_datagram(
         &reply_to(get2, item_fields(&a, &info_of(&a, 99), 9)),
-        SocketAddr::V4(second),
+        second,
         now,
     );
     m.handle_timeout(now);
     assert_eq!(m.poll_publication(), None);
     assert_eq!(m.stats().stale, 1);
     // The same reply again, and replies from an address never asked: unexpected.
-    m.handle_datagram(
-        &reply_to(get2, item_fields(&a, &good, 11)),
-        SocketAddr::V4(second),
-        now,
-    );
-    m.handle_datagram(
-        &reply_to(get2, item_fields(&a, &good, 11)),
-        SocketAddr::V4(addr(1502)),
-        now,
-    );
+    m.handle_datagram(&reply_to(get2, item_fields(&a, &good, 11)), second, now);
+    m.handle_datagram(&reply_to(get2, item_fields(&a, &good, 11)), addr(1502), now);
     assert_eq!(m.poll_publication(), None);
     assert!(m.stats().unexpected >= 2);
 }
@@ -418,7 +414,7 @@ fn floods_cost_bounded_memory_and_bounded_queries() {
                     crypto::random_bytes(&mut id);
                     CompactNode {
                         id,
-                        addr: SocketAddrV4::new(ip, port),
+                        addr: SocketAddr::from((ip, port)),
                     }
                 })
                 .collect();
@@ -428,7 +424,7 @@ fn floods_cost_bounded_memory_and_bounded_queries() {
                 token: Some(b"t".to_vec()),
                 ..Fields::default()
             };
-            m.handle_datagram(&reply_to(&q, f), SocketAddr::V4(to), clock);
+            m.handle_datagram(&reply_to(&q, f), to, clock);
         }
         m.handle_timeout(clock);
         let s = m.stats();
@@ -458,7 +454,7 @@ fn floods_cost_bounded_memory_and_bounded_queries() {
             ..Fields::default()
         };
         let bytes = krpc::encode(&Message::response(i.to_be_bytes().to_vec(), f)).unwrap();
-        m.handle_datagram(&bytes, SocketAddr::V4(fake), now);
+        m.handle_datagram(&bytes, fake, now);
     }
     let s = m.stats();
     assert_eq!(s.unexpected, 10_000);
@@ -474,7 +470,7 @@ fn floods_cost_bounded_memory_and_bounded_queries() {
         },
         false,
     );
-    m.handle_datagram(&krpc::encode(&q).unwrap(), SocketAddr::V4(fake), now);
+    m.handle_datagram(&krpc::encode(&q).unwrap(), fake, now);
     assert_eq!(m.stats().queries_ignored, 1);
     assert!(queries(&mut m).is_empty());
     // Datagrams from outside the scope are dropped before decoding.
@@ -491,7 +487,7 @@ fn serving_checks_tokens_signatures_cas_and_seq_and_is_rate_limited() {
     let a = Identity::generate();
     let ask = |srv: &mut MainlineState, method: Method, f: Fields| -> Message {
         let q = Message::query(b"qq".to_vec(), method, f, true);
-        srv.handle_datagram(&krpc::encode(&q).unwrap(), SocketAddr::V4(peer), now);
+        srv.handle_datagram(&krpc::encode(&q).unwrap(), peer, now);
         let mut replies: Vec<Message> = Vec::new();
         while let Some((to, b)) = srv.poll_transmit() {
             if to == peer {
@@ -576,7 +572,7 @@ fn serving_checks_tokens_signatures_cas_and_seq_and_is_rate_limited() {
             },
             true,
         );
-        srv.handle_datagram(&krpc::encode(&q).unwrap(), SocketAddr::V4(peer), now);
+        srv.handle_datagram(&krpc::encode(&q).unwrap(), peer, now);
         while srv.poll_transmit().is_some() {
             answered += 1;
         }
@@ -616,7 +612,7 @@ fn an_unanswered_query_holds_a_lookup_only_a_few_round_trips() {
         ..Fields::default()
     };
     let now = start + Duration::from_millis(2);
-    m.handle_datagram(&reply_to(find, f), SocketAddr::V4(fake), now);
+    m.handle_datagram(&reply_to(find, f), fake, now);
     m.handle_timeout(now);
     let floor = Timing::default().min_slow_after;
     assert_eq!(m.slow_after(), floor, "a 2 ms round trip: the floor");
@@ -687,12 +683,12 @@ fn transaction_ids_are_four_bytes_counting_and_matched_whole() {
         &[find.t.clone(), vec![0]].concat()[..],
     ] {
         let bytes = krpc::encode(&Message::response(t.to_vec(), f())).unwrap();
-        m.handle_datagram(&bytes, SocketAddr::V4(fake), start);
+        m.handle_datagram(&bytes, fake, start);
     }
     assert_eq!(m.stats().unexpected, 3);
     assert_eq!(m.stats().replies, 0);
     // The whole id does.
-    m.handle_datagram(&reply_to(find, f()), SocketAddr::V4(fake), start);
+    m.handle_datagram(&reply_to(find, f()), fake, start);
     assert_eq!(m.stats().replies, 1);
     assert_eq!(m.stats().table, 1);
 }
@@ -727,7 +723,7 @@ fn steps_through_silence(m: &mut MainlineState, start: Instant, span: Duration) 
 #[test]
 fn silent_peers_never_leave_a_deadline_in_the_past() {
     let start = Instant::now();
-    let boot: Vec<SocketAddrV4> = (0..20).map(|i| addr(1800 + i)).collect();
+    let boot: Vec<SocketAddr> = (0..20).map(|i| addr(1800 + i)).collect();
     let a = Identity::generate();
     let mut m = MainlineState::new(options(boot, false), Some(a.sign_keypair().clone()), start);
     assert!(m.set_my_node_info(&info_of(&a, 7000), 1_000, start));
@@ -748,7 +744,7 @@ fn silent_peers_never_leave_a_deadline_in_the_past() {
 #[test]
 fn a_publication_due_while_one_runs_waits_for_it_without_waking() {
     let start = Instant::now();
-    let boot: Vec<SocketAddrV4> = (0..4).map(|i| addr(1900 + i)).collect();
+    let boot: Vec<SocketAddr> = (0..4).map(|i| addr(1900 + i)).collect();
     let a = Identity::generate();
     let mut m = MainlineState::new(options(boot, false), Some(a.sign_keypair().clone()), start);
     assert!(m.set_my_node_info(&info_of(&a, 7000), 1_000, start));
@@ -788,7 +784,7 @@ fn a_put_names_its_target() {
         ..Fields::default()
     };
     let now = start + Duration::from_millis(5);
-    m.handle_datagram(&reply_to(&get, f), SocketAddr::V4(fake), now);
+    m.handle_datagram(&reply_to(&get, f), fake, now);
     m.handle_timeout(now);
     let (to, put) = queries(&mut m)
         .into_iter()
@@ -804,15 +800,15 @@ fn a_put_names_its_target() {
 /// A serving machine on the Internet scope holding one item (about a nodeInfo's size) put by
 /// `a`; returns it with the item's target.
 fn serving_with_item(a: &Identity, now: Instant) -> (MainlineState, NodeId) {
-    let boot = SocketAddrV4::new(std::net::Ipv4Addr::new(198, 51, 100, 1), 6881);
+    let boot = SocketAddr::from((std::net::Ipv4Addr::new(198, 51, 100, 1), 6881));
     let mut srv = MainlineState::new(options(vec![boot], true), None, now);
-    let putter = SocketAddrV4::new(std::net::Ipv4Addr::new(198, 51, 100, 9), 6881);
+    let putter = SocketAddr::from((std::net::Ipv4Addr::new(198, 51, 100, 9), 6881));
     let target = target_of(&a.sign_id(), b"");
     let token = srv.token_for(putter.ip(), 0);
     let mut f = item_fields(a, &info_of(a, 4000), 1);
     f.token = Some(token);
     let q = Message::query(b"pp".to_vec(), Method::Put, f, true);
-    srv.handle_datagram(&krpc::encode(&q).unwrap(), SocketAddr::V4(putter), now);
+    srv.handle_datagram(&krpc::encode(&q).unwrap(), putter, now);
     while srv.poll_transmit().is_some() {}
     assert_eq!(srv.stats().stored, 1);
     (srv, target)
@@ -824,7 +820,7 @@ fn get_flood(
     srv: &mut MainlineState,
     target: NodeId,
     n: u32,
-    from: impl Fn(u32) -> SocketAddrV4,
+    from: impl Fn(u32) -> SocketAddr,
     mut now: Instant,
 ) -> (usize, usize, Instant) {
     let (mut received, mut sent) = (0, 0);
@@ -843,9 +839,9 @@ fn get_flood(
         let q = q.unwrap();
         received += q.len();
         let src = from(i);
-        srv.handle_datagram(&q, SocketAddr::V4(src), now);
+        srv.handle_datagram(&q, src, now);
         while let Some((to, b)) = srv.poll_transmit() {
-            if to.ip().octets()[..3] == src.ip().octets()[..3] {
+            if Source::of(&to, Scope::Internet) == Source::of(&src, Scope::Internet) {
                 sent += b.len();
             }
         }
@@ -861,7 +857,7 @@ fn serving_reflects_no_more_than_a_small_budget_toward_unproven_addresses() {
     let a = Identity::generate();
     let (mut srv, target) = serving_with_item(&a, now);
     let net =
-        |c: u8, d: u8, port: u16| SocketAddrV4::new(std::net::Ipv4Addr::new(203, 0, c, d), port);
+        |c: u8, d: u8, port: u16| SocketAddr::from((std::net::Ipv4Addr::new(203, 0, c, d), port));
     // A resolver gets the item at once, whole.
     let resolver = net(1, 1, 6881);
     let (received, sent, now) = get_flood(&mut srv, target, 1, |_| resolver, now);
@@ -881,7 +877,7 @@ fn serving_reflects_no_more_than_a_small_budget_toward_unproven_addresses() {
     assert!(srv.stats().answers_trimmed > 1900);
     // Forged queries naming a new network each time: all of them together get the shared
     // budget beyond what was sent.
-    let many = |i: u32| SocketAddrV4::new(std::net::Ipv4Addr::from(0x0b00_0000 + (i << 8)), 6881);
+    let many = |i: u32| SocketAddr::from((std::net::Ipv4Addr::from(0x0b00_0000 + (i << 8)), 6881));
     let (received, sent_many, now) = {
         let mut total_sent = 0;
         let mut total_received = 0;
@@ -912,7 +908,7 @@ fn serving_reflects_no_more_than_a_small_budget_toward_unproven_addresses() {
         true,
     );
     let qb = krpc::encode(&q).unwrap();
-    srv.handle_datagram(&qb, SocketAddr::V4(victim(1)), now);
+    srv.handle_datagram(&qb, victim(1), now);
     let (_, b) = srv.poll_transmit().expect("a short answer still goes out");
     assert!(b.len() <= qb.len());
     assert!(krpc::decode(&b).unwrap().fields.id.is_some());
@@ -924,7 +920,7 @@ fn proven_nodes_get_whole_answers_and_pings_count_as_excess() {
     let a = Identity::generate();
     let (mut srv, target) = serving_with_item(&a, now);
     // A node that answered our ping is in the table: whole answers whatever the budget.
-    let node = SocketAddrV4::new(std::net::Ipv4Addr::new(203, 0, 113, 5), 6881);
+    let node = SocketAddr::from((std::net::Ipv4Addr::new(203, 0, 113, 5), 6881));
     let (_, _, now) = get_flood(&mut srv, target, 300, |_| node, now);
     let src = srv.source(&node);
     while srv.budget.take(src, 1, now) {}
@@ -937,7 +933,7 @@ fn proven_nodes_get_whole_answers_and_pings_count_as_excess() {
         },
         false,
     );
-    srv.handle_datagram(&krpc::encode(&q).unwrap(), SocketAddr::V4(node), now);
+    srv.handle_datagram(&krpc::encode(&q).unwrap(), node, now);
     let mut ping = None;
     while let Some((to, b)) = srv.poll_transmit() {
         let m = krpc::decode(&b).unwrap();
@@ -949,7 +945,7 @@ fn proven_nodes_get_whole_answers_and_pings_count_as_excess() {
     // Its network's budget is spent: our ping to it was excess and not sent.
     assert!(ping.is_none(), "no ping toward a network without budget");
     let later = now + Duration::from_secs(60);
-    srv.handle_datagram(&krpc::encode(&q).unwrap(), SocketAddr::V4(node), later);
+    srv.handle_datagram(&krpc::encode(&q).unwrap(), node, later);
     let mut ping = None;
     while let Some((to, b)) = srv.poll_transmit() {
         let m = krpc::decode(&b).unwrap();
@@ -967,7 +963,7 @@ fn proven_nodes_get_whole_answers_and_pings_count_as_excess() {
         },
     ))
     .unwrap();
-    srv.handle_datagram(&pong, SocketAddr::V4(node), later);
+    srv.handle_datagram(&pong, node, later);
     assert!(srv.table.has_addr(&node));
     let before = srv.stats().answers_trimmed;
     let (received, sent, _) = get_flood(&mut srv, target, 100, |_| node, later);
@@ -1044,9 +1040,9 @@ fn serving_stores_announced_peers_with_a_valid_token_within_bounds() {
         None,
         now,
     );
-    let ask = |srv: &mut MainlineState, from: SocketAddrV4, method: Method, f: Fields| {
+    let ask = |srv: &mut MainlineState, from: SocketAddr, method: Method, f: Fields| {
         let q = Message::query(b"qq".to_vec(), method, f, true);
-        srv.handle_datagram(&krpc::encode(&q).unwrap(), SocketAddr::V4(from), now);
+        srv.handle_datagram(&krpc::encode(&q).unwrap(), from, now);
         let mut replies: Vec<Message> = Vec::new();
         while let Some((to, b)) = srv.poll_transmit() {
             if to == from {
@@ -1095,7 +1091,7 @@ fn serving_stores_announced_peers_with_a_valid_token_within_bounds() {
     );
     assert_eq!(code(&bad), 203);
     // Another address's token (tokens are per IP address): refused.
-    let elsewhere = SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 0, 2), 5000);
+    let elsewhere = SocketAddr::from((std::net::Ipv4Addr::new(127, 0, 0, 2), 5000));
     let other = ask(
         &mut srv,
         elsewhere,
@@ -1131,7 +1127,7 @@ fn serving_stores_announced_peers_with_a_valid_token_within_bounds() {
     assert_eq!(srv.stats().peers_stored, 2);
     // Bounds: PEERS_PER_HASH per info-hash (the oldest goes), max_stored in all (refused).
     for p in 0..40u16 {
-        let from = SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 1, (p % 250) as u8), 7000);
+        let from = SocketAddr::from((std::net::Ipv4Addr::new(127, 0, 1, (p % 250) as u8), 7000));
         let t = ask(&mut srv, from, Method::GetPeers, get_peers.clone())
             .fields
             .token
@@ -1150,7 +1146,7 @@ fn serving_stores_announced_peers_with_a_valid_token_within_bounds() {
     other_hash.info_hash = Some([9; 20]);
     let mut refused = 0;
     for p in 0..20u16 {
-        let from = SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 2, p as u8 + 1), 7000);
+        let from = SocketAddr::from((std::net::Ipv4Addr::new(127, 0, 2, p as u8 + 1), 7000));
         let t = ask(&mut srv, from, Method::GetPeers, other_hash.clone())
             .fields
             .token
@@ -1169,4 +1165,65 @@ fn serving_stores_announced_peers_with_a_valid_token_within_bounds() {
     srv.handle_timeout(later);
     assert_eq!(srv.stats().peers_stored, 0);
     assert!(srv.peers.is_empty());
+}
+
+#[test]
+fn the_ipv6_dht_of_bep_32_publishes_resolves_and_stays_ipv6() {
+    let six = |port: u16| SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), port);
+    let mut sim = Sim::on(20, std::net::Ipv6Addr::LOCALHOST.into());
+    assert!(sim.run(50, |s| s.nodes.iter().all(|(_, m)| m.stats().table >= 8)));
+    assert_eq!(sim.nodes[0].1.scope(), Scope::Loopback6);
+    sim.now += Duration::from_secs(2);
+    let a = Identity::generate();
+    let mut pa = MainlineState::new(
+        options(vec![six(1003), six(1011)], false),
+        Some(a.sign_keypair().clone()),
+        sim.now,
+    );
+    assert!(pa.set_my_node_info(&info_of(&a, 7000), 1_000, sim.now));
+    let ia = sim.add(2000, pa);
+    assert!(sim.run(200, |s| s.nodes[ia].1.stats().publishes >= 1));
+    assert_eq!(sim.nodes[ia].1.stats().last_publish_stored, 8);
+    let mut pb = MainlineState::new(options(vec![six(1005)], false), None, sim.now);
+    pb.request_node_info(&json!(a.sign_id().to_string()), sim.now);
+    let ib = sim.add(2001, pb);
+    let mut got = Vec::new();
+    assert!(sim.run(200, |s| {
+        while let Some(v) = s.nodes[ib].1.poll_publication() {
+            got.push(v);
+        }
+        !got.is_empty()
+    }));
+    assert_eq!(got, vec![info_of(&a, 7000)]);
+    // Answers carry IPv6 nodes (nodes6), and IPv4 nodes offered to an IPv6 lane are left out.
+    let now = sim.now;
+    let mut m = MainlineState::new(options(vec![six(1)], false), None, now);
+    m.handle_timeout(now);
+    let (to, q) = queries(&mut m).pop().expect("a bootstrap query");
+    assert_eq!(to, six(1));
+    let reply = reply_to(
+        &q,
+        Fields {
+            id: Some([3; 20]),
+            nodes: vec![
+                CompactNode {
+                    id: [4; 20],
+                    addr: addr(4000),
+                },
+                CompactNode {
+                    id: [5; 20],
+                    addr: six(5000),
+                },
+            ],
+            ..Fields::default()
+        },
+    );
+    m.handle_datagram(&reply, six(1), now);
+    m.handle_timeout(now);
+    let asked: Vec<SocketAddr> = queries(&mut m).into_iter().map(|(to, _)| to).collect();
+    assert_eq!(asked, vec![six(5000)]);
+    // A datagram from an IPv4 address is foreign to the IPv6 lane.
+    let before = m.stats().foreign;
+    m.handle_datagram(&reply, addr(1), now);
+    assert_eq!(m.stats().foreign, before + 1);
 }

@@ -7,15 +7,18 @@
 //! - **Address scope** ([`Scope`]). A DHT bootstrapped from loopback addresses (a testnet on
 //!   this machine) only ever admits loopback addresses, and an Internet one never admits
 //!   loopback, unspecified, multicast, broadcast, link-local or reserved addresses: nodes
-//!   cannot point us at this machine's services, nor a testnet at the Internet.
+//!   cannot point us at this machine's services, nor a testnet at the Internet. A scope is of
+//!   one address family: the IPv6 DHT (BEP 32) is another table, of IPv6 addresses only
+//!   (global unicast ones on the Internet scope; not IPv4-mapped, unique-local or link-local).
 //! - **One IP cannot fill the table** (BEP 42's concern, without its id check): on the
-//!   Internet scope, at most [`MAX_PER_IP`] nodes per IPv4 address in the whole table. A known
+//!   Internet scope, at most [`MAX_PER_IP`] nodes per IPv4 address (per IPv6 /64) in the whole
+//!   table. A known
 //!   id seen at a new address does not move (the old entry stays until it fails).
 //! - **Old nodes first.** A full bucket takes a newcomer only in place of a node that failed
 //!   to answer; nodes that failed [`MAX_FAILURES`] times in a row are removed.
 //! - **Bounded.** 160 buckets of at most [`BUCKET_SIZE`]: at most 1,280 nodes.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use super::krpc::{CompactNode, NodeId, ID_LEN};
@@ -32,29 +35,46 @@ pub const MAX_FAILURES: u8 = 3;
 pub enum Scope {
     /// Only 127.0.0.0/8 (every bootstrap address is a loopback one: a local testnet).
     Loopback,
-    /// Only addresses that can be on the Internet.
+    /// Only IPv4 addresses that can be on the Internet.
     Internet,
+    /// Only `::1` (an IPv6 testnet on this machine).
+    Loopback6,
+    /// Only IPv6 addresses that can be on the Internet (global unicast, 2000::/3).
+    Internet6,
 }
 
 impl Scope {
-    /// The scope of a list of bootstrap addresses: loopback if they all are.
-    pub fn of(bootstrap: &[SocketAddrV4]) -> Scope {
-        if !bootstrap.is_empty() && bootstrap.iter().all(|a| a.ip().is_loopback()) {
-            Scope::Loopback
-        } else {
-            Scope::Internet
+    /// The scope of a list of bootstrap addresses of one family: loopback if they all are;
+    /// IPv6 if they all are IPv6 (and there is one).
+    pub fn of(bootstrap: &[SocketAddr]) -> Scope {
+        let loopback = !bootstrap.is_empty() && bootstrap.iter().all(|a| a.ip().is_loopback());
+        let v6 = !bootstrap.is_empty() && bootstrap.iter().all(SocketAddr::is_ipv6);
+        match (loopback, v6) {
+            (true, false) => Scope::Loopback,
+            (true, true) => Scope::Loopback6,
+            (false, false) => Scope::Internet,
+            (false, true) => Scope::Internet6,
         }
     }
 
+    /// Whether this is an IPv6 scope.
+    pub fn is_ipv6(&self) -> bool {
+        matches!(self, Scope::Loopback6 | Scope::Internet6)
+    }
+
+    /// Whether this is a loopback scope (a testnet on this machine).
+    pub fn is_loopback(&self) -> bool {
+        matches!(self, Scope::Loopback | Scope::Loopback6)
+    }
+
     /// Whether `addr` may be contacted in this scope.
-    pub fn accepts(&self, addr: &SocketAddrV4) -> bool {
+    pub fn accepts(&self, addr: &SocketAddr) -> bool {
         if addr.port() == 0 {
             return false;
         }
-        let ip: &Ipv4Addr = addr.ip();
-        match self {
-            Scope::Loopback => ip.is_loopback(),
-            Scope::Internet => {
+        match (self, addr.ip()) {
+            (Scope::Loopback, IpAddr::V4(ip)) => ip.is_loopback(),
+            (Scope::Internet, IpAddr::V4(ip)) => {
                 let first = ip.octets()[0];
                 !(ip.is_loopback()
                     || ip.is_unspecified()
@@ -64,7 +84,20 @@ impl Scope {
                     || first == 0
                     || first >= 240)
             }
+            (Scope::Loopback6, IpAddr::V6(ip)) => ip.is_loopback(),
+            // Global unicast (2000::/3) only: not loopback, unspecified, multicast,
+            // link-local, unique-local or IPv4-mapped (all outside 2000::/3).
+            (Scope::Internet6, IpAddr::V6(ip)) => ip.segments()[0] & 0xe000 == 0x2000,
+            _ => false,
         }
+    }
+}
+
+/// What [`MAX_PER_IP`] counts by: an IPv4 address, or an IPv6 /64.
+fn ip_key(addr: &SocketAddr) -> u128 {
+    match addr.ip() {
+        IpAddr::V4(ip) => u128::from(u32::from(ip)),
+        IpAddr::V6(ip) => u128::from(ip) >> 64 | 1 << 127,
     }
 }
 
@@ -74,7 +107,7 @@ pub struct Node {
     /// Its id.
     pub id: NodeId,
     /// Its address.
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// When it last answered.
     pub last_seen: Instant,
     /// Queries it failed to answer since.
@@ -146,7 +179,7 @@ impl RoutingTable {
 
     /// A node answered a query of ours (and did not say it is read-only). Returns whether it
     /// is in the table now.
-    pub fn heard(&mut self, id: NodeId, addr: SocketAddrV4, now: Instant) -> bool {
+    pub fn heard(&mut self, id: NodeId, addr: SocketAddr, now: Instant) -> bool {
         if !self.scope.accepts(&addr) {
             return false;
         }
@@ -172,8 +205,12 @@ impl RoutingTable {
         for bucket in &mut self.buckets {
             bucket.retain(|n| n.addr != addr);
         }
-        if self.scope == Scope::Internet
-            && self.nodes().filter(|n| n.addr.ip() == addr.ip()).count() >= MAX_PER_IP
+        if !self.scope.is_loopback()
+            && self
+                .nodes()
+                .filter(|n| ip_key(&n.addr) == ip_key(&addr))
+                .count()
+                >= MAX_PER_IP
         {
             return false;
         }
@@ -206,17 +243,17 @@ impl RoutingTable {
     }
 
     /// Whether the node `id` at `addr` is in the table.
-    pub fn contains(&self, id: &NodeId, addr: &SocketAddrV4) -> bool {
+    pub fn contains(&self, id: &NodeId, addr: &SocketAddr) -> bool {
         self.nodes().any(|n| n.id == *id && n.addr == *addr)
     }
 
     /// Whether some node in the table is at `addr` (it answered a query of ours from there).
-    pub fn has_addr(&self, addr: &SocketAddrV4) -> bool {
+    pub fn has_addr(&self, addr: &SocketAddr) -> bool {
         self.nodes().any(|n| n.addr == *addr)
     }
 
     /// A query to `addr` went unanswered.
-    pub fn failed(&mut self, addr: &SocketAddrV4) {
+    pub fn failed(&mut self, addr: &SocketAddr) {
         for bucket in &mut self.buckets {
             for n in bucket.iter_mut().filter(|n| n.addr == *addr) {
                 n.failures = n.failures.saturating_add(1);
@@ -251,12 +288,29 @@ mod tests {
 
     #[test]
     fn scopes() {
-        let lo: SocketAddrV4 = "127.0.0.1:6881".parse().unwrap();
-        let net: SocketAddrV4 = "203.0.113.7:6881".parse().unwrap();
+        let lo: SocketAddr = "127.0.0.1:6881".parse().unwrap();
+        let net: SocketAddr = "203.0.113.7:6881".parse().unwrap();
         assert_eq!(Scope::of(&[lo]), Scope::Loopback);
         assert_eq!(Scope::of(&[lo, net]), Scope::Internet);
         assert_eq!(Scope::of(&[]), Scope::Internet);
         assert!(Scope::Loopback.accepts(&lo) && !Scope::Loopback.accepts(&net));
+        // IPv6 (BEP 32): a scope is of one family; on the Internet, global unicast only.
+        let lo6: SocketAddr = "[::1]:6881".parse().unwrap();
+        let net6: SocketAddr = "[2001:db8::7]:6881".parse().unwrap();
+        assert_eq!(Scope::of(&[lo6]), Scope::Loopback6);
+        assert_eq!(Scope::of(&[net6, lo6]), Scope::Internet6);
+        assert!(Scope::Loopback6.accepts(&lo6) && !Scope::Loopback6.accepts(&lo));
+        assert!(Scope::Internet6.accepts(&net6) && !Scope::Internet.accepts(&net6));
+        assert!(!Scope::Internet6.accepts(&net) && !Scope::Internet6.accepts(&lo6));
+        for bad in [
+            "[fe80::1]:1",
+            "[fd00::1]:1",
+            "[ff02::1]:1",
+            "[::ffff:1.2.3.4]:1",
+            "[::]:1",
+        ] {
+            assert!(!Scope::Internet6.accepts(&bad.parse().unwrap()), "{bad}");
+        }
         assert!(Scope::Internet.accepts(&net) && !Scope::Internet.accepts(&lo));
         for bad in [
             "0.0.0.0:1",
