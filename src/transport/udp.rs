@@ -139,20 +139,26 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
     }
 }
 
+/// A non-blocking UDP socket bound to the IPv6 address `addr`, taking IPv4 too (as
+/// IPv4-mapped) unless `only_v6`, whatever the system's default (`bindv6only`).
+pub(crate) fn bind_v6(addr: SocketAddr, only_v6: bool) -> io::Result<UdpSocket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    s.set_only_v6(only_v6)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(UdpSocket::from_std(s.into()))
+}
+
 impl UdpEndpoint {
     /// Binds `addr` and registers the socket for readability under `token`.
     pub fn bind(registry: &Registry, token: Token, addr: SocketAddr) -> io::Result<UdpEndpoint> {
         let mut socket = if addr.is_ipv6() && addr.ip().is_unspecified() {
             // `::` is both families, whatever the system's default (`bindv6only`).
-            let s = socket2::Socket::new(
-                socket2::Domain::IPV6,
-                socket2::Type::DGRAM,
-                Some(socket2::Protocol::UDP),
-            )?;
-            s.set_only_v6(false)?;
-            s.set_nonblocking(true)?;
-            s.bind(&addr.into())?;
-            UdpSocket::from_std(s.into())
+            bind_v6(addr, false)?
         } else {
             UdpSocket::bind(addr)?
         };

@@ -349,15 +349,7 @@ impl Mainline {
         });
         let mut socket = if bind.is_ipv6() {
             // IPv6 only: the IPv4 DHT is the other lane's.
-            let s = socket2::Socket::new(
-                socket2::Domain::IPV6,
-                socket2::Type::DGRAM,
-                Some(socket2::Protocol::UDP),
-            )?;
-            s.set_only_v6(true)?;
-            s.set_nonblocking(true)?;
-            s.bind(&bind.into())?;
-            mio::net::UdpSocket::from_std(s.into())
+            crate::transport::udp::bind_v6(bind, true)?
         } else {
             mio::net::UdpSocket::bind(bind)?
         };
