@@ -8,8 +8,9 @@ list names public hosts), UPnP, NAT-PMP and local service discovery off, and the
 would refuse many nodes on one loopback address off (see ../shared/docs/test-peers.md). The
 sessions are linked to each other with add_dht_node.
 
-Usage: libtorrent_testnet.py [NODES] [ipv6] (default 10 nodes on 127.0.0.1; with `ipv6`, on
-::1: the IPv6 DHT of BEP 32). It exits when stdin closes, on
+Usage: libtorrent_testnet.py [NODES] [ipv6|IPV4] (default 10 nodes on 127.0.0.1; with `ipv6`,
+on ::1: the IPv6 DHT of BEP 32; with an IPv4 address, on that address: the NAT lab's public
+side, inside a network namespace of a test). It exits when stdin closes, on
 {"cmd":"quit"}, or after MM_LT_LIFETIME_S seconds (default 300).
 
 stdout, one JSON object per line:
@@ -96,10 +97,16 @@ def port_of(s, limit=10.0):
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     n = max(2, min(n, 64))
-    ipv6 = len(sys.argv) > 2 and sys.argv[2] == "ipv6"
+    mode = sys.argv[2] if len(sys.argv) > 2 else ""
+    ipv6 = mode == "ipv6"
     host = "::1" if ipv6 else "127.0.0.1"
     if ipv6:
         SETTINGS["listen_interfaces"] = "[::1]:0"
+    elif mode:
+        # One address of a lab namespace (the test made it; nothing routes off the machine).
+        host = mode
+        SETTINGS["listen_interfaces"] = "%s:0" % host
+        del SETTINGS["outgoing_interfaces"]
     lifetime = float(os.environ.get("MM_LT_LIFETIME_S", "300"))
     deadline = time.time() + lifetime
     debug = os.environ.get("MM_LT_DEBUG") == "1"
@@ -109,7 +116,7 @@ def main():
         for j, p in enumerate(ports):
             if i != j:
                 s.add_dht_node((host, p))
-    fmt = "[::1]:%d" if ipv6 else "127.0.0.1:%d"
+    fmt = "[::1]:%d" if ipv6 else host + ":%d"
     out({
         "lt": "ready",
         "version": lt.__version__,

@@ -37,38 +37,11 @@ use mm_platform::proto::mainline::krpc::{self, Fields, Kind, Message, Method};
 use mm_platform::services::mainline::MainlineConfig;
 use support::mainline::{hex, publisher, resolve_and_message, unhex};
 use support::JsonProc;
+use support::{libtorrent_available, PYTHON};
 
 const LIMIT: Duration = Duration::from_secs(30);
 /// Sessions of the libtorrent testnet.
 const NODES: usize = 10;
-/// The interpreter Debian's python3-libtorrent is built for.
-const PYTHON: &str = "/usr/bin/python3";
-
-/// Whether `import libtorrent` works with [`PYTHON`]. When it does not: with
-/// `MM_REQUIRE_LIBTORRENT=1` (CI) the test fails; otherwise it prints a loud skip message.
-fn libtorrent_available(test: &str) -> bool {
-    let probe = Command::new(PYTHON)
-        .args(["-c", "import libtorrent; print(libtorrent.__version__)"])
-        .stdin(Stdio::null())
-        .output();
-    let why = match probe {
-        Ok(o) if o.status.success() => return true,
-        Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
-        Err(e) => format!("{PYTHON}: {e}"),
-    };
-    if std::env::var("MM_REQUIRE_LIBTORRENT").as_deref() == Ok("1") {
-        panic!("{test}: libtorrent missing ({why}) and MM_REQUIRE_LIBTORRENT=1: install python3-libtorrent");
-    }
-    mm_platform::proto::skip_test(
-        test,
-        &format!(
-            "libtorrent-rasterbar not importable by {PYTHON} ({why}).\n\
-             *** Install it with `apt-get install python3-libtorrent`; \
-             CI sets MM_REQUIRE_LIBTORRENT=1."
-        ),
-    );
-    false
-}
 
 /// A libtorrent testnet of [`NODES`] sessions on 127.0.0.1; returns it with the sessions'
 /// addresses.

@@ -15,6 +15,12 @@
 //! - Two relays, the one listed first behind a forwarder that delays each datagram by 40 ms
 //!   (`tests/support/udp_delay.py`): B measures both and reserves at the other; the relayed
 //!   endpoint works.
+//! - Through the Mainline DHT (a libtorrent testnet on R1's address, `tests/libtorrent_testnet.py`)
+//!   and with routed IPv6 (`Nat::build_ipv6`): B is dual-stack and knows only a dual-stack
+//!   public peer, to which it talks over IPv6, so it never hears anything of its IPv4 side;
+//!   having settled its IPv6 side it searches the DHT for a relay, gets R's bare address
+//!   (R announced itself there), asks it who it is, and by it learns it is behind a NAT over
+//!   IPv4: it reserves at R and an IPv4-only peer reaches it through R.
 
 mod support;
 
@@ -25,7 +31,7 @@ use serde_json::{json, Value};
 use mm_platform::proto::kademlia::state::{relay_key, relay_slot};
 use mm_platform::SignId;
 use support::nat::{bootstrap, deliver, node, ready_info, relayed_via, wait_relayed, Nat, LIMIT};
-use support::{JsonProc, TempDir};
+use support::{libtorrent_available, JsonProc, TempDir, PYTHON};
 
 #[test]
 fn a_node_behind_a_nat_finds_a_relay_in_the_dht_and_keeps_it_across_restarts() {
@@ -134,4 +140,94 @@ fn of_two_relays_the_one_with_the_smaller_rtt_is_chosen() {
     b.quit(Duration::from_secs(5));
     r1.quit(Duration::from_secs(5));
     r2.quit(Duration::from_secs(5));
+}
+
+#[test]
+fn a_dual_stack_node_finds_a_relay_in_the_mainline_dht_for_its_ipv4_side() {
+    let test = "relay_dht: Mainline, IPv4 side of a dual-stack node";
+    if !libtorrent_available(test) {
+        return;
+    }
+    let Some(nat) = Nat::build_ipv6(test) else {
+        return;
+    };
+    let dir = TempDir::new("relay-mainline");
+    // The DHT: libtorrent sessions on R1's public address.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/libtorrent_testnet.py");
+    let mut cmd = nat.r1.command(PYTHON);
+    cmd.args([script, "6", "203.0.113.10"]);
+    let mut lt = JsonProc::spawn("libtorrent_testnet.py", &mut cmd);
+    let ready = lt.wait_for(LIMIT, |v| v["lt"] == "ready");
+    let boot: Vec<&str> = ready["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let boot = boot.join(",");
+    // R offers relaying on R2 and announces itself in the DHT.
+    let mut r = node(
+        &nat.r2,
+        &dir,
+        "r",
+        "203.0.113.11:4000",
+        &["--relay", "--mainline", &boot, "--mainline-publish"],
+    );
+    let r_sign = ready_info(&r)["signId"].clone();
+    // P: a plain dual-stack public node on R1 (not a relay), listed at both addresses.
+    let mut p = node(&nat.r1, &dir, "p", "[::]:4001", &[]);
+    let mut p_info = ready_info(&p);
+    p_info["connectionInfo"] = json!([
+        {"transportType": "udp6", "transportInfo": {"address": "2001:db8::10", "port": 4001,
+            "framing": "native"}},
+        {"transportType": "udp", "transportInfo": {"address": "203.0.113.10", "port": 4001,
+            "framing": "native"}},
+    ]);
+    let boot_p = bootstrap(&dir, &[p_info]);
+    // Give R's announcement a moment to land (R polls its DHT from start).
+    r.collect_for(Duration::from_secs(2));
+    // B: dual-stack behind a random-port IPv4 NAT, knowing P and the DHT only.
+    let mut b = node(
+        &nat.hb,
+        &dir,
+        "b",
+        "[::]:4000",
+        &["--bootstrap", &boot_p, "--mainline", &boot, "--no-portmap"],
+    );
+    // B talks to P (over IPv6: Happy Eyeballs).
+    let p_sign = ready_info(&p)["signId"].clone();
+    b.cmd(json!({"cmd": "send", "topic": "mainline.bp", "to": p_sign, "payload": 1}));
+    let b_info = wait_relayed(&mut b, "203.0.113.11:4000");
+    b.cmd(json!({"cmd": "connections"}));
+    let relay = b.wait_for(LIMIT, |v| v["event"] == "connections")["relay"].clone();
+    assert_eq!(relay["signId"], r_sign, "{relay}");
+    // Its connection to P went over IPv6 (nothing there told it of its IPv4 side).
+    let p_path = b
+        .seen
+        .iter()
+        .find(|v| v["event"] == "path" && v["remote"].as_str().is_some_and(|a| a.contains("4001")))
+        .cloned();
+    assert!(
+        p_path
+            .as_ref()
+            .is_some_and(|v| v["remote"] == "[2001:db8::10]:4001"),
+        "{p_path:?}"
+    );
+    p.wait_for(LIMIT, |v| {
+        v["event"] == "message" && v["topic"] == "public.mainline.bp"
+    });
+    // An IPv4-only peer behind the other NAT reaches B through R.
+    let mut a = node(
+        &nat.ha,
+        &dir,
+        "a",
+        "0.0.0.0:4000",
+        &["--no-ipv6", "--no-portmap"],
+    );
+    let path = deliver(&mut a, &mut b, &b_info, "mainline.ab");
+    assert_eq!(path["remote"], "203.0.113.11:4000", "{path}");
+    for x in [a, b, r, p] {
+        x.quit(Duration::from_secs(5));
+    }
+    lt.quit(LIMIT);
 }

@@ -619,3 +619,32 @@ pub fn offline() -> mm_platform::SendOptions {
         expire_after: None,
     }
 }
+
+/// The interpreter Debian's python3-libtorrent is built for.
+pub const PYTHON: &str = "/usr/bin/python3";
+
+/// Whether `import libtorrent` works with [`PYTHON`]. When it does not: with
+/// `MM_REQUIRE_LIBTORRENT=1` (CI) the test fails; otherwise it prints a loud skip message.
+pub fn libtorrent_available(test: &str) -> bool {
+    let probe = Command::new(PYTHON)
+        .args(["-c", "import libtorrent; print(libtorrent.__version__)"])
+        .stdin(Stdio::null())
+        .output();
+    let why = match probe {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        Err(e) => format!("{PYTHON}: {e}"),
+    };
+    if std::env::var("MM_REQUIRE_LIBTORRENT").as_deref() == Ok("1") {
+        panic!("{test}: libtorrent missing ({why}) and MM_REQUIRE_LIBTORRENT=1: install python3-libtorrent");
+    }
+    mm_platform::proto::skip_test(
+        test,
+        &format!(
+            "libtorrent-rasterbar not importable by {PYTHON} ({why}).\n\
+             *** Install it with `apt-get install python3-libtorrent`; \
+             CI sets MM_REQUIRE_LIBTORRENT=1."
+        ),
+    );
+    false
+}

@@ -16,7 +16,9 @@
 //! ([`CHOICE_KEY`]) and taken back first, without measuring, after a restart.
 //!
 //! A node behind a NAT that has no usable candidate publishes `self.transports.findRelay` on
-//! the bus; the DHT services answer: Kademlia with the relays' nodeInfos
+//! the bus (so does a dual-stack node that settled its IPv6 side but never heard anything of
+//! its IPv4 one: its peers all talk to it over IPv6, and a relay, probed over IPv4, tells it
+//! where it is seen from there, which starts the IPv4 dial-back check); the DHT services answer: Kademlia with the relays' nodeInfos
 //! (`transports.nodeInfo`), Mainline with bare addresses (`transports.relayAddresses`, from a
 //! BEP 5 `get_peers`), each of which the node asks who it is from its listening socket (the
 //! who-is datagram of [`crate::transport::relay`]): a relay's answer gives its signId, hence
@@ -245,6 +247,20 @@ impl Reach {
     fn behind_nat(&self) -> bool {
         self.reachable.map_or(self.nat_hint, |r| !r)
     }
+
+    /// Whether we know nothing of our IPv4 side while IPv6 is settled: a dual-stack node that
+    /// talks to dual-stack peers over IPv6 only never hears where it is seen from over IPv4,
+    /// so neither checks it nor takes a relay; a relay found and probed (over IPv4) tells it.
+    fn ipv4_unknown(&self) -> bool {
+        let takes_ipv4 = self.bound.iter().any(|e| {
+            e.kind == crate::transport::TransportKind::Udp
+                && (e.addr.is_ipv4() || e.addr.ip().is_unspecified())
+        });
+        takes_ipv4
+            && self.reachable.is_none()
+            && self.last_observed.is_none()
+            && self.reachable6.is_some()
+    }
 }
 
 impl Net {
@@ -309,6 +325,7 @@ impl Net {
         }
         let behind = self.reach.behind_nat();
         let unknown = self.reach.reachable.is_none();
+        let ipv4_unknown = self.reach.ipv4_unknown();
         let relays = &mut self.reach.relays;
         let overdue: Vec<BoxId> = relays
             .probing
@@ -325,7 +342,7 @@ impl Net {
             .filter(|&i| !relays.failed.contains(&relays.candidates[i].info.box_id))
             .collect();
         if usable.is_empty() {
-            if behind && self.cfg.use_relays {
+            if (behind || ipv4_unknown) && self.cfg.use_relays {
                 self.want_relay_search(now);
             }
             return;
