@@ -22,7 +22,7 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use support::nat::{bootstrap, deliver, node, ready_info, relayed_via, udp_endpoints, Nat, LIMIT};
 use support::{Netns, TempDir};
@@ -284,4 +284,55 @@ fn an_unroutable_or_blackholed_ipv6_address_falls_back_to_ipv4_within_a_second()
         x.quit(Duration::from_secs(5));
     }
     s.quit(Duration::from_secs(5));
+}
+
+#[test]
+fn behind_ipv6_firewalls_a_relayed_pair_punches_a_direct_ipv6_path() {
+    let test = "ipv6: punched through stateful firewalls";
+    let Some(nat) = Nat::build_ipv6(test) else {
+        return;
+    };
+    // Both routers drop new inbound IPv6 flows (stateful firewalls) and NAT IPv4 to a random
+    // port per destination: no direct path is reachable from outside either way.
+    for router in [&nat.ra, &nat.rb] {
+        support::nat::nft(
+            router,
+            "table ip6 fw {\n chain inbound {\n  type filter hook forward priority 0; policy accept;\n  iifname \"wan0\" ct state new drop\n }\n}\n",
+        )
+        .expect("the firewall's rules");
+    }
+    let dir = TempDir::new("ipv6-punch");
+    let (r1, boot) = dual_stack_relay(&nat, &dir);
+    let args = ["--bootstrap", &boot, "--no-portmap"];
+    let mut a = node(&nat.ha, &dir, "a", "[::]:4000", &args);
+    let mut b = node(&nat.hb, &dir, "b", "[::]:4000", &args);
+    // B's relayed endpoint only (its IPv6 address would not take a new flow anyway).
+    let mut b_info = b.wait_for(LIMIT, |v| {
+        v["event"] == "nodeInfo" && relayed_via(&v["nodeInfo"]).is_some()
+    })["nodeInfo"]
+        .clone();
+    let relayed: Vec<Value> = b_info["connectionInfo"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["transportType"] == "mm-relay")
+        .cloned()
+        .collect();
+    b_info["connectionInfo"] = Value::Array(relayed);
+    let b_id = b_info["signId"].clone();
+    let path = deliver(&mut a, &mut b, &b_info, "punch6.first");
+    assert_eq!(path["path"], "relayed", "{path}");
+    // The punch: A's connection moves to B's IPv6 address, directly.
+    let direct = a.wait_for(LIMIT, |v| {
+        v["event"] == "path" && v["peer"] == b_id && v["path"] == "direct"
+    });
+    assert_eq!(direct["remote"], "[2001:db8:b::2]:4000", "{direct}");
+    // And it carries messages both ways.
+    a.cmd(json!({"cmd": "send", "topic": "punch6.ab", "to": b_id, "payload": 2}));
+    b.wait_for(LIMIT, |v| {
+        v["event"] == "message" && v["topic"] == "public.punch6.ab"
+    });
+    for p in [a, b, r1] {
+        p.quit(Duration::from_secs(5));
+    }
 }

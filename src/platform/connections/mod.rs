@@ -384,6 +384,9 @@ struct Conn {
     /// A hole punch was started for it (one round per connection).
     #[cfg(feature = "relay")]
     punched: bool,
+    /// An IPv6 hole punch was started for it (one round per connection).
+    #[cfg(feature = "relay")]
+    punched6: bool,
 }
 
 impl Conn {
@@ -431,6 +434,8 @@ impl Conn {
             path: None,
             #[cfg(feature = "relay")]
             punched: false,
+            #[cfg(feature = "relay")]
+            punched6: false,
         }
     }
 }

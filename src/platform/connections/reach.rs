@@ -49,6 +49,16 @@
 //!   bytes across the move, so no message is lost or duplicated. One round per connection:
 //!   behind NATs that map a fresh port per destination the punch fails and the relayed path
 //!   stays.
+//! - *Hole punching over IPv6*: IPv6 needs no address translation, but stateful firewalls
+//!   drop flows that start outside (a node behind one withdraws its IPv6 addresses once a
+//!   dial-back over IPv6 never arrives, and is reached through its relay). With a global IPv6
+//!   address on a dual-stack listener, we also send `mm`/`punch6` (our IPv6 address and
+//!   listener port) on such a connection; the peer, whose relayed connection runs on a
+//!   dual-stack socket, probes that address and answers with its own IPv6 address and the
+//!   socket's port (`punch6` back), which our listener probes. Both firewalls see outgoing
+//!   probes first, the punch opens a direct IPv6 path (it replaces the IPv4 punch on the
+//!   peer's side: IPv6 has no port translation to defeat it). Once per connection; only
+//!   global unicast targets are probed.
 //!
 //! Relays and hole punching are `relay.rs` beside this file, cargo feature `relay`. Without
 //! it, `relay_off.rs` stands in: observed addresses and dial-back work as above (a reachable

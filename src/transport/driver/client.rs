@@ -167,6 +167,14 @@ impl ClientDriver {
         &mut self.client
     }
 
+    /// The local address of the UDP socket (`None` over TCP).
+    pub fn udp_local_addr(&self) -> Option<SocketAddr> {
+        match &self.link {
+            ClientLink::Udp(u) => u.local_addr().ok(),
+            ClientLink::Tcp(_) => None,
+        }
+    }
+
     /// Why the transport under the client failed (TCP closed or broken, or the 1tp dialer
     /// gave up or was reset), if it did.
     pub fn transport_error(&self) -> Option<&str> {

@@ -123,7 +123,20 @@ impl ClientDriver {
         now: Instant,
     ) -> io::Result<ClientDriver> {
         let target = config.server_key.0;
-        let mut d = Self::connect(registry, token, TransportKind::Udp, relay, config, now)?;
+        // A dual-stack socket where the system has IPv6 (a punch may open an IPv6 path while
+        // the relay is reached over IPv4); an IPv4 one otherwise.
+        let udp = TransportKind::Udp;
+        let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+        let dual = (relay.is_ipv4() && !relay.ip().is_loopback())
+            .then(|| {
+                let (r, c, f) = (registry, config.clone(), Framing::Native);
+                Self::connect_from(r, token, udp, f, relay, Some(any6), c, now).ok()
+            })
+            .flatten();
+        let mut d = match dual {
+            Some(d) => d,
+            None => Self::connect(registry, token, udp, relay, config, now)?,
+        };
         d.relay = Some(ClientRelay {
             via: Some(target),
             relay,

@@ -548,6 +548,58 @@ impl Net {
             if self.server.start_punch(peer, now) {
                 self.queue_mm(b, "punch", ours.to_string().into_bytes(), now);
             }
+            // With a global IPv6 address on a dual-stack listener, an IPv6 punch too: the
+            // peer answers with its own IPv6 address (`punch6` both ways).
+            if let Some(ours6) = self.our_ipv6_listener() {
+                self.queue_mm(b, "punch6", ours6.to_string().into_bytes(), now);
+            }
+        }
+    }
+
+    /// Our UDP listener at our first global IPv6 address, when it takes IPv6.
+    fn our_ipv6_listener(&self) -> Option<SocketAddr> {
+        let listener = self.server.udp_addr().filter(SocketAddr::is_ipv6)?;
+        let ip = self.reach.v6_addrs.first()?;
+        Some(SocketAddr::from((*ip, listener.port())))
+    }
+
+    /// `mm`/`punch6` on connection `k`: an IPv6 hole punch (see the module docs of
+    /// [`super`]). From the server (we dialled through its relay): we probe its IPv6 address
+    /// from our dual-stack socket and tell it ours; from the client (the answer, on a
+    /// connection we started a punch for): our listener probes the client's. Once per
+    /// connection; only global unicast IPv6 targets.
+    fn on_punch6(&mut self, k: usize, b: BoxId, target: SocketAddr, now: Instant) {
+        let global = match target {
+            SocketAddr::V6(a) => a.ip().segments()[0] & 0xe000 == 0x2000,
+            SocketAddr::V4(_) => false,
+        };
+        if !self.cfg.hole_punching || !global {
+            return;
+        }
+        let ours = self.reach.v6_addrs.first().copied();
+        let Some(c) = self.conns.get_mut(k) else {
+            return;
+        };
+        if c.punched6 {
+            return;
+        }
+        match &mut c.link {
+            Link::Client(d) => {
+                let local = d.udp_local_addr().filter(SocketAddr::is_ipv6);
+                let (Some(ours), Some(local), true) = (ours, local, d.path().1) else {
+                    return;
+                };
+                c.punched6 = true;
+                d.start_punch(target, now);
+                self.mark_dirty(k);
+                let reply = SocketAddr::from((ours, local.port())).to_string();
+                self.queue_mm(b, "punch6", reply.into_bytes(), now);
+            }
+            Link::Server(_) if c.punched => {
+                c.punched6 = true;
+                self.server.start_punch(target, now);
+            }
+            Link::Server(_) => {}
         }
     }
 
@@ -706,6 +758,11 @@ impl Net {
             "punch" => {
                 if let Some(target) = text.and_then(|t| t.parse().ok()) {
                     self.on_punch(k, target, now);
+                }
+            }
+            "punch6" => {
+                if let Some(target) = text.and_then(|t| t.parse().ok()) {
+                    self.on_punch6(k, b, target, now);
                 }
             }
             _ => {}
