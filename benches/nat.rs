@@ -31,6 +31,10 @@
 //! starting a node behind the NAT that is given the relay's nodeInfo until it publishes its
 //! relayed endpoint; `nat_relayed_endpoint_from_dht`, the same for a node given only the plain
 //! DHT node, which finds the relay through the DHT.
+//!
+//! And behind stateful IPv6 firewalls (random-port IPv4 NATs too): `nat_ipv6_punched_path`,
+//! from A's first send to B (known by its relayed endpoint only) until A's connection is on a
+//! punched direct IPv6 path (beside `nat_direct_path`, the IPv4 punch).
 
 #[path = "figures/machine.rs"]
 mod machine;
@@ -172,6 +176,54 @@ fn main() {
     mapped();
     ipv6();
     relay_from_dht();
+    ipv6_punch();
+}
+
+/// Two nodes behind random-port IPv4 NATs and stateful IPv6 firewalls, relayed over IPv4:
+/// the time from A's first send until its connection is on a punched direct IPv6 path.
+fn ipv6_punch() {
+    let Some(nat) = Nat::build_ipv6("bench nat: ipv6 punch") else {
+        return;
+    };
+    for router in [&nat.ra, &nat.rb] {
+        support::nat::nft(
+            router,
+            "table ip6 fw {\n chain inbound {\n  type filter hook forward priority 0; policy accept;\n  iifname \"wan0\" ct state new drop\n }\n}\n",
+        )
+        .expect("the firewall's rules");
+    }
+    let dir = TempDir::new("nat-bench-punch6");
+    let r1 = node(&nat.r1, &dir, "r1", "203.0.113.10:4000", &["--relay"]);
+    let boot = bootstrap(&dir, &[ready_info(&r1)]);
+    let args = ["--bootstrap", &boot, "--no-portmap"];
+    let mut a = node(&nat.ha, &dir, "a", "[::]:4000", &args);
+    let mut b = node(&nat.hb, &dir, "b", "[::]:4000", &args);
+    let mut b_info = wait_relayed(&mut b, "203.0.113.10:4000");
+    let relayed: Vec<Value> = b_info["connectionInfo"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["transportType"] == "mm-relay")
+        .cloned()
+        .collect();
+    b_info["connectionInfo"] = Value::Array(relayed);
+    let b_id = b_info["signId"].clone();
+    a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
+    let t = Instant::now();
+    a.cmd(json!({"cmd": "send", "topic": "bench.punch6", "to": b_id, "payload": 0}));
+    let direct = a.wait_for(LIMIT, |v| {
+        v["event"] == "path" && v["peer"] == b_id && v["path"] == "direct"
+    });
+    assert!(
+        direct["remote"]
+            .as_str()
+            .is_some_and(|r| r.starts_with('[')),
+        "{direct}"
+    );
+    emit("nat_ipv6_punched_path", ms(t.elapsed()), "ms");
+    for p in [a, b, r1] {
+        p.quit(Duration::from_secs(5));
+    }
 }
 
 /// Time to a relayed endpoint for a node behind a random-port NAT, with the relay handed to
