@@ -42,8 +42,9 @@
 //!   with a strict codec of our own, SHA-1 through `sha1_smol`).
 //! - `relay`: NAT traversal through relays, no dependencies of its own: serving as a relay
 //!   ([`NetConfig::relay`], [`RelayLimits`]), reserving a slot at one and publishing the
-//!   relayed (`mm-relay`) endpoint, dialling others' relayed endpoints, and hole punching,
-//!   which uses the relay as its rendezvous ([`NetConfig::use_relays`],
+//!   relayed (`mm-relay`) endpoint (relays found through the DHT services when none is
+//!   known, chosen by round trip, remembered across restarts), dialling others' relayed
+//!   endpoints, and hole punching (IPv4 and IPv6), which uses the relay as its rendezvous ([`NetConfig::use_relays`],
 //!   [`NetConfig::relay_bind_interval`], [`NetConfig::hole_punching`]); in `proto`, the
 //!   relay's forwarding table and the punch prober of the transport's `relay` module and the
 //!   drivers' relayed paths. Without it a node still learns its observed address and whether

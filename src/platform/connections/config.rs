@@ -117,7 +117,10 @@ pub struct NetConfig {
     #[cfg(feature = "relay")]
     pub relay: Option<crate::transport::relay::RelayLimits>,
     /// A node that finds itself behind a NAT reserves a slot at a relay it knows of and
-    /// publishes the relayed endpoint (default `true`; never while offering relaying).
+    /// publishes the relayed endpoint (default `true`; never while offering relaying). Of
+    /// several candidates it takes the one of its last run first, else the nearest of up to
+    /// three it measured (round trip); knowing none that works, it asks the DHT services for
+    /// one (`self.transports.findRelay`). [`crate::Context::relay`] says which it uses.
     /// Cargo feature `relay`.
     #[cfg(feature = "relay")]
     pub use_relays: bool,
