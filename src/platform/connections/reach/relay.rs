@@ -499,10 +499,24 @@ impl Net {
         let mut e = Endpoint::native(crate::transport::TransportKind::Udp, addr);
         e.offers_relay = true;
         log::debug!("{addr} is the relay {sign_id}");
+        // The same relay may answer at its IPv4 and its IPv6 address (found in both DHTs):
+        // both are kept, so that the candidate is reserved at over IPv4 with its IPv6 address
+        // beside (see `candidate_of`).
+        let mut endpoints: Vec<Endpoint> = self
+            .reach
+            .relays
+            .candidates
+            .iter()
+            .find(|c| c.info.box_id == box_id)
+            .map(|c| c.info.endpoints.clone())
+            .unwrap_or_default();
+        if !endpoints.contains(&e) {
+            endpoints.push(e);
+        }
         let info = NodeInfo {
             sign_id,
             box_id,
-            endpoints: vec![e],
+            endpoints,
         };
         // A nodeInfo of it already cached (a fuller one) is kept.
         if !matches!(
@@ -877,6 +891,27 @@ mod tests {
         r.restore_choice(&mut store);
         assert!(r.candidates.is_empty());
         assert_eq!(store.get(CHOICE_KEY).unwrap(), None);
+    }
+
+    #[test]
+    fn a_candidate_is_reserved_at_over_ipv4_with_its_ipv6_address_beside() {
+        let mut info = relay_info(true);
+        let mut v6 = Endpoint::native(
+            crate::transport::TransportKind::Udp,
+            "[2001:db8::10]:4000".parse().unwrap(),
+        );
+        v6.offers_relay = true;
+        // IPv6 first in the list (as a who-is answer from the IPv6 DHT may come first).
+        info.endpoints.insert(0, v6);
+        let c = candidate_of(&info).expect("a candidate");
+        assert_eq!(c.addr, "203.0.113.10:4000".parse().unwrap());
+        assert_eq!(c.alt, Some(v6.addr));
+        // IPv6 alone: reserved at over IPv6, nothing beside.
+        info.endpoints.truncate(1);
+        let c = candidate_of(&info).expect("a candidate");
+        assert_eq!((c.addr, c.alt), (v6.addr, None));
+        // No endpoint offering relaying: no candidate.
+        assert!(candidate_of(&relay_info(false)).is_none());
     }
 
     #[test]
