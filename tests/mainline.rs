@@ -32,31 +32,43 @@ fn node_infos(p: &mut Platform) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// Twelve serving DHT nodes on 127.0.0.1, each bootstrapped from the others, with their
+/// addresses and counters. The ports are chosen free and then bound: another test may take
+/// one in between, so a set that cannot be bound is chosen again (at most 5 times).
+fn serving_dht() -> (
+    Vec<Platform>,
+    Vec<SocketAddrV4>,
+    Vec<mm_platform::services::Shared<MainlineStats>>,
+) {
+    for _ in 0..5 {
+        let ports: Vec<u16> = (0..12).map(|_| support::free_port(false)).collect();
+        let addrs: Vec<SocketAddrV4> = ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+            .collect();
+        let mut stats = Vec::new();
+        let built: Result<Vec<Platform>, _> = addrs
+            .iter()
+            .map(|a| {
+                let mut c = MainlineConfig::new(addrs.iter().copied().filter(|b| b != a).collect());
+                c.serve = true;
+                c.bind = Some(*a);
+                let s = Mainline::new(c);
+                stats.push(s.stats_handle());
+                Platform::builder().transports(false).service(s).build()
+            })
+            .collect();
+        match built {
+            Ok(dht) => return (dht, addrs, stats),
+            Err(e) => eprintln!("a DHT node could not bind ({e}); choosing ports again"),
+        }
+    }
+    panic!("no set of free ports could be bound");
+}
+
 #[test]
 fn a_dht_of_our_serving_services_stores_and_returns_nodeinfo() {
-    let ports: Vec<u16> = (0..12).map(|_| support::free_port(false)).collect();
-    let addrs: Vec<SocketAddrV4> = ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
-        .collect();
-    let mut stats = Vec::new();
-    let mut dht: Vec<Platform> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            let mut c = MainlineConfig::new(addrs.iter().copied().filter(|b| b != a).collect());
-            c.serve = true;
-            c.bind = Some(*a);
-            let s = Mainline::new(c);
-            stats.push(s.stats_handle());
-            let _ = i;
-            Platform::builder()
-                .transports(false)
-                .service(s)
-                .build()
-                .unwrap()
-        })
-        .collect();
+    let (mut dht, addrs, stats) = serving_dht();
     // Let the DHT nodes find each other first.
     let end = Instant::now() + LIMIT;
     while stats.iter().any(|s| s.get().table < 8) {
