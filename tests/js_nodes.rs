@@ -548,6 +548,12 @@ fn js_data_directory_opens_as_its_identity() {
         let mut js = JsPeer::spawn(&["--data", data.to_str().unwrap(), "--no-tcp"]);
         let s = js.sign_id();
         js.cmd(json!({"cmd": "quit"}));
+        // Its files are complete once it has exited (reading them earlier raced its writes:
+        // once, `Identity(Corrupt)`).
+        assert!(
+            js.wait_exit(Duration::from_secs(10)),
+            "the JS node did not quit"
+        );
         s
     };
     assert!(data.join("identity").is_file());

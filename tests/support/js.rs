@@ -147,6 +147,18 @@ impl JsPeer {
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().ok().flatten().is_none()
     }
+
+    /// Waits (at most `limit`) for the process to exit; whether it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let end = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < end {
+            if !self.alive() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
 }
 
 impl Drop for JsPeer {
