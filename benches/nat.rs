@@ -185,28 +185,15 @@ fn ipv6_punch() {
     let Some(nat) = Nat::build_ipv6("bench nat: ipv6 punch") else {
         return;
     };
-    for router in [&nat.ra, &nat.rb] {
-        support::nat::nft(
-            router,
-            "table ip6 fw {\n chain inbound {\n  type filter hook forward priority 0; policy accept;\n  iifname \"wan0\" ct state new drop\n }\n}\n",
-        )
-        .expect("the firewall's rules");
-    }
+    support::nat::ipv6_firewall(&nat.ra);
+    support::nat::ipv6_firewall(&nat.rb);
     let dir = TempDir::new("nat-bench-punch6");
     let r1 = node(&nat.r1, &dir, "r1", "203.0.113.10:4000", &["--relay"]);
     let boot = bootstrap(&dir, &[ready_info(&r1)]);
     let args = ["--bootstrap", &boot, "--no-portmap"];
     let mut a = node(&nat.ha, &dir, "a", "[::]:4000", &args);
     let mut b = node(&nat.hb, &dir, "b", "[::]:4000", &args);
-    let mut b_info = wait_relayed(&mut b, "203.0.113.10:4000");
-    let relayed: Vec<Value> = b_info["connectionInfo"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["transportType"] == "mm-relay")
-        .cloned()
-        .collect();
-    b_info["connectionInfo"] = Value::Array(relayed);
+    let b_info = support::nat::relayed_only(&wait_relayed(&mut b, "203.0.113.10:4000"));
     let b_id = b_info["signId"].clone();
     a.cmd(json!({"cmd": "nodeInfo", "nodeInfo": b_info}));
     let t = Instant::now();

@@ -22,7 +22,7 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use support::nat::{bootstrap, deliver, node, ready_info, relayed_via, udp_endpoints, Nat, LIMIT};
 use support::{Netns, TempDir};
@@ -103,11 +103,7 @@ fn ipv6_addresses_behind_a_firewall_that_drops_inbound_are_withdrawn() {
         return;
     };
     // B's router drops new inbound IPv6 flows, as a stateful firewall does.
-    support::nat::nft(
-        &nat.rb,
-        "table ip6 fw {\n chain inbound {\n  type filter hook forward priority 0; policy accept;\n  iifname \"wan0\" ct state new drop\n }\n}\n",
-    )
-    .expect("the firewall's rules");
+    support::nat::ipv6_firewall(&nat.rb);
 
     let dir = TempDir::new("ipv6-fw");
     let r1 = node(&nat.r1, &dir, "r1", "203.0.113.10:4000", &["--relay"]);
@@ -294,31 +290,19 @@ fn behind_ipv6_firewalls_a_relayed_pair_punches_a_direct_ipv6_path() {
     };
     // Both routers drop new inbound IPv6 flows (stateful firewalls) and NAT IPv4 to a random
     // port per destination: no direct path is reachable from outside either way.
-    for router in [&nat.ra, &nat.rb] {
-        support::nat::nft(
-            router,
-            "table ip6 fw {\n chain inbound {\n  type filter hook forward priority 0; policy accept;\n  iifname \"wan0\" ct state new drop\n }\n}\n",
-        )
-        .expect("the firewall's rules");
-    }
+    support::nat::ipv6_firewall(&nat.ra);
+    support::nat::ipv6_firewall(&nat.rb);
     let dir = TempDir::new("ipv6-punch");
     let (r1, boot) = dual_stack_relay(&nat, &dir);
     let args = ["--bootstrap", &boot, "--no-portmap"];
     let mut a = node(&nat.ha, &dir, "a", "[::]:4000", &args);
     let mut b = node(&nat.hb, &dir, "b", "[::]:4000", &args);
     // B's relayed endpoint only (its IPv6 address would not take a new flow anyway).
-    let mut b_info = b.wait_for(LIMIT, |v| {
-        v["event"] == "nodeInfo" && relayed_via(&v["nodeInfo"]).is_some()
-    })["nodeInfo"]
-        .clone();
-    let relayed: Vec<Value> = b_info["connectionInfo"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["transportType"] == "mm-relay")
-        .cloned()
-        .collect();
-    b_info["connectionInfo"] = Value::Array(relayed);
+    let b_info = support::nat::relayed_only(
+        &b.wait_for(LIMIT, |v| {
+            v["event"] == "nodeInfo" && relayed_via(&v["nodeInfo"]).is_some()
+        })["nodeInfo"],
+    );
     let b_id = b_info["signId"].clone();
     let path = deliver(&mut a, &mut b, &b_info, "punch6.first");
     assert_eq!(path["path"], "relayed", "{path}");

@@ -84,6 +84,29 @@ pub fn wait_no_tentative(namespaces: &[&Netns]) -> Result<(), String> {
     Ok(())
 }
 
+/// Makes `router` a stateful IPv6 firewall: new inbound flows from its WAN side are dropped.
+pub fn ipv6_firewall(router: &Netns) {
+    nft(
+        router,
+        "table ip6 fw {\n chain inbound {\n  type filter hook forward priority 0; policy accept;\n  iifname \"wan0\" ct state new drop\n }\n}\n",
+    )
+    .expect("the firewall's rules");
+}
+
+/// `info` with its relayed (`mm-relay`) endpoints only.
+pub fn relayed_only(info: &Value) -> Value {
+    let mut info = info.clone();
+    let relayed: Vec<Value> = info["connectionInfo"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["transportType"] == "mm-relay")
+        .cloned()
+        .collect();
+    info["connectionInfo"] = Value::Array(relayed);
+    info
+}
+
 /// Loads nftables `rules` inside `ns`.
 pub fn nft(ns: &Netns, rules: &str) -> Result<(), String> {
     let mut c = Command::new("ip")
